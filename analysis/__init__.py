@@ -1,0 +1,1 @@
+"""Pure functions over models and weights: matching, connectivity, symmetry and landscape metrics, plots."""

@@ -1,0 +1,1 @@
+"""Study files, Ray stages, MLflow tracking and the `symzoo` command line."""

@@ -1,0 +1,28 @@
+"""The task registry: name -> factory, with what `symzoo tasks` shows."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from tasks.base import Task, TaskError, TaskInfo
+
+TASKS: dict[str, TaskInfo] = {}
+
+
+def register_task(name: str, *, description: str, group: str, options: dict | None = None) -> Callable:
+    """Decorator for a factory `f(**options) -> Task`; `options` maps option name -> allowed values or type."""
+
+    def deco(factory: Callable[..., Task]) -> Callable[..., Task]:
+        TASKS[name] = TaskInfo(name, factory, description, group, dict(options or {}))
+        return factory
+
+    return deco
+
+
+def get_task(name: str, **options: Any) -> Task:
+    """Build a registered task; unknown names are refused with the list of tasks."""
+    if name not in TASKS:
+        raise TaskError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
+    task = TASKS[name].factory(**options)
+    task._config = {"name": name, **options}
+    return task

@@ -1,0 +1,151 @@
+"""What every architecture shares: the `SymModule` base, its registry, activations, init and dropout.
+
+An architecture is an `nn.Module` built from a task and a plain config dict. It reports its parameter
+count and its permutation spec, and says which group (if any) it is equivariant to. Everything that
+varies per model inside a population (dropout rate, for one) is a buffer, so that stacking the
+models' states is all a vectorised population needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from tasks.base import Task
+from zoos.permspec import PermSpec
+
+
+class ArchError(ValueError):
+    """Bad architecture name or config; the message names the field, the value and what is allowed."""
+
+
+class SymModule(nn.Module):
+    """Base class of every symzoo architecture."""
+
+    arch_name: str = ""
+    config: dict[str, Any]
+
+    def perm_spec(self) -> PermSpec:
+        raise NotImplementedError(f"{type(self).__name__} must define perm_spec()")
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    """A registry entry: the factory, its defaults, and what `symzoo archs` shows."""
+
+    name: str
+    factory: Callable[..., SymModule]
+    equivariant: bool
+    symmetry: str  # e.g. "C4 (rot90)", "S_n", "E(n) x S_n", "none"
+    input_kinds: tuple[str, ...]  # task input kinds it accepts: "image", "points", "vector"
+    description: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+ARCHS: dict[str, ArchInfo] = {}
+
+
+def register_arch(
+    name: str, *, equivariant: bool, symmetry: str, input_kinds: tuple[str, ...], description: str, **defaults: Any
+) -> Callable:
+    """Class decorator: register `cls(task, **config)` under `name` with its default config."""
+
+    def deco(cls):
+        cls.arch_name = name
+        ARCHS[name] = ArchInfo(name, cls, equivariant, symmetry, input_kinds, description, dict(defaults))
+        return cls
+
+    return deco
+
+
+def build_arch(name: str, task: Task, **config: Any) -> SymModule:
+    """Build architecture `name` for `task`; unknown names or config keys are refused with what is allowed."""
+    if name not in ARCHS:
+        raise ArchError(f"unknown architecture {name!r}; available: {', '.join(sorted(ARCHS))}")
+    info = ARCHS[name]
+    unknown = sorted(set(config) - set(info.defaults))
+    if unknown:
+        raise ArchError(
+            f"architecture {name!r} has no config field {unknown[0]!r}; allowed: {', '.join(sorted(info.defaults))}"
+        )
+    if task.input_kind not in info.input_kinds:
+        raise ArchError(
+            f"architecture {name!r} takes {'/'.join(info.input_kinds)} inputs, "
+            f"but task {task.name!r} has {task.input_kind} inputs"
+        )
+    full = {**info.defaults, **config}
+    module = info.factory(task, **full)
+    module.config = full
+    return module
+
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "silu": nn.SiLU,
+    "sigmoid": nn.Sigmoid,
+    "leaky_relu": lambda: nn.LeakyReLU(0.1),
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    """A pointwise activation by name (pointwise, so it commutes with any permutation of units)."""
+    if name not in ACTIVATIONS:
+        raise ArchError(f"activation {name!r} is not known; allowed: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+class PopDropout(nn.Module):
+    """Dropout whose rate is a buffer, so each model of a stacked population has its own rate.
+
+    Under `torch.func.vmap(..., randomness="different")` every model also draws its own mask.
+    """
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ArchError(f"dropout must be in [0, 1), got {p}")
+        self.register_buffer("p", torch.tensor(float(p)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        keep = 1.0 - self.p
+        return x * (torch.rand_like(x) < keep).to(x.dtype) / keep
+
+
+INIT_SCHEMES = ("default", "kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform", "orthogonal")
+
+
+def reinit(module: nn.Module, scheme: str, generator: torch.Generator | None = None) -> None:
+    """Re-initialise weight tensors (dim >= 2) with a named scheme; biases are set to zero.
+
+    "default" keeps each layer's own PyTorch initialisation. The fan of an n-d weight follows
+    `torch.nn.init`: dim 0 is fan-out, dim 1 fan-in, the rest a receptive field.
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ArchError(f"init {scheme!r} is not known; allowed: {', '.join(INIT_SCHEMES)}")
+    if scheme == "default":
+        return
+    init = {
+        "kaiming_normal": lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu", generator=generator),
+        "kaiming_uniform": lambda w: nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator),
+        "xavier_normal": lambda w: nn.init.xavier_normal_(w, generator=generator),
+        "xavier_uniform": lambda w: nn.init.xavier_uniform_(w, generator=generator),
+        "orthogonal": lambda w: nn.init.orthogonal_(w.view(w.shape[0], -1), generator=generator),
+    }[scheme]
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() >= 2 and "norm" not in name:
+                init(p)
+            elif name.endswith("bias"):
+                p.zero_()
