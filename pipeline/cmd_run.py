@@ -1,0 +1,3 @@
+"""`symzoo` commands: run."""
+
+from pipeline.cli import app, console, fail  # noqa: F401
