@@ -1,0 +1,396 @@
+"""Permutation matching: bring model b into model a's basis of hidden units (Git Re-Basin, Ainsworth et al. 2023).
+
+Everything is driven by the architecture's `PermSpec` (see `zoos.permspec`), so one algorithm serves
+every architecture. A matching is a dict of permutations `perms` such that
+`apply_permutation(spec, b, perms)` computes the same function as b and sits close to a.
+
+- `weight_matching`: coordinate descent over the spec's permutations; each step is a linear
+  assignment on the inner products of a's and (partly permuted) b's weights.
+- `activation_matching`: linear assignment on the correlation (or inner product) of hidden
+  activations of a and b at the sites where each permutation acts, accumulated batch by batch.
+- `ste_matching`: the straight-through estimator (§3.3): train a proxy whose weight-matching
+  projection, averaged with a, has low loss on the task's data.
+- `merge_many`: align N models to one common basis (MergeMany) and average them.
+
+Activation sites. A permutation acts on the features of some hidden activations; matching by
+activations needs to know where to observe them. An architecture may declare them with an
+optional method `perm_sites() -> {perm name: [(module path, feature axis), ...]}` (the feature axis
+counts the batch axis, e.g. 1 for [B, C, H, W], -1 for [B, ..., C]); a plain string means axis 1.
+Without it the sites are inferred from the spec: the outputs of the `nn.Linear` / `nn.ConvNd` /
+`nn.LayerNorm` / `nn.GroupNorm` modules whose `weight` has its output axis permuted. Inferred
+sites are pre-activation; for a pointwise activation that is the same unit correspondence, and
+since pre-activations are rarely constant (dead ReLUs are) they identify units more reliably.
+A permutation with several sites (a residual stream) sums their statistics.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from zoos.permspec import PermSpec, Perms, apply_permutation, compose, invert
+
+State = dict[str, Tensor]
+Sites = dict[str, list[tuple[str, int]]]
+
+
+@dataclass
+class MatchResult:
+    """Permutations that bring b to a (`apply_permutation(spec, b, perms)`), and the objective trace.
+
+    objective  the matching objective after initialisation and after every sweep (weight matching),
+               or the matched similarity per round; never decreasing for weight matching
+    sweeps     coordinate-descent sweeps (or optimisation steps for STE) that were run
+    """
+
+    perms: Perms
+    objective: list[float] = field(default_factory=list)
+    sweeps: int = 0
+
+
+def _to(state: Mapping[str, Tensor], device: torch.device | str | None) -> State:
+    return {k: (v.to(device) if device is not None else v) for k, v in state.items()}
+
+
+def _flat_along(w: Tensor, axis: int) -> Tensor:
+    """`w` as [size of `axis`, everything else], in float64 for a stable assignment."""
+    return w.movedim(axis, 0).reshape(w.shape[axis], -1).double()
+
+
+def _permuted_except(spec_axes: dict[int, str], w: Tensor, perms: Perms, skip_axis: int) -> Tensor:
+    """`w` with every spec'd axis but `skip_axis` permuted by the current `perms`."""
+    for ax, name in spec_axes.items():
+        if ax != skip_axis:
+            w = w.index_select(ax, perms[name].to(w.device))
+    return w
+
+
+def matching_objective(spec: PermSpec, a: Mapping[str, Tensor], b: Mapping[str, Tensor], perms: Perms) -> float:
+    """sum over the spec's parameters of <a_k, permuted b_k>: what weight matching maximises."""
+    pb = apply_permutation(spec, b, perms)
+    return float(sum((a[k].double() * pb[k].double()).sum() for k in spec.axes_to_perm()))
+
+
+def weight_matching(
+    spec: PermSpec,
+    a: Mapping[str, Tensor],
+    b: Mapping[str, Tensor],
+    *,
+    max_sweeps: int = 100,
+    init: Perms | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> MatchResult:
+    """Permutations of b maximising sum_k <a_k, P(b)_k>, by coordinate descent over the spec's permutations.
+
+    Each step fixes all permutations but one, builds its cost matrix (matmuls over the other axes,
+    on the weights' device) and solves it exactly with `linear_sum_assignment`. A sweep visits every
+    permutation once in random order; the loop stops when a whole sweep changes nothing.
+    """
+    if max_sweeps < 1:
+        raise ValueError(f"max_sweeps must be >= 1, got {max_sweeps}")
+    a, b = _to(a, device), _to(b, device)
+    sizes = spec.sizes(a)
+    if spec.sizes(b) != sizes:
+        raise ValueError(f"models a and b have different permutation sizes: {sizes} vs {spec.sizes(b)}")
+    axes = spec.axes_to_perm()
+    perms = {k: v.clone() for k, v in (init or spec.identity(a)).items()}
+    names = list(spec.perms)
+    trace = [matching_objective(spec, a, b, perms)]
+    sweeps = 0
+    for sweeps in range(1, max_sweeps + 1):
+        changed = False
+        for i in torch.randperm(len(names), generator=generator).tolist():
+            name = names[i]
+            n = sizes[name]
+            cost = None
+            for key, axis in spec.perms[name]:
+                wb = _permuted_except(axes[key], b[key], perms, axis)
+                c = _flat_along(a[key], axis) @ _flat_along(wb, axis).T
+                cost = c if cost is None else cost + c
+            cost_np = cost.cpu().numpy()
+            rows, cols = linear_sum_assignment(cost_np, maximize=True)
+            assert (rows == np.arange(n)).all()
+            old = perms[name].cpu().numpy()
+            gain = cost_np[rows, cols].sum() - cost_np[rows, old].sum()
+            if gain > 1e-12 * max(1.0, abs(cost_np[rows, old].sum())):
+                perms[name] = torch.from_numpy(cols).long()
+                changed = True
+        trace.append(matching_objective(spec, a, b, perms))
+        if not changed:
+            break
+    return MatchResult({k: v.cpu() for k, v in perms.items()}, trace, sweeps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# activation matching
+
+
+_SITE_AXIS: dict[type, Callable[[nn.Module], int]] = {
+    nn.Linear: lambda m: -1,
+    nn.Conv1d: lambda m: 1,
+    nn.Conv2d: lambda m: 1,
+    nn.Conv3d: lambda m: 1,
+    nn.GroupNorm: lambda m: 1,
+    nn.LayerNorm: lambda m: -len(m.normalized_shape),
+}
+
+
+def perm_sites(module: nn.Module, spec: PermSpec) -> Sites:
+    """Where each permutation's features can be observed: `module.perm_sites()` if defined, else inferred.
+
+    Returns {perm name: [(module path, feature axis of its output), ...]}; see the module docstring.
+    """
+    declared = getattr(module, "perm_sites", None)
+    if callable(declared):
+        out: Sites = {}
+        for name, sites in declared().items():
+            sites = [sites] if isinstance(sites, (str, tuple)) else list(sites)
+            out[name] = [(s, 1) if isinstance(s, str) else (s[0], int(s[1])) for s in sites]
+        return out
+    mods = dict(module.named_modules())
+    out = {}
+    for name, pairs in spec.perms.items():
+        for key, axis in pairs:
+            path, _, leaf = key.rpartition(".")
+            m = mods.get(path)
+            if leaf == "weight" and axis == 0 and type(m) in _SITE_AXIS:
+                out.setdefault(name, []).append((path, _SITE_AXIS[type(m)](m)))
+    missing = sorted(set(spec.perms) - set(out))
+    if missing:
+        raise ValueError(
+            f"cannot infer an activation site for permutation {missing[0]!r} of {type(module).__name__}: "
+            f"no Linear/Conv/LayerNorm/GroupNorm weight has its output axis permuted by it; "
+            f"define `perm_sites()` on the architecture"
+        )
+    return out
+
+
+class _Capture:
+    """Forward hooks that keep the outputs of the named modules of one forward pass."""
+
+    def __init__(self, module: nn.Module, paths: Iterable[str]):
+        mods = dict(module.named_modules())
+        self.out: dict[str, Tensor] = {}
+        self.handles = []
+        for p in set(paths):
+            if p not in mods:
+                raise KeyError(f"activation site {p!r} is not a submodule; submodules: {', '.join(list(mods)[1:8])}, ...")
+            self.handles.append(mods[p].register_forward_hook(self._hook(p)))
+
+    def _hook(self, path: str):
+        def hook(_m, _inp, output):
+            self.out[path] = output
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _features(act: Tensor, axis: int) -> Tensor:
+    """[samples, features]: every position other than the feature axis counts as a sample."""
+    return act.movedim(axis, -1).reshape(-1, act.shape[axis]).double()
+
+
+def activation_matching(
+    module: nn.Module,
+    spec: PermSpec,
+    a: Mapping[str, Tensor],
+    b: Mapping[str, Tensor],
+    batches: Iterable[Tensor | Sequence[Tensor]],
+    *,
+    stat: str = "corr",
+    sites: Sites | None = None,
+    device: torch.device | str | None = None,
+) -> MatchResult:
+    """Permutations of b that pair each hidden unit with a's unit of most similar activations.
+
+    Statistics stream over `batches` (inputs, or (inputs, targets) tuples): per permutation the
+    cross inner product E[a_i b_j] (`stat="inner"`) or the Pearson correlation (`stat="corr"`),
+    pooled over its sites. Each permutation is then an independent linear assignment.
+    """
+    if stat not in ("corr", "inner"):
+        raise ValueError(f"stat must be 'corr' or 'inner', got {stat!r}")
+    sites = sites if sites is not None else perm_sites(module, spec)
+    a, b = _to(a, device), _to(b, device)
+    cap = _Capture(module, [p for s in sites.values() for p, _ in s])
+    acc: dict[tuple[str, int], dict[str, Tensor]] = {}
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                x = x.to(device) if device is not None else x
+                functional_call(module, a, (x,))
+                acts_a = dict(cap.out)
+                functional_call(module, b, (x,))
+                acts_b = dict(cap.out)
+                for site in {s for ss in sites.values() for s in ss}:
+                    fa, fb = _features(acts_a[site[0]], site[1]), _features(acts_b[site[0]], site[1])
+                    s = acc.setdefault(site, {k: 0 for k in ("n", "sa", "sb", "saa", "sbb", "sab")})
+                    s["n"] += fa.shape[0]
+                    s["sa"] = s["sa"] + fa.sum(0)
+                    s["sb"] = s["sb"] + fb.sum(0)
+                    s["saa"] = s["saa"] + (fa * fa).sum(0)
+                    s["sbb"] = s["sbb"] + (fb * fb).sum(0)
+                    s["sab"] = s["sab"] + fa.T @ fb
+    finally:
+        cap.close()
+        module.train(was_training)
+    if not acc:
+        raise ValueError("activation_matching got no batches")
+    perms: Perms = {}
+    total = 0.0
+    for name, ss in sites.items():
+        sim = None
+        for site in ss:
+            s = acc[site]
+            n = s["n"]
+            if stat == "inner":
+                m = s["sab"] / n
+            else:
+                ma, mb = s["sa"] / n, s["sb"] / n
+                cov = s["sab"] / n - ma[:, None] * mb[None, :]
+                sa = (s["saa"] / n - ma**2).clamp_min(0).sqrt()
+                sb = (s["sbb"] / n - mb**2).clamp_min(0).sqrt()
+                m = cov / (sa[:, None] * sb[None, :] + 1e-12)
+            sim = m if sim is None else sim + m
+        sim_np = sim.cpu().numpy()
+        rows, cols = linear_sum_assignment(sim_np, maximize=True)
+        perms[name] = torch.from_numpy(cols).long()
+        total += float(sim_np[rows, cols].sum())
+    return MatchResult(perms, [total], 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# straight-through estimator
+
+
+def ste_matching(
+    module: nn.Module,
+    spec: PermSpec,
+    a: Mapping[str, Tensor],
+    b: Mapping[str, Tensor],
+    batches: Sequence[Sequence[Tensor]],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    steps: int = 100,
+    lr: float = 1e-3,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> MatchResult:
+    """Permutations of b found by the straight-through estimator (Git Re-Basin §3.3).
+
+    A proxy model (initialised at a) is trained so that the midpoint of a and its projection
+    P(b) (weight matching of b to the proxy) has low loss: the forward pass uses P(b), the
+    gradient is passed straight through to the proxy. `batches` are (x, y) pairs, cycled;
+    `loss_fn(pred, y)` is e.g. `task.loss`. Returns the projection with the lowest midpoint
+    loss seen; `objective` is the midpoint loss per step.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    a, b = _to(a, device), _to(b, device)
+    float_keys = [k for k, v in a.items() if v.is_floating_point()]
+    proxy = {k: a[k].clone().requires_grad_(True) for k in float_keys}
+    opt = torch.optim.Adam(list(proxy.values()), lr=lr)
+    perms = spec.identity(a)
+    best, best_loss, trace = perms, float("inf"), []
+    was_training = module.training
+    module.eval()
+    try:
+        for _, (x, y) in zip(range(steps), itertools.cycle(batches)):
+            x, y = (x.to(device), y.to(device)) if device is not None else (x, y)
+            target = {**a, **{k: v.detach() for k, v in proxy.items()}}
+            perms = weight_matching(spec, target, b, init=perms, generator=generator).perms
+            pb = apply_permutation(spec, b, perms)
+            mid = dict(a)
+            for k in float_keys:
+                ste = pb[k].detach() + (proxy[k] - proxy[k].detach())
+                mid[k] = 0.5 * (a[k] + ste)
+            loss = loss_fn(functional_call(module, mid, (x,)), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            trace.append(float(loss.detach()))
+            if trace[-1] < best_loss:
+                best, best_loss = perms, trace[-1]
+    finally:
+        module.train(was_training)
+    return MatchResult({k: v.cpu() for k, v in best.items()}, trace, len(trace))
+
+
+# ---------------------------------------------------------------------------------------------------
+# merging many models
+
+
+def _mean(states: Sequence[Mapping[str, Tensor]]) -> State:
+    """Elementwise mean of float entries; other entries (integer buffers) are taken from the first."""
+    first = states[0]
+    return {
+        k: (torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v) for k, v in first.items()
+    }
+
+
+def merge_many(
+    spec: PermSpec,
+    states: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor],
+    *,
+    max_rounds: int = 50,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[list[Perms], State]:
+    """MergeMany: permutations putting every model in one common basis, and the average there.
+
+    `states` is a list of state dicts or one stacked state {key: [N, ...]}. Each round visits the
+    models in random order and weight-matches each to the mean of the others (already aligned); it
+    stops after a round that changes nothing. The common basis is that of the first model, so
+    `perms[0]` is the identity and merging copies of one model returns it.
+    """
+    if isinstance(states, Mapping):
+        n = next(iter(states.values())).shape[0]
+        states = [{k: v[i] for k, v in states.items()} for i in range(n)]
+    states = [_to(s, device) for s in states]
+    if len(states) < 2:
+        raise ValueError(f"merge_many needs at least 2 models, got {len(states)}")
+    perms = [spec.identity(s) for s in states]
+    aligned = list(states)
+    for _ in range(max_rounds):
+        changed = False
+        for i in torch.randperm(len(states), generator=generator).tolist():
+            others = _mean([aligned[j] for j in range(len(states)) if j != i])
+            new = weight_matching(spec, others, states[i], init=perms[i], generator=generator, device=device).perms
+            if any(not torch.equal(new[k], perms[i][k]) for k in new):
+                changed = True
+                perms[i] = new
+                aligned[i] = apply_permutation(spec, states[i], new)
+        if not changed:
+            break
+    back = invert(perms[0])
+    perms = [compose(p, back) for p in perms]
+    aligned = [apply_permutation(spec, s, p) for s, p in zip(states, perms)]
+    return perms, _mean(aligned)
+
+
+def check_same_function(
+    model: nn.Module, state: Mapping[str, Tensor], permuted: Mapping[str, Tensor], x: Tensor
+) -> float:
+    """Max abs difference of the outputs of `state` and `permuted` on x (0 up to rounding if they match)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ya = functional_call(model, dict(state), (x,))
+            yb = functional_call(model, dict(permuted), (x,))
+    finally:
+        model.train(was_training)
+    return float((ya - yb).abs().max())

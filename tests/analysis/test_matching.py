@@ -1,0 +1,256 @@
+"""Permutation matching recovers planted permutations of trained nets, and permuted nets compute the same function."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from analysis.matching import (
+    activation_matching,
+    check_same_function,
+    matching_objective,
+    merge_many,
+    perm_sites,
+    ste_matching,
+    weight_matching,
+)
+from zoos.permspec import PermSpec, apply_permutation, invert
+
+
+# --- tiny architectures with permutation specs (the registry's archs are built elsewhere) ----------
+
+
+class TinyMLP(nn.Module):
+    """64 -> h -> h -> 10 ReLU MLP; two hidden permutations."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def perm_spec(self) -> PermSpec:
+        return PermSpec({
+            "h0": (("net.1.weight", 0), ("net.1.bias", 0), ("net.3.weight", 1)),
+            "h1": (("net.3.weight", 0), ("net.3.bias", 0), ("net.5.weight", 1)),
+        })
+
+
+class TinyCNN(nn.Module):
+    """conv(1->8) GroupNorm(one group per channel) ReLU conv(8->16) ReLU, mean pool, linear(16->10).
+
+    One group per channel, so the normalisation commutes with any channel permutation.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.norm1 = nn.GroupNorm(8, 8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.norm1(self.conv1(x)))
+        h = torch.relu(self.conv2(h))
+        return self.head(h.mean((-1, -2)))
+
+    def perm_spec(self) -> PermSpec:
+        return PermSpec({
+            "c1": (("conv1.weight", 0), ("conv1.bias", 0), ("norm1.weight", 0), ("norm1.bias", 0), ("conv2.weight", 1)),
+            "c2": (("conv2.weight", 0), ("conv2.bias", 0), ("head.weight", 1)),
+        })
+
+
+@functools.cache
+def digits() -> tuple[Tensor, Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+    return x, torch.tensor(d.target, dtype=torch.int64)
+
+
+def train(model: nn.Module, seed: int, steps: int = 300, lr: float = 3e-3) -> dict[str, Tensor]:
+    """A few hundred Adam steps on digits with a plain torch loop; returns the trained state."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    x, y = digits()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(len(x), (128,), generator=g)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@functools.cache
+def trained(kind: str, seed: int) -> tuple[nn.Module, dict[str, Tensor]]:
+    model = {"mlp": TinyMLP, "cnn": TinyCNN}[kind]()
+    return model, train(model, seed)
+
+
+def accuracy(model: nn.Module, state: dict[str, Tensor]) -> float:
+    x, y = digits()
+    with torch.no_grad():
+        return float((torch.func.functional_call(model, state, (x,)).argmax(-1) == y).float().mean())
+
+
+# --- tests ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_weight_matching_recovers_planted_permutation(kind):
+    model, a = trained(kind, 0)
+    assert accuracy(model, a) > 0.85
+    spec = model.perm_spec()
+    planted = spec.random(a, torch.Generator().manual_seed(1))
+    b = apply_permutation(spec, a, planted)
+    x = digits()[0][:256]
+    assert check_same_function(model, a, b, x) < 1e-5  # permuted model computes the same function
+    assert any(not torch.equal(p, torch.arange(len(p))) for p in planted.values())
+
+    res = weight_matching(spec, a, b, generator=torch.Generator().manual_seed(0))
+    inv = invert(planted)
+    for name in spec.perms:
+        assert torch.equal(res.perms[name], inv[name]), name
+    back = apply_permutation(spec, b, res.perms)
+    assert all(torch.equal(back[k], a[k]) for k in a)
+    assert all(t1 >= t0 - 1e-9 * abs(t0) for t0, t1 in zip(res.objective, res.objective[1:]))
+    assert res.objective[-1] == pytest.approx(matching_objective(spec, a, a, spec.identity(a)))
+
+
+def test_weight_matching_objective_non_decreasing_between_different_models():
+    model, a = trained("mlp", 0)
+    _, b = trained("mlp", 1)
+    spec = model.perm_spec()
+    res = weight_matching(spec, a, b, generator=torch.Generator().manual_seed(0))
+    assert res.sweeps >= 2
+    assert all(t1 >= t0 - 1e-9 * abs(t0) for t0, t1 in zip(res.objective, res.objective[1:]))
+    assert res.objective[-1] > res.objective[0]
+    # the matched b is the same function as b, and closer to a than b was
+    x = digits()[0][:256]
+    pb = apply_permutation(spec, b, res.perms)
+    assert check_same_function(model, b, pb, x) < 1e-5
+    dist = lambda s: sum(((a[k] - s[k]) ** 2).sum() for k in a)  # noqa: E731
+    assert dist(pb) < dist(b)
+
+
+def test_weight_matching_refuses_mismatched_models():
+    spec = TinyMLP().perm_spec()
+    a = TinyMLP(32).state_dict()
+    b = TinyMLP(16).state_dict()
+    with pytest.raises(ValueError, match="permutation sizes"):
+        weight_matching(spec, a, b)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_activation_matching_recovers_planted_permutation(kind):
+    model, a = trained(kind, 0)
+    spec = model.perm_spec()
+    planted = spec.random(a, torch.Generator().manual_seed(2))
+    b = apply_permutation(spec, a, planted)
+    x = digits()[0]
+    batches = [x[i : i + 256] for i in range(0, 768, 256)]
+    res = activation_matching(model, spec, a, b, batches)
+    inv = invert(planted)
+    for name in spec.perms:
+        assert torch.equal(res.perms[name], inv[name]), name
+    # inner-product statistics find it too
+    res_inner = activation_matching(model, spec, a, b, batches, stat="inner")
+    assert all(torch.equal(res_inner.perms[n], inv[n]) for n in spec.perms)
+
+
+def test_perm_sites_inferred_and_declared():
+    model = TinyCNN()
+    sites = perm_sites(model, model.perm_spec())
+    assert sites == {"c1": [("conv1", 1), ("norm1", 1)], "c2": [("conv2", 1)]}
+
+    class Declared(TinyMLP):
+        def perm_sites(self):
+            return {"h0": "net.2", "h1": [("net.4", -1)]}
+
+    assert perm_sites(Declared(), Declared().perm_spec()) == {"h0": [("net.2", 1)], "h1": [("net.4", -1)]}
+
+    class NoSite(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(3, 4))
+
+    with pytest.raises(ValueError, match="perm_sites"):
+        perm_sites(NoSite(), PermSpec({"p": (("w", 0),)}))
+
+
+def test_activation_matching_on_post_activation_sites_of_different_models():
+    """Declared post-ReLU sites: a matching between two different models is a valid permutation that helps."""
+    model, a = trained("mlp", 0)
+    _, b = trained("mlp", 1)
+    spec = model.perm_spec()
+    x = digits()[0]
+    sites = {"h0": [("net.2", -1)], "h1": [("net.4", -1)]}
+    res = activation_matching(model, spec, a, b, [x[:512]], sites=sites)
+    for name, p in res.perms.items():
+        assert torch.equal(p.sort().values, torch.arange(32)), name
+    pb = apply_permutation(spec, b, res.perms)
+    assert check_same_function(model, b, pb, x[:256]) < 1e-5
+    mid = {k: (a[k] + pb[k]) / 2 for k in a}
+    naive = {k: (a[k] + b[k]) / 2 for k in a}
+    assert accuracy(model, mid) > accuracy(model, naive)
+
+
+def test_ste_matching_lowers_midpoint_loss():
+    model, a = trained("mlp", 0)
+    _, b = trained("mlp", 1)
+    spec = model.perm_spec()
+    x, y = digits()
+    g = torch.Generator().manual_seed(0)
+    batches = [(x[i], y[i]) for i in torch.randperm(len(x), generator=g)[:1024].split(128)]
+    res = ste_matching(model, spec, a, b, batches, nn.functional.cross_entropy, steps=40, lr=1e-2, generator=g)
+    assert res.sweeps == 40
+    for name, p in res.perms.items():
+        assert torch.equal(p.sort().values, torch.arange(32)), name
+
+    def mid_loss(perms):
+        pb = apply_permutation(spec, b, perms)
+        mid = {k: (a[k] + pb[k]) / 2 for k in a}
+        with torch.no_grad():
+            return float(nn.functional.cross_entropy(torch.func.functional_call(model, mid, (x,)), y))
+
+    assert mid_loss(res.perms) < mid_loss(spec.identity(a))
+    assert min(res.objective) < res.objective[0]
+
+
+def test_merge_many_of_permuted_copies_returns_the_model():
+    model, a = trained("mlp", 0)
+    spec = model.perm_spec()
+    g = torch.Generator().manual_seed(3)
+    planted = [spec.identity(a)] + [spec.random(a, g) for _ in range(3)]
+    copies = [apply_permutation(spec, a, p) for p in planted]
+    perms, merged = merge_many(spec, copies, generator=g)
+    assert all(torch.allclose(merged[k], a[k], atol=1e-6) for k in a)
+    for p, q in zip(perms, planted):
+        assert all(torch.equal(p[n], invert(q)[n]) for n in spec.perms)
+    # stacked input works the same
+    stacked = {k: torch.stack([c[k] for c in copies]) for k in a}
+    _, merged2 = merge_many(spec, stacked, generator=torch.Generator().manual_seed(4))
+    assert all(torch.allclose(merged2[k], a[k], atol=1e-6) for k in a)
+
+
+def test_merge_many_of_different_models_beats_naive_average():
+    model, _ = trained("mlp", 0)
+    states = [trained("mlp", s)[1] for s in range(3)]
+    spec = model.perm_spec()
+    perms, merged = merge_many(spec, states, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(perms[0][n], torch.arange(32)) for n in spec.perms)
+    naive = {k: torch.stack([s[k] for s in states]).mean(0) for k in states[0]}
+    dist = lambda m: sum(sum(((m[k] - s[k]) ** 2).sum() for k in m) for s in [apply_permutation(spec, st, p) for st, p in zip(states, perms)])  # noqa: E731
+    assert dist(merged) <= dist(naive)
+    assert accuracy(model, merged) > accuracy(model, naive)
