@@ -1,0 +1,114 @@
+"""Plots of zoos and analysis results: each function takes polars frames and writes one PNG.
+
+Training curves across a zoo, the distribution of a final metric per zoo, interpolation curves (naive
+vs aligned), a heatmap of pairwise barriers, and a per-zoo equivariance error. matplotlib's Agg
+backend: no display needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _panels(n: int, width: float = 4.2, height: float = 3.2) -> tuple[plt.Figure, Sequence[plt.Axes]]:
+    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
+    return fig, axes[0]
+
+
+def training_curves(curves: pl.DataFrame, metric: str, path: Path, max_models: int = 64) -> Path:
+    """`metric` against epoch, one thin line per model (up to `max_models` per zoo), a panel per zoo."""
+    zoos = sorted(curves["zoo"].unique().to_list())
+    fig, axes = _panels(len(zoos))
+    for ax, zoo in zip(axes, zoos):
+        sub = curves.filter(pl.col("zoo") == zoo)
+        ids = sub["model_id"].unique(maintain_order=True).to_list()[:max_models]
+        for mid in ids:
+            m = sub.filter(pl.col("model_id") == mid).sort("epoch")
+            ax.plot(m["epoch"].to_numpy(), m[metric].to_numpy(), lw=0.7, alpha=0.5)
+        med = sub.group_by("epoch").agg(pl.col(metric).median()).sort("epoch")
+        ax.plot(med["epoch"].to_numpy(), med[metric].to_numpy(), color="k", lw=2, label="median")
+        ax.set(title=f"{zoo} ({len(ids)} models)", xlabel="epoch", ylabel=metric)
+        ax.legend(loc="best", fontsize=8)
+    return _save(fig, path)
+
+
+def metric_distribution(models: pl.DataFrame, metrics: Sequence[str], path: Path) -> Path:
+    """Per zoo, the distribution of each final metric (strip + box), a panel per metric."""
+    zoos = sorted(models["zoo"].unique().to_list())
+    fig, axes = _panels(len(metrics))
+    rng = np.random.default_rng(0)
+    for ax, metric in zip(axes, metrics):
+        data = [models.filter(pl.col("zoo") == z)[metric].drop_nulls().drop_nans().to_numpy() for z in zoos]
+        ax.boxplot(data, tick_labels=zoos, showfliers=False)
+        for i, d in enumerate(data, start=1):
+            ax.scatter(i + rng.uniform(-0.15, 0.15, len(d)), d, s=8, alpha=0.6)
+        ax.set(title=metric, ylabel=metric)
+        ax.tick_params(axis="x", rotation=20)
+    return _save(fig, path)
+
+
+def interpolation_curves(rows: pl.DataFrame, value: str, path: Path, max_pairs: int = 16) -> Path:
+    """`value` along the linear path, naive (dashed) vs aligned (solid), a panel per zoo.
+
+    Expects list columns `lambdas`, `{value}_naive` and `{value}_aligned`, one row per pair.
+    """
+    zoos = sorted(rows["zoo"].unique().to_list())
+    fig, axes = _panels(len(zoos))
+    for ax, zoo in zip(axes, zoos):
+        sub = rows.filter(pl.col("zoo") == zoo).head(max_pairs)
+        for r in sub.iter_rows(named=True):
+            lam = np.asarray(r["lambdas"])
+            ax.plot(lam, r[f"{value}_naive"], ls="--", color="tab:red", alpha=0.5, lw=0.9)
+            ax.plot(lam, r[f"{value}_aligned"], color="tab:blue", alpha=0.5, lw=0.9)
+        ax.plot([], [], ls="--", color="tab:red", label="naive")
+        ax.plot([], [], color="tab:blue", label="weight-matched")
+        ax.set(title=f"{zoo}: {len(sub)} pairs", xlabel="λ", ylabel=value)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def barrier_heatmap(rows: pl.DataFrame, column: str, path: Path) -> Path:
+    """Pairwise barrier matrix per zoo (models in id order; unevaluated pairs blank)."""
+    zoos = sorted(rows["zoo"].unique().to_list())
+    fig, axes = _panels(len(zoos), width=4.6, height=4.0)
+    for ax, zoo in zip(axes, zoos):
+        sub = rows.filter(pl.col("zoo") == zoo)
+        ids = sorted(set(sub["model_a"].to_list()) | set(sub["model_b"].to_list()))
+        index = {m: i for i, m in enumerate(ids)}
+        mat = np.full((len(ids), len(ids)), np.nan)
+        for a, b, v in sub.select("model_a", "model_b", column).iter_rows():
+            mat[index[a], index[b]] = mat[index[b], index[a]] = v
+        im = ax.imshow(mat, cmap="viridis")
+        ax.set(title=f"{zoo}: {column}", xlabel="model", ylabel="model")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def equivariance_by_zoo(rows: pl.DataFrame, column: str, path: Path) -> Path:
+    """Equivariance error per model, grouped by zoo, on a log axis (equivariant nets sit near 1e-7)."""
+    zoos = sorted(rows["zoo"].unique().to_list())
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(zoos), 3.4))
+    rng = np.random.default_rng(0)
+    for i, zoo in enumerate(zoos):
+        v = rows.filter(pl.col("zoo") == zoo)[column].to_numpy()
+        ax.scatter(i + rng.uniform(-0.2, 0.2, len(v)), np.clip(v, 1e-12, None), s=10, alpha=0.7)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(zoos)), zoos, rotation=20)
+    ax.set(ylabel=column, title="equivariance error per model")
+    return _save(fig, path)

@@ -1,0 +1,93 @@
+"""What a person sees while a study runs: live bars on a terminal, plain timestamped lines otherwise.
+
+Ray tasks report epochs to a small `ProgressBoard` actor; the driver polls it and advances the bars.
+The display never blocks the work: a lost report only makes a bar lag.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class ProgressBoard:
+    """Ray actor body: populations report (population, epochs done); the driver reads the totals."""
+
+    def __init__(self) -> None:
+        self.epochs: dict[str, int] = {}
+
+    def report(self, population: str, epochs_done: int) -> None:
+        self.epochs[population] = epochs_done
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.epochs)
+
+
+class Display:
+    """Bars for the study's phases (populations, model-epochs, analysis items), or plain lines."""
+
+    def __init__(self, console: Console | None = None, plain: bool | None = None, every_s: float = 5.0):
+        self.console = console or Console(stderr=True)
+        self.plain = (not self.console.is_terminal) if plain is None else plain
+        self.every_s = every_s
+        self._bars: dict[str, TaskID] = {}
+        self._state: dict[str, list[float]] = {}  # name -> [done, total]
+        self._last_line = 0.0
+        self._t0 = time.perf_counter()
+        self._progress = None if self.plain else Progress(
+            TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[note]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=self.console, transient=False,
+        )
+
+    def __enter__(self) -> "Display":
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        else:
+            self._print_lines(force=True)
+
+    def add(self, name: str, total: float, note: str = "") -> None:
+        self._state[name] = [0.0, float(total)]
+        if self._progress is not None:
+            self._bars[name] = self._progress.add_task(name, total=total, note=note)
+        else:
+            self.log(f"{name}: 0/{total:g} {note}")
+
+    def update(self, name: str, done: float, note: str | None = None) -> None:
+        if name not in self._state:
+            return
+        self._state[name][0] = done
+        if self._progress is not None:
+            kw = {"note": note} if note is not None else {}
+            self._progress.update(self._bars[name], completed=done, **kw)
+        else:
+            self._print_lines()
+
+    def advance(self, name: str, by: float = 1, note: str | None = None) -> None:
+        if name in self._state:
+            self.update(name, self._state[name][0] + by, note)
+
+    def log(self, message: str) -> None:
+        """A line above the bars (or a plain timestamped line)."""
+        if self._progress is not None:
+            self._progress.console.print(message, highlight=False)
+        else:
+            print(f"[{time.perf_counter() - self._t0:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def _print_lines(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self._last_line < self.every_s:
+            return
+        self._last_line = now
+        parts = [f"{name} {done:g}/{total:g}" for name, (done, total) in self._state.items()]
+        if parts:
+            self.log(" | ".join(parts))

@@ -1,0 +1,187 @@
+"""MLflow tracking, from the driver only, in batches.
+
+One experiment per study; inside it a parent run for the study, a child run per zoo, a run per model
+(params = generating factors, metrics at the stored checkpoints, tags: model id, status) and a run per
+analysis stage with its plots as artifacts. Runs are found again by their `symzoo.*` tags, so running
+a study twice creates no duplicate runs. sqlite locks under concurrent writers, which is why nothing
+but the driver logs; `log_batch` carries many values per call (MLflow caps a call at 1000 metrics,
+100 params and 100 tags).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100
+KIND, STUDY, ZOO, MODEL_ID, STAGE = "symzoo.kind", "symzoo.study", "symzoo.zoo", "symzoo.model_id", "symzoo.stage"
+
+
+class TrackingError(RuntimeError):
+    """The tracking server or database cannot be reached or written; the message says which URI."""
+
+
+def default_tracking_uri(workdir: str | Path = ".") -> str:
+    """A sqlite file in the working directory: MLflow's default store, and `mlflow ui` reads it."""
+    return f"sqlite:///{Path(workdir).resolve() / 'symzoo.db'}"
+
+
+@dataclass
+class Tracker:
+    """Logs a study to MLflow and counts the seconds it spends doing so (the tracking overhead)."""
+
+    uri: str
+    study: str
+    seconds: float = 0.0
+    calls: int = 0
+    _client: Any = field(default=None, repr=False)
+    _experiment_id: str = ""
+    _study_run: str = ""
+    _zoo_runs: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Fail fast against an unreachable server instead of MLflow's default minutes of retries.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        from mlflow.tracking import MlflowClient
+
+        self._client = MlflowClient(tracking_uri=self.uri)
+
+    @contextmanager
+    def _timed(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+
+    # ---- set-up -------------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Create or find the study's experiment and parent run; TrackingError if the store is unusable."""
+        try:
+            with self._timed():
+                exp = self._client.get_experiment_by_name(self.study)
+                self._experiment_id = exp.experiment_id if exp else self._client.create_experiment(self.study)
+        except Exception as e:  # MLflow raises many types (connection, sqlite, permission)
+            raise TrackingError(
+                f"cannot use the MLflow tracking URI {self.uri!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}. "
+                "Start the server, fix the URI (--tracking-uri or the study's tracking_uri), or use a sqlite file."
+            ) from None
+        self._study_run = self._find_or_create({KIND: "study", STUDY: self.study}, run_name=self.study)
+
+    def _find(self, tags: dict[str, str]) -> list:
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs, token = [], None
+        while True:
+            with self._timed():
+                page = self._client.search_runs([self._experiment_id], query, max_results=5000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def _find_or_create(self, tags: dict[str, str], run_name: str, parent: str | None = None) -> str:
+        found = self._find(tags)
+        if found:
+            return found[0].info.run_id
+        all_tags = dict(tags)
+        if parent:
+            all_tags["mlflow.parentRunId"] = parent
+        with self._timed():
+            return self._client.create_run(self._experiment_id, tags=all_tags, run_name=run_name).info.run_id
+
+    @property
+    def study_run_id(self) -> str:
+        return self._study_run
+
+    @property
+    def experiment_id(self) -> str:
+        return self._experiment_id
+
+    def log_study(self, params: dict[str, Any]) -> None:
+        self._log(self._study_run, params=params)
+
+    def zoo_run(self, zoo: str, params: dict[str, Any] | None = None) -> str:
+        """The zoo's child run (created on first use, found again on a re-run)."""
+        if zoo not in self._zoo_runs:
+            run = self._find_or_create({KIND: "zoo", STUDY: self.study, ZOO: zoo}, run_name=zoo, parent=self._study_run)
+            self._zoo_runs[zoo] = run
+            if params:
+                self._log(run, params=params)
+        return self._zoo_runs[zoo]
+
+    def logged_models(self) -> set[str]:
+        """Model ids that already have a finished run in this experiment."""
+        return {r.data.tags[MODEL_ID] for r in self._find({KIND: "model", STUDY: self.study}) if r.info.status == "FINISHED"}
+
+    # ---- logging ------------------------------------------------------------------------------
+
+    def log_models(self, zoo: str, rows: Sequence[dict[str, Any]], factors: Sequence[str],
+                   checkpoint_metrics: dict[str, dict[str, list[tuple[int, float]]]]) -> None:
+        """One finished run per model: factors as params, checkpoint metrics by epoch, id/status tags.
+
+        `checkpoint_metrics[model_id][metric] = [(epoch, value), ...]`.
+        """
+        parent = self.zoo_run(zoo)
+        for row in rows:
+            mid = row["model_id"]
+            tags = {KIND: "model", STUDY: self.study, ZOO: zoo, MODEL_ID: mid, "status": row["status"],
+                    "mlflow.parentRunId": parent}
+            with self._timed():
+                run = self._client.create_run(self._experiment_id, tags=tags, run_name=f"{zoo}/{mid[:8]}").info.run_id
+            params = {f: row[f] for f in factors if f in row}
+            params.update(arch=row.get("arch"), task=row.get("task"), n_params=row.get("n_params"))
+            metrics = [(name, float(v), step) for name, series in checkpoint_metrics.get(mid, {}).items() for step, v in series]
+            self._log(run, params=params, metrics=metrics, status="FINISHED")
+
+    def log_stage(self, stage: str, metrics: dict[str, float], params: dict[str, Any] | None = None,
+                  artifacts: Iterable[Path] = ()) -> str:
+        """A run per analysis stage (child of the study run), with summary metrics and plot artifacts."""
+        run = self._find_or_create({KIND: "stage", STUDY: self.study, STAGE: stage}, run_name=stage, parent=self._study_run)
+        self._log(run, params=params or {}, metrics=[(k, float(v), 0) for k, v in metrics.items()])
+        self.log_artifacts(run, artifacts)
+        return run
+
+    def log_artifacts(self, run_id: str, paths: Iterable[Path], folder: str = "plots") -> None:
+        for p in paths:
+            with self._timed():
+                self._client.log_artifact(run_id, str(p), artifact_path=folder)
+
+    def log_summary(self, metrics: dict[str, float], artifacts: Iterable[Path] = ()) -> None:
+        self._log(self._study_run, metrics=[(k, float(v), 0) for k, v in metrics.items()])
+        self.log_artifacts(self._study_run, artifacts)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        runs = [self._study_run, *self._zoo_runs.values()]
+        for run in runs:
+            with self._timed():
+                self._client.set_terminated(run, status=status)
+
+    def _log(self, run_id: str, params: dict[str, Any] | None = None,
+             metrics: Sequence[tuple[str, float, int]] = (), status: str | None = None) -> None:
+        from mlflow.entities import Metric, Param
+
+        now = int(time.time() * 1000)
+        plist = [Param(k, _param_value(v)) for k, v in (params or {}).items() if v is not None]
+        mlist = [Metric(k, v, now, step) for k, v, step in metrics if v == v]  # NaN is not loggable in every store
+        p_chunks = [plist[i:i + MAX_PARAMS] for i in range(0, len(plist), MAX_PARAMS)]
+        m_chunks = [mlist[i:i + MAX_METRICS] for i in range(0, len(mlist), MAX_METRICS)]
+        for k in range(max(len(p_chunks), len(m_chunks))):
+            with self._timed():
+                self._client.log_batch(run_id, metrics=m_chunks[k] if k < len(m_chunks) else [],
+                                       params=p_chunks[k] if k < len(p_chunks) else [])
+        if status:
+            with self._timed():
+                self._client.set_terminated(run_id, status=status)
+
+
+def _param_value(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, default=str)
+    return s[:6000]
