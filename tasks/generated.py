@@ -168,3 +168,133 @@ def inertia(**options) -> GeneratedTask:
                group="O(2)_z", options=dict(SIZE_OPTIONS))
 def modified_inertia(**options) -> GeneratedTask:
     return _make("modified_inertia", ModifiedInertia, options, set(SIZE_OPTIONS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Lorentz (EMLP §7, "ParticleInteraction"): an electron-muon scattering matrix element built from
+# Minkowski inner products of four 4-momenta p ~ N(0, I_4) / 4, invariant under O(1,3).
+
+
+def minkowski_dot(a: Tensor, b: Tensor) -> Tensor:
+    """<a, b> = a0 b0 - a.b over the last axis (time first)."""
+    return a[..., 0] * b[..., 0] - (a[..., 1:] * b[..., 1:]).sum(-1)
+
+
+class Lorentz(GeneratedTask):
+    """EMLP's O(1,3)-invariant e-mu scattering: 4 sum_ab Le_ab Lmu_ab with
+    Le = p1 p3^T - (<p1,p3> - <p1,p1>) eta and Lmu = (eta p2)(eta p4)^T - (<p2,p4> - <p2,p2>) eta."""
+
+    standardize = True
+
+    def __init__(self, n_train: int = 1000, n_val: int = 500, n_test: int = 1000, max_rapidity: float = 1.0):
+        if not isinstance(max_rapidity, (int, float)) or max_rapidity < 0:
+            raise TaskError(f"task 'lorentz': max_rapidity={max_rapidity!r}; allowed: a non-negative number")
+        super().__init__("lorentz", LorentzGroup("v", "invariant", float(max_rapidity)), (4, 4), (1,), "points",
+                         n_train, n_val, n_test)
+
+    def sample_x(self, n: int, generator: torch.Generator) -> Tensor:
+        return torch.randn(n, 4, 4, generator=generator) / 4
+
+    def raw_target(self, x: Tensor) -> Tensor:
+        p = x.double()
+        eta = MINKOWSKI.to(p)
+        p1, p2, p3, p4 = p.unbind(1)
+        le = p1[:, :, None] * p3[:, None, :] - (minkowski_dot(p1, p3) - minkowski_dot(p1, p1))[:, None, None] * eta
+        q2, q4 = p2 @ eta, p4 @ eta
+        lmu = q2[:, :, None] * q4[:, None, :] - (minkowski_dot(p2, p4) - minkowski_dot(p2, p2))[:, None, None] * eta
+        return (4 * (le * lmu).sum((-1, -2))).unsqueeze(-1).to(x.dtype)
+
+
+@register_task("lorentz", description="EMLP's electron-muon scattering amplitude of four 4-momenta; O(1,3)-invariant",
+               group="O(1,3)", options={**SIZE_OPTIONS, "max_rapidity": float})
+def lorentz(**options) -> GeneratedTask:
+    return _make("lorentz", Lorentz, options, set(SIZE_OPTIONS) | {"max_rapidity"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Convex hull (Ruhe et al. 2023, Clifford group equivariant networks): the volume of the convex hull
+# of 16 points ~ N(0, I_5); invariant under O(5) and under permutations of the points.
+
+
+class ConvexHull(GeneratedTask):
+    """Volume of the convex hull of 16 Gaussian points in 5-D (scipy's Qhull, one call per sample)."""
+
+    standardize = True
+    n_reference = 512
+
+    def __init__(self, n_train: int = 1024, n_val: int = 256, n_test: int = 1024):
+        super().__init__("convex_hull", OrthogonalGroup(5, "v", "invariant", n_perm=16), (16, 5), (1,), "points",
+                         n_train, n_val, n_test)
+
+    def sample_x(self, n: int, generator: torch.Generator) -> Tensor:
+        return torch.randn(n, 16, 5, generator=generator)
+
+    def raw_target(self, x: Tensor) -> Tensor:
+        from scipy.spatial import ConvexHull as Hull
+
+        pts = x.detach().double().cpu().numpy()
+        vol = torch.tensor([Hull(p).volume for p in pts], dtype=torch.float64)
+        return vol.unsqueeze(-1).to(dtype=x.dtype, device=x.device)
+
+
+@register_task("convex_hull", description="volume of the convex hull of 16 Gaussian points in 5-D (Clifford-group paper)",
+               group="O(5)xS16", options=dict(SIZE_OPTIONS))
+def convex_hull(**options) -> GeneratedTask:
+    return _make("convex_hull", ConvexHull, options, set(SIZE_OPTIONS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Charged N-body (EGNN §5.2, after Kipf et al.'s NRI simulator, without the box): 5 particles with
+# charges ±1, unit masses, softened Coulomb forces q_i q_j (r_i - r_j) / (|r_ij|^2 + eps^2)^(3/2)
+# (like charges repel), integrated by leapfrog; predict the positions after n_steps * dt.
+# Softening instead of NRI's force clipping keeps the simulator exactly E(3) x S_5 equivariant.
+
+
+def coulomb_forces(pos: Tensor, charge: Tensor, softening: float) -> Tensor:
+    """Softened Coulomb forces [B, n, 3] on every particle, all pairs at once."""
+    diff = pos[:, :, None, :] - pos[:, None, :, :]  # r_i - r_j
+    inv3 = ((diff * diff).sum(-1) + softening**2) ** -1.5
+    qq = charge[:, :, None] * charge[:, None, :]
+    return ((qq * inv3)[..., None] * diff).sum(2)  # the i == j term has diff = 0
+
+
+def simulate_charged(x: Tensor, n_steps: int, dt: float, softening: float) -> Tensor:
+    """Leapfrog (kick-drift-kick) of x [B, n, 7] = (pos, vel, charge) for n_steps, vectorised over B; float64."""
+    pos, vel, charge = x[..., 0:3].double(), x[..., 3:6].double(), x[..., 6].double()
+    acc = coulomb_forces(pos, charge, softening)
+    for _ in range(n_steps):
+        vel = vel + 0.5 * dt * acc
+        pos = pos + dt * vel
+        acc = coulomb_forces(pos, charge, softening)
+        vel = vel + 0.5 * dt * acc
+    return pos
+
+
+class NBody(GeneratedTask):
+    """EGNN's charged 5-body problem: positions after a fixed horizon; E(3) x S_5-equivariant."""
+
+    def __init__(self, n_train: int = 3000, n_val: int = 2000, n_test: int = 2000, n_steps: int = 1000,
+                 dt: float = 0.001, softening: float = 0.1):
+        if not isinstance(n_steps, int) or n_steps < 1:
+            raise TaskError(f"task 'nbody': n_steps={n_steps!r}; allowed: a positive integer")
+        for field, v in (("dt", dt), ("softening", softening)):
+            if not isinstance(v, (int, float)) or v <= 0:
+                raise TaskError(f"task 'nbody': {field}={v!r}; allowed: a positive number")
+        group = OrthogonalGroup(3, "p,v,s", "p", translations=True, n_perm=5)
+        super().__init__("nbody", group, (5, 7), (5, 3), "points", n_train, n_val, n_test)
+        self.n_steps, self.dt, self.softening = n_steps, float(dt), float(softening)
+
+    def sample_x(self, n: int, generator: torch.Generator) -> Tensor:
+        pos = torch.randn(n, 5, 3, generator=generator)
+        vel = 0.5 * torch.randn(n, 5, 3, generator=generator)
+        charge = torch.randint(0, 2, (n, 5, 1), generator=generator).float() * 2 - 1
+        return torch.cat([pos, vel, charge], -1)
+
+    def raw_target(self, x: Tensor) -> Tensor:
+        return simulate_charged(x, self.n_steps, self.dt, self.softening).to(x.dtype)
+
+
+@register_task("nbody", description="EGNN's charged 5-body system: positions after a fixed horizon; E(3)xS5",
+               group="E(3)xS5", options={**SIZE_OPTIONS, "n_steps": int, "dt": float, "softening": float})
+def nbody(**options) -> GeneratedTask:
+    return _make("nbody", NBody, options, set(SIZE_OPTIONS) | {"n_steps", "dt", "softening"})
