@@ -1,0 +1,230 @@
+"""The weight store: round trips, zero-copy stacked reads, shard completeness, integrity, URIs, safety."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from zoos.population import PopulationResult, model_id
+from zoos.store import MARKER, StackedWeights, Store, StoreError
+
+SHAPES = {"conv.weight": (3, 1, 2, 2), "conv.bias": (3,), "fc.weight": (2, 3), "fc.bias": (2,), "drop.p": ()}
+
+
+def make_pop(zoo: str, seeds: list[int], epochs=(0, 2, 5), seed: int = 0, shapes=SHAPES) -> PopulationResult:
+    """A population with random weights, metrics and curves (no trainer needed)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in seeds:
+        factors = {"seed": s, "lr": 0.1 / (s + 1), "activation": "relu" if s % 2 else "tanh"}
+        rows.append(
+            {
+                "model_id": model_id("study", zoo, factors),
+                "study": "study",
+                "zoo": zoo,
+                "task": "digits",
+                "task_config": json.dumps({"name": "digits"}),
+                "arch": "mlp",
+                "arch_config": "{}",
+                **factors,
+                "status": "diverged" if s == 1 else "ok",
+                "test_acc": float(rng.random()),
+                "n_params": 23,
+                "epochs": max(epochs),
+            }
+        )
+    n, c = len(seeds), len(epochs)
+    weights = {k: rng.standard_normal((n, c, *shape)).astype(np.float32) for k, shape in shapes.items()}
+    metrics = {"test_acc": rng.random((n, c)), "train_loss": rng.random((n, c))}
+    curves = {"test_acc": rng.random((n, max(epochs) + 1))}
+    return PopulationResult(rows, list(epochs), metrics, weights, curves)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(str(tmp_path / "store"))
+    pops = [make_pop("zA", [0, 1, 2], seed=1), make_pop("zA", [3, 4], seed=2), make_pop("zB", [0, 1], seed=3)]
+    for p in pops:
+        s.write_population(p)
+    return s, pops
+
+
+def test_round_trip_rows_curves_checkpoints(store):
+    s, pops = store
+    models = s.models().collect()
+    assert models.height == 7 and set(models["zoo"]) == {"zA", "zB"}
+    assert models.schema["seed"] == pl.Int64 and models.schema["lr"] == pl.Float64
+    assert models.schema["activation"] == pl.String and models.schema["n_params"] == pl.Int64
+    p = pops[0]
+    row = models.filter(pl.col("model_id") == p.ids[2]).row(0, named=True)
+    assert row["test_acc"] == p.models[2]["test_acc"] and row["shard"] == p.shard
+
+    curves = s.curves().filter(pl.col("model_id") == p.ids[1]).sort("epoch").collect()
+    assert curves["epoch"].to_list() == list(range(6))
+    np.testing.assert_array_equal(curves["test_acc"].to_numpy(), p.curves["test_acc"][1])
+
+    ck = s.checkpoints(zoo="zA").collect()
+    assert ck.height == 5 * 3
+    got = ck.filter((pl.col("model_id") == p.ids[0]) & (pl.col("epoch") == 2))["train_loss"].item()
+    assert got == p.metrics["train_loss"][0, 1]
+    last = s.checkpoints(epochs="last").collect()
+    assert last.height == 7 and set(last["epoch"]) == {5}
+
+
+def test_every_stored_weight_comes_back(store):
+    s, pops = store
+    for p in pops:
+        for j, ep in enumerate(p.epochs):
+            for i, mid in enumerate(p.ids):
+                sd = s.state_dict(mid, epoch=ep)
+                for k, a in p.weights.items():
+                    np.testing.assert_array_equal(sd[k].numpy(), a[i, j])
+                    assert tuple(sd[k].shape) == SHAPES[k]
+
+
+def test_to_torch_stacks_filters_and_orders(store):
+    s, pops = store
+    tensors, ids = s.to_torch(filter=pl.col("zoo") == "zA")
+    assert len(ids) == 5 and tensors["conv.weight"].shape == (5, 3, 1, 2, 2)
+    for p in pops[:2]:
+        for i, mid in enumerate(p.ids):
+            k = ids.index(mid)
+            np.testing.assert_array_equal(tensors["fc.weight"][k].numpy(), p.weights["fc.weight"][i, -1])
+
+    sub = s.to_torch(filter=(pl.col("zoo") == "zA") & (pl.col("seed") != 1), epoch=2, keys=["fc.bias"])
+    assert isinstance(sub, StackedWeights) and list(sub.tensors) == ["fc.bias"] and len(sub) == 4
+    assert pops[0].ids[1] not in sub.model_ids and sub.epochs == [2] * 4
+    p = pops[0]
+    np.testing.assert_array_equal(sub["fc.bias"][sub.model_ids.index(p.ids[2])].numpy(), p.weights["fc.bias"][2, 1])
+
+    with pytest.raises(StoreError, match="no stored weights"):
+        s.to_torch(epoch=3)
+    with pytest.raises(StoreError, match="weight column 'nope'"):
+        s.to_torch(keys=["nope"])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps to locate the mapping")
+def test_one_shard_layer_is_a_view_of_the_memory_map(store):
+    s, pops = store
+    p = pops[0]
+    tensors, ids = s.to_torch(filter=pl.col("model_id").is_in(p.ids))
+    path = os.path.realpath(os.path.join(s.root, f"checkpoints/zA/{p.shard}.arrow"))
+    ranges = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if line.rstrip().endswith(path):
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                ranges.append((lo, hi))
+    assert ranges, "the weight file is not memory-mapped"
+    for t in tensors.values():
+        assert t.is_contiguous()
+        assert any(lo <= t.data_ptr() < hi for lo, hi in ranges), "layer was copied out of the mapping"
+
+
+def test_metadata_queries_open_no_weight_file(store):
+    s, _ = store
+    s.opened.clear()
+    s.models().filter(pl.col("test_acc") > 0.5).collect()
+    s.checkpoints(epochs="last").select("model_id", "epoch", "test_acc").collect()
+    s.curves().collect()
+    assert s.opened and not [r for r in s.opened if r.endswith(".arrow")]
+    s.checkpoints(columns=["fc.bias"], epochs=[0]).collect()
+    assert [r for r in s.opened if r.endswith(".arrow")]
+
+
+def test_checkpoints_with_weight_columns(store):
+    s, pops = store
+    df = s.checkpoints(columns=["conv.bias"], epochs=[2]).collect()
+    assert df.height == 7 and df.schema["conv.bias"] == pl.Array(pl.Float32, 3)
+    p = pops[2]
+    r = df.filter(pl.col("model_id") == p.ids[1])
+    np.testing.assert_array_equal(r["conv.bias"].to_numpy()[0], p.weights["conv.bias"][1, 1])
+    assert r["test_acc"].item() == p.metrics["test_acc"][1, 1]
+    assert "fc.weight" in s.checkpoints(columns="all", epochs="last").collect_schema()
+
+
+def test_incomplete_shard_is_invisible_and_verify_reports(store):
+    s, pops = store
+    p = pops[1]
+    os.remove(os.path.join(s.root, f"manifest/zA/{p.shard}.json"))
+    assert s.stored_ids() == set(pops[0].ids) | set(pops[2].ids)
+    assert s.models().collect().height == 5
+    problems = s.verify()
+    assert {pr["file"] for pr in problems} >= {f"models/zA/{p.shard}.parquet", f"checkpoints/zA/{p.shard}.arrow"}
+
+    s.write_population(p)  # a retry rewrites the whole shard
+    assert s.verify() == []
+    q = pops[0]
+    with open(os.path.join(s.root, f"checkpoints/zA/{q.shard}.arrow"), "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02\x03")
+    (pr,) = s.verify()
+    assert pr["file"] == f"checkpoints/zA/{q.shard}.arrow" and set(pr["model_ids"]) == set(q.ids)
+    assert "sha256" in pr["problem"]
+
+
+def test_rewriting_a_shard_replaces_it(tmp_path):
+    s = Store(str(tmp_path))
+    s.write_population(make_pop("z", [0, 1], seed=1))
+    p2 = make_pop("z", [0, 1], seed=9)
+    s.write_population(p2)
+    assert s.models().collect().height == 2
+    np.testing.assert_array_equal(s.to_torch()["fc.weight"].numpy(), p2.weights["fc.weight"][:, -1])
+    assert not [f for _, _, fs in os.walk(tmp_path) for f in fs if ".tmp-" in f]
+
+
+def test_file_uri_and_analysis(tmp_path):
+    s = Store("file://" + str(tmp_path / "uri-store"))
+    p = make_pop("zU", [0, 1, 2])
+    s.write_population(p)
+    s.write_analysis("barrier", "pairs-0", [{"model_id": p.ids[0], "barrier": 0.5, "curve": [0.1, 0.5, 0.2]}])
+    s.write_analysis("barrier", "pairs-1", pl.DataFrame({"model_id": [p.ids[1]], "barrier": [0.25]}))
+    assert s.stages() == ["barrier"]
+    a = s.analysis("barrier").sort("barrier").collect()
+    assert a["barrier"].to_list() == [0.25, 0.5]
+    assert s.models().collect().height == 3 and s.to_torch()["conv.weight"].shape == (3, 3, 1, 2, 2)
+    local = Store(str(tmp_path / "uri-store"))
+    assert local.stored_ids() == set(p.ids) and local.verify() == []
+
+
+def test_refuses_bad_names_missing_and_newer_stores(tmp_path):
+    s = Store(str(tmp_path / "s"))
+    with pytest.raises(StoreError, match="no symzoo store"):
+        s.models()
+    assert s.stored_ids() == set()
+    for bad in ["..", "a/b", "", "../x", ".hidden"]:
+        with pytest.raises(StoreError, match="not a safe path component"):
+            s.write_population(make_pop(bad, [0]))
+        with pytest.raises(StoreError, match="stage name"):
+            s.write_analysis(bad, "x", [{"a": 1}])
+    s.write_population(make_pop("ok", [0]))
+    with open(os.path.join(s.root, MARKER), "w") as f:
+        json.dump({"schema_version": 99, "created": "later"}, f)
+    with pytest.raises(StoreError, match="schema version 99"):
+        Store(s.root)
+
+
+def test_load_model_rebuilds_and_loads_strictly(tmp_path):
+    archs = pytest.importorskip("zoos.archs", exc_type=ImportError)
+    tasks = pytest.importorskip("tasks", exc_type=ImportError)
+    task = tasks.get_task("digits")
+    nets = [archs.build_arch("mlp", task) for _ in range(2)]
+    sd = [n.state_dict() for n in nets]
+    weights = {k: np.stack([[d[k].numpy()] for d in sd]).astype(np.float32) for k in sd[0]}
+    rows = [
+        {"model_id": f"m{i}", "zoo": "z", "task": "digits", "task_config": json.dumps(task.config()),
+         "arch": "mlp", "arch_config": json.dumps(nets[i].config), "status": "ok"}
+        for i in range(2)
+    ]
+    s = Store(str(tmp_path))
+    s.write_population(PopulationResult(rows, [3], {}, weights))
+    m = s.load_model("m1")
+    x = task.load("test")[0][:4]
+    torch.testing.assert_close(m(x), nets[1].eval()(x))
+    with pytest.raises(StoreError, match="'nope' is not in store"):
+        s.load_model("nope")
