@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from tasks.base import Split, Task, TaskError, check_options, seeded
+from tasks.formats import read_cifar_batch, read_idx
 from tasks.groups import ImageGroup
 from tasks.registry import register_task
 
@@ -119,3 +120,149 @@ class DigitsTask(ImageTask):
 def digits(**options) -> DigitsTask:
     check_options("digits", options, {"group", "variant", "n_train", "n_val", "n_test"})
     return DigitsTask(**options)
+
+
+# ---------------------------------------------------------------------------------------------
+# File-backed tasks: MNIST / Fashion-MNIST (IDX) and CIFAR-10 (python batches), read from
+# `data_dir` (option) or $SYMZOO_DATA. Nothing is read until `load()`. The validation split is
+# carved out of the published training set by seed; the test split is the published test set.
+
+DOWNLOAD = {
+    "mnist": "https://yann.lecun.com/exdb/mnist/ (mirror: https://ossci-datasets.s3.amazonaws.com/mnist/)",
+    "fashion_mnist": "https://github.com/zalandoresearch/fashion-mnist (the four *-ubyte.gz files under data/fashion)",
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar.html (CIFAR-10 python version, cifar-10-python.tar.gz, unpacked)",
+}
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+FILE_OPTIONS = {"group": ("C4", "D4"), "variant": VARIANTS, "data_dir": str, "n_train": int, "n_val": int, "n_test": int}
+
+
+class FileImageTask(ImageTask):
+    """An image task read from files: finds them, caches the uint8 arrays, splits by seed."""
+
+    files: tuple[str, ...]
+    subdirs: tuple[str, ...]
+
+    def __init__(self, name: str, input_shape: tuple[int, ...], group: str = "C4", variant: str = "upright",
+                 data_dir: str | None = None, n_train: int | None = None, n_val: int = 5000, n_test: int | None = None):
+        super().__init__(name, group, variant, input_shape, 10)
+        for field, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+            if v is not None:
+                _check_size(name, field, v)
+        self.data_dir = data_dir
+        self.sizes = {"train": n_train, "val": n_val, "test": n_test}
+        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def candidate_dirs(self) -> list[Path]:
+        """Where the files may be: <root>/<subdir> for each accepted subfolder name, then <root> itself."""
+        root = self.data_dir or os.environ.get("SYMZOO_DATA")
+        if not root:
+            raise TaskError(
+                f"task {self.name!r}: no data directory; pass the option data_dir=... or set SYMZOO_DATA. "
+                f"It must hold {', '.join(self.files)} (in a subfolder {self.subdirs[0]!r} or directly). "
+                f"Get them from {DOWNLOAD[self.name]}"
+            )
+        root = Path(root).expanduser()
+        return [root / sub for sub in self.subdirs] + [root]
+
+    def find_files(self) -> dict[str, Path]:
+        """Each required file's path (plain or .gz), from the first directory that holds all of them."""
+        dirs = self.candidate_dirs()
+        best: tuple[dict[str, Path], list[str]] | None = None
+        for d in dirs:
+            found, missing = {}, []
+            for f in self.files:
+                hit = next((d / n for n in (f, f + ".gz") if (d / n).is_file()), None)
+                if hit is None:
+                    missing.append(f)
+                else:
+                    found[f] = hit
+            if not missing:
+                return found
+            if best is None or len(missing) < len(best[1]):
+                best = (found, missing)
+        missing = best[1] if best else list(self.files)
+        raise TaskError(
+            f"task {self.name!r}: missing data files {', '.join(missing)} (plain or .gz); looked in "
+            f"{', '.join(str(d) for d in dirs)}. Get them from {DOWNLOAD[self.name]}"
+        )
+
+    def _read(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(train images uint8 [N, C, H, W], train labels, test images, test labels)."""
+        raise NotImplementedError(f"{type(self).__name__} must define _read")
+
+    def _split(self, split: Split, seed: int) -> tuple[Tensor, Tensor]:
+        if self._arrays is None:
+            self._arrays = self._read()
+        xtr, ytr, xte, yte = self._arrays
+        if split == "test":
+            n = len(xte) if self.sizes["test"] is None else self.sizes["test"]
+            _check_size(self.name, "n_test", n, len(xte))
+            idx = np.arange(n)
+            x, y = xte, yte
+        else:
+            n_val = self.sizes["val"]
+            n_train = len(xtr) - n_val if self.sizes["train"] is None else self.sizes["train"]
+            _check_size(self.name, "n_val", n_val, len(xtr))
+            _check_size(self.name, "n_train", n_train, len(xtr) - n_val)
+            perm = torch.randperm(len(xtr), generator=seeded(seed, 5)).numpy()
+            idx = perm[:n_val] if split == "val" else perm[n_val : n_val + n_train]
+            x, y = xtr, ytr
+        images = torch.from_numpy(x[idx].astype(np.float32) / 255.0)
+        return images, torch.from_numpy(y[idx].astype(np.int64))
+
+
+class IdxImageTask(FileImageTask):
+    """MNIST-format data: four IDX files of 28x28 grey images and their labels."""
+
+    files = IDX_FILES
+
+    def __init__(self, name: str, subdirs: tuple[str, ...], **options):
+        self.subdirs = subdirs
+        super().__init__(name, (1, 28, 28), **options)
+
+    def _read(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        paths = self.find_files()
+        arrays = [read_idx(paths[f]) for f in self.files]
+        for f, a, ndim in zip(self.files, arrays, (3, 1, 3, 1)):
+            if a.ndim != ndim:
+                raise TaskError(f"task {self.name!r}: {paths[f]} holds an array of shape {a.shape}; expected {ndim} axes")
+        xtr, ytr, xte, yte = arrays
+        return xtr[:, None], ytr, xte[:, None], yte
+
+
+class Cifar10Task(FileImageTask):
+    """CIFAR-10: five training batches and one test batch of 32x32 RGB images (python pickles, read safely)."""
+
+    files = CIFAR_FILES
+    subdirs = ("cifar10/cifar-10-batches-py", "cifar-10-batches-py", "cifar10")
+
+    def __init__(self, **options):
+        super().__init__("cifar10", (3, 32, 32), **options)
+
+    def _read(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        paths = self.find_files()
+        train = [read_cifar_batch(paths[f]) for f in self.files[:-1]]
+        xte, yte = read_cifar_batch(paths["test_batch"])
+        return np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train]), xte, yte
+
+
+@register_task("mnist", description="MNIST handwritten digits (IDX files from data_dir or $SYMZOO_DATA); C4/D4",
+               group="C4 | D4", options=dict(FILE_OPTIONS))
+def mnist(**options) -> IdxImageTask:
+    check_options("mnist", options, set(FILE_OPTIONS))
+    return IdxImageTask("mnist", ("mnist", "MNIST/raw"), **options)
+
+
+@register_task("fashion_mnist", description="Fashion-MNIST (IDX files from data_dir or $SYMZOO_DATA); C4/D4",
+               group="C4 | D4", options=dict(FILE_OPTIONS))
+def fashion_mnist(**options) -> IdxImageTask:
+    check_options("fashion_mnist", options, set(FILE_OPTIONS))
+    return IdxImageTask("fashion_mnist", ("fashion_mnist", "FashionMNIST/raw"), **options)
+
+
+@register_task("cifar10", description="CIFAR-10 (python batches from data_dir or $SYMZOO_DATA); C4/D4",
+               group="C4 | D4", options=dict(FILE_OPTIONS))
+def cifar10(**options) -> Cifar10Task:
+    check_options("cifar10", options, set(FILE_OPTIONS))
+    return Cifar10Task(**options)
