@@ -67,11 +67,10 @@ class TinyCNN(nn.Module):
 
 @functools.cache
 def digits() -> tuple[Tensor, Tensor]:
-    from sklearn.datasets import load_digits
+    """The digits task's train split: x [1197, 1, 8, 8] in [0, 1], y [1197]."""
+    from tasks import get_task
 
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
-    return x, torch.tensor(d.target, dtype=torch.int64)
+    return get_task("digits").load("train", 0)
 
 
 def train(model: nn.Module, seed: int, steps: int = 300, lr: float = 3e-3) -> dict[str, Tensor]:
