@@ -1,0 +1,356 @@
+"""The population trainer: N models of one population trained as one vectorised program.
+
+Every model is built from its own seed and the models' states are stacked into {key: [N, *shape]}.
+One training step gathers each model's own mini-batch on the device (x[idx] with idx [N, B]), runs
+`vmap(grad_and_value(loss))` over the stacked parameters (`randomness="different"`, so dropout
+draws its own mask per model), and updates all models at once with an optimizer written on stacked
+tensors, whose hyperparameters (lr, weight decay, momentum) are [N] tensors broadcast over each
+parameter. There is no Python loop over models inside a step.
+
+Optimizer semantics, so a single-model run equals a `torch.optim` loop on the same data order:
+  sgd   torch.optim.SGD(momentum=m, weight_decay=wd): L2 decay added to the gradient, dampening 0.
+  adam  torch.optim.AdamW(betas=(m, 0.999), eps=1e-8, weight_decay=wd): decoupled weight decay;
+        the `momentum` factor is Adam's beta1.
+Learning-rate schedules are per step (`lr_factor`), as `torch.optim.lr_scheduler.LambdaLR` would.
+
+A model whose loss or parameters become NaN/inf is frozen at its last finite state (its updates are
+masked from then on) and reported "diverged"; the other models compute exactly what they would
+without it. Random streams (init, training subset, data order, augmentation) derive from each
+model's own seed, so a model trains the same in any population; dropout masks are the exception
+(vmap draws them from one generator), so with dropout > 0 a run is reproducible but depends on
+the population it runs in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.func import functional_call, grad_and_value, vmap
+
+from tasks.base import Task
+from zoos.functional import population_forward, stack_states, template
+from zoos.population import PopulationResult
+from zoos.spec import (
+    AUGMENT_STREAM,
+    ORDER_STREAM,
+    SUBSET_STREAM,
+    ModelSpec,
+    PopulationSpec,
+    init_model,
+    stream_seed,
+)
+
+PRECISIONS = ("float32", "bf16")
+SPLITS = ("train", "val", "test")
+DATA_SEED = 0  # the seed of the task's data split, the same for every model of a zoo
+ADAM_BETA2, ADAM_EPS = 0.999, 1e-8
+LIE_AUGMENT_POOL = 16  # group elements drawn per epoch to augment with, for continuous groups
+
+
+class TrainError(ValueError):
+    """A population that cannot be trained as asked; the message names the setting and what is allowed."""
+
+
+def _gen(seed: int, salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed(stream_seed(seed, salt))
+
+
+def train_subset(seed: int, n_train: int, fraction: float) -> Tensor:
+    """The training indices a model sees: round(fraction * n_train) of them (at least 1), from its seed."""
+    n = max(1, round(fraction * n_train))
+    return torch.randperm(n_train, generator=_gen(seed, SUBSET_STREAM))[:n]
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> Tensor:
+    """The order (a permutation of range(n)) in which a model visits its training subset in `epoch` (1-based)."""
+    return torch.randperm(n, generator=_gen(seed, ORDER_STREAM + epoch))
+
+
+def lr_factor(schedule: str, step: int, total_steps: int) -> float:
+    """The learning-rate multiplier before step `step` (0-based) of `total_steps`.
+
+    constant: 1; cosine: 0.5 (1 + cos(pi t / T)); warmup_cosine: linear warm-up over the first 5% of
+    steps (at least one), then cosine over the rest.
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+    if schedule == "warmup_cosine":
+        warm = max(1, math.ceil(0.05 * total_steps))
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
+    raise TrainError(f"lr_schedule {schedule!r} is not known; allowed: constant, cosine, warmup_cosine")
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Mini-batches per epoch over n samples; the last one may be smaller (as a DataLoader without drop_last)."""
+    return math.ceil(n / min(batch_size, n))
+
+
+def make_task(pop: PopulationSpec, data_dir: str | None = None) -> Task:
+    """The population's task; `data_dir` is handed to tasks that read files and were not given one."""
+    from tasks import TASKS, get_task
+
+    options = dict(pop.first.task_options)
+    if data_dir is not None and "data_dir" in TASKS[pop.first.task].options:
+        options.setdefault("data_dir", data_dir)
+    return get_task(pop.first.task, **options)
+
+
+def _per_model(values: list, device: torch.device) -> Tensor:
+    return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    """An [N] tensor shaped to broadcast against a stacked [N, *shape] tensor."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _all_finite(state: dict[str, Tensor]) -> Tensor:
+    """[N] bool: every entry of model i's state is finite."""
+    return torch.stack([torch.isfinite(v).flatten(1).all(1) for v in state.values()]).all(0)
+
+
+class Augmenter:
+    """Moves each training sample by its own random group element: one masked act per element, no loop over models."""
+
+    def __init__(self, task: Task, models: tuple[ModelSpec, ...], n: int, device: torch.device):
+        self.task, self.models, self.n, self.device = task, models, n, device
+        self.finite = hasattr(task.group, "elements")
+
+    def epoch(self, epoch: int) -> tuple[list, Tensor]:
+        """The group elements used this epoch and [N, n] indices into them, one per sample of each model."""
+        if self.finite:
+            els = self.task.group.elements()
+        else:
+            els = self.task.group.sample(LIE_AUGMENT_POOL, torch.Generator().manual_seed(AUGMENT_STREAM + epoch))
+        which = torch.stack([
+            torch.randint(len(els), (self.n,), generator=_gen(m.factors["seed"], AUGMENT_STREAM + epoch))
+            for m in self.models
+        ])
+        return els, which.to(self.device)
+
+    def __call__(self, els: list, which: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        n, b = which.shape
+        xf, yf, w = x.flatten(0, 1), y.flatten(0, 1), which.flatten()
+        out_x, out_y = xf, yf
+        for k, g in enumerate(els):
+            mask = w == k
+            out_x = torch.where(mask.view(-1, *[1] * (xf.dim() - 1)), self.task.group.act_in(g, xf), out_x)
+            out_y = torch.where(mask.view(-1, *[1] * (yf.dim() - 1)), self.task.group.act_out(g, yf), out_y)
+        return out_x.reshape(x.shape), out_y.reshape(y.shape)
+
+
+def train_population(
+    pop: PopulationSpec,
+    *,
+    device: str | torch.device = "cpu",
+    precision: str = "float32",
+    progress: Callable[[int, int], None] | None = None,
+    data_dir: str | None = None,
+    eval_batch: int = 512,
+) -> PopulationResult:
+    """Train every model of `pop` as one vectorised program; curves every epoch, weights at checkpoints."""
+    if precision not in PRECISIONS:
+        raise TrainError(f"precision {precision!r} is not known; allowed: {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(int(pop.shard.removeprefix("pop-"), 16))  # dropout masks: one stream per population
+        return _train(pop, device, precision, progress, data_dir, eval_batch)
+
+
+def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, data_dir, eval_batch: int) -> PopulationResult:
+    specs, first = pop.models, pop.first
+    n_models, epochs, checkpoints = len(specs), first.epochs, list(first.checkpoints)
+    batch_size, optimizer, schedule = (pop.shared(k) for k in ("batch_size", "optimizer", "lr_schedule"))
+    task = make_task(pop, data_dir)
+    autocast = (
+        (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+        if precision == "bf16"
+        else contextlib.nullcontext
+    )
+
+    # -- data: every split on the device once; each model's subset and order are index tensors
+    data = {s: tuple(t.to(device) for t in task.load(s, seed=DATA_SEED)) for s in SPLITS}
+    x_train, y_train = data["train"]
+    fraction = pop.shared("train_fraction")
+    subsets = torch.stack([train_subset(m.factors["seed"], len(x_train), fraction) for m in specs]).to(device)
+    n_sub = subsets.shape[1]
+    bs = min(batch_size, n_sub)
+    n_steps = steps_per_epoch(n_sub, batch_size)
+    total_steps = epochs * n_steps
+    augmenter = Augmenter(task, specs, n_sub, device) if pop.shared("augmentation") else None
+
+    # -- models: each from its own seed, stacked; the template holds the code, no weights
+    models = [init_model(m.arch, m.arch_config, m.factors, task) for m in specs]
+    params, buffers = stack_states(models)
+    params = {k: v.to(device=device, dtype=torch.float32) for k, v in params.items()}
+    buffers = {k: v.to(device) for k, v in buffers.items()}
+    module = template(models[0])
+    n_params = models[0].num_params
+
+    lr = _per_model([m.factors["lr"] for m in specs], device)
+    wd = _per_model([m.factors["weight_decay"] for m in specs], device)
+    mom = _per_model([m.factors["momentum"] for m in specs], device)
+    reg = _per_model([m.factors["equiv_reg"] for m in specs], device)
+    projections = _projections(models[0], task) if bool((reg > 0).any()) else {}
+
+    def loss_fn(p, b, x, y, r):
+        with autocast():
+            pred = functional_call(module, (p, b), (x,))
+        loss = task.loss(pred.float(), y)
+        total = loss + r * _regulariser(p, projections) if projections else loss
+        return total, loss
+
+    step_fn = vmap(grad_and_value(loss_fn, has_aux=True), in_dims=(0, 0, 0, 0, 0), randomness="different")
+    state = {k: torch.zeros_like(v) for k, v in params.items()}  # SGD momentum buffer / Adam first moment
+    state2 = {k: torch.zeros_like(v) for k, v in params.items()} if optimizer == "adam" else {}
+    alive = torch.ones(n_models, dtype=torch.bool, device=device)
+
+    # -- evaluation: eval mode, population_forward in batches, per-model loss and metric
+    loss_per_model = vmap(task.loss, in_dims=(0, 0))
+    metric_per_model = vmap(task.metric, in_dims=(0, 0))
+
+    @torch.no_grad()
+    def evaluate(split: str) -> tuple[Tensor, Tensor]:
+        x, y = data[split]
+        own = split == "train" and n_sub < len(x_train)  # a model's train metrics cover its own subset
+        n = n_sub if own else len(x)
+        loss_sum = torch.zeros(n_models, device=device)
+        metric_sum = torch.zeros(n_models, device=device)
+        module.eval()
+        for i in range(0, n, eval_batch):
+            if own:
+                idx = subsets[:, i : i + eval_batch]
+                xb, yb = x[idx], y[idx]
+            else:
+                xb, yb = x[i : i + eval_batch], y[i : i + eval_batch].expand(n_models, *y[i : i + eval_batch].shape)
+            with autocast():
+                pred = population_forward(module, params, buffers, xb, x_per_model=own).float()
+            k = yb.shape[1]
+            loss_sum += loss_per_model(pred, yb) * k
+            metric_sum += metric_per_model(pred, yb) * k
+        module.train()
+        return loss_sum / n, metric_sum / n
+
+    names = [f"{s}_{what}" for s in SPLITS for what in ("loss", task.metric_name)]
+    curves = {name: np.full((n_models, epochs + 1), np.nan) for name in names}
+    ckpt_metrics = {name: np.full((n_models, len(checkpoints)), np.nan) for name in names}
+    weights: dict[str, np.ndarray] = {}
+
+    def record(epoch: int) -> None:
+        for s in SPLITS:
+            loss, metric = evaluate(s)
+            curves[f"{s}_loss"][:, epoch] = loss.cpu().numpy()
+            curves[f"{s}_{task.metric_name}"][:, epoch] = metric.cpu().numpy()
+        if epoch in checkpoints:
+            c = checkpoints.index(epoch)
+            for name in names:
+                ckpt_metrics[name][:, c] = curves[name][:, epoch]
+            for k, v in {**params, **buffers}.items():
+                if k not in weights:
+                    weights[k] = np.zeros((n_models, len(checkpoints), *v.shape[1:]), dtype=np.float32)
+                weights[k][:, c] = v.detach().float().cpu().numpy()
+
+    # -- training
+    module.train()
+    record(0)
+    step = 0
+    for epoch in range(1, epochs + 1):
+        orders = torch.stack([epoch_order(m.factors["seed"], epoch, n_sub) for m in specs]).to(device)
+        orders = torch.gather(subsets, 1, orders)
+        if augmenter is not None:
+            els, which = augmenter.epoch(epoch)
+        for s in range(n_steps):
+            idx = orders[:, s * bs : (s + 1) * bs]
+            xb, yb = x_train[idx], y_train[idx]
+            if augmenter is not None:
+                xb, yb = augmenter(els, which[:, s * bs : (s + 1) * bs], xb, yb)
+            grads, (total, _) = step_fn(params, buffers, xb, yb, reg)
+            lr_t = lr * lr_factor(schedule, step, total_steps)
+            step += 1
+            if optimizer == "sgd":
+                new_p, new_s, new_s2 = _sgd(params, grads, state, lr_t, wd, mom)
+            else:
+                new_p, new_s, new_s2 = _adamw(params, grads, state, state2, lr_t, wd, mom, step)
+            alive = alive & torch.isfinite(total) & _all_finite(new_p)
+            params = {k: torch.where(_bcast(alive, v), v, params[k]) for k, v in new_p.items()}
+            state = {k: torch.where(_bcast(alive, v), v, state[k]) for k, v in new_s.items()}
+            state2 = {k: torch.where(_bcast(alive, v), v, state2[k]) for k, v in new_s2.items()}
+        record(epoch)
+        if progress is not None:
+            progress(epoch, epochs)
+
+    alive_list = alive.cpu().tolist()
+    rows = []
+    for i, m in enumerate(specs):
+        rows.append({
+            "model_id": m.model_id,
+            "study": m.study,
+            "zoo": m.zoo,
+            "task": m.task,
+            "task_config": json.dumps({"name": m.task, **m.task_options}, sort_keys=True),
+            "arch": m.arch,
+            "arch_config": json.dumps(models[i].config, sort_keys=True),
+            **m.factors,
+            "status": "ok" if alive_list[i] else "diverged",
+            **{name: float(curves[name][i, -1]) for name in names},
+            "n_params": n_params,
+            "epochs": epochs,
+        })
+    result = PopulationResult(models=rows, epochs=checkpoints, metrics=ckpt_metrics, weights=weights, curves=curves)
+    result.validate()
+    return result
+
+
+def _sgd(params, grads, buf, lr, wd, mom):
+    """torch.optim.SGD on stacked tensors: g += wd p; buf = m buf + g; p -= lr buf (buf starts at 0)."""
+    new_p, new_b = {}, {}
+    for k, p in params.items():
+        g = grads[k] + _bcast(wd, p) * p
+        b = _bcast(mom, p) * buf[k] + g
+        new_b[k] = b
+        new_p[k] = p - _bcast(lr, p) * b
+    return new_p, new_b, {}
+
+
+def _adamw(params, grads, m1, m2, lr, wd, beta1, step):
+    """torch.optim.AdamW on stacked tensors, with per-model lr, weight decay and beta1."""
+    new_p, new_m1, new_m2 = {}, {}, {}
+    bc1 = 1 - beta1**step
+    bc2_sqrt = math.sqrt(1 - ADAM_BETA2**step)
+    for k, p in params.items():
+        g = grads[k]
+        b1 = _bcast(beta1, p)
+        p = p * (1 - _bcast(lr * wd, p))
+        m = m1[k] + (1 - b1) * (g - m1[k])
+        v = m2[k] * ADAM_BETA2 + (1 - ADAM_BETA2) * g * g
+        denom = v.sqrt() / bc2_sqrt + ADAM_EPS
+        new_p[k] = p - _bcast(lr / bc1, p) * m / denom
+        new_m1[k], new_m2[k] = m, v
+    return new_p, new_m1, new_m2
+
+
+def _projections(model, task: Task) -> dict:
+    """The equivariant-subspace projections of the model's constrained weights (finite groups only)."""
+    from zoos.equivariance import projections
+
+    try:
+        return projections(model, task.group, tuple(task.input_shape))
+    except ValueError as e:
+        raise TrainError(f"equiv_reg > 0 needs weight projections for task {task.name!r}: {e}") from None
+
+
+def _regulariser(p: dict[str, Tensor], projections: dict) -> Tensor:
+    from zoos.equivariance import regulariser
+
+    return regulariser(p, projections)
