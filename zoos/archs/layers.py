@@ -1,0 +1,74 @@
+"""Small building blocks shared by the architectures: a fibre-aware linear layer and an MLP stack.
+
+`FlatLinear` keeps the structure of its input in its weight ([out, *in_shape]) instead of a flat
+[out, prod(in_shape)] matrix, so that a permutation of one input axis (channels before a flatten, a
+per-point embedding before a concatenation) is a permutation of one weight axis: a `PermSpec` can
+name it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from zoos.archs.base import ArchError, PopDropout, make_activation
+
+
+class FlatLinear(nn.Module):
+    """y = W . x over the trailing `len(in_shape)` axes of x, with W stored as [out, *in_shape]."""
+
+    def __init__(self, in_shape: tuple[int, ...], out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_shape = tuple(int(s) for s in in_shape)
+        fan_in = math.prod(self.in_shape)
+        bound = 1.0 / math.sqrt(fan_in)  # the bound nn.Linear's default init uses
+        self.weight = nn.Parameter(torch.empty(out_features, *self.in_shape).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = len(self.in_shape)
+        out = x.flatten(-k) @ self.weight.flatten(1).T
+        return out if self.bias is None else out + self.bias
+
+
+class MLPStack(nn.Module):
+    """`depth` hidden Linear -> activation -> PopDropout blocks of `width` units, then a linear output.
+
+    State keys are `layers.{i}.weight/bias` (i = 0..depth); `perm_pairs(prefix)` lists the hidden
+    permutations `{prefix}h{i}` over those keys.
+    """
+
+    def __init__(self, in_features: int, width: int, depth: int, out_features: int, activation: str, dropout: float):
+        super().__init__()
+        dims = [in_features] + [width] * depth + [out_features]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.acts = nn.ModuleList(make_activation(activation) for _ in range(depth))
+        self.drops = nn.ModuleList(PopDropout(dropout) for _ in range(depth))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer, act, drop in zip(self.layers[:-1], self.acts, self.drops):
+            x = drop(act(layer(x)))
+        return self.layers[-1](x)
+
+    def perm_pairs(self, prefix: str, name: str = "") -> dict[str, tuple[tuple[str, int], ...]]:
+        """Hidden permutations of this stack; `prefix` is its state-dict prefix, `name` prefixes the perm names."""
+        return {
+            f"{name}h{i}": ((f"{prefix}layers.{i}.weight", 0), (f"{prefix}layers.{i}.bias", 0), (f"{prefix}layers.{i + 1}.weight", 1))
+            for i in range(len(self.layers) - 1)
+        }
+
+
+def check_positive(arch: str, field: str, value: int, minimum: int = 1) -> int:
+    """Refuse a non-integer or too-small size field with an error naming arch, field and value."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ArchError(f"architecture {arch!r}: {field} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_choice(arch: str, field: str, value: str, allowed: tuple[str, ...]) -> str:
+    """Refuse a value outside `allowed` with an error naming arch, field, value and the choices."""
+    if value not in allowed:
+        raise ArchError(f"architecture {arch!r}: {field} {value!r} is not allowed; choose one of {', '.join(allowed)}")
+    return value
