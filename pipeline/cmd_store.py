@@ -1,3 +1,141 @@
-"""`symzoo` commands: store."""
+"""`symzoo` commands: store (ls, query, import)."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.table import Table
 
 from pipeline.cli import app, console, fail  # noqa: F401
+
+QUERY_FORMATS = ("table", "csv", "json", "parquet")
+
+
+def _open(store: str):
+    """Open an existing store or fail with a one-line error (exit 2)."""
+    from zoos.store import Store, StoreError
+
+    try:
+        s = Store(store)
+        s._require()
+    except (StoreError, OSError) as e:
+        fail(str(e))
+    return s
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _final_metric(columns: list[str]) -> tuple[str | None, bool]:
+    """The final test metric column of a models table and whether higher is better."""
+    for name in ("test_acc", "test_rel_mse", "test_loss"):
+        if name in columns:
+            return name, name.endswith("acc")
+    tests = sorted(c for c in columns if c.startswith("test_"))
+    return (tests[0], tests[0].endswith("acc")) if tests else (None, True)
+
+
+@app.command("ls")
+def ls_cmd(store: str = typer.Argument(..., help="store path or URI")) -> None:
+    """Summarise a store: per zoo, models (ok/diverged), checkpoints, epochs, params, final metric, size."""
+    import polars as pl
+
+    s = _open(store)
+    zoos = s.zoos()
+    if not zoos:
+        console.print(f"store {store}: no complete shards")
+        return
+    table = Table("zoo", "models", "ok/diverged", "checkpoints", "epochs", "params", "metric", "best", "median",
+                  "size", box=None, header_style="bold")  # fmt: skip
+    for zoo in zoos:
+        models = s.models(zoo).collect()
+        ck = s.checkpoints(zoo=zoo).select("epoch").collect()
+        status = models["status"] if "status" in models.columns else pl.Series([None] * models.height)
+        ok, div = int((status == "ok").sum()), int((status == "diverged").sum())
+        epochs = sorted(set(ck["epoch"].to_list()))
+        ep = ", ".join(map(str, epochs)) if len(epochs) <= 6 else f"{epochs[0]}..{epochs[-1]} ({len(epochs)})"
+        params = sorted(set(models["n_params"].drop_nulls().to_list())) if "n_params" in models.columns else []
+        par = "-" if not params else str(params[0]) if len(params) == 1 else f"{params[0]}..{params[-1]}"
+        metric, higher = _final_metric(models.columns)
+        best = median = "-"
+        if metric is not None:
+            vals = models.filter(pl.col("status") == "ok")[metric] if "status" in models.columns else models[metric]
+            vals = vals.drop_nulls().drop_nans()
+            if len(vals):
+                best = f"{(vals.max() if higher else vals.min()):.4g}"
+                median = f"{vals.median():.4g}"
+        table.add_row(zoo, str(models.height), f"{ok}/{div}", str(ck.height), ep, par, metric or "-", best, median,
+                      _human(s.size_on_disk(zoo)))  # fmt: skip
+    console.print(table)
+
+
+@app.command("query")
+def query_cmd(
+    store: str = typer.Argument(..., help="store path or URI"),
+    sql: str = typer.Argument(..., help="polars SQL over models, checkpoints, curves, analysis_<stage>"),
+    format: str = typer.Option("table", "--format", "-f", help="table | csv | json | parquet"),  # noqa: A002
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="write to this file instead of stdout"),
+) -> None:
+    """Run SQL over the store's tables (checkpoints: metrics only) and print or save the result."""
+    import polars as pl
+
+    if format not in QUERY_FORMATS:
+        fail(f"--format {format!r} is not known; allowed: {', '.join(QUERY_FORMATS)}")
+    if format == "parquet" and output is None:
+        fail("--format parquet needs --output FILE")
+    s = _open(store)
+    ctx = pl.SQLContext(models=s.models(), checkpoints=s.checkpoints(), curves=s.curves())
+    for stage in s.stages():
+        ctx.register(f"analysis_{stage}".replace("-", "_").replace(".", "_"), s.analysis(stage))
+    try:
+        df = ctx.execute(sql).collect()
+    except Exception as e:  # polars raises several error types for bad SQL or unknown columns
+        fail(f"bad SQL {sql!r}: {str(e).splitlines()[0]} (tables: {', '.join(ctx.tables())})")
+    if format == "parquet":
+        df.write_parquet(output)
+    elif format == "csv":
+        text = df.write_csv()
+        _emit(text, output)
+    elif format == "json":
+        _emit(json.dumps(df.to_dicts(), default=str, indent=1) + "\n", output)
+    else:
+        if output is not None:
+            fail("--output needs --format csv, json or parquet")
+        table = Table(*df.columns, box=None, header_style="bold")
+        for row in df.iter_rows():
+            table.add_row(*("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
+        console.print(table)
+        console.print(f"[dim]{df.height} rows[/]")
+
+
+def _emit(text: str, output: str | None) -> None:
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        with open(output, "w") as f:
+            f.write(text)
+
+
+@app.command("import")
+def import_cmd(
+    fmt: str = typer.Argument(..., metavar="FORMAT", help="small-cnn-zoo | model-zoos"),
+    src: str = typer.Argument(..., help="directory of the published zoo"),
+    store: str = typer.Argument(..., help="store path or URI to write into"),
+    zoo: Optional[str] = typer.Option(None, help="zoo name (default: derived from the source)"),
+) -> None:
+    """Import a published model zoo (Small CNN Zoo, or Model Zoos Ray Tune trials) into a store."""
+    from zoos.importers import import_zoo
+    from zoos.store import Store, StoreError
+
+    try:
+        n = import_zoo(fmt, src, Store(store), zoo=zoo)
+    except (StoreError, OSError) as e:
+        fail(str(e))
+    console.print(f"imported {n} models from {src} into {store}")

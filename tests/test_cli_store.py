@@ -1,0 +1,83 @@
+"""`symzoo ls / query / import` through the CLI, and their one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+from typer.testing import CliRunner
+
+import pytest
+
+from pipeline.cli import app, console
+from tests.zoos.test_importers import write_small_cnn_zoo
+from tests.zoos.test_store import make_pop
+from zoos.store import Store
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _wide_console():
+    """Rich wraps tables to the terminal width; give the test console room for whole rows."""
+    old = console.width
+    console.width = 200
+    yield
+    console.width = old
+
+
+def _store(tmp_path):
+    s = Store(str(tmp_path / "store"))
+    pops = [make_pop("zA", [0, 1, 2], seed=1), make_pop("zB", [5, 6], seed=2)]
+    for p in pops:
+        s.write_population(p)
+    s.write_analysis("barrier", "p0", [{"model_id": pops[0].ids[0], "barrier": 0.5}])
+    return s, pops
+
+
+def test_ls_summarises_each_zoo(tmp_path):
+    s, pops = _store(tmp_path)
+    r = runner.invoke(app, ["ls", s.root])
+    assert r.exit_code == 0, r.output
+    line = next(l for l in r.output.splitlines() if l.strip().startswith("zA"))
+    assert "3" in line and "2/1" in line and "0, 2, 5" in line and "test_acc" in line
+    best = max(m["test_acc"] for m in pops[0].models if m["status"] == "ok")
+    assert f"{best:.4g}" in line
+
+
+def test_query_formats(tmp_path):
+    s, pops = _store(tmp_path)
+    sql = "SELECT zoo, count(*) AS n FROM models GROUP BY zoo ORDER BY zoo"
+    r = runner.invoke(app, ["query", s.root, sql, "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output) == [{"zoo": "zA", "n": 3}, {"zoo": "zB", "n": 2}]
+    r = runner.invoke(app, ["query", s.root, "SELECT model_id, epoch FROM checkpoints WHERE epoch = 5", "-f", "csv"])
+    assert r.exit_code == 0 and r.output.count("\n") == 1 + 5
+    out = tmp_path / "b.parquet"
+    r = runner.invoke(app, ["query", s.root, "SELECT * FROM analysis_barrier", "-f", "parquet", "-o", str(out)])
+    assert r.exit_code == 0 and pl.read_parquet(out)["barrier"].to_list() == [0.5]
+    r = runner.invoke(app, ["query", s.root, "SELECT max(epoch) AS e FROM curves"])
+    assert r.exit_code == 0 and "5" in r.output and "1 rows" in r.output
+
+
+def test_errors_exit_2_with_one_line(tmp_path):
+    s, _ = _store(tmp_path)
+    cases = [
+        (["ls", str(tmp_path / "nowhere")], "no symzoo store"),
+        (["query", s.root, "SELEC nonsense"], "bad SQL"),
+        (["query", s.root, "SELECT nope FROM models"], "bad SQL"),
+        (["query", s.root, "SELECT 1", "--format", "xml"], "--format 'xml'"),
+        (["import", "zip", str(tmp_path), s.root], "format 'zip'"),
+    ]
+    for args, msg in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, (args, r.output)
+        assert msg in r.output
+
+
+def test_import_then_query(tmp_path):
+    write_small_cnn_zoo(tmp_path / "src", gz=True)
+    r = runner.invoke(app, ["import", "small-cnn-zoo", str(tmp_path / "src"), str(tmp_path / "st"), "--zoo", "sc"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["query", str(tmp_path / "st"), "SELECT count(*) AS n FROM checkpoints", "-f", "json"])
+    assert json.loads(r.output) == [{"n": 4}]
