@@ -1,0 +1,146 @@
+"""Zoo specs: validation errors name the field path and what is allowed; expand and populations are deterministic."""
+
+import pickle
+
+import pytest
+import torch
+from pydantic import BaseModel
+
+from zoos.spec import (
+    PopulationSpec,
+    SpecError,
+    ZooSpec,
+    build_model,
+    expand,
+    format_errors,
+    parse_checkpoints,
+    parse_zoo,
+    populations,
+)
+
+
+def zoo(**over):
+    base = {"name": "z", "task": {"name": "digits"}, "arch": {"name": "mlp", "config": {"width": 8, "depth": 1}}, "epochs": 3}
+    return {**base, **over}
+
+
+class Study(BaseModel):
+    zoos: list[ZooSpec]
+
+
+def errors_of(data: dict) -> str:
+    with pytest.raises(Exception) as info:
+        Study.model_validate({"zoos": [zoo(), data]})
+    return format_errors(info.value)
+
+
+def test_error_names_the_path_the_value_and_the_range():
+    msg = errors_of(zoo(grid={"lr": [0.1, 0.01, -3]}))
+    assert "zoos[1].grid.lr[2]" in msg and "-3" in msg and "> 0" in msg
+
+
+@pytest.mark.parametrize(
+    "bad, path, allowed",
+    [
+        ({"grid": {"dropout": [0.1, 1.0]}}, "zoos[1].grid.dropout[1]", "[0, 1)"),
+        ({"grid": {"optimizer": ["rmsprop"]}}, "zoos[1].grid.optimizer[0]", "sgd, adam"),
+        ({"grid": {"lr": []}}, "zoos[1].grid.lr", "at least one"),
+        ({"grid": {"seed": [1, 1]}}, "zoos[1].grid.seed[1]", "twice"),
+        ({"grid": {"init": ["he"]}}, "zoos[1].grid.init[0]", "kaiming_normal"),
+        ({"grid": {"activation": ["swish"]}}, "zoos[1].grid.activation[0]", "relu"),
+        ({"epochs": 0}, "zoos[1].epochs", "greater than or equal to 1"),
+        ({"random": {"lr": {"log_uniform": [0, 1]}}, "samples": 2}, "zoos[1].random.lr.log_uniform", "low > 0"),
+        ({"random": {"lr": {"normal": [0, 1]}}, "samples": 2}, "zoos[1].random.lr", "log_uniform"),
+        ({"checkpoints": [0, 7]}, "zoos[1].checkpoints", "[0, 3]"),
+        ({"task": {"name": "imagenet"}}, "zoos[1].task.name", "digits"),
+        ({"arch": {"name": "vit"}}, "zoos[1].arch.name", "mlp"),
+        ({"arch": {"name": "mlp", "config": {"heads": 2}}}, "zoos[1].arch.config.heads", "width"),
+    ],
+)
+def test_bad_values_are_refused_with_their_path(bad, path, allowed):
+    msg = errors_of(zoo(**bad))
+    assert path in msg and allowed in msg, msg
+
+
+def test_unknown_factor_lists_the_allowed_ones():
+    msg = errors_of(zoo(grid={"temperature": [1]}))
+    assert "zoos[1].grid.temperature" in msg
+    for allowed in ("seed", "lr", "weight_decay", "augmentation", "equiv_reg", "width"):
+        assert allowed in msg
+
+
+def test_arch_shaping_factor_the_arch_lacks_is_refused():
+    msg = errors_of(zoo(arch={"name": "cnn_s"}, grid={"depth": [1, 2]}))
+    assert "zoos[1].grid.depth" in msg and "no config field 'depth'" in msg
+
+
+def test_parse_zoo_raises_spec_error_with_paths():
+    with pytest.raises(SpecError, match=r"zoo\.grid\.momentum\[0\]: momentum = 1.5"):
+        parse_zoo(zoo(grid={"momentum": [1.5]}))
+
+
+def test_checkpoint_schedule():
+    assert parse_checkpoints("0,1,2,3,5,10,20,...,last", 100) == [0, 1, 2, 3, 5, 10, 20, 50, 100]
+    assert parse_checkpoints("0,1,...,last", 7) == [0, 1, 2, 5, 7]
+    assert parse_checkpoints([2], 4) == [2, 4]  # the last epoch is always stored
+    assert parse_checkpoints("all", 3) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="'ten'"):
+        parse_checkpoints("0,ten", 20)
+
+
+def test_expand_grid_defaults_and_stable_ids():
+    spec = parse_zoo(zoo(grid={"seed": [0, 1], "lr": [0.1, 0.01, 0.001]}))
+    models = expand(spec, "study")
+    assert len(models) == 6 and len({m.model_id for m in models}) == 6
+    assert [(m.factors["seed"], m.factors["lr"]) for m in models[:3]] == [(0, 0.1), (0, 0.01), (0, 0.001)]
+    m = models[0]
+    assert m.factors["optimizer"] == "sgd" and m.factors["width"] == 8 and m.factors["activation"] == "relu"
+    assert m.checkpoints == (0, 1, 2, 3) and m.arch_config == {"width": 8, "depth": 1}
+    assert [x.model_id for x in expand(spec, "study")] == [x.model_id for x in models]
+    assert expand(spec, "other")[0].model_id != m.model_id
+
+
+def test_random_factors_are_drawn_in_range_and_reproducibly():
+    data = zoo(grid={"seed": [0, 1]}, samples=5, sample_seed=3,
+               random={"lr": {"log_uniform": [1e-3, 1e-1]}, "width": {"int": [4, 9]}, "activation": {"choice": ["relu", "tanh"]}})
+    models = expand(parse_zoo(data), "s")
+    assert len(models) == 10  # grid x samples
+    assert all(1e-3 <= m.factors["lr"] <= 1e-1 and 4 <= m.factors["width"] <= 9 for m in models)
+    assert all(m.arch_config["width"] == m.factors["width"] for m in models)
+    assert [m.factors for m in models] == [m.factors for m in expand(parse_zoo(data), "s")]
+    other = expand(parse_zoo({**data, "sample_seed": 4}), "s")
+    assert [m.factors["lr"] for m in other] != [m.factors["lr"] for m in models]
+
+
+def test_populations_group_by_program_and_chunk():
+    spec = parse_zoo(zoo(grid={"seed": [0, 1, 2], "dropout": [0.0, 0.2], "batch_size": [16, 32], "lr": [0.1, 0.2]}))
+    models = expand(spec, "s")
+    pops = populations(models, max_size=5)
+    # batch_size splits programs; seed, dropout and lr do not: 12 models per batch size, chunks of 5
+    assert [len(p) for p in pops] == [5, 5, 2, 5, 5, 2]
+    assert {p.shared("batch_size") for p in pops[:3]} == {16} and {p.shared("batch_size") for p in pops[3:]} == {32}
+    assert sorted(m.model_id for p in pops for m in p.models) == sorted(m.model_id for m in models)
+    assert [p.shard for p in pops] == [p.shard for p in populations(expand(spec, "s"), max_size=5)]
+    again = pickle.loads(pickle.dumps(pops[0]))
+    assert again == pops[0] and again.shard == pops[0].shard
+
+
+def test_population_refuses_models_of_different_programs():
+    models = expand(parse_zoo(zoo(grid={"optimizer": ["sgd", "adam"]})), "s")
+    with pytest.raises(SpecError, match="optimizer"):
+        PopulationSpec(tuple(models))
+
+
+def test_build_model_is_seeded_and_uses_arch_factors():
+    import tasks
+
+    task = tasks.get_task("digits")
+    spec = parse_zoo(zoo(grid={"seed": [0, 1], "init": ["orthogonal"]}))
+    a, b = expand(spec, "s")
+    m1, m2, m1_again = (build_model(spec, m.factors, task) for m in (a, b, a))
+    assert m1.config["width"] == 8
+    w = "net.layers.0.weight"
+    assert torch.equal(m1.state_dict()[w], m1_again.state_dict()[w])
+    assert not torch.equal(m1.state_dict()[w], m2.state_dict()[w])
+    q = m1.state_dict()[w]  # orthogonal rows
+    torch.testing.assert_close(q @ q.T, torch.eye(8), atol=1e-5, rtol=0)
