@@ -97,8 +97,7 @@ class O5Regression(GeneratedTask):
         return torch.randn(n, 2, 5, generator=generator)
 
     def raw_target(self, x: Tensor) -> Tensor:
-        x = x.double()
-        x1, x2 = x[:, 0], x[:, 1]
+        x1, x2 = x[:, 0].double(), x[:, 1].double()
         n1, n2 = x1.norm(dim=-1), x2.norm(dim=-1)
         y = torch.sin(n1) - 0.5 * n2**3 + (x1 * x2).sum(-1) / (n1 * n2)
         return y.unsqueeze(-1).to(x.dtype)

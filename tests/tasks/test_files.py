@@ -1,0 +1,158 @@
+"""File-backed tasks: tiny files written in the real formats (IDX raw and gzipped, CIFAR python
+batches) read back exactly; missing files and hostile pickles give clear errors."""
+
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from tasks import TaskError, get_task
+from tasks.formats import read_cifar_batch, read_idx, write_cifar_batch, write_idx
+
+
+@pytest.mark.parametrize("dtype", ["u1", "i1", ">i2", ">i4", ">f4", ">f8", "<f4"])
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_round_trip(tmp_path, dtype, gz):
+    arr = (np.arange(2 * 3 * 4) - 5).reshape(2, 3, 4).astype(np.dtype(dtype) if "u" not in dtype else "u1")
+    path = tmp_path / ("a.idx.gz" if gz else "a.idx")
+    write_idx(path, arr)
+    assert (path.read_bytes()[:2] == b"\x1f\x8b") == gz
+    back = read_idx(path)
+    assert back.shape == arr.shape and np.array_equal(back, arr)
+
+
+def test_idx_header_is_the_published_one(tmp_path):
+    write_idx(tmp_path / "l", np.array([7, 2, 1], dtype=np.uint8))
+    assert (tmp_path / "l").read_bytes() == bytes([0, 0, 8, 1, 0, 0, 0, 3, 7, 2, 1])  # magic 2049 for labels
+
+
+def test_idx_rejects_bad_files(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x12\x34\x08\x01\x00\x00\x00\x01\x00")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 5, 1, 2]))
+    with pytest.raises(ValueError, match="5 bytes"):
+        read_idx(tmp_path / "short")
+
+
+def _write_mnist(folder, rng, n_train=30, n_test=10, gz=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    for name, arr in data.items():
+        write_idx(folder / (name + (".gz" if gz else "")), arr)
+    return data
+
+
+@pytest.mark.parametrize("task_name,layout,gz", [("mnist", "mnist", True), ("fashion_mnist", "", False),
+                                                  ("mnist", "MNIST/raw", False)])
+def test_idx_tasks_read_back_exactly(tmp_path, task_name, layout, gz):
+    data = _write_mnist(tmp_path / layout if layout else tmp_path, np.random.default_rng(0), gz=gz)
+    task = get_task(task_name, data_dir=str(tmp_path), n_val=8)
+    xte, yte = task.load("test")
+    assert xte.shape == (10, 1, 28, 28) and xte.dtype == torch.float32 and yte.dtype == torch.int64
+    assert torch.equal(xte, torch.from_numpy(data["t10k-images-idx3-ubyte"]).float().unsqueeze(1) / 255)
+    assert torch.equal(yte, torch.from_numpy(data["t10k-labels-idx1-ubyte"]).long())
+    (xtr, ytr), (xva, yva) = task.load("train", seed=1), task.load("val", seed=1)
+    assert len(xtr) == 22 and len(xva) == 8
+    # train and val partition the published training set, images keep their labels
+    images = torch.from_numpy(data["train-images-idx3-ubyte"]).float() / 255
+    labels = torch.from_numpy(data["train-labels-idx1-ubyte"]).long()
+    together = torch.cat([xtr, xva])[:, 0]
+    idx = [int(torch.nonzero((images == img).flatten(1).all(1))[0]) for img in together]
+    assert sorted(idx) == list(range(30))
+    assert torch.equal(torch.cat([ytr, yva]), labels[idx])
+    assert not torch.equal(task.load("val", seed=2)[0], xva)
+
+
+def test_data_dir_from_environment(tmp_path, monkeypatch):
+    _write_mnist(tmp_path / "fashion_mnist", np.random.default_rng(1), gz=False)
+    monkeypatch.setenv("SYMZOO_DATA", str(tmp_path))
+    x, _ = get_task("fashion_mnist", n_val=5, n_test=4).load("test")
+    assert x.shape == (4, 1, 28, 28)
+
+
+def test_sizes_larger_than_the_files_are_refused(tmp_path):
+    _write_mnist(tmp_path, np.random.default_rng(2), gz=False)
+    with pytest.raises(TaskError, match="n_train=40 but only 25"):
+        get_task("mnist", data_dir=str(tmp_path), n_val=5, n_train=40).load("train")
+
+
+def test_missing_files_name_the_files_and_the_directory(tmp_path, monkeypatch):
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((2, 28, 28), np.uint8))
+    with pytest.raises(TaskError) as err:
+        get_task("mnist", data_dir=str(tmp_path)).load("train")
+    msg = str(err.value)
+    assert "t10k-labels-idx1-ubyte" in msg and "train-images-idx3-ubyte," not in msg
+    assert str(tmp_path) in msg and "mnist" in msg.lower() and "http" in msg
+    monkeypatch.delenv("SYMZOO_DATA", raising=False)
+    with pytest.raises(TaskError, match="SYMZOO_DATA"):
+        get_task("cifar10").load("test")
+    with pytest.raises(TaskError, match="data_batch_1.*test_batch.*cs.toronto.edu"):
+        get_task("cifar10", data_dir=str(tmp_path)).load("test")
+
+
+def test_cifar_batches_read_back_exactly(tmp_path):
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        images, labels = rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, 4)
+        write_cifar_batch(folder / name, images, labels)
+        batches[name] = (images, labels)
+    x, y = read_cifar_batch(folder / "test_batch")
+    assert np.array_equal(x, batches["test_batch"][0]) and np.array_equal(y, batches["test_batch"][1])
+    task = get_task("cifar10", data_dir=str(tmp_path), n_val=5)
+    xte, yte = task.load("test")
+    assert xte.shape == (4, 3, 32, 32)
+    assert torch.equal(xte, torch.from_numpy(batches["test_batch"][0]).float() / 255)
+    xtr, ytr = task.load("train")
+    assert len(xtr) == 15
+    all_train = np.concatenate([batches[f"data_batch_{i}"][0] for i in range(1, 6)])
+    assert all(any(np.array_equal(img, ref) for ref in all_train) for img in (xtr * 255).round().byte().numpy())
+
+
+def test_cifar_reader_refuses_code_in_pickles(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    (tmp_path / "evil").write_bytes(pickle.dumps({b"data": Exploit(), b"labels": []}, protocol=2))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+        read_cifar_batch(tmp_path / "evil")
+    assert not (tmp_path / "pwned").exists()
+
+
+def _py2_string(b: bytes) -> bytes:
+    """A Python 2 str as cPickle protocol 2 writes it (SHORT_BINSTRING / BINSTRING)."""
+    return (b"U" + bytes([len(b)]) if len(b) < 256 else b"T" + struct.pack("<i", len(b))) + b
+
+
+def _py2_cifar_pickle(images: np.ndarray, labels: list[int]) -> bytes:
+    """The opcodes of a published CIFAR-10 batch: py2 strings, numpy.core.multiarray._reconstruct."""
+    s = _py2_string
+    array = (b"cnumpy.core.multiarray\n_reconstruct\n" + b"cnumpy\nndarray\n" + b"K\x00\x85" + s(b"b") + b"\x87R"
+             + b"(K\x01" + b"M" + struct.pack("<H", images.shape[0]) + b"M" + struct.pack("<H", images.shape[1]) + b"\x86"
+             + b"cnumpy\ndtype\n" + s(b"u1") + b"K\x00K\x01\x87R" + b"(K\x03" + s(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+             + b"\x89" + s(images.tobytes()) + b"tb")
+    label_list = b"](" + b"".join(b"K" + bytes([v]) for v in labels) + b"e"
+    return b"\x80\x02}(" + s(b"data") + array + s(b"labels") + label_list + s(b"batch_label") + s(b"py2") + b"u."
+
+
+def test_cifar_reader_reads_python2_pickles(tmp_path):
+    """The published batches are Python 2 pickles naming numpy.core.multiarray; they load under numpy 2 too."""
+    images = np.arange(3 * 3072, dtype=np.uint64).astype(np.uint8).reshape(3, 3072)
+    (tmp_path / "data_batch_1").write_bytes(_py2_cifar_pickle(images, [3, 5, 9]))
+    x, y = read_cifar_batch(tmp_path / "data_batch_1")
+    assert np.array_equal(x.reshape(3, -1), images) and y.tolist() == [3, 5, 9]
+    (tmp_path / "nolabels").write_bytes(pickle.dumps({b"data": images}, protocol=4))
+    with pytest.raises(ValueError, match="needs keys b'data' and b'labels'"):
+        read_cifar_batch(tmp_path / "nolabels")
