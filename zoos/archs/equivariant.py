@@ -302,7 +302,7 @@ class InertiaHead(SymModule):
 @register_arch(
     "frame_avg",
     equivariant=True,
-    symmetry="the task's O(d) / E(d) (Euclidean; exact where the PCA spectrum is simple)",
+    symmetry="the task's O(d) / E(d), not S_n (Euclidean; exact where the PCA spectrum is simple)",
     input_kinds=("points",),
     description="frame averaging (Puny et al. 2022): an MLP averaged over the 2^d sign-flipped PCA frames",
     width=64,

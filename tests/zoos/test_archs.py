@@ -1,0 +1,176 @@
+"""Architectures, generically over the registry: equivariance for the task's group, permutation specs
+that are exact and complete enough to be caught when wrong, parameter counts, stacked populations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tasks import get_task
+from tasks.base import Task
+from zoos.archs import ARCHS, ArchError, build_arch
+from zoos.archs.checks import PointPermutations, assert_equivariant, orbit_errors, relative_orbit_error
+from zoos.functional import population_forward, stack_states, template
+from zoos.permspec import apply_permutation
+
+# (arch, task, task options, arch config, which group to check: "task" or "points" = the S_n factor)
+CASES = [
+    ("mlp", "digits", {}, dict(width=16, depth=2), "task"),
+    ("set_mlp", "o5_regression", {}, dict(width=16, depth=2, embed=4), "task"),
+    ("cnn_s", "mnist", {}, {}, "task"),
+    ("cnn", "digits", {}, dict(width=6, depth=3), "task"),
+    ("resnet20", "digits", {}, dict(width=0.25), "task"),
+    ("p4cnn", "digits", {}, dict(width=4, depth=3), "task"),
+    ("p4mcnn", "digits", {"group": "D4"}, dict(width=3, depth=3), "task"),
+    ("deepsets", "convex_hull", {}, dict(width=8, depth=2), "points"),
+    ("egnn", "nbody", {}, dict(width=8, depth=2), "task"),
+    ("egnn", "convex_hull", {}, dict(width=8, depth=2), "task"),
+    ("scalar_mlp", "lorentz", {}, dict(width=16), "task"),
+    ("scalar_mlp", "o5_regression", {}, dict(width=16), "task"),
+    ("inertia_head", "inertia", {}, dict(width=8), "task"),
+    ("inertia_head", "modified_inertia", {}, dict(width=8), "task"),
+    ("frame_avg", "inertia", {}, dict(width=16), "task"),
+]
+IDS = [f"{a}-{t}" for a, t, *_ in CASES]
+
+
+def _setup(arch: str, task_name: str, opts: dict, config: dict, which: str, dtype=torch.float64, seed: int = 0):
+    torch.manual_seed(seed)
+    task = get_task(task_name, **opts)
+    model = build_arch(arch, task, **config).to(dtype).eval()
+    group = task.group if which == "task" else PointPermutations(task.input_shape[0])
+    return task, model, group, _inputs(task, dtype)
+
+
+def _inputs(task: Task, dtype: torch.dtype, n: int = 6) -> torch.Tensor:
+    """Real digits for the image checks (natural images, not noise); Gaussian points otherwise."""
+    g = torch.Generator().manual_seed(1)
+    if task.name == "digits":
+        return get_task("digits", n_train=0, n_val=0, n_test=n).load("test")[0].to(dtype)
+    if task.input_kind == "image":
+        return torch.rand(n, *task.input_shape, generator=g, dtype=dtype)
+    return torch.randn(n, *task.input_shape, generator=g, dtype=dtype)
+
+
+def _randomise(model: torch.nn.Module) -> None:
+    """Perturb every parameter so that no two units (and no norm affine) are alike by construction."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+
+
+def test_every_registered_architecture_has_a_case():
+    ours = {n for n, info in ARCHS.items() if info.factory.__module__ in ("zoos.archs.baselines", "zoos.archs.equivariant")}
+    assert ours - {a for a, *_ in CASES} == set()
+    assert {"mlp", "set_mlp", "cnn_s", "cnn", "resnet20", "p4cnn", "p4mcnn", "deepsets", "egnn", "scalar_mlp",
+            "inertia_head", "frame_avg"} <= ours  # fmt: skip
+
+
+@pytest.mark.parametrize("arch,task_name,opts,config,which", CASES, ids=IDS)
+def test_equivariance_for_the_task_group(arch, task_name, opts, config, which):
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    if ARCHS[arch].equivariant:
+        for dtype in (torch.float64, torch.float32):
+            _, model, group, x = _setup(arch, task_name, opts, config, which, dtype)
+            assert_equivariant(model, group, x, generator=gen())
+    else:
+        _, model, group, x = _setup(arch, task_name, opts, config, which)
+        errs = orbit_errors(model, group, x, generator=gen())
+        assert max(errs) > 1e-3, f"baseline {arch} looks equivariant to {group.name}: {errs}"
+        with pytest.raises(AssertionError, match="not equivariant"):
+            assert_equivariant(model, group, x, generator=gen())
+
+
+def _nontrivial(perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace any permutation that came out as the identity by a cyclic shift."""
+    return {k: (p.roll(1) if torch.equal(p, torch.arange(len(p))) else p) for k, p in perms.items()}
+
+
+@pytest.mark.parametrize("arch,task_name,opts,config,which", CASES, ids=IDS)
+def test_permutation_spec_is_exact_and_every_pair_matters(arch, task_name, opts, config, which):
+    task, model, _, x = _setup(arch, task_name, opts, config, which)
+    _randomise(model)
+    spec, state = model.perm_spec(), {k: v.clone() for k, v in model.state_dict().items()}
+    perms = _nontrivial(spec.random(state, torch.Generator().manual_seed(5)))
+    with torch.no_grad():
+        ref = model(x)
+        model.load_state_dict(apply_permutation(spec, state, perms))
+        assert relative_orbit_error(model(x), ref) < 1e-5
+        checked = 0
+        for name, pairs in spec.perms.items():
+            if len(pairs) < 2 or len(perms[name]) < 2:
+                continue
+            for drop in pairs:  # a spec missing this one (key, axis) pair must change the function
+                wrong = type(spec)({**spec.perms, name: tuple(p for p in pairs if p != drop)})
+                model.load_state_dict(apply_permutation(wrong, state, perms))
+                assert relative_orbit_error(model(x), ref) > 1e-6, f"dropping {drop} from {name!r} went unnoticed"
+                checked += 1
+    assert checked > 0
+
+
+def test_cnn_s_has_the_published_parameter_count():
+    model = build_arch("cnn_s", get_task("mnist"))
+    assert model.num_params == 2464
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert build_arch("cnn_s", get_task("cifar10")).fc1.weight.shape == (20, 4, 4, 4)
+
+
+@pytest.mark.parametrize("arch,task_name,opts,config,which", CASES, ids=IDS)
+def test_population_forward_equals_each_model(arch, task_name, opts, config, which):
+    task = get_task(task_name, **opts)
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(build_arch(arch, task, **config).eval())
+    assert all(m.num_params > 0 for m in models)
+    x = _inputs(task, torch.float32)
+    params, buffers = stack_states(models)
+    out = population_forward(template(models[0]).eval(), params, buffers, x)
+    for i, m in enumerate(models):
+        with torch.no_grad():
+            assert relative_orbit_error(out[i], m(x)) < 1e-5
+
+
+def test_population_dropout_rate_is_per_model_and_masks_differ():
+    task = get_task("o5_regression")
+    models = [build_arch("mlp", task, width=32, dropout=p) for p in (0.0, 0.5, 0.5)]
+    weights = dict(models[0].named_parameters())  # same weights everywhere, rates stay per model
+    for m in models[1:]:
+        m.load_state_dict(weights, strict=False)
+    params, buffers = stack_states(models)
+    assert buffers["net.drops.0.p"].tolist() == [0.0, 0.5, 0.5]
+    x = torch.randn(64, 2, 5)
+    out = population_forward(template(models[0]).train(), params, buffers, x)
+    with torch.no_grad():
+        assert torch.allclose(out[0], models[0].eval()(x), atol=1e-6)  # rate 0: no mask at all
+    assert not torch.allclose(out[1], out[2])  # same weights and rate, different masks
+
+
+def test_frame_avg_has_finite_gradients():
+    task = get_task("inertia")
+    model = build_arch("frame_avg", task, width=8)
+    x = torch.randn(4, *task.input_shape, requires_grad=True)
+    model(x).square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize(
+    "arch,task_name,config,match",
+    [
+        ("cnn_s", "digits", {}, "at least 28x28"),
+        ("p4cnn", "digits", dict(kernel=4), "kernel must be odd"),
+        ("p4cnn", "digits", dict(group_pool="sum"), "group_pool 'sum'"),
+        ("mlp", "digits", dict(width=0), "width must be an integer >= 1"),
+        ("mlp", "digits", dict(activation="swish"), "activation 'swish'"),
+        ("scalar_mlp", "inertia", {}, "invariant outputs"),
+        ("inertia_head", "o5_regression", {}, "matrix output"),
+        ("frame_avg", "lorentz", {}, "non-Euclidean"),
+        ("egnn", "inertia", {}, "invariant or per-point"),
+        ("deepsets", "digits", {}, "points inputs"),
+        ("resnet20", "digits", dict(width=-1), "positive multiplier"),
+    ],
+)
+def test_bad_configurations_are_refused_with_the_field(arch, task_name, config, match):
+    with pytest.raises(ArchError, match=match):
+        build_arch(arch, get_task(task_name), **config)
