@@ -9,6 +9,8 @@ drawn with a fixed seed), which keeps them exactly invariant; equivariant target
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -42,13 +44,13 @@ class GeneratedTask(Task):
         self._stats: tuple[float, float] | None = None
         self._cache: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
 
+    @abstractmethod
     def sample_x(self, n: int, generator: torch.Generator) -> Tensor:
         """n inputs from the task's input distribution."""
-        raise NotImplementedError(f"{type(self).__name__} must define sample_x")
 
+    @abstractmethod
     def raw_target(self, x: Tensor) -> Tensor:
         """The unstandardised ground-truth map."""
-        raise NotImplementedError(f"{type(self).__name__} must define raw_target")
 
     def target_stats(self) -> tuple[float, float]:
         """(mean, std) of the raw target on a fixed reference sample: the standardising affine map."""

@@ -167,7 +167,9 @@ class MatrixGroup(LieGroup):
       "matrix"     [B, d, d] transforms as Y -> R Y R^T (a rank-2 tensor such as an inertia matrix)
       "s,v,p,..."  [B, n, k] points whose columns are, in order, scalars (1 column, unchanged),
                    vectors (d columns, v -> R v) and positions (d columns, r -> R r + t)
-    With `n_perm` the S_n factor permutes the point axis of every point layout.
+    With `n_perm` the S_n factor permutes the point axis (-2) of every point layout.
+    Translations have no uniform distribution: `sample` draws t ~ N(0, translation_scale^2 I), a
+    stated proxy; permutations are uniform.
 
     Elements: a [d, d] tensor R; (R, t) with translations; (R, perm) or ((R, t), perm) with S_n.
     Tensors so that `exp(a)` and `act_in(exp(a), x)` stay differentiable in `a`.
@@ -180,11 +182,13 @@ class MatrixGroup(LieGroup):
         self.translations, self.n_perm, self.translation_scale = translations, n_perm, translation_scale
 
     # --- the linear part, defined by subclasses ---
+    @abstractmethod
     def _sample_linear(self, n: int, generator: torch.Generator | None) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must define _sample_linear")
+        """[n, d, d] sampled linear parts (Haar where the group is compact, else a stated proxy)."""
 
+    @abstractmethod
     def _linear_generators(self) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must define _linear_generators")
+        """[k, d, d] basis of the linear part's Lie algebra."""
 
     # --- element plumbing ---
     def _parts(self, g: Element) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -262,7 +266,7 @@ class MatrixGroup(LieGroup):
             raise ValueError(f"{self.name}: layout {','.join(layout)} needs {i} columns per point, got x of shape {tuple(x.shape)}")
         out = torch.cat(cols, -1)
         if perm is not None:
-            out = out[:, perm.to(x.device)]
+            out = out.index_select(-2, perm.to(x.device))
         return out
 
     def act_in(self, g: Element, x: Tensor) -> Tensor:

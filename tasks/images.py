@@ -9,6 +9,7 @@ by a random group element (fixed per seed), "augmented" does that to the trainin
 from __future__ import annotations
 
 import os
+from abc import abstractmethod
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +64,9 @@ class ImageTask(Task):
         self.group = ImageGroup(group)
         self.input_shape, self.output_shape = input_shape, (num_classes,)
 
+    @abstractmethod
     def _split(self, split: Split, seed: int) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError(f"{type(self).__name__} must define _split")
+        """The upright (x, y) of a split, before any variant rotation."""
 
     def load(self, split: Split, seed: int = 0) -> tuple[Tensor, Tensor]:
         _check_choice(self.name, "split", split, tuple(_SALT))
@@ -187,9 +189,9 @@ class FileImageTask(ImageTask):
             f"{', '.join(str(d) for d in dirs)}. Get them from {DOWNLOAD[self.name]}"
         )
 
+    @abstractmethod
     def _read(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(train images uint8 [N, C, H, W], train labels, test images, test labels)."""
-        raise NotImplementedError(f"{type(self).__name__} must define _read")
 
     def _split(self, split: Split, seed: int) -> tuple[Tensor, Tensor]:
         if self._arrays is None:
