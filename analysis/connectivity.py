@@ -79,7 +79,8 @@ def evaluate_states(
     examples); a ratio metric such as rel_mse is the weighted mean of per-batch ratios. `chunk` caps
     how many models run at once.
     """
-    n = next(iter(states.values())).shape[0]
+    first = next(iter(states.values()))
+    n, device = first.shape[0], device if device is not None else first.device
     chunk = chunk or n
     was_training = module.training
     module.eval()
@@ -88,13 +89,12 @@ def evaluate_states(
         with torch.no_grad():
             for lo in range(0, n, chunk):
                 st = {k: v[lo : lo + chunk] for k, v in states.items()}
-                st = {k: v.to(device) for k, v in st.items()} if device is not None else st
+                st = {k: v.to(device) for k, v in st.items()}
                 params, buffers = split_state(module, st)
                 tot_l = tot_m = 0.0
                 for i in range(0, len(x), batch_size):
                     xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-                    if device is not None:
-                        xb, yb = xb.to(device), yb.to(device)
+                    xb, yb = xb.to(device), yb.to(device)
                     pred = population_forward(module, params, buffers, xb)
                     w = len(xb) / len(x)
                     tot_l = tot_l + w * vmap(loss_fn, in_dims=(0, None))(pred, yb).double()
@@ -223,7 +223,8 @@ def reset_norm_stats(module: nn.Module, state: Mapping[str, Tensor], batches: It
     bns = [n for n, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return dict(state)
-    net = copy.deepcopy(module)
+    device = next(iter(state.values())).device
+    net = copy.deepcopy(module).to(device)
     net.load_state_dict(dict(state))
     for n, m in net.named_modules():
         if n in bns:
@@ -232,7 +233,7 @@ def reset_norm_stats(module: nn.Module, state: Mapping[str, Tensor], batches: It
     net.train()
     with torch.no_grad():
         for batch in batches:
-            net(batch[0] if isinstance(batch, (tuple, list)) else batch)
+            net((batch[0] if isinstance(batch, (tuple, list)) else batch).to(device))
     new = net.state_dict()
     return {k: (new[k].to(v.device) if k in new else v) for k, v in state.items()}
 

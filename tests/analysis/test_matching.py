@@ -93,7 +93,14 @@ def train(model: nn.Module, seed: int, steps: int = 300, lr: float = 3e-3) -> di
 
 @functools.cache
 def trained(kind: str, seed: int) -> tuple[nn.Module, dict[str, Tensor]]:
-    model = {"mlp": TinyMLP, "cnn": TinyCNN}[kind]()
+    """A model trained on digits: the tiny test nets ("mlp", "cnn") or a registry arch ("registry:<name>")."""
+    if kind.startswith("registry:"):
+        from tasks import get_task
+        from zoos.archs import build_arch
+
+        model = build_arch(kind.split(":", 1)[1], get_task("digits"))
+    else:
+        model = {"mlp": TinyMLP, "cnn": TinyCNN}[kind]()
     return model, train(model, seed)
 
 
@@ -106,7 +113,7 @@ def accuracy(model: nn.Module, state: dict[str, Tensor]) -> float:
 # --- tests ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "registry:mlp", "registry:cnn"])
 def test_weight_matching_recovers_planted_permutation(kind):
     model, a = trained(kind, 0)
     assert accuracy(model, a) > 0.85
@@ -151,7 +158,7 @@ def test_weight_matching_refuses_mismatched_models():
         weight_matching(spec, a, b)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "registry:cnn"])
 def test_activation_matching_recovers_planted_permutation(kind):
     model, a = trained(kind, 0)
     spec = model.perm_spec()
@@ -253,3 +260,44 @@ def test_merge_many_of_different_models_beats_naive_average():
     dist = lambda m: sum(sum(((m[k] - s[k]) ** 2).sum() for k in m) for s in [apply_permutation(spec, st, p) for st, p in zip(states, perms)])  # noqa: E731
     assert dist(merged) <= dist(naive)
     assert accuracy(model, merged) > accuracy(model, naive)
+
+
+# every registered architecture: its spec permutes to the same function, and weight matching undoes it
+TASKS_TO_TRY = ("digits", "mnist", "o5_regression", "inertia", "lorentz", "convex_hull", "nbody")  # mnist: shapes only
+
+
+def _arch_cases():
+    from tasks import get_task
+    from zoos.archs import ARCHS, build_arch
+
+    cases = []
+    for name in sorted(ARCHS):
+        for task_name in TASKS_TO_TRY:
+            task = get_task(task_name)
+            try:
+                build_arch(name, task)
+            except ValueError:
+                continue
+            cases.append((name, task_name))
+            break
+    return cases
+
+
+@pytest.mark.parametrize("arch,task_name", _arch_cases())
+def test_every_registered_arch_planted_permutation(arch, task_name):
+    from tasks import get_task
+    from zoos.archs import build_arch
+
+    task = get_task(task_name)
+    model = build_arch(arch, task)
+    spec = model.perm_spec()
+    # jitter every float entry so that no two units are tied (zero biases, unit norm scales at init)
+    a = {k: (v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    planted = spec.random(a, torch.Generator().manual_seed(1))
+    b = apply_permutation(spec, a, planted)
+    x = torch.rand(8, *task.input_shape) if task_name == "mnist" else task.load("test", 0)[0][:32]
+    scale = float(torch.func.functional_call(model.eval(), a, (x,)).abs().max())
+    assert check_same_function(model, a, b, x) < 1e-5 * max(1.0, scale)
+    res = weight_matching(spec, a, b, generator=torch.Generator().manual_seed(0))
+    inv = invert(planted)
+    assert all(torch.equal(res.perms[n], inv[n]) for n in spec.perms)
