@@ -1,0 +1,125 @@
+"""Loss-landscape curvature of a population: Hessian top eigenvalue and trace from Hessian-vector products.
+
+The Hessian of the task loss on a batch is never formed: H v is forward-over-reverse
+(`torch.func.jvp` of `torch.func.grad`), vmapped over the N stacked models, so the cost per
+product is about that of two backward passes for the whole population.
+
+  top eigenvalue  power iteration on H (as PyHessian): converges to the eigenvalue of largest
+                  magnitude, reported with its Rayleigh quotient <v, Hv>, v unit norm;
+  trace           Hutchinson's estimator E[z^T H z] with Rademacher z, mean ± standard error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from analysis.symmetry import evaluating
+
+State = dict[str, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]  # (prediction, target) -> scalar mean loss
+
+
+def _hvp(module: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> Callable[[State, State, State], State]:
+    """(params, buffers, v) -> H v for one model; vmap it over a population."""
+
+    def loss(p: State, b: State) -> Tensor:
+        return loss_fn(functional_call(module, (p, b), (x,)), y)
+
+    def hvp(p: State, b: State, v: State) -> State:
+        return jvp(lambda q: grad(loss)(q, b), (p,), (v,))[1]
+
+    return hvp
+
+
+def _dot(a: State, b: State) -> Tensor:
+    """Per-model inner product of two stacked states: [N]."""
+    return sum((a[k] * b[k]).flatten(1).sum(1) for k in a)
+
+
+def _rademacher(params: Mapping[str, Tensor], generator: torch.Generator | None) -> State:
+    return {
+        k: (torch.randint(0, 2, p.shape, generator=generator).to(p) * 2 - 1) for k, p in params.items()
+    }
+
+
+@dataclass
+class TopEigenvalue:
+    """Per model: the dominant Hessian eigenvalue, its unit eigenvector, and the last relative change."""
+
+    value: Tensor  # [N]
+    vector: State  # {key: [N, *shape]}
+    rel_change: Tensor  # [N] |λ_k - λ_{k-1}| / |λ_k| at the last iteration
+    iterations: int
+
+
+def hessian_top_eigenvalue(
+    module: nn.Module,
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    loss_fn: LossFn,
+    *,
+    iters: int = 100,
+    tol: float = 1e-4,
+    generator: torch.Generator | None = None,
+) -> TopEigenvalue:
+    """Power iteration on every model's Hessian at once; stops when all models change by < tol (relative)."""
+    params, buffers = dict(params), dict(buffers)
+    hvp = vmap(_hvp(module, x, y, loss_fn))
+    v = {k: torch.randn(p.shape, generator=generator).to(p) for k, p in params.items()}
+    value = torch.zeros(next(iter(params.values())).shape[0], dtype=x.dtype, device=x.device)
+    rel = torch.full_like(value, float("inf"))
+    k = 0
+    with evaluating(module):
+        for k in range(1, iters + 1):
+            norm = _dot(v, v).sqrt().clamp_min(1e-30)
+            v = {key: t / norm.view(-1, *[1] * (t.dim() - 1)) for key, t in v.items()}
+            hv = hvp(params, buffers, v)
+            new = _dot(v, hv).detach()
+            rel = (new - value).abs() / new.abs().clamp_min(1e-30)
+            value, v = new, {key: t.detach() for key, t in hv.items()}
+            if k > 1 and bool((rel < tol).all()):
+                break
+    norm = _dot(v, v).sqrt().clamp_min(1e-30)
+    vector = {key: t / norm.view(-1, *[1] * (t.dim() - 1)) for key, t in v.items()}
+    return TopEigenvalue(value, vector, rel, k)
+
+
+@dataclass
+class Trace:
+    """Per model: Hutchinson's trace estimate and its standard error over the probe vectors."""
+
+    mean: Tensor  # [N]
+    se: Tensor  # [N]
+    n_samples: int
+
+
+def hessian_trace(
+    module: nn.Module,
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    loss_fn: LossFn,
+    *,
+    n_samples: int = 64,
+    generator: torch.Generator | None = None,
+) -> Trace:
+    """tr H ≈ mean over Rademacher z of z^T H z, every model with its own probes."""
+    if n_samples < 2:
+        raise ValueError(f"n_samples={n_samples}; Hutchinson's standard error needs at least 2")
+    params, buffers = dict(params), dict(buffers)
+    hvp = vmap(_hvp(module, x, y, loss_fn))
+    samples = []
+    with evaluating(module):
+        for _ in range(n_samples):
+            z = _rademacher(params, generator)
+            samples.append(_dot(z, hvp(params, buffers, z)).detach())
+    s = torch.stack(samples, 1)
+    return Trace(s.mean(1), s.std(1) / n_samples**0.5, n_samples)

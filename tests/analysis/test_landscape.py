@@ -1,0 +1,123 @@
+"""Hessian eigenvalue / trace against known quadratics; CKA and functional dimension against known facts."""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian
+
+from analysis.landscape import hessian_top_eigenvalue, hessian_trace
+from analysis.representation import cka, cka_matrix, functional_dimension, layer_cka, relu_mlp_bound
+from zoos.functional import stack_states, template
+
+
+class Quadratic(nn.Module):
+    """Loss 1/2 θ^T A θ: its Hessian is A (a buffer, so each model of a population has its own)."""
+
+    def __init__(self, eigs, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=torch.float64))
+        self.register_buffer("a", q @ torch.diag(torch.tensor(eigs, dtype=torch.float64)) @ q.T)
+        self.theta = nn.Parameter(torch.randn(len(eigs), generator=g, dtype=torch.float64))
+
+    def forward(self, x):
+        return 0.5 * self.theta @ self.a @ self.theta
+
+
+def value(pred, y):
+    return pred
+
+
+def population(models):
+    params, buffers = stack_states(models)
+    return template(models[0]), params, buffers
+
+
+def test_quadratic_gives_its_eigenvalue_and_trace():
+    eigs = [[5.0, 2.0, 1.0, -1.0, 0.5], [-7.0, 3.0, 0.1, 0.2, 0.3]]
+    pop = population([Quadratic(e, seed=i) for i, e in enumerate(eigs)])
+    x = y = torch.zeros(1, dtype=torch.float64)
+    top = hessian_top_eigenvalue(*pop, x, y, value, iters=500, tol=1e-12, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(top.value, torch.tensor([5.0, -7.0], dtype=torch.float64), rtol=1e-6, atol=0)
+    tr = hessian_trace(*pop, x, y, value, n_samples=400, generator=torch.Generator().manual_seed(0))
+    truth = torch.tensor([7.5, -3.4], dtype=torch.float64)
+    assert ((tr.mean - truth).abs() < 4 * tr.se).all() and (tr.se > 0).all()
+
+
+def test_small_network_matches_explicit_hessian():
+    nets = [nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double() for _ in range(2)]
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    mse = lambda p, t: ((p - t) ** 2).mean()  # noqa: E731
+    pop = population(nets)
+    top = hessian_top_eigenvalue(*pop, x, y, mse, iters=2000, tol=1e-12, generator=torch.Generator().manual_seed(0))
+    tr = hessian_trace(*pop, x, y, mse, n_samples=300, generator=torch.Generator().manual_seed(0))
+    for i, net in enumerate(nets):
+        params = {k: v.detach() for k, v in net.named_parameters()}
+        keys = list(params)
+        h = hessian(lambda p: mse(functional_call(net, p, (x,)), y))(params)
+        sizes = [params[k].numel() for k in keys]
+        full = torch.cat([torch.cat([h[a][b].reshape(sa, sb) for b, sb in zip(keys, sizes)], 1)
+                          for a, sa in zip(keys, sizes)])
+        ev = torch.linalg.eigvalsh(full)
+        dominant = ev[ev.abs().argmax()]
+        assert top.value[i].item() == pytest.approx(dominant.item(), rel=1e-4)
+        assert abs(tr.mean[i] - full.trace()) < 4 * tr.se[i]
+
+
+def test_cka_identity_orthogonal_and_scaling_invariance():
+    x = torch.randn(64, 20, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(20, 20, dtype=torch.float64))
+    for debiased in (False, True):
+        assert cka(x, x, debiased=debiased).item() == pytest.approx(1.0, abs=1e-12)
+        assert cka(x, 3.7 * x @ q, debiased=debiased).item() == pytest.approx(1.0, abs=1e-10)
+        assert cka(x, x[:, :5], debiased=debiased).item() < 0.9  # a projection loses information
+
+
+def test_cka_of_independent_features_is_near_zero_when_debiased():
+    x, y = torch.randn(2, 100, 2000, dtype=torch.float64)  # features wider than the batch
+    assert abs(cka(x, y, debiased=True).item()) < 0.05
+    assert cka(x, y).item() > 0.5  # the standard estimator is biased upward in this regime
+    a, b = torch.randn(2, 2000, 10, dtype=torch.float64)  # batch much larger than the width
+    assert cka(a, b).item() < 0.05
+
+
+def test_debiased_cka_equals_unbiased_hsic_formula():
+    """Song et al. (2012): HSIC_1 = [tr(KL) + 1'K1 1'L1/((n-1)(n-2)) - 2/(n-2) 1'KL1] / (n(n-3)), zero diagonals."""
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randn(12, 6, dtype=torch.float64)
+
+    def hsic(k, l):  # noqa: E741
+        n = k.shape[0]
+        k, l = k - torch.diag(torch.diag(k)), l - torch.diag(torch.diag(l))  # noqa: E741
+        one = torch.ones(n, dtype=k.dtype)
+        return (torch.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
+                - 2 / (n - 2) * (one @ k @ l @ one)) / (n * (n - 3))
+
+    k, l = x @ x.T, y @ y.T  # noqa: E741
+    expected = hsic(k, l) / (hsic(k, k) * hsic(l, l)).sqrt()
+    torch.testing.assert_close(cka(x, y, debiased=True), expected)
+
+
+def test_layer_cka_between_populations():
+    nets = [nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)) for _ in range(3)]
+    pop = population(nets)
+    x = torch.randn(50, 4)
+    out = layer_cka(pop[0], pop[1:], pop[0], pop[1:], x, ["0", "2"])
+    assert out["0"].shape == (3, 3)
+    torch.testing.assert_close(torch.diagonal(out["0"]), torch.ones(3))
+    assert (out["0"] - out["0"].T).abs().max() < 1e-5
+    assert out["0"][0, 1] < 0.999
+    torch.testing.assert_close(cka_matrix(torch.randn(2, 50, 8), torch.randn(3, 50, 5)).shape, torch.Size([2, 3]))
+
+
+def test_functional_dimension_of_relu_net_is_params_minus_hidden_units():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).double()
+    x = torch.randn(200, 3, dtype=torch.float64)
+    fd = functional_dimension(net, net.state_dict(), x)
+    assert fd.n_params == 32 and relu_mlp_bound(net) == 27
+    assert fd.rank == 27
+    # too few samples: the rank is limited by the number of outputs instead
+    assert functional_dimension(net, net.state_dict(), x[:4]).rank <= 8
+    # tanh has no positive-scaling symmetry (only sign flips, which are discrete): full rank
+    smooth = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    assert functional_dimension(smooth, smooth.state_dict(), x).rank == 32
