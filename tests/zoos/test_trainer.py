@@ -1,0 +1,184 @@
+"""The population trainer: N models as one program equal N separate runs and plain torch.optim loops."""
+
+import numpy as np
+import pytest
+import torch
+
+import tasks
+from zoos.spec import PopulationSpec, expand, init_model, parse_zoo, populations
+from zoos.trainer import (
+    DATA_SEED,
+    Augmenter,
+    TrainError,
+    epoch_order,
+    lr_factor,
+    steps_per_epoch,
+    train_population,
+    train_subset,
+)
+
+N_TRAIN = 200
+
+
+def zoo_models(grid, *, arch=None, epochs=2, task_options=None, **over):
+    data = {
+        "name": "z",
+        "task": {"name": "digits", "options": {"n_train": N_TRAIN, "n_val": 100, "n_test": 100, **(task_options or {})}},
+        "arch": arch or {"name": "mlp", "config": {"width": 16, "depth": 1}},
+        "grid": grid,
+        "epochs": epochs,
+        **over,
+    }
+    return expand(parse_zoo(data), "study")
+
+
+def one_population(models) -> PopulationSpec:
+    pops = populations(models)
+    assert len(pops) == 1
+    return pops[0]
+
+
+def final_state(result, i):
+    return {k: torch.from_numpy(v[i, -1]) for k, v in result.weights.items()}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_population_equals_separate_single_model_runs(optimizer):
+    lrs = [0.1, 0.03] if optimizer == "sgd" else [3e-3, 1e-3]
+    models = zoo_models({"seed": [0, 1], "lr": lrs, "weight_decay": [0.0, 1e-2], "optimizer": [optimizer]})
+    models = [models[i] for i in (0, 3, 5, 6)]  # four models, each with its own seed, lr and weight decay
+    together = train_population(one_population(models))
+    for i, m in enumerate(models):
+        alone = train_population(PopulationSpec((m,)))
+        for k in together.weights:
+            np.testing.assert_allclose(together.weights[k][i], alone.weights[k][0], atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(together.curves["test_loss"][i], alone.curves["test_loss"][0], atol=1e-5, rtol=1e-4)
+
+
+def torch_optim_run(m, task):
+    """The reference: one model, a plain torch.optim loop over the trainer's data order and schedule."""
+    f = m.factors
+    model = init_model(m.arch, m.arch_config, f, task)
+    x, y = task.load("train", seed=DATA_SEED)
+    subset = train_subset(f["seed"], len(x), f["train_fraction"])
+    n, bs = len(subset), min(f["batch_size"], len(subset))
+    total = m.epochs * steps_per_epoch(n, f["batch_size"])
+    if f["optimizer"] == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=f["lr"], momentum=f["momentum"], weight_decay=f["weight_decay"])
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=f["lr"], betas=(f["momentum"], 0.999), eps=1e-8,
+                                weight_decay=f["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(f["lr_schedule"], t, total))
+    model.train()
+    for epoch in range(1, m.epochs + 1):
+        order = subset[epoch_order(f["seed"], epoch, n)]
+        for s in range(0, n, bs):
+            idx = order[s : s + bs]
+            loss = task.loss(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("optimizer, schedule", [("sgd", "cosine"), ("adam", "warmup_cosine")])
+def test_single_model_matches_torch_optim(optimizer, schedule):
+    lr = 0.05 if optimizer == "sgd" else 3e-3
+    (m,) = zoo_models({"seed": [3], "lr": [lr], "weight_decay": [1e-2], "momentum": [0.8], "optimizer": [optimizer],
+                       "lr_schedule": [schedule], "train_fraction": [0.6], "batch_size": [24]}, epochs=3)
+    result = train_population(PopulationSpec((m,)))
+    ref = torch_optim_run(m, tasks.get_task("digits", n_train=N_TRAIN, n_val=100, n_test=100))
+    for k, v in ref.items():
+        np.testing.assert_allclose(result.weights[k][0, -1], v.numpy(), atol=2e-5, rtol=1e-4, err_msg=k)
+
+
+def test_diverged_model_is_frozen_and_does_not_touch_the_others():
+    models = zoo_models({"seed": [0, 1], "lr": [0.05, 1e30]})  # (0, .05), (0, 1e30), (1, .05), (1, 1e30)
+    with_bad = train_population(one_population(models[:3]))
+    without = train_population(one_population([models[0], models[2]]))
+    assert [r["status"] for r in with_bad.models] == ["ok", "diverged", "ok"]
+    for k in without.weights:  # bit for bit
+        assert np.array_equal(with_bad.weights[k][[0, 2]], without.weights[k]), k
+        assert np.isfinite(with_bad.weights[k][1]).all(), k  # frozen at its last finite state
+    for name in without.curves:
+        assert np.array_equal(with_bad.curves[name][[0, 2]], without.curves[name]), name
+
+
+def test_checkpoints_curves_rows_and_progress():
+    models = zoo_models({"seed": [0, 1], "dropout": [0.0, 0.3]}, epochs=3, checkpoints=[0, 2])
+    calls = []
+    r = train_population(one_population(models), progress=lambda e, n: calls.append((e, n)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    assert r.epochs == [0, 2, 3]
+    names = {f"{s}_{m}" for s in ("train", "val", "test") for m in ("loss", "acc")}
+    assert set(r.curves) == names == set(r.metrics)
+    assert all(v.shape == (4, 4) for v in r.curves.values()) and all(v.shape == (4, 3) for v in r.metrics.values())
+    np.testing.assert_array_equal(r.metrics["test_acc"], r.curves["test_acc"][:, [0, 2, 3]])
+    task = tasks.get_task("digits", n_train=N_TRAIN, n_val=100, n_test=100)
+    for i, m in enumerate(models):
+        init = init_model(m.arch, m.arch_config, m.factors, task).state_dict()
+        assert set(r.weights) == set(init)
+        for k, v in init.items():
+            assert r.weights[k].shape == (4, 3, *v.shape) and r.weights[k].dtype == np.float32
+            np.testing.assert_array_equal(r.weights[k][i, 0], v.numpy())  # epoch 0 = at init
+        assert not np.array_equal(r.weights["net.layers.0.weight"][i, 1], r.weights["net.layers.0.weight"][i, 0])
+        row = r.models[i]
+        assert row["model_id"] == m.model_id and row["status"] == "ok" and row["dropout"] == m.factors["dropout"]
+        assert row["test_acc"] == r.curves["test_acc"][i, -1] and row["n_params"] == 16 * 64 + 16 + 10 * 16 + 10
+    np.testing.assert_array_equal(r.weights["net.drops.0.p"][:, 0], np.float32([0.0, 0.3, 0.0, 0.3]))
+
+
+def test_same_spec_same_weights_with_dropout_and_augmentation():
+    models = zoo_models({"seed": [0, 1], "dropout": [0.2], "augmentation": [True], "train_fraction": [0.5]})
+    a = train_population(one_population(models))
+    b = train_population(one_population(models))
+    for k in a.weights:
+        assert np.array_equal(a.weights[k], b.weights[k]), k
+    plain = train_population(one_population(zoo_models({"seed": [0, 1], "dropout": [0.2], "train_fraction": [0.5]})))
+    assert not np.array_equal(a.weights["net.layers.0.weight"], plain.weights["net.layers.0.weight"])
+
+
+def test_augmenter_moves_each_sample_by_its_own_element():
+    task = tasks.get_task("digits", group="D4")
+    models = tuple(zoo_models({"seed": [0, 1, 2]}))
+    aug = Augmenter(task, models, n=40, device=torch.device("cpu"))
+    els, which = aug.epoch(1)
+    x, y = task.load("train")
+    xb, yb = x[:120].reshape(3, 40, 1, 8, 8), y[:120].reshape(3, 40)
+    out_x, out_y = aug(els, which, xb, yb)
+    assert torch.equal(out_y, yb) and len(set(which.flatten().tolist())) == 8
+    for i in range(3):
+        for j in range(40):
+            assert torch.equal(out_x[i, j], task.group.act_in(els[which[i, j]], xb[i, j : j + 1])[0])
+
+
+def test_training_learns_digits():
+    models = zoo_models({"seed": [0, 1], "lr": [0.1]}, arch={"name": "mlp", "config": {"width": 64, "depth": 1}},
+                        epochs=5, task_options={"n_train": 1197, "n_val": 300, "n_test": 300})
+    r = train_population(one_population(models))
+    assert (r.curves["test_acc"][:, -1] > 0.8).all(), r.curves["test_acc"]
+    assert (r.curves["train_loss"][:, -1] < r.curves["train_loss"][:, 0]).all()
+
+
+def test_equivariance_regulariser_pulls_conv_kernels_to_the_equivariant_subspace():
+    from zoos.equivariance import distance, projections
+
+    models = zoo_models({"equiv_reg": [0.0, 5.0], "momentum": [0.0], "batch_size": [16]}, arch={"name": "cnn", "config": {"width": 4, "depth": 2}}, epochs=3)
+    r = train_population(one_population(models))
+    task = tasks.get_task("digits")
+    proj = projections(init_model(models[0].arch, models[0].arch_config, models[0].factors, task), task.group,
+                       task.input_shape)
+    assert {"convs.0.weight", "convs.1.weight"} <= set(proj)
+    d = distance(final_state(r, slice(None)), proj, batch_dims=1)
+    for k in proj:
+        assert d[k][1] < 0.01 * d[k][0], (k, d[k])
+
+
+def test_bf16_runs_with_float32_master_weights_and_bad_precision_is_refused():
+    pop = one_population(zoo_models({"seed": [0]}, epochs=1))
+    r = train_population(pop, precision="bf16")
+    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in r.weights.values())
+    assert r.curves["train_loss"][0, 1] < r.curves["train_loss"][0, 0]
+    with pytest.raises(TrainError, match="fp16.*float32, bf16"):
+        train_population(pop, precision="fp16")
