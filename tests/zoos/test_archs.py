@@ -123,12 +123,16 @@ def test_population_forward_equals_each_model(arch, task_name, opts, config, whi
         torch.manual_seed(seed)
         models.append(build_arch(arch, task, **config).eval())
     assert all(m.num_params > 0 for m in models)
-    x = _inputs(task, torch.float32)
+    x = _inputs(task, torch.float32).requires_grad_()
     params, buffers = stack_states(models)
+    params = {k: v.requires_grad_() for k, v in params.items()}
     out = population_forward(template(models[0]).eval(), params, buffers, x)
     for i, m in enumerate(models):
         with torch.no_grad():
             assert relative_orbit_error(out[i], m(x)) < 1e-5
+    out.square().mean().backward()  # trainable as a population: finite gradients for weights and inputs
+    assert all(torch.isfinite(p.grad).all() for p in params.values())
+    assert torch.isfinite(x.grad).all()
 
 
 def test_population_dropout_rate_is_per_model_and_masks_differ():

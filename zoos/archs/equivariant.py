@@ -429,7 +429,8 @@ class EGNNLayer(nn.Module):
         m = m * off
         if self.update_x:
             w = self.coord_out(self.act_c(self.coord_in(m))) * off
-            step = (diff / (d2.sqrt() + 1.0) * w).sum(-2) / (n - 1)
+            dist = (d2 + (1.0 - off)).sqrt()  # 1 on the diagonal: sqrt(0) would make the gradient NaN
+            step = (diff / (dist + 1.0) * w).sum(-2) / (n - 1)
             if self.velocity:
                 step = step + self.vel_out(self.act_v(self.vel_in(h))) * v
             x = x + step
