@@ -113,3 +113,17 @@ def test_feature_invariance_and_equivariance_of_a_hidden_layer():
     assert equi.mean.item() < 1e-5
     assert inv.mean.item() > 0.05
     assert equi.per_output.shape == (1, 4, 8, 8)
+
+
+def test_group_cnn_scores_zero_plain_cnn_does_not_on_digits():
+    from tasks.registry import get_task
+    from zoos.archs import build_arch
+
+    task = get_task("digits")
+    x, _ = task.load("test", 0)
+    x = x[:32]
+    errs = {}
+    for name in ["p4cnn", "cnn"]:
+        errs[name] = orbit_error(*population([build_arch(name, task, width=8) for _ in range(2)]), x, task.group).mean
+    assert errs["p4cnn"].max() < 1e-6
+    assert errs["cnn"].min() > 1e-3

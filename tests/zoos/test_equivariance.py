@@ -129,3 +129,24 @@ def test_regulariser_descent_reaches_subspace():
 def test_continuous_group_refused_with_reason():
     with pytest.raises(ValueError, match="continuous"):
         projections(SmallMLP(), OrthogonalGroup(3))
+
+
+def test_real_architectures_projected_become_invariant_and_group_cnns_are_already():
+    from tasks.registry import get_task
+    from zoos.archs import build_arch
+
+    mnist = get_task("mnist")  # building the task reads no files
+    x = torch.rand(3, 1, 28, 28)
+    for name in ["cnn_s", "mlp"]:
+        model = build_arch(name, mnist).eval()
+        projs = projections(model, mnist.group, input_shape=mnist.input_shape)
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        assert all(v > 0.3 for v in distance(state, projs).values())
+        model.load_state_dict({k: projs[k](v) if k in projs else v for k, v in state.items()})
+        for g in mnist.group.elements():
+            torch.testing.assert_close(model(mnist.group.act_in(g, x)), model(x), atol=1e-5, rtol=1e-4)
+    digits = get_task("digits")
+    for name in ["p4cnn", "p4mcnn"]:
+        model = build_arch(name, digits)
+        d = distance(model.state_dict(), projections(model, digits.group))
+        assert d and all(v == 0 for v in d.values())
