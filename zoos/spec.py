@@ -103,8 +103,21 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], Callable[[], str]]] = {
     "equiv_reg": (lambda v: _is_num(v) and v >= 0, lambda: "a number >= 0"),
 }
 
+# Factors whose values are real numbers (numeric strings such as YAML's "1e-3" are converted).
+NUMERIC = ("lr", "momentum", "weight_decay", "dropout", "train_fraction", "equiv_reg")
+
 # Random-factor distributions: {kind: parameters}.
 DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int")
+
+
+def _number(v: Any) -> Any:
+    """YAML reads `1e-3` (no dot) as a string: accept numeric strings where a number is expected."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
 
 
 def _err(loc: tuple, message: str, value: Any) -> InitErrorDetails:
@@ -186,6 +199,7 @@ class ZooSpec(BaseModel):
     @classmethod
     def _grid(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
         errs = []
+        grid = {f: [_number(v) if f in NUMERIC else v for v in vs] for f, vs in grid.items()}
         for factor, values in grid.items():
             if not values:
                 errs.append(_err((factor,), f"grid factor {factor!r} has no values; give at least one", values))
@@ -209,6 +223,9 @@ class ZooSpec(BaseModel):
                                  "e.g. {log_uniform: [1e-4, 1e-1]} or {choice: [relu, gelu]}", dist))
                 continue
             kind, arg = next(iter(dist.items()))
+            if isinstance(arg, list) and (kind != "choice" or factor in NUMERIC):
+                arg = [_number(a) for a in arg]
+                rnd = {**rnd, factor: {kind: arg}}
             loc = (factor, kind)
             if kind == "choice":
                 if not isinstance(arg, list) or not arg:

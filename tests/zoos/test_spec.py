@@ -144,3 +144,12 @@ def test_build_model_is_seeded_and_uses_arch_factors():
     assert not torch.equal(m1.state_dict()[w], m2.state_dict()[w])
     q = m1.state_dict()[w]  # orthogonal rows
     torch.testing.assert_close(q @ q.T, torch.eye(8), atol=1e-5, rtol=0)
+
+
+def test_yaml_style_numeric_strings_are_numbers():
+    import yaml
+
+    data = yaml.safe_load("grid: {lr: [1e-3, 0.1]}\nrandom: {weight_decay: {log_uniform: [1e-5, 1e-2]}}\nsamples: 2")
+    models = expand(parse_zoo(zoo(**data)), "s")
+    assert data["grid"]["lr"][0] == "1e-3"  # what YAML gives
+    assert models[0].factors["lr"] == 0.001 and all(1e-5 <= m.factors["weight_decay"] <= 1e-2 for m in models)
