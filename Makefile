@@ -20,10 +20,10 @@ demo: $(STAMP)
 	$(BIN)/symzoo run studies/quickstart.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --timeout=600 -q
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --timeout=600 -q
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) zoo-store symzoo.db mlruns mlartifacts runs

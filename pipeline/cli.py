@@ -23,7 +23,7 @@ console = Console()
 
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line error to stderr and exit (2: bad input, 1: a check failed)."""
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
     raise typer.Exit(code)
 
 

@@ -1,3 +1,71 @@
-"""`symzoo` commands: run."""
+"""`symzoo validate` and `symzoo run`: check a study file, then train and analyse it on Ray."""
 
-from pipeline.cli import app, console, fail  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from pipeline.cli import app, console, fail
+
+
+def _load(path: Path, **overrides):
+    from pipeline.study import StudyError, load_study
+    from tasks.base import TaskError
+    from zoos.archs.base import ArchError
+
+    try:
+        study = load_study(path, **overrides)
+        _check_buildable(study)
+        return study
+    except (StudyError, TaskError, ArchError) as e:
+        fail(str(e))
+
+
+def _check_buildable(study) -> None:
+    """Build every zoo's task and its first model, so bad names and configs fail before any work starts."""
+    from tasks import get_task
+    from zoos.spec import build_model, expand
+
+    for zoo in study.zoos:
+        task = get_task(zoo.task.name, **zoo.task.options)
+        build_model(zoo, expand(zoo, study.study)[0].factors, task)
+
+
+@app.command("validate")
+def validate_cmd(study_file: Path = typer.Argument(..., help="study YAML file")) -> None:
+    """Check a study file: every key, value, task and architecture; exit code 2 on the first problems."""
+    from zoos.spec import expand, populations
+
+    study = _load(study_file)
+    table = Table("zoo", "task", "arch", "models", "populations", "epochs", box=None, header_style="bold")
+    for zoo in study.zoos:
+        models = expand(zoo, study.study)
+        table.add_row(zoo.name, zoo.task.name, zoo.arch.name, str(len(models)),
+                      str(len(populations(models, zoo.population_size))), str(zoo.epochs))
+    console.print(f"[green]ok[/]: {study_file} (study {study.study!r})")
+    console.print(table)
+
+
+@app.command("run")
+def run_cmd(
+    study_file: Path = typer.Argument(..., help="study YAML file"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto' or host:port); default: RAY_ADDRESS, else a local Ray"),
+    store: Optional[str] = typer.Option(None, "--store", help="store path or URI (overrides the study's)"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: sqlite:///symzoo.db here)"),
+    plain: bool = typer.Option(False, "--plain", help="plain progress lines even on a terminal"),
+) -> None:
+    """Train the study's zoos (only what is missing), run its analysis stages, log to MLflow, summarise."""
+    from pipeline.progress import Display
+    from pipeline.report import print_summary
+    from pipeline.runner import StoreError, run_study
+    from pipeline.tracking import TrackingError
+
+    study = _load(study_file, store=store, tracking_uri=tracking_uri)
+    try:
+        report = run_study(study, address=address, display=Display(plain=plain or None))
+    except (StoreError, TrackingError) as e:
+        fail(str(e))
+    print_summary(console, study, report)

@@ -26,3 +26,11 @@ def get_task(name: str, **options: Any) -> Task:
     task = TASKS[name].factory(**options)
     task._config = {"name": name, **options}
     return task
+
+
+def task_with_data(name: str, options: dict[str, Any], data_dir: str | None = None) -> Task:
+    """`get_task`, handing `data_dir` to file-backed tasks that were not given one (studies set it once)."""
+    options = dict(options)
+    if name in TASKS and data_dir is not None and "data_dir" in TASKS[name].options:
+        options.setdefault("data_dir", data_dir)
+    return get_task(name, **options)

@@ -1,0 +1,228 @@
+"""Run a study on Ray: train the populations that are missing, then the analysis stages, logging to MLflow.
+
+The driver plans and logs; Ray tasks do the work. A training task trains one population, writes its
+shard to the store and returns only small summaries (model rows and checkpoint metrics), so weights
+never pass through the driver. An analysis task reads the store, computes its items and writes its
+own result shard. Everything is keyed by stable ids, so running a study again trains and analyses
+only what is missing, and a task retried after a worker death overwrites its own shard.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipeline.progress import Display, ProgressBoard
+from pipeline.study import Study
+from pipeline.tracking import Tracker, default_tracking_uri
+
+
+class StoreError(RuntimeError):
+    """The store cannot be created or written; the message names the path."""
+
+
+@dataclass
+class RunReport:
+    """What a study run did, for the summary and the benchmarks."""
+
+    trained_models: int = 0
+    skipped_models: int = 0
+    populations: int = 0
+    analysis_items: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+    tracking_s: float = 0.0
+    train_task_s: float = 0.0
+    plots: list[Path] = field(default_factory=list)
+    summary: pl.DataFrame | None = None
+
+    @property
+    def tracking_share(self) -> float:
+        return self.tracking_s / self.wall_s if self.wall_s else 0.0
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the Ray cluster at `address` (or RAY_ADDRESS), else start a local one; reuse one already up."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+
+
+def check_store_writable(root: str) -> None:
+    """Prove the store root writable before any work starts, so a bad path fails with nothing half-written."""
+    import uuid
+
+    from zoos.store import Store, StoreError as _StoreError
+
+    try:
+        store = Store(root)
+        store.fs.create_dir(store.root, recursive=True)
+        probe = f"{store.root}/.write-probe-{uuid.uuid4().hex[:8]}"
+        with store.fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        store.fs.delete_file(probe)
+    except _StoreError as e:
+        raise StoreError(str(e)) from None
+    except OSError as e:
+        raise StoreError(f"cannot write the store at {root!r}: {e.strerror or e}. Choose another --store path.") from None
+
+
+# ---- Ray task bodies ------------------------------------------------------------------------------
+
+def _train_task(pop: Any, store_root: str, precision: str, data_dir: str | None, board: Any) -> dict[str, Any]:
+    """Train one population, write its shard, return small summaries (runs inside a Ray worker)."""
+    import ray
+    import torch
+
+    from zoos.store import Store
+    from zoos.trainer import train_population
+
+    gpus = ray.get_gpu_ids()
+    device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
+    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
+    torch.set_num_threads(max(1, cpus))
+    shard = pop.shard
+    t0 = time.perf_counter()
+    result = train_population(pop, device=device, precision=precision, data_dir=data_dir,
+                              progress=lambda epoch, total: board.report.remote(shard, epoch))
+    t1 = time.perf_counter()
+    Store(store_root).write_population(result)
+    t2 = time.perf_counter()
+    ckpt = {m["model_id"]: {name: list(zip(result.epochs, map(float, values[i])))
+                            for name, values in result.metrics.items()}
+            for i, m in enumerate(result.models)}
+    return {"zoo": pop.zoo, "rows": result.models, "checkpoint_metrics": ckpt,
+            "train_s": t1 - t0, "write_s": t2 - t1, "device": device}
+
+
+def _stage_task(stage: str, store_root: str, items: list[Any], settings: dict[str, Any], data_dir: str | None) -> int:
+    """Compute one chunk of an analysis stage and write it as its own shard (runs inside a Ray worker)."""
+    import ray
+    import torch
+
+    from pipeline.stages import STAGES
+
+    device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1))
+    return len(STAGES[stage].run(store_root, items, settings, data_dir, device))
+
+
+# ---- the driver -----------------------------------------------------------------------------------
+
+def run_study(study: Study, *, address: str | None = None, display: Display | None = None,
+              tracking_uri: str | None = None) -> RunReport:
+    """Train what is missing, run the analysis stages, log everything; returns what was done."""
+    import ray
+
+    from pipeline.stages import STAGES
+    from zoos.spec import expand, populations
+    from zoos.store import Store
+
+    t_start = time.perf_counter()
+    report = RunReport()
+    display = display or Display()
+    tracker = Tracker(tracking_uri or study.tracking_uri or default_tracking_uri(), study.study)
+    tracker.connect()  # first: a refused run must leave the store untouched
+    check_store_writable(study.store)
+    tracker.log_study({"store": study.store, "zoos": [z.name for z in study.zoos],
+                       "stages": [s.stage for s in study.analysis], **study.resources.model_dump()})
+    init_ray(address)
+    store = Store(study.store)
+    res = study.resources
+
+    # -- plan: populations whose models are not all stored yet
+    todo, factor_names = [], {}
+    for zoo in study.zoos:
+        models = expand(zoo, study.study)
+        factor_names[zoo.name] = sorted({k for m in models for k in m.factors})
+        tracker.zoo_run(zoo.name, params={"task": zoo.task.name, "arch": zoo.arch.name, "models": len(models),
+                                           "epochs": zoo.epochs})
+        done = store.stored_ids(zoo.name)
+        for pop in populations(models, zoo.population_size):
+            if all(mid in done for mid in pop.model_ids):
+                report.skipped_models += len(pop.model_ids)
+            else:
+                todo.append(pop)
+    n_models = sum(len(p.model_ids) for p in todo)
+    epochs_total = sum(len(p.model_ids) * p.epochs for p in todo)
+
+    # -- train
+    with display:
+        display.log(f"study {study.study}: {n_models} models to train in {len(todo)} populations, "
+                    f"{report.skipped_models} already stored")
+        if todo:
+            board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
+            remote = ray.remote(_train_task)
+            pending = {
+                remote.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=res.max_retries,
+                               name=f"train:{pop.zoo}:{pop.shard}").remote(pop, study.store, res.precision, study.data_dir, board): pop
+                for pop in todo
+            }
+            display.add("models trained", n_models)
+            display.add("model-epochs", epochs_total)
+            logged = tracker.logged_models()
+            sizes = {p.shard: len(p.model_ids) for p in todo}
+            finished_epochs = 0
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+                live = ray.get(board.snapshot.remote())
+                running = sum(sizes[s] * e for s, e in live.items() if s in {p.shard for p in pending.values()})
+                display.update("model-epochs", finished_epochs + running)
+                for ref in ready:
+                    pop = pending.pop(ref)
+                    out = ray.get(ref)  # a task that failed after its retries raises here, naming the population
+                    report.train_task_s += out["train_s"] + out["write_s"]
+                    finished_epochs += len(pop.model_ids) * pop.epochs
+                    rows = [r for r in out["rows"] if r["model_id"] not in logged]
+                    tracker.log_models(out["zoo"], rows, factor_names[out["zoo"]], out["checkpoint_metrics"])
+                    report.trained_models += len(pop.model_ids)
+                    report.populations += 1
+                    display.update("models trained", report.trained_models, note=f"{pop.zoo} on {out['device']}")
+            ray.kill(board)
+
+        # -- analysis stages
+        for stage in study.analysis:
+            impl = STAGES[stage.stage]
+            zoos = study.stage_zoos(stage)
+            items = impl.plan(store, zoos, stage)
+            display.add(stage.stage, len(items))
+            remote = ray.remote(_stage_task)
+            chunks = [items[i:i + stage.items_per_task] for i in range(0, len(items), stage.items_per_task)]
+            settings = stage.model_dump()
+            pending = {remote.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=res.max_retries)
+                       .remote(stage.stage, study.store, chunk, settings, study.data_dir): len(chunk) for chunk in chunks}
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    ray.get(ref)
+                    display.advance(stage.stage, pending.pop(ref))
+            report.analysis_items[stage.stage] = len(items)
+
+    # -- plots, summary, MLflow
+    from pipeline.report import summarise
+
+    out_dir = study.output_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report.summary, report.plots, stage_plots = summarise(store, study, out_dir)
+    for stage in study.analysis:
+        df = store.analysis(stage.stage).collect() if stage.stage in store.stages() else None
+        metrics = STAGES[stage.stage].summary_metrics(df) if df is not None else {}
+        tracker.log_stage(stage.stage, metrics, params=stage.model_dump(), artifacts=stage_plots.get(stage.stage, []))
+    report.wall_s = time.perf_counter() - t_start
+    report.tracking_s = tracker.seconds
+    tracker.log_summary({"wall_s": report.wall_s, "tracking_s": report.tracking_s, "trained_models": report.trained_models},
+                        artifacts=[p for p in report.plots if p.parent == out_dir])
+    tracker.finish()
+    report.tracking_s = tracker.seconds
+    return report

@@ -1,0 +1,126 @@
+"""The study file: one YAML document -> a validated `Study`.
+
+A study names its zoos (each a `zoos.spec.ZooSpec`), the analysis stages to run over them, the
+resources each Ray task asks for, where the store lives and where MLflow logs. Every error names the
+key path (`zoos[1].grid.lr[2]`), the value found and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from zoos.spec import ZooSpec
+from zoos.store import safe_name
+
+
+class StudyError(ValueError):
+    """A study file that cannot be used; the message names the key path, the value and what is allowed."""
+
+
+class Resources(BaseModel):
+    """What each Ray task asks for. Fractional GPUs let several populations share one GPU."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    precision: Literal["float32", "bf16"] = "float32"
+    max_retries: int = Field(3, ge=0, description="retries of a task whose worker or node died")
+
+
+class StageSpec(BaseModel):
+    """An analysis stage over some zoos of the study."""
+
+    model_config = ConfigDict(extra="forbid")
+    stage: Literal["interpolation", "equivariance"]
+    zoos: list[str] | Literal["all"] = "all"
+    pairs: int = Field(8, ge=0, description="model pairs sampled per zoo (interpolation); 0 = all pairs")
+    lambdas: int = Field(25, ge=3, description="points on the interpolation path, ends included")
+    samples: int = Field(512, ge=1, description="test inputs used per model")
+    group_samples: int = Field(16, ge=1, description="group elements sampled for Lie groups (equivariance)")
+    seed: int = 0
+    items_per_task: int = Field(16, ge=1, description="pairs or models per Ray task")
+
+
+class Study(BaseModel):
+    """A whole study: zoos to train, stages to run, where results go."""
+
+    model_config = ConfigDict(extra="forbid")
+    study: str
+    store: str = "zoo-store"
+    tracking_uri: str | None = None
+    output: str | None = Field(None, description="folder for plots and the summary; default runs/<study>")
+    data_dir: str | None = None
+    resources: Resources = Resources()
+    zoos: list[ZooSpec] = Field(min_length=1)
+    analysis: list[StageSpec] = []
+
+    @field_validator("study")
+    @classmethod
+    def _study_name(cls, v: str) -> str:
+        return safe_name("study", v)
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> "Study":
+        names = [z.name for z in self.zoos]
+        for i, name in enumerate(names):
+            try:
+                safe_name("zoo", name)
+            except ValueError as e:
+                raise ValueError(f"zoos[{i}].name: {e}") from None
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"zoo names must be unique; repeated: {sorted(dup)}")
+        for i, st in enumerate(self.analysis):
+            if st.zoos != "all":
+                unknown = [z for z in st.zoos if z not in names]
+                if unknown:
+                    raise ValueError(f"analysis[{i}].zoos names unknown zoo {unknown[0]!r}; zoos of this study: {names}")
+        return self
+
+    def stage_zoos(self, stage: StageSpec) -> list[ZooSpec]:
+        return [z for z in self.zoos if stage.zoos == "all" or z.name in stage.zoos]
+
+    def output_dir(self) -> Path:
+        return Path(self.output or f"runs/{self.study}")
+
+
+def format_errors(err: ValidationError) -> str:
+    """pydantic's errors as `key.path[i]: message (got value)` lines, one per problem."""
+    lines = []
+    for e in err.errors():
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"{path or 'study'}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_study(data: Any, source: str = "study") -> Study:
+    """Validate a parsed YAML document; StudyError lists every problem with its key path."""
+    if not isinstance(data, dict):
+        raise StudyError(f"{source}: expected a mapping with keys study, zoos, analysis, ...; got {type(data).__name__}")
+    try:
+        return Study.model_validate(data)
+    except ValidationError as e:
+        raise StudyError(f"{source} is not a valid study:\n{format_errors(e)}") from None
+
+
+def load_study(path: str | Path, **overrides: Any) -> Study:
+    """Read and validate a study file; `overrides` (store, tracking_uri, ...) replace its top-level keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise StudyError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+    if isinstance(data, dict):
+        data.update({k: v for k, v in overrides.items() if v is not None})
+    return parse_study(data, source=str(path))

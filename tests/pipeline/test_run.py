@@ -1,0 +1,85 @@
+"""`symzoo run` end to end through the CLI, with a real local Ray, a real store and a real MLflow sqlite file."""
+
+import polars as pl
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+import zoos
+from pipeline.cli import app
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
+
+
+def tiny_study(tmp_path, name="e2e"):
+    study = {
+        "study": name,
+        "store": str(tmp_path / "store"),
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "output": str(tmp_path / "out"),
+        "zoos": [
+            {"name": "mlp", "task": {"name": "digits", "options": {"variant": "rotated"}},
+             "arch": {"name": "mlp", "config": {"width": 16, "depth": 1}},
+             "grid": {"seed": [0, 1, 2], "lr": [0.01, 0.03], "optimizer": ["adam"]},
+             "epochs": 2, "checkpoints": [0, 1, 2]},
+            {"name": "p4", "task": {"name": "digits", "options": {"variant": "rotated"}},
+             "arch": {"name": "p4cnn", "config": {"width": 4, "depth": 1}},
+             "grid": {"seed": [0, 1], "optimizer": ["adam"], "lr": [0.01]}, "epochs": 1},
+        ],
+        "analysis": [{"stage": "interpolation", "pairs": 2, "lambdas": 5, "samples": 128},
+                     {"stage": "equivariance", "samples": 64}],
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path, study
+
+
+def test_run_trains_analyses_logs_and_a_second_run_does_nothing(ray_local, tmp_path):
+    path, study = tiny_study(tmp_path)
+    r = CliRunner().invoke(app, ["run", str(path), "--plain"])
+    assert r.exit_code == 0, r.output
+
+    store = zoos.open(study["store"])
+    models = store.models().collect()
+    assert models.group_by("zoo").len().sort("zoo").rows() == [("mlp", 6), ("p4", 2)]
+    assert set(models["status"]) == {"ok"}
+    ck = store.checkpoints().filter(pl.col("zoo") == "mlp").collect()
+    assert sorted(ck["epoch"].unique().to_list()) == [0, 1, 2] and ck.height == 6 * 3
+
+    interp = store.analysis("interpolation").collect()
+    assert interp.group_by("zoo").len().sort("zoo").rows() == [("mlp", 2), ("p4", 1)]
+    equi = store.analysis("equivariance").collect()
+    assert equi.height == 8
+    p4_err = equi.filter(pl.col("zoo") == "p4")["equivariance_error"].max()
+    mlp_err = equi.filter(pl.col("zoo") == "mlp")["equivariance_error"].min()
+    assert p4_err < 1e-4 < mlp_err  # the group CNN is invariant to C4, the MLP is not
+
+    client = MlflowClient(study["tracking_uri"])
+    exp = client.get_experiment_by_name("e2e")
+    model_runs = client.search_runs([exp.experiment_id], "tags.`symzoo.kind` = 'model'")
+    assert len(model_runs) == 8
+    stage_runs = client.search_runs([exp.experiment_id], "tags.`symzoo.kind` = 'stage'")
+    assert {r.data.tags["symzoo.stage"] for r in stage_runs} == {"interpolation", "equivariance"}
+    for run in stage_runs:
+        assert client.list_artifacts(run.info.run_id, "plots"), "stage plots are logged as artifacts"
+    assert (tmp_path / "out" / "summary.csv").exists()
+    assert "next steps" in r.output and "mlflow ui" in r.output
+
+    again = CliRunner().invoke(app, ["run", str(path), "--plain"])
+    assert again.exit_code == 0, again.output
+    assert "0 models to train" in again.output
+    assert len(client.search_runs([exp.experiment_id], "tags.`symzoo.kind` = 'model'")) == 8
+    assert store.analysis("interpolation").collect().height == 3
+    assert store.analysis("equivariance").collect().height == 8
+
+
+def test_unwritable_store_and_unreachable_tracking_exit_2(ray_local, tmp_path):
+    path, study = tiny_study(tmp_path, "bad")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    r = CliRunner().invoke(app, ["run", str(path), "--store", str(blocker / "store")])
+    assert r.exit_code == 2 and "store" in r.output
+    r = CliRunner().invoke(app, ["run", str(path), "--tracking-uri", "http://127.0.0.1:9"])
+    assert r.exit_code == 2 and "127.0.0.1:9" in r.output
+    assert not (tmp_path / "store").exists(), "nothing is written when the run is refused"

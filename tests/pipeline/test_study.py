@@ -1,0 +1,70 @@
+"""Study files: valid ones load; each kind of bad input names its key path, the value and what is allowed."""
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.study import StudyError, load_study  # noqa: F401
+
+GOOD = {
+    "study": "tiny",
+    "zoos": [{"name": "mlp", "task": {"name": "digits"}, "arch": {"name": "mlp", "config": {"width": 16, "depth": 1}},
+              "grid": {"seed": [0, 1], "lr": [0.01]}, "epochs": 2}],
+    "analysis": [{"stage": "equivariance"}],
+}
+
+
+def write(tmp_path, data, name="study.yaml"):
+    p = tmp_path / name
+    p.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return p
+
+
+def with_(path, value):
+    """GOOD with one key path replaced."""
+    import copy
+
+    d = copy.deepcopy(GOOD)
+    node = d
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    return d
+
+
+def test_good_study_loads_and_validate_prints_the_zoos(tmp_path):
+    s = load_study(write(tmp_path, GOOD))
+    assert s.study == "tiny" and s.zoos[0].name == "mlp"
+    r = CliRunner().invoke(app, ["validate", str(write(tmp_path, GOOD))])
+    assert r.exit_code == 0, r.output
+    assert "mlp" in r.output and "digits" in r.output
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ("study: x\nzoos: [\n", "malformed YAML at line"),
+        (with_(("zoos", 0, "task", "name"), "nope"), "unknown task 'nope'"),
+        (with_(("zoos", 0, "arch", "name"), "nope"), "unknown architecture 'nope'"),
+        (with_(("zoos", 0, "grid", "colour"), ["red"]), "colour"),
+        (with_(("zoos", 0, "grid", "lr"), [-1.0]), "zoos[0].grid.lr[0]"),
+        (with_(("zoos", 0, "epochs"), -3), "zoos[0].epochs"),
+        (with_(("zoos", 0, "grid", "seed"), []), "zoos[0].grid.seed"),
+        (with_(("zoos", 0, "epochs"), "many"), "zoos[0].epochs"),
+        (with_(("study",), "../escape"), "study"),
+        (with_(("zoos", 0, "name"), "../escape"), "zoos[0].name"),
+        (with_(("analysis", 0, "stage"), "dance"), "analysis[0].stage"),
+        (with_(("analysis",), [{"stage": "equivariance", "zoos": ["ghost"]}]), "ghost"),
+    ],
+)
+def test_bad_input_exits_2_naming_the_problem(tmp_path, data, expected):
+    path = write(tmp_path, data)
+    r = CliRunner().invoke(app, ["validate", str(path)])
+    assert r.exit_code == 2, r.output
+    assert expected in r.output
+
+
+def test_missing_file_exits_2(tmp_path):
+    r = CliRunner().invoke(app, ["validate", str(tmp_path / "nope.yaml")])
+    assert r.exit_code == 2 and "does not exist" in r.output
