@@ -97,12 +97,9 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 def make_task(pop: PopulationSpec, data_dir: str | None = None) -> Task:
     """The population's task; `data_dir` is handed to tasks that read files and were not given one."""
-    from tasks import TASKS, get_task
+    from tasks import task_with_data
 
-    options = dict(pop.first.task_options)
-    if data_dir is not None and "data_dir" in TASKS[pop.first.task].options:
-        options.setdefault("data_dir", data_dir)
-    return get_task(pop.first.task, **options)
+    return task_with_data(pop.first.task, pop.first.task_options, data_dir)
 
 
 def _per_model(values: list, device: torch.device) -> Tensor:
