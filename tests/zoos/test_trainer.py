@@ -182,3 +182,16 @@ def test_bf16_runs_with_float32_master_weights_and_bad_precision_is_refused():
     assert r.curves["train_loss"][0, 1] < r.curves["train_loss"][0, 0]
     with pytest.raises(TrainError, match="fp16.*float32, bf16"):
         train_population(pop, precision="fp16")
+
+
+def test_augmentation_with_a_lie_group_keeps_input_and_target_paired():
+    task = tasks.get_task("inertia")
+    models = tuple(expand(parse_zoo({"name": "z", "task": {"name": "inertia"}, "arch": {"name": "mlp"},
+                                     "grid": {"seed": [0, 1]}, "epochs": 1}), "s"))
+    aug = Augmenter(task, models, n=16, device=torch.device("cpu"))
+    els, which = aug.epoch(1)
+    x, y = task.load("train")
+    xb, yb = x[:32].reshape(2, 16, 5, 4), y[:32].reshape(2, 16, 3, 3)
+    out_x, out_y = aug(els, which, xb, yb)
+    assert not torch.allclose(out_x, xb)
+    torch.testing.assert_close(out_y.flatten(0, 1), task.target(out_x.flatten(0, 1)), atol=1e-4, rtol=1e-4)
