@@ -52,16 +52,25 @@ def summarise(store: Any, study: Study, out_dir: Path) -> tuple[pl.DataFrame, li
     return summary, plot_paths, stage_plots
 
 
+# Column headers of the summary table, where the column name alone says too little.
+COLUMN_TITLES = {
+    "test_acc": "test acc", "orbit_acc": "acc over orbit", "equiv_error": "equiv. error",
+    "barrier_naive": "barrier naive", "barrier_aligned": "barrier aligned", "test_rel_mse": "test rel. MSE",
+    "orbit_rel_mse": "rel. MSE over orbit",
+}
+
+
 def print_summary(console: Console, study: Study, report: Any) -> None:
     """The table a person reads at the end of `symzoo run`, then what to do next."""
     summary = report.summary
     if summary is not None and summary.height:
+        shown = [c for c in summary.columns if c not in ("test_loss",) and not (c == "diverged" and not summary[c].sum())]
         table = Table(title=f"study {study.study}", header_style="bold")
-        for c in summary.columns:
-            table.add_column(c, justify="left" if c == "zoo" else "right")
-        for row in summary.iter_rows():
+        for c in shown:
+            table.add_column(COLUMN_TITLES.get(c, c), justify="left" if c == "zoo" else "right")
+        for row in summary.select(shown).iter_rows():
             table.add_row(*[_fmt(v) for v in row])
-        console.print(table)
+        console.print(table, width=None if console.is_terminal else max(console.width, 160))
     console.print(
         f"trained {report.trained_models} models ({report.skipped_models} already stored) in {report.wall_s:.1f}s; "
         f"MLflow logging took {report.tracking_s:.1f}s ({100 * report.tracking_share:.1f}% of the run)"
