@@ -18,7 +18,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+# Piped output (CI logs, `| tee`) gets a wide fixed width so tables are not squeezed to 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def fail(message: str, code: int = 2) -> None:

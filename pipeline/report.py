@@ -70,7 +70,7 @@ def print_summary(console: Console, study: Study, report: Any) -> None:
             table.add_column(COLUMN_TITLES.get(c, c), justify="left" if c == "zoo" else "right")
         for row in summary.select(shown).iter_rows():
             table.add_row(*[_fmt(v) for v in row])
-        console.print(table, width=None if console.is_terminal else max(console.width, 160))
+        console.print(table)
     console.print(
         f"trained {report.trained_models} models ({report.skipped_models} already stored) in {report.wall_s:.1f}s; "
         f"MLflow logging took {report.tracking_s:.1f}s ({100 * report.tracking_share:.1f}% of the run)"

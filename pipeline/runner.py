@@ -195,11 +195,11 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
         for stage in study.analysis:
             impl = STAGES[stage.stage]
             zoos = study.stage_zoos(stage)
-            items = impl.plan(store, zoos, stage)
+            items = impl.plan(store, zoos, stage.settings)
             display.add(stage.stage, len(items))
             remote = ray.remote(_stage_task)
             chunks = [items[i:i + stage.items_per_task] for i in range(0, len(items), stage.items_per_task)]
-            settings = stage.model_dump()
+            settings = stage.settings.model_dump()
             pending = {remote.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=res.max_retries)
                        .remote(stage.stage, study.store, chunk, settings, study.data_dir): len(chunk) for chunk in chunks}
             while pending:
@@ -218,7 +218,7 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
     for stage in study.analysis:
         df = store.analysis(stage.stage).collect() if stage.stage in store.stages() else None
         metrics = STAGES[stage.stage].summary_metrics(df) if df is not None else {}
-        tracker.log_stage(stage.stage, metrics, params=stage.model_dump(), artifacts=stage_plots.get(stage.stage, []))
+        tracker.log_stage(stage.stage, metrics, params=stage.settings.model_dump(), artifacts=stage_plots.get(stage.stage, []))
     report.wall_s = time.perf_counter() - t_start
     report.tracking_s = tracker.seconds
     tracker.log_summary({"wall_s": report.wall_s, "tracking_s": report.tracking_s, "trained_models": report.trained_models},

@@ -32,17 +32,30 @@ class Resources(BaseModel):
 
 
 class StageSpec(BaseModel):
-    """An analysis stage over some zoos of the study."""
+    """An analysis stage over some zoos of the study; every other key is a setting of that stage."""
 
-    model_config = ConfigDict(extra="forbid")
-    stage: Literal["interpolation", "equivariance"]
+    model_config = ConfigDict(extra="allow")
+    stage: str
     zoos: list[str] | Literal["all"] = "all"
-    pairs: int = Field(8, ge=0, description="model pairs sampled per zoo (interpolation); 0 = all pairs")
-    lambdas: int = Field(25, ge=3, description="points on the interpolation path, ends included")
-    samples: int = Field(512, ge=1, description="test inputs used per model")
-    group_samples: int = Field(16, ge=1, description="group elements sampled for Lie groups (equivariance)")
-    seed: int = 0
     items_per_task: int = Field(16, ge=1, description="pairs or models per Ray task")
+
+    @model_validator(mode="after")
+    def _settings(self) -> "StageSpec":
+        from pipeline.stages import STAGES
+
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}; available: {', '.join(sorted(STAGES))}")
+        try:
+            self._parsed = STAGES[self.stage].Settings.model_validate(self.model_extra or {})
+        except ValidationError as e:
+            raise ValueError(f"stage {self.stage!r}: " + "; ".join(
+                f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})" for err in e.errors())) from None
+        return self
+
+    @property
+    def settings(self):
+        """The stage's validated settings (its own pydantic model)."""
+        return self._parsed
 
 
 class Study(BaseModel):

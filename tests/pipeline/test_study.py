@@ -54,7 +54,8 @@ def test_good_study_loads_and_validate_prints_the_zoos(tmp_path):
         (with_(("zoos", 0, "epochs"), "many"), "zoos[0].epochs"),
         (with_(("study",), "../escape"), "study"),
         (with_(("zoos", 0, "name"), "../escape"), "zoos[0].name"),
-        (with_(("analysis", 0, "stage"), "dance"), "analysis[0].stage"),
+        (with_(("analysis", 0, "stage"), "dance"), "unknown stage 'dance'"),
+        (with_(("analysis", 0, "samples"), 0), "analysis[0]: stage 'equivariance': samples"),
         (with_(("analysis",), [{"stage": "equivariance", "zoos": ["ghost"]}]), "ghost"),
     ],
 )

@@ -1,0 +1,9 @@
+"""The analysis stages a study can name, by name. Each stage module defines one `Stage` subclass."""
+
+from pipeline.stages.common import Settings, Stage
+from pipeline.stages.equivariance import Equivariance
+from pipeline.stages.interpolation import Interpolation
+
+STAGES: dict[str, Stage] = {s.name: s for s in (Interpolation(), Equivariance())}
+
+__all__ = ["STAGES", "Settings", "Stage"]

@@ -1,0 +1,109 @@
+"""What every analysis stage shares: the `Stage` interface, its settings base, and store helpers.
+
+A stage plans its items on the driver (models or model pairs), leaving out those already in the store;
+a Ray task computes a chunk of items with the pure functions of `analysis/` and writes the chunk as one
+shard of `analysis/<stage>` (a deterministic name, so a retried task overwrites its own shard). The
+driver then takes per-zoo summary columns, plots and MLflow metrics from the stored rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, ClassVar
+
+import polars as pl
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+Item = dict[str, str]
+
+
+class Settings(BaseModel):
+    """Settings every stage takes; a stage subclasses this with its own fields and defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+    seed: int = 0
+    samples: int = Field(512, ge=1, description="test inputs used per model")
+
+
+class Stage(ABC):
+    """An analysis stage. Subclasses set `name`, `Settings`, and implement plan and run."""
+
+    name: ClassVar[str]
+    Settings: ClassVar[type[Settings]] = Settings
+
+    @abstractmethod
+    def plan(self, store: Any, zoos: list, settings: Settings) -> list[Item]:
+        """The items still to compute (their results are not in the store yet)."""
+
+    @abstractmethod
+    def run(self, store_root: str, items: list[Item], settings: dict[str, Any], data_dir: str | None, device: str) -> list[dict]:
+        """Compute a chunk of items inside a Ray task; write them as one shard; return the rows."""
+
+    def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
+        """Per-zoo columns for the study's summary table (a `zoo` column plus the stage's own)."""
+        return rows.select("zoo").unique()
+
+    def summary_metrics(self, rows: pl.DataFrame) -> dict[str, float]:
+        """`{zoo.column: value}` of the summary columns, for the stage's MLflow run."""
+        cols = self.summary_columns(rows)
+        return {f"{r['zoo']}.{k}": float(v) for r in cols.iter_rows(named=True) for k, v in r.items()
+                if k != "zoo" and isinstance(v, (int, float))}
+
+    def plots(self, rows: pl.DataFrame, out_dir: Path) -> list[Path]:
+        return []
+
+
+def shard_name(stage: str, items: list[Item]) -> str:
+    """Deterministic shard name of a chunk of items."""
+    blob = json.dumps(sorted(json.dumps(i, sort_keys=True) for i in items))
+    return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def ok_models(store: Any, zoo: str) -> pl.DataFrame:
+    """(model_id, arch_config) of a zoo's models that trained without diverging, in id order."""
+    if zoo not in store.zoos():
+        return pl.DataFrame(schema={"model_id": pl.String, "arch_config": pl.String})
+    return store.models(zoo).filter(pl.col("status") == "ok").select("model_id", "arch_config").collect().sort("model_id")
+
+
+def done_keys(store: Any, stage: str, keys: list[str]) -> set[tuple]:
+    """Key tuples of the results a stage already stored."""
+    if stage not in store.stages():
+        return set()
+    return set(store.analysis(stage).select(keys).collect().iter_rows())
+
+
+def model_context(store: Any, model_id: str, data_dir: str | None) -> tuple[torch.nn.Module, Any]:
+    """(template module in eval mode, task) of a stored model, rebuilt from its row."""
+    from tasks import task_with_data
+    from zoos.archs import build_arch
+
+    row = store.models().filter(pl.col("model_id") == model_id).collect().row(0, named=True)
+    options = json.loads(row["task_config"] or "{}")
+    options.pop("name", None)
+    task = task_with_data(row["task"], options, data_dir)
+    return build_arch(row["arch"], task, **json.loads(row["arch_config"] or "{}")).eval(), task
+
+
+def by_context(items: list[Item]) -> dict[tuple[str, str], list[Item]]:
+    """Items grouped by (zoo, arch config): each group shares one template module."""
+    groups: dict[tuple[str, str], list[Item]] = defaultdict(list)
+    for it in items:
+        groups[(it["zoo"], it["arch_config"])].append(it)
+    return groups
+
+
+def test_batch(task: Any, samples: int, seed: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `samples` test examples of the task for `seed`."""
+    x, y = task.load("test", seed)
+    return x[:samples].to(device), y[:samples].to(device)
+
+
+def stacked(store: Any, model_ids: list[str], device: str, epoch: int | str = "last") -> Any:
+    """Stored weights of `model_ids` as `StackedWeights` on `device`."""
+    return store.to_torch(pl.col("model_id").is_in(model_ids), epoch=epoch, device=device)
