@@ -11,6 +11,7 @@ but the driver logs; `log_batch` carries many values per call (MLflow caps a cal
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -48,6 +49,7 @@ class Tracker:
         # Fail fast against an unreachable server instead of MLflow's default minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "creating tables" chatter in the progress display
         from mlflow.tracking import MlflowClient
 
         self._client = MlflowClient(tracking_uri=self.uri)
@@ -116,6 +118,14 @@ class Tracker:
             if params:
                 self._log(run, params=params)
         return self._zoo_runs[zoo]
+
+    def discard_unfinished_models(self) -> int:
+        """Delete model runs a driver left unfinished (killed while logging), so each model is logged once, again."""
+        stale = [r for r in self._find({KIND: "model", STUDY: self.study}) if r.info.status != "FINISHED"]
+        for r in stale:
+            with self._timed():
+                self._client.delete_run(r.info.run_id)
+        return len(stale)
 
     def logged_models(self) -> set[str]:
         """Model ids that already have a finished run in this experiment."""
