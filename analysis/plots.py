@@ -112,3 +112,40 @@ def equivariance_by_zoo(rows: pl.DataFrame, column: str, path: Path) -> Path:
     ax.set_xticks(range(len(zoos)), zoos, rotation=20)
     ax.set(ylabel=column, title="equivariance error per model")
     return _save(fig, path)
+
+
+def barrier_vs_epoch(rows: pl.DataFrame, columns: Sequence[str], path: Path) -> Path:
+    """Barrier against training epoch, a panel per zoo: a thin line per pair and the median per column.
+
+    Expects one row per (pair, epoch) with `model_a`, `model_b`, `epoch` and the barrier `columns`.
+    """
+    zoos = sorted(rows["zoo"].unique().to_list())
+    fig, axes = _panels(len(zoos))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, zoo in zip(axes, zoos):
+        sub = rows.filter(pl.col("zoo") == zoo).sort("epoch")
+        for colour, column in zip(colours, columns):
+            for _, pair in sub.group_by("model_a", "model_b"):
+                ax.plot(pair["epoch"].to_numpy(), pair[column].to_numpy(), color=colour, lw=0.6, alpha=0.35)
+            med = sub.group_by("epoch").agg(pl.col(column).median()).sort("epoch")
+            ax.plot(med["epoch"].to_numpy(), med[column].to_numpy(), color=colour, lw=2, marker="o", ms=3, label=column)
+        ax.set(title=f"{zoo}: barrier through training", xlabel="epoch", ylabel="barrier")
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def path_curves(rows: pl.DataFrame, value: str, labels: dict[str, str], path: Path, max_pairs: int = 16) -> Path:
+    """`value` along several paths per pair (list columns `{value}_{suffix}` for each suffix of `labels`), a panel per zoo."""
+    zoos = sorted(rows["zoo"].unique().to_list())
+    fig, axes = _panels(len(zoos))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, zoo in zip(axes, zoos):
+        sub = rows.filter(pl.col("zoo") == zoo).head(max_pairs)
+        for r in sub.iter_rows(named=True):
+            for colour, suffix in zip(colours, labels):
+                ax.plot(np.asarray(r["lambdas"]), r[f"{value}_{suffix}"], color=colour, alpha=0.6, lw=0.9)
+        for colour, label in zip(colours, labels.values()):
+            ax.plot([], [], color=colour, label=label)
+        ax.set(title=f"{zoo}: {len(sub)} pairs", xlabel="t", ylabel=value)
+        ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -2,8 +2,9 @@
 
 from pipeline.stages.common import Settings, Stage
 from pipeline.stages.equivariance import Equivariance
-from pipeline.stages.interpolation import Interpolation
+from pipeline.stages.interpolation import Interpolation, InterpolationCross
+from pipeline.stages.bezier import Bezier
 
-STAGES: dict[str, Stage] = {s.name: s for s in (Interpolation(), Equivariance())}
+STAGES: dict[str, Stage] = {s.name: s for s in (Interpolation(), Equivariance(), InterpolationCross(), Bezier())}
 
 __all__ = ["STAGES", "Settings", "Stage"]
