@@ -1,0 +1,85 @@
+"""Helpers that inject real faults: find a Ray worker among our own descendant processes, kill it, write studies."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import yaml
+
+
+def descendants(root: int) -> list[int]:
+    """Pids of every live descendant of `root` (from /proc), so a test only ever touches processes it started."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def wait_for_process(root: int, marker: str, timeout: float = 60.0) -> int:
+    """The pid of a descendant of `root` whose command line (a Ray worker's title names its task) holds `marker`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in descendants(root):
+            if marker in cmdline(pid):
+                return pid
+        time.sleep(0.05)
+    raise TimeoutError(f"no process of {root} with {marker!r} in its command line after {timeout} s")
+
+
+def wait_until(check, timeout: float = 60.0, every: float = 0.01, what: str = "condition"):
+    """Poll `check()` until it returns something truthy; return that value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"{what} not reached after {timeout} s")
+
+
+def mlp_zoo(name: str, seeds: list[int], lrs: list[float], epochs: int, **extra) -> dict:
+    """A small digits MLP zoo (trains in about 0.2 s an epoch on one core)."""
+    return {"name": name, "task": {"name": "digits", "options": {"variant": "rotated"}},
+            "arch": {"name": "mlp", "config": {"width": 16, "depth": 1}},
+            "grid": {"seed": seeds, "lr": lrs, "optimizer": ["sgd"]}, "epochs": epochs, **extra}
+
+
+def write_study(tmp: Path, name: str, zoos: list[dict], **extra) -> tuple[Path, dict]:
+    """A study file whose store, MLflow sqlite file and output all live under `tmp`."""
+    study = {"study": name, "store": str(tmp / "store"), "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+             "output": str(tmp / "out"), "zoos": zoos, **extra}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path, study
+
+
+def model_runs(tracking_uri: str, study: str) -> list:
+    """The study's active MLflow model runs."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(study)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], "tags.`symzoo.kind` = 'model'", max_results=5000)

@@ -1,0 +1,98 @@
+"""Faults under a running study on the shared local Ray: a killed worker, a killed driver, diverging models.
+
+Each test injects the fault for real (SIGKILL of a process this test started, an lr that overflows) and
+then checks the store (every model exactly once, every checkpoint, no stray file) and MLflow (one
+finished run per model).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+import zoos
+from pipeline.cli import app
+from pipeline.progress import Display
+from pipeline.runner import run_study
+from pipeline.study import load_study
+from tests.reliability.faults import descendants, mlp_zoo, model_runs, wait_for_process, wait_until, write_study
+from zoos.spec import expand, populations
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
+
+
+def assert_store_whole(store_root: str, expected: dict[str, list[int]]) -> pl.DataFrame:
+    """Every expected model (id -> checkpoint epochs) stored exactly once with all its checkpoints; nothing stray."""
+    store = zoos.open(store_root)
+    models = store.models().collect()
+    assert sorted(models["model_id"]) == sorted(expected), "each model exactly once"
+    ck = store.checkpoints().select("model_id", "epoch").collect()
+    got = {mid: sorted(g["epoch"]) for (mid,), g in ck.group_by("model_id")}
+    assert got == {mid: sorted(eps) for mid, eps in expected.items()}
+    assert store.verify() == [], "no damaged, partial or stray files"
+    assert not [f for _, _, fs in os.walk(store_root) for f in fs if ".tmp-" in f]
+    return models
+
+
+def expected_models(study) -> dict[str, list[int]]:
+    return {m.model_id: list(m.checkpoints) for z in study.zoos for m in expand(z, study.study)}
+
+
+def assert_logged_once(study, expected) -> None:
+    runs = model_runs(study.tracking_uri, study.study)
+    ids = [r.data.tags["symzoo.model_id"] for r in runs]
+    assert sorted(ids) == sorted(expected), "one MLflow run per model, no duplicates, none missing"
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_killed_worker_is_retried_and_loses_nothing(ray_local, tmp_path):
+    path, _ = write_study(tmp_path, "killworker", [
+        mlp_zoo("slow", [0, 1, 2], [0.01], epochs=12, checkpoints=[0, 4, 8, 12]),
+        mlp_zoo("fast", [0, 1], [0.01], epochs=2)])
+    study = load_study(path)
+    shard = populations(expand(study.zoos[0], study.study))[0].shard
+    out: dict = {}
+    driver = threading.Thread(target=lambda: out.update(report=run_study(study, display=Display(plain=True))))
+    driver.start()
+    pid = wait_for_process(os.getpid(), f"train:slow:{shard}")
+    time.sleep(0.5)  # into the training loop
+    assert not (tmp_path / "store" / "manifest" / "slow" / f"{shard}.json").exists(), "killed before its shard was written"
+    os.kill(pid, signal.SIGKILL)
+    driver.join(180)
+    assert not driver.is_alive() and "report" in out, "the study finished after the retry"
+    assert not os.path.exists(f"/proc/{pid}") or "train:" not in Path(f"/proc/{pid}/cmdline").read_text()
+    expected = expected_models(study)
+    assert out["report"].trained_models == len(expected) == 5
+    assert_store_whole(study.store, expected)
+    assert_logged_once(study, expected)
+
+
+def test_diverging_models_do_not_touch_the_others(ray_local, tmp_path):
+    zoo = mlp_zoo("z", [0, 1], [0.05, 1e30], epochs=3, checkpoints=[0, 1, 3])
+    reports = {}
+    for name, lrs in (("with", [0.05, 1e30]), ("without", [0.05])):
+        (tmp_path / name).mkdir()
+        path, _ = write_study(tmp_path / name, "diverge", [{**zoo, "grid": {**zoo["grid"], "lr": lrs}}])
+        reports[name] = run_study(load_study(path), display=Display(plain=True))
+    assert reports["with"].trained_models == 4 and reports["without"].trained_models == 2
+    with_bad, without = zoos.open(str(tmp_path / "with" / "store")), zoos.open(str(tmp_path / "without" / "store"))
+    status = dict(with_bad.models().select("lr", "status").unique().collect().iter_rows())
+    assert status == {0.05: "ok", 1e30: "diverged"}
+    ok = sorted(without.models().collect()["model_id"])
+    assert sorted(with_bad.models().filter(pl.col("status") == "ok").collect()["model_id"]) == ok  # same ids
+    a = with_bad.checkpoints(columns="all").filter(pl.col("model_id").is_in(ok)).sort("model_id", "epoch").collect()
+    b = without.checkpoints(columns="all").sort("model_id", "epoch").collect()
+    assert a.height == b.height == 2 * 3
+    for col in b.columns:  # every weight tensor and metric at every checkpoint, bit for bit
+        x, y = a[col].to_numpy(), b[col].to_numpy()
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), col
+    runs = model_runs(f"sqlite:///{tmp_path / 'with' / 'mlflow.db'}", "diverge")
+    assert sorted(r.data.tags["status"] for r in runs) == ["diverged", "diverged", "ok", "ok"]
