@@ -35,14 +35,16 @@ class RunReport:
     populations: int = 0
     analysis_items: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
-    tracking_s: float = 0.0
+    tracking_s: float = 0.0  # all time spent in MLflow calls, on any driver thread
+    tracking_wait_s: float = 0.0  # of which the driver sat waiting for MLflow (the wall-time overhead)
     train_task_s: float = 0.0
     plots: list[Path] = field(default_factory=list)
     summary: pl.DataFrame | None = None
 
     @property
     def tracking_share(self) -> float:
-        return self.tracking_s / self.wall_s if self.wall_s else 0.0
+        """Share of the wall time the study waited for MLflow."""
+        return self.tracking_wait_s / self.wall_s if self.wall_s else 0.0
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -55,8 +57,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+    else:  # "local": a new Ray of our own, never one found through /tmp/ray/ray_current_cluster
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
 
 
 def check_store_writable(root: str) -> None:
@@ -120,10 +122,32 @@ def _stage_task(stage: str, store_root: str, items: list[Any], settings: dict[st
 
 # ---- the driver -----------------------------------------------------------------------------------
 
+def _log_stored_models(store: Any, tracker: Tracker, zoo: str, ids: set[str], logged: set[str], factors: list[str]) -> int:
+    """Log the stored models among `ids` of `zoo` that have no finished MLflow run (rows and checkpoint metrics
+    read back from the store), e.g. those a killed driver had stored but not logged."""
+    unlogged = (store.stored_ids(zoo) & ids) - logged
+    if not unlogged:
+        return 0
+    wanted = pl.col("model_id").is_in(sorted(unlogged))
+    rows = store.models(zoo).filter(wanted).collect().to_dicts()
+    ck = store.checkpoints(zoo=zoo).filter(wanted).sort("model_id", "epoch").collect()
+    names = [c for c in ck.columns if c not in ("model_id", "zoo", "epoch")]
+    metrics: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for r in ck.iter_rows(named=True):
+        per = metrics.setdefault(r["model_id"], {})
+        for name in names:
+            if r[name] is not None:
+                per.setdefault(name, []).append((int(r["epoch"]), float(r[name])))
+    tracker.log_models(zoo, rows, factors, metrics)
+    logged.update(unlogged)
+    return len(rows)
+
+
 def run_study(study: Study, *, address: str | None = None, display: Display | None = None,
               tracking_uri: str | None = None) -> RunReport:
     """Train what is missing, run the analysis stages, log everything; returns what was done."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from pipeline.stages import STAGES
     from zoos.spec import expand, populations
@@ -142,10 +166,11 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
     res = study.resources
 
     # -- plan: populations whose models are not all stored yet
-    todo, factor_names = [], {}
+    todo, factor_names, zoo_ids = [], {}, {}
     for zoo in study.zoos:
         models = expand(zoo, study.study)
         factor_names[zoo.name] = sorted({k for m in models for k in m.factors})
+        zoo_ids[zoo.name] = {m.model_id for m in models}
         tracker.zoo_run(zoo.name, params={"task": zoo.task.name, "arch": zoo.arch.name, "models": len(models),
                                            "epochs": zoo.epochs})
         done = store.stored_ids(zoo.name)
@@ -154,6 +179,11 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
                 report.skipped_models += len(pop.model_ids)
             else:
                 todo.append(pop)
+    # -- models stored by an earlier run whose driver died before logging them: log them now, from the store
+    tracker.discard_unfinished_models()
+    logged = tracker.logged_models()
+    for zoo in study.zoos:
+        _log_stored_models(store, tracker, zoo.name, zoo_ids[zoo.name], logged, factor_names[zoo.name])
     n_models = sum(len(p.model_ids) for p in todo)
     epochs_total = sum(len(p.model_ids) * p.epochs for p in todo)
 
@@ -162,7 +192,9 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
         display.log(f"study {study.study}: {n_models} models to train in {len(todo)} populations, "
                     f"{report.skipped_models} already stored")
         if todo:
-            board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
+            # on the driver's node: a worker node that dies must not take the live progress with it
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            board = ray.remote(ProgressBoard).options(num_cpus=0, scheduling_strategy=here).remote()
             remote = ray.remote(_train_task)
             pending = {
                 remote.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=res.max_retries,
@@ -171,7 +203,6 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
             }
             display.add("models trained", n_models)
             display.add("model-epochs", epochs_total)
-            logged = tracker.logged_models()
             sizes = {p.shard: len(p.model_ids) for p in todo}
             finished_epochs = 0
             while pending:
@@ -185,11 +216,14 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
                     report.train_task_s += out["train_s"] + out["write_s"]
                     finished_epochs += len(pop.model_ids) * pop.epochs
                     rows = [r for r in out["rows"] if r["model_id"] not in logged]
-                    tracker.log_models(out["zoo"], rows, factor_names[out["zoo"]], out["checkpoint_metrics"])
+                    tracker.log_models_later(out["zoo"], rows, factor_names[out["zoo"]], out["checkpoint_metrics"])
                     report.trained_models += len(pop.model_ids)
                     report.populations += 1
                     display.update("models trained", report.trained_models, note=f"{pop.zoo} on {out['device']}")
             ray.kill(board)
+            t_wait = time.perf_counter()
+            tracker.drain()
+            report.tracking_wait_s += time.perf_counter() - t_wait
 
         # -- analysis stages
         for stage in study.analysis:
