@@ -25,12 +25,15 @@ def _load(path: Path, **overrides):
 
 
 def _check_buildable(study) -> None:
-    """Build every zoo's task and its first model, so bad names and configs fail before any work starts."""
-    from tasks import get_task
+    """Build every zoo's task and its first model, and find file-backed tasks' data files, so bad names,
+    configs and missing data fail before any work starts."""
+    from tasks.registry import task_with_data
     from zoos.spec import build_model, expand
 
     for zoo in study.zoos:
-        task = get_task(zoo.task.name, **zoo.task.options)
+        task = task_with_data(zoo.task.name, zoo.task.options, study.data_dir)
+        if hasattr(task, "find_files"):
+            task.find_files()  # TaskError naming the missing files and where to get them
         build_model(zoo, expand(zoo, study.study)[0].factors, task)
 
 
