@@ -139,3 +139,27 @@ def import_cmd(
     except (StoreError, OSError) as e:
         fail(str(e))
     console.print(f"imported {n} models from {src} into {store}")
+
+
+@app.command("verify")
+def verify_cmd(store: str = typer.Argument(..., help="store path or URI")) -> None:
+    """Check every shard file against its manifest (present, size, sha256); exit 1 naming damaged files and their models."""
+    s = _open(store)
+    try:
+        problems = s.verify()
+    except (OSError, ValueError) as e:
+        fail(f"cannot verify {store}: {e}")
+    if not problems:
+        shards = s.manifests() + s._analysis_manifests()
+        files = sum(len(m["files"]) for m in shards)
+        console.print(f"[green]ok[/]: {store}: {files} files of {len(shards)} shards match their manifests")
+        return
+    table = Table("file", "problem", "models", box=None, header_style="bold")
+    for p in problems:
+        ids = p["model_ids"]
+        shown = "-" if not ids else f"{len(ids)}: " + ", ".join(ids[:4]) + (", ..." if len(ids) > 4 else "")
+        table.add_row(p["file"], p["problem"], shown)
+    console.print(table)
+    fail(f"{len(problems)} damaged or stray files in {store}; re-run the study to rewrite damaged shards "
+         "(delete their manifest/<zoo>/<shard>.json first), or read around them with zoos.open(..., skip_damaged=True)",
+         code=1)

@@ -16,6 +16,9 @@ as one [N, *shape] array without reading or copying anything (benchmarks/store_b
 against Parquet); everything else is Parquet, which every tool reads. Checkpoint rows are ordered
 epoch-major (all models at the first stored epoch, then the next), so one epoch of one shard is one
 contiguous block. A shard is complete iff its manifest exists, and readers only read complete shards.
+Every file a query reads is first checked against its manifest (size, and sha256 once per Store
+instance unless check="size"): a damaged file raises StoreError naming it and its models, or is
+skipped with a warning when the store is opened with skip_damaged=True.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ _SAFE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]*$")
 
 class StoreError(ValueError):
     """A missing, newer or damaged store, or a bad query argument; the message says which and what to do."""
+
+
+class DamagedShardWarning(UserWarning):
+    """A damaged file was skipped by a store opened with skip_damaged=True."""
 
 
 def safe_name(kind: str, value: Any) -> str:
@@ -136,10 +143,17 @@ class Store:
     """A zoo store rooted at a local path or a pyarrow filesystem URI.
 
     Opening writes nothing: the store's marker file appears with its first shard. Reading a store
-    that does not exist, or one written by a newer schema, raises StoreError.
+    that does not exist, or one written by a newer schema, raises StoreError. `check` is how files
+    are checked before they are read ("sha256": size and hash, once per file per instance; "size":
+    size only, for the fastest first read); `skip_damaged` reads around damaged files instead of raising.
     """
 
-    def __init__(self, root: str, filesystem: pafs.FileSystem | None = None):
+    def __init__(self, root: str, filesystem: pafs.FileSystem | None = None, *,
+                 skip_damaged: bool = False, check: str = "sha256"):
+        if check not in ("sha256", "size"):
+            raise StoreError(f"check={check!r} is not allowed; use 'sha256' or 'size'")
+        self.skip_damaged, self.check = bool(skip_damaged), check
+        self._checked: dict[tuple, str | None] = {}
         root = str(root)
         if filesystem is not None:
             self.fs, self.root = filesystem, root
@@ -220,6 +234,43 @@ class Store:
                 out.append(posixpath.relpath(info.path, self.root))
         return sorted(out)
 
+    def _damage(self, rel: str, rec: dict) -> str | None:
+        """What is wrong with a shard file against its manifest record (None: intact); memoised per file version."""
+        info = self._info(rel)
+        key = (rel, info.size, info.mtime_ns)
+        if key not in self._checked:
+            if info.type != pafs.FileType.File:
+                return "missing"
+            if self.check == "size":
+                self._checked[key] = None if info.size == rec["size"] else f"size {info.size} != {rec['size']} recorded"
+            else:
+                self._checked[key] = _check_file(self.fs, self._path(rel), rec)
+        return self._checked[key]
+
+    def _usable(self, manifest: dict, rel: str) -> bool:
+        """True if a shard file may be read; a damaged one raises StoreError, or is skipped with skip_damaged."""
+        problem = self._damage(rel, manifest["files"][rel])
+        if problem is None:
+            return True
+        ids = manifest.get("model_ids", [])
+        shown = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
+        where = f"{self.uri}/{rel} ({problem}; {len(ids)} models: {shown})"
+        if self.skip_damaged:
+            warnings.warn(f"skipping damaged file {where}", DamagedShardWarning, stacklevel=3)
+            return False
+        raise StoreError(
+            f"damaged file {where}. Run `symzoo verify {self.uri}` to list every damaged file; re-run the "
+            "study to rewrite the shard, or open the store with skip_damaged=True to read around it"
+        )
+
+    def _sweep_partial(self, kinds: Sequence[str], zoo: str, shard: str) -> None:
+        """Delete temporary files of this shard left by a writer that died before renaming them into place."""
+        for kind in kinds:
+            for rel in self._list(f"{kind}/{zoo}", ""):
+                name = posixpath.basename(rel)
+                if name.startswith(shard + ".") and ".tmp-" in name:
+                    self._delete(rel)
+
     # -- writing -----------------------------------------------------------------------------------
 
     def write_population(self, result: PopulationResult) -> str:
@@ -235,6 +286,7 @@ class Store:
         self._ensure_marker()
         manifest_rel = f"manifest/{zoo}/{shard}.json"
         self._delete(manifest_rel)  # the shard is incomplete from here until its new manifest is written
+        self._sweep_partial(("models", "curves", "checkpoints", "manifest"), zoo, shard)
 
         ids = result.ids
         n, c = len(ids), len(result.epochs)
@@ -309,6 +361,7 @@ class Store:
         self._ensure_marker()
         manifest_rel = f"{ANALYSIS_MANIFESTS}/{stage}/{shard}.json"
         self._delete(manifest_rel)
+        self._sweep_partial(("analysis", ANALYSIS_MANIFESTS), stage, shard)
         rel = f"analysis/{stage}/{shard}.parquet"
         files = {rel: self._write_parquet(rel, table)}
         ids = table.column("model_id").to_pylist() if "model_id" in table.column_names else []
@@ -362,7 +415,8 @@ class Store:
         return frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
 
     def _files(self, kind: str, zoo: str | None = None, suffix: str = ".parquet") -> list[str]:
-        return [rel for m in self.manifests(zoo) for rel in m["files"] if rel.startswith(kind + "/") and rel.endswith(suffix)]
+        return [rel for m in self.manifests(zoo) for rel in m["files"]
+                if rel.startswith(kind + "/") and rel.endswith(suffix) and self._usable(m, rel)]
 
     def models(self, zoo: str | None = None) -> pl.LazyFrame:
         """The models table: one row per model of every complete shard."""
@@ -374,7 +428,7 @@ class Store:
 
     def analysis(self, stage: str) -> pl.LazyFrame:
         """The results of one analysis stage, all complete shards."""
-        return self._scan([rel for m in self._analysis_manifests(stage) for rel in m["files"]])
+        return self._scan([rel for m in self._analysis_manifests(stage) for rel in m["files"] if self._usable(m, rel)])
 
     def checkpoints(
         self, columns: Sequence[str] | str | None = None, epochs: Sequence[int] | str | None = None, zoo: str | None = None
@@ -398,13 +452,13 @@ class Store:
             if not arrow:
                 continue
             batches = _pick_epochs(m["epochs"], epochs)
-            if not batches:
+            meta_rel = arrow[0][: -len(".arrow")] + ".parquet"
+            if not batches or not (self._usable(m, arrow[0]) and self._usable(m, meta_rel)):
                 continue
             reader = self._open_ipc(arrow[0])
             keys = _weight_keys(reader.schema) if columns == "all" else list(_as_list(columns, "columns"))
             _check_keys(keys, reader.schema, arrow[0])
             weights = pa.Table.from_batches([reader.get_batch(b) for b in batches]).select(keys)
-            meta_rel = arrow[0][: -len(".arrow")] + ".parquet"
             self.opened.append(meta_rel)
             meta = pq.read_table(self._path(meta_rel), filesystem=self.fs)
             n = len(m["model_ids"])
@@ -461,7 +515,7 @@ class Store:
                 continue
             arrow = [rel for rel in m["files"] if rel.endswith(".arrow")]
             batches = _pick_epochs(m["epochs"], epoch if epoch == "last" else [int(epoch)])
-            if not arrow or not batches:
+            if not arrow or not batches or not self._usable(m, arrow[0]):
                 continue
             reader = self._open_ipc(arrow[0])
             batch = reader.get_batch(batches[0])
