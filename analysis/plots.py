@@ -114,6 +114,36 @@ def equivariance_by_zoo(rows: pl.DataFrame, column: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+def metric_vs_epoch(rows: pl.DataFrame, column: str, path: Path, *, log: bool = False, max_models: int = 32) -> Path:
+    """A per-checkpoint metric against epoch, every zoo on one axis (equivariant vs baseline side by side).
+
+    Thin lines: single models (up to `max_models` per zoo); thick line with markers: the zoo's median.
+    Expects columns zoo, model_id, epoch and `column`, one row per (model, epoch).
+    """
+    zoos = sorted(rows["zoo"].unique().to_list())
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, zoo in enumerate(zoos):
+        color = colors[i % len(colors)]
+        sub = rows.filter((pl.col("zoo") == zoo) & pl.col(column).is_not_null())
+        values = sub[column].to_numpy()
+        clip = (lambda v: np.clip(v, 1e-12, None)) if log else (lambda v: v)  # noqa: E731
+        for mid in sub["model_id"].unique(maintain_order=True).to_list()[:max_models]:
+            m = sub.filter(pl.col("model_id") == mid).sort("epoch")
+            ax.plot(m["epoch"].to_numpy(), clip(m[column].to_numpy()), color=color, lw=0.6, alpha=0.35)
+        med = sub.group_by("epoch").agg(pl.col(column).median()).sort("epoch")
+        n = sub["model_id"].n_unique()
+        ax.plot(med["epoch"].to_numpy(), clip(med[column].to_numpy()), color=color, lw=2, marker="o", ms=4,
+                label=f"{zoo} (median of {n})")
+        if values.size and log and (values <= 0).any():
+            ax.annotate(f"{zoo}: values <= 0 drawn at 1e-12", (0.02, 0.02 + 0.06 * i), xycoords="axes fraction", fontsize=7)
+    if log:
+        ax.set_yscale("log")
+    ax.set(xlabel="epoch", ylabel=column, title=f"{column} through training")
+    ax.legend(loc="best", fontsize=8)
+    return _save(fig, path)
+
+
 def barrier_vs_epoch(rows: pl.DataFrame, columns: Sequence[str], path: Path) -> Path:
     """Barrier against training epoch, a panel per zoo: a thin line per pair and the median per column.
 

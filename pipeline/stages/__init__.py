@@ -4,7 +4,11 @@ from pipeline.stages.common import Settings, Stage
 from pipeline.stages.equivariance import Equivariance
 from pipeline.stages.interpolation import Interpolation, InterpolationCross
 from pipeline.stages.bezier import Bezier
+from pipeline.stages.landscape import Landscape
+from pipeline.stages.lie import Lie
+from pipeline.stages.weightspace import Weightspace
 
-STAGES: dict[str, Stage] = {s.name: s for s in (Interpolation(), Equivariance(), InterpolationCross(), Bezier())}
+STAGES: dict[str, Stage] = {s.name: s for s in (Interpolation(), Equivariance(), Landscape(), Weightspace(), Lie(),
+                                          InterpolationCross(), Bezier())}
 
 __all__ = ["STAGES", "Settings", "Stage"]

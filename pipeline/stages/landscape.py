@@ -1,0 +1,55 @@
+"""Landscape stage: per model and checkpoint, the Hessian's top eigenvalue and its trace on a test batch.
+
+Hessian-vector products of the task loss, vmapped over the stacked population (`analysis.landscape`):
+power iteration for the eigenvalue of largest magnitude (with the last relative change, so a run that
+did not converge shows it) and Hutchinson's trace with its standard error. `trace_per_param` (trace /
+parameter count, the mean eigenvalue) makes zoos of different sizes comparable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+from pydantic import Field
+
+from analysis import plots
+from pipeline.stages.checkpoint import CheckpointSettings, CheckpointStage
+from pipeline.stages.common import test_batch
+
+
+class LandscapeSettings(CheckpointSettings):
+    samples: int = Field(256, ge=1, description="test inputs in the loss whose Hessian is taken")
+    iters: int = Field(30, ge=2, description="power-iteration steps at most")
+    tol: float = Field(1e-3, gt=0, description="power iteration stops when every model changes by less (relative)")
+    probes: int = Field(16, ge=2, description="Rademacher probes of Hutchinson's trace estimate")
+
+
+class Landscape(CheckpointStage):
+    name = "landscape"
+    Settings = LandscapeSettings
+
+    def measure(self, module: torch.nn.Module, task: Any, params: dict, buffers: dict, settings: dict[str, Any],
+                device: str) -> dict[str, Any]:
+        from analysis.landscape import hessian_top_eigenvalue, hessian_trace
+
+        x, y = test_batch(task, settings["samples"], settings["seed"], device)
+        gen = torch.Generator().manual_seed(settings["seed"])
+        top = hessian_top_eigenvalue(module, params, buffers, x, y, task.loss, iters=settings["iters"],
+                                     tol=settings["tol"], generator=gen)
+        trace = hessian_trace(module, params, buffers, x, y, task.loss, n_samples=settings["probes"], generator=gen)
+        n_params = sum(p[0].numel() for p in params.values())
+        return {"hessian_top": top.value, "hessian_top_rel_change": top.rel_change, "power_iters": top.iterations,
+                "hessian_trace": trace.mean, "hessian_trace_se": trace.se, "trace_per_param": trace.mean / n_params,
+                "n_params": n_params, "samples": int(x.shape[0])}
+
+    def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
+        last = rows.filter(pl.col("epoch") == pl.col("epoch").max().over("model_id"))
+        return last.group_by("zoo").agg(pl.col("hessian_top").median().alias("hessian_top"),
+                                        pl.col("hessian_trace").median().alias("hessian_trace"))
+
+    def plots(self, rows: pl.DataFrame, out_dir: Path) -> list[Path]:
+        return [plots.metric_vs_epoch(rows, "hessian_top", out_dir / "hessian_top.png", log=True),
+                plots.metric_vs_epoch(rows, "trace_per_param", out_dir / "hessian_trace_per_param.png")]

@@ -1,0 +1,65 @@
+"""Weight-space stage: how far each model's weights sit from the equivariant subspace, checkpoint by checkpoint.
+
+For a finite group the layers that commute with its action form a linear subspace, and the group
+average P projects onto it (`zoos.equivariance`). Per model and checkpoint this stage stores, for
+every constrained layer, ||W - P(W)|| / ||W||, and over all of them together `weight_distance`
+(the same ratio for the concatenated constrained weights). Equivariant architectures sit at 0 by
+construction; a baseline trained with augmentation or the equivariance regulariser should move
+towards 0 through training, one trained without should not. With the default `epochs: all` the rows
+trace that path. Continuous groups have no finite group average: their rows carry nulls and
+`applicable = false` (use the `lie` stage for them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+
+from analysis import plots
+from pipeline.stages.checkpoint import CheckpointSettings, CheckpointStage, Epochs
+
+
+class WeightspaceSettings(CheckpointSettings):
+    epochs: Epochs = "all"
+
+
+class Weightspace(CheckpointStage):
+    name = "weightspace"
+    Settings = WeightspaceSettings
+
+    def measure(self, module: torch.nn.Module, task: Any, params: dict, buffers: dict, settings: dict[str, Any],
+                device: str) -> dict[str, Any]:
+        from tasks.groups import FiniteGroup
+        from zoos.equivariance import projections
+
+        group = task.group
+        if not isinstance(group, FiniteGroup):
+            return {"group": group.name, "applicable": False, "weight_distance": None, "layers": [], "layer_distance": []}
+        projs = projections(module, group)
+        layers = sorted(projs)
+        n = next(iter(params.values())).shape[0]
+        with torch.no_grad():
+            diff = [(params[k] - projs[k](params[k])).reshape(n, -1) for k in layers]
+            full = [params[k].reshape(n, -1) for k in layers]
+        if not layers:  # nothing the group constrains (e.g. an MLP on vectors): no distance to report
+            return {"group": group.name, "applicable": False, "weight_distance": None, "layers": [], "layer_distance": []}
+        per_layer = torch.stack([d.norm(dim=1) / w.norm(dim=1).clamp_min(1e-30) for d, w in zip(diff, full)], 1)
+        total = torch.cat(diff, 1).norm(dim=1) / torch.cat(full, 1).norm(dim=1).clamp_min(1e-30)
+        return {"group": group.name, "applicable": True, "weight_distance": total, "layers": layers,
+                "layer_distance": per_layer}
+
+    def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
+        ok = rows.filter(pl.col("applicable"))
+        first = ok.filter(pl.col("epoch") == pl.col("epoch").min().over("model_id"))
+        last = ok.filter(pl.col("epoch") == pl.col("epoch").max().over("model_id"))
+        return (first.group_by("zoo").agg(pl.col("weight_distance").median().alias("wdist_first"))
+                .join(last.group_by("zoo").agg(pl.col("weight_distance").median().alias("wdist_last")), on="zoo"))
+
+    def plots(self, rows: pl.DataFrame, out_dir: Path) -> list[Path]:
+        ok = rows.filter(pl.col("applicable"))
+        if not ok.height:
+            return []
+        return [plots.metric_vs_epoch(ok, "weight_distance", out_dir / "weight_distance.png")]
