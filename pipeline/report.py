@@ -73,7 +73,8 @@ def print_summary(console: Console, study: Study, report: Any) -> None:
         console.print(table)
     console.print(
         f"trained {report.trained_models} models ({report.skipped_models} already stored) in {report.wall_s:.1f}s; "
-        f"MLflow logging took {report.tracking_s:.1f}s ({100 * report.tracking_share:.1f}% of the run)"
+        f"MLflow: {report.tracking_s:.1f}s of logging, {report.tracking_wait_s:.1f}s of it waited for "
+        f"({100 * report.tracking_share:.1f}% of the run)"
     )
     out = study.output_dir()
     uri = study.tracking_uri or "sqlite:///symzoo.db"

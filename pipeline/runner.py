@@ -253,10 +253,11 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
         df = store.analysis(stage.stage).collect() if stage.stage in store.stages() else None
         metrics = STAGES[stage.stage].summary_metrics(df) if df is not None else {}
         tracker.log_stage(stage.stage, metrics, params=stage.settings.model_dump(), artifacts=stage_plots.get(stage.stage, []))
-    report.wall_s = time.perf_counter() - t_start
-    report.tracking_s = tracker.seconds
-    tracker.log_summary({"wall_s": report.wall_s, "tracking_s": report.tracking_s, "trained_models": report.trained_models},
+    tracker.log_summary({"wall_s": time.perf_counter() - t_start, "tracking_s": tracker.seconds,
+                         "trained_models": report.trained_models},
                         artifacts=[p for p in report.plots if p.parent == out_dir])
     tracker.finish()
+    report.wall_s = time.perf_counter() - t_start
     report.tracking_s = tracker.seconds
+    report.tracking_wait_s += tracker.seconds - tracker.background_seconds
     return report

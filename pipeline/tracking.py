@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -60,7 +61,8 @@ class Tracker:
 
     uri: str
     study: str
-    seconds: float = 0.0
+    seconds: float = 0.0  # time in MLflow calls, all threads
+    background_seconds: float = 0.0  # of which on the background logging thread, overlapping other work
     calls: int = 0
     _client: Any = field(default=None, repr=False)
     _experiment_id: str = ""
@@ -73,10 +75,11 @@ class Tracker:
         # Fail fast against an unreachable server instead of MLflow's default minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "creating tables" chatter in the progress display
         if self.uri.startswith("sqlite:"):
             _fast_sqlite_commits()
         from mlflow.tracking import MlflowClient
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # after import, which sets it: no "creating tables" chatter
 
         self._client = MlflowClient(tracking_uri=self.uri)
 
@@ -86,8 +89,11 @@ class Tracker:
         try:
             yield
         finally:
-            self.seconds += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.seconds += dt
             self.calls += 1
+            if threading.current_thread().name.startswith("mlflow-log"):
+                self.background_seconds += dt
 
     # ---- set-up -------------------------------------------------------------------------------
 
