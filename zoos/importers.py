@@ -23,6 +23,7 @@ import gzip
 import json
 import math
 import os
+import pickle
 import re
 from collections import defaultdict
 from typing import Any, Iterable
@@ -226,6 +227,15 @@ def _map_cnn_s(state: dict[str, torch.Tensor]) -> tuple[dict[str, np.ndarray], b
     return {k: v.numpy().astype(np.float32) for k, v in state.items()}, False
 
 
+def _load_tensors(path: str) -> dict:
+    """A checkpoint's tensors through torch's weights-only unpickler; anything else (code, objects) is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        raise StoreError(f"refusing checkpoint {path}: it is not a plain tensor state dict, and symzoo never "
+                         f"unpickles arbitrary objects ({str(e).splitlines()[0][:160]})") from None
+
+
 def import_model_zoos(src: str, store: Store, zoo: str | None = None, shard_size: int = 1000) -> int:
     """Import Model Zoos trial directories found under `src`; return the number of models written."""
     trials = _trial_dirs(src)
@@ -250,7 +260,7 @@ def import_model_zoos(src: str, store: Store, zoo: str | None = None, shard_size
         epochs = sorted(ckpts)
         offset = 1 if 0 in ckpts else 0  # result line with training_iteration t describes epoch t - offset
         by_epoch = {int(r["training_iteration"]) - offset: r for r in results if "training_iteration" in r}
-        states = [torch.load(ckpts[e], map_location="cpu", weights_only=True) for e in epochs]
+        states = [_load_tensors(ckpts[e]) for e in epochs]
         mapped = [_map_cnn_s(s) for s in states]
         is_cnn_s = all(ok for _, ok in mapped)
         weights = {k: np.stack([w[k] for w, _ in mapped]) for k in mapped[0][0]}
