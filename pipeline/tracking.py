@@ -81,7 +81,13 @@ class Tracker:
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # after import, which sets it: no "creating tables" chatter
 
-        self._client = MlflowClient(tracking_uri=self.uri)
+        try:
+            self._client = MlflowClient(tracking_uri=self.uri)
+        except Exception as e:  # an unknown scheme or a malformed URI
+            raise TrackingError(
+                f"cannot use the MLflow tracking URI {self.uri!r}: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}. "
+                "Fix the URI (--tracking-uri or the study's tracking_uri): sqlite:///file.db, http://host:port or a folder."
+            ) from None
 
     @contextmanager
     def _timed(self) -> Iterator[None]:

@@ -1,0 +1,117 @@
+"""Bad input to `symzoo run`: each case exits 2 with a short error naming the key path or file and what to
+do, before any Ray work, and writes nothing to the store. Cases already in tests/pipeline (malformed YAML,
+unknown task/arch/factor/stage, negative lr and epochs, an empty grid value list, a string for epochs,
+escaping names, a store under a file, an unreachable MLflow server) are not repeated here; the table of
+every case and its message is tests/reliability/README.md.
+"""
+
+import copy
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import pipeline.runner
+from pipeline.cli import app
+
+GOOD = {
+    "study": "bad",
+    "zoos": [{"name": "m", "task": {"name": "digits"}, "arch": {"name": "mlp", "config": {"width": 8, "depth": 1}},
+              "grid": {"seed": [0]}, "epochs": 1}],
+}
+
+
+def variant(path: tuple, value) -> dict:
+    d = copy.deepcopy(GOOD)
+    node = d
+    for k in path[:-1]:
+        node = node[k]
+    if value is KeyError:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return d
+
+
+MNIST = {"name": "m", "task": {"name": "mnist"}, "arch": {"name": "mlp", "config": {"width": 8, "depth": 1}},
+         "grid": {"seed": [0]}, "epochs": 1}
+
+CASES = {
+    "empty file": ("", "expected a mapping"),
+    "a list, not a mapping": ("- study: x\n", "expected a mapping"),
+    "misspelt top-level key": ({**GOOD, "zoo": GOOD["zoos"]}, "zoo: Extra inputs are not permitted"),
+    "no zoos": (variant(("zoos",), KeyError), "zoos: Field required"),
+    "empty zoo list": (variant(("zoos",), []), "zoos: List should have at least 1 item"),
+    "zoos a mapping": (variant(("zoos",), {"m": GOOD["zoos"][0]}), "zoos: Input should be a valid list"),
+    "grid a list": (variant(("zoos", 0, "grid"), ["seed", 0]), "zoos[0].grid"),
+    "grid values a scalar": (variant(("zoos", 0, "grid", "lr"), 0.01), "zoos[0].grid.lr"),
+    "lr a word": (variant(("zoos", 0, "grid", "lr"), ["fast"]), "zoos[0].grid.lr[0]"),
+    "checkpoint past the last epoch": (variant(("zoos", 0, "checkpoints"), [0, 5]), "zoos[0].checkpoints"),
+    "unknown arch config key": (variant(("zoos", 0, "arch", "config"), {"width": 8, "colour": 1}), "colour"),
+    "unknown task option": (variant(("zoos", 0, "task"), {"name": "digits", "options": {"grup": "C4"}}), "grup"),
+    "num_cpus a word": ({**GOOD, "resources": {"num_cpus": "two"}}, "resources.num_cpus"),
+    "negative num_gpus": ({**GOOD, "resources": {"num_gpus": -1}}, "resources.num_gpus"),
+    "unknown precision": ({**GOOD, "resources": {"precision": "fp8"}}, "resources.precision"),
+    "population_size 0": (variant(("zoos", 0, "population_size"), 0), "zoos[0].population_size"),
+    "mnist, data_dir without files": ({**GOOD, "data_dir": "{tmp}/nodata", "zoos": [MNIST]},
+                                      "missing data files train-images-idx3-ubyte"),
+    "mnist, no data_dir": ({**GOOD, "zoos": [MNIST]}, "no data directory"),
+}
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Bad input must be refused before Ray starts: reaching it fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("bad input reached Ray")
+    monkeypatch.setattr(pipeline.runner, "init_ray", refuse)
+    monkeypatch.delenv("SYMZOO_DATA", raising=False)
+
+
+def run(tmp_path, data, *args):
+    path = tmp_path / "study.yaml"
+    if isinstance(data, dict):
+        data = yaml.safe_dump({**data, "store": str(tmp_path / "store"), "output": str(tmp_path / "out"),
+                               "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    path.write_text(data.replace("{tmp}", str(tmp_path)))
+    return CliRunner().invoke(app, ["run", str(path), "--plain", *args])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_study_exits_2_naming_the_problem_and_writes_nothing(tmp_path, no_ray, case):
+    data, expected = CASES[case]
+    r = run(tmp_path, data)
+    assert r.exit_code == 2, r.output
+    assert expected in r.output.replace("\n", " ") or expected in r.output, r.output
+    assert "Traceback" not in r.output and len(r.output.splitlines()) <= 6, "short, no traceback"
+    assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case, prepare, expected", [
+    ("store root is a file", lambda root: root.write_text("x"), "cannot write the store"),
+    ("store of a newer schema", lambda root: (root.mkdir(), (root / "symzoo-store.json").write_text(
+        json.dumps({"schema_version": 99}))), "schema version 99"),
+    ("store marker is garbage", lambda root: (root.mkdir(), (root / "symzoo-store.json").write_text("{nope")),
+     "is not a symzoo store marker"),
+])
+def test_unusable_store_exits_2_and_is_left_as_it_was(tmp_path, no_ray, case, prepare, expected):
+    root = tmp_path / "store"
+    prepare(root)
+    before = sorted(p.name for p in root.iterdir()) if root.is_dir() else root.read_text()
+    r = run(tmp_path, GOOD)
+    assert r.exit_code == 2, r.output
+    assert expected in r.output and str(root) in r.output.replace("\n", "")
+    assert (sorted(p.name for p in root.iterdir()) if root.is_dir() else root.read_text()) == before
+
+
+@pytest.mark.parametrize("uri, expected", [
+    ("nosuch://host/x", "nosuch://host/x"),
+    ("sqlite:///{tmp}/a-file/mlflow.db", "a-file/mlflow.db"),  # a folder that cannot be made: a file is there
+])
+def test_unusable_tracking_uri_exits_2_before_the_store(tmp_path, no_ray, uri, expected):
+    (tmp_path / "a-file").write_text("x")
+    r = run(tmp_path, GOOD, "--tracking-uri", uri.replace("{tmp}", str(tmp_path)))
+    assert r.exit_code == 2, r.output
+    assert expected in r.output.replace("\n", "") and "--tracking-uri" in r.output.replace("\n", "")
+    assert not (tmp_path / "store").exists()
