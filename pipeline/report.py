@@ -57,6 +57,8 @@ COLUMN_TITLES = {
     "test_acc": "test acc", "orbit_acc": "acc over orbit", "equiv_error": "equiv. error",
     "barrier_naive": "barrier naive", "barrier_aligned": "barrier aligned", "test_rel_mse": "test rel. MSE",
     "orbit_rel_mse": "rel. MSE over orbit",
+    "wdist_first": "w-dist to equiv. first", "wdist_last": "w-dist to equiv. last", "hessian_top": "Hessian top eig.",
+    "hessian_trace": "Hessian trace", "lie_relative": "Lie deriv. (relative)",
 }
 
 
