@@ -32,6 +32,7 @@ class Task(ABC):
       input_kind    "image" ([C, H, W]), "points" ([n, d] per sample) or "vector" ([d])
       metric_name   what `metric` returns, e.g. "acc" or "rel_mse"
       higher_is_better  whether a larger metric is better
+      per_model     None, or the generating factor that picks each model's own data (see tasks.inr)
     """
 
     name: str
@@ -42,6 +43,7 @@ class Task(ABC):
     input_kind: Literal["image", "points", "vector"]
     metric_name: str
     higher_is_better: bool
+    per_model: str | None = None
 
     @abstractmethod
     def load(self, split: Split, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -81,6 +83,7 @@ class TaskInfo:
     description: str
     group: str
     options: dict = field(default_factory=dict)  # option name -> allowed values / type, for help and errors
+    per_model: str | None = None  # the factor that picks each model's own data (e.g. "image"), if any
 
 
 def check_options(task: str, given: dict, allowed: dict) -> None:

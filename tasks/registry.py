@@ -9,11 +9,15 @@ from tasks.base import Task, TaskError, TaskInfo
 TASKS: dict[str, TaskInfo] = {}
 
 
-def register_task(name: str, *, description: str, group: str, options: dict | None = None) -> Callable:
-    """Decorator for a factory `f(**options) -> Task`; `options` maps option name -> allowed values or type."""
+def register_task(name: str, *, description: str, group: str, options: dict | None = None,
+                  per_model: str | None = None) -> Callable:
+    """Decorator for a factory `f(**options) -> Task`; `options` maps option name -> allowed values or type.
+
+    `per_model` names the generating factor that picks each model's own data (tasks.inr: "image").
+    """
 
     def deco(factory: Callable[..., Task]) -> Callable[..., Task]:
-        TASKS[name] = TaskInfo(name, factory, description, group, dict(options or {}))
+        TASKS[name] = TaskInfo(name, factory, description, group, dict(options or {}), per_model)
         return factory
 
     return deco

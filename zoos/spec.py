@@ -5,7 +5,7 @@ A zoo is plain data (YAML in a study file, validated here with pydantic):
     name: mlp-digits
     task: {name: digits, options: {}}
     arch: {name: mlp, config: {depth: 2}}
-    grid: {seed: [0, 1, 2], lr: [0.01, 0.1]}          # cartesian product
+    grid: {seed: [0, 1, 2], lr: [0.01, 0.1]}          # cartesian product; {range: [0, 100]} = 0..99
     random: {weight_decay: {log_uniform: [1e-5, 1e-2]}, dropout: {uniform: [0, 0.3]}}
     samples: 4                                          # random draws, crossed with the grid
     sample_seed: 0
@@ -101,6 +101,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], Callable[[], str]]] = {
     "train_fraction": (lambda v: _is_num(v) and 0 < v <= 1, lambda: "a number in (0, 1]"),
     "augmentation": (lambda v: isinstance(v, bool), lambda: "true or false"),
     "equiv_reg": (lambda v: _is_num(v) and v >= 0, lambda: "a number >= 0"),
+    "image": (lambda v: _is_int(v) and v >= 0, lambda: "an image index >= 0"),  # per-model factor of tasks.inr
 }
 
 # Factors whose values are real numbers (numeric strings such as YAML's "1e-3" are converted).
@@ -195,6 +196,28 @@ class ZooSpec(BaseModel):
     checkpoints: str | list[int] = "0,1,...,last"  # 0, 1, 2, 5, 10, 20, 50, ... and the last epoch
     population_size: int = Field(default=256, ge=1)
 
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _ranges(cls, grid: Any) -> Any:
+        """`{range: [start, stop]}` or `{range: [start, stop, step]}` as a grid value: Python's range, listed."""
+        if not isinstance(grid, dict):
+            return grid
+        errs, out = [], {}
+        for factor, values in grid.items():
+            if not isinstance(values, dict):
+                out[factor] = values
+                continue
+            arg = values.get("range")
+            if set(values) != {"range"} or not (isinstance(arg, list) and 2 <= len(arg) <= 3 and all(_is_int(a) for a in arg)
+                                                and (len(arg) == 2 or arg[2] != 0) and len(range(*arg)) > 0):
+                errs.append(_err((factor,), f"grid factor {factor!r}: {values!r} is not allowed; give a list of values or "
+                                 "{range: [start, stop]} / {range: [start, stop, step]} with integers and at least one value", values))
+                continue
+            out[factor] = list(range(*arg))
+        if errs:
+            raise ValidationError.from_exception_data("grid", errs)
+        return out
+
     @field_validator("grid")
     @classmethod
     def _grid(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -263,7 +286,7 @@ class ZooSpec(BaseModel):
         arch_keys, arch_errs = _check_arch(self.arch)
         errs += arch_errs
         if arch_keys is not None:
-            allowed = sorted(set(FACTORS) | set(arch_keys) - set(RESERVED))
+            allowed = sorted(set(FACTORS) | set(arch_keys) | set(_task_factors(self.task)) - set(RESERVED))
             for section, factors in (("grid", self.grid), ("random", self.random)):
                 for f in factors:
                     if f not in allowed:
@@ -271,6 +294,10 @@ class ZooSpec(BaseModel):
                     elif f in ARCH_FACTORS and f not in arch_keys:
                         errs.append(_err((section, f), f"architecture {self.arch.name!r} has no config field {f!r}; "
                                          f"its fields: {', '.join(sorted(arch_keys))}", f))
+        for f in _task_factors(self.task):
+            if f not in self.grid and f not in self.random:
+                errs.append(_err(("grid",), f"task {self.task.name!r} fits each model to its own data, picked by the factor "
+                                 f"{f!r}; give it in grid, e.g. {f}: {{range: [0, 100]}}", f))
         if errs:
             raise ValidationError.from_exception_data("ZooSpec", errs)
         return self
@@ -291,6 +318,14 @@ def _check_task(task: TaskRef) -> list[InitErrorDetails]:
         for k in task.options
         if k not in allowed
     ]
+
+
+def _task_factors(task: TaskRef) -> tuple[str, ...]:
+    """The per-model factor of a task whose models each fit their own data (tasks.inr: "image"), if any."""
+    from tasks.registry import TASKS
+
+    info = TASKS.get(task.name)
+    return (info.per_model,) if info is not None and info.per_model else ()
 
 
 def _check_arch(arch: ArchRef) -> tuple[set[str] | None, list[InitErrorDetails]]:

@@ -19,6 +19,11 @@ without it. Random streams (init, training subset, data order, augmentation) der
 model's own seed, so a model trains the same in any population; dropout masks are the exception
 (vmap draws them from one generator), so with dropout > 0 a run is reproducible but depends on
 the population it runs in.
+
+Per-model data: a task with `per_model` set (tasks.inr: each model fits its own image) gives shared
+inputs x [P, ...] and each model's own targets y [N, P, ...] (`task.load_models`, keyed by that
+factor); a step gathers y[model, idx] on the device, and evaluation computes each model's metric
+over all its samples at once (exact for non-additive metrics such as PSNR).
 """
 
 from __future__ import annotations
@@ -177,7 +182,26 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     )
 
     # -- data: every split on the device once; each model's subset and order are index tensors
-    data = {s: tuple(t.to(device) for t in task.load(s, seed=DATA_SEED)) for s in SPLITS}
+    per_model = task.per_model
+    if per_model is None:
+        data = {s: tuple(t.to(device) for t in task.load(s, seed=DATA_SEED)) for s in SPLITS}
+    else:
+        if pop.shared("augmentation"):
+            raise TrainError(f"augmentation = true is not allowed for task {task.name!r} (one target per model); use false")
+        keys = [m.factors.get(per_model) for m in specs]
+        if None in keys:
+            raise TrainError(f"task {task.name!r} fits each model to its own data: every model needs the factor {per_model!r}")
+        data = {}
+        for s in SPLITS:
+            xs, ys = task.load_models(s, DATA_SEED, keys)
+            same = next((d for d in data.values() if torch.equal(d[0].cpu(), xs) and torch.equal(d[1].cpu(), ys)), None)
+            data[s] = same or (xs.to(device), ys.to(device))  # identical splits (inr: the full grid) are evaluated once
+    model_rows = torch.arange(n_models, device=device).unsqueeze(1)
+
+    def targets(y: Tensor, idx: Tensor) -> Tensor:
+        """The targets at indices idx [N, B]: y[idx] when shared, y[model, idx] when each model has its own."""
+        return y[idx] if per_model is None else y[model_rows, idx]
+
     x_train, y_train = data["train"]
     fraction = pop.shared("train_fraction")
     subsets = torch.stack([train_subset(m.factors["seed"], len(x_train), fraction) for m in specs]).to(device)
@@ -224,19 +248,29 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
         n = n_sub if own else len(x)
         loss_sum = torch.zeros(n_models, device=device)
         metric_sum = torch.zeros(n_models, device=device)
+        preds, ys = [], []  # per-model data: every batch kept, the metric taken over all samples at once
         module.eval()
         for i in range(0, n, eval_batch):
             if own:
                 idx = subsets[:, i : i + eval_batch]
-                xb, yb = x[idx], y[idx]
-            else:
+                xb, yb = x[idx], targets(y, idx)
+            elif per_model is None:
                 xb, yb = x[i : i + eval_batch], y[i : i + eval_batch].expand(n_models, *y[i : i + eval_batch].shape)
+            else:
+                xb, yb = x[i : i + eval_batch], y[:, i : i + eval_batch]
             with autocast():
                 pred = population_forward(module, params, buffers, xb, x_per_model=own).float()
+            if per_model is not None:
+                preds.append(pred)
+                ys.append(yb)
+                continue
             k = yb.shape[1]
             loss_sum += loss_per_model(pred, yb) * k
             metric_sum += metric_per_model(pred, yb) * k
         module.train()
+        if per_model is not None:
+            pred, yb = torch.cat(preds, 1), torch.cat(ys, 1)
+            return loss_per_model(pred, yb), metric_per_model(pred, yb)
         return loss_sum / n, metric_sum / n
 
     names = [f"{s}_{what}" for s in SPLITS for what in ("loss", task.metric_name)]
@@ -245,8 +279,10 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     weights: dict[str, np.ndarray] = {}
 
     def record(epoch: int) -> None:
+        done: dict[int, tuple[Tensor, Tensor]] = {}
         for s in SPLITS:
-            loss, metric = evaluate(s)
+            key = id(data[s])
+            loss, metric = done[key] = done[key] if key in done else evaluate(s)
             curves[f"{s}_loss"][:, epoch] = loss.cpu().numpy()
             curves[f"{s}_{task.metric_name}"][:, epoch] = metric.cpu().numpy()
         if epoch in checkpoints:
@@ -269,7 +305,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
             els, which = augmenter.epoch(epoch)
         for s in range(n_steps):
             idx = orders[:, s * bs : (s + 1) * bs]
-            xb, yb = x_train[idx], y_train[idx]
+            xb, yb = x_train[idx], targets(y_train, idx)
             if augmenter is not None:
                 xb, yb = augmenter(els, which[:, s * bs : (s + 1) * bs], xb, yb)
             grads, (total, _) = step_fn(params, buffers, xb, yb, reg)
@@ -288,6 +324,9 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
             progress(epoch, epochs)
 
     alive_list = alive.cpu().tolist()
+    # per-model data: each row's task_config names its own data, plus the task's columns (inr: split, label)
+    own_option = [{per_model: m.factors[per_model]} if per_model else {} for m in specs]
+    own_columns = task.model_columns([m.factors[per_model] for m in specs]) if per_model else [{} for _ in specs]
     rows = []
     for i, m in enumerate(specs):
         rows.append({
@@ -295,10 +334,11 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
             "study": m.study,
             "zoo": m.zoo,
             "task": m.task,
-            "task_config": json.dumps({"name": m.task, **m.task_options}, sort_keys=True),
+            "task_config": json.dumps({"name": m.task, **m.task_options, **own_option[i]}, sort_keys=True),
             "arch": m.arch,
             "arch_config": json.dumps(models[i].config, sort_keys=True),
             **m.factors,
+            **own_columns[i],
             "status": "ok" if alive_list[i] else "diverged",
             **{name: float(curves[name][i, -1]) for name in names},
             "n_params": n_params,

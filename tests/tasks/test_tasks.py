@@ -23,7 +23,7 @@ def test_registry_holds_every_task_and_construction_is_cheap(monkeypatch):
     built = [get_task(name) for name in TASKS]
     assert time.perf_counter() - start < 1.0
     for task in built:
-        assert task.metric_name in ("acc", "rel_mse") and task.input_kind in ("image", "points", "vector")
+        assert task.metric_name in ("acc", "rel_mse", "psnr") and task.input_kind in ("image", "points", "vector")
 
 
 @pytest.mark.parametrize("name", GENERATED)

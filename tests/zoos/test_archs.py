@@ -30,6 +30,8 @@ CASES = [
     ("inertia_head", "inertia", {}, dict(width=8), "task"),
     ("inertia_head", "modified_inertia", {}, dict(width=8), "task"),
     ("frame_avg", "inertia", {}, dict(width=16), "task"),
+    ("siren", "inr", {}, dict(width=8, depth=2), "task"),
+    ("fourier_mlp", "inr", {"group": "D4"}, dict(width=8, depth=2, n_freqs=4), "task"),
 ]
 IDS = [f"{a}-{t}" for a, t, *_ in CASES]
 
@@ -60,7 +62,7 @@ def _randomise(model: torch.nn.Module) -> None:
 
 
 def test_every_registered_architecture_has_a_case():
-    ours = {n for n, info in ARCHS.items() if info.factory.__module__ in ("zoos.archs.baselines", "zoos.archs.equivariant")}
+    ours = {n for n, info in ARCHS.items() if info.factory.__module__ in ("zoos.archs.baselines", "zoos.archs.equivariant", "zoos.archs.inr")}
     assert ours - {a for a, *_ in CASES} == set()
     assert {"mlp", "set_mlp", "cnn_s", "cnn", "resnet20", "p4cnn", "p4mcnn", "deepsets", "egnn", "scalar_mlp",
             "inertia_head", "frame_avg"} <= ours  # fmt: skip
