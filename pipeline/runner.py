@@ -171,7 +171,7 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
         models = expand(zoo, study.study)
         factor_names[zoo.name] = sorted({k for m in models for k in m.factors})
         zoo_ids[zoo.name] = {m.model_id for m in models}
-        tracker.zoo_run(zoo.name, params={"task": zoo.task.name, "arch": zoo.arch.name, "models": len(models),
+        tracker.zoo_run(zoo.name, config={"task": zoo.task.name, "arch": zoo.arch.name, "models": len(models),
                                            "epochs": zoo.epochs})
         done = store.stored_ids(zoo.name)
         for pop in populations(models, zoo.population_size):

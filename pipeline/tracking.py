@@ -10,6 +10,7 @@ but the driver logs; `log_batch` carries many values per call (MLflow caps a cal
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100
 KIND, STUDY, ZOO, MODEL_ID, STAGE = "symzoo.kind", "symzoo.study", "symzoo.zoo", "symzoo.model_id", "symzoo.stage"
+SETTINGS = "symzoo.settings"  # hash of a stage run's settings
 
 
 def _fast_sqlite_commits() -> None:
@@ -145,16 +147,17 @@ class Tracker:
     def experiment_id(self) -> str:
         return self._experiment_id
 
-    def log_study(self, params: dict[str, Any]) -> None:
-        self._log(self._study_run, params=params)
+    def log_study(self, config: dict[str, Any]) -> None:
+        """The study's current configuration, as tags: a study file may change between runs, params may not."""
+        self._set_tags(self._study_run, config)
 
-    def zoo_run(self, zoo: str, params: dict[str, Any] | None = None) -> str:
-        """The zoo's child run (created on first use, found again on a re-run)."""
+    def zoo_run(self, zoo: str, config: dict[str, Any] | None = None) -> str:
+        """The zoo's child run (created on first use, found again on a re-run); its config as tags (a zoo may grow)."""
         if zoo not in self._zoo_runs:
             run = self._find_or_create({KIND: "zoo", STUDY: self.study, ZOO: zoo}, run_name=zoo, parent=self._study_run)
             self._zoo_runs[zoo] = run
-            if params:
-                self._log(run, params=params)
+            if config:
+                self._set_tags(run, config)
         return self._zoo_runs[zoo]
 
     def discard_unfinished_models(self) -> int:
@@ -210,8 +213,13 @@ class Tracker:
 
     def log_stage(self, stage: str, metrics: dict[str, float], params: dict[str, Any] | None = None,
                   artifacts: Iterable[Path] = ()) -> str:
-        """A run per analysis stage (child of the study run), with summary metrics and plot artifacts."""
-        run = self._find_or_create({KIND: "stage", STUDY: self.study, STAGE: stage}, run_name=stage, parent=self._study_run)
+        """A run per analysis stage and settings (child of the study run), with summary metrics and plots.
+
+        Other settings make another run (params are immutable); the same settings find the same run again.
+        """
+        digest = hashlib.sha256(json.dumps(params or {}, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        run = self._find_or_create({KIND: "stage", STUDY: self.study, STAGE: stage, SETTINGS: digest},
+                                   run_name=stage, parent=self._study_run)
         self._log(run, params=params or {}, metrics=[(k, float(v), 0) for k, v in metrics.items()])
         self.log_artifacts(run, artifacts)
         return run
@@ -230,6 +238,14 @@ class Tracker:
         for run in runs:
             with self._timed():
                 self._client.set_terminated(run, status=status)
+
+    def _set_tags(self, run_id: str, values: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        tags = [RunTag(f"config.{k}", _param_value(v)) for k, v in values.items() if v is not None]
+        for i in range(0, len(tags), MAX_TAGS):
+            with self._timed():
+                self._client.log_batch(run_id, tags=tags[i:i + MAX_TAGS])
 
     def _log(self, run_id: str, params: dict[str, Any] | None = None,
              metrics: Sequence[tuple[str, float, int]] = (), status: str | None = None) -> None:

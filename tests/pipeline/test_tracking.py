@@ -55,3 +55,20 @@ def test_unreachable_server_is_a_clear_error():
     t = Tracker(f"http://127.0.0.1:{port}", "s")
     with pytest.raises(TrackingError, match=f"127.0.0.1:{port}"):
         t.connect()
+
+
+def test_changed_study_and_stage_settings_can_be_logged_again(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for epochs, pairs in [(2, 4), (3, 8)]:  # the user edits the study file and runs it again
+        t = Tracker(uri, "s")
+        t.connect()
+        t.log_study({"zoos": ["a"], "epochs": epochs})
+        t.zoo_run("a", config={"models": epochs * 10})
+        t.log_stage("interpolation", {"a.barrier": 0.5}, params={"pairs": pairs})
+        t.finish()
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("s")
+    study = client.search_runs([exp.experiment_id], "tags.`symzoo.kind` = 'study'")
+    assert len(study) == 1 and study[0].data.tags["config.epochs"] == "3"
+    stages = client.search_runs([exp.experiment_id], "tags.`symzoo.kind` = 'stage'")
+    assert sorted(r.data.params["pairs"] for r in stages) == ["4", "8"]
