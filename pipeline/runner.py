@@ -201,6 +201,8 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
                                name=f"train:{pop.zoo}:{pop.shard}").remote(pop, study.store, res.precision, study.data_dir, board): pop
                 for pop in todo
             }
+            for pop in todo:  # runs created on the logging thread while training runs
+                tracker.create_model_runs_later(pop.zoo, [m for m in pop.model_ids if m not in logged])
             display.add("models trained", n_models)
             display.add("model-epochs", epochs_total)
             sizes = {p.shard: len(p.model_ids) for p in todo}

@@ -72,6 +72,7 @@ class Tracker:
     _zoo_runs: dict[str, str] = field(default_factory=dict)
     _pool: Any = field(default=None, repr=False)
     _pending: list = field(default_factory=list, repr=False)
+    _model_runs: dict[str, str] = field(default_factory=dict, repr=False)  # created, not yet finished
 
     def __post_init__(self) -> None:
         # Fail fast against an unreachable server instead of MLflow's default minutes of retries.
@@ -174,23 +175,39 @@ class Tracker:
 
     # ---- logging ------------------------------------------------------------------------------
 
+    def create_model_runs(self, zoo: str, model_ids: Sequence[str]) -> None:
+        """Create the runs of models about to train (status RUNNING), so that finishing one costs two calls.
+
+        Queued on the background thread while training runs; a run left unfinished by a killed driver
+        is dropped by `discard_unfinished_models` on the next run.
+        """
+        parent = self.zoo_run(zoo)
+        for mid in model_ids:
+            if mid in self._model_runs:
+                continue
+            tags = {KIND: "model", STUDY: self.study, ZOO: zoo, MODEL_ID: mid, "mlflow.parentRunId": parent}
+            with self._timed():
+                self._model_runs[mid] = self._client.create_run(self._experiment_id, tags=tags,
+                                                                run_name=f"{zoo}/{mid[:8]}").info.run_id
+
     def log_models(self, zoo: str, rows: Sequence[dict[str, Any]], factors: Sequence[str],
                    checkpoint_metrics: dict[str, dict[str, list[tuple[int, float]]]]) -> None:
         """One finished run per model: factors as params, checkpoint metrics by epoch, id/status tags.
 
         `checkpoint_metrics[model_id][metric] = [(epoch, value), ...]`.
         """
-        parent = self.zoo_run(zoo)
+        self.create_model_runs(zoo, [r["model_id"] for r in rows])
         for row in rows:
             mid = row["model_id"]
-            tags = {KIND: "model", STUDY: self.study, ZOO: zoo, MODEL_ID: mid, "status": row["status"],
-                    "mlflow.parentRunId": parent}
-            with self._timed():
-                run = self._client.create_run(self._experiment_id, tags=tags, run_name=f"{zoo}/{mid[:8]}").info.run_id
             params = {f: row[f] for f in factors if f in row}
             params.update(arch=row.get("arch"), task=row.get("task"), n_params=row.get("n_params"))
             metrics = [(name, float(v), step) for name, series in checkpoint_metrics.get(mid, {}).items() for step, v in series]
-            self._log(run, params=params, metrics=metrics, status="FINISHED")
+            self._log(self._model_runs.pop(mid), params=params, metrics=metrics, tags={"status": row["status"]},
+                      status="FINISHED")
+
+    def create_model_runs_later(self, zoo: str, model_ids: Sequence[str]) -> None:
+        """`create_model_runs` on the background logging thread."""
+        self._submit(self.create_model_runs, zoo, model_ids)
 
     def log_models_later(self, zoo: str, rows: Sequence[dict[str, Any]], factors: Sequence[str],
                          checkpoint_metrics: dict[str, dict[str, list[tuple[int, float]]]]) -> None:
@@ -199,11 +216,14 @@ class Tracker:
         One thread is the only writer while training runs (sqlite locks under concurrent writers);
         `drain()` waits for it and re-raises what it raised.
         """
+        self._submit(self.log_models, zoo, rows, factors, checkpoint_metrics)
+
+    def _submit(self, fn: Any, *args: Any) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-log")
-        self._pending.append(self._pool.submit(self.log_models, zoo, rows, factors, checkpoint_metrics))
+        self._pending.append(self._pool.submit(fn, *args))
 
     def drain(self) -> None:
         """Wait until every model run queued by `log_models_later` is logged."""
@@ -248,18 +268,21 @@ class Tracker:
                 self._client.log_batch(run_id, tags=tags[i:i + MAX_TAGS])
 
     def _log(self, run_id: str, params: dict[str, Any] | None = None,
-             metrics: Sequence[tuple[str, float, int]] = (), status: str | None = None) -> None:
-        from mlflow.entities import Metric, Param
+             metrics: Sequence[tuple[str, float, int]] = (), tags: dict[str, str] | None = None,
+             status: str | None = None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
         plist = [Param(k, _param_value(v)) for k, v in (params or {}).items() if v is not None]
         mlist = [Metric(k, v, now, step) for k, v, step in metrics if v == v]  # NaN is not loggable in every store
+        tlist = [RunTag(k, v) for k, v in (tags or {}).items()]
         p_chunks = [plist[i:i + MAX_PARAMS] for i in range(0, len(plist), MAX_PARAMS)]
         m_chunks = [mlist[i:i + MAX_METRICS] for i in range(0, len(mlist), MAX_METRICS)]
-        for k in range(max(len(p_chunks), len(m_chunks))):
+        for k in range(max(len(p_chunks), len(m_chunks), 1 if tlist else 0)):
             with self._timed():
                 self._client.log_batch(run_id, metrics=m_chunks[k] if k < len(m_chunks) else [],
-                                       params=p_chunks[k] if k < len(p_chunks) else [])
+                                       params=p_chunks[k] if k < len(p_chunks) else [],
+                                       tags=tlist if k == 0 else [])
         if status:
             with self._timed():
                 self._client.set_terminated(run_id, status=status)
