@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -39,6 +40,7 @@ from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
 from tasks.base import Task
+from zoos.fastpop import FastPopulation, FastStep, dropout_active
 from zoos.functional import population_forward, stack_states, template
 from zoos.population import PopulationResult
 from zoos.spec import (
@@ -159,18 +161,23 @@ def train_population(
     progress: Callable[[int, int], None] | None = None,
     data_dir: str | None = None,
     eval_batch: int = 512,
+    fast: bool | None = None,
 ) -> PopulationResult:
-    """Train every model of `pop` as one vectorised program; curves every epoch, weights at checkpoints."""
+    """Train every model of `pop` as one vectorised program; curves every epoch, weights at checkpoints.
+
+    fast: run supported architectures as batched matmuls (`zoos.fastpop`) instead of vmap; None = on CUDA.
+    """
     if precision not in PRECISIONS:
         raise TrainError(f"precision {precision!r} is not known; allowed: {', '.join(PRECISIONS)}")
     device = torch.device(device)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(int(pop.shard.removeprefix("pop-"), 16))  # dropout masks: one stream per population
-        return _train(pop, device, precision, progress, data_dir, eval_batch)
+        return _train(pop, device, precision, progress, data_dir, eval_batch, fast)
 
 
-def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, data_dir, eval_batch: int) -> PopulationResult:
+def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, data_dir, eval_batch: int,
+           fast: bool | None) -> PopulationResult:
     specs, first = pop.models, pop.first
     n_models, epochs, checkpoints = len(specs), first.epochs, list(first.checkpoints)
     batch_size, optimizer, schedule = (pop.shared(k) for k in ("batch_size", "optimizer", "lr_schedule"))
@@ -233,6 +240,15 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
         return total, loss
 
     step_fn = vmap(grad_and_value(loss_fn, has_aux=True), in_dims=(0, 0, 0, 0, 0), randomness="different")
+    fast_forward = None
+    if (device.type == "cuda" if fast is None else fast) and not projections and FastPopulation.supports(module):
+        fast_step = FastStep(module, task.loss, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+                             compile=device.type == "cuda", dropout=dropout_active(module, buffers))
+        fast_forward = fast_step.pop
+
+        def step_fn(p, b, x, y, r):
+            grads, loss = fast_step(p, b, x, y)
+            return grads, (loss, loss)
     state = {k: torch.zeros_like(v) for k, v in params.items()}  # SGD momentum buffer / Adam first moment
     state2 = {k: torch.zeros_like(v) for k, v in params.items()} if optimizer == "adam" else {}
     alive = torch.ones(n_models, dtype=torch.bool, device=device)
@@ -259,7 +275,8 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
             else:
                 xb, yb = x[i : i + eval_batch], y[:, i : i + eval_batch]
             with autocast():
-                pred = population_forward(module, params, buffers, xb, x_per_model=own).float()
+                forward = fast_forward or partial(population_forward, module)
+                pred = forward(params, buffers, xb, x_per_model=own).float()
             if per_model is not None:
                 preds.append(pred)
                 ys.append(yb)

@@ -1,0 +1,119 @@
+"""zoos.fastpop: the batched-matmul population program equals vmap over the model, forward, backward and training."""
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+
+from tasks.registry import get_task
+from zoos.archs.base import build_arch
+from zoos.fastpop import FastPopulation, FastStep, dropout_active, pop_conv2d, pop_dropout
+from zoos.functional import population_forward, stack_states, template
+from zoos.spec import PopulationSpec
+from zoos.trainer import train_population
+
+from tests.zoos.test_trainer import one_population, zoo_models
+
+CASES = [("cnn_s", "mnist", {}), ("cnn", "digits", {"width": 6, "depth": 3}), ("mlp", "digits", {"width": 12, "depth": 2})]
+
+
+def population(arch, task_name, config, n=3):
+    task = get_task(task_name)
+    models = [build_arch(arch, task, **config) for _ in range(n)]
+    params, buffers = stack_states(models)
+    return task, models, params, buffers
+
+
+@pytest.mark.parametrize("arch,task_name,config", CASES)
+@pytest.mark.parametrize("per_model", [True, False])
+def test_forward_equals_vmap(arch, task_name, config, per_model):
+    task, models, params, buffers = population(arch, task_name, config)
+    x = torch.randn(*((3,) if per_model else ()), 5, *task.input_shape)
+    module = template(models[0]).eval()
+    ref = population_forward(module, params, buffers, x, x_per_model=per_model)
+    out = FastPopulation(module)(params, buffers, x, x_per_model=per_model)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch,task_name,config", CASES)
+def test_gradients_equal_vmap_of_grad(arch, task_name, config):
+    task, models, params, buffers = population(arch, task_name, config)
+    module = template(models[0])
+    x, y = torch.randn(3, 7, *task.input_shape), torch.randint(0, 10, (3, 7))
+    grads, loss = FastStep(module, task.loss, dropout=False)(params, buffers, x, y)
+
+    def one(p, b, xb, yb):
+        return task.loss(functional_call(module, (p, b), (xb,)), yb)
+
+    ref = vmap(grad(one), randomness="different")(params, buffers, x, y)
+    assert set(grads) == set(ref)
+    for k in ref:
+        torch.testing.assert_close(grads[k], ref[k], atol=1e-6, rtol=1e-4)
+    alone = [one({k: v[i] for k, v in params.items()}, {k: v[i] for k, v in buffers.items()}, x[i], y[i]) for i in range(3)]
+    torch.testing.assert_close(loss, torch.stack(alone))
+
+
+def test_strided_padded_conv_equals_torch():
+    w, b = torch.randn(4, 5, 3, 3, 3), torch.randn(4, 5)
+    x = torch.randn(4 * 2, 3, 9, 10)
+    out = pop_conv2d(x, w, b, stride=(2, 1), padding=(1, 2))
+    ref = torch.cat([torch.nn.functional.conv2d(x[2 * i : 2 * i + 2], w[i], b[i], stride=(2, 1), padding=(1, 2)) for i in range(4)])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_uses_each_models_rate():
+    x = torch.ones(2 * 2000, 8)
+    out = pop_dropout(x, torch.tensor([0.0, 0.5]), training=True).view(2, 2000, 8)
+    assert torch.equal(out[0], torch.ones(2000, 8))
+    assert 0.45 < (out[1] == 0).float().mean() < 0.55 and set(out[1].unique().tolist()) == {0.0, 2.0}
+    assert torch.equal(pop_dropout(x, torch.tensor([0.0, 0.5]), training=False), x)
+    _, models, _, buffers = population("cnn_s", "mnist", {"dropout": 0.2}, n=2)
+    assert dropout_active(models[0], buffers)
+    _, models, _, buffers = population("cnn_s", "mnist", {}, n=2)
+    assert not dropout_active(models[0], buffers)
+
+
+def test_unsupported_modules_are_named():
+    assert "GroupNorm" in FastPopulation.why_not(build_arch("resnet20", get_task("cifar10")))
+    assert "reads" in FastPopulation.why_not(build_arch("p4cnn", get_task("digits")))
+    with pytest.raises(ValueError, match="cannot run as a fast population"):
+        FastPopulation(build_arch("resnet20", get_task("cifar10")))
+
+
+@pytest.mark.parametrize("arch", [{"name": "cnn", "config": {"width": 6, "depth": 2}},
+                                  {"name": "mlp", "config": {"width": 16, "depth": 1, "dropout": 0.0}}])
+def test_training_fast_equals_vmap_trainer(arch):
+    """Same init, data order and Adam: the weights after 2 epochs (~16 steps) agree to float32 tolerance."""
+    models = zoo_models({"seed": [0, 1, 2], "lr": [3e-3, 1e-3], "optimizer": ["adam"], "batch_size": [32]}, arch=arch)
+    pop = one_population(models[:4])
+    fast = train_population(pop, fast=True)
+    plain = train_population(pop, fast=False)
+    for k in plain.weights:
+        np.testing.assert_allclose(fast.weights[k], plain.weights[k], atol=2e-5, rtol=1e-4)
+    for name in plain.curves:
+        np.testing.assert_allclose(fast.curves[name], plain.curves[name], atol=2e-5, rtol=1e-4)
+
+
+def test_unsupported_arch_falls_back_to_vmap():
+    models = zoo_models({"seed": [0]}, arch={"name": "p4cnn", "config": {"width": 2, "depth": 1}}, epochs=1)
+    pop = PopulationSpec(tuple(models))
+    a, b = train_population(pop, fast=True), train_population(pop, fast=False)
+    for k in b.weights:
+        np.testing.assert_array_equal(a.weights[k], b.weights[k])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_bf16_step_tracks_float32_on_gpu():
+    task, models, params, buffers = population("cnn_s", "mnist", {}, n=16)
+    params = {k: v.cuda() for k, v in params.items()}
+    buffers = {k: v.cuda() for k, v in buffers.items()}
+    x, y = torch.randn(16, 128, 1, 28, 28, device="cuda"), torch.randint(0, 10, (16, 128), device="cuda")
+    module = template(models[0])
+    g32, l32 = FastStep(module, task.loss, dropout=False)(params, buffers, x, y)
+    g16, l16 = FastStep(module, task.loss, dtype=torch.bfloat16, compile=True, dropout=False)(params, buffers, x, y)
+    torch.testing.assert_close(l16, l32, atol=2e-2, rtol=2e-2)
+    for k in g32:
+        cos = torch.nn.functional.cosine_similarity(g16[k].flatten(1), g32[k].flatten(1), dim=1)
+        assert cos.min() > 0.99, k

@@ -1,0 +1,241 @@
+"""Fast population programs: N small models as batched matrix multiplies instead of vmapped convolutions.
+
+`torch.func.vmap` over a population turns every Conv2d into one grouped convolution (groups = N) with
+1-8 channels per group, where cuDNN is slow; that is the wall the population trainer hits on a GPU.
+Here the model's forward is traced once with `torch.fx` and re-emitted with each parametric layer
+replaced by a population version that keeps the model axis explicit:
+
+  Conv2d      im2col on a channels-last view (x.unfold over H and W), then one bmm over models:
+              [N, B*Ho*Wo, C*k*k] @ [N, C*k*k, O] -> [N, B*Ho*Wo, O], which is already channels-last
+  Linear      one bmm over models, [N, B, in] @ [N, in, out]
+  FlatLinear  the same on the flattened trailing axes
+
+Activations between layers are [N*B, ...] tensors, so every op without parameters (pooling,
+activations, flatten, reshape, residual adds) runs unchanged, as it would on one big batch. Autograd
+gives the backward (unfold's backward is the col2im scatter), so it is exact for any layer shapes.
+Weights stay float32 (the optimizer's master copy); `dtype` is the compute dtype of activations and
+matmuls (bf16 on a GPU), and the logits come back in float32.
+
+`FastPopulation.supports(module)` says whether a module can run this way and why not: only the layer
+types above carry parameters, buffers belong to `PopDropout` only, and the traced forward reads no
+parameter directly. The trainer uses it where it applies and keeps `vmap` otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torch.func import vmap
+
+from zoos.archs.base import PopDropout
+from zoos.archs.layers import FlatLinear
+
+PARAMETRIC = (nn.Conv2d, nn.Linear, FlatLinear)
+
+
+# ---- population layers: x is [N*B, ...], weights are stacked [N, ...] -------------------------------
+
+def pop_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """nn.Linear of model n on rows n*B..(n+1)*B-1 of x [N*B, ..., in]; w [N, out, in], b [N, out]."""
+    n, out_f, in_f = w.shape
+    lead = x.shape[:-1]
+    xs = x.reshape(n, -1, in_f)
+    wt = w.to(x.dtype).transpose(1, 2)
+    y = torch.bmm(xs, wt) if b is None else torch.baddbmm(b.to(x.dtype).unsqueeze(1), xs, wt)
+    return y.reshape(*lead, out_f)
+
+
+def pop_flat_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """FlatLinear per model: w [N, out, *in_shape] applied to the trailing len(in_shape) axes of x."""
+    k = w.dim() - 2
+    return pop_linear(x.flatten(-k), w.flatten(2), b)
+
+
+def pop_conv2d(x: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, int], padding: tuple[int, int]) -> Tensor:
+    """nn.Conv2d (groups 1, dilation 1, zero padding) per model, as im2col + bmm; x [N*B, C, H, W], w [N, O, C, kh, kw]."""
+    n, o, c, kh, kw = w.shape
+    if padding != (0, 0):
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    patches = x.permute(0, 2, 3, 1).unfold(1, kh, stride[0]).unfold(2, kw, stride[1])  # [NB, Ho, Wo, C, kh, kw]
+    nb, ho, wo = patches.shape[:3]
+    cols = patches.reshape(n, (nb // n) * ho * wo, c * kh * kw)
+    wt = w.to(x.dtype).reshape(n, o, c * kh * kw).transpose(1, 2)
+    y = torch.bmm(cols, wt) if b is None else torch.baddbmm(b.to(x.dtype).unsqueeze(1), cols, wt)
+    return y.view(nb, ho, wo, o).permute(0, 3, 1, 2)  # logical NCHW, channels-last in memory
+
+
+def pop_dropout(x: Tensor, p: Tensor, training: bool) -> Tensor:
+    """PopDropout with each model's own rate p [N]: inverted dropout, a fresh mask per element."""
+    if not training:
+        return x
+    keep = (1.0 - p).to(x.dtype).view(-1, *([1] * x.dim()))
+    xs = x.reshape(p.shape[0], -1, *x.shape[1:])
+    return (xs * (torch.rand_like(xs) < keep).to(x.dtype) / keep).reshape(x.shape)
+
+
+# ---- tracing ----------------------------------------------------------------------------------------
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (FlatLinear, PopDropout)) or super().is_leaf_module(m, qualname)
+
+
+def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
+    if isinstance(m.padding, str):  # "valid" or "same" (stride 1)
+        return (0, 0) if m.padding == "valid" else tuple((k - 1) // 2 for k in m.kernel_size)  # type: ignore[return-value]
+    return tuple(m.padding)  # type: ignore[return-value]
+
+
+def _why_not(m: nn.Module, name: str) -> str | None:
+    """Why the leaf module `name` cannot run as a population layer, or None when it can."""
+    if isinstance(m, nn.Conv2d):
+        if m.groups != 1 or tuple(m.dilation) != (1, 1) or m.padding_mode != "zeros":
+            return f"{name}: Conv2d with groups={m.groups}, dilation={m.dilation}, padding_mode={m.padding_mode!r}"
+        if isinstance(m.padding, str) and m.padding == "same" and any(k % 2 == 0 for k in m.kernel_size):
+            return f"{name}: Conv2d padding='same' with an even kernel"
+        return None
+    if isinstance(m, (nn.Linear, FlatLinear, PopDropout)):
+        return None
+    if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
+        return f"{name}: {type(m).__name__} has parameters or buffers of its own"
+    return None
+
+
+class FastPopulation:
+    """A module's forward re-emitted for N stacked models: `forward(params, buffers, x) -> [N, B, ...]`."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype = torch.float32, compile: bool = False,
+                 dropout: bool = True):
+        reason = self.why_not(module)
+        if reason:
+            raise ValueError(f"module {type(module).__name__} cannot run as a fast population: {reason}")
+        self.module, self.dtype, self.dropout = module, dtype, dropout  # dropout=False: every rate is 0, skip the masks
+        self.param_keys = [k for k, _ in module.named_parameters()]
+        self.buffer_keys = [k for k, _ in module.named_buffers()]
+        self.graph_module = self._emit(module)
+        self._compiled: Callable | None = None
+        if compile:
+            import torch._dynamo
+
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+            self._compiled = torch.compile(self.graph_module, dynamic=False)
+
+    @staticmethod
+    def why_not(module: nn.Module) -> str | None:
+        """None when `module` can run as a fast population, else the first reason it cannot."""
+        try:
+            graph = _Tracer().trace(module)
+        except Exception as e:  # noqa: BLE001 - any tracing failure means: use vmap
+            return f"torch.fx cannot trace its forward ({type(e).__name__}: {e})"
+        mods = dict(module.named_modules())
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                return f"its forward reads {node.target!r} directly"
+            if node.op == "call_module":
+                reason = _why_not(mods[node.target], node.target)
+                if reason:
+                    return reason
+        return None
+
+    @staticmethod
+    def supports(module: nn.Module) -> bool:
+        """Whether `module` can run as a fast population (see `why_not`)."""
+        return FastPopulation.why_not(module) is None
+
+    def _emit(self, module: nn.Module) -> fx.GraphModule:
+        """The traced graph with each leaf module replaced by its population op; inputs (x, training, *params, *buffers)."""
+        src = _Tracer().trace(module)
+        mods = dict(module.named_modules())
+        g = fx.Graph()
+        x_in = g.placeholder("x")
+        training = g.placeholder("training")
+        state = {k: g.placeholder("p_" + k.replace(".", "_")) for k in self.param_keys + self.buffer_keys}
+        env: dict[fx.Node, fx.Node] = {}
+        for node in src.nodes:
+            if node.op == "placeholder":
+                env[node] = g.call_method("to", (x_in, self.dtype))
+                continue
+            if node.op == "output":
+                if not isinstance(node.args[0], fx.Node):
+                    raise ValueError("a fast population needs a forward that returns one tensor")
+                g.output(g.call_method("float", (env[node.args[0]],)))
+                continue
+            if node.op != "call_module":
+                env[node] = g.node_copy(node, lambda n: env[n])
+                continue
+            m, name = mods[node.target], node.target
+            args = [env[a] if isinstance(a, fx.Node) else a for a in node.args]
+            w = state.get(f"{name}.weight")
+            b = state.get(f"{name}.bias")
+            if isinstance(m, nn.Conv2d):
+                env[node] = g.call_function(pop_conv2d, (args[0], w, b, tuple(m.stride), _conv_padding(m)))
+            elif isinstance(m, FlatLinear):
+                env[node] = g.call_function(pop_flat_linear, (args[0], w, b))
+            elif isinstance(m, nn.Linear):
+                env[node] = g.call_function(pop_linear, (args[0], w, b))
+            elif isinstance(m, PopDropout) and not self.dropout:
+                env[node] = args[0]
+            elif isinstance(m, PopDropout):
+                env[node] = g.call_function(pop_dropout, (args[0], state[f"{name}.p"], training))
+            else:  # a stateless per-sample module: run it on the [N*B, ...] batch as it is
+                env[node] = g.call_module(name, tuple(args), {k: env[v] if isinstance(v, fx.Node) else v for k, v in node.kwargs.items()})
+        g.lint()
+        root = nn.Module()
+        for node in g.nodes:
+            if node.op == "call_module":
+                parent, _, leaf = node.target.rpartition(".")
+                holder = root
+                for part in filter(None, parent.split(".")):
+                    if not hasattr(holder, part):
+                        holder.add_module(part, nn.Module())
+                    holder = getattr(holder, part)
+                holder.add_module(leaf, mods[node.target])
+        return fx.GraphModule(root, g)
+
+    def forward(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, *,
+                x_per_model: bool = True, training: bool = False) -> Tensor:
+        """Outputs [N, B, ...] in float32 for x [N, B, ...] (each model its own batch) or x [B, ...] shared."""
+        n = params[self.param_keys[0]].shape[0]
+        if not x_per_model:
+            x = x.unsqueeze(0).expand(n, *x.shape)
+        b = x.shape[1]
+        run = self._compiled if self._compiled is not None and training else self.graph_module
+        state = [params[k] for k in self.param_keys] + [buffers[k] for k in self.buffer_keys]
+        out = run(x.reshape(n * b, *x.shape[2:]), training, *state)
+        return out.reshape(n, b, *out.shape[1:])
+
+    __call__ = forward
+
+
+def dropout_active(module: nn.Module, buffers: Mapping[str, Tensor]) -> bool:
+    """Whether any model of the population has a PopDropout rate above 0 (else the masks can be skipped)."""
+    names = [name for name, m in module.named_modules() if isinstance(m, PopDropout)]
+    return any(bool((buffers[f"{name}.p"] > 0).any()) for name in names)
+
+
+class FastStep:
+    """One training step's gradients for a population: `step(params, buffers, x, y) -> (grads, per-model loss)`.
+
+    The loss is the sum of per-model mean losses, so each model's gradient is its own loss's gradient,
+    exactly what `vmap(grad(loss))` computes; `loss_fn(pred, y)` is the task's single-model loss.
+    """
+
+    def __init__(self, module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], *,
+                 dtype: torch.dtype = torch.float32, compile: bool = False, dropout: bool = True):
+        self.pop = FastPopulation(module, dtype=dtype, compile=compile, dropout=dropout)
+        self.loss_per_model = vmap(loss_fn, in_dims=(0, 0))
+
+    def __call__(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, y: Tensor
+                 ) -> tuple[dict[str, Tensor], Tensor]:
+        with torch.enable_grad():
+            leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+            pred = self.pop(leaves, buffers, x, x_per_model=True, training=True)
+            loss = self.loss_per_model(pred, y)
+            grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
+        return dict(zip(leaves, grads)), loss.detach()
+
+
+__all__ = ["FastPopulation", "FastStep", "dropout_active", "pop_conv2d", "pop_linear", "pop_flat_linear", "pop_dropout"]
