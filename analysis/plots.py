@@ -179,3 +179,117 @@ def path_curves(rows: pl.DataFrame, value: str, labels: dict[str, str], path: Pa
         ax.set(title=f"{zoo}: {len(sub)} pairs", xlabel="t", ylabel=value)
         ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def cka_heatmap(rows: pl.DataFrame, column: str, path: Path) -> Path:
+    """Pairwise CKA matrix per zoo (models in id order, diagonal 1 by definition, unevaluated pairs blank)."""
+    zoos = sorted(rows["zoo"].unique().to_list())
+    fig, axes = _panels(len(zoos), width=4.6, height=4.0)
+    for ax, zoo in zip(axes, zoos):
+        sub = rows.filter(pl.col("zoo") == zoo)
+        ids = sorted(set(sub["model_a"].to_list()) | set(sub["model_b"].to_list()))
+        index = {m: i for i, m in enumerate(ids)}
+        mat = np.full((len(ids), len(ids)), np.nan)
+        np.fill_diagonal(mat, 1.0)
+        for a, b, v in sub.select("model_a", "model_b", column).iter_rows():
+            mat[index[a], index[b]] = mat[index[b], index[a]] = np.nan if v is None else v
+        im = ax.imshow(mat, cmap="magma", vmin=0.0, vmax=1.0)
+        ax.set(title=f"{zoo}: {column}", xlabel="model", ylabel="model")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def cka_vs_layer(rows: pl.DataFrame, path: Path) -> Path:
+    """CKA against layer depth, a panel per zoo: a thin line per pair, the mean in black.
+
+    Expects list columns `layers` (labels, input to output) and `cka` (one value per layer), one row per pair;
+    where a zoo mixes depths, the pairs with its first row's layers are drawn.
+    """
+    zoos = sorted(rows["zoo"].unique().to_list())
+    fig, axes = _panels(len(zoos))
+    for ax, zoo in zip(axes, zoos):
+        sub = rows.filter(pl.col("zoo") == zoo)
+        labels = sub["layers"][0].to_list()
+        sub = sub.filter(pl.col("layers") == pl.lit(pl.Series([labels])))  # depths may differ within a zoo
+        values = np.array([list(v) for v in sub["cka"].to_list()], dtype=float)
+        depth = np.arange(len(labels))
+        for v in values:
+            ax.plot(depth, v, color="tab:blue", lw=0.6, alpha=0.35)
+        ax.plot(depth, values.mean(0), color="k", lw=2, marker="o", ms=4, label=f"mean of {len(values)} pairs")
+        ax.set_xticks(depth, labels, rotation=30, ha="right", fontsize=7)
+        ax.set(title=f"{zoo}: CKA by layer", ylabel="linear CKA", ylim=(0, 1.02))
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def distance_scatter(rows: pl.DataFrame, x: str, y: str, path: Path) -> Path:
+    """One distance against another per pair (e.g. canonical vs plain L2), every zoo on one axis, with y = x."""
+    zoos = sorted(rows["zoo"].unique().to_list())
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    top = 0.0
+    for zoo in zoos:
+        sub = rows.filter(pl.col("zoo") == zoo)
+        ax.scatter(sub[x].to_numpy(), sub[y].to_numpy(), s=14, alpha=0.7, label=zoo)
+        top = max(top, float(sub[x].max()), float(sub[y].max()))
+    ax.plot([0, top], [0, top], color="grey", ls="--", lw=0.8, label="y = x")
+    ax.set(xlabel=x, ylabel=y, title=f"{y} vs {x}")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def rank_vs_bound(rows: pl.DataFrame, path: Path) -> Path:
+    """Functional dimension (Jacobian rank) against parameter count per model, with the symmetry bound where known.
+
+    Expects columns zoo, n_params, rank, bound (null where no bound applies), one row per model.
+    """
+    zoos = sorted(rows["zoo"].unique().to_list())
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    rng = np.random.default_rng(0)
+    top = float(rows["n_params"].max())
+    for i, zoo in enumerate(zoos):
+        sub = rows.filter(pl.col("zoo") == zoo)
+        p = sub["n_params"].to_numpy().astype(float)
+        jitter = 1 + rng.uniform(-0.02, 0.02, len(p))
+        ax.scatter(p * jitter, sub["rank"].to_numpy(), s=14, alpha=0.7, color=colors[i % len(colors)], label=f"{zoo} rank")
+        bounded = sub.filter(pl.col("bound").is_not_null())
+        if bounded.height:
+            ax.scatter(bounded["n_params"].to_numpy(), bounded["bound"].to_numpy(), marker="_", s=200,
+                       color=colors[i % len(colors)], label=f"{zoo} bound (params - hidden)")
+    ax.plot([0, top], [0, top], color="grey", ls="--", lw=0.8, label="rank = #params")
+    ax.set(xlabel="#params", ylabel="Jacobian rank", title="functional dimension")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def phase_diagram(cells: pl.DataFrame, metric: str, path: Path, *, title: str | None = None,
+                  load_label: str = "load", temperature_label: str = "temperature") -> Path:
+    """A metric over the temperature x load grid as a heatmap, one panel per architecture, one colour scale.
+
+    Expects one row per cell with columns arch, load, temperature, n_params and `metric`; each cell shows
+    its value, rows are labelled with the load and the parameter count, missing cells stay blank.
+    """
+    archs = sorted(cells["arch"].unique().to_list())
+    values = cells[metric].drop_nulls().drop_nans().to_numpy() if cells[metric].dtype.is_float() else cells[metric].drop_nulls().to_numpy()
+    vmin, vmax = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    fig, axes = _panels(len(archs), width=4.4, height=3.6)
+    for ax, arch in zip(axes, archs):
+        sub = cells.filter(pl.col("arch") == arch)
+        loads, temps = sorted(sub["load"].unique().to_list()), sorted(sub["temperature"].unique().to_list())
+        mat = np.full((len(loads), len(temps)), np.nan)
+        params = {}
+        for load, temp, n, v in sub.select("load", "temperature", "n_params", metric).iter_rows():
+            mat[loads.index(load), temps.index(temp)] = np.nan if v is None else v
+            params[load] = n
+        im = ax.imshow(mat, cmap="viridis", vmin=vmin, vmax=vmax, origin="lower", aspect="auto")
+        for i in range(len(loads)):
+            for j in range(len(temps)):
+                if np.isfinite(mat[i, j]):
+                    bright = (mat[i, j] - vmin) / (vmax - vmin or 1.0) > 0.6
+                    ax.text(j, i, f"{mat[i, j]:.3g}", ha="center", va="center", fontsize=8, color="k" if bright else "w")
+        ax.set_xticks(range(len(temps)), [f"{t:g}" for t in temps])
+        ax.set_yticks(range(len(loads)), [f"{v:g} ({params[v]})" for v in loads])
+        ax.set(title=arch, xlabel=temperature_label, ylabel=f"{load_label} (params)")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(title or metric, fontsize=10)
+    return _save(fig, path)

@@ -56,6 +56,7 @@ def archs_cmd() -> None:
 # Command groups live in their own modules; importing them registers their commands on `app`.
 from pipeline import cmd_store  # noqa: E402,F401
 from pipeline import cmd_run  # noqa: E402,F401
+from pipeline import cmd_report  # noqa: E402,F401
 
 
 def main() -> None:  # pragma: no cover - console entry point
