@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+import polars as pl
 import yaml
 
 
@@ -83,3 +84,31 @@ def model_runs(tracking_uri: str, study: str) -> list:
     if exp is None:
         return []
     return client.search_runs([exp.experiment_id], "tags.`symzoo.kind` = 'model'", max_results=5000)
+
+
+def assert_store_whole(store_root: str, expected: dict[str, list[int]]) -> pl.DataFrame:
+    import zoos
+
+    """Every expected model (id -> checkpoint epochs) stored exactly once with all its checkpoints; nothing stray."""
+    store = zoos.open(store_root)
+    models = store.models().collect()
+    assert sorted(models["model_id"]) == sorted(expected), "each model exactly once"
+    ck = store.checkpoints().select("model_id", "epoch").collect()
+    got = {mid: sorted(g["epoch"]) for (mid,), g in ck.group_by("model_id")}
+    assert got == {mid: sorted(eps) for mid, eps in expected.items()}
+    assert store.verify() == [], "no damaged, partial or stray files"
+    assert not [f for _, _, fs in os.walk(store_root) for f in fs if ".tmp-" in f]
+    return models
+
+
+def expected_models(study) -> dict[str, list[int]]:
+    from zoos.spec import expand
+
+    return {m.model_id: list(m.checkpoints) for z in study.zoos for m in expand(z, study.study)}
+
+
+def assert_logged_once(study, expected) -> None:
+    runs = model_runs(study.tracking_uri, study.study)
+    ids = [r.data.tags["symzoo.model_id"] for r in runs]
+    assert sorted(ids) == sorted(expected), "one MLflow run per model, no duplicates, none missing"
+    assert {r.info.status for r in runs} == {"FINISHED"}

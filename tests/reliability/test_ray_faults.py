@@ -23,40 +23,15 @@ from pipeline.cli import app
 from pipeline.progress import Display
 from pipeline.runner import run_study
 from pipeline.study import load_study
-from tests.reliability.faults import cmdline, descendants, mlp_zoo, model_runs, wait_for_process, wait_until, write_study
+from tests.reliability.faults import (assert_logged_once, assert_store_whole, cmdline, descendants, expected_models, mlp_zoo,
+                                      model_runs, wait_for_process, wait_until, write_study)
 from zoos.spec import expand, populations
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 
-def assert_store_whole(store_root: str, expected: dict[str, list[int]]) -> pl.DataFrame:
-    """Every expected model (id -> checkpoint epochs) stored exactly once with all its checkpoints; nothing stray."""
-    store = zoos.open(store_root)
-    models = store.models().collect()
-    assert sorted(models["model_id"]) == sorted(expected), "each model exactly once"
-    ck = store.checkpoints().select("model_id", "epoch").collect()
-    got = {mid: sorted(g["epoch"]) for (mid,), g in ck.group_by("model_id")}
-    assert got == {mid: sorted(eps) for mid, eps in expected.items()}
-    assert store.verify() == [], "no damaged, partial or stray files"
-    assert not [f for _, _, fs in os.walk(store_root) for f in fs if ".tmp-" in f]
-    return models
-
-
-def expected_models(study) -> dict[str, list[int]]:
-    return {m.model_id: list(m.checkpoints) for z in study.zoos for m in expand(z, study.study)}
-
-
-def assert_logged_once(study, expected) -> None:
-    runs = model_runs(study.tracking_uri, study.study)
-    ids = [r.data.tags["symzoo.model_id"] for r in runs]
-    assert sorted(ids) == sorted(expected), "one MLflow run per model, no duplicates, none missing"
-    assert {r.info.status for r in runs} == {"FINISHED"}
-
-
 def test_killed_worker_is_retried_and_loses_nothing(ray_local, tmp_path):
-    path, _ = write_study(tmp_path, "killworker", [
-        mlp_zoo("slow", [0, 1, 2], [0.01], epochs=12, checkpoints=[0, 4, 8, 12]),
-        mlp_zoo("fast", [0, 1], [0.01], epochs=2)])
+    path, _ = write_study(tmp_path, "killworker", [mlp_zoo("slow", [0, 1, 2], [0.01], epochs=8, checkpoints=[0, 4, 8])])
     study = load_study(path)
     shard = populations(expand(study.zoos[0], study.study))[0].shard
     out: dict = {}
@@ -70,13 +45,13 @@ def test_killed_worker_is_retried_and_loses_nothing(ray_local, tmp_path):
     assert not driver.is_alive() and "report" in out, "the study finished after the retry"
     assert not os.path.exists(f"/proc/{pid}") or "train:" not in Path(f"/proc/{pid}/cmdline").read_text()
     expected = expected_models(study)
-    assert out["report"].trained_models == len(expected) == 5
+    assert out["report"].trained_models == len(expected) == 3
     assert_store_whole(study.store, expected)
     assert_logged_once(study, expected)
 
 
 def test_diverging_models_do_not_touch_the_others(ray_local, tmp_path):
-    zoo = mlp_zoo("z", [0, 1], [0.05, 1e30], epochs=3, checkpoints=[0, 1, 3])
+    zoo = mlp_zoo("z", [0, 1], [0.05, 1e30], epochs=2, checkpoints=[0, 1, 2])
     reports = {}
     for name, lrs in (("with", [0.05, 1e30]), ("without", [0.05])):
         (tmp_path / name).mkdir()
@@ -103,14 +78,14 @@ def test_killed_driver_resumes_without_duplicates_and_logs_what_it_stored(ray_lo
         mlp_zoo("fast", [0, 1, 2, 3, 4, 5], [0.01], epochs=1),
         mlp_zoo("slow", [0, 1, 2, 3], [0.01], epochs=6, population_size=2)])
     study = load_study(path)
-    fast_shard = populations(expand(study.zoos[0], study.study))[0].shard
-    manifest = tmp_path / "store" / "manifest" / "fast" / f"{fast_shard}.json"
+    manifests = tmp_path / "store" / "manifest"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     symzoo = str(Path(sys.executable).parent / "symzoo")
     proc = subprocess.Popen([symzoo, "run", str(path), "--plain"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_until(lambda: manifest.exists() or proc.poll() is not None, timeout=90, every=0.002, what="the first shard")
+        wait_until(lambda: any(manifests.rglob("*.json")) or proc.poll() is not None, timeout=90, every=0.002,
+                   what="the first shard")
         assert proc.poll() is None, f"symzoo run ended early: {proc.stderr.read().decode()[-2000:]}"
         started = descendants(proc.pid)  # its Ray: gcs, raylet, workers
         proc.send_signal(signal.SIGKILL)  # the driver dies between storing a shard and logging its models
