@@ -7,8 +7,9 @@ from pipeline.stages.bezier import Bezier
 from pipeline.stages.landscape import Landscape
 from pipeline.stages.lie import Lie
 from pipeline.stages.weightspace import Weightspace
+from pipeline.stages.similarity import Funcdim, Similarity
 
 STAGES: dict[str, Stage] = {s.name: s for s in (Interpolation(), Equivariance(), Landscape(), Weightspace(), Lie(),
-                                          InterpolationCross(), Bezier())}
+                                          InterpolationCross(), Bezier(), Similarity(), Funcdim())}
 
 __all__ = ["STAGES", "Settings", "Stage"]
