@@ -59,6 +59,10 @@ COLUMN_TITLES = {
     "orbit_rel_mse": "rel. MSE over orbit",
     "wdist_first": "w-dist to equiv. first", "wdist_last": "w-dist to equiv. last", "hessian_top": "Hessian top eig.",
     "hessian_trace": "Hessian trace", "lie_relative": "Lie deriv. (relative)",
+    "cka_output": "CKA output", "cka_penult": "CKA penult.", "l2_dist": "L2 dist.", "canon_dist": "canonical dist.",
+    "fdim_over_bound": "fdim / bound", "fdim_over_params": "fdim / params", "bezier_barrier": "Bezier barrier",
+    "line_barrier": "line barrier", "cross_barrier_naive": "cross-zoo barrier naive",
+    "cross_barrier_aligned": "cross-zoo barrier aligned", "test_psnr": "test PSNR (dB)",
 }
 
 
