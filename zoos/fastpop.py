@@ -34,6 +34,7 @@ from zoos.archs.base import PopDropout
 from zoos.archs.layers import FlatLinear
 
 PARAMETRIC = (nn.Conv2d, nn.Linear, FlatLinear)
+_COMPILED: dict[tuple, Callable] = {}  # one compiled program per (code, modules, dtype), shared by later populations
 
 
 # ---- population layers: x is [N*B, ...], weights are stacked [N, ...] -------------------------------
@@ -121,7 +122,10 @@ class FastPopulation:
             import torch._dynamo
 
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-            self._compiled = torch.compile(self.graph_module, dynamic=False)
+            key = (self.graph_module.code, repr(self.graph_module), dtype)  # same program: reuse its compiled kernels
+            if key not in _COMPILED:
+                _COMPILED[key] = torch.compile(self.graph_module, dynamic=False)
+            self._compiled = _COMPILED[key]
 
     @staticmethod
     def why_not(module: nn.Module) -> str | None:
