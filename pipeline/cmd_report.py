@@ -109,7 +109,7 @@ def log_report(tracking_uri: str, study: str, report: PhaseReport) -> str:
     cells, names = report.cells, [m.name for m in metrics_present(report.cells)]
     metrics = {}
     for row in cells.iter_rows(named=True):
-        key = f"{row['arch']}.{row['load_factor']}={row['load']:g}.{row['temperature_factor']}={row['temperature']:g}"
+        key = f"{row['arch']}.{row['load_factor']}_{row['load']:g}.{row['temperature_factor']}_{row['temperature']:g}"
         metrics.update({f"{key}.{m}": float(row[m]) for m in names if row[m] is not None})
     run = tracker.log_stage("phases", metrics, params={"temperature": cells["temperature_factor"][0],
                                                        "load": cells["load_factor"][0], "cells": cells.height})

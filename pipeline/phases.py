@@ -49,7 +49,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("barrier_aligned", "interpolation", "barrier_loss_aligned", "loss barrier after weight matching"),
     Metric("barrier_err_aligned", "interpolation", "barrier_err_aligned", "error barrier after weight matching"),
     Metric("bezier_barrier", "bezier", "barrier_loss_bezier", "loss barrier along the Bezier curve"),
-    Metric("cka", "similarity", "cka", "linear CKA between seeds"),
+    Metric("cka_penultimate", "similarity", "cka_penultimate", "linear CKA between seeds, penultimate features"),
+    Metric("cka_output", "similarity", "cka_output", "linear CKA between seeds, outputs"),
 )
 
 CELL = ["arch", "load", "temperature"]
