@@ -34,7 +34,7 @@ def tiny_phase_study(tmp_path):
                  output=str(tmp_path / "out"))
     settings = {"interpolation": {"lambdas": 5, "samples": 64},
                 "landscape": {"samples": 32, "iters": 3, "probes": 2},
-                "bezier": {"lambdas": 5, "steps": 5, "batch_size": 32}}
+                "bezier": {"lambdas": 5, "steps": 5, "batch_size": 32}, "similarity": {"samples": 64}}
     for stage in study["analysis"]:
         stage.update(settings.get(stage["stage"], {}))
     path = tmp_path / "study.yaml"
@@ -52,7 +52,7 @@ def test_phase_study_runs_and_reports_every_cell(ray_local, tmp_path):
 
     # every stored pair is two seeds of one cell: same arch, width and batch size
     cell_of = {m: (a, w, b) for m, a, w, b in models.select("model_id", "arch", "width", "batch_size").iter_rows()}
-    for stage in ("interpolation", "bezier"):
+    for stage in ("interpolation", "bezier", "similarity"):
         rows = store.analysis(stage).collect()
         assert rows.height == 8, stage
         assert all(cell_of[a] == cell_of[b] and a != b for a, b in rows.select("model_a", "model_b").iter_rows()), stage
@@ -66,10 +66,11 @@ def test_phase_study_runs_and_reports_every_cell(ray_local, tmp_path):
     assert cells.height == 8
     assert (cells["temperature_factor"].unique().to_list(), cells["load_factor"].unique().to_list()) == (["batch_size"], ["width"])
     assert cells["models"].to_list() == [2] * 8 and cells["interpolation_pairs"].to_list() == [1] * 8
-    assert cells["bezier_pairs"].to_list() == [1] * 8
+    assert cells["bezier_pairs"].to_list() == [1] * 8 and cells["similarity_pairs"].to_list() == [1] * 8
     names = ["test_acc", "test_loss", "train_loss", "hessian_top", "hessian_trace", "barrier_naive", "barrier_aligned",
-             "barrier_err_aligned", "bezier_barrier"]
+             "barrier_err_aligned", "bezier_barrier", "cka_penultimate", "cka_output"]
     assert cells.select(names).null_count().sum_horizontal().item() == 0
+    assert cells["cka_output"].is_between(0, 1 + 1e-6).all() and cells["test_acc"].is_between(0, 1).all()
     # a cell's aligned barrier is the mean over its pairs, its Hessian trace the mean over its models
     interp = store.analysis("interpolation").collect()
     land = store.analysis("landscape").collect()
