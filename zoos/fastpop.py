@@ -206,10 +206,14 @@ class FastPopulation:
         if not x_per_model:
             x = x.unsqueeze(0).expand(n, *x.shape)
         b = x.shape[1]
-        run = self._compiled if self._compiled is not None and training else self.graph_module
+        run, padded = self.graph_module, b
+        if self._compiled is not None:  # a compiled program per batch bucket, not per batch size
+            run, padded = self._compiled, 1 << (b - 1).bit_length()
+            if padded != b:  # every op is per sample, so zero rows change nothing in the real ones
+                x = torch.cat([x, x.new_zeros(n, padded - b, *x.shape[2:])], 1)
         state = [params[k] for k in self.param_keys] + [buffers[k] for k in self.buffer_keys]
-        out = run(x.reshape(n * b, *x.shape[2:]), training, *state)
-        return out.reshape(n, b, *out.shape[1:])
+        out = run(x.reshape(n * padded, *x.shape[2:]), training, *state)
+        return out.reshape(n, padded, *out.shape[1:])[:, :b]
 
     __call__ = forward
 

@@ -54,6 +54,15 @@ def test_gradients_equal_vmap_of_grad(arch, task_name, config):
     torch.testing.assert_close(loss, torch.stack(alone))
 
 
+def test_batches_padded_to_a_bucket_give_the_same_rows():
+    task, models, params, buffers = population("cnn_s", "mnist", {})
+    x = torch.randn(3, 5, *task.input_shape)
+    plain = FastPopulation(models[0])
+    bucketed = FastPopulation(models[0])
+    bucketed._compiled = bucketed.graph_module  # the compiled path's padding (5 -> 8 rows), without a compiler
+    torch.testing.assert_close(bucketed(params, buffers, x), plain(params, buffers, x), atol=1e-6, rtol=1e-5)
+
+
 def test_strided_padded_conv_equals_torch():
     w, b = torch.randn(4, 5, 3, 3, 3), torch.randn(4, 5)
     x = torch.randn(4 * 2, 3, 9, 10)
