@@ -37,12 +37,18 @@ def _check_buildable(study) -> None:
         build_model(zoo, expand(zoo, study.study)[0].factors, task)
 
 
+DATA_DIR_HELP = "folder with MNIST / Fashion-MNIST / CIFAR-10 files (overrides the study's data_dir; default: SYMZOO_DATA)"
+
+
 @app.command("validate")
-def validate_cmd(study_file: Path = typer.Argument(..., help="study YAML file")) -> None:
+def validate_cmd(
+    study_file: Path = typer.Argument(..., help="study YAML file"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+) -> None:
     """Check a study file: every key, value, task and architecture; exit code 2 on the first problems."""
     from zoos.spec import expand, populations
 
-    study = _load(study_file)
+    study = _load(study_file, data_dir=data_dir)
     table = Table("zoo", "task", "arch", "models", "populations", "epochs", box=None, header_style="bold")
     for zoo in study.zoos:
         models = expand(zoo, study.study)
@@ -58,17 +64,18 @@ def run_cmd(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto' or host:port); default: RAY_ADDRESS, else a local Ray"),
     store: Optional[str] = typer.Option(None, "--store", help="store path or URI (overrides the study's)"),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: sqlite:///symzoo.db here)"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     plain: bool = typer.Option(False, "--plain", help="plain progress lines even on a terminal"),
 ) -> None:
     """Train the study's zoos (only what is missing), run its analysis stages, log to MLflow, summarise."""
     from pipeline.progress import Display
     from pipeline.report import print_summary
-    from pipeline.runner import StoreError, run_study
+    from pipeline.runner import StageConfigError, StoreError, run_study
     from pipeline.tracking import TrackingError
 
-    study = _load(study_file, store=store, tracking_uri=tracking_uri)
+    study = _load(study_file, store=store, tracking_uri=tracking_uri, data_dir=data_dir)
     try:
         report = run_study(study, address=address, display=Display(plain=plain or None))
-    except (StoreError, TrackingError) as e:
+    except (StoreError, TrackingError, StageConfigError) as e:
         fail(str(e))
     print_summary(console, study, report)

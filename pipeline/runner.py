@@ -26,6 +26,10 @@ class StoreError(RuntimeError):
     """The store cannot be created or written; the message names the path."""
 
 
+class StageConfigError(ValueError):
+    """An analysis stage's settings do not fit what is stored (e.g. an epoch no checkpoint has)."""
+
+
 @dataclass
 class RunReport:
     """What a study run did, for the summary and the benchmarks."""
@@ -231,7 +235,10 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
         for stage in study.analysis:
             impl = STAGES[stage.stage]
             zoos = study.stage_zoos(stage)
-            items = impl.plan(store, zoos, stage.settings)
+            try:
+                items = impl.plan(store, zoos, stage.settings)
+            except ValueError as e:
+                raise StageConfigError(f"analysis stage {stage.stage!r}: {e}") from None
             display.add(stage.stage, len(items))
             remote = ray.remote(_stage_task)
             chunks = [items[i:i + stage.items_per_task] for i in range(0, len(items), stage.items_per_task)]

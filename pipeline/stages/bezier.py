@@ -33,9 +33,9 @@ class Bezier(Stage):
 
     def plan(self, store: Any, zoos: list, settings: BezierSettings) -> list[Item]:
         done = done_keys(store, self.name, ["zoo", "model_a", "model_b"])
-        return [{"zoo": zoo.name, "model_a": a, "model_b": b, "arch_config": config}
+        return [{"zoo": zoo.name, "model_a": a, "model_b": b, "context": config}
                 for zoo in zoos
-                for (config,), group in ok_models(store, zoo.name).group_by("arch_config", maintain_order=True)
+                for (config,), group in ok_models(store, zoo.name).group_by("context", maintain_order=True)
                 for a, b in sample_pairs(group["model_id"].to_list(), settings.pairs, f"{settings.seed}:{zoo.name}")
                 if (zoo.name, a, b) not in done]
 

@@ -63,8 +63,8 @@ class CheckpointStage(Stage):
             if not models.height:
                 continue
             ck = chosen_checkpoints(store, zoo.name, settings.epochs).join(models, on="model_id")
-            items += [{"zoo": zoo.name, "model_id": m, "epoch": int(e), "arch_config": c}
-                      for m, e, c in ck.select("model_id", "epoch", "arch_config").iter_rows() if (m, e) not in done]
+            items += [{"zoo": zoo.name, "model_id": m, "epoch": int(e), "context": c}
+                      for m, e, c in ck.select("model_id", "epoch", "context").iter_rows() if (m, e) not in done]
         return items
 
     def run(self, store_root: str, items: list[Item], settings: dict[str, Any], data_dir: str | None, device: str) -> list[dict]:
@@ -74,7 +74,7 @@ class CheckpointStage(Stage):
         store = Store(store_root)
         groups: dict[tuple, list[Item]] = defaultdict(list)
         for it in items:
-            groups[(it["zoo"], it["arch_config"], it["epoch"])].append(it)
+            groups[(it["zoo"], it["context"], it["epoch"])].append(it)
         rows: list[dict] = []
         for (zoo, _, epoch), group in groups.items():
             module, task = model_context(store, group[0]["model_id"], data_dir)

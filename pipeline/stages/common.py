@@ -64,11 +64,18 @@ def shard_name(stage: str, items: list[Item]) -> str:
     return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
+# What models must share for one template module and one task to serve them all: the architecture
+# config and the task config (which differs per model for per-model-data tasks such as `inr`). Stages
+# group items by it, and draw pairs only within it, so a path is evaluated on both endpoints' data.
+CONTEXT = pl.concat_str(pl.col("arch_config"), pl.lit("|"), pl.col("task_config").fill_null("")).alias("context")
+
+
 def ok_models(store: Any, zoo: str) -> pl.DataFrame:
-    """(model_id, arch_config) of a zoo's models that trained without diverging, in id order."""
+    """(model_id, context, arch_config) of a zoo's models that trained without diverging, in id order."""
     if zoo not in store.zoos():
-        return pl.DataFrame(schema={"model_id": pl.String, "arch_config": pl.String})
-    return store.models(zoo).filter(pl.col("status") == "ok").select("model_id", "arch_config").collect().sort("model_id")
+        return pl.DataFrame(schema={"model_id": pl.String, "context": pl.String, "arch_config": pl.String})
+    return (store.models(zoo).filter(pl.col("status") == "ok").select("model_id", CONTEXT, "arch_config")
+            .collect().sort("model_id"))
 
 
 def done_keys(store: Any, stage: str, keys: list[str]) -> set[tuple]:
@@ -91,10 +98,10 @@ def model_context(store: Any, model_id: str, data_dir: str | None) -> tuple[torc
 
 
 def by_context(items: list[Item]) -> dict[tuple[str, str], list[Item]]:
-    """Items grouped by (zoo, arch config): each group shares one template module."""
+    """Items grouped by (zoo, context): each group shares one template module and one task."""
     groups: dict[tuple[str, str], list[Item]] = defaultdict(list)
     for it in items:
-        groups[(it["zoo"], it["arch_config"])].append(it)
+        groups[(it["zoo"], it["context"])].append(it)
     return groups
 
 

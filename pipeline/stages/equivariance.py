@@ -25,8 +25,9 @@ class Equivariance(Stage):
 
     def plan(self, store: Any, zoos: list, settings: EquivarianceSettings) -> list[Item]:
         done = done_keys(store, self.name, ["model_id"])
-        return [{"zoo": zoo.name, "model_id": m, "arch_config": c}
-                for zoo in zoos for m, c in ok_models(store, zoo.name).iter_rows() if (m,) not in done]
+        return [{"zoo": zoo.name, "model_id": m, "context": c}
+                for zoo in zoos for m, c in ok_models(store, zoo.name).select("model_id", "context").iter_rows()
+                if (m,) not in done]
 
     def run(self, store_root: str, items: list[Item], settings: dict[str, Any], data_dir: str | None, device: str) -> list[dict]:
         from analysis.symmetry import orbit_error

@@ -106,10 +106,10 @@ class Interpolation(Stage):
         items: list[Item] = []
         for zoo in zoos:
             epochs = stored_epochs(store, zoo.name) if zoo.name in store.zoos() else {}
-            for (config,), group in ok_models(store, zoo.name).group_by("arch_config", maintain_order=True):
+            for (config,), group in ok_models(store, zoo.name).group_by("context", maintain_order=True):
                 for a, b in sample_pairs(group["model_id"].to_list(), settings.pairs, f"{settings.seed}:{zoo.name}"):
                     common = sorted(set(epochs[a]) & set(epochs[b]))
-                    items += [{"zoo": zoo.name, "model_a": a, "model_b": b, "arch_config": config, "epoch": e}
+                    items += [{"zoo": zoo.name, "model_a": a, "model_b": b, "context": config, "epoch": e}
                               for e in pick_epochs(common, settings.epochs, f"zoo {zoo.name!r}")
                               if (zoo.name, a, b, e) not in done]
         return items
@@ -121,7 +121,7 @@ class Interpolation(Stage):
         store = Store(store_root)
         groups: dict[tuple, list[Item]] = defaultdict(list)
         for it in items:
-            groups[(it["arch_config"], it["epoch"])].append(it)
+            groups[(it["context"], it["epoch"])].append(it)
         rows: list[dict] = []
         for (_, epoch), group in groups.items():
             module, task = model_context(store, group[0]["model_a"], data_dir)
@@ -131,7 +131,7 @@ class Interpolation(Stage):
             b = {k: v[torch.tensor([index[i["model_b"]] for i in group])] for k, v in weights.tensors.items()}
             results = connect_pairs(module.to(device), task, a, b, settings, device)
             for it, res in zip(group, results):
-                ids = {k: v for k, v in it.items() if k != "arch_config"}
+                ids = {k: v for k, v in it.items() if k != "context"}
                 rows.append({**ids, "epoch": int(weights.epochs[index[it["model_a"]]]), **res})
         store.write_analysis(self.name, shard_name(self.name, items), rows)
         return rows
@@ -170,17 +170,19 @@ class InterpolationCross(Interpolation):
         for za, zb in itertools.combinations([z.name for z in zoos], 2):
             if not (models[za].height and models[zb].height):
                 continue
+            # zoos may differ in task options (e.g. augmented training): match on the architecture config;
+            # the path is evaluated on zoo a's task (the items carry zoo a's context)
             by_config = {c: g["model_id"].to_list() for (c,), g in models[zb].group_by("arch_config")}
             arch_a, arch_b = (store.models(z).select("arch").head(1).collect()["arch"].to_list() for z in (za, zb))
             if arch_a != arch_b:
                 continue
-            for (config,), group in models[za].group_by("arch_config", maintain_order=True):
-                cross = sorted(itertools.product(group["model_id"].to_list(), by_config.get(config, [])))
+            for (config, arch_config), group in models[za].group_by("context", "arch_config", maintain_order=True):
+                cross = sorted(itertools.product(group["model_id"].to_list(), by_config.get(arch_config, [])))
                 if settings.pairs and len(cross) > settings.pairs:
                     cross = sorted(random.Random(f"{settings.seed}:{za}:{zb}").sample(cross, settings.pairs))
                 for a, b in cross:
                     common = sorted(set(epochs[za][a]) & set(epochs[zb][b]))
-                    items += [{"zoo": za, "zoo_b": zb, "model_a": a, "model_b": b, "arch_config": config, "epoch": e}
+                    items += [{"zoo": za, "zoo_b": zb, "model_a": a, "model_b": b, "context": config, "epoch": e}
                               for e in pick_epochs(common, settings.epochs, f"zoos {za!r} and {zb!r}")
                               if (za, zb, a, b, e) not in done]
         return items

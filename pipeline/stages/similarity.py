@@ -34,7 +34,7 @@ from torch import nn
 
 from analysis import plots
 from pipeline.stages.checkpoint import CheckpointSettings, CheckpointStage
-from pipeline.stages.common import Item, Settings, Stage, done_keys, model_context, shard_name, stacked, test_batch
+from pipeline.stages.common import CONTEXT, Item, Settings, Stage, done_keys, model_context, shard_name, stacked, test_batch
 from pipeline.stages.interpolation import last_epoch_rows, pick_epochs, sample_pairs, stored_epochs
 from zoos.spec import FACTORS
 
@@ -59,11 +59,11 @@ def feature_layers(module: nn.Module, wanted: list[str] | None) -> dict[str, str
 
 
 def pairs_of_zoo(models: pl.DataFrame, k: int, within: str, key: str) -> list[tuple[str, str, str]]:
-    """(model_a, model_b, arch_config) pairs among models of one arch config; within='seeds': equal in every factor but seed."""
-    by = ["arch_config"] + ([f for f in FACTORS if f != "seed" and f in models.columns] if within == "seeds" else [])
+    """(model_a, model_b, context) pairs among models of one context (arch + task config); within='seeds': equal in every factor but seed."""
+    by = ["context"] + ([f for f in FACTORS if f != "seed" and f in models.columns] if within == "seeds" else [])
     out: list[tuple[str, str, str]] = []
     for _, group in models.group_by(by, maintain_order=True):
-        config = group["arch_config"][0]
+        config = group["context"][0]
         out += [(a, b, config) for a, b in sample_pairs(group["model_id"].to_list(), 0, key)]
     if k and len(out) > k:
         out = sorted(random.Random(key).sample(out, k))
@@ -93,11 +93,11 @@ class Similarity(Stage):
         for zoo in zoos:
             if zoo.name not in store.zoos():
                 continue
-            models = store.models(zoo.name).filter(pl.col("status") == "ok").collect().sort("model_id")
+            models = store.models(zoo.name).filter(pl.col("status") == "ok").with_columns(CONTEXT).collect().sort("model_id")
             epochs = stored_epochs(store, zoo.name)
             for a, b, config in pairs_of_zoo(models, settings.pairs, settings.within, f"{settings.seed}:{zoo.name}"):
                 common = sorted(set(epochs[a]) & set(epochs[b]))
-                items += [{"zoo": zoo.name, "model_a": a, "model_b": b, "arch_config": config, "epoch": e}
+                items += [{"zoo": zoo.name, "model_a": a, "model_b": b, "context": config, "epoch": e}
                           for e in pick_epochs(common, settings.epochs, f"zoo {zoo.name!r}") if (zoo.name, a, b, e) not in done]
         return items
 
@@ -108,7 +108,7 @@ class Similarity(Stage):
         store = Store(store_root)
         groups: dict[tuple, list[Item]] = defaultdict(list)
         for it in items:
-            groups[(it["zoo"], it["arch_config"], it["epoch"])].append(it)
+            groups[(it["zoo"], it["context"], it["epoch"])].append(it)
         rows: list[dict] = []
         for (zoo, _, epoch), group in groups.items():
             module, task = model_context(store, group[0]["model_a"], data_dir)
