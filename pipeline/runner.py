@@ -38,6 +38,7 @@ class RunReport:
     skipped_models: int = 0
     populations: int = 0
     analysis_items: dict[str, int] = field(default_factory=dict)
+    placements: list[dict[str, Any]] = field(default_factory=list)  # per population: node, GPU ids, start/finish
     wall_s: float = 0.0
     tracking_s: float = 0.0  # all time spent in MLflow calls, on any driver thread
     tracking_wait_s: float = 0.0  # of which the driver sat waiting for MLflow (the wall-time overhead)
@@ -86,6 +87,7 @@ def check_store_writable(root: str) -> None:
 
 # ---- Ray task bodies ------------------------------------------------------------------------------
 
+
 def _train_task(pop: Any, store_root: str, precision: str, data_dir: str | None, board: Any) -> dict[str, Any]:
     """Train one population, write its shard, return small summaries (runs inside a Ray worker)."""
     import ray
@@ -99,7 +101,7 @@ def _train_task(pop: Any, store_root: str, precision: str, data_dir: str | None,
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
     torch.set_num_threads(max(1, cpus))
     shard = pop.shard
-    t0 = time.perf_counter()
+    started, t0 = time.time(), time.perf_counter()
     result = train_population(pop, device=device, precision=precision, data_dir=data_dir,
                               progress=lambda epoch, total: board.report.remote(shard, epoch))
     t1 = time.perf_counter()
@@ -108,8 +110,9 @@ def _train_task(pop: Any, store_root: str, precision: str, data_dir: str | None,
     ckpt = {m["model_id"]: {name: list(zip(result.epochs, map(float, values[i])))
                             for name, values in result.metrics.items()}
             for i, m in enumerate(result.models)}
-    return {"zoo": pop.zoo, "rows": result.models, "checkpoint_metrics": ckpt,
-            "train_s": t1 - t0, "write_s": t2 - t1, "device": device}
+    return {"zoo": pop.zoo, "rows": result.models, "checkpoint_metrics": ckpt, "train_s": t1 - t0,
+            "write_s": t2 - t1, "device": device, "gpu_ids": [str(g) for g in gpus], "node": ray.get_runtime_context().get_node_id(),
+            "started": started, "finished": time.time()}
 
 
 def _stage_task(stage: str, store_root: str, items: list[Any], settings: dict[str, Any], data_dir: str | None) -> int:
@@ -220,6 +223,9 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
                     pop = pending.pop(ref)
                     out = ray.get(ref)  # a task that failed after its retries raises here, naming the population
                     report.train_task_s += out["train_s"] + out["write_s"]
+                    report.placements.append({"population": pop.shard, "zoo": pop.zoo, "models": len(pop.model_ids),
+                                              **{k: out[k] for k in ("node", "gpu_ids", "device", "started", "finished",
+                                                                      "train_s", "write_s")}})
                     finished_epochs += len(pop.model_ids) * pop.epochs
                     rows = [r for r in out["rows"] if r["model_id"] not in logged]
                     tracker.log_models_later(out["zoo"], rows, factor_names[out["zoo"]], out["checkpoint_metrics"])

@@ -76,10 +76,13 @@ def mlflow_server(tmp_path):
 
 def test_ray_job_submit_to_a_started_head_logs_to_an_mlflow_server(tmp_path, mlflow_server):
     gcs, dashboard = free_port(), free_port()
+    # Every port of its own: other Rays of the test session would hold the defaults (agent: 52365).
+    agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--num-cpus=2",
-         "--include-dashboard=true", "--disable-usage-stats", "--block"],
+         "--include-dashboard=true", "--disable-usage-stats", *agent_ports, "--block"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
@@ -90,7 +93,7 @@ def test_ray_job_submit_to_a_started_head_logs_to_an_mlflow_server(tmp_path, mlf
         store = tmp_path / "store"
         cmd = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(work),
                "--", "symzoo", "run", "study.yaml", "--store", str(store), "--tracking-uri", mlflow_server, "--plain"]
-        for _ in range(30):  # the dashboard answers before its job agent is up: "No available agent"
+        for _ in range(60):  # the dashboard answers before its job agent is up: "No available agent"
             submit = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
             if "No available agent" not in submit.stderr + submit.stdout:
                 break

@@ -1,0 +1,53 @@
+"""GPU placement checked on CPU: a Ray node that declares 4 or 8 GPUs (Ray's logical resources; no CUDA
+needed) and a study whose populations ask for whole or fractional GPUs. Each training task reports the
+GPU ids Ray handed it, so the test sees where every population ran."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fake-gpus")]
+
+SCRIPT = textwrap.dedent('''
+    import json, sys, ray
+    from pipeline.progress import Display
+    from pipeline.runner import run_study
+    from pipeline.study import parse_study
+
+    gpus, per_task, populations, root = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    ray.init(address="local", num_cpus=populations, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+    study = parse_study({
+        "study": "fakegpus", "store": f"{root}/store", "output": f"{root}/out",
+        "resources": {"num_cpus": 1, "num_gpus": per_task},
+        "zoos": [{"name": "mlp", "task": {"name": "digits", "options": {"n_train": 64, "n_val": 32, "n_test": 32}},
+                  "arch": {"name": "mlp", "config": {"width": 8, "depth": 1}},
+                  "grid": {"seed": list(range(populations))}, "epochs": 1, "population_size": 1}],
+    })
+    report = run_study(study, display=Display(plain=True, every_s=60), tracking_uri=f"sqlite:///{root}/m.db")
+    print("PLACEMENTS" + json.dumps(report.placements))
+''')
+
+
+def placements(tmp_path, gpus: int, per_task: float, populations: int) -> list[dict]:
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(gpus), str(per_task), str(populations), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(line for line in out.stdout.splitlines() if line.startswith("PLACEMENTS"))
+    return json.loads(line.removeprefix("PLACEMENTS"))
+
+
+@pytest.mark.parametrize("gpus", [4, 8])
+def test_one_population_per_gpu_spreads_over_every_gpu(tmp_path, gpus):
+    placed = placements(tmp_path, gpus, 1.0, gpus)
+    assert len(placed) == gpus
+    assert all(len(p["gpu_ids"]) == 1 for p in placed)
+    assert sorted(int(p["gpu_ids"][0]) for p in placed) == list(range(gpus)), "every GPU got one population"
+    assert {p["device"] for p in placed} == {"cpu"}, "no CUDA here: the task falls back to the CPU"
+
+
+def test_fractional_gpus_pack_several_populations_on_one_gpu(tmp_path):
+    placed = placements(tmp_path, 1, 0.25, 4)
+    assert len(placed) == 4 and {tuple(p["gpu_ids"]) for p in placed} == {("0",)}
