@@ -1,4 +1,5 @@
-"""MLflow tracking overhead of a study: the quickstart and a 1,000-model zoo, through `run_study`.
+"""MLflow tracking overhead of a study: the quickstart and a 1,000-model zoo (alone, and with an
+equivariance stage), through `run_study`.
 
 Prints, for each study, the wall time, the time spent in MLflow calls and the part of it the driver
 waited for (model runs are logged on a background thread while populations train), and first, side
@@ -74,6 +75,10 @@ def main() -> None:
                       "grid": {"seed": list(range(1000)), "optimizer": ["adam"], "lr": [0.003]},
                       "epochs": 10, "checkpoints": "0,1,2,5,last", "population_size": 250}],
         }
+        run(thousand, work)
+        # the same zoo as a study usually is: with an analysis stage (the logging overlaps it too)
+        thousand.update(study="zoo1000+eq", store=str(work / "store-1000eq"), output=str(work / "out-1000eq"),
+                        analysis=[{"stage": "equivariance", "samples": 256}])
         run(thousand, work)
 
 

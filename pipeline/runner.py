@@ -233,9 +233,6 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
                     report.populations += 1
                     display.update("models trained", report.trained_models, note=f"{pop.zoo} on {out['device']}")
             ray.kill(board)
-            t_wait = time.perf_counter()
-            tracker.drain()
-            report.tracking_wait_s += time.perf_counter() - t_wait
 
         # -- analysis stages
         for stage in study.analysis:
@@ -257,6 +254,11 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
                     ray.get(ref)
                     display.advance(stage.stage, pending.pop(ref))
             report.analysis_items[stage.stage] = len(items)
+
+    # -- model runs were logged on a background thread, overlapping training and the analysis stages
+    t_wait = time.perf_counter()
+    tracker.drain()
+    report.tracking_wait_s += time.perf_counter() - t_wait
 
     # -- plots, summary, MLflow
     from pipeline.report import summarise
