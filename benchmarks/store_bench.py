@@ -143,6 +143,9 @@ def main() -> None:
         t_store, b = timed(from_store, repeat=3)
         assert torch.equal(a, b), "store and per-model files disagree"
         t_store_1, _ = timed(lambda: reader.to_torch(keys=[k], filter=pl.col("shard") == pops[0].shard)[k].sum(), repeat=3)
+        # a fresh Store checks each file against its manifest on first open: sha256 (default) or size only
+        t_first_sha, _ = timed(lambda: Store(store.root).to_torch(keys=[k])[k].sum())
+        t_first_size, _ = timed(lambda: Store(store.root, check="size").to_torch(keys=[k])[k].sum())
 
         # -- the format choice: one shard's layer k from IPC (mmap) vs Parquet ------------------------
         shard_arrow = os.path.join(store.root, f"checkpoints/cnn-s/{pops[0].shard}.arrow")
@@ -184,6 +187,8 @@ def main() -> None:
         print(f"  torch.load of {n} per-model files  {t_files * 1e3:9.1f} ms   (writing them took {t_save:.1f} s)")
         print(f"  store.to_torch ({len(pops):2d} shards, 1 cat)  {t_store * 1e3:9.1f} ms   ratio {t_files / t_store:6.0f}x  (target >= 10x)")
         print(f"  store.to_torch (1 shard, no copy)  {t_store_1 * 1e3:9.1f} ms")
+        print(f"  first read by a fresh Store, sha256 check   {t_first_sha * 1e3:9.1f} ms   ratio {t_files / t_first_sha:6.0f}x")
+        print(f"  first read by a fresh Store, size check     {t_first_size * 1e3:9.1f} ms   ratio {t_files / t_first_size:6.0f}x")
         print(f"\nweight format, one shard ({len(pops[0].ids)} models), layer {k} at one epoch:")
         print(f"  Arrow IPC memory-mapped            {t_ipc * 1e3:9.2f} ms")
         print(f"  Parquet uncompressed               {t_pq * 1e3:9.2f} ms   ({t_pq / t_ipc:.0f}x slower)")
