@@ -83,8 +83,9 @@ def interpolation_curves(rows: pl.DataFrame, value: str, path: Path, max_pairs: 
     return _save(fig, path)
 
 
-def barrier_heatmap(rows: pl.DataFrame, column: str, path: Path) -> Path:
-    """Pairwise barrier matrix per zoo (models in id order; unevaluated pairs blank)."""
+def pair_heatmap(rows: pl.DataFrame, column: str, path: Path, *, diagonal: float = float("nan"),
+                 cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None) -> Path:
+    """A symmetric model x model matrix of a pair metric per zoo (models in id order; unevaluated pairs blank)."""
     zoos = sorted(rows["zoo"].unique().to_list())
     fig, axes = _panels(len(zoos), width=4.6, height=4.0)
     for ax, zoo in zip(axes, zoos):
@@ -92,12 +93,18 @@ def barrier_heatmap(rows: pl.DataFrame, column: str, path: Path) -> Path:
         ids = sorted(set(sub["model_a"].to_list()) | set(sub["model_b"].to_list()))
         index = {m: i for i, m in enumerate(ids)}
         mat = np.full((len(ids), len(ids)), np.nan)
+        np.fill_diagonal(mat, diagonal)
         for a, b, v in sub.select("model_a", "model_b", column).iter_rows():
-            mat[index[a], index[b]] = mat[index[b], index[a]] = v
-        im = ax.imshow(mat, cmap="viridis")
+            mat[index[a], index[b]] = mat[index[b], index[a]] = np.nan if v is None else v
+        im = ax.imshow(mat, cmap=cmap, vmin=vmin, vmax=vmax)
         ax.set(title=f"{zoo}: {column}", xlabel="model", ylabel="model")
         fig.colorbar(im, ax=ax, fraction=0.046)
     return _save(fig, path)
+
+
+def barrier_heatmap(rows: pl.DataFrame, column: str, path: Path) -> Path:
+    """Pairwise barrier matrix per zoo."""
+    return pair_heatmap(rows, column, path)
 
 
 def equivariance_by_zoo(rows: pl.DataFrame, column: str, path: Path) -> Path:
@@ -182,21 +189,8 @@ def path_curves(rows: pl.DataFrame, value: str, labels: dict[str, str], path: Pa
 
 
 def cka_heatmap(rows: pl.DataFrame, column: str, path: Path) -> Path:
-    """Pairwise CKA matrix per zoo (models in id order, diagonal 1 by definition, unevaluated pairs blank)."""
-    zoos = sorted(rows["zoo"].unique().to_list())
-    fig, axes = _panels(len(zoos), width=4.6, height=4.0)
-    for ax, zoo in zip(axes, zoos):
-        sub = rows.filter(pl.col("zoo") == zoo)
-        ids = sorted(set(sub["model_a"].to_list()) | set(sub["model_b"].to_list()))
-        index = {m: i for i, m in enumerate(ids)}
-        mat = np.full((len(ids), len(ids)), np.nan)
-        np.fill_diagonal(mat, 1.0)
-        for a, b, v in sub.select("model_a", "model_b", column).iter_rows():
-            mat[index[a], index[b]] = mat[index[b], index[a]] = np.nan if v is None else v
-        im = ax.imshow(mat, cmap="magma", vmin=0.0, vmax=1.0)
-        ax.set(title=f"{zoo}: {column}", xlabel="model", ylabel="model")
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    return _save(fig, path)
+    """Pairwise CKA matrix per zoo (diagonal 1 by definition)."""
+    return pair_heatmap(rows, column, path, diagonal=1.0, cmap="magma", vmin=0.0, vmax=1.0)
 
 
 def cka_vs_layer(rows: pl.DataFrame, path: Path) -> Path:

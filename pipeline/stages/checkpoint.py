@@ -11,14 +11,13 @@ config, epoch): each group is one stacked population, loaded at that epoch and m
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections import defaultdict
 from typing import Any, Literal
 
 import polars as pl
 import torch
 from pydantic import field_validator
 
-from pipeline.stages.common import Item, Settings, Stage, done_keys, model_context, ok_models, shard_name, stacked
+from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, model_context, ok_models, shard_name, stacked
 
 Epochs = Literal["last", "all"] | list[int]
 
@@ -72,11 +71,8 @@ class CheckpointStage(Stage):
         from zoos.store import Store
 
         store = Store(store_root)
-        groups: dict[tuple, list[Item]] = defaultdict(list)
-        for it in items:
-            groups[(it["zoo"], it["context"], it["epoch"])].append(it)
         rows: list[dict] = []
-        for (zoo, _, epoch), group in groups.items():
+        for (zoo, _, epoch), group in by_context(items, "epoch").items():
             module, task = model_context(store, group[0]["model_id"], data_dir)
             module = module.to(device)
             weights = stacked(store, [i["model_id"] for i in group], device, epoch=epoch)

@@ -97,11 +97,12 @@ def model_context(store: Any, model_id: str, data_dir: str | None) -> tuple[torc
     return build_arch(row["arch"], task, **json.loads(row["arch_config"] or "{}")).eval(), task
 
 
-def by_context(items: list[Item]) -> dict[tuple[str, str], list[Item]]:
-    """Items grouped by (zoo, context): each group shares one template module and one task."""
-    groups: dict[tuple[str, str], list[Item]] = defaultdict(list)
+def by_context(items: list[Item], *also: str) -> dict[tuple, list[Item]]:
+    """Items grouped by (zoo, context, *also): each group shares one template module and one task
+    (and, with also=("epoch",), one checkpoint, so its weights load as one stacked population)."""
+    groups: dict[tuple, list[Item]] = defaultdict(list)
     for it in items:
-        groups[(it["zoo"], it["context"])].append(it)
+        groups[(it["zoo"], it["context"], *(it[k] for k in also))].append(it)
     return groups
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +19,7 @@ import torch
 from pydantic import Field
 
 from analysis import plots
-from pipeline.stages.common import Item, Settings, Stage, done_keys, model_context, ok_models, shard_name, stacked
+from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, model_context, ok_models, shard_name, stacked
 
 
 class InterpolationSettings(Settings):
@@ -115,15 +114,12 @@ class Interpolation(Stage):
         return items
 
     def run(self, store_root: str, items: list[Item], settings: dict[str, Any], data_dir: str | None, device: str) -> list[dict]:
-        """Items sharing (arch config, epoch) run as one stacked population of pairs."""
+        """Items sharing (zoo, context, epoch) run as one stacked population of pairs."""
         from zoos.store import Store
 
         store = Store(store_root)
-        groups: dict[tuple, list[Item]] = defaultdict(list)
-        for it in items:
-            groups[(it["context"], it["epoch"])].append(it)
         rows: list[dict] = []
-        for (_, epoch), group in groups.items():
+        for (_, _, epoch), group in by_context(items, "epoch").items():
             module, task = model_context(store, group[0]["model_a"], data_dir)
             weights = stacked(store, sorted({i["model_a"] for i in group} | {i["model_b"] for i in group}), device, epoch)
             index = {m: i for i, m in enumerate(weights.model_ids)}

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import math
 import random
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,7 +33,7 @@ from torch import nn
 
 from analysis import plots
 from pipeline.stages.checkpoint import CheckpointSettings, CheckpointStage
-from pipeline.stages.common import CONTEXT, Item, Settings, Stage, done_keys, model_context, shard_name, stacked, test_batch
+from pipeline.stages.common import CONTEXT, Item, Settings, Stage, by_context, done_keys, model_context, shard_name, stacked, test_batch
 from pipeline.stages.interpolation import last_epoch_rows, pick_epochs, sample_pairs, stored_epochs
 from zoos.spec import FACTORS
 
@@ -106,11 +105,8 @@ class Similarity(Stage):
         from zoos.store import Store
 
         store = Store(store_root)
-        groups: dict[tuple, list[Item]] = defaultdict(list)
-        for it in items:
-            groups[(it["zoo"], it["context"], it["epoch"])].append(it)
         rows: list[dict] = []
-        for (zoo, _, epoch), group in groups.items():
+        for (zoo, _, epoch), group in by_context(items, "epoch").items():
             module, task = model_context(store, group[0]["model_a"], data_dir)
             ids = sorted({i["model_a"] for i in group} | {i["model_b"] for i in group})
             weights = stacked(store, ids, device, epoch)
