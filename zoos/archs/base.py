@@ -9,6 +9,7 @@ models' states is all a vectorised population needs.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,14 +24,15 @@ class ArchError(ValueError):
     """Bad architecture name or config; the message names the field, the value and what is allowed."""
 
 
-class SymModule(nn.Module):
+class SymModule(nn.Module, ABC):
     """Base class of every symzoo architecture."""
 
     arch_name: str = ""
     config: dict[str, Any]
 
+    @abstractmethod
     def perm_spec(self) -> PermSpec:
-        raise NotImplementedError(f"{type(self).__name__} must define perm_spec()")
+        """Which (state_dict key, axis) pairs each hidden permutation acts on."""
 
     @property
     def num_params(self) -> int:
