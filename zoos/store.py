@@ -228,8 +228,21 @@ class Store:
     def _list(self, rel_dir: str, suffix: str) -> list[str]:
         """Relative paths of files under `rel_dir` (recursively) ending with `suffix`, sorted."""
         sel = pafs.FileSelector(self._path(rel_dir), recursive=True, allow_not_found=True)
+        for attempt in range(5):
+            try:
+                infos = self.fs.get_file_info(sel)
+                break
+            except FileNotFoundError:
+                # Seen once with two stage tasks writing a new stage's first shards at the same moment: the
+                # listing failed although allow_not_found was set. A folder that is not there has nothing to
+                # list; one that is there changed under the listing, and the next listing sees it settled.
+                if self._info(rel_dir).type == pafs.FileType.NotFound:
+                    return []
+                if attempt == 4:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
         out = []
-        for info in self.fs.get_file_info(sel):
+        for info in infos:
             if info.type == pafs.FileType.File and info.path.endswith(suffix):
                 out.append(posixpath.relpath(info.path, self.root))
         return sorted(out)
