@@ -31,17 +31,20 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 
 def test_killed_worker_is_retried_and_loses_nothing(ray_local, tmp_path):
-    path, _ = write_study(tmp_path, "killworker", [mlp_zoo("slow", [0, 1, 2], [0.01], epochs=8, checkpoints=[0, 4, 8])])
+    # 400 epochs: seconds of training even on an idle machine, so the kill lands mid-training
+    path, _ = write_study(tmp_path, "killworker", [mlp_zoo("slow", [0, 1, 2], [0.01], epochs=400, checkpoints=[0, 200, 400])])
     study = load_study(path)
     shard = populations(expand(study.zoos[0], study.study))[0].shard
     out: dict = {}
     driver = threading.Thread(target=lambda: out.update(report=run_study(study, display=Display(plain=True))))
     driver.start()
-    pid = wait_for_process(os.getpid(), f"train:slow:{shard}")
-    time.sleep(0.5)  # into the training loop
-    assert not (tmp_path / "store" / "manifest" / "slow" / f"{shard}.json").exists(), "killed before its shard was written"
-    os.kill(pid, signal.SIGKILL)
-    driver.join(180)
+    try:
+        pid = wait_for_process(os.getpid(), f"train:slow:{shard}")
+        time.sleep(0.5)  # into the training loop
+        assert not (tmp_path / "store" / "manifest" / "slow" / f"{shard}.json").exists(), "killed before its shard was written"
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        driver.join(300)  # never leave a driver running into the next test or the session's ray.shutdown()
     assert not driver.is_alive() and "report" in out, "the study finished after the retry"
     assert not os.path.exists(f"/proc/{pid}") or "train:" not in Path(f"/proc/{pid}/cmdline").read_text()
     expected = expected_models(study)
@@ -76,7 +79,7 @@ def test_diverging_models_do_not_touch_the_others(ray_local, tmp_path):
 def test_killed_driver_resumes_without_duplicates_and_logs_what_it_stored(ray_local, tmp_path):
     path, _ = write_study(tmp_path, "killdriver", [
         mlp_zoo("fast", [0, 1, 2, 3, 4, 5], [0.01], epochs=1),
-        mlp_zoo("slow", [0, 1, 2, 3], [0.01], epochs=30, population_size=2)])  # still training at the kill, even under load
+        mlp_zoo("slow", [0, 1, 2, 3], [0.01], epochs=400, population_size=2)])  # seconds of training: still running at the kill
     study = load_study(path)
     manifests = tmp_path / "store" / "manifest"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
