@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from analysis.connectivity import PathResult, as_lambdas, evaluate_path
-from zoos.functional import population_forward, split_state
+from zoos.functional import evaluating, population_forward, split_state
 
 State = dict[str, Tensor]
 
@@ -98,9 +98,7 @@ def bezier_curve(
     x, y = task.load("train", seed)
     g = torch.Generator().manual_seed(seed)
     trace = []
-    was_training = module.training
-    module.eval()
-    try:
+    with evaluating(module):
         for _ in range(steps):
             idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=g)
             xb, yb = x[idx], y[idx]
@@ -114,8 +112,6 @@ def bezier_curve(
             loss.backward()
             opt.step()
             trace.append(float(loss.detach()))
-    finally:
-        module.train(was_training)
     controls = {k: v.detach() for k, v in controls.items()}
     lam = as_lambdas(lambdas)
     path = evaluate_path(module, bezier_states(a, controls, b, lam), lam, task, splits=splits, seed=seed, device=device)

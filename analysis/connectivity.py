@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from zoos.functional import population_forward, split_state
+from zoos.functional import evaluating, population_forward, split_state
 from zoos.permspec import PermSpec
 
 State = dict[str, Tensor]
@@ -82,27 +82,22 @@ def evaluate_states(
     first = next(iter(states.values()))
     n, device = first.shape[0], device if device is not None else first.device
     chunk = chunk or n
-    was_training = module.training
-    module.eval()
     losses, metrics = [], []
-    try:
-        with torch.no_grad():
-            for lo in range(0, n, chunk):
-                st = {k: v[lo : lo + chunk] for k, v in states.items()}
-                st = {k: v.to(device) for k, v in st.items()}
-                params, buffers = split_state(module, st)
-                tot_l = tot_m = 0.0
-                for i in range(0, len(x), batch_size):
-                    xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-                    xb, yb = xb.to(device), yb.to(device)
-                    pred = population_forward(module, params, buffers, xb)
-                    w = len(xb) / len(x)
-                    tot_l = tot_l + w * vmap(loss_fn, in_dims=(0, None))(pred, yb).double()
-                    tot_m = tot_m + w * vmap(metric_fn, in_dims=(0, None))(pred, yb).double()
-                losses.append(tot_l.float().cpu())
-                metrics.append(tot_m.float().cpu())
-    finally:
-        module.train(was_training)
+    with evaluating(module), torch.no_grad():
+        for lo in range(0, n, chunk):
+            st = {k: v[lo : lo + chunk] for k, v in states.items()}
+            st = {k: v.to(device) for k, v in st.items()}
+            params, buffers = split_state(module, st)
+            tot_l = tot_m = 0.0
+            for i in range(0, len(x), batch_size):
+                xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+                xb, yb = xb.to(device), yb.to(device)
+                pred = population_forward(module, params, buffers, xb)
+                w = len(xb) / len(x)
+                tot_l = tot_l + w * vmap(loss_fn, in_dims=(0, None))(pred, yb).double()
+                tot_m = tot_m + w * vmap(metric_fn, in_dims=(0, None))(pred, yb).double()
+            losses.append(tot_l.float().cpu())
+            metrics.append(tot_m.float().cpu())
     return torch.cat(losses), torch.cat(metrics)
 
 
@@ -267,17 +262,14 @@ def activation_stats(
         return hook
 
     handles = [mods[s].register_forward_hook(hook_for(s)) for s in sites]
-    was_training = module.training
-    module.eval()
     try:
-        with torch.no_grad():
+        with evaluating(module), torch.no_grad():
             for batch in batches:
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
                 functional_call(module, dict(state), (x.to(next(iter(state.values())).device),))
     finally:
         for h in handles:
             h.remove()
-        module.train(was_training)
     out = {}
     for s, (n, s1, s2) in sums.items():
         if n == 0:

@@ -34,9 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import jvp, vjp
 
-from analysis.symmetry import evaluating
 from tasks.groups import LieGroup
-from zoos.functional import population_forward
+from zoos.functional import evaluating, population_forward
 
 Flow = Callable[[Tensor, Tensor], Tensor]  # (t: scalar tensor, batch [B, ...]) -> transformed batch
 IMAGE_FLOWS = ("rotation", "translate_x", "translate_y", "scale")

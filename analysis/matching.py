@@ -35,6 +35,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from zoos.functional import evaluating
 from zoos.permspec import PermSpec, Perms, apply_permutation, compose, invert
 
 State = dict[str, Tensor]
@@ -224,10 +225,8 @@ def activation_matching(
     a, b = _to(a, device), _to(b, device)
     cap = _Capture(module, [p for s in sites.values() for p, _ in s])
     acc: dict[tuple[str, int], dict[str, Tensor]] = {}
-    was_training = module.training
-    module.eval()
     try:
-        with torch.no_grad():
+        with evaluating(module), torch.no_grad():
             for batch in batches:
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
                 x = x.to(device) if device is not None else x
@@ -246,7 +245,6 @@ def activation_matching(
                     s["sab"] = s["sab"] + fa.T @ fb
     finally:
         cap.close()
-        module.train(was_training)
     if not acc:
         raise ValueError("activation_matching got no batches")
     perms: Perms = {}
@@ -305,9 +303,7 @@ def ste_matching(
     opt = torch.optim.Adam(list(proxy.values()), lr=lr)
     perms = spec.identity(a)
     best, best_loss, trace = perms, float("inf"), []
-    was_training = module.training
-    module.eval()
-    try:
+    with evaluating(module):
         for _, (x, y) in zip(range(steps), itertools.cycle(batches)):
             x, y = (x.to(device), y.to(device)) if device is not None else (x, y)
             target = {**a, **{k: v.detach() for k, v in proxy.items()}}
@@ -324,8 +320,6 @@ def ste_matching(
             trace.append(float(loss.detach()))
             if trace[-1] < best_loss:
                 best, best_loss = perms, trace[-1]
-    finally:
-        module.train(was_training)
     return MatchResult({k: v.cpu() for k, v in best.items()}, trace, len(trace))
 
 
@@ -385,12 +379,7 @@ def check_same_function(
     model: nn.Module, state: Mapping[str, Tensor], permuted: Mapping[str, Tensor], x: Tensor
 ) -> float:
     """Max abs difference of the outputs of `state` and `permuted` on x (0 up to rounding if they match)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            ya = functional_call(model, dict(state), (x,))
-            yb = functional_call(model, dict(permuted), (x,))
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():
+        ya = functional_call(model, dict(state), (x,))
+        yb = functional_call(model, dict(permuted), (x,))
     return float((ya - yb).abs().max())

@@ -15,16 +15,15 @@ invariant (or, with a `feature_action`, how equivariant) the learned features ar
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from analysis.representation import population_features
 from tasks.groups import Element, FiniteGroup, Group, element_list
-from zoos.functional import population_forward
+from zoos.functional import evaluating, population_forward
 
 
 @dataclass
@@ -42,17 +41,6 @@ def relative_error(a: Tensor, b: Tensor, dims: Sequence[int]) -> Tensor:
     """RMS(a - b) / (RMS a + RMS b) over `dims`; 0 where both are 0."""
     rms = lambda t: t.pow(2).mean(dim=tuple(dims)).sqrt()  # noqa: E731
     return rms(a - b) / (rms(a) + rms(b)).clamp_min(torch.finfo(a.dtype).tiny)
-
-
-@contextmanager
-def evaluating(module: nn.Module) -> Iterator[nn.Module]:
-    """Run `module` in eval mode (no dropout) and restore its mode afterwards."""
-    was = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was)
 
 
 def _on_batch(action: Callable[[Element, Tensor], Tensor], g: Element, y: Tensor) -> Tensor:

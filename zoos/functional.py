@@ -8,9 +8,9 @@ models run as one program with no Python loop over models.
 from __future__ import annotations
 
 import copy
-from typing import Mapping, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
@@ -58,3 +58,14 @@ def population_forward(
 def unstack(state: Mapping[str, Tensor], i: int) -> State:
     """Model i's state out of a stacked state (views, no copy)."""
     return {k: v[i] for k, v in state.items()}
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """Run `module` in eval mode (no dropout) and restore its mode afterwards."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)
