@@ -205,7 +205,8 @@ def population(n_models: int, epochs: int, data_dir: Path):
     return populations(expand(parse_zoo(zoo), "v"), n_models)[0]
 
 
-def run_variant(n_models: int, fast: bool, precision: str, data_dir: Path, device: str) -> dict:
+def run_variant(n_models: int, kind: str, precision: str, data_dir: Path, device: str) -> dict:
+    """kind: vmap (grouped convs), fast (im2col + bmm) or kernels (popconv's Triton convs)."""
     from zoos.trainer import train_population
 
     pop = population(n_models, 1, data_dir)
@@ -213,17 +214,18 @@ def run_variant(n_models: int, fast: bool, precision: str, data_dir: Path, devic
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    res = train_population(pop, device=device, precision=precision, fast=fast)
+    res = train_population(pop, device=device, precision=precision, fast=kind != "vmap", kernels=kind == "kernels")
     wall = time.perf_counter() - t0
-    out = {"models": n_models, "fast": fast, "precision": precision, "wall_s": wall, "model_epochs_per_s": n_models / wall,
+    out = {"models": n_models, "kind": kind, "precision": precision, "wall_s": wall, "model_epochs_per_s": n_models / wall,
            "test_acc_mean": float(np.mean(res.curves["test_acc"][:, -1]))}
     if device == "cuda":
         out["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
 
 
-def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps: int, profile_to: Path | None = None) -> dict:
-    """The fast training step alone (gather, forward, backward, AdamW) timed over `steps` steps."""
+def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps: int, kernels: bool,
+              profile_to: Path | None = None) -> dict:
+    """The fast training step alone (batch indices, forward, backward, AdamW) timed over `steps` steps."""
     from torch.profiler import ProfilerActivity, profile
 
     from tasks import task_with_data
@@ -243,12 +245,12 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
     lr = torch.full((n_models,), LR, device=device)
     zero, beta1 = torch.zeros(n_models, device=device), torch.full((n_models,), 0.9, device=device)
     step = FastStep(template(models[0]), task.loss, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-                    compile=device == "cuda", dropout=False)
+                    compile=device == "cuda", dropout=False, kernels=kernels)
 
     def one(i: int):
         nonlocal params, m1, m2
         idx = torch.randint(0, len(x), (n_models, BATCH), device=device)
-        grads, _ = step(params, buffers, x[idx], y[idx])
+        grads, _ = step(params, buffers, x, y[idx], rows=idx)
         params, m1, m2 = _adamw(params, grads, m1, m2, lr, zero, beta1, i + 1)
 
     for i in range(3):
@@ -260,7 +262,7 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
         one(i)
     sync()
     dt = (time.perf_counter() - t0) / steps
-    out = {"models": n_models, "precision": precision, "step_ms": dt * 1e3,
+    out = {"models": n_models, "precision": precision, "kernels": kernels, "step_ms": dt * 1e3,
            "model_epochs_per_s": n_models * BATCH / (dt * len(x))}
     if profile_to is not None:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -283,8 +285,11 @@ def main() -> None:
     ap.add_argument("--pop", type=int, default=1024, help="pipeline: population size")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--baseline-models", type=int, default=64)
-    ap.add_argument("--variants", default="vmap:float32:256,fast:float32:256,fast:bf16:256,fast:bf16:1024,fast:bf16:2048")
+    ap.add_argument("--variants", default="vmap:float32:256,fast:bf16:1024,kernels:float32:256,kernels:bf16:256,"
+                                          "kernels:bf16:1024,kernels:bf16:2048",
+                    help="trainer runs, kind:precision:models; kind = vmap | fast (im2col) | kernels (Triton)")
     ap.add_argument("--steps", default="256,1024,2048,4096")
+    ap.add_argument("--step-kinds", default="fast,kernels", help="step-only loops: fast (im2col) and/or kernels")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: baseline,pipeline,variants,steps")
     a = ap.parse_args()
     gpu = torch.cuda.is_available() and not a.smoke
@@ -293,6 +298,7 @@ def main() -> None:
     if a.smoke:
         a.models, a.pop, a.epochs, a.baseline_models = 8, 4, 1, 2
         a.variants, a.steps = "vmap:float32:4,fast:float32:4", "4"
+        a.step_kinds = "fast"
     skip = set(filter(None, a.skip.split(",")))
     a.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="train-bench-"))
@@ -311,17 +317,20 @@ def main() -> None:
     if "steps" not in skip:
         results["steps"] = []
         sizes = [int(s) for s in a.steps.split(",")]
-        for n in sizes:
-            prof = a.out / "profile.txt" if n == sizes[min(1, len(sizes) - 1)] else None
-            r = run_steps(n, "bf16" if gpu else "float32", data_dir, device, steps=20 if gpu else 2, profile_to=prof)
-            results["steps"].append(r)
-            say(f"step only   N={n:5d} {r['precision']:8s} {r['step_ms']:8.2f} ms/step  {r['model_epochs_per_s']:8.1f} model-epochs/s")
-            save()
+        for kind in a.step_kinds.split(","):
+            for n in sizes:
+                prof = a.out / f"profile-{kind}.txt" if n == sizes[min(1, len(sizes) - 1)] else None
+                r = run_steps(n, "bf16" if gpu else "float32", data_dir, device, steps=20 if gpu else 2,
+                              kernels=kind == "kernels", profile_to=prof)
+                results["steps"].append(r)
+                say(f"step only   N={n:5d} {kind:8s} {r['precision']:8s} {r['step_ms']:8.2f} ms/step  "
+                    f"{r['model_epochs_per_s']:8.1f} model-epochs/s")
+                save()
     if "variants" not in skip:
         results["variants"] = []
         for v in a.variants.split(","):
             kind, prec, n = v.split(":")
-            r = run_variant(int(n), kind == "fast", prec, data_dir, device)
+            r = run_variant(int(n), kind, prec, data_dir, device)
             results["variants"].append(r)
             say(f"trainer     N={n:>5s} {kind:4s} {prec:8s} {r['model_epochs_per_s']:8.1f} model-epochs/s (1 epoch, eval incl., "
                 f"{r['wall_s']:.1f} s, peak {r.get('gpu_mem_peak_gib', 0):.1f} GiB, test acc {r['test_acc_mean']:.3f})")

@@ -1,9 +1,12 @@
 """Shared test set-up: deterministic, single-threaded torch (CI has 2 cores and runs 2 workers)."""
 
 import os
+import shutil
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
+if shutil.which("nvidia-smi") is None:  # no GPU: zoos.popconv's Triton kernels run (and are tested) in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -16,6 +16,12 @@ gives the backward (unfold's backward is the col2im scatter), so it is exact for
 Weights stay float32 (the optimizer's master copy); `dtype` is the compute dtype of activations and
 matmuls (bf16 on a GPU), and the logits come back in float32.
 
+With `kernels=True` (the trainer's choice where `zoos.popconv.available`), every stride-1 Conv2d runs
+as popconv's Triton implicit-GEMM kernels instead of im2col + bmm: no patch matrix in memory, forward
+and backward. A first convolution that reads the input directly also takes the batch as row indices
+into the resident data set (`forward(..., rows=idx)`), and a shared evaluation batch becomes the same
+indices for every model, so the input is never gathered or expanded per model in memory.
+
 `FastPopulation.supports(module)` says whether a module can run this way and why not: only the layer
 types above carry parameters, buffers belong to `PopDropout` only, and the traced forward reads no
 parameter directly. The trainer uses it where it applies and keeps `vmap` otherwise.
@@ -30,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.func import vmap
 
+from zoos import popconv
 from zoos.archs.base import PopDropout
 from zoos.archs.layers import FlatLinear
 
@@ -66,6 +73,11 @@ def pop_conv2d(x: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, int], 
     wt = w.to(x.dtype).reshape(n, o, c * kh * kw).transpose(1, 2)
     y = torch.bmm(cols, wt) if b is None else torch.baddbmm(b.to(x.dtype).unsqueeze(1), cols, wt)
     return y.view(nb, ho, wo, o).permute(0, 3, 1, 2)  # logical NCHW, channels-last in memory
+
+
+def rows_input(x: Tensor, rows: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The population's input batch [N*B, ...] in the compute dtype: x itself, or x[rows] when indexed."""
+    return (x if rows is None else x[rows.reshape(-1)]).to(dtype)
 
 
 def pop_dropout(x: Tensor, p: Tensor, training: bool) -> Tensor:
@@ -109,11 +121,12 @@ class FastPopulation:
     """A module's forward re-emitted for N stacked models: `forward(params, buffers, x) -> [N, B, ...]`."""
 
     def __init__(self, module: nn.Module, dtype: torch.dtype = torch.float32, compile: bool = False,
-                 dropout: bool = True):
+                 dropout: bool = True, kernels: bool = False):
         reason = self.why_not(module)
         if reason:
             raise ValueError(f"module {type(module).__name__} cannot run as a fast population: {reason}")
         self.module, self.dtype, self.dropout = module, dtype, dropout  # dropout=False: every rate is 0, skip the masks
+        self.kernels = kernels  # stride-1 convs as popconv's Triton kernels
         self.param_keys = [k for k, _ in module.named_parameters()]
         self.buffer_keys = [k for k, _ in module.named_buffers()]
         self.graph_module = self._emit(module)
@@ -122,7 +135,7 @@ class FastPopulation:
             import torch._dynamo
 
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-            key = (self.graph_module.code, repr(self.graph_module), dtype)  # same program: reuse its compiled kernels
+            key = (self.graph_module.code, repr(self.graph_module), dtype, kernels)  # same program: reuse its compiled kernels
             if key not in _COMPILED:
                 _COMPILED[key] = torch.compile(self.graph_module, dynamic=False)
             self._compiled = _COMPILED[key]
@@ -150,17 +163,24 @@ class FastPopulation:
         return FastPopulation.why_not(module) is None
 
     def _emit(self, module: nn.Module) -> fx.GraphModule:
-        """The traced graph with each leaf module replaced by its population op; inputs (x, training, *params, *buffers)."""
+        """The traced graph with each leaf module replaced by its population op; inputs (x, rows, training, *params, *buffers)."""
         src = _Tracer().trace(module)
         mods = dict(module.named_modules())
         g = fx.Graph()
         x_in = g.placeholder("x")
+        rows_in = g.placeholder("rows")
         training = g.placeholder("training")
         state = {k: g.placeholder("p_" + k.replace(".", "_")) for k in self.param_keys + self.buffer_keys}
         env: dict[fx.Node, fx.Node] = {}
+        reads_input: set[fx.Node] = set()  # kernel convs that read the raw input (by row index) themselves
         for node in src.nodes:
             if node.op == "placeholder":
-                env[node] = g.call_method("to", (x_in, self.dtype))
+                users = list(node.users)
+                if len(users) == 1 and users[0].args == (node,) and not users[0].kwargs and self._kernel_conv(users[0], mods):
+                    env[node] = x_in
+                    reads_input.add(users[0])
+                else:
+                    env[node] = g.call_function(rows_input, (x_in, rows_in, self.dtype))
                 continue
             if node.op == "output":
                 if not isinstance(node.args[0], fx.Node):
@@ -174,7 +194,12 @@ class FastPopulation:
             args = [env[a] if isinstance(a, fx.Node) else a for a in node.args]
             w = state.get(f"{name}.weight")
             b = state.get(f"{name}.bias")
-            if isinstance(m, nn.Conv2d):
+            if node in reads_input:
+                env[node] = g.call_function(popconv.conv2d, (args[0], w, b, _conv_padding(m)),
+                                            {"rows": rows_in, "out_dtype": self.dtype})
+            elif self._kernel_conv(node, mods):
+                env[node] = g.call_function(popconv.conv2d, (args[0], w, b, _conv_padding(m)))
+            elif isinstance(m, nn.Conv2d):
                 env[node] = g.call_function(pop_conv2d, (args[0], w, b, tuple(m.stride), _conv_padding(m)))
             elif isinstance(m, FlatLinear):
                 env[node] = g.call_function(pop_flat_linear, (args[0], w, b))
@@ -199,20 +224,35 @@ class FastPopulation:
                 holder.add_module(leaf, mods[node.target])
         return fx.GraphModule(root, g)
 
+    def _kernel_conv(self, node: fx.Node, mods: Mapping[str, nn.Module]) -> bool:
+        """Whether the traced node is a Conv2d that runs as popconv's kernels."""
+        m = mods.get(node.target) if node.op == "call_module" else None
+        return self.kernels and isinstance(m, nn.Conv2d) and popconv.supports(m.stride, m.dilation, m.groups)
+
     def forward(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, *,
-                x_per_model: bool = True, training: bool = False) -> Tensor:
-        """Outputs [N, B, ...] in float32 for x [N, B, ...] (each model its own batch) or x [B, ...] shared."""
+                rows: Tensor | None = None, x_per_model: bool = True, training: bool = False) -> Tensor:
+        """Outputs [N, B, ...] in float32 for x [N, B, ...] (each model its own batch), x [B, ...] shared,
+        or x the data set [S, ...] with rows [N, B] the samples each model sees."""
         n = params[self.param_keys[0]].shape[0]
-        if not x_per_model:
-            x = x.unsqueeze(0).expand(n, *x.shape)
-        b = x.shape[1]
+        if rows is None and not x_per_model:
+            if self.kernels:  # the same indices for every model: nothing expanded in memory
+                rows = torch.arange(x.shape[0], device=x.device).expand(n, x.shape[0])
+            else:
+                x = x.unsqueeze(0).expand(n, *x.shape)
+        if rows is not None and not self.kernels:
+            x, rows = x[rows], None
+        b = rows.shape[1] if rows is not None else x.shape[1]
         run, padded = self.graph_module, b
         if self._compiled is not None:  # a compiled program per batch bucket, not per batch size
             run, padded = self._compiled, 1 << (b - 1).bit_length()
-            if padded != b:  # every op is per sample, so zero rows change nothing in the real ones
+            if padded != b and rows is not None:  # every op is per sample: extra rows change nothing in the real ones
+                rows = torch.cat([rows, rows.new_zeros(n, padded - b)], 1)
+            elif padded != b:
                 x = torch.cat([x, x.new_zeros(n, padded - b, *x.shape[2:])], 1)
+        if rows is None:
+            x = x.reshape(n * padded, *x.shape[2:])
         state = [params[k] for k in self.param_keys] + [buffers[k] for k in self.buffer_keys]
-        out = run(x.reshape(n * padded, *x.shape[2:]), training, *state)
+        out = run(x, rows, training, *state)
         return out.reshape(n, padded, *out.shape[1:])[:, :b]
 
     __call__ = forward
@@ -232,15 +272,17 @@ class FastStep:
     """
 
     def __init__(self, module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], *,
-                 dtype: torch.dtype = torch.float32, compile: bool = False, dropout: bool = True):
-        self.pop = FastPopulation(module, dtype=dtype, compile=compile, dropout=dropout)
+                 dtype: torch.dtype = torch.float32, compile: bool = False, dropout: bool = True,
+                 kernels: bool = False):
+        self.pop = FastPopulation(module, dtype=dtype, compile=compile, dropout=dropout, kernels=kernels)
         self.loss_per_model = vmap(loss_fn, in_dims=(0, 0))
 
-    def __call__(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, y: Tensor
-                 ) -> tuple[dict[str, Tensor], Tensor]:
+    def __call__(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, y: Tensor,
+                 rows: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
+        """Gradients for batch x [N, B, ...], or for the data set x [S, ...] read at rows [N, B]."""
         with torch.enable_grad():
             leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-            pred = self.pop(leaves, buffers, x, x_per_model=True, training=True)
+            pred = self.pop(leaves, buffers, x, rows=rows, x_per_model=True, training=True)
             loss = self.loss_per_model(pred, y)
             grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
         return dict(zip(leaves, grads)), loss.detach()

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -40,6 +39,7 @@ from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
 from tasks.base import Task
+from zoos import popconv
 from zoos.fastpop import FastPopulation, FastStep, dropout_active
 from zoos.functional import population_forward, stack_states, template
 from zoos.population import PopulationResult
@@ -162,10 +162,12 @@ def train_population(
     data_dir: str | None = None,
     eval_batch: int = 512,
     fast: bool | None = None,
+    kernels: bool | None = None,
 ) -> PopulationResult:
     """Train every model of `pop` as one vectorised program; curves every epoch, weights at checkpoints.
 
     fast: run supported architectures as batched matmuls (`zoos.fastpop`) instead of vmap; None = on CUDA.
+    kernels: in the fast program, run stride-1 convs as `zoos.popconv`'s Triton kernels; None = where available.
     """
     if precision not in PRECISIONS:
         raise TrainError(f"precision {precision!r} is not known; allowed: {', '.join(PRECISIONS)}")
@@ -173,11 +175,11 @@ def train_population(
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(int(pop.shard.removeprefix("pop-"), 16))  # dropout masks: one stream per population
-        return _train(pop, device, precision, progress, data_dir, eval_batch, fast)
+        return _train(pop, device, precision, progress, data_dir, eval_batch, fast, kernels)
 
 
 def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, data_dir, eval_batch: int,
-           fast: bool | None) -> PopulationResult:
+           fast: bool | None, kernels: bool | None) -> PopulationResult:
     specs, first = pop.models, pop.first
     n_models, epochs, checkpoints = len(specs), first.epochs, list(first.checkpoints)
     batch_size, optimizer, schedule = (pop.shared(k) for k in ("batch_size", "optimizer", "lr_schedule"))
@@ -243,11 +245,12 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     fast_forward = None
     if (device.type == "cuda" if fast is None else fast) and not projections and FastPopulation.supports(module):
         fast_step = FastStep(module, task.loss, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-                             compile=device.type == "cuda", dropout=dropout_active(module, buffers))
+                             compile=device.type == "cuda", dropout=dropout_active(module, buffers),
+                             kernels=(device.type == "cuda" and popconv.available(device)) if kernels is None else kernels)
         fast_forward = fast_step.pop
 
-        def step_fn(p, b, x, y, r):
-            grads, loss = fast_step(p, b, x, y)
+        def step_fn(p, b, x, y, r, rows=None):
+            grads, loss = fast_step(p, b, x, y, rows=rows)
             return grads, (loss, loss)
     state = {k: torch.zeros_like(v) for k, v in params.items()}  # SGD momentum buffer / Adam first moment
     state2 = {k: torch.zeros_like(v) for k, v in params.items()} if optimizer == "adam" else {}
@@ -267,7 +270,11 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
         preds, ys = [], []  # per-model data: every batch kept, the metric taken over all samples at once
         module.eval()
         for i in range(0, n, eval_batch):
-            if own:
+            rows = None
+            if own and fast_forward is not None:  # the fast program reads the data set by index
+                rows = subsets[:, i : i + eval_batch]
+                xb, yb = x, targets(y, rows)
+            elif own:
                 idx = subsets[:, i : i + eval_batch]
                 xb, yb = x[idx], targets(y, idx)
             elif per_model is None:
@@ -275,8 +282,10 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
             else:
                 xb, yb = x[i : i + eval_batch], y[:, i : i + eval_batch]
             with autocast():
-                forward = fast_forward or partial(population_forward, module)
-                pred = forward(params, buffers, xb, x_per_model=own).float()
+                if fast_forward is not None:
+                    pred = fast_forward(params, buffers, xb, rows=rows, x_per_model=own).float()
+                else:
+                    pred = population_forward(module, params, buffers, xb, x_per_model=own).float()
             if per_model is not None:
                 preds.append(pred)
                 ys.append(yb)
@@ -322,10 +331,14 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
             els, which = augmenter.epoch(epoch)
         for s in range(n_steps):
             idx = orders[:, s * bs : (s + 1) * bs]
-            xb, yb = x_train[idx], targets(y_train, idx)
-            if augmenter is not None:
-                xb, yb = augmenter(els, which[:, s * bs : (s + 1) * bs], xb, yb)
-            grads, (total, _) = step_fn(params, buffers, xb, yb, reg)
+            yb = targets(y_train, idx)
+            if augmenter is None and fast_forward is not None:  # the fast program reads the data set by index
+                grads, (total, _) = step_fn(params, buffers, x_train, yb, reg, rows=idx)
+            else:
+                xb = x_train[idx]
+                if augmenter is not None:
+                    xb, yb = augmenter(els, which[:, s * bs : (s + 1) * bs], xb, yb)
+                grads, (total, _) = step_fn(params, buffers, xb, yb, reg)
             lr_t = lr * lr_factor(schedule, step, total_steps)
             step += 1
             if optimizer == "sgd":

@@ -1,0 +1,119 @@
+"""Per-layer times of the population convolutions: im2col + bmm vs popconv's Triton kernels.
+
+    python benchmarks/popconv_bench.py --models 1024            # CUDA machine, ~1 min
+
+For each convolution of CNN-s on 28x28x1 (batch 128 per model, bf16 activations, float32 weights)
+and its two backward products, times (CUDA events, median of 20 after a warm-up):
+  im2col   zoos.fastpop.pop_conv2d forward, and its autograd backward (input + weight grads)
+  fma      popconv's kernels on CUDA cores (forward: outer products a tap at a time, the best of a
+           sweep over pixels per program and warps; weight grad: the best of a sweep over taps per program)
+  dot      popconv's kernels as implicit-GEMM tiles on tensor cores (TF32)
+  auto     what popconv picks by default
+The first layer reads the resident data set by row index, as in training. Output: a table and
+<out>/popconv_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from zoos import popconv  # noqa: E402
+from zoos.fastpop import pop_conv2d  # noqa: E402
+
+# (name, C, O, k, input size, padding): CNN-s's convs and the input-gradient convs of conv2 and conv3
+LAYERS = [("conv1", 1, 8, 5, 28, 0), ("conv2", 8, 6, 5, 12, 0), ("conv3", 6, 4, 2, 4, 0),
+          ("conv2 dgrad", 6, 8, 5, 8, 4), ("conv3 dgrad", 4, 6, 2, 3, 1)]
+
+
+def timed(fn, reps: int = 20) -> float:
+    """Median milliseconds of fn() on the GPU."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--out", type=Path, default=Path("bench-out"))
+    a = ap.parse_args()
+    n, batch, dev = a.models, a.batch, "cuda"
+    data = torch.randn(60000, 1, 28, 28, device=dev)
+    rows = torch.randint(0, 60000, (n, batch), device=dev)
+    results = []
+    print(f"{'layer':14s}{'im2col fwd':>12s}{'im2col bwd':>12s}{'fma fwd':>10s}{'dot fwd':>10s}{'fma wgr':>10s}"
+          f"{'dot wgr':>10s}{'auto fwd':>10s}{'auto wgr':>10s}   ms, N={n}, B={batch}")
+    for name, c, o, k, size, pad in LAYERS:
+        first = name == "conv1"
+        x = data if first else torch.randn(n * batch, c, size, size, device=dev, dtype=torch.bfloat16)
+        r = rows if first else None
+        w = torch.randn(n, o, c, k, k, device=dev) * 0.1
+        b = torch.randn(n, o, device=dev) * 0.1
+        xi = (data[rows.reshape(-1)] if first else x).to(torch.bfloat16)
+
+        def im2col_fwd():
+            return pop_conv2d(xi, w, b, (1, 1), (pad, pad))
+
+        xg, wg, bg = xi.clone().requires_grad_(not first), w.clone().requires_grad_(), b.clone().requires_grad_()
+        y = pop_conv2d(xg, wg, bg, (1, 1), (pad, pad))
+        dy = torch.randn_like(y)
+
+        def im2col_bwd():
+            torch.autograd.grad(y, [wg, bg] + ([] if first else [xg]), dy, retain_graph=True)
+
+        dyc = dy.contiguous()
+        ri = r.reshape(-1).int() if first else None
+
+        def fwd():
+            return popconv.conv2d(x, w, b, (pad, pad), rows=r, out_dtype=torch.bfloat16)
+
+        def wgrad():
+            return popconv._pop_conv2d_wgrad(x, ri, dyc, w, pad, pad, True)
+
+        row = {"layer": name, "models": n, "batch": batch, "im2col_fwd_ms": timed(im2col_fwd), "im2col_bwd_ms": timed(im2col_bwd)}
+        for block_m in (128, 256, 512):
+            popconv.TUNING.update(forward="fma", fma_block_m=block_m)
+            row[f"fma_fwd_m{block_m}_ms"] = timed(fwd)
+        popconv.TUNING.update(forward="dot", fma_block_m=0)
+        row["dot_fwd_ms"] = timed(fwd)
+        popconv.TUNING.update(wgrad="fma")
+        row["fma_wgrad_ms"] = timed(wgrad)
+        popconv.TUNING.update(wgrad="dot")
+        for block_m in (64, 128, 256) if "dgrad" not in name else ():  # an input-grad conv has no weight grad
+            for per_sm in (4, 16, 64):
+                for stages in (1, 3):
+                    popconv.TUNING.update(wgrad_block_m=block_m, wgrad_per_sm=per_sm, wgrad_stages=stages)
+                    row[f"dot_wgrad_m{block_m}_s{per_sm}_st{stages}_ms"] = timed(wgrad)
+        popconv.TUNING.update(wgrad_block_m=0, wgrad_per_sm=4, wgrad_stages=0)
+        row["dot_wgrad_ms"] = timed(wgrad)
+        popconv.TUNING.update(forward="auto", wgrad="auto")
+        row["auto_fwd_ms"], row["auto_wgrad_ms"] = timed(fwd), timed(wgrad)
+        results.append(row)
+        fma_f = min((v, k) for k, v in row.items() if k.startswith("fma_fwd"))
+        fma_w = min(((v, k) for k, v in row.items() if k.startswith("dot_wgrad")), default=(0.0, "-"))
+        print(f"{name:14s}{row['im2col_fwd_ms']:12.2f}{row['im2col_bwd_ms']:12.2f}{fma_f[0]:10.2f}"
+              f"{row['dot_fwd_ms']:10.2f}{row['fma_wgrad_ms']:10.2f}{row['dot_wgrad_ms']:10.2f}{row['auto_fwd_ms']:10.2f}"
+              f"{row['auto_wgrad_ms']:10.2f}   best: {fma_f[1]} {fma_f[0]:.2f}, {fma_w[1]} {fma_w[0]:.2f}", flush=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "popconv_bench.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "layers": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""zoos.popconv: the Triton population convolutions equal per-model F.conv2d, forward and backward.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), in
+float32; on a GPU the same tests run the compiled kernels, whose products are TF32 (looser tolerance).
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.func import functional_call, grad, vmap
+
+from zoos import popconv
+from zoos.fastpop import FastPopulation, FastStep
+from zoos.functional import population_forward, template
+from zoos.trainer import train_population
+
+from tests.zoos.test_fastpop import population
+from tests.zoos.test_trainer import one_population, zoo_models
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not popconv.available(DEVICE), reason="needs Triton (GPU or TRITON_INTERPRET=1)")
+
+
+def close(got, want):
+    """Elementwise to float32 tolerance on the CPU; on a GPU (TF32 products) to 1% of the tensor's norm."""
+    assert got.shape == want.shape
+    if DEVICE == "cpu":
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    else:
+        err = (got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)
+        assert err < 1e-2, f"relative error {err:.2e}"
+
+
+def reference(x, w, b, pad):
+    """Model n's F.conv2d on its own rows of x."""
+    n = w.shape[0]
+    batch = x.shape[0] // n
+    return torch.cat([F.conv2d(x[i * batch:(i + 1) * batch], w[i], None if b is None else b[i], padding=pad)
+                      for i in range(n)])
+
+
+def both(x, w, b, pad, rows=None):
+    """Output and gradients (x, w, b) of popconv and of the reference, for one random output gradient."""
+    y = popconv.conv2d(x, w, b, (pad, pad), rows=rows)
+    xr = x if rows is None else x[rows.reshape(-1)]
+    yr = reference(xr, w, b, pad)
+    g = torch.randn_like(yr)
+    wrt = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    return (y, *torch.autograd.grad((y * g).sum(), wrt)), (yr, *torch.autograd.grad((yr * g).sum(), wrt))
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 3), batch=st.integers(1, 3), c=st.integers(1, 9), o=st.integers(1, 20),
+       k=st.integers(1, 5), pad=st.integers(0, 2), size=st.integers(5, 9), bias=st.booleans())
+def test_forward_and_gradients_equal_per_model_conv(n, batch, c, o, k, pad, size, bias):
+    """Any channel counts, kernel size and padding (K from 1 to 225, several K tiles), with and without bias."""
+    torch.manual_seed(n * 1000 + c * 100 + o)
+    x = torch.randn(n * batch, c, size, size, device=DEVICE, requires_grad=True)
+    w = torch.randn(n, o, c, k, k, device=DEVICE, requires_grad=True)
+    b = torch.randn(n, o, device=DEVICE, requires_grad=True) if bias else None
+    got, want = both(x, w, b, pad)
+    for a, r in zip(got, want):
+        close(a, r)
+
+
+def test_rows_read_the_data_set_by_index():
+    """rows [N, B] index a shared data set: same output and weight gradients as gathering first."""
+    data = torch.randn(40, 1, 28, 28, device=DEVICE)
+    rows = torch.randint(0, 40, (3, 6), device=DEVICE)
+    w = torch.randn(3, 8, 1, 5, 5, device=DEVICE, requires_grad=True)
+    b = torch.randn(3, 8, device=DEVICE, requires_grad=True)
+    got, want = both(data, w, b, 0, rows=rows)
+    for a, r in zip(got, want):
+        close(a, r)
+
+
+def test_bad_shapes_are_named():
+    w = torch.randn(2, 4, 3, 3, 3)
+    with pytest.raises(ValueError, match="not a multiple of the population size 2"):
+        popconv.conv2d(torch.randn(3, 3, 8, 8), w, None)
+    with pytest.raises(ValueError, match="x has 1 channels but w expects 3"):
+        popconv.conv2d(torch.randn(4, 1, 8, 8), w, None)
+    with pytest.raises(ValueError, match=r"w must be \[N, O, C, kh, kw\]"):
+        popconv.conv2d(torch.randn(4, 3, 8, 8), w[0], None)
+
+
+CASES = [("cnn_s", "mnist", {}), ("cnn", "digits", {"width": 6, "depth": 3})]
+
+
+@pytest.mark.parametrize("arch,task_name,config", CASES)
+@pytest.mark.parametrize("mode", ["per_model", "shared", "rows"])
+def test_fast_population_with_kernels_equals_vmap(arch, task_name, config, mode):
+    task, models, params, buffers = population(arch, task_name, config)
+    params = {k: v.to(DEVICE) for k, v in params.items()}
+    buffers = {k: v.to(DEVICE) for k, v in buffers.items()}
+    module = template(models[0]).eval()
+    data = torch.randn(20, *task.input_shape, device=DEVICE)
+    rows = torch.randint(0, 20, (3, 5), device=DEVICE)
+    fast = FastPopulation(module, kernels=True)
+    if mode == "rows":
+        out = fast(params, buffers, data, rows=rows)
+        ref = population_forward(module, params, buffers, data[rows], x_per_model=True)
+    else:
+        x = data[rows] if mode == "per_model" else data[:5]
+        out = fast(params, buffers, x, x_per_model=mode == "per_model")
+        ref = population_forward(module, params, buffers, x, x_per_model=mode == "per_model")
+    close(out, ref)
+
+
+def test_fast_step_with_kernels_equals_vmap_of_grad():
+    task, models, params, buffers = population("cnn_s", "mnist", {})
+    module = template(models[0])
+    params = {k: v.to(DEVICE) for k, v in params.items()}
+    buffers = {k: v.to(DEVICE) for k, v in buffers.items()}
+    data, y = torch.randn(30, *task.input_shape, device=DEVICE), torch.randint(0, 10, (3, 7), device=DEVICE)
+    rows = torch.randint(0, 30, (3, 7), device=DEVICE)
+    grads, loss = FastStep(module, task.loss, dropout=False, kernels=True)(params, buffers, data, y, rows=rows)
+
+    def one(p, b, xb, yb):
+        return task.loss(functional_call(module, (p, b), (xb,)), yb)
+
+    ref = vmap(grad(one), randomness="different")(params, buffers, data[rows], y)
+    for k in ref:
+        close(grads[k], ref[k])
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="CPU float32 comparison (TF32 on a GPU drifts over many steps)")
+def test_training_with_kernels_equals_vmap_trainer(monkeypatch):
+    """Same init, data order and Adam through the trainer: weights and curves after 2 epochs agree.
+
+    The tensor-core forward here: the interpreter runs it ~5x faster than the per-tap CUDA-core one,
+    which test_each_kernel_kind_equals_per_model_conv checks against the same reference."""
+    monkeypatch.setitem(popconv.TUNING, "forward", "dot")
+    arch = {"name": "cnn", "config": {"width": 4, "depth": 2}}
+    models = zoo_models({"seed": [0, 1], "lr": [3e-3], "optimizer": ["adam"], "batch_size": [32]}, arch=arch,
+                        task_options={"n_train": 96, "n_val": 32, "n_test": 32})
+    pop = one_population(models)
+    kern = train_population(pop, fast=True, kernels=True)
+    plain = train_population(pop, fast=False)
+    for k in plain.weights:
+        np.testing.assert_allclose(kern.weights[k], plain.weights[k], atol=5e-5, rtol=1e-4)
+    for name in plain.curves:
+        np.testing.assert_allclose(kern.curves[name], plain.curves[name], atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["fma", "dot"])
+@pytest.mark.parametrize("c,o,k,pad", [(1, 8, 5, 0), (8, 6, 5, 0), (3, 20, 3, 1), (6, 4, 2, 1)])
+def test_each_kernel_kind_equals_per_model_conv(monkeypatch, kind, c, o, k, pad):
+    """The CUDA-core and the tensor-core kernels, forward and weight grad, whatever `auto` would pick."""
+    monkeypatch.setitem(popconv.TUNING, "forward", kind)
+    monkeypatch.setitem(popconv.TUNING, "wgrad", kind)
+    x = torch.randn(2 * 3, c, 7, 7, device=DEVICE, requires_grad=True)
+    w = torch.randn(2, o, c, k, k, device=DEVICE, requires_grad=True)
+    b = torch.randn(2, o, device=DEVICE, requires_grad=True)
+    got, want = both(x, w, b, pad)
+    for a, r in zip(got, want):
+        close(a, r)
