@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Optional
 
@@ -52,8 +54,8 @@ def validate_cmd(
     table = Table("zoo", "task", "arch", "models", "populations", "epochs", box=None, header_style="bold")
     for zoo in study.zoos:
         models = expand(zoo, study.study)
-        table.add_row(zoo.name, zoo.task.name, zoo.arch.name, str(len(models)),
-                      str(len(populations(models, zoo.population_size))), str(zoo.epochs))
+        pops = "auto" if zoo.population_size == "auto" else str(len(populations(models, zoo.population_size)))
+        table.add_row(zoo.name, zoo.task.name, zoo.arch.name, str(len(models)), pops, str(zoo.epochs))
     console.print(f"[green]ok[/]: {study_file} (study {study.study!r})")
     console.print(table)
 
@@ -66,6 +68,8 @@ def run_cmd(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: sqlite:///symzoo.db here)"),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     plain: bool = typer.Option(False, "--plain", help="plain progress lines even on a terminal"),
+    report_json: Optional[Path] = typer.Option(None, "--report", help="also write what the run did as JSON here: "
+                                               "placements of every population, phase times, MLflow time"),
 ) -> None:
     """Train the study's zoos (only what is missing), run its analysis stages, log to MLflow, summarise."""
     from pipeline.progress import Display
@@ -79,3 +83,6 @@ def run_cmd(
     except (StoreError, TrackingError, StageConfigError) as e:
         fail(str(e))
     print_summary(console, study, report)
+    if report_json is not None:
+        report_json.parent.mkdir(parents=True, exist_ok=True)
+        report_json.write_text(json.dumps(report.as_dict(), indent=2))

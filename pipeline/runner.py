@@ -39,12 +39,20 @@ class RunReport:
     populations: int = 0
     analysis_items: dict[str, int] = field(default_factory=dict)
     placements: list[dict[str, Any]] = field(default_factory=list)  # per population: node, GPU ids, start/finish
+    population_sizes: dict[str, int] = field(default_factory=dict)  # zoo -> size chosen by population_size: auto
+    phase_s: dict[str, float] = field(default_factory=dict)  # driver wall time of "train" and of each stage
     wall_s: float = 0.0
     tracking_s: float = 0.0  # all time spent in MLflow calls, on any driver thread
     tracking_wait_s: float = 0.0  # of which the driver sat waiting for MLflow (the wall-time overhead)
     train_task_s: float = 0.0
+    driver_result_s: float = 0.0  # driver time spent taking in finished populations (ray.get + bookkeeping)
     plots: list[Path] = field(default_factory=list)
     summary: pl.DataFrame | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as plain data (JSON): everything but the summary table and plot paths."""
+        skip = {"summary", "plots"}
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     @property
     def tracking_share(self) -> float:
@@ -111,7 +119,7 @@ def _train_task(pop: Any, store_root: str, precision: str, data_dir: str | None,
                             for name, values in result.metrics.items()}
             for i, m in enumerate(result.models)}
     return {"zoo": pop.zoo, "rows": result.models, "checkpoint_metrics": ckpt, "train_s": t1 - t0,
-            "write_s": t2 - t1, "device": device, "gpu_ids": [str(g) for g in gpus], "node": ray.get_runtime_context().get_node_id(),
+            "write_s": t2 - t1, "weight_bytes": int(sum(v.nbytes for v in result.weights.values())), "device": device, "gpu_ids": [str(g) for g in gpus], "node": ray.get_runtime_context().get_node_id(),
             "started": started, "finished": time.time()}
 
 
@@ -128,6 +136,18 @@ def _stage_task(stage: str, store_root: str, items: list[Any], settings: dict[st
 
 
 # ---- the driver -----------------------------------------------------------------------------------
+
+def training_slots(res: Any) -> int:
+    """How many training tasks the connected Ray cluster runs at once with these resources: its GPUs over
+    `num_gpus` per task (or its CPUs over `num_cpus` without GPUs); at least 1 (an autoscaling cluster
+    that has not started its workers yet counts as one slot)."""
+    import ray
+
+    total = ray.cluster_resources()
+    if res.num_gpus > 0:
+        return max(1, int(total.get("GPU", 0) // res.num_gpus))
+    return max(1, int(total.get("CPU", 1) // res.num_cpus))
+
 
 def _log_stored_models(store: Any, tracker: Tracker, zoo: str, ids: set[str], logged: set[str], factors: list[str]) -> int:
     """Log the stored models among `ids` of `zoo` that have no finished MLflow run (rows and checkpoint metrics
@@ -157,7 +177,7 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from pipeline.stages import STAGES
-    from zoos.spec import expand, populations
+    from zoos.spec import AUTO_MAX_POPULATION, expand, populations
     from zoos.store import Store
 
     t_start = time.perf_counter()
@@ -181,11 +201,14 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
         tracker.zoo_run(zoo.name, config={"task": zoo.task.name, "arch": zoo.arch.name, "models": len(models),
                                            "epochs": zoo.epochs})
         done = store.stored_ids(zoo.name)
-        for pop in populations(models, zoo.population_size):
-            if all(mid in done for mid in pop.model_ids):
-                report.skipped_models += len(pop.model_ids)
-            else:
-                todo.append(pop)
+        missing = [m for m in models if m.model_id not in done]  # a re-run trains only these
+        report.skipped_models += len(models) - len(missing)
+        if zoo.population_size == "auto":
+            pops = populations(missing, AUTO_MAX_POPULATION, slots=training_slots(res))
+            report.population_sizes[zoo.name] = max((len(p.model_ids) for p in pops), default=0)
+        else:
+            pops = populations(missing, zoo.population_size)
+        todo += pops
     # -- models stored by an earlier run whose driver died before logging them: log them now, from the store
     tracker.discard_unfinished_models()
     logged = tracker.logged_models()
@@ -198,6 +221,9 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
     with display:
         display.log(f"study {study.study}: {n_models} models to train in {len(todo)} populations, "
                     f"{report.skipped_models} already stored")
+        for zoo_name, size in report.population_sizes.items():
+            display.log(f"zoo {zoo_name}: population_size auto -> {size} ({training_slots(res)} training slots)")
+        t_phase = time.perf_counter()
         if todo:
             # on the driver's node: a worker node that dies must not take the live progress with it
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -220,22 +246,27 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
                 running = sum(sizes[s] * e for s, e in live.items() if s in {p.shard for p in pending.values()})
                 display.update("model-epochs", finished_epochs + running)
                 for ref in ready:
+                    t_result = time.perf_counter()
                     pop = pending.pop(ref)
                     out = ray.get(ref)  # a task that failed after its retries raises here, naming the population
                     report.train_task_s += out["train_s"] + out["write_s"]
                     report.placements.append({"population": pop.shard, "zoo": pop.zoo, "models": len(pop.model_ids),
+                                              "epochs": pop.epochs,
                                               **{k: out[k] for k in ("node", "gpu_ids", "device", "started", "finished",
-                                                                      "train_s", "write_s")}})
+                                                                      "train_s", "write_s", "weight_bytes")}})
                     finished_epochs += len(pop.model_ids) * pop.epochs
                     rows = [r for r in out["rows"] if r["model_id"] not in logged]
                     tracker.log_models_later(out["zoo"], rows, factor_names[out["zoo"]], out["checkpoint_metrics"])
                     report.trained_models += len(pop.model_ids)
                     report.populations += 1
                     display.update("models trained", report.trained_models, note=f"{pop.zoo} on {out['device']}")
+                    report.driver_result_s += time.perf_counter() - t_result
             ray.kill(board)
+            report.phase_s["train"] = time.perf_counter() - t_phase
 
         # -- analysis stages
         for stage in study.analysis:
+            t_phase = time.perf_counter()
             impl = STAGES[stage.stage]
             zoos = study.stage_zoos(stage)
             try:
@@ -254,6 +285,7 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
                     ray.get(ref)
                     display.advance(stage.stage, pending.pop(ref))
             report.analysis_items[stage.stage] = len(items)
+            report.phase_s[stage.stage] = report.phase_s.get(stage.stage, 0.0) + time.perf_counter() - t_phase
 
     # -- model runs were logged on a background thread, overlapping training and the analysis stages
     t_wait = time.perf_counter()

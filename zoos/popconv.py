@@ -113,7 +113,7 @@ if triton is not None:
     def _conv_fwd_fma_kernel(x_ptr, rows_ptr, wt_ptr, b_ptr, y_ptr,
                              B, C, H, W, O, HO, WO, PH, PW,
                              K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                             GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, PADDED: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """The forward as outer products on CUDA cores: each thread owns pixels and all O outputs.
 
@@ -134,9 +134,13 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for c in range(C):
             for ki in tl.static_range(KH):
-                row_ok = pmask & (i + ki - PH >= 0) & (i + ki - PH < H)
+                row_ok = pmask
+                if PADDED:  # only padded convs read outside the image
+                    row_ok = row_ok & (i + ki - PH >= 0) & (i + ki - PH < H)
                 for kj in tl.static_range(KW):
-                    ok = row_ok & (j + kj - PW >= 0) & (j + kj - PW < W)
+                    ok = row_ok
+                    if PADDED:
+                        ok = ok & (j + kj - PW >= 0) & (j + kj - PW < W)
                     xv = tl.load(x_base + c * (H * W) + ki * W + kj, mask=ok, other=0.0)
                     wv = tl.load(w_base + ((c * KH + ki) * KW + kj) * BLOCK_N)
                     acc += xv.to(tl.float32)[:, None] * wv[None, :]
@@ -240,7 +244,7 @@ def _launch_forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None,
         wt[:, :, :o] = w.reshape(n, o, -1).transpose(1, 2)
         _conv_fwd_fma_kernel[(triton.cdiv(batch * ho * wo, block_m), n)](
             x, *args, wt, b if b is not None else wt, y, batch, c, h, wd, o, ho, wo, padding[0], padding[1],
-            **common, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=TUNING["fma_warps"],
+            **common, PADDED=padding != (0, 0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=TUNING["fma_warps"],
         )
         return y
     block_m, block_k, block_n = _blocks(c * kh * kw, o)

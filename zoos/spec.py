@@ -24,7 +24,7 @@ import json
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -194,7 +194,16 @@ class ZooSpec(BaseModel):
     sample_seed: int = 0
     epochs: int = Field(default=10, ge=1)
     checkpoints: str | list[int] = "0,1,...,last"  # 0, 1, 2, 5, 10, 20, 50, ... and the last epoch
-    population_size: int = Field(default=256, ge=1)
+    population_size: int | Literal["auto"] = Field(
+        default=256, description="models per population (one Ray task), or 'auto': an equal share of the "
+                                 "cluster's training slots, at most AUTO_MAX_POPULATION each")
+
+    @field_validator("population_size")
+    @classmethod
+    def _population_size(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"population_size = {v} is not allowed; expected an integer >= 1 or 'auto'")
+        return v
 
     @field_validator("grid", mode="before")
     @classmethod
@@ -519,15 +528,27 @@ def build_model(zoo: ZooSpec, factors: dict[str, Any], task: Any) -> Any:
     return init_model(zoo.arch.name, config, {**TRAIN_DEFAULTS, **factors}, task)
 
 
-def populations(models: list[ModelSpec], max_size: int = 256) -> list[PopulationSpec]:
-    """Group models that can train as one program, in first-seen order, and chunk each group to `max_size`."""
+AUTO_MAX_POPULATION = 1024  # where a CNN-s population stops gaining per model on one H100 (benchmarks/README.md)
+
+
+def populations(models: list[ModelSpec], max_size: int = 256, *, slots: int | None = None) -> list[PopulationSpec]:
+    """Group models that can train as one program, in first-seen order, and chunk each group to `max_size`.
+
+    With `slots` (population_size: auto, slots = training tasks the cluster runs at once) each group is
+    split instead into near-equal populations (sizes differ by at most one), as many as a multiple of
+    `slots` that keeps each within `max_size`, or one per model when the group is smaller than `slots`:
+    every GPU gets the same work and none trains a second, short population while the others idle.
+    """
     if max_size < 1:
         raise SpecError(f"max_size = {max_size} is not allowed; expected an integer >= 1")
     groups: dict[str, list[ModelSpec]] = {}
     for m in models:
         groups.setdefault(m.group_key(), []).append(m)
-    return [
-        PopulationSpec(tuple(ms[i : i + max_size]))
-        for ms in groups.values()
-        for i in range(0, len(ms), max_size)
-    ]
+    if slots is None:
+        return [PopulationSpec(tuple(ms[i : i + max_size])) for ms in groups.values() for i in range(0, len(ms), max_size)]
+    out = []
+    for ms in groups.values():
+        k = min(len(ms), max(1, slots) * -(-len(ms) // (max(1, slots) * max_size)))
+        bounds = [len(ms) * i // k for i in range(k + 1)]
+        out += [PopulationSpec(tuple(ms[a:b])) for a, b in zip(bounds, bounds[1:])]
+    return out

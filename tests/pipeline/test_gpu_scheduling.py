@@ -17,26 +17,33 @@ SCRIPT = textwrap.dedent('''
     from pipeline.runner import run_study
     from pipeline.study import parse_study
 
-    gpus, per_task, populations, root = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    ray.init(address="local", num_cpus=populations, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+    gpus, per_task, models, root, size = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    ray.init(address="local", num_cpus=max(gpus, 4), num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     study = parse_study({
         "study": "fakegpus", "store": f"{root}/store", "output": f"{root}/out",
         "resources": {"num_cpus": 1, "num_gpus": per_task},
         "zoos": [{"name": "mlp", "task": {"name": "digits", "options": {"n_train": 64, "n_val": 32, "n_test": 32}},
                   "arch": {"name": "mlp", "config": {"width": 8, "depth": 1}},
-                  "grid": {"seed": list(range(populations))}, "epochs": 1, "population_size": 1}],
+                  "grid": {"seed": list(range(models))}, "epochs": 1,
+                  "population_size": size if size == "auto" else int(size)}],
     })
     report = run_study(study, display=Display(plain=True, every_s=60), tracking_uri=f"sqlite:///{root}/m.db")
     print("PLACEMENTS" + json.dumps(report.placements))
+    print("SIZES" + json.dumps(report.population_sizes))
 ''')
 
 
-def placements(tmp_path, gpus: int, per_task: float, populations: int) -> list[dict]:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(gpus), str(per_task), str(populations), str(tmp_path)],
+def run(tmp_path, gpus: int, per_task: float, models: int, size: str = "1") -> tuple[list[dict], dict]:
+    """(placements, auto population sizes) of a study of `models` tiny MLPs on a node with `gpus` logical GPUs."""
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(gpus), str(per_task), str(models), str(tmp_path), size],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    line = next(line for line in out.stdout.splitlines() if line.startswith("PLACEMENTS"))
-    return json.loads(line.removeprefix("PLACEMENTS"))
+    lines = {line[:5]: line for line in out.stdout.splitlines() if line.startswith(("PLACE", "SIZES"))}
+    return json.loads(lines["PLACE"].removeprefix("PLACEMENTS")), json.loads(lines["SIZES"].removeprefix("SIZES"))
+
+
+def placements(tmp_path, gpus: int, per_task: float, populations: int) -> list[dict]:
+    return run(tmp_path, gpus, per_task, populations)[0]
 
 
 @pytest.mark.parametrize("gpus", [4, 8])
@@ -51,3 +58,14 @@ def test_one_population_per_gpu_spreads_over_every_gpu(tmp_path, gpus):
 def test_fractional_gpus_pack_several_populations_on_one_gpu(tmp_path):
     placed = placements(tmp_path, 1, 0.25, 4)
     assert len(placed) == 4 and {tuple(p["gpu_ids"]) for p in placed} == {("0",)}
+
+
+@pytest.mark.parametrize("gpus,per_task,models,size", [(4, 1.0, 18, 5), (2, 0.5, 16, 4)])
+def test_auto_population_size_gives_every_slot_an_equal_share(tmp_path, gpus, per_task, models, size):
+    """population_size: auto splits the zoo into a multiple of the cluster's training slots (GPUs over
+    num_gpus per task), equal sizes, so no GPU idles while another trains a second population."""
+    placed, sizes = run(tmp_path, gpus, per_task, models, "auto")
+    assert sizes == {"mlp": size}
+    slots = int(gpus / per_task)
+    assert len(placed) == slots and sum(p["models"] for p in placed) == models
+    assert {p["gpu_ids"][0] for p in placed} == {str(g) for g in range(gpus)}, "every GPU trains"

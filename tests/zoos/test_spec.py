@@ -4,6 +4,8 @@ import pickle
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from zoos.spec import (
@@ -153,3 +155,35 @@ def test_yaml_style_numeric_strings_are_numbers():
     models = expand(parse_zoo(zoo(**data)), "s")
     assert data["grid"]["lr"][0] == "1e-3"  # what YAML gives
     assert models[0].factors["lr"] == 0.001 and all(1e-5 <= m.factors["weight_decay"] <= 1e-2 for m in models)
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(1, 300), slots=st.integers(1, 64), cap=st.integers(1, 64), groups=st.integers(1, 3))
+def test_auto_populations_split_evenly_over_slots(n, slots, cap, groups):
+    """population_size: auto: per group of compatible models, near-equal populations (sizes within one),
+    none above the cap, a multiple of the slots (or one per model in a group smaller than the slots)."""
+    from zoos.spec import populations
+
+    models = zoo_models_for_sizes(n, groups)
+    pops = populations(models, cap, slots=slots)
+    assert sorted(m.model_id for p in pops for m in p.models) == sorted(m.model_id for m in models)
+    for key in {m.group_key() for m in models}:
+        sizes = [len(p.models) for p in pops if p.models[0].group_key() == key]
+        size_g = sum(sizes)
+        assert max(sizes) <= cap and max(sizes) - min(sizes) <= 1
+        assert len(sizes) == min(size_g, slots * -(-size_g // (slots * cap)))  # a multiple of slots unless capped by size_g
+
+
+def zoo_models_for_sizes(n, groups):
+    """n one-epoch MLP models over `groups` batch sizes (models of different batch sizes train apart)."""
+    zoo = parse_zoo({"name": "z", "task": {"name": "digits"}, "arch": {"name": "mlp"},
+                     "grid": {"seed": list(range(-(-n // groups))), "batch_size": [16, 32, 64][:groups]}, "epochs": 1})
+    return expand(zoo, "s")[:n]
+
+
+def test_population_size_auto_and_bad_values():
+    base = {"name": "z", "task": {"name": "digits"}, "arch": {"name": "mlp"}, "grid": {"seed": [0]}}
+    assert parse_zoo({**base, "population_size": "auto"}).population_size == "auto"
+    for bad in (0, "big"):
+        with pytest.raises(SpecError, match="population_size"):
+            parse_zoo({**base, "population_size": bad})
