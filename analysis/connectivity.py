@@ -29,6 +29,11 @@ from zoos.permspec import PermSpec
 State = dict[str, Tensor]
 
 
+
+# default cap on model-examples per vectorised forward (2^19: ~10 GB of activations for a CNN-s in
+# float32): all pairs x lambdas of a large zoo are evaluated in chunks of this many, never all at once
+CHUNK_SAMPLES = 1 << 19
+
 def as_lambdas(lambdas: int | Sequence[float] | Tensor) -> Tensor:
     """Interpolation coefficients: an int n means n evenly spaced points in [0, 1], ends included."""
     if isinstance(lambdas, int):
@@ -77,11 +82,11 @@ def evaluate_states(
 
     Per-batch means are averaged with batch-size weights: exact for losses and accuracy (means over
     examples); a ratio metric such as rel_mse is the weighted mean of per-batch ratios. `chunk` caps
-    how many models run at once.
+    how many models run at once; by default models x examples per forward stay within CHUNK_SAMPLES.
     """
     first = next(iter(states.values()))
     n, device = first.shape[0], device if device is not None else first.device
-    chunk = chunk or n
+    chunk = chunk or max(1, CHUNK_SAMPLES // max(1, min(batch_size, len(x))))
     losses, metrics = [], []
     with evaluating(module), torch.no_grad():
         for lo in range(0, n, chunk):

@@ -113,6 +113,22 @@ def test_path_over_stacked_pairs_equals_single_pairs():
     assert torch.allclose(res.loss["test"][1], aligned.loss["test"], atol=1e-5)
 
 
+def test_default_chunk_bounds_models_per_forward(monkeypatch):
+    """Without `chunk`, models x examples per vectorised forward stay within CHUNK_SAMPLES (all pairs x
+    lambdas of a large zoo would not fit at once), with the same result as one big forward."""
+    import analysis.connectivity as conn
+
+    model, a, b, _ = aligned_pair()
+    whole = linear_path(model, a, b, task(), lambdas=9, splits=("test",), chunk=9)
+    seen = []
+    forward = conn.population_forward
+    monkeypatch.setattr(conn, "population_forward", lambda m, p, bf, x: seen.append(next(iter(p.values())).shape[0]) or forward(m, p, bf, x))
+    monkeypatch.setattr(conn, "CHUNK_SAMPLES", 2 * 256)
+    chunked = linear_path(model, a, b, task(), lambdas=9, splits=("test",), batch_size=256)
+    assert max(seen) == 2 and len(seen) >= 5
+    assert torch.allclose(chunked.loss["test"], whole.loss["test"], atol=1e-5)
+
+
 def test_aligned_barrier_is_lower_than_naive():
     model, a, b, pb = aligned_pair()
     naive = linear_path(model, a, b, task(), lambdas=11, splits=("test",))
