@@ -149,6 +149,19 @@ def training_slots(res: Any) -> int:
     return max(1, int(total.get("CPU", 1) // res.num_cpus))
 
 
+def _distribution(metrics: dict[str, list[float]]) -> dict[str, float]:
+    """Mean and median of each metric over models (NaN of diverged models left out)."""
+    import numpy as np
+
+    out = {}
+    for name, values in metrics.items():
+        v = np.asarray(values, dtype=float)
+        v = v[np.isfinite(v)]
+        if v.size:
+            out[f"{name}_mean"], out[f"{name}_median"] = float(v.mean()), float(np.median(v))
+    return out
+
+
 def _log_stored_models(store: Any, tracker: Tracker, zoo: str, ids: set[str], logged: set[str], factors: list[str]) -> int:
     """Log the stored models among `ids` of `zoo` that have no finished MLflow run (rows and checkpoint metrics
     read back from the store), e.g. those a killed driver had stored but not logged."""
@@ -210,10 +223,12 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
             pops = populations(missing, zoo.population_size)
         todo += pops
     # -- models stored by an earlier run whose driver died before logging them: log them now, from the store
+    per_model = study.model_runs == "all"
     tracker.discard_unfinished_models()
-    logged = tracker.logged_models()
-    for zoo in study.zoos:
+    logged = tracker.logged_models() if per_model else set()
+    for zoo in study.zoos if per_model else ():
         _log_stored_models(store, tracker, zoo.name, zoo_ids[zoo.name], logged, factor_names[zoo.name])
+    finals: dict[str, dict[str, list[float]]] = {}  # zoo -> metric -> final value of each model trained now
     n_models = sum(len(p.model_ids) for p in todo)
     epochs_total = sum(len(p.model_ids) * p.epochs for p in todo)
 
@@ -234,7 +249,7 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
                                name=f"train:{pop.zoo}:{pop.shard}").remote(pop, study.store, res.precision, study.data_dir, board): pop
                 for pop in todo
             }
-            for pop in todo:  # runs created on the logging thread while training runs
+            for pop in todo if per_model else ():  # runs created on the logging thread while training runs
                 tracker.create_model_runs_later(pop.zoo, [m for m in pop.model_ids if m not in logged])
             display.add("models trained", n_models)
             display.add("model-epochs", epochs_total)
@@ -255,14 +270,21 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
                                               **{k: out[k] for k in ("node", "gpu_ids", "device", "started", "finished",
                                                                       "train_s", "write_s", "weight_bytes")}})
                     finished_epochs += len(pop.model_ids) * pop.epochs
-                    rows = [r for r in out["rows"] if r["model_id"] not in logged]
-                    tracker.log_models_later(out["zoo"], rows, factor_names[out["zoo"]], out["checkpoint_metrics"])
+                    if per_model:
+                        rows = [r for r in out["rows"] if r["model_id"] not in logged]
+                        tracker.log_models_later(out["zoo"], rows, factor_names[out["zoo"]], out["checkpoint_metrics"])
+                    for series in out["checkpoint_metrics"].values():
+                        for name, points in series.items():
+                            finals.setdefault(out["zoo"], {}).setdefault(name, []).append(points[-1][1])
                     report.trained_models += len(pop.model_ids)
                     report.populations += 1
                     display.update("models trained", report.trained_models, note=f"{pop.zoo} on {out['device']}")
                     report.driver_result_s += time.perf_counter() - t_result
             ray.kill(board)
             report.phase_s["train"] = time.perf_counter() - t_phase
+            for zoo_name, metrics in finals.items():  # the zoo run: its models' final metrics at a glance
+                tracker.log_zoo_metrics(zoo_name, {"models_trained": float(len(next(iter(metrics.values())))),
+                                                   **_distribution(metrics)})
 
         # -- analysis stages
         for stage in study.analysis:

@@ -65,6 +65,11 @@ class Study(BaseModel):
     study: str
     store: str = "zoo-store"
     tracking_uri: str | None = None
+    model_runs: Literal["all", "none"] = Field(
+        "all", description="an MLflow run per model ('all'), or 'none': zoo, stage and study runs only (each zoo "
+                           "run carries its models' final-metric mean and median; per-model metrics stay in the "
+                           "store). One run per model costs ~10-20 ms on a single logging thread: past a few GPUs "
+                           "of small models that is the bottleneck (benchmarks/README.md, scaling model)")
     output: str | None = Field(None, description="folder for plots and the summary; default runs/<study>")
     data_dir: str | None = None
     resources: Resources = Resources()

@@ -244,6 +244,11 @@ class Tracker:
         self.log_artifacts(run, artifacts)
         return run
 
+    def log_zoo_metrics(self, zoo: str, metrics: dict[str, float]) -> None:
+        """Summary metrics of the models a run trained in `zoo`, on the zoo's run (queued on the logging
+        thread, behind the model runs still being logged: one sqlite writer at a time)."""
+        self._submit(self._log, self.zoo_run(zoo), None, [(k, float(v), 0) for k, v in metrics.items()])
+
     def log_artifacts(self, run_id: str, paths: Iterable[Path], folder: str = "plots") -> None:
         for p in paths:
             with self._timed():

@@ -83,3 +83,25 @@ def test_unwritable_store_and_unreachable_tracking_exit_2(ray_local, tmp_path):
     r = CliRunner().invoke(app, ["run", str(path), "--tracking-uri", "http://127.0.0.1:9"])
     assert r.exit_code == 2 and "127.0.0.1:9" in r.output
     assert not (tmp_path / "store").exists(), "nothing is written when the run is refused"
+
+
+def test_model_runs_none_logs_zoo_summaries_and_keeps_every_model_in_the_store(ray_local, tmp_path):
+    """model_runs: none: no MLflow run per model (the bottleneck of big zoos), the zoo run carries its
+    models' final-metric mean and median, and the store still holds every model."""
+    path, study = tiny_study(tmp_path, name="nomodels")
+    study = {**study, "model_runs": "none", "analysis": []}
+    path.write_text(yaml.safe_dump(study))
+    r = CliRunner().invoke(app, ["run", str(path), "--plain"])
+    assert r.exit_code == 0, r.output
+
+    models = zoos.open(study["store"]).models().collect()
+    assert models.height == 8
+    client = MlflowClient(study["tracking_uri"])
+    exp = client.get_experiment_by_name("nomodels")
+    assert client.search_runs([exp.experiment_id], "tags.`symzoo.kind` = 'model'") == []
+    zoo_runs = {r.data.tags["symzoo.zoo"]: r for r in client.search_runs([exp.experiment_id], "tags.`symzoo.kind` = 'zoo'")}
+    mlp = zoo_runs["mlp"].data.metrics
+    assert mlp["models_trained"] == 6
+    accs = models.filter(pl.col("zoo") == "mlp")["test_acc"].to_numpy()
+    assert mlp["test_acc_mean"] == pytest.approx(accs.mean(), abs=1e-6)
+    assert mlp["test_acc_median"] == pytest.approx(float(pl.Series(accs).median()), abs=1e-6)
