@@ -339,6 +339,8 @@ def main() -> None:
         return
     from pipeline.runner import init_ray
 
+    if gpu:  # the steps and variants above leave this process's cached blocks on the card: nvidia-smi would count them
+        torch.cuda.empty_cache()
     init_ray(num_cpus=os.cpu_count())
     if "baseline" not in skip:
         b = results["baseline"] = run_baseline(a.baseline_models, a.epochs, data_dir, gpu)
