@@ -65,6 +65,20 @@ def _blocks(k: int, o: int) -> tuple[int, int, int]:
 if triton is not None:
 
     @triton.jit
+    def _pixels(p, end, m, B, HO, WO):
+        """Model m's output pixels p (flat over sample, row, column) below `end`: (mask, r, i, j, sample)."""
+        r = p % (HO * WO)
+        return p < end, r, r // WO, r % WO, m * B + p // (HO * WO)
+
+    @triton.jit
+    def _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS: tl.constexpr):
+        """Add model m's bias to the [pixels, outputs] tile and store it into y [N*B, O, HO, WO]."""
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + m * O + o, mask=o < O, other=0.0).to(tl.float32)[None, :]
+        out = y_ptr + sample.to(tl.int64)[:, None] * (O * HO * WO) + (o * (HO * WO))[None, :] + r[:, None]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=pmask[:, None] & (o < O)[None, :])
+
+    @triton.jit
     def _patch_tile(x_ptr, rows_ptr, sample, pmask, i, j, k, C, H, W, PH, PW,
                     K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, GATHER: tl.constexpr):
         """The patch values x[row(sample), c, i + ki - PH, j + kj - PW] as a [pixels, k] float32 tile."""
@@ -91,11 +105,7 @@ if triton is not None:
                          GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         tile, m = tl.program_id(0), tl.program_id(1)
-        p = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        pmask = p < B * HO * WO
-        r = p % (HO * WO)
-        i, j = r // WO, r % WO
-        sample = m * B + p // (HO * WO)
+        pmask, r, i, j, sample = _pixels(tile * BLOCK_M + tl.arange(0, BLOCK_M), B * HO * WO, m, B, HO, WO)
         o = tl.arange(0, BLOCK_N)
         w_base = w_ptr + m.to(tl.int64) * (O * K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -104,10 +114,7 @@ if triton is not None:
             a = _patch_tile(x_ptr, rows_ptr, sample, pmask, i, j, k, C, H, W, PH, PW, K, KH, KW, GATHER)
             wk = tl.load(w_base + o[None, :] * K + k[:, None], mask=(k < K)[:, None] & (o < O)[None, :], other=0.0)
             acc += tl.dot(a, wk.to(tl.float32))
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + m * O + o, mask=o < O, other=0.0).to(tl.float32)[None, :]
-        out = y_ptr + sample.to(tl.int64)[:, None] * (O * HO * WO) + (o * (HO * WO))[None, :] + r[:, None]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=pmask[:, None] & (o < O)[None, :])
+        _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS)
 
     @triton.jit
     def _conv_fwd_fma_kernel(x_ptr, rows_ptr, wt_ptr, b_ptr, y_ptr,
@@ -119,11 +126,7 @@ if triton is not None:
 
         wt is [N, K, BLOCK_N]: the weights tap-major with the outputs zero-padded, one vector load a tap."""
         tile, m = tl.program_id(0), tl.program_id(1)
-        p = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        pmask = p < B * HO * WO
-        r = p % (HO * WO)
-        i, j = r // WO, r % WO
-        sample = m * B + p // (HO * WO)
+        pmask, r, i, j, sample = _pixels(tile * BLOCK_M + tl.arange(0, BLOCK_M), B * HO * WO, m, B, HO, WO)
         if GATHER:
             row = tl.load(rows_ptr + sample, mask=pmask, other=0).to(tl.int64)
         else:
@@ -144,44 +147,7 @@ if triton is not None:
                     xv = tl.load(x_base + c * (H * W) + ki * W + kj, mask=ok, other=0.0)
                     wv = tl.load(w_base + ((c * KH + ki) * KW + kj) * BLOCK_N)
                     acc += xv.to(tl.float32)[:, None] * wv[None, :]
-        omask = o < O
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + m * O + o, mask=omask, other=0.0).to(tl.float32)[None, :]
-        out = y_ptr + sample.to(tl.int64)[:, None] * (O * HO * WO) + (o * (HO * WO))[None, :] + r[:, None]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=pmask[:, None] & omask[None, :])
-
-    @triton.jit
-    def _conv_wgrad_fma_kernel(x_ptr, rows_ptr, dy_ptr, dw_ptr, db_ptr,
-                               B, C, H, W, O, HO, WO, PH, PW, SPLIT, PER_SPLIT,
-                               K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                               GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        """The weight gradient on CUDA cores: products summed elementwise over pixel tiles, reduced once."""
-        kb, split, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        o = tl.arange(0, BLOCK_N)
-        n_pix = B * HO * WO
-        acc = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
-        acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        start = split * PER_SPLIT
-        end = tl.minimum(start + PER_SPLIT, n_pix)
-        for p0 in range(start, end, BLOCK_M):
-            p = p0 + tl.arange(0, BLOCK_M)
-            pmask = p < end
-            r = p % (HO * WO)
-            i, j = r // WO, r % WO
-            sample = m * B + p // (HO * WO)
-            a = _patch_tile(x_ptr, rows_ptr, sample, pmask, i, j, k, C, H, W, PH, PW, K, KH, KW, GATHER)
-            g_ptrs = dy_ptr + sample.to(tl.int64)[:, None] * (O * HO * WO) + (o * (HO * WO))[None, :] + r[:, None]
-            g = tl.load(g_ptrs, mask=pmask[:, None] & (o < O)[None, :], other=0.0).to(tl.float32)
-            acc += a[:, :, None] * g[:, None, :]
-            if HAS_BIAS:
-                acc_b += g
-        part = (m.to(tl.int64) * SPLIT + split) * (O * K)
-        dw = tl.sum(acc, axis=0)
-        tl.store(dw_ptr + part + o[None, :] * K + k[:, None], dw, mask=(k < K)[:, None] & (o < O)[None, :])
-        if HAS_BIAS:
-            tl.store(db_ptr + (m.to(tl.int64) * SPLIT + split) * O + o, tl.sum(acc_b, axis=0), mask=(o < O) & (kb == 0))
+        _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS)
 
     @triton.jit
     def _conv_wgrad_dot_kernel(x_ptr, rows_ptr, dy_ptr, dw_ptr, db_ptr,
@@ -197,11 +163,7 @@ if triton is not None:
         acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
         start = split * PER_SPLIT
         for p0 in range(start, tl.minimum(start + PER_SPLIT, n_pix), BLOCK_M):
-            p = p0 + tl.arange(0, BLOCK_M)
-            pmask = p < tl.minimum(start + PER_SPLIT, n_pix)
-            r = p % (HO * WO)
-            i, j = r // WO, r % WO
-            sample = m * B + p // (HO * WO)
+            pmask, r, i, j, sample = _pixels(p0 + tl.arange(0, BLOCK_M), tl.minimum(start + PER_SPLIT, n_pix), m, B, HO, WO)
             a = _patch_tile(x_ptr, rows_ptr, sample, pmask, i, j, k, C, H, W, PH, PW, K, KH, KW, GATHER)
             g_ptrs = dy_ptr + sample.to(tl.int64)[:, None] * (O * HO * WO) + (o * (HO * WO))[None, :] + r[:, None]
             g = tl.load(g_ptrs, mask=pmask[:, None] & (o < O)[None, :], other=0.0).to(tl.float32)
@@ -214,19 +176,17 @@ if triton is not None:
             tl.store(db_ptr + (m.to(tl.int64) * SPLIT + split) * O + o, acc_b, mask=(o < O) & (kb == 0))
 
 
-# Kernel choices and tile sizes: CUDA-core kernels for the few-channel layers of population zoos, the
-# tensor-core ones where O is large. `benchmarks/popconv_bench.py` measures both on each layer.
-# 0 = the measured default for the layer's shape.
-TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "wgrad": os.environ.get("SYMZOO_POPCONV_WGRAD", "auto"),
-          "fma_block_m": 0, "fma_warps": 4, "wgrad_block_k": 0, "wgrad_block_m": 0, "wgrad_per_sm": 16,
-          "wgrad_stages": 0}
+# Kernel choices and tile sizes (0 = the measured default for the layer's shape): the forward on CUDA
+# cores for the few-channel layers of population zoos and on tensor cores where O is large; the weight
+# gradient always on tensor cores (a CUDA-core version with a [pixels, taps, outputs] accumulator was
+# 1.6-3.4x slower on every CNN-s layer). `benchmarks/popconv_bench.py` sweeps these on a GPU.
+TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_block_m": 0, "fma_warps": 4,
+          "wgrad_block_m": 0, "wgrad_per_sm": 16, "wgrad_stages": 0}
 
 
-def _fma(kind: str, o: int) -> bool:
-    choice = TUNING[kind]
-    if choice == "auto":  # measured on an H100 (benchmarks/README.md): forward on CUDA cores, weight grad on tensor cores
-        return kind == "forward" and o <= 16
-    return choice == "fma"
+def _fma_forward(o: int) -> bool:
+    """Whether the forward runs on CUDA cores (auto: up to 16 output channels, measured on an H100)."""
+    return o <= 16 if TUNING["forward"] == "auto" else TUNING["forward"] == "fma"
 
 
 def _launch_forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None, batch: int,
@@ -237,7 +197,7 @@ def _launch_forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None,
     y = torch.empty(n * batch, o, ho, wo, device=x.device, dtype=out_dtype)
     common = dict(K=c * kh * kw, KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=b is not None)
     args = (rows if rows is not None else x, )
-    if _fma("forward", o):
+    if _fma_forward(o):
         block_n = triton.next_power_of_2(o)
         block_m = TUNING["fma_block_m"] or (256 if c * kh * kw <= 32 else 128)
         wt = torch.zeros(n, c * kh * kw, block_n, device=w.device, dtype=torch.float32)
@@ -261,15 +221,8 @@ def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Siz
     k = c * kh * kw
     h, wd, ho, wo = x.shape[2], x.shape[3], dy.shape[2], dy.shape[3]
     batch = dy.shape[0] // n
-    if _fma("wgrad", o):  # accumulator [pixels, taps, outputs]: ~64 float32 registers a thread
-        block_n = triton.next_power_of_2(o)
-        block_k = TUNING["wgrad_block_k"] or min(32, triton.next_power_of_2(k))
-        block_m = max(1, 64 * 128 // (block_k * block_n))
-        kernel = _conv_wgrad_fma_kernel
-    else:
-        _, block_k, block_n = _blocks(k, o)
-        block_m = TUNING["wgrad_block_m"] or (128 if k <= 32 else 64)
-        kernel = _conv_wgrad_dot_kernel
+    _, block_k, block_n = _blocks(k, o)
+    block_m = TUNING["wgrad_block_m"] or (128 if k <= 32 else 64)
     k_blocks, n_pix = triton.cdiv(k, block_k), batch * ho * wo
     # enough programs to fill the card (and hide load latency): split each model's pixels
     sms = torch.cuda.get_device_properties(dy.device).multi_processor_count if dy.is_cuda else 1
@@ -279,7 +232,7 @@ def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Siz
     split = triton.cdiv(n_pix, per_split)
     dw = torch.empty(n, split, o, k, device=dy.device, dtype=torch.float32)
     db = torch.empty(n, split, o, device=dy.device, dtype=torch.float32) if bias else None
-    kernel[(k_blocks, split, n)](
+    _conv_wgrad_dot_kernel[(k_blocks, split, n)](
         x, rows if rows is not None else x, dy, dw, db if db is not None else dw,
         batch, c, h, wd, o, ho, wo, padding[0], padding[1], split, per_split,
         K=k, KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=bias,
