@@ -109,6 +109,7 @@ def figures(r: dict, gpus: int, pairs: int) -> dict:
         "write_s_per_population": sum(p["write_s"] for p in main) / len(main),
         "weight_bytes_per_population": sum(p["weight_bytes"] for p in main) / len(main),
         "driver_s_per_result": r["driver_result_s"] / len(pl),
+        "population_timings": [{"gpu_ids": p["gpu_ids"], "models": p["models"], **p.get("timings", {})} for p in main],
         "mlflow_s_per_model": r["tracking_s"] / n_models,
         "mlflow_wait_s": r["tracking_wait_s"],
     }
@@ -169,6 +170,10 @@ def main() -> None:
         print(f"{f['gpus']} GPUs vs {base['gpus']}: training phase {f['train_speedup']:.2f}x, reference zoo "
               f"{f['reference_zoo_speedup']:.2f}x (efficiency {f['reference_zoo_speedup'] / (f['gpus'] / base['gpus']):.2f})"
               f"{stage}, whole `symzoo run` {f['wall_speedup']:.2f}x")
+    for f in results["runs"]:
+        for t in f["population_timings"]:
+            print(f"{f['gpus']} GPU run, population on GPU {','.join(t['gpu_ids']) or '-'}: "
+                  + ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if k not in ("gpu_ids", "models")))
     print("per population (main zoo, largest run): " + json.dumps({k: round(v, 4) for k, v in results["runs"][-1].items()
                                                                     if k.endswith(("per_population", "per_result", "per_model"))}))
     (a.out / "scale_bench.json").write_text(json.dumps(results, indent=2))

@@ -119,7 +119,8 @@ def _train_task(pop: Any, store_root: str, precision: str, data_dir: str | None,
                             for name, values in result.metrics.items()}
             for i, m in enumerate(result.models)}
     return {"zoo": pop.zoo, "rows": result.models, "checkpoint_metrics": ckpt, "train_s": t1 - t0,
-            "write_s": t2 - t1, "weight_bytes": int(sum(v.nbytes for v in result.weights.values())), "device": device, "gpu_ids": [str(g) for g in gpus], "node": ray.get_runtime_context().get_node_id(),
+            "write_s": t2 - t1, "weight_bytes": int(sum(v.nbytes for v in result.weights.values())),
+            "timings": result.timings, "device": device, "gpu_ids": [str(g) for g in gpus], "node": ray.get_runtime_context().get_node_id(),
             "started": started, "finished": time.time()}
 
 
@@ -268,7 +269,7 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
                     report.placements.append({"population": pop.shard, "zoo": pop.zoo, "models": len(pop.model_ids),
                                               "epochs": pop.epochs,
                                               **{k: out[k] for k in ("node", "gpu_ids", "device", "started", "finished",
-                                                                      "train_s", "write_s", "weight_bytes")}})
+                                                                      "train_s", "write_s", "weight_bytes", "timings")}})
                     finished_epochs += len(pop.model_ids) * pop.epochs
                     if per_model:
                         rows = [r for r in out["rows"] if r["model_id"] not in logged]

@@ -37,6 +37,8 @@ class PopulationResult:
     metrics      name -> float array [N, len(epochs)]: metrics at the stored checkpoints
     weights      state_dict key -> float32 array [N, len(epochs), *shape] (parameters and buffers)
     curves       name -> float array [N, n_epochs + 1]: every epoch's metrics, epoch 0 = at init
+    timings      where the wall time went, seconds: setup (data, models), first_step (incl. compile),
+                 steps (the rest), evaluation, (not stored; the pipeline reports them per population)
     """
 
     models: list[dict[str, Any]]
@@ -44,6 +46,7 @@ class PopulationResult:
     metrics: dict[str, np.ndarray]
     weights: dict[str, np.ndarray]
     curves: dict[str, np.ndarray] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def ids(self) -> list[str]:

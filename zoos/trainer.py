@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 from typing import Callable
 
 import numpy as np
@@ -180,6 +181,7 @@ def train_population(
 
 def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, data_dir, eval_batch: int,
            fast: bool | None, kernels: bool | None) -> PopulationResult:
+    clock = _Clock(device)
     specs, first = pop.models, pop.first
     n_models, epochs, checkpoints = len(specs), first.epochs, list(first.checkpoints)
     batch_size, optimizer, schedule = (pop.shared(k) for k in ("batch_size", "optimizer", "lr_schedule"))
@@ -321,8 +323,10 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
                 weights[k][:, c] = v.detach().float().cpu().numpy()
 
     # -- training
+    clock.lap("setup")
     module.train()
     record(0)
+    clock.lap("evaluation")
     step = 0
     for epoch in range(1, epochs + 1):
         orders = torch.stack([epoch_order(m.factors["seed"], epoch, n_sub) for m in specs]).to(device)
@@ -345,11 +349,15 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
                 new_p, new_s, new_s2 = _sgd(params, grads, state, lr_t, wd, mom)
             else:
                 new_p, new_s, new_s2 = _adamw(params, grads, state, state2, lr_t, wd, mom, step)
+            if step == 1:
+                clock.lap("first_step")
             alive = alive & torch.isfinite(total) & _all_finite(new_p)
             params = {k: torch.where(_bcast(alive, v), v, params[k]) for k, v in new_p.items()}
             state = {k: torch.where(_bcast(alive, v), v, state[k]) for k, v in new_s.items()}
             state2 = {k: torch.where(_bcast(alive, v), v, state2[k]) for k, v in new_s2.items()}
+        clock.lap("steps")
         record(epoch)
+        clock.lap("evaluation")
         if progress is not None:
             progress(epoch, epochs)
 
@@ -374,9 +382,25 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
             "n_params": n_params,
             "epochs": epochs,
         })
-    result = PopulationResult(models=rows, epochs=checkpoints, metrics=ckpt_metrics, weights=weights, curves=curves)
+    result = PopulationResult(models=rows, epochs=checkpoints, metrics=ckpt_metrics, weights=weights, curves=curves,
+                              timings=clock.totals)
     result.validate()
     return result
+
+
+class _Clock:
+    """Wall time by phase; on a GPU each lap first waits for the queued kernels (a few syncs a population)."""
+
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.t = time.perf_counter()
+        self.totals: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + now - self.t
+        self.t = now
 
 
 def _sgd(params, grads, buf, lr, wd, mom):

@@ -195,3 +195,16 @@ def test_augmentation_with_a_lie_group_keeps_input_and_target_paired():
     out_x, out_y = aug(els, which, xb, yb)
     assert not torch.allclose(out_x, xb)
     torch.testing.assert_close(out_y.flatten(0, 1), task.target(out_x.flatten(0, 1)), atol=1e-4, rtol=1e-4)
+
+
+def test_result_says_where_the_time_went():
+    """timings: setup, first step (compile on a GPU), the other steps and evaluation, adding up to the wall."""
+    import time
+
+    pop = one_population(zoo_models({"seed": [0, 1]}, epochs=2))
+    t0 = time.perf_counter()
+    res = train_population(pop)
+    wall = time.perf_counter() - t0
+    assert set(res.timings) == {"setup", "evaluation", "first_step", "steps"}
+    assert all(v >= 0 for v in res.timings.values())
+    assert sum(res.timings.values()) <= wall
