@@ -39,6 +39,8 @@ def test_good_study_loads_and_validate_prints_the_zoos(tmp_path):
     r = CliRunner().invoke(app, ["validate", str(write(tmp_path, GOOD))])
     assert r.exit_code == 0, r.output
     assert "mlp" in r.output and "digits" in r.output
+    r = CliRunner().invoke(app, ["validate", str(write(tmp_path, with_(("zoos", 0, "population_size"), "auto")))])
+    assert r.exit_code == 0 and "auto" in r.output, r.output
 
 
 @pytest.mark.parametrize(
@@ -57,6 +59,9 @@ def test_good_study_loads_and_validate_prints_the_zoos(tmp_path):
         (with_(("analysis", 0, "stage"), "dance"), "unknown stage 'dance'"),
         (with_(("analysis", 0, "samples"), 0), "analysis[0]: stage 'equivariance': samples"),
         (with_(("analysis",), [{"stage": "equivariance", "zoos": ["ghost"]}]), "ghost"),
+        (with_(("zoos", 0, "population_size"), "big"), "zoos[0].population_size"),
+        (with_(("zoos", 0, "population_size"), 0), "zoos[0].population_size"),
+        (with_(("model_runs",), "some"), "model_runs"),
     ],
 )
 def test_bad_input_exits_2_naming_the_problem(tmp_path, data, expected):
