@@ -13,7 +13,9 @@ registers straight from the input (no patch matrix in memory):
 
 with p running over (sample, output row, output column) and k over (in-channel, kernel row, kernel
 column). Any channel counts, kernel size and zero padding at stride 1 (what `supports` checks).
-Matrix products run on tensor cores in TF32 with float32 accumulation; activations are read and
+The forward of few-channel layers (O <= 16) runs on CUDA cores in float32, one tap at a time; wider
+forwards and every weight gradient run as TF32 tensor-core tiles with float32 accumulation (the
+choice and the tile sizes were measured: benchmarks/popconv_bench.py). Activations are read and
 written in their own dtype (bf16 in the trainer), weights are read as float32 master copies, and
 weight gradients come back in float32.
 
@@ -196,20 +198,20 @@ def _launch_forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None,
     ho, wo = h + 2 * padding[0] - kh + 1, wd + 2 * padding[1] - kw + 1
     y = torch.empty(n * batch, o, ho, wo, device=x.device, dtype=out_dtype)
     common = dict(K=c * kh * kw, KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=b is not None)
-    args = (rows if rows is not None else x, )
+    rows_arg = rows if rows is not None else x  # any pointer when GATHER is off
     if _fma_forward(o):
         block_n = triton.next_power_of_2(o)
         block_m = TUNING["fma_block_m"] or (256 if c * kh * kw <= 32 else 128)
         wt = torch.zeros(n, c * kh * kw, block_n, device=w.device, dtype=torch.float32)
         wt[:, :, :o] = w.reshape(n, o, -1).transpose(1, 2)
         _conv_fwd_fma_kernel[(triton.cdiv(batch * ho * wo, block_m), n)](
-            x, *args, wt, b if b is not None else wt, y, batch, c, h, wd, o, ho, wo, padding[0], padding[1],
+            x, rows_arg, wt, b if b is not None else wt, y, batch, c, h, wd, o, ho, wo, padding[0], padding[1],
             **common, PADDED=padding != (0, 0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=TUNING["fma_warps"],
         )
         return y
     block_m, block_k, block_n = _blocks(c * kh * kw, o)
     _conv_fwd_dot_kernel[(triton.cdiv(batch * ho * wo, block_m), n)](
-        x, *args, w, b if b is not None else w, y, batch, c, h, wd, o, ho, wo, padding[0], padding[1],
+        x, rows_arg, w, b if b is not None else w, y, batch, c, h, wd, o, ho, wo, padding[0], padding[1],
         **common, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
     )
     return y
