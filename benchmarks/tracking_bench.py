@@ -1,5 +1,5 @@
-"""MLflow tracking overhead of a study: the quickstart and a 1,000-model zoo (alone, and with an
-equivariance stage), through `run_study`.
+"""MLflow tracking overhead of a study: the quickstart and a 1,000-model zoo (alone, with an
+equivariance stage, and with `model_runs: none`), through `run_study`.
 
 Prints, for each study, the wall time, the time spent in MLflow calls and the part of it the driver
 waited for (model runs are logged on a background thread while populations train), and first, side
@@ -7,6 +7,7 @@ by side, the cost of one model run (create + log_batch + terminate) on sqlite wi
 journal vs WAL + synchronous=NORMAL, which the tracker sets.
 
     .venv/bin/python benchmarks/tracking_bench.py            # ~5 min on a 2-core CPU
+    .venv/bin/python benchmarks/tracking_bench.py --parts 1000,1000none   # the zoo with and without model runs
 """
 
 from __future__ import annotations
@@ -51,22 +52,29 @@ def run(study: dict, work: Path) -> None:
 
 
 def main() -> None:
+    import argparse
     import logging
 
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", default="runs,quick,1000,1000eq,1000none",
+                    help="comma list: runs (one model run, sqlite journals), quick, 1000, 1000eq, 1000none")
+    parts = set(ap.parse_args().parts.split(","))
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         os.chdir(work)
-        plain = per_run_ms(f"sqlite:///{work / 'plain.db'}")
         from pipeline.tracking import _fast_sqlite_commits
 
-        _fast_sqlite_commits()
-        wal = per_run_ms(f"sqlite:///{work / 'wal.db'}")
-        print(f"one model run on sqlite: default journal {plain:.1f} ms, WAL+NORMAL {wal:.1f} ms ({plain / wal:.1f}x)")
+        if "runs" in parts:
+            plain = per_run_ms(f"sqlite:///{work / 'plain.db'}")
+            _fast_sqlite_commits()
+            wal = per_run_ms(f"sqlite:///{work / 'wal.db'}")
+            print(f"one model run on sqlite: default journal {plain:.1f} ms, WAL+NORMAL {wal:.1f} ms ({plain / wal:.1f}x)")
 
-        quick = yaml.safe_load((ROOT / "studies" / "quickstart.yaml").read_text())
-        quick.update(store=str(work / "store-quick"), output=str(work / "out-quick"))
-        run(quick, work)
+        if "quick" in parts:
+            quick = yaml.safe_load((ROOT / "studies" / "quickstart.yaml").read_text())
+            quick.update(store=str(work / "store-quick"), output=str(work / "out-quick"))
+            run(quick, work)
 
         thousand = {
             "study": "zoo1000", "store": str(work / "store-1000"), "output": str(work / "out-1000"),
@@ -75,11 +83,15 @@ def main() -> None:
                       "grid": {"seed": list(range(1000)), "optimizer": ["adam"], "lr": [0.003]},
                       "epochs": 10, "checkpoints": "0,1,2,5,last", "population_size": 250}],
         }
-        run(thousand, work)
-        # the same zoo as a study usually is: with an analysis stage (the logging overlaps it too)
-        thousand.update(study="zoo1000+eq", store=str(work / "store-1000eq"), output=str(work / "out-1000eq"),
-                        analysis=[{"stage": "equivariance", "samples": 256}])
-        run(thousand, work)
+        if "1000" in parts:
+            run(thousand, work)
+        if "1000none" in parts:  # no MLflow run per model: zoo runs carry the summaries
+            run({**thousand, "study": "zoo1000-none", "store": str(work / "store-1000none"),
+                 "output": str(work / "out-1000none"), "model_runs": "none"}, work)
+        if "1000eq" in parts:
+            # the same zoo as a study usually is: with an analysis stage (the logging overlaps it too)
+            run({**thousand, "study": "zoo1000+eq", "store": str(work / "store-1000eq"),
+                 "output": str(work / "out-1000eq"), "analysis": [{"stage": "equivariance", "samples": 256}]}, work)
 
 
 if __name__ == "__main__":
