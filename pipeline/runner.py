@@ -208,6 +208,7 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
 
     # -- plan: populations whose models are not all stored yet
     todo, factor_names, zoo_ids = [], {}, {}
+    slots = 0  # training tasks the cluster runs at once: asked of Ray only for a zoo with population_size auto
     for zoo in study.zoos:
         models = expand(zoo, study.study)
         factor_names[zoo.name] = sorted({k for m in models for k in m.factors})
@@ -218,7 +219,8 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
         missing = [m for m in models if m.model_id not in done]  # a re-run trains only these
         report.skipped_models += len(models) - len(missing)
         if zoo.population_size == "auto":
-            pops = populations(missing, AUTO_MAX_POPULATION, slots=training_slots(res))
+            slots = slots or training_slots(res)
+            pops = populations(missing, AUTO_MAX_POPULATION, slots=slots)
             report.population_sizes[zoo.name] = max((len(p.model_ids) for p in pops), default=0)
         else:
             pops = populations(missing, zoo.population_size)
@@ -238,7 +240,7 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
         display.log(f"study {study.study}: {n_models} models to train in {len(todo)} populations, "
                     f"{report.skipped_models} already stored")
         for zoo_name, size in report.population_sizes.items():
-            display.log(f"zoo {zoo_name}: population_size auto -> {size} ({training_slots(res)} training slots)")
+            display.log(f"zoo {zoo_name}: population_size auto -> {size} ({slots} training slots)")
         t_phase = time.perf_counter()
         if todo:
             # on the driver's node: a worker node that dies must not take the live progress with it

@@ -198,12 +198,13 @@ class ZooSpec(BaseModel):
         default=256, description="models per population (one Ray task), or 'auto': an equal share of the "
                                  "cluster's training slots, at most AUTO_MAX_POPULATION each")
 
-    @field_validator("population_size")
+    @field_validator("population_size", mode="before")
     @classmethod
-    def _population_size(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError(f"population_size = {v} is not allowed; expected an integer >= 1 or 'auto'")
-        return v
+    def _population_size(cls, v: Any) -> Any:
+        """One message for any bad value (the int | 'auto' union would report each branch apart)."""
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"population_size = {v!r} is not allowed; expected an integer >= 1 or 'auto'")
 
     @field_validator("grid", mode="before")
     @classmethod
@@ -546,9 +547,9 @@ def populations(models: list[ModelSpec], max_size: int = 256, *, slots: int | No
         groups.setdefault(m.group_key(), []).append(m)
     if slots is None:
         return [PopulationSpec(tuple(ms[i : i + max_size])) for ms in groups.values() for i in range(0, len(ms), max_size)]
-    out = []
+    slots, out = max(1, slots), []
     for ms in groups.values():
-        k = min(len(ms), max(1, slots) * -(-len(ms) // (max(1, slots) * max_size)))
+        k = min(len(ms), slots * -(-len(ms) // (slots * max_size)))
         bounds = [len(ms) * i // k for i in range(k + 1)]
         out += [PopulationSpec(tuple(ms[a:b])) for a, b in zip(bounds, bounds[1:])]
     return out

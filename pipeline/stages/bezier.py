@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 
 from analysis import plots
-from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, model_context, ok_models, shard_name, stacked
+from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, ok_models, pair_population, shard_name
 from pipeline.stages.interpolation import sample_pairs
 
 
@@ -51,10 +51,8 @@ class Bezier(Stage):
         store = Store(store_root)
         rows: list[dict] = []
         for (zoo, _), group in by_context(items).items():
-            module, task = model_context(store, group[0]["model_a"], data_dir)
+            module, task, weights, index = pair_population(store, group, data_dir, device)
             module = module.to(device)
-            weights = stacked(store, sorted({i["model_a"] for i in group} | {i["model_b"] for i in group}), device)
-            index = {m: i for i, m in enumerate(weights.model_ids)}
             gen = torch.Generator().manual_seed(settings["seed"])
             for it in group:
                 a = {k: v[index[it["model_a"]]].clone() for k, v in weights.tensors.items()}

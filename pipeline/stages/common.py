@@ -115,3 +115,12 @@ def test_batch(task: Any, samples: int, seed: int, device: str = "cpu") -> tuple
 def stacked(store: Any, model_ids: list[str], device: str, epoch: int | str = "last") -> Any:
     """Stored weights of `model_ids` as `StackedWeights` on `device`."""
     return store.to_torch(pl.col("model_id").is_in(model_ids), epoch=epoch, device=device)
+
+
+def pair_population(store: Any, group: list[Item], data_dir: str | None, device: str, epoch: int | str = "last"
+                    ) -> tuple[torch.nn.Module, Any, Any, dict[str, int]]:
+    """(template module, task, stacked weights, model_id -> row) for a group of pair items of one context:
+    every model on either side of a pair loaded once."""
+    module, task = model_context(store, group[0]["model_a"], data_dir)
+    weights = stacked(store, sorted({i["model_a"] for i in group} | {i["model_b"] for i in group}), device, epoch)
+    return module, task, weights, {m: i for i, m in enumerate(weights.model_ids)}

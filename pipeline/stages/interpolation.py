@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 
 from analysis import plots
-from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, model_context, ok_models, shard_name, stacked
+from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, ok_models, pair_population, shard_name
 
 
 class InterpolationSettings(Settings):
@@ -120,9 +120,7 @@ class Interpolation(Stage):
         store = Store(store_root)
         rows: list[dict] = []
         for (_, _, epoch), group in by_context(items, "epoch").items():
-            module, task = model_context(store, group[0]["model_a"], data_dir)
-            weights = stacked(store, sorted({i["model_a"] for i in group} | {i["model_b"] for i in group}), device, epoch)
-            index = {m: i for i, m in enumerate(weights.model_ids)}
+            module, task, weights, index = pair_population(store, group, data_dir, device, epoch)
             a = {k: v[torch.tensor([index[i["model_a"]] for i in group])] for k, v in weights.tensors.items()}
             b = {k: v[torch.tensor([index[i["model_b"]] for i in group])] for k, v in weights.tensors.items()}
             results = connect_pairs(module.to(device), task, a, b, settings, device)

@@ -33,7 +33,7 @@ from torch import nn
 
 from analysis import plots
 from pipeline.stages.checkpoint import CheckpointSettings, CheckpointStage
-from pipeline.stages.common import CONTEXT, Item, Settings, Stage, by_context, done_keys, model_context, shard_name, stacked, test_batch
+from pipeline.stages.common import CONTEXT, Item, Settings, Stage, by_context, done_keys, pair_population, shard_name, test_batch
 from pipeline.stages.interpolation import last_epoch_rows, pick_epochs, sample_pairs, stored_epochs
 from zoos.spec import FACTORS
 
@@ -107,10 +107,7 @@ class Similarity(Stage):
         store = Store(store_root)
         rows: list[dict] = []
         for (zoo, _, epoch), group in by_context(items, "epoch").items():
-            module, task = model_context(store, group[0]["model_a"], data_dir)
-            ids = sorted({i["model_a"] for i in group} | {i["model_b"] for i in group})
-            weights = stacked(store, ids, device, epoch)
-            index = {m: i for i, m in enumerate(weights.model_ids)}
+            module, task, weights, index = pair_population(store, group, data_dir, device, epoch)
             result = compare_population(module.to(device), task, weights.tensors, settings, device)
             for it in group:
                 a, b = index[it["model_a"]], index[it["model_b"]]
