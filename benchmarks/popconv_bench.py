@@ -11,6 +11,8 @@ and its two backward products, times (CUDA events, median of 20 after a warm-up)
   wgrad    popconv's weight (+ bias) gradient on tensor cores: the best of a sweep over pixels per
            tile, programs per SM and pipeline stages, and the default tiles
   auto     what popconv picks by default
+  before   with --before FILE: the defaults of another popconv.py (e.g. `git show HEAD~3:zoos/popconv.py`),
+           timed in the same run, so a kernel change is measured side by side (ratio = before / auto)
 The first layer reads the resident data set by row index, as in training. Output: a table and
 <out>/popconv_bench.json.
 """
@@ -18,6 +20,7 @@ The first layer reads the resident data set by row index, as in training. Output
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -50,12 +53,23 @@ def timed(fn, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def load_before(path: Path):
+    """Another version of zoos/popconv.py as its own module (its custom ops renamed so both can be registered)."""
+    src = path.read_text().replace('"symzoo::', '"symzoo_before::')
+    spec = importlib.util.spec_from_loader("popconv_before", loader=None)
+    mod = importlib.util.module_from_spec(spec)
+    exec(compile(src, str(path), "exec"), mod.__dict__)
+    return mod
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
+    ap.add_argument("--before", type=Path, help="a popconv.py to time side by side at its defaults")
     a = ap.parse_args()
+    before = load_before(a.before) if a.before else None
     n, batch, dev = a.models, a.batch, "cuda"
     data = torch.randn(60000, 1, 28, 28, device=dev)
     rows = torch.randint(0, 60000, (n, batch), device=dev)
@@ -90,26 +104,41 @@ def main() -> None:
             return popconv._pop_conv2d_wgrad(x, ri, dyc, w, pad, pad, True)
 
         row = {"layer": name, "models": n, "batch": batch, "im2col_fwd_ms": timed(im2col_fwd), "im2col_bwd_ms": timed(im2col_bwd)}
-        for block_m in (128, 256, 512):
-            popconv.TUNING.update(forward="fma", fma_block_m=block_m)
-            row[f"fma_fwd_m{block_m}_ms"] = timed(fwd)
-        popconv.TUNING.update(forward="dot", fma_block_m=0)
+        for block_m in (128, 256, 512, 1024):
+            for warps in (4, 8):
+                popconv.TUNING.update(forward="fma", fma_block_m=block_m, fma_warps=warps)
+                row[f"fma_fwd_m{block_m}_w{warps}_ms"] = timed(fwd)
+        popconv.TUNING.update(forward="dot", fma_block_m=0, fma_warps=4)
         row["dot_fwd_ms"] = timed(fwd)
         for block_m in (64, 128, 256) if "dgrad" not in name else ():  # an input-grad conv has no weight grad
             for per_sm in (4, 16, 64):
                 for stages in (1, 3):
                     popconv.TUNING.update(wgrad_block_m=block_m, wgrad_per_sm=per_sm, wgrad_stages=stages)
                     row[f"dot_wgrad_m{block_m}_s{per_sm}_st{stages}_ms"] = timed(wgrad)
-        popconv.TUNING.update(wgrad_block_m=0, wgrad_per_sm=4, wgrad_stages=0)
+        popconv.TUNING.update(wgrad_block_m=0, wgrad_per_sm=16, wgrad_stages=0)
         row["dot_wgrad_ms"] = timed(wgrad)
+        popconv.TUNING.update(dot="bf16")  # bf16 operands into the tensor cores (x as bf16 for the first layer too)
+        xb = x.to(torch.bfloat16)
+        row["dot_bf16_fwd_ms"] = timed(lambda: popconv.conv2d(xb, w, b, (pad, pad), rows=r, out_dtype=torch.bfloat16))
+        if "dgrad" not in name:
+            row["dot_bf16_wgrad_ms"] = timed(lambda: popconv._pop_conv2d_wgrad(xb, ri, dyc, w, pad, pad, True))
+        popconv.TUNING.update(dot="tf32")
         popconv.TUNING.update(forward="auto")
         row["auto_fwd_ms"], row["auto_wgrad_ms"] = timed(fwd), timed(wgrad)
+        if before is not None:
+            row["before_fwd_ms"] = timed(lambda: before.conv2d(x, w, b, (pad, pad), rows=r, out_dtype=torch.bfloat16))
+            row["before_wgrad_ms"] = timed(lambda: before._pop_conv2d_wgrad(x, ri, dyc, w, pad, pad, True))
         results.append(row)
         fma_f = min((v, k) for k, v in row.items() if k.startswith("fma_fwd"))
         fma_w = min(((v, k) for k, v in row.items() if k.startswith("dot_wgrad")), default=(0.0, "-"))
         print(f"{name:14s}{row['im2col_fwd_ms']:12.2f}{row['im2col_bwd_ms']:12.2f}{fma_f[0]:10.2f}"
               f"{row['dot_fwd_ms']:10.2f}{fma_w[0]:10.2f}{row['dot_wgrad_ms']:10.2f}{row['auto_fwd_ms']:10.2f}"
               f"{row['auto_wgrad_ms']:10.2f}   best: {fma_f[1]} {fma_f[0]:.2f}, {fma_w[1]} {fma_w[0]:.2f}", flush=True)
+        print(f"{'':14s}bf16 tensor-core products: dot fwd {row['dot_bf16_fwd_ms']:.2f} ms, wgrad "
+              f"{row.get('dot_bf16_wgrad_ms', float('nan')):.2f} ms", flush=True)
+        if before is not None:
+            print(f"{'':14s}before: fwd {row['before_fwd_ms']:.2f} ms ({row['before_fwd_ms'] / row['auto_fwd_ms']:.2f}x), "
+                  f"wgrad {row['before_wgrad_ms']:.2f} ms ({row['before_wgrad_ms'] / row['auto_wgrad_ms']:.2f}x)", flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "popconv_bench.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "layers": results}, indent=2))
 

@@ -104,7 +104,7 @@ if triton is not None:
     def _conv_fwd_dot_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, y_ptr,
                          B, C, H, W, O, HO, WO, PH, PW,
                          K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                         GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         tile, m = tl.program_id(0), tl.program_id(1)
         pmask, r, i, j, sample = _pixels(tile * BLOCK_M + tl.arange(0, BLOCK_M), B * HO * WO, m, B, HO, WO)
@@ -115,18 +115,21 @@ if triton is not None:
             k = k0 + tl.arange(0, BLOCK_K)
             a = _patch_tile(x_ptr, rows_ptr, sample, pmask, i, j, k, C, H, W, PH, PW, K, KH, KW, GATHER)
             wk = tl.load(w_base + o[None, :] * K + k[:, None], mask=(k < K)[:, None] & (o < O)[None, :], other=0.0)
-            acc += tl.dot(a, wk.to(tl.float32))
+            acc += tl.dot(a.to(DOT), wk.to(DOT))
         _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS)
 
     @triton.jit
-    def _conv_fwd_fma_kernel(x_ptr, rows_ptr, wt_ptr, b_ptr, y_ptr,
-                             B, C, H, W, O, HO, WO, PH, PW,
-                             K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                             GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, PADDED: tl.constexpr,
+    def _conv_fwd_fma_kernel(x_ptr, rows_ptr, wt_ptr, b_ptr, y_ptr, B, O,
+                             C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, HO: tl.constexpr, WO: tl.constexpr,
+                             PH: tl.constexpr, PW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                             GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """The forward as outer products on CUDA cores: each thread owns pixels and all O outputs.
 
-        wt is [N, K, BLOCK_N]: the weights tap-major with the outputs zero-padded, one vector load a tap."""
+        wt is [N, K, BLOCK_N]: the weights tap-major with the outputs zero-padded, one vector load a tap.
+        The tile is [outputs, pixels], so a thread's pixels run along the fast axis of the default
+        layout: each input value is loaded by the thread that uses it (no exchange through shared
+        memory), and the image shape is constexpr, so every tap's offset is an immediate."""
         tile, m = tl.program_id(0), tl.program_id(1)
         pmask, r, i, j, sample = _pixels(tile * BLOCK_M + tl.arange(0, BLOCK_M), B * HO * WO, m, B, HO, WO)
         if GATHER:
@@ -135,27 +138,27 @@ if triton is not None:
             row = sample.to(tl.int64)
         o = tl.arange(0, BLOCK_N)
         x_base = x_ptr + row * (C * H * W) + (i - PH) * W + (j - PW)
-        w_base = wt_ptr + m.to(tl.int64) * (K * BLOCK_N) + o
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        w_base = wt_ptr + m.to(tl.int64) * (C * KH * KW * BLOCK_N) + o
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for c in range(C):
             for ki in tl.static_range(KH):
                 row_ok = pmask
-                if PADDED:  # only padded convs read outside the image
+                if PH > 0:  # only padded convs read outside the image
                     row_ok = row_ok & (i + ki - PH >= 0) & (i + ki - PH < H)
                 for kj in tl.static_range(KW):
                     ok = row_ok
-                    if PADDED:
+                    if PW > 0:
                         ok = ok & (j + kj - PW >= 0) & (j + kj - PW < W)
-                    xv = tl.load(x_base + c * (H * W) + ki * W + kj, mask=ok, other=0.0)
+                    xv = tl.load(x_base + (c * (H * W) + ki * W + kj), mask=ok, other=0.0)
                     wv = tl.load(w_base + ((c * KH + ki) * KW + kj) * BLOCK_N)
-                    acc += xv.to(tl.float32)[:, None] * wv[None, :]
-        _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS)
+                    acc += wv[:, None] * xv.to(tl.float32)[None, :]
+        _store_output(tl.trans(acc), b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS)
 
     @triton.jit
     def _conv_wgrad_dot_kernel(x_ptr, rows_ptr, dy_ptr, dw_ptr, db_ptr,
                            B, C, H, W, O, HO, WO, PH, PW, SPLIT, PER_SPLIT,
                            K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                           GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         kb, split, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -168,10 +171,10 @@ if triton is not None:
             pmask, r, i, j, sample = _pixels(p0 + tl.arange(0, BLOCK_M), tl.minimum(start + PER_SPLIT, n_pix), m, B, HO, WO)
             a = _patch_tile(x_ptr, rows_ptr, sample, pmask, i, j, k, C, H, W, PH, PW, K, KH, KW, GATHER)
             g_ptrs = dy_ptr + sample.to(tl.int64)[:, None] * (O * HO * WO) + (o * (HO * WO))[None, :] + r[:, None]
-            g = tl.load(g_ptrs, mask=pmask[:, None] & (o < O)[None, :], other=0.0).to(tl.float32)
-            acc += tl.dot(tl.trans(a), g)
+            g = tl.load(g_ptrs, mask=pmask[:, None] & (o < O)[None, :], other=0.0)
+            acc += tl.dot(tl.trans(a.to(DOT)), g.to(DOT))
             if HAS_BIAS:
-                acc_b += tl.sum(g, axis=0)
+                acc_b += tl.sum(g.to(tl.float32), axis=0)
         part = (m.to(tl.int64) * SPLIT + split) * (O * K)
         tl.store(dw_ptr + part + o[None, :] * K + k[:, None], acc, mask=(k < K)[:, None] & (o < O)[None, :])
         if HAS_BIAS:
@@ -183,7 +186,12 @@ if triton is not None:
 # gradient always on tensor cores (a CUDA-core version with a [pixels, taps, outputs] accumulator was
 # 1.6-3.4x slower on every CNN-s layer). `benchmarks/popconv_bench.py` sweeps these on a GPU.
 TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_block_m": 0, "fma_warps": 4,
-          "wgrad_block_m": 0, "wgrad_per_sm": 16, "wgrad_stages": 0}
+          "wgrad_block_m": 0, "wgrad_per_sm": 16, "wgrad_stages": 0, "dot": "tf32"}
+
+
+def _dot_dtype(x: Tensor):
+    """The tensor-core input type: TF32 (float32 operands), or bf16 where the activations already are bf16."""
+    return tl.bfloat16 if TUNING["dot"] == "bf16" and x.dtype == torch.bfloat16 else tl.float32
 
 
 def _fma_forward(o: int) -> bool:
@@ -197,22 +205,23 @@ def _launch_forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None,
     h, wd = x.shape[2], x.shape[3]
     ho, wo = h + 2 * padding[0] - kh + 1, wd + 2 * padding[1] - kw + 1
     y = torch.empty(n * batch, o, ho, wo, device=x.device, dtype=out_dtype)
-    common = dict(K=c * kh * kw, KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=b is not None)
     rows_arg = rows if rows is not None else x  # any pointer when GATHER is off
     if _fma_forward(o):
         block_n = triton.next_power_of_2(o)
-        block_m = TUNING["fma_block_m"] or (256 if c * kh * kw <= 32 else 128)
+        block_m = TUNING["fma_block_m"] or min(1024, 8192 // block_n)  # 8 outputs x 8 pixels a thread (4 warps)
         wt = torch.zeros(n, c * kh * kw, block_n, device=w.device, dtype=torch.float32)
         wt[:, :, :o] = w.reshape(n, o, -1).transpose(1, 2)
         _conv_fwd_fma_kernel[(triton.cdiv(batch * ho * wo, block_m), n)](
-            x, rows_arg, wt, b if b is not None else wt, y, batch, c, h, wd, o, ho, wo, padding[0], padding[1],
-            **common, PADDED=padding != (0, 0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=TUNING["fma_warps"],
+            x, rows_arg, wt, b if b is not None else wt, y, batch, o, C=c, H=h, W=wd, HO=ho, WO=wo,
+            PH=padding[0], PW=padding[1], KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=b is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=TUNING["fma_warps"],
         )
         return y
     block_m, block_k, block_n = _blocks(c * kh * kw, o)
     _conv_fwd_dot_kernel[(triton.cdiv(batch * ho * wo, block_m), n)](
         x, rows_arg, w, b if b is not None else w, y, batch, c, h, wd, o, ho, wo, padding[0], padding[1],
-        **common, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
+        K=c * kh * kw, KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=b is not None, DOT=_dot_dtype(y),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
     )
     return y
 
@@ -237,7 +246,7 @@ def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Siz
     _conv_wgrad_dot_kernel[(k_blocks, split, n)](
         x, rows if rows is not None else x, dy, dw, db if db is not None else dw,
         batch, c, h, wd, o, ho, wo, padding[0], padding[1], split, per_split,
-        K=k, KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=bias,
+        K=k, KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=bias, DOT=_dot_dtype(dy),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
         **({"num_stages": TUNING["wgrad_stages"]} if TUNING["wgrad_stages"] else {}),
     )
