@@ -198,10 +198,11 @@ def run_pipeline(name: str, n_models: int, epochs: int, pop_size: int, data_dir:
 
 # ---- variants: train_population directly, the step alone, a profile --------------------------------
 
-def population(n_models: int, epochs: int, data_dir: Path):
+def population(n_models: int, epochs: int, data_dir: Path, first_seed: int = 0):
     from zoos.spec import expand, parse_zoo, populations
 
     zoo = study_dict("v", n_models, epochs, n_models, data_dir, Path(".").resolve(), "bf16", True)["zoos"][0]
+    zoo["grid"]["seed"] = list(range(first_seed, first_seed + n_models))
     return populations(expand(parse_zoo(zoo), "v"), n_models)[0]
 
 

@@ -230,9 +230,12 @@ class FastPopulation:
         return self.kernels and isinstance(m, nn.Conv2d) and popconv.supports(m.stride, m.dilation, m.groups)
 
     def forward(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, *,
-                rows: Tensor | None = None, x_per_model: bool = True, training: bool = False) -> Tensor:
+                rows: Tensor | None = None, x_per_model: bool = True, training: bool = False, bucket: int = 1) -> Tensor:
         """Outputs [N, B, ...] in float32 for x [N, B, ...] (each model its own batch), x [B, ...] shared,
-        or x the data set [S, ...] with rows [N, B] the samples each model sees."""
+        or x the data set [S, ...] with rows [N, B] the samples each model sees.
+
+        Compiled, a batch runs padded to the next power of two, at least `bucket` (so an evaluation
+        whose last batch is short reuses the program of its full batches)."""
         n = params[self.param_keys[0]].shape[0]
         if rows is None and not x_per_model:
             if self.kernels:  # the same indices for every model: nothing expanded in memory
@@ -244,13 +247,15 @@ class FastPopulation:
         b = rows.shape[1] if rows is not None else x.shape[1]
         run, padded = self.graph_module, b
         if self._compiled is not None:  # a compiled program per batch bucket, not per batch size
-            run, padded = self._compiled, 1 << (b - 1).bit_length()
+            run, padded = self._compiled, 1 << (max(b, bucket) - 1).bit_length()
             if padded != b and rows is not None:  # every op is per sample: extra rows change nothing in the real ones
                 rows = torch.cat([rows, rows.new_zeros(n, padded - b)], 1)
             elif padded != b:
                 x = torch.cat([x, x.new_zeros(n, padded - b, *x.shape[2:])], 1)
         if rows is None:
             x = x.reshape(n * padded, *x.shape[2:])
+        elif self._compiled is not None:  # one program for every data set it reads by index (train, val, test)
+            torch._dynamo.maybe_mark_dynamic(x, 0)
         state = [params[k] for k in self.param_keys] + [buffers[k] for k in self.buffer_keys]
         out = run(x, rows, training, *state)
         return out.reshape(n, padded, *out.shape[1:])[:, :b]

@@ -32,6 +32,7 @@ import contextlib
 import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -69,10 +70,14 @@ def _gen(seed: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(stream_seed(seed, salt))
 
 
+def subset_size(n_train: int, fraction: float) -> int:
+    """How many training samples a model sees: round(fraction * n_train), at least 1."""
+    return max(1, round(fraction * n_train))
+
+
 def train_subset(seed: int, n_train: int, fraction: float) -> Tensor:
-    """The training indices a model sees: round(fraction * n_train) of them (at least 1), from its seed."""
-    n = max(1, round(fraction * n_train))
-    return torch.randperm(n_train, generator=_gen(seed, SUBSET_STREAM))[:n]
+    """The training indices a model sees (`subset_size` of them), from its seed."""
+    return torch.randperm(n_train, generator=_gen(seed, SUBSET_STREAM))[: subset_size(n_train, fraction)]
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> Tensor:
@@ -215,12 +220,21 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
 
     x_train, y_train = data["train"]
     fraction = pop.shared("train_fraction")
-    subsets = torch.stack([train_subset(m.factors["seed"], len(x_train), fraction) for m in specs]).to(device)
-    n_sub = subsets.shape[1]
+    # Index streams (each model's training subset, then its order in every epoch) are drawn on the CPU
+    # from the model's own seed, one randperm per model: a helper thread draws them (torch releases
+    # the GIL) while this one builds the models and the GPU trains the previous epoch.
+    streams = ThreadPoolExecutor(1, thread_name_prefix="symzoo-orders")
+    subsets_ahead = streams.submit(lambda: torch.stack([train_subset(m.factors["seed"], len(x_train), fraction) for m in specs]))
+    n_sub = subset_size(len(x_train), fraction)
     bs = min(batch_size, n_sub)
     n_steps = steps_per_epoch(n_sub, batch_size)
     total_steps = epochs * n_steps
     augmenter = Augmenter(task, specs, n_sub, device) if pop.shared("augmentation") else None
+
+    def orders_of(epoch: int) -> Tensor:
+        return torch.stack([epoch_order(m.factors["seed"], epoch, n_sub) for m in specs])
+
+    orders_ahead = streams.submit(orders_of, 1)
 
     # -- models: each from its own seed, stacked; the template holds the code, no weights
     models = [init_model(m.arch, m.arch_config, m.factors, task) for m in specs]
@@ -285,7 +299,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
                 xb, yb = x[i : i + eval_batch], y[:, i : i + eval_batch]
             with autocast():
                 if fast_forward is not None:
-                    pred = fast_forward(params, buffers, xb, rows=rows, x_per_model=own).float()
+                    pred = fast_forward(params, buffers, xb, rows=rows, x_per_model=own, bucket=eval_batch).float()
                 else:
                     pred = population_forward(module, params, buffers, xb, x_per_model=own).float()
             if per_model is not None:
@@ -322,6 +336,8 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
                     weights[k] = np.zeros((n_models, len(checkpoints), *v.shape[1:]), dtype=np.float32)
                 weights[k][:, c] = v.detach().float().cpu().numpy()
 
+    subsets = subsets_ahead.result().to(device)
+
     # -- training
     clock.lap("setup")
     module.train()
@@ -329,8 +345,9 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     clock.lap("evaluation")
     step = 0
     for epoch in range(1, epochs + 1):
-        orders = torch.stack([epoch_order(m.factors["seed"], epoch, n_sub) for m in specs]).to(device)
-        orders = torch.gather(subsets, 1, orders)
+        orders = torch.gather(subsets, 1, orders_ahead.result().to(device))
+        if epoch < epochs:
+            orders_ahead = streams.submit(orders_of, epoch + 1)
         if augmenter is not None:
             els, which = augmenter.epoch(epoch)
         for s in range(n_steps):
@@ -361,6 +378,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
         if progress is not None:
             progress(epoch, epochs)
 
+    streams.shutdown()
     alive_list = alive.cpu().tolist()
     # per-model data: each row's task_config names its own data, plus the task's columns (inr: split, label)
     own_option = [{per_model: m.factors[per_model]} if per_model else {} for m in specs]

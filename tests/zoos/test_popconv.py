@@ -14,7 +14,7 @@ from torch.func import functional_call, grad, vmap
 
 from zoos import popconv
 from zoos.fastpop import FastPopulation, FastStep
-from zoos.functional import population_forward, template
+from zoos.functional import population_forward, stack_states, template
 from zoos.trainer import train_population
 
 from tests.zoos.test_fastpop import population
@@ -146,6 +146,28 @@ def test_training_with_kernels_equals_vmap_trainer(monkeypatch):
         np.testing.assert_allclose(kern.curves[name], plain.curves[name], atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="Triton 3.7's interpreter multiplies bf16 dot operands as raw bits")
+@pytest.mark.parametrize("c,o,k,pad", [(8, 6, 5, 0), (3, 20, 3, 1)])
+def test_bf16_tensor_core_products(monkeypatch, c, o, k, pad):
+    """TUNING dot = bf16: bf16 activations go into the tensor-core products as they are (float32
+    accumulation); output and gradients stay within bf16 rounding of the float32 reference."""
+    monkeypatch.setitem(popconv.TUNING, "forward", "dot")
+    monkeypatch.setitem(popconv.TUNING, "dot", "bf16")
+    x = torch.randn(2 * 3, c, 7, 7, device=DEVICE).to(torch.bfloat16).requires_grad_()
+    w = torch.randn(2, o, c, k, k, device=DEVICE, requires_grad=True)
+    b = torch.randn(2, o, device=DEVICE, requires_grad=True)
+    y = popconv.conv2d(x, w, b, (pad, pad))
+    assert y.dtype == torch.bfloat16
+    g = torch.randn(y.shape, device=DEVICE).to(torch.bfloat16)
+    got = (y, *torch.autograd.grad((y.float() * g.float()).sum(), [x, w, b]))
+    xr = x.detach().float().requires_grad_()
+    yr = reference(xr, w, b, pad)
+    want = (yr, *torch.autograd.grad((yr * g.float()).sum(), [xr, w, b]))
+    for a, r in zip(got, want):
+        err = (a.float() - r.float()).norm() / r.float().norm()
+        assert err < 2e-2, f"relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("kind", ["fma", "dot"])
 @pytest.mark.parametrize("c,o,k,pad", [(1, 8, 5, 0), (8, 6, 5, 0), (3, 20, 3, 1), (6, 4, 2, 1)])
 def test_each_kernel_kind_equals_per_model_conv(monkeypatch, kind, c, o, k, pad):
@@ -157,3 +179,27 @@ def test_each_kernel_kind_equals_per_model_conv(monkeypatch, kind, c, o, k, pad)
     got, want = both(x, w, b, pad)
     for a, r in zip(got, want):
         close(a, r)
+
+
+def test_one_compiled_program_for_every_data_set_and_short_batch():
+    """Evaluation reads train, val and test (different sizes) by index, the last batch short: one compile.
+
+    Each compiled program costs a fresh worker seconds before its first population trains; the data set
+    size is dynamic in the program and a short batch pads up to the evaluation's bucket."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    models = [torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+                                  torch.nn.Linear(4 * 6 * 6, 3)) for _ in range(3)]
+    params, buffers = stack_states(models)
+    pop = FastPopulation(template(models[0]), compile=True, kernels=True)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        for size, batch in ((60, 16), (60, 5), (20, 16), (30, 11)):
+            x = torch.randn(size, 1, 8, 8)
+            rows = torch.randint(0, size, (3, batch))
+            out = pop(params, buffers, x, rows=rows, bucket=16)
+            want = torch.stack([models[i](x[rows[i]]) for i in range(3)])
+            torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
