@@ -41,7 +41,7 @@ from train_bench import BATCH, LR, make_idx_data, task_options, tracking_uri  # 
 
 
 def study(name: str, work: Path, data_dir: Path, models: int, epochs: int, pair_models: int, samples: int,
-          items_per_task: int, gpu: bool) -> dict:
+          items_per_task: int, gpu: bool, model_runs: str = "all") -> dict:
     """The reference zoo, plus (pair_models > 0) the pairs zoo and its all-pairs interpolation stage."""
     task = {"name": "mnist", "options": task_options(data_dir)}
     grid = {"lr": [LR], "optimizer": ["adam"], "batch_size": [BATCH]}
@@ -49,6 +49,7 @@ def study(name: str, work: Path, data_dir: Path, models: int, epochs: int, pair_
         "study": name, "store": str(work / f"store-{name}"), "output": str(work / f"runs-{name}"),
         "resources": {"num_gpus": 1 if gpu else 0, "num_cpus": 4 if gpu else 1, "precision": "bf16" if gpu else "float32",
                       "max_retries": 0},
+        "model_runs": model_runs,
         "zoos": [{"name": "cnn_s", "task": task, "arch": {"name": "cnn_s"}, "grid": {"seed": list(range(models)), **grid},
                   "epochs": epochs, "checkpoints": "0,last", "population_size": "auto"}],
     }
@@ -125,6 +126,8 @@ def main() -> None:
                     help="models whose all pairs the barrier stage takes; 0 = the reference zoo alone, no stage")
     ap.add_argument("--samples", type=int, default=512, help="test images per path point")
     ap.add_argument("--tasks-per-gpu", type=int, default=4, help="barrier stage: Ray tasks per GPU of the largest run")
+    ap.add_argument("--model-runs", choices=("all", "none"), default="all",
+                    help="an MLflow run per model (all) or zoo/stage runs only (none: the scaling model's advice past ~2 GPUs)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
     a = ap.parse_args()
     gpu = torch.cuda.is_available() and not a.smoke
@@ -139,10 +142,10 @@ def main() -> None:
     pairs = a.pair_models * (a.pair_models - 1) // 2
     items = max(1, -(-pairs // (a.tasks_per_gpu * max(counts))))
     results: dict = {"device": torch.cuda.get_device_name() if gpu else "cpu", "gpus_visible": torch.cuda.device_count(),
-                     "models": a.models, "epochs": a.epochs, "pairs": pairs, "items_per_task": items, "runs": []}
+                     "models": a.models, "epochs": a.epochs, "model_runs": a.model_runs, "pairs": pairs, "items_per_task": items, "runs": []}
 
     def spec(name: str, models: int, epochs: int, stage: bool = True) -> dict:
-        s = study(name, work, data_dir, models, epochs, a.pair_models, a.samples, items, gpu)
+        s = study(name, work, data_dir, models, epochs, a.pair_models, a.samples, items, gpu, a.model_runs)
         return s if stage else {**s, "analysis": []}
 
     def per_s(v: float | None) -> str:

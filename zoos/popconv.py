@@ -186,7 +186,7 @@ if triton is not None:
 # gradient always on tensor cores (a CUDA-core version with a [pixels, taps, outputs] accumulator was
 # 1.6-3.4x slower on every CNN-s layer). `benchmarks/popconv_bench.py` sweeps these on a GPU.
 TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_block_m": 0, "fma_warps": 4,
-          "wgrad_block_m": 0, "wgrad_per_sm": 16, "wgrad_stages": 0, "dot": "tf32"}
+          "wgrad_block_m": 0, "wgrad_per_sm": 16, "wgrad_stages": 0, "dot": "bf16"}
 
 
 def _dot_dtype(x: Tensor):
