@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     ap.add_argument("--before", type=Path, help="a popconv.py to time side by side at its defaults")
+    ap.add_argument("--no-sweep", action="store_true", help="defaults only (and --before): no tile-size sweeps")
     a = ap.parse_args()
     before = load_before(a.before) if a.before else None
     n, batch, dev = a.models, a.batch, "cuda"
@@ -104,13 +105,13 @@ def main() -> None:
             return popconv._pop_conv2d_wgrad(x, ri, dyc, w, pad, pad, True)
 
         row = {"layer": name, "models": n, "batch": batch, "im2col_fwd_ms": timed(im2col_fwd), "im2col_bwd_ms": timed(im2col_bwd)}
-        for block_m in (128, 256, 512, 1024):
+        for block_m in (128, 256, 512, 1024) if not a.no_sweep else ():
             for warps in (4, 8):
                 popconv.TUNING.update(forward="fma", fma_block_m=block_m, fma_warps=warps)
                 row[f"fma_fwd_m{block_m}_w{warps}_ms"] = timed(fwd)
         popconv.TUNING.update(forward="dot", fma_block_m=0, fma_warps=4)
         row["dot_fwd_ms"] = timed(fwd)
-        for block_m in (64, 128, 256) if "dgrad" not in name else ():  # an input-grad conv has no weight grad
+        for block_m in (64, 128, 256) if "dgrad" not in name and not a.no_sweep else ():  # an input-grad conv has no weight grad
             for per_sm in (4, 16, 64):
                 for stages in (1, 3):
                     popconv.TUNING.update(wgrad_block_m=block_m, wgrad_per_sm=per_sm, wgrad_stages=stages)
@@ -129,7 +130,7 @@ def main() -> None:
             row["before_fwd_ms"] = timed(lambda: before.conv2d(x, w, b, (pad, pad), rows=r, out_dtype=torch.bfloat16))
             row["before_wgrad_ms"] = timed(lambda: before._pop_conv2d_wgrad(x, ri, dyc, w, pad, pad, True))
         results.append(row)
-        fma_f = min((v, k) for k, v in row.items() if k.startswith("fma_fwd"))
+        fma_f = min(((v, k) for k, v in row.items() if k.startswith("fma_fwd")), default=(float("nan"), "-"))
         fma_w = min(((v, k) for k, v in row.items() if k.startswith("dot_wgrad")), default=(0.0, "-"))
         print(f"{name:14s}{row['im2col_fwd_ms']:12.2f}{row['im2col_bwd_ms']:12.2f}{fma_f[0]:10.2f}"
               f"{row['dot_fwd_ms']:10.2f}{fma_w[0]:10.2f}{row['dot_wgrad_ms']:10.2f}{row['auto_fwd_ms']:10.2f}"

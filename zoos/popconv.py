@@ -81,13 +81,15 @@ if triton is not None:
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=pmask[:, None] & (o < O)[None, :])
 
     @triton.jit
-    def _patch_tile(x_ptr, rows_ptr, sample, pmask, i, j, k, C, H, W, PH, PW,
-                    K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, GATHER: tl.constexpr):
-        """The patch values x[row(sample), c, i + ki - PH, j + kj - PW] as a [pixels, k] float32 tile."""
+    def _source_row(rows_ptr, sample, pmask, GATHER: tl.constexpr):
+        """The row of x that `sample` reads: rows[sample] when the input is read by index, else sample."""
         if GATHER:
-            row = tl.load(rows_ptr + sample, mask=pmask, other=0).to(tl.int64)
-        else:
-            row = sample.to(tl.int64)
+            return tl.load(rows_ptr + sample, mask=pmask, other=0).to(tl.int64)
+        return sample.to(tl.int64)
+
+    @triton.jit
+    def _patch_tile(x_ptr, row, pmask, i, j, k, C, H, W, PH, PW, K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr):
+        """The patch values x[row, c, i + ki - PH, j + kj - PW] as a [pixels, k] tile (row: per pixel or one)."""
         c = k // (KH * KW)
         ki = (k % (KH * KW)) // KW
         kj = k % KW
@@ -98,7 +100,7 @@ if triton is not None:
             ii = i[:, None] + ki[None, :] - PH
             jj = j[:, None] + kj[None, :] - PW
             mask = mask & (ii >= 0) & (ii < H) & (jj >= 0) & (jj < W)
-        return tl.load(x_ptr + base[:, None] + offset[None, :], mask=mask, other=0.0).to(tl.float32)
+        return tl.load(x_ptr + base[:, None] + offset[None, :], mask=mask, other=0.0)
 
     @triton.jit
     def _conv_fwd_dot_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, y_ptr,
@@ -108,12 +110,13 @@ if triton is not None:
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         tile, m = tl.program_id(0), tl.program_id(1)
         pmask, r, i, j, sample = _pixels(tile * BLOCK_M + tl.arange(0, BLOCK_M), B * HO * WO, m, B, HO, WO)
+        row = _source_row(rows_ptr, sample, pmask, GATHER)
         o = tl.arange(0, BLOCK_N)
         w_base = w_ptr + m.to(tl.int64) * (O * K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            a = _patch_tile(x_ptr, rows_ptr, sample, pmask, i, j, k, C, H, W, PH, PW, K, KH, KW, GATHER)
+            a = _patch_tile(x_ptr, row, pmask, i, j, k, C, H, W, PH, PW, K, KH, KW)
             wk = tl.load(w_base + o[None, :] * K + k[:, None], mask=(k < K)[:, None] & (o < O)[None, :], other=0.0)
             acc += tl.dot(a.to(DOT), wk.to(DOT))
         _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS)
@@ -132,10 +135,7 @@ if triton is not None:
         memory), and the image shape is constexpr, so every tap's offset is an immediate."""
         tile, m = tl.program_id(0), tl.program_id(1)
         pmask, r, i, j, sample = _pixels(tile * BLOCK_M + tl.arange(0, BLOCK_M), B * HO * WO, m, B, HO, WO)
-        if GATHER:
-            row = tl.load(rows_ptr + sample, mask=pmask, other=0).to(tl.int64)
-        else:
-            row = sample.to(tl.int64)
+        row = _source_row(rows_ptr, sample, pmask, GATHER)
         o = tl.arange(0, BLOCK_N)
         x_base = x_ptr + row * (C * H * W) + (i - PH) * W + (j - PW)
         w_base = wt_ptr + m.to(tl.int64) * (C * KH * KW * BLOCK_N) + o
@@ -155,30 +155,36 @@ if triton is not None:
         _store_output(tl.trans(acc), b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS)
 
     @triton.jit
-    def _conv_wgrad_dot_kernel(x_ptr, rows_ptr, dy_ptr, dw_ptr, db_ptr,
-                           B, C, H, W, O, HO, WO, PH, PW, SPLIT, PER_SPLIT,
-                           K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                           GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _conv_wgrad_dot_kernel(x_ptr, rows_ptr, dy_ptr, dw_ptr, db_ptr, B, SPLIT, PER_SPLIT,
+                               C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr,
+                               HO: tl.constexpr, WO: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                               KH: tl.constexpr, KW: tl.constexpr, CHUNKS: tl.constexpr,
+                               GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """dw (and db) of model m over its tiles [split * PER_SPLIT, ...): a tile is BLOCK_M pixels of one
+        sample's output (CHUNKS tiles a sample), so its dy rows are contiguous runs the loads coalesce."""
         kb, split, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        K: tl.constexpr = C * KH * KW
         k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         o = tl.arange(0, BLOCK_N)
-        n_pix = B * HO * WO
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # summed over pixels once, after the loop
         start = split * PER_SPLIT
-        for p0 in range(start, tl.minimum(start + PER_SPLIT, n_pix), BLOCK_M):
-            pmask, r, i, j, sample = _pixels(p0 + tl.arange(0, BLOCK_M), tl.minimum(start + PER_SPLIT, n_pix), m, B, HO, WO)
-            a = _patch_tile(x_ptr, rows_ptr, sample, pmask, i, j, k, C, H, W, PH, PW, K, KH, KW, GATHER)
-            g_ptrs = dy_ptr + sample.to(tl.int64)[:, None] * (O * HO * WO) + (o * (HO * WO))[None, :] + r[:, None]
+        for t in range(start, tl.minimum(start + PER_SPLIT, B * CHUNKS)):
+            sample = m * B + t // CHUNKS
+            r = (t % CHUNKS) * BLOCK_M + tl.arange(0, BLOCK_M)
+            pmask = r < HO * WO
+            row = tl.load(rows_ptr + sample).to(tl.int64) if GATHER else sample.to(tl.int64)
+            a = _patch_tile(x_ptr, row, pmask, r // WO, r % WO, k, C, H, W, PH, PW, K, KH, KW)
+            g_ptrs = dy_ptr + sample.to(tl.int64) * (O * HO * WO) + (o * (HO * WO))[None, :] + r[:, None]
             g = tl.load(g_ptrs, mask=pmask[:, None] & (o < O)[None, :], other=0.0)
             acc += tl.dot(tl.trans(a.to(DOT)), g.to(DOT))
             if HAS_BIAS:
-                acc_b += tl.sum(g.to(tl.float32), axis=0)
+                acc_b += g.to(tl.float32)
         part = (m.to(tl.int64) * SPLIT + split) * (O * K)
         tl.store(dw_ptr + part + o[None, :] * K + k[:, None], acc, mask=(k < K)[:, None] & (o < O)[None, :])
         if HAS_BIAS:
-            tl.store(db_ptr + (m.to(tl.int64) * SPLIT + split) * O + o, acc_b, mask=(o < O) & (kb == 0))
+            tl.store(db_ptr + (m.to(tl.int64) * SPLIT + split) * O + o, tl.sum(acc_b, axis=0), mask=(o < O) & (kb == 0))
 
 
 # Kernel choices and tile sizes (0 = the measured default for the layer's shape): the forward on CUDA
@@ -233,20 +239,22 @@ def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Siz
     h, wd, ho, wo = x.shape[2], x.shape[3], dy.shape[2], dy.shape[3]
     batch = dy.shape[0] // n
     _, block_k, block_n = _blocks(k, o)
-    block_m = TUNING["wgrad_block_m"] or (128 if k <= 32 else 64)
-    k_blocks, n_pix = triton.cdiv(k, block_k), batch * ho * wo
-    # enough programs to fill the card (and hide load latency): split each model's pixels
+    # tiles of one sample's output pixels: at most the image (rounded up to 16, tl.dot's least side)
+    block_m = min(TUNING["wgrad_block_m"] or (128 if k <= 32 else 64), max(16, triton.next_power_of_2(ho * wo)))
+    chunks = triton.cdiv(ho * wo, block_m)
+    k_blocks, tiles = triton.cdiv(k, block_k), batch * chunks
+    # enough programs to fill the card (and hide load latency): split each model's tiles
     sms = torch.cuda.get_device_properties(dy.device).multi_processor_count if dy.is_cuda else 1
     target = TUNING["wgrad_per_sm"] * sms
-    split = max(1, min(triton.cdiv(target, n * k_blocks), triton.cdiv(n_pix, 8 * block_m)))
-    per_split = triton.cdiv(triton.cdiv(n_pix, split), block_m) * block_m
-    split = triton.cdiv(n_pix, per_split)
+    split = max(1, min(triton.cdiv(target, n * k_blocks), triton.cdiv(tiles, 8)))
+    per_split = triton.cdiv(tiles, split)
+    split = triton.cdiv(tiles, per_split)
     dw = torch.empty(n, split, o, k, device=dy.device, dtype=torch.float32)
     db = torch.empty(n, split, o, device=dy.device, dtype=torch.float32) if bias else None
     _conv_wgrad_dot_kernel[(k_blocks, split, n)](
-        x, rows if rows is not None else x, dy, dw, db if db is not None else dw,
-        batch, c, h, wd, o, ho, wo, padding[0], padding[1], split, per_split,
-        K=k, KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=bias, DOT=_dot_dtype(dy),
+        x, rows if rows is not None else x, dy, dw, db if db is not None else dw, batch, split, per_split,
+        C=c, H=h, W=wd, O=o, HO=ho, WO=wo, PH=padding[0], PW=padding[1], KH=kh, KW=kw, CHUNKS=chunks,
+        GATHER=rows is not None, HAS_BIAS=bias, DOT=_dot_dtype(dy),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
         **({"num_stages": TUNING["wgrad_stages"]} if TUNING["wgrad_stages"] else {}),
     )
