@@ -268,6 +268,10 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
         def step_fn(p, b, x, y, r, rows=None):
             grads, loss = fast_step(p, b, x, y, rows=rows)
             return grads, (loss, loss)
+
+        if precision == "bf16" and per_model is None:  # resident inputs in the compute dtype, as autocast casts them
+            data = {s: (x.to(torch.bfloat16) if x.is_floating_point() else x, y) for s, (x, y) in data.items()}
+            x_train = data["train"][0]
     state = {k: torch.zeros_like(v) for k, v in params.items()}  # SGD momentum buffer / Adam first moment
     state2 = {k: torch.zeros_like(v) for k, v in params.items()} if optimizer == "adam" else {}
     alive = torch.ones(n_models, dtype=torch.bool, device=device)

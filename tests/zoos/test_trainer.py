@@ -184,6 +184,17 @@ def test_bf16_runs_with_float32_master_weights_and_bad_precision_is_refused():
         train_population(pop, precision="fp16")
 
 
+def test_bf16_fast_program_with_bf16_resident_inputs_tracks_float32():
+    """The fast program in bf16 keeps the resident inputs in bf16 (what autocast casts them to): the
+    curves stay within bf16 rounding of the same models in float32."""
+    pop = one_population(zoo_models({"seed": [0, 1]}, epochs=2))
+    low = train_population(pop, precision="bf16", fast=True)
+    full = train_population(pop, precision="float32", fast=True)
+    for name in ("train_loss", "test_loss"):
+        np.testing.assert_allclose(low.curves[name], full.curves[name], rtol=0.05, atol=0.02)
+    assert (low.curves["train_loss"][:, -1] < low.curves["train_loss"][:, 0]).all()
+
+
 def test_augmentation_with_a_lie_group_keeps_input_and_target_paired():
     task = tasks.get_task("inertia")
     models = tuple(expand(parse_zoo({"name": "z", "task": {"name": "inertia"}, "arch": {"name": "mlp"},
