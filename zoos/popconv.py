@@ -14,10 +14,13 @@ registers straight from the input (no patch matrix in memory):
 with p running over (sample, output row, output column) and k over (in-channel, kernel row, kernel
 column). Any channel counts, kernel size and zero padding at stride 1 (what `supports` checks).
 The forward of few-channel layers (O <= 16) runs on CUDA cores in float32, one tap at a time; wider
-forwards and every weight gradient run as TF32 tensor-core tiles with float32 accumulation (the
-choice and the tile sizes were measured: benchmarks/popconv_bench.py). Activations are read and
-written in their own dtype (bf16 in the trainer), weights are read as float32 master copies, and
-weight gradients come back in float32.
+forwards and every weight gradient run as tensor-core tiles with float32 accumulation, their inputs
+in bf16 where the activations are bf16 (as autocast would) and TF32 otherwise (the choices and the
+tile sizes were measured: benchmarks/popconv_bench.py). Activations are read and written in their own
+dtype (bf16 in the trainer), weights are read as float32 master copies, and weight gradients come back
+in float32. Layouts matter more than arithmetic at these sizes: a thread's pixels lie along the fast
+axis of every tile, so inputs are loaded by the threads that use them and dy loads coalesce (the
+README of benchmarks/ says how this was checked in the compiled TTGIR).
 
 The first layer can read its input by row index: `rows[m*B + b]` names the sample of the data set
 `x [S, C, H, W]` that model m sees at batch position b, so a training step indexes the resident data
@@ -190,7 +193,8 @@ if triton is not None:
 # Kernel choices and tile sizes (0 = the measured default for the layer's shape): the forward on CUDA
 # cores for the few-channel layers of population zoos and on tensor cores where O is large; the weight
 # gradient always on tensor cores (a CUDA-core version with a [pixels, taps, outputs] accumulator was
-# 1.6-3.4x slower on every CNN-s layer). `benchmarks/popconv_bench.py` sweeps these on a GPU.
+# 1.6-3.4x slower on every CNN-s layer); "dot": bf16 or tf32 tensor-core inputs for bf16 activations.
+# `benchmarks/popconv_bench.py` sweeps these on a GPU.
 TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_block_m": 0, "fma_warps": 4,
           "wgrad_block_m": 0, "wgrad_per_sm": 16, "wgrad_stages": 0, "dot": "bf16"}
 
