@@ -91,7 +91,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="startup-bench-"))
     data_dir = work / "data"
     make_idx_data(data_dir, 600 if a.smoke else 60000, 500 if a.smoke else 10000)
-    env = {**os.environ, "SYMZOO_DATA": str(data_dir), "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    env = {**os.environ, "SYMZOO_DATA": str(data_dir), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor"), "TRITON_CACHE_DIR": str(work / "triton")}
     a.out.mkdir(parents=True, exist_ok=True)
     runs = []

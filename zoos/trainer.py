@@ -291,12 +291,13 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
         module.eval()
         for i in range(0, n, eval_batch):
             rows = None
-            if own and fast_forward is not None:  # the fast program reads the data set by index
-                rows = subsets[:, i : i + eval_batch]
-                xb, yb = x, targets(y, rows)
-            elif own:
+            if own:
                 idx = subsets[:, i : i + eval_batch]
-                xb, yb = x[idx], targets(y, idx)
+                yb = targets(y, idx)
+                if fast_forward is not None:  # the fast program reads the data set by index
+                    xb, rows = x, idx
+                else:
+                    xb = x[idx]
             elif per_model is None:
                 xb, yb = x[i : i + eval_batch], y[i : i + eval_batch].expand(n_models, *y[i : i + eval_batch].shape)
             else:
