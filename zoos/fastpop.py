@@ -20,7 +20,10 @@ With `kernels=True` (the trainer's choice where `zoos.popconv.available`), every
 as popconv's Triton implicit-GEMM kernels instead of im2col + bmm: no patch matrix in memory, forward
 and backward. A first convolution that reads the input directly also takes the batch as row indices
 into the resident data set (`forward(..., rows=idx)`), and a shared evaluation batch becomes the same
-indices for every model, so the input is never gathered or expanded per model in memory.
+indices for every model, so the input is never gathered or expanded per model in memory. A kernel conv
+(up to 16 output channels) whose output only feeds a 2x2 max-pool and/or a monotone activation (tanh,
+sigmoid, relu, leaky_relu; a dropout that is off may sit between) becomes one `popconv.conv2d_pool_act`:
+the full-resolution conv output is never written.
 
 `FastPopulation.supports(module)` says whether a module can run this way and why not: only the layer
 types above carry parameters, buffers belong to `PopDropout` only, and the traced forward reads no
@@ -102,6 +105,21 @@ def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
     return tuple(m.padding)  # type: ignore[return-value]
 
 
+def _pool2(m: nn.MaxPool2d) -> bool:
+    """Whether m is a plain 2x2 max-pool with stride 2 (what popconv.conv2d_pool_act folds in)."""
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    return (pair(m.kernel_size) == (2, 2) and pair(m.stride) == (2, 2) and pair(m.padding) == (0, 0)
+            and pair(m.dilation) == (1, 1) and not m.ceil_mode and not m.return_indices)
+
+
+def _monotone_activation(m: nn.Module) -> tuple[str, float] | None:
+    """(name, slope) for the non-decreasing activations popconv applies in its epilogue, else None."""
+    if isinstance(m, nn.LeakyReLU) and m.negative_slope >= 0:
+        return "leaky_relu", float(m.negative_slope)
+    kinds = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ReLU: "relu"}
+    return (kinds[type(m)], 0.0) if type(m) in kinds else None
+
+
 def _why_not(m: nn.Module, name: str) -> str | None:
     """Why the leaf module `name` cannot run as a population layer, or None when it can."""
     if isinstance(m, nn.Conv2d):
@@ -173,7 +191,10 @@ class FastPopulation:
         state = {k: g.placeholder("p_" + k.replace(".", "_")) for k in self.param_keys + self.buffer_keys}
         env: dict[fx.Node, fx.Node] = {}
         reads_input: set[fx.Node] = set()  # kernel convs that read the raw input (by row index) themselves
+        fused: set[fx.Node] = set()  # pool / activation nodes folded into the kernel conv before them
         for node in src.nodes:
+            if node in fused:
+                continue
             if node.op == "placeholder":
                 users = list(node.users)
                 if len(users) == 1 and users[0].args == (node,) and not users[0].kwargs and self._kernel_conv(users[0], mods):
@@ -194,7 +215,14 @@ class FastPopulation:
             args = [env[a] if isinstance(a, fx.Node) else a for a in node.args]
             w = state.get(f"{name}.weight")
             b = state.get(f"{name}.bias")
-            if node in reads_input:
+            epilogue = self._epilogue(node, mods) if self._kernel_conv(node, mods) else None
+            if epilogue is not None:  # conv, max-pool and activation as one kernel: the chain's last node is its output
+                chain, options = epilogue
+                if node in reads_input:
+                    options.update(rows=rows_in, out_dtype=self.dtype)
+                fused.update(chain)
+                env[chain[-1]] = g.call_function(popconv.conv2d_pool_act, (args[0], w, b, _conv_padding(m)), options)
+            elif node in reads_input:
                 env[node] = g.call_function(popconv.conv2d, (args[0], w, b, _conv_padding(m)),
                                             {"rows": rows_in, "out_dtype": self.dtype})
             elif self._kernel_conv(node, mods):
@@ -228,6 +256,32 @@ class FastPopulation:
         """Whether the traced node is a Conv2d that runs as popconv's kernels."""
         m = mods.get(node.target) if node.op == "call_module" else None
         return self.kernels and isinstance(m, nn.Conv2d) and popconv.supports(m.stride, m.dilation, m.groups)
+
+    def _epilogue(self, conv: fx.Node, mods: Mapping[str, nn.Module]) -> tuple[list[fx.Node], dict] | None:
+        """The 2x2 max-pool and monotone activation (either order, each at most once) that alone consume
+        the kernel conv's output, as (their nodes, conv2d_pool_act's options); None when there are none."""
+        if not popconv.fuses(mods[conv.target].out_channels):
+            return None
+        chain: list[fx.Node] = []
+        options: dict = {"pool": 1, "act": "identity"}
+        cur = conv
+        while len(cur.users) == 1:
+            (user,) = cur.users
+            m = mods.get(user.target) if user.op == "call_module" else None
+            if m is None or user.args != (cur,) or user.kwargs:
+                break
+            act = _monotone_activation(m)
+            if isinstance(m, nn.MaxPool2d) and options["pool"] == 1 and _pool2(m):
+                options["pool"] = 2
+            elif act is not None and options["act"] == "identity":
+                options["act"], options["slope"] = act
+            elif not (isinstance(m, PopDropout) and not self.dropout):  # a skipped dropout is the identity
+                break
+            chain.append(user)
+            cur = user
+        while chain and isinstance(mods[chain[-1].target], PopDropout):  # nothing to fold after the last op
+            chain.pop()
+        return (chain, options) if chain else None
 
     def forward(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, *,
                 rows: Tensor | None = None, x_per_model: bool = True, training: bool = False, bucket: int = 1) -> Tensor:
@@ -285,12 +339,18 @@ class FastStep:
     def __call__(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, y: Tensor,
                  rows: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
         """Gradients for batch x [N, B, ...], or for the data set x [S, ...] read at rows [N, B]."""
+        grads, loss, _ = self.with_outputs(params, buffers, x, y, rows)
+        return grads, loss
+
+    def with_outputs(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, y: Tensor,
+                     rows: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """As calling the step, plus the models' outputs on the batch [N, B, ...] (float32, detached)."""
         with torch.enable_grad():
             leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
             pred = self.pop(leaves, buffers, x, rows=rows, x_per_model=True, training=True)
             loss = self.loss_per_model(pred, y)
             grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
-        return dict(zip(leaves, grads)), loss.detach()
+        return dict(zip(leaves, grads)), loss.detach(), pred.detach()
 
 
 __all__ = ["FastPopulation", "FastStep", "dropout_active", "pop_conv2d", "pop_linear", "pop_flat_linear", "pop_dropout"]

@@ -27,6 +27,14 @@ The first layer can read its input by row index: `rows[m*B + b]` names the sampl
 set on the device instead of materialising an [N, B, C, H, W] copy, and an evaluation on a shared
 batch (rows = the same B indices for every model) never expands the input N times.
 
+`conv2d_pool_act(x, w, b, padding, pool=2, act="tanh")` is the CUDA-core forward with a 2x2 max-pool
+and a monotone activation folded in (what `zoos.fastpop` emits for conv -> pool -> act chains): a
+thread computes all four window positions of its pooled pixels, each input value and weight loaded
+once for the positions that share it, and writes only the pooled, activated output and a byte per
+output saying which position won. Its backward rebuilds the conv's output gradient from those
+(act'(a) * da at the winning position): inside the weight-gradient kernel's dy tile when the input
+needs no gradient (the first layer), else once in memory for the input-gradient conv to share.
+
 `conv2d(x, w, b, padding, rows)` is a `torch.library` custom op with its backward registered, so
 `torch.compile` fuses everything around it and autograd differentiates through it. Without a GPU the
 kernels run in Triton's interpreter (`TRITON_INTERPRET=1`), which the tests use to check them.
@@ -140,8 +148,37 @@ if triton is not None:
         pmask, r, i, j, sample = _pixels(tile * BLOCK_M + tl.arange(0, BLOCK_M), B * HO * WO, m, B, HO, WO)
         row = _source_row(rows_ptr, sample, pmask, GATHER)
         o = tl.arange(0, BLOCK_N)
-        x_base = x_ptr + row * (C * H * W) + (i - PH) * W + (j - PW)
         w_base = wt_ptr + m.to(tl.int64) * (C * KH * KW * BLOCK_N) + o
+        acc = _conv_tile(x_ptr, row, i, j, pmask, w_base, C, H, W, PH, PW, KH, KW, BLOCK_M, BLOCK_N)
+        _store_output(tl.trans(acc), b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS)
+
+    @triton.jit
+    def _activate(z, ACT: tl.constexpr, SLOPE: tl.constexpr):
+        """A monotone pointwise activation in float32 (it commutes with the max of a pool)."""
+        if ACT == "tanh":
+            e = tl.exp(-2.0 * tl.abs(z))
+            t = (1.0 - e) / (1.0 + e)
+            return tl.where(z < 0, -t, t)
+        if ACT == "sigmoid":
+            return 1.0 / (1.0 + tl.exp(-z))
+        if ACT == "relu":
+            return tl.maximum(z, 0.0)
+        if ACT == "leaky_relu":
+            return tl.where(z > 0, z, z * SLOPE)
+        return z
+
+    @triton.jit
+    def _keep_max(best, code, acc, d):
+        """The running max of a window and where it was: the first of equal values, NaN wins (max_pool2d)."""
+        take = (acc > best) | (acc != acc)
+        return tl.where(take, acc, best), tl.where(take, d, code)
+
+    @triton.jit
+    def _conv_tile(x_ptr, row, i, j, pmask, w_base, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                   PH: tl.constexpr, PW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The conv's [outputs, pixels] sums at output pixels (i, j) as outer products, one tap at a time."""
+        x_base = x_ptr + row * (C * H * W) + (i - PH) * W + (j - PW)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for c in range(C):
             for ki in tl.static_range(KH):
@@ -155,17 +192,120 @@ if triton is not None:
                     xv = tl.load(x_base + (c * (H * W) + ki * W + kj), mask=ok, other=0.0)
                     wv = tl.load(w_base + ((c * KH + ki) * KW + kj) * BLOCK_N)
                     acc += wv[:, None] * xv.to(tl.float32)[None, :]
-        _store_output(tl.trans(acc), b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS)
+        return acc
 
     @triton.jit
-    def _conv_wgrad_dot_kernel(x_ptr, rows_ptr, dy_ptr, dw_ptr, db_ptr, B, SPLIT, PER_SPLIT,
+    def _conv_pool_act_fma_kernel(x_ptr, rows_ptr, wt_ptr, b_ptr, a_ptr, code_ptr, B, O,
+                                  C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                                  HP: tl.constexpr, WP: tl.constexpr, POOL: tl.constexpr,
+                                  PH: tl.constexpr, PW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                                  ACT: tl.constexpr, SLOPE: tl.constexpr,
+                                  GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """act(maxpool(conv(x) + b)) in one pass: a thread owns pooled pixels and computes every position
+        of their POOL x POOL windows itself, then keeps the max and which position gave it (`code`,
+        row-major in the window, the first of equal values as max_pool2d), so the full-resolution conv
+        output never reaches memory. Layout as `_conv_fwd_fma_kernel`: a [outputs, pixels] tile."""
+        tile, m = tl.program_id(0), tl.program_id(1)
+        pmask, r, pi, pj, sample = _pixels(tile * BLOCK_M + tl.arange(0, BLOCK_M), B * HP * WP, m, B, HP, WP)
+        row = _source_row(rows_ptr, sample, pmask, GATHER)
+        o = tl.arange(0, BLOCK_N)
+        w_base = wt_ptr + m.to(tl.int64) * (C * KH * KW * BLOCK_N) + o
+        if POOL == 1:
+            best = _conv_tile(x_ptr, row, pi, pj, pmask, w_base, C, H, W, PH, PW, KH, KW, BLOCK_M, BLOCK_N)
+            code = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+        else:  # 2x2 windows: the four positions' sums at once, each weight and input value loaded once for
+            # a kernel row (an input value serves two positions, a weight vector two more)
+            i, j = pi * 2, pj * 2
+            x_base = x_ptr + row * (C * H * W) + (i - PH) * W + (j - PW)
+            acc0 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # window position (0, 0)
+            acc1 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # (0, 1)
+            acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # (1, 0)
+            acc3 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # (1, 1)
+            for c in range(C):
+                for ki in tl.static_range(KH):  # kernel row ki meets input rows i + ki (window row 0) and i + ki + 1
+                    ok0, ok1 = pmask, pmask
+                    if PH > 0:
+                        ok0 = ok0 & (i + ki - PH >= 0) & (i + ki - PH < H)
+                        ok1 = ok1 & (i + ki + 1 - PH >= 0) & (i + ki + 1 - PH < H)
+                    w_prev = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                    for v in tl.static_range(KW + 1):  # input column j + v: kernel column v (window column 0) or v - 1
+                        m0, m1 = ok0, ok1
+                        if PW > 0:
+                            inside = (j + v - PW >= 0) & (j + v - PW < W)
+                            m0, m1 = m0 & inside, m1 & inside
+                        at = x_base + (c * (H * W) + ki * W + v)
+                        x0 = tl.load(at, mask=m0, other=0.0).to(tl.float32)[None, :]
+                        x1 = tl.load(at + W, mask=m1, other=0.0).to(tl.float32)[None, :]
+                        if v < KW:
+                            w_v = tl.load(w_base + ((c * KH + ki) * KW + v) * BLOCK_N)
+                            acc0 += w_v[:, None] * x0
+                            acc2 += w_v[:, None] * x1
+                        if v > 0:
+                            acc1 += w_prev[:, None] * x0
+                            acc3 += w_prev[:, None] * x1
+                        if v < KW:
+                            w_prev = w_v
+            best, code = acc0, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+            best, code = _keep_max(best, code, acc1, 1)
+            best, code = _keep_max(best, code, acc2, 2)
+            best, code = _keep_max(best, code, acc3, 3)
+        if HAS_BIAS:  # a per-channel constant: adding it after the max changes nothing
+            best += tl.load(b_ptr + m * O + o, mask=o < O, other=0.0).to(tl.float32)[:, None]
+        a = _activate(best, ACT, SLOPE)
+        out = sample.to(tl.int64)[None, :] * (O * HP * WP) + (o * (HP * WP))[:, None] + r[None, :]
+        mask = pmask[None, :] & (o < O)[:, None]
+        tl.store(a_ptr + out, a.to(a_ptr.dtype.element_ty), mask=mask)
+        if POOL > 1:
+            tl.store(code_ptr + out, code.to(tl.int8), mask=mask)
+
+    @triton.jit
+    def _act_grad_from_output(a, ACT: tl.constexpr, SLOPE: tl.constexpr):
+        """The derivative of `_activate` at the point where it output a (float32)."""
+        if ACT == "tanh":
+            return 1.0 - a * a
+        if ACT == "sigmoid":
+            return a * (1.0 - a)
+        if ACT == "relu":
+            return tl.where(a > 0, 1.0, 0.0)
+        if ACT == "leaky_relu":
+            return tl.where(a > 0, 1.0, SLOPE)
+        return tl.full(a.shape, 1.0, tl.float32)
+
+    @triton.jit
+    def _output_grad_tile(dy_ptr, a_ptr, code_ptr, sample, r, o, pmask, O: tl.constexpr, WO: tl.constexpr,
+                          POOL: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr):
+        """The conv's output gradient at pixels r of `sample` as a [pixels, outputs] float32 tile. Unfused
+        (ACT identity, POOL 1) dy itself; behind `conv2d_pool_act`, rebuilt from the gradient of its output
+        da [.., HP, WP], that output a and the pool's choice `code`: da * act'(a) at the chosen window
+        position, 0 at the others and at pixels the pool's floor dropped (max_pool2d's backward)."""
+        if (POOL == 1) & (ACT == "identity"):
+            ptrs = dy_ptr + sample.to(tl.int64) * (O * HP * WP) + (o * (HP * WP))[None, :] + r[:, None]
+            return tl.load(ptrs, mask=pmask[:, None] & (o < O)[None, :], other=0.0).to(tl.float32)
+        i, j = r // WO, r % WO
+        pi, pj = i // POOL, j // POOL
+        ok = pmask & (pi < HP) & (pj < WP)
+        src = sample.to(tl.int64) * (O * HP * WP) + (o * (HP * WP))[None, :] + (pi * WP + pj)[:, None]
+        mask = ok[:, None] & (o < O)[None, :]
+        g = tl.load(dy_ptr + src, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + src, mask=mask, other=0.0).to(tl.float32)
+        g = g * _act_grad_from_output(a, ACT, SLOPE)
+        if POOL > 1:
+            chosen = tl.load(code_ptr + src, mask=mask, other=-1).to(tl.int32)
+            g = tl.where(chosen == ((i % POOL) * POOL + j % POOL)[:, None], g, 0.0)
+        return g
+
+    @triton.jit
+    def _conv_wgrad_dot_kernel(x_ptr, rows_ptr, dy_ptr, a_ptr, code_ptr, dw_ptr, db_ptr, B, SPLIT, PER_SPLIT,
                                C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr,
                                HO: tl.constexpr, WO: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                                KH: tl.constexpr, KW: tl.constexpr, CHUNKS: tl.constexpr,
-                               GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
+                               POOL: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, ACT: tl.constexpr,
+                               SLOPE: tl.constexpr, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """dw (and db) of model m over its tiles [split * PER_SPLIT, ...): a tile is BLOCK_M pixels of one
-        sample's output (CHUNKS tiles a sample), so its dy rows are contiguous runs the loads coalesce."""
+        sample's output (CHUNKS tiles a sample), so its dy rows are contiguous runs the loads coalesce.
+        dy is read through `_output_grad_tile` (HP, WP = HO, WO when unfused)."""
         kb, split, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         K: tl.constexpr = C * KH * KW
         k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -179,8 +319,7 @@ if triton is not None:
             pmask = r < HO * WO
             row = tl.load(rows_ptr + sample).to(tl.int64) if GATHER else sample.to(tl.int64)
             a = _patch_tile(x_ptr, row, pmask, r // WO, r % WO, k, C, H, W, PH, PW, K, KH, KW)
-            g_ptrs = dy_ptr + sample.to(tl.int64) * (O * HO * WO) + (o * (HO * WO))[None, :] + r[:, None]
-            g = tl.load(g_ptrs, mask=pmask[:, None] & (o < O)[None, :], other=0.0)
+            g = _output_grad_tile(dy_ptr, a_ptr, code_ptr, sample, r, o, pmask, O, WO, POOL, HP, WP, ACT, SLOPE)
             acc += tl.dot(tl.trans(a.to(DOT)), g.to(DOT))
             if HAS_BIAS:
                 acc_b += g.to(tl.float32)
@@ -193,10 +332,12 @@ if triton is not None:
 # Kernel choices and tile sizes (0 = the measured default for the layer's shape): the forward on CUDA
 # cores for the few-channel layers of population zoos and on tensor cores where O is large; the weight
 # gradient always on tensor cores (a CUDA-core version with a [pixels, taps, outputs] accumulator was
-# 1.6-3.4x slower on every CNN-s layer); "dot": bf16 or tf32 tensor-core inputs for bf16 activations.
+# 1.6-3.4x slower on every CNN-s layer); "dot": bf16 or tf32 tensor-core inputs for bf16 activations;
+# "fuse": whether FastPopulation folds a following max-pool and activation into the CUDA-core forward.
 # `benchmarks/popconv_bench.py` sweeps these on a GPU.
-TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_block_m": 0, "fma_warps": 4,
-          "wgrad_block_m": 0, "wgrad_per_sm": 16, "wgrad_stages": 0, "dot": "bf16"}
+TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_block_m": 0, "fused_block_m": 0, "fma_warps": 4,
+          "wgrad_block_m": 0, "wgrad_per_sm": 16, "wgrad_stages": 0, "dot": "bf16",
+          "fuse": os.environ.get("SYMZOO_POPCONV_FUSE", "1") != "0"}
 
 
 def _dot_dtype(x: Tensor):
@@ -219,8 +360,7 @@ def _launch_forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None,
     if _fma_forward(o):
         block_n = triton.next_power_of_2(o)
         block_m = TUNING["fma_block_m"] or min(1024, 8192 // block_n)  # 8 outputs x 8 pixels a thread (4 warps)
-        wt = torch.zeros(n, c * kh * kw, block_n, device=w.device, dtype=torch.float32)
-        wt[:, :, :o] = w.reshape(n, o, -1).transpose(1, 2)
+        wt = _fma_weights(w, block_n)
         _conv_fwd_fma_kernel[(triton.cdiv(batch * ho * wo, block_m), n)](
             x, rows_arg, wt, b if b is not None else wt, y, batch, o, C=c, H=h, W=wd, HO=ho, WO=wo,
             PH=padding[0], PW=padding[1], KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=b is not None,
@@ -236,11 +376,41 @@ def _launch_forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None,
     return y
 
 
+def _fma_weights(w: Tensor, block_n: int) -> Tensor:
+    """w [N, O, C, kh, kw] as [N, C*kh*kw, block_n] float32: tap-major, outputs zero-padded (one vector a tap)."""
+    n, o = w.shape[:2]
+    wt = torch.zeros(n, w[0, 0].numel(), block_n, device=w.device, dtype=torch.float32)
+    wt[:, :, :o] = w.reshape(n, o, -1).transpose(1, 2)
+    return wt
+
+
+def _launch_pool_act(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None, batch: int, padding: tuple[int, int],
+                     pool: int, act: str, slope: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    n, o, c, kh, kw = w.shape
+    h, wd = x.shape[2], x.shape[3]
+    hp, wp = (h + 2 * padding[0] - kh + 1) // pool, (wd + 2 * padding[1] - kw + 1) // pool
+    a = torch.empty(n * batch, o, hp, wp, device=x.device, dtype=out_dtype)
+    code = torch.empty(n * batch, o, hp, wp, device=x.device, dtype=torch.int8) if pool > 1 else a.new_empty(0, dtype=torch.int8)
+    block_n = triton.next_power_of_2(o)
+    block_m = TUNING["fused_block_m"] or min(1024, 8192 // block_n) // (pool * pool)  # a tile per window position live
+    wt = _fma_weights(w, block_n)
+    _conv_pool_act_fma_kernel[(triton.cdiv(batch * hp * wp, block_m), n)](
+        x, rows if rows is not None else x, wt, b if b is not None else wt, a, code if pool > 1 else a, batch, o,
+        C=c, H=h, W=wd, HP=hp, WP=wp, POOL=pool, PH=padding[0], PW=padding[1], KH=kh, KW=kw, ACT=act, SLOPE=slope,
+        GATHER=rows is not None, HAS_BIAS=b is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=TUNING["fma_warps"],
+    )
+    return a, code
+
+
 def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Size, padding: tuple[int, int],
-                  bias: bool) -> tuple[Tensor, Tensor | None]:
+                  bias: bool, fused: tuple[Tensor, Tensor, int, str, float] | None = None) -> tuple[Tensor, Tensor | None]:
+    """dw, db for the output gradient dy; with `fused` = (a, code, pool, act, slope), dy is the gradient of
+    conv2d_pool_act's output a, and the conv's own output gradient is rebuilt tile by tile in the kernel."""
     n, o, c, kh, kw = w_shape
     k = c * kh * kw
-    h, wd, ho, wo = x.shape[2], x.shape[3], dy.shape[2], dy.shape[3]
+    h, wd = x.shape[2], x.shape[3]
+    ho, wo = h + 2 * padding[0] - kh + 1, wd + 2 * padding[1] - kw + 1
+    a, code, pool, act, slope = fused if fused is not None else (dy, dy, 1, "identity", 0.0)
     batch = dy.shape[0] // n
     _, block_k, block_n = _blocks(k, o)
     # tiles of one sample's output pixels: at most the image (rounded up to 16, tl.dot's least side)
@@ -256,8 +426,9 @@ def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Siz
     dw = torch.empty(n, split, o, k, device=dy.device, dtype=torch.float32)
     db = torch.empty(n, split, o, device=dy.device, dtype=torch.float32) if bias else None
     _conv_wgrad_dot_kernel[(k_blocks, split, n)](
-        x, rows if rows is not None else x, dy, dw, db if db is not None else dw, batch, split, per_split,
+        x, rows if rows is not None else x, dy, a, code, dw, db if db is not None else dw, batch, split, per_split,
         C=c, H=h, W=wd, O=o, HO=ho, WO=wo, PH=padding[0], PW=padding[1], KH=kh, KW=kw, CHUNKS=chunks,
+        POOL=pool, HP=dy.shape[2], WP=dy.shape[3], ACT=act, SLOPE=slope,
         GATHER=rows is not None, HAS_BIAS=bias, DOT=_dot_dtype(dy),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
         **({"num_stages": TUNING["wgrad_stages"]} if TUNING["wgrad_stages"] else {}),
@@ -286,10 +457,27 @@ def _pop_conv2d_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w: Tensor, pad
     return dw, db if db is not None else dw.new_zeros(0)
 
 
-@_pop_conv2d_wgrad.register_fake
-def _(x, rows, dy, w, pad_h, pad_w, bias):
+def _wgrad_fake(w: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
     return w.new_empty(w.shape, dtype=torch.float32), w.new_empty((w.shape[0], w.shape[1]) if bias else (0,),
                                                                   dtype=torch.float32)
+
+
+@_pop_conv2d_wgrad.register_fake
+def _(x, rows, dy, w, pad_h, pad_w, bias):
+    return _wgrad_fake(w, bias)
+
+
+@torch.library.custom_op("symzoo::pop_conv2d_pool_act_wgrad", mutates_args=())
+def _pop_conv2d_pool_act_wgrad(x: Tensor, rows: Tensor | None, da: Tensor, a: Tensor, code: Tensor, w: Tensor,
+                               pad_h: int, pad_w: int, bias: bool, pool: int, act: str, slope: float) -> tuple[Tensor, Tensor]:
+    dw, db = _launch_wgrad(x.contiguous(), rows, da.contiguous(), w.shape, (pad_h, pad_w), bias,
+                           fused=(a, code if pool > 1 else a, pool, act, slope))
+    return dw, db if db is not None else dw.new_zeros(0)
+
+
+@_pop_conv2d_pool_act_wgrad.register_fake
+def _(x, rows, da, a, code, w, pad_h, pad_w, bias, pool, act, slope):
+    return _wgrad_fake(w, bias)
 
 
 def _setup(ctx, inputs, output) -> None:
@@ -301,20 +489,101 @@ def _setup(ctx, inputs, output) -> None:
 def _backward(ctx, dy: Tensor):
     x, w, rows = ctx.saved_tensors
     batch, pad_h, pad_w, has_bias, x_dtype = ctx.meta
+    return (*_conv_grads(ctx.needs_input_grad, dy, x, w, rows, batch, pad_h, pad_w, has_bias, x_dtype),
+            None, None, None, None, None)
+
+
+def _conv_grads(needs: tuple[bool, ...], dy: Tensor, x: Tensor, w: Tensor, rows: Tensor | None, batch: int,
+                pad_h: int, pad_w: int, has_bias: bool, x_dtype: torch.dtype):
+    """(dx, dw, db) of the convolution for its output gradient dy; None where `needs` says not needed."""
     dx = dw = db = None
-    if ctx.needs_input_grad[0]:
+    if needs[0]:
         if rows is not None:
             raise NotImplementedError("the input gradient of a row-indexed (data-reading) convolution")
         kh, kw = w.shape[3], w.shape[4]
         w_t = w.flip(3, 4).transpose(1, 2).contiguous()  # [N, C, O, kh, kw]: the input grad is a forward conv
         dx = _pop_conv2d(dy, w_t, None, None, batch, kh - 1 - pad_h, kw - 1 - pad_w, x_dtype)
-    if ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2]):
+    if needs[1] or (has_bias and needs[2]):
         dw, db = _pop_conv2d_wgrad(x, rows, dy, w, pad_h, pad_w, has_bias)
         dw, db = dw.to(w.dtype), (db if has_bias else None)
-    return dx, dw, db, None, None, None, None, None
+    return dx, dw, db
 
 
 _pop_conv2d.register_autograd(_backward, setup_context=_setup)
+
+
+# ---- the fused op: act(maxpool(conv)) with the pool's choice kept for the backward ----------------------
+
+ACTIVATIONS = ("identity", "tanh", "sigmoid", "relu", "leaky_relu")  # monotone: they commute with the max
+
+
+@torch.library.custom_op("symzoo::pop_conv2d_pool_act", mutates_args=())
+def _pop_conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, rows: Tensor | None, batch: int, pad_h: int,
+                         pad_w: int, pool: int, act: str, slope: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return _launch_pool_act(x.contiguous(), rows, w.contiguous(), b, batch, (pad_h, pad_w), pool, act, slope, out_dtype)
+
+
+@_pop_conv2d_pool_act.register_fake
+def _(x, w, b, rows, batch, pad_h, pad_w, pool, act, slope, out_dtype):
+    n, o, _, kh, kw = w.shape
+    shape = (n * batch, o, (x.shape[2] + 2 * pad_h - kh + 1) // pool, (x.shape[3] + 2 * pad_w - kw + 1) // pool)
+    return x.new_empty(shape, dtype=out_dtype), x.new_empty(shape if pool > 1 else (0,), dtype=torch.int8)
+
+
+def _setup_pool_act(ctx, inputs, output) -> None:
+    x, w, b, rows, batch, pad_h, pad_w, pool, act, slope, _ = inputs
+    a, code = output
+    ctx.save_for_backward(x, w, rows, a, code)
+    ctx.meta = (batch, pad_h, pad_w, b is not None, x.dtype, pool, act, slope)
+    ctx.mark_non_differentiable(code)
+
+
+def _act_grad(a: Tensor, act: str, slope: float) -> Tensor:
+    """The activation's derivative from its output a (float32)."""
+    a = a.float()
+    if act == "tanh":
+        return 1.0 - a * a
+    if act == "sigmoid":
+        return a * (1.0 - a)
+    if act == "relu":
+        return (a > 0).float()
+    if act == "leaky_relu":
+        return torch.where(a > 0, 1.0, slope)
+    return torch.ones_like(a)
+
+
+def _unpool(dz: Tensor, code: Tensor, pool: int, out_hw: tuple[int, int]) -> Tensor:
+    """max_pool2d's backward: each pooled gradient to the window position `code` chose, zeros elsewhere."""
+    nb, o, hp, wp = dz.shape
+    hit = code.unsqueeze(-1) == torch.arange(pool * pool, device=code.device, dtype=code.dtype)  # [..., hp, wp, k*k]
+    dy = (dz.unsqueeze(-1) * hit).view(nb, o, hp, wp, pool, pool).permute(0, 1, 2, 4, 3, 5).reshape(nb, o, hp * pool, wp * pool)
+    if (hp * pool, wp * pool) != out_hw:  # rows/columns the pool's floor dropped get no gradient
+        dy = torch.nn.functional.pad(dy, (0, out_hw[1] - wp * pool, 0, out_hw[0] - hp * pool))
+    return dy
+
+
+def _backward_pool_act(ctx, da: Tensor, _dcode: Tensor | None):
+    x, w, rows, a, code = ctx.saved_tensors
+    batch, pad_h, pad_w, has_bias, x_dtype, pool, act, slope = ctx.meta
+    nothing = (None,) * 8
+    if not ctx.needs_input_grad[0]:  # weights only (the first layer): the kernel rebuilds the conv's dy itself
+        if not (ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2])):
+            return None, None, None, *nothing
+        dw, db = _pop_conv2d_pool_act_wgrad(x, rows, da, a, code, w, pad_h, pad_w, has_bias, pool, act, slope)
+        return None, dw.to(w.dtype), (db if has_bias else None), *nothing
+    dz = (da.float() * _act_grad(a, act, slope)).to(a.dtype)
+    if pool > 1:
+        out_hw = (x.shape[2] + 2 * pad_h - w.shape[3] + 1, x.shape[3] + 2 * pad_w - w.shape[4] + 1)
+        dz = _unpool(dz, code, pool, out_hw)
+    return (*_conv_grads(ctx.needs_input_grad, dz, x, w, rows, batch, pad_h, pad_w, has_bias, x_dtype), *nothing)
+
+
+_pop_conv2d_pool_act.register_autograd(_backward_pool_act, setup_context=_setup_pool_act)
+
+
+def fuses(out_channels: int) -> bool:
+    """Whether `conv2d_pool_act` runs as one kernel for a conv with this many outputs (the CUDA-core forward)."""
+    return TUNING["fuse"] and _fma_forward(out_channels)
 
 
 def conv2d(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int] = (0, 0), *,
@@ -325,6 +594,12 @@ def conv2d(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int] = (0
     of indices, the data set [S, C, H, W] that those indices read. The output has x's dtype unless
     `out_dtype` is given; gradients flow to x (when not row-indexed), w and b.
     """
+    x, w, rows, batch = _checked(x, w, rows)
+    return _pop_conv2d(x, w, b, rows, batch, int(padding[0]), int(padding[1]), out_dtype or x.dtype)
+
+
+def _checked(x: Tensor, w: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, int]:
+    """The arguments checked (shapes named in the errors), rows flat int32, and the per-model batch."""
     if w.dim() != 5:
         raise ValueError(f"w must be [N, O, C, kh, kw]; got shape {tuple(w.shape)}")
     n = w.shape[0]
@@ -339,7 +614,25 @@ def conv2d(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int] = (0
         batch = x.shape[0] // n
     if x.shape[1] != w.shape[2]:
         raise ValueError(f"x has {x.shape[1]} channels but w expects {w.shape[2]}")
-    return _pop_conv2d(x, w, b, rows, batch, int(padding[0]), int(padding[1]), out_dtype or x.dtype)
+    return x, w, rows, batch
 
 
-__all__ = ["available", "conv2d", "supports"]
+def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int] = (0, 0), *,
+                    pool: int = 2, act: str = "identity", slope: float = 0.0, rows: Tensor | None = None,
+                    out_dtype: torch.dtype | None = None) -> Tensor:
+    """act(max_pool2d(conv2d(x, w, b), pool)) per model in one kernel (pool 1: no pool), as `conv2d`'s arguments.
+
+    `act` is one of ACTIVATIONS (`slope`: leaky_relu's negative slope); the max is taken before the
+    activation, which for these monotone functions is the same as after it. Only the pooled output
+    and a byte per output (which window position was the max) are written; gradients flow as through
+    the unfused layers.
+    """
+    if pool not in (1, 2) or act not in ACTIVATIONS:
+        raise ValueError(f"pool = {pool!r}, act = {act!r}: allowed pool 1 or 2 and act one of {', '.join(ACTIVATIONS)}")
+    x, w, rows, batch = _checked(x, w, rows)
+    a, _ = _pop_conv2d_pool_act(x, w, b, rows, batch, int(padding[0]), int(padding[1]), pool, act, float(slope),
+                                out_dtype or x.dtype)
+    return a
+
+
+__all__ = ["ACTIVATIONS", "available", "conv2d", "conv2d_pool_act", "fuses", "supports"]

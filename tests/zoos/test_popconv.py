@@ -35,11 +35,13 @@ def close(got, want):
 
 
 def reference(x, w, b, pad):
-    """Model n's F.conv2d on its own rows of x."""
+    """Model n's F.conv2d on its own rows of x (float32 products on a GPU too: no TF32, so a max-pool after it
+    picks the same window positions as popconv's float32 forward)."""
     n = w.shape[0]
     batch = x.shape[0] // n
-    return torch.cat([F.conv2d(x[i * batch:(i + 1) * batch], w[i], None if b is None else b[i], padding=pad)
-                      for i in range(n)])
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        return torch.cat([F.conv2d(x[i * batch:(i + 1) * batch], w[i], None if b is None else b[i], padding=pad)
+                          for i in range(n)])
 
 
 def both(x, w, b, pad, rows=None):
@@ -85,6 +87,84 @@ def test_bad_shapes_are_named():
         popconv.conv2d(torch.randn(4, 1, 8, 8), w, None)
     with pytest.raises(ValueError, match=r"w must be \[N, O, C, kh, kw\]"):
         popconv.conv2d(torch.randn(4, 3, 8, 8), w[0], None)
+
+
+ACTS = {"identity": lambda t: t, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": F.relu,
+        "leaky_relu": lambda t: F.leaky_relu(t, 0.1)}
+
+
+@settings(max_examples=16, deadline=None)
+@given(act=st.sampled_from(sorted(ACTS)), pool=st.sampled_from([1, 2]), c=st.integers(1, 4), o=st.integers(1, 9),
+       k=st.integers(1, 4), pad=st.integers(0, 2), size=st.integers(5, 9), bias=st.booleans(),
+       x_in=st.sampled_from(["rows", "no grad", "grad"]))
+def test_conv_pool_act_equals_the_three_layers(act, pool, c, o, k, pad, size, bias, x_in):
+    """act(max_pool2d(conv)) in one kernel: output and gradients as the unfused layers, odd sizes included
+    (the pool's floor drops the last row and column). The input read by row index or without a gradient
+    takes the weight-gradient kernel that rebuilds the conv's output gradient itself."""
+    torch.manual_seed(pool * 1000 + c * 100 + o * 10 + k)
+    n, batch, gather = 2, 3, x_in == "rows"
+    x = torch.randn(n * batch if not gather else 11, c, size, size, device=DEVICE, requires_grad=x_in == "grad")
+    rows = torch.randint(0, 11, (n, batch), device=DEVICE) if gather else None
+    w = torch.randn(n, o, c, k, k, device=DEVICE, requires_grad=True)
+    b = torch.randn(n, o, device=DEVICE, requires_grad=True) if bias else None
+    got = popconv.conv2d_pool_act(x, w, b, (pad, pad), pool=pool, act=act, slope=0.1, rows=rows)
+    y = reference(x if rows is None else x[rows.reshape(-1)], w, b, pad)
+    want = ACTS[act](F.max_pool2d(y, pool) if pool > 1 else y)
+    g = torch.randn_like(want)
+    wrt = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    for a, r in zip((got, *torch.autograd.grad((got * g).sum(), wrt)), (want, *torch.autograd.grad((want * g).sum(), wrt))):
+        close(a, r)
+
+
+def test_conv_pool_act_refuses_what_it_cannot_fold():
+    w = torch.randn(2, 3, 1, 3, 3)
+    with pytest.raises(ValueError, match="pool = 3, act = 'tanh': allowed pool 1 or 2"):
+        popconv.conv2d_pool_act(torch.randn(2, 1, 8, 8), w, None, pool=3, act="tanh")
+    with pytest.raises(ValueError, match="act = 'gelu'.*one of identity, tanh, sigmoid, relu, leaky_relu"):
+        popconv.conv2d_pool_act(torch.randn(2, 1, 8, 8), w, None, act="gelu")
+
+
+class _Branching(torch.nn.Module):
+    """conv -> pool -> tanh, and a conv whose output is also read by a skip connection (not foldable)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.pool, self.act, self.act2 = torch.nn.MaxPool2d(2), torch.nn.Tanh(), torch.nn.GELU()
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.act(self.pool(self.conv1(x)))
+        t = self.conv2(h)
+        return self.head((self.act2(t) + t).mean(dim=(-2, -1)))
+
+
+def _fused_calls(fast):
+    return [n.kwargs | {"op": n.target.__name__} for n in fast.graph_module.graph.nodes
+            if n.op == "call_function" and n.target in (popconv.conv2d_pool_act, popconv.conv2d)]
+
+
+def test_fast_population_folds_pool_and_activation_into_the_kernel_conv():
+    _, models, _, _ = population("cnn_s", "mnist", {})
+    calls = _fused_calls(FastPopulation(template(models[0]), kernels=True))
+    assert [(c["op"], c.get("pool"), c.get("act")) for c in calls] == [
+        ("conv2d_pool_act", 2, "tanh"), ("conv2d_pool_act", 2, "tanh"), ("conv2d_pool_act", 1, "tanh")]
+    assert "rows" in calls[0] and "rows" not in calls[1]  # the first reads the data set by index
+    # cnn: conv -> act -> dropout -> pool; dropout kept (rates may be > 0) stops the chain after act
+    _, models, _, _ = population("cnn", "digits", {"width": 6, "depth": 3})  # pool after the second conv
+    with_drop = _fused_calls(FastPopulation(template(models[0]), kernels=True))
+    no_drop = _fused_calls(FastPopulation(template(models[0]), kernels=True, dropout=False))
+    assert [(c.get("pool"), c.get("act")) for c in with_drop] == [(1, "relu")] * 3
+    assert [(c.get("pool"), c.get("act")) for c in no_drop] == [(1, "relu"), (2, "relu"), (1, "relu")]
+    # a conv output with two readers stays a conv; GELU (not monotone) is not folded
+    module = _Branching()
+    calls = _fused_calls(FastPopulation(module, kernels=True))
+    assert [(c["op"], c.get("pool"), c.get("act")) for c in calls] == [("conv2d_pool_act", 2, "tanh"), ("conv2d", None, None)]
+    params, buffers = stack_states([_Branching().to(DEVICE) for _ in range(2)])
+    x = torch.randn(2, 3, 1, 10, 10, device=DEVICE)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        want = population_forward(module.to(DEVICE), params, buffers, x, x_per_model=True)
+    close(FastPopulation(module, kernels=True)(params, buffers, x), want)
 
 
 CASES = [("cnn_s", "mnist", {}), ("cnn", "digits", {"width": 6, "depth": 3})]
@@ -190,15 +270,15 @@ def test_one_compiled_program_for_every_data_set_and_short_batch():
     from torch._dynamo.utils import counters
 
     models = [torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(),
-                                  torch.nn.Linear(4 * 6 * 6, 3)) for _ in range(3)]
+                                  torch.nn.Linear(4 * 6 * 6, 3)).to(DEVICE) for _ in range(3)]
     params, buffers = stack_states(models)
     pop = FastPopulation(template(models[0]), compile=True, kernels=True)
     torch._dynamo.reset()
     counters.clear()
-    with torch.no_grad():
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         for size, batch in ((60, 16), (60, 5), (20, 16), (30, 11)):
-            x = torch.randn(size, 1, 8, 8)
-            rows = torch.randint(0, size, (3, batch))
+            x = torch.randn(size, 1, 8, 8, device=DEVICE)
+            rows = torch.randint(0, size, (3, batch), device=DEVICE)
             out = pop(params, buffers, x, rows=rows, bucket=16)
             want = torch.stack([models[i](x[rows[i]]) for i in range(3)])
             torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
