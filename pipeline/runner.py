@@ -214,7 +214,7 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
         factor_names[zoo.name] = sorted({k for m in models for k in m.factors})
         zoo_ids[zoo.name] = {m.model_id for m in models}
         tracker.zoo_run(zoo.name, config={"task": zoo.task.name, "arch": zoo.arch.name, "models": len(models),
-                                           "epochs": zoo.epochs})
+                                           "epochs": zoo.epochs, "train_metrics": zoo.train_metrics})
         done = store.stored_ids(zoo.name)
         missing = [m for m in models if m.model_id not in done]  # a re-run trains only these
         report.skipped_models += len(models) - len(missing)

@@ -11,6 +11,7 @@ A zoo is plain data (YAML in a study file, validated here with pydantic):
     sample_seed: 0
     epochs: 20
     checkpoints: "0,1,...,last"                         # 0,1,2,5,10,20,50,...,last; or a list of epochs
+    train_metrics: full                                 # or running: the epoch's batches, no extra pass
 
 `expand` turns a zoo into one `ModelSpec` per model (every factor resolved, defaults filled in, a
 stable id), and `populations` groups the models that can train as one vectorised program and
@@ -32,6 +33,11 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from zoos.population import model_id, population_id
 
 OPTIMIZERS = ("sgd", "adam")
+# How the train split's loss and metric of an epoch are measured: "full" evaluates every model on its
+# whole training set after the epoch (eval mode); "running" takes the mean over the epoch's own training
+# batches as they were stepped (train mode, the model changing through the epoch: what a standard
+# training loop and the published model zoos report), which costs no extra pass. Epoch 0 is always full.
+TRAIN_METRICS = ("full", "running")
 LR_SCHEDULES = ("constant", "cosine", "warmup_cosine")
 
 # Factors that shape the architecture: handed to `build_arch` when the arch has that config field.
@@ -57,7 +63,8 @@ FACTORS = tuple(TRAIN_DEFAULTS) + ARCH_FACTORS
 POPULATION_KEYS = ("batch_size", "optimizer", "lr_schedule", "train_fraction", "augmentation")
 
 # Keys of a `models` table row that a factor (for instance an arch config field) may not shadow.
-RESERVED = ("model_id", "study", "zoo", "task", "task_config", "arch", "arch_config", "status", "n_params", "epochs")
+RESERVED = ("model_id", "study", "zoo", "task", "task_config", "arch", "arch_config", "status", "n_params", "epochs",
+            "train_metrics")
 
 
 class SpecError(ValueError):
@@ -197,6 +204,16 @@ class ZooSpec(BaseModel):
     population_size: int | Literal["auto"] = Field(
         default=256, description="models per population (one Ray task), or 'auto': an equal share of the "
                                  "cluster's training slots, at most AUTO_MAX_POPULATION each")
+
+    train_metrics: str = Field(default="full", description="the train split's per-epoch loss and metric: 'full' "
+                               "(a pass over the training set after each epoch) or 'running' (the epoch's batches)")
+
+    @field_validator("train_metrics", mode="before")
+    @classmethod
+    def _train_metrics(cls, v: Any) -> Any:
+        if v in TRAIN_METRICS:
+            return v
+        raise ValueError(f"train_metrics = {v!r} is not allowed; expected one of {', '.join(TRAIN_METRICS)}")
 
     @field_validator("population_size", mode="before")
     @classmethod
@@ -386,6 +403,7 @@ class ModelSpec:
     factors: dict[str, Any]  # every generating factor, defaults filled in (the models-table columns)
     epochs: int
     checkpoints: tuple[int, ...]
+    train_metrics: str = "full"  # TRAIN_METRICS
 
     def group_key(self) -> str:
         """Models with equal keys have equal parameter shapes and code, so they can train as one program."""
@@ -393,7 +411,7 @@ class ModelSpec:
         key = {
             "study": self.study, "zoo": self.zoo, "task": self.task, "task_options": self.task_options,
             "arch": self.arch, "arch_config": shape_config, "epochs": self.epochs, "checkpoints": self.checkpoints,
-            **{k: self.factors[k] for k in POPULATION_KEYS},
+            "train_metrics": self.train_metrics, **{k: self.factors[k] for k in POPULATION_KEYS},
         }
         return json.dumps(key, sort_keys=True, default=str)
 
@@ -438,7 +456,7 @@ def expand(spec: ZooSpec, study: str) -> list[ModelSpec]:
             models.append(ModelSpec(
                 model_id=mid, study=study, zoo=spec.name, task=spec.task.name, task_options=dict(spec.task.options),
                 arch=spec.arch.name, arch_config=arch_config, factors=factors, epochs=spec.epochs,
-                checkpoints=checkpoints,
+                checkpoints=checkpoints, train_metrics=spec.train_metrics,
             ))
     return models
 
@@ -454,7 +472,8 @@ class PopulationSpec:
             raise SpecError("a population needs at least one model")
         keys = {m.group_key() for m in self.models}
         if len(keys) != 1:
-            raise SpecError("the models of a population must share task, arch shape config, epochs, checkpoints and "
+            raise SpecError("the models of a population must share task, arch shape config, epochs, checkpoints, "
+                            "train_metrics and "
                             f"{', '.join(POPULATION_KEYS)}; group them with zoos.spec.populations")
 
     @property

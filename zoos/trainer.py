@@ -20,6 +20,12 @@ model's own seed, so a model trains the same in any population; dropout masks ar
 (vmap draws them from one generator), so with dropout > 0 a run is reproducible but depends on
 the population it runs in.
 
+Curves hold every split's loss and metric at epoch 0 (the init) and after every epoch. The train
+split's are a pass over each model's whole training subset in eval mode, or, with the zoo's
+`train_metrics: running`, the size-weighted mean over the epoch's own training batches as they were
+stepped (train mode; augmented batches where augmentation is on; for a non-additive metric such as
+PSNR, the mean of the batches' values), which costs no extra pass over the training set.
+
 Per-model data: a task with `per_model` set (tasks.inr: each model fits its own image) gives shared
 inputs x [P, ...] and each model's own targets y [N, P, ...] (`task.load_models`, keyed by that
 factor); a step gathers y[model, idx] on the device, and evaluation computes each model's metric
@@ -252,10 +258,10 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
 
     def loss_fn(p, b, x, y, r):
         with autocast():
-            pred = functional_call(module, (p, b), (x,))
-        loss = task.loss(pred.float(), y)
+            pred = functional_call(module, (p, b), (x,)).float()
+        loss = task.loss(pred, y)
         total = loss + r * _regulariser(p, projections) if projections else loss
-        return total, loss
+        return total, (loss, pred.detach())
 
     step_fn = vmap(grad_and_value(loss_fn, has_aux=True), in_dims=(0, 0, 0, 0, 0), randomness="different")
     fast_forward = None
@@ -266,8 +272,8 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
         fast_forward = fast_step.pop
 
         def step_fn(p, b, x, y, r, rows=None):
-            grads, loss = fast_step(p, b, x, y, rows=rows)
-            return grads, (loss, loss)
+            grads, loss, pred = fast_step.with_outputs(p, b, x, y, rows=rows)
+            return grads, (loss, (loss, pred))
 
         if precision == "bf16" and per_model is None:  # resident inputs in the compute dtype, as autocast casts them
             data = {s: (x.to(torch.bfloat16) if x.is_floating_point() else x, y) for s, (x, y) in data.items()}
@@ -325,11 +331,18 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     ckpt_metrics = {name: np.full((n_models, len(checkpoints)), np.nan) for name in names}
     weights: dict[str, np.ndarray] = {}
 
+    running = first.train_metrics == "running"  # the train split's metrics from the epoch's own batches
+    run_loss = torch.zeros(n_models, device=device)
+    run_metric = torch.zeros(n_models, device=device)
+
     def record(epoch: int) -> None:
         done: dict[int, tuple[Tensor, Tensor]] = {}
         for s in SPLITS:
             key = id(data[s])
-            loss, metric = done[key] = done[key] if key in done else evaluate(s)
+            if s == "train" and running and epoch > 0:
+                loss, metric = run_loss / n_sub, run_metric / n_sub
+            else:
+                loss, metric = done[key] = done[key] if key in done else evaluate(s)
             curves[f"{s}_loss"][:, epoch] = loss.cpu().numpy()
             curves[f"{s}_{task.metric_name}"][:, epoch] = metric.cpu().numpy()
         if epoch in checkpoints:
@@ -355,16 +368,21 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
             orders_ahead = streams.submit(orders_of, epoch + 1)
         if augmenter is not None:
             els, which = augmenter.epoch(epoch)
+        run_loss.zero_()
+        run_metric.zero_()
         for s in range(n_steps):
             idx = orders[:, s * bs : (s + 1) * bs]
             yb = targets(y_train, idx)
             if augmenter is None and fast_forward is not None:  # the fast program reads the data set by index
-                grads, (total, _) = step_fn(params, buffers, x_train, yb, reg, rows=idx)
+                grads, (total, (loss, pred)) = step_fn(params, buffers, x_train, yb, reg, rows=idx)
             else:
                 xb = x_train[idx]
                 if augmenter is not None:
                     xb, yb = augmenter(els, which[:, s * bs : (s + 1) * bs], xb, yb)
-                grads, (total, _) = step_fn(params, buffers, xb, yb, reg)
+                grads, (total, (loss, pred)) = step_fn(params, buffers, xb, yb, reg)
+            if running:  # each batch's mean weighted by its size: the epoch's mean over its samples
+                run_loss.add_(loss.detach(), alpha=idx.shape[1])
+                run_metric.add_(metric_per_model(pred, yb), alpha=idx.shape[1])
             lr_t = lr * lr_factor(schedule, step, total_steps)
             step += 1
             if optimizer == "sgd":
@@ -404,6 +422,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
             **{name: float(curves[name][i, -1]) for name in names},
             "n_params": n_params,
             "epochs": epochs,
+            "train_metrics": first.train_metrics,
         })
     result = PopulationResult(models=rows, epochs=checkpoints, metrics=ckpt_metrics, weights=weights, curves=curves,
                               timings=clock.totals)

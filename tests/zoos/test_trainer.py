@@ -55,8 +55,10 @@ def test_population_equals_separate_single_model_runs(optimizer):
         np.testing.assert_allclose(together.curves["test_loss"][i], alone.curves["test_loss"][0], atol=1e-5, rtol=1e-4)
 
 
-def torch_optim_run(m, task):
-    """The reference: one model, a plain torch.optim loop over the trainer's data order and schedule."""
+def torch_optim_run(m, task, running=None):
+    """The reference: one model, a plain torch.optim loop over the trainer's data order and schedule.
+
+    `running`, a list, receives each epoch's mean training loss and accuracy over its batches."""
     f = m.factors
     model = init_model(m.arch, m.arch_config, f, task)
     x, y = task.load("train", seed=DATA_SEED)
@@ -72,13 +74,19 @@ def torch_optim_run(m, task):
     model.train()
     for epoch in range(1, m.epochs + 1):
         order = subset[epoch_order(f["seed"], epoch, n)]
+        loss_sum = correct = 0.0
         for s in range(0, n, bs):
             idx = order[s : s + bs]
-            loss = task.loss(model(x[idx]), y[idx])
+            pred = model(x[idx])
+            loss = task.loss(pred, y[idx])
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += float((pred.argmax(-1) == y[idx]).sum())
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
+        if running is not None:
+            running.append((loss_sum / n, correct / n))
     return model.state_dict()
 
 
@@ -91,6 +99,34 @@ def test_single_model_matches_torch_optim(optimizer, schedule):
     ref = torch_optim_run(m, tasks.get_task("digits", n_train=N_TRAIN, n_val=100, n_test=100))
     for k, v in ref.items():
         np.testing.assert_allclose(result.weights[k][0, -1], v.numpy(), atol=2e-5, rtol=1e-4, err_msg=k)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_running_train_metrics_are_the_epochs_batch_means(fast):
+    grid = {"seed": [3], "lr": [3e-3], "optimizer": ["adam"], "train_fraction": [0.6], "batch_size": [32]}
+    (m,) = zoo_models(grid, epochs=3, train_metrics="running")  # 120 samples: batches of 32, 32, 32, 24
+    (m_full,) = zoo_models(grid, epochs=3)
+    run = train_population(PopulationSpec((m,)), fast=fast)
+    full = train_population(PopulationSpec((m_full,)), fast=fast)
+    ref = []
+    torch_optim_run(m, tasks.get_task("digits", n_train=N_TRAIN, n_val=100, n_test=100), running=ref)
+    ref_loss, ref_acc = np.array(ref).T
+    np.testing.assert_allclose(run.curves["train_loss"][0, 1:], ref_loss, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run.curves["train_acc"][0, 1:], ref_acc, atol=1e-6)
+    assert not np.allclose(full.curves["train_loss"][0, 1:], ref_loss, rtol=1e-3)  # the full pass is another figure
+    # the same training: weights, val/test curves and the epoch-0 train pass agree with the full mode
+    for k in full.weights:
+        np.testing.assert_array_equal(run.weights[k], full.weights[k], err_msg=k)
+    for name in ("val_loss", "test_acc"):
+        np.testing.assert_array_equal(run.curves[name], full.curves[name], err_msg=name)
+    assert run.curves["train_loss"][0, 0] == full.curves["train_loss"][0, 0]
+    assert run.models[0]["train_metrics"] == "running" and full.models[0]["train_metrics"] == "full"
+    assert run.models[0]["model_id"] == full.models[0]["model_id"]  # how a curve is measured is not a factor
+
+
+def test_train_metrics_must_be_known():
+    with pytest.raises(Exception, match=r"train_metrics = 'batches' is not allowed; expected one of full, running"):
+        zoo_models({"seed": [0]}, train_metrics="batches")
 
 
 def test_diverged_model_is_frozen_and_does_not_touch_the_others():
