@@ -127,16 +127,17 @@ def run_baseline(n_models: int, epochs: int, data_dir: Path, gpu: bool) -> dict:
 
 # ---- the pipeline: run_study with a one-zoo study ---------------------------------------------------
 
-def study_dict(name: str, n_models: int, epochs: int, pop_size: int, data_dir: Path, work: Path, precision: str, gpu: bool) -> dict:
+def study_dict(name: str, n_models: int, epochs: int, pop_size: int, data_dir: Path, work: Path, precision: str, gpu: bool,
+               train_metrics: str = "full") -> dict:
     return {
         "study": name, "store": str(work / f"store-{name}"), "output": str(work / f"runs-{name}"),
-        "tracking_uri": tracking_uri(work),
+        "tracking_uri": tracking_uri(work / f"tracking-{name}"),  # a store per run: a file store slows as it fills
         "resources": {"num_gpus": 1 if gpu else 0, "num_cpus": 1, "precision": precision, "max_retries": 0},
         "zoos": [{
             "name": "cnn_s", "task": {"name": "mnist", "options": task_options(data_dir)},
             "arch": {"name": "cnn_s"}, "grid": {"seed": list(range(n_models)), "lr": [LR], "optimizer": ["adam"],
                                                  "batch_size": [BATCH]},
-            "epochs": epochs, "checkpoints": "0,last", "population_size": pop_size,
+            "epochs": epochs, "checkpoints": "0,last", "population_size": pop_size, "train_metrics": train_metrics,
         }],
     }
 
@@ -145,6 +146,7 @@ def tracking_uri(work: Path) -> str:
     """sqlite where SQLAlchemy is installed; else MLflow's file store (mlflow-skinny on the GPU machine)."""
     import importlib.util
 
+    work.mkdir(parents=True, exist_ok=True)
     if importlib.util.find_spec("sqlalchemy"):
         return f"sqlite:///{work / 'mlflow.db'}"
     os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
@@ -176,19 +178,21 @@ class GpuMemory:
         self._t.join()
 
 
-def run_pipeline(name: str, n_models: int, epochs: int, pop_size: int, data_dir: Path, work: Path, precision: str, gpu: bool) -> dict:
+def run_pipeline(name: str, n_models: int, epochs: int, pop_size: int, data_dir: Path, work: Path, precision: str, gpu: bool,
+                 train_metrics: str = "full") -> dict:
     from pipeline.progress import Display
     from pipeline.runner import run_study
     from pipeline.study import parse_study
     from zoos.store import Store
 
-    study = parse_study(study_dict(name, n_models, epochs, pop_size, data_dir, work, precision, gpu))
+    study = parse_study(study_dict(name, n_models, epochs, pop_size, data_dir, work, precision, gpu, train_metrics))
     with GpuMemory() as mem:
         report = run_study(study, display=Display(plain=True, every_s=60.0))
     models = Store(study.store).models("cnn_s").collect()
     accs = models["test_acc"].to_numpy()
     me = n_models * epochs
     return {"models": n_models, "epochs": epochs, "population_size": pop_size, "precision": precision,
+            "train_metrics": train_metrics,
             "wall_s": report.wall_s, "train_task_s": report.train_task_s, "tracking_wait_s": report.tracking_wait_s,
             "model_epochs_per_s_tasks": me / report.train_task_s, "model_epochs_per_s_wall": me / report.wall_s,
             "gpu_mem_peak_mib": mem.peak, "gpu_mem_total_mib": mem.total,
@@ -225,11 +229,13 @@ def run_variant(n_models: int, kind: str, precision: str, data_dir: Path, device
 
 
 def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps: int, kernels: bool,
-              profile_to: Path | None = None) -> dict:
-    """The fast training step alone (batch indices, forward, backward, AdamW) timed over `steps` steps."""
+              profile_to: Path | None = None, fuse: bool = True) -> dict:
+    """The fast training step alone (batch indices, forward, backward, AdamW) timed over `steps` steps;
+    `fuse`: pool and activation folded into the kernel convs (popconv.conv2d_pool_act) or not."""
     from torch.profiler import ProfilerActivity, profile
 
     from tasks import task_with_data
+    from zoos import popconv
     from zoos.fastpop import FastStep
     from zoos.functional import stack_states, template
     from zoos.spec import TRAIN_DEFAULTS, init_model
@@ -245,8 +251,10 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
     m2 = {k: torch.zeros_like(v) for k, v in params.items()}
     lr = torch.full((n_models,), LR, device=device)
     zero, beta1 = torch.zeros(n_models, device=device), torch.full((n_models,), 0.9, device=device)
+    popconv.TUNING["fuse"] = fuse
     step = FastStep(template(models[0]), task.loss, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
                     compile=device == "cuda", dropout=False, kernels=kernels)
+    popconv.TUNING["fuse"] = True
 
     def one(i: int):
         nonlocal params, m1, m2
@@ -263,7 +271,7 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
         one(i)
     sync()
     dt = (time.perf_counter() - t0) / steps
-    out = {"models": n_models, "precision": precision, "kernels": kernels, "step_ms": dt * 1e3,
+    out = {"models": n_models, "precision": precision, "kernels": kernels, "fused": kernels and fuse, "step_ms": dt * 1e3,
            "model_epochs_per_s": n_models * BATCH / (dt * len(x))}
     if profile_to is not None:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -285,12 +293,17 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=1024, help="pipeline: models in the zoo")
     ap.add_argument("--pop", type=int, default=1024, help="pipeline: population size")
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--train-metrics", default="full,running",
+                    help="pipeline runs, one per zoo train_metrics mode: full (a pass over the train split after "
+                         "every epoch) and/or running (the epoch's batches)")
     ap.add_argument("--baseline-models", type=int, default=64)
     ap.add_argument("--variants", default="vmap:float32:256,fast:bf16:1024,kernels:float32:256,kernels:bf16:256,"
                                           "kernels:bf16:1024,kernels:bf16:2048",
                     help="trainer runs, kind:precision:models; kind = vmap | fast (im2col) | kernels (Triton)")
     ap.add_argument("--steps", default="256,1024,2048,4096")
-    ap.add_argument("--step-kinds", default="fast,kernels", help="step-only loops: fast (im2col) and/or kernels")
+    ap.add_argument("--step-kinds", default="fast,kernels-unfused,kernels",
+                    help="step-only loops: fast (im2col), kernels-unfused (popconv convs, pool and activation apart), "
+                         "kernels (with pool and activation folded into the convs)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: baseline,pipeline,variants,steps")
     a = ap.parse_args()
     gpu = torch.cuda.is_available() and not a.smoke
@@ -322,9 +335,9 @@ def main() -> None:
             for n in sizes:
                 prof = a.out / f"profile-{kind}.txt" if n == sizes[min(1, len(sizes) - 1)] else None
                 r = run_steps(n, "bf16" if gpu else "float32", data_dir, device, steps=20 if gpu else 2,
-                              kernels=kind == "kernels", profile_to=prof)
+                              kernels=kind.startswith("kernels"), profile_to=prof, fuse=kind != "kernels-unfused")
                 results["steps"].append(r)
-                say(f"step only   N={n:5d} {kind:8s} {r['precision']:8s} {r['step_ms']:8.2f} ms/step  "
+                say(f"step only   N={n:5d} {kind:15s} {r['precision']:8s} {r['step_ms']:8.2f} ms/step  "
                     f"{r['model_epochs_per_s']:8.1f} model-epochs/s")
                 save()
     if "variants" not in skip:
@@ -352,23 +365,29 @@ def main() -> None:
     if "pipeline" not in skip:
         precision = "bf16" if gpu else "float32"
         run_pipeline("warmup", min(a.pop, a.models), 1, a.pop, data_dir, work, precision, gpu)  # compiles, starts the worker
-        p = results["pipeline"] = run_pipeline("bench", a.models, a.epochs, a.pop, data_dir, work, precision, gpu)
-        say(f"pipeline    {p['models']} models x {p['epochs']} epochs, populations of {p['population_size']}, {precision}: "
-            f"{p['model_epochs_per_s_tasks']:.1f} model-epochs/s in its Ray tasks (train + store write), "
-            f"{p['model_epochs_per_s_wall']:.1f} over the whole run_study wall ({p['wall_s']:.1f} s, MLflow of every model incl.); "
-            f"GPU memory peak {p['gpu_mem_peak_mib']} / {p['gpu_mem_total_mib']} MiB; "
-            f"test acc {p['test_acc_mean']:.4f} +- {p['test_acc_std']:.4f}, {p['diverged']} diverged")
+        results["pipeline"] = []
+        for mode in a.train_metrics.split(","):
+            p = run_pipeline(f"bench-{mode}", a.models, a.epochs, a.pop, data_dir, work, precision, gpu, mode)
+            results["pipeline"].append(p)
+            say(f"pipeline    {p['models']} models x {p['epochs']} epochs, populations of {p['population_size']}, {precision}, "
+                f"train_metrics {mode}: {p['model_epochs_per_s_tasks']:.1f} model-epochs/s in its Ray tasks (train + store "
+                f"write), {p['model_epochs_per_s_wall']:.1f} over the whole run_study wall ({p['wall_s']:.1f} s, MLflow of "
+                f"every model incl.); GPU memory peak {p['gpu_mem_peak_mib']} / {p['gpu_mem_total_mib']} MiB; "
+                f"test acc {p['test_acc_mean']:.4f} +- {p['test_acc_std']:.4f}, {p['diverged']} diverged")
+            save()
+    if "baseline" in results and results.get("pipeline"):
+        b = results["baseline"]
+        lines = [f"\n{'':52s}{'model-epochs/s':>16s}{'ratio':>8s}",
+                 f"{'one model per task (1/8 GPU)':52s}{b['model_epochs_per_s']:16.2f}{1.0:8.1f}"]
+        for p in results["pipeline"]:
+            p["ratio_tasks"] = p["model_epochs_per_s_tasks"] / b["model_epochs_per_s"]
+            p["ratio_wall"] = p["model_epochs_per_s_wall"] / b["model_epochs_per_s"]
+            lines += [f"{'symzoo pipeline (Ray tasks), ' + p['train_metrics'] + ' train metrics':52s}"
+                      f"{p['model_epochs_per_s_tasks']:16.2f}{p['ratio_tasks']:8.1f}",
+                      f"{'symzoo pipeline (whole run), ' + p['train_metrics'] + ' train metrics':52s}"
+                      f"{p['model_epochs_per_s_wall']:16.2f}{p['ratio_wall']:8.1f}"]
+        say("\n".join(lines))
         save()
-    if "baseline" in results and "pipeline" in results:
-        b, p = results["baseline"], results["pipeline"]
-        results["ratio_tasks"] = p["model_epochs_per_s_tasks"] / b["model_epochs_per_s"]
-        results["ratio_wall"] = p["model_epochs_per_s_wall"] / b["model_epochs_per_s"]
-        say(f"\n{'':28s}{'model-epochs/s':>16s}{'ratio':>8s}\n"
-            f"{'one model per task (1/8 GPU)':28s}{b['model_epochs_per_s']:16.2f}{1.0:8.1f}\n"
-            f"{'symzoo pipeline (Ray tasks)':28s}{p['model_epochs_per_s_tasks']:16.2f}{results['ratio_tasks']:8.1f}\n"
-            f"{'symzoo pipeline (whole run)':28s}{p['model_epochs_per_s_wall']:16.2f}{results['ratio_wall']:8.1f}")
-        save()
-
 
 if __name__ == "__main__":
     main()
