@@ -192,7 +192,7 @@ def run_pipeline(name: str, n_models: int, epochs: int, pop_size: int, data_dir:
     accs = models["test_acc"].to_numpy()
     me = n_models * epochs
     return {"models": n_models, "epochs": epochs, "population_size": pop_size, "precision": precision,
-            "train_metrics": train_metrics,
+            "train_metrics": train_metrics, "phases": [pl["timings"] for pl in report.placements],
             "wall_s": report.wall_s, "train_task_s": report.train_task_s, "tracking_wait_s": report.tracking_wait_s,
             "model_epochs_per_s_tasks": me / report.train_task_s, "model_epochs_per_s_wall": me / report.wall_s,
             "gpu_mem_peak_mib": mem.peak, "gpu_mem_total_mib": mem.total,
@@ -202,27 +202,28 @@ def run_pipeline(name: str, n_models: int, epochs: int, pop_size: int, data_dir:
 
 # ---- variants: train_population directly, the step alone, a profile --------------------------------
 
-def population(n_models: int, epochs: int, data_dir: Path, first_seed: int = 0):
+def population(n_models: int, epochs: int, data_dir: Path, first_seed: int = 0, train_metrics: str = "full"):
     from zoos.spec import expand, parse_zoo, populations
 
-    zoo = study_dict("v", n_models, epochs, n_models, data_dir, Path(".").resolve(), "bf16", True)["zoos"][0]
+    zoo = study_dict("v", n_models, epochs, n_models, data_dir, Path(".").resolve(), "bf16", True, train_metrics)["zoos"][0]
     zoo["grid"]["seed"] = list(range(first_seed, first_seed + n_models))
     return populations(expand(parse_zoo(zoo), "v"), n_models)[0]
 
 
-def run_variant(n_models: int, kind: str, precision: str, data_dir: Path, device: str) -> dict:
+def run_variant(n_models: int, kind: str, precision: str, data_dir: Path, device: str, train_metrics: str = "full") -> dict:
     """kind: vmap (grouped convs), fast (im2col + bmm) or kernels (popconv's Triton convs)."""
     from zoos.trainer import train_population
 
-    pop = population(n_models, 1, data_dir)
+    pop = population(n_models, 1, data_dir, train_metrics=train_metrics)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     res = train_population(pop, device=device, precision=precision, fast=kind != "vmap", kernels=kind == "kernels")
     wall = time.perf_counter() - t0
-    out = {"models": n_models, "kind": kind, "precision": precision, "wall_s": wall, "model_epochs_per_s": n_models / wall,
-           "test_acc_mean": float(np.mean(res.curves["test_acc"][:, -1]))}
+    out = {"models": n_models, "kind": kind, "precision": precision, "train_metrics": train_metrics, "wall_s": wall,
+           "model_epochs_per_s": n_models / wall, "test_acc_mean": float(np.mean(res.curves["test_acc"][:, -1])),
+           "timings": res.timings}
     if device == "cuda":
         out["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -299,7 +300,7 @@ def main() -> None:
     ap.add_argument("--baseline-models", type=int, default=64)
     ap.add_argument("--variants", default="vmap:float32:256,fast:bf16:1024,kernels:float32:256,kernels:bf16:256,"
                                           "kernels:bf16:1024,kernels:bf16:2048",
-                    help="trainer runs, kind:precision:models; kind = vmap | fast (im2col) | kernels (Triton)")
+                    help="trainer runs, kind:precision:models[:train_metrics]; kind = vmap | fast (im2col) | kernels (Triton)")
     ap.add_argument("--steps", default="256,1024,2048,4096")
     ap.add_argument("--step-kinds", default="fast,kernels-unfused,kernels",
                     help="step-only loops: fast (im2col), kernels-unfused (popconv convs, pool and activation apart), "
@@ -343,11 +344,13 @@ def main() -> None:
     if "variants" not in skip:
         results["variants"] = []
         for v in a.variants.split(","):
-            kind, prec, n = v.split(":")
-            r = run_variant(int(n), kind, prec, data_dir, device)
+            kind, prec, n, *mode = v.split(":")
+            r = run_variant(int(n), kind, prec, data_dir, device, *mode)
             results["variants"].append(r)
-            say(f"trainer     N={n:>5s} {kind:4s} {prec:8s} {r['model_epochs_per_s']:8.1f} model-epochs/s (1 epoch, eval incl., "
-                f"{r['wall_s']:.1f} s, peak {r.get('gpu_mem_peak_gib', 0):.1f} GiB, test acc {r['test_acc_mean']:.3f})")
+            phases = ", ".join(f"{k} {t:.2f}" for k, t in r["timings"].items())
+            say(f"trainer     N={n:>5s} {kind:4s} {prec:8s} {r['train_metrics']:8s} {r['model_epochs_per_s']:8.1f} model-epochs/s "
+                f"(1 epoch, eval incl., {r['wall_s']:.1f} s: {phases}; peak {r.get('gpu_mem_peak_gib', 0):.1f} GiB, "
+                f"test acc {r['test_acc_mean']:.3f})")
             save()
     if skip >= {"baseline", "pipeline"}:
         return
@@ -366,8 +369,8 @@ def main() -> None:
         precision = "bf16" if gpu else "float32"
         run_pipeline("warmup", min(a.pop, a.models), 1, a.pop, data_dir, work, precision, gpu)  # compiles, starts the worker
         results["pipeline"] = []
-        for mode in a.train_metrics.split(","):
-            p = run_pipeline(f"bench-{mode}", a.models, a.epochs, a.pop, data_dir, work, precision, gpu, mode)
+        for i, mode in enumerate(a.train_metrics.split(",")):
+            p = run_pipeline(f"bench{i}-{mode}", a.models, a.epochs, a.pop, data_dir, work, precision, gpu, mode)
             results["pipeline"].append(p)
             say(f"pipeline    {p['models']} models x {p['epochs']} epochs, populations of {p['population_size']}, {precision}, "
                 f"train_metrics {mode}: {p['model_epochs_per_s_tasks']:.1f} model-epochs/s in its Ray tasks (train + store "
