@@ -252,10 +252,10 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
     m2 = {k: torch.zeros_like(v) for k, v in params.items()}
     lr = torch.full((n_models,), LR, device=device)
     zero, beta1 = torch.zeros(n_models, device=device), torch.full((n_models,), 0.9, device=device)
-    popconv.TUNING["fuse"] = fuse
+    was, popconv.TUNING["fuse"] = popconv.TUNING["fuse"], fuse  # read when the graph is emitted, below
     step = FastStep(template(models[0]), task.loss, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
                     compile=device == "cuda", dropout=False, kernels=kernels)
-    popconv.TUNING["fuse"] = True
+    popconv.TUNING["fuse"] = was
 
     def one(i: int):
         nonlocal params, m1, m2
