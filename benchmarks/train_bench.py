@@ -20,6 +20,7 @@ Both figures are model-epochs per second; the ratio is printed side by side. Res
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -229,10 +230,15 @@ def run_variant(n_models: int, kind: str, precision: str, data_dir: Path, device
     return out
 
 
-def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps: int, kernels: bool,
-              profile_to: Path | None = None, fuse: bool = True) -> dict:
-    """The fast training step alone (batch indices, forward, backward, AdamW) timed over `steps` steps;
-    `fuse`: pool and activation folded into the kernel convs (popconv.conv2d_pool_act) or not."""
+STEP_FLAGS = {"unfused": "pool and activation as separate (inductor) kernels", "gather": "the first conv gathers "
+              "from the data set (no window table)", "eager": "the optimizer update as eager torch ops"}
+
+
+def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps: int, kind: str,
+              profile_to: Path | None = None) -> dict:
+    """The fast training step alone (batch indices, forward, backward, AdamW + divergence check, as the
+    trainer runs them) timed over `steps` steps. kind: fast (im2col + bmm) or kernels (popconv), with any
+    of the STEP_FLAGS appended, e.g. kernels-gather-eager (session 4's step)."""
     from torch.profiler import ProfilerActivity, profile
 
     from tasks import task_with_data
@@ -240,8 +246,13 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
     from zoos.fastpop import FastStep
     from zoos.functional import stack_states, template
     from zoos.spec import TRAIN_DEFAULTS, init_model
-    from zoos.trainer import _adamw
+    from zoos.trainer import _compiled_update, _update
 
+    base, *flags = kind.split("-")
+    unknown = set(flags) - set(STEP_FLAGS)
+    if base not in ("fast", "kernels") or unknown:
+        raise SystemExit(f"step kind {kind!r}: expected fast or kernels, then any of -{', -'.join(STEP_FLAGS)}")
+    kernels, fuse = base == "kernels", "unfused" not in flags
     task = task_with_data("mnist", task_options(data_dir))
     x, y = (t.to(device) for t in task.load("train", seed=0))
     models = [init_model("cnn_s", {}, {**TRAIN_DEFAULTS, "seed": s}, task) for s in range(n_models)]
@@ -252,16 +263,22 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
     m2 = {k: torch.zeros_like(v) for k, v in params.items()}
     lr = torch.full((n_models,), LR, device=device)
     zero, beta1 = torch.zeros(n_models, device=device), torch.full((n_models,), 0.9, device=device)
-    was, popconv.TUNING["fuse"] = popconv.TUNING["fuse"], fuse  # read when the graph is emitted, below
+    alive, count = torch.ones(n_models, dtype=torch.bool, device=device), torch.zeros((), dtype=torch.float64, device=device)
+    update = _compiled_update("adam") if device == "cuda" and "eager" not in flags else functools.partial(_update, "adam")
+    if precision == "bf16":
+        x = x.to(torch.bfloat16)  # resident in the compute dtype, as the trainer keeps it
+    saved = dict(popconv.TUNING)
+    popconv.TUNING["fuse"] = fuse  # read when the graph is emitted
+    popconv.TUNING["windows"] = "never" if "gather" in flags else saved["windows"]  # read when the table is built
     step = FastStep(template(models[0]), task.loss, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
                     compile=device == "cuda", dropout=False, kernels=kernels)
-    popconv.TUNING["fuse"] = was
 
     def one(i: int):
-        nonlocal params, m1, m2
+        nonlocal params, m1, m2, alive
         idx = torch.randint(0, len(x), (n_models, BATCH), device=device)
-        grads, _ = step(params, buffers, x, y[idx], rows=idx)
-        params, m1, m2 = _adamw(params, grads, m1, m2, lr, zero, beta1, i + 1)
+        grads, loss = step(params, buffers, x, y[idx], rows=idx)
+        count.add_(1)
+        params, m1, m2, alive = update(params, grads, m1, m2, lr, zero, beta1, count, alive, loss)
 
     for i in range(3):
         one(i)
@@ -272,8 +289,9 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
         one(i)
     sync()
     dt = (time.perf_counter() - t0) / steps
-    out = {"models": n_models, "precision": precision, "kernels": kernels, "fused": kernels and fuse, "step_ms": dt * 1e3,
-           "model_epochs_per_s": n_models * BATCH / (dt * len(x))}
+    out = {"models": n_models, "precision": precision, "kind": kind, "step_ms": dt * 1e3,
+           "model_epochs_per_s": n_models * BATCH / (dt * len(x)),
+           "window_table": step.pop.window_table(x) is not None}
     if profile_to is not None:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         with profile(activities=acts) as prof:
@@ -282,6 +300,7 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
             sync()
         key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
         profile_to.write_text(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+    popconv.TUNING.update(saved)
     return out
 
 
@@ -302,9 +321,10 @@ def main() -> None:
                                           "kernels:bf16:1024,kernels:bf16:2048",
                     help="trainer runs, kind:precision:models[:train_metrics]; kind = vmap | fast (im2col) | kernels (Triton)")
     ap.add_argument("--steps", default="256,1024,2048,4096")
-    ap.add_argument("--step-kinds", default="fast,kernels-unfused,kernels",
-                    help="step-only loops: fast (im2col), kernels-unfused (popconv convs, pool and activation apart), "
-                         "kernels (with pool and activation folded into the convs)")
+    ap.add_argument("--step-kinds", default="kernels-gather-eager,kernels-eager,kernels",
+                    help="step-only loops: fast (im2col) or kernels (popconv, pool and activation folded, the first conv "
+                         "from its window table, compiled update), each with flags: " +
+                         "; ".join(f"-{k}: {v}" for k, v in STEP_FLAGS.items()))
     ap.add_argument("--skip", default="", help="comma list of parts to skip: baseline,pipeline,variants,steps")
     a = ap.parse_args()
     gpu = torch.cuda.is_available() and not a.smoke
@@ -335,10 +355,10 @@ def main() -> None:
         for kind in a.step_kinds.split(","):
             for n in sizes:
                 prof = a.out / f"profile-{kind}.txt" if n == sizes[min(1, len(sizes) - 1)] else None
-                r = run_steps(n, "bf16" if gpu else "float32", data_dir, device, steps=20 if gpu else 2,
-                              kernels=kind.startswith("kernels"), profile_to=prof, fuse=kind != "kernels-unfused")
+                r = run_steps(n, "bf16" if gpu else "float32", data_dir, device, steps=20 if gpu else 2, kind=kind,
+                              profile_to=prof)
                 results["steps"].append(r)
-                say(f"step only   N={n:5d} {kind:15s} {r['precision']:8s} {r['step_ms']:8.2f} ms/step  "
+                say(f"step only   N={n:5d} {kind:22s} {r['precision']:8s} {r['step_ms']:8.2f} ms/step  "
                     f"{r['model_epochs_per_s']:8.1f} model-epochs/s")
                 save()
     if "variants" not in skip:

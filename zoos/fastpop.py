@@ -23,7 +23,10 @@ into the resident data set (`forward(..., rows=idx)`), and a shared evaluation b
 indices for every model, so the input is never gathered or expanded per model in memory. A kernel conv
 (up to 16 output channels) whose output only feeds a 2x2 max-pool and/or a monotone activation (tanh,
 sigmoid, relu, leaky_relu; a dropout that is off may sit between) becomes one `popconv.conv2d_pool_act`:
-the full-resolution conv output is never written.
+the full-resolution conv output is never written. Where `popconv.windows_pay` says so (a first conv
+followed by a 2x2 max-pool, by default), that first conv reads a window table of the data set instead
+(`popconv.window_table`, built once per resident data set and kept while the data set lives): its
+forward and weight gradient become tensor-core products over contiguous whole-window rows.
 
 `FastPopulation.supports(module)` says whether a module can run this way and why not: only the layer
 types above carry parameters, buffers belong to `PopDropout` only, and the traced forward reads no
@@ -32,6 +35,7 @@ parameter directly. The trainer uses it where it applies and keeps `vmap` otherw
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Mapping
 
 import torch
@@ -147,7 +151,9 @@ class FastPopulation:
         self.kernels = kernels  # stride-1 convs as popconv's Triton kernels
         self.param_keys = [k for k, _ in module.named_parameters()]
         self.buffer_keys = [k for k, _ in module.named_buffers()]
+        self.window_geometry: tuple[tuple[int, int], tuple[int, int], int] | None = None  # set by _emit
         self.graph_module = self._emit(module)
+        self._tables: dict[int, tuple[weakref.ref, int, Tensor | None]] = {}  # id(data set) -> its window table
         self._compiled: Callable | None = None
         if compile:
             import torch._dynamo
@@ -181,12 +187,14 @@ class FastPopulation:
         return FastPopulation.why_not(module) is None
 
     def _emit(self, module: nn.Module) -> fx.GraphModule:
-        """The traced graph with each leaf module replaced by its population op; inputs (x, rows, training, *params, *buffers)."""
+        """The traced graph with each leaf module replaced by its population op; inputs (x, rows, windows,
+        training, *params, *buffers), windows being the data set's window table for the first conv or None."""
         src = _Tracer().trace(module)
         mods = dict(module.named_modules())
         g = fx.Graph()
         x_in = g.placeholder("x")
         rows_in = g.placeholder("rows")
+        windows_in = g.placeholder("windows")
         training = g.placeholder("training")
         state = {k: g.placeholder("p_" + k.replace(".", "_")) for k in self.param_keys + self.buffer_keys}
         env: dict[fx.Node, fx.Node] = {}
@@ -219,12 +227,14 @@ class FastPopulation:
             if epilogue is not None:  # conv, max-pool and activation as one kernel: the chain's last node is its output
                 chain, options = epilogue
                 if node in reads_input:
-                    options.update(rows=rows_in, out_dtype=self.dtype)
+                    options.update(rows=rows_in, out_dtype=self.dtype, windows=windows_in)
+                    self.window_geometry = (tuple(m.kernel_size), _conv_padding(m), options["pool"])
                 fused.update(chain)
                 env[chain[-1]] = g.call_function(popconv.conv2d_pool_act, (args[0], w, b, _conv_padding(m)), options)
             elif node in reads_input:
                 env[node] = g.call_function(popconv.conv2d, (args[0], w, b, _conv_padding(m)),
-                                            {"rows": rows_in, "out_dtype": self.dtype})
+                                            {"rows": rows_in, "out_dtype": self.dtype, "windows": windows_in})
+                self.window_geometry = (tuple(m.kernel_size), _conv_padding(m), 1)
             elif self._kernel_conv(node, mods):
                 env[node] = g.call_function(popconv.conv2d, (args[0], w, b, _conv_padding(m)))
             elif isinstance(m, nn.Conv2d):
@@ -306,15 +316,35 @@ class FastPopulation:
                 rows = torch.cat([rows, rows.new_zeros(n, padded - b)], 1)
             elif padded != b:
                 x = torch.cat([x, x.new_zeros(n, padded - b, *x.shape[2:])], 1)
+        windows = None
         if rows is None:
             x = x.reshape(n * padded, *x.shape[2:])
-        elif self._compiled is not None:  # one program for every data set it reads by index (train, val, test)
-            torch._dynamo.maybe_mark_dynamic(x, 0)
+        else:
+            windows = self.window_table(x)
+            if self._compiled is not None:  # one program for every data set it reads by index (train, val, test)
+                torch._dynamo.maybe_mark_dynamic(x, 0)
+                if windows is not None:
+                    torch._dynamo.maybe_mark_dynamic(windows, 0)
         state = [params[k] for k in self.param_keys] + [buffers[k] for k in self.buffer_keys]
-        out = run(x, rows, training, *state)
+        out = run(x, rows, windows, training, *state)
         return out.reshape(n, padded, *out.shape[1:])[:, :b]
 
     __call__ = forward
+
+    def window_table(self, x: Tensor) -> Tensor | None:
+        """The window table of the data set x for the first conv, built on first use and kept while x lives
+        unchanged; None where the first conv gathers from x itself (`popconv.windows_pay`)."""
+        if self.window_geometry is None:
+            return None
+        hit = self._tables.get(id(x))
+        if hit is not None and hit[0]() is x and hit[1] == x._version:
+            return hit[2]
+        kernel, padding, pool = self.window_geometry
+        pays = popconv.windows_pay(pool, popconv.window_table_bytes(x, kernel, padding, pool), x.device)
+        table = popconv.window_table(x.detach(), kernel, padding, pool) if pays else None
+        self._tables = {k: v for k, v in self._tables.items() if v[0]() is not None}  # drop freed data sets' tables
+        self._tables[id(x)] = (weakref.ref(x), x._version, table)
+        return table
 
 
 def dropout_active(module: nn.Module, buffers: Mapping[str, Tensor]) -> bool:

@@ -329,6 +329,108 @@ if triton is not None:
             tl.store(db_ptr + (m.to(tl.int64) * SPLIT + split) * O + o, tl.sum(acc_b, axis=0), mask=(o < O) & (kb == 0))
 
 
+    # ---- the first layer through a window table: whole-window rows, tensor-core products ------------------
+
+    @triton.jit
+    def _window_tile(t_ptr, rows_ptr, m, start, B, L: tl.constexpr, T: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Model m's output positions start + [0, BLOCK_M) (flat over batch sample and position) and their
+        table rows as a [positions, BLOCK_T] tile: (tile, mask, sample, position)."""
+        t = start + tl.arange(0, BLOCK_M)
+        pmask = t < B * L
+        sample = m * B + t // L
+        q = t % L
+        row = tl.load(rows_ptr + sample, mask=pmask, other=0).to(tl.int64)
+        k = tl.arange(0, BLOCK_T)
+        ptrs = t_ptr + row[:, None] * (L * T) + (q * T)[:, None] + k[None, :]
+        return tl.load(ptrs, mask=pmask[:, None] & (k < T)[None, :], other=0.0), pmask, sample, q
+
+    @triton.jit
+    def _window_weights(w_ptr, m, O, d: tl.constexpr, C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                        POOL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Model m's weights placed at window position d, as a [BLOCK_T, BLOCK_N] float32 tile:
+        entry (c, u, v) of the (KH+POOL-1) x (KW+POOL-1) window meets w[o, c, u - du, v - dv] (else 0)."""
+        UH: tl.constexpr = KH + POOL - 1
+        UW: tl.constexpr = KW + POOL - 1
+        k = tl.arange(0, BLOCK_T)
+        o = tl.arange(0, BLOCK_N)
+        c, u, v = k // (UH * UW), (k % (UH * UW)) // UW, k % UW
+        ki, kj = u - d // POOL, v - d % POOL
+        ok = (k < C * UH * UW) & (ki >= 0) & (ki < KH) & (kj >= 0) & (kj < KW)
+        ptrs = w_ptr + m.to(tl.int64) * (O * C * KH * KW) + (o * (C * KH * KW))[None, :] + ((c * KH + ki) * KW + kj)[:, None]
+        return tl.load(ptrs, mask=ok[:, None] & (o < O)[None, :], other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _window_conv_kernel(t_ptr, rows_ptr, w_ptr, b_ptr, a_ptr, code_ptr, B, O,
+                            L: tl.constexpr, T: tl.constexpr, C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                            POOL: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+        """act(maxpool(conv(x) + b)) of the first layer from its window table: one [positions, window] @
+        [window, outputs] product per window position (the weights placed at that position), then the max,
+        which position won (`code`), bias and activation, as `_conv_pool_act_fma_kernel` writes them."""
+        tile, m = tl.program_id(0), tl.program_id(1)
+        win, pmask, sample, q = _window_tile(t_ptr, rows_ptr, m, tile * BLOCK_M, B, L, T, BLOCK_M, BLOCK_T)
+        win = win.to(DOT)
+        o = tl.arange(0, BLOCK_N)
+        best = tl.dot(win, _window_weights(w_ptr, m, O, 0, C, KH, KW, POOL, BLOCK_T, BLOCK_N).to(DOT))
+        code = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for d in tl.static_range(1, POOL * POOL):
+            acc = tl.dot(win, _window_weights(w_ptr, m, O, d, C, KH, KW, POOL, BLOCK_T, BLOCK_N).to(DOT))
+            best, code = _keep_max(best, code, acc, d)
+        if HAS_BIAS:
+            best += tl.load(b_ptr + m * O + o, mask=o < O, other=0.0).to(tl.float32)[None, :]
+        out = sample.to(tl.int64)[:, None] * (O * L) + (o * L)[None, :] + q[:, None]
+        mask = pmask[:, None] & (o < O)[None, :]
+        tl.store(a_ptr + out, _activate(best, ACT, SLOPE).to(a_ptr.dtype.element_ty), mask=mask)
+        if POOL > 1:
+            tl.store(code_ptr + out, code.to(tl.int8), mask=mask)
+
+    @triton.jit
+    def _window_wgrad_kernel(t_ptr, rows_ptr, da_ptr, a_ptr, code_ptr, dw_ptr, db_ptr, B, O, SPLIT, PER_SPLIT,
+                             L: tl.constexpr, T: tl.constexpr, POOL: tl.constexpr, ACT: tl.constexpr,
+                             SLOPE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The window-placed weight gradients of model m over its position tiles [split * PER_SPLIT, ...):
+        g = da * act'(a) goes to the window position the pool chose, so position d's gradient is
+        window^T @ (g where code == d); `_launch_window_wgrad` folds the positions back onto the kernel."""
+        split, m = tl.program_id(0), tl.program_id(1)
+        o = tl.arange(0, BLOCK_N)
+        k = tl.arange(0, BLOCK_T)
+        acc0 = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        start = split * PER_SPLIT
+        for tile in range(start, tl.minimum(start + PER_SPLIT, tl.cdiv(B * L, BLOCK_M))):
+            win, pmask, sample, q = _window_tile(t_ptr, rows_ptr, m, tile * BLOCK_M, B, L, T, BLOCK_M, BLOCK_T)
+            src = sample.to(tl.int64)[:, None] * (O * L) + (o * L)[None, :] + q[:, None]
+            mask = pmask[:, None] & (o < O)[None, :]
+            g = tl.load(da_ptr + src, mask=mask, other=0.0).to(tl.float32)
+            g = g * _act_grad_from_output(tl.load(a_ptr + src, mask=mask, other=0.0).to(tl.float32), ACT, SLOPE)
+            if HAS_BIAS:
+                acc_b += tl.sum(g, axis=0)
+            win_t = tl.trans(win.to(DOT))
+            if POOL == 1:
+                acc0 += tl.dot(win_t, g.to(DOT))
+            else:
+                chosen = tl.load(code_ptr + src, mask=mask, other=-1).to(tl.int32)
+                acc0 += tl.dot(win_t, tl.where(chosen == 0, g, 0.0).to(DOT))
+                acc1 += tl.dot(win_t, tl.where(chosen == 1, g, 0.0).to(DOT))
+                acc2 += tl.dot(win_t, tl.where(chosen == 2, g, 0.0).to(DOT))
+                acc3 += tl.dot(win_t, tl.where(chosen == 3, g, 0.0).to(DOT))
+        part = m.to(tl.int64) * SPLIT + split
+        ptrs = dw_ptr + part * (POOL * POOL * T * O) + k[:, None] * O + o[None, :]
+        mask = (k < T)[:, None] & (o < O)[None, :]
+        tl.store(ptrs, acc0, mask=mask)
+        if POOL > 1:
+            tl.store(ptrs + T * O, acc1, mask=mask)
+            tl.store(ptrs + 2 * T * O, acc2, mask=mask)
+            tl.store(ptrs + 3 * T * O, acc3, mask=mask)
+        if HAS_BIAS:
+            tl.store(db_ptr + part * O + o, acc_b, mask=o < O)
+
+
 # Kernel choices and tile sizes (0 = the measured default for the layer's shape): the forward on CUDA
 # cores for the few-channel layers of population zoos and on tensor cores where O is large; the weight
 # gradient always on tensor cores (a CUDA-core version with a [pixels, taps, outputs] accumulator was
@@ -337,7 +439,9 @@ if triton is not None:
 # `benchmarks/popconv_bench.py` sweeps these on a GPU.
 TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_block_m": 0, "fused_block_m": 0, "fma_warps": 4,
           "wgrad_block_m": 0, "wgrad_per_sm": 16, "wgrad_stages": 0, "dot": "bf16",
-          "fuse": os.environ.get("SYMZOO_POPCONV_FUSE", "1") != "0"}
+          "fuse": os.environ.get("SYMZOO_POPCONV_FUSE", "1") != "0",
+          "windows": os.environ.get("SYMZOO_POPCONV_WINDOWS", "pool"), "window_block_m": 128,
+          "window_max_fraction": 0.125}
 
 
 def _dot_dtype(x: Tensor):
@@ -434,6 +538,88 @@ def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Siz
         **({"num_stages": TUNING["wgrad_stages"]} if TUNING["wgrad_stages"] else {}),
     )
     return dw.sum(1).view(w_shape), (db.sum(1) if db is not None else None)
+
+
+# ---- the first layer's window table -----------------------------------------------------------------------
+
+def window_table(x: Tensor, kernel: tuple[int, int], padding: tuple[int, int] = (0, 0), pool: int = 1) -> Tensor:
+    """The data set x [S, C, H, W] as a table [S, L, T] for a first layer's stride-1 conv (then a pool x pool
+    max-pool when pool = 2): row (s, q) holds the (kh + pool - 1) x (kw + pool - 1) input window, zero padded,
+    that pooled output q of sample s is computed from, channel-major, with T = C * window rounded up to a
+    multiple of 8 (16-byte rows in bf16; the tail is zero). L = Hp * Wp, the pooled output's positions.
+
+    Built once per resident data set, it turns the first layer's per-pixel gathers into contiguous rows:
+    its forward (all four window positions) and weight gradient become tensor-core products over them."""
+    if pool not in (1, 2):
+        raise ValueError(f"pool = {pool!r} is not allowed; expected 1 or 2")
+    s, c, h, w = x.shape
+    (kh, kw), (ph, pw) = kernel, padding
+    uh, uw = kh + pool - 1, kw + pool - 1
+    hp, wp = (h + 2 * ph - kh + 1) // pool, (w + 2 * pw - kw + 1) // pool
+    if hp < 1 or wp < 1:
+        raise ValueError(f"a {kh}x{kw} kernel with padding {padding} does not fit {h}x{w} inputs")
+    width = c * uh * uw
+    table = x.new_zeros(s, hp * wp, -(-width // 8) * 8)
+    chunk = max(1, (1 << 26) // max(1, hp * wp * width))  # ~64M elements of windows at a time
+    for i in range(0, s, chunk):
+        xs = torch.nn.functional.pad(x[i : i + chunk], (pw, pw, ph, ph))
+        win = xs.unfold(2, uh, pool).unfold(3, uw, pool)[:, :, :hp, :wp]  # [s, C, Hp, Wp, uh, uw]
+        table[i : i + chunk, :, :width] = win.permute(0, 2, 3, 1, 4, 5).reshape(len(xs), hp * wp, width)
+    return table
+
+
+def window_table_bytes(x: Tensor, kernel: tuple[int, int], padding: tuple[int, int] = (0, 0), pool: int = 1) -> int:
+    """The size `window_table` would allocate for these arguments, in bytes."""
+    s, c, h, w = x.shape
+    hp, wp = (h + 2 * padding[0] - kernel[0] + 1) // pool, (w + 2 * padding[1] - kernel[1] + 1) // pool
+    return s * max(0, hp * wp) * (-(-c * (kernel[0] + pool - 1) * (kernel[1] + pool - 1) // 8) * 8) * x.element_size()
+
+
+def _window_blocks(table: Tensor, o: int) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_N): a whole window row per tile and the outputs, each at least 16 (tl.dot's least side)."""
+    return max(16, triton.next_power_of_2(table.shape[2])), max(16, triton.next_power_of_2(o))
+
+
+def _launch_window(table: Tensor, rows: Tensor, w: Tensor, b: Tensor | None, batch: int, hp: int, wp: int,
+                   pool: int, act: str, slope: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    n, o, c, kh, kw = w.shape
+    a = torch.empty(n * batch, o, hp, wp, device=table.device, dtype=out_dtype)
+    code = torch.empty(n * batch, o, hp, wp, device=table.device, dtype=torch.int8) if pool > 1 else a.new_empty(0, dtype=torch.int8)
+    block_t, block_n = _window_blocks(table, o)
+    block_m = TUNING["window_block_m"]
+    _window_conv_kernel[(triton.cdiv(batch * hp * wp, block_m), n)](
+        table, rows, w, b if b is not None else w, a, code if pool > 1 else a, batch, o,
+        L=hp * wp, T=table.shape[2], C=c, KH=kh, KW=kw, POOL=pool, ACT=act, SLOPE=slope, HAS_BIAS=b is not None,
+        DOT=_dot_dtype(table), BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4,
+    )
+    return a, code
+
+
+def _launch_window_wgrad(table: Tensor, rows: Tensor, da: Tensor, a: Tensor, code: Tensor, w_shape: torch.Size,
+                         bias: bool, pool: int, act: str, slope: float) -> tuple[Tensor, Tensor | None]:
+    """dw, db from the window table: per window position the [T, O] product, then each kernel tap summed
+    over the positions that place it (a gather of at most pool^2 rows a tap, in torch: O * K numbers a model)."""
+    n, o, c, kh, kw = w_shape
+    batch, length, t = da.shape[0] // n, da.shape[2] * da.shape[3], table.shape[2]
+    block_t, block_n = _window_blocks(table, o)
+    block_m = TUNING["window_block_m"]
+    tiles = triton.cdiv(batch * length, block_m)
+    sms = torch.cuda.get_device_properties(da.device).multi_processor_count if da.is_cuda else 1
+    split = max(1, min(triton.cdiv(TUNING["wgrad_per_sm"] * sms, n), triton.cdiv(tiles, 8)))
+    per_split = triton.cdiv(tiles, split)
+    split = triton.cdiv(tiles, per_split)
+    placed = torch.empty(n, split, pool * pool, t, o, device=da.device, dtype=torch.float32)
+    db = torch.empty(n, split, o, device=da.device, dtype=torch.float32) if bias else None
+    _window_wgrad_kernel[(split, n)](
+        table, rows, da, a, code if pool > 1 else a, placed, db if db is not None else placed, batch, o, split, per_split,
+        L=length, T=t, POOL=pool, ACT=act, SLOPE=slope, HAS_BIAS=bias, DOT=_dot_dtype(table),
+        BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4,
+    )
+    placed = placed.sum(1)  # [N, pool^2, T, O]
+    uh, uw = kh + pool - 1, kw + pool - 1
+    ci, ki, kj = torch.meshgrid(*(torch.arange(v, device=da.device) for v in (c, kh, kw)), indexing="ij")
+    dw = sum(placed[:, d, (ci * uh + ki + d // pool) * uw + kj + d % pool] for d in range(pool * pool))  # [N, C, kh, kw, O]
+    return dw.permute(0, 4, 1, 2, 3).contiguous(), (db.sum(1) if db is not None else None)
 
 
 # ---- the custom ops: forward, and the two backward products --------------------------------------------
@@ -581,21 +767,107 @@ def _backward_pool_act(ctx, da: Tensor, _dcode: Tensor | None):
 _pop_conv2d_pool_act.register_autograd(_backward_pool_act, setup_context=_setup_pool_act)
 
 
+# ---- the first layer from a window table: act(maxpool(conv)) with the data set read by row index ---------
+
+@torch.library.custom_op("symzoo::pop_window_conv", mutates_args=())
+def _pop_window_conv(table: Tensor, w: Tensor, b: Tensor | None, rows: Tensor, batch: int, hp: int, wp: int,
+                     pool: int, act: str, slope: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return _launch_window(table, rows, w.contiguous(), b, batch, hp, wp, pool, act, slope, out_dtype)
+
+
+@_pop_window_conv.register_fake
+def _(table, w, b, rows, batch, hp, wp, pool, act, slope, out_dtype):
+    shape = (w.shape[0] * batch, w.shape[1], hp, wp)
+    return table.new_empty(shape, dtype=out_dtype), table.new_empty(shape if pool > 1 else (0,), dtype=torch.int8)
+
+
+@torch.library.custom_op("symzoo::pop_window_conv_wgrad", mutates_args=())
+def _pop_window_conv_wgrad(table: Tensor, rows: Tensor, da: Tensor, a: Tensor, code: Tensor, w: Tensor, bias: bool,
+                           pool: int, act: str, slope: float) -> tuple[Tensor, Tensor]:
+    dw, db = _launch_window_wgrad(table, rows, da.contiguous(), a, code, w.shape, bias, pool, act, slope)
+    return dw, db if db is not None else dw.new_zeros(0)
+
+
+@_pop_window_conv_wgrad.register_fake
+def _(table, rows, da, a, code, w, bias, pool, act, slope):
+    return _wgrad_fake(w, bias)
+
+
+def _setup_window(ctx, inputs, output) -> None:
+    table, w, b, rows, _, _, _, pool, act, slope, _ = inputs
+    a, code = output
+    ctx.save_for_backward(table, w, rows, a, code)
+    ctx.meta = (b is not None, pool, act, slope)
+    ctx.mark_non_differentiable(code)
+
+
+def _backward_window(ctx, da: Tensor, _dcode: Tensor | None):
+    table, w, rows, a, code = ctx.saved_tensors
+    has_bias, pool, act, slope = ctx.meta
+    nothing = (None,) * 8
+    if not (ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2])):
+        return None, None, None, *nothing
+    dw, db = _pop_window_conv_wgrad(table, rows, da, a, code if pool > 1 else a, w, has_bias, pool, act, slope)
+    return None, dw.to(w.dtype), (db if has_bias else None), *nothing
+
+
+_pop_window_conv.register_autograd(_backward_window, setup_context=_setup_window)
+
+
+def windows_pay(pool: int, table_bytes: int, device: torch.device | str) -> bool:
+    """Whether a first layer should read a window table (`window_table`) rather than gather from the data set.
+
+    TUNING["windows"]: "pool" (the default) for layers followed by a 2x2 max-pool, where one table row feeds
+    all four window positions (measured on CNN-s: benchmarks/README.md); "always"; "never". Either way the
+    table must fit in TUNING["window_max_fraction"] of the device's memory (any size in the interpreter)."""
+    mode = TUNING["windows"]
+    if mode not in ("pool", "always", "never"):
+        raise ValueError(f"SYMZOO_POPCONV_WINDOWS = {mode!r} is not allowed; expected pool, always or never")
+    if mode == "never" or (mode == "pool" and pool == 1):
+        return False
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    return table_bytes <= TUNING["window_max_fraction"] * torch.cuda.get_device_properties(device).total_memory
+
+
+def _window_conv(table: Tensor, x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], rows: Tensor,
+                 batch: int, pool: int, act: str, slope: float, out_dtype: torch.dtype) -> Tensor:
+    """The first layer read from `table` (built by `window_table` from x with this layer's geometry), checked."""
+    _, _, c, kh, kw = w.shape
+    hp, wp = (x.shape[2] + 2 * padding[0] - kh + 1) // pool, (x.shape[3] + 2 * padding[1] - kw + 1) // pool
+    want = (x.shape[0], hp * wp, -(-c * (kh + pool - 1) * (kw + pool - 1) // 8) * 8)
+    if tuple(table.shape) != want:
+        raise ValueError(f"window table of shape {tuple(table.shape)} does not match this layer: expected {want} "
+                         f"(window_table(x, kernel=({kh}, {kw}), padding={tuple(padding)}, pool={pool}))")
+    a, _ = _pop_window_conv(table, w, b, rows, batch, hp, wp, pool, act, float(slope), out_dtype)
+    return a
+
+
 def fuses(out_channels: int) -> bool:
     """Whether `conv2d_pool_act` runs as one kernel for a conv with this many outputs (the CUDA-core forward)."""
     return TUNING["fuse"] and _fma_forward(out_channels)
 
 
 def conv2d(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int] = (0, 0), *,
-           rows: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
+           rows: Tensor | None = None, out_dtype: torch.dtype | None = None, windows: Tensor | None = None) -> Tensor:
     """Model n's Conv2d (stride 1) on its own samples: w [N, O, C, kh, kw], b [N, O] -> y [N*B, O, Ho, Wo].
 
     x is [N*B, C, H, W] (model n's batch in rows n*B..(n+1)*B-1), or, with `rows` [N, B] (or [N*B])
     of indices, the data set [S, C, H, W] that those indices read. The output has x's dtype unless
-    `out_dtype` is given; gradients flow to x (when not row-indexed), w and b.
+    `out_dtype` is given; gradients flow to x (when not row-indexed), w and b. With `rows`, `windows` may
+    be x's `window_table(x, (kh, kw), padding, pool=1)`: the same result from tensor-core products.
     """
     x, w, rows, batch = _checked(x, w, rows)
+    if windows is not None:
+        return _window_conv(windows, x, w, b, padding, _need_rows(rows), batch, 1, "identity", 0.0, out_dtype or x.dtype)
     return _pop_conv2d(x, w, b, rows, batch, int(padding[0]), int(padding[1]), out_dtype or x.dtype)
+
+
+def _need_rows(rows: Tensor | None) -> Tensor:
+    if rows is None:
+        raise ValueError("windows = a window table needs rows (the table is of a data set read by index); got rows = None")
+    return rows
 
 
 def _checked(x: Tensor, w: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, int]:
@@ -619,20 +891,24 @@ def _checked(x: Tensor, w: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor,
 
 def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int] = (0, 0), *,
                     pool: int = 2, act: str = "identity", slope: float = 0.0, rows: Tensor | None = None,
-                    out_dtype: torch.dtype | None = None) -> Tensor:
+                    out_dtype: torch.dtype | None = None, windows: Tensor | None = None) -> Tensor:
     """act(max_pool2d(conv2d(x, w, b), pool)) per model in one kernel (pool 1: no pool), as `conv2d`'s arguments.
 
     `act` is one of ACTIVATIONS (`slope`: leaky_relu's negative slope); the max is taken before the
     activation, which for these monotone functions is the same as after it. Only the pooled output
     and a byte per output (which window position was the max) are written; gradients flow as through
-    the unfused layers.
+    the unfused layers. With `rows`, `windows` may be x's `window_table(x, (kh, kw), padding, pool)`: the
+    first layer as tensor-core products over whole-window rows, the same result.
     """
     if pool not in (1, 2) or act not in ACTIVATIONS:
         raise ValueError(f"pool = {pool!r}, act = {act!r}: allowed pool 1 or 2 and act one of {', '.join(ACTIVATIONS)}")
     x, w, rows, batch = _checked(x, w, rows)
+    if windows is not None:
+        return _window_conv(windows, x, w, b, padding, _need_rows(rows), batch, pool, act, slope, out_dtype or x.dtype)
     a, _ = _pop_conv2d_pool_act(x, w, b, rows, batch, int(padding[0]), int(padding[1]), pool, act, float(slope),
                                 out_dtype or x.dtype)
     return a
 
 
-__all__ = ["ACTIVATIONS", "available", "conv2d", "conv2d_pool_act", "fuses", "supports"]
+__all__ = ["ACTIVATIONS", "available", "conv2d", "conv2d_pool_act", "fuses", "supports", "window_table",
+           "window_table_bytes", "windows_pay"]

@@ -35,6 +35,7 @@ over all its samples at once (exact for non-additive metrics such as PSNR).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -281,6 +282,8 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     state = {k: torch.zeros_like(v) for k, v in params.items()}  # SGD momentum buffer / Adam first moment
     state2 = {k: torch.zeros_like(v) for k, v in params.items()} if optimizer == "adam" else {}
     alive = torch.ones(n_models, dtype=torch.bool, device=device)
+    update = _compiled_update(optimizer) if device.type == "cuda" else functools.partial(_update, optimizer)
+    step_t = torch.zeros((), dtype=torch.float64, device=device)  # the step count the update reads (a tensor: one program)
 
     # -- evaluation: eval mode, population_forward in batches, per-model loss and metric
     loss_per_model = vmap(task.loss, in_dims=(0, 0))
@@ -305,7 +308,11 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
                 else:
                     xb = x[idx]
             elif per_model is None:
-                xb, yb = x[i : i + eval_batch], y[i : i + eval_batch].expand(n_models, *y[i : i + eval_batch].shape)
+                yb = y[i : i + eval_batch].expand(n_models, *y[i : i + eval_batch].shape)
+                if fast_forward is not None and fast_forward.kernels:  # every model reads the same rows of the split
+                    xb, rows = x, torch.arange(i, i + yb.shape[1], device=device).expand(n_models, -1)
+                else:
+                    xb = x[i : i + eval_batch]
             else:
                 xb, yb = x[i : i + eval_batch], y[:, i : i + eval_batch]
             with autocast():
@@ -383,18 +390,12 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
             if running:  # each batch's mean weighted by its size: the epoch's mean over its samples
                 run_loss.add_(loss.detach(), alpha=idx.shape[1])
                 run_metric.add_(metric_per_model(pred, yb), alpha=idx.shape[1])
-            lr_t = lr * lr_factor(schedule, step, total_steps)
+            lr_t = lr if schedule == "constant" else lr * lr_factor(schedule, step, total_steps)
             step += 1
-            if optimizer == "sgd":
-                new_p, new_s, new_s2 = _sgd(params, grads, state, lr_t, wd, mom)
-            else:
-                new_p, new_s, new_s2 = _adamw(params, grads, state, state2, lr_t, wd, mom, step)
+            step_t += 1
+            params, state, state2, alive = update(params, grads, state, state2, lr_t, wd, mom, step_t, alive, total)
             if step == 1:
                 clock.lap("first_step")
-            alive = alive & torch.isfinite(total) & _all_finite(new_p)
-            params = {k: torch.where(_bcast(alive, v), v, params[k]) for k, v in new_p.items()}
-            state = {k: torch.where(_bcast(alive, v), v, state[k]) for k, v in new_s.items()}
-            state2 = {k: torch.where(_bcast(alive, v), v, state2[k]) for k, v in new_s2.items()}
         clock.lap("steps")
         record(epoch)
         clock.lap("evaluation")
@@ -445,6 +446,35 @@ class _Clock:
         self.t = now
 
 
+def _update(optimizer: str, params, grads, state, state2, lr, wd, mom, step, alive, total):
+    """One optimizer step of every model, then the divergence check: a model whose loss or new parameters
+    are not finite keeps its last finite state from now on (alive [N] bool, returned updated).
+
+    step is the 1-based step count (an int, or a 0-d float64 tensor so that a compiled update is one
+    program for every step). Returns (params, state, state2, alive)."""
+    if optimizer == "sgd":
+        new_p, new_s, new_s2 = _sgd(params, grads, state, lr, wd, mom)
+    else:
+        new_p, new_s, new_s2 = _adamw(params, grads, state, state2, lr, wd, mom, step)
+    alive = alive & torch.isfinite(total) & _all_finite(new_p)
+
+    def keep(new: dict[str, Tensor], old: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: torch.where(_bcast(alive, v), v, old[k]) for k, v in new.items()}
+
+    return keep(new_p, params), keep(new_s, state), keep(new_s2, state2), alive
+
+
+_COMPILED_UPDATES: dict[str, Callable] = {}
+
+
+def _compiled_update(optimizer: str) -> Callable:
+    """`_update` for `optimizer` as one compiled program (a handful of fused kernels instead of ~15 small
+    ones per parameter tensor a step), shared by every population of the process."""
+    if optimizer not in _COMPILED_UPDATES:
+        _COMPILED_UPDATES[optimizer] = torch.compile(functools.partial(_update, optimizer), dynamic=False)
+    return _COMPILED_UPDATES[optimizer]
+
+
 def _sgd(params, grads, buf, lr, wd, mom):
     """torch.optim.SGD on stacked tensors: g += wd p; buf = m buf + g; p -= lr buf (buf starts at 0)."""
     new_p, new_b = {}, {}
@@ -457,10 +487,11 @@ def _sgd(params, grads, buf, lr, wd, mom):
 
 
 def _adamw(params, grads, m1, m2, lr, wd, beta1, step):
-    """torch.optim.AdamW on stacked tensors, with per-model lr, weight decay and beta1."""
+    """torch.optim.AdamW on stacked tensors, with per-model lr, weight decay and beta1; step an int or a
+    0-d float64 tensor (the bias corrections then computed on the device in float64)."""
     new_p, new_m1, new_m2 = {}, {}, {}
     bc1 = 1 - beta1**step
-    bc2_sqrt = math.sqrt(1 - ADAM_BETA2**step)
+    bc2_sqrt = math.sqrt(1 - ADAM_BETA2**step) if isinstance(step, int) else torch.sqrt(1 - ADAM_BETA2**step)
     for k, p in params.items():
         g = grads[k]
         b1 = _bcast(beta1, p)

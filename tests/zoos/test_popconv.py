@@ -283,3 +283,120 @@ def test_one_compiled_program_for_every_data_set_and_short_batch():
             want = torch.stack([models[i](x[rows[i]]) for i in range(3)])
             torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+# ---- the first layer from a window table -------------------------------------------------------------
+
+def test_window_table_rows_are_the_input_windows():
+    """Row (s, q) is the zero-padded (k + pool - 1)^2 window of every channel that pooled output q reads."""
+    x = torch.arange(2 * 2 * 7 * 7, dtype=torch.float32, device=DEVICE).reshape(2, 2, 7, 7) + 1
+    table = popconv.window_table(x, (3, 3), (1, 1), pool=2)  # conv out 7x7 -> pooled 3x3, windows 4x4
+    assert table.shape == (2, 9, 32)  # 2 * 16 = 32 entries, already a multiple of 8
+    assert popconv.window_table_bytes(x, (3, 3), (1, 1), 2) == table.numel() * 4
+    padded = F.pad(x, (1, 1, 1, 1))
+    for s, qi, qj in [(0, 0, 0), (1, 2, 1), (0, 1, 2)]:
+        want = padded[s, :, 2 * qi: 2 * qi + 4, 2 * qj: 2 * qj + 4].reshape(-1)
+        assert torch.equal(table[s, qi * 3 + qj], want)
+    odd = popconv.window_table(torch.ones(1, 3, 6, 6, device=DEVICE), (2, 2), pool=1)  # 3 * 4 = 12 -> 16
+    assert odd.shape == (1, 25, 16) and bool((odd[..., 12:] == 0).all()) and bool((odd[..., :12] == 1).all())
+
+
+@settings(max_examples=16, deadline=None)
+@given(act=st.sampled_from(sorted(ACTS)), pool=st.sampled_from([1, 2]), c=st.integers(1, 3), o=st.integers(1, 20),
+       k=st.integers(1, 5), pad=st.integers(0, 2), size=st.integers(5, 9), bias=st.booleans())
+def test_window_conv_equals_the_three_layers(act, pool, c, o, k, pad, size, bias):
+    """The first layer from its window table: output and weight/bias gradients as conv -> max-pool -> act on
+    the gathered batch, odd sizes included (windows only cover what the pool's floor keeps)."""
+    if k > size + 2 * pad - pool + 1:
+        return  # the kernel does not fit: nothing to pool
+    torch.manual_seed(pool * 1000 + c * 100 + o * 10 + k)
+    n, batch = 2, 3
+    x = torch.randn(11, c, size, size, device=DEVICE)
+    rows = torch.randint(0, 11, (n, batch), device=DEVICE)
+    w = torch.randn(n, o, c, k, k, device=DEVICE, requires_grad=True)
+    b = torch.randn(n, o, device=DEVICE, requires_grad=True) if bias else None
+    table = popconv.window_table(x, (k, k), (pad, pad), pool)
+    got = popconv.conv2d_pool_act(x, w, b, (pad, pad), pool=pool, act=act, slope=0.1, rows=rows, windows=table)
+    y = reference(x[rows.reshape(-1)], w, b, pad)
+    want = ACTS[act](F.max_pool2d(y, pool) if pool > 1 else y)
+    g = torch.randn_like(want)
+    wrt = [t for t in (w, b) if t is not None]
+    for a, r in zip((got, *torch.autograd.grad((got * g).sum(), wrt)), (want, *torch.autograd.grad((want * g).sum(), wrt))):
+        close(a, r)
+
+
+def test_plain_conv_from_a_window_table():
+    """conv2d(rows=..., windows=...) is the pool-1, identity case: the same as gathering first."""
+    data = torch.randn(40, 2, 12, 12, device=DEVICE)
+    rows = torch.randint(0, 40, (3, 6), device=DEVICE)
+    w = torch.randn(3, 5, 2, 3, 3, device=DEVICE, requires_grad=True)
+    b = torch.randn(3, 5, device=DEVICE, requires_grad=True)
+    got = popconv.conv2d(data, w, b, (1, 1), rows=rows, windows=popconv.window_table(data, (3, 3), (1, 1)))
+    want = reference(data[rows.reshape(-1)], w, b, 1)
+    g = torch.randn_like(want)
+    for a, r in zip((got, *torch.autograd.grad((got * g).sum(), [w, b])), (want, *torch.autograd.grad((want * g).sum(), [w, b]))):
+        close(a, r)
+
+
+def test_window_table_misuse_is_named(monkeypatch):
+    data, w = torch.randn(10, 1, 12, 12), torch.randn(2, 4, 1, 5, 5)
+    rows = torch.randint(0, 10, (2, 3))
+    with pytest.raises(ValueError, match="windows = a window table needs rows"):
+        popconv.conv2d_pool_act(data[:6], w, None, pool=2, windows=popconv.window_table(data, (5, 5), pool=2))
+    with pytest.raises(ValueError, match=r"window table of shape \(10, 16, 32\) does not match this layer: "
+                                         r"expected \(10, 16, 40\) \(window_table\(x, kernel=\(5, 5\), padding=\(0, 0\), pool=2\)\)"):
+        popconv.conv2d_pool_act(data, w, None, pool=2, rows=rows, windows=popconv.window_table(data, (5, 5), pool=1)[:, :16, :32])
+    with pytest.raises(ValueError, match="pool = 3 is not allowed; expected 1 or 2"):
+        popconv.window_table(data, (5, 5), pool=3)
+    with pytest.raises(ValueError, match="a 13x13 kernel with padding"):
+        popconv.window_table(data, (13, 13))
+    monkeypatch.setitem(popconv.TUNING, "windows", "sometimes")
+    with pytest.raises(ValueError, match="SYMZOO_POPCONV_WINDOWS = 'sometimes' is not allowed; expected pool, always or never"):
+        popconv.windows_pay(2, 100, "cpu")
+
+
+def test_fast_population_reads_a_window_table_once_per_data_set(monkeypatch):
+    """cnn_s's first conv folds a 2x2 pool: the population reads the data set's window table, built on the
+    first call and reused while the data set lives, with the outputs and gradients of the gathering path."""
+    task, models, params, buffers = population("cnn_s", "mnist", {})
+    module = template(models[0])
+    params = {k: v.to(DEVICE) for k, v in params.items()}
+    data, y = torch.randn(30, *task.input_shape, device=DEVICE), torch.randint(0, 10, (3, 7), device=DEVICE)
+    rows = torch.randint(0, 30, (3, 7), device=DEVICE)
+    step = FastStep(module, task.loss, dropout=False, kernels=True)
+    assert step.pop.window_geometry == ((5, 5), (0, 0), 2)
+    grads, loss = step(params, buffers, data, y, rows=rows)
+    table = step.pop.window_table(data)
+    assert table is not None and table.shape == (30, 144, 40)
+    assert step.pop.window_table(data) is table  # kept, not rebuilt
+    other = data.clone()
+    assert step.pop.window_table(other) is not table
+    monkeypatch.setitem(popconv.TUNING, "windows", "never")
+    gathering = FastStep(module, task.loss, dropout=False, kernels=True)
+    assert gathering.pop.window_table(data) is None
+    want_grads, want_loss = gathering(params, buffers, data, y, rows=rows)
+    close(loss, want_loss)
+    for k in want_grads:
+        close(grads[k], want_grads[k])
+
+
+def test_one_compiled_program_with_window_tables():
+    """The window table's length is dynamic like the data set's: train, val and test share one program."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    models = [torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.MaxPool2d(2), torch.nn.Tanh(), torch.nn.Flatten(),
+                                  torch.nn.Linear(4 * 3 * 3, 3)).to(DEVICE) for _ in range(3)]
+    params, buffers = stack_states(models)
+    pop = FastPopulation(template(models[0]), compile=True, kernels=True)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        for size, batch in ((60, 16), (20, 16), (30, 11)):
+            x = torch.randn(size, 1, 8, 8, device=DEVICE)
+            rows = torch.randint(0, size, (3, batch), device=DEVICE)
+            out = pop(params, buffers, x, rows=rows, bucket=16)
+            assert pop.window_table(x) is not None
+            want = torch.stack([models[i](x[rows[i]]) for i in range(3)])
+            close(out, want)
+    assert counters["stats"]["unique_graphs"] == 1

@@ -255,3 +255,34 @@ def test_result_says_where_the_time_went():
     assert set(res.timings) == {"setup", "evaluation", "first_step", "steps"}
     assert all(v >= 0 for v in res.timings.values())
     assert sum(res.timings.values()) <= wall
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the update is compiled on CUDA only")
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_compiled_update_equals_the_eager_one(optimizer):
+    """The trainer's compiled optimizer step + divergence check computes what the eager one does, over
+    steps whose count is a device tensor (one program), with a model diverging midway."""
+    from zoos.trainer import _compiled_update, _update
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"a.weight": (5, 3, 2), "a.bias": (5, 3), "b.weight": (5, 7)}
+    params = {k: torch.randn(s, generator=gen).cuda() for k, s in shapes.items()}
+    state = {k: torch.zeros_like(v) for k, v in params.items()}
+    state2 = {k: torch.zeros_like(v) for k, v in params.items()} if optimizer == "adam" else {}
+    lr, wd, mom = (torch.tensor(v, device="cuda") for v in ([1e-2] * 5, [0.0, 1e-3, 0.0, 1e-2, 0.0], [0.9] * 5))
+    alive = torch.ones(5, dtype=torch.bool, device="cuda")
+    eager, compiled = (params, state, state2, alive), (params, state, state2, alive)
+    step = torch.zeros((), dtype=torch.float64, device="cuda")
+    for i in range(6):
+        grads = {k: torch.randn(s, generator=gen).cuda() for k, s in shapes.items()}
+        total = torch.zeros(5, device="cuda")
+        if i == 3:
+            total[2] = float("nan")  # model 2 diverges: frozen from here on
+        step += 1
+        eager = _update(optimizer, eager[0], grads, eager[1], eager[2], lr, wd, mom, step, eager[3], total)
+        compiled = _compiled_update(optimizer)(compiled[0], grads, compiled[1], compiled[2], lr, wd, mom, step,
+                                               compiled[3], total)
+    assert eager[3].tolist() == compiled[3].tolist() == [True, True, False, True, True]
+    for got, want in zip(compiled[:3], eager[:3]):
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5)
