@@ -231,7 +231,8 @@ def run_variant(n_models: int, kind: str, precision: str, data_dir: Path, device
 
 
 STEP_FLAGS = {"unfused": "pool and activation as separate (inductor) kernels", "gather": "the first conv gathers "
-              "from the data set (no window table)", "eager": "the optimizer update as eager torch ops"}
+              "from the data set (no window table)", "paddeddx": "a pooled layer's input gradient as the padded conv "
+              "of the unpooled gradient", "eager": "the optimizer update as eager torch ops"}
 
 
 def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps: int, kind: str,
@@ -270,6 +271,7 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
     saved = dict(popconv.TUNING)
     popconv.TUNING["fuse"] = fuse  # read when the graph is emitted
     popconv.TUNING["windows"] = "never" if "gather" in flags else saved["windows"]  # read when the table is built
+    popconv.TUNING["window_dx"] = "paddeddx" not in flags and saved["window_dx"]  # read when the step is compiled
     step = FastStep(template(models[0]), task.loss, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
                     compile=device == "cuda", dropout=False, kernels=kernels)
 
@@ -321,7 +323,7 @@ def main() -> None:
                                           "kernels:bf16:1024,kernels:bf16:2048",
                     help="trainer runs, kind:precision:models[:train_metrics]; kind = vmap | fast (im2col) | kernels (Triton)")
     ap.add_argument("--steps", default="256,1024,2048,4096")
-    ap.add_argument("--step-kinds", default="kernels-gather-eager,kernels-eager,kernels",
+    ap.add_argument("--step-kinds", default="kernels-gather-paddeddx-eager,kernels-paddeddx-eager,kernels-paddeddx,kernels",
                     help="step-only loops: fast (im2col) or kernels (popconv, pool and activation folded, the first conv "
                          "from its window table, compiled update), each with flags: " +
                          "; ".join(f"-{k}: {v}" for k, v in STEP_FLAGS.items()))

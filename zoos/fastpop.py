@@ -159,7 +159,8 @@ class FastPopulation:
             import torch._dynamo
 
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-            key = (self.graph_module.code, repr(self.graph_module), dtype, kernels)  # same program: reuse its compiled kernels
+            # same program and the same popconv choices baked in when it is traced: reuse its compiled kernels
+            key = (self.graph_module.code, repr(self.graph_module), dtype, kernels, popconv.traced_choices())
             if key not in _COMPILED:
                 _COMPILED[key] = torch.compile(self.graph_module, dynamic=False)
             self._compiled = _COMPILED[key]

@@ -332,6 +332,14 @@ if triton is not None:
     # ---- the first layer through a window table: whole-window rows, tensor-core products ------------------
 
     @triton.jit
+    def _mma(a, b, DOT: tl.constexpr):
+        """a @ b on tensor cores with float32 accumulation: bf16 operands, or float32 ones as 3xTF32 (float32
+        accuracy, so a max-pool after a float32 layer picks the window positions a float32 conv would)."""
+        if DOT == tl.float32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+        return tl.dot(a.to(DOT), b.to(DOT))
+
+    @triton.jit
     def _window_tile(t_ptr, rows_ptr, m, start, B, L: tl.constexpr, T: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
         """Model m's output positions start + [0, BLOCK_M) (flat over batch sample and position) and their
@@ -361,29 +369,36 @@ if triton is not None:
         return tl.load(ptrs, mask=ok[:, None] & (o < O)[None, :], other=0.0).to(tl.float32)
 
     @triton.jit
-    def _window_conv_kernel(t_ptr, rows_ptr, w_ptr, b_ptr, a_ptr, code_ptr, B, O,
+    def _window_conv_kernel(t_ptr, rows_ptr, w_ptr, b_ptr, a_ptr, code_ptr, B, O, PER_PROGRAM,
                             L: tl.constexpr, T: tl.constexpr, C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                             POOL: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr, HAS_BIAS: tl.constexpr,
                             DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
         """act(maxpool(conv(x) + b)) of the first layer from its window table: one [positions, window] @
         [window, outputs] product per window position (the weights placed at that position), then the max,
-        which position won (`code`), bias and activation, as `_conv_pool_act_fma_kernel` writes them."""
-        tile, m = tl.program_id(0), tl.program_id(1)
-        win, pmask, sample, q = _window_tile(t_ptr, rows_ptr, m, tile * BLOCK_M, B, L, T, BLOCK_M, BLOCK_T)
-        win = win.to(DOT)
+        which position won (`code`), bias and activation, as `_conv_pool_act_fma_kernel` writes them.
+        A program takes PER_PROGRAM position tiles of model m, its placed weights loaded once."""
+        group, m = tl.program_id(0), tl.program_id(1)
         o = tl.arange(0, BLOCK_N)
-        best = tl.dot(win, _window_weights(w_ptr, m, O, 0, C, KH, KW, POOL, BLOCK_T, BLOCK_N).to(DOT))
-        code = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for d in tl.static_range(1, POOL * POOL):
-            acc = tl.dot(win, _window_weights(w_ptr, m, O, d, C, KH, KW, POOL, BLOCK_T, BLOCK_N).to(DOT))
-            best, code = _keep_max(best, code, acc, d)
-        if HAS_BIAS:
-            best += tl.load(b_ptr + m * O + o, mask=o < O, other=0.0).to(tl.float32)[None, :]
-        out = sample.to(tl.int64)[:, None] * (O * L) + (o * L)[None, :] + q[:, None]
-        mask = pmask[:, None] & (o < O)[None, :]
-        tl.store(a_ptr + out, _activate(best, ACT, SLOPE).to(a_ptr.dtype.element_ty), mask=mask)
-        if POOL > 1:
-            tl.store(code_ptr + out, code.to(tl.int8), mask=mask)
+        w0 = _window_weights(w_ptr, m, O, 0, C, KH, KW, POOL, BLOCK_T, BLOCK_N)
+        w1 = _window_weights(w_ptr, m, O, 1 % (POOL * POOL), C, KH, KW, POOL, BLOCK_T, BLOCK_N)
+        w2 = _window_weights(w_ptr, m, O, 2 % (POOL * POOL), C, KH, KW, POOL, BLOCK_T, BLOCK_N)
+        w3 = _window_weights(w_ptr, m, O, 3 % (POOL * POOL), C, KH, KW, POOL, BLOCK_T, BLOCK_N)
+        bias = tl.load(b_ptr + m * O + o, mask=(o < O) & HAS_BIAS, other=0.0).to(tl.float32)
+        start = group * PER_PROGRAM
+        for tile in range(start, tl.minimum(start + PER_PROGRAM, tl.cdiv(B * L, BLOCK_M))):
+            win, pmask, sample, q = _window_tile(t_ptr, rows_ptr, m, tile * BLOCK_M, B, L, T, BLOCK_M, BLOCK_T)
+            best = _mma(win, w0, DOT)
+            code = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            if POOL > 1:
+                best, code = _keep_max(best, code, _mma(win, w1, DOT), 1)
+                best, code = _keep_max(best, code, _mma(win, w2, DOT), 2)
+                best, code = _keep_max(best, code, _mma(win, w3, DOT), 3)
+            best += bias[None, :]
+            out = sample.to(tl.int64)[:, None] * (O * L) + (o * L)[None, :] + q[:, None]
+            mask = pmask[:, None] & (o < O)[None, :]
+            tl.store(a_ptr + out, _activate(best, ACT, SLOPE).to(a_ptr.dtype.element_ty), mask=mask)
+            if POOL > 1:
+                tl.store(code_ptr + out, code.to(tl.int8), mask=mask)
 
     @triton.jit
     def _window_wgrad_kernel(t_ptr, rows_ptr, da_ptr, a_ptr, code_ptr, dw_ptr, db_ptr, B, O, SPLIT, PER_SPLIT,
@@ -410,15 +425,15 @@ if triton is not None:
             g = g * _act_grad_from_output(tl.load(a_ptr + src, mask=mask, other=0.0).to(tl.float32), ACT, SLOPE)
             if HAS_BIAS:
                 acc_b += tl.sum(g, axis=0)
-            win_t = tl.trans(win.to(DOT))
+            win_t = tl.trans(win)
             if POOL == 1:
-                acc0 += tl.dot(win_t, g.to(DOT))
+                acc0 += _mma(win_t, g, DOT)
             else:
                 chosen = tl.load(code_ptr + src, mask=mask, other=-1).to(tl.int32)
-                acc0 += tl.dot(win_t, tl.where(chosen == 0, g, 0.0).to(DOT))
-                acc1 += tl.dot(win_t, tl.where(chosen == 1, g, 0.0).to(DOT))
-                acc2 += tl.dot(win_t, tl.where(chosen == 2, g, 0.0).to(DOT))
-                acc3 += tl.dot(win_t, tl.where(chosen == 3, g, 0.0).to(DOT))
+                acc0 += _mma(win_t, tl.where(chosen == 0, g, 0.0), DOT)
+                acc1 += _mma(win_t, tl.where(chosen == 1, g, 0.0), DOT)
+                acc2 += _mma(win_t, tl.where(chosen == 2, g, 0.0), DOT)
+                acc3 += _mma(win_t, tl.where(chosen == 3, g, 0.0), DOT)
         part = m.to(tl.int64) * SPLIT + split
         ptrs = dw_ptr + part * (POOL * POOL * T * O) + k[:, None] * O + o[None, :]
         mask = (k < T)[:, None] & (o < O)[None, :]
@@ -431,17 +446,95 @@ if triton is not None:
             tl.store(db_ptr + part * O + o, acc_b, mask=o < O)
 
 
+    # ---- the input gradient of a pooled layer: each pooled position's whole window at once ------------------
+
+    @triton.jit
+    def _window_dx_kernel(da_ptr, a_ptr, code_ptr, w_ptr, cols_ptr, B, O, PER_PROGRAM,
+                          L: tl.constexpr, C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, POOL: tl.constexpr,
+                          ACT: tl.constexpr, SLOPE: tl.constexpr, DOT: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """cols[s, (c, u, v), q] = what pooled output q of sample s sends to entry (c, u, v) of its input window:
+        sum over (d, o) of g[s, o, q] [code = d] * w[o, c, u - du, v - dv], g = da * act'(a). One
+        [positions, (d, o)] @ [(d, o), window chunk] product per tile: the three zero window positions of
+        each output are zeros in the product, not loads. `_fold_kernel` sums the overlapping windows."""
+        group, nb, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        UH: tl.constexpr = KH + POOL - 1
+        UW: tl.constexpr = KW + POOL - 1
+        TW: tl.constexpr = C * UH * UW
+        k = tl.arange(0, BLOCK_K)
+        d, o = k // O, k % O
+        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        c, u, v = n // (UH * UW), (n % (UH * UW)) // UW, n % UW
+        ki = u[None, :] - (d // POOL)[:, None]
+        kj = v[None, :] - (d % POOL)[:, None]
+        ok = (k < POOL * POOL * O)[:, None] & (n < TW)[None, :] & (ki >= 0) & (ki < KH) & (kj >= 0) & (kj < KW)
+        ptrs = w_ptr + m.to(tl.int64) * (O * C * KH * KW) + (o * (C * KH * KW))[:, None] + (c * (KH * KW))[None, :] + ki * KW + kj
+        placed = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_N]
+        kmask = k < POOL * POOL * O
+        start = group * PER_PROGRAM
+        for tile in range(start, tl.minimum(start + PER_PROGRAM, tl.cdiv(B * L, BLOCK_M))):
+            t = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            pmask = t < B * L
+            sample = (m * B + t // L).to(tl.int64)
+            q = t % L
+            src = sample[:, None] * (O * L) + (o * L)[None, :] + q[:, None]
+            mask = pmask[:, None] & kmask[None, :]
+            g = tl.load(da_ptr + src, mask=mask, other=0.0).to(tl.float32)
+            g = g * _act_grad_from_output(tl.load(a_ptr + src, mask=mask, other=0.0).to(tl.float32), ACT, SLOPE)
+            if POOL > 1:
+                g = tl.where(tl.load(code_ptr + src, mask=mask, other=-1).to(tl.int32) == d[None, :], g, 0.0)
+            acc = _mma(g, placed, DOT)
+            out = cols_ptr + sample[:, None] * (TW * L) + (n * L)[None, :] + q[:, None]
+            tl.store(out, acc.to(cols_ptr.dtype.element_ty), mask=pmask[:, None] & (n < TW)[None, :])
+
+    @triton.jit
+    def _fold_kernel(cols_ptr, dx_ptr, total, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                     PH: tl.constexpr, PW: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
+                     KH: tl.constexpr, KW: tl.constexpr, POOL: tl.constexpr, BLOCK: tl.constexpr):
+        """dx[s, c, i, j] = the sum of cols over the windows that cover (i, j) (at most ceil(window / POOL)^2 of
+        them), accumulated in float32: F.fold's col2im, with windows at stride POOL and zero padding dropped."""
+        UH: tl.constexpr = KH + POOL - 1
+        UW: tl.constexpr = KW + POOL - 1
+        L: tl.constexpr = HP * WP
+        e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = e < total
+        j, i = e % W + PW, (e // W) % H + PH  # padded coordinates
+        c, s = (e // (H * W)) % C, e // (C * H * W)
+        base = cols_ptr + s * (C * UH * UW * L) + c * (UH * UW * L)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for a in tl.static_range((UH + POOL - 1) // POOL):
+            qi = i // POOL - a
+            u = i - qi * POOL
+            row_ok = mask & (qi >= 0) & (qi < HP) & (u < UH)
+            for b in tl.static_range((UW + POOL - 1) // POOL):
+                qj = j // POOL - b
+                v = j - qj * POOL
+                ok = row_ok & (qj >= 0) & (qj < WP) & (v < UW)
+                acc += tl.load(base + (u * UW + v) * L + qi * WP + qj, mask=ok, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + e, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 # Kernel choices and tile sizes (0 = the measured default for the layer's shape): the forward on CUDA
 # cores for the few-channel layers of population zoos and on tensor cores where O is large; the weight
 # gradient always on tensor cores (a CUDA-core version with a [pixels, taps, outputs] accumulator was
 # 1.6-3.4x slower on every CNN-s layer); "dot": bf16 or tf32 tensor-core inputs for bf16 activations;
-# "fuse": whether FastPopulation folds a following max-pool and activation into the CUDA-core forward.
-# `benchmarks/popconv_bench.py` sweeps these on a GPU.
+# "fuse": whether FastPopulation folds a following max-pool and activation into the CUDA-core forward;
+# "windows": when a first layer reads a window table (`windows_pay`), "window_max_fraction" of the card
+# a table may take, "window_block_m" positions a tile; "window_dx": a pooled layer's input gradient as
+# whole-window products + fold (else the padded conv of its unpooled gradient), "window_dx_block_n" window
+# entries a tile. `benchmarks/popconv_bench.py` sweeps the conv tiles on a GPU; `benchmarks/train_bench.py
+# --step-kinds` times the step with each choice off.
 TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_block_m": 0, "fused_block_m": 0, "fma_warps": 4,
           "wgrad_block_m": 0, "wgrad_per_sm": 16, "wgrad_stages": 0, "dot": "bf16",
           "fuse": os.environ.get("SYMZOO_POPCONV_FUSE", "1") != "0",
           "windows": os.environ.get("SYMZOO_POPCONV_WINDOWS", "pool"), "window_block_m": 128,
-          "window_max_fraction": 0.125}
+          "window_max_fraction": 0.125, "window_dx": os.environ.get("SYMZOO_POPCONV_WINDOW_DX", "1") != "0",
+          "window_dx_block_n": 64}
+
+
+def traced_choices() -> tuple:
+    """The TUNING entries a compiled program bakes in when it traces these ops' backward (part of its cache key)."""
+    return (TUNING["window_dx"],)
 
 
 def _dot_dtype(x: Tensor):
@@ -580,6 +673,15 @@ def _window_blocks(table: Tensor, o: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(table.shape[2])), max(16, triton.next_power_of_2(o))
 
 
+def _programs_per_model(tiles: int, n: int, device: torch.device) -> tuple[int, int]:
+    """(programs a model, tiles a program): enough programs to fill the card (TUNING wgrad_per_sm a
+    multiprocessor) and at least 8 tiles a program, so what a program loads once serves several tiles."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    split = max(1, min(triton.cdiv(TUNING["wgrad_per_sm"] * sms, n), triton.cdiv(tiles, 8)))
+    per = triton.cdiv(tiles, split)
+    return triton.cdiv(tiles, per), per
+
+
 def _launch_window(table: Tensor, rows: Tensor, w: Tensor, b: Tensor | None, batch: int, hp: int, wp: int,
                    pool: int, act: str, slope: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     n, o, c, kh, kw = w.shape
@@ -587,8 +689,9 @@ def _launch_window(table: Tensor, rows: Tensor, w: Tensor, b: Tensor | None, bat
     code = torch.empty(n * batch, o, hp, wp, device=table.device, dtype=torch.int8) if pool > 1 else a.new_empty(0, dtype=torch.int8)
     block_t, block_n = _window_blocks(table, o)
     block_m = TUNING["window_block_m"]
-    _window_conv_kernel[(triton.cdiv(batch * hp * wp, block_m), n)](
-        table, rows, w, b if b is not None else w, a, code if pool > 1 else a, batch, o,
+    groups, per = _programs_per_model(triton.cdiv(batch * hp * wp, block_m), n, table.device)
+    _window_conv_kernel[(groups, n)](
+        table, rows, w, b if b is not None else w, a, code if pool > 1 else a, batch, o, per,
         L=hp * wp, T=table.shape[2], C=c, KH=kh, KW=kw, POOL=pool, ACT=act, SLOPE=slope, HAS_BIAS=b is not None,
         DOT=_dot_dtype(table), BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4,
     )
@@ -603,11 +706,7 @@ def _launch_window_wgrad(table: Tensor, rows: Tensor, da: Tensor, a: Tensor, cod
     batch, length, t = da.shape[0] // n, da.shape[2] * da.shape[3], table.shape[2]
     block_t, block_n = _window_blocks(table, o)
     block_m = TUNING["window_block_m"]
-    tiles = triton.cdiv(batch * length, block_m)
-    sms = torch.cuda.get_device_properties(da.device).multi_processor_count if da.is_cuda else 1
-    split = max(1, min(triton.cdiv(TUNING["wgrad_per_sm"] * sms, n), triton.cdiv(tiles, 8)))
-    per_split = triton.cdiv(tiles, split)
-    split = triton.cdiv(tiles, per_split)
+    split, per_split = _programs_per_model(triton.cdiv(batch * length, block_m), n, da.device)
     placed = torch.empty(n, split, pool * pool, t, o, device=da.device, dtype=torch.float32)
     db = torch.empty(n, split, o, device=da.device, dtype=torch.float32) if bias else None
     _window_wgrad_kernel[(split, n)](
@@ -615,11 +714,48 @@ def _launch_window_wgrad(table: Tensor, rows: Tensor, da: Tensor, a: Tensor, cod
         L=length, T=t, POOL=pool, ACT=act, SLOPE=slope, HAS_BIAS=bias, DOT=_dot_dtype(table),
         BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4,
     )
-    placed = placed.sum(1)  # [N, pool^2, T, O]
-    uh, uw = kh + pool - 1, kw + pool - 1
-    ci, ki, kj = torch.meshgrid(*(torch.arange(v, device=da.device) for v in (c, kh, kw)), indexing="ij")
-    dw = sum(placed[:, d, (ci * uh + ki + d // pool) * uw + kj + d % pool] for d in range(pool * pool))  # [N, C, kh, kw, O]
-    return dw.permute(0, 4, 1, 2, 3).contiguous(), (db.sum(1) if db is not None else None)
+    taps = _placed_taps(c, kh, kw, pool, t, da.device)  # [pool^2 * K] rows of the flattened (position, window) axis
+    dw = placed.sum(1).view(n, pool * pool * t, o).index_select(1, taps).view(n, pool * pool, c * kh * kw, o).sum(1)
+    return dw.transpose(1, 2).reshape(w_shape), (db.sum(1) if db is not None else None)
+
+
+_TAPS: dict[tuple, Tensor] = {}
+
+
+def _placed_taps(c: int, kh: int, kw: int, pool: int, t: int, device: torch.device) -> Tensor:
+    """For each window position d and kernel tap (c, ki, kj), its row d * T + (c, ki + di, kj + dj) in the
+    window-placed gradient [pool^2 * T, O]: summing those rows over d gives the tap's gradient."""
+    key = (c, kh, kw, pool, t, str(device))
+    if key not in _TAPS:
+        uh, uw = kh + pool - 1, kw + pool - 1
+        ci, ki, kj = (v.reshape(-1) for v in torch.meshgrid(torch.arange(c), torch.arange(kh), torch.arange(kw), indexing="ij"))
+        _TAPS[key] = torch.cat([d * t + (ci * uh + ki + d // pool) * uw + kj + d % pool for d in range(pool * pool)]).to(device)
+    return _TAPS[key]
+
+
+def _launch_window_dx(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x_shape: torch.Size, padding: tuple[int, int],
+                      pool: int, act: str, slope: float, dtype: torch.dtype) -> Tensor:
+    """dx of act(maxpool(conv(x))) from its output gradient da: each pooled output's window contribution
+    (`_window_dx_kernel`, tensor cores), then the overlapping windows summed (`_fold_kernel`)."""
+    n, o, c, kh, kw = w.shape
+    nb, _, hp, wp = da.shape
+    batch, length = nb // n, hp * wp
+    width = c * (kh + pool - 1) * (kw + pool - 1)
+    cols = torch.empty(nb, width, length, device=da.device, dtype=dtype)
+    block_m, block_n = TUNING["window_block_m"], TUNING["window_dx_block_n"]
+    block_k = max(16, triton.next_power_of_2(pool * pool * o))
+    groups, per = _programs_per_model(triton.cdiv(batch * length, block_m), n, da.device)
+    _window_dx_kernel[(groups, triton.cdiv(width, block_n), n)](
+        da, a, code if pool > 1 else a, w, cols, batch, o, per, L=length, C=c, KH=kh, KW=kw, POOL=pool, ACT=act,
+        SLOPE=slope, DOT=_dot_dtype(da), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
+    )
+    dx = torch.empty(nb, c, x_shape[2], x_shape[3], device=da.device, dtype=dtype)
+    block = 1024
+    _fold_kernel[(triton.cdiv(dx.numel(), block),)](
+        cols, dx, dx.numel(), C=c, H=x_shape[2], W=x_shape[3], PH=padding[0], PW=padding[1], HP=hp, WP=wp,
+        KH=kh, KW=kw, POOL=pool, BLOCK=block, num_warps=4,
+    )
+    return dx
 
 
 # ---- the custom ops: forward, and the two backward products --------------------------------------------
@@ -748,15 +884,28 @@ def _unpool(dz: Tensor, code: Tensor, pool: int, out_hw: tuple[int, int]) -> Ten
     return dy
 
 
+@torch.library.custom_op("symzoo::pop_window_dx", mutates_args=())
+def _pop_window_dx(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x: Tensor, pad_h: int, pad_w: int, pool: int,
+                   act: str, slope: float) -> Tensor:
+    return _launch_window_dx(da.contiguous(), a, code, w.contiguous(), x.shape, (pad_h, pad_w), pool, act, slope, x.dtype)
+
+
+@_pop_window_dx.register_fake
+def _(da, a, code, w, x, pad_h, pad_w, pool, act, slope):
+    return torch.empty_like(x)
+
+
 def _backward_pool_act(ctx, da: Tensor, _dcode: Tensor | None):
     x, w, rows, a, code = ctx.saved_tensors
     batch, pad_h, pad_w, has_bias, x_dtype, pool, act, slope = ctx.meta
     nothing = (None,) * 8
-    if not ctx.needs_input_grad[0]:  # weights only (the first layer): the kernel rebuilds the conv's dy itself
+    window_dx = ctx.needs_input_grad[0] and pool > 1 and TUNING["window_dx"]
+    if not ctx.needs_input_grad[0] or window_dx:  # the weight-gradient kernel rebuilds the conv's dy itself
+        dx = _pop_window_dx(da, a, code, w, x, pad_h, pad_w, pool, act, slope) if window_dx else None
         if not (ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2])):
-            return None, None, None, *nothing
+            return dx, None, None, *nothing
         dw, db = _pop_conv2d_pool_act_wgrad(x, rows, da, a, code, w, pad_h, pad_w, has_bias, pool, act, slope)
-        return None, dw.to(w.dtype), (db if has_bias else None), *nothing
+        return dx, dw.to(w.dtype), (db if has_bias else None), *nothing
     dz = (da.float() * _act_grad(a, act, slope)).to(a.dtype)
     if pool > 1:
         out_hw = (x.shape[2] + 2 * pad_h - w.shape[3] + 1, x.shape[3] + 2 * pad_w - w.shape[4] + 1)

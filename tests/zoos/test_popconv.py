@@ -400,3 +400,20 @@ def test_one_compiled_program_with_window_tables():
             want = torch.stack([models[i](x[rows[i]]) for i in range(3)])
             close(out, want)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("window_dx", [True, False])
+@pytest.mark.parametrize("c,o,k,pad,size", [(8, 6, 5, 0, 12), (3, 5, 3, 1, 9), (2, 20, 2, 2, 7)])
+def test_pooled_input_gradient_either_way(monkeypatch, window_dx, c, o, k, pad, size):
+    """A pooled layer's input gradient from whole-window products + fold (TUNING window_dx) or from the padded
+    conv of the unpooled gradient: both equal autograd through conv -> max_pool2d -> tanh."""
+    monkeypatch.setitem(popconv.TUNING, "window_dx", window_dx)
+    torch.manual_seed(c * 100 + o)
+    x = torch.randn(2 * 3, c, size, size, device=DEVICE, requires_grad=True)
+    w = torch.randn(2, o, c, k, k, device=DEVICE, requires_grad=True)
+    b = torch.randn(2, o, device=DEVICE, requires_grad=True)
+    got = popconv.conv2d_pool_act(x, w, b, (pad, pad), pool=2, act="tanh")
+    want = torch.tanh(F.max_pool2d(reference(x, w, b, pad), 2))
+    g = torch.randn_like(want)
+    for a, r in zip(torch.autograd.grad((got * g).sum(), [x, w, b]), torch.autograd.grad((want * g).sum(), [x, w, b])):
+        close(a, r)
