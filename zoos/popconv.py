@@ -716,7 +716,7 @@ def _launch_window_wgrad(table: Tensor, rows: Tensor, da: Tensor, a: Tensor, cod
     )
     taps = _placed_taps(c, kh, kw, pool, t, da.device)  # [pool^2 * K] rows of the flattened (position, window) axis
     dw = placed.sum(1).view(n, pool * pool * t, o).index_select(1, taps).view(n, pool * pool, c * kh * kw, o).sum(1)
-    return dw.transpose(1, 2).reshape(w_shape), (db.sum(1) if db is not None else None)
+    return dw.transpose(1, 2).contiguous().view(w_shape), (db.sum(1) if db is not None else None)
 
 
 _TAPS: dict[tuple, Tensor] = {}

@@ -417,3 +417,20 @@ def test_pooled_input_gradient_either_way(monkeypatch, window_dx, c, o, k, pad, 
     g = torch.randn_like(want)
     for a, r in zip(torch.autograd.grad((got * g).sum(), [x, w, b]), torch.autograd.grad((want * g).sum(), [x, w, b])):
         close(a, r)
+
+
+def test_window_ops_pass_torch_library_opcheck():
+    """The window ops' fake kernels (what torch.compile plans with) match what they return: shapes, dtypes,
+    strides; autograd registration included."""
+    data = torch.randn(9, 2, 10, 10, device=DEVICE)
+    rows = torch.randint(0, 9, (2 * 3,), device=DEVICE, dtype=torch.int32)
+    w = torch.randn(2, 5, 2, 3, 3, device=DEVICE, requires_grad=True)
+    b = torch.randn(2, 5, device=DEVICE, requires_grad=True)
+    table = popconv.window_table(data, (3, 3), (1, 1), pool=2)
+    args = (table, w, b, rows, 3, 5, 5, 2, "tanh", 0.0, torch.float32)
+    torch.library.opcheck(popconv._pop_window_conv, args)
+    a, code = popconv._pop_window_conv(*args)
+    da = torch.randn_like(a)
+    torch.library.opcheck(popconv._pop_window_conv_wgrad, (table, rows, da, a.detach(), code, w.detach(), True, 2, "tanh", 0.0))
+    x = torch.randn(6, 2, 10, 10, device=DEVICE)
+    torch.library.opcheck(popconv._pop_window_dx, (da, a.detach(), code, w.detach(), x, 1, 1, 2, "tanh", 0.0))
