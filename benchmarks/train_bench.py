@@ -271,7 +271,7 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
     saved = dict(popconv.TUNING)
     popconv.TUNING["fuse"] = fuse  # read when the graph is emitted
     popconv.TUNING["windows"] = "never" if "gather" in flags else saved["windows"]  # read when the table is built
-    popconv.TUNING["window_dx"] = "paddeddx" not in flags and saved["window_dx"]  # read when the step is compiled
+    popconv.TUNING["window_dx"] = "paddeddx" not in flags and saved["window_dx"]  # read when the graph is emitted
     step = FastStep(template(models[0]), task.loss, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
                     compile=device == "cuda", dropout=False, kernels=kernels)
 

@@ -159,8 +159,7 @@ class FastPopulation:
             import torch._dynamo
 
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-            # same program and the same popconv choices baked in when it is traced: reuse its compiled kernels
-            key = (self.graph_module.code, repr(self.graph_module), dtype, kernels, popconv.traced_choices())
+            key = (self.graph_module.code, repr(self.graph_module), dtype, kernels)  # same program: reuse its compiled kernels
             if key not in _COMPILED:
                 _COMPILED[key] = torch.compile(self.graph_module, dynamic=False)
             self._compiled = _COMPILED[key]
@@ -274,7 +273,7 @@ class FastPopulation:
         if not popconv.fuses(mods[conv.target].out_channels):
             return None
         chain: list[fx.Node] = []
-        options: dict = {"pool": 1, "act": "identity"}
+        options: dict = {"pool": 1, "act": "identity", "window_dx": popconv.TUNING["window_dx"]}  # explicit in the program
         cur = conv
         while len(cur.users) == 1:
             (user,) = cur.users

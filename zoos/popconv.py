@@ -532,11 +532,6 @@ TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_bloc
           "window_dx_block_n": 64}
 
 
-def traced_choices() -> tuple:
-    """The TUNING entries a compiled program bakes in when it traces these ops' backward (part of its cache key)."""
-    return (TUNING["window_dx"],)
-
-
 def _dot_dtype(x: Tensor):
     """The tensor-core input type: TF32 (float32 operands), or bf16 where the activations already are bf16."""
     return tl.bfloat16 if TUNING["dot"] == "bf16" and x.dtype == torch.bfloat16 else tl.float32
@@ -841,22 +836,23 @@ ACTIVATIONS = ("identity", "tanh", "sigmoid", "relu", "leaky_relu")  # monotone:
 
 @torch.library.custom_op("symzoo::pop_conv2d_pool_act", mutates_args=())
 def _pop_conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, rows: Tensor | None, batch: int, pad_h: int,
-                         pad_w: int, pool: int, act: str, slope: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+                         pad_w: int, pool: int, act: str, slope: float, out_dtype: torch.dtype,
+                         window_dx: bool) -> tuple[Tensor, Tensor]:
     return _launch_pool_act(x.contiguous(), rows, w.contiguous(), b, batch, (pad_h, pad_w), pool, act, slope, out_dtype)
 
 
 @_pop_conv2d_pool_act.register_fake
-def _(x, w, b, rows, batch, pad_h, pad_w, pool, act, slope, out_dtype):
+def _(x, w, b, rows, batch, pad_h, pad_w, pool, act, slope, out_dtype, window_dx):
     n, o, _, kh, kw = w.shape
     shape = (n * batch, o, (x.shape[2] + 2 * pad_h - kh + 1) // pool, (x.shape[3] + 2 * pad_w - kw + 1) // pool)
     return x.new_empty(shape, dtype=out_dtype), x.new_empty(shape if pool > 1 else (0,), dtype=torch.int8)
 
 
 def _setup_pool_act(ctx, inputs, output) -> None:
-    x, w, b, rows, batch, pad_h, pad_w, pool, act, slope, _ = inputs
+    x, w, b, rows, batch, pad_h, pad_w, pool, act, slope, _, window_dx = inputs
     a, code = output
     ctx.save_for_backward(x, w, rows, a, code)
-    ctx.meta = (batch, pad_h, pad_w, b is not None, x.dtype, pool, act, slope)
+    ctx.meta = (batch, pad_h, pad_w, b is not None, x.dtype, pool, act, slope, window_dx)
     ctx.mark_non_differentiable(code)
 
 
@@ -897,9 +893,9 @@ def _(da, a, code, w, x, pad_h, pad_w, pool, act, slope):
 
 def _backward_pool_act(ctx, da: Tensor, _dcode: Tensor | None):
     x, w, rows, a, code = ctx.saved_tensors
-    batch, pad_h, pad_w, has_bias, x_dtype, pool, act, slope = ctx.meta
-    nothing = (None,) * 8
-    window_dx = ctx.needs_input_grad[0] and pool > 1 and TUNING["window_dx"]
+    batch, pad_h, pad_w, has_bias, x_dtype, pool, act, slope, window_dx = ctx.meta
+    nothing = (None,) * 9
+    window_dx = ctx.needs_input_grad[0] and pool > 1 and window_dx
     if not ctx.needs_input_grad[0] or window_dx:  # the weight-gradient kernel rebuilds the conv's dy itself
         dx = _pop_window_dx(da, a, code, w, x, pad_h, pad_w, pool, act, slope) if window_dx else None
         if not (ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2])):
@@ -1040,14 +1036,17 @@ def _checked(x: Tensor, w: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor,
 
 def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int] = (0, 0), *,
                     pool: int = 2, act: str = "identity", slope: float = 0.0, rows: Tensor | None = None,
-                    out_dtype: torch.dtype | None = None, windows: Tensor | None = None) -> Tensor:
+                    out_dtype: torch.dtype | None = None, windows: Tensor | None = None,
+                    window_dx: bool | None = None) -> Tensor:
     """act(max_pool2d(conv2d(x, w, b), pool)) per model in one kernel (pool 1: no pool), as `conv2d`'s arguments.
 
     `act` is one of ACTIVATIONS (`slope`: leaky_relu's negative slope); the max is taken before the
     activation, which for these monotone functions is the same as after it. Only the pooled output
     and a byte per output (which window position was the max) are written; gradients flow as through
     the unfused layers. With `rows`, `windows` may be x's `window_table(x, (kh, kw), padding, pool)`: the
-    first layer as tensor-core products over whole-window rows, the same result.
+    first layer as tensor-core products over whole-window rows, the same result. `window_dx` (default
+    TUNING["window_dx"]) picks how a pooled layer's input gradient is computed (both exact; the choice is an
+    argument so a compiled program records it).
     """
     if pool not in (1, 2) or act not in ACTIVATIONS:
         raise ValueError(f"pool = {pool!r}, act = {act!r}: allowed pool 1 or 2 and act one of {', '.join(ACTIVATIONS)}")
@@ -1055,7 +1054,7 @@ def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, 
     if windows is not None:
         return _window_conv(windows, x, w, b, padding, _need_rows(rows), batch, pool, act, slope, out_dtype or x.dtype)
     a, _ = _pop_conv2d_pool_act(x, w, b, rows, batch, int(padding[0]), int(padding[1]), pool, act, float(slope),
-                                out_dtype or x.dtype)
+                                out_dtype or x.dtype, TUNING["window_dx"] if window_dx is None else bool(window_dx))
     return a
 
 
