@@ -488,18 +488,20 @@ if triton is not None:
             tl.store(out, acc.to(cols_ptr.dtype.element_ty), mask=pmask[:, None] & (n < TW)[None, :])
 
     @triton.jit
-    def _fold_kernel(cols_ptr, dx_ptr, total, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+    def _fold_kernel(cols_ptr, dx_ptr, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
                      PH: tl.constexpr, PW: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
                      KH: tl.constexpr, KW: tl.constexpr, POOL: tl.constexpr, BLOCK: tl.constexpr):
         """dx[s, c, i, j] = the sum of cols over the windows that cover (i, j) (at most ceil(window / POOL)^2 of
-        them), accumulated in float32: F.fold's col2im, with windows at stride POOL and zero padding dropped."""
+        them), accumulated in float32: F.fold's col2im, with windows at stride POOL and zero padding dropped.
+        A program owns a tile of one sample's dx (index math in int32; the sample's offset once, in int64)."""
         UH: tl.constexpr = KH + POOL - 1
         UW: tl.constexpr = KW + POOL - 1
         L: tl.constexpr = HP * WP
-        e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = e < total
-        j, i = e % W + PW, (e // W) % H + PH  # padded coordinates
-        c, s = (e // (H * W)) % C, e // (C * H * W)
+        s = tl.program_id(0).to(tl.int64)
+        e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = e < C * H * W
+        j, i, c = e % W + PW, (e // W) % H + PH, e // (H * W)  # padded coordinates
+        dx_ptr += s * (C * H * W)
         base = cols_ptr + s * (C * UH * UW * L) + c * (UH * UW * L)
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for a in tl.static_range((UH + POOL - 1) // POOL):
@@ -528,7 +530,7 @@ TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_bloc
           "wgrad_block_m": 0, "wgrad_per_sm": 16, "wgrad_stages": 0, "dot": "bf16",
           "fuse": os.environ.get("SYMZOO_POPCONV_FUSE", "1") != "0",
           "windows": os.environ.get("SYMZOO_POPCONV_WINDOWS", "pool"), "window_block_m": 128,
-          "window_max_fraction": 0.125, "window_dx": os.environ.get("SYMZOO_POPCONV_WINDOW_DX", "1") != "0",
+          "window_max_fraction": 0.125, "window_dx": os.environ.get("SYMZOO_POPCONV_WINDOW_DX", "0") == "1",
           "window_dx_block_n": 64}
 
 
@@ -737,17 +739,19 @@ def _launch_window_dx(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x_shape: t
     batch, length = nb // n, hp * wp
     width = c * (kh + pool - 1) * (kw + pool - 1)
     cols = torch.empty(nb, width, length, device=da.device, dtype=dtype)
-    block_m, block_n = TUNING["window_block_m"], TUNING["window_dx_block_n"]
     block_k = max(16, triton.next_power_of_2(pool * pool * o))
+    block_m = TUNING["window_block_m"] if block_k <= 64 else 64  # [M, K] float32 tiles bounded in shared memory
+    block_n = TUNING["window_dx_block_n"]
     groups, per = _programs_per_model(triton.cdiv(batch * length, block_m), n, da.device)
     _window_dx_kernel[(groups, triton.cdiv(width, block_n), n)](
         da, a, code if pool > 1 else a, w, cols, batch, o, per, L=length, C=c, KH=kh, KW=kw, POOL=pool, ACT=act,
         SLOPE=slope, DOT=_dot_dtype(da), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
+        num_stages=1,  # one tile's loads at a time: a float32 [M, K] tile with K = 128 asked 458 KB at 3 stages
     )
     dx = torch.empty(nb, c, x_shape[2], x_shape[3], device=da.device, dtype=dtype)
-    block = 1024
-    _fold_kernel[(triton.cdiv(dx.numel(), block),)](
-        cols, dx, dx.numel(), C=c, H=x_shape[2], W=x_shape[3], PH=padding[0], PW=padding[1], HP=hp, WP=wp,
+    block = min(1024, triton.next_power_of_2(dx[0].numel()))
+    _fold_kernel[(nb, triton.cdiv(dx[0].numel(), block))](
+        cols, dx, C=c, H=x_shape[2], W=x_shape[3], PH=padding[0], PW=padding[1], HP=hp, WP=wp,
         KH=kh, KW=kw, POOL=pool, BLOCK=block, num_warps=4,
     )
     return dx
