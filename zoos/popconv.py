@@ -530,7 +530,7 @@ TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_bloc
           "wgrad_block_m": 0, "wgrad_per_sm": 16, "wgrad_stages": 0, "dot": "bf16",
           "fuse": os.environ.get("SYMZOO_POPCONV_FUSE", "1") != "0",
           "windows": os.environ.get("SYMZOO_POPCONV_WINDOWS", "pool"), "window_block_m": 128,
-          "window_max_fraction": 0.125, "window_dx": os.environ.get("SYMZOO_POPCONV_WINDOW_DX", "0") == "1",
+          "window_max_fraction": 0.125, "window_dx": os.environ.get("SYMZOO_POPCONV_WINDOW_DX", "1") != "0",
           "window_dx_block_n": 64}
 
 

@@ -123,6 +123,8 @@ def test_compiled_bf16_step_tracks_float32_on_gpu():
     g32, l32 = FastStep(module, task.loss, dropout=False)(params, buffers, x, y)
     g16, l16 = FastStep(module, task.loss, dtype=torch.bfloat16, compile=True, dropout=False)(params, buffers, x, y)
     torch.testing.assert_close(l16, l32, atol=2e-2, rtol=2e-2)
-    for k in g32:
+    for k in g32:  # a broken step gives cosines near 0; bf16 rounding alone went down to 0.985 (conv1.bias: a sum
+        # over 128 x 576 bf16 products; one of 16 models, H200, 2026-11-30), the others above 0.995
         cos = torch.nn.functional.cosine_similarity(g16[k].flatten(1), g32[k].flatten(1), dim=1)
-        assert cos.min() > 0.99, k
+        assert cos.min() > 0.97, k
+        assert cos.median() > 0.99, k
