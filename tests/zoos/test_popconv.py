@@ -44,9 +44,9 @@ def reference(x, w, b, pad):
                           for i in range(n)])
 
 
-def both(x, w, b, pad, rows=None):
+def both(x, w, b, pad, rows=None, windows=None):
     """Output and gradients (x, w, b) of popconv and of the reference, for one random output gradient."""
-    y = popconv.conv2d(x, w, b, (pad, pad), rows=rows)
+    y = popconv.conv2d(x, w, b, (pad, pad), rows=rows, windows=windows)
     xr = x if rows is None else x[rows.reshape(-1)]
     yr = reference(xr, w, b, pad)
     g = torch.randn_like(yr)
@@ -68,13 +68,17 @@ def test_forward_and_gradients_equal_per_model_conv(n, batch, c, o, k, pad, size
         close(a, r)
 
 
-def test_rows_read_the_data_set_by_index():
-    """rows [N, B] index a shared data set: same output and weight gradients as gathering first."""
-    data = torch.randn(40, 1, 28, 28, device=DEVICE)
+@pytest.mark.parametrize("windows", [False, True])
+@pytest.mark.parametrize("c,size,k,pad", [(1, 28, 5, 0), (2, 12, 3, 1)])
+def test_rows_read_the_data_set_by_index(windows, c, size, k, pad):
+    """rows [N, B] index a shared data set, directly or through its window table (pool 1): the same output
+    and weight gradients as gathering first."""
+    data = torch.randn(40, c, size, size, device=DEVICE)
     rows = torch.randint(0, 40, (3, 6), device=DEVICE)
-    w = torch.randn(3, 8, 1, 5, 5, device=DEVICE, requires_grad=True)
+    w = torch.randn(3, 8, c, k, k, device=DEVICE, requires_grad=True)
     b = torch.randn(3, 8, device=DEVICE, requires_grad=True)
-    got, want = both(data, w, b, 0, rows=rows)
+    table = popconv.window_table(data, (k, k), (pad, pad)) if windows else None
+    got, want = both(data, w, b, pad, rows=rows, windows=table)
     for a, r in zip(got, want):
         close(a, r)
 
@@ -261,16 +265,19 @@ def test_each_kernel_kind_equals_per_model_conv(monkeypatch, kind, c, o, k, pad)
         close(a, r)
 
 
-def test_one_compiled_program_for_every_data_set_and_short_batch():
+@pytest.mark.parametrize("pool", [False, True])
+def test_one_compiled_program_for_every_data_set_and_short_batch(pool):
     """Evaluation reads train, val and test (different sizes) by index, the last batch short: one compile.
 
     Each compiled program costs a fresh worker seconds before its first population trains; the data set
-    size is dynamic in the program and a short batch pads up to the evaluation's bucket."""
+    size is dynamic in the program and a short batch pads up to the evaluation's bucket. With a pool after
+    the first conv the program reads the data set's window table, whose length is dynamic too."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    models = [torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(),
-                                  torch.nn.Linear(4 * 6 * 6, 3)).to(DEVICE) for _ in range(3)]
+    side = 3 if pool else 6
+    models = [torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), *([torch.nn.MaxPool2d(2)] if pool else []), torch.nn.Tanh(),
+                                  torch.nn.Flatten(), torch.nn.Linear(4 * side * side, 3)).to(DEVICE) for _ in range(3)]
     params, buffers = stack_states(models)
     pop = FastPopulation(template(models[0]), compile=True, kernels=True)
     torch._dynamo.reset()
@@ -280,6 +287,7 @@ def test_one_compiled_program_for_every_data_set_and_short_batch():
             x = torch.randn(size, 1, 8, 8, device=DEVICE)
             rows = torch.randint(0, size, (3, batch), device=DEVICE)
             out = pop(params, buffers, x, rows=rows, bucket=16)
+            assert (pop.window_table(x) is not None) == pool
             want = torch.stack([models[i](x[rows[i]]) for i in range(3)])
             torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1
@@ -325,19 +333,6 @@ def test_window_conv_equals_the_three_layers(act, pool, c, o, k, pad, size, bias
         close(a, r)
 
 
-def test_plain_conv_from_a_window_table():
-    """conv2d(rows=..., windows=...) is the pool-1, identity case: the same as gathering first."""
-    data = torch.randn(40, 2, 12, 12, device=DEVICE)
-    rows = torch.randint(0, 40, (3, 6), device=DEVICE)
-    w = torch.randn(3, 5, 2, 3, 3, device=DEVICE, requires_grad=True)
-    b = torch.randn(3, 5, device=DEVICE, requires_grad=True)
-    got = popconv.conv2d(data, w, b, (1, 1), rows=rows, windows=popconv.window_table(data, (3, 3), (1, 1)))
-    want = reference(data[rows.reshape(-1)], w, b, 1)
-    g = torch.randn_like(want)
-    for a, r in zip((got, *torch.autograd.grad((got * g).sum(), [w, b])), (want, *torch.autograd.grad((want * g).sum(), [w, b]))):
-        close(a, r)
-
-
 def test_window_table_misuse_is_named(monkeypatch):
     data, w = torch.randn(10, 1, 12, 12), torch.randn(2, 4, 1, 5, 5)
     rows = torch.randint(0, 10, (2, 3))
@@ -380,26 +375,6 @@ def test_fast_population_reads_a_window_table_once_per_data_set(monkeypatch):
         close(grads[k], want_grads[k])
 
 
-def test_one_compiled_program_with_window_tables():
-    """The window table's length is dynamic like the data set's: train, val and test share one program."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    models = [torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.MaxPool2d(2), torch.nn.Tanh(), torch.nn.Flatten(),
-                                  torch.nn.Linear(4 * 3 * 3, 3)).to(DEVICE) for _ in range(3)]
-    params, buffers = stack_states(models)
-    pop = FastPopulation(template(models[0]), compile=True, kernels=True)
-    torch._dynamo.reset()
-    counters.clear()
-    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        for size, batch in ((60, 16), (20, 16), (30, 11)):
-            x = torch.randn(size, 1, 8, 8, device=DEVICE)
-            rows = torch.randint(0, size, (3, batch), device=DEVICE)
-            out = pop(params, buffers, x, rows=rows, bucket=16)
-            assert pop.window_table(x) is not None
-            want = torch.stack([models[i](x[rows[i]]) for i in range(3)])
-            close(out, want)
-    assert counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.parametrize("window_dx", [True, False])
