@@ -35,6 +35,14 @@ output saying which position won. Its backward rebuilds the conv's output gradie
 (act'(a) * da at the winning position): inside the weight-gradient kernel's dy tile when the input
 needs no gradient (the first layer), else once in memory for the input-gradient conv to share.
 
+A first layer that reads the data set by index can instead read its window table (`window_table`, built
+once per resident data set): row (s, q) is the whole (k + pool - 1)^2 input window of pooled output q,
+so the forward is one [positions, window] @ [window, outputs] tensor-core product per window position (the
+weights placed at that position; max, code, bias and activation after) and the weight gradient its
+transpose, with contiguous rows instead of per-pixel gathers. A pooled layer's input gradient is likewise
+one product per tile, each pooled output's gradient sent to its whole window (the three positions the pool
+did not choose are zeros in the product), and a fold that sums the overlapping windows (`window_dx`).
+
 `conv2d(x, w, b, padding, rows)` is a `torch.library` custom op with its backward registered, so
 `torch.compile` fuses everything around it and autograd differentiates through it. Without a GPU the
 kernels run in Triton's interpreter (`TRITON_INTERPRET=1`), which the tests use to check them.

@@ -286,3 +286,19 @@ def test_compiled_update_equals_the_eager_one(optimizer):
     for got, want in zip(compiled[:3], eager[:3]):
         for k in want:
             torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_init_model_leaves_the_random_generators_as_they_were(device):
+    """A model's init seeds the CPU generator inside fork_rng and touches no CUDA generator, so the
+    trainer's own stream (dropout masks on the GPU) is not reseeded by whichever model was built last."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    m = zoo_models({"seed": [3]})[0]
+    task = tasks.get_task(m.task, **m.task_options)
+    state = torch.get_rng_state() if device == "cpu" else torch.cuda.get_rng_state()
+    first = init_model(m.arch, m.arch_config, m.factors, task).state_dict()
+    after = torch.get_rng_state() if device == "cpu" else torch.cuda.get_rng_state()
+    assert torch.equal(after, state)
+    again = init_model(m.arch, m.arch_config, m.factors, task).state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
