@@ -653,11 +653,11 @@ def window_table(x: Tensor, kernel: tuple[int, int], padding: tuple[int, int] = 
     s, c, h, w = x.shape
     (kh, kw), (ph, pw) = kernel, padding
     uh, uw = kh + pool - 1, kw + pool - 1
-    hp, wp = (h + 2 * ph - kh + 1) // pool, (w + 2 * pw - kw + 1) // pool
+    hp, wp, row = _window_shape(x.shape, kernel, padding, pool)
     if hp < 1 or wp < 1:
         raise ValueError(f"a {kh}x{kw} kernel with padding {padding} does not fit {h}x{w} inputs")
     width = c * uh * uw
-    table = x.new_zeros(s, hp * wp, -(-width // 8) * 8)
+    table = x.new_zeros(s, hp * wp, row)
     chunk = max(1, (1 << 26) // max(1, hp * wp * width))  # ~64M elements of windows at a time
     for i in range(0, s, chunk):
         xs = torch.nn.functional.pad(x[i : i + chunk], (pw, pw, ph, ph))
@@ -666,11 +666,18 @@ def window_table(x: Tensor, kernel: tuple[int, int], padding: tuple[int, int] = 
     return table
 
 
+def _window_shape(shape: torch.Size, kernel: tuple[int, int], padding: tuple[int, int], pool: int) -> tuple[int, int, int]:
+    """(Hp, Wp, T) of the window table of data of `shape` [S, C, H, W]: the pooled output's size and the row
+    width, C x (kh + pool - 1) x (kw + pool - 1) rounded up to a multiple of 8."""
+    _, c, h, w = shape
+    hp, wp = (h + 2 * padding[0] - kernel[0] + 1) // pool, (w + 2 * padding[1] - kernel[1] + 1) // pool
+    return hp, wp, -(-c * (kernel[0] + pool - 1) * (kernel[1] + pool - 1) // 8) * 8
+
+
 def window_table_bytes(x: Tensor, kernel: tuple[int, int], padding: tuple[int, int] = (0, 0), pool: int = 1) -> int:
     """The size `window_table` would allocate for these arguments, in bytes."""
-    s, c, h, w = x.shape
-    hp, wp = (h + 2 * padding[0] - kernel[0] + 1) // pool, (w + 2 * padding[1] - kernel[1] + 1) // pool
-    return s * max(0, hp * wp) * (-(-c * (kernel[0] + pool - 1) * (kernel[1] + pool - 1) // 8) * 8) * x.element_size()
+    hp, wp, row = _window_shape(x.shape, kernel, padding, pool)
+    return x.shape[0] * max(0, hp * wp) * row * x.element_size()
 
 
 def _window_blocks(table: Tensor, o: int) -> tuple[int, int]:
@@ -991,9 +998,9 @@ def windows_pay(pool: int, table_bytes: int, device: torch.device | str) -> bool
 def _window_conv(table: Tensor, x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], rows: Tensor,
                  batch: int, pool: int, act: str, slope: float, out_dtype: torch.dtype) -> Tensor:
     """The first layer read from `table` (built by `window_table` from x with this layer's geometry), checked."""
-    _, _, c, kh, kw = w.shape
-    hp, wp = (x.shape[2] + 2 * padding[0] - kh + 1) // pool, (x.shape[3] + 2 * padding[1] - kw + 1) // pool
-    want = (x.shape[0], hp * wp, -(-c * (kh + pool - 1) * (kw + pool - 1) // 8) * 8)
+    kh, kw = w.shape[3], w.shape[4]
+    hp, wp, row = _window_shape(x.shape, (kh, kw), padding, pool)
+    want = (x.shape[0], hp * wp, row)
     if tuple(table.shape) != want:
         raise ValueError(f"window table of shape {tuple(table.shape)} does not match this layer: expected {want} "
                          f"(window_table(x, kernel=({kh}, {kw}), padding={tuple(padding)}, pool={pool}))")

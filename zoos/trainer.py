@@ -469,9 +469,10 @@ _COMPILED_UPDATES: dict[str, Callable] = {}
 
 def _compiled_update(optimizer: str) -> Callable:
     """`_update` for `optimizer` as one compiled program (a handful of fused kernels instead of ~15 small
-    ones per parameter tensor a step), shared by every population of the process."""
+    ones per parameter tensor a step), shared by every population of the process (pointwise code: after a
+    second population size it compiles once for any size)."""
     if optimizer not in _COMPILED_UPDATES:
-        _COMPILED_UPDATES[optimizer] = torch.compile(functools.partial(_update, optimizer), dynamic=False)
+        _COMPILED_UPDATES[optimizer] = torch.compile(functools.partial(_update, optimizer))
     return _COMPILED_UPDATES[optimizer]
 
 
