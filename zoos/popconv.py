@@ -685,6 +685,13 @@ def _window_blocks(table: Tensor, o: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(table.shape[2])), max(16, triton.next_power_of_2(o))
 
 
+def _tile_rows(width: int) -> tuple[int, dict]:
+    """(BLOCK_M, launch options) for a window kernel whose tiles are `width` wide: TUNING's rows and Triton's
+    pipelining up to 64, else 64 rows and one stage (a float32 [128, 128] tile at 3 stages asked 458 KB of
+    shared memory on an H200, twice its limit)."""
+    return (TUNING["window_block_m"], {}) if width <= 64 else (64, {"num_stages": 1})
+
+
 def _programs_per_model(tiles: int, n: int, device: torch.device) -> tuple[int, int]:
     """(programs a model, tiles a program): enough programs to fill the card (TUNING wgrad_per_sm a
     multiprocessor) and at least 8 tiles a program, so what a program loads once serves several tiles."""
@@ -700,12 +707,12 @@ def _launch_window(table: Tensor, rows: Tensor, w: Tensor, b: Tensor | None, bat
     a = torch.empty(n * batch, o, hp, wp, device=table.device, dtype=out_dtype)
     code = torch.empty(n * batch, o, hp, wp, device=table.device, dtype=torch.int8) if pool > 1 else a.new_empty(0, dtype=torch.int8)
     block_t, block_n = _window_blocks(table, o)
-    block_m = TUNING["window_block_m"]
+    block_m, options = _tile_rows(block_t)
     groups, per = _programs_per_model(triton.cdiv(batch * hp * wp, block_m), n, table.device)
     _window_conv_kernel[(groups, n)](
         table, rows, w, b if b is not None else w, a, code if pool > 1 else a, batch, o, per,
         L=hp * wp, T=table.shape[2], C=c, KH=kh, KW=kw, POOL=pool, ACT=act, SLOPE=slope, HAS_BIAS=b is not None,
-        DOT=_dot_dtype(table), BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4,
+        DOT=_dot_dtype(table), BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4, **options,
     )
     return a, code
 
@@ -717,14 +724,14 @@ def _launch_window_wgrad(table: Tensor, rows: Tensor, da: Tensor, a: Tensor, cod
     n, o, c, kh, kw = w_shape
     batch, length, t = da.shape[0] // n, da.shape[2] * da.shape[3], table.shape[2]
     block_t, block_n = _window_blocks(table, o)
-    block_m = TUNING["window_block_m"]
+    block_m, options = _tile_rows(block_t)
     split, per_split = _programs_per_model(triton.cdiv(batch * length, block_m), n, da.device)
     placed = torch.empty(n, split, pool * pool, t, o, device=da.device, dtype=torch.float32)
     db = torch.empty(n, split, o, device=da.device, dtype=torch.float32) if bias else None
     _window_wgrad_kernel[(split, n)](
         table, rows, da, a, code if pool > 1 else a, placed, db if db is not None else placed, batch, o, split, per_split,
         L=length, T=t, POOL=pool, ACT=act, SLOPE=slope, HAS_BIAS=bias, DOT=_dot_dtype(table),
-        BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4,
+        BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4, **options,
     )
     taps = _placed_taps(c, kh, kw, pool, t, da.device)  # [pool^2 * K] rows of the flattened (position, window) axis
     dw = placed.sum(1).view(n, pool * pool * t, o).index_select(1, taps).view(n, pool * pool, c * kh * kw, o).sum(1)
@@ -755,13 +762,12 @@ def _launch_window_dx(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x_shape: t
     width = c * (kh + pool - 1) * (kw + pool - 1)
     cols = torch.empty(nb, width, length, device=da.device, dtype=dtype)
     block_k = max(16, triton.next_power_of_2(pool * pool * o))
-    block_m = TUNING["window_block_m"] if block_k <= 64 else 64  # [M, K] float32 tiles bounded in shared memory
+    block_m, _ = _tile_rows(block_k)  # one stage at any width: what was measured (benchmarks/README.md)
     block_n = TUNING["window_dx_block_n"]
     groups, per = _programs_per_model(triton.cdiv(batch * length, block_m), n, da.device)
     _window_dx_kernel[(groups, triton.cdiv(width, block_n), n)](
         da, a, code if pool > 1 else a, w, cols, batch, o, per, L=length, C=c, KH=kh, KW=kw, POOL=pool, ACT=act,
-        SLOPE=slope, DOT=_dot_dtype(da), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
-        num_stages=1,  # one tile's loads at a time: a float32 [M, K] tile with K = 128 asked 458 KB at 3 stages
+        SLOPE=slope, DOT=_dot_dtype(da), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4, num_stages=1,
     )
     dx = torch.empty(nb, c, x_shape[2], x_shape[3], device=da.device, dtype=dtype)
     block = min(1024, triton.next_power_of_2(dx[0].numel()))
