@@ -619,12 +619,7 @@ def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Siz
     block_m = min(TUNING["wgrad_block_m"] or (128 if k <= 32 else 64), max(16, triton.next_power_of_2(ho * wo)))
     chunks = triton.cdiv(ho * wo, block_m)
     k_blocks, tiles = triton.cdiv(k, block_k), batch * chunks
-    # enough programs to fill the card (and hide load latency): split each model's tiles
-    sms = torch.cuda.get_device_properties(dy.device).multi_processor_count if dy.is_cuda else 1
-    target = TUNING["wgrad_per_sm"] * sms
-    split = max(1, min(triton.cdiv(target, n * k_blocks), triton.cdiv(tiles, 8)))
-    per_split = triton.cdiv(tiles, split)
-    split = triton.cdiv(tiles, per_split)
+    split, per_split = _programs_per_model(tiles, n * k_blocks, dy.device)  # each model's tiles split to fill the card
     dw = torch.empty(n, split, o, k, device=dy.device, dtype=torch.float32)
     db = torch.empty(n, split, o, device=dy.device, dtype=torch.float32) if bias else None
     _conv_wgrad_dot_kernel[(k_blocks, split, n)](
@@ -693,8 +688,9 @@ def _tile_rows(width: int) -> tuple[int, dict]:
 
 
 def _programs_per_model(tiles: int, n: int, device: torch.device) -> tuple[int, int]:
-    """(programs a model, tiles a program): enough programs to fill the card (TUNING wgrad_per_sm a
-    multiprocessor) and at least 8 tiles a program, so what a program loads once serves several tiles."""
+    """(programs a model, tiles a program) for n models' worth of programs (models x other grid axes): enough
+    programs to fill the card (TUNING wgrad_per_sm a multiprocessor) and at least 8 tiles a program, so what a
+    program loads once serves several tiles."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     split = max(1, min(triton.cdiv(TUNING["wgrad_per_sm"] * sms, n), triton.cdiv(tiles, 8)))
     per = triton.cdiv(tiles, split)
