@@ -40,8 +40,9 @@ once per resident data set): row (s, q) is the whole (k + pool - 1)^2 input wind
 so the forward is one [positions, window] @ [window, outputs] tensor-core product per window position (the
 weights placed at that position; max, code, bias and activation after) and the weight gradient its
 transpose, with contiguous rows instead of per-pixel gathers. A pooled layer's input gradient is likewise
-one product per tile, each pooled output's gradient sent to its whole window (the three positions the pool
-did not choose are zeros in the product), and a fold that sums the overlapping windows (`window_dx`).
+a sum of tensor-core products, a row per POOL x POOL block of input pixels: each pooled output whose window
+covers the block, its gradient placed at the position the pool chose, times the weights shifted to that
+block (`window_dx`).
 
 `conv2d(x, w, b, padding, rows)` is a `torch.library` custom op with its backward registered, so
 `torch.compile` fuses everything around it and autograd differentiates through it. Without a GPU the
@@ -454,74 +455,63 @@ if triton is not None:
             tl.store(db_ptr + part * O + o, acc_b, mask=o < O)
 
 
-    # ---- the input gradient of a pooled layer: each pooled position's whole window at once ------------------
+    # ---- the input gradient of a pooled layer: a POOL x POOL block of input pixels per row ------------------
 
     @triton.jit
-    def _window_dx_kernel(da_ptr, a_ptr, code_ptr, w_ptr, cols_ptr, B, O, PER_PROGRAM,
-                          L: tl.constexpr, C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, POOL: tl.constexpr,
-                          ACT: tl.constexpr, SLOPE: tl.constexpr, DOT: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        """cols[s, (c, u, v), q] = what pooled output q of sample s sends to entry (c, u, v) of its input window:
-        sum over (d, o) of g[s, o, q] [code = d] * w[o, c, u - du, v - dv], g = da * act'(a). One
-        [positions, (d, o)] @ [(d, o), window chunk] product per tile: the three zero window positions of
-        each output are zeros in the product, not loads. `_fold_kernel` sums the overlapping windows."""
+    def _placed_grad_kernel(da_ptr, a_ptr, code_ptr, g_ptr, total, O, L: tl.constexpr, POOL: tl.constexpr,
+                            ACT: tl.constexpr, SLOPE: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
+        """g[s, q, (d, o)] = da * act'(a) of output o at pooled position q if the pool chose window position d
+        there, else 0 (columns past POOL^2 * O too): each pooled output's gradient as one K-wide row."""
+        e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = e < total
+        kk, q, s = e % K, (e // K) % L, e // (K * L)
+        d, o = kk // O, kk % O
+        ok = mask & (kk < POOL * POOL * O)
+        src = s * (O * L) + o * L + q
+        g = tl.load(da_ptr + src, mask=ok, other=0.0).to(tl.float32)
+        g = g * _act_grad_from_output(tl.load(a_ptr + src, mask=ok, other=0.0).to(tl.float32), ACT, SLOPE)
+        if POOL > 1:
+            g = tl.where(tl.load(code_ptr + src, mask=ok, other=-1).to(tl.int32) == d, g, 0.0)
+        tl.store(g_ptr + e, g.to(g_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _block_dx_kernel(g_ptr, ws_ptr, dx_ptr, B, PER_PROGRAM, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                         PH: tl.constexpr, PW: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, BH: tl.constexpr,
+                         BW: tl.constexpr, NH: tl.constexpr, NW: tl.constexpr, POOL: tl.constexpr, DOT: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """dx of a pooled layer, a row per (sample, block): block (bi, bj) is the POOL x POOL input pixels at
+        padded rows POOL*bi + [0, POOL), columns likewise, and the pooled outputs whose windows cover it are
+        (bi - e, bj - f) for e < NH, f < NW. So the block's C * POOL^2 values are sum over (e, f) of
+        g[that output] @ ws[m, e, f]: NH * NW tensor-core products of [rows, (d, o)] @ [(d, o), (c, r, t)],
+        the window positions the pool did not choose zeros in g (`_placed_grad_kernel`), the shifted weights
+        ws built by `_shifted_weights`. Every value of dx is written once: no window columns, no fold."""
         group, nb, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        UH: tl.constexpr = KH + POOL - 1
-        UW: tl.constexpr = KW + POOL - 1
-        TW: tl.constexpr = C * UH * UW
-        k = tl.arange(0, BLOCK_K)
-        d, o = k // O, k % O
-        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        c, u, v = n // (UH * UW), (n % (UH * UW)) // UW, n % UW
-        ki = u[None, :] - (d // POOL)[:, None]
-        kj = v[None, :] - (d % POOL)[:, None]
-        ok = (k < POOL * POOL * O)[:, None] & (n < TW)[None, :] & (ki >= 0) & (ki < KH) & (kj >= 0) & (kj < KW)
-        ptrs = w_ptr + m.to(tl.int64) * (O * C * KH * KW) + (o * (C * KH * KW))[:, None] + (c * (KH * KW))[None, :] + ki * KW + kj
-        placed = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_N]
-        kmask = k < POOL * POOL * O
-        start = group * PER_PROGRAM
-        for tile in range(start, tl.minimum(start + PER_PROGRAM, tl.cdiv(B * L, BLOCK_M))):
-            t = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-            pmask = t < B * L
-            sample = (m * B + t // L).to(tl.int64)
-            q = t % L
-            src = sample[:, None] * (O * L) + (o * L)[None, :] + q[:, None]
-            mask = pmask[:, None] & kmask[None, :]
-            g = tl.load(da_ptr + src, mask=mask, other=0.0).to(tl.float32)
-            g = g * _act_grad_from_output(tl.load(a_ptr + src, mask=mask, other=0.0).to(tl.float32), ACT, SLOPE)
-            if POOL > 1:
-                g = tl.where(tl.load(code_ptr + src, mask=mask, other=-1).to(tl.int32) == d[None, :], g, 0.0)
-            acc = _mma(g, placed, DOT)
-            out = cols_ptr + sample[:, None] * (TW * L) + (n * L)[None, :] + q[:, None]
-            tl.store(out, acc.to(cols_ptr.dtype.element_ty), mask=pmask[:, None] & (n < TW)[None, :])
-
-    @triton.jit
-    def _fold_kernel(cols_ptr, dx_ptr, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
-                     PH: tl.constexpr, PW: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
-                     KH: tl.constexpr, KW: tl.constexpr, POOL: tl.constexpr, BLOCK: tl.constexpr):
-        """dx[s, c, i, j] = the sum of cols over the windows that cover (i, j) (at most ceil(window / POOL)^2 of
-        them), accumulated in float32: F.fold's col2im, with windows at stride POOL and zero padding dropped.
-        A program owns a tile of one sample's dx (index math in int32; the sample's offset once, in int64)."""
-        UH: tl.constexpr = KH + POOL - 1
-        UW: tl.constexpr = KW + POOL - 1
         L: tl.constexpr = HP * WP
-        s = tl.program_id(0).to(tl.int64)
-        e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = e < C * H * W
-        j, i, c = e % W + PW, (e // W) % H + PH, e // (H * W)  # padded coordinates
-        dx_ptr += s * (C * H * W)
-        base = cols_ptr + s * (C * UH * UW * L) + c * (UH * UW * L)
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for a in tl.static_range((UH + POOL - 1) // POOL):
-            qi = i // POOL - a
-            u = i - qi * POOL
-            row_ok = mask & (qi >= 0) & (qi < HP) & (u < UH)
-            for b in tl.static_range((UW + POOL - 1) // POOL):
-                qj = j // POOL - b
-                v = j - qj * POOL
-                ok = row_ok & (qj >= 0) & (qj < WP) & (v < UW)
-                acc += tl.load(base + (u * UW + v) * L + qi * WP + qj, mask=ok, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + e, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+        NT: tl.constexpr = C * POOL * POOL
+        k = tl.arange(0, BLOCK_K)
+        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        c, r, t = n // (POOL * POOL), (n % (POOL * POOL)) // POOL, n % POOL
+        ws_ptr += m.to(tl.int64) * (NH * NW * BLOCK_K * NT) + k[:, None] * NT + n[None, :]
+        start = group * PER_PROGRAM
+        for tile in range(start, tl.minimum(start + PER_PROGRAM, tl.cdiv(B * BH * BW, BLOCK_M))):
+            idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            pmask = idx < B * BH * BW
+            sample = (m * B + idx // (BH * BW)).to(tl.int64)
+            bi, bj = (idx % (BH * BW)) // BW, idx % BW
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for e in tl.static_range(NH):
+                for f in tl.static_range(NW):
+                    qi, qj = bi - e, bj - f
+                    ok = pmask & (qi >= 0) & (qi < HP) & (qj >= 0) & (qj < WP)
+                    rows = g_ptr + (sample * L + qi * WP + qj)[:, None] * BLOCK_K + k[None, :]
+                    g = tl.load(rows, mask=ok[:, None], other=0.0)
+                    ws = tl.load(ws_ptr + (e * NW + f) * (BLOCK_K * NT), mask=(n < NT)[None, :], other=0.0)
+                    acc += _mma(g, ws, DOT)
+            i = (bi * POOL - PH)[:, None] + r[None, :]
+            j = (bj * POOL - PW)[:, None] + t[None, :]
+            ok = pmask[:, None] & (n < NT)[None, :] & (i >= 0) & (i < H) & (j >= 0) & (j < W)
+            tl.store(dx_ptr + sample[:, None] * (C * H * W) + (c * (H * W))[None, :] + i * W + j,
+                     acc.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
 # Kernel choices and tile sizes (0 = the measured default for the layer's shape): the forward on CUDA
@@ -531,8 +521,8 @@ if triton is not None:
 # "fuse": whether FastPopulation folds a following max-pool and activation into the CUDA-core forward;
 # "windows": when a first layer reads a window table (`windows_pay`), "window_max_fraction" of the card
 # a table may take, "window_block_m" positions a tile; "window_dx": a pooled layer's input gradient as
-# whole-window products + fold (else the padded conv of its unpooled gradient), "window_dx_block_n" window
-# entries a tile. `benchmarks/popconv_bench.py` sweeps the conv tiles on a GPU; `benchmarks/train_bench.py
+# products per block of input pixels (else the padded conv of its unpooled gradient), "window_dx_block_n"
+# block values (channels x pool^2) a tile. `benchmarks/popconv_bench.py` sweeps the conv tiles on a GPU; `benchmarks/train_bench.py
 # --step-kinds` times the step with each choice off.
 TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_block_m": 0, "fused_block_m": 0, "fma_warps": 4,
           "wgrad_block_m": 0, "wgrad_per_sm": 16, "wgrad_stages": 0, "dot": "bf16",
@@ -750,28 +740,52 @@ def _placed_taps(c: int, kh: int, kw: int, pool: int, t: int, device: torch.devi
 
 def _launch_window_dx(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x_shape: torch.Size, padding: tuple[int, int],
                       pool: int, act: str, slope: float, dtype: torch.dtype) -> Tensor:
-    """dx of act(maxpool(conv(x))) from its output gradient da: each pooled output's window contribution
-    (`_window_dx_kernel`, tensor cores), then the overlapping windows summed (`_fold_kernel`)."""
+    """dx of act(maxpool(conv(x))) from its output gradient da: each pooled output's gradient placed at the
+    window position the pool chose (`_placed_grad_kernel`), then each POOL x POOL block of input pixels as
+    the sum of its covering outputs' products with the shifted weights (`_block_dx_kernel`, tensor cores)."""
     n, o, c, kh, kw = w.shape
     nb, _, hp, wp = da.shape
     batch, length = nb // n, hp * wp
-    width = c * (kh + pool - 1) * (kw + pool - 1)
-    cols = torch.empty(nb, width, length, device=da.device, dtype=dtype)
+    dot = _dot_dtype(da)
     block_k = max(16, triton.next_power_of_2(pool * pool * o))
-    block_m, _ = _tile_rows(block_k)  # one stage at any width: what was measured (benchmarks/README.md)
-    block_n = TUNING["window_dx_block_n"]
-    groups, per = _programs_per_model(triton.cdiv(batch * length, block_m), n, da.device)
-    _window_dx_kernel[(groups, triton.cdiv(width, block_n), n)](
-        da, a, code if pool > 1 else a, w, cols, batch, o, per, L=length, C=c, KH=kh, KW=kw, POOL=pool, ACT=act,
-        SLOPE=slope, DOT=_dot_dtype(da), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4, num_stages=1,
+    g = torch.empty(nb, length, block_k, device=da.device, dtype=torch.bfloat16 if dot == tl.bfloat16 else torch.float32)
+    _placed_grad_kernel[(triton.cdiv(g.numel(), 1024),)](
+        da, a, code if pool > 1 else a, g, g.numel(), o, L=length, POOL=pool, ACT=act, SLOPE=slope, K=block_k,
+        BLOCK=1024, num_warps=4,
     )
-    dx = torch.empty(nb, c, x_shape[2], x_shape[3], device=da.device, dtype=dtype)
-    block = min(1024, triton.next_power_of_2(dx[0].numel()))
-    _fold_kernel[(nb, triton.cdiv(dx[0].numel(), block))](
-        cols, dx, C=c, H=x_shape[2], W=x_shape[3], PH=padding[0], PW=padding[1], HP=hp, WP=wp,
-        KH=kh, KW=kw, POOL=pool, BLOCK=block, num_warps=4,
+    h, wd = x_shape[2], x_shape[3]
+    bh, bw = triton.cdiv(h + padding[0], pool), triton.cdiv(wd + padding[1], pool)
+    nh, nw = triton.cdiv(kh + pool - 1, pool), triton.cdiv(kw + pool - 1, pool)
+    ws = _shifted_weights(w, pool, block_k).to(g.dtype)
+    block_n = min(TUNING["window_dx_block_n"], max(16, triton.next_power_of_2(c * pool * pool)))
+    block_m, options = _tile_rows(max(block_k, block_n))
+    groups, per = _programs_per_model(triton.cdiv(batch * bh * bw, block_m), n, da.device)
+    dx = torch.empty(nb, c, h, wd, device=da.device, dtype=dtype)
+    _block_dx_kernel[(groups, triton.cdiv(c * pool * pool, block_n), n)](
+        g, ws, dx, batch, per, C=c, H=h, W=wd, PH=padding[0], PW=padding[1], HP=hp, WP=wp, BH=bh, BW=bw, NH=nh, NW=nw,
+        POOL=pool, DOT=dot, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4, **options,
     )
     return dx
+
+
+_SHIFTS: dict[tuple, Tensor] = {}
+
+
+def _shifted_weights(w: Tensor, pool: int, block_k: int) -> Tensor:
+    """ws[m, e, f, (d, o), (c, r, t)] = w[m, o, c, r + POOL*e - di, t + POOL*f - dj] where that tap exists,
+    else 0 (rows (d, o) padded to block_k): what output o of the pooled output e rows and f columns above a
+    block sends, through window position d = (di, dj), to pixel (r, t) of the block in channel c."""
+    n, o, c, kh, kw = w.shape
+    key = (o, c, kh, kw, pool, block_k, str(w.device))
+    if key not in _SHIFTS:
+        nh, nw = -(-(kh + pool - 1) // pool), -(-(kw + pool - 1) // pool)
+        e, f, kk, ci, r, t = torch.meshgrid(*(torch.arange(v) for v in (nh, nw, block_k, c, pool, pool)), indexing="ij")
+        d, oi = kk // o, kk % o
+        u, v = r + pool * e - d // pool, t + pool * f - d % pool
+        ok = (kk < pool * pool * o) & (u >= 0) & (u < kh) & (v >= 0) & (v < kw)
+        tap = ((oi * c + ci) * kh + u.clamp(0, kh - 1)) * kw + v.clamp(0, kw - 1)
+        _SHIFTS[key] = torch.where(ok, tap, o * c * kh * kw).reshape(-1).to(w.device)  # the last column: a zero
+    return torch.cat([w.reshape(n, -1), w.new_zeros(n, 1)], 1).index_select(1, _SHIFTS[key])
 
 
 # ---- the custom ops: forward, and the two backward products --------------------------------------------

@@ -378,9 +378,9 @@ def test_fast_population_reads_a_window_table_once_per_data_set(monkeypatch):
 
 
 @pytest.mark.parametrize("window_dx", [True, False])
-@pytest.mark.parametrize("c,o,k,pad,size", [(8, 6, 5, 0, 12), (3, 5, 3, 1, 9), (2, 20, 2, 2, 7)])
+@pytest.mark.parametrize("c,o,k,pad,size", [(8, 6, 5, 0, 12), (3, 5, 3, 1, 9), (2, 20, 2, 2, 7), (20, 3, 3, 1, 8)])
 def test_pooled_input_gradient_either_way(monkeypatch, window_dx, c, o, k, pad, size):
-    """A pooled layer's input gradient from whole-window products + fold (TUNING window_dx) or from the padded
+    """A pooled layer's input gradient from products per block of input pixels (TUNING window_dx) or from the padded
     conv of the unpooled gradient: both equal autograd through conv -> max_pool2d -> tanh."""
     monkeypatch.setitem(popconv.TUNING, "window_dx", window_dx)
     torch.manual_seed(c * 100 + o)
