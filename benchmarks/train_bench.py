@@ -20,6 +20,7 @@ Both figures are model-epochs per second; the ratio is printed side by side. Res
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -235,11 +236,42 @@ STEP_FLAGS = {"unfused": "pool and activation as separate (inductor) kernels", "
               "of the unpooled gradient", "eager": "the optimizer update as eager torch ops"}
 
 
+def parse_tuning(text: str) -> list[dict]:
+    """--tuning: ';'-separated sets of ','-separated popconv.TUNING key=value pairs (ints where they parse)."""
+    from zoos.popconv import TUNING
+
+    sets = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        one = {}
+        for pair in part.split(","):
+            key, _, value = pair.partition("=")
+            if key not in TUNING or not value:
+                raise SystemExit(f"--tuning {pair!r}: expected key=value with key one of {', '.join(sorted(TUNING))}")
+            one[key] = int(value) if value.lstrip("-").isdigit() else value
+        sets.append(one)
+    return sets or [{}]
+
+
+@contextlib.contextmanager
+def tuned(changes: dict):
+    """popconv.TUNING with `changes` inside the block, as it was after (an exception included)."""
+    from zoos import popconv
+
+    saved = dict(popconv.TUNING)
+    popconv.TUNING.update(changes)
+    try:
+        yield
+    finally:
+        popconv.TUNING.clear()
+        popconv.TUNING.update(saved)
+
+
 def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps: int, kind: str,
-              profile_to: Path | None = None) -> dict:
+              profile_to: Path | None = None, tuning: dict | None = None) -> dict:
     """The fast training step alone (batch indices, forward, backward, AdamW + divergence check, as the
     trainer runs them) timed over `steps` steps. kind: fast (im2col + bmm) or kernels (popconv), with any
-    of the STEP_FLAGS appended, e.g. kernels-gather-eager (session 4's step)."""
+    of the STEP_FLAGS appended, e.g. kernels-gather-eager (session 4's step); `tuning`: popconv.TUNING
+    entries for this run (tile sizes read at launch)."""
     from torch.profiler import ProfilerActivity, profile
 
     from tasks import task_with_data
@@ -268,42 +300,44 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
     update = _compiled_update("adam") if device == "cuda" and "eager" not in flags else functools.partial(_update, "adam")
     if precision == "bf16":
         x = x.to(torch.bfloat16)  # resident in the compute dtype, as the trainer keeps it
-    saved = dict(popconv.TUNING)
-    popconv.TUNING["fuse"] = fuse  # read when the graph is emitted
-    popconv.TUNING["windows"] = "never" if "gather" in flags else saved["windows"]  # read when the table is built
-    popconv.TUNING["window_dx"] = "paddeddx" not in flags and saved["window_dx"]  # read when the graph is emitted
-    step = FastStep(template(models[0]), task.loss, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-                    compile=device == "cuda", dropout=False, kernels=kernels)
+    changes = {"fuse": fuse,  # read when the graph is emitted
+               "windows": "never" if "gather" in flags else popconv.TUNING["windows"],  # read when the table is built
+               "window_dx": "paddeddx" not in flags and popconv.TUNING["window_dx"],  # read when the graph is emitted
+               **(tuning or {})}
+    with tuned(changes):
+        step = FastStep(template(models[0]), task.loss, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+                        compile=device == "cuda", dropout=False, kernels=kernels)
 
-    def one(i: int):
-        nonlocal params, m1, m2, alive
-        idx = torch.randint(0, len(x), (n_models, BATCH), device=device)
-        grads, loss = step(params, buffers, x, y[idx], rows=idx)
-        count.add_(1)
-        params, m1, m2, alive = update(params, grads, m1, m2, lr, zero, beta1, count, alive, loss)
+        def one(i: int):
+            nonlocal params, m1, m2, alive
+            idx = torch.randint(0, len(x), (n_models, BATCH), device=device)
+            grads, loss = step(params, buffers, x, y[idx], rows=idx)
+            count.add_(1)
+            params, m1, m2, alive = update(params, grads, m1, m2, lr, zero, beta1, count, alive, loss)
 
-    for i in range(3):
-        one(i)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for i in range(steps):
-        one(i)
-    sync()
-    dt = (time.perf_counter() - t0) / steps
-    out = {"models": n_models, "precision": precision, "kind": kind, "step_ms": dt * 1e3,
-           "model_epochs_per_s": n_models * BATCH / (dt * len(x)),
-           "window_table": step.pop.window_table(x) is not None}
-    if profile_to is not None:
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-        with profile(activities=acts) as prof:
-            for i in range(5):
-                one(i)
-            sync()
-        key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-        profile_to.write_text(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
-    popconv.TUNING.update(saved)
-    return out
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        t0 = time.perf_counter()
+        for i in range(3):
+            one(i)
+        sync()
+        first = time.perf_counter() - t0  # tracing and compiling included
+        t0 = time.perf_counter()
+        for i in range(steps):
+            one(i)
+        sync()
+        dt = (time.perf_counter() - t0) / steps
+        out = {"models": n_models, "precision": precision, "kind": kind, "tuning": tuning or {}, "step_ms": dt * 1e3, "first_steps_s": first,
+               "model_epochs_per_s": n_models * BATCH / (dt * len(x)),
+               "window_table": step.pop.window_table(x) is not None}
+        if profile_to is not None:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+            with profile(activities=acts) as prof:
+                for i in range(5):
+                    one(i)
+                sync()
+            key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+            profile_to.write_text(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+        return out
 
 
 # ---- main -------------------------------------------------------------------------------------------
@@ -327,6 +361,8 @@ def main() -> None:
                     help="step-only loops: fast (im2col) or kernels (popconv, pool and activation folded, the first conv "
                          "from its window table, compiled update), each with flags: " +
                          "; ".join(f"-{k}: {v}" for k, v in STEP_FLAGS.items()))
+    ap.add_argument("--tuning", default="", help="step-only loops: ';'-separated sets of popconv.TUNING "
+                    "key=value,... each run with every step kind, e.g. 'window_block_m=64;window_block_m=256,window_warps=8'")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: baseline,pipeline,variants,steps")
     a = ap.parse_args()
     gpu = torch.cuda.is_available() and not a.smoke
@@ -354,15 +390,22 @@ def main() -> None:
     if "steps" not in skip:
         results["steps"] = []
         sizes = [int(s) for s in a.steps.split(",")]
-        for kind in a.step_kinds.split(","):
-            for n in sizes:
-                prof = a.out / f"profile-{kind}.txt" if n == sizes[min(1, len(sizes) - 1)] else None
-                r = run_steps(n, "bf16" if gpu else "float32", data_dir, device, steps=20 if gpu else 2, kind=kind,
-                              profile_to=prof)
-                results["steps"].append(r)
-                say(f"step only   N={n:5d} {kind:22s} {r['precision']:8s} {r['step_ms']:8.2f} ms/step  "
-                    f"{r['model_epochs_per_s']:8.1f} model-epochs/s")
-                save()
+        for t, tuning in enumerate(parse_tuning(a.tuning)):
+            named = ",".join(f"{k}={v}" for k, v in tuning.items())
+            for kind in a.step_kinds.split(","):
+                for n in sizes:
+                    prof = a.out / f"profile-{kind}{f'-t{t}' if t else ''}.txt" if n == sizes[min(1, len(sizes) - 1)] else None
+                    try:
+                        r = run_steps(n, "bf16" if gpu else "float32", data_dir, device, steps=50 if gpu else 2, kind=kind,
+                                      profile_to=prof, tuning=tuning)
+                    except Exception as e:  # a tile that does not fit this card: say so, go on with the others
+                        say(f"step only   N={n:5d} {kind:22s} failed: {type(e).__name__}: {str(e)[:200]}  {named}")
+                        results["steps"].append({"models": n, "kind": kind, "tuning": tuning, "error": f"{type(e).__name__}: {e}"})
+                        continue
+                    results["steps"].append(r)
+                    say(f"step only   N={n:5d} {kind:22s} {r['precision']:8s} {r['step_ms']:8.2f} ms/step  "
+                        f"{r['model_epochs_per_s']:8.1f} model-epochs/s  (first 3 steps {r['first_steps_s']:.1f} s) {named}")
+                    save()
     if "variants" not in skip:
         results["variants"] = []
         for v in a.variants.split(","):

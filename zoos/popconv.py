@@ -520,16 +520,18 @@ if triton is not None:
 # 1.6-3.4x slower on every CNN-s layer); "dot": bf16 or tf32 tensor-core inputs for bf16 activations;
 # "fuse": whether FastPopulation folds a following max-pool and activation into the CUDA-core forward;
 # "windows": when a first layer reads a window table (`windows_pay`), "window_max_fraction" of the card
-# a table may take, "window_block_m" positions a tile; "window_dx": a pooled layer's input gradient as
-# products per block of input pixels (else the padded conv of its unpooled gradient), "window_dx_block_n"
-# block values (channels x pool^2) a tile. `benchmarks/popconv_bench.py` sweeps the conv tiles on a GPU; `benchmarks/train_bench.py
-# --step-kinds` times the step with each choice off.
+# a table may take; "window_dx": a pooled layer's input gradient as products per block of input pixels
+# (else the padded conv of its unpooled gradient), "window_dx_block_n" block values (channels x pool^2) a
+# tile and "window_dx_stages" its pipeline stages (each stage holds a tile's 9 loads for CNN-s: 3 stages of
+# 128 rows asked 377 KB of shared memory); "window_block_m", "window_warps", "window_stages": rows a tile, warps and pipeline stages (0:
+# Triton's default) of every window kernel. `benchmarks/popconv_bench.py` sweeps the conv tiles on a GPU;
+# `benchmarks/train_bench.py --step-kinds` times the step with each choice off, `--tuning` with others.
 TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_block_m": 0, "fused_block_m": 0, "fma_warps": 4,
           "wgrad_block_m": 0, "wgrad_per_sm": 16, "wgrad_stages": 0, "dot": "bf16",
           "fuse": os.environ.get("SYMZOO_POPCONV_FUSE", "1") != "0",
-          "windows": os.environ.get("SYMZOO_POPCONV_WINDOWS", "pool"), "window_block_m": 128,
-          "window_max_fraction": 0.125, "window_dx": os.environ.get("SYMZOO_POPCONV_WINDOW_DX", "1") != "0",
-          "window_dx_block_n": 64}
+          "windows": os.environ.get("SYMZOO_POPCONV_WINDOWS", "pool"), "window_max_fraction": 0.125,
+          "window_dx": os.environ.get("SYMZOO_POPCONV_WINDOW_DX", "1") != "0", "window_dx_block_n": 64, "window_dx_stages": 1,
+          "window_block_m": 128, "window_warps": 4, "window_stages": 0}
 
 
 def _dot_dtype(x: Tensor):
@@ -671,10 +673,13 @@ def _window_blocks(table: Tensor, o: int) -> tuple[int, int]:
 
 
 def _tile_rows(width: int) -> tuple[int, dict]:
-    """(BLOCK_M, launch options) for a window kernel whose tiles are `width` wide: TUNING's rows and Triton's
-    pipelining up to 64, else 64 rows and one stage (a float32 [128, 128] tile at 3 stages asked 458 KB of
-    shared memory on an H200, twice its limit)."""
-    return (TUNING["window_block_m"], {}) if width <= 64 else (64, {"num_stages": 1})
+    """(BLOCK_M, launch options) for a window kernel whose tiles are `width` wide: TUNING's rows, warps and
+    stages (0: Triton's pipelining) up to 64, else 64 rows and one stage (a float32 [128, 128] tile at 3
+    stages asked 458 KB of shared memory on an H200, twice its limit)."""
+    options = {"num_warps": TUNING["window_warps"]}
+    if width > 64:
+        return 64, {**options, "num_stages": 1}
+    return TUNING["window_block_m"], {**options, **({"num_stages": TUNING["window_stages"]} if TUNING["window_stages"] else {})}
 
 
 def _programs_per_model(tiles: int, n: int, device: torch.device) -> tuple[int, int]:
@@ -698,7 +703,7 @@ def _launch_window(table: Tensor, rows: Tensor, w: Tensor, b: Tensor | None, bat
     _window_conv_kernel[(groups, n)](
         table, rows, w, b if b is not None else w, a, code if pool > 1 else a, batch, o, per,
         L=hp * wp, T=table.shape[2], C=c, KH=kh, KW=kw, POOL=pool, ACT=act, SLOPE=slope, HAS_BIAS=b is not None,
-        DOT=_dot_dtype(table), BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4, **options,
+        DOT=_dot_dtype(table), BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_N=block_n, **options,
     )
     return a, code
 
@@ -717,7 +722,7 @@ def _launch_window_wgrad(table: Tensor, rows: Tensor, da: Tensor, a: Tensor, cod
     _window_wgrad_kernel[(split, n)](
         table, rows, da, a, code if pool > 1 else a, placed, db if db is not None else placed, batch, o, split, per_split,
         L=length, T=t, POOL=pool, ACT=act, SLOPE=slope, HAS_BIAS=bias, DOT=_dot_dtype(table),
-        BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4, **options,
+        BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_N=block_n, **options,
     )
     taps = _placed_taps(c, kh, kw, pool, t, da.device)  # [pool^2 * K] rows of the flattened (position, window) axis
     dw = placed.sum(1).view(n, pool * pool * t, o).index_select(1, taps).view(n, pool * pool, c * kh * kw, o).sum(1)
@@ -758,12 +763,13 @@ def _launch_window_dx(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x_shape: t
     nh, nw = triton.cdiv(kh + pool - 1, pool), triton.cdiv(kw + pool - 1, pool)
     ws = _shifted_weights(w, pool, block_k).to(g.dtype)
     block_n = min(TUNING["window_dx_block_n"], max(16, triton.next_power_of_2(c * pool * pool)))
-    block_m, options = _tile_rows(max(block_k, block_n))
+    block_m, options = _tile_rows(max(block_k, block_n))  # its NH x NW loads a tile: TUNING's own stages
+    options["num_stages"] = TUNING["window_dx_stages"]
     groups, per = _programs_per_model(triton.cdiv(batch * bh * bw, block_m), n, da.device)
     dx = torch.empty(nb, c, h, wd, device=da.device, dtype=dtype)
     _block_dx_kernel[(groups, triton.cdiv(c * pool * pool, block_n), n)](
         g, ws, dx, batch, per, C=c, H=h, W=wd, PH=padding[0], PW=padding[1], HP=hp, WP=wp, BH=bh, BW=bw, NH=nh, NW=nw,
-        POOL=pool, DOT=dot, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4, **options,
+        POOL=pool, DOT=dot, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, **options,
     )
     return dx
 
