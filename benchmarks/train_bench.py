@@ -352,6 +352,8 @@ def main() -> None:
     ap.add_argument("--train-metrics", default="full,running",
                     help="pipeline runs, one per zoo train_metrics mode: full (a pass over the train split after "
                          "every epoch) and/or running (the epoch's batches)")
+    ap.add_argument("--pipeline-epochs", default="", help="pipeline: comma list of epochs, a run of each train_metrics "
+                    "mode for each (default: --epochs); the baseline trains --epochs")
     ap.add_argument("--baseline-models", type=int, default=64)
     ap.add_argument("--variants", default="vmap:float32:256,fast:bf16:1024,kernels:float32:256,kernels:bf16:256,"
                                           "kernels:bf16:1024,kernels:bf16:2048",
@@ -434,25 +436,28 @@ def main() -> None:
         precision = "bf16" if gpu else "float32"
         run_pipeline("warmup", min(a.pop, a.models), 1, a.pop, data_dir, work, precision, gpu)  # compiles, starts the worker
         results["pipeline"] = []
-        for i, mode in enumerate(a.train_metrics.split(",")):
-            p = run_pipeline(f"bench{i}-{mode}", a.models, a.epochs, a.pop, data_dir, work, precision, gpu, mode)
+        runs = [(e, mode) for e in (a.pipeline_epochs or str(a.epochs)).split(",") for mode in a.train_metrics.split(",")]
+        for i, (epochs, mode) in enumerate(runs):
+            p = run_pipeline(f"bench{i}-{mode}", a.models, int(epochs), a.pop, data_dir, work, precision, gpu, mode)
             results["pipeline"].append(p)
             say(f"pipeline    {p['models']} models x {p['epochs']} epochs, populations of {p['population_size']}, {precision}, "
                 f"train_metrics {mode}: {p['model_epochs_per_s_tasks']:.1f} model-epochs/s in its Ray tasks (train + store "
                 f"write), {p['model_epochs_per_s_wall']:.1f} over the whole run_study wall ({p['wall_s']:.1f} s, MLflow of "
                 f"every model incl.); GPU memory peak {p['gpu_mem_peak_mib']} / {p['gpu_mem_total_mib']} MiB; "
-                f"test acc {p['test_acc_mean']:.4f} +- {p['test_acc_std']:.4f}, {p['diverged']} diverged")
+                f"test acc {p['test_acc_mean']:.4f} +- {p['test_acc_std']:.4f}, {p['diverged']} diverged; population phases "
+                + "; ".join(", ".join(f"{k} {t:.2f} s" for k, t in ph.items()) for ph in p["phases"]))
             save()
     if "baseline" in results and results.get("pipeline"):
         b = results["baseline"]
-        lines = [f"\n{'':52s}{'model-epochs/s':>16s}{'ratio':>8s}",
-                 f"{'one model per task (1/8 GPU)':52s}{b['model_epochs_per_s']:16.2f}{1.0:8.1f}"]
+        lines = [f"\n{'':62s}{'model-epochs/s':>16s}{'ratio':>8s}",
+                 f"{'one model per task (1/8 GPU), ' + str(b['epochs']) + ' epochs':62s}{b['model_epochs_per_s']:16.2f}{1.0:8.1f}"]
         for p in results["pipeline"]:
             p["ratio_tasks"] = p["model_epochs_per_s_tasks"] / b["model_epochs_per_s"]
             p["ratio_wall"] = p["model_epochs_per_s_wall"] / b["model_epochs_per_s"]
-            lines += [f"{'symzoo pipeline (Ray tasks), ' + p['train_metrics'] + ' train metrics':52s}"
+            what = f"{p['train_metrics']} train metrics, {p['epochs']} epochs"
+            lines += [f"{'symzoo pipeline (Ray tasks), ' + what:62s}"
                       f"{p['model_epochs_per_s_tasks']:16.2f}{p['ratio_tasks']:8.1f}",
-                      f"{'symzoo pipeline (whole run), ' + p['train_metrics'] + ' train metrics':52s}"
+                      f"{'symzoo pipeline (whole run), ' + what:62s}"
                       f"{p['model_epochs_per_s_wall']:16.2f}{p['ratio_wall']:8.1f}"]
         say("\n".join(lines))
         save()

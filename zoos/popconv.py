@@ -475,23 +475,25 @@ if triton is not None:
         tl.store(g_ptr + e, g.to(g_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _block_dx_kernel(g_ptr, ws_ptr, dx_ptr, B, PER_PROGRAM, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+    def _block_dx_kernel(g_ptr, w_ptr, taps_ptr, dx_ptr, B, PER_PROGRAM, O, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
                          PH: tl.constexpr, PW: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, BH: tl.constexpr,
-                         BW: tl.constexpr, NH: tl.constexpr, NW: tl.constexpr, POOL: tl.constexpr, DOT: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BW: tl.constexpr, NH: tl.constexpr, NW: tl.constexpr, KK: tl.constexpr, POOL: tl.constexpr,
+                         DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """dx of a pooled layer, a row per (sample, block): block (bi, bj) is the POOL x POOL input pixels at
         padded rows POOL*bi + [0, POOL), columns likewise, and the pooled outputs whose windows cover it are
         (bi - e, bj - f) for e < NH, f < NW. So the block's C * POOL^2 values are sum over (e, f) of
         g[that output] @ ws[m, e, f]: NH * NW tensor-core products of [rows, (d, o)] @ [(d, o), (c, r, t)],
         the window positions the pool did not choose zeros in g (`_placed_grad_kernel`), the shifted weights
-        ws built by `_shifted_weights`. Every value of dx is written once: no window columns, no fold."""
+        ws gathered from model m's w by the tap map of `_shifted_taps` (-1: a zero). Every value of dx is
+        written once: no window columns, no fold."""
         group, nb, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         L: tl.constexpr = HP * WP
         NT: tl.constexpr = C * POOL * POOL
         k = tl.arange(0, BLOCK_K)
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         c, r, t = n // (POOL * POOL), (n % (POOL * POOL)) // POOL, n % POOL
-        ws_ptr += m.to(tl.int64) * (NH * NW * BLOCK_K * NT) + k[:, None] * NT + n[None, :]
+        w_ptr += m.to(tl.int64) * (O * C * KK)
+        taps_ptr += k[:, None] * NT + n[None, :]
         start = group * PER_PROGRAM
         for tile in range(start, tl.minimum(start + PER_PROGRAM, tl.cdiv(B * BH * BW, BLOCK_M))):
             idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -505,7 +507,8 @@ if triton is not None:
                     ok = pmask & (qi >= 0) & (qi < HP) & (qj >= 0) & (qj < WP)
                     rows = g_ptr + (sample * L + qi * WP + qj)[:, None] * BLOCK_K + k[None, :]
                     g = tl.load(rows, mask=ok[:, None], other=0.0)
-                    ws = tl.load(ws_ptr + (e * NW + f) * (BLOCK_K * NT), mask=(n < NT)[None, :], other=0.0)
+                    tap = tl.load(taps_ptr + (e * NW + f) * (BLOCK_K * NT), mask=(n < NT)[None, :], other=-1)
+                    ws = tl.load(w_ptr + tap, mask=tap >= 0, other=0.0)
                     acc += _mma(g, ws, DOT)
             i = (bi * POOL - PH)[:, None] + r[None, :]
             j = (bj * POOL - PW)[:, None] + t[None, :]
@@ -531,7 +534,7 @@ TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_bloc
           "fuse": os.environ.get("SYMZOO_POPCONV_FUSE", "1") != "0",
           "windows": os.environ.get("SYMZOO_POPCONV_WINDOWS", "pool"), "window_max_fraction": 0.125,
           "window_dx": os.environ.get("SYMZOO_POPCONV_WINDOW_DX", "1") != "0", "window_dx_block_n": 64, "window_dx_stages": 1,
-          "window_block_m": 128, "window_warps": 4, "window_stages": 0}
+          "window_block_m": 64, "window_warps": 4, "window_stages": 0}
 
 
 def _dot_dtype(x: Tensor):
@@ -761,15 +764,15 @@ def _launch_window_dx(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x_shape: t
     h, wd = x_shape[2], x_shape[3]
     bh, bw = triton.cdiv(h + padding[0], pool), triton.cdiv(wd + padding[1], pool)
     nh, nw = triton.cdiv(kh + pool - 1, pool), triton.cdiv(kw + pool - 1, pool)
-    ws = _shifted_weights(w, pool, block_k).to(g.dtype)
+    taps = _shifted_taps(o, c, kh, kw, pool, block_k, da.device)
     block_n = min(TUNING["window_dx_block_n"], max(16, triton.next_power_of_2(c * pool * pool)))
     block_m, options = _tile_rows(max(block_k, block_n))  # its NH x NW loads a tile: TUNING's own stages
     options["num_stages"] = TUNING["window_dx_stages"]
     groups, per = _programs_per_model(triton.cdiv(batch * bh * bw, block_m), n, da.device)
     dx = torch.empty(nb, c, h, wd, device=da.device, dtype=dtype)
     _block_dx_kernel[(groups, triton.cdiv(c * pool * pool, block_n), n)](
-        g, ws, dx, batch, per, C=c, H=h, W=wd, PH=padding[0], PW=padding[1], HP=hp, WP=wp, BH=bh, BW=bw, NH=nh, NW=nw,
-        POOL=pool, DOT=dot, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, **options,
+        g, w, taps, dx, batch, per, o, C=c, H=h, W=wd, PH=padding[0], PW=padding[1], HP=hp, WP=wp, BH=bh, BW=bw, NH=nh,
+        NW=nw, KK=kh * kw, POOL=pool, DOT=dot, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, **options,
     )
     return dx
 
@@ -777,21 +780,21 @@ def _launch_window_dx(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x_shape: t
 _SHIFTS: dict[tuple, Tensor] = {}
 
 
-def _shifted_weights(w: Tensor, pool: int, block_k: int) -> Tensor:
-    """ws[m, e, f, (d, o), (c, r, t)] = w[m, o, c, r + POOL*e - di, t + POOL*f - dj] where that tap exists,
-    else 0 (rows (d, o) padded to block_k): what output o of the pooled output e rows and f columns above a
-    block sends, through window position d = (di, dj), to pixel (r, t) of the block in channel c."""
-    n, o, c, kh, kw = w.shape
-    key = (o, c, kh, kw, pool, block_k, str(w.device))
+def _shifted_taps(o: int, c: int, kh: int, kw: int, pool: int, block_k: int, device: torch.device) -> Tensor:
+    """The weights' tap map of `_block_dx_kernel`, [NH * NW, block_k, C * pool^2] int32: entry (e, f, (d, o),
+    (c, r, t)) is the offset in a model's w [O, C, KH, KW] of w[o, c, r + pool*e - di, t + pool*f - dj], what
+    output o of the pooled output e rows and f columns above a block sends through window position d = (di, dj)
+    to pixel (r, t) of the block in channel c; -1 where that tap does not exist (and rows past pool^2 * O)."""
+    key = (o, c, kh, kw, pool, block_k, str(device))
     if key not in _SHIFTS:
         nh, nw = -(-(kh + pool - 1) // pool), -(-(kw + pool - 1) // pool)
         e, f, kk, ci, r, t = torch.meshgrid(*(torch.arange(v) for v in (nh, nw, block_k, c, pool, pool)), indexing="ij")
         d, oi = kk // o, kk % o
         u, v = r + pool * e - d // pool, t + pool * f - d % pool
         ok = (kk < pool * pool * o) & (u >= 0) & (u < kh) & (v >= 0) & (v < kw)
-        tap = ((oi * c + ci) * kh + u.clamp(0, kh - 1)) * kw + v.clamp(0, kw - 1)
-        _SHIFTS[key] = torch.where(ok, tap, o * c * kh * kw).reshape(-1).to(w.device)  # the last column: a zero
-    return torch.cat([w.reshape(n, -1), w.new_zeros(n, 1)], 1).index_select(1, _SHIFTS[key])
+        tap = ((oi * c + ci) * kh + u) * kw + v
+        _SHIFTS[key] = torch.where(ok, tap, -1).to(device=device, dtype=torch.int32).contiguous()
+    return _SHIFTS[key]
 
 
 # ---- the custom ops: forward, and the two backward products --------------------------------------------
