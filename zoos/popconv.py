@@ -516,6 +516,46 @@ if triton is not None:
             tl.store(dx_ptr + sample[:, None] * (C * H * W) + (c * (H * W))[None, :] + i * W + j,
                      acc.to(dx_ptr.dtype.element_ty), mask=ok)
 
+    @triton.jit
+    def _window_gather_wgrad_kernel(g_ptr, x_ptr, placed_ptr, db_ptr, B, O, SPLIT, PER_SPLIT, C: tl.constexpr,
+                                    H: tl.constexpr, W: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                                    HP: tl.constexpr, WP: tl.constexpr, UH: tl.constexpr, UW: tl.constexpr,
+                                    TWP: tl.constexpr, POOL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
+                                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The window-placed weight gradient of a pooled layer, model m, its (sample, pooled output) rows
+        [split * PER_SPLIT tiles, ...): placed[(d, o), (c, u, v)] = sum over rows of g[row, (d, o)] times entry
+        (c, u, v) of the row's input window, gathered from x (each window read once for all POOL^2 positions,
+        where a per-pixel patch reads its taps once per position). Columns nb * BLOCK_N + [0, BLOCK_N) of the
+        window; stored as [POOL^2, TWP, O] for `_fold_placed`, and db's per-(d, o) sums."""
+        split, nb, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        L: tl.constexpr = HP * WP
+        TW: tl.constexpr = C * UH * UW
+        k = tl.arange(0, BLOCK_K)
+        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        c, u, v = n // (UH * UW), (n % (UH * UW)) // UW, n % UW
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        start = split * PER_SPLIT
+        for tile in range(start, tl.minimum(start + PER_SPLIT, tl.cdiv(B * L, BLOCK_M))):
+            t = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            pmask = t < B * L
+            sample = (m * B + t // L).to(tl.int64)
+            q = t % L
+            g = tl.load(g_ptr + (sample * L + q)[:, None] * BLOCK_K + k[None, :], mask=pmask[:, None], other=0.0)
+            i = (POOL * (q // WP) - PH)[:, None] + u[None, :]
+            j = (POOL * (q % WP) - PW)[:, None] + v[None, :]
+            ok = pmask[:, None] & (n < TW)[None, :] & (i >= 0) & (i < H) & (j >= 0) & (j < W)
+            win = tl.load(x_ptr + sample[:, None] * (C * H * W) + (c * (H * W))[None, :] + i * W + j, mask=ok, other=0.0)
+            acc += _mma(tl.trans(g), win, DOT)
+            if HAS_BIAS:
+                acc_b += tl.sum(g.to(tl.float32), axis=0)
+        part = m.to(tl.int64) * SPLIT + split
+        d, o = k // O, k % O
+        ptrs = placed_ptr + part * (POOL * POOL * TWP * O) + ((d * TWP)[:, None] + n[None, :]) * O + o[:, None]
+        tl.store(ptrs, acc, mask=(k < POOL * POOL * O)[:, None] & (n < TWP)[None, :])
+        if HAS_BIAS:
+            tl.store(db_ptr + part * BLOCK_K + k, acc_b, mask=(k < POOL * POOL * O) & (nb == 0))
+
 
 # Kernel choices and tile sizes (0 = the measured default for the layer's shape): the forward on CUDA
 # cores for the few-channel layers of population zoos and on tensor cores where O is large; the weight
@@ -526,14 +566,15 @@ if triton is not None:
 # a table may take; "window_dx": a pooled layer's input gradient as products per block of input pixels
 # (else the padded conv of its unpooled gradient), "window_dx_block_n" block values (channels x pool^2) a
 # tile and "window_dx_stages" its pipeline stages (each stage holds a tile's 9 loads for CNN-s: 3 stages of
-# 128 rows asked 377 KB of shared memory); "window_block_m", "window_warps", "window_stages": rows a tile, warps and pipeline stages (0:
+# 128 rows asked 377 KB of shared memory); "window_wgrad": that layer's weight gradient from the same placed
+# gradient against whole input windows (else per-pixel patches), "window_wgrad_block_n" window entries a tile; "window_block_m", "window_warps", "window_stages": rows a tile, warps and pipeline stages (0:
 # Triton's default) of every window kernel. `benchmarks/popconv_bench.py` sweeps the conv tiles on a GPU;
 # `benchmarks/train_bench.py --step-kinds` times the step with each choice off, `--tuning` with others.
 TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_block_m": 0, "fused_block_m": 0, "fma_warps": 4,
           "wgrad_block_m": 0, "wgrad_per_sm": 16, "wgrad_stages": 0, "dot": "bf16",
           "fuse": os.environ.get("SYMZOO_POPCONV_FUSE", "1") != "0",
           "windows": os.environ.get("SYMZOO_POPCONV_WINDOWS", "pool"), "window_max_fraction": 0.125,
-          "window_dx": os.environ.get("SYMZOO_POPCONV_WINDOW_DX", "1") != "0", "window_dx_block_n": 64, "window_dx_stages": 1,
+          "window_dx": os.environ.get("SYMZOO_POPCONV_WINDOW_DX", "1") != "0", "window_dx_block_n": 64, "window_dx_stages": 1, "window_wgrad": True, "window_wgrad_block_n": 64,
           "window_block_m": 64, "window_warps": 4, "window_stages": 0}
 
 
@@ -713,8 +754,7 @@ def _launch_window(table: Tensor, rows: Tensor, w: Tensor, b: Tensor | None, bat
 
 def _launch_window_wgrad(table: Tensor, rows: Tensor, da: Tensor, a: Tensor, code: Tensor, w_shape: torch.Size,
                          bias: bool, pool: int, act: str, slope: float) -> tuple[Tensor, Tensor | None]:
-    """dw, db from the window table: per window position the [T, O] product, then each kernel tap summed
-    over the positions that place it (a gather of at most pool^2 rows a tap, in torch: O * K numbers a model)."""
+    """dw, db from the window table: per window position the [T, O] product, then `_fold_placed`."""
     n, o, c, kh, kw = w_shape
     batch, length, t = da.shape[0] // n, da.shape[2] * da.shape[3], table.shape[2]
     block_t, block_n = _window_blocks(table, o)
@@ -727,9 +767,7 @@ def _launch_window_wgrad(table: Tensor, rows: Tensor, da: Tensor, a: Tensor, cod
         L=length, T=t, POOL=pool, ACT=act, SLOPE=slope, HAS_BIAS=bias, DOT=_dot_dtype(table),
         BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_N=block_n, **options,
     )
-    taps = _placed_taps(c, kh, kw, pool, t, da.device)  # [pool^2 * K] rows of the flattened (position, window) axis
-    dw = placed.sum(1).view(n, pool * pool * t, o).index_select(1, taps).view(n, pool * pool, c * kh * kw, o).sum(1)
-    return dw.transpose(1, 2).contiguous().view(w_shape), (db.sum(1) if db is not None else None)
+    return _fold_placed(placed, w_shape, pool), (db.sum(1) if db is not None else None)
 
 
 _TAPS: dict[tuple, Tensor] = {}
@@ -746,11 +784,13 @@ def _placed_taps(c: int, kh: int, kw: int, pool: int, t: int, device: torch.devi
     return _TAPS[key]
 
 
-def _launch_window_dx(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x_shape: torch.Size, padding: tuple[int, int],
-                      pool: int, act: str, slope: float, dtype: torch.dtype) -> Tensor:
-    """dx of act(maxpool(conv(x))) from its output gradient da: each pooled output's gradient placed at the
-    window position the pool chose (`_placed_grad_kernel`), then each POOL x POOL block of input pixels as
-    the sum of its covering outputs' products with the shifted weights (`_block_dx_kernel`, tensor cores)."""
+def _launch_pooled_grads(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x: Tensor, padding: tuple[int, int],
+                         pool: int, act: str, slope: float, bias: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """dx, dw, db of act(maxpool(conv(x))) from its output gradient da. Each pooled output's gradient is placed
+    once at the window position the pool chose (`_placed_grad_kernel`); then dx a POOL x POOL block of input
+    pixels at a time, the sum of its covering outputs' products with the shifted weights (`_block_dx_kernel`),
+    and dw from the same rows against their input windows (`_window_gather_wgrad_kernel`; TUNING
+    "window_wgrad" off: the per-pixel weight-gradient kernel instead). All products on tensor cores."""
     n, o, c, kh, kw = w.shape
     nb, _, hp, wp = da.shape
     batch, length = nb // n, hp * wp
@@ -761,7 +801,7 @@ def _launch_window_dx(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x_shape: t
         da, a, code if pool > 1 else a, g, g.numel(), o, L=length, POOL=pool, ACT=act, SLOPE=slope, K=block_k,
         BLOCK=1024, num_warps=4,
     )
-    h, wd = x_shape[2], x_shape[3]
+    h, wd = x.shape[2], x.shape[3]
     bh, bw = triton.cdiv(h + padding[0], pool), triton.cdiv(wd + padding[1], pool)
     nh, nw = triton.cdiv(kh + pool - 1, pool), triton.cdiv(kw + pool - 1, pool)
     taps = _shifted_taps(o, c, kh, kw, pool, block_k, da.device)
@@ -769,12 +809,38 @@ def _launch_window_dx(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x_shape: t
     block_m, options = _tile_rows(max(block_k, block_n))  # its NH x NW loads a tile: TUNING's own stages
     options["num_stages"] = TUNING["window_dx_stages"]
     groups, per = _programs_per_model(triton.cdiv(batch * bh * bw, block_m), n, da.device)
-    dx = torch.empty(nb, c, h, wd, device=da.device, dtype=dtype)
+    dx = torch.empty(nb, c, h, wd, device=da.device, dtype=x.dtype)
     _block_dx_kernel[(groups, triton.cdiv(c * pool * pool, block_n), n)](
         g, w, taps, dx, batch, per, o, C=c, H=h, W=wd, PH=padding[0], PW=padding[1], HP=hp, WP=wp, BH=bh, BW=bw, NH=nh,
         NW=nw, KK=kh * kw, POOL=pool, DOT=dot, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, **options,
     )
-    return dx
+    if not TUNING["window_wgrad"]:
+        return (dx, *_launch_wgrad(x, None, da, w.shape, padding, bias, fused=(a, code if pool > 1 else a, pool, act, slope)))
+    uh, uw = kh + pool - 1, kw + pool - 1
+    block_n = min(TUNING["window_wgrad_block_n"], max(16, triton.next_power_of_2(c * uh * uw)))
+    chunks = triton.cdiv(c * uh * uw, block_n)
+    block_m, options = _tile_rows(max(block_k, block_n))
+    split, per_split = _programs_per_model(triton.cdiv(batch * length, block_m), n * chunks, da.device)
+    placed = torch.empty(n, split, pool * pool, chunks * block_n, o, device=da.device, dtype=torch.float32)
+    db = torch.empty(n, split, block_k, device=da.device, dtype=torch.float32) if bias else None
+    _window_gather_wgrad_kernel[(split, chunks, n)](
+        g, x, placed, db if db is not None else placed, batch, o, split, per_split, C=c, H=h, W=wd, PH=padding[0],
+        PW=padding[1], HP=hp, WP=wp, UH=uh, UW=uw, TWP=chunks * block_n, POOL=pool, HAS_BIAS=bias, DOT=dot,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, **options,
+    )
+    db = db.sum(1)[:, : pool * pool * o].view(n, pool * pool, o).sum(1) if db is not None else None
+    return dx, _fold_placed(placed, w.shape, pool), db
+
+
+def _fold_placed(placed: Tensor, w_shape: torch.Size, pool: int) -> Tensor:
+    """dw from window-placed weight gradients placed [N, splits, pool^2, T, O] (row (d, c, u, v): window entry
+    (c, u, v) against the outputs' gradient at window position d): each kernel tap summed over the positions
+    that place it (a gather of pool^2 rows a tap, in torch: O * K numbers a model)."""
+    n, o, c, kh, kw = w_shape
+    t = placed.shape[3]
+    taps = _placed_taps(c, kh, kw, pool, t, placed.device)  # [pool^2 * K] rows of the flattened (position, window) axis
+    dw = placed.sum(1).view(n, pool * pool * t, o).index_select(1, taps).view(n, pool * pool, c * kh * kw, o).sum(1)
+    return dw.transpose(1, 2).contiguous().view(w_shape)
 
 
 _SHIFTS: dict[tuple, Tensor] = {}
@@ -924,15 +990,17 @@ def _unpool(dz: Tensor, code: Tensor, pool: int, out_hw: tuple[int, int]) -> Ten
     return dy
 
 
-@torch.library.custom_op("symzoo::pop_window_dx", mutates_args=())
-def _pop_window_dx(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x: Tensor, pad_h: int, pad_w: int, pool: int,
-                   act: str, slope: float) -> Tensor:
-    return _launch_window_dx(da.contiguous(), a, code, w.contiguous(), x.shape, (pad_h, pad_w), pool, act, slope, x.dtype)
+@torch.library.custom_op("symzoo::pop_pooled_grads", mutates_args=())
+def _pop_pooled_grads(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x: Tensor, pad_h: int, pad_w: int, pool: int,
+                      act: str, slope: float, bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = _launch_pooled_grads(da.contiguous(), a, code, w.contiguous(), x.contiguous(), (pad_h, pad_w), pool, act,
+                                      slope, bias)
+    return dx, dw, db if db is not None else dw.new_zeros(0)
 
 
-@_pop_window_dx.register_fake
-def _(da, a, code, w, x, pad_h, pad_w, pool, act, slope):
-    return torch.empty_like(x)
+@_pop_pooled_grads.register_fake
+def _(da, a, code, w, x, pad_h, pad_w, pool, act, slope, bias):
+    return (torch.empty_like(x), *_wgrad_fake(w, bias))
 
 
 def _backward_pool_act(ctx, da: Tensor, _dcode: Tensor | None):
@@ -940,12 +1008,14 @@ def _backward_pool_act(ctx, da: Tensor, _dcode: Tensor | None):
     batch, pad_h, pad_w, has_bias, x_dtype, pool, act, slope, window_dx = ctx.meta
     nothing = (None,) * 9
     window_dx = ctx.needs_input_grad[0] and pool > 1 and window_dx
-    if not ctx.needs_input_grad[0] or window_dx:  # the weight-gradient kernel rebuilds the conv's dy itself
-        dx = _pop_window_dx(da, a, code, w, x, pad_h, pad_w, pool, act, slope) if window_dx else None
+    if window_dx and rows is None:  # input and weight gradients from the placed pooled gradient, computed once
+        dx, dw, db = _pop_pooled_grads(da, a, code, w, x, pad_h, pad_w, pool, act, slope, has_bias)
+        return dx, dw.to(w.dtype) if ctx.needs_input_grad[1] else None, (db if has_bias and ctx.needs_input_grad[2] else None), *nothing
+    if not ctx.needs_input_grad[0]:  # the weight-gradient kernel rebuilds the conv's dy itself
         if not (ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2])):
-            return dx, None, None, *nothing
+            return None, None, None, *nothing
         dw, db = _pop_conv2d_pool_act_wgrad(x, rows, da, a, code, w, pad_h, pad_w, has_bias, pool, act, slope)
-        return dx, dw.to(w.dtype), (db if has_bias else None), *nothing
+        return None, dw.to(w.dtype), (db if has_bias else None), *nothing
     dz = (da.float() * _act_grad(a, act, slope)).to(a.dtype)
     if pool > 1:
         out_hw = (x.shape[2] + 2 * pad_h - w.shape[3] + 1, x.shape[3] + 2 * pad_w - w.shape[4] + 1)

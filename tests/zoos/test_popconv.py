@@ -381,13 +381,15 @@ BF16_ON_GPU = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(DEVICE == "c
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16_ON_GPU])
-@pytest.mark.parametrize("window_dx", [True, False])
+@pytest.mark.parametrize("window_dx,window_wgrad", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("c,o,k,pad,size", [(8, 6, 5, 0, 12), (3, 5, 3, 1, 9), (2, 20, 2, 2, 7), (20, 3, 3, 1, 8)])
-def test_pooled_input_gradient_either_way(monkeypatch, dtype, window_dx, c, o, k, pad, size):
-    """A pooled layer's input gradient from products per block of input pixels (TUNING window_dx) or from the
-    padded conv of the unpooled gradient: both equal autograd through conv -> max_pool2d -> tanh (float32;
-    bf16 activations within bf16 rounding of the float32 reference on the same inputs)."""
+def test_pooled_layer_gradients_every_way(monkeypatch, dtype, window_dx, window_wgrad, c, o, k, pad, size):
+    """A pooled layer's gradients from the placed pooled gradient: dx per block of input pixels (TUNING
+    window_dx), dw against whole input windows (window_wgrad) or per-pixel patches; or dx as the padded conv
+    of the unpooled gradient: all equal autograd through conv -> max_pool2d -> tanh (float32; bf16
+    activations within bf16 rounding of the float32 reference on the same inputs)."""
     monkeypatch.setitem(popconv.TUNING, "window_dx", window_dx)
+    monkeypatch.setitem(popconv.TUNING, "window_wgrad", window_wgrad)
     torch.manual_seed(c * 100 + o)
     x = torch.randn(2 * 3, c, size, size, device=DEVICE).to(dtype).requires_grad_()
     w = torch.randn(2, o, c, k, k, device=DEVICE, requires_grad=True)
@@ -419,4 +421,5 @@ def test_window_ops_pass_torch_library_opcheck():
     da = torch.randn_like(a)
     torch.library.opcheck(popconv._pop_window_conv_wgrad, (table, rows, da, a.detach(), code, w.detach(), True, 2, "tanh", 0.0))
     x = torch.randn(6, 2, 10, 10, device=DEVICE)
-    torch.library.opcheck(popconv._pop_window_dx, (da, a.detach(), code, w.detach(), x, 1, 1, 2, "tanh", 0.0))
+    for bias in (True, False):
+        torch.library.opcheck(popconv._pop_pooled_grads, (da, a.detach(), code, w.detach(), x, 1, 1, 2, "tanh", 0.0, bias))
