@@ -475,25 +475,24 @@ if triton is not None:
         tl.store(g_ptr + e, g.to(g_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _block_dx_kernel(g_ptr, w_ptr, taps_ptr, dx_ptr, B, PER_PROGRAM, O, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+    def _block_dx_kernel(g_ptr, ws_ptr, dx_ptr, B, PER_PROGRAM, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
                          PH: tl.constexpr, PW: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, BH: tl.constexpr,
-                         BW: tl.constexpr, NH: tl.constexpr, NW: tl.constexpr, KK: tl.constexpr, POOL: tl.constexpr,
-                         DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BW: tl.constexpr, NH: tl.constexpr, NW: tl.constexpr, POOL: tl.constexpr, DOT: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """dx of a pooled layer, a row per (sample, block): block (bi, bj) is the POOL x POOL input pixels at
         padded rows POOL*bi + [0, POOL), columns likewise, and the pooled outputs whose windows cover it are
         (bi - e, bj - f) for e < NH, f < NW. So the block's C * POOL^2 values are sum over (e, f) of
         g[that output] @ ws[m, e, f]: NH * NW tensor-core products of [rows, (d, o)] @ [(d, o), (c, r, t)],
         the window positions the pool did not choose zeros in g (`_placed_grad_kernel`), the shifted weights
-        ws gathered from model m's w by the tap map of `_shifted_taps` (-1: a zero). Every value of dx is
-        written once: no window columns, no fold."""
+        ws built by `_shifted_weights` (gathering them here through a tap map made this kernel 2.5x slower).
+        Every value of dx is written once: no window columns, no fold."""
         group, nb, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         L: tl.constexpr = HP * WP
         NT: tl.constexpr = C * POOL * POOL
         k = tl.arange(0, BLOCK_K)
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         c, r, t = n // (POOL * POOL), (n % (POOL * POOL)) // POOL, n % POOL
-        w_ptr += m.to(tl.int64) * (O * C * KK)
-        taps_ptr += k[:, None] * NT + n[None, :]
+        ws_ptr += m.to(tl.int64) * (NH * NW * BLOCK_K * NT) + k[:, None] * NT + n[None, :]
         start = group * PER_PROGRAM
         for tile in range(start, tl.minimum(start + PER_PROGRAM, tl.cdiv(B * BH * BW, BLOCK_M))):
             idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -507,54 +506,13 @@ if triton is not None:
                     ok = pmask & (qi >= 0) & (qi < HP) & (qj >= 0) & (qj < WP)
                     rows = g_ptr + (sample * L + qi * WP + qj)[:, None] * BLOCK_K + k[None, :]
                     g = tl.load(rows, mask=ok[:, None], other=0.0)
-                    tap = tl.load(taps_ptr + (e * NW + f) * (BLOCK_K * NT), mask=(n < NT)[None, :], other=-1)
-                    ws = tl.load(w_ptr + tap, mask=tap >= 0, other=0.0)
+                    ws = tl.load(ws_ptr + (e * NW + f) * (BLOCK_K * NT), mask=(n < NT)[None, :], other=0.0)
                     acc += _mma(g, ws, DOT)
             i = (bi * POOL - PH)[:, None] + r[None, :]
             j = (bj * POOL - PW)[:, None] + t[None, :]
             ok = pmask[:, None] & (n < NT)[None, :] & (i >= 0) & (i < H) & (j >= 0) & (j < W)
             tl.store(dx_ptr + sample[:, None] * (C * H * W) + (c * (H * W))[None, :] + i * W + j,
                      acc.to(dx_ptr.dtype.element_ty), mask=ok)
-
-    @triton.jit
-    def _window_gather_wgrad_kernel(g_ptr, x_ptr, placed_ptr, db_ptr, B, O, SPLIT, PER_SPLIT, C: tl.constexpr,
-                                    H: tl.constexpr, W: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                                    HP: tl.constexpr, WP: tl.constexpr, UH: tl.constexpr, UW: tl.constexpr,
-                                    TWP: tl.constexpr, POOL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
-                                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        """The window-placed weight gradient of a pooled layer, model m, its (sample, pooled output) rows
-        [split * PER_SPLIT tiles, ...): placed[(d, o), (c, u, v)] = sum over rows of g[row, (d, o)] times entry
-        (c, u, v) of the row's input window, gathered from x (each window read once for all POOL^2 positions,
-        where a per-pixel patch reads its taps once per position). Columns nb * BLOCK_N + [0, BLOCK_N) of the
-        window; stored as [POOL^2, TWP, O] for `_fold_placed`, and db's per-(d, o) sums."""
-        split, nb, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        L: tl.constexpr = HP * WP
-        TW: tl.constexpr = C * UH * UW
-        k = tl.arange(0, BLOCK_K)
-        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        c, u, v = n // (UH * UW), (n % (UH * UW)) // UW, n % UW
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        acc_b = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        start = split * PER_SPLIT
-        for tile in range(start, tl.minimum(start + PER_SPLIT, tl.cdiv(B * L, BLOCK_M))):
-            t = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-            pmask = t < B * L
-            sample = (m * B + t // L).to(tl.int64)
-            q = t % L
-            g = tl.load(g_ptr + (sample * L + q)[:, None] * BLOCK_K + k[None, :], mask=pmask[:, None], other=0.0)
-            i = (POOL * (q // WP) - PH)[:, None] + u[None, :]
-            j = (POOL * (q % WP) - PW)[:, None] + v[None, :]
-            ok = pmask[:, None] & (n < TW)[None, :] & (i >= 0) & (i < H) & (j >= 0) & (j < W)
-            win = tl.load(x_ptr + sample[:, None] * (C * H * W) + (c * (H * W))[None, :] + i * W + j, mask=ok, other=0.0)
-            acc += _mma(tl.trans(g), win, DOT)
-            if HAS_BIAS:
-                acc_b += tl.sum(g.to(tl.float32), axis=0)
-        part = m.to(tl.int64) * SPLIT + split
-        d, o = k // O, k % O
-        ptrs = placed_ptr + part * (POOL * POOL * TWP * O) + ((d * TWP)[:, None] + n[None, :]) * O + o[:, None]
-        tl.store(ptrs, acc, mask=(k < POOL * POOL * O)[:, None] & (n < TWP)[None, :])
-        if HAS_BIAS:
-            tl.store(db_ptr + part * BLOCK_K + k, acc_b, mask=(k < POOL * POOL * O) & (nb == 0))
 
 
 # Kernel choices and tile sizes (0 = the measured default for the layer's shape): the forward on CUDA
@@ -566,15 +524,14 @@ if triton is not None:
 # a table may take; "window_dx": a pooled layer's input gradient as products per block of input pixels
 # (else the padded conv of its unpooled gradient), "window_dx_block_n" block values (channels x pool^2) a
 # tile and "window_dx_stages" its pipeline stages (each stage holds a tile's 9 loads for CNN-s: 3 stages of
-# 128 rows asked 377 KB of shared memory); "window_wgrad": that layer's weight gradient from the same placed
-# gradient against whole input windows (else per-pixel patches), "window_wgrad_block_n" window entries a tile; "window_block_m", "window_warps", "window_stages": rows a tile, warps and pipeline stages (0:
+# 128 rows asked 377 KB of shared memory); "window_block_m", "window_warps", "window_stages": rows a tile, warps and pipeline stages (0:
 # Triton's default) of every window kernel. `benchmarks/popconv_bench.py` sweeps the conv tiles on a GPU;
 # `benchmarks/train_bench.py --step-kinds` times the step with each choice off, `--tuning` with others.
 TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_block_m": 0, "fused_block_m": 0, "fma_warps": 4,
           "wgrad_block_m": 0, "wgrad_per_sm": 16, "wgrad_stages": 0, "dot": "bf16",
           "fuse": os.environ.get("SYMZOO_POPCONV_FUSE", "1") != "0",
           "windows": os.environ.get("SYMZOO_POPCONV_WINDOWS", "pool"), "window_max_fraction": 0.125,
-          "window_dx": os.environ.get("SYMZOO_POPCONV_WINDOW_DX", "1") != "0", "window_dx_block_n": 64, "window_dx_stages": 1, "window_wgrad": True, "window_wgrad_block_n": 64,
+          "window_dx": os.environ.get("SYMZOO_POPCONV_WINDOW_DX", "1") != "0", "window_dx_block_n": 64, "window_dx_stages": 1,
           "window_block_m": 64, "window_warps": 4, "window_stages": 0}
 
 
@@ -786,11 +743,12 @@ def _placed_taps(c: int, kh: int, kw: int, pool: int, t: int, device: torch.devi
 
 def _launch_pooled_grads(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x: Tensor, padding: tuple[int, int],
                          pool: int, act: str, slope: float, bias: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """dx, dw, db of act(maxpool(conv(x))) from its output gradient da. Each pooled output's gradient is placed
-    once at the window position the pool chose (`_placed_grad_kernel`); then dx a POOL x POOL block of input
-    pixels at a time, the sum of its covering outputs' products with the shifted weights (`_block_dx_kernel`),
-    and dw from the same rows against their input windows (`_window_gather_wgrad_kernel`; TUNING
-    "window_wgrad" off: the per-pixel weight-gradient kernel instead). All products on tensor cores."""
+    """dx, dw, db of act(maxpool(conv(x))) from its output gradient da: each pooled output's gradient placed at
+    the window position the pool chose (`_placed_grad_kernel`), then dx a POOL x POOL block of input pixels at
+    a time, the sum of its covering outputs' products with the shifted weights (`_block_dx_kernel`, tensor
+    cores); dw and db by the weight-gradient kernel, which rebuilds the conv's dy in its tiles. (dw from the
+    placed rows against whole input windows gathered from x measured the same as that kernel: 1.42 ms a step
+    for conv2 at 1,024 models, H200; not kept.)"""
     n, o, c, kh, kw = w.shape
     nb, _, hp, wp = da.shape
     batch, length = nb // n, hp * wp
@@ -804,32 +762,17 @@ def _launch_pooled_grads(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x: Tens
     h, wd = x.shape[2], x.shape[3]
     bh, bw = triton.cdiv(h + padding[0], pool), triton.cdiv(wd + padding[1], pool)
     nh, nw = triton.cdiv(kh + pool - 1, pool), triton.cdiv(kw + pool - 1, pool)
-    taps = _shifted_taps(o, c, kh, kw, pool, block_k, da.device)
+    ws = _shifted_weights(w, pool, block_k).to(g.dtype)
     block_n = min(TUNING["window_dx_block_n"], max(16, triton.next_power_of_2(c * pool * pool)))
     block_m, options = _tile_rows(max(block_k, block_n))  # its NH x NW loads a tile: TUNING's own stages
     options["num_stages"] = TUNING["window_dx_stages"]
     groups, per = _programs_per_model(triton.cdiv(batch * bh * bw, block_m), n, da.device)
     dx = torch.empty(nb, c, h, wd, device=da.device, dtype=x.dtype)
     _block_dx_kernel[(groups, triton.cdiv(c * pool * pool, block_n), n)](
-        g, w, taps, dx, batch, per, o, C=c, H=h, W=wd, PH=padding[0], PW=padding[1], HP=hp, WP=wp, BH=bh, BW=bw, NH=nh,
-        NW=nw, KK=kh * kw, POOL=pool, DOT=dot, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, **options,
+        g, ws, dx, batch, per, C=c, H=h, W=wd, PH=padding[0], PW=padding[1], HP=hp, WP=wp, BH=bh, BW=bw, NH=nh, NW=nw,
+        POOL=pool, DOT=dot, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, **options,
     )
-    if not TUNING["window_wgrad"]:
-        return (dx, *_launch_wgrad(x, None, da, w.shape, padding, bias, fused=(a, code if pool > 1 else a, pool, act, slope)))
-    uh, uw = kh + pool - 1, kw + pool - 1
-    block_n = min(TUNING["window_wgrad_block_n"], max(16, triton.next_power_of_2(c * uh * uw)))
-    chunks = triton.cdiv(c * uh * uw, block_n)
-    block_m, options = _tile_rows(max(block_k, block_n))
-    split, per_split = _programs_per_model(triton.cdiv(batch * length, block_m), n * chunks, da.device)
-    placed = torch.empty(n, split, pool * pool, chunks * block_n, o, device=da.device, dtype=torch.float32)
-    db = torch.empty(n, split, block_k, device=da.device, dtype=torch.float32) if bias else None
-    _window_gather_wgrad_kernel[(split, chunks, n)](
-        g, x, placed, db if db is not None else placed, batch, o, split, per_split, C=c, H=h, W=wd, PH=padding[0],
-        PW=padding[1], HP=hp, WP=wp, UH=uh, UW=uw, TWP=chunks * block_n, POOL=pool, HAS_BIAS=bias, DOT=dot,
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, **options,
-    )
-    db = db.sum(1)[:, : pool * pool * o].view(n, pool * pool, o).sum(1) if db is not None else None
-    return dx, _fold_placed(placed, w.shape, pool), db
+    return (dx, *_launch_wgrad(x, None, da, w.shape, padding, bias, fused=(a, code if pool > 1 else a, pool, act, slope)))
 
 
 def _fold_placed(placed: Tensor, w_shape: torch.Size, pool: int) -> Tensor:
@@ -846,12 +789,12 @@ def _fold_placed(placed: Tensor, w_shape: torch.Size, pool: int) -> Tensor:
 _SHIFTS: dict[tuple, Tensor] = {}
 
 
-def _shifted_taps(o: int, c: int, kh: int, kw: int, pool: int, block_k: int, device: torch.device) -> Tensor:
-    """The weights' tap map of `_block_dx_kernel`, [NH * NW, block_k, C * pool^2] int32: entry (e, f, (d, o),
-    (c, r, t)) is the offset in a model's w [O, C, KH, KW] of w[o, c, r + pool*e - di, t + pool*f - dj], what
-    output o of the pooled output e rows and f columns above a block sends through window position d = (di, dj)
-    to pixel (r, t) of the block in channel c; -1 where that tap does not exist (and rows past pool^2 * O)."""
-    key = (o, c, kh, kw, pool, block_k, str(device))
+def _shifted_weights(w: Tensor, pool: int, block_k: int) -> Tensor:
+    """ws[m, e, f, (d, o), (c, r, t)] = w[m, o, c, r + pool*e - di, t + pool*f - dj] where that tap exists, else 0
+    (rows (d, o) padded to block_k): what output o of the pooled output e rows and f columns above a block
+    sends, through window position d = (di, dj), to pixel (r, t) of the block in channel c."""
+    n, o, c, kh, kw = w.shape
+    key = (o, c, kh, kw, pool, block_k, str(w.device))
     if key not in _SHIFTS:
         nh, nw = -(-(kh + pool - 1) // pool), -(-(kw + pool - 1) // pool)
         e, f, kk, ci, r, t = torch.meshgrid(*(torch.arange(v) for v in (nh, nw, block_k, c, pool, pool)), indexing="ij")
@@ -859,8 +802,8 @@ def _shifted_taps(o: int, c: int, kh: int, kw: int, pool: int, block_k: int, dev
         u, v = r + pool * e - d // pool, t + pool * f - d % pool
         ok = (kk < pool * pool * o) & (u >= 0) & (u < kh) & (v >= 0) & (v < kw)
         tap = ((oi * c + ci) * kh + u) * kw + v
-        _SHIFTS[key] = torch.where(ok, tap, -1).to(device=device, dtype=torch.int32).contiguous()
-    return _SHIFTS[key]
+        _SHIFTS[key] = torch.where(ok, tap, o * c * kh * kw).reshape(-1).to(w.device)  # the last column: a zero
+    return torch.cat([w.reshape(n, -1), w.new_zeros(n, 1)], 1).index_select(1, _SHIFTS[key])
 
 
 # ---- the custom ops: forward, and the two backward products --------------------------------------------
