@@ -2,6 +2,10 @@
 
     python benchmarks/train_bench.py --out results/          # on a CUDA machine; ~6 min on one H100
     python benchmarks/train_bench.py --smoke                 # tiny sizes on the CPU: the code paths only
+    python benchmarks/train_bench.py --skip steps,variants --models 2048 --pop 2048 --pipeline-epochs 10 \
+        --train-metrics running                             # baseline + the pipeline at 2,048 x 10 epochs
+    python benchmarks/train_bench.py --skip baseline,pipeline,variants --steps 2048,1024 --step-kinds kernels \
+        --tuning "window_block_m=64;window_block_m=128"      # the step alone, two popconv.TUNING sets
 
 Workload: the CNN-s zoo on 28x28x1 images, 60,000 training samples resident on the device (a
 generated, learnable MNIST-shaped data set written as IDX files, read through the `mnist` task),
