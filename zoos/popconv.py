@@ -524,15 +524,16 @@ if triton is not None:
 # a table may take; "window_dx": a pooled layer's input gradient as products per block of input pixels
 # (else the padded conv of its unpooled gradient), "window_dx_block_n" block values (channels x pool^2) a
 # tile and "window_dx_stages" its pipeline stages (each stage holds a tile's 9 loads for CNN-s: 3 stages of
-# 128 rows asked 377 KB of shared memory); "window_block_m", "window_warps", "window_stages": rows a tile, warps and pipeline stages (0:
-# Triton's default) of every window kernel. `benchmarks/popconv_bench.py` sweeps the conv tiles on a GPU;
-# `benchmarks/train_bench.py --step-kinds` times the step with each choice off, `--tuning` with others.
+# 128 rows asked 377 KB of shared memory); "window_block_m", "window_warps", "window_stages": rows a tile,
+# warps and pipeline stages (0: Triton's default) of every window kernel. `benchmarks/popconv_bench.py`
+# sweeps the conv tiles on a GPU; `benchmarks/train_bench.py --step-kinds` times the step with each choice
+# off, `--tuning` with other TUNING values.
 TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_block_m": 0, "fused_block_m": 0, "fma_warps": 4,
           "wgrad_block_m": 0, "wgrad_per_sm": 16, "wgrad_stages": 0, "dot": "bf16",
           "fuse": os.environ.get("SYMZOO_POPCONV_FUSE", "1") != "0",
           "windows": os.environ.get("SYMZOO_POPCONV_WINDOWS", "pool"), "window_max_fraction": 0.125,
-          "window_dx": os.environ.get("SYMZOO_POPCONV_WINDOW_DX", "1") != "0", "window_dx_block_n": 64, "window_dx_stages": 1,
-          "window_block_m": 64, "window_warps": 4, "window_stages": 0}
+          "window_dx": os.environ.get("SYMZOO_POPCONV_WINDOW_DX", "1") != "0", "window_dx_block_n": 64,
+          "window_dx_stages": 1, "window_block_m": 64, "window_warps": 4, "window_stages": 0}
 
 
 def _dot_dtype(x: Tensor):
@@ -680,7 +681,9 @@ def _tile_rows(width: int) -> tuple[int, dict]:
     options = {"num_warps": TUNING["window_warps"]}
     if width > 64:
         return 64, {**options, "num_stages": 1}
-    return TUNING["window_block_m"], {**options, **({"num_stages": TUNING["window_stages"]} if TUNING["window_stages"] else {})}
+    if TUNING["window_stages"]:
+        options["num_stages"] = TUNING["window_stages"]
+    return TUNING["window_block_m"], options
 
 
 def _programs_per_model(tiles: int, n: int, device: torch.device) -> tuple[int, int]:
@@ -951,9 +954,10 @@ def _backward_pool_act(ctx, da: Tensor, _dcode: Tensor | None):
     batch, pad_h, pad_w, has_bias, x_dtype, pool, act, slope, window_dx = ctx.meta
     nothing = (None,) * 9
     window_dx = ctx.needs_input_grad[0] and pool > 1 and window_dx
-    if window_dx and rows is None:  # input and weight gradients from the placed pooled gradient, computed once
+    if window_dx and rows is None:  # dx per block of input pixels and dw, db in one op
         dx, dw, db = _pop_pooled_grads(da, a, code, w, x, pad_h, pad_w, pool, act, slope, has_bias)
-        return dx, dw.to(w.dtype) if ctx.needs_input_grad[1] else None, (db if has_bias and ctx.needs_input_grad[2] else None), *nothing
+        dw = dw.to(w.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw, (db if has_bias and ctx.needs_input_grad[2] else None), *nothing
     if not ctx.needs_input_grad[0]:  # the weight-gradient kernel rebuilds the conv's dy itself
         if not (ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2])):
             return None, None, None, *nothing
