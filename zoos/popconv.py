@@ -744,14 +744,14 @@ def _placed_taps(c: int, kh: int, kw: int, pool: int, t: int, device: torch.devi
     return _TAPS[key]
 
 
-def _launch_pooled_grads(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x: Tensor, padding: tuple[int, int],
-                         pool: int, act: str, slope: float, bias: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+def _launch_pooled_grads(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x: Tensor, padding: tuple[int, int], pool: int,
+                         act: str, slope: float, bias: bool, weights: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """dx, dw, db of act(maxpool(conv(x))) from its output gradient da: each pooled output's gradient placed at
     the window position the pool chose (`_placed_grad_kernel`), then dx a POOL x POOL block of input pixels at
     a time, the sum of its covering outputs' products with the shifted weights (`_block_dx_kernel`, tensor
-    cores); dw and db by the weight-gradient kernel, which rebuilds the conv's dy in its tiles. (dw from the
-    placed rows against whole input windows gathered from x measured the same as that kernel: 1.42 ms a step
-    for conv2 at 1,024 models, H200; not kept.)"""
+    cores); with `weights`, dw and db by the weight-gradient kernel, which rebuilds the conv's dy in its tiles.
+    (dw from the placed rows against whole input windows gathered from x measured the same as that kernel:
+    1.42 ms a step for conv2 at 1,024 models, H200; not kept.)"""
     n, o, c, kh, kw = w.shape
     nb, _, hp, wp = da.shape
     batch, length = nb // n, hp * wp
@@ -775,6 +775,8 @@ def _launch_pooled_grads(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x: Tens
         g, ws, dx, batch, per, C=c, H=h, W=wd, PH=padding[0], PW=padding[1], HP=hp, WP=wp, BH=bh, BW=bw, NH=nh, NW=nw,
         POOL=pool, DOT=dot, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, **options,
     )
+    if not weights:
+        return dx, None, None
     return (dx, *_launch_wgrad(x, None, da, w.shape, padding, bias, fused=(a, code if pool > 1 else a, pool, act, slope)))
 
 
@@ -938,15 +940,20 @@ def _unpool(dz: Tensor, code: Tensor, pool: int, out_hw: tuple[int, int]) -> Ten
 
 @torch.library.custom_op("symzoo::pop_pooled_grads", mutates_args=())
 def _pop_pooled_grads(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x: Tensor, pad_h: int, pad_w: int, pool: int,
-                      act: str, slope: float, bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+                      act: str, slope: float, bias: bool, weights: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """dx, and dw, db where `weights` (else empty: an input gradient through frozen weights)."""
     dx, dw, db = _launch_pooled_grads(da.contiguous(), a, code, w.contiguous(), x.contiguous(), (pad_h, pad_w), pool, act,
-                                      slope, bias)
-    return dx, dw, db if db is not None else dw.new_zeros(0)
+                                      slope, bias, weights)
+    def empty() -> Tensor:  # a fresh one each: outputs of a custom op may not alias
+        return w.new_zeros(0, dtype=torch.float32)
+
+    return dx, dw if dw is not None else empty(), db if db is not None else empty()
 
 
 @_pop_pooled_grads.register_fake
-def _(da, a, code, w, x, pad_h, pad_w, pool, act, slope, bias):
-    return (torch.empty_like(x), *_wgrad_fake(w, bias))
+def _(da, a, code, w, x, pad_h, pad_w, pool, act, slope, bias, weights):
+    dw, db = _wgrad_fake(w, bias) if weights else (w.new_empty(0, dtype=torch.float32), w.new_empty(0, dtype=torch.float32))
+    return torch.empty_like(x), dw, db
 
 
 def _backward_pool_act(ctx, da: Tensor, _dcode: Tensor | None):
@@ -955,7 +962,8 @@ def _backward_pool_act(ctx, da: Tensor, _dcode: Tensor | None):
     nothing = (None,) * 9
     window_dx = ctx.needs_input_grad[0] and pool > 1 and window_dx
     if window_dx and rows is None:  # dx per block of input pixels and dw, db in one op
-        dx, dw, db = _pop_pooled_grads(da, a, code, w, x, pad_h, pad_w, pool, act, slope, has_bias)
+        weights = ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2])
+        dx, dw, db = _pop_pooled_grads(da, a, code, w, x, pad_h, pad_w, pool, act, slope, has_bias, weights)
         dw = dw.to(w.dtype) if ctx.needs_input_grad[1] else None
         return dx, dw, (db if has_bias and ctx.needs_input_grad[2] else None), *nothing
     if not ctx.needs_input_grad[0]:  # the weight-gradient kernel rebuilds the conv's dy itself

@@ -398,7 +398,10 @@ def test_pooled_layer_gradients_either_way(monkeypatch, dtype, window_dx, c, o, 
     want = torch.tanh(F.max_pool2d(reference(xr, w, b, pad), 2))
     g = torch.randn(want.shape, device=DEVICE).to(dtype).float()
     grads = torch.autograd.grad((got.float() * g).sum(), [x, w, b])
-    for a, r in zip(grads, torch.autograd.grad((want * g).sum(), [xr, w, b])):
+    frozen = popconv.conv2d_pool_act(x, w.detach(), b.detach(), (pad, pad), pool=2, act="tanh")  # dx alone
+    grads += torch.autograd.grad((frozen.float() * g).sum(), [x])
+    want_grads = torch.autograd.grad((want * g).sum(), [xr, w, b])
+    for a, r in zip(grads, (*want_grads, want_grads[0])):
         if dtype == torch.float32:
             close(a, r)
         else:
@@ -419,5 +422,6 @@ def test_window_ops_pass_torch_library_opcheck():
     da = torch.randn_like(a)
     torch.library.opcheck(popconv._pop_window_conv_wgrad, (table, rows, da, a.detach(), code, w.detach(), True, 2, "tanh", 0.0))
     x = torch.randn(6, 2, 10, 10, device=DEVICE)
-    for bias in (True, False):
-        torch.library.opcheck(popconv._pop_pooled_grads, (da, a.detach(), code, w.detach(), x, 1, 1, 2, "tanh", 0.0, bias))
+    for bias, weights in ((True, True), (False, True), (True, False)):
+        args = (da, a.detach(), code, w.detach(), x, 1, 1, 2, "tanh", 0.0, bias, weights)
+        torch.library.opcheck(popconv._pop_pooled_grads, args)
