@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,15 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def mlflow_answers(port: int) -> bool:
+    """An MLflow server, not just any process, is listening on port: its /health says OK."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            return r.status == 200 and r.read().strip() == b"OK"
+    except OSError:
+        return False
+
+
 def stop(proc: subprocess.Popen) -> None:
     """SIGTERM to the process group: `ray start --block` and `mlflow server` take their children down."""
     if proc.poll() is None:
@@ -61,14 +71,22 @@ def tiny_study(folder: Path, name: str) -> Path:
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root", str(tmp_path / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    # A free port can be taken by another test's Ray process in the seconds before the server binds it; then
+    # the server exits and that process answers on the port (seen once: the job's MLflow calls failed). So
+    # wait for the server's own /health, and start again on another port if it exited.
+    for attempt in range(3):
+        port = free_port()
+        proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root", str(tmp_path / "artifacts")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        wait_for(lambda: proc.poll() is not None or mlflow_answers(port), 90, "mlflow server")
+        if proc.poll() is None:
+            break
+    else:
+        raise RuntimeError(f"mlflow server exited at start on 3 ports (last {port}, exit code {proc.returncode})")
     try:
-        wait_for(lambda: listening(port), 90, "mlflow server")
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
