@@ -72,15 +72,18 @@ def tiny_study(folder: Path, name: str) -> Path:
 @pytest.fixture
 def mlflow_server(tmp_path):
     # A free port can be taken by another test's Ray process in the seconds before the server binds it; then
-    # the server exits and that process answers on the port (seen once: the job's MLflow calls failed). So
-    # wait for the server's own /health, and start again on another port if it exited.
-    for attempt in range(3):
+    # the server exits and that process answers on the port (the likely cause of one run where the job's
+    # MLflow calls failed). So wait for the server's own /health, and start again on another port if it
+    # exited; its log goes to tmp_path for the test's failure message.
+    for _ in range(3):
         port = free_port()
-        proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root", str(tmp_path / "artifacts")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
+        with (tmp_path / "mlflow-server.log").open("ab") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                 "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                 "--default-artifact-root", str(tmp_path / "artifacts")],
+                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+            )
         wait_for(lambda: proc.poll() is not None or mlflow_answers(port), 90, "mlflow server")
         if proc.poll() is None:
             break
@@ -116,7 +119,8 @@ def test_ray_job_submit_to_a_started_head_logs_to_an_mlflow_server(tmp_path, mlf
             if "No available agent" not in submit.stderr + submit.stdout:
                 break
             time.sleep(2)
-        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        server_log = (tmp_path / "mlflow-server.log").read_text(errors="replace")[-2000:]
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:] + "\nmlflow server log:\n" + server_log
         assert "succeeded" in submit.stdout + submit.stderr
     finally:
         stop(head)
