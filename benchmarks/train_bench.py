@@ -241,19 +241,20 @@ STEP_FLAGS = {"unfused": "pool and activation as separate (inductor) kernels", "
 
 
 def parse_tuning(text: str) -> list[dict]:
-    """--tuning: ';'-separated sets of ','-separated popconv.TUNING key=value pairs (ints where they parse)."""
+    """--tuning: ';'-separated sets of ','-separated popconv.TUNING key=value pairs (ints where they parse); an
+    empty set is the defaults (";window_block_m=64" times the defaults, then 64 rows)."""
     from zoos.popconv import TUNING
 
     sets = []
-    for part in filter(None, (p.strip() for p in text.split(";"))):
+    for part in (p.strip() for p in text.split(";")):
         one = {}
-        for pair in part.split(","):
+        for pair in filter(None, part.split(",")):
             key, _, value = pair.partition("=")
             if key not in TUNING or not value:
                 raise SystemExit(f"--tuning {pair!r}: expected key=value with key one of {', '.join(sorted(TUNING))}")
             one[key] = int(value) if value.lstrip("-").isdigit() else value
         sets.append(one)
-    return sets or [{}]
+    return sets
 
 
 @contextlib.contextmanager
@@ -330,8 +331,8 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
             one(i)
         sync()
         dt = (time.perf_counter() - t0) / steps
-        out = {"models": n_models, "precision": precision, "kind": kind, "tuning": tuning or {}, "step_ms": dt * 1e3, "first_steps_s": first,
-               "model_epochs_per_s": n_models * BATCH / (dt * len(x)),
+        out = {"models": n_models, "precision": precision, "kind": kind, "tuning": tuning or {}, "step_ms": dt * 1e3,
+               "first_steps_s": first, "model_epochs_per_s": n_models * BATCH / (dt * len(x)),
                "window_table": step.pop.window_table(x) is not None}
         if profile_to is not None:
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
