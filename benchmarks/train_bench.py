@@ -217,7 +217,8 @@ def population(n_models: int, epochs: int, data_dir: Path, first_seed: int = 0, 
 
 
 def run_variant(n_models: int, kind: str, precision: str, data_dir: Path, device: str, train_metrics: str = "full") -> dict:
-    """kind: vmap (grouped convs), fast (im2col + bmm) or kernels (popconv's Triton convs)."""
+    """kind: vmap (grouped convs), fast (im2col + bmm) or kernels (popconv's Triton convs); with -nographs the
+    steps run eagerly instead of replaying as a CUDA graph."""
     from zoos.trainer import train_population
 
     pop = population(n_models, 1, data_dir, train_metrics=train_metrics)
@@ -225,7 +226,9 @@ def run_variant(n_models: int, kind: str, precision: str, data_dir: Path, device
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    res = train_population(pop, device=device, precision=precision, fast=kind != "vmap", kernels=kind == "kernels")
+    path = kind.removesuffix("-nographs")
+    res = train_population(pop, device=device, precision=precision, fast=path != "vmap", kernels=path == "kernels",
+                           graphs=None if path == kind else False)
     wall = time.perf_counter() - t0
     out = {"models": n_models, "kind": kind, "precision": precision, "train_metrics": train_metrics, "wall_s": wall,
            "model_epochs_per_s": n_models / wall, "test_acc_mean": float(np.mean(res.curves["test_acc"][:, -1])),
@@ -362,7 +365,8 @@ def main() -> None:
     ap.add_argument("--baseline-models", type=int, default=64)
     ap.add_argument("--variants", default="vmap:float32:256,fast:bf16:1024,kernels:float32:256,kernels:bf16:256,"
                                           "kernels:bf16:1024,kernels:bf16:2048",
-                    help="trainer runs, kind:precision:models[:train_metrics]; kind = vmap | fast (im2col) | kernels (Triton)")
+                    help="trainer runs, kind:precision:models[:train_metrics]; kind = vmap | fast (im2col) | kernels "
+                         "(Triton), with -nographs: eager steps (no CUDA graph)")
     ap.add_argument("--steps", default="256,1024,2048,4096")
     ap.add_argument("--step-kinds", default="kernels-gather-paddeddx-eager,kernels-paddeddx-eager,kernels-paddeddx,kernels",
                     help="step-only loops: fast (im2col) or kernels (popconv, pool and activation folded, the first conv "
@@ -420,7 +424,7 @@ def main() -> None:
             r = run_variant(int(n), kind, prec, data_dir, device, *mode)
             results["variants"].append(r)
             phases = ", ".join(f"{k} {t:.2f}" for k, t in r["timings"].items())
-            say(f"trainer     N={n:>5s} {kind:4s} {prec:8s} {r['train_metrics']:8s} {r['model_epochs_per_s']:8.1f} model-epochs/s "
+            say(f"trainer     N={n:>5s} {kind:16s} {prec:8s} {r['train_metrics']:8s} {r['model_epochs_per_s']:8.1f} model-epochs/s "
                 f"(1 epoch, eval incl., {r['wall_s']:.1f} s: {phases}; peak {r.get('gpu_mem_peak_gib', 0):.1f} GiB, "
                 f"test acc {r['test_acc_mean']:.3f})")
             save()

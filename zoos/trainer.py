@@ -177,23 +177,27 @@ def train_population(
     eval_batch: int = 512,
     fast: bool | None = None,
     kernels: bool | None = None,
+    graphs: bool | None = None,
 ) -> PopulationResult:
     """Train every model of `pop` as one vectorised program; curves every epoch, weights at checkpoints.
 
     fast: run supported architectures as batched matmuls (`zoos.fastpop`) instead of vmap; None = on CUDA.
     kernels: in the fast program, run stride-1 convs as `zoos.popconv`'s Triton kernels; None = where available.
+    graphs: replay each training step as a CUDA graph (one launch instead of ~100; the same kernels, the
+        same run); None = on CUDA with the fast program and no augmentation.
     """
     if precision not in PRECISIONS:
         raise TrainError(f"precision {precision!r} is not known; allowed: {', '.join(PRECISIONS)}")
     device = torch.device(device)
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
+    if device.type == "cuda" and device.index is None:  # helper threads copy to this device, not their own current one
+        device = torch.device("cuda", torch.cuda.current_device())
+    with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
         torch.manual_seed(int(pop.shard.removeprefix("pop-"), 16))  # dropout masks: one stream per population
-        return _train(pop, device, precision, progress, data_dir, eval_batch, fast, kernels)
+        return _train(pop, device, precision, progress, data_dir, eval_batch, fast, kernels, graphs)
 
 
 def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, data_dir, eval_batch: int,
-           fast: bool | None, kernels: bool | None) -> PopulationResult:
+           fast: bool | None, kernels: bool | None, graphs: bool | None) -> PopulationResult:
     clock = _Clock(device)
     specs, first = pop.models, pop.first
     n_models, epochs, checkpoints = len(specs), first.epochs, list(first.checkpoints)
@@ -207,19 +211,65 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
 
     # -- data: every split on the device once; each model's subset and order are index tensors
     per_model = task.per_model
-    if per_model is None:
-        data = {s: tuple(t.to(device) for t in task.load(s, seed=DATA_SEED)) for s in SPLITS}
-    else:
+    if per_model is not None:
         if pop.shared("augmentation"):
             raise TrainError(f"augmentation = true is not allowed for task {task.name!r} (one target per model); use false")
         keys = [m.factors.get(per_model) for m in specs]
         if None in keys:
             raise TrainError(f"task {task.name!r} fits each model to its own data: every model needs the factor {per_model!r}")
+
+    def load_data() -> dict[str, tuple[Tensor, Tensor]]:
+        if per_model is None:
+            return {s: tuple(t.to(device) for t in task.load(s, seed=DATA_SEED)) for s in SPLITS}
         data = {}
         for s in SPLITS:
             xs, ys = task.load_models(s, DATA_SEED, keys)
             same = next((d for d in data.values() if torch.equal(d[0].cpu(), xs) and torch.equal(d[1].cpu(), ys)), None)
             data[s] = same or (xs.to(device), ys.to(device))  # identical splits (inr: the full grid) are evaluated once
+        return data
+
+    fraction = pop.shared("train_fraction")
+    # A helper thread reads the data, then draws the index streams (each model's training subset, then its
+    # order in every epoch) on the CPU from the model's own seed, one randperm per model on a few draw
+    # threads (torch and numpy release the GIL; 1,024 randperms of 60,000 took ~1 s on one thread), while
+    # this one builds the models and the GPU trains the previous epoch. A stream reaches the GPU by a copy
+    # on a side stream from pinned memory: a pageable copy (0.5 GB at 1,024 models) held the step loop
+    # ~0.08 s an epoch.
+    streams = ThreadPoolExecutor(1, thread_name_prefix="symzoo-orders")
+    draws = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="symzoo-draws")
+    copies = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def drawn(draw: Callable[[ModelSpec], Tensor]) -> tuple[Tensor, torch.cuda.Event | None]:
+        t = torch.stack(list(draws.map(draw, specs)))
+        if copies is None:
+            return t.to(device), None
+        with torch.cuda.stream(copies):
+            t = t.pin_memory().to(device, non_blocking=True)
+            return t, copies.record_event()
+
+    def arrived(ahead) -> Tensor:
+        """A drawn stream on the device, once its copy is done (in stream order: the host does not wait)."""
+        t, copied = ahead.result()
+        if copied is not None:
+            main = torch.cuda.current_stream(device)
+            main.wait_event(copied)
+            t.record_stream(main)  # allocated on the copy stream: not reused before the main stream is done with it
+        return t
+
+    data_ahead = streams.submit(load_data)
+
+    def n_train() -> int:
+        return len(data_ahead.result()["train"][0])
+
+    def orders_of(epoch: int) -> tuple[Tensor, torch.cuda.Event | None]:
+        return drawn(lambda m: epoch_order(m.factors["seed"], epoch, subset_size(n_train(), fraction)))
+
+    subsets_ahead = streams.submit(drawn, lambda m: train_subset(m.factors["seed"], n_train(), fraction))
+    orders_ahead = streams.submit(orders_of, 1)
+
+    # -- models: each from its own seed, stacked; the template holds the code, no weights
+    models = [init_model(m.arch, m.arch_config, m.factors, task) for m in specs]
+    data = data_ahead.result()
     model_rows = torch.arange(n_models, device=device).unsqueeze(1)
 
     def targets(y: Tensor, idx: Tensor) -> Tensor:
@@ -227,31 +277,12 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
         return y[idx] if per_model is None else y[model_rows, idx]
 
     x_train, y_train = data["train"]
-    fraction = pop.shared("train_fraction")
-    # Index streams (each model's training subset, then its order in every epoch) are drawn on the CPU
-    # from the model's own seed, one randperm per model: a helper thread asks for them in order, a few draw
-    # threads draw them (torch releases the GIL; 1,024 randperms of 60,000 took ~1 s on one thread) while
-    # this one builds the models and the GPU trains the previous epoch.
-    streams = ThreadPoolExecutor(1, thread_name_prefix="symzoo-orders")
-    draws = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="symzoo-draws")
-
-    def drawn(draw: Callable[[ModelSpec], Tensor]) -> Tensor:
-        return torch.stack(list(draws.map(draw, specs)))
-
-    subsets_ahead = streams.submit(drawn, lambda m: train_subset(m.factors["seed"], len(x_train), fraction))
     n_sub = subset_size(len(x_train), fraction)
     bs = min(batch_size, n_sub)
     n_steps = steps_per_epoch(n_sub, batch_size)
     total_steps = epochs * n_steps
     augmenter = Augmenter(task, specs, n_sub, device) if pop.shared("augmentation") else None
 
-    def orders_of(epoch: int) -> Tensor:
-        return drawn(lambda m: epoch_order(m.factors["seed"], epoch, n_sub))
-
-    orders_ahead = streams.submit(orders_of, 1)
-
-    # -- models: each from its own seed, stacked; the template holds the code, no weights
-    models = [init_model(m.arch, m.arch_config, m.factors, task) for m in specs]
     params, buffers = stack_states(models)
     params = {k: v.to(device=device, dtype=torch.float32) for k, v in params.items()}
     buffers = {k: v.to(device) for k, v in buffers.items()}
@@ -289,7 +320,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     state = {k: torch.zeros_like(v) for k, v in params.items()}  # SGD momentum buffer / Adam first moment
     state2 = {k: torch.zeros_like(v) for k, v in params.items()} if optimizer == "adam" else {}
     alive = torch.ones(n_models, dtype=torch.bool, device=device)
-    update = _compiled_update(optimizer) if device.type == "cuda" else functools.partial(_update, optimizer)
+    update = _compiled_update(optimizer) if device.type == "cuda" else functools.partial(_update_in_place, optimizer)
     step_t = torch.zeros((), dtype=torch.float64, device=device)  # the step count the update reads (a tensor: one program)
 
     # -- evaluation: eval mode, population_forward in batches, per-model loss and metric
@@ -368,7 +399,35 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
                     weights[k] = np.zeros((n_models, len(checkpoints), *v.shape[1:]), dtype=np.float32)
                 weights[k][:, c] = v.detach().float().cpu().numpy()
 
-    subsets = subsets_ahead.result().to(device)
+    subsets = arrived(subsets_ahead)
+    # the schedule's factor of every step, on the device: a step reads its own (the same float32 product as
+    # lr * a Python float), so the step is one program whatever its count
+    factors = None if schedule == "constant" else torch.tensor(
+        [lr_factor(schedule, i, total_steps) for i in range(total_steps)], device=device, dtype=lr.dtype)
+
+    def train_step(idx: Tensor, aug: tuple | None = None) -> None:
+        """One step of every model on the batches idx [N, B], in place: parameters, optimizer state, alive,
+        the step count and the running sums. The same code runs eagerly or is replayed as a CUDA graph."""
+        yb = targets(y_train, idx)
+        if aug is None and fast_forward is not None:  # the fast program reads the data set by index
+            grads, (total, (loss, pred)) = step_fn(params, buffers, x_train, yb, reg, rows=idx)
+        else:
+            xb = x_train[idx]
+            if aug is not None:
+                xb, yb = augmenter(*aug, xb, yb)
+            grads, (total, (loss, pred)) = step_fn(params, buffers, xb, yb, reg)
+        if running:  # each batch's mean weighted by its size: the epoch's mean over its samples
+            run_loss.add_(loss.detach(), alpha=idx.shape[1])
+            run_metric.add_(metric_per_model(pred, yb), alpha=idx.shape[1])
+        lr_t = lr if factors is None else lr * factors.index_select(0, step_t.long().view(1))
+        step_t.add_(1)
+        update(params, grads, state, state2, lr_t, wd, mom, step_t, alive, total)
+
+    use_graphs = (device.type == "cuda" and fast_forward is not None and augmenter is None) if graphs is None else graphs
+    if use_graphs and (device.type != "cuda" or augmenter is not None):
+        raise TrainError("graphs = true needs a CUDA device and no augmentation (a step's group elements change "
+                         "every epoch)")
+    run_step = _StepGraph(train_step, (n_models, bs), device) if use_graphs else train_step
 
     # -- training
     clock.lap("setup")
@@ -377,7 +436,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     clock.lap("evaluation")
     step = 0
     for epoch in range(1, epochs + 1):
-        orders = torch.gather(subsets, 1, orders_ahead.result().to(device))
+        orders = torch.gather(subsets, 1, arrived(orders_ahead))
         if epoch < epochs:
             orders_ahead = streams.submit(orders_of, epoch + 1)
         if augmenter is not None:
@@ -386,21 +445,11 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
         run_metric.zero_()
         for s in range(n_steps):
             idx = orders[:, s * bs : (s + 1) * bs]
-            yb = targets(y_train, idx)
-            if augmenter is None and fast_forward is not None:  # the fast program reads the data set by index
-                grads, (total, (loss, pred)) = step_fn(params, buffers, x_train, yb, reg, rows=idx)
+            if augmenter is None:
+                run_step(idx)
             else:
-                xb = x_train[idx]
-                if augmenter is not None:
-                    xb, yb = augmenter(els, which[:, s * bs : (s + 1) * bs], xb, yb)
-                grads, (total, (loss, pred)) = step_fn(params, buffers, xb, yb, reg)
-            if running:  # each batch's mean weighted by its size: the epoch's mean over its samples
-                run_loss.add_(loss.detach(), alpha=idx.shape[1])
-                run_metric.add_(metric_per_model(pred, yb), alpha=idx.shape[1])
-            lr_t = lr if schedule == "constant" else lr * lr_factor(schedule, step, total_steps)
+                run_step(idx, (els, which[:, s * bs : (s + 1) * bs]))
             step += 1
-            step_t += 1
-            params, state, state2, alive = update(params, grads, state, state2, lr_t, wd, mom, step_t, alive, total)
             if step == 1:
                 clock.lap("first_step")
         clock.lap("steps")
@@ -472,16 +521,66 @@ def _update(optimizer: str, params, grads, state, state2, lr, wd, mom, step, ali
     return keep(new_p, params), keep(new_s, state), keep(new_s2, state2), alive
 
 
+def _update_in_place(optimizer: str, params, grads, state, state2, lr, wd, mom, step, alive, total) -> None:
+    """`_update` written back into params, state, state2 and alive (the tensors a captured step reads)."""
+    new = _update(optimizer, params, grads, state, state2, lr, wd, mom, step, alive, total)
+    for old, fresh in zip((params, state, state2), new):
+        for k, v in fresh.items():
+            old[k].copy_(v)
+    alive.copy_(new[3])
+
+
 _COMPILED_UPDATES: dict[str, Callable] = {}
 
 
 def _compiled_update(optimizer: str) -> Callable:
-    """`_update` for `optimizer` as one compiled program (a handful of fused kernels instead of ~15 small
-    ones per parameter tensor a step), shared by every population of the process (pointwise code: after a
-    second population size it compiles once for any size)."""
+    """`_update_in_place` for `optimizer` as one compiled program (a handful of fused kernels that write
+    the new values in place, instead of ~15 small ones per parameter tensor a step), shared by every
+    population of the process (pointwise code: after a second population size it compiles once for any size)."""
     if optimizer not in _COMPILED_UPDATES:
-        _COMPILED_UPDATES[optimizer] = torch.compile(functools.partial(_update, optimizer))
+        _COMPILED_UPDATES[optimizer] = torch.compile(functools.partial(_update_in_place, optimizer))
     return _COMPILED_UPDATES[optimizer]
+
+
+class _StepGraph:
+    """A training step (`step(idx)`, which updates its tensors in place) replayed as one CUDA graph.
+
+    At 1,024 models a step is ~100 kernel launches and the host's pace (~6 ms of Python and launches)
+    matches the GPU's, so the GPU waits on it; a replay is one launch. The first WARMUP calls run eagerly
+    on a side stream (compiles, autotuning, the window table: nothing that allocates or loads code may run
+    inside a capture), the next is captured and every later one replays it after copying its indices into
+    the captured index tensor. A batch of another shape (an epoch's short last batch) runs eagerly; the
+    eager and replayed steps compute the same kernels on the same tensors, so either order is the same run.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, step: Callable[[Tensor], None], idx_shape: tuple[int, int], device: torch.device):
+        self.step, self.device = step, device
+        self.idx = torch.zeros(idx_shape, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager_calls = 0
+
+    def __call__(self, idx: Tensor) -> None:
+        if idx.shape != self.idx.shape:
+            self.step(idx)
+            return
+        self.idx.copy_(idx)
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.eager_calls < self.WARMUP:
+            side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                self.step(self.idx)
+            main.wait_stream(side)
+            self.eager_calls += 1
+        else:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads draw index streams
+                self.step(self.idx)
+            self.graph = graph
+            graph.replay()
 
 
 def _sgd(params, grads, buf, lr, wd, mom):

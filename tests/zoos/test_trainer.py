@@ -260,8 +260,8 @@ def test_result_says_where_the_time_went():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the update is compiled on CUDA only")
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_compiled_update_equals_the_eager_one(optimizer):
-    """The trainer's compiled optimizer step + divergence check computes what the eager one does, over
-    steps whose count is a device tensor (one program), with a model diverging midway."""
+    """The trainer's compiled optimizer step + divergence check (written in place) computes what the eager
+    one returns, over steps whose count is a device tensor (one program), with a model diverging midway."""
     from zoos.trainer import _compiled_update, _update
 
     gen = torch.Generator().manual_seed(0)
@@ -271,7 +271,9 @@ def test_compiled_update_equals_the_eager_one(optimizer):
     state2 = {k: torch.zeros_like(v) for k, v in params.items()} if optimizer == "adam" else {}
     lr, wd, mom = (torch.tensor(v, device="cuda") for v in ([1e-2] * 5, [0.0, 1e-3, 0.0, 1e-2, 0.0], [0.9] * 5))
     alive = torch.ones(5, dtype=torch.bool, device="cuda")
-    eager, compiled = (params, state, state2, alive), (params, state, state2, alive)
+    eager = (params, state, state2, alive)
+    compiled = ({k: v.clone() for k, v in params.items()}, {k: v.clone() for k, v in state.items()},
+                {k: v.clone() for k, v in state2.items()}, alive.clone())  # updated in place
     step = torch.zeros((), dtype=torch.float64, device="cuda")
     for i in range(6):
         grads = {k: torch.randn(s, generator=gen).cuda() for k, s in shapes.items()}
@@ -280,12 +282,42 @@ def test_compiled_update_equals_the_eager_one(optimizer):
             total[2] = float("nan")  # model 2 diverges: frozen from here on
         step += 1
         eager = _update(optimizer, eager[0], grads, eager[1], eager[2], lr, wd, mom, step, eager[3], total)
-        compiled = _compiled_update(optimizer)(compiled[0], grads, compiled[1], compiled[2], lr, wd, mom, step,
-                                               compiled[3], total)
+        _compiled_update(optimizer)(compiled[0], grads, compiled[1], compiled[2], lr, wd, mom, step, compiled[3], total)
     assert eager[3].tolist() == compiled[3].tolist() == [True, True, False, True, True]
     for got, want in zip(compiled[:3], eager[:3]):
         for k in want:
             torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_graphed_steps_train_exactly_as_eager_ones(dropout, monkeypatch):
+    """A population whose steps replay as a CUDA graph (popconv's kernels, the compiled update, running
+    metrics, a cosine schedule read on the device, dropout masks from the device generator) ends with the
+    same weights and curves, to the bit, as one whose steps run eagerly; an epoch's short last batch runs
+    eagerly between replays."""
+    grid = {"seed": [0, 1, 2], "lr": [3e-3], "optimizer": ["adam"], "train_fraction": [0.6], "batch_size": [32],
+            "lr_schedule": ["cosine"], "dropout": [dropout]}  # 120 samples: batches of 32, 32, 32, then 24
+    models = zoo_models(grid, arch={"name": "cnn", "config": {"width": 4, "depth": 2}}, epochs=4,
+                        train_metrics="running", checkpoints="0,2,last")
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda g: (replays.append(1), replay(g))[1])
+    graphed = train_population(one_population(models), device="cuda", precision="bf16", graphs=True)
+    assert len(replays) == 4 * 3 - 3  # 3 full batches an epoch, the first 3 eager (compile, warm-up)
+    eager = train_population(one_population(models), device="cuda", precision="bf16", graphs=False)
+    assert len(replays) == 9
+    for k in eager.weights:
+        np.testing.assert_array_equal(graphed.weights[k], eager.weights[k], err_msg=k)
+    for name in eager.curves:
+        np.testing.assert_array_equal(graphed.curves[name], eager.curves[name], err_msg=name)
+    assert (eager.curves["train_loss"][:, -1] < eager.curves["train_loss"][:, 0]).all()
+
+
+def test_graphs_are_refused_where_they_cannot_run():
+    pop = one_population(zoo_models({"seed": [0]}, epochs=1))
+    with pytest.raises(TrainError, match="graphs = true needs a CUDA device"):
+        train_population(pop, graphs=True)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
