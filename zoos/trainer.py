@@ -233,8 +233,8 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     # order in every epoch) on the CPU from the model's own seed, one randperm per model on a few draw
     # threads (torch and numpy release the GIL; 1,024 randperms of 60,000 took ~1 s on one thread), while
     # this one builds the models and the GPU trains the previous epoch. A stream reaches the GPU by a copy
-    # on a side stream from pinned memory: a pageable copy (0.5 GB at 1,024 models) held the step loop
-    # ~0.08 s an epoch.
+    # on a side stream, issued by the helper (the copy engine runs it beside the step kernels): copied on
+    # the main stream (0.5 GB at 1,024 models) it held the step loop ~0.08 s an epoch.
     streams = ThreadPoolExecutor(1, thread_name_prefix="symzoo-orders")
     draws = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="symzoo-draws")
     copies = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -244,7 +244,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
         if copies is None:
             return t.to(device), None
         with torch.cuda.stream(copies):
-            t = t.pin_memory().to(device, non_blocking=True)
+            t = t.to(device, non_blocking=True)  # from pageable memory: the helper waits, the main stream does not
             return t, copies.record_event()
 
     def arrived(ahead) -> Tensor:
