@@ -50,8 +50,9 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from tasks.base import Task
 from zoos import popconv
+from zoos.archs import ARCHS
 from zoos.fastpop import FastPopulation, FastStep, dropout_active
-from zoos.functional import population_forward, stack_states, template
+from zoos.functional import population_forward, template
 from zoos.population import PopulationResult
 from zoos.spec import (
     AUGMENT_STREAM,
@@ -59,7 +60,7 @@ from zoos.spec import (
     SUBSET_STREAM,
     ModelSpec,
     PopulationSpec,
-    init_model,
+    init_population,
     stream_seed,
 )
 
@@ -268,7 +269,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     orders_ahead = streams.submit(orders_of, 1)
 
     # -- models: each from its own seed, stacked; the template holds the code, no weights
-    models = [init_model(m.arch, m.arch_config, m.factors, task) for m in specs]
+    first_model, params, buffers = init_population(specs, task)
     data = data_ahead.result()
     model_rows = torch.arange(n_models, device=device).unsqueeze(1)
 
@@ -283,17 +284,16 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     total_steps = epochs * n_steps
     augmenter = Augmenter(task, specs, n_sub, device) if pop.shared("augmentation") else None
 
-    params, buffers = stack_states(models)
     params = {k: v.to(device=device, dtype=torch.float32) for k, v in params.items()}
     buffers = {k: v.to(device) for k, v in buffers.items()}
-    module = template(models[0])
-    n_params = models[0].num_params
+    module = template(first_model)
+    n_params = first_model.num_params
 
     lr = _per_model([m.factors["lr"] for m in specs], device)
     wd = _per_model([m.factors["weight_decay"] for m in specs], device)
     mom = _per_model([m.factors["momentum"] for m in specs], device)
     reg = _per_model([m.factors["equiv_reg"] for m in specs], device)
-    projections = _projections(models[0], task) if bool((reg > 0).any()) else {}
+    projections = _projections(first_model, task) if bool((reg > 0).any()) else {}
 
     def loss_fn(p, b, x, y, r):
         with autocast():
@@ -473,7 +473,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
             "task": m.task,
             "task_config": json.dumps({"name": m.task, **m.task_options, **own_option[i]}, sort_keys=True),
             "arch": m.arch,
-            "arch_config": json.dumps(models[i].config, sort_keys=True),
+            "arch_config": json.dumps({**ARCHS[m.arch].defaults, **m.arch_config}, sort_keys=True),  # as built
             **m.factors,
             **own_columns[i],
             "status": "ok" if alive_list[i] else "diverged",

@@ -180,3 +180,54 @@ def test_frame_avg_has_finite_gradients():
 def test_bad_configurations_are_refused_with_the_field(arch, task_name, config, match):
     with pytest.raises(ArchError, match=match):
         build_arch(arch, get_task(task_name), **config)
+
+
+# Architectures whose init is more than their layers' reset_parameters() in module order, so that
+# init_population builds every model: the G-CNNs draw their group kernels in __init__, egnn scales
+# coord_out after its reset, siren redraws its layers, fourier_mlp draws its frequencies.
+BUILT_EACH = {"p4cnn", "p4mcnn", "egnn", "siren", "fourier_mlp"}
+
+
+@pytest.mark.parametrize("init", ["default", "orthogonal"])
+@pytest.mark.parametrize("arch,task_name,opts,config,which", CASES, ids=IDS)
+def test_population_init_equals_each_model_built_alone(arch, task_name, opts, config, which, init, monkeypatch):
+    """`init_population` gives every model exactly the weights `init_model` builds for it, whether it
+    replays the layers' draws (most architectures: two models built) or builds every model (draws
+    outside reset_parameters, such as fourier_mlp's random frequencies)."""
+    from types import SimpleNamespace
+
+    from zoos import spec
+
+    task = get_task(task_name, **opts)
+    models = [SimpleNamespace(arch=arch, arch_config=config, factors={"seed": s, "init": init}) for s in (4, 0, 9, 2, 7)]
+    calls = []
+    build = spec.init_model
+    monkeypatch.setattr(spec, "init_model", lambda *a: (calls.append(a), build(*a))[1])
+    first, params, buffers = spec.init_population(models, task)
+    alone = [build(m.arch, m.arch_config, m.factors, task) for m in models]
+    want_p, want_b = stack_states(alone)
+    assert params.keys() == want_p.keys() and buffers.keys() == want_b.keys()
+    for k in want_p:
+        assert torch.equal(params[k], want_p[k]), k
+    for k in want_b:
+        assert torch.equal(buffers[k], want_b[k]), k
+    assert all(torch.equal(v, want_p[k][0]) for k, v in first.state_dict().items() if k in want_p)
+    if arch not in BUILT_EACH:
+        assert len(calls) == 2, (arch, len(calls))
+    elif init == "default":  # (a scheme that redraws every weight can make their replay exact too)
+        assert len(calls) == 5, (arch, len(calls))
+
+
+def test_population_init_builds_every_model_when_configs_differ():
+    from types import SimpleNamespace
+
+    from zoos.spec import init_model, init_population
+
+    task = get_task("digits")
+    models = [SimpleNamespace(arch="mlp", arch_config={"width": 8, "depth": 1, "dropout": p},
+                              factors={"seed": s, "init": "default"}) for s, p in ((0, 0.0), (1, 0.5), (2, 0.1))]
+    _, params, buffers = init_population(models, task)
+    assert buffers["net.drops.0.p"].tolist() == pytest.approx([0.0, 0.5, 0.1])
+    for i, m in enumerate(models):
+        for k, v in init_model(m.arch, m.arch_config, m.factors, task).named_parameters():
+            assert torch.equal(params[k][i], v), k

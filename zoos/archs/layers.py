@@ -22,10 +22,17 @@ class FlatLinear(nn.Module):
     def __init__(self, in_shape: tuple[int, ...], out_features: int, bias: bool = True):
         super().__init__()
         self.in_shape = tuple(int(s) for s in in_shape)
-        fan_in = math.prod(self.in_shape)
-        bound = 1.0 / math.sqrt(fan_in)  # the bound nn.Linear's default init uses
-        self.weight = nn.Parameter(torch.empty(out_features, *self.in_shape).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound)) if bias else None
+        self.weight = nn.Parameter(torch.empty(out_features, *self.in_shape))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """U(-b, b) with b = 1/sqrt(fan_in), weight then bias: nn.Linear's default init and draws."""
+        bound = 1.0 / math.sqrt(math.prod(self.in_shape))
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
         k = len(self.in_shape)
