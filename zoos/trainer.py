@@ -5,7 +5,9 @@ One training step gathers each model's own mini-batch on the device (x[idx] with
 `vmap(grad_and_value(loss))` over the stacked parameters (`randomness="different"`, so dropout
 draws its own mask per model), and updates all models at once with an optimizer written on stacked
 tensors, whose hyperparameters (lr, weight decay, momentum) are [N] tensors broadcast over each
-parameter. There is no Python loop over models inside a step.
+parameter. There is no Python loop over models inside a step. On a GPU a step updates its tensors in
+place and replays as one CUDA graph (`_StepGraph`), and a population's models are initialised by
+replaying their layers' draws (`zoos.spec.init_population`): the same weights as building each.
 
 Optimizer semantics, so a single-model run equals a `torch.optim` loop on the same data order:
   sgd   torch.optim.SGD(momentum=m, weight_decay=wd): L2 decay added to the gradient, dampening 0.
@@ -192,13 +194,21 @@ def train_population(
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:  # helper threads copy to this device, not their own current one
         device = torch.device("cuda", torch.cuda.current_device())
-    with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
-        torch.manual_seed(int(pop.shard.removeprefix("pop-"), 16))  # dropout masks: one stream per population
-        return _train(pop, device, precision, progress, data_dir, eval_batch, fast, kernels, graphs)
+    # helper threads: one reads the data and asks for the index streams in order, a few draw them
+    streams = ThreadPoolExecutor(1, thread_name_prefix="symzoo-orders")
+    draws = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="symzoo-draws")
+    try:
+        with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
+            torch.manual_seed(int(pop.shard.removeprefix("pop-"), 16))  # dropout masks: one stream per population
+            return _train(pop, device, precision, progress, data_dir, eval_batch, fast, kernels, graphs, streams, draws)
+    finally:  # also on an error: no helper left reading or copying once this returns
+        streams.shutdown(cancel_futures=True)
+        draws.shutdown(cancel_futures=True)
 
 
 def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, data_dir, eval_batch: int,
-           fast: bool | None, kernels: bool | None, graphs: bool | None) -> PopulationResult:
+           fast: bool | None, kernels: bool | None, graphs: bool | None, streams: ThreadPoolExecutor,
+           draws: ThreadPoolExecutor) -> PopulationResult:
     clock = _Clock(device)
     specs, first = pop.models, pop.first
     n_models, epochs, checkpoints = len(specs), first.epochs, list(first.checkpoints)
@@ -236,8 +246,6 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     # this one builds the models and the GPU trains the previous epoch. A stream reaches the GPU by a copy
     # on a side stream, issued by the helper (the copy engine runs it beside the step kernels): copied on
     # the main stream (0.5 GB at 1,024 models) it held the step loop ~0.08 s an epoch.
-    streams = ThreadPoolExecutor(1, thread_name_prefix="symzoo-orders")
-    draws = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="symzoo-draws")
     copies = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def drawn(draw: Callable[[ModelSpec], Tensor]) -> tuple[Tensor, torch.cuda.Event | None]:
@@ -458,8 +466,6 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
         if progress is not None:
             progress(epoch, epochs)
 
-    streams.shutdown()
-    draws.shutdown()
     alive_list = alive.cpu().tolist()
     # per-model data: each row's task_config names its own data, plus the task's columns (inr: split, label)
     own_option = [{per_model: m.factors[per_model]} if per_model else {} for m in specs]

@@ -314,10 +314,13 @@ def test_graphed_steps_train_exactly_as_eager_ones(dropout, monkeypatch):
     assert (eager.curves["train_loss"][:, -1] < eager.curves["train_loss"][:, 0]).all()
 
 
-def test_graphs_are_refused_where_they_cannot_run():
+def test_graphs_are_refused_where_they_cannot_run_and_no_helper_is_left():
+    import threading
+
     pop = one_population(zoo_models({"seed": [0]}, epochs=1))
     with pytest.raises(TrainError, match="graphs = true needs a CUDA device"):
         train_population(pop, graphs=True)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("symzoo-")]
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
