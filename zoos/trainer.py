@@ -431,10 +431,11 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
         step_t.add_(1)
         update(params, grads, state, state2, lr_t, wd, mom, step_t, alive, total)
 
-    use_graphs = (device.type == "cuda" and fast_forward is not None and augmenter is None) if graphs is None else graphs
-    if use_graphs and (device.type != "cuda" or augmenter is not None):
-        raise TrainError("graphs = true needs a CUDA device and no augmentation (a step's group elements change "
-                         "every epoch)")
+    can_graph = device.type == "cuda" and fast_forward is not None and augmenter is None
+    if graphs and not can_graph:
+        raise TrainError("graphs = true needs a CUDA device, an architecture the fast program runs (no equivariance "
+                         "regulariser) and no augmentation (a step's group elements change every epoch)")
+    use_graphs = can_graph if graphs is None else graphs
     run_step = _StepGraph(train_step, (n_models, bs), device) if use_graphs else train_step
 
     # -- training
