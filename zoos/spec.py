@@ -546,22 +546,25 @@ def init_population(models: Sequence[ModelSpec], task: Any) -> tuple[Any, dict, 
     """Every model of a population as `init_model` builds it: (the first model, stacked params, stacked buffers).
 
     Building a module is ~1 ms of Python (1 s for 1,024 models, a population's whole setup on a GPU), but its
-    weights are only the draws of its layers' `reset_parameters()`, in order, from the model's seeded generator,
-    then `reinit`. Where that holds for this architecture (checked: the first two models are built and a replay
-    of their draws on a copy must give both, parameters and buffers, to the bit) and every model has the same
-    arch config, the other models are replays on that copy. Elsewhere (draws outside `reset_parameters`, e.g.
-    the G-CNNs' group kernels or fourier_mlp's random frequencies; per-model configs such as dropout) every
-    model is built."""
+    weights are only the draws of its `reset_parameters()` (`archs.base.init_resets`), in order, from the
+    model's seeded generator, then `reinit`. Where that holds for this architecture (checked: the first two
+    models are built and a replay of their draws on a copy must give both, parameters and buffers, to the bit)
+    and every model has the same arch config, the other models are replays on that copy. Elsewhere (an
+    architecture drawing outside its resets; per-model configs such as dropout) every model is built."""
     import torch
 
-    from zoos.archs.base import reinit
+    from zoos.archs.base import init_resets, reinit
     from zoos.functional import stack_states
 
     built = [init_model(m.arch, m.arch_config, m.factors, task) for m in models[:2]]
     replay = copy.deepcopy(built[0])
     same_config = all(m.arch_config == models[0].arch_config for m in models)
-    resets = [layer.reset_parameters for layer in replay.modules() if callable(getattr(layer, "reset_parameters", None))]
-    live = replay.state_dict()  # the replay's own tensors: every draw is in place
+    resets = init_resets(replay)
+
+    def tensors(model: Any) -> dict:
+        return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+    live = tensors(replay)  # the replay's own tensors: every draw is in place
 
     def replayed(m: ModelSpec) -> dict:
         s = stream_seed(m.factors["seed"], INIT_STREAM)
@@ -573,7 +576,7 @@ def init_population(models: Sequence[ModelSpec], task: Any) -> tuple[Any, dict, 
         return live
 
     def same(state: dict, model: Any) -> bool:
-        ref = model.state_dict()
+        ref = tensors(model)
         return state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
 
     if len(models) <= 2 or not same_config or not all(same(replayed(m), b) for m, b in zip(models, built)):
@@ -581,11 +584,11 @@ def init_population(models: Sequence[ModelSpec], task: Any) -> tuple[Any, dict, 
         params, buffers = stack_states(built + rest)
         return built[0], params, buffers
     params, buffers = stack_states(built)
-    params = {k: torch.cat([v, v.new_empty((len(models) - 2, *v.shape[1:]))]) for k, v in params.items()}
-    buffers = {k: torch.cat([v, v[:1].expand(len(models) - 2, *v.shape[1:])]) for k, v in buffers.items()}
+    params, buffers = ({k: torch.cat([v, v.new_empty((len(models) - 2, *v.shape[1:]))]) for k, v in d.items()}
+                       for d in (params, buffers))
     for i, m in enumerate(models[2:], 2):
         state = replayed(m)
-        for k, v in params.items():
+        for k, v in (*params.items(), *buffers.items()):
             v[i] = state[k]
     return built[0], params, buffers
 

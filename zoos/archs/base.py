@@ -125,6 +125,18 @@ class PopDropout(nn.Module):
         return x * (torch.rand_like(x) < keep).to(x.dtype) / keep
 
 
+def init_resets(module: nn.Module) -> list[Callable[[], None]]:
+    """What redraws `module`'s weights as its construction drew them: the `reset_parameters()` of the outermost
+    modules that define one, in module order (a module's own reset covers its subtree). An architecture whose
+    init is more than its layers' own resets (draws of its own, a rescale after a layer's reset) defines
+    `reset_parameters()` drawing in the order its `__init__` does, so that `zoos.spec.init_population` can
+    replay it instead of building every model."""
+    reset = getattr(module, "reset_parameters", None)
+    if callable(reset):
+        return [reset]
+    return [r for child in module.children() for r in init_resets(child)]
+
+
 INIT_SCHEMES = ("default", "kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform", "orthogonal")
 
 

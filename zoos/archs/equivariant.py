@@ -85,8 +85,7 @@ class GroupConvNet(SymModule):
         self.lift_bias = nn.Parameter(torch.zeros(width))
         self.convs = nn.ParameterList(nn.Parameter(torch.empty(width, width, n_g, kernel, kernel)) for _ in range(depth - 1))
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(width)) for _ in range(depth - 1))
-        for wgt in [self.lift, *self.convs]:
-            nn.init.kaiming_uniform_(wgt.view(wgt.shape[0], -1), a=math.sqrt(5))
+        self._reset_group_weights()
         self.acts = nn.ModuleList(make_activation(activation) for _ in range(depth))
         self.drops = nn.ModuleList(PopDropout(dropout) for _ in range(depth))
         self.pool_after = []
@@ -95,6 +94,19 @@ class GroupConvNet(SymModule):
             self.pool_after.append(pool)
             h = h // 2 if pool else h
         self.head = nn.Linear(width, math.prod(task.output_shape))
+
+    def _reset_group_weights(self) -> None:
+        """Kaiming-uniform group kernels (nn.Linear's rule on the flattened kernel), zero biases."""
+        with torch.no_grad():
+            for wgt in [self.lift, *self.convs]:
+                nn.init.kaiming_uniform_(wgt.view(wgt.shape[0], -1), a=math.sqrt(5))
+            for b in [self.lift_bias, *self.biases]:
+                b.zero_()
+
+    def reset_parameters(self) -> None:
+        """The whole model's init, in __init__'s order: the group kernels, then the head."""
+        self._reset_group_weights()
+        self.head.reset_parameters()
 
     def _lift_kernel(self) -> Tensor:
         w = torch.stack([_transform(g, self.lift) for g in self.elements], 1)  # [C, G, C_in, k, k]
@@ -406,8 +418,7 @@ class EGNNLayer(nn.Module):
             self.coord_in = nn.Linear(hidden, hidden)
             self.coord_out = nn.Linear(hidden, 1, bias=False)
             self.act_c = act()
-            with torch.no_grad():
-                self.coord_out.weight.mul_(0.01)  # small initial coordinate steps, as in the reference
+            self._shrink_coord_out()
         if update_x and velocity:
             self.vel_in = nn.Linear(hidden, hidden)
             self.vel_out = nn.Linear(hidden, 1)
@@ -417,6 +428,18 @@ class EGNNLayer(nn.Module):
             self.node_m = nn.Linear(hidden, hidden, bias=False)
             self.node_out = nn.Linear(hidden, hidden)
             self.act_n = act()
+
+    def _shrink_coord_out(self) -> None:
+        with torch.no_grad():
+            self.coord_out.weight.mul_(0.01)  # small initial coordinate steps, as in the reference
+
+    def reset_parameters(self) -> None:
+        """Every linear's own reset in __init__'s order, then the coordinate head shrunk."""
+        for layer in self.children():
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
+        if self.update_x:
+            self._shrink_coord_out()
 
     def forward(self, h: Tensor, x: Tensor, v: Tensor | None, edge_attr: Tensor) -> tuple[Tensor, Tensor]:
         n = h.shape[-2]

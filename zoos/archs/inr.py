@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from tasks.base import Task
-from zoos.archs.base import ArchError, SymModule, register_arch
+from zoos.archs.base import ArchError, SymModule, init_resets, register_arch
 from zoos.archs.layers import MLPStack, check_choice, check_positive
 from zoos.permspec import PermSpec
 
@@ -66,15 +66,26 @@ class Siren(SymModule):
         check_choice("siren", "bias_init", bias_init, BIAS_INITS)
         self.out_shape = tuple(task.output_shape)
         dims = [math.prod(task.input_shape)] + [width] * depth + [math.prod(task.output_shape)]
+        self.weight_init, self.bias_init = weight_init, bias_init
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self._siren_init()
+
+    def _siren_init(self) -> None:
+        """SIREN's weight bounds (after each layer's own init drew its weight and bias), or zero biases."""
         with torch.no_grad():
             for i, layer in enumerate(self.layers):
                 fan_in = layer.in_features
-                if weight_init == "siren":
+                if self.weight_init == "siren":
                     bound = 1.0 / fan_in if i == 0 else math.sqrt(6.0 / fan_in) / self.omega_hidden
                     layer.weight.uniform_(-bound, bound)
-                if bias_init == "zero":
+                if self.bias_init == "zero":
                     layer.bias.zero_()
+
+    def reset_parameters(self) -> None:
+        """The whole model's init, in __init__'s order: every layer's own reset, then SIREN's."""
+        for layer in self.layers:
+            layer.reset_parameters()
+        self._siren_init()
 
     def forward(self, x: Tensor) -> Tensor:
         h = x.flatten(1)
@@ -121,13 +132,24 @@ class FourierMLP(SymModule):
         self.output_offset = _check_number("fourier_mlp", "output_offset", output_offset)
         check_choice("fourier_mlp", "encoding", encoding, ENCODINGS)
         d = math.prod(task.input_shape)
+        self.encoding, self.sigma = encoding, sigma
         if encoding == "gaussian":
-            freqs = torch.randn(n_freqs, d) * sigma  # the global generator: seeded per model by zoos.spec.init_model
+            freqs = self._gaussian_freqs(n_freqs, d)
         else:
             freqs = torch.kron(torch.eye(d), (2.0 ** torch.arange(n_freqs) / 2).unsqueeze(1))  # [d * n_freqs, d]
         self.register_buffer("freqs", freqs)
         self.out_shape = tuple(task.output_shape)
         self.net = MLPStack(2 * len(freqs), width, depth, math.prod(task.output_shape), activation, dropout)
+
+    def _gaussian_freqs(self, n_freqs: int, d: int) -> Tensor:
+        return torch.randn(n_freqs, d) * self.sigma  # the global generator: seeded per model by zoos.spec.init_model
+
+    def reset_parameters(self) -> None:
+        """The whole model's init, in __init__'s order: the Gaussian frequencies (if drawn), then the MLP."""
+        if self.encoding == "gaussian":
+            self.freqs.copy_(self._gaussian_freqs(*self.freqs.shape))
+        for reset in init_resets(self.net):
+            reset()
 
     def forward(self, x: Tensor) -> Tensor:
         z = 2 * math.pi * x.flatten(1) @ self.freqs.T
