@@ -586,10 +586,11 @@ def init_population(models: Sequence[ModelSpec], task: Any) -> tuple[Any, dict, 
     params, buffers = stack_states(built)
     params, buffers = ({k: torch.cat([v, v.new_empty((len(models) - 2, *v.shape[1:]))]) for k, v in d.items()}
                        for d in (params, buffers))
-    for i, m in enumerate(models[2:], 2):
-        state = replayed(m)
-        for k, v in (*params.items(), *buffers.items()):
-            v[i] = state[k]
+    with torch.no_grad():  # the replay's parameters require grad: copies of them must not join a graph
+        for i, m in enumerate(models[2:], 2):
+            state = replayed(m)
+            for k, v in (*params.items(), *buffers.items()):
+                v[i] = state[k]
     return built[0], params, buffers
 
 

@@ -292,7 +292,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     total_steps = epochs * n_steps
     augmenter = Augmenter(task, specs, n_sub, device) if pop.shared("augmentation") else None
 
-    params = {k: v.to(device=device, dtype=torch.float32) for k, v in params.items()}
+    params = {k: v.detach().to(device=device, dtype=torch.float32) for k, v in params.items()}  # plain tensors: no graph
     buffers = {k: v.to(device) for k, v in buffers.items()}
     module = template(first_model)
     n_params = first_model.num_params

@@ -197,6 +197,8 @@ def test_population_init_equals_each_model_built_alone(arch, task_name, opts, co
     build = spec.init_model
     monkeypatch.setattr(spec, "init_model", lambda *a: (calls.append(a), build(*a))[1])
     first, params, buffers = spec.init_population(models, task)
+    # plain tensors: a copy that joined the replay's autograd graph grew a graph across every training step
+    assert not any(v.requires_grad or v.grad_fn is not None for v in (*params.values(), *buffers.values()))
     alone = [build(m.arch, m.arch_config, m.factors, task) for m in models]
     want_p, want_b = stack_states(alone)
     assert params.keys() == want_p.keys() and buffers.keys() == want_b.keys()
