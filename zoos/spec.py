@@ -528,16 +528,23 @@ def stream_seed(seed: int, salt: int) -> int:
 
 def init_model(arch: str, arch_config: dict[str, Any], factors: dict[str, Any], task: Any) -> Any:
     """Build and initialise one model from its own seed: the same factors always give the same weights."""
+    from zoos.archs.base import build_arch
+
+    return _seeded_init(factors, lambda: build_arch(arch, task, **arch_config))
+
+
+def _seeded_init(factors: dict[str, Any], draw: Callable[[], Any]) -> Any:
+    """draw() (a model it builds or redraws) from the model's init stream, then `reinit` with factors["init"]."""
     import torch
 
-    from zoos.archs.base import build_arch, reinit
+    from zoos.archs.base import reinit
 
     s = stream_seed(factors["seed"], INIT_STREAM)
     with torch.random.fork_rng(devices=[]):
         # layers' own default init draws from the CPU generator: seed that one alone (torch.manual_seed would
         # also reseed every CUDA generator, which fork_rng(devices=[]) does not restore, and costs ~0.5 ms)
         torch.default_generator.manual_seed(s)
-        model = build_arch(arch, task, **arch_config)
+        model = draw()
     reinit(model, factors["init"], generator=torch.Generator().manual_seed(s))
     return model
 
@@ -553,7 +560,7 @@ def init_population(models: Sequence[ModelSpec], task: Any) -> tuple[Any, dict, 
     architecture drawing outside its resets; per-model configs such as dropout) every model is built."""
     import torch
 
-    from zoos.archs.base import init_resets, reinit
+    from zoos.archs.base import init_resets
     from zoos.functional import stack_states
 
     built = [init_model(m.arch, m.arch_config, m.factors, task) for m in models[:2]]
@@ -566,13 +573,14 @@ def init_population(models: Sequence[ModelSpec], task: Any) -> tuple[Any, dict, 
 
     live = tensors(replay)  # the replay's own tensors: every draw is in place
 
-    def replayed(m: ModelSpec) -> dict:
-        s = stream_seed(m.factors["seed"], INIT_STREAM)
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.default_generator.manual_seed(s)
+    def redraw() -> Any:
+        with torch.no_grad():
             for reset in resets:
                 reset()
-        reinit(replay, m.factors["init"], generator=torch.Generator().manual_seed(s))
+        return replay
+
+    def replayed(m: ModelSpec) -> dict:
+        _seeded_init(m.factors, redraw)
         return live
 
     def same(state: dict, model: Any) -> bool:
