@@ -443,7 +443,6 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     module.train()
     record(0)
     clock.lap("evaluation")
-    step = 0
     for epoch in range(1, epochs + 1):
         orders = torch.gather(subsets, 1, arrived(orders_ahead))
         if epoch < epochs:
@@ -458,8 +457,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
                 run_step(idx)
             else:
                 run_step(idx, (els, which[:, s * bs : (s + 1) * bs]))
-            step += 1
-            if step == 1:
+            if epoch == 1 and s == 0:
                 clock.lap("first_step")
         clock.lap("steps")
         record(epoch)
