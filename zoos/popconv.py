@@ -415,15 +415,15 @@ if triton is not None:
                              SLOPE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
         """The window-placed weight gradients of model m over its position tiles [split * PER_SPLIT, ...):
-        g = da * act'(a) goes to the window position the pool chose, so position d's gradient is
-        window^T @ (g where code == d); `_launch_window_wgrad` folds the positions back onto the kernel."""
+        g = da * act'(a) goes to the window position d the pool chose, so row (d, o) of the gradient is
+        (g where code == d)^T @ window: one [(d, o), rows] @ [rows, window] product a tile for every
+        position at once (a product per position, each [window, rows] @ [rows, outputs] padded to 16
+        outputs, was 1.30x slower); `_launch_window_wgrad` folds the positions back onto the kernel."""
         split, m = tl.program_id(0), tl.program_id(1)
+        D: tl.constexpr = POOL * POOL
         o = tl.arange(0, BLOCK_N)
         k = tl.arange(0, BLOCK_T)
-        acc0 = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        acc1 = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        acc3 = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((D * BLOCK_N, BLOCK_T), dtype=tl.float32)
         acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
         start = split * PER_SPLIT
         for tile in range(start, tl.minimum(start + PER_SPLIT, tl.cdiv(B * L, BLOCK_M))):
@@ -434,23 +434,16 @@ if triton is not None:
             g = g * _act_grad_from_output(tl.load(a_ptr + src, mask=mask, other=0.0).to(tl.float32), ACT, SLOPE)
             if HAS_BIAS:
                 acc_b += tl.sum(g, axis=0)
-            win_t = tl.trans(win)
-            if POOL == 1:
-                acc0 += _mma(win_t, g, DOT)
-            else:
+            if POOL > 1:
                 chosen = tl.load(code_ptr + src, mask=mask, other=-1).to(tl.int32)
-                acc0 += _mma(win_t, tl.where(chosen == 0, g, 0.0), DOT)
-                acc1 += _mma(win_t, tl.where(chosen == 1, g, 0.0), DOT)
-                acc2 += _mma(win_t, tl.where(chosen == 2, g, 0.0), DOT)
-                acc3 += _mma(win_t, tl.where(chosen == 3, g, 0.0), DOT)
+                placed = tl.where(chosen[:, None, :] == tl.arange(0, D)[None, :, None], g[:, None, :], 0.0)
+            else:
+                placed = g[:, None, :]
+            acc += _mma(tl.trans(tl.reshape(placed, (BLOCK_M, D * BLOCK_N))), win, DOT)
         part = m.to(tl.int64) * SPLIT + split
-        ptrs = dw_ptr + part * (POOL * POOL * T * O) + k[:, None] * O + o[None, :]
-        mask = (k < T)[:, None] & (o < O)[None, :]
-        tl.store(ptrs, acc0, mask=mask)
-        if POOL > 1:
-            tl.store(ptrs + T * O, acc1, mask=mask)
-            tl.store(ptrs + 2 * T * O, acc2, mask=mask)
-            tl.store(ptrs + 3 * T * O, acc3, mask=mask)
+        d, r = tl.arange(0, D * BLOCK_N) // BLOCK_N, tl.arange(0, D * BLOCK_N) % BLOCK_N
+        ptrs = dw_ptr + part * (D * T * O) + (d * (T * O) + r)[:, None] + (k * O)[None, :]
+        tl.store(ptrs, acc, mask=(r < O)[:, None] & (k < T)[None, :])
         if HAS_BIAS:
             tl.store(db_ptr + part * O + o, acc_b, mask=o < O)
 
@@ -525,7 +518,9 @@ if triton is not None:
 # (else the padded conv of its unpooled gradient), "window_dx_block_n" block values (channels x pool^2) a
 # tile and "window_dx_stages" its pipeline stages (each stage holds a tile's 9 loads for CNN-s: 3 stages of
 # 128 rows asked 377 KB of shared memory); "window_block_m", "window_warps", "window_stages": rows a tile,
-# warps and pipeline stages (0: Triton's default) of every window kernel. `benchmarks/popconv_bench.py`
+# warps and pipeline stages (0: Triton's default) of every window kernel (128 rows and 2 stages: the window
+# forward, weight gradient and block dx 2.28 ms a step at 1,024 models on an H200, 2.55 at 64 rows and
+# Triton's 3 stages; 256 rows, 8 warps, 1 stage or 2 warps each slower in one kernel or more). `benchmarks/popconv_bench.py`
 # sweeps the conv tiles on a GPU; `benchmarks/train_bench.py --step-kinds` times the step with each choice
 # off, `--tuning` with other TUNING values.
 TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_block_m": 0, "fused_block_m": 0, "fma_warps": 4,
@@ -533,7 +528,7 @@ TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_bloc
           "fuse": os.environ.get("SYMZOO_POPCONV_FUSE", "1") != "0",
           "windows": os.environ.get("SYMZOO_POPCONV_WINDOWS", "pool"), "window_max_fraction": 0.125,
           "window_dx": os.environ.get("SYMZOO_POPCONV_WINDOW_DX", "1") != "0", "window_dx_block_n": 64,
-          "window_dx_stages": 1, "window_block_m": 64, "window_warps": 4, "window_stages": 0}
+          "window_dx_stages": 1, "window_block_m": 128, "window_warps": 4, "window_stages": 2}
 
 
 def _dot_dtype(x: Tensor):
@@ -670,8 +665,9 @@ def window_table_bytes(x: Tensor, kernel: tuple[int, int], padding: tuple[int, i
 
 
 def _window_blocks(table: Tensor, o: int) -> tuple[int, int]:
-    """(BLOCK_T, BLOCK_N): a whole window row per tile and the outputs, each at least 16 (tl.dot's least side)."""
-    return max(16, triton.next_power_of_2(table.shape[2])), max(16, triton.next_power_of_2(o))
+    """(BLOCK_T, BLOCK_N): a whole window row per tile (a dot's reduction: at least 16) and the outputs, at
+    least 8 (the forward's n; tl.dot pads a smaller side: at 16, for 8 outputs, the forward was 1.25x slower)."""
+    return max(16, triton.next_power_of_2(table.shape[2])), max(8, triton.next_power_of_2(o))
 
 
 def _tile_rows(width: int) -> tuple[int, dict]:
