@@ -77,7 +77,8 @@ def supports(stride: tuple[int, int], dilation: tuple[int, int] = (1, 1), groups
 
 
 def _blocks(k: int, o: int) -> tuple[int, int, int]:
-    """Tile sizes (pixels, reduction, output channels): tensor-core dots need every side >= 16."""
+    """Tile sizes (pixels, reduction, output channels): tensor-core dots need a reduction >= 16; fewer than 16
+    outputs are padded to 16 (8, which tl.dot allows, made the weight gradient 1.03-1.4x slower)."""
     block_n = max(16, triton.next_power_of_2(o))
     block_k = 16 if k <= 16 else 32 if k <= 32 else 64
     block_m = 128 if block_n <= 32 else 64
@@ -524,7 +525,7 @@ if triton is not None:
 # sweeps the conv tiles on a GPU; `benchmarks/train_bench.py --step-kinds` times the step with each choice
 # off, `--tuning` with other TUNING values.
 TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_block_m": 0, "fused_block_m": 0, "fma_warps": 4,
-          "wgrad_block_m": 0, "wgrad_per_sm": 16, "wgrad_stages": 0, "dot": "bf16",
+          "wgrad_block_m": 0, "wgrad_block_k": 0, "wgrad_per_sm": 16, "wgrad_stages": 0, "dot": "bf16",
           "fuse": os.environ.get("SYMZOO_POPCONV_FUSE", "1") != "0",
           "windows": os.environ.get("SYMZOO_POPCONV_WINDOWS", "pool"), "window_max_fraction": 0.125,
           "window_dx": os.environ.get("SYMZOO_POPCONV_WINDOW_DX", "1") != "0", "window_dx_block_n": 64,
@@ -604,8 +605,12 @@ def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Siz
     a, code, pool, act, slope = fused if fused is not None else (dy, dy, 1, "identity", 0.0)
     batch = dy.shape[0] // n
     _, block_k, block_n = _blocks(k, o)
+    # a tile is [pixels, taps], ~4,096 patch values: beyond 64 taps, 128 taps of 32 pixels (conv2 of CNN-s, 200
+    # taps: 1.34 ms a step at 1,024 models vs 1.43 with 64 x 64; 256 x 32 1.48, 128 x 64 1.57, H200)
+    block_k = TUNING["wgrad_block_k"] or (128 if k > 64 else block_k)
     # tiles of one sample's output pixels: at most the image (rounded up to 16, tl.dot's least side)
-    block_m = min(TUNING["wgrad_block_m"] or (128 if k <= 32 else 64), max(16, triton.next_power_of_2(ho * wo)))
+    block_m = min(TUNING["wgrad_block_m"] or (128 if k <= 32 else 64 if k <= 64 else 32),
+                  max(16, triton.next_power_of_2(ho * wo)))
     chunks = triton.cdiv(ho * wo, block_m)
     k_blocks, tiles = triton.cdiv(k, block_k), batch * chunks
     split, per_split = _programs_per_model(tiles, n * k_blocks, dy.device)  # each model's tiles split to fill the card
