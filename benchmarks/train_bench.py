@@ -287,7 +287,7 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
     from zoos.fastpop import FastStep
     from zoos.functional import stack_states, template
     from zoos.spec import TRAIN_DEFAULTS, init_model
-    from zoos.trainer import _compiled_update, _update
+    from zoos.trainer import _compiled_update, _update_in_place
 
     base, *flags = kind.split("-")
     unknown = set(flags) - set(STEP_FLAGS)
@@ -305,7 +305,8 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
     lr = torch.full((n_models,), LR, device=device)
     zero, beta1 = torch.zeros(n_models, device=device), torch.full((n_models,), 0.9, device=device)
     alive, count = torch.ones(n_models, dtype=torch.bool, device=device), torch.zeros((), dtype=torch.float64, device=device)
-    update = _compiled_update("adam") if device == "cuda" and "eager" not in flags else functools.partial(_update, "adam")
+    update = (_compiled_update("adam") if device == "cuda" and "eager" not in flags
+              else functools.partial(_update_in_place, "adam"))  # writes params, m1, m2, alive in place
     if precision == "bf16":
         x = x.to(torch.bfloat16)  # resident in the compute dtype, as the trainer keeps it
     changes = {"fuse": fuse,  # read when the graph is emitted
@@ -317,11 +318,10 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
                         compile=device == "cuda", dropout=False, kernels=kernels)
 
         def one(i: int):
-            nonlocal params, m1, m2, alive
             idx = torch.randint(0, len(x), (n_models, BATCH), device=device)
             grads, loss = step(params, buffers, x, y[idx], rows=idx)
             count.add_(1)
-            params, m1, m2, alive = update(params, grads, m1, m2, lr, zero, beta1, count, alive, loss)
+            update(params, grads, m1, m2, lr, zero, beta1, count, alive, loss)
 
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         t0 = time.perf_counter()
