@@ -38,8 +38,9 @@ needs no gradient (the first layer), else once in memory for the input-gradient 
 A first layer that reads the data set by index can instead read its window table (`window_table`, built
 once per resident data set): row (s, q) is the whole (k + pool - 1)^2 input window of pooled output q,
 so the forward is one [positions, window] @ [window, outputs] tensor-core product per window position (the
-weights placed at that position; max, code, bias and activation after) and the weight gradient its
-transpose, with contiguous rows instead of per-pixel gathers. A pooled layer's input gradient is likewise
+weights placed at that position; max, code, bias and activation after) and the weight gradient one
+[(position, output), positions] @ [positions, window] product (each output's gradient placed at the
+position the pool chose), with contiguous rows instead of per-pixel gathers. A pooled layer's input gradient is likewise
 a sum of tensor-core products, a row per POOL x POOL block of input pixels: each pooled output whose window
 covers the block, its gradient placed at the position the pool chose, times the weights shifted to that
 block (`window_dx`).
@@ -715,7 +716,7 @@ def _launch_window(table: Tensor, rows: Tensor, w: Tensor, b: Tensor | None, bat
 
 def _launch_window_wgrad(table: Tensor, rows: Tensor, da: Tensor, a: Tensor, code: Tensor, w_shape: torch.Size,
                          bias: bool, pool: int, act: str, slope: float) -> tuple[Tensor, Tensor | None]:
-    """dw, db from the window table: per window position the [T, O] product, then `_fold_placed`."""
+    """dw, db from the window table: per window position the [T, O] sums, then `_fold_placed`."""
     n, o, c, kh, kw = w_shape
     batch, length, t = da.shape[0] // n, da.shape[2] * da.shape[3], table.shape[2]
     block_t, block_n = _window_blocks(table, o)
