@@ -1,0 +1,49 @@
+"""The GPU benchmarks' code paths at --smoke sizes on the CPU: train_bench.py's step-only loop and trainer
+variants (the step loop calls the trainer's in-place update on every device, so this run checks the API its
+GPU figures use: a loop that still expected the update's old return values failed on the GPU host only), and
+step_kernels_bench.py's launchers in Triton's interpreter."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_smoke_steps_and_variants(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_bench.py"), "--smoke", "--skip", "baseline,pipeline",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads((tmp_path / "train_bench.json").read_text())
+    assert [s.get("error") for s in results["steps"]] == [None]
+    assert results["steps"][0]["step_ms"] > 0 and results["steps"][0]["models"] == 4
+    assert [v["kind"] for v in results["variants"]] == ["vmap", "fast"]
+    assert all(0.0 <= v["test_acc_mean"] <= 1.0 and v["model_epochs_per_s"] > 0 for v in results["variants"])
+
+
+def bench(*args, tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_kernels_bench.py"), "--smoke", "--out",
+                           str(tmp_path), *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_step_kernels_smoke_compares_tuning_sets(tmp_path):
+    """Each launcher of the step runs under two tile sets; the second's outputs equal the first's (tile sizes
+    regroup the sums, they do not change what is summed)."""
+    run = bench("--tuning", ";window_block_m=64,fused_block_m=128,wgrad_block_m=32", tmp_path=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads((tmp_path / "step_kernels_bench.json").read_text())
+    first, second = results["sets"]
+    kernels = {"window fwd", "window wgrad", "conv2 fwd", "conv2 dx", "conv2 wgrad"}
+    assert kernels < set(first["ms"]) and set(second["ms"]) == kernels
+    assert second["tuning"] == {"window_block_m": 64, "fused_block_m": 128, "wgrad_block_m": 32}
+    assert set(second["max_rel_diff"]) == kernels and max(second["max_rel_diff"].values()) < 1e-5
+
+
+def test_step_kernels_refuses_an_unknown_tuning_entry(tmp_path):
+    run = bench("--tuning", "window_rows=64", tmp_path=tmp_path)
+    assert run.returncode == 2
+    assert "'window_rows' is not a popconv.TUNING entry" in run.stderr and "window_block_m" in run.stderr
+    assert not (tmp_path / "step_kernels_bench.json").exists()
