@@ -39,11 +39,11 @@ A first layer that reads the data set by index can instead read its window table
 once per resident data set): row (s, q) is the whole (k + pool - 1)^2 input window of pooled output q,
 so the forward is one [positions, window] @ [window, outputs] tensor-core product per window position (the
 weights placed at that position; max, code, bias and activation after) and the weight gradient one
-[(position, output), positions] @ [positions, window] product (each output's gradient placed at the
-position the pool chose), with contiguous rows instead of per-pixel gathers. A pooled layer's input gradient is likewise
-a sum of tensor-core products, a row per POOL x POOL block of input pixels: each pooled output whose window
-covers the block, its gradient placed at the position the pool chose, times the weights shifted to that
-block (`window_dx`).
+[(window position, output), pooled outputs] @ [pooled outputs, window] product (each output's gradient
+placed at the position the pool chose), with contiguous rows instead of per-pixel gathers. A pooled
+layer's input gradient is likewise a sum of tensor-core products, a row per POOL x POOL block of input
+pixels: each pooled output whose window covers the block, its gradient placed at the position the pool
+chose, times the weights shifted to that block (`window_dx`).
 
 `conv2d(x, w, b, padding, rows)` is a `torch.library` custom op with its backward registered, so
 `torch.compile` fuses everything around it and autograd differentiates through it. Without a GPU the
@@ -522,9 +522,11 @@ if triton is not None:
 # 128 rows asked 377 KB of shared memory); "window_block_m", "window_warps", "window_stages": rows a tile,
 # warps and pipeline stages (0: Triton's default) of every window kernel (128 rows and 2 stages: the window
 # forward, weight gradient and block dx 2.28 ms a step at 1,024 models on an H200, 2.55 at 64 rows and
-# Triton's 3 stages; 256 rows, 8 warps, 1 stage or 2 warps each slower in one kernel or more). `benchmarks/popconv_bench.py`
-# sweeps the conv tiles on a GPU; `benchmarks/train_bench.py --step-kinds` times the step with each choice
-# off, `--tuning` with other TUNING values.
+# Triton's 3 stages; 256 rows, 8 warps, 1 stage or 2 warps each slower in one kernel or more);
+# "wgrad_block_k": taps a weight-gradient tile (0: `_blocks`' choice). `benchmarks/step_kernels_bench.py`
+# times the step's kernels under TUNING sets side by side, `benchmarks/popconv_bench.py` sweeps the conv
+# tiles, `benchmarks/train_bench.py --step-kinds` times the step with each choice off, `--tuning` with
+# other TUNING values.
 TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_block_m": 0, "fused_block_m": 0, "fma_warps": 4,
           "wgrad_block_m": 0, "wgrad_block_k": 0, "wgrad_per_sm": 16, "wgrad_stages": 0, "dot": "bf16",
           "fuse": os.environ.get("SYMZOO_POPCONV_FUSE", "1") != "0",
@@ -673,7 +675,8 @@ def window_table_bytes(x: Tensor, kernel: tuple[int, int], padding: tuple[int, i
 
 def _window_blocks(table: Tensor, o: int) -> tuple[int, int]:
     """(BLOCK_T, BLOCK_N): a whole window row per tile (a dot's reduction: at least 16) and the outputs, at
-    least 8 (the forward's n; tl.dot pads a smaller side: at 16, for 8 outputs, the forward was 1.25x slower)."""
+    least 8 (the forward's n, the weight gradient's rows a window position; tl.dot pads a smaller side, and
+    16 for CNN-s's 8 outputs made the forward 1.25x slower)."""
     return max(16, triton.next_power_of_2(table.shape[2])), max(8, triton.next_power_of_2(o))
 
 
