@@ -53,21 +53,6 @@ def _read_rows_kernel(t_ptr, rows_ptr, out_ptr, B, PER_PROGRAM, L: tl.constexpr,
     tl.store(out_ptr + m * tl.num_programs(0) + group, tl.sum(acc))
 
 
-def parse_tuning(text: str) -> list[dict]:
-    """';'-separated sets of 'key=value,...' for popconv.TUNING, each value cast to the entry's type."""
-    sets = []
-    for spec in text.split(";"):
-        tuning = {}
-        for item in filter(None, spec.split(",")):
-            key, _, value = item.partition("=")
-            if key not in popconv.TUNING:
-                raise ValueError(f"--tuning: {key!r} is not a popconv.TUNING entry; allowed: {', '.join(popconv.TUNING)}")
-            kind = type(popconv.TUNING[key])
-            tuning[key] = value if kind is str else (value not in ("0", "false", "False")) if kind is bool else kind(value)
-        sets.append(tuning)
-    return sets
-
-
 def step_launchers(n: int, batch: int, samples: int, device: str) -> tuple[dict, float]:
     """The step's launchers on random data and weights (name -> zero-argument callable), and the window
     table's bytes a step."""
@@ -127,7 +112,7 @@ def main() -> None:
     if a.models < 1:
         ap.error(f"--models {a.models}: expected a positive number of models")
     try:
-        sets = parse_tuning(a.tuning)  # a value not of its entry's type ('window_block_m=x') fails here too
+        sets = popconv.parse_tuning(a.tuning)
     except ValueError as e:
         ap.error(str(e))
     device = "cpu" if a.smoke else "cuda"
@@ -136,12 +121,11 @@ def main() -> None:
     if not popconv.available(device):
         raise SystemExit("Triton's interpreter is off: run with TRITON_INTERPRET=1 for --smoke")
     n, batch, samples = (2, 4, 50) if a.smoke else (a.models, 128, 60000)
-    defaults = dict(popconv.TUNING)
     launchers, table_bytes = step_launchers(n, batch, samples, device)
     if a.launch_once:
-        popconv.TUNING.update(sets[-1])
-        for fn in launchers.values():
-            fn()
+        with popconv.tuned(sets[-1]):
+            for fn in launchers.values():
+                fn()
         torch.cuda.synchronize() if device == "cuda" else None
         return
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)"
@@ -149,28 +133,22 @@ def main() -> None:
     results = {"device": name, "torch": torch.__version__, "models": n, "batch": batch, "table_bytes": table_bytes, "sets": []}
     first = None
     for tuning in sets:
-        popconv.TUNING.clear()
-        popconv.TUNING.update(defaults, **tuning)
-        label = ",".join(f"{k}={v}" for k, v in tuning.items()) or "defaults"
-        outputs = {k: [t for t in fn() if t is not None] for k, fn in launchers.items() if not k.startswith("ceiling")}
-        entry = {"tuning": tuning, "ms": {}, "max_rel_diff": {}}
-        if first is None:
-            first = outputs
-        else:
-            for k, ts in outputs.items():
+        with popconv.tuned(tuning):
+            outputs = {k: [t for t in fn() if t is not None] for k, fn in launchers.items() if not k.startswith("ceiling")}
+            entry = {"tuning": tuning, "ms": {}, "max_rel_diff": {}}
+            for k, ts in outputs.items() if first is not None else ():
                 entry["max_rel_diff"][k] = max((t.float() - r.float()).abs().max().item() / max(r.float().abs().max().item(), 1e-30)
                                                for t, r in zip(ts, first[k]))
-        print(f"--- {label}", flush=True)
-        for k, fn in launchers.items():
-            if k.startswith("ceiling") and results["sets"]:
-                continue  # the ceilings do not depend on TUNING
-            ms = entry["ms"][k] = timed(fn, device)
-            rate = f"  {table_bytes / ms / 1e9:6.2f} TB/s of table rows" if k.startswith(("window", "ceiling: read")) else ""
-            diff = f"  (vs the first set: {entry['max_rel_diff'][k]:.1e})" if k in entry["max_rel_diff"] else ""
-            print(f"{k:28s} {ms:8.3f} ms{rate}{diff}", flush=True)
+            first = first if first is not None else outputs
+            print(f"--- {','.join(f'{k}={v}' for k, v in tuning.items()) or 'defaults'}", flush=True)
+            for k, fn in launchers.items():
+                if k.startswith("ceiling") and results["sets"]:
+                    continue  # the ceilings do not depend on TUNING
+                ms = entry["ms"][k] = timed(fn, device)
+                rate = f"  {table_bytes / ms / 1e9:6.2f} TB/s of table rows" if k.startswith(("window", "ceiling: read")) else ""
+                diff = f"  (vs the first set: {entry['max_rel_diff'][k]:.1e})" if k in entry["max_rel_diff"] else ""
+                print(f"{k:28s} {ms:8.3f} ms{rate}{diff}", flush=True)
         results["sets"].append(entry)
-    popconv.TUNING.clear()
-    popconv.TUNING.update(defaults)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "step_kernels_bench.json").write_text(json.dumps(results, indent=2))
 

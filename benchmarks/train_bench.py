@@ -24,7 +24,6 @@ Both figures are model-epochs per second; the ratio is printed side by side. Res
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -243,37 +242,6 @@ STEP_FLAGS = {"unfused": "pool and activation as separate (inductor) kernels", "
               "of the unpooled gradient", "eager": "the optimizer update as eager torch ops"}
 
 
-def parse_tuning(text: str) -> list[dict]:
-    """--tuning: ';'-separated sets of ','-separated popconv.TUNING key=value pairs (ints where they parse); an
-    empty set is the defaults (";window_block_m=64" times the defaults, then 64 rows)."""
-    from zoos.popconv import TUNING
-
-    sets = []
-    for part in (p.strip() for p in text.split(";")):
-        one = {}
-        for pair in filter(None, part.split(",")):
-            key, _, value = pair.partition("=")
-            if key not in TUNING or not value:
-                raise SystemExit(f"--tuning {pair!r}: expected key=value with key one of {', '.join(sorted(TUNING))}")
-            one[key] = int(value) if value.lstrip("-").isdigit() else value
-        sets.append(one)
-    return sets
-
-
-@contextlib.contextmanager
-def tuned(changes: dict):
-    """popconv.TUNING with `changes` inside the block, as it was after (an exception included)."""
-    from zoos import popconv
-
-    saved = dict(popconv.TUNING)
-    popconv.TUNING.update(changes)
-    try:
-        yield
-    finally:
-        popconv.TUNING.clear()
-        popconv.TUNING.update(saved)
-
-
 def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps: int, kind: str,
               profile_to: Path | None = None, tuning: dict | None = None) -> dict:
     """The fast training step alone (batch indices, forward, backward, AdamW + divergence check, as the
@@ -313,7 +281,7 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
                "windows": "never" if "gather" in flags else popconv.TUNING["windows"],  # read when the table is built
                "window_dx": "paddeddx" not in flags and popconv.TUNING["window_dx"],  # read when the graph is emitted
                **(tuning or {})}
-    with tuned(changes):
+    with popconv.tuned(changes):
         step = FastStep(template(models[0]), task.loss, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
                         compile=device == "cuda", dropout=False, kernels=kernels)
 
@@ -376,6 +344,12 @@ def main() -> None:
                     "key=value,... each run with every step kind, e.g. 'window_block_m=64;window_block_m=256,window_warps=8'")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: baseline,pipeline,variants,steps")
     a = ap.parse_args()
+    from zoos import popconv
+
+    try:
+        tunings = popconv.parse_tuning(a.tuning)
+    except ValueError as e:
+        ap.error(str(e))
     gpu = torch.cuda.is_available() and not a.smoke
     device = "cuda" if gpu else "cpu"
     n_train = 600 if a.smoke else 60000
@@ -401,7 +375,7 @@ def main() -> None:
     if "steps" not in skip:
         results["steps"] = []
         sizes = [int(s) for s in a.steps.split(",")]
-        for t, tuning in enumerate(parse_tuning(a.tuning)):
+        for t, tuning in enumerate(tunings):
             named = ",".join(f"{k}={v}" for k, v in tuning.items())
             for kind in a.step_kinds.split(","):
                 for n in sizes:

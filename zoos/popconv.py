@@ -52,6 +52,7 @@ kernels run in Triton's interpreter (`TRITON_INTERPRET=1`), which the tests use 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -533,6 +534,39 @@ TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_bloc
           "windows": os.environ.get("SYMZOO_POPCONV_WINDOWS", "pool"), "window_max_fraction": 0.125,
           "window_dx": os.environ.get("SYMZOO_POPCONV_WINDOW_DX", "1") != "0", "window_dx_block_n": 64,
           "window_dx_stages": 1, "window_block_m": 128, "window_warps": 4, "window_stages": 2}
+
+
+def parse_tuning(text: str) -> list[dict]:
+    """TUNING sets from `text`: ';'-separated sets of ','-separated key=value pairs, each value cast to its
+    entry's type (a flag: 0/1/false/true); an empty set is the defaults (";window_block_m=64": the defaults,
+    then 64 rows). Raises ValueError naming the pair, for a key that is no entry or a value not of its type."""
+    sets = []
+    for part in text.split(";"):
+        one = {}
+        for pair in filter(None, (p.strip() for p in part.split(","))):
+            key, _, value = pair.partition("=")
+            if key not in TUNING:
+                raise ValueError(f"tuning {pair!r}: {key!r} is not a popconv.TUNING entry; allowed: {', '.join(sorted(TUNING))}")
+            kind = type(TUNING[key])
+            flags = {"0": False, "false": False, "1": True, "true": True}
+            try:
+                one[key] = flags[value.lower()] if kind is bool else kind(value)
+            except (KeyError, ValueError):
+                raise ValueError(f"tuning {pair!r}: {key} takes {kind.__name__} values (now {TUNING[key]!r})") from None
+        sets.append(one)
+    return sets
+
+
+@contextlib.contextmanager
+def tuned(changes: dict):
+    """TUNING with `changes` inside the block, as it was after (an exception included)."""
+    saved = dict(TUNING)
+    TUNING.update(changes)
+    try:
+        yield
+    finally:
+        TUNING.clear()
+        TUNING.update(saved)
 
 
 def _dot_dtype(x: Tensor):

@@ -425,3 +425,24 @@ def test_window_ops_pass_torch_library_opcheck():
     for bias, weights in ((True, True), (False, True), (True, False)):
         args = (da, a.detach(), code, w.detach(), x, 1, 1, 2, "tanh", 0.0, bias, weights)
         torch.library.opcheck(popconv._pop_pooled_grads, args)
+
+
+def test_parse_tuning_casts_each_entry_and_names_bad_pairs():
+    assert popconv.parse_tuning(";window_block_m=64, fuse=0,window_max_fraction=0.25,windows=never") == [
+        {}, {"window_block_m": 64, "fuse": False, "window_max_fraction": 0.25, "windows": "never"}]
+    assert popconv.parse_tuning("window_dx=true") == [{"window_dx": True}]
+    with pytest.raises(ValueError, match=r"tuning 'window_rows=64': 'window_rows' is not a popconv.TUNING entry; allowed: .*window_block_m"):
+        popconv.parse_tuning("window_rows=64")
+    with pytest.raises(ValueError, match=r"tuning 'window_block_m=x': window_block_m takes int values \(now "):
+        popconv.parse_tuning(";window_block_m=x")
+    with pytest.raises(ValueError, match=r"tuning 'fuse=maybe': fuse takes bool values"):
+        popconv.parse_tuning("fuse=maybe")
+
+
+def test_tuned_restores_the_entries_after_an_error():
+    before = dict(popconv.TUNING)
+    with pytest.raises(RuntimeError, match="inside"):
+        with popconv.tuned({"window_block_m": 32, "windows": "never"}):
+            assert popconv.TUNING["window_block_m"] == 32 and popconv.TUNING["windows"] == "never"
+            raise RuntimeError("inside")
+    assert popconv.TUNING == before
