@@ -43,7 +43,8 @@ SIDE, KERNEL = 28, 5
 @triton.jit
 def _read_rows_kernel(t_ptr, rows_ptr, out_ptr, B, PER_PROGRAM, L: tl.constexpr, T: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Loads the window rows `_window_conv_kernel` reads, in its tiles and order, and only sums them."""
+    """Loads the window rows `_window_conv_kernel` reads, in its order, in tiles of BLOCK_M rows (64: what
+    the ceiling in benchmarks/README.md was measured with), and only sums them."""
     group, m = tl.program_id(0), tl.program_id(1)
     acc = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.float32)
     start = group * PER_PROGRAM
