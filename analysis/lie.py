@@ -7,11 +7,13 @@ For a one-parameter flow ρ(t) = exp(tA) acting on inputs and outputs (Gruver et
 zero for every x exactly when f commutes with the flow. A flow is a plain function (t, batch) ->
 batch: `group_flow` builds it from a task group's Lie-algebra generator (so(n), Lorentz boosts,
 translations), `image_flow` rotates, translates (in pixels) or scales (log-factor) images by
-differentiable resampling (affine_grid + bicubic grid_sample: bicubic is C1, so the derivative at
-t = 0 is well defined, where bilinear sampling sits on its kinks). The derivative is one forward-
-mode `torch.func.jvp`; ops without forward AD (grid_sample) fall back to the double-vjp trick
-(the vjp of a vjp is a jvp). The reported norm, as in lie-deriv, is the per-example L2 norm over
-output coordinates, averaged over the batch.
+differentiable resampling (bicubic: C1, so the derivative at t = 0 is well defined, where bilinear
+sampling sits on its kinks). The resampling is `resample`, grid_sample's arithmetic written in plain
+tensor ops, so that forward-mode AD runs through it on every device (aten's grid_sample has no
+forward AD, and on CUDA its backward has no derivative either). The derivative is one forward-mode
+`torch.func.jvp`; other ops without forward AD fall back to the double-vjp trick (the vjp of a vjp
+is a jvp). The reported norm, as in lie-deriv, is the per-example L2 norm over output coordinates,
+averaged over the batch.
 
 Layer-wise attribution. Write f = f_k ∘ ... ∘ f_1 and give every listed layer its own flow
 parameter: F(t_1..t_k) runs layer i as ρ_i(-t_i) f_i(ρ_{i-1}(t_i) h). Then ∂F/∂t_i at 0 is
@@ -53,6 +55,50 @@ def group_flow(group: LieGroup, generator: Tensor, side: str = "in") -> Flow:
     return flow
 
 
+def _cubic(f: Tensor) -> list[Tensor]:
+    """Weights of the taps at offsets -1, 0, 1, 2 for a fractional position f in [0, 1): the cubic
+    convolution kernel with a = -0.75, as grid_sample and upsample use."""
+    a = -0.75
+
+    def near(d: Tensor) -> Tensor:  # |d| <= 1
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+
+    def far(d: Tensor) -> Tensor:  # 1 < |d| < 2
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    return [far(f + 1), near(f), near(1 - f), far(2 - f)]
+
+
+def resample(x: Tensor, grid: Tensor, mode: str = "bicubic") -> Tensor:
+    """`F.grid_sample(x, grid, mode, padding_mode="zeros", align_corners=False)` in plain tensor ops
+    (gathers and polynomials), so it has forward- and higher-order derivatives on every device.
+
+    x [B, C, H, W]; grid [B, Ho, Wo, 2] of (x, y) sampling positions normalised to [-1, 1]."""
+    if mode not in ("bicubic", "bilinear"):
+        raise ValueError(f"resample mode={mode!r}; allowed: 'bicubic', 'bilinear'")
+    b, c, h, w = x.shape
+    ho, wo = grid.shape[1:3]
+    ix = ((grid[..., 0] + 1) * w - 1) / 2  # pixel coordinates, align_corners=False
+    iy = ((grid[..., 1] + 1) * h - 1) / 2
+    x0, y0 = ix.floor(), iy.floor()
+    fx, fy = ix - x0, iy - y0
+    if mode == "bicubic":
+        offsets, wx, wy = (-1, 0, 1, 2), _cubic(fx), _cubic(fy)
+    else:
+        offsets, wx, wy = (0, 1), [1 - fx, fx], [1 - fy, fy]
+    flat = x.reshape(b, c, h * w)
+    out = x.new_zeros(b, c, ho * wo)
+    for oy, wy_ in zip(offsets, wy):
+        yy = (y0 + oy).long()
+        for ox, wx_ in zip(offsets, wx):
+            xx = (x0 + ox).long()
+            inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)  # zeros padding: taps outside read 0
+            index = (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).reshape(b, 1, -1).expand(b, c, -1)
+            weight = (wy_ * wx_ * inside).reshape(b, 1, -1)
+            out = out + flat.gather(2, index) * weight
+    return out.reshape(b, c, ho, wo)
+
+
 class ImageFlow:
     """Rotation (radians), translation (pixels) or scaling (log factor) of [B, ..., H, W] by resampling."""
 
@@ -83,7 +129,7 @@ class ImageFlow:
         flat = x.reshape(b, -1, h, w)
         theta = self.theta(t.to(x.dtype), h, w).expand(b, 2, 3)
         grid = F.affine_grid(theta, list(flat.shape), align_corners=False)
-        return F.grid_sample(flat, grid, mode=self.mode, padding_mode="zeros", align_corners=False).reshape(x.shape)
+        return resample(flat, grid, self.mode).reshape(x.shape)
 
 
 def image_flow(kind: str, mode: str = "bicubic") -> Flow:
@@ -270,5 +316,5 @@ def finite_difference(
 __all__ = [
     "IMAGE_FLOWS", "Flow", "ImageFlow", "LayerwiseLie", "default_hidden_flow", "derivative", "finite_difference",
     "group_flow", "group_lie_derivatives", "image_flow", "layerwise_lie_derivative", "leaf_layers", "lie_derivative",
-    "lie_norm",
+    "lie_norm", "resample",
 ]

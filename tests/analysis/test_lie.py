@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
-from analysis.lie import (finite_difference, group_flow, group_lie_derivatives, image_flow,
-                          layerwise_lie_derivative, lie_derivative, lie_norm)
+from analysis.lie import (IMAGE_FLOWS, finite_difference, group_flow, group_lie_derivatives, image_flow,
+                          layerwise_lie_derivative, lie_derivative, lie_norm, resample)
 from tasks.groups import LorentzGroup, OrthogonalGroup
 from zoos.functional import stack_states, template
 
@@ -108,3 +108,36 @@ def test_layerwise_contributions_sum_to_the_total_for_a_chain():
     assert norms["unattributed"].item() < 1e-8 * norms["total"].item() + 1e-12
     assert norms["net.0"].item() > 0  # a 3x3 kernel does not commute with small rotations
     assert norms["net.6"].item() < 1e-12  # the linear head reads invariant (pooled) features
+
+
+def _grid(batch: int, h: int, w: int, generator: torch.Generator) -> torch.Tensor:
+    """Sampling grids of random affine maps near the identity, reaching past the image border."""
+    eye = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    theta = eye + 0.4 * torch.randn(batch, 2, 3, generator=generator, dtype=torch.float64)
+    return torch.nn.functional.affine_grid(theta, [batch, 1, h, w], align_corners=False)
+
+
+def test_resample_equals_grid_sample():
+    """The plain-op resampler computes grid_sample's values (bicubic and bilinear, zeros padding)."""
+    g = torch.Generator().manual_seed(0)
+    for b, c, h, w, ho, wo in [(3, 2, 9, 11, 7, 8), (1, 1, 8, 8, 8, 8), (2, 3, 5, 12, 10, 4)]:
+        x = torch.randn(b, c, h, w, generator=g, dtype=torch.float64)
+        grid = _grid(b, ho, wo, g)
+        for mode in ("bicubic", "bilinear"):
+            ref = torch.nn.functional.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+            torch.testing.assert_close(resample(x, grid, mode), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_image_flows_take_forward_mode_derivatives():
+    """Every image flow has a forward-mode derivative (no double-vjp through grid_sample's backward,
+    which has none on CUDA), and it matches a central difference of the flow itself (to O(h): the
+    cubic kernel's second derivative jumps where a sample crosses a pixel, so the difference is first order)."""
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    t0 = torch.zeros((), dtype=torch.float64)
+    for kind in IMAGE_FLOWS:
+        flow = image_flow(kind)
+        _, tangent = torch.func.jvp(lambda t: flow(t, x), (t0,), (torch.ones_like(t0),))
+        h = torch.tensor(1e-7, dtype=torch.float64)
+        scale = tangent.abs().max().item()
+        torch.testing.assert_close(tangent, (flow(h, x) - flow(-h, x)) / (2 * h), rtol=0, atol=1e-6 * scale)
+        assert tangent.abs().max() > 1e-3, kind
