@@ -121,3 +121,17 @@ def test_functional_dimension_of_relu_net_is_params_minus_hidden_units():
     # tanh has no positive-scaling symmetry (only sign flips, which are discrete): full rank
     smooth = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
     assert functional_dimension(smooth, smooth.state_dict(), x).rank == 32
+
+
+def test_regression_task_loss_takes_hessian_vector_products():
+    """The tasks' own regression loss is differentiable forward-over-reverse (F.mse_loss's backward is not)."""
+    from tasks import get_task
+
+    task = get_task("o5_regression", n_train=8, n_val=8, n_test=16)
+    x, y = (t.double() for t in task.load("test"))
+    nets = [nn.Sequential(nn.Flatten(), nn.Linear(10, 4), nn.Tanh(), nn.Linear(4, 1)).double() for _ in range(2)]
+    mse = lambda p, t: ((p - t) ** 2).mean()  # noqa: E731
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    ours = hessian_top_eigenvalue(*population(nets), x, y, task.loss, iters=50, tol=0, generator=gen())
+    ref = hessian_top_eigenvalue(*population(nets), x, y, mse, iters=50, tol=0, generator=gen())
+    torch.testing.assert_close(ours.value, ref.value)
