@@ -80,6 +80,8 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         if self.uri.startswith("sqlite:"):
             _fast_sqlite_commits()
+        if self.uri.startswith("file:") or "://" not in self.uri:  # a folder the user named (MLflow 3 refuses it unasked)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow.tracking import MlflowClient
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # after import, which sets it: no "creating tables" chatter
