@@ -95,7 +95,7 @@ def _is_num(v: Any) -> bool:
 # factor -> (check, what is allowed); arch config fields that are not listed here take any value.
 CHECKS: dict[str, tuple[Callable[[Any], bool], Callable[[], str]]] = {
     "seed": (lambda v: _is_int(v) and v >= 0, lambda: "an integer >= 0"),
-    "width": (lambda v: _is_int(v) and v >= 1, lambda: "an integer >= 1"),
+    "width": (lambda v: _is_num(v) and v > 0, lambda: "a number > 0 (an integer >= 1 where the architecture counts units)"),
     "depth": (lambda v: _is_int(v) and v >= 1, lambda: "an integer >= 1"),
     "activation": (lambda v: v in _activations(), lambda: "one of " + ", ".join(_activations())),
     "init": (lambda v: v in _inits(), lambda: "one of " + ", ".join(_inits())),
@@ -322,6 +322,9 @@ class ZooSpec(BaseModel):
                     elif f in ARCH_FACTORS and f not in arch_keys:
                         errs.append(_err((section, f), f"architecture {self.arch.name!r} has no config field {f!r}; "
                                          f"its fields: {', '.join(sorted(arch_keys))}", f))
+        errs += _width_errors(self.arch.name, [(("arch", "config", "width"), self.arch.config["width"])]
+                              if "width" in self.arch.config else [])
+        errs += _width_errors(self.arch.name, [(("grid", "width", i), v) for i, v in enumerate(self.grid.get("width", []))])
         for f in _task_factors(self.task):
             if f not in self.grid and f not in self.random:
                 errs.append(_err(("grid",), f"task {self.task.name!r} fits each model to its own data, picked by the factor "
@@ -369,6 +372,18 @@ def _check_arch(arch: ArchRef) -> tuple[set[str] | None, list[InitErrorDetails]]
     ]
     errs += [e for k, v in arch.config.items() if k in ARCH_FACTORS for e in _check_value(k, v, ("arch", "config", k))]
     return keys, errs
+
+
+def _width_errors(arch: str, located: list[tuple[tuple, Any]]) -> list[InitErrorDetails]:
+    """Widths that count units (an integer default: every architecture but the multiplier of resnet20) must be
+    integers >= 1; a multiplier may be any number > 0."""
+    from zoos.archs import ARCHS
+
+    default = ARCHS[arch].defaults.get("width") if arch in ARCHS else None
+    if not isinstance(default, int):
+        return []
+    return [_err(loc, f"width = {v!r} is not allowed; architecture {arch!r} counts units: expected an integer >= 1", v)
+            for loc, v in located if _is_num(v) and not (_is_int(v) and v >= 1)]
 
 
 def format_errors(err: ValidationError, prefix: str = "") -> str:

@@ -187,3 +187,15 @@ def test_population_size_auto_and_bad_values():
     for bad in (0, "big"):
         with pytest.raises(SpecError, match="population_size"):
             parse_zoo({**base, "population_size": bad})
+
+
+def test_width_counts_units_except_where_it_is_a_multiplier():
+    """resnet20's width multiplies its channels (0.25 is a quarter-width ResNet); every other width counts units."""
+    resnet = {"name": "z", "task": {"name": "digits"}, "arch": {"name": "resnet20", "config": {"width": 0.25}},
+              "grid": {"seed": [0]}, "epochs": 1}
+    assert parse_zoo(resnet).arch.config["width"] == 0.25
+    assert parse_zoo({**resnet, "arch": {"name": "resnet20"}, "grid": {"width": [0.5, 2]}}).grid["width"] == [0.5, 2]
+    with pytest.raises(SpecError, match=r"zoo.arch.config.width: width = 0.5 is not allowed; architecture 'cnn' counts units"):
+        parse_zoo({**resnet, "arch": {"name": "cnn", "config": {"width": 0.5}}})
+    with pytest.raises(SpecError, match=r"zoo.grid.width\[1\]: width = 2.5 .* 'mlp' counts units"):
+        parse_zoo({**resnet, "arch": {"name": "mlp"}, "grid": {"width": [2, 2.5]}})
