@@ -50,19 +50,21 @@ class ArchInfo:
     input_kinds: tuple[str, ...]  # task input kinds it accepts: "image", "points", "vector"
     description: str
     defaults: dict[str, Any] = field(default_factory=dict)
+    example_task: tuple[str, dict[str, Any]] = ("mnist", {})  # a natural task (name, options): `symzoo archs`, zoo_bench
 
 
 ARCHS: dict[str, ArchInfo] = {}
 
 
 def register_arch(
-    name: str, *, equivariant: bool, symmetry: str, input_kinds: tuple[str, ...], description: str, **defaults: Any
+    name: str, *, equivariant: bool, symmetry: str, input_kinds: tuple[str, ...], description: str,
+    example_task: tuple[str, dict[str, Any]], **defaults: Any
 ) -> Callable:
-    """Class decorator: register `cls(task, **config)` under `name` with its default config."""
+    """Class decorator: register `cls(task, **config)` under `name` with its default config and a natural task."""
 
     def deco(cls):
         cls.arch_name = name
-        ARCHS[name] = ArchInfo(name, cls, equivariant, symmetry, input_kinds, description, dict(defaults))
+        ARCHS[name] = ArchInfo(name, cls, equivariant, symmetry, input_kinds, description, dict(defaults), example_task)
         return cls
 
     return deco

@@ -151,6 +151,7 @@ _GCNN_DEFAULTS = dict(width=8, depth=3, kernel=3, activation="relu", dropout=0.0
     equivariant=True,
     symmetry="C4 (rot90)",
     input_kinds=("image",),
+    example_task=("mnist", {}),
     description="p4 group CNN (Cohen & Welling 2016): invariant to 90-degree rotations",
     **_GCNN_DEFAULTS,
 )
@@ -165,6 +166,7 @@ class P4CNN(GroupConvNet):
     equivariant=True,
     symmetry="D4 (rot90 + flip)",
     input_kinds=("image",),
+    example_task=("mnist", {"group": "D4"}),
     description="p4m group CNN (Cohen & Welling 2016): invariant to 90-degree rotations and flips",
     **_GCNN_DEFAULTS,
 )
@@ -183,6 +185,7 @@ class P4MCNN(GroupConvNet):
     equivariant=True,
     symmetry="S_n (point permutations)",
     input_kinds=("points",),
+    example_task=("convex_hull", {}),
     description="DeepSets (Zaheer et al. 2017): rho(pool_i phi(x_i)), invariant to permuting points",
     width=64,
     depth=2,
@@ -225,6 +228,7 @@ def _inner(u: Tensor, v: Tensor, metric: Tensor) -> Tensor:
     equivariant=True,
     symmetry="the task's O(d) / O(1,3) (invariant outputs)",
     input_kinds=("points",),
+    example_task=("o5_regression", {}),
     description="MLP on all pairwise inner products of the input vectors (Euclidean or Minkowski) and the scalars",
     width=64,
     depth=2,
@@ -273,6 +277,7 @@ class ScalarMLP(SymModule):
     equivariant=True,
     symmetry="O(3) x S_n (matrix outputs Y -> R Y R^T)",
     input_kinds=("points",),
+    example_task=("inertia", {}),
     description="sum_i a_i |r_i|^2 I + b_i r_i r_i^T with (a_i, b_i) from an invariant MLP of (scalars_i, |r_i|^2)",
     width=32,
     depth=2,
@@ -316,6 +321,7 @@ class InertiaHead(SymModule):
     equivariant=True,
     symmetry="the task's O(d) / E(d), not S_n (Euclidean; exact where the PCA spectrum is simple)",
     input_kinds=("points",),
+    example_task=("inertia", {}),
     description="frame averaging (Puny et al. 2022): an MLP averaged over the 2^d sign-flipped PCA frames",
     width=64,
     depth=2,
@@ -345,6 +351,7 @@ class FrameAvg(SymModule):
         if lay.output == "points" and (lay.out_positions and not lay.positions):
             raise ArchError(f"architecture 'frame_avg': task {task.name!r} outputs positions but has no input positions")
         self.signs = list(itertools.product((1.0, -1.0), repeat=lay.d))  # the 2^d sign choices
+        self.columns = task.input_shape[-1]
         self.out_shape = tuple(task.output_shape)
         self.net = MLPStack(math.prod(task.input_shape), width, depth, math.prod(self.out_shape), activation, dropout)
 
@@ -362,11 +369,11 @@ class FrameAvg(SymModule):
     def forward(self, x: Tensor) -> Tensor:
         lay = self.layout
         frames, centroid = self.frames(x)  # [B, K, d, d]
-        k = frames.shape[1]
+        k = len(self.signs)
         cols = []  # x in each frame, column by column in the input's order: [B, K, n, cols]
         groups = {c[0]: ("p", c) for c in lay.positions} | {c[0]: ("v", c) for c in lay.vectors}
         i = 0
-        while i < x.shape[-1]:
+        while i < self.columns:  # a Python int: the forward's structure does not depend on the data
             if i in groups:
                 kind, c = groups[i]
                 v = x[..., list(c)]
@@ -467,6 +474,7 @@ class EGNNLayer(nn.Module):
     equivariant=True,
     symmetry="E(d) x S_n (or O(d) x S_n without positions)",
     input_kinds=("points",),
+    example_task=("nbody", {}),
     description="E(n)-equivariant GNN (Satorras et al. 2021) on the fully connected graph; positions or invariant outputs",
     width=32,
     depth=3,
@@ -504,6 +512,7 @@ class EGNN(SymModule):
         self.points_out = lay.output == "points"
         velocity = self.points_out and len(self.others) > 0
         n_node = len(lay.scalars) + len(self.others) + (0 if self.translated else 1)
+        self.constant_nodes = n_node == 0  # nothing invariant per point: every node starts from the same constant
         self.embed = nn.Linear(max(n_node, 1), width)
         self.layers = nn.ModuleList(
             EGNNLayer(
@@ -529,9 +538,7 @@ class EGNN(SymModule):
         feats = [s] + [(o * o).sum(-1, keepdim=True) for o in others]
         if not self.translated:
             feats.append((pos * pos).sum(-1, keepdim=True))
-        node = torch.cat(feats, -1)
-        if node.shape[-1] == 0:  # nothing invariant per point: start every node from the same constant
-            node = torch.ones_like(pos[..., :1])
+        node = torch.ones_like(pos[..., :1]) if self.constant_nodes else torch.cat(feats, -1)
         h = self.embed(node)
         edge_attr = s[..., :, None, :] * s[..., None, :, :]
         vel = others[0] if self.velocity else None
