@@ -282,7 +282,7 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
                "window_dx": "paddeddx" not in flags and popconv.TUNING["window_dx"],  # read when the graph is emitted
                **(tuning or {})}
     with popconv.tuned(changes):
-        step = FastStep(template(models[0]), task.loss, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        step = FastStep(template(models[0]), task.loss, task.input_shape, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
                         compile=device == "cuda", dropout=False, kernels=kernels)
 
         def one(i: int):

@@ -120,7 +120,7 @@ def _train_task(pop: Any, store_root: str, precision: str, data_dir: str | None,
             for i, m in enumerate(result.models)}
     return {"zoo": pop.zoo, "rows": result.models, "checkpoint_metrics": ckpt, "train_s": t1 - t0,
             "write_s": t2 - t1, "weight_bytes": int(sum(v.nbytes for v in result.weights.values())),
-            "timings": result.timings, "device": device, "gpu_ids": [str(g) for g in gpus], "node": ray.get_runtime_context().get_node_id(),
+            "timings": result.timings, "program": result.program, "device": device, "gpu_ids": [str(g) for g in gpus], "node": ray.get_runtime_context().get_node_id(),
             "started": started, "finished": time.time()}
 
 
@@ -258,6 +258,7 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
             display.add("model-epochs", epochs_total)
             sizes = {p.shard: len(p.model_ids) for p in todo}
             finished_epochs = 0
+            fell_back: set[str] = set()
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
                 live = ray.get(board.snapshot.remote())
@@ -271,7 +272,13 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
                     report.placements.append({"population": pop.shard, "zoo": pop.zoo, "models": len(pop.model_ids),
                                               "epochs": pop.epochs,
                                               **{k: out[k] for k in ("node", "gpu_ids", "device", "started", "finished",
-                                                                      "train_s", "write_s", "weight_bytes", "timings")}})
+                                                                      "train_s", "write_s", "weight_bytes", "timings",
+                                                                      "program")}})
+                    program = out["program"]
+                    if out["device"] == "cuda" and not program.get("fast", True) and pop.zoo not in fell_back:
+                        fell_back.add(pop.zoo)  # once per zoo: the slow path, and why
+                        display.log(f"warning: zoo {pop.zoo!r} trains as plain vmap on the GPU, slower per model: "
+                                    f"{program.get('reason')}")
                     finished_epochs += len(pop.model_ids) * pop.epochs
                     if per_model:
                         rows = [r for r in out["rows"] if r["model_id"] not in logged]

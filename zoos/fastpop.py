@@ -35,19 +35,22 @@ parameter directly. The trainer uses it where it applies and keeps `vmap` otherw
 
 from __future__ import annotations
 
+import operator
+import os
+import re
 import weakref
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.func import vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from zoos import popconv
 from zoos.archs.base import PopDropout
 from zoos.archs.layers import FlatLinear
 
-PARAMETRIC = (nn.Conv2d, nn.Linear, FlatLinear)
 _COMPILED: dict[tuple, Callable] = {}  # one compiled program per (code, modules, dtype), shared by later populations
 
 
@@ -82,6 +85,32 @@ def pop_conv2d(x: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, int], 
     return y.view(nb, ho, wo, o).permute(0, 3, 1, 2)  # logical NCHW, channels-last in memory
 
 
+def _affine(y: Tensor, w: Tensor | None, b: Tensor | None, trailing: int) -> Tensor:
+    """y [N*B, ...] times w [N, *s] plus b [N, *s], s aligned with y's dims from `trailing` dims before its end
+    on (a channel axis: trailing = number of spatial dims; normalized_shape: trailing = 0)."""
+    n = (w if w is not None else b).shape[0]
+    ys = y.reshape(n, -1, *y.shape[1:])
+    def shaped(v: Tensor) -> Tensor:
+        lead = ys.dim() - (v.dim() - 1) - trailing - 1
+        return v.to(y.dtype).reshape(n, *([1] * lead), *v.shape[1:], *([1] * trailing))
+    if w is not None:
+        ys = ys * shaped(w)
+    if b is not None:
+        ys = ys + shaped(b)
+    return ys.reshape(y.shape)
+
+
+def pop_group_norm(x: Tensor, groups: int, w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:
+    """F.group_norm per model: the statistics are per sample, so one group_norm of the [N*B, C, ...]
+    batch, then each model's affine (w, b [N, C])."""
+    return _affine(F.group_norm(x, groups, None, None, eps), w, b, x.dim() - 2)
+
+
+def pop_layer_norm(x: Tensor, shape: Sequence[int], w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:
+    """F.layer_norm per model: per-sample statistics over the trailing `shape`, then each model's affine."""
+    return _affine(F.layer_norm(x, list(shape), None, None, eps), w, b, 0)
+
+
 def rows_input(x: Tensor, rows: Tensor | None, dtype: torch.dtype) -> Tensor:
     """The population's input batch [N*B, ...] in the compute dtype: x itself, or x[rows] when indexed."""
     return (x if rows is None else x[rows.reshape(-1)]).to(dtype)
@@ -96,24 +125,60 @@ def pop_dropout(x: Tensor, p: Tensor, training: bool) -> Tensor:
     return (xs * (torch.rand_like(xs) < keep).to(x.dtype) / keep).reshape(x.shape)
 
 
-# ---- tracing ----------------------------------------------------------------------------------------
+# ---- tracing: which values carry the batch, which the weights ---------------------------------------
+
+DATA, WEIGHT, CONST, SIZE = "data", "weight", "const", "size"  # the kind of every traced value (see _kinds)
+SHAPE_PROBES = (2, 3)  # batch sizes of the two shape propagations that find the batch axis
+
+
+class Unsupported(ValueError):
+    """The module cannot run as a fast population; the message says which layer or op and why."""
+
+
+def _state(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
+
+
+def _layer(m: nn.Module) -> bool:
+    """Whether m is a layer with a population op of its own (kept whole in the trace)."""
+    if isinstance(m, nn.Conv2d):
+        return m.groups == 1 and tuple(m.dilation) == (1, 1) and m.padding_mode == "zeros" and not (
+            isinstance(m.padding, str) and m.padding == "same" and any(k % 2 == 0 for k in m.kernel_size))
+    return isinstance(m, (nn.Linear, FlatLinear, PopDropout))
+
 
 class _Tracer(fx.Tracer):
+    """Keeps the population layers and stateless torch.nn modules whole; traces through any other module,
+    so a layer with weights of another type (GroupNorm, LayerNorm, a custom layer) becomes functional ops."""
+
+    proxy_buffer_attributes = True
+    record_stack_traces = True  # a node names the line of the forward it came from
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (FlatLinear, PopDropout)) or super().is_leaf_module(m, qualname)
+        if _layer(m):
+            return True
+        return not any(True for _ in m.parameters()) and not any(True for _ in m.buffers()) and super().is_leaf_module(m, qualname)
 
 
 def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
-    if isinstance(m.padding, str):  # "valid" or "same" (stride 1)
-        return (0, 0) if m.padding == "valid" else tuple((k - 1) // 2 for k in m.kernel_size)  # type: ignore[return-value]
-    return tuple(m.padding)  # type: ignore[return-value]
+    return _padding(m.padding, m.kernel_size)
+
+
+def _padding(padding: Any, kernel: tuple[int, int]) -> tuple[int, int]:
+    """A Conv2d padding argument as (pad_h, pad_w): ints, pairs, 'valid' or 'same' (odd kernels, stride 1)."""
+    if isinstance(padding, str):
+        return (0, 0) if padding == "valid" else tuple((k - 1) // 2 for k in kernel)  # type: ignore[return-value]
+    return tuple(padding) if isinstance(padding, (tuple, list)) else (int(padding), int(padding))  # type: ignore[return-value]
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))  # type: ignore[return-value]
 
 
 def _pool2(m: nn.MaxPool2d) -> bool:
     """Whether m is a plain 2x2 max-pool with stride 2 (what popconv.conv2d_pool_act folds in)."""
-    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
-    return (pair(m.kernel_size) == (2, 2) and pair(m.stride) == (2, 2) and pair(m.padding) == (0, 0)
-            and pair(m.dilation) == (1, 1) and not m.ceil_mode and not m.return_indices)
+    return (_pair(m.kernel_size) == (2, 2) and _pair(m.stride) == (2, 2) and _pair(m.padding) == (0, 0)
+            and _pair(m.dilation) == (1, 1) and not m.ceil_mode and not m.return_indices)
 
 
 def _monotone_activation(m: nn.Module) -> tuple[str, float] | None:
@@ -124,152 +189,359 @@ def _monotone_activation(m: nn.Module) -> tuple[str, float] | None:
     return (kinds[type(m)], 0.0) if type(m) in kinds else None
 
 
-def _why_not(m: nn.Module, name: str) -> str | None:
-    """Why the leaf module `name` cannot run as a population layer, or None when it can."""
-    if isinstance(m, nn.Conv2d):
-        if m.groups != 1 or tuple(m.dilation) != (1, 1) or m.padding_mode != "zeros":
-            return f"{name}: Conv2d with groups={m.groups}, dilation={m.dilation}, padding_mode={m.padding_mode!r}"
-        if isinstance(m.padding, str) and m.padding == "same" and any(k % 2 == 0 for k in m.kernel_size):
-            return f"{name}: Conv2d padding='same' with an even kernel"
-        return None
-    if isinstance(m, (nn.Linear, FlatLinear, PopDropout)):
-        return None
-    if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
-        return f"{name}: {type(m).__name__} has parameters or buffers of its own"
-    return None
+def _what(node: fx.Node) -> str:
+    """A node as a reader knows it: the module path, or the op and the line of the architecture it came from."""
+    if node.op == "call_module":
+        return str(node.target)
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    frames = re.findall(r'File "([^"]+)", line (\d+)', node.stack_trace or "")
+    ours = [f"{os.path.basename(f)}:{line}" for f, line in frames if f"{os.sep}torch{os.sep}" not in f]
+    inside = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values() if path]
+    where = ", ".join([str(name)] * bool(inside) + ours[-1:])
+    return f"{inside[-1] if inside else name} ({where})" if where else str(name)
 
 
-class FastPopulation:
-    """A module's forward re-emitted for N stacked models: `forward(params, buffers, x) -> [N, B, ...]`."""
+def _kinds(gm: fx.GraphModule, input_shape: tuple[int, ...], state: set[str]) -> dict[fx.Node, str]:
+    """The kind of every node's value, from two shape propagations (on the meta device for a template) at batch sizes
+    SHAPE_PROBES: DATA (a tensor whose leading axis is the batch: per sample), WEIGHT (computed from the
+    parameters and buffers alone: per model), CONST (neither), SIZE (a number or shape that grows with the
+    batch). Unsupported where the batch axis moves off the front or a value sums over the batch."""
+    runs: list[dict[fx.Node, Any]] = []
+    where = next((t.device for t in [*gm.parameters(), *gm.buffers()]), torch.device("meta"))  # meta for a template
+    for b in SHAPE_PROBES:
+        seen: dict[fx.Node, Any] = {}
 
-    def __init__(self, module: nn.Module, dtype: torch.dtype = torch.float32, compile: bool = False,
-                 dropout: bool = True, kernels: bool = False):
-        reason = self.why_not(module)
-        if reason:
-            raise ValueError(f"module {type(module).__name__} cannot run as a fast population: {reason}")
-        self.module, self.dtype, self.dropout = module, dtype, dropout  # dropout=False: every rate is 0, skip the masks
-        self.kernels = kernels  # stride-1 convs as popconv's Triton kernels
-        self.param_keys = [k for k, _ in module.named_parameters()]
-        self.buffer_keys = [k for k, _ in module.named_buffers()]
-        self.window_geometry: tuple[tuple[int, int], tuple[int, int], int] | None = None  # set by _emit
-        self.graph_module = self._emit(module)
-        self._tables: dict[int, tuple[weakref.ref, int, Tensor | None]] = {}  # id(data set) -> its window table
-        self._compiled: Callable | None = None
-        if compile:
-            import torch._dynamo
+        class Recorder(fx.Interpreter):
+            def run_node(self, n: fx.Node) -> Any:
+                seen[n] = out = super().run_node(n)
+                return out
 
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-            key = (self.graph_module.code, repr(self.graph_module), dtype, kernels)  # same program: reuse its compiled kernels
-            if key not in _COMPILED:
-                _COMPILED[key] = torch.compile(self.graph_module, dynamic=False)
-            self._compiled = _COMPILED[key]
+        with torch.no_grad():
+            try:
+                Recorder(gm).run(torch.zeros(b, *input_shape, device=where))
+            except Exception as e:  # noqa: BLE001 - an op without a meta kernel, or a shape the forward refuses
+                raise Unsupported(f"its forward does not run on a batch of shape {(b, *input_shape)} on {where} "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        runs.append(seen)
+    kinds: dict[fx.Node, str] = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        node.meta["probe"] = runs[0][node]  # one model's (or sample batch's) value on the meta device
+        inputs = [kinds[n] for n in node.all_input_nodes]
+        small, large = runs[0][node], runs[1][node]
+        tensors = [(a, b) for a, b in zip(tree_flatten(small)[0], tree_flatten(large)[0]) if isinstance(a, Tensor)]
+        if node.op == "placeholder":
+            kinds[node] = DATA
+        elif node.op == "get_attr":
+            if node.target not in state:
+                raise Unsupported(f"its forward reads {node.target!r}, a tensor that is neither a parameter nor a "
+                                  f"buffer (register it as a buffer)")
+            kinds[node] = WEIGHT
+        elif DATA not in inputs and SIZE not in inputs:
+            kinds[node] = WEIGHT if WEIGHT in inputs else CONST
+        elif tensors:  # a tensor, or a tuple of them (eigh's)
+            moved = [(a, b) for a, b in tensors if a.shape[1:] != b.shape[1:]]
+            if moved:
+                raise Unsupported(f"{_what(node)} moves the batch axis off the front (shape {tuple(moved[0][0].shape)} "
+                                  f"at batch {SHAPE_PROBES[0]}, {tuple(moved[0][1].shape)} at {SHAPE_PROBES[1]})")
+            if any(a.shape[:1] != b.shape[:1] for a, b in tensors):
+                kinds[node] = DATA
+            elif any(kinds[n] == DATA and isinstance(runs[0][n], Tensor) for n in node.all_input_nodes):
+                raise Unsupported(f"{_what(node)} reduces over the batch (shape {tuple(tensors[0][0].shape)} at every batch size)")
+            else:
+                kinds[node] = CONST  # e.g. torch.eye(n) with n a per-sample size
+        else:
+            kinds[node] = SIZE if small != large else CONST
+    return kinds
 
-    @staticmethod
-    def why_not(module: nn.Module) -> str | None:
-        """None when `module` can run as a fast population, else the first reason it cannot."""
-        try:
-            graph = _Tracer().trace(module)
-        except Exception as e:  # noqa: BLE001 - any tracing failure means: use vmap
-            return f"torch.fx cannot trace its forward ({type(e).__name__}: {e})"
-        mods = dict(module.named_modules())
-        for node in graph.nodes:
-            if node.op == "get_attr":
-                return f"its forward reads {node.target!r} directly"
-            if node.op == "call_module":
-                reason = _why_not(mods[node.target], node.target)
-                if reason:
-                    return reason
-        return None
 
-    @staticmethod
-    def supports(module: nn.Module) -> bool:
-        """Whether `module` can run as a fast population (see `why_not`)."""
-        return FastPopulation.why_not(module) is None
+def _flat_kinds(args: Any, kinds: Mapping[fx.Node, str]) -> tuple[list[Any], Any, list[str | None]]:
+    """(leaves, spec, kind of each leaf or None) of an op's (args, kwargs)."""
+    leaves, spec = tree_flatten(args)
+    return leaves, spec, [kinds.get(leaf) if isinstance(leaf, fx.Node) else None for leaf in leaves]
 
-    def _emit(self, module: nn.Module) -> fx.GraphModule:
-        """The traced graph with each leaf module replaced by its population op; inputs (x, rows, windows,
-        training, *params, *buffers), windows being the data set's window table for the first conv or None."""
-        src = _Tracer().trace(module)
-        mods = dict(module.named_modules())
+
+_SIGNATURES = {  # the functional ops with population versions: their parameters, in order, and defaults
+    F.conv2d: (("input", "weight", "bias", "stride", "padding", "dilation", "groups"), dict(bias=None, stride=1, padding=0, dilation=1, groups=1)),
+    F.linear: (("input", "weight", "bias"), dict(bias=None)),
+    F.group_norm: (("input", "num_groups", "weight", "bias", "eps"), dict(weight=None, bias=None, eps=1e-5)),
+    F.layer_norm: (("input", "normalized_shape", "weight", "bias", "eps"), dict(weight=None, bias=None, eps=1e-5)),
+}
+_SIGNATURES[torch.conv2d] = _SIGNATURES[F.conv2d]
+
+
+def _bind(node: fx.Node) -> dict[str, Any]:
+    """A call of one of `_SIGNATURES`'s ops as {parameter: argument}, defaults filled in."""
+    names, defaults = _SIGNATURES[node.target]
+    return {**defaults, **dict(zip(names, node.args)), **node.kwargs}
+
+
+def _named_op(name: str, fn: Callable) -> Callable:
+    fn.__name__ = fn.__qualname__ = name
+    return fn
+
+
+def _per_model(node: fx.Node, target: Callable, spec: Any, leaf_kinds: list[str | None]) -> Callable:
+    """An op mixing data and weights as `vmap` over the models: data leaves viewed [N, B, ...], weight
+    leaves [N, ...], the rest shared; the output folded back to [N*B, ...]."""
+    data = [i for i, k in enumerate(leaf_kinds) if k == DATA]
+    dims = [0 if k in (DATA, WEIGHT) else None for k in leaf_kinds]
+    weight = leaf_kinds.index(WEIGHT)
+
+    def run(*leaves: Any) -> Tensor:
+        n = leaves[weight].shape[0]
+        leaves = list(leaves)
+        dtype = leaves[data[0]].dtype
+        for i, kind in enumerate(leaf_kinds):
+            if kind == DATA:
+                leaves[i] = leaves[i].reshape(n, -1, *leaves[i].shape[1:])
+            elif kind == WEIGHT and leaves[i].is_floating_point() and dtype.is_floating_point:
+                leaves[i] = leaves[i].to(dtype)  # weights meet activations in the compute dtype (bf16 on a GPU)
+
+        def one(*ls: Any) -> Tensor:
+            args, kwargs = tree_unflatten(list(ls), spec)
+            return target(*args, **kwargs)
+
+        out = vmap(one, in_dims=tuple(dims))(*leaves)
+        return out.reshape(-1, *out.shape[2:])
+
+    return _named_op(f"per_model_{node.name}", run)
+
+
+def _method(name: str) -> Callable:
+    return lambda self, *args, **kwargs: getattr(self, name)(*args, **kwargs)
+
+
+class _Emitter:
+    """Re-emits a traced forward as a population program: population layers for the layers and convs that
+    have one, the weight-only ops as one vmapped prologue, ops of data alone on the [N*B, ...] batch as they
+    are, and any other op that mixes data and weights as a per-op vmap over the models."""
+
+    def __init__(self, pop: "FastPopulation", module: nn.Module, input_shape: tuple[int, ...]):
+        self.pop = pop
+        self.src = fx.GraphModule(module, _Tracer().trace(module))
+        self.mods = dict(module.named_modules())
+        self.kinds = _kinds(self.src, input_shape, set(pop.param_keys) | set(pop.buffer_keys))
+        self.choices: list[tuple[str, str, str]] = []  # (layer, program, why not a faster one)
+
+    def choose(self, node: fx.Node, program: str, why: str = "") -> None:
+        self.choices.append((_what(node), program, why))
+
+    def emit(self) -> fx.GraphModule:
+        pop, kinds = self.pop, self.kinds
+        src = self.src.graph
         g = fx.Graph()
-        x_in = g.placeholder("x")
-        rows_in = g.placeholder("rows")
-        windows_in = g.placeholder("windows")
-        training = g.placeholder("training")
-        state = {k: g.placeholder("p_" + k.replace(".", "_")) for k in self.param_keys + self.buffer_keys}
-        env: dict[fx.Node, fx.Node] = {}
+        self.g = g
+        x_in, rows_in, windows_in, training = (g.placeholder(n) for n in ("x", "rows", "windows", "training"))
+        state = {k: g.placeholder("p_" + k.replace(".", "_")) for k in pop.param_keys + pop.buffer_keys}
+        env: dict[fx.Node, Any] = {}
         reads_input: set[fx.Node] = set()  # kernel convs that read the raw input (by row index) themselves
         fused: set[fx.Node] = set()  # pool / activation nodes folded into the kernel conv before them
+        weights = self._prologue(state, env)  # weight node -> its value in the new graph (on first use)
+
+        def value(a: Any) -> Any:
+            return fx.node.map_arg(a, lambda n: weights(n) if kinds.get(n) == WEIGHT else env[n])
+
         for node in src.nodes:
-            if node in fused:
+            if node in fused or kinds.get(node) == WEIGHT:
                 continue
             if node.op == "placeholder":
                 users = list(node.users)
-                if len(users) == 1 and users[0].args == (node,) and not users[0].kwargs and self._kernel_conv(users[0], mods):
+                if len(users) == 1 and users[0].args[:1] == (node,) and self._reads_input(users[0]):
                     env[node] = x_in
                     reads_input.add(users[0])
                 else:
-                    env[node] = g.call_function(rows_input, (x_in, rows_in, self.dtype))
+                    env[node] = g.call_function(rows_input, (x_in, rows_in, pop.dtype))
                 continue
             if node.op == "output":
-                if not isinstance(node.args[0], fx.Node):
-                    raise ValueError("a fast population needs a forward that returns one tensor")
-                g.output(g.call_method("float", (env[node.args[0]],)))
+                out = node.args[0]
+                if not isinstance(out, fx.Node) or kinds.get(out) != DATA:
+                    raise Unsupported("its forward must return one tensor per sample")
+                g.output(g.call_method("float", (env[out],)))
                 continue
-            if node.op != "call_module":
-                env[node] = g.node_copy(node, lambda n: env[n])
+            if node.op == "call_module" and _layer(self.mods[node.target]):
+                self._layer(node, value, state, env, reads_input, fused, rows_in, windows_in, training)
                 continue
-            m, name = mods[node.target], node.target
-            args = [env[a] if isinstance(a, fx.Node) else a for a in node.args]
-            w = state.get(f"{name}.weight")
-            b = state.get(f"{name}.bias")
-            epilogue = self._epilogue(node, mods) if self._kernel_conv(node, mods) else None
-            if epilogue is not None:  # conv, max-pool and activation as one kernel: the chain's last node is its output
-                chain, options = epilogue
-                if node in reads_input:
-                    options.update(rows=rows_in, out_dtype=self.dtype, windows=windows_in)
-                    self.window_geometry = (tuple(m.kernel_size), _conv_padding(m), options["pool"])
-                fused.update(chain)
-                env[chain[-1]] = g.call_function(popconv.conv2d_pool_act, (args[0], w, b, _conv_padding(m)), options)
-            elif node in reads_input:
-                env[node] = g.call_function(popconv.conv2d, (args[0], w, b, _conv_padding(m)),
-                                            {"rows": rows_in, "out_dtype": self.dtype, "windows": windows_in})
-                self.window_geometry = (tuple(m.kernel_size), _conv_padding(m), 1)
-            elif self._kernel_conv(node, mods):
-                env[node] = g.call_function(popconv.conv2d, (args[0], w, b, _conv_padding(m)))
-            elif isinstance(m, nn.Conv2d):
-                env[node] = g.call_function(pop_conv2d, (args[0], w, b, tuple(m.stride), _conv_padding(m)))
-            elif isinstance(m, FlatLinear):
-                env[node] = g.call_function(pop_flat_linear, (args[0], w, b))
-            elif isinstance(m, nn.Linear):
-                env[node] = g.call_function(pop_linear, (args[0], w, b))
-            elif isinstance(m, PopDropout) and not self.dropout:
-                env[node] = args[0]
-            elif isinstance(m, PopDropout):
-                env[node] = g.call_function(pop_dropout, (args[0], state[f"{name}.p"], training))
-            else:  # a stateless per-sample module: run it on the [N*B, ...] batch as it is
-                env[node] = g.call_module(name, tuple(args), {k: env[v] if isinstance(v, fx.Node) else v for k, v in node.kwargs.items()})
+            leaves, _, leaf_kinds = _flat_kinds((node.args, node.kwargs), kinds)
+            if WEIGHT in leaf_kinds and kinds[node] == DATA:
+                env[node] = self._mixed(node, value, reads_input, rows_in, windows_in)
+            elif WEIGHT in leaf_kinds:
+                raise Unsupported(f"{_what(node)} combines the weights with a per-sample size")
+            else:  # data alone (or constants): the [N*B, ...] batch is one big batch of samples
+                env[node] = g.node_copy(node, value)
         g.lint()
-        root = nn.Module()
-        for node in g.nodes:
-            if node.op == "call_module":
-                parent, _, leaf = node.target.rpartition(".")
-                holder = root
-                for part in filter(None, parent.split(".")):
-                    if not hasattr(holder, part):
-                        holder.add_module(part, nn.Module())
-                    holder = getattr(holder, part)
-                holder.add_module(leaf, mods[node.target])
-        return fx.GraphModule(root, g)
+        return fx.GraphModule(self.src, g)
 
-    def _kernel_conv(self, node: fx.Node, mods: Mapping[str, nn.Module]) -> bool:
-        """Whether the traced node is a Conv2d that runs as popconv's kernels."""
-        m = mods.get(node.target) if node.op == "call_module" else None
-        return self.kernels and isinstance(m, nn.Conv2d) and popconv.supports(m.stride, m.dilation, m.groups)
+    def _prologue(self, state: Mapping[str, fx.Node], env: Mapping[fx.Node, Any]) -> Callable[[fx.Node], fx.Node]:
+        """The weight-only ops (kernel expansions, reshaped biases, ...) as one function of the stacked
+        state, vmapped over the models and called once per forward; returns node -> its output node."""
+        kinds, needed = self.kinds, []
+        produced: dict[fx.Node, fx.Node] = {}
+        for node in self.src.graph.nodes:
+            if kinds.get(node) == WEIGHT and any(kinds.get(u) != WEIGHT for u in node.users):
+                if node.op == "get_attr":  # a parameter or buffer read as it is
+                    produced[node] = state[node.target]
+                else:
+                    needed.append(node)
+        if not needed:
+            return lambda n: produced[n]
+        sub = fx.Graph()
+        inner: dict[fx.Node, fx.Node] = {}
+        keys = [k for k in state if any(n.op == "get_attr" and n.target == k for n in self.src.graph.nodes)]
+        inputs = {k: sub.placeholder("p_" + k.replace(".", "_")) for k in keys}
+        consts: list[fx.Node] = []
+        n_ops = 0
+        for node in self.src.graph.nodes:
+            if kinds.get(node) != WEIGHT:
+                continue
+            if node.op == "get_attr":
+                inner[node] = inputs[node.target]
+                continue
+            if node.op == "call_module" and _state(self.mods[node.target]):
+                raise Unsupported(f"{_what(node)} is applied to weights (a layer of weights computed from weights)")
 
-    def _epilogue(self, conv: fx.Node, mods: Mapping[str, nn.Module]) -> tuple[list[fx.Node], dict] | None:
+            def arg(n: fx.Node) -> fx.Node:
+                if n in inner:
+                    return inner[n]
+                consts.append(n)  # a constant computed in the main graph, shared by every model
+                inner[n] = sub.placeholder(f"c{len(consts)}")
+                return inner[n]
+
+            inner[node] = sub.node_copy(node, arg)
+            n_ops += 1
+        sub.output(tuple(inner[n] for n in needed))
+        prologue = fx.GraphModule(self.src, sub)
+        dims = (0,) * len(keys)
+
+        def weights_of(*args: Any) -> tuple[Tensor, ...]:
+            return vmap(prologue, in_dims=dims + (None,) * (len(args) - len(dims)))(*args)
+
+        op = _named_op("weight_prologue", weights_of)
+        call: list[fx.Node] = []
+
+        def get(n: fx.Node) -> fx.Node:
+            if n not in produced and not call:  # emitted where first used, after the constants it reads
+                missing = [c for c in consts if c not in env]
+                if missing:
+                    raise Unsupported(f"{_what(missing[0])}: a weight computation reads a value computed later in the forward")
+                call.append(self.g.call_function(op, (*(state[k] for k in keys), *(env[c] for c in consts))))
+                self.choices.append(("weights", "prologue", f"{n_ops} ops on the weights alone (kernel expansions, "
+                                                            "reshapes), vmapped over the models once a step"))
+                for i, m in enumerate(needed):
+                    produced[m] = self.g.call_function(operator.getitem, (call[0], i))
+            return produced[n]
+
+        return get
+
+    def _reads_input(self, node: fx.Node) -> bool:
+        """Whether a conv reading the raw input runs as popconv's kernels (which then index the data set)."""
+        if node.op == "call_module":
+            return self._kernel_conv(node)
+        if node.target in (F.conv2d, torch.conv2d) and self.pop.kernels:
+            kw = _bind(node)
+            weights = self.kinds.get(kw["weight"]) == WEIGHT and (kw["bias"] is None or self.kinds.get(kw["bias"]) == WEIGHT)
+            return weights and popconv.supports(_pair(kw["stride"]), _pair(kw["dilation"]), kw["groups"])
+        return False
+
+    def _kernel_conv(self, node: fx.Node) -> bool:
+        """Whether the traced node is a Conv2d module that runs as popconv's kernels."""
+        m = self.mods.get(node.target) if node.op == "call_module" else None
+        return self.pop.kernels and isinstance(m, nn.Conv2d) and popconv.supports(m.stride, m.dilation, m.groups)
+
+    def _layer(self, node, value, state, env, reads_input, fused, rows_in, windows_in, training) -> None:
+        """A population layer module (Conv2d, Linear, FlatLinear, PopDropout) on the [N*B, ...] batch."""
+        g, pop = self.g, self.pop
+        m, name = self.mods[node.target], node.target
+        if self.kinds.get(node.args[0]) != DATA:
+            raise Unsupported(f"{name} is applied to something other than the per-sample activations")
+        args = [value(a) for a in node.args]
+        w, b = state.get(f"{name}.weight"), state.get(f"{name}.bias")
+        epilogue = self._epilogue(node) if self._kernel_conv(node) else None
+        if epilogue is not None:  # conv, max-pool and activation as one kernel: the chain's last node is its output
+            chain, options = epilogue
+            if node in reads_input:
+                options.update(rows=rows_in, out_dtype=pop.dtype, windows=windows_in)
+                pop.window_geometry = (tuple(m.kernel_size), _conv_padding(m), options["pool"])
+            fused.update(chain)
+            env[chain[-1]] = g.call_function(popconv.conv2d_pool_act, (args[0], w, b, _conv_padding(m)), options)
+            self.choose(node, "popconv conv+" + "+".join(type(self.mods[c.target]).__name__ for c in chain),
+                        "reads the data set's window table" if node in reads_input else "")
+        elif node in reads_input:
+            env[node] = g.call_function(popconv.conv2d, (args[0], w, b, _conv_padding(m)),
+                                        {"rows": rows_in, "out_dtype": pop.dtype, "windows": windows_in})
+            pop.window_geometry = (tuple(m.kernel_size), _conv_padding(m), 1)
+            self.choose(node, "popconv", "reads the data set by row index")
+        elif self._kernel_conv(node):
+            env[node] = g.call_function(popconv.conv2d, (args[0], w, b, _conv_padding(m)))
+            self.choose(node, "popconv")
+        elif isinstance(m, nn.Conv2d):
+            env[node] = g.call_function(pop_conv2d, (args[0], w, b, tuple(m.stride), _conv_padding(m)))
+            self.choose(node, "im2col + bmm", self._no_kernels(m.stride))
+        elif isinstance(m, FlatLinear):
+            env[node] = g.call_function(pop_flat_linear, (args[0], w, b))
+            self.choose(node, "bmm")
+        elif isinstance(m, nn.Linear):
+            env[node] = g.call_function(pop_linear, (args[0], w, b))
+            self.choose(node, "bmm")
+        elif not pop.dropout:
+            env[node] = args[0]
+        else:
+            env[node] = g.call_function(pop_dropout, (args[0], state[f"{name}.p"], training))
+
+    def _no_kernels(self, stride: Any) -> str:
+        if not self.pop.kernels:
+            return "popconv kernels off here (no CUDA, or not asked for)"
+        return f"stride {tuple(_pair(stride))}: popconv runs stride 1"
+
+    def _mixed(self, node: fx.Node, value, reads_input, rows_in, windows_in) -> fx.Node:
+        """An op of data and weights: a population conv for F.conv2d, a batched matmul for F.linear, else vmap."""
+        g, pop = self.g, self.pop
+        if node.op == "call_function" and node.target in (F.conv2d, torch.conv2d, F.linear):
+            kw = _bind(node)
+            x, w, b = kw["input"], kw["weight"], kw["bias"]
+            plain = (self.kinds.get(x) == DATA and self.kinds.get(w) == WEIGHT
+                     and (b is None or self.kinds.get(b) == WEIGHT))
+            if plain and node.target is F.linear:
+                self.choose(node, "bmm")
+                return g.call_function(pop_linear, (value(x), value(w), value(b)))
+            stride, dilation, groups, padding = _pair(kw["stride"]), _pair(kw["dilation"]), kw["groups"], kw["padding"]
+            if plain and not any(isinstance(v, fx.Node) for v in (stride, dilation, groups, padding)):
+                kernel = tuple(w.meta["probe"].shape[-2:])
+                pad = _padding(padding, kernel)
+                if pop.kernels and popconv.supports(stride, dilation, groups):
+                    if node in reads_input:
+                        pop.window_geometry = (kernel, pad, 1)
+                        self.choose(node, "popconv", "reads the data set by row index")
+                        return g.call_function(popconv.conv2d, (value(x), value(w), value(b), pad),
+                                               {"rows": rows_in, "out_dtype": pop.dtype, "windows": windows_in})
+                    self.choose(node, "popconv")
+                    return g.call_function(popconv.conv2d, (value(x), value(w), value(b), pad))
+                if groups == 1 and dilation == (1, 1):
+                    self.choose(node, "im2col + bmm", self._no_kernels(stride))
+                    return g.call_function(pop_conv2d, (value(x), value(w), value(b), stride, pad))
+        if node.op == "call_function" and node.target in (F.group_norm, F.layer_norm):
+            kw = _bind(node)
+            x, w, b = kw["input"], kw["weight"], kw["bias"]
+            if self.kinds.get(x) == DATA and all(v is None or self.kinds.get(v) == WEIGHT for v in (w, b)):
+                self.choose(node, "population norm", "statistics per sample, affine per model")
+                eps = kw["eps"]
+                if node.target is F.group_norm:
+                    return g.call_function(pop_group_norm, (value(x), kw["num_groups"], value(w), value(b), eps))
+                return g.call_function(pop_layer_norm, (value(x), kw["normalized_shape"], value(w), value(b), eps))
+        leaves, spec, leaf_kinds = _flat_kinds((node.args, node.kwargs), self.kinds)
+        if SIZE in leaf_kinds:
+            raise Unsupported(f"{_what(node)} mixes the weights with a size that grows with the batch")
+        target = _method(node.target) if node.op == "call_method" else node.target
+        if node.op == "call_module":
+            target = self.mods[node.target]
+        self.choose(node, "vmap op", "no population op of its own: vmapped over the models")
+        return g.call_function(_per_model(node, target, spec, leaf_kinds), tuple(value(leaf) for leaf in leaves))
+
+    def _epilogue(self, conv: fx.Node) -> tuple[list[fx.Node], dict] | None:
         """The 2x2 max-pool and monotone activation (either order, each at most once) that alone consume
         the kernel conv's output, as (their nodes, conv2d_pool_act's options); None when there are none."""
+        mods = self.mods
         if not popconv.fuses(mods[conv.target].out_channels):
             return None
         chain: list[fx.Node] = []
@@ -285,13 +557,61 @@ class FastPopulation:
                 options["pool"] = 2
             elif act is not None and options["act"] == "identity":
                 options["act"], options["slope"] = act
-            elif not (isinstance(m, PopDropout) and not self.dropout):  # a skipped dropout is the identity
+            elif not (isinstance(m, PopDropout) and not self.pop.dropout):  # a skipped dropout is the identity
                 break
             chain.append(user)
             cur = user
         while chain and isinstance(mods[chain[-1].target], PopDropout):  # nothing to fold after the last op
             chain.pop()
         return (chain, options) if chain else None
+
+
+class FastPopulation:
+    """A module's forward re-emitted for N stacked models: `forward(params, buffers, x) -> [N, B, ...]`.
+
+    `input_shape` is one sample's shape (the task's): the trace is shape-propagated at two batch sizes
+    to find which values carry the batch. `choices` lists what runs each layer: [(layer, program, why)]."""
+
+    def __init__(self, module: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32,
+                 compile: bool = False, dropout: bool = True, kernels: bool = False):
+        self.module, self.dtype, self.dropout = module, dtype, dropout  # dropout=False: every rate is 0, skip the masks
+        self.kernels = kernels  # stride-1 convs as popconv's Triton kernels
+        self.param_keys = [k for k, _ in module.named_parameters()]
+        self.buffer_keys = [k for k, _ in module.named_buffers()]
+        self.window_geometry: tuple[tuple[int, int], tuple[int, int], int] | None = None  # set by _emit
+        try:
+            emitter = _Emitter(self, module, tuple(input_shape))
+            self.graph_module = emitter.emit()
+        except Unsupported as e:
+            raise Unsupported(f"module {type(module).__name__} cannot run as a fast population: {e}") from None
+        except Exception as e:  # noqa: BLE001 - the tracer's own errors (data-dependent control flow, ...)
+            raise Unsupported(f"module {type(module).__name__} cannot run as a fast population: torch.fx cannot "
+                              f"trace its forward ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        self.choices = emitter.choices
+        self._tables: dict[int, tuple[weakref.ref, int, Tensor | None]] = {}  # id(data set) -> its window table
+        self._compiled: Callable | None = None
+        if compile:
+            import torch._dynamo
+
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+            key = (self.graph_module.code, repr(self.graph_module), dtype, kernels)  # same program: reuse its compiled kernels
+            if key not in _COMPILED:
+                _COMPILED[key] = torch.compile(self.graph_module, dynamic=False)
+            self._compiled = _COMPILED[key]
+
+    @staticmethod
+    def why_not(module: nn.Module, input_shape: Sequence[int], kernels: bool = False) -> str | None:
+        """None when `module` can run as a fast population, else the first reason it cannot."""
+        try:
+            FastPopulation(module, input_shape, kernels=kernels)
+        except Unsupported as e:
+            return str(e).split(": ", 1)[1]
+        return None
+
+    @staticmethod
+    def supports(module: nn.Module, input_shape: Sequence[int]) -> bool:
+        """Whether `module` can run as a fast population (see `why_not`)."""
+        return FastPopulation.why_not(module, input_shape) is None
 
     def forward(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, *,
                 rows: Tensor | None = None, x_per_model: bool = True, training: bool = False, bucket: int = 1) -> Tensor:
@@ -357,30 +677,33 @@ class FastStep:
     """One training step's gradients for a population: `step(params, buffers, x, y) -> (grads, per-model loss)`.
 
     The loss is the sum of per-model mean losses, so each model's gradient is its own loss's gradient,
-    exactly what `vmap(grad(loss))` computes; `loss_fn(pred, y)` is the task's single-model loss.
+    exactly what `vmap(grad(loss))` computes; `loss_fn(pred, y)` is the task's single-model loss. With a
+    `regulariser` (stacked params -> [N] per-model penalties), model i minimises loss_i + reg[i] * penalty_i.
     """
 
-    def __init__(self, module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], *,
+    def __init__(self, module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], input_shape: Sequence[int], *,
                  dtype: torch.dtype = torch.float32, compile: bool = False, dropout: bool = True,
-                 kernels: bool = False):
-        self.pop = FastPopulation(module, dtype=dtype, compile=compile, dropout=dropout, kernels=kernels)
+                 kernels: bool = False, regulariser: Callable[[dict[str, Tensor]], Tensor] | None = None):
+        self.pop = FastPopulation(module, input_shape, dtype=dtype, compile=compile, dropout=dropout, kernels=kernels)
         self.loss_per_model = vmap(loss_fn, in_dims=(0, 0))
+        self.regulariser = regulariser
 
     def __call__(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, y: Tensor,
                  rows: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
         """Gradients for batch x [N, B, ...], or for the data set x [S, ...] read at rows [N, B]."""
-        grads, loss, _ = self.with_outputs(params, buffers, x, y, rows)
+        grads, loss, _, _ = self.with_outputs(params, buffers, x, y, rows)
         return grads, loss
 
     def with_outputs(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, y: Tensor,
-                     rows: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-        """As calling the step, plus the models' outputs on the batch [N, B, ...] (float32, detached)."""
+                     rows: Tensor | None = None, reg: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+        """(gradients, per-model loss, per-model total = loss + reg * penalty, outputs [N, B, ...] (float32, detached))."""
         with torch.enable_grad():
             leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
             pred = self.pop(leaves, buffers, x, rows=rows, x_per_model=True, training=True)
             loss = self.loss_per_model(pred, y)
-            grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
-        return dict(zip(leaves, grads)), loss.detach(), pred.detach()
+            total = loss if self.regulariser is None or reg is None else loss + reg * self.regulariser(leaves)
+            grads = torch.autograd.grad(total.sum(), list(leaves.values()))
+        return dict(zip(leaves, grads)), loss.detach(), total.detach(), pred.detach()
 
 
-__all__ = ["FastPopulation", "FastStep", "dropout_active", "pop_conv2d", "pop_linear", "pop_flat_linear", "pop_dropout"]
+__all__ = ["FastPopulation", "FastStep", "Unsupported", "pop_group_norm", "pop_layer_norm", "dropout_active", "pop_conv2d", "pop_linear", "pop_flat_linear", "pop_dropout"]

@@ -39,6 +39,7 @@ class PopulationResult:
     curves       name -> float array [N, n_epochs + 1]: every epoch's metrics, epoch 0 = at init
     timings      where the wall time went, seconds: setup (data, models), first_step (incl. compile),
                  steps (the rest), evaluation, (not stored; the pipeline reports them per population)
+    program      the population program that trained it, as `zoos.program.Program.as_dict()` (reported, not stored)
     """
 
     models: list[dict[str, Any]]
@@ -47,6 +48,7 @@ class PopulationResult:
     weights: dict[str, np.ndarray]
     curves: dict[str, np.ndarray] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    program: dict[str, Any] = field(default_factory=dict)  # zoos.program.Program.as_dict(): what ran each layer
 
     @property
     def ids(self) -> list[str]:

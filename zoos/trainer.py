@@ -53,9 +53,10 @@ from torch.func import functional_call, grad_and_value, vmap
 from tasks.base import Task
 from zoos import popconv
 from zoos.archs import ARCHS
-from zoos.fastpop import FastPopulation, FastStep, dropout_active
+from zoos.fastpop import dropout_active
 from zoos.functional import population_forward, template
 from zoos.population import PopulationResult
+from zoos.program import choose_program
 from zoos.spec import (
     AUGMENT_STREAM,
     ORDER_STREAM,
@@ -181,11 +182,14 @@ def train_population(
     fast: bool | None = None,
     kernels: bool | None = None,
     graphs: bool | None = None,
+    compile: bool | None = None,
 ) -> PopulationResult:
     """Train every model of `pop` as one vectorised program; curves every epoch, weights at checkpoints.
 
-    fast: run supported architectures as batched matmuls (`zoos.fastpop`) instead of vmap; None = on CUDA.
-    kernels: in the fast program, run stride-1 convs as `zoos.popconv`'s Triton kernels; None = where available.
+    fast: run the population program (`zoos.program`: population layers, batched matmuls) where the architecture
+        allows, instead of vmap; None = on CUDA.
+    kernels: in the population program, run stride-1 convs as `zoos.popconv`'s Triton kernels; None = where available.
+    compile: torch.compile the population program's forward; None = on CUDA.
     graphs: replay each training step as a CUDA graph (one launch instead of ~100; the same kernels, the
         same run); None = on CUDA with the fast program and no augmentation.
     """
@@ -200,15 +204,16 @@ def train_population(
     try:
         with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
             torch.manual_seed(int(pop.shard.removeprefix("pop-"), 16))  # dropout masks: one stream per population
-            return _train(pop, device, precision, progress, data_dir, eval_batch, fast, kernels, graphs, streams, draws)
+            return _train(pop, device, precision, progress, data_dir, eval_batch, fast, kernels, graphs, compile, streams,
+                          draws)
     finally:  # also on an error: no helper left reading or copying once this returns
         streams.shutdown(cancel_futures=True)
         draws.shutdown(cancel_futures=True)
 
 
 def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, data_dir, eval_batch: int,
-           fast: bool | None, kernels: bool | None, graphs: bool | None, streams: ThreadPoolExecutor,
-           draws: ThreadPoolExecutor) -> PopulationResult:
+           fast: bool | None, kernels: bool | None, graphs: bool | None, compile: bool | None,
+           streams: ThreadPoolExecutor, draws: ThreadPoolExecutor) -> PopulationResult:
     clock = _Clock(device)
     specs, first = pop.models, pop.first
     n_models, epochs, checkpoints = len(specs), first.epochs, list(first.checkpoints)
@@ -302,6 +307,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     mom = _per_model([m.factors["momentum"] for m in specs], device)
     reg = _per_model([m.factors["equiv_reg"] for m in specs], device)
     projections = _projections(first_model, task) if bool((reg > 0).any()) else {}
+    penalty = vmap(functools.partial(_regulariser, projections=projections)) if projections else None
 
     def loss_fn(p, b, x, y, r):
         with autocast():
@@ -311,16 +317,16 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
         return total, (loss, pred.detach())
 
     step_fn = vmap(grad_and_value(loss_fn, has_aux=True), in_dims=(0, 0, 0, 0, 0), randomness="different")
+    program = choose_program(module, task, device, precision, arch=first.arch, fast=fast, kernels=kernels,
+                             compile=compile, dropout=dropout_active(module, buffers), regulariser=penalty)
     fast_forward = None
-    if (device.type == "cuda" if fast is None else fast) and not projections and FastPopulation.supports(module):
-        fast_step = FastStep(module, task.loss, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-                             compile=device.type == "cuda", dropout=dropout_active(module, buffers),
-                             kernels=(device.type == "cuda" and popconv.available(device)) if kernels is None else kernels)
+    if program.fast:
+        fast_step = program.step
         fast_forward = fast_step.pop
 
         def step_fn(p, b, x, y, r, rows=None):
-            grads, loss, pred = fast_step.with_outputs(p, b, x, y, rows=rows)
-            return grads, (loss, (loss, pred))
+            grads, loss, total, pred = fast_step.with_outputs(p, b, x, y, rows=rows, reg=r)
+            return grads, (total, (loss, pred))
 
         if precision == "bf16" and per_model is None:  # resident inputs in the compute dtype, as autocast casts them
             data = {s: (x.to(torch.bfloat16) if x.is_floating_point() else x, y) for s, (x, y) in data.items()}
@@ -328,7 +334,8 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     state = {k: torch.zeros_like(v) for k, v in params.items()}  # SGD momentum buffer / Adam first moment
     state2 = {k: torch.zeros_like(v) for k, v in params.items()} if optimizer == "adam" else {}
     alive = torch.ones(n_models, dtype=torch.bool, device=device)
-    update = _compiled_update(optimizer) if device.type == "cuda" else functools.partial(_update_in_place, optimizer)
+    compiled = device.type == "cuda" if compile is None else compile
+    update = _compiled_update(optimizer) if compiled else functools.partial(_update_in_place, optimizer)
     step_t = torch.zeros((), dtype=torch.float64, device=device)  # the step count the update reads (a tensor: one program)
 
     # -- evaluation: eval mode, population_forward in batches, per-model loss and metric
@@ -433,8 +440,8 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
 
     can_graph = device.type == "cuda" and fast_forward is not None and augmenter is None
     if graphs and not can_graph:
-        raise TrainError("graphs = true needs a CUDA device, an architecture the fast program runs (no equivariance "
-                         "regulariser) and no augmentation (a step's group elements change every epoch)")
+        raise TrainError("graphs = true needs a CUDA device, an architecture the population program runs "
+                         f"({program.reason or 'it does'}) and no augmentation (a step's group elements change every epoch)")
     use_graphs = can_graph if graphs is None else graphs
     run_step = _StepGraph(train_step, (n_models, bs), device) if use_graphs else train_step
 
@@ -488,7 +495,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
             "train_metrics": first.train_metrics,
         })
     result = PopulationResult(models=rows, epochs=checkpoints, metrics=ckpt_metrics, weights=weights, curves=curves,
-                              timings=clock.totals)
+                              timings=clock.totals, program=program.as_dict())
     result.validate()
     return result
 
@@ -498,7 +505,7 @@ class _Clock:
 
     def __init__(self, device: torch.device):
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.t = time.perf_counter()
+        self.t = self.start = time.perf_counter()
         self.totals: dict[str, float] = {}
 
     def lap(self, phase: str) -> None:
@@ -506,6 +513,8 @@ class _Clock:
         now = time.perf_counter()
         self.totals[phase] = self.totals.get(phase, 0.0) + now - self.t
         self.t = now
+        if phase == "first_step":  # seconds from the call to the end of the first step: what a user waits for
+            self.totals["first_step_at"] = now - self.start
 
 
 def _update(optimizer: str, params, grads, state, state2, lr, wd, mom, step, alive, total):

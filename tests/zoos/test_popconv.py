@@ -149,26 +149,26 @@ def _fused_calls(fast):
 
 
 def test_fast_population_folds_pool_and_activation_into_the_kernel_conv():
-    _, models, _, _ = population("cnn_s", "mnist", {})
-    calls = _fused_calls(FastPopulation(template(models[0]), kernels=True))
+    task, models, _, _ = population("cnn_s", "mnist", {})
+    calls = _fused_calls(FastPopulation(template(models[0]), task.input_shape, kernels=True))
     assert [(c["op"], c.get("pool"), c.get("act")) for c in calls] == [
         ("conv2d_pool_act", 2, "tanh"), ("conv2d_pool_act", 2, "tanh"), ("conv2d_pool_act", 1, "tanh")]
     assert "rows" in calls[0] and "rows" not in calls[1]  # the first reads the data set by index
     # cnn: conv -> act -> dropout -> pool; dropout kept (rates may be > 0) stops the chain after act
-    _, models, _, _ = population("cnn", "digits", {"width": 6, "depth": 3})  # pool after the second conv
-    with_drop = _fused_calls(FastPopulation(template(models[0]), kernels=True))
-    no_drop = _fused_calls(FastPopulation(template(models[0]), kernels=True, dropout=False))
+    task, models, _, _ = population("cnn", "digits", {"width": 6, "depth": 3})  # pool after the second conv
+    with_drop = _fused_calls(FastPopulation(template(models[0]), task.input_shape, kernels=True))
+    no_drop = _fused_calls(FastPopulation(template(models[0]), task.input_shape, kernels=True, dropout=False))
     assert [(c.get("pool"), c.get("act")) for c in with_drop] == [(1, "relu")] * 3
     assert [(c.get("pool"), c.get("act")) for c in no_drop] == [(1, "relu"), (2, "relu"), (1, "relu")]
     # a conv output with two readers stays a conv; GELU (not monotone) is not folded
     module = _Branching()
-    calls = _fused_calls(FastPopulation(module, kernels=True))
+    calls = _fused_calls(FastPopulation(module, (1, 10, 10), kernels=True))
     assert [(c["op"], c.get("pool"), c.get("act")) for c in calls] == [("conv2d_pool_act", 2, "tanh"), ("conv2d", None, None)]
     params, buffers = stack_states([_Branching().to(DEVICE) for _ in range(2)])
     x = torch.randn(2, 3, 1, 10, 10, device=DEVICE)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         want = population_forward(module.to(DEVICE), params, buffers, x, x_per_model=True)
-    close(FastPopulation(module, kernels=True)(params, buffers, x), want)
+    close(FastPopulation(module, (1, 10, 10), kernels=True)(params, buffers, x), want)
 
 
 CASES = [("cnn_s", "mnist", {}), ("cnn", "digits", {"width": 6, "depth": 3})]
@@ -183,7 +183,7 @@ def test_fast_population_with_kernels_equals_vmap(arch, task_name, config, mode)
     module = template(models[0]).eval()
     data = torch.randn(20, *task.input_shape, device=DEVICE)
     rows = torch.randint(0, 20, (3, 5), device=DEVICE)
-    fast = FastPopulation(module, kernels=True)
+    fast = FastPopulation(module, task.input_shape, kernels=True)
     if mode == "rows":
         out = fast(params, buffers, data, rows=rows)
         ref = population_forward(module, params, buffers, data[rows], x_per_model=True)
@@ -201,7 +201,7 @@ def test_fast_step_with_kernels_equals_vmap_of_grad():
     buffers = {k: v.to(DEVICE) for k, v in buffers.items()}
     data, y = torch.randn(30, *task.input_shape, device=DEVICE), torch.randint(0, 10, (3, 7), device=DEVICE)
     rows = torch.randint(0, 30, (3, 7), device=DEVICE)
-    grads, loss = FastStep(module, task.loss, dropout=False, kernels=True)(params, buffers, data, y, rows=rows)
+    grads, loss = FastStep(module, task.loss, task.input_shape, dropout=False, kernels=True)(params, buffers, data, y, rows=rows)
 
     def one(p, b, xb, yb):
         return task.loss(functional_call(module, (p, b), (xb,)), yb)
@@ -279,7 +279,7 @@ def test_one_compiled_program_for_every_data_set_and_short_batch(pool):
     models = [torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), *([torch.nn.MaxPool2d(2)] if pool else []), torch.nn.Tanh(),
                                   torch.nn.Flatten(), torch.nn.Linear(4 * side * side, 3)).to(DEVICE) for _ in range(3)]
     params, buffers = stack_states(models)
-    pop = FastPopulation(template(models[0]), compile=True, kernels=True)
+    pop = FastPopulation(template(models[0]), (1, 8, 8), compile=True, kernels=True)
     torch._dynamo.reset()
     counters.clear()
     with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
@@ -358,7 +358,7 @@ def test_fast_population_reads_a_window_table_once_per_data_set(monkeypatch):
     params = {k: v.to(DEVICE) for k, v in params.items()}
     data, y = torch.randn(30, *task.input_shape, device=DEVICE), torch.randint(0, 10, (3, 7), device=DEVICE)
     rows = torch.randint(0, 30, (3, 7), device=DEVICE)
-    step = FastStep(module, task.loss, dropout=False, kernels=True)
+    step = FastStep(module, task.loss, task.input_shape, dropout=False, kernels=True)
     assert step.pop.window_geometry == ((5, 5), (0, 0), 2)
     grads, loss = step(params, buffers, data, y, rows=rows)
     table = step.pop.window_table(data)
@@ -367,7 +367,7 @@ def test_fast_population_reads_a_window_table_once_per_data_set(monkeypatch):
     other = data.clone()
     assert step.pop.window_table(other) is not table
     monkeypatch.setitem(popconv.TUNING, "windows", "never")
-    gathering = FastStep(module, task.loss, dropout=False, kernels=True)
+    gathering = FastStep(module, task.loss, task.input_shape, dropout=False, kernels=True)
     assert gathering.pop.window_table(data) is None
     want_grads, want_loss = gathering(params, buffers, data, y, rows=rows)
     close(loss, want_loss)

@@ -1,0 +1,182 @@
+"""The program choice over every registered architecture: the population program it picks equals vmap
+(forward, gradients with and without the equivariance regulariser, two epochs of training) on the CPU,
+and a module it cannot run is named with the layer and the reason, then trained by vmap."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from tasks import get_task
+from tasks.formats import write_idx
+from tasks.images import IDX_FILES
+from tests.zoos.test_archs import CASES, IDS, _randomise
+from tests.zoos.test_trainer import one_population, zoo_models
+from zoos import popconv
+from zoos.archs import build_arch
+from zoos.fastpop import FastPopulation
+from zoos.functional import population_forward, stack_states, template
+from zoos.program import FallbackWarning, choose_program
+from zoos.trainer import train_population
+
+KERNELS = popconv.available("cpu")  # Triton's interpreter here: the program a GPU runs, popconv included
+
+
+def _population(arch, task_name, opts, config, n=3):
+    torch.manual_seed(0)
+    task = get_task(task_name, **opts)
+    models = [build_arch(arch, task, **config) for _ in range(n)]
+    for m in models:
+        _randomise(m)
+    params, buffers = stack_states(models)
+    return task, template(models[0]), params, buffers
+
+
+def _targets(task, n: int, b: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    if task.kind == "classification":
+        return torch.randint(0, task.output_shape[-1] if task.output_shape else 10, (n, b), generator=g)
+    return torch.randn(n, b, *task.output_shape, generator=g)
+
+
+@pytest.mark.parametrize("arch,task_name,opts,config,which", CASES, ids=IDS)
+def test_every_architecture_runs_the_population_program_and_equals_vmap(arch, task_name, opts, config, which):
+    task, module, params, buffers = _population(arch, task_name, opts, config)
+    program = choose_program(module, task, "cpu", fast=True, kernels=KERNELS, compile=False, dropout=False, arch=arch)
+    assert program.fast, f"{arch}: {program.reason}"
+    assert program.layers and all(len(layer) == 3 for layer in program.layers)
+    x = torch.randn(3, 4, *task.input_shape, generator=torch.Generator().manual_seed(1))
+    y = _targets(task, 3, 4)
+    with torch.no_grad():
+        ref = population_forward(module.eval(), params, buffers, x, x_per_model=True)
+        out = program.step.pop(params, buffers, x, x_per_model=True)
+    torch.testing.assert_close(out, ref, atol=1e-5 * (1 + ref.abs().max().item()), rtol=1e-4)
+
+    def one(p, b, xb, yb):
+        return task.loss(functional_call(module, (p, b), (xb,)), yb)
+
+    grads, loss = program.step(params, buffers, x, y)
+    want = vmap(grad(one))(params, buffers, x, y)
+    for k in want:
+        scale = want[k].abs().max().item()
+        torch.testing.assert_close(grads[k], want[k], atol=1e-5 * (1 + scale), rtol=1e-3, msg=lambda m: f"{arch} {k}: {m}")
+
+
+def test_the_regulariser_enters_the_population_step_as_in_vmap():
+    """An equivariance-regularised zoo trains on the population program: model i's gradient is that of
+    loss_i + r_i * ||W_i - P(W_i)||^2."""
+    from zoos.equivariance import projections, regulariser
+
+    task, module, params, buffers = _population("cnn", "digits", {}, dict(width=4, depth=2))
+    proj = projections(build_arch("cnn", task, width=4, depth=2), task.group, tuple(task.input_shape))
+    penalty = vmap(lambda p: regulariser(p, proj))
+    program = choose_program(module, task, "cpu", fast=True, kernels=False, dropout=False, regulariser=penalty)
+    x, y, r = torch.randn(3, 5, *task.input_shape), _targets(task, 3, 5), torch.tensor([0.0, 0.5, 2.0])
+    grads, loss, total, _ = program.step.with_outputs(params, buffers, x, y, reg=r)
+
+    def one(p, b, xb, yb, rb):
+        return task.loss(functional_call(module, (p, b), (xb,)), yb) + rb * regulariser(p, proj)
+
+    want = vmap(grad(one), randomness="different")(params, buffers, x, y, r)  # dropout rates are 0: no draw counts
+    for k in want:
+        torch.testing.assert_close(grads[k], want[k], atol=1e-6, rtol=1e-4)
+    assert (total - loss)[0] == 0 and ((total - loss)[1:] > 0).all()
+
+
+def _mnist_files(root) -> dict:
+    """A small MNIST in its published IDX layout (for cnn_s, whose valid convs need 28x28)."""
+    g = np.random.default_rng(0)
+    (root / "mnist").mkdir()
+    arrays = [g.integers(0, 256, (96, 28, 28), dtype=np.uint8), g.integers(0, 10, 96, dtype=np.uint8),
+              g.integers(0, 256, (32, 28, 28), dtype=np.uint8), g.integers(0, 10, 32, dtype=np.uint8)]
+    for name, a in zip(IDX_FILES, arrays):
+        write_idx(root / "mnist" / name, a)
+    return {"data_dir": str(root), "n_val": 32}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,task_name,opts,config,which", CASES, ids=IDS)
+def test_two_epochs_on_the_population_program_equal_vmap_training(arch, task_name, opts, config, which, tmp_path):
+    """The trainer on the population program (im2col for convs: the kernels are held to vmap above and in
+    test_popconv) and on vmap: same init, data order and Adam; weights and curves agree after 2 epochs."""
+    options = dict(opts)
+    if task_name == "mnist":
+        options.update(_mnist_files(tmp_path))
+    elif task_name != "inr":
+        options.update({"n_train": 96, "n_val": 32, "n_test": 32})
+    grid = {"seed": [0, 1], "lr": [3e-3], "optimizer": ["adam"], "batch_size": [32]}
+    if task_name == "inr":
+        grid["image"] = [0, 1]
+    models = zoo_models(grid, arch={"name": arch, "config": config}, task=task_name, task_options=options)
+    pop = one_population(models)
+    fast = train_population(pop, fast=True, kernels=False)
+    plain = train_population(pop, fast=False)
+    assert fast.program["fast"] and not plain.program["fast"]
+    for k in plain.weights:
+        scale = np.abs(plain.weights[k]).max()
+        np.testing.assert_allclose(fast.weights[k], plain.weights[k], atol=1e-4 * (1 + scale), rtol=1e-3, err_msg=f"{arch} {k}")
+    for name in plain.curves:
+        np.testing.assert_allclose(fast.curves[name], plain.curves[name], atol=1e-4, rtol=1e-3, err_msg=f"{arch} {name}")
+
+
+class _BatchMean(nn.Module):
+    """Centres each sample on the batch mean: not per sample, so not a population program."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.lin(x - x.mean(0))
+
+
+class _Transposed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(x.transpose(0, 1)).transpose(0, 1)
+
+
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.lin(x) if x.sum() > 0 else -self.lin(x)
+
+
+@pytest.mark.parametrize("module,shape,reason", [
+    (_BatchMean(), (4,), "mean .* reduces over the batch"),
+    (_Transposed(), (4, 3), "transpose .* moves the batch axis off the front"),
+    (_Branchy(), (4,), "torch.fx cannot trace its forward .*control flow"),
+])
+def test_what_the_population_program_cannot_run_is_named(module, shape, reason):
+    assert FastPopulation.why_not(module, shape) is not None
+    assert __import__("re").search(reason, FastPopulation.why_not(module, shape))
+
+
+def test_a_fallback_trains_by_vmap_and_warns_once_on_cuda_only():
+    task = get_task("o5_regression")
+
+    class Model(_BatchMean):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(10, 1)
+
+        def forward(self, x):
+            return super().forward(x.flatten(1))
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        program = choose_program(template(Model()), task, "cpu", fast=True)
+    assert not program.fast and "reduces over the batch" in program.reason and program.step is None
+    assert program.describe().startswith("vmap (") and not seen  # no warning off CUDA: vmap is the CPU's default
+    assert program.as_dict()["reason"] == program.reason

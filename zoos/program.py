@@ -1,0 +1,113 @@
+"""The choice of population program: for a population on a device, which program runs each layer, and why
+not a faster one. Made once, from (module, task, device, precision); the trainer follows it, the run report
+records it, `symzoo archs` shows it, and one generic test holds every choice equal to vmap.
+
+The programs, fastest first:
+  popconv       stride-1 convolutions as Triton implicit-GEMM kernels (`zoos.popconv`), a following 2x2
+                max-pool and monotone activation folded in where the conv has few outputs
+  im2col + bmm  other convolutions: patches on a channels-last view, one batched matmul over the models
+  bmm           Linear / FlatLinear / F.linear: one batched matmul over the models
+  population norm  GroupNorm / LayerNorm: per-sample statistics of the whole batch, per-model affine
+  prologue      the ops on weights alone (a group CNN's kernel expansion): vmapped once a step
+  vmap op       any other op that mixes data and weights, vmapped over the models on its own
+  vmap          the whole forward vmapped (`torch.func`): the fallback, for a module the population
+                program cannot run (the reason is recorded)
+Ops on data alone run on the population's [N*B, ...] batch as they are: a population is one large batch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from zoos import popconv
+from zoos.fastpop import FastStep, Unsupported
+
+PRECISIONS = ("float32", "bf16")
+
+
+class FallbackWarning(UserWarning):
+    """A population runs the vmap fallback: the message names the layer and the reason."""
+
+
+@dataclass
+class Program:
+    """What runs a population. `layers` is [(layer, program, why not a faster one)]; `reason` says why the
+    whole forward is vmapped when `fast` is False. `step` is the fast program's training step (None for vmap)."""
+
+    arch: str
+    device: str
+    precision: str
+    fast: bool
+    kernels: bool = False
+    compile: bool = False
+    layers: list[tuple[str, str, str]] = field(default_factory=list)
+    reason: str | None = None
+    step: FastStep | None = field(default=None, repr=False)
+
+    def describe(self) -> str:
+        """One line: the program and how many layers each population op runs."""
+        if not self.fast:
+            return f"vmap ({self.reason})"
+        counts = Counter("popconv fused" if program.startswith("popconv conv+") else program for _, program, _ in self.layers)
+        return ", ".join(f"{n} {p}" for p, n in counts.most_common())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"arch": self.arch, "device": self.device, "precision": self.precision, "fast": self.fast,
+                "kernels": self.kernels, "compile": self.compile, "reason": self.reason,
+                "layers": [list(layer) for layer in self.layers], "summary": self.describe()}
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def choose_program(
+    module: nn.Module,
+    task: Any,
+    device: str | torch.device,
+    precision: str = "float32",
+    *,
+    arch: str = "",
+    fast: bool | None = None,
+    kernels: bool | None = None,
+    compile: bool | None = None,
+    dropout: bool = True,
+    regulariser: Callable[[dict[str, Tensor]], Tensor] | None = None,
+    warn: bool = True,
+) -> Program:
+    """The program for `module` (a template: no weights needed) on `task`'s data on `device`.
+
+    fast: use the population program where the module allows (None: on CUDA; the CPU runs it too, and the
+    tests hold it equal to vmap there). kernels: popconv for stride-1 convs (None: where `popconv.available`).
+    compile: torch.compile the forward (None: on CUDA). A vmap fallback on CUDA warns once per (arch, reason).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not known; allowed: {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    arch = arch or type(module).__name__
+    want_fast = cuda if fast is None else fast
+    if not want_fast:
+        return Program(arch, str(device), precision, fast=False, reason="asked for" if fast is False else "not on CUDA")
+    kernels = (cuda and popconv.available(device)) if kernels is None else kernels
+    compile = cuda if compile is None else compile
+    try:
+        step = FastStep(module, task.loss, tuple(task.input_shape), dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+                        compile=compile, dropout=dropout, kernels=kernels, regulariser=regulariser)
+    except Unsupported as e:
+        reason = str(e).split(": ", 1)[-1]
+        if warn and cuda and (arch, reason) not in _WARNED:
+            _WARNED.add((arch, reason))
+            warnings.warn(f"{arch}: the population program cannot run it ({reason}); it trains as plain vmap, "
+                          "slower per model", FallbackWarning, stacklevel=2)
+        return Program(arch, str(device), precision, fast=False, reason=reason)
+    return Program(arch, str(device), precision, fast=True, kernels=kernels, compile=compile,
+                   layers=list(step.pop.choices), step=step)
+
+
+__all__ = ["FallbackWarning", "Program", "choose_program"]
