@@ -41,16 +41,45 @@ def tasks_cmd() -> None:
 
 
 @app.command("archs")
-def archs_cmd() -> None:
-    """List the architectures: equivariant or baseline, the symmetry respected, inputs taken."""
+def archs_cmd(
+    programs: bool = typer.Option(False, "--programs", help="also say which population program runs each layer on a GPU"),
+) -> None:
+    """List the architectures: equivariant or baseline, the symmetry respected, inputs taken, and how a
+    population of each trains on a GPU (its default config on its example task)."""
     from zoos.archs import ARCHS
 
-    table = Table("architecture", "kind", "symmetry", "inputs", "description", box=None, header_style="bold")
+    table = Table("architecture", "kind", "symmetry", "inputs", "on a GPU", "description", box=None, header_style="bold")
+    details = []
     for name in sorted(ARCHS, key=lambda n: (not ARCHS[n].equivariant, n)):
         info = ARCHS[name]
         kind = "[green]equivariant[/]" if info.equivariant else "baseline"
-        table.add_row(name, kind, info.symmetry, "/".join(info.input_kinds), info.description)
+        program = _gpu_program(name)
+        path = program if isinstance(program, str) else program.describe()
+        table.add_row(name, kind, info.symmetry, "/".join(info.input_kinds), path, info.description)
+        if programs and not isinstance(program, str):
+            details.append((name, program))
     console.print(table)
+    for name, program in details:
+        console.print(f"\n[bold]{name}[/] ({program.describe()})")
+        for layer, op, why in program.layers:
+            console.print(f"  {layer:48s} {op:24s} {why}")
+
+
+def _gpu_program(arch: str):
+    """The program a CUDA population of `arch` (default config, example task) runs, or why it could not be asked."""
+    from tasks import get_task
+    from zoos.archs import ARCHS, build_arch
+    from zoos.functional import template
+    from zoos.program import choose_program
+
+    info = ARCHS[arch]
+    try:
+        task = get_task(info.example_task[0], **info.example_task[1])
+        module = template(build_arch(arch, task))
+    except Exception as e:  # noqa: BLE001 - a task that cannot be built here says so in its cell
+        return f"(not checked: {e})"
+    # the program's structure is decided on meta tensors: no GPU needed to say what a GPU would run
+    return choose_program(module, task, "cuda", "bf16", arch=arch, kernels=True, compile=False, dropout=False, warn=False)
 
 
 # Command groups live in their own modules; importing them registers their commands on `app`.

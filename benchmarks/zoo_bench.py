@@ -1,0 +1,301 @@
+"""Every zoo family on one GPU: one model alone, the peer's vmap population, and symzoo, side by side.
+
+    python benchmarks/zoo_bench.py --out results/                        # every registered architecture
+    python benchmarks/zoo_bench.py --archs p4cnn,cnn --models 1024 --out results/
+    python benchmarks/zoo_bench.py --smoke --out DIR                     # tiny sizes on the CPU: the code paths
+
+Each architecture runs with its default config on its registry example task (`ArchInfo.example_task`),
+generated data of the real shapes: MNIST-shaped IDX files, CIFAR-10-shaped python batches, the generated
+point tasks. Batches of 128 per model (the INR task: its 64 pixels, one full batch), Adam.
+
+  alone    one model, float32, torch.optim.Adam, GPU-resident data: a plain training loop
+  vmap     the peer's way: torch.func.stack_module_state + functional_call + vmap(grad), one
+           torch.optim.Adam (foreach) over the stacked parameters, bf16 autocast; eager (its compile
+           is what the population program is measured against at first step, not here)
+  symzoo   zoos.trainer.train_population as the pipeline runs it (bf16, on-disk compile caches), in a
+           fresh process: cold (empty caches) and warm (the same caches again)
+
+Columns: model-epochs/s in steady state (an epoch = the example task's own training set at the batch
+size; steps timed after warm-up, evaluation not counted), seconds from process start to the end of
+the first training step, peak GPU memory, and the family's bound: model-epochs/s at the card's dense
+bf16 rate for the FLOPs of a model-epoch (forward + backward, counted by torch's FlopCounterMode), or
+at its memory bandwidth for the bytes a model-epoch must move at least (its inputs once, its state
+read and written by the optimizer each step), whichever is lower. Ratios are printed in one run.
+Results go to <out>/zoo_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+T_START = time.perf_counter()  # the worker's process start, before torch is imported
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+PEAK_FLOPS = 790e12  # dense bf16 matmul on random data, measured on the H200 (KINDS.md)
+PEAK_BYTES = 4.3e12  # device-to-device copy, bytes read + written per second, the same machine
+BATCH = 128
+# the natural training-set size of each example task (an epoch), for the steady-state model-epochs/s
+EPOCH_SAMPLES = {"mnist": 55000, "cifar10": 45000, "o5_regression": 1000, "inertia": 1000, "convex_hull": 3000,
+                 "nbody": 3000, "lorentz": 1000, "inr": 64}
+
+
+# ---- data ------------------------------------------------------------------------------------------
+
+def write_data(root: Path, n_train: int) -> None:
+    """MNIST-shaped IDX files and CIFAR-10-shaped batches (random pixels: the timing does not read them)."""
+    from tasks.formats import write_cifar_batch, write_idx
+    from tasks.images import CIFAR_FILES, IDX_FILES
+
+    g = np.random.default_rng(0)
+    (root / "mnist").mkdir(parents=True, exist_ok=True)
+    arrays = [g.integers(0, 256, (n_train, 28, 28), dtype=np.uint8), g.integers(0, 10, n_train, dtype=np.uint8),
+              g.integers(0, 256, (512, 28, 28), dtype=np.uint8), g.integers(0, 10, 512, dtype=np.uint8)]
+    for name, a in zip(IDX_FILES, arrays):
+        write_idx(root / "mnist" / name, a)
+    (root / "cifar10").mkdir(parents=True, exist_ok=True)
+    per = -(-n_train // 5)
+    for name in CIFAR_FILES:
+        n = 512 if name == "test_batch" else per
+        write_cifar_batch(root / "cifar10" / name, g.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), g.integers(0, 10, n))
+
+
+def task_options(name: str, options: dict, data_dir: Path, steps: int, batch: int) -> dict:
+    """The example task at `steps` batches an epoch (validation and test sets small: evaluation is not timed)."""
+    if name == "inr":
+        return dict(options)
+    n = steps * batch
+    if name in ("mnist", "cifar10"):
+        return {**options, "data_dir": str(data_dir), "n_train": n, "n_val": 256}
+    return {**options, "n_train": n, "n_val": 256, "n_test": 256}
+
+
+# ---- one architecture, one population size: a worker process -----------------------------------------
+
+def worker(arch: str, n: int, steps: int, data_dir: str, kinds: list[str], compile_: str) -> dict[str, Any]:
+    import torch
+
+    from tasks import get_task
+    from zoos.archs import ARCHS, build_arch
+    from zoos.spec import expand, parse_zoo, populations
+    from zoos.trainer import train_population
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    info = ARCHS[arch]
+    task_name, base = info.example_task
+    batch = 64 if task_name == "inr" else BATCH
+    options = task_options(task_name, base, Path(data_dir), steps, batch)
+    out: dict[str, Any] = {"arch": arch, "task": task_name, "models": n, "device": device}
+    grid: dict[str, Any] = {"seed": list(range(n)), "optimizer": ["adam"], "lr": [1e-3], "batch_size": [batch]}
+    epoch_steps, epochs = steps, 2
+    if task_name == "inr":  # one full batch of an image's pixels an epoch
+        grid["image"] = grid.pop("seed")
+        epoch_steps, epochs = 1, 2 * steps
+    zoo = parse_zoo({"name": arch, "task": {"name": task_name, "options": options}, "arch": {"name": arch},
+                     "grid": grid, "epochs": epochs, "checkpoints": [epochs], "train_metrics": "running"})
+    pop = populations(expand(zoo, "bench"), max_size=n)[0]
+    if "symzoo" in kinds:
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t_call = time.perf_counter()
+        result = train_population(pop, device=device, precision="bf16" if device == "cuda" else "float32",
+                                  compile={"auto": None, "on": True, "off": False}[compile_])
+        t = result.timings
+        step_s = t["steps"] / max(1, epochs * epoch_steps - 1)  # every step but the first
+        out["symzoo"] = {"step_ms": 1e3 * step_s, "first_step_s": t_call - T_START + t["first_step_at"],
+                         "timings": t, "program": result.program["summary"], "fast": result.program["fast"],
+                         "reason": result.program["reason"],
+                         "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None}
+    task = get_task(task_name, **options)
+    model = build_arch(arch, task)
+    if "alone" in kinds:
+        out["alone"] = time_alone(model, task, device, steps, batch)
+    if "vmap" in kinds:
+        out["vmap"] = time_vmap(arch, task, n, device, batch)
+    out["bound"] = bound(model, task, batch, device)
+    return out
+
+
+def _batch(task: Any, device: str, batch: int):
+    import torch
+
+    x, y = task.load("train", 0) if task.per_model is None else task.load_models("train", 0, [0])
+    if task.per_model is not None:
+        y = y[0]
+    idx = torch.arange(batch) % len(x)
+    return x[idx].to(device), y[idx].to(device)
+
+
+def time_alone(model: Any, task: Any, device: str, steps: int, batch: int) -> dict[str, float]:
+    """One model, float32, a plain torch loop: ms a step after 5 warm-up steps."""
+    import torch
+
+    model = model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = _batch(task, device, batch)
+
+    def step():
+        loss = task.loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return {"step_ms": 1e3 * timed(step, device, max(5, min(steps, 30)))}
+
+
+def time_vmap(arch: str, task: Any, n: int, device: str, batch: int) -> dict[str, Any]:
+    """The peer's population: stacked states, vmap(grad) of functional_call, one foreach Adam, bf16 autocast."""
+    import torch
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    from zoos.archs import build_arch
+
+    models = [build_arch(arch, task).to(device) for _ in range(n)]
+    params, buffers = stack_module_state(models)
+    params = {k: v.detach().requires_grad_() for k, v in params.items()}
+    base = build_arch(arch, task).to("meta")
+    opt = torch.optim.Adam(params.values(), lr=1e-3, foreach=True)
+    x1, y1 = _batch(task, device, batch)
+    x, y = x1.expand(n, *x1.shape), y1.expand(n, *y1.shape)
+
+    def loss(p, b, xb, yb):
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            pred = functional_call(base, (p, b), (xb,))
+        return task.loss(pred.float(), yb)
+
+    grads_of = vmap(grad(loss), randomness="different")
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        grads = grads_of(params, buffers, x, y)
+        for k, p in params.items():
+            p.grad = grads[k]
+        opt.step()
+
+    try:
+        ms = 1e3 * timed(step, device, 5)
+    except torch.OutOfMemoryError:
+        return {"step_ms": None, "error": "out of memory"}
+    return {"step_ms": ms, "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None}
+
+
+def timed(fn, device: str, iters: int, warmup: int = 3) -> float:
+    """Seconds per call after `warmup` calls, timed with a device sync at both ends."""
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / iters
+
+
+def bound(model: Any, task: Any, batch: int, device: str) -> dict[str, float]:
+    """Model-epochs/s ceilings from one model-step's FLOPs (forward + backward) and minimal bytes."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, y = _batch(task, "cpu", batch)
+    model = model.cpu()
+    with FlopCounterMode(display=False) as counter:
+        task.loss(model(x), y).backward()
+    flops = counter.get_total_flops()
+    n_params = sum(p.numel() for p in model.parameters())
+    bytes_ = x.numel() * 2 + n_params * 4 * 7  # bf16 inputs; weight, grad, two moments read, three written
+    steps = max(1, EPOCH_SAMPLES.get(task.name, batch) // batch)
+    return {"flops_per_step": flops, "bytes_per_step": bytes_,
+            "model_epochs_per_s": min(PEAK_FLOPS / max(flops, 1), PEAK_BYTES / bytes_) / steps}
+
+
+# ---- the driver: one process per (architecture, population size), cold then warm caches -------------
+
+def run(args: list[str], env: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, env=env, timeout=1200)
+    if out.returncode:
+        return {"error": (out.stderr or out.stdout)[-1500:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--archs", default="", help="comma-separated architectures (default: every registered one)")
+    ap.add_argument("--models", default="256,1024")
+    ap.add_argument("--steps", type=int, default=40, help="training steps an epoch in the timed runs (2 epochs)")
+    ap.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="symzoo's torch.compile")
+    ap.add_argument("--no-warm", action="store_true", help="skip the warm-cache rerun")
+    ap.add_argument("--out", type=Path, default=Path("results"))
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
+    ap.add_argument("--worker", nargs=6, metavar=("ARCH", "N", "STEPS", "DATA", "KINDS", "COMPILE"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        arch, n, steps, data, kinds, comp = a.worker
+        print(json.dumps(worker(arch, int(n), int(steps), data, kinds.split(","), comp)))
+        return
+    from zoos.archs import ARCHS
+
+    archs = a.archs.split(",") if a.archs else sorted(ARCHS)
+    unknown = [x for x in archs if x not in ARCHS]
+    if unknown:
+        sys.exit(f"zoo_bench: unknown architecture {unknown[0]!r}; registered: {', '.join(sorted(ARCHS))}")
+    sizes = [2] if a.smoke else [int(m) for m in a.models.split(",")]
+    steps = 3 if a.smoke else a.steps
+    work = Path(tempfile.mkdtemp(prefix="zoo-bench-"))
+    write_data(work / "data", steps * BATCH + 256)  # train + validation
+    rows = []
+    print(f"{'arch':13s} {'N':>5s} {'alone':>9s} {'vmap':>9s} {'symzoo':>9s} {'x vmap':>7s} {'x alone':>8s} "
+          f"{'bound':>9s} {'1st cold':>8s} {'1st warm':>8s} {'peak GB':>7s}  program", flush=True)
+    for arch in archs:
+        for n in sizes:
+            caches = work / f"cache-{arch}-{n}"
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton"),
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+            cold = run([arch, str(n), str(steps), str(work / "data"), "symzoo,alone,vmap", a.compile], env)
+            warm = {} if a.no_warm or "error" in cold else run([arch, str(n), str(steps), str(work / "data"), "symzoo", a.compile], env)
+            row = {**cold, "warm": warm.get("symzoo"), "warm_error": warm.get("error")}
+            rows.append(row)
+            print(line(arch, n, row), flush=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "zoo_bench.json").write_text(json.dumps({"rows": rows, "steps": steps, "batch": BATCH}, indent=1))
+
+
+def line(arch: str, n: int, row: dict) -> str:
+    """One printed row: model-epochs/s of each way, the ratios, the bound, first-step times, memory."""
+    if "error" in row:
+        return f"{arch:13s} {n:5d}  error: {row['error'].strip().splitlines()[-1][:150]}"
+    steps = max(1, EPOCH_SAMPLES.get(row["task"], BATCH) // (64 if row["task"] == "inr" else BATCH))
+
+    def rate(ms: float | None, models: int) -> float | None:
+        return None if not ms else models * 1e3 / (ms * steps)
+
+    alone = rate(row["alone"]["step_ms"], 1)
+    vm = rate(row["vmap"].get("step_ms"), n)
+    ours = rate(row["symzoo"]["step_ms"], n)
+    fmt = lambda v: f"{v:9.4g}" if v else f"{'-':>9s}"  # noqa: E731
+    ratio = lambda a, b: f"{a / b:6.1f}x" if a and b else f"{'-':>7s}"  # noqa: E731
+    warm = row.get("warm") or {}
+    peak = row["symzoo"].get("peak_gb")
+    return (f"{arch:13s} {n:5d} {fmt(alone)} {fmt(vm)} {fmt(ours)} {ratio(ours, vm)} {ratio(ours, alone):>8s} "
+            f"{fmt(row['bound']['model_epochs_per_s'])} {row['symzoo']['first_step_s']:8.1f} "
+            f"{warm.get('first_step_s', float('nan')):8.1f} {peak if peak is not None else float('nan'):7.2f}  "
+            f"{row['symzoo']['program'] if row['symzoo']['fast'] else 'vmap: ' + str(row['symzoo']['reason'])[:60]}")
+
+
+if __name__ == "__main__":
+    main()
