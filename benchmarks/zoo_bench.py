@@ -89,6 +89,7 @@ def worker(arch: str, n: int, steps: int, data_dir: str, kinds: list[str], compi
 
     from tasks import get_task
     from zoos.archs import ARCHS, build_arch
+    from zoos.program import max_models
     from zoos.spec import expand, parse_zoo, populations
     from zoos.trainer import train_population
 
@@ -106,6 +107,12 @@ def worker(arch: str, n: int, steps: int, data_dir: str, kinds: list[str], compi
     zoo = parse_zoo({"name": arch, "task": {"name": task_name, "options": options}, "arch": {"name": arch},
                      "grid": grid, "epochs": epochs, "checkpoints": [epochs], "train_metrics": "running"})
     pop = populations(expand(zoo, "bench"), max_size=n)[0]
+    task = get_task(task_name, **options)
+    fits = max_models(pop, task) if device == "cuda" else None
+    if fits is not None and fits < n:  # one program's activations within 32-bit indexing: as the pipeline splits
+        out["capped_from"], n = n, fits
+        out["models"] = n
+        pop = populations(expand(zoo, "bench"), max_size=n)[0]
     if "symzoo" in kinds:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -118,12 +125,16 @@ def worker(arch: str, n: int, steps: int, data_dir: str, kinds: list[str], compi
                          "timings": t, "program": result.program["summary"], "fast": result.program["fast"],
                          "reason": result.program["reason"],
                          "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None}
-    task = get_task(task_name, **options)
     model = build_arch(arch, task)
     if "alone" in kinds:
         out["alone"] = time_alone(model, task, device, steps, batch)
     if "vmap" in kinds:
-        out["vmap"] = time_vmap(arch, task, n, device, batch)
+        try:
+            out["vmap"] = time_vmap(arch, task, n, device, batch)
+        except Exception as e:  # noqa: BLE001 - the peer's program failing (memory, indexing) is a result
+            out["vmap"] = {"step_ms": None, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+        if device == "cuda":
+            torch.cuda.empty_cache()
     out["bound"] = bound(model, task, batch, device)
     return out
 
@@ -240,6 +251,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="training steps an epoch in the timed runs (2 epochs)")
     ap.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="symzoo's torch.compile")
     ap.add_argument("--no-warm", action="store_true", help="skip the warm-cache rerun")
+    ap.add_argument("--kinds", default="symzoo,alone,vmap", help="which of symzoo, alone, vmap to run")
     ap.add_argument("--out", type=Path, default=Path("results"))
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
     ap.add_argument("--worker", nargs=6, metavar=("ARCH", "N", "STEPS", "DATA", "KINDS", "COMPILE"), help=argparse.SUPPRESS)
@@ -266,7 +278,7 @@ def main() -> None:
             caches = work / f"cache-{arch}-{n}"
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton"),
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-            cold = run([arch, str(n), str(steps), str(work / "data"), "symzoo,alone,vmap", a.compile], env)
+            cold = run([arch, str(n), str(steps), str(work / "data"), a.kinds, a.compile], env)
             warm = {} if a.no_warm or "error" in cold else run([arch, str(n), str(steps), str(work / "data"), "symzoo", a.compile], env)
             row = {**cold, "warm": warm.get("symzoo"), "warm_error": warm.get("error")}
             rows.append(row)
@@ -279,13 +291,14 @@ def line(arch: str, n: int, row: dict) -> str:
     """One printed row: model-epochs/s of each way, the ratios, the bound, first-step times, memory."""
     if "error" in row:
         return f"{arch:13s} {n:5d}  error: {row['error'].strip().splitlines()[-1][:150]}"
+    n = row["models"]
     steps = max(1, EPOCH_SAMPLES.get(row["task"], BATCH) // (64 if row["task"] == "inr" else BATCH))
 
     def rate(ms: float | None, models: int) -> float | None:
         return None if not ms else models * 1e3 / (ms * steps)
 
-    alone = rate(row["alone"]["step_ms"], 1)
-    vm = rate(row["vmap"].get("step_ms"), n)
+    alone = rate((row.get("alone") or {}).get("step_ms"), 1)
+    vm = rate((row.get("vmap") or {}).get("step_ms"), n)
     ours = rate(row["symzoo"]["step_ms"], n)
     fmt = lambda v: f"{v:9.4g}" if v else f"{'-':>9s}"  # noqa: E731
     ratio = lambda a, b: f"{a / b:6.1f}x" if a and b else f"{'-':>7s}"  # noqa: E731

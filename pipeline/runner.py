@@ -191,7 +191,9 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from pipeline.stages import STAGES
+    from zoos.program import fit_populations
     from zoos.spec import AUTO_MAX_POPULATION, expand, populations
+    from zoos.trainer import make_task
     from zoos.store import Store
 
     t_start = time.perf_counter()
@@ -209,6 +211,7 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
     # -- plan: populations whose models are not all stored yet
     todo, factor_names, zoo_ids = [], {}, {}
     slots = 0  # training tasks the cluster runs at once: asked of Ray only for a zoo with population_size auto
+    fitted: dict[str, int] = {}  # zoo -> the most models one program holds, where its populations were split to it
     for zoo in study.zoos:
         models = expand(zoo, study.study)
         factor_names[zoo.name] = sorted({k for m in models for k in m.factors})
@@ -224,6 +227,9 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
             report.population_sizes[zoo.name] = max((len(p.model_ids) for p in pops), default=0)
         else:
             pops = populations(missing, zoo.population_size)
+        if res.num_gpus > 0:  # on a GPU one program's activations must stay within 32-bit indexing
+            pops, limits = fit_populations(pops, lambda p: make_task(p, study.data_dir))
+            fitted.update(limits)
         todo += pops
     # -- models stored by an earlier run whose driver died before logging them: log them now, from the store
     per_model = study.model_runs == "all"
@@ -241,6 +247,9 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
                     f"{report.skipped_models} already stored")
         for zoo_name, size in report.population_sizes.items():
             display.log(f"zoo {zoo_name}: population_size auto -> {size} ({slots} training slots)")
+        for zoo_name, limit in fitted.items():
+            display.log(f"zoo {zoo_name}: populations split to at most {limit} models (one program's largest activation "
+                        "must stay within 32-bit indexing)")
         t_phase = time.perf_counter()
         if todo:
             # on the driver's node: a worker node that dies must not take the live progress with it

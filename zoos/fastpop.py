@@ -129,6 +129,7 @@ def pop_dropout(x: Tensor, p: Tensor, training: bool) -> Tensor:
 
 DATA, WEIGHT, CONST, SIZE = "data", "weight", "const", "size"  # the kind of every traced value (see _kinds)
 SHAPE_PROBES = (2, 3)  # batch sizes of the two shape propagations that find the batch axis
+INDEX_LIMIT = 2**31 - 1  # elements a tensor may hold for CUDA kernels that index with 32-bit offsets
 
 
 class Unsupported(ValueError):
@@ -324,6 +325,12 @@ class _Emitter:
         self.mods = dict(module.named_modules())
         self.kinds = _kinds(self.src, input_shape, set(pop.param_keys) | set(pop.buffer_keys))
         self.choices: list[tuple[str, str, str]] = []  # (layer, program, why not a faster one)
+
+    def sample_elements(self) -> int:
+        """Elements of the largest per-sample value (an activation of one sample), from the shape probe."""
+        sizes = [t.numel() // SHAPE_PROBES[0] for node, kind in self.kinds.items() if kind == DATA
+                 for t in tree_flatten(node.meta.get("probe"))[0] if isinstance(t, Tensor)]
+        return max(sizes, default=1)
 
     def choose(self, node: fx.Node, program: str, why: str = "") -> None:
         self.choices.append((_what(node), program, why))
@@ -588,6 +595,10 @@ class FastPopulation:
             raise Unsupported(f"module {type(module).__name__} cannot run as a fast population: torch.fx cannot "
                               f"trace its forward ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         self.choices = emitter.choices
+        # the largest activation of one sample: CUDA's kernels index a tensor with 32-bit offsets, so one
+        # program holds at most max_rows samples (models x batch) of it
+        self.sample_elements = emitter.sample_elements()
+        self.max_rows = INDEX_LIMIT // max(1, self.sample_elements)
         self._tables: dict[int, tuple[weakref.ref, int, Tensor | None]] = {}  # id(data set) -> its window table
         self._compiled: Callable | None = None
         if compile:

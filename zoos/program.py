@@ -110,4 +110,42 @@ def choose_program(
                    layers=list(step.pop.choices), step=step)
 
 
-__all__ = ["FallbackWarning", "Program", "choose_program"]
+def max_models(pop: Any, task: Any) -> int | None:
+    """The most models of `pop`'s architecture one population program holds at its batch size (its largest
+    activation of all models' samples must stay within 32-bit indexing), or None where it runs as vmap."""
+    from zoos.archs import build_arch
+    from zoos.fastpop import FastPopulation
+    from zoos.functional import template
+
+    first = pop.first
+    try:
+        fast = FastPopulation(template(build_arch(first.arch, task, **first.arch_config)), tuple(task.input_shape))
+    except Unsupported:
+        return None
+    batch = first.factors["batch_size"]
+    return max(1, fast.max_rows // (1 << (batch - 1).bit_length()))
+
+
+def fit_populations(pops: list, task_of: Callable[[Any], Any]) -> tuple[list, dict[str, int]]:
+    """`pops` with every population larger than `max_models` split into equal parts that fit; returns the
+    populations and {zoo: the limit} for each zoo split. `task_of(pop)` builds the population's task."""
+    from zoos.spec import PopulationSpec
+
+    out, limits, cache = [], {}, {}
+    for pop in pops:
+        key = pop.first.group_key()
+        if key not in cache:
+            cache[key] = max_models(pop, task_of(pop))
+        limit = cache[key]
+        if limit is None or len(pop.models) <= limit:
+            out.append(pop)
+            continue
+        parts = -(-len(pop.models) // limit)
+        q, r = divmod(len(pop.models), parts)  # sizes differ by at most one
+        starts = [i * q + min(i, r) for i in range(parts + 1)]
+        out += [PopulationSpec(pop.models[a:b]) for a, b in zip(starts, starts[1:])]
+        limits[pop.zoo] = limit
+    return out, limits
+
+
+__all__ = ["FallbackWarning", "Program", "choose_program", "fit_populations", "max_models"]

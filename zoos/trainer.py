@@ -323,6 +323,14 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     if program.fast:
         fast_step = program.step
         fast_forward = fast_step.pop
+        limit = fast_forward.max_rows  # samples of all models one program holds (32-bit indexing of its largest activation)
+        if n_models * (1 << (bs - 1).bit_length()) > limit:  # a compiled step pads its batch to a power of two
+            raise TrainError(
+                f"population of {n_models} models x batch {bs}: {n_models * bs:,} samples in one program, but its largest "
+                f"activation ({fast_forward.sample_elements:,} values a sample) allows at most {limit:,} (CUDA indexes a "
+                f"tensor with 32-bit offsets); set population_size <= {max(1, limit // bs)}")
+        if n_models * eval_batch > limit:  # evaluation batches shrink to fit the same limit (a power of two: its bucket)
+            eval_batch = 1 << ((limit // n_models).bit_length() - 1)
 
         def step_fn(p, b, x, y, r, rows=None):
             grads, loss, total, pred = fast_step.with_outputs(p, b, x, y, rows=rows, reg=r)

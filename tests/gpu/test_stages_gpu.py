@@ -104,7 +104,9 @@ def _numbers(value) -> list[float] | None:
     """A cell's numbers, flattened (None for cells that hold no numbers)."""
     if isinstance(value, np.ndarray):
         value = value.tolist()
-    if isinstance(value, bool) or value is None:
+    if value is None:
+        return [math.nan]  # a missing value (a column another zoo's rows fill): compared as NaN
+    if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
         return [float(value)]

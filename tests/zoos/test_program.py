@@ -180,3 +180,26 @@ def test_a_fallback_trains_by_vmap_and_warns_once_on_cuda_only():
     assert not program.fast and "reduces over the batch" in program.reason and program.step is None
     assert program.describe().startswith("vmap (") and not seen  # no warning off CUDA: vmap is the CPU's default
     assert program.as_dict()["reason"] == program.reason
+
+
+def test_a_population_beyond_32_bit_indexing_is_split_or_refused(monkeypatch):
+    """One program's largest activation (models x batch x one sample's values) must stay within 32-bit
+    indexing on CUDA: the runner splits larger populations into equal parts that fit, the trainer refuses
+    one it is handed with the size that fits, and evaluation batches shrink to fit."""
+    from zoos import fastpop
+    from zoos.program import fit_populations, max_models
+    from zoos.spec import populations
+    from zoos.trainer import TrainError, make_task
+
+    models = zoo_models({"seed": list(range(10)), "batch_size": [16]}, arch={"name": "mlp", "config": {"width": 32, "depth": 1}})
+    pop = one_population(models)
+    task = make_task(pop)
+    assert max_models(pop, task) == (2**31 - 1) // 64 // 16  # the input (64 pixels) is the largest per-sample value
+    monkeypatch.setattr(fastpop, "INDEX_LIMIT", 64 * 16 * 4)  # room for 4 models of 16 samples
+    assert max_models(pop, task) == 4
+    split, limits = fit_populations(populations(models, 10), lambda p: task)
+    assert [len(p.models) for p in split] == [4, 3, 3] and limits == {"z": 4}
+    with pytest.raises(TrainError, match=r"10 models x batch 16: 160 samples .* set population_size <= 4"):
+        train_population(pop, fast=True, kernels=False)
+    result = train_population(populations(models, 4)[0], fast=True, kernels=False, eval_batch=512)
+    assert result.program["fast"] and np.isfinite(result.curves["test_loss"]).all()
