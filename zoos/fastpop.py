@@ -102,13 +102,13 @@ def _affine(y: Tensor, w: Tensor | None, b: Tensor | None, trailing: int) -> Ten
 
 def pop_group_norm(x: Tensor, groups: int, w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:
     """F.group_norm per model: the statistics are per sample, so one group_norm of the [N*B, C, ...]
-    batch, then each model's affine (w, b [N, C])."""
-    return _affine(F.group_norm(x, groups, None, None, eps), w, b, x.dim() - 2)
+    batch, then each model's affine (w, b [N, C]); in float32, as autocast runs norms."""
+    return _affine(F.group_norm(x.float(), groups, None, None, eps), w, b, x.dim() - 2)
 
 
 def pop_layer_norm(x: Tensor, shape: Sequence[int], w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:
-    """F.layer_norm per model: per-sample statistics over the trailing `shape`, then each model's affine."""
-    return _affine(F.layer_norm(x, list(shape), None, None, eps), w, b, 0)
+    """F.layer_norm per model: per-sample statistics over the trailing `shape`, then each model's affine (float32)."""
+    return _affine(F.layer_norm(x.float(), list(shape), None, None, eps), w, b, 0)
 
 
 def rows_input(x: Tensor, rows: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -293,12 +293,8 @@ def _per_model(node: fx.Node, target: Callable, spec: Any, leaf_kinds: list[str 
     def run(*leaves: Any) -> Tensor:
         n = leaves[weight].shape[0]
         leaves = list(leaves)
-        dtype = leaves[data[0]].dtype
-        for i, kind in enumerate(leaf_kinds):
-            if kind == DATA:
-                leaves[i] = leaves[i].reshape(n, -1, *leaves[i].shape[1:])
-            elif kind == WEIGHT and leaves[i].is_floating_point() and dtype.is_floating_point:
-                leaves[i] = leaves[i].to(dtype)  # weights meet activations in the compute dtype (bf16 on a GPU)
+        for i in data:  # weights keep their float32: type promotion as under autocast
+            leaves[i] = leaves[i].reshape(n, -1, *leaves[i].shape[1:])
 
         def one(*ls: Any) -> Tensor:
             args, kwargs = tree_unflatten(list(ls), spec)
@@ -325,6 +321,22 @@ class _Emitter:
         self.mods = dict(module.named_modules())
         self.kinds = _kinds(self.src, input_shape, set(pop.param_keys) | set(pop.buffer_keys))
         self.choices: list[tuple[str, str, str]] = []  # (layer, program, why not a faster one)
+
+    _SHAPE_ONLY = {"flatten", "reshape", "view", "unsqueeze", "squeeze", "permute", "transpose", "contiguous", "unflatten"}
+
+    def input_dtype(self, placeholder: fx.Node) -> torch.dtype:
+        """The compute dtype where the input reaches only convs and linears (through reshapes): they would cast
+        it so under autocast; float32 where any other op reads it (eigh has no bf16, a Gram matrix loses digits)."""
+        todo, ends = list(placeholder.users), []
+        while todo:
+            n = todo.pop()
+            if n.op == "call_method" and n.target in self._SHAPE_ONLY:
+                todo += list(n.users)
+            else:
+                ends.append(n)
+        weighted = [n.op == "call_module" and isinstance(self.mods[n.target], (nn.Conv2d, nn.Linear, FlatLinear))
+                    or n.op == "call_function" and n.target in (F.conv2d, torch.conv2d, F.linear) for n in ends]
+        return self.pop.dtype if ends and all(weighted) else torch.float32
 
     def sample_elements(self) -> int:
         """Elements of the largest per-sample value (an activation of one sample), from the shape probe."""
@@ -359,7 +371,7 @@ class _Emitter:
                     env[node] = x_in
                     reads_input.add(users[0])
                 else:
-                    env[node] = g.call_function(rows_input, (x_in, rows_in, pop.dtype))
+                    env[node] = g.call_function(rows_input, (x_in, rows_in, self.input_dtype(node)))
                 continue
             if node.op == "output":
                 out = node.args[0]
@@ -463,6 +475,8 @@ class _Emitter:
         if self.kinds.get(node.args[0]) != DATA:
             raise Unsupported(f"{name} is applied to something other than the per-sample activations")
         args = [value(a) for a in node.args]
+        if not isinstance(m, PopDropout) and node not in reads_input:
+            args[0] = self._compute(args[0])
         w, b = state.get(f"{name}.weight"), state.get(f"{name}.bias")
         epilogue = self._epilogue(node) if self._kernel_conv(node) else None
         if epilogue is not None:  # conv, max-pool and activation as one kernel: the chain's last node is its output
@@ -496,6 +510,10 @@ class _Emitter:
         else:
             env[node] = g.call_function(pop_dropout, (args[0], state[f"{name}.p"], training))
 
+    def _compute(self, x: fx.Node) -> fx.Node:
+        """x in the compute dtype, as autocast casts a conv's or linear's input (a no-op when it is already)."""
+        return x if self.pop.dtype == torch.float32 else self.g.call_method("to", (x, self.pop.dtype))
+
     def _no_kernels(self, stride: Any) -> str:
         if not self.pop.kernels:
             return "popconv kernels off here (no CUDA, or not asked for)"
@@ -511,7 +529,7 @@ class _Emitter:
                      and (b is None or self.kinds.get(b) == WEIGHT))
             if plain and node.target is F.linear:
                 self.choose(node, "bmm")
-                return g.call_function(pop_linear, (value(x), value(w), value(b)))
+                return g.call_function(pop_linear, (self._compute(value(x)), value(w), value(b)))
             stride, dilation, groups, padding = _pair(kw["stride"]), _pair(kw["dilation"]), kw["groups"], kw["padding"]
             if plain and not any(isinstance(v, fx.Node) for v in (stride, dilation, groups, padding)):
                 kernel = tuple(w.meta["probe"].shape[-2:])
@@ -523,10 +541,10 @@ class _Emitter:
                         return g.call_function(popconv.conv2d, (value(x), value(w), value(b), pad),
                                                {"rows": rows_in, "out_dtype": pop.dtype, "windows": windows_in})
                     self.choose(node, "popconv")
-                    return g.call_function(popconv.conv2d, (value(x), value(w), value(b), pad))
+                    return g.call_function(popconv.conv2d, (self._compute(value(x)), value(w), value(b), pad))
                 if groups == 1 and dilation == (1, 1):
                     self.choose(node, "im2col + bmm", self._no_kernels(stride))
-                    return g.call_function(pop_conv2d, (value(x), value(w), value(b), stride, pad))
+                    return g.call_function(pop_conv2d, (self._compute(value(x)), value(w), value(b), stride, pad))
         if node.op == "call_function" and node.target in (F.group_norm, F.layer_norm):
             kw = _bind(node)
             x, w, b = kw["input"], kw["weight"], kw["bias"]
@@ -595,6 +613,8 @@ class FastPopulation:
             raise Unsupported(f"module {type(module).__name__} cannot run as a fast population: torch.fx cannot "
                               f"trace its forward ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         self.choices = emitter.choices
+        inputs = [n for n in emitter.src.graph.nodes if n.op == "placeholder"]
+        self.input_dtype = emitter.input_dtype(inputs[0]) if inputs else torch.float32  # what the resident data may be stored as
         # the largest activation of one sample: CUDA's kernels index a tensor with 32-bit offsets, so one
         # program holds at most max_rows samples (models x batch) of it
         self.sample_elements = emitter.sample_elements()
@@ -657,7 +677,8 @@ class FastPopulation:
                 if windows is not None:
                     torch._dynamo.maybe_mark_dynamic(windows, 0)
         state = [params[k] for k in self.param_keys] + [buffers[k] for k in self.buffer_keys]
-        out = run(x, rows, windows, training, *state)
+        with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):  # op dtypes as vmap's
+            out = run(x, rows, windows, training, *state)
         return out.reshape(n, padded, *out.shape[1:])[:, :b]
 
     __call__ = forward

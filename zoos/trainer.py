@@ -336,7 +336,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
             grads, loss, total, pred = fast_step.with_outputs(p, b, x, y, rows=rows, reg=r)
             return grads, (total, (loss, pred))
 
-        if precision == "bf16" and per_model is None:  # resident inputs in the compute dtype, as autocast casts them
+        if fast_forward.input_dtype == torch.bfloat16 and per_model is None:  # resident inputs as the first layers read them
             data = {s: (x.to(torch.bfloat16) if x.is_floating_point() else x, y) for s, (x, y) in data.items()}
             x_train = data["train"][0]
     state = {k: torch.zeros_like(v) for k, v in params.items()}  # SGD momentum buffer / Adam first moment

@@ -19,7 +19,7 @@ from tests.zoos.test_archs import CASES, IDS, _randomise
 from tests.zoos.test_trainer import one_population, zoo_models
 from zoos import popconv
 from zoos.archs import build_arch
-from zoos.fastpop import FastPopulation
+from zoos.fastpop import FastPopulation, FastStep
 from zoos.functional import population_forward, stack_states, template
 from zoos.program import FallbackWarning, choose_program
 from zoos.trainer import train_population
@@ -203,3 +203,29 @@ def test_a_population_beyond_32_bit_indexing_is_split_or_refused(monkeypatch):
         train_population(pop, fast=True, kernels=False)
     result = train_population(populations(models, 4)[0], fast=True, kernels=False, eval_batch=512)
     assert result.program["fast"] and np.isfinite(result.curves["test_loss"]).all()
+
+
+BF16_CASES = [("p4cnn", "digits", {}, dict(width=2, depth=1), True), ("frame_avg", "inertia", {}, dict(width=8), False),
+              ("fourier_mlp", "inr", {"group": "D4"}, dict(width=8, depth=1, n_freqs=4), False)]
+
+
+@pytest.mark.parametrize("arch,task_name,opts,config,compiled", BF16_CASES, ids=[c[0] for c in BF16_CASES])
+def test_bf16_step_follows_autocast_and_stays_finite(arch, task_name, opts, config, compiled):
+    """bf16 as autocast runs it, the vmap program's semantics: convs, linears and matmuls read bf16, a float32 bias
+    added to a conv's output promotes to float32 (in bf16, the compiled backward of a p4 CNN's max over the group
+    axis gave NaN), the input stays float32 where an op other than a conv or linear reads it (eigh has no bf16)."""
+    task, module, params, buffers = _population(arch, task_name, opts, config)
+    x, y = torch.randn(3, 8, *task.input_shape), _targets(task, 3, 8)
+
+    def one(p, b, xb, yb):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pred = functional_call(module, (p, b), (xb,))
+        return task.loss(pred.float(), yb)
+
+    want = vmap(grad(one), randomness="different")(params, buffers, x, y)
+    for c in (False, True) if compiled else (False,):
+        step = FastStep(module, task.loss, task.input_shape, dtype=torch.bfloat16, compile=c, dropout=False)
+        grads = step(params, buffers, x, y)[0]
+        for k in want:
+            assert torch.isfinite(grads[k]).all(), k
+            torch.testing.assert_close(grads[k], want[k], atol=3e-2 * (1 + want[k].abs().max().item()), rtol=5e-2)
