@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from analysis import plots
+from pipeline.tracking import experiment_url
 from pipeline.study import Study
 
 
@@ -86,7 +87,12 @@ def print_summary(console: Console, study: Study, report: Any) -> None:
     uri = study.tracking_uri or "sqlite:///symzoo.db"
     console.print("\n[bold]next steps[/]")
     console.print(f"  plots and summary:  {out}/")
-    console.print(f"  browse the runs:    mlflow ui --backend-store-uri {uri}")
+    if uri.startswith(("http://", "https://")):  # a server: its own page (mlflow ui takes no server URI)
+        console.print(f"  browse the runs:    {experiment_url(uri, report.experiment_id)}", soft_wrap=True)
+    else:
+        console.print(f"  browse the runs:    mlflow ui --backend-store-uri {uri}", soft_wrap=True)
+        console.print(f"                      then {experiment_url('http://127.0.0.1:5000', report.experiment_id)}",
+                      soft_wrap=True)
     console.print(f"  query the zoo:      symzoo ls {study.store}")
     console.print(
         f"""  in Python:          python -c "import polars as pl, zoos; """

@@ -9,6 +9,7 @@ only what is missing, and a task retried after a worker death overwrites its own
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import polars as pl
 
 from pipeline.progress import Display, ProgressBoard
 from pipeline.study import Study
-from pipeline.tracking import Tracker, default_tracking_uri
+from pipeline.tracking import Tracker, default_tracking_uri, model_run_name
 
 
 class StoreError(RuntimeError):
@@ -42,6 +43,7 @@ class RunReport:
     population_sizes: dict[str, int] = field(default_factory=dict)  # zoo -> size chosen by population_size: auto
     phase_s: dict[str, float] = field(default_factory=dict)  # driver wall time of "train" and of each stage
     wall_s: float = 0.0
+    experiment_id: str = ""  # the study's MLflow experiment
     tracking_s: float = 0.0  # all time spent in MLflow calls, on any driver thread
     tracking_wait_s: float = 0.0  # of which the driver sat waiting for MLflow (the wall-time overhead)
     train_task_s: float = 0.0
@@ -115,10 +117,9 @@ def _train_task(pop: Any, store_root: str, precision: str, data_dir: str | None,
     t1 = time.perf_counter()
     Store(store_root).write_population(result)
     t2 = time.perf_counter()
-    ckpt = {m["model_id"]: {name: list(zip(result.epochs, map(float, values[i])))
-                            for name, values in result.metrics.items()}
-            for i, m in enumerate(result.models)}
-    return {"zoo": pop.zoo, "rows": result.models, "checkpoint_metrics": ckpt, "train_s": t1 - t0,
+    curves = {m["model_id"]: {name: list(enumerate(map(float, values[i]))) for name, values in result.curves.items()}
+              for i, m in enumerate(result.models)}  # every epoch's metrics, epoch 0 = at init
+    return {"zoo": pop.zoo, "rows": result.models, "curves": curves, "train_s": t1 - t0,
             "write_s": t2 - t1, "weight_bytes": int(sum(v.nbytes for v in result.weights.values())),
             "timings": result.timings, "program": result.program, "device": device, "gpu_ids": [str(g) for g in gpus], "node": ray.get_runtime_context().get_node_id(),
             "started": started, "finished": time.time()}
@@ -150,6 +151,14 @@ def training_slots(res: Any) -> int:
     return max(1, int(total.get("CPU", 1) // res.num_cpus))
 
 
+def _summary_metrics(summary: pl.DataFrame | None) -> dict[str, float]:
+    """The summary table's numbers as `<zoo>.<column>` metrics for the study run."""
+    if summary is None:
+        return {}
+    return {f"{row['zoo']}.{k}": float(v) for row in summary.iter_rows(named=True) for k, v in row.items()
+            if k != "zoo" and isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+
+
 def _distribution(metrics: dict[str, list[float]]) -> dict[str, float]:
     """Mean and median of each metric over models (NaN of diverged models left out)."""
     import numpy as np
@@ -163,23 +172,24 @@ def _distribution(metrics: dict[str, list[float]]) -> dict[str, float]:
     return out
 
 
-def _log_stored_models(store: Any, tracker: Tracker, zoo: str, ids: set[str], logged: set[str], factors: list[str]) -> int:
-    """Log the stored models among `ids` of `zoo` that have no finished MLflow run (rows and checkpoint metrics
+def _log_stored_models(store: Any, tracker: Tracker, zoo: str, ids: set[str], logged: set[str], factors: list[str],
+                       varying: list[str]) -> int:
+    """Log the stored models among `ids` of `zoo` that have no finished MLflow run (rows and every epoch's metrics
     read back from the store), e.g. those a killed driver had stored but not logged."""
     unlogged = (store.stored_ids(zoo) & ids) - logged
     if not unlogged:
         return 0
     wanted = pl.col("model_id").is_in(sorted(unlogged))
     rows = store.models(zoo).filter(wanted).collect().to_dicts()
-    ck = store.checkpoints(zoo=zoo).filter(wanted).sort("model_id", "epoch").collect()
-    names = [c for c in ck.columns if c not in ("model_id", "zoo", "epoch")]
+    ck = store.curves(zoo).filter(wanted).sort("model_id", "epoch").collect()
+    names = [c for c in ck.columns if c not in ("model_id", "zoo", "epoch") and ck[c].dtype.is_numeric()]
     metrics: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for r in ck.iter_rows(named=True):
         per = metrics.setdefault(r["model_id"], {})
         for name in names:
             if r[name] is not None:
                 per.setdefault(name, []).append((int(r["epoch"]), float(r[name])))
-    tracker.log_models(zoo, rows, factors, metrics)
+    tracker.log_models(zoo, rows, factors, metrics, varying)
     logged.update(unlogged)
     return len(rows)
 
@@ -187,6 +197,21 @@ def _log_stored_models(store: Any, tracker: Tracker, zoo: str, ids: set[str], lo
 def run_study(study: Study, *, address: str | None = None, display: Display | None = None,
               tracking_uri: str | None = None) -> RunReport:
     """Train what is missing, run the analysis stages, log everything; returns what was done."""
+    t_start = time.perf_counter()
+    report = RunReport()
+    display = display or Display()
+    tracker = Tracker(tracking_uri or study.tracking_uri or default_tracking_uri(), study.study)
+    tracker.connect()  # first: a refused run must leave the store untouched
+    report.experiment_id = tracker.experiment_id
+    try:
+        return _run_study(study, address, display, tracker, report, t_start)
+    except BaseException as e:  # the runs this invocation opened end FAILED (KILLED on Ctrl-C), not RUNNING
+        tracker.abort("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def _run_study(study: Study, address: str | None, display: Display, tracker: Tracker, report: RunReport,
+               t_start: float) -> RunReport:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -196,11 +221,6 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
     from zoos.trainer import make_task
     from zoos.store import Store
 
-    t_start = time.perf_counter()
-    report = RunReport()
-    display = display or Display()
-    tracker = Tracker(tracking_uri or study.tracking_uri or default_tracking_uri(), study.study)
-    tracker.connect()  # first: a refused run must leave the store untouched
     check_store_writable(study.store)
     tracker.log_study({"store": study.store, "zoos": [z.name for z in study.zoos],
                        "stages": [s.stage for s in study.analysis], **study.resources.model_dump()})
@@ -209,15 +229,18 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
     res = study.resources
 
     # -- plan: populations whose models are not all stored yet
-    todo, factor_names, zoo_ids = [], {}, {}
+    todo, factor_names, zoo_ids, varying = [], {}, {}, {}
     slots = 0  # training tasks the cluster runs at once: asked of Ray only for a zoo with population_size auto
     fitted: dict[str, int] = {}  # zoo -> the most models one program holds, where its populations were split to it
     for zoo in study.zoos:
         models = expand(zoo, study.study)
         factor_names[zoo.name] = sorted({k for m in models for k in m.factors})
+        varying[zoo.name] = [f for f in factor_names[zoo.name]  # what tells the zoo's models apart: their runs' names
+                             if len({json.dumps(m.factors.get(f), default=str) for m in models}) > 1]
         zoo_ids[zoo.name] = {m.model_id for m in models}
-        tracker.zoo_run(zoo.name, config={"task": zoo.task.name, "arch": zoo.arch.name, "models": len(models),
-                                           "epochs": zoo.epochs, "train_metrics": zoo.train_metrics})
+        tracker.zoo_run(zoo.name, config={"task": zoo.task.name, "task_options": zoo.task.options, "arch": zoo.arch.name,
+                                           "arch_config": zoo.arch.config, "epochs": zoo.epochs,
+                                           "checkpoints": zoo.checkpoints, "train_metrics": zoo.train_metrics})
         done = store.stored_ids(zoo.name)
         missing = [m for m in models if m.model_id not in done]  # a re-run trains only these
         report.skipped_models += len(models) - len(missing)
@@ -236,7 +259,7 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
     tracker.discard_unfinished_models()
     logged = tracker.logged_models() if per_model else set()
     for zoo in study.zoos if per_model else ():
-        _log_stored_models(store, tracker, zoo.name, zoo_ids[zoo.name], logged, factor_names[zoo.name])
+        _log_stored_models(store, tracker, zoo.name, zoo_ids[zoo.name], logged, factor_names[zoo.name], varying[zoo.name])
     finals: dict[str, dict[str, list[float]]] = {}  # zoo -> metric -> final value of each model trained now
     n_models = sum(len(p.model_ids) for p in todo)
     epochs_total = sum(len(p.model_ids) * p.epochs for p in todo)
@@ -252,6 +275,7 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
                         "must stay within 32-bit indexing)")
         t_phase = time.perf_counter()
         if todo:
+            tracker.begin_work()
             # on the driver's node: a worker node that dies must not take the live progress with it
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
             board = ray.remote(ProgressBoard).options(num_cpus=0, scheduling_strategy=here).remote()
@@ -262,7 +286,8 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
                 for pop in todo
             }
             for pop in todo if per_model else ():  # runs created on the logging thread while training runs
-                tracker.create_model_runs_later(pop.zoo, [m for m in pop.model_ids if m not in logged])
+                tracker.create_model_runs_later(pop.zoo, {m.model_id: model_run_name(pop.zoo, m.model_id, m.factors, varying[pop.zoo])
+                                                          for m in pop.models if m.model_id not in logged})
             display.add("models trained", n_models)
             display.add("model-epochs", epochs_total)
             sizes = {p.shard: len(p.model_ids) for p in todo}
@@ -291,8 +316,8 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
                     finished_epochs += len(pop.model_ids) * pop.epochs
                     if per_model:
                         rows = [r for r in out["rows"] if r["model_id"] not in logged]
-                        tracker.log_models_later(out["zoo"], rows, factor_names[out["zoo"]], out["checkpoint_metrics"])
-                    for series in out["checkpoint_metrics"].values():
+                        tracker.log_models_later(out["zoo"], rows, factor_names[out["zoo"]], out["curves"], varying[out["zoo"]])
+                    for series in out["curves"].values():
                         for name, points in series.items():
                             finals.setdefault(out["zoo"], {}).setdefault(name, []).append(points[-1][1])
                     report.trained_models += len(pop.model_ids)
@@ -315,6 +340,8 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
             except ValueError as e:
                 raise StageConfigError(f"analysis stage {stage.stage!r}: {e}") from None
             display.add(stage.stage, len(items))
+            if items and not tracker.working:
+                tracker.begin_work()
             remote = ray.remote(_stage_task)
             chunks = [items[i:i + stage.items_per_task] for i in range(0, len(items), stage.items_per_task)]
             settings = stage.settings.model_dump()
@@ -339,13 +366,17 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
     out_dir = study.output_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     report.summary, report.plots, stage_plots = summarise(store, study, out_dir)
-    for stage in study.analysis:
+    for stage in study.analysis:  # a stage run for each stage that computed something now (a re-run adds a step)
+        if not report.analysis_items.get(stage.stage):
+            continue
         df = store.analysis(stage.stage).collect() if stage.stage in store.stages() else None
         metrics = STAGES[stage.stage].summary_metrics(df) if df is not None else {}
         tracker.log_stage(stage.stage, metrics, params=stage.settings.model_dump(), artifacts=stage_plots.get(stage.stage, []))
-    tracker.log_summary({"wall_s": time.perf_counter() - t_start, "tracking_s": tracker.seconds,
-                         "trained_models": report.trained_models},
-                        artifacts=[p for p in report.plots if p.parent == out_dir])
+    if tracker.working:  # a run with nothing to do rewrites nothing
+        in_stages = {p for paths in stage_plots.values() for p in paths}
+        tracker.log_summary({"wall_s": time.perf_counter() - t_start, "tracking_s": tracker.seconds,
+                             "trained_models": report.trained_models, **_summary_metrics(report.summary)},
+                            artifacts=[out_dir / "summary.csv", *(p for p in report.plots if p not in in_stages)])
     tracker.finish()
     report.wall_s = time.perf_counter() - t_start
     report.tracking_s = tracker.seconds

@@ -1,11 +1,15 @@
 """MLflow tracking, from the driver only, in batches.
 
-One experiment per study; inside it a parent run for the study, a child run per zoo, a run per model
-(params = generating factors, metrics at the stored checkpoints, tags: model id, status) and a run per
-analysis stage with its plots as artifacts. Runs are found again by their `symzoo.*` tags, so running
-a study twice creates no duplicate runs. sqlite locks under concurrent writers, which is why nothing
-but the driver logs; `log_batch` carries many values per call (MLflow caps a call at 1000 metrics,
-100 params and 100 tags).
+One experiment per study (tagged so that MLflow 3's UI opens it on its runs); inside it a parent run for
+the study (the summary's numbers, summary.csv, the study plots), a child run per zoo (its config as
+params), a run per model (named by the factors that vary in its zoo; params = generating factors, every
+epoch's metrics, tags: model id, status) and a run per analysis stage (its settings as `<stage>.<key>`
+params, its summary metrics and plots). Runs are found again by their `symzoo.*` tags, so running a
+study twice creates no duplicate runs, and a run that did nothing touches nothing: metrics of a later run
+that did work go to the next step (`symzoo.invocations`), so the first run's values stay. Every run ends
+FINISHED, or FAILED / KILLED; runs a killed driver left RUNNING are marked KILLED by the next connect.
+sqlite locks under concurrent writers, which is why nothing but the driver logs; `log_batch` carries many
+values per call (MLflow caps a call at 1000 metrics, 100 params and 100 tags).
 """
 
 from __future__ import annotations
@@ -24,6 +28,24 @@ from typing import Any, Iterable, Iterator, Sequence
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100
 KIND, STUDY, ZOO, MODEL_ID, STAGE = "symzoo.kind", "symzoo.study", "symzoo.zoo", "symzoo.model_id", "symzoo.stage"
 SETTINGS = "symzoo.settings"  # hash of a stage run's settings
+INVOCATIONS = "symzoo.invocations"  # on the study run: how many `symzoo run`s did work; their metrics' step
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3's UI: open on the runs, not traces
+
+
+def experiment_url(base: str, experiment_id: str) -> str:
+    """The UI page of an experiment's runs. MLflow 3.17's UI picks GenAI or model-training pages from the URL's
+    workflowType (else the browser's last choice, GenAI at first) before the experiment's kind tag."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def model_run_name(zoo: str, model_id: str, factors: dict[str, Any], varying: Sequence[str]) -> str:
+    """A model run's name: the zoo and the factors that vary in it (`cnn seed=3 lr=0.02`), else a short id."""
+    parts = [f"{f}={_short(factors[f])}" for f in varying if f in factors]
+    return f"{zoo} {' '.join(parts)}"[:240] if parts else f"{zoo}/{model_id[:8]}"
+
+
+def _short(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _fast_sqlite_commits() -> None:
@@ -73,11 +95,15 @@ class Tracker:
     _pool: Any = field(default=None, repr=False)
     _pending: list = field(default_factory=list, repr=False)
     _model_runs: dict[str, str] = field(default_factory=dict, repr=False)  # created, not yet finished
+    _touched: set = field(default_factory=set, repr=False)  # study / zoo runs this invocation wrote to: ended by finish
+    _step: int = 0  # the step of this invocation's study, zoo and stage metrics
+    killed: int = 0  # runs an earlier, killed driver had left RUNNING, marked KILLED by connect
 
     def __post_init__(self) -> None:
         # Fail fast against an unreachable server instead of MLflow's default minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # no "View run ..." line per ended run
         if self.uri.startswith("sqlite:"):
             _fast_sqlite_commits()
         if self.uri.startswith("file:") or "://" not in self.uri:  # a folder the user named (MLflow 3 refuses it unasked)
@@ -109,17 +135,58 @@ class Tracker:
     # ---- set-up -------------------------------------------------------------------------------
 
     def connect(self) -> None:
-        """Create or find the study's experiment and parent run; TrackingError if the store is unusable."""
+        """Create or find the study's experiment and parent run; TrackingError if the store is unusable.
+        Study, zoo and stage runs that an earlier driver left RUNNING (it died) are marked KILLED."""
         try:
             with self._timed():
                 exp = self._client.get_experiment_by_name(self.study)
                 self._experiment_id = exp.experiment_id if exp else self._client.create_experiment(self.study)
+                if exp is None or exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+                    self._client.set_experiment_tag(self._experiment_id, *EXPERIMENT_KIND)
         except Exception as e:  # MLflow raises many types (connection, sqlite, permission)
             raise TrackingError(
                 f"cannot use the MLflow tracking URI {self.uri!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}. "
                 "Start the server, fix the URI (--tracking-uri or the study's tracking_uri), or use a sqlite file."
             ) from None
-        self._study_run = self._find_or_create({KIND: "study", STUDY: self.study}, run_name=self.study)
+        for kind in ("study", "zoo", "stage"):
+            for r in self._find({KIND: kind, STUDY: self.study}):
+                if r.info.status == "RUNNING":
+                    with self._timed():
+                        self._client.set_terminated(r.info.run_id, status="KILLED")
+                    self.killed += 1
+        tags = {KIND: "study", STUDY: self.study}
+        found = self._find(tags)
+        self._study_run = found[0].info.run_id if found else self._find_or_create(tags, run_name=self.study)
+        if not found:  # created RUNNING now: this invocation ends it, whatever happens
+            self._touched.add(self._study_run)
+
+    @property
+    def working(self) -> bool:
+        """Whether this invocation has work (`begin_work` was called)."""
+        return self._study_run in self._touched
+
+    def abort(self, status: str) -> None:
+        """After an error: end the runs this invocation opened with `status` (FAILED, or KILLED on an interrupt)."""
+        try:
+            self.drain()
+        except Exception:  # noqa: BLE001 - the logging thread's own error is secondary to the one being raised
+            pass
+        for run in list(self._model_runs.values()):  # created, never finished: deleted and redone by the next run
+            with self._timed():
+                self._client.set_terminated(run, status=status)
+        self._model_runs.clear()
+        self.finish(status)
+
+    def begin_work(self) -> None:
+        """This invocation trains or analyses something: the study run is RUNNING again and this invocation's
+        metrics go to the next step. Not called by a run with nothing to do, which so leaves every run as it was."""
+        with self._timed():
+            run = self._client.get_run(self._study_run)
+            self._step = int(run.data.tags.get(INVOCATIONS, "0"))
+            self._client.set_tag(self._study_run, INVOCATIONS, str(self._step + 1))
+            if run.info.status != "RUNNING":
+                self._client.update_run(self._study_run, status="RUNNING")
+        self._touched.add(self._study_run)
 
     def _find(self, tags: dict[str, str]) -> list:
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
@@ -155,12 +222,17 @@ class Tracker:
         self._set_tags(self._study_run, config)
 
     def zoo_run(self, zoo: str, config: dict[str, Any] | None = None) -> str:
-        """The zoo's child run (created on first use, found again on a re-run); its config as tags (a zoo may grow)."""
+        """The zoo's child run (created on first use, found again on a re-run), its config as params when created
+        (params are immutable: a zoo that grows later keeps its first config there, and its model count as a metric)."""
         if zoo not in self._zoo_runs:
-            run = self._find_or_create({KIND: "zoo", STUDY: self.study, ZOO: zoo}, run_name=zoo, parent=self._study_run)
+            tags = {KIND: "zoo", STUDY: self.study, ZOO: zoo}
+            found = self._find(tags)
+            run = found[0].info.run_id if found else self._find_or_create(tags, run_name=zoo, parent=self._study_run)
             self._zoo_runs[zoo] = run
-            if config:
-                self._set_tags(run, config)
+            if not found:
+                self._touched.add(run)
+                if config:
+                    self._log(run, params=config)
         return self._zoo_runs[zoo]
 
     def discard_unfinished_models(self) -> int:
@@ -177,48 +249,49 @@ class Tracker:
 
     # ---- logging ------------------------------------------------------------------------------
 
-    def create_model_runs(self, zoo: str, model_ids: Sequence[str]) -> None:
-        """Create the runs of models about to train (status RUNNING), so that finishing one costs two calls.
+    def create_model_runs(self, zoo: str, names: dict[str, str]) -> None:
+        """Create the runs of models about to train (status RUNNING), named `names[model_id]`, so that finishing
+        one costs two calls.
 
         Queued on the background thread while training runs; a run left unfinished by a killed driver
         is dropped by `discard_unfinished_models` on the next run.
         """
         parent = self.zoo_run(zoo)
-        for mid in model_ids:
+        for mid, name in names.items():
             if mid in self._model_runs:
                 continue
             tags = {KIND: "model", STUDY: self.study, ZOO: zoo, MODEL_ID: mid, "mlflow.parentRunId": parent}
             with self._timed():
-                self._model_runs[mid] = self._client.create_run(self._experiment_id, tags=tags,
-                                                                run_name=f"{zoo}/{mid[:8]}").info.run_id
+                self._model_runs[mid] = self._client.create_run(self._experiment_id, tags=tags, run_name=name).info.run_id
 
     def log_models(self, zoo: str, rows: Sequence[dict[str, Any]], factors: Sequence[str],
-                   checkpoint_metrics: dict[str, dict[str, list[tuple[int, float]]]]) -> None:
-        """One finished run per model: factors as params, checkpoint metrics by epoch, id/status tags.
+                   curves: dict[str, dict[str, list[tuple[int, float]]]], varying: Sequence[str] = ()) -> None:
+        """One finished run per model: factors as params, every epoch's metrics (step = epoch), id/status tags;
+        named by the factors in `varying` (those that differ between the zoo's models).
 
-        `checkpoint_metrics[model_id][metric] = [(epoch, value), ...]`.
+        `curves[model_id][metric] = [(epoch, value), ...]`.
         """
-        self.create_model_runs(zoo, [r["model_id"] for r in rows])
+        self.create_model_runs(zoo, {r["model_id"]: model_run_name(zoo, r["model_id"], r, varying) for r in rows})
         for row in rows:
             mid = row["model_id"]
             params = {f: row[f] for f in factors if f in row}
             params.update(arch=row.get("arch"), task=row.get("task"), n_params=row.get("n_params"))
-            metrics = [(name, float(v), step) for name, series in checkpoint_metrics.get(mid, {}).items() for step, v in series]
+            metrics = [(name, float(v), step) for name, series in curves.get(mid, {}).items() for step, v in series]
             self._log(self._model_runs.pop(mid), params=params, metrics=metrics, tags={"status": row["status"]},
                       status="FINISHED")
 
-    def create_model_runs_later(self, zoo: str, model_ids: Sequence[str]) -> None:
+    def create_model_runs_later(self, zoo: str, names: dict[str, str]) -> None:
         """`create_model_runs` on the background logging thread."""
-        self._submit(self.create_model_runs, zoo, model_ids)
+        self._submit(self.create_model_runs, zoo, names)
 
     def log_models_later(self, zoo: str, rows: Sequence[dict[str, Any]], factors: Sequence[str],
-                         checkpoint_metrics: dict[str, dict[str, list[tuple[int, float]]]]) -> None:
+                         curves: dict[str, dict[str, list[tuple[int, float]]]], varying: Sequence[str] = ()) -> None:
         """`log_models` on one background thread of the driver, overlapping the training still running.
 
         One thread is the only writer while training runs (sqlite locks under concurrent writers);
         `drain()` waits for it and re-raises what it raised.
         """
-        self._submit(self.log_models, zoo, rows, factors, checkpoint_metrics)
+        self._submit(self.log_models, zoo, rows, factors, curves, varying)
 
     def _submit(self, fn: Any, *args: Any) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -240,16 +313,25 @@ class Tracker:
         Other settings make another run (params are immutable); the same settings find the same run again.
         """
         digest = hashlib.sha256(json.dumps(params or {}, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        run = self._find_or_create({KIND: "stage", STUDY: self.study, STAGE: stage, SETTINGS: digest},
-                                   run_name=stage, parent=self._study_run)
-        self._log(run, params=params or {}, metrics=[(k, float(v), 0) for k, v in metrics.items()])
+        tags = {KIND: "stage", STUDY: self.study, STAGE: stage, SETTINGS: digest}
+        found = self._find(tags)
+        run = found[0].info.run_id if found else self._find_or_create(tags, run_name=stage, parent=self._study_run)
+        if found:
+            with self._timed():
+                self._client.update_run(run, status="RUNNING")
+        own = {f"{stage}.{k}": v for k, v in (params or {}).items()}  # its own columns: a stage's seed is not a model's
+        self._log(run, params=None if found else own, metrics=[(k, float(v), self._step) for k, v in metrics.items()])
         self.log_artifacts(run, artifacts)
+        with self._timed():
+            self._client.set_terminated(run, status="FINISHED")
         return run
 
     def log_zoo_metrics(self, zoo: str, metrics: dict[str, float]) -> None:
         """Summary metrics of the models a run trained in `zoo`, on the zoo's run (queued on the logging
         thread, behind the model runs still being logged: one sqlite writer at a time)."""
-        self._submit(self._log, self.zoo_run(zoo), None, [(k, float(v), 0) for k, v in metrics.items()])
+        run = self.zoo_run(zoo)
+        self._touched.add(run)
+        self._submit(self._log, run, None, [(k, float(v), self._step) for k, v in metrics.items()])
 
     def log_artifacts(self, run_id: str, paths: Iterable[Path], folder: str = "plots") -> None:
         for p in paths:
@@ -257,14 +339,17 @@ class Tracker:
                 self._client.log_artifact(run_id, str(p), artifact_path=folder)
 
     def log_summary(self, metrics: dict[str, float], artifacts: Iterable[Path] = ()) -> None:
-        self._log(self._study_run, metrics=[(k, float(v), 0) for k, v in metrics.items()])
+        """The study run's metrics at this invocation's step, and its artifacts (summary.csv, study plots)."""
+        self._touched.add(self._study_run)
+        self._log(self._study_run, metrics=[(k, float(v), self._step) for k, v in metrics.items()])
         self.log_artifacts(self._study_run, artifacts)
 
     def finish(self, status: str = "FINISHED") -> None:
-        runs = [self._study_run, *self._zoo_runs.values()]
-        for run in runs:
-            with self._timed():
-                self._client.set_terminated(run, status=status)
+        """End the study and zoo runs this invocation wrote to (FINISHED, FAILED or KILLED); others stay as they were."""
+        for run in [self._study_run, *self._zoo_runs.values()]:
+            if run in self._touched:
+                with self._timed():
+                    self._client.set_terminated(run, status=status)
 
     def _set_tags(self, run_id: str, values: dict[str, Any]) -> None:
         from mlflow.entities import RunTag

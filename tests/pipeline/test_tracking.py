@@ -13,12 +13,12 @@ def _rows(n):
              "arch": "mlp", "task": "digits", "n_params": 123} for i in range(n)]
 
 
-def test_runs_are_nested_and_carry_checkpoint_metrics(tmp_path):
+def test_runs_are_nested_and_carry_every_epoch(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     t = Tracker(uri, "study-a")
     t.connect()
     ckpt = {f"m{i:03d}": {"test_acc": [(0, 0.1), (5, 0.5 + i / 10)]} for i in range(3)}
-    t.log_models("zoo1", _rows(3), ["seed", "lr"], ckpt)
+    t.log_models("zoo1", _rows(3), ["seed", "lr"], ckpt, varying=["lr", "seed"])
     t.finish()
 
     client = MlflowClient(uri)
@@ -31,6 +31,8 @@ def test_runs_are_nested_and_carry_checkpoint_metrics(tmp_path):
     r1 = next(r for r in runs if r.data.tags[MODEL_ID] == "m001")
     assert r1.data.tags["mlflow.parentRunId"] == zoo_run.info.run_id
     assert r1.data.params["lr"] == "0.02" and r1.data.tags["status"] == "ok"
+    assert r1.info.run_name == "zoo1 lr=0.02 seed=1"  # named by what varies in the zoo
+    assert client.get_experiment(exp.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     history = client.get_metric_history(r1.info.run_id, "test_acc")
     assert [(m.step, m.value) for m in history] == [(0, 0.1), (5, pytest.approx(0.6))]
     assert t.seconds > 0 and t.calls > 0
@@ -71,4 +73,55 @@ def test_changed_study_and_stage_settings_can_be_logged_again(tmp_path):
     study = client.search_runs([exp.experiment_id], "tags.`symzoo.kind` = 'study'")
     assert len(study) == 1 and study[0].data.tags["config.epochs"] == "3"
     stages = client.search_runs([exp.experiment_id], "tags.`symzoo.kind` = 'stage'")
-    assert sorted(r.data.params["pairs"] for r in stages) == ["4", "8"]
+    assert sorted(r.data.params["interpolation.pairs"] for r in stages) == ["4", "8"]  # a stage's own columns
+    assert {r.info.status for r in stages} == {"FINISHED"}
+
+
+def _runs(uri, study, kind):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(study)
+    return client.search_runs([exp.experiment_id], f"tags.`symzoo.kind` = '{kind}'")
+
+
+def test_a_run_with_nothing_to_do_rewrites_nothing_and_a_later_one_adds_a_step(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = Tracker(uri, "s")
+    first.connect()
+    first.zoo_run("a", config={"task": "digits", "epochs": 2})
+    first.begin_work()
+    first.log_summary({"trained_models": 6.0})
+    first.finish()
+    (before,) = _runs(uri, "s", "study")
+    noop = Tracker(uri, "s")
+    noop.connect()
+    noop.zoo_run("a", config={"task": "digits", "epochs": 2})
+    noop.finish()
+    (after,) = _runs(uri, "s", "study")
+    assert (after.info.status, after.info.end_time, after.data.metrics) == ("FINISHED", before.info.end_time, {"trained_models": 6.0})
+    (zoo,) = _runs(uri, "s", "zoo")
+    assert zoo.data.params == {"task": "digits", "epochs": "2"} and zoo.info.status == "FINISHED"
+    more = Tracker(uri, "s")
+    more.connect()
+    more.begin_work()
+    more.log_summary({"trained_models": 2.0})
+    more.finish()
+    history = MlflowClient(uri).get_metric_history(after.info.run_id, "trained_models")
+    assert [(m.step, m.value) for m in history] == [(0, 6.0), (1, 2.0)]  # the first run's value stays
+
+
+def test_runs_of_a_failed_or_killed_driver_end_failed_or_killed(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t = Tracker(uri, "s")
+    t.connect()
+    t.begin_work()
+    t.zoo_run("a")
+    t.create_model_runs("a", {"m000": "a seed=0"})
+    t.abort("FAILED")  # what run_study does when its work raises
+    assert {r.info.status for r in _runs(uri, "s", "study") + _runs(uri, "s", "zoo") + _runs(uri, "s", "model")} == {"FAILED"}
+    dying = Tracker(uri, "s")
+    dying.connect()
+    dying.begin_work()  # ... and the driver is killed here: the study run stays RUNNING
+    assert _runs(uri, "s", "study")[0].info.status == "RUNNING"
+    later = Tracker(uri, "s")
+    later.connect()
+    assert later.killed == 1 and _runs(uri, "s", "study")[0].info.status == "KILLED"
