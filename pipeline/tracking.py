@@ -140,7 +140,8 @@ class Tracker:
         try:
             with self._timed():
                 exp = self._client.get_experiment_by_name(self.study)
-                self._experiment_id = exp.experiment_id if exp else self._client.create_experiment(self.study)
+                self._experiment_id = exp.experiment_id if exp else self._client.create_experiment(
+                    self.study, artifact_location=self._artifact_location())
                 if exp is None or exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
                     self._client.set_experiment_tag(self._experiment_id, *EXPERIMENT_KIND)
         except Exception as e:  # MLflow raises many types (connection, sqlite, permission)
@@ -176,6 +177,14 @@ class Tracker:
                 self._client.set_terminated(run, status=status)
         self._model_runs.clear()
         self.finish(status)
+
+    def _artifact_location(self) -> str | None:
+        """Artifacts of a sqlite store go beside its file (<db folder>/mlruns/<study>), not into whatever folder the
+        process runs in (MLflow's default, ./mlruns); other stores keep their own default."""
+        if not self.uri.startswith("sqlite:///"):
+            return None
+        db = Path(self.uri.removeprefix("sqlite:///"))
+        return (db.resolve().parent / "mlruns" / self.study).as_uri()
 
     def begin_work(self) -> None:
         """This invocation trains or analyses something: the study run is RUNNING again and this invocation's

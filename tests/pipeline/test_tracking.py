@@ -125,3 +125,18 @@ def test_runs_of_a_failed_or_killed_driver_end_failed_or_killed(tmp_path):
     later = Tracker(uri, "s")
     later.connect()
     assert later.killed == 1 and _runs(uri, "s", "study")[0].info.status == "KILLED"
+
+
+def test_artifacts_of_a_sqlite_store_go_beside_its_file(tmp_path, monkeypatch):
+    """Not into the folder the process runs in (MLflow's ./mlruns default, which tests and users then find there)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "db").mkdir()
+    uri = f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}"
+    t = Tracker(uri, "s")
+    t.connect()
+    plot = tmp_path / "plot.png"
+    plot.write_bytes(b"png")
+    t.log_artifacts(t.study_run_id, [plot])
+    t.finish()
+    assert (tmp_path / "db" / "mlruns" / "s").is_dir() and not (tmp_path / "mlruns").exists()
+    assert [p.name for p in (tmp_path / "db" / "mlruns" / "s").rglob("*.png")] == ["plot.png"]
