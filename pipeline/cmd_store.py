@@ -101,8 +101,7 @@ def query_cmd(
     if format == "parquet":
         df.write_parquet(output)
     elif format == "csv":
-        text = df.write_csv()
-        _emit(text, output)
+        _emit(_flat(df).write_csv(), output)
     elif format == "json":
         _emit(json.dumps(df.to_dicts(), default=str, indent=1) + "\n", output)
     else:
@@ -113,6 +112,15 @@ def query_cmd(
             table.add_row(*("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
         console.print(table)
         console.print(f"[dim]{df.height} rows[/]")
+
+
+def _flat(df: "pl.DataFrame") -> "pl.DataFrame":
+    """CSV holds no nested values: list, array and struct columns (a stage's curves, per-flow norms) as JSON text."""
+    import polars as pl
+
+    nested = [c for c, t in df.schema.items() if isinstance(t, (pl.List, pl.Array, pl.Struct))]
+    return df.with_columns(pl.Series(c, [None if v is None else json.dumps(v, default=str) for v in df[c].to_list()],
+                                     dtype=pl.String) for c in nested)
 
 
 def _emit(text: str, output: str | None) -> None:

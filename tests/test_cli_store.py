@@ -31,7 +31,8 @@ def _store(tmp_path):
     pops = [make_pop("zA", [0, 1, 2], seed=1), make_pop("zB", [5, 6], seed=2)]
     for p in pops:
         s.write_population(p)
-    s.write_analysis("barrier", "p0", [{"model_id": pops[0].ids[0], "barrier": 0.5}])
+    s.write_analysis("barrier", "p0", [{"model_id": pops[0].ids[0], "barrier": 0.5, "curve": [0.1, 0.7, 0.2],
+                                        "flows": ["rotation", "translate_x"]}])
     return s, pops
 
 
@@ -81,3 +82,13 @@ def test_import_then_query(tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["query", str(tmp_path / "st"), "SELECT count(*) AS n FROM checkpoints", "-f", "json"])
     assert json.loads(r.output) == [{"n": 4}]
+
+
+def test_csv_of_a_table_with_list_columns_holds_them_as_json(tmp_path):
+    """Stage tables hold lists (a path's losses, one norm per flow): CSV has no nested values, so they come as JSON."""
+    s, _ = _store(tmp_path)
+    r = runner.invoke(app, ["query", s.root, "SELECT barrier, curve, flows FROM analysis_barrier", "-f", "csv"])
+    assert r.exit_code == 0, r.output
+    back = pl.read_csv(r.output.encode())
+    assert back["barrier"].to_list() == [0.5]
+    assert json.loads(back["curve"][0]) == [0.1, 0.7, 0.2] and json.loads(back["flows"][0]) == ["rotation", "translate_x"]
