@@ -17,9 +17,29 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: typer's rich panels label every flag <bool>
 )
 # Piped output (CI logs, `| tee`) gets a wide fixed width so tables are not squeezed to 80 columns.
 console = Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"symzoo {version('symzoo')}")
+        except PackageNotFoundError:  # run from a checkout without installing (python -m pipeline)
+            typer.echo("symzoo (not installed: a checkout)")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+) -> None:
+    """Train model zoos of equivariant and baseline networks, store every weight in Arrow/Parquet, and analyse
+    them: permutation matching, mode connectivity, symmetry and landscape metrics."""
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -37,3 +37,26 @@ def test_help_names_the_commands():
     assert r.exit_code == 0
     for cmd in ("run", "validate", "tasks", "archs", "ls", "query", "import"):
         assert cmd in r.output
+
+
+def test_version_and_help_that_reads_plainly():
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.startswith("symzoo ")
+    for cmd in (["run", "--help"], ["archs", "--help"], ["--help"]):
+        r = CliRunner().invoke(app, cmd)
+        assert r.exit_code == 0 and "<bool>" not in r.output, r.output
+    assert "--plain" in CliRunner().invoke(app, ["run", "--help"]).output
+
+
+def test_archs_say_which_population_program_runs_each_on_a_gpu():
+    """Decided on meta tensors, so a CPU machine says what a GPU would run: every family has a population
+    program (no vmap fallback), the group CNNs on popconv with their kernel expansion as a prologue."""
+    from zoos.archs import ARCHS as REGISTRY
+
+    r = CliRunner().invoke(app, ["archs", "--programs"])
+    assert r.exit_code == 0, r.output
+    assert "vmap (" not in r.output
+    sections = r.output.split("\n\n")
+    p4 = next(s for s in sections if s.startswith("p4cnn ("))
+    assert "popconv" in p4 and "prologue" in p4 and "bmm" in p4
+    assert all(any(s.startswith(f"{name} (") for s in sections) for name in REGISTRY)
