@@ -36,7 +36,14 @@ def _check_buildable(study) -> None:
         task = task_with_data(zoo.task.name, zoo.task.options, study.data_dir)
         if hasattr(task, "find_files"):
             task.find_files()  # TaskError naming the missing files and where to get them
+            task.check_sizes()  # n_train / n_val / n_test against the files' image counts (read from their headers)
         build_model(zoo, expand(zoo, study.study)[0].factors, task)
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of the exception's own message (at most 400 characters)."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:400]
 
 
 DATA_DIR_HELP = "folder with MNIST / Fashion-MNIST / CIFAR-10 files (overrides the study's data_dir; default: SYMZOO_DATA)"
@@ -70,11 +77,12 @@ def run_cmd(
     plain: bool = typer.Option(False, "--plain", help="plain progress lines even on a terminal"),
     report_json: Optional[Path] = typer.Option(None, "--report", help="also write what the run did as JSON here: "
                                                "placements of every population, phase times, MLflow time"),
+    debug: bool = typer.Option(False, "--debug", help="on an error in a Ray task, print its whole traceback"),
 ) -> None:
     """Train the study's zoos (only what is missing), run its analysis stages, log to MLflow, summarise."""
     from pipeline.progress import Display
     from pipeline.report import print_summary
-    from pipeline.runner import StageConfigError, StoreError, run_study
+    from pipeline.runner import StageConfigError, StoreError, TaskFailed, run_study
     from pipeline.tracking import TrackingError
 
     study = _load(study_file, store=store, tracking_uri=tracking_uri, data_dir=data_dir)
@@ -82,6 +90,11 @@ def run_cmd(
         report = run_study(study, address=address, display=Display(plain=plain or None))
     except (StoreError, TrackingError, StageConfigError) as e:
         fail(str(e))
+    except TaskFailed as e:  # an error inside a Ray task: its own one-line message, the traceback with --debug
+        if debug:
+            raise
+        fail(f"{e.where}: {type(e.cause).__name__}: {_first_line(e.cause)} (the traceback: symzoo run --debug)",
+             code=2 if isinstance(e.cause, ValueError) else 1)  # a ValueError is an input the task refused
     print_summary(console, study, report)
     if report_json is not None:
         report_json.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,26 @@ class StageConfigError(ValueError):
     """An analysis stage's settings do not fit what is stored (e.g. an epoch no checkpoint has)."""
 
 
+class TaskFailed(RuntimeError):
+    """A Ray task of the study raised (after its retries): `where` says which population or stage, `cause` is
+    the exception the task raised, with its own message (the Ray traceback stays on the __cause__ chain)."""
+
+    def __init__(self, where: str, cause: BaseException):
+        super().__init__(f"{where}: {type(cause).__name__}: {cause}")
+        self.where, self.cause = where, cause
+
+
+def _get(ref: Any, where: str) -> Any:
+    """ray.get, a task's error raised as TaskFailed naming `where`."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as e:
+        raise TaskFailed(where, e.cause if getattr(e, "cause", None) is not None else e) from e
+
+
 @dataclass
 class RunReport:
     """What a study run did, for the summary and the benchmarks."""
@@ -301,7 +321,7 @@ def _run_study(study: Study, address: str | None, display: Display, tracker: Tra
                 for ref in ready:
                     t_result = time.perf_counter()
                     pop = pending.pop(ref)
-                    out = ray.get(ref)  # a task that failed after its retries raises here, naming the population
+                    out = _get(ref, f"training zoo {pop.zoo!r} (population {pop.shard})")  # raises after the task's retries
                     report.train_task_s += out["train_s"] + out["write_s"]
                     report.placements.append({"population": pop.shard, "zoo": pop.zoo, "models": len(pop.model_ids),
                                               "epochs": pop.epochs,
@@ -350,7 +370,7 @@ def _run_study(study: Study, address: str | None, display: Display, tracker: Tra
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
-                    ray.get(ref)
+                    _get(ref, f"analysis stage {stage.stage!r}")
                     display.advance(stage.stage, pending.pop(ref))
             report.analysis_items[stage.stage] = len(items)
             report.phase_s[stage.stage] = report.phase_s.get(stage.stage, 0.0) + time.perf_counter() - t_phase

@@ -42,6 +42,17 @@ def read_idx(path: str | Path) -> np.ndarray:
     return arr.astype(dtype.newbyteorder("="), copy=False)
 
 
+def idx_count(path: str | Path) -> int:
+    """The first dimension of an IDX file (raw or gzipped), from its header alone."""
+    with open(path, "rb") as f:
+        raw = f.read(2)
+    with (gzip.open(path, "rb") if raw == _GZIP_MAGIC else open(path, "rb")) as f:
+        head = f.read(8)
+    if len(head) < 8 or head[:2] != b"\x00\x00" or head[2] not in IDX_DTYPES or head[3] < 1:
+        raise ValueError(f"{path}: not an IDX file (magic bytes {head[:4].hex()}; expected 0000 <dtype> <ndim>)")
+    return struct.unpack(">I", head[4:8])[0]
+
+
 def write_idx(path: str | Path, array: np.ndarray, compress: bool | None = None) -> None:
     """Write an IDX file; gzipped if `compress` (default: when the name ends in .gz)."""
     array = np.asarray(array)

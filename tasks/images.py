@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from tasks.base import Split, Task, TaskError, check_options, seeded
-from tasks.formats import read_cifar_batch, read_idx
+from tasks.formats import idx_count, read_cifar_batch, read_idx
 from tasks.groups import ImageGroup
 from tasks.registry import register_task
 
@@ -193,20 +193,34 @@ class FileImageTask(ImageTask):
     def _read(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(train images uint8 [N, C, H, W], train labels, test images, test labels)."""
 
+    def counts(self) -> tuple[int, int]:
+        """(training images, test images) in the files, read cheaply (subclasses read headers only)."""
+        xtr, _, xte, _ = self._read()
+        return len(xtr), len(xte)
+
+    def check_sizes(self, counts: tuple[int, int] | None = None) -> tuple[int, int]:
+        """TaskError naming the option when n_train / n_val / n_test ask for more images than the files hold;
+        `symzoo validate` calls it so that the error comes before any work. Returns (n_train, n_test) as used."""
+        n_all, n_test_all = counts or self.counts()
+        n_test = n_test_all if self.sizes["test"] is None else self.sizes["test"]
+        _check_size(self.name, "n_test", n_test, n_test_all)
+        n_val = self.sizes["val"]
+        n_train = n_all - n_val if self.sizes["train"] is None else self.sizes["train"]
+        _check_size(self.name, "n_val", n_val, n_all)
+        _check_size(self.name, "n_train", n_train, n_all - n_val)
+        return n_train, n_test
+
     def _split(self, split: Split, seed: int) -> tuple[Tensor, Tensor]:
         if self._arrays is None:
             self._arrays = self._read()
         xtr, ytr, xte, yte = self._arrays
+        n_train, n_test = self.check_sizes((len(xtr), len(xte)))
         if split == "test":
-            n = len(xte) if self.sizes["test"] is None else self.sizes["test"]
-            _check_size(self.name, "n_test", n, len(xte))
+            n = n_test
             idx = np.arange(n)
             x, y = xte, yte
         else:
             n_val = self.sizes["val"]
-            n_train = len(xtr) - n_val if self.sizes["train"] is None else self.sizes["train"]
-            _check_size(self.name, "n_val", n_val, len(xtr))
-            _check_size(self.name, "n_train", n_train, len(xtr) - n_val)
             perm = torch.randperm(len(xtr), generator=seeded(seed, 5)).numpy()
             idx = perm[:n_val] if split == "val" else perm[n_val : n_val + n_train]
             x, y = xtr, ytr
@@ -231,6 +245,11 @@ class IdxImageTask(FileImageTask):
                 raise TaskError(f"task {self.name!r}: {paths[f]} holds an array of shape {a.shape}; expected {ndim} axes")
         xtr, ytr, xte, yte = arrays
         return xtr[:, None], ytr, xte[:, None], yte
+
+    def counts(self) -> tuple[int, int]:
+        """Image counts from the IDX headers alone (the first 16 bytes of each images file)."""
+        paths = self.find_files()
+        return tuple(idx_count(paths[f]) for f in (self.files[0], self.files[2]))  # type: ignore[return-value]
 
 
 class Cifar10Task(FileImageTask):

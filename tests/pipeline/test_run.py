@@ -105,3 +105,48 @@ def test_model_runs_none_logs_zoo_summaries_and_keeps_every_model_in_the_store(r
     accs = models.filter(pl.col("zoo") == "mlp")["test_acc"].to_numpy()
     assert mlp["test_acc_mean"] == pytest.approx(accs.mean(), abs=1e-6)
     assert mlp["test_acc_median"] == pytest.approx(float(pl.Series(accs).median()), abs=1e-6)
+
+
+def test_a_task_that_raises_ends_in_one_line_and_failed_runs(ray_local, tmp_path):
+    """An input only the training task can refuse (equiv_reg on a continuous group: no weight projections):
+    one line naming the zoo and the error, exit 2, no traceback (that is behind --debug), MLflow runs FAILED."""
+    study = {"study": "raises", "store": str(tmp_path / "store"), "tracking_uri": f"sqlite:///{tmp_path / 'm.db'}",
+             "output": str(tmp_path / "out"),
+             "zoos": [{"name": "o5", "task": {"name": "o5_regression", "options": {"n_train": 32, "n_val": 8, "n_test": 8}},
+                       "arch": {"name": "mlp", "config": {"width": 4, "depth": 1}},
+                       "grid": {"seed": [0], "equiv_reg": [0.1]}, "epochs": 1}]}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    r = CliRunner().invoke(app, ["run", str(path), "--plain"])
+    assert r.exit_code == 2, r.output
+    error = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "training zoo 'o5'" in error[0] and "TrainError: equiv_reg > 0" in error[0]
+    assert "Traceback" not in r.output and "symzoo run --debug" in error[0]
+    client = MlflowClient(study["tracking_uri"])
+    exp = client.get_experiment_by_name("raises")
+    assert {run.info.status for run in client.search_runs([exp.experiment_id])} == {"FAILED"}
+    debug = CliRunner().invoke(app, ["run", str(path), "--plain", "--debug"])
+    assert debug.exit_code == 1 and type(debug.exception).__name__ == "TaskFailed"
+    assert type(debug.exception.__cause__).__name__.startswith("RayTaskError")  # Ray's traceback, for --debug
+
+
+def test_validate_checks_split_sizes_against_the_data_files(tmp_path):
+    """n_val left at 5,000 with 300 training images: refused by validate (and so by run), before Ray starts."""
+    import numpy as np
+
+    from tasks.formats import write_idx
+    from tasks.images import IDX_FILES
+
+    (tmp_path / "mnist").mkdir()
+    g = np.random.default_rng(0)
+    for name, a in zip(IDX_FILES, [g.integers(0, 255, (300, 28, 28), dtype=np.uint8), np.zeros(300, np.uint8),
+                                   g.integers(0, 255, (50, 28, 28), dtype=np.uint8), np.zeros(50, np.uint8)]):
+        write_idx(tmp_path / "mnist" / (name + ".gz"), a)
+    study = {"study": "sizes", "store": str(tmp_path / "store"), "data_dir": str(tmp_path),
+             "zoos": [{"name": "m", "task": {"name": "mnist"}, "arch": {"name": "mlp"}, "grid": {"seed": [0]}, "epochs": 1}]}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    for cmd in ("validate", "run"):
+        r = CliRunner().invoke(app, [cmd, str(path)])
+        assert r.exit_code == 2 and "n_val=5000 but only 300 samples are available" in r.output, r.output
+    assert not (tmp_path / "store").exists()
