@@ -15,16 +15,24 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 
 class ProgressBoard:
-    """Ray actor body: populations report (population, epochs done); the driver reads the totals."""
+    """Ray actor body: populations report (population, epochs done) and their phase (loading data, compiling,
+    training); the driver reads them."""
 
     def __init__(self) -> None:
         self.epochs: dict[str, int] = {}
+        self.phases: dict[str, str] = {}
 
     def report(self, population: str, epochs_done: int) -> None:
         self.epochs[population] = epochs_done
 
+    def phase(self, population: str, what: str) -> None:
+        self.phases[population] = what
+
     def snapshot(self) -> dict[str, int]:
         return dict(self.epochs)
+
+    def current_phases(self) -> dict[str, str]:
+        return dict(self.phases)
 
 
 class Display:
@@ -36,6 +44,7 @@ class Display:
         self.every_s = every_s
         self._bars: dict[str, TaskID] = {}
         self._state: dict[str, list[float]] = {}  # name -> [done, total]
+        self._notes: dict[str, str] = {}  # name -> what is happening (plain lines show it in brackets)
         self._last_line = 0.0
         self._t0 = time.perf_counter()
         self._progress = None if self.plain else Progress(
@@ -66,6 +75,8 @@ class Display:
         if name not in self._state:
             return
         self._state[name][0] = done
+        if note is not None:
+            self._notes[name] = note
         if self._progress is not None:
             kw = {"note": note} if note is not None else {}
             self._progress.update(self._bars[name], completed=done, **kw)
@@ -88,6 +99,7 @@ class Display:
         if not force and now - self._last_line < self.every_s:
             return
         self._last_line = now
-        parts = [f"{name} {done:g}/{total:g}" for name, (done, total) in self._state.items()]
+        parts = [f"{name} {done:g}/{total:g}" + (f" ({self._notes[name]})" if self._notes.get(name) else "")
+                 for name, (done, total) in self._state.items()]
         if parts:
             self.log(" | ".join(parts))

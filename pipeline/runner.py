@@ -133,7 +133,8 @@ def _train_task(pop: Any, store_root: str, precision: str, data_dir: str | None,
     shard = pop.shard
     started, t0 = time.time(), time.perf_counter()
     result = train_population(pop, device=device, precision=precision, data_dir=data_dir,
-                              progress=lambda epoch, total: board.report.remote(shard, epoch))
+                              progress=lambda epoch, total: board.report.remote(shard, epoch),
+                              status=lambda phase: board.phase.remote(shard, phase))
     t1 = time.perf_counter()
     Store(store_root).write_population(result)
     t2 = time.perf_counter()
@@ -244,7 +245,10 @@ def _run_study(study: Study, address: str | None, display: Display, tracker: Tra
     check_store_writable(study.store)
     tracker.log_study({"store": study.store, "zoos": [z.name for z in study.zoos],
                        "stages": [s.stage for s in study.analysis], **study.resources.model_dump()})
+    t_ray = time.perf_counter()
+    display.log(f"starting Ray ({address or os.environ.get('RAY_ADDRESS') or 'a local instance'}) ...")
     init_ray(address)
+    display.log(f"Ray up in {time.perf_counter() - t_ray:.1f}s; planning populations")
     store = Store(study.store)
     res = study.resources
 
@@ -317,7 +321,13 @@ def _run_study(study: Study, address: str | None, display: Display, tracker: Tra
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
                 live = ray.get(board.snapshot.remote())
                 running = sum(sizes[s] * e for s, e in live.items() if s in {p.shard for p in pending.values()})
-                display.update("model-epochs", finished_epochs + running)
+                phases = ray.get(board.current_phases.remote())
+                counts: dict[str, int] = {}
+                for p in pending.values():  # a population with no phase yet waits for a worker
+                    what = phases.get(p.shard, "waiting for a worker")
+                    counts[what] = counts.get(what, 0) + 1
+                display.update("model-epochs", finished_epochs + running,
+                               note=", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
                 for ref in ready:
                     t_result = time.perf_counter()
                     pop = pending.pop(ref)
@@ -344,6 +354,7 @@ def _run_study(study: Study, address: str | None, display: Display, tracker: Tra
                     report.populations += 1
                     display.update("models trained", report.trained_models, note=f"{pop.zoo} on {out['device']}")
                     report.driver_result_s += time.perf_counter() - t_result
+            display.update("model-epochs", finished_epochs, note="")
             ray.kill(board)
             report.phase_s["train"] = time.perf_counter() - t_phase
             for zoo_name, metrics in finals.items():  # the zoo run: its models' final metrics at a glance

@@ -177,6 +177,7 @@ def train_population(
     device: str | torch.device = "cpu",
     precision: str = "float32",
     progress: Callable[[int, int], None] | None = None,
+    status: Callable[[str], None] | None = None,
     data_dir: str | None = None,
     eval_batch: int = 512,
     fast: bool | None = None,
@@ -190,6 +191,8 @@ def train_population(
         allows, instead of vmap; None = on CUDA.
     kernels: in the population program, run stride-1 convs as `zoos.popconv`'s Triton kernels; None = where available.
     compile: torch.compile the population program's forward; None = on CUDA.
+    progress(epoch, epochs) after every epoch; status(phase) when a phase starts: "building", "first step"
+        (compiling, on a GPU), "training".
     graphs: replay each training step as a CUDA graph (one launch instead of ~100; the same kernels, the
         same run); None = on CUDA with the fast program and no augmentation.
     """
@@ -204,17 +207,18 @@ def train_population(
     try:
         with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
             torch.manual_seed(int(pop.shard.removeprefix("pop-"), 16))  # dropout masks: one stream per population
-            return _train(pop, device, precision, progress, data_dir, eval_batch, fast, kernels, graphs, compile, streams,
-                          draws)
+            return _train(pop, device, precision, progress, status or (lambda _: None), data_dir, eval_batch, fast,
+                          kernels, graphs, compile, streams, draws)
     finally:  # also on an error: no helper left reading or copying once this returns
         streams.shutdown(cancel_futures=True)
         draws.shutdown(cancel_futures=True)
 
 
-def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, data_dir, eval_batch: int,
+def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, status, data_dir, eval_batch: int,
            fast: bool | None, kernels: bool | None, graphs: bool | None, compile: bool | None,
            streams: ThreadPoolExecutor, draws: ThreadPoolExecutor) -> PopulationResult:
     clock = _Clock(device)
+    status("building")
     specs, first = pop.models, pop.first
     n_models, epochs, checkpoints = len(specs), first.epochs, list(first.checkpoints)
     batch_size, optimizer, schedule = (pop.shared(k) for k in ("batch_size", "optimizer", "lr_schedule"))
@@ -455,6 +459,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
 
     # -- training
     clock.lap("setup")
+    status("first step" + (" (compiling)" if program.compile else ""))
     module.train()
     record(0)
     clock.lap("evaluation")
@@ -474,6 +479,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
                 run_step(idx, (els, which[:, s * bs : (s + 1) * bs]))
             if epoch == 1 and s == 0:
                 clock.lap("first_step")
+                status("training")
         clock.lap("steps")
         record(epoch)
         clock.lap("evaluation")
