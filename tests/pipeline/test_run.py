@@ -65,6 +65,7 @@ def test_run_trains_analyses_logs_and_a_second_run_does_nothing(ray_local, tmp_p
         assert client.list_artifacts(run.info.run_id, "plots"), "stage plots are logged as artifacts"
     assert (tmp_path / "out" / "summary.csv").exists()
     assert "next steps" in r.output and "mlflow ui" in r.output
+    assert "starting Ray" in r.output and "Ray up in" in r.output  # the first seconds say what they wait for
 
     again = CliRunner().invoke(app, ["run", str(path), "--plain"])
     assert again.exit_code == 0, again.output
