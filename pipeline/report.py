@@ -90,15 +90,31 @@ def print_summary(console: Console, study: Study, report: Any) -> None:
     if uri.startswith(("http://", "https://")):  # a server: its own page (mlflow ui takes no server URI)
         console.print(f"  browse the runs:    {experiment_url(uri, report.experiment_id)}", soft_wrap=True)
     else:
-        console.print(f"  browse the runs:    mlflow ui --backend-store-uri {uri}", soft_wrap=True)
+        console.print(f"  browse the runs:    {_command('mlflow')} ui --backend-store-uri {uri}", soft_wrap=True)
         console.print(f"                      then {experiment_url('http://127.0.0.1:5000', report.experiment_id)}",
                       soft_wrap=True)
-    console.print(f"  query the zoo:      symzoo ls {study.store}")
+    symzoo, python = _command("symzoo"), _command("python")
+    console.print(f"  query the zoo:      {symzoo} ls {study.store}", soft_wrap=True)
     console.print(
-        f"""  in Python:          python -c "import polars as pl, zoos; """
+        f"""  in Python:          {python} -c "import polars as pl, zoos; """
         f"""print(zoos.open('{study.store}').models().filter(pl.col('status') == 'ok').collect())\"""",
         highlight=False, soft_wrap=True,
     )
+
+
+def _command(name: str) -> str:
+    """`name` as this shell can run this install's: the bare name where PATH finds it, else its full path
+    (after `make demo` without activating .venv a bare `symzoo` is not found and `python` lacks polars)."""
+    import shutil
+    import sys
+
+    here = Path(sys.executable).parent
+    found = shutil.which(name)
+    if found and Path(found).parent.resolve() == here.resolve():
+        return name
+    if (here / name).exists():
+        return str(here / name)
+    return f"{sys.executable} -m pipeline" if name == "symzoo" else name
 
 
 def _fmt(v: Any) -> str:

@@ -575,23 +575,36 @@ class Store:
         i = stacked.model_ids.index(model_id)
         return {k: v[i].clone() for k, v in stacked.tensors.items()}
 
-    def load_model(self, model_id: str, epoch: int | None = None) -> torch.nn.Module:
-        """Rebuild a stored model (task + architecture from its row) and load its weights strictly."""
-        from tasks import get_task
-        from zoos.archs import build_arch
-
+    def _row(self, model_id: str) -> dict[str, Any]:
         row = self.models().filter(pl.col("model_id") == model_id).collect()
         if row.height == 0:
             raise StoreError(f"model_id {model_id!r} is not in store {self.uri}")
-        r = row.row(0, named=True)
+        return row.row(0, named=True)
+
+    def load_task(self, model_id: str, data_dir: str | None = None) -> Any:
+        """The task a stored model was trained on, as it was configured: `task.load("test")` gives the data as the
+        model saw it (scaled, split and transformed alike), so `task.metric(model(x), y)` is the stored metric.
+        File-backed tasks read from `data_dir` (else the option they were trained with, else $SYMZOO_DATA)."""
+        from tasks import task_with_data
+
+        r = self._row(model_id)
+        options = json.loads(r["task_config"] or "{}")
+        name = options.pop("name", r["task"])
+        if data_dir is not None:
+            options.pop("data_dir", None)  # the folder asked for now, not the trained-with one
+        return task_with_data(name, options, data_dir)
+
+    def load_model(self, model_id: str, epoch: int | None = None) -> torch.nn.Module:
+        """Rebuild a stored model (task + architecture from its row) and load its weights strictly."""
+        from zoos.archs import build_arch
+
+        r = self._row(model_id)
         if r.get("arch") in (None, "imported"):
             raise StoreError(
                 f"model {model_id!r} was imported without a known architecture; "
                 "use store.state_dict(model_id) or store.to_torch() for its weights"
             )
-        task_config = json.loads(r["task_config"] or "{}")
-        task_config.setdefault("name", r["task"])
-        task = get_task(**task_config)
+        task = self.load_task(model_id)
         module = build_arch(r["arch"], task, **json.loads(r["arch_config"] or "{}"))
         module.load_state_dict(self.state_dict(model_id, epoch), strict=True)
         return module.eval()

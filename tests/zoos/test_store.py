@@ -228,3 +228,18 @@ def test_load_model_rebuilds_and_loads_strictly(tmp_path):
     torch.testing.assert_close(m(x), nets[1].eval()(x))
     with pytest.raises(StoreError, match="'nope' is not in store"):
         s.load_model("nope")
+
+
+def test_a_loaded_model_on_its_loaded_task_gives_the_stored_metric(tmp_path):
+    """What a user does with a stored model: load it and its task, evaluate on the task's test split."""
+    from tests.zoos.test_trainer import one_population, zoo_models
+    from zoos.trainer import train_population
+
+    pop = one_population(zoo_models({"seed": [0, 1]}, epochs=2))
+    store = Store(str(tmp_path / "s"))
+    store.write_population(train_population(pop))
+    for row in store.models().collect().iter_rows(named=True):
+        model, task = store.load_model(row["model_id"]), store.load_task(row["model_id"])
+        x, y = task.load("test")
+        with torch.no_grad():
+            assert float(task.metric(model(x), y)) == pytest.approx(row["test_acc"], abs=1e-6)
