@@ -84,8 +84,10 @@ def interpolation_curves(rows: pl.DataFrame, value: str, path: Path, max_pairs: 
 
 
 def pair_heatmap(rows: pl.DataFrame, column: str, path: Path, *, diagonal: float = float("nan"),
-                 cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None) -> Path:
-    """A symmetric model x model matrix of a pair metric per zoo (models in id order; unevaluated pairs blank)."""
+                 cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None,
+                 labels: dict[str, str] | None = None) -> Path:
+    """A symmetric model x model matrix of a pair metric per zoo (models in id order; unevaluated pairs blank, each
+    evaluated cell written in it). `labels` names the models on the axes (default: the first 6 characters of the id)."""
     zoos = sorted(rows["zoo"].unique().to_list())
     fig, axes = _panels(len(zoos), width=4.6, height=4.0)
     for ax, zoo in zip(axes, zoos):
@@ -97,8 +99,16 @@ def pair_heatmap(rows: pl.DataFrame, column: str, path: Path, *, diagonal: float
         for a, b, v in sub.select("model_a", "model_b", column).iter_rows():
             mat[index[a], index[b]] = mat[index[b], index[a]] = np.nan if v is None else v
         im = ax.imshow(mat, cmap=cmap, vmin=vmin, vmax=vmax)
-        ax.set(title=f"{zoo}: {column}", xlabel="model", ylabel="model")
-        fig.colorbar(im, ax=ax, fraction=0.046)
+        names = [(labels or {}).get(m, m[:6]) for m in ids]
+        ax.set_xticks(range(len(ids)), names, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(ids)), names, fontsize=6)
+        if len(ids) <= 12:  # the value in each evaluated cell
+            for i in range(len(ids)):
+                for j in range(len(ids)):
+                    if i != j and mat[i, j] == mat[i, j]:
+                        ax.text(j, i, f"{mat[i, j]:.2g}", ha="center", va="center", fontsize=6, color="w")
+        ax.set(title=f"{zoo}: {column} ({len(sub)} pairs)")
+        fig.colorbar(im, ax=ax, fraction=0.046, label=column)
     return _save(fig, path)
 
 
@@ -125,8 +135,11 @@ def metric_vs_epoch(rows: pl.DataFrame, column: str, path: Path, *, log: bool = 
     """A per-checkpoint metric against epoch, every zoo on one axis (equivariant vs baseline side by side).
 
     Thin lines: single models (up to `max_models` per zoo); thick line with markers: the zoo's median.
-    Expects columns zoo, model_id, epoch and `column`, one row per (model, epoch).
+    Expects columns zoo, model_id, epoch and `column`, one row per (model, epoch). Where every model has one
+    checkpoint there is no "through training": the values per zoo (strip and box) instead.
     """
+    if rows.height and rows.group_by("model_id").len()["len"].max() == 1:
+        return metric_by_zoo(rows, column, path, log=log)
     zoos = sorted(rows["zoo"].unique().to_list())
     fig, ax = plt.subplots(figsize=(5.6, 3.6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -148,6 +161,26 @@ def metric_vs_epoch(rows: pl.DataFrame, column: str, path: Path, *, log: bool = 
         ax.set_yscale("log")
     ax.set(xlabel="epoch", ylabel=column, title=f"{column} through training")
     ax.legend(loc="best", fontsize=8)
+    return _save(fig, path)
+
+
+def metric_by_zoo(rows: pl.DataFrame, column: str, path: Path, *, log: bool = False) -> Path:
+    """One value per model, per zoo: strip and box (the epoch in the title)."""
+    zoos = sorted(rows["zoo"].unique().to_list())
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(zoos), 3.4))
+    rng = np.random.default_rng(0)
+    data = [rows.filter((pl.col("zoo") == z) & pl.col(column).is_not_null())[column].to_numpy() for z in zoos]
+    if log:
+        data = [np.clip(d, 1e-12, None) for d in data]
+    ax.boxplot(data, tick_labels=zoos, showfliers=False)
+    for i, d in enumerate(data, start=1):
+        ax.scatter(i + rng.uniform(-0.15, 0.15, len(d)), d, s=10, alpha=0.7)
+    if log:
+        ax.set_yscale("log")
+    epochs = sorted(set(rows["epoch"].to_list())) if "epoch" in rows.columns else []
+    when = f"epoch {epochs[0]}" if len(epochs) == 1 else "each model's last checkpoint"
+    ax.set(ylabel=column, title=f"{column} at {when}")
+    ax.tick_params(axis="x", rotation=20)
     return _save(fig, path)
 
 

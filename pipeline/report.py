@@ -11,6 +11,7 @@ from rich.table import Table
 
 from analysis import plots
 from pipeline.tracking import experiment_url
+from zoos.trainer import LEARNED
 from pipeline.study import Study
 
 
@@ -18,26 +19,44 @@ def _final_metric_columns(models: pl.DataFrame) -> list[str]:
     return [c for c in models.columns if c.startswith("test_") and models[c].dtype.is_numeric()]
 
 
+def _learned(models: pl.DataFrame) -> pl.Expr:
+    """ok models that learned (`learned` is false for a model whose training loss stayed near its initial value;
+    stores written before the column existed count every ok model)."""
+    ok = pl.col("status") == "ok"
+    return ok & pl.col("learned").fill_null(True) if "learned" in models.columns else ok
+
+
+def _without_unlearned(rows: pl.DataFrame, unlearned: set[str]) -> pl.DataFrame:
+    """A stage's rows less those of models that never learned (per model, or either side of a pair)."""
+    for col in ("model_id", "model_a", "model_b"):
+        if col in rows.columns and unlearned:
+            rows = rows.filter(~pl.col(col).is_in(sorted(unlearned)))
+    return rows
+
+
 def summarise(store: Any, study: Study, out_dir: Path) -> tuple[pl.DataFrame, list[Path], dict[str, list[Path]]]:
-    """Per-zoo summary (also written as CSV), study plots, and plots per analysis stage."""
+    """Per-zoo summary (also written as CSV: every statistic with its spread in sibling columns), study plots, and
+    plots per analysis stage. Zoo statistics leave out models that diverged or never learned (counted apart)."""
     from pipeline.stages import STAGES
+    from pipeline.stages.common import mean_sd
 
     names = [z.name for z in study.zoos]
     models = store.models().filter(pl.col("zoo").is_in(names)).collect()
     metric_cols = _final_metric_columns(models)
-    aggs = [pl.len().alias("models"), (pl.col("status") == "ok").sum().alias("ok"),
-            (pl.col("status") == "diverged").sum().alias("diverged"), pl.col("n_params").first().alias("params")]
-    aggs += [pl.col(c).filter(pl.col("status") == "ok").mean().alias(c) for c in metric_cols]
+    good = _learned(models)
+    aggs = [pl.len().alias("models"), good.sum().alias("ok"), (pl.col("status") == "diverged").sum().alias("diverged"),
+            ((pl.col("status") == "ok") & ~good).sum().alias("not_learned"), pl.col("n_params").first().alias("params")]
+    aggs += [e for c in metric_cols for e in mean_sd(pl.col(c).filter(good), c)]
     summary = models.group_by("zoo").agg(aggs).sort("zoo")
+    unlearned = set(models.filter((pl.col("status") == "ok") & ~good)["model_id"].to_list())
 
     plot_paths: list[Path] = []
     curves = store.curves().filter(pl.col("zoo").is_in(names)).collect()
     curve_metric = next((c for c in ("test_acc", "test_rel_mse", "test_loss") if c in curves.columns), None)
     if curve_metric and curves.height:
         plot_paths.append(plots.training_curves(curves, curve_metric, out_dir / "training_curves.png"))
-    if metric_cols and models.height:
-        plot_paths.append(plots.metric_distribution(models.filter(pl.col("status") == "ok"), metric_cols[:3],
-                                                    out_dir / "final_metrics.png"))
+    if metric_cols and models.filter(good).height:
+        plot_paths.append(plots.metric_distribution(models.filter(good), metric_cols[:3], out_dir / "final_metrics.png"))
 
     stage_plots: dict[str, list[Path]] = {}
     present = store.stages()
@@ -46,38 +65,88 @@ def summarise(store: Any, study: Study, out_dir: Path) -> tuple[pl.DataFrame, li
             continue
         rows = store.analysis(stage.stage).filter(pl.col("zoo").is_in(names)).collect()
         impl = STAGES[stage.stage]
-        summary = summary.join(impl.summary_columns(rows), on="zoo", how="left")
-        stage_plots[stage.stage] = impl.plots(rows, out_dir)
+        summary = summary.join(impl.summary_columns(_without_unlearned(rows, unlearned)), on="zoo", how="left")
+        stage_plots[stage.stage] = impl.plots(rows, out_dir)  # the plots show every model, the statistics the learned
         plot_paths += stage_plots[stage.stage]
     summary.write_csv(out_dir / "summary.csv")
     return summary, plot_paths, stage_plots
 
 
-# Column headers of the summary table, where the column name alone says too little.
+# Row titles of the summary table, where the column name alone says too little.
 COLUMN_TITLES = {
     "test_acc": "test acc", "orbit_acc": "acc over orbit", "equiv_error": "equiv. error",
     "barrier_naive": "barrier naive", "barrier_aligned": "barrier aligned", "test_rel_mse": "test rel. MSE",
-    "orbit_rel_mse": "rel. MSE over orbit",
+    "orbit_rel_mse": "rel. MSE over orbit", "pairs": "pairs", "matching_worse": "pairs matching made worse",
     "wdist_first": "w-dist to equiv. first", "wdist_last": "w-dist to equiv. last", "hessian_top": "Hessian top eig.",
     "hessian_trace": "Hessian trace", "lie_relative": "Lie deriv. (relative)",
     "cka_output": "CKA output", "cka_penult": "CKA penult.", "l2_dist": "L2 dist.", "canon_dist": "canonical dist.",
     "fdim_over_bound": "fdim / bound", "fdim_over_params": "fdim / params", "bezier_barrier": "Bezier barrier",
     "line_barrier": "line barrier", "cross_barrier_naive": "cross-zoo barrier naive",
     "cross_barrier_aligned": "cross-zoo barrier aligned", "test_psnr": "test PSNR (dB)",
+    "not_learned": "not learned (left out)", "ok": "ok (in the statistics)",
 }
 
 
+def _title(column: str) -> str:
+    if column.startswith("lie_") and column not in COLUMN_TITLES:
+        return f"Lie deriv. {column.removeprefix('lie_')} (rel.)"
+    return COLUMN_TITLES.get(column, column)
+
+
+def summary_rows(summary: pl.DataFrame) -> list[tuple[str, list[str]]]:
+    """The summary as (row title, one cell per zoo): a statistic's row says mean ± sd or median [q25, q75]."""
+    from pipeline.stages.common import Q25, Q75, SD
+
+    cols = set(summary.columns)
+    out = []
+    for c in summary.columns:
+        if c == "zoo" or c.endswith((SD, Q25, Q75)) or c in ("test_loss", "test_loss" + SD):
+            continue
+        if c == "diverged" and not (summary[c].fill_null(0) > 0).any():
+            continue
+        values = summary[c].to_list()
+        if c + SD in cols:
+            cells = [_spread(v, sd=s) for v, s in zip(values, summary[c + SD].to_list())]
+            out.append((f"{_title(c)} (mean ± sd)", cells))
+        elif c + Q25 in cols:
+            cells = [_spread(v, lo=lo, hi=hi) for v, lo, hi in zip(values, summary[c + Q25].to_list(), summary[c + Q75].to_list())]
+            out.append((f"{_title(c)} (median [IQR])", cells))
+        else:
+            out.append((_title(c), [_fmt(v) for v in values]))
+    return out
+
+
+def _spread(v: Any, sd: Any = None, lo: Any = None, hi: Any = None) -> str:
+    if v is None or v != v:
+        return ""
+    if lo is not None and hi is not None:
+        return f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]"
+    return f"{_fmt(v)} ± {_fmt(sd)}" if sd is not None and sd == sd else _fmt(v)
+
+
 def print_summary(console: Console, study: Study, report: Any) -> None:
-    """The table a person reads at the end of `symzoo run`, then what to do next."""
+    """The table a person reads at the end of `symzoo run` (a row per statistic, a column per zoo, split into
+    tables that fit the terminal), then what to do next."""
     summary = report.summary
     if summary is not None and summary.height:
-        shown = [c for c in summary.columns if c not in ("test_loss",) and not (c == "diverged" and not summary[c].sum())]
-        table = Table(title=f"study {study.study}", header_style="bold")
-        for c in shown:
-            table.add_column(COLUMN_TITLES.get(c, c), justify="left" if c == "zoo" else "right")
-        for row in summary.select(shown).iter_rows():
-            table.add_row(*[_fmt(v) for v in row])
-        console.print(table)
+        rows = summary_rows(summary)
+        zoos = summary["zoo"].to_list()
+        label = max(len(t) for t, _ in rows) + 2
+        cell = max([len(z) for z in zoos] + [len(v) for _, cells in rows for v in cells]) + 3
+        per_table = max(1, (console.width - label) // cell)
+        for start in range(0, len(zoos), per_table):
+            part = zoos[start:start + per_table]
+            table = Table(title=f"study {study.study}" if start == 0 else None, header_style="bold")
+            table.add_column("", justify="left", no_wrap=True)
+            for z in part:
+                table.add_column(z, justify="right", no_wrap=True)
+            for title, cells in rows:
+                table.add_row(title, *cells[start:start + per_table])
+            console.print(table)
+        left_out = int(summary["not_learned"].fill_null(0).sum()) if "not_learned" in summary.columns else 0
+        if left_out:
+            console.print(f"{left_out} models never learned (final training loss >= {LEARNED:.0%} of its initial value): "
+                          "counted, left out of the statistics; the models table's `learned` column marks them")
     console.print(
         f"trained {report.trained_models} models ({report.skipped_models} already stored) in {report.wall_s:.1f}s; "
         f"MLflow: {report.tracking_s:.1f}s of logging, {report.tracking_wait_s:.1f}s of it waited for "
@@ -118,6 +187,8 @@ def _command(name: str) -> str:
 
 
 def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return ""
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1e-2 and v != 0 else f"{v:.3f}"
     return str(v)

@@ -72,6 +72,7 @@ SPLITS = ("train", "val", "test")
 DATA_SEED = 0  # the seed of the task's data split, the same for every model of a zoo
 ADAM_BETA2, ADAM_EPS = 0.999, 1e-8
 LIE_AUGMENT_POOL = 16  # group elements drawn per epoch to augment with, for continuous groups
+LEARNED = 0.95  # a model learned when its final training loss is below this fraction of its loss at init
 
 
 class TrainError(ValueError):
@@ -503,6 +504,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
             **m.factors,
             **own_columns[i],
             "status": "ok" if alive_list[i] else "diverged",
+            "learned": bool(alive_list[i] and curves["train_loss"][i, -1] < LEARNED * curves["train_loss"][i, 0]),
             **{name: float(curves[name][i, -1]) for name in names},
             "n_params": n_params,
             "epochs": epochs,

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 
 from analysis import plots
-from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, ok_models, pair_population, shard_name
+from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, mean_sd, ok_models, pair_population, shard_name
 from pipeline.stages.interpolation import sample_pairs
 
 
@@ -81,8 +81,8 @@ class Bezier(Stage):
         return rows
 
     def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
-        return rows.group_by("zoo").agg(pl.col("barrier_loss_linear").mean().alias("line_barrier"),
-                                        pl.col("barrier_loss_bezier").mean().alias("bezier_barrier"))
+        return rows.group_by("zoo").agg(pl.len().alias("bezier_pairs"), *mean_sd("barrier_loss_linear", "line_barrier"),
+                                        *mean_sd("barrier_loss_bezier", "bezier_barrier"))
 
     def plots(self, rows: pl.DataFrame, out_dir: Path) -> list[Path]:
         return [plots.path_curves(rows, "test_loss", {"linear": "straight line", "bezier": "Bezier curve"},

@@ -21,6 +21,22 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Item = dict[str, str]
 
+# Summary columns carry their spread in sibling columns: <name>__sd for a mean, <name>__q25 / <name>__q75 for a
+# median (pipeline.report prints "mean ± sd" or "median [q25, q75]" and says which).
+SD, Q25, Q75 = "__sd", "__q25", "__q75"
+
+
+def mean_sd(column: str | pl.Expr, name: str) -> list[pl.Expr]:
+    """A summary column as the mean, with the standard deviation beside it."""
+    e = pl.col(column) if isinstance(column, str) else column
+    return [e.mean().alias(name), e.std().alias(name + SD)]
+
+
+def median_iqr(column: str | pl.Expr, name: str) -> list[pl.Expr]:
+    """A summary column as the median (for heavy-tailed values), with the quartiles beside it."""
+    e = pl.col(column) if isinstance(column, str) else column
+    return [e.median().alias(name), e.quantile(0.25).alias(name + Q25), e.quantile(0.75).alias(name + Q75)]
+
 
 class Settings(BaseModel):
     """Settings every stage takes; a stage subclasses this with its own fields and defaults."""

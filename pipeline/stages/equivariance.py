@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 
 from analysis import plots
-from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, model_context, ok_models, shard_name, stacked, test_batch
+from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, mean_sd, median_iqr, model_context, ok_models, shard_name, stacked, test_batch
 
 
 class EquivarianceSettings(Settings):
@@ -64,8 +64,8 @@ class Equivariance(Stage):
 
     def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
         orbit = [c for c in rows.columns if c.startswith("orbit_") and not c.endswith("_worst")]
-        return rows.group_by("zoo").agg(pl.col("equivariance_error").median().alias("equiv_error"),
-                                        *[pl.col(c).mean() for c in orbit])
+        return rows.group_by("zoo").agg(*median_iqr("equivariance_error", "equiv_error"),
+                                        *[e for c in orbit for e in mean_sd(c, c)])
 
     def plots(self, rows: pl.DataFrame, out_dir: Path) -> list[Path]:
         return [plots.equivariance_by_zoo(rows, "equivariance_error", out_dir / "equivariance_error.png")]

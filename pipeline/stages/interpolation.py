@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 
 from analysis import plots
-from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, ok_models, pair_population, shard_name
+from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, mean_sd, ok_models, pair_population, shard_name
 
 
 class InterpolationSettings(Settings):
@@ -132,8 +132,10 @@ class Interpolation(Stage):
 
     def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
         last = last_epoch_rows(rows, ["zoo", "model_a", "model_b"])
-        return last.group_by("zoo").agg(pl.col("barrier_loss_naive").mean().alias("barrier_naive"),
-                                        pl.col("barrier_loss_aligned").mean().alias("barrier_aligned"))
+        worse = (pl.col("barrier_loss_aligned") > pl.col("barrier_loss_naive")).sum()
+        return last.group_by("zoo").agg(pl.len().alias("pairs"), worse.alias("matching_worse"),
+                                        *mean_sd("barrier_loss_naive", "barrier_naive"),
+                                        *mean_sd("barrier_loss_aligned", "barrier_aligned"))
 
     def plots(self, rows: pl.DataFrame, out_dir: Path) -> list[Path]:
         last = last_epoch_rows(rows, ["zoo", "model_a", "model_b"])
@@ -183,8 +185,8 @@ class InterpolationCross(Interpolation):
 
     def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
         last = last_epoch_rows(rows, ["zoo", "zoo_b", "model_a", "model_b"])
-        return last.group_by("zoo").agg(pl.col("barrier_loss_naive").mean().alias("cross_barrier_naive"),
-                                        pl.col("barrier_loss_aligned").mean().alias("cross_barrier_aligned"))
+        return last.group_by("zoo").agg(pl.len().alias("cross_pairs"), *mean_sd("barrier_loss_naive", "cross_barrier_naive"),
+                                        *mean_sd("barrier_loss_aligned", "cross_barrier_aligned"))
 
     def plots(self, rows: pl.DataFrame, out_dir: Path) -> list[Path]:
         last = last_epoch_rows(rows, ["zoo", "zoo_b", "model_a", "model_b"])

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from analysis import plots
 from pipeline.stages.checkpoint import CheckpointSettings, CheckpointStage
-from pipeline.stages.common import test_batch
+from pipeline.stages.common import median_iqr, test_batch
 
 
 class LandscapeSettings(CheckpointSettings):
@@ -47,8 +47,7 @@ class Landscape(CheckpointStage):
 
     def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
         last = rows.filter(pl.col("epoch") == pl.col("epoch").max().over("model_id"))
-        return last.group_by("zoo").agg(pl.col("hessian_top").median().alias("hessian_top"),
-                                        pl.col("hessian_trace").median().alias("hessian_trace"))
+        return last.group_by("zoo").agg(*median_iqr("hessian_top", "hessian_top"), *median_iqr("hessian_trace", "hessian_trace"))
 
     def plots(self, rows: pl.DataFrame, out_dir: Path) -> list[Path]:
         return [plots.metric_vs_epoch(rows, "hessian_top", out_dir / "hessian_top.png", log=True),

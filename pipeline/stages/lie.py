@@ -5,8 +5,8 @@ along each of the group's Lie-algebra generators, acting on inputs and outputs. 
 taken along continuous image flows (rotation, translation in pixels, log-scale), the outputs treated
 as invariant: a finite-group model (p4 CNN) is exact under rot90 but need not be under a small
 rotation, and this stage shows how far. Rows store one norm per direction (`directions`, `lie_norms`),
-their mean `lie_derivative`, and `lie_relative` (that mean over the mean output norm), which compares
-models whose outputs differ in scale. Other tasks (finite groups on points) have no flow: null rows.
+their mean `lie_derivative`, `output_scale` (the mean output norm) and `lie_relative` (the mean over it),
+which compares models whose outputs differ in scale; the summary has one relative column per direction. Other tasks (finite groups on points) have no flow: null rows.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 
 from analysis import plots
 from pipeline.stages.checkpoint import CheckpointSettings, CheckpointStage
-from pipeline.stages.common import test_batch
+from pipeline.stages.common import median_iqr, test_batch
 
 
 class LieSettings(CheckpointSettings):
@@ -60,17 +60,26 @@ class Lie(CheckpointStage):
                                  for f in directions], 1)
         else:
             return {"group": task.group.name, "applicable": False, "directions": [], "lie_norms": [],
-                    "lie_derivative": None, "lie_relative": None}
+                    "lie_derivative": None, "lie_relative": None, "output_scale": None}
         with evaluating(module), torch.no_grad():
             scale = lie_norm(population_forward(module, params, buffers, x))
         mean = norms.mean(1)
         return {"group": task.group.name, "applicable": True, "directions": directions,
                 "lie_norms": norms, "lie_derivative": mean,
-                "lie_relative": mean / scale.clamp_min(1e-30)}
+                "lie_relative": mean / scale.clamp_min(1e-30), "output_scale": scale}
 
     def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
         last = rows.filter(pl.col("applicable") & (pl.col("epoch") == pl.col("epoch").max().over("model_id")))
-        return last.group_by("zoo").agg(pl.col("lie_relative").median().alias("lie_relative"))
+        if not last.height:
+            return rows.select("zoo").unique()
+        # one column per direction (a flow or a generator): its norm over the output scale, as lie_relative is
+        scale = (pl.col("output_scale") if "output_scale" in last.columns  # rows written before it was stored:
+                 else pl.when(pl.col("lie_relative") > 0).then(pl.col("lie_derivative") / pl.col("lie_relative")))
+        per = (last.explode("directions", "lie_norms")
+               .with_columns((pl.col("lie_norms") / scale.clip(lower_bound=1e-30)).alias("rel")))
+        directions = per["directions"].unique(maintain_order=True).to_list()
+        return per.group_by("zoo").agg(*[e for d in directions
+                                         for e in median_iqr(pl.col("rel").filter(pl.col("directions") == d), f"lie_{d}")])
 
     def plots(self, rows: pl.DataFrame, out_dir: Path) -> list[Path]:
         ok = rows.filter(pl.col("applicable"))

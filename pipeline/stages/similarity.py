@@ -33,7 +33,7 @@ from torch import nn
 
 from analysis import plots
 from pipeline.stages.checkpoint import CheckpointSettings, CheckpointStage
-from pipeline.stages.common import CONTEXT, Item, Settings, Stage, by_context, done_keys, pair_population, shard_name, test_batch
+from pipeline.stages.common import CONTEXT, Item, Settings, Stage, by_context, done_keys, mean_sd, median_iqr, pair_population, shard_name, test_batch
 from pipeline.stages.interpolation import last_epoch_rows, pick_epochs, sample_pairs, stored_epochs
 from zoos.spec import FACTORS
 
@@ -118,10 +118,9 @@ class Similarity(Stage):
 
     def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
         last = last_epoch_rows(rows, ["zoo", "model_a", "model_b"])
-        return last.group_by("zoo").agg(pl.col("cka_output").mean().alias("cka_output"),
-                                        pl.col("cka_penultimate").mean().alias("cka_penult"),
-                                        pl.col("l2_distance").median().alias("l2_dist"),
-                                        pl.col("canonical_distance").median().alias("canon_dist"))
+        return last.group_by("zoo").agg(pl.len().alias("similarity_pairs"), *mean_sd("cka_output", "cka_output"),
+                                        *mean_sd("cka_penultimate", "cka_penult"), *median_iqr("l2_distance", "l2_dist"),
+                                        *median_iqr("canonical_distance", "canon_dist"))
 
     def plots(self, rows: pl.DataFrame, out_dir: Path) -> list[Path]:
         last = last_epoch_rows(rows, ["zoo", "model_a", "model_b"])
@@ -208,8 +207,8 @@ class Funcdim(CheckpointStage):
 
     def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
         last = rows.filter(pl.col("epoch") == pl.col("epoch").max().over("model_id"))
-        return last.group_by("zoo").agg(pl.col("rank_over_params").median().alias("fdim_over_params"),
-                                        pl.col("rank_over_bound").median().alias("fdim_over_bound"))
+        return last.group_by("zoo").agg(*median_iqr("rank_over_params", "fdim_over_params"),
+                                        *median_iqr("rank_over_bound", "fdim_over_bound"))
 
     def plots(self, rows: pl.DataFrame, out_dir: Path) -> list[Path]:
         last = rows.filter(pl.col("epoch") == pl.col("epoch").max().over("model_id"))

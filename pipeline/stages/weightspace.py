@@ -19,6 +19,7 @@ import polars as pl
 import torch
 
 from analysis import plots
+from pipeline.stages.common import median_iqr
 from pipeline.stages.checkpoint import CheckpointSettings, CheckpointStage, Epochs
 
 
@@ -55,8 +56,8 @@ class Weightspace(CheckpointStage):
         ok = rows.filter(pl.col("applicable"))
         first = ok.filter(pl.col("epoch") == pl.col("epoch").min().over("model_id"))
         last = ok.filter(pl.col("epoch") == pl.col("epoch").max().over("model_id"))
-        return (first.group_by("zoo").agg(pl.col("weight_distance").median().alias("wdist_first"))
-                .join(last.group_by("zoo").agg(pl.col("weight_distance").median().alias("wdist_last")), on="zoo"))
+        return (first.group_by("zoo").agg(*median_iqr("weight_distance", "wdist_first"))
+                .join(last.group_by("zoo").agg(*median_iqr("weight_distance", "wdist_last")), on="zoo"))
 
     def plots(self, rows: pl.DataFrame, out_dir: Path) -> list[Path]:
         ok = rows.filter(pl.col("applicable"))

@@ -341,3 +341,17 @@ def test_init_model_leaves_the_random_generators_as_they_were(device):
     assert torch.equal(after, state)
     again = init_model(m.arch, m.arch_config, m.factors, task).state_dict()
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_a_model_whose_loss_stays_at_its_start_is_marked_not_learned():
+    """learned: the final training loss fell below LEARNED x its value at init (a model stuck at chance is ok,
+    not diverged, but learned nothing: the summary leaves it out of zoo statistics)."""
+    from zoos.trainer import LEARNED
+
+    models = zoo_models({"seed": [0], "lr": [1e-9, 3e-3], "optimizer": ["adam"]}, epochs=3)
+    result = train_population(one_population(models))
+    by_lr = {m["lr"]: m for m in result.models}
+    assert by_lr[1e-9]["status"] == "ok" and by_lr[1e-9]["learned"] is False
+    assert by_lr[3e-3]["learned"] is True
+    i = [m["lr"] for m in result.models].index(3e-3)
+    assert result.curves["train_loss"][i, -1] < LEARNED * result.curves["train_loss"][i, 0]
