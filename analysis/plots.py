@@ -290,11 +290,12 @@ def rank_vs_bound(rows: pl.DataFrame, path: Path) -> Path:
 
 
 def phase_diagram(cells: pl.DataFrame, metric: str, path: Path, *, title: str | None = None,
-                  load_label: str = "load", temperature_label: str = "temperature") -> Path:
+                  load_label: str = "load", temperature_label: str = "temperature", count: str | None = None) -> Path:
     """A metric over the temperature x load grid as a heatmap, one panel per architecture, one colour scale.
 
     Expects one row per cell with columns arch, load, temperature, n_params and `metric`; each cell shows
-    its value, rows are labelled with the load and the parameter count, missing cells stay blank.
+    its value (and, with `count`, n = that column: the models or pairs it averages), rows are labelled with
+    the load and the parameter count, missing cells stay blank.
     """
     archs = sorted(cells["arch"].unique().to_list())
     values = cells[metric].drop_nulls().drop_nans().to_numpy() if cells[metric].dtype.is_float() else cells[metric].drop_nulls().to_numpy()
@@ -304,16 +305,20 @@ def phase_diagram(cells: pl.DataFrame, metric: str, path: Path, *, title: str | 
         sub = cells.filter(pl.col("arch") == arch)
         loads, temps = sorted(sub["load"].unique().to_list()), sorted(sub["temperature"].unique().to_list())
         mat = np.full((len(loads), len(temps)), np.nan)
+        counts = np.zeros_like(mat)
         params = {}
-        for load, temp, n, v in sub.select("load", "temperature", "n_params", metric).iter_rows():
+        counted = sub[count].fill_null(0).to_list() if count and count in sub.columns else [None] * sub.height
+        for (load, temp, n, v), k in zip(sub.select("load", "temperature", "n_params", metric).iter_rows(), counted):
             mat[loads.index(load), temps.index(temp)] = np.nan if v is None else v
+            counts[loads.index(load), temps.index(temp)] = -1 if k is None else k
             params[load] = n
         im = ax.imshow(mat, cmap="viridis", vmin=vmin, vmax=vmax, origin="lower", aspect="auto")
         for i in range(len(loads)):
             for j in range(len(temps)):
                 if np.isfinite(mat[i, j]):
                     bright = (mat[i, j] - vmin) / (vmax - vmin or 1.0) > 0.6
-                    ax.text(j, i, f"{mat[i, j]:.3g}", ha="center", va="center", fontsize=8, color="k" if bright else "w")
+                    label = f"{mat[i, j]:.3g}" + (f"\nn={int(counts[i, j])}" if counts[i, j] >= 0 else "")
+                    ax.text(j, i, label, ha="center", va="center", fontsize=7, color="k" if bright else "w")
         ax.set_xticks(range(len(temps)), [f"{t:g}" for t in temps])
         ax.set_yticks(range(len(loads)), [f"{v:g} ({params[v]})" for v in loads])
         ax.set(title=arch, xlabel=temperature_label, ylabel=f"{load_label} (params)")

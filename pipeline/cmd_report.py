@@ -1,10 +1,13 @@
-"""`symzoo report STORE --study NAME`: the phase diagrams of a study as one self-contained HTML page.
+"""`symzoo report STORE --study NAME`: every result of a study as one self-contained HTML page.
 
-Reads the stored models and analysis rows of the study (`pipeline.phases`), draws one phase diagram
-per metric (a heatmap over temperature x load, a panel per architecture), writes the tables behind
-them as CSV, and puts everything on one HTML page: plots embedded as base64 PNG, tables as HTML, so
-the page can be mailed or archived alone. The plots, tables and page are logged to the study's MLflow
-experiment as a `phases` stage run (unless --no-log).
+Reads the study's stored models and analysis rows and writes one page: the summary (a row per statistic,
+a column per zoo, each with its spread, and how many models never learned), a section per analysis stage
+that stored results (its plots and, for pair stages, every pair's numbers), and, where the study grids a
+temperature factor (batch size or lr) against a load factor (width, data, depth) within an architecture,
+the phase diagrams (`pipeline.phases`: a heatmap per metric, each cell with the number of models or pairs
+it averages) with their tables as CSV. Plots are embedded as base64 PNG and tables as HTML, so the page can
+be mailed or archived alone. The page, plots and tables are logged to the study's MLflow experiment as a
+`report` stage run (unless --no-log).
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ from pipeline.cli import app, console, fail
 
 
 @dataclass
-class PhaseReport:
-    """What `write_report` wrote: the page, the tables and the diagrams, and the tables themselves."""
+class StudyReport:
+    """What `write_report` wrote: the page, the tables and the plots; the summary and, where the study has a
+    temperature x load grid, its phase cells (else `no_phases` says why there are none)."""
 
     page: Path
     tables: list[Path] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
+    summary: pl.DataFrame | None = None
     cells: pl.DataFrame | None = None
     matched: pl.DataFrame | None = None
+    no_phases: str = ""
 
 
 def _fmt(v: Any) -> str:
@@ -58,61 +64,137 @@ td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#eee}
 img{max-width:900px}figcaption{font-size:11px;color:#666}"""
 
 
-def write_report(store: Any, study: str, out_dir: Path, temperature: str | None = None, load: str | None = None) -> PhaseReport:
-    """Phase diagrams, their tables (CSV) and the HTML page of `study` into `out_dir`."""
+STAGE_TITLES = {
+    "interpolation": "Linear mode connectivity: loss along the line between two models, naive and after weight matching",
+    "interpolation_cross": "Linear mode connectivity across zoos",
+    "bezier": "Bezier-curve mode connectivity",
+    "equivariance": "Equivariance error and accuracy over the group orbit",
+    "weightspace": "Distance of the weights to the equivariant subspace",
+    "landscape": "Loss landscape: Hessian top eigenvalue and trace",
+    "lie": "Lie derivative: local equivariance error under continuous transformations",
+    "similarity": "Representation similarity: CKA and distances between models",
+    "funcdim": "Functional dimension against the symmetry bound",
+}
+PAIR_COLUMNS = ("barrier_loss_naive", "barrier_loss_aligned", "barrier_err_naive", "barrier_err_aligned",
+                "barrier_loss_linear", "barrier_loss_bezier", "cka_output", "cka_penultimate", "l2_distance",
+                "canonical_distance")
+
+
+def _summary_html(summary: pl.DataFrame) -> str:
+    from pipeline.report import summary_rows
+
+    rows = summary_rows(summary)
+    frame = pl.DataFrame({"": [t for t, _ in rows], **{z: [cells[i] for _, cells in rows] for i, z in enumerate(summary["zoo"])}})
+    return html_table(frame)
+
+
+def _pairs_html(store: Any, stage: str, zoos: list[str]) -> str:
+    """Every pair of a pair stage at its last epoch, with its numbers (collapsed: a study may hold many)."""
+    rows = store.analysis(stage).filter(pl.col("zoo").is_in(zoos)).collect()
+    if "model_a" not in rows.columns or not rows.height:
+        return ""
+    keys = [c for c in ("zoo", "zoo_b", "model_a", "model_b") if c in rows.columns]
+    if "epoch" in rows.columns:
+        rows = rows.filter(pl.col("epoch") == pl.col("epoch").max().over(keys))
+    cols = keys + [c for c in PAIR_COLUMNS if c in rows.columns]
+    table = rows.select(cols).with_columns(pl.col("model_a").str.slice(0, 8), pl.col("model_b").str.slice(0, 8))
+    worse = ""
+    if {"barrier_loss_naive", "barrier_loss_aligned"} <= set(rows.columns):
+        n = rows.filter(pl.col("barrier_loss_aligned") > pl.col("barrier_loss_naive")).height
+        worse = f" Weight matching raised the loss barrier in {n} of {rows.height} pairs."
+    return (f"<details><summary>{rows.height} pairs, one row each (last epoch).{worse}</summary>"
+            f"{html_table(table.sort(keys))}</details>")
+
+
+def write_report(store: Any, study: str, out_dir: Path, temperature: str | None = None, load: str | None = None) -> StudyReport:
+    """The study's page (report.html), its summary, stage plots and, where it has the grid, phase diagrams."""
     from analysis import plots
     from pipeline import phases
+    from pipeline.report import summarise_zoos
 
-    cells = phases.cell_table(store, study, temperature, load)
-    models = phases.model_table(store, study, temperature, load)
-    metrics = phases.metrics_present(cells)
-    matched = phases.matched_table(cells, [m.name for m in metrics])
-    t_name, l_name = cells["temperature_factor"][0], cells["load_factor"][0]
+    models = phases.study_models(store, study)  # PhaseError naming the studies present when there is none
+    zoos = sorted(models["zoo"].unique().to_list())
+    stages = [st for st in store.stages() if store.analysis(st).filter(pl.col("zoo").is_in(zoos)).select(pl.len()).collect().item()]
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = PhaseReport(page=out_dir / "phases.html", cells=cells, matched=matched)
-    for name, frame in (("phases_cells", cells), ("phases_models", models), ("phases_matched", matched)):
-        frame.write_csv(out_dir / f"{name}.csv")
-        report.tables.append(out_dir / f"{name}.csv")
-    for m in metrics:
-        report.plots.append(plots.phase_diagram(cells, m.name, out_dir / f"phase_{m.name}.png", title=f"{study}: {m.title}",
-                                                load_label=l_name, temperature_label=t_name))
+    report = StudyReport(page=out_dir / "report.html")
+    report.summary, study_plots, stage_plots = summarise_zoos(store, zoos, stages, out_dir)
+    report.tables.append(out_dir / "summary.csv")
+    report.plots += study_plots
 
-    shown = ["arch", "load", "temperature", "n_params", "models", "ok", *[m.name for m in metrics],
-             *[c for c in cells.columns if c.endswith("_pairs")]]
-    archs = ", ".join(sorted(cells["arch"].unique().to_list()))
+    phase_parts: list[str] = []
+    try:
+        cells = phases.cell_table(store, study, temperature, load)
+    except phases.PhaseError as e:
+        if temperature or load:  # axes the user named must exist
+            raise
+        report.no_phases = str(e)
+        phase_parts = [f"<p>No phase diagram: {html.escape(str(e))}.</p>"]
+    else:
+        phase_models = phases.model_table(store, study, temperature, load)
+        metrics = phases.metrics_present(cells)
+        report.cells, report.matched = cells, phases.matched_table(cells, [m.name for m in metrics])
+        t_name, l_name = cells["temperature_factor"][0], cells["load_factor"][0]
+        for name, frame in (("phases_cells", cells), ("phases_models", phase_models), ("phases_matched", report.matched)):
+            frame.write_csv(out_dir / f"{name}.csv")
+            report.tables.append(out_dir / f"{name}.csv")
+        diagrams = [plots.phase_diagram(cells, m.name, out_dir / f"phase_{m.name}.png", title=f"{study}: {m.title}",
+                                        load_label=l_name, temperature_label=t_name,
+                                        count="ok" if m.source in ("models", "landscape") else f"{m.source}_pairs")
+                    for m in metrics]
+        report.plots += diagrams
+        shown = ["arch", "load", "temperature", "n_params", "models", "ok", *[m.name for m in metrics],
+                 *[c for c in cells.columns if c.endswith("_pairs")]]
+        phase_parts = [
+            f"<p>temperature = <b>{html.escape(t_name)}</b>, load = <b>{html.escape(l_name)}</b>; {cells.height} cells. "
+            "Per-model metrics average the cell's ok models at their last checkpoint, pair metrics the pairs of seeds "
+            "within the cell; n in each cell counts them.</p>",
+            *[_img(p) for p in diagrams],
+            "<h3>Architectures side by side (i-th load level of each)</h3>", html_table(report.matched),
+            "<h3>Cells</h3>", html_table(cells.select([c for c in shown if c in cells.columns])),
+        ]
+
+    archs = ", ".join(sorted(models["arch"].unique().to_list()))
     parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(study)}: phase diagrams</title>",
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(study)}: report</title>",
         f"<style>{STYLE}</style></head><body>",
-        f"<h1>{html.escape(study)}: phase diagrams</h1>",
-        f"<p>{models.height} models in {cells.height} cells; architectures: {html.escape(archs)}; "
-        f"temperature = <b>{html.escape(t_name)}</b>, load = <b>{html.escape(l_name)}</b>. "
-        f"Generated {time.strftime('%Y-%m-%d %H:%M')} from store <code>{html.escape(str(store.root))}</code>.</p>",
-        "<p>Per-model metrics (test/train loss, accuracy, Hessian) average the cell's ok models at their last "
-        "checkpoint; pair metrics (barriers, CKA) average the pairs of seeds within the cell.</p>",
-        "<h2>Phase diagrams</h2>", *[_img(p) for p in report.plots],
-        "<h2>Architectures side by side (i-th load level of each)</h2>", html_table(matched),
-        "<h2>Cells</h2>", html_table(cells.select([c for c in shown if c in cells.columns])),
-        "<h2>Models</h2><details><summary>one row per model</summary>", html_table(models), "</details>",
-        "</body></html>",
+        f"<h1>{html.escape(study)}</h1>",
+        f"<p>{models.height} models in {len(zoos)} zoos ({html.escape(', '.join(zoos))}); architectures: "
+        f"{html.escape(archs)}; analysis stages: {html.escape(', '.join(stages) or 'none')}. Generated "
+        f"{time.strftime('%Y-%m-%d %H:%M')} from store <code>{html.escape(str(store.root))}</code>.</p>",
+        "<h2>Summary</h2>",
+        "<p>Zoo statistics leave out models that diverged and models that never learned (final training loss at "
+        "least 95% of its initial value), counted in their own rows; each statistic says whether it is a mean "
+        "(± standard deviation) or a median ([quartiles]).</p>",
+        _summary_html(report.summary), *[_img(p) for p in study_plots],
     ]
+    for stage in stages:
+        parts += [f"<h2>{html.escape(STAGE_TITLES.get(stage, stage))} <small>({html.escape(stage)})</small></h2>",
+                  *[_img(p) for p in stage_plots.get(stage, [])], _pairs_html(store, stage, zoos)]
+    parts += ["<h2>Phase diagrams</h2>", *phase_parts,
+              "<h2>Models</h2><details><summary>one row per model</summary>",
+              html_table(models.select([c for c in models.columns if models[c].dtype != pl.Object][:40])),
+              "</details></body></html>"]
     report.page.write_text("\n".join(parts))
     return report
 
 
-def log_report(tracking_uri: str, study: str, report: PhaseReport) -> str:
-    """Log the page, tables and diagrams to the study's experiment as its `phases` stage run; returns the run id."""
+def log_report(tracking_uri: str, study: str, report: StudyReport) -> str:
+    """Log the page, tables and plots to the study's experiment as its `report` stage run; returns the run id."""
     from pipeline.phases import metrics_present
+    from pipeline.runner import _summary_metrics
     from pipeline.tracking import Tracker
 
     tracker = Tracker(tracking_uri, study)
     tracker.connect()
-    cells, names = report.cells, [m.name for m in metrics_present(report.cells)]
-    metrics = {}
-    for row in cells.iter_rows(named=True):
-        key = f"{row['arch']}.{row['load_factor']}_{row['load']:g}.{row['temperature_factor']}_{row['temperature']:g}"
-        metrics.update({f"{key}.{m}": float(row[m]) for m in names if row[m] is not None})
-    run = tracker.log_stage("phases", metrics, params={"temperature": cells["temperature_factor"][0],
-                                                       "load": cells["load_factor"][0], "cells": cells.height})
+    metrics = _summary_metrics(report.summary)
+    params: dict[str, Any] = {"zoos": report.summary.height if report.summary is not None else 0}
+    if report.cells is not None:
+        cells, names = report.cells, [m.name for m in metrics_present(report.cells)]
+        for row in cells.iter_rows(named=True):
+            key = f"{row['arch']}.{row['load_factor']}_{row['load']:g}.{row['temperature_factor']}_{row['temperature']:g}"
+            metrics.update({f"{key}.{m}": float(row[m]) for m in names if row[m] is not None})
+        params.update(temperature=cells["temperature_factor"][0], load=cells["load_factor"][0], cells=cells.height)
+    run = tracker.log_stage("report", metrics, params=params)
     tracker.log_artifacts(run, report.plots, folder="plots")
     tracker.log_artifacts(run, [report.page, *report.tables], folder="report")
     return run
@@ -128,7 +210,8 @@ def report_cmd(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: sqlite:///symzoo.db here)"),
     no_log: bool = typer.Option(False, "--no-log", help="write the files only; log nothing to MLflow"),
 ) -> None:
-    """Phase diagrams of a study (temperature x load, a panel per architecture) as one self-contained HTML page."""
+    """Every result of a study (summary, each analysis stage, phase diagrams where it grids temperature x load)
+    as one self-contained HTML page."""
     from pipeline.cmd_store import _open
     from pipeline.phases import PhaseError
     from pipeline.tracking import TrackingError, default_tracking_uri
@@ -143,6 +226,7 @@ def report_cmd(
             log_report(tracking_uri or default_tracking_uri(), study, report)
         except TrackingError as e:
             fail(str(e))
-    console.print(f"[green]report[/]: {report.page} ({report.cells.height} cells, {len(report.plots)} phase diagrams)")
+    phases = f"{report.cells.height} phase cells" if report.cells is not None else "no phase diagram"
+    console.print(f"[green]report[/]: {report.page} ({report.summary.height} zoos, {len(report.plots)} plots, {phases})")
     for p in report.tables:
         console.print(f"  table: {p}")

@@ -74,13 +74,21 @@ def grid_axes(models: pl.DataFrame, temperature: str | None = None, load: str | 
                 raise PhaseError(f"{what} = {given!r} is not a column of the models table; factors there: "
                                  f"{', '.join(c for c in models.columns if c in TEMPERATURES + LOADS + ('seed',))}")
             return given
-        varying = [c for c in candidates if c in models.columns and models[c].n_unique() > 1]
+        varying = [c for c in candidates if c in models.columns and _varies(models, c)]
         if not varying:
             raise PhaseError(f"no {what} axis: none of {', '.join(candidates)} takes more than one value in this study; "
                              f"vary one of them in the zoos' grids, or name the factor with --{what}")
         return varying[0]
 
     return pick(temperature, TEMPERATURES, "temperature"), pick(load, LOADS, "load")
+
+
+def _varies(models: pl.DataFrame, factor: str) -> bool:
+    """Whether `factor` takes several values within one architecture (a width that differs only between the
+    architectures of a study, as in the quickstart's cnn and p4cnn, is a matched size, not a load axis)."""
+    if "arch" not in models.columns:
+        return models[factor].n_unique() > 1
+    return bool(models.group_by("arch").agg(pl.col(factor).n_unique())[factor].max() > 1)
 
 
 def _with_cell(models: pl.DataFrame, temperature: str, load: str) -> pl.DataFrame:

@@ -37,10 +37,15 @@ def _without_unlearned(rows: pl.DataFrame, unlearned: set[str]) -> pl.DataFrame:
 def summarise(store: Any, study: Study, out_dir: Path) -> tuple[pl.DataFrame, list[Path], dict[str, list[Path]]]:
     """Per-zoo summary (also written as CSV: every statistic with its spread in sibling columns), study plots, and
     plots per analysis stage. Zoo statistics leave out models that diverged or never learned (counted apart)."""
+    return summarise_zoos(store, [z.name for z in study.zoos], [s.stage for s in study.analysis], out_dir)
+
+
+def summarise_zoos(store: Any, names: list[str], stages: list[str], out_dir: Path
+                   ) -> tuple[pl.DataFrame, list[Path], dict[str, list[Path]]]:
+    """`summarise` for these zoos and analysis stages (what `symzoo report` reads from a store alone)."""
     from pipeline.stages import STAGES
     from pipeline.stages.common import mean_sd
 
-    names = [z.name for z in study.zoos]
     models = store.models().filter(pl.col("zoo").is_in(names)).collect()
     metric_cols = _final_metric_columns(models)
     good = _learned(models)
@@ -60,14 +65,16 @@ def summarise(store: Any, study: Study, out_dir: Path) -> tuple[pl.DataFrame, li
 
     stage_plots: dict[str, list[Path]] = {}
     present = store.stages()
-    for stage in study.analysis:
-        if stage.stage not in present:
+    for stage in stages:
+        if stage not in present or stage not in STAGES:
             continue
-        rows = store.analysis(stage.stage).filter(pl.col("zoo").is_in(names)).collect()
-        impl = STAGES[stage.stage]
+        rows = store.analysis(stage).filter(pl.col("zoo").is_in(names)).collect()
+        if not rows.height:
+            continue
+        impl = STAGES[stage]
         summary = summary.join(impl.summary_columns(_without_unlearned(rows, unlearned)), on="zoo", how="left")
-        stage_plots[stage.stage] = impl.plots(rows, out_dir)  # the plots show every model, the statistics the learned
-        plot_paths += stage_plots[stage.stage]
+        stage_plots[stage] = impl.plots(rows, out_dir)  # the plots show every model, the statistics the learned
+        plot_paths += stage_plots[stage]
     summary.write_csv(out_dir / "summary.csv")
     return summary, plot_paths, stage_plots
 

@@ -157,3 +157,21 @@ def test_epochs_setting_is_validated():
         parse_study({**base, "analysis": [{"stage": "lie", "flows": ["shear"]}]})
     ok = parse_study({**base, "analysis": [{"stage": "weightspace", "epochs": [0, 5]}]})
     assert ok.analysis[0].settings.epochs == [0, 5] and json.dumps(ok.analysis[0].settings.model_dump())
+
+
+def test_report_of_a_study_without_a_phase_grid_has_every_stage(ray_local, tmp_path):
+    """A study without a temperature x load grid within an architecture (the quickstart: lr only, widths that differ
+    between architectures are matched sizes, not a load axis) has no phase
+    diagram (said on the page), but the summary and a section per stage that ran."""
+    path, study = metric_study(tmp_path)
+    assert CliRunner().invoke(app, ["run", str(path), "--plain"]).exit_code == 0
+    out = tmp_path / "report"
+    r = CliRunner().invoke(app, ["report", study["store"], "--study", "metrics", "--out", str(out), "--no-log"])
+    assert r.exit_code == 0, r.output
+    assert "no phase diagram" in r.output
+    page = (out / "report.html").read_text()
+    assert "No phase diagram: no temperature axis" in page
+    for stage in ("weightspace", "landscape", "lie"):
+        assert f"<small>({stage})</small></h2>" in page
+    assert "not learned (left out)" in page and "(median [IQR])" in page
+    assert (out / "summary.csv").exists() and not list(out.glob("phase_*.png"))

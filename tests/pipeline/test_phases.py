@@ -91,17 +91,20 @@ def test_phase_study_runs_and_reports_every_cell(ray_local, tmp_path):
 
     plots = sorted(p.name for p in out.glob("phase_*.png"))
     assert plots == sorted(f"phase_{n}.png" for n in names)
-    page = (out / "phases.html").read_text()
-    assert page.count('src="data:image/png;base64,') == len(names) and "src=\"http" not in page
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') > len(names) and "src=\"http" not in page  # + stage plots
     assert page.count("<tr>") >= 1 + cells.height + 16  # header rows + a row per cell and per model
+    for stage in ("interpolation", "bezier", "similarity", "landscape"):  # every stage the study ran has its section
+        assert f"<small>({stage})</small></h2>" in page
+    assert "Weight matching raised the loss barrier in" in page  # per-pair barriers, and how often matching hurt
 
     client = MlflowClient(study["tracking_uri"])
     exp = client.get_experiment_by_name("phases-digits")
-    runs = client.search_runs([exp.experiment_id], "tags.`symzoo.stage` = 'phases'")
-    assert len(runs) == 1
+    runs = client.search_runs([exp.experiment_id], "tags.`symzoo.stage` = 'report'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     run_id = runs[0].info.run_id
-    assert {a.path for a in client.list_artifacts(run_id, "plots")} == {f"plots/{n}" for n in plots}
-    assert "report/phases.html" in {a.path for a in client.list_artifacts(run_id, "report")}
+    assert {f"plots/{n}" for n in plots} <= {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert "report/report.html" in {a.path for a in client.list_artifacts(run_id, "report")}
     assert any(k.endswith(".barrier_aligned") for k in runs[0].data.metrics)
 
     bad = CliRunner().invoke(app, ["report", study["store"], "--study", "nope", "--no-log"])
@@ -133,3 +136,11 @@ def test_axes_are_picked_from_the_varying_factors_or_named():
     assert phases.grid_axes(models, temperature="batch_size") == ("batch_size", "width")
     with pytest.raises(phases.PhaseError, match="no load axis"):
         phases.grid_axes(models.with_columns(pl.lit(4).alias("width")))
+
+
+def test_a_width_that_differs_only_between_architectures_is_no_load_axis():
+    """The quickstart: cnn width 16 and p4cnn width 8 are matched sizes, not a load axis."""
+    models = pl.DataFrame({"arch": ["cnn", "cnn", "p4cnn", "p4cnn"], "width": [16, 16, 8, 8], "lr": [0.01, 0.02, 0.01, 0.02]})
+    with pytest.raises(phases.PhaseError, match="no load axis"):
+        phases.grid_axes(models)
+    assert phases.grid_axes(models.with_columns(pl.Series("width", [16, 32, 8, 16]))) == ("lr", "width")
