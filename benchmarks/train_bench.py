@@ -132,18 +132,23 @@ def run_baseline(n_models: int, epochs: int, data_dir: Path, gpu: bool) -> dict:
 
 # ---- the pipeline: run_study with a one-zoo study ---------------------------------------------------
 
+def zoo_dict(n_models: int, epochs: int, pop_size: int, data_dir: Path, train_metrics: str = "full") -> dict:
+    """The CNN-s zoo every run of this benchmark trains."""
+    return {
+        "name": "cnn_s", "task": {"name": "mnist", "options": task_options(data_dir)},
+        "arch": {"name": "cnn_s"}, "grid": {"seed": list(range(n_models)), "lr": [LR], "optimizer": ["adam"],
+                                             "batch_size": [BATCH]},
+        "epochs": epochs, "checkpoints": "0,last", "population_size": pop_size, "train_metrics": train_metrics,
+    }
+
+
 def study_dict(name: str, n_models: int, epochs: int, pop_size: int, data_dir: Path, work: Path, precision: str, gpu: bool,
                train_metrics: str = "full") -> dict:
     return {
         "study": name, "store": str(work / f"store-{name}"), "output": str(work / f"runs-{name}"),
         "tracking_uri": tracking_uri(work / f"tracking-{name}"),  # a store per run: a file store slows as it fills
         "resources": {"num_gpus": 1 if gpu else 0, "num_cpus": 1, "precision": precision, "max_retries": 0},
-        "zoos": [{
-            "name": "cnn_s", "task": {"name": "mnist", "options": task_options(data_dir)},
-            "arch": {"name": "cnn_s"}, "grid": {"seed": list(range(n_models)), "lr": [LR], "optimizer": ["adam"],
-                                                 "batch_size": [BATCH]},
-            "epochs": epochs, "checkpoints": "0,last", "population_size": pop_size, "train_metrics": train_metrics,
-        }],
+        "zoos": [zoo_dict(n_models, epochs, pop_size, data_dir, train_metrics)],
     }
 
 
@@ -210,7 +215,7 @@ def run_pipeline(name: str, n_models: int, epochs: int, pop_size: int, data_dir:
 def population(n_models: int, epochs: int, data_dir: Path, first_seed: int = 0, train_metrics: str = "full"):
     from zoos.spec import expand, parse_zoo, populations
 
-    zoo = study_dict("v", n_models, epochs, n_models, data_dir, Path(".").resolve(), "bf16", True, train_metrics)["zoos"][0]
+    zoo = zoo_dict(n_models, epochs, n_models, data_dir, train_metrics)  # no study: nothing written
     zoo["grid"]["seed"] = list(range(first_seed, first_seed + n_models))
     return populations(expand(parse_zoo(zoo), "v"), n_models)[0]
 
