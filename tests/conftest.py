@@ -29,3 +29,23 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# Tests write only to temporary folders: the run fails if the checkout's top level gains an entry.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ALLOWED = {".pytest_cache", ".hypothesis", "__pycache__"}
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
+        session.config._symzoo_top_level = set(os.listdir(_ROOT))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_symzoo_top_level", None)
+    if before is None:
+        return
+    new = sorted(set(os.listdir(_ROOT)) - before - _ALLOWED)
+    if new:
+        print(f"\nerror: the tests wrote into the checkout: {', '.join(new)} (tests write only to temporary folders)")
+        session.exitstatus = 1
