@@ -163,8 +163,8 @@ def write_report(store: Any, study: str, out_dir: Path, temperature: str | None 
         f"{time.strftime('%Y-%m-%d %H:%M')} from store <code>{html.escape(str(store.root))}</code>.</p>",
         "<h2>Summary</h2>",
         "<p>Zoo statistics leave out models that diverged and models that never learned (final training loss at "
-        "least 95% of its initial value), counted in their own rows; each statistic says whether it is a mean "
-        "(± standard deviation) or a median ([quartiles]).</p>",
+        "least 95% of its initial value), counted in their own rows. (mean): mean ± standard deviation over the "
+        "zoo's models or pairs; (median): median [first quartile, third quartile].</p>",
         _summary_html(report.summary), *[_img(p) for p in study_plots],
     ]
     for stage in stages:

@@ -96,7 +96,7 @@ COLUMN_TITLES = {
 
 def _title(column: str) -> str:
     if column.startswith("lie_") and column not in COLUMN_TITLES:
-        return f"Lie deriv. {column.removeprefix('lie_')} (rel.)"
+        return f"Lie {column.removeprefix('lie_')} (rel.)"
     return COLUMN_TITLES.get(column, column)
 
 
@@ -114,10 +114,10 @@ def summary_rows(summary: pl.DataFrame) -> list[tuple[str, list[str]]]:
         values = summary[c].to_list()
         if c + SD in cols:
             cells = [_spread(v, sd=s) for v, s in zip(values, summary[c + SD].to_list())]
-            out.append((f"{_title(c)} (mean ± sd)", cells))
+            out.append((f"{_title(c)} (mean)", cells))
         elif c + Q25 in cols:
             cells = [_spread(v, lo=lo, hi=hi) for v, lo, hi in zip(values, summary[c + Q25].to_list(), summary[c + Q75].to_list())]
-            out.append((f"{_title(c)} (median [IQR])", cells))
+            out.append((f"{_title(c)} (median)", cells))
         else:
             out.append((_title(c), [_fmt(v) for v in values]))
     return out
@@ -150,6 +150,7 @@ def print_summary(console: Console, study: Study, report: Any) -> None:
             for title, cells in rows:
                 table.add_row(title, *cells[start:start + per_table])
             console.print(table)
+        console.print("[dim](mean): mean ± standard deviation over models or pairs; (median): median [quartiles][/]")
         left_out = int(summary["not_learned"].fill_null(0).sum()) if "not_learned" in summary.columns else 0
         if left_out:
             console.print(f"{left_out} models never learned (final training loss >= {LEARNED:.0%} of its initial value): "
@@ -194,8 +195,9 @@ def _command(name: str) -> str:
 
 
 def _fmt(v: Any) -> str:
+    """Three significant digits (a summary compares zoos, not the fourth digit)."""
     if v is None or (isinstance(v, float) and v != v):
         return ""
     if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1e-2 and v != 0 else f"{v:.3f}"
+        return f"{v:.3g}" if v != 0 else "0"
     return str(v)

@@ -173,5 +173,33 @@ def test_report_of_a_study_without_a_phase_grid_has_every_stage(ray_local, tmp_p
     assert "No phase diagram: no temperature axis" in page
     for stage in ("weightspace", "landscape", "lie"):
         assert f"<small>({stage})</small></h2>" in page
-    assert "not learned (left out)" in page and "(median [IQR])" in page
+    assert "not learned (left out)" in page and "(median)" in page and "median [first quartile, third quartile]" in page
     assert (out / "summary.csv").exists() and not list(out.glob("phase_*.png"))
+
+
+def test_the_summary_table_fits_a_100_column_terminal():
+    """A row per statistic, a column per zoo: two zoos with every stage's statistics side by side in 100 columns."""
+    import io
+
+    from rich.console import Console
+
+    from pipeline.report import print_summary
+    from pipeline.runner import RunReport
+    from pipeline.study import parse_study
+
+    summary = pl.DataFrame({"zoo": ["cnn", "p4cnn"], "models": [16, 16], "ok": [15, 14], "not_learned": [1, 2],
+                            "params": [2634, 2482], "test_acc": [0.912, 0.934], "test_acc__sd": [0.021, 0.015],
+                            "equiv_error": [0.41, 8.7e-8], "equiv_error__q25": [0.39, 6.1e-8], "equiv_error__q75": [0.47, 9.9e-8],
+                            "lie_translate_x": [0.314, 0.549], "lie_translate_x__q25": [0.3, 0.5],
+                            "lie_translate_x__q75": [0.396, 0.61]})
+    out = io.StringIO()
+    console = Console(file=out, width=100)
+    study = parse_study({"study": "s", "zoos": [{"name": "cnn", "task": {"name": "digits"}, "arch": {"name": "mlp"}}]})
+    print_summary(console, study, RunReport(summary=summary))
+    text = out.getvalue()
+    table = [line for line in text.splitlines() if line[:1] in "┏┃┡│└"]
+    assert table and max(len(line) for line in table) <= 100  # (commands in "next steps" stay whole, to be copied)
+    header = next(line for line in text.splitlines() if "cnn" in line and "p4cnn" in line)  # one table, both zoos
+    assert header
+    assert "0.912 ± 0.021" in text and "8.7e-08 [6.1e-08, 9.9e-08]" in text and "Lie translate_x (rel.) (median)" in text
+    assert "3 models never learned" in text
