@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import typer
@@ -43,12 +44,53 @@ def main_options(
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print a one-line error to stderr and exit (2: bad input, 1: a check failed)."""
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    """Print a one-line error to stderr and exit (2: bad input, 1: a check failed). The message is printed as it is
+    (no Rich markup: a study named `[/x]` or an example such as `{choice: [relu, gelu]}` stays literal)."""
+    from rich.text import Text
+
+    Console(stderr=True, soft_wrap=True).print(Text.assemble(("error:", "bold red"), " ", str(message)), highlight=False)
     raise typer.Exit(code)
 
 
-@app.command("tasks")
+def _user_errors() -> tuple[type, ...]:
+    """The errors symzoo raises for bad input or a damaged store: each message says what and what to do."""
+    from pipeline.phases import PhaseError
+    from pipeline.runner import StageConfigError
+    from pipeline.runner import StoreError as WriteError
+    from pipeline.study import StudyError
+    from pipeline.tracking import TrackingError
+    from tasks.base import TaskError
+    from zoos.archs.base import ArchError
+    from zoos.spec import SpecError
+    from zoos.store import StoreError
+
+    return (PhaseError, StageConfigError, WriteError, StudyError, TrackingError, TaskError, ArchError, SpecError, StoreError)
+
+
+def command(name: str, **kwargs):
+    """`app.command(name)` whose bad-input and damaged-store errors, and failed file operations, end in one line
+    naming the file or value (exit 2) instead of a traceback."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapped(*args, **kw):
+            try:
+                return fn(*args, **kw)
+            except (typer.Exit, typer.Abort):
+                raise
+            except OSError as e:  # a folder that does not exist, a full disk, no permission
+                fail(f"{e.strerror or type(e).__name__}: {e.filename or e}" if e.filename else f"{type(e).__name__}: {e}")
+            except Exception as e:
+                if isinstance(e, _user_errors()):
+                    fail(str(e))
+                raise
+
+        return app.command(name, **kwargs)(wrapped)
+
+    return deco
+
+
+@command("tasks")
 def tasks_cmd() -> None:
     """List the tasks, each with its symmetry group."""
     from tasks import TASKS
@@ -60,7 +102,7 @@ def tasks_cmd() -> None:
     console.print(table)
 
 
-@app.command("archs")
+@command("archs")
 def archs_cmd(
     programs: bool = typer.Option(False, "--programs", help="also say which population program runs each layer on a GPU"),
 ) -> None:

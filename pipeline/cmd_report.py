@@ -22,7 +22,7 @@ from typing import Any, Optional
 import polars as pl
 import typer
 
-from pipeline.cli import app, console, fail
+from pipeline.cli import command, console, fail
 
 
 @dataclass
@@ -200,7 +200,7 @@ def log_report(tracking_uri: str, study: str, report: StudyReport) -> str:
     return run
 
 
-@app.command("report")
+@command("report")
 def report_cmd(
     store: str = typer.Argument(..., help="store path or URI"),
     study: str = typer.Option(..., "--study", help="the study whose models and analyses to report"),

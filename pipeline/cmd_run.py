@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli import app, console, fail
+from pipeline.cli import command, console, fail
 
 
 def _load(path: Path, **overrides):
@@ -49,7 +49,7 @@ def _first_line(e: BaseException) -> str:
 DATA_DIR_HELP = "folder with MNIST / Fashion-MNIST / CIFAR-10 files (overrides the study's data_dir; default: SYMZOO_DATA)"
 
 
-@app.command("validate")
+@command("validate")
 def validate_cmd(
     study_file: Path = typer.Argument(..., help="study YAML file"),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
@@ -67,7 +67,7 @@ def validate_cmd(
     console.print(table)
 
 
-@app.command("run")
+@command("run")
 def run_cmd(
     study_file: Path = typer.Argument(..., help="study YAML file"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto' or host:port); default: RAY_ADDRESS, else a local Ray"),

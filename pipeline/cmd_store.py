@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli import app, console, fail  # noqa: F401
+from pipeline.cli import command, console, fail  # noqa: F401
 
 QUERY_FORMATS = ("table", "csv", "json", "parquet")
 
@@ -42,7 +42,7 @@ def _final_metric(columns: list[str]) -> tuple[str | None, bool]:
     return (tests[0], tests[0].endswith("acc")) if tests else (None, True)
 
 
-@app.command("ls")
+@command("ls")
 def ls_cmd(store: str = typer.Argument(..., help="store path or URI")) -> None:
     """Summarise a store: per zoo, models (ok/diverged), checkpoints, epochs, params, final metric, size."""
     import polars as pl
@@ -76,7 +76,7 @@ def ls_cmd(store: str = typer.Argument(..., help="store path or URI")) -> None:
     console.print(table)
 
 
-@app.command("query")
+@command("query")
 def query_cmd(
     store: str = typer.Argument(..., help="store path or URI"),
     sql: str = typer.Argument(..., help="polars SQL over models, checkpoints, curves, analysis_<stage>"),
@@ -131,7 +131,7 @@ def _emit(text: str, output: str | None) -> None:
             f.write(text)
 
 
-@app.command("import")
+@command("import")
 def import_cmd(
     fmt: str = typer.Argument(..., metavar="FORMAT", help="small-cnn-zoo | model-zoos"),
     src: str = typer.Argument(..., help="directory of the published zoo"),
@@ -149,7 +149,7 @@ def import_cmd(
     console.print(f"imported {n} models from {src} into {store}")
 
 
-@app.command("verify")
+@command("verify")
 def verify_cmd(store: str = typer.Argument(..., help="store path or URI")) -> None:
     """Check every shard file against its manifest (present, size, sha256); exit 1 naming damaged files and their models."""
     s = _open(store)
@@ -168,6 +168,21 @@ def verify_cmd(store: str = typer.Argument(..., help="store path or URI")) -> No
         shown = "-" if not ids else f"{len(ids)}: " + ", ".join(ids[:4]) + (", ..." if len(ids) > 4 else "")
         table.add_row(p["file"], p["problem"], shown)
     console.print(table)
-    fail(f"{len(problems)} damaged or stray files in {store}; re-run the study to rewrite damaged shards "
-         "(delete their manifest/<zoo>/<shard>.json first), or read around them with zoos.open(..., skip_damaged=True)",
-         code=1)
+    fail(f"{len(problems)} damaged or stray files in {store}; `symzoo repair {store}` drops the damaged shards (their "
+         "models then count as missing) and stray files, and a re-run of the study rewrites them; or read around them "
+         "with zoos.open(..., skip_damaged=True)", code=1)
+
+
+@command("repair")
+def repair_cmd(store: str = typer.Argument(..., help="store path or URI")) -> None:
+    """Drop the shards `verify` finds damaged, and stray or unfinished files, so a re-run of the study rewrites them."""
+    s = _open(store)
+    dropped = s.repair()
+    shards = sorted({p["shard"] for p in dropped if p["manifest"]})
+    models = sorted({m for p in dropped for m in p["model_ids"]})
+    strays = [p["file"] for p in dropped if not p["manifest"]]
+    if not dropped:
+        console.print(f"[green]ok[/]: {store}: nothing damaged")
+        return
+    console.print(f"dropped {len(shards)} damaged shards ({len(models)} models) and {len(strays)} stray or unfinished "
+                  f"files from {store}; re-run the study to rewrite them", highlight=False)

@@ -223,7 +223,13 @@ class Store:
 
     def _read_json(self, rel: str) -> dict:
         with self.fs.open_input_stream(self._path(rel)) as f:
-            return json.loads(f.read().decode())
+            raw = f.read()
+        try:
+            return json.loads(raw.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StoreError(f"damaged file {self._path(rel)} ({type(e).__name__}: {str(e)[:120]}); run `symzoo verify "
+                             f"{self.uri}` to list every damaged file; `symzoo repair {self.uri}`, then a re-run of the study, "
+                             "rewrites it") from None
 
     def _list(self, rel_dir: str, suffix: str) -> list[str]:
         """Relative paths of files under `rel_dir` (recursively) ending with `suffix`, sorted."""
@@ -272,8 +278,9 @@ class Store:
             warnings.warn(f"skipping damaged file {where}", DamagedShardWarning, stacklevel=3)
             return False
         raise StoreError(
-            f"damaged file {where}. Run `symzoo verify {self.uri}` to list every damaged file; re-run the "
-            "study to rewrite the shard, or open the store with skip_damaged=True to read around it"
+            f"damaged file {where}. `symzoo verify {self.uri}` lists every damaged file; `symzoo repair {self.uri}` "
+            "drops the damaged shards and a re-run of the study rewrites them; or open the store with "
+            "skip_damaged=True to read around it"
         )
 
     def _sweep_partial(self, kinds: Sequence[str], zoo: str, shard: str) -> None:
@@ -625,21 +632,47 @@ class Store:
                 m = self._read_json(rel)
                 files = m["files"]
             except (ValueError, KeyError, OSError) as e:
-                problems.append({"file": rel, "shard": posixpath.basename(rel)[:-5], "model_ids": [], "problem": f"unreadable manifest: {e}"})
+                problems.append({"file": rel, "shard": posixpath.basename(rel)[:-5], "model_ids": [], "manifest": rel,
+                                 "problem": f"unreadable manifest: {e}"})
                 continue
             ids = m.get("model_ids", [])
             for frel, rec in files.items():
                 listed.add(frel)
                 problem = _check_file(self.fs, self._path(frel), rec)
                 if problem:
-                    problems.append({"file": frel, "shard": m["shard"], "model_ids": ids, "problem": problem})
+                    problems.append({"file": frel, "shard": m["shard"], "model_ids": ids, "manifest": rel, "problem": problem})
         for kind in ("models", "curves", "checkpoints", "analysis"):
             for frel in self._list(kind, ""):
                 if frel not in listed:
                     problems.append(
-                        {"file": frel, "shard": posixpath.basename(frel).split(".")[0], "model_ids": [],
+                        {"file": frel, "shard": posixpath.basename(frel).split(".")[0], "model_ids": [], "manifest": None,
                          "problem": "not part of any complete shard (no manifest lists it)"}
                     )
+        for frel in self._list("manifest", ""):
+            if ".tmp-" in posixpath.basename(frel):
+                problems.append({"file": frel, "shard": posixpath.basename(frel).split(".")[0], "model_ids": [],
+                                 "manifest": None, "problem": "a manifest an interrupted write left unfinished"})
+        return problems
+
+    def repair(self) -> list[dict[str, Any]]:
+        """Drop what `verify` finds damaged so that re-running the study rewrites it: a damaged shard's manifest
+        first (the shard is then invisible: its models count as missing), then its files; stray and unfinished
+        files. Returns the problems it dropped. Undamaged shards are not touched."""
+        problems = self.verify()
+        manifests = {p["manifest"] for p in problems if p["manifest"]}
+        for rel in sorted(manifests):
+            try:
+                files = list(self._read_json(rel)["files"])
+            except (ValueError, KeyError, OSError):
+                files = []
+            self.fs.delete_file(self._path(rel))
+            for frel in files:
+                if self._info(frel).type == pafs.FileType.File:
+                    self.fs.delete_file(self._path(frel))
+        for p in problems:
+            if p["manifest"] is None and self._info(p["file"]).type == pafs.FileType.File:
+                self.fs.delete_file(self._path(p["file"]))
+        self._checked = {}  # what was checked is gone
         return problems
 
     def size_on_disk(self, zoo: str | None = None) -> int:

@@ -140,3 +140,45 @@ def test_names_cannot_escape_the_store(tmp_path, bad):
         s.analysis(bad)
     inside = {os.path.relpath(os.path.join(d, f), tmp_path) for d, _, fs in os.walk(tmp_path) for f in fs}
     assert all(p.startswith("store/") for p in inside), inside
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_a_damaged_shard_is_repaired_by_symzoo_repair_and_a_re_run(ray_local, tmp_path):
+    """A study's models file damaged on disk: the next run says which file and the command, in one line (exit 2);
+    `symzoo repair` drops the shard, and the re-run retrains exactly its models: no manual file surgery."""
+    import yaml
+
+    study = {"study": "rep", "store": str(tmp_path / "store"), "tracking_uri": f"sqlite:///{tmp_path / 'm.db'}",
+             "output": str(tmp_path / "out"),
+             "zoos": [{"name": "mlp", "task": {"name": "digits", "options": {"n_train": 64, "n_val": 32, "n_test": 32}},
+                       "arch": {"name": "mlp", "config": {"width": 4, "depth": 1}}, "grid": {"seed": [0, 1, 2, 3]},
+                       "epochs": 1, "population_size": 2}]}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    assert runner.invoke(app, ["run", str(path), "--plain"]).exit_code == 0
+    s = Store(study["store"])
+    shard = sorted(m["shard"] for m in s.manifests())[0]
+    truncate(os.path.join(s.root, f"models/mlp/{shard}.parquet"))
+    with open(os.path.join(s.root, "manifest", "mlp", "pop-x.json.tmp-1"), "w") as f:
+        f.write("{")  # and a manifest whose writer died mid-way
+    r = runner.invoke(app, ["run", str(path), "--plain"])
+    assert r.exit_code == 2 and "Traceback" not in r.output and f"models/mlp/{shard}.parquet" in r.output
+    assert "symzoo repair" in r.output
+    r = runner.invoke(app, ["repair", study["store"]])
+    assert r.exit_code == 0 and "dropped 1 damaged shards (2 models) and 1 stray" in r.output, r.output
+    assert Store(study["store"]).models().collect().height == 2 and Store(study["store"]).verify() == []
+    again = runner.invoke(app, ["run", str(path), "--plain"])
+    assert again.exit_code == 0 and "2 models to train" in again.output, again.output
+    assert Store(study["store"]).models().collect().height == 4 and Store(study["store"]).verify() == []
+
+
+def test_a_corrupt_manifest_is_named_in_one_line(store):
+    s, (bad, _) = store
+    with open(os.path.join(s.root, f"manifest/zA/{bad.shard}.json"), "w") as f:
+        f.write("{not json")
+    for cmd in (["ls", s.root], ["query", s.root, "select count(*) as n from models"]):
+        r = runner.invoke(app, cmd)
+        assert r.exit_code == 2 and f"manifest/zA/{bad.shard}.json" in r.output and "symzoo repair" in r.output, r.output
+    r = runner.invoke(app, ["verify", s.root])
+    assert r.exit_code == 1 and "unreadable manifest" in r.output
