@@ -32,12 +32,39 @@ def _check_buildable(study) -> None:
     from tasks.registry import task_with_data
     from zoos.spec import build_model, expand
 
+    import torch
+
     for zoo in study.zoos:
         task = task_with_data(zoo.task.name, zoo.task.options, study.data_dir)
         if hasattr(task, "find_files"):
             task.find_files()  # TaskError naming the missing files and where to get them
             task.check_sizes()  # n_train / n_val / n_test against the files' image counts (read from their headers)
-        build_model(zoo, expand(zoo, study.study)[0].factors, task)
+        largest: tuple[int, dict] = (0, {})
+        configs = {json.dumps(m.arch_config, sort_keys=True, default=str): m for m in expand(zoo, study.study)}
+        for model in configs.values():  # each architecture config once, on the meta device: shapes, no memory
+            with torch.device("meta"):
+                n = sum(p.numel() for p in build_model(zoo, model.factors, task).parameters())
+            if n > largest[0]:
+                largest = (n, model.factors)
+        _check_fits(zoo.name, *largest)
+
+
+def _check_fits(zoo: str, n_params: int, factors: dict) -> None:
+    """StudyError when one model's training state (weights, gradients, two Adam moments: 16 bytes a parameter) is
+    larger than this machine's memory: such a study fails hours later, in the first allocation."""
+    import os
+
+    from pipeline.study import StudyError
+
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (not Linux): nothing to compare with
+        return
+    need = 16 * n_params
+    if need > ram:
+        shown = ", ".join(f"{k}={v}" for k, v in factors.items() if k in ("width", "depth", "embed"))
+        raise StudyError(f"zoo {zoo!r}: a model ({shown or 'its config'}) has {n_params:,} parameters: its training state "
+                         f"alone is {need / 1e9:,.0f} GB, more than this machine's {ram / 1e9:,.0f} GB of memory")
 
 
 def _first_line(e: BaseException) -> str:

@@ -96,6 +96,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
 
 
+def check_output_writable(folder: Path) -> None:
+    """Prove the output folder (plots, summary.csv) writable before any work, not after all the training."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise StoreError(f"cannot write the output folder {str(folder)!r}: {e.strerror or e}. Set output: in the study "
+                         "to a folder you can write") from None
+
+
 def check_store_writable(root: str) -> None:
     """Prove the store root writable before any work starts, so a bad path fails with nothing half-written."""
     import uuid
@@ -243,6 +255,7 @@ def _run_study(study: Study, address: str | None, display: Display, tracker: Tra
     from zoos.store import Store
 
     check_store_writable(study.store)
+    check_output_writable(study.output_dir())
     tracker.log_study({"store": study.store, "zoos": [z.name for z in study.zoos],
                        "stages": [s.stage for s in study.analysis], **study.resources.model_dump()})
     t_ray = time.perf_counter()

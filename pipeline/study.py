@@ -72,6 +72,8 @@ class Study(BaseModel):
                            "of small models that is the bottleneck (benchmarks/README.md, scaling model)")
     output: str | None = Field(None, description="folder for plots and the summary; default runs/<study>")
     data_dir: str | None = None
+    max_models: int = Field(100_000, ge=1, description="the most models the study's zoos may hold together; a grid "
+                            "beyond it is refused with the counts (raise it on purpose for a bigger study)")
     resources: Resources = Resources()
     zoos: list[ZooSpec] = Field(min_length=1)
     analysis: list[StageSpec] = []
@@ -81,6 +83,14 @@ class Study(BaseModel):
     def _study_name(cls, v: str) -> str:
         return safe_name("study", v)
 
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("store is empty: give a folder or URI for the zoo store (an empty one would write into the "
+                             "current folder)")
+        return v
+
     @model_validator(mode="after")
     def _cross_check(self) -> "Study":
         names = [z.name for z in self.zoos]
@@ -89,6 +99,11 @@ class Study(BaseModel):
                 safe_name("zoo", name)
             except ValueError as e:
                 raise ValueError(f"zoos[{i}].name: {e}") from None
+        counts = {z.name: z.model_count() for z in self.zoos}
+        if sum(counts.values()) > self.max_models:
+            biggest = ", ".join(f"{n}: {c:,}" for n, c in sorted(counts.items(), key=lambda kv: -kv[1])[:3])
+            raise ValueError(f"the zoos hold {sum(counts.values()):,} models ({biggest}), more than max_models = "
+                             f"{self.max_models:,}; shrink the grids, or set max_models: {sum(counts.values())} to allow it")
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"zoo names must be unique; repeated: {sorted(dup)}")
@@ -106,6 +121,15 @@ class Study(BaseModel):
         return Path(self.output or f"runs/{self.study}")
 
 
+def _short_repr(value: Any) -> str:
+    """A value as it reads in one line of an error: bounded, whatever its size."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = 60, 60, 6, 4, 3
+    return r.repr(value)
+
+
 def format_errors(err: ValidationError) -> str:
     """pydantic's errors as `key.path[i]: message (got value)` lines, one per problem."""
     lines = []
@@ -113,7 +137,7 @@ def format_errors(err: ValidationError) -> str:
         path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
         msg = e["msg"].removeprefix("Value error, ")
         got = e.get("input")
-        shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
+        shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {_short_repr(got)})"
         lines.append(f"{path or 'study'}: {msg}{shown}")
     return "\n".join(lines)
 
@@ -128,17 +152,50 @@ def parse_study(data: Any, source: str = "study") -> Study:
         raise StudyError(f"{source} is not a valid study:\n{format_errors(e)}") from None
 
 
+MAX_STUDY_BYTES = 1_000_000
+MAX_STUDY_VALUES = 100_000  # values a study file may expand to (YAML aliases can repeat a list exponentially)
+MAX_STUDY_DEPTH = 50
+
+
+def _check_size(data: Any, path: Path) -> None:
+    """StudyError when the parsed document (shared YAML anchors counted each time they are used) holds more than
+    MAX_STUDY_VALUES values or nests deeper than MAX_STUDY_DEPTH; stops counting at the limit."""
+    seen, stack = 0, [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_STUDY_VALUES:
+            raise StudyError(f"{path}: expands to more than {MAX_STUDY_VALUES:,} values (YAML aliases repeating lists?); "
+                             "a study file is smaller (use {range: [start, stop]} for long grids)")
+        if depth > MAX_STUDY_DEPTH:
+            raise StudyError(f"{path}: nested more than {MAX_STUDY_DEPTH} levels deep; a study file is flatter")
+        if isinstance(node, dict):
+            stack += [(v, depth + 1) for v in node.values()] + [(k, depth + 1) for k in node]
+        elif isinstance(node, list):
+            stack += [(v, depth + 1) for v in node]
+
+
 def load_study(path: str | Path, **overrides: Any) -> Study:
     """Read and validate a study file; `overrides` (store, tracking_uri, ...) replace its top-level keys."""
     path = Path(path)
     if not path.is_file():
         raise StudyError(f"study file {str(path)!r} does not exist")
+    raw = path.read_bytes()
+    if len(raw) > MAX_STUDY_BYTES:
+        raise StudyError(f"{path}: {len(raw):,} bytes; a study file is at most {MAX_STUDY_BYTES:,} (is it a study?)")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise StudyError(f"{path}: not a text file (not UTF-8); a study is a YAML file") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise StudyError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+    except RecursionError:
+        raise StudyError(f"{path}: nested too deeply for a study file") from None
+    _check_size(data, path)
     if isinstance(data, dict):
         data.update({k: v for k, v in overrides.items() if v is not None})
     return parse_study(data, source=str(path))

@@ -85,7 +85,8 @@ def _inits() -> tuple[str, ...]:
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer that fits the store's int64 columns (and torch's seeds)."""
+    return isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63
 
 
 def _is_num(v: Any) -> bool:
@@ -114,6 +115,8 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], Callable[[], str]]] = {
 
 # Factors whose values are real numbers (numeric strings such as YAML's "1e-3" are converted).
 NUMERIC = ("lr", "momentum", "weight_decay", "dropout", "train_fraction", "equiv_reg")
+
+MAX_FACTOR_VALUES = 10**6  # values one grid factor may list (a range is checked before it is listed)
 
 # Random-factor distributions: {kind: parameters}.
 DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int")
@@ -241,6 +244,10 @@ class ZooSpec(BaseModel):
                 errs.append(_err((factor,), f"grid factor {factor!r}: {values!r} is not allowed; give a list of values or "
                                  "{range: [start, stop]} / {range: [start, stop, step]} with integers and at least one value", values))
                 continue
+            if len(range(*arg)) > MAX_FACTOR_VALUES:
+                errs.append(_err((factor,), f"grid factor {factor!r}: range {arg} has {len(range(*arg)):,} values; at "
+                                 f"most {MAX_FACTOR_VALUES:,} a factor", values))
+                continue
             out[factor] = list(range(*arg))
         if errs:
             raise ValidationError.from_exception_data("grid", errs)
@@ -254,12 +261,19 @@ class ZooSpec(BaseModel):
         for factor, values in grid.items():
             if not values:
                 errs.append(_err((factor,), f"grid factor {factor!r} has no values; give at least one", values))
-            seen = []
+            if len(values) > MAX_FACTOR_VALUES:
+                errs.append(_err((factor,), f"grid factor {factor!r} has {len(values):,} values; at most "
+                                 f"{MAX_FACTOR_VALUES:,} a factor", f"[{len(values)} values]"))
+                continue
+            seen: set = set()  # one pass: a set of each value's JSON form (values may be lists)
             for i, v in enumerate(values):
                 errs += _check_value(factor, v, (factor, i))
-                if v in seen:
+                key = json.dumps(v, sort_keys=True, default=str)
+                if key in seen:
                     errs.append(_err((factor, i), f"{factor} = {v!r} is listed twice; grid values must differ", v))
-                seen.append(v)
+                seen.add(key)
+                if len(errs) > 20:  # enough to say what is wrong
+                    break
         if errs:
             raise ValidationError.from_exception_data("grid", errs)
         return grid
@@ -332,6 +346,10 @@ class ZooSpec(BaseModel):
         if errs:
             raise ValidationError.from_exception_data("ZooSpec", errs)
         return self
+
+    def model_count(self) -> int:
+        """How many models `expand` makes (grid points x random draws), without making them."""
+        return math.prod(len(v) for v in self.grid.values()) * (self.samples if self.random else 1)
 
     def checkpoint_epochs(self) -> list[int]:
         """The checkpoint epochs, resolved."""

@@ -57,13 +57,20 @@ class DamagedShardWarning(UserWarning):
     """A damaged file was skipped by a store opened with skip_damaged=True."""
 
 
+MAX_NAME = 100  # characters of a zoo, stage, study or shard name
+
+
 def safe_name(kind: str, value: Any) -> str:
     """Return `value` if it is a safe single path component (zoo, stage or shard name), else raise."""
     if not isinstance(value, str) or not _SAFE.match(value) or ".." in value:
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
         raise StoreError(
-            f"{kind} name {value!r} is not a safe path component; "
+            f"{kind} name {shown} is not a safe path component; "
             "use letters, digits and _ . = + - (not starting with . or -, no '..' or '/')"
         )
+    if len(value) > MAX_NAME:
+        raise StoreError(f"{kind} name {value[:40]!r}... has {len(value)} characters; at most {MAX_NAME} "
+                         "(it becomes part of file names, which file systems cap)")
     return value
 
 

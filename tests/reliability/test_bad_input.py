@@ -57,6 +57,19 @@ CASES = {
     "mnist, data_dir without files": ({**GOOD, "data_dir": "{tmp}/nodata", "zoos": [MNIST]},
                                       "missing data files train-images-idx3-ubyte"),
     "mnist, no data_dir": ({**GOOD, "zoos": [MNIST]}, "no data directory"),
+    # unbounded work: refused at once, not after minutes of validating or an allocation of terabytes
+    "a range of 10^7 seeds": (variant(("zoos", 0, "grid", "seed"), {"range": [0, 10**7]}), "at most 1,000,000 a factor"),
+    "a range of 10^18 seeds": (variant(("zoos", 0, "grid", "seed"), {"range": [0, 10**18]}), "at most 1,000,000 a factor"),
+    "200,000 models": (variant(("zoos", 0, "grid", "seed"), {"range": [0, 200_000]}), "more than max_models = 100,000"),
+    "width 200,000": (variant(("zoos", 0, "arch", "config"), {"width": 200_000, "depth": 8}), "more than this machine's"),
+    "seed 2**70": (variant(("zoos", 0, "grid", "seed"), [2**70]), "zoos[0].grid.seed[0]: seed = 1180591620717411303424"),
+    "a 300-character zoo name": (variant(("zoos", 0, "name"), "z" * 300), "has 300 characters; at most 100"),
+    "a study named [/x]": ({**GOOD, "study": "[/x]"}, "'[/x]' is not a safe path component"),
+    "an alias bomb": ("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                      "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+                      "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n",
+                      "expands to more than 100,000 values"),
+    "20,000 levels deep": ("x: " + "[" * 20_000 + "]" * 20_000 + "\n", "nested"),
 }
 
 
@@ -115,3 +128,25 @@ def test_unusable_tracking_uri_exits_2_before_the_store(tmp_path, no_ray, uri, e
     assert r.exit_code == 2, r.output
     assert expected in r.output.replace("\n", "") and "--tracking-uri" in r.output.replace("\n", "")
     assert not (tmp_path / "store").exists()
+
+
+def test_a_binary_study_file_exits_2(tmp_path, no_ray):
+    path = tmp_path / "study.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    r = CliRunner().invoke(app, ["run", str(path), "--plain"])
+    assert r.exit_code == 2 and "not a text file" in r.output and "Traceback" not in r.output
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_training(tmp_path, no_ray):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, "store": str(tmp_path / "store"), "output": "/proc/version",
+                                    "tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"}))
+    r = CliRunner().invoke(app, ["run", str(path), "--plain"])
+    assert r.exit_code == 2 and "cannot write the output folder '/proc/version'" in r.output, r.output
+
+
+def test_an_empty_store_path_is_refused(tmp_path, no_ray):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, "store": ""}))
+    r = CliRunner().invoke(app, ["run", str(path), "--plain"])
+    assert r.exit_code == 2 and "store is empty" in r.output
