@@ -150,7 +150,9 @@ def print_summary(console: Console, study: Study, report: Any) -> None:
             for title, cells in rows:
                 table.add_row(title, *cells[start:start + per_table])
             console.print(table)
-        console.print("[dim](mean): mean ± standard deviation over models or pairs; (median): median [quartiles][/]")
+        from rich.text import Text
+
+        console.print(Text("(mean): mean ± standard deviation over models or pairs; (median): median [quartiles]", "dim"))
         left_out = int(summary["not_learned"].fill_null(0).sum()) if "not_learned" in summary.columns else 0
         if left_out:
             console.print(f"{left_out} models never learned (final training loss >= {LEARNED:.0%} of its initial value): "

@@ -17,7 +17,8 @@ Learning-rate schedules are per step (`lr_factor`), as `torch.optim.lr_scheduler
 
 A model whose loss or parameters become NaN/inf is frozen at its last finite state (its updates are
 masked from then on) and reported "diverged"; the other models compute exactly what they would
-without it. Random streams (init, training subset, data order, augmentation) derive from each
+without it. A model whose training loss ends above DIVERGED x its loss at init (lr 1e4: losses of 20,000,
+weights of 1e10, all finite) is reported "diverged" too. Random streams (init, training subset, data order, augmentation) derive from each
 model's own seed, so a model trains the same in any population; dropout masks are the exception
 (vmap draws them from one generator), so with dropout > 0 a run is reproducible but depends on
 the population it runs in.
@@ -73,6 +74,7 @@ DATA_SEED = 0  # the seed of the task's data split, the same for every model of 
 ADAM_BETA2, ADAM_EPS = 0.999, 1e-8
 LIE_AUGMENT_POOL = 16  # group elements drawn per epoch to augment with, for continuous groups
 LEARNED = 0.95  # a model learned when its final training loss is below this fraction of its loss at init
+DIVERGED = 10.0  # a model diverged when its loss became non-finite, or ended above this multiple of its loss at init
 
 
 class TrainError(ValueError):
@@ -488,6 +490,8 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
             progress(epoch, epochs)
 
     alive_list = alive.cpu().tolist()
+    start, end = curves["train_loss"][:, 0], curves["train_loss"][:, -1]
+    exploded = (end > DIVERGED * np.maximum(start, 1e-12)).tolist()  # finite, but far above where it began
     # per-model data: each row's task_config names its own data, plus the task's columns (inr: split, label)
     own_option = [{per_model: m.factors[per_model]} if per_model else {} for m in specs]
     own_columns = task.model_columns([m.factors[per_model] for m in specs]) if per_model else [{} for _ in specs]
@@ -503,7 +507,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
             "arch_config": json.dumps({**ARCHS[m.arch].defaults, **m.arch_config}, sort_keys=True),  # as built
             **m.factors,
             **own_columns[i],
-            "status": "ok" if alive_list[i] else "diverged",
+            "status": "ok" if alive_list[i] and not exploded[i] else "diverged",
             "learned": bool(alive_list[i] and curves["train_loss"][i, -1] < LEARNED * curves["train_loss"][i, 0]),
             **{name: float(curves[name][i, -1]) for name in names},
             "n_params": n_params,

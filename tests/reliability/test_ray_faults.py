@@ -124,3 +124,26 @@ def test_killed_driver_resumes_without_duplicates_and_logs_what_it_stored(ray_lo
     assert_store_whole(study.store, expected)
     assert_logged_once(study, expected)
     assert not leftover_core, f"Ray processes outlived their killed driver: {leftover_core}"
+
+
+def test_a_study_whose_models_all_diverge_finishes_and_says_so(ray_local, tmp_path):
+    """Every stage, plot and the summary cope with zero usable models (this crashed in plots.py, on every re-run)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    study = {"study": "alldiv", "store": str(tmp_path / "store"), "tracking_uri": f"sqlite:///{tmp_path / 'm.db'}",
+             "output": str(tmp_path / "out"),
+             "zoos": [{"name": "m", "task": {"name": "digits", "options": {"n_train": 64, "n_val": 32, "n_test": 32}},
+                       "arch": {"name": "cnn", "config": {"width": 4, "depth": 2}}, "grid": {"seed": [0, 1], "lr": [1e4]},
+                       "epochs": 2}],
+             "analysis": [{"stage": s} for s in ("interpolation", "equivariance", "weightspace", "landscape", "lie",
+                                                 "similarity", "funcdim", "bezier")]}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    for _ in range(2):  # and again
+        r = CliRunner().invoke(app, ["run", str(path), "--plain"])
+        assert r.exit_code == 0, r.output
+        diverged = next(line for line in r.output.splitlines() if line.startswith("│ diverged"))
+        assert diverged.split("│")[2].strip() == "2"

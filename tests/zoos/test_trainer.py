@@ -355,3 +355,11 @@ def test_a_model_whose_loss_stays_at_its_start_is_marked_not_learned():
     assert by_lr[3e-3]["learned"] is True
     i = [m["lr"] for m in result.models].index(3e-3)
     assert result.curves["train_loss"][i, -1] < LEARNED * result.curves["train_loss"][i, 0]
+
+
+def test_a_finite_loss_far_above_its_start_is_diverged():
+    """lr 1e4: losses in the thousands and huge weights, all finite: diverged, as a user would say."""
+    models = zoo_models({"seed": [0], "lr": [1e4, 1e-2], "optimizer": ["sgd"]}, epochs=2)
+    result = train_population(one_population(models))
+    by_lr = {m["lr"]: m for m in result.models}
+    assert by_lr[1e4]["status"] == "diverged" and by_lr[1e-2]["status"] == "ok"
