@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,12 +45,14 @@ class TaskFailed(RuntimeError):
 def _get(ref: Any, where: str) -> Any:
     """ray.get, a task's error raised as TaskFailed naming `where`."""
     import ray
-    from ray.exceptions import RayTaskError
+    from ray.exceptions import RayError, RayTaskError
 
     try:
         return ray.get(ref)
     except RayTaskError as e:
         raise TaskFailed(where, e.cause if getattr(e, "cause", None) is not None else e) from e
+    except RayError as e:  # the worker or its node died past the task's retries (WorkerCrashedError, ...)
+        raise TaskFailed(where, e) from e
 
 
 @dataclass
@@ -125,6 +129,76 @@ def check_store_writable(root: str) -> None:
         raise StoreError(str(e)) from None
     except OSError as e:
         raise StoreError(f"cannot write the store at {root!r}: {e.strerror or e}. Choose another --store path.") from None
+
+
+class StudyLock:
+    """One `symzoo run` of a study on a store at a time: `<store>/.locks/<study>.json` names its holder (host,
+    pid, start) and a heartbeat the holder refreshes every HEARTBEAT_S. A second run is refused naming the holder;
+    a lock whose process is gone (same host) or whose heartbeat is older than STALE_S is taken over."""
+
+    HEARTBEAT_S, STALE_S = 30.0, 150.0
+
+    def __init__(self, store_root: str, study: str):
+        from zoos.store import Store
+
+        self.store = Store(store_root)
+        self.rel = f".locks/{study}.json"
+        self.study = study
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _path(self) -> str:
+        return f"{self.store.root}/{self.rel}"
+
+    def _read(self) -> dict | None:
+        try:
+            with self.store.fs.open_input_stream(self._path()) as f:
+                return json.loads(f.read().decode())
+        except (OSError, ValueError):
+            return None
+
+    def _write(self) -> None:
+        self.store.fs.create_dir(f"{self.store.root}/.locks", recursive=True)
+        with self.store.fs.open_output_stream(self._path()) as f:
+            f.write(json.dumps({**self.me, "heartbeat": time.time()}).encode())
+
+    def _alive(self, holder: dict) -> bool:
+        if holder.get("host") == self.me["host"]:
+            try:
+                os.kill(int(holder["pid"]), 0)
+                return True
+            except (OSError, ValueError, KeyError):
+                return False
+        return time.time() - float(holder.get("heartbeat", 0)) < self.STALE_S
+
+    def acquire(self) -> str | None:
+        """Take the lock (None), or return why not: a line naming the run that holds it."""
+        holder = self._read()
+        if holder and holder.get("pid") != self.me["pid"] and self._alive(holder):
+            since = time.strftime("%H:%M:%S", time.localtime(float(holder.get("started", 0))))
+            return (f"study {self.study!r} is being run on this store by process {holder.get('pid')} on "
+                    f"{holder.get('host')} (since {since}); wait for it to finish, or stop it")
+        self._write()
+        self._thread = threading.Thread(target=self._beat, name="symzoo-lock", daemon=True)
+        self._thread.start()
+        return None
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT_S):
+            try:
+                self._write()
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        holder = self._read()
+        if holder and holder.get("pid") == self.me["pid"] and holder.get("host") == self.me["host"]:
+            try:
+                self.store.fs.delete_file(self._path())
+            except OSError:
+                pass
 
 
 # ---- Ray task bodies ------------------------------------------------------------------------------
@@ -236,11 +310,18 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
     tracker = Tracker(tracking_uri or study.tracking_uri or default_tracking_uri(), study.study)
     tracker.connect()  # first: a refused run must leave the store untouched
     report.experiment_id = tracker.experiment_id
+    check_store_writable(study.store)
+    lock = StudyLock(study.store, study.study)
+    held = lock.acquire()
+    if held:
+        raise StoreError(held)
     try:
         return _run_study(study, address, display, tracker, report, t_start)
     except BaseException as e:  # the runs this invocation opened end FAILED (KILLED on Ctrl-C), not RUNNING
         tracker.abort("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
+    finally:
+        lock.release()
 
 
 def _run_study(study: Study, address: str | None, display: Display, tracker: Tracker, report: RunReport,

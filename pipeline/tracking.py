@@ -122,9 +122,19 @@ class Tracker:
 
     @contextmanager
     def _timed(self) -> Iterator[None]:
+        """Count the time of an MLflow call; its failure becomes a TrackingError naming the URI (one line, not
+        MLflow's traceback), and a sqlite file deleted under the run is said to be so."""
         t0 = time.perf_counter()
         try:
             yield
+        except TrackingError:
+            raise
+        except Exception as e:  # noqa: BLE001 - MLflow raises many types (sqlite, HTTP, permission)
+            self._check_sqlite_file()
+            raise TrackingError(f"MLflow at {self.uri!r} failed during the run: {type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}. The store holds "
+                                "everything trained; fix the tracking store and run the study again to log what is "
+                                "missing") from None
         finally:
             dt = time.perf_counter() - t0
             self.seconds += dt
@@ -137,6 +147,7 @@ class Tracker:
     def connect(self) -> None:
         """Create or find the study's experiment and parent run; TrackingError if the store is unusable.
         Study, zoo and stage runs that an earlier driver left RUNNING (it died) are marked KILLED."""
+        self._check_sqlite_file()
         try:
             with self._timed():
                 exp = self._client.get_experiment_by_name(self.study)
@@ -149,6 +160,7 @@ class Tracker:
                 f"cannot use the MLflow tracking URI {self.uri!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}. "
                 "Start the server, fix the URI (--tracking-uri or the study's tracking_uri), or use a sqlite file."
             ) from None
+        self._db_existed = self._sqlite_path() is not None and self._sqlite_path().exists()
         for kind in ("study", "zoo", "stage"):
             for r in self._find({KIND: kind, STUDY: self.study}):
                 if r.info.status == "RUNNING":
@@ -172,11 +184,33 @@ class Tracker:
             self.drain()
         except Exception:  # noqa: BLE001 - the logging thread's own error is secondary to the one being raised
             pass
-        for run in list(self._model_runs.values()):  # created, never finished: deleted and redone by the next run
-            with self._timed():
-                self._client.set_terminated(run, status=status)
-        self._model_runs.clear()
-        self.finish(status)
+        try:
+            for run in list(self._model_runs.values()):  # created, never finished: deleted and redone by the next run
+                with self._timed():
+                    self._client.set_terminated(run, status=status)
+            self._model_runs.clear()
+            self.finish(status)
+        except TrackingError:  # the tracking store is what failed: the error being raised says more
+            pass
+
+    def _sqlite_path(self) -> Path | None:
+        return Path(self.uri.removeprefix("sqlite:///")) if self.uri.startswith("sqlite:///") else None
+
+    def _check_sqlite_file(self) -> None:
+        """TrackingError when the sqlite file cannot take this run's writes: read-only (MLflow would retry for
+        minutes), or deleted while the run held it (its writes would go nowhere, silently)."""
+        db = self._sqlite_path()
+        if db is None:
+            return
+        if getattr(self, "_db_existed", False) and not db.exists():
+            raise TrackingError(f"the MLflow database {str(db)!r} was deleted during the run: what was logged since is "
+                                "lost (the store holds every result); run the study again to log it into a new one")
+        if db.exists() and not os.access(db, os.W_OK):
+            raise TrackingError(f"the MLflow database {str(db)!r} is read-only: make it writable or choose another "
+                                "--tracking-uri")
+        if not db.exists() and db.parent.exists() and not os.access(db.parent, os.W_OK):
+            raise TrackingError(f"cannot create the MLflow database {str(db)!r}: its folder is read-only; choose another "
+                                "--tracking-uri")
 
     def _artifact_location(self) -> str | None:
         """Artifacts of a sqlite store go beside its file (<db folder>/mlruns/<study>), not into whatever folder the
@@ -354,7 +388,9 @@ class Tracker:
         self.log_artifacts(self._study_run, artifacts)
 
     def finish(self, status: str = "FINISHED") -> None:
-        """End the study and zoo runs this invocation wrote to (FINISHED, FAILED or KILLED); others stay as they were."""
+        """End the study and zoo runs this invocation wrote to (FINISHED, FAILED or KILLED); others stay as they were.
+        TrackingError if the sqlite file went away during the run (its logging was lost without an error)."""
+        self._check_sqlite_file()
         for run in [self._study_run, *self._zoo_runs.values()]:
             if run in self._touched:
                 with self._timed():

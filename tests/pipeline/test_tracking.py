@@ -140,3 +140,23 @@ def test_artifacts_of_a_sqlite_store_go_beside_its_file(tmp_path, monkeypatch):
     t.finish()
     assert (tmp_path / "db" / "mlruns" / "s").is_dir() and not (tmp_path / "mlruns").exists()
     assert [p.name for p in (tmp_path / "db" / "mlruns" / "s").rglob("*.png")] == ["plot.png"]
+
+
+def test_a_database_deleted_during_the_run_is_said_to_be_gone(tmp_path):
+    """The run held the sqlite file open: MLflow's writes went to the deleted file without an error (exit 0 with
+    every log lost). The end of the run now says so."""
+    db = tmp_path / "mlflow.db"
+    t = Tracker(f"sqlite:///{db}", "s")
+    t.connect()
+    t.begin_work()
+    db.unlink()
+    with pytest.raises(TrackingError, match="was deleted during the run"):
+        t.finish()
+
+
+def test_a_failing_tracking_store_is_one_tracking_error_naming_it(tmp_path):
+    t = Tracker(f"sqlite:///{tmp_path / 'm.db'}", "s")
+    t.connect()
+    t._client.log_batch = lambda *a, **k: (_ for _ in ()).throw(OSError("disk I/O error"))  # the store fails mid-run
+    with pytest.raises(TrackingError, match=r"MLflow at 'sqlite:///.*m.db' failed during the run: OSError: disk I/O error"):
+        t.log_summary({"x": 1.0})

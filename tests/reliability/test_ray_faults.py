@@ -147,3 +147,33 @@ def test_a_study_whose_models_all_diverge_finishes_and_says_so(ray_local, tmp_pa
         assert r.exit_code == 0, r.output
         diverged = next(line for line in r.output.splitlines() if line.startswith("│ diverged"))
         assert diverged.split("│")[2].strip() == "2"
+
+
+def test_a_second_run_of_the_same_study_is_refused_naming_the_first(ray_local, tmp_path):
+    """Two `symzoo run` of one study at once both trained everything and one crashed on the other's MLflow runs.
+    Now the second is refused (exit 2) naming the process that holds the study; a lock whose process is gone is
+    taken over."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    path, study = write_study(tmp_path, "twice", [mlp_zoo("slow", [0, 1], [0.01], epochs=300)])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    first = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path), "--plain"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    lock = tmp_path / "store" / ".locks" / "twice.json"
+    try:
+        deadline = time.monotonic() + 120
+        while not lock.exists() and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert lock.exists(), "the first run holds the study"
+        second = CliRunner().invoke(app, ["run", str(path), "--plain"])
+        assert second.exit_code == 2, second.output
+        assert f"by process {first.pid} on" in second.output and "Traceback" not in second.output
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the holder dies without releasing its lock
+        first.wait(60)
+    assert lock.exists()
+    again = CliRunner().invoke(app, ["run", str(path), "--plain"])  # a dead holder's lock is stale: taken over
+    assert again.exit_code == 0, again.output
+    assert not lock.exists(), "released at the end"
