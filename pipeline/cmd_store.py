@@ -90,6 +90,10 @@ def query_cmd(
         fail(f"--format {format!r} is not known; allowed: {', '.join(QUERY_FORMATS)}")
     if format == "parquet" and output is None:
         fail("--format parquet needs --output FILE")
+    reader = _file_reader(sql)
+    if reader:
+        fail(f"{reader}(...) reads files outside the store (and around its checksums); a query sees the store's tables "
+             "only: models, checkpoints, curves, analysis_<stage>")
     s = _open(store)
     ctx = pl.SQLContext(models=s.models(), checkpoints=s.checkpoints(), curves=s.curves())
     for stage in s.stages():
@@ -112,6 +116,16 @@ def query_cmd(
             table.add_row(*("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
         console.print(table)
         console.print(f"[dim]{df.height} rows[/]")
+
+
+def _file_reader(sql: str) -> str | None:
+    """The first of polars SQL's file-reading table functions (read_csv, read_parquet, ...) the query calls, if any
+    (string literals left out, so a value that merely mentions one is fine)."""
+    import re
+
+    code = re.sub(r"'(?:[^']|'')*'", "''", sql)
+    m = re.search(r"\b(read_\w+)\s*\(", code, flags=re.IGNORECASE)
+    return m.group(1) if m else None
 
 
 def _flat(df: "pl.DataFrame") -> "pl.DataFrame":

@@ -92,3 +92,17 @@ def test_csv_of_a_table_with_list_columns_holds_them_as_json(tmp_path):
     back = pl.read_csv(r.output.encode())
     assert back["barrier"].to_list() == [0.5]
     assert json.loads(back["curve"][0]) == [0.1, 0.7, 0.2] and json.loads(back["flows"][0]) == ["rotation", "translate_x"]
+
+
+@pytest.mark.parametrize("sql", ["select * from read_csv('/etc/hostname')", "SELECT * FROM Read_Parquet ('x.parquet')",
+                                 "select * from models join read_ipc('/tmp/x.arrow') using (model_id)"])
+def test_queries_read_the_store_only(tmp_path, sql):
+    s, _ = _store(tmp_path)
+    r = runner.invoke(app, ["query", s.root, sql])
+    assert r.exit_code == 2 and "reads files outside the store" in r.output and "Traceback" not in r.output
+
+
+def test_a_value_that_mentions_a_reader_is_fine(tmp_path):
+    s, _ = _store(tmp_path)
+    r = runner.invoke(app, ["query", s.root, "select count(*) as n from models where zoo != 'read_csv(x)'", "-f", "json"])
+    assert r.exit_code == 0, r.output
