@@ -109,13 +109,13 @@ def run_cmd(
     """Train the study's zoos (only what is missing), run its analysis stages, log to MLflow, summarise."""
     from pipeline.progress import Display
     from pipeline.report import print_summary
-    from pipeline.runner import StageConfigError, StoreError, TaskFailed, run_study
+    from pipeline.runner import ResourceError, StageConfigError, StoreError, TaskFailed, run_study
     from pipeline.tracking import TrackingError
 
     study = _load(study_file, store=store, tracking_uri=tracking_uri, data_dir=data_dir)
     try:
         report = run_study(study, address=address, display=Display(plain=plain or None))
-    except (StoreError, TrackingError, StageConfigError) as e:
+    except (StoreError, TrackingError, StageConfigError, ResourceError) as e:
         fail(str(e))
     except TaskFailed as e:  # an error inside a Ray task: its own one-line message, the traceback with --debug
         if debug:

@@ -29,6 +29,41 @@ class StoreError(RuntimeError):
     """The store cannot be created or written; the message names the path."""
 
 
+class ResourceError(ValueError):
+    """A study asks each task for more CPUs or GPUs than any node of the cluster has; the message gives both."""
+
+
+def check_resources(res: Any, cluster: bool, log: Any = None, wait_s: float | None = None) -> None:
+    """ResourceError when no node can run a task of `res` (num_cpus, num_gpus): Ray would wait forever. A local Ray
+    is refused at once; a cluster (its autoscaler may add nodes) is given `wait_s` (SYMZOO_RESOURCE_WAIT_S, 300 s)."""
+    import ray
+
+    def largest() -> tuple[float, float]:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        return (max((n.get("CPU", 0.0) for n in nodes), default=0.0), max((n.get("GPU", 0.0) for n in nodes), default=0.0))
+
+    def fits(cpu: float, gpu: float) -> bool:
+        return res.num_cpus <= cpu and res.num_gpus <= gpu
+
+    cpu, gpu = largest()
+    if fits(cpu, gpu):
+        return
+    asked = (f"resources ask each task for num_cpus={res.num_cpus:g}, num_gpus={res.num_gpus:g}; the largest node "
+             f"of this Ray has {cpu:g} CPUs and {gpu:g} GPUs")
+    wait_s = float(os.environ.get("SYMZOO_RESOURCE_WAIT_S", 300)) if wait_s is None else wait_s
+    if cluster and wait_s > 0:
+        if log is not None:
+            log(f"{asked}: waiting up to {wait_s:.0f}s for a node that has them (an autoscaler may add one)")
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+            cpu, gpu = largest()
+            if fits(cpu, gpu):
+                return
+    raise ResourceError(f"{asked}: no task could start. Lower resources in the study, or run it on a cluster that has "
+                        "such nodes")
+
+
 class StageConfigError(ValueError):
     """An analysis stage's settings do not fit what is stored (e.g. an epoch no checkpoint has)."""
 
@@ -343,6 +378,7 @@ def _run_study(study: Study, address: str | None, display: Display, tracker: Tra
     display.log(f"starting Ray ({address or os.environ.get('RAY_ADDRESS') or 'a local instance'}) ...")
     init_ray(address)
     display.log(f"Ray up in {time.perf_counter() - t_ray:.1f}s; planning populations")
+    check_resources(study.resources, cluster=bool(address or os.environ.get("RAY_ADDRESS")), log=display.log)
     store = Store(study.store)
     res = study.resources
 

@@ -151,3 +151,14 @@ def test_validate_checks_split_sizes_against_the_data_files(tmp_path):
         r = CliRunner().invoke(app, [cmd, str(path)])
         assert r.exit_code == 2 and "n_val=5000 but only 300 samples are available" in r.output, r.output
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("resources,asked", [({"num_gpus": 1}, "num_gpus=1"), ({"num_cpus": 64}, "num_cpus=64")])
+def test_resources_no_node_has_are_refused_not_waited_for(ray_local, tmp_path, resources, asked):
+    """Ray waits forever for a task no node can run ("No available node types can fulfill ..."): refused at once
+    on a local Ray (this session's: 2 CPUs, no GPU), naming what was asked and what there is."""
+    path, study = tiny_study(tmp_path, "res")
+    path.write_text(yaml.safe_dump({**study, "resources": resources}))
+    r = CliRunner().invoke(app, ["run", str(path), "--plain"])
+    assert r.exit_code == 2 and asked in r.output and "the largest node of this Ray has 2 CPUs and 0 GPUs" in r.output, r.output
+    assert not (tmp_path / "store" / "models").exists(), "nothing trained"

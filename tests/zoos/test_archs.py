@@ -239,3 +239,19 @@ def test_population_init_builds_every_model_when_configs_differ_or_the_replay_is
     for i, m in enumerate(same):
         for k, v in init_model(m.arch, m.arch_config, m.factors, task).named_parameters():
             assert torch.equal(params[k][i], v), k
+
+
+@pytest.mark.parametrize("arch,task_name,opts,config,which", CASES, ids=IDS)
+def test_every_architecture_builds_on_the_meta_device(arch, task_name, opts, config, which):
+    """`symzoo validate` sizes every config on the meta device (no memory) to refuse a model too big for the
+    machine before training: construction may compute only on explicit CPU tensors."""
+    from zoos.archs.base import INIT_SCHEMES
+    from zoos.spec import TRAIN_DEFAULTS, init_model
+
+    task = get_task(task_name, **opts)
+    for init in INIT_SCHEMES:
+        factors = {**TRAIN_DEFAULTS, "init": init}
+        with torch.device("meta"):
+            meta = init_model(arch, config, factors, task)
+        assert all(p.is_meta for p in meta.parameters())
+        assert sum(p.numel() for p in meta.parameters()) == build_arch(arch, task, **config).num_params

@@ -41,7 +41,7 @@ def _transform(g: tuple[int, int], a: Tensor) -> Tensor:
 
 def _group_tables(elements: list[tuple[int, int]]) -> tuple[list[list[int]], list[int]]:
     """Multiplication table (index of g*h) and inverses, found by acting on a generic array."""
-    probe = torch.arange(9.0).reshape(3, 3)
+    probe = torch.arange(9.0, device="cpu").reshape(3, 3)  # plain data, also when built on the meta device
     images = [_transform(g, probe) for g in elements]
 
     def index(a: Tensor) -> int:
@@ -250,7 +250,7 @@ class ScalarMLP(SymModule):
         if lay.output != "invariant":
             raise ArchError(f"architecture 'scalar_mlp' has invariant outputs; task {task.name!r} has {lay.output} outputs")
         m = lay.n * (len(lay.vectors) + len(lay.positions))
-        self.triu = torch.triu_indices(m, m).tolist()  # plain data, so stacked states carry no index buffers
+        self.triu = torch.triu_indices(m, m, device="cpu").tolist()  # plain data: no index buffers, any build device
         self.out_shape = tuple(task.output_shape)
         n_feat = len(self.triu[0]) + lay.n * len(lay.scalars)
         self.net = MLPStack(n_feat, width, depth, math.prod(self.out_shape), activation, dropout)
