@@ -26,7 +26,8 @@ import os
 import pickle
 import re
 from collections import defaultdict
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -125,17 +126,33 @@ def _tf_key(name: str) -> str:
     return f"{layer}.{ {'kernel': 'weight'}.get(leaf, leaf) }"
 
 
+@contextmanager
+def _reading(path: str, what: str) -> Iterator[None]:
+    """A file that is not what its name says becomes a StoreError naming it (not a numpy or json traceback)."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except (ValueError, KeyError, IndexError, TypeError, EOFError, OSError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path}: not a readable {what} ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+
+
 def import_small_cnn_zoo(src: str, store: Store, zoo: str | None = None, shard_size: int = 1000) -> int:
     """Import a Small CNN Zoo directory (weights.npy + layout.csv + metrics.csv[.gz]); return models written."""
-    weights = np.load(_find(src, ["weights.npy", "all_weights.npy"]), mmap_mode="r")
-    with open(_find(src, ["layout.csv"]), newline="") as f:
+    weights_path = _find(src, ["weights.npy", "all_weights.npy"])
+    with _reading(weights_path, "numpy array of floats (weights.npy)"):
+        weights = np.load(weights_path, mmap_mode="r")  # never pickles: an object array is refused
+        if weights.ndim != 2 or not np.issubdtype(weights.dtype, np.floating):
+            raise ValueError(f"expected a 2-D float array, got dtype {weights.dtype} and shape {weights.shape}")
+    layout_path = _find(src, ["layout.csv"])
+    with _reading(layout_path, "layout table (layout.csv)"), open(layout_path, newline="") as f:
         layout = list(csv.DictReader(f))
     for col in ("varname", "start_idx", "end_idx", "shape"):
         if layout and col not in layout[0]:
             raise StoreError(f"layout.csv has no column {col!r}; columns: {', '.join(layout[0])}")
     metrics_path = _find(src, ["metrics.csv", "metrics.csv.gz", "all_metrics.csv"])
     opener = gzip.open if metrics_path.endswith(".gz") else open
-    with opener(metrics_path, "rt", newline="") as f:
+    with _reading(metrics_path, "metrics table (metrics.csv)"), opener(metrics_path, "rt", newline="") as f:
         reader = csv.reader(f)
         header = next(reader)
         table = [dict(zip(header, row)) for row in reader]
@@ -149,9 +166,10 @@ def import_small_cnn_zoo(src: str, store: Store, zoo: str | None = None, shard_s
         by_model[key].append(r)
 
     variables = []
-    for v in layout:
-        shape = _parse_shape(v["shape"])
-        start, end = int(v["start_idx"]), int(v["end_idx"])
+    for i, v in enumerate(layout):
+        with _reading(f"{layout_path} row {i + 1}", "layout row (varname, start_idx, end_idx, shape)"):
+            shape = _parse_shape(v["shape"])
+            start, end = int(v["start_idx"]), int(v["end_idx"])
         if end - start != math.prod(shape):
             raise StoreError(f"layout.csv row {v['varname']!r}: end_idx - start_idx = {end - start} != prod{shape}")
         variables.append((v["varname"], start, end, shape))
@@ -244,11 +262,13 @@ def import_model_zoos(src: str, store: Store, zoo: str | None = None, shard_size
     zoo = zoo or re.sub(r"[^A-Za-z0-9_.=+-]", "-", os.path.basename(os.path.abspath(src))).lstrip(".-") or "model-zoos"
     models = []
     for trial in trials:
-        with open(os.path.join(trial, "params.json")) as f:
+        params_path = os.path.join(trial, "params.json")
+        with _reading(params_path, "JSON file (Ray Tune's params.json)"), open(params_path) as f:
             params = json.load(f)
         results = []
-        if os.path.exists(os.path.join(trial, "result.json")):
-            with open(os.path.join(trial, "result.json")) as f:
+        result_path = os.path.join(trial, "result.json")
+        if os.path.exists(result_path):
+            with _reading(result_path, "JSON-lines file (Ray Tune's result.json)"), open(result_path) as f:
                 results = [json.loads(line) for line in f if line.strip()]
         ckpts = {}
         for name in os.listdir(trial):

@@ -182,3 +182,34 @@ def test_a_corrupt_manifest_is_named_in_one_line(store):
         assert r.exit_code == 2 and f"manifest/zA/{bad.shard}.json" in r.output and "symzoo repair" in r.output, r.output
     r = runner.invoke(app, ["verify", s.root])
     assert r.exit_code == 1 and "unreadable manifest" in r.output
+
+
+def _small_cnn(tmp_path):
+    from tests.zoos.test_importers import write_small_cnn_zoo
+
+    src = tmp_path / "scz"
+    write_small_cnn_zoo(str(src), gz=False)
+    return src
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda src: (src / "weights.npy").write_bytes(b"not numpy at all"), "weights.npy: not a readable numpy array"),
+    (lambda src: np.save(src / "weights.npy", np.array([{"a": 1}], dtype=object)), "weights.npy: not a readable numpy array"),
+    (lambda src: (src / "layout.csv").write_text("varname,start_idx,end_idx,shape\nconv/kernel:0,zero,9,(3 3)\n"),
+     "layout.csv row 1: not a readable layout row"),
+])
+def test_a_malformed_small_cnn_zoo_file_is_named_in_one_line(tmp_path, damage, named):
+    src = _small_cnn(tmp_path)
+    damage(src)
+    r = runner.invoke(app, ["import", "small-cnn-zoo", str(src), str(tmp_path / "store")])
+    assert r.exit_code == 2 and named in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "store" / "models").exists(), "nothing written"
+
+
+@pytest.mark.parametrize("name, text", [("params.json", "{not json"), ("result.json", '{"a": 1}\n{broken\n')])
+def test_a_malformed_model_zoos_trial_file_is_named_in_one_line(tmp_path, name, text):
+    trial = tmp_path / "zoo" / "trial_0"
+    write_trial(str(trial), seed=0, epochs=[1])
+    (trial / name).write_text(text)
+    r = runner.invoke(app, ["import", "model-zoos", str(tmp_path / "zoo"), str(tmp_path / "store")])
+    assert r.exit_code == 2 and f"{name}: not a readable JSON" in r.output and "Traceback" not in r.output, r.output
