@@ -409,7 +409,7 @@ def main() -> None:
             save()
     if skip >= {"baseline", "pipeline"}:
         return
-    from pipeline.runner import init_ray
+    from pipeline.localray import init_ray
 
     if gpu:  # the steps and variants above leave this process's cached blocks on the card: nvidia-smi would count them
         torch.cuda.empty_cache()

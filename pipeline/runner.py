@@ -20,6 +20,7 @@ from typing import Any
 
 import polars as pl
 
+from pipeline.localray import init_ray
 from pipeline.progress import Display, ProgressBoard
 from pipeline.study import Study
 from pipeline.tracking import Tracker, default_tracking_uri, model_run_name
@@ -119,20 +120,6 @@ class RunReport:
     def tracking_share(self) -> float:
         """Share of the wall time the study waited for MLflow."""
         return self.tracking_wait_s / self.wall_s if self.wall_s else 0.0
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the Ray cluster at `address` (or RAY_ADDRESS), else start a local one; reuse one already up."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
-    if address:
-        ray.init(address=address, **kwargs)
-    else:  # "local": a new Ray of our own, never one found through /tmp/ray/ray_current_cluster
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
 
 
 def check_output_writable(folder: Path) -> None:

@@ -25,7 +25,10 @@ def ray_local():
     xdist group (`@pytest.mark.xdist_group("ray")`) so a single worker process owns it."""
     import ray
 
+    from pipeline.localray import loopback_only
+
     if not ray.is_initialized():
+        loopback_only(True)
         ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()

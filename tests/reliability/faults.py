@@ -9,24 +9,42 @@ from pathlib import Path
 import polars as pl
 import yaml
 
+from pipeline import localray
+
 
 def descendants(root: int) -> list[int]:
     """Pids of every live descendant of `root` (from /proc), so a test only ever touches processes it started."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    return list(localray.descendants(root))
+
+
+def exposed_listeners(pids: list[int]) -> list[str]:
+    """'pid ip:port' of each TCP socket one of `pids` listens on at an address other than loopback (from /proc)."""
+    listening: dict[str, str] = {}  # socket inode -> local address, for sockets in state LISTEN (0A)
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
+            rows = Path(table).read_text().splitlines()[1:]
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
+        for row in rows:
+            cols = row.split()
+            if cols[3] == "0A":
+                listening[cols[9]] = cols[1]
+    loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+    out = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            inode = target[len("socket:["):-1] if target.startswith("socket:[") else None
+            if inode in listening and listening[inode].split(":")[0] not in loopback:
+                ip, port = listening[inode].split(":")
+                out.append(f"{pid} {ip}:{int(port, 16)}")
     return out
 
 

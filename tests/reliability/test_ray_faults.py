@@ -23,8 +23,8 @@ from pipeline.cli import app
 from pipeline.progress import Display
 from pipeline.runner import run_study
 from pipeline.study import load_study
-from tests.reliability.faults import (assert_logged_once, assert_store_whole, cmdline, descendants, expected_models, mlp_zoo,
-                                      model_runs, wait_for_process, wait_until, write_study)
+from tests.reliability.faults import (assert_logged_once, assert_store_whole, cmdline, descendants, expected_models,
+                                      exposed_listeners, mlp_zoo, model_runs, wait_for_process, wait_until, write_study)
 from zoos.spec import expand, populations
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
@@ -90,22 +90,19 @@ def test_killed_driver_resumes_without_duplicates_and_logs_what_it_stored(ray_lo
         wait_until(lambda: any(manifests.rglob("*.json")) or proc.poll() is not None, timeout=90, every=0.002,
                    what="the first shard")
         assert proc.poll() is None, f"symzoo run ended early: {proc.stderr.read().decode()[-2000:]}"
-        started = descendants(proc.pid)  # its Ray: gcs, raylet, workers
+        started = descendants(proc.pid)  # its Ray: gcs, raylet, workers, agents, and symzoo's reaper
         proc.send_signal(signal.SIGKILL)  # the driver dies between storing a shard and logging its models
         proc.wait(10)
     finally:
         proc.kill()
-    # The driver's Ray (gcs, raylet, workers) shuts down with it; Ray's dashboard and runtime-env agents
-    # linger (seen with ray 2.60), so the test ends those by pid: they are processes this test started.
-    core = [p for p in started if not any(a in cmdline(p) for a in ("DashboardAgent", "RuntimeEnvAgent"))]
     try:
-        wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in core), timeout=15, every=0.2,
-                   what="the killed driver's Ray processes to exit")
-        leftover_core = []
+        wait_until(lambda: not any(os.path.exists(f"/proc/{p}") and "ray" in cmdline(p) for p in started),
+                   timeout=30, every=0.2, what="the killed driver's Ray processes to exit")
+        leftover = []
     except TimeoutError:
-        leftover_core = [cmdline(p)[:60] for p in core if os.path.exists(f"/proc/{p}")]
+        leftover = [cmdline(p)[:60] for p in started if os.path.exists(f"/proc/{p}")]
     for p in started:
-        if "ray" in cmdline(p):  # still the Ray process it was, not a reused pid
+        if "ray" in cmdline(p):  # still the Ray process it was, not a reused pid: never leak into the next test
             os.kill(p, signal.SIGKILL)
 
     store = zoos.open(study.store)
@@ -123,7 +120,37 @@ def test_killed_driver_resumes_without_duplicates_and_logs_what_it_stored(ray_lo
     assert {m["shard"]: m["written"] for m in store.manifests() if m["shard"] in manifests_before} == manifests_before
     assert_store_whole(study.store, expected)
     assert_logged_once(study, expected)
-    assert not leftover_core, f"Ray processes outlived their killed driver: {leftover_core}"
+    assert not leftover, f"Ray processes outlived their killed driver: {leftover}"
+
+
+def test_a_local_run_listens_on_loopback_only_and_dies_with_its_driver(tmp_path):
+    """A local `symzoo run` left Ray's gcs, raylet, workers and dashboard agent listening on all interfaces, and a
+    SIGKILLed driver left the dashboard and runtime-env agents running under PID 1, still listening."""
+    path, _ = write_study(tmp_path, "loopback", [mlp_zoo("slow", [0, 1], [0.01], epochs=300)])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "symzoo"), "run", str(path), "--plain"], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_process(proc.pid, "train:slow:", timeout=120)  # Ray is up and a worker trains
+        started = descendants(proc.pid)
+        names = " ".join(cmdline(p) for p in started)
+        exposed = exposed_listeners(started)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+    try:
+        wait_until(lambda: not any(os.path.exists(f"/proc/{p}") and "ray" in cmdline(p) for p in started),
+                   timeout=30, every=0.2, what="the killed driver's Ray processes to exit")
+        leftover = []
+    except TimeoutError:
+        leftover = [cmdline(p)[:60] for p in started if os.path.exists(f"/proc/{p}")]
+    for p in started:
+        if "ray" in cmdline(p):  # never leak a process into the next test
+            os.kill(p, signal.SIGKILL)
+    assert all(n in names for n in ("gcs_server", "raylet", "DashboardAgent", "pipeline.localray")), names
+    assert not exposed, f"a local run's Ray listened beyond loopback: {exposed}"
+    assert not leftover, f"Ray processes outlived their killed driver: {leftover}"
 
 
 def test_a_study_whose_models_all_diverge_finishes_and_says_so(ray_local, tmp_path):

@@ -1,0 +1,146 @@
+"""Ray for one `symzoo` process: join a cluster, or start a local Ray on loopback that dies with the driver.
+
+A local Ray is symzoo's own: its services listen on 127.0.0.1 only (a laptop on a café network exposes
+nothing), and nothing of it outlives the driver, even when the driver is SIGKILLed: Ray's gcs and raylet
+share the driver's fate through the kernel, but its dashboard and runtime-env agents can linger (seen with
+ray 2.60), so a small reaper process ends whatever of the session is left when the driver goes.
+A cluster (an address given, or RAY_ADDRESS) is configured by cluster.yaml and left as it is.
+
+Run as `python -m pipeline.localray RAYLET_PID`, this module is that reaper.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+# The value Ray reads at import to decide whether a node may join others; off, every service binds loopback.
+_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_reaper: subprocess.Popen | None = None  # holds the pipe whose end-of-file tells the reaper the driver is gone
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the Ray cluster at `address` (or RAY_ADDRESS), else start a local one; reuse one already up."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    loopback_only(not address)
+    if address:
+        ray.init(address=address, **kwargs)
+        return
+    # "local": a new Ray of our own, never one found through /tmp/ray/ray_current_cluster
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
+    _start_reaper()
+
+
+def loopback_only(on: bool) -> None:
+    """Ray resolves a node IP of 127.0.0.1 to the routable address unless clusters are off (as on macOS),
+    and its gRPC servers bind all interfaces unless the node IP is 127.0.0.1: turning clusters off for a
+    local Ray is what puts every service (gcs, raylet, workers, agents) on loopback."""
+    from ray._private import ray_constants
+
+    if on:
+        os.environ[_CLUSTER_SWITCH] = "0"  # for the processes Ray starts
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    elif os.environ.get(_CLUSTER_SWITCH) == "0":  # a later cluster join in the same process
+        del os.environ[_CLUSTER_SWITCH]
+        ray_constants.ENABLE_RAY_CLUSTER = True
+
+
+def raylet_pid() -> int | None:
+    """The local raylet's pid, while this process runs a local Ray."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    procs = getattr(node, "all_processes", {}).get("raylet") if node is not None else None
+    return procs[0].process.pid if procs else None
+
+
+def _start_reaper() -> None:
+    global _reaper
+    pid = raylet_pid()
+    if pid is None or sys.platform != "linux":
+        return
+    if _reaper is not None and _reaper.poll() is None:
+        _reaper.stdin.close()  # the previous session's reaper ends and tidies what that session left
+    # Its own session: a Ctrl-C or a kill of the driver's process group does not take it down first.
+    _reaper = subprocess.Popen([sys.executable, "-m", "pipeline.localray", str(pid)], stdin=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, start time in clock ticks) of a process, from /proc/PID/stat; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def descendants(root: int) -> dict[int, int]:
+    """{pid: start time} of every live descendant of `root` (the start time tells a reused pid apart)."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (st := _stat(int(entry))) is not None:
+            children.setdefault(st[1], []).append((int(entry), st[2]))
+    found, todo = {}, [root]
+    while todo:
+        for pid, start in children.get(todo.pop(), []):
+            found[pid] = start
+            todo.append(pid)
+    return found
+
+
+def _alive(pid: int, start: int | None = None) -> bool:
+    """Whether `pid` runs (a zombie has exited) and, given its start time, is still the same process."""
+    st = _stat(pid)
+    return st is not None and st[0] != "Z" and (start is None or st[2] == start)
+
+
+def _reap(raylet: int, known: dict[int, int], grace_s: float = 5.0) -> None:
+    """Wait for Ray's own shutdown, then end what the raylet started and left: SIGTERM, SIGKILL after 2 s."""
+    deadline = time.monotonic() + grace_s
+    while _alive(raylet) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    known = {**known, **descendants(raylet)}
+    for sig, wait_s in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 0.0)):
+        left = [p for p, start in known.items() if _alive(p, start)]
+        if _alive(raylet):
+            left.append(raylet)
+        if not left:
+            return
+        for p in left:
+            try:
+                os.kill(p, sig)
+            except OSError:
+                pass
+        end = time.monotonic() + wait_s
+        while time.monotonic() < end and any(_alive(p) for p in left):
+            time.sleep(0.1)
+
+
+def main(argv: list[str]) -> None:
+    raylet = int(argv[0])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # What the raylet started, kept up to date: once it is gone its orphans belong to init and name no parent.
+    known: dict[int, int] = {}
+    while _alive(raylet):  # until the driver is gone (end of file on stdin) or has shut its Ray down
+        known.update(descendants(raylet))
+        ready, _, _ = select.select([sys.stdin.buffer], [], [], 1.0)
+        if ready and not os.read(sys.stdin.fileno(), 4096):
+            break
+    _reap(raylet, known)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
