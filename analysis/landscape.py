@@ -93,11 +93,19 @@ def hessian_top_eigenvalue(
 
 @dataclass
 class Trace:
-    """Per model: Hutchinson's trace estimate and its standard error over the probe vectors."""
+    """Per model: Hutchinson's trace estimate, its standard error, and the probes it took.
+
+    samples holds every model's probe values z^T H z in order, NaN past the probes that model used.
+    """
 
     mean: Tensor  # [N]
     se: Tensor  # [N]
-    n_samples: int
+    n_samples: Tensor  # [N] probes used per model
+    samples: Tensor  # [N, most probes used]
+
+    def precise(self, rel_se: float) -> Tensor:
+        """[N] whether each model's standard error is at most `rel_se` of its |estimate|."""
+        return self.se <= rel_se * self.mean.abs()
 
 
 def hessian_trace(
@@ -109,17 +117,39 @@ def hessian_trace(
     loss_fn: LossFn,
     *,
     n_samples: int = 64,
+    rel_se: float | None = None,
+    min_samples: int = 8,
     generator: torch.Generator | None = None,
 ) -> Trace:
-    """tr H ≈ mean over Rademacher z of z^T H z, every model with its own probes."""
+    """tr H ≈ mean over Rademacher z of z^T H z, every model with its own probes.
+
+    With `rel_se`, probes are added until the standard error is at most `rel_se` times |mean|: a model stops at
+    the first count n >= min(min_samples, n_samples) where that holds, or at `n_samples`, whichever comes first.
+    Without it every model takes `n_samples` probes.
+    """
     if n_samples < 2:
         raise ValueError(f"n_samples={n_samples}; Hutchinson's standard error needs at least 2")
+    if rel_se is not None and not rel_se > 0:
+        raise ValueError(f"rel_se={rel_se}; the target standard error is a positive fraction of the estimate")
     params, buffers = dict(params), dict(buffers)
     hvp = vmap(_hvp(module, x, y, loss_fn))
-    samples = []
+    first = max(2, min(min_samples, n_samples)) if rel_se is not None else n_samples
+    n_models = next(iter(params.values())).shape[0]
+    active = torch.ones(n_models, dtype=torch.bool, device=x.device)
+    samples: list[Tensor] = []
     with evaluating(module):
-        for _ in range(n_samples):
+        for k in range(1, n_samples + 1):
             z = _rademacher(params, generator)
-            samples.append(_dot(z, hvp(params, buffers, z)).detach())
+            value = _dot(z, hvp(params, buffers, z)).detach()
+            samples.append(torch.where(active, value, torch.full_like(value, float("nan"))))
+            if k >= first and rel_se is not None:
+                s = torch.stack(samples, 1)[:, :k]
+                se = s.std(1) / k**0.5
+                active &= ~(se <= rel_se * s.mean(1).abs())
+                if not bool(active.any()):
+                    break
     s = torch.stack(samples, 1)
-    return Trace(s.mean(1), s.std(1) / n_samples**0.5, n_samples)
+    count = (~s.isnan()).sum(1)
+    mean = s.nansum(1) / count
+    var = ((s - mean[:, None]) ** 2).nansum(1) / (count - 1)
+    return Trace(mean, var.sqrt() / count.sqrt(), count, s)

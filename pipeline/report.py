@@ -79,13 +79,17 @@ def summarise_zoos(store: Any, names: list[str], stages: list[str], out_dir: Pat
     return summary, plot_paths, stage_plots
 
 
+LEGEND = ("(mean): mean ± standard deviation over models or pairs; (median): median [quartiles]; "
+          "(lo–hi): the 95% interval of the mean (Student's t) or of the median (order statistics)")
+
 # Row titles of the summary table, where the column name alone says too little.
 COLUMN_TITLES = {
     "test_acc": "test acc", "orbit_acc": "acc over orbit", "equiv_error": "equiv. error",
     "barrier_naive": "barrier naive", "barrier_aligned": "barrier aligned", "test_rel_mse": "test rel. MSE",
     "orbit_rel_mse": "rel. MSE over orbit", "pairs": "pairs", "matching_worse": "pairs matching made worse",
     "wdist_first": "w-dist to equiv. first", "wdist_last": "w-dist to equiv. last", "hessian_top": "Hessian top eig.",
-    "hessian_trace": "Hessian trace", "lie_relative": "Lie deriv. (relative)",
+    "hessian_trace": "Hessian trace", "trace_rel_se": "trace s.e. / |trace|",
+    "trace_imprecise": "traces above their s.e. target", "lie_relative": "Lie deriv. (relative)",
     "cka_output": "CKA output", "cka_penult": "CKA penult.", "l2_dist": "L2 dist.", "canon_dist": "canonical dist.",
     "fdim_over_bound": "fdim / bound", "fdim_over_params": "fdim / params", "bezier_barrier": "Bezier barrier",
     "line_barrier": "line barrier", "cross_barrier_naive": "cross-zoo barrier naive",
@@ -101,34 +105,50 @@ def _title(column: str) -> str:
 
 
 def summary_rows(summary: pl.DataFrame) -> list[tuple[str, list[str]]]:
-    """The summary as (row title, one cell per zoo): a statistic's row says mean ± sd or median [q25, q75]."""
-    from pipeline.stages.common import Q25, Q75, SD
+    """The summary as (row title, one cell per zoo): a statistic's row says mean ± sd or median [q25, q75],
+    followed by its 95% interval (lo–hi) where the summary has one."""
+    from pipeline.stages.common import HI, LO, Q25, Q75, SD, SIBLINGS
 
     cols = set(summary.columns)
+
+    def column(c: str, suffix: str) -> list:
+        return summary[c + suffix].to_list() if c + suffix in cols else [None] * summary.height
+
     out = []
     for c in summary.columns:
-        if c == "zoo" or c.endswith((SD, Q25, Q75)) or c in ("test_loss", "test_loss" + SD):
+        if c == "zoo" or c.endswith(SIBLINGS) or c == "test_loss":
             continue
         if c == "diverged" and not (summary[c].fill_null(0) > 0).any():
             continue
         values = summary[c].to_list()
+        interval = list(zip(column(c, LO), column(c, HI)))
         if c + SD in cols:
-            cells = [_spread(v, sd=s) for v, s in zip(values, summary[c + SD].to_list())]
+            cells = [_spread(v, sd=s, ci=ci) for v, s, ci in zip(values, column(c, SD), interval)]
             out.append((f"{_title(c)} (mean)", cells))
         elif c + Q25 in cols:
-            cells = [_spread(v, lo=lo, hi=hi) for v, lo, hi in zip(values, summary[c + Q25].to_list(), summary[c + Q75].to_list())]
+            cells = [_spread(v, q=q, ci=ci) for v, q, ci in zip(values, zip(column(c, Q25), column(c, Q75)), interval)]
             out.append((f"{_title(c)} (median)", cells))
         else:
             out.append((_title(c), [_fmt(v) for v in values]))
     return out
 
 
-def _spread(v: Any, sd: Any = None, lo: Any = None, hi: Any = None) -> str:
-    if v is None or v != v:
+def _known(v: Any) -> bool:
+    return v is not None and v == v
+
+
+def _spread(v: Any, sd: Any = None, q: tuple = (None, None), ci: tuple = (None, None)) -> str:
+    """"v ± sd" or "v [q25, q75]", then " (lo–hi)": the 95% interval, where there is one."""
+    if not _known(v):
         return ""
-    if lo is not None and hi is not None:
-        return f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]"
-    return f"{_fmt(v)} ± {_fmt(sd)}" if sd is not None and sd == sd else _fmt(v)
+    text = _fmt(v)
+    if all(_known(x) for x in q):
+        text += f" [{_fmt(q[0])}, {_fmt(q[1])}]"
+    elif _known(sd):
+        text += f" ± {_fmt(sd)}"
+    if all(_known(x) for x in ci):
+        text += f" ({_fmt(ci[0])}–{_fmt(ci[1])})"
+    return text
 
 
 def print_summary(console: Console, study: Study, report: Any) -> None:
@@ -152,7 +172,7 @@ def print_summary(console: Console, study: Study, report: Any) -> None:
             console.print(table)
         from rich.text import Text
 
-        console.print(Text("(mean): mean ± standard deviation over models or pairs; (median): median [quartiles]", "dim"))
+        console.print(Text(LEGEND, "dim"))
         left_out = int(summary["not_learned"].fill_null(0).sum()) if "not_learned" in summary.columns else 0
         if left_out:
             console.print(f"{left_out} models never learned (final training loss >= {LEARNED:.0%} of its initial value): "

@@ -93,5 +93,5 @@ def _cell(value: Any, i: int) -> Any:
     """Model i's entry of a measured column."""
     if isinstance(value, torch.Tensor):
         v = value[i] if value.dim() else value
-        return v.tolist() if v.dim() else float(v)
+        return v.tolist() if v.dim() else v.item()
     return value

@@ -21,21 +21,39 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Item = dict[str, str]
 
-# Summary columns carry their spread in sibling columns: <name>__sd for a mean, <name>__q25 / <name>__q75 for a
-# median (pipeline.report prints "mean ± sd" or "median [q25, q75]" and says which).
-SD, Q25, Q75 = "__sd", "__q25", "__q75"
+# Summary columns carry their spread and their uncertainty in sibling columns: <name>__sd for a mean,
+# <name>__q25 / <name>__q75 for a median, and <name>__lo / <name>__hi for the 95% interval of either
+# (pipeline.report prints "mean ± sd (lo–hi)" or "median [q25, q75] (lo–hi)" and says which).
+SD, Q25, Q75, LO, HI = "__sd", "__q25", "__q75", "__lo", "__hi"
+SIBLINGS = (SD, Q25, Q75, LO, HI)
+
+
+def _t975(n: pl.Expr) -> pl.Expr:
+    """Student's t quantile 0.975 with n - 1 degrees of freedom (null below two values)."""
+    from scipy import stats
+
+    return n.map_elements(lambda k: float(stats.t.ppf(0.975, k - 1)) if k > 1 else None, return_dtype=pl.Float64)
 
 
 def mean_sd(column: str | pl.Expr, name: str) -> list[pl.Expr]:
-    """A summary column as the mean, with the standard deviation beside it."""
+    """A summary column as the mean, with the standard deviation and the mean's 95% t interval beside it."""
     e = pl.col(column) if isinstance(column, str) else column
-    return [e.mean().alias(name), e.std().alias(name + SD)]
+    half = _t975(e.count()) * e.std() / e.count().sqrt()
+    return [e.mean().alias(name), e.std().alias(name + SD), (e.mean() - half).alias(name + LO),
+            (e.mean() + half).alias(name + HI)]
 
 
 def median_iqr(column: str | pl.Expr, name: str) -> list[pl.Expr]:
-    """A summary column as the median (for heavy-tailed values), with the quartiles beside it."""
+    """A summary column as the median (for heavy-tailed values), with the quartiles and the median's 95%
+    distribution-free interval beside it: the order statistics n/2 ± 1.96 sqrt(n)/2 (binomial, normal
+    approximation; below 6 values it is the range, whose coverage is 1 - 2^(1-n); none for one value)."""
     e = pl.col(column) if isinstance(column, str) else column
-    return [e.median().alias(name), e.quantile(0.25).alias(name + Q25), e.quantile(0.75).alias(name + Q75)]
+    n, ordered = e.count(), e.drop_nulls().sort()
+    lo = ((n - 1.96 * n.sqrt()) / 2).floor().clip(0).cast(pl.Int64)
+    hi = ((n + 1.96 * n.sqrt()) / 2).ceil().clip(upper_bound=n - 1).cast(pl.Int64)
+    return [e.median().alias(name), e.quantile(0.25).alias(name + Q25), e.quantile(0.75).alias(name + Q75),
+            pl.when(n > 1).then(ordered.get(lo, null_on_oob=True)).alias(name + LO),
+            pl.when(n > 1).then(ordered.get(hi, null_on_oob=True)).alias(name + HI)]
 
 
 class Settings(BaseModel):

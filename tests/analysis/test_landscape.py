@@ -64,6 +64,43 @@ def test_small_network_matches_explicit_hessian():
         assert abs(tr.mean[i] - full.trace()) < 4 * tr.se[i]
 
 
+@pytest.mark.parametrize("rel_se", [0.2, 0.05, 0.01])
+def test_trace_probes_stop_where_the_precision_rule_says(rel_se):
+    """Each model stops at the first probe count >= 8 whose standard error is at most rel_se of |mean|, or at the cap;
+    models with a spread-out spectrum (off-diagonal Hessian mass) need more probes than near-diagonal ones."""
+    eigs = [[5.0, 2.0, 1.0, -1.0, 0.5], [-7.0, 3.0, 0.1, 0.2, 0.3], [1.0, 1.0, 1.0, 1.0, 1.01], [9.0, -8.0, 0.5, 0.1, 0.2]]
+    pop = population([Quadratic(e, seed=i) for i, e in enumerate(eigs)])
+    x = y = torch.zeros(1, dtype=torch.float64)
+    cap = 300
+    tr = hessian_trace(*pop, x, y, value, n_samples=cap, rel_se=rel_se, generator=torch.Generator().manual_seed(1))
+    assert tr.samples.shape[1] == int(tr.n_samples.max())
+    for i in range(len(eigs)):
+        s = tr.samples[i]
+        n = int(tr.n_samples[i])
+        assert not s[:n].isnan().any() and s[n:].isnan().all()
+
+        def precise(k):
+            return bool(s[:k].std() / k**0.5 <= rel_se * s[:k].mean().abs())
+
+        assert not any(precise(k) for k in range(8, n)), "stopped late"
+        assert precise(n) or n == cap, "stopped early"
+        torch.testing.assert_close(tr.mean[i], s[:n].mean())
+        torch.testing.assert_close(tr.se[i], s[:n].std() / n**0.5)
+    assert tr.precise(rel_se).tolist() == [bool(tr.se[i] <= rel_se * tr.mean[i].abs()) for i in range(len(eigs))]
+    assert int(tr.n_samples[2]) == 8, "a near-isotropic Hessian is exact from the first probes"
+    truth = torch.tensor([sum(e) for e in eigs], dtype=torch.float64)
+    assert ((tr.mean - truth).abs() < 5 * tr.se.clamp_min(1e-9)).all()
+
+
+def test_trace_without_a_target_takes_every_probe():
+    pop = population([Quadratic([3.0, 1.0, -2.0], seed=i) for i in range(2)])
+    x = y = torch.zeros(1, dtype=torch.float64)
+    tr = hessian_trace(*pop, x, y, value, n_samples=12, generator=torch.Generator().manual_seed(0))
+    assert tr.n_samples.tolist() == [12, 12] and tr.samples.shape == (2, 12)
+    with pytest.raises(ValueError, match="rel_se"):
+        hessian_trace(*pop, x, y, value, n_samples=12, rel_se=0.0)
+
+
 def test_cka_identity_orthogonal_and_scaling_invariance():
     x = torch.randn(64, 20, dtype=torch.float64)
     q, _ = torch.linalg.qr(torch.randn(20, 20, dtype=torch.float64))

@@ -189,6 +189,7 @@ def test_the_summary_table_fits_a_100_column_terminal():
 
     summary = pl.DataFrame({"zoo": ["cnn", "p4cnn"], "models": [16, 16], "ok": [15, 14], "not_learned": [1, 2],
                             "params": [2634, 2482], "test_acc": [0.912, 0.934], "test_acc__sd": [0.021, 0.015],
+                            "test_acc__lo": [0.901, 0.926], "test_acc__hi": [0.923, 0.942],
                             "equiv_error": [0.41, 8.7e-8], "equiv_error__q25": [0.39, 6.1e-8], "equiv_error__q75": [0.47, 9.9e-8],
                             "lie_translate_x": [0.314, 0.549], "lie_translate_x__q25": [0.3, 0.5],
                             "lie_translate_x__q75": [0.396, 0.61]})
@@ -201,5 +202,5 @@ def test_the_summary_table_fits_a_100_column_terminal():
     assert table and max(len(line) for line in table) <= 100  # (commands in "next steps" stay whole, to be copied)
     header = next(line for line in text.splitlines() if "cnn" in line and "p4cnn" in line)  # one table, both zoos
     assert header
-    assert "0.912 ± 0.021" in text and "8.7e-08 [6.1e-08, 9.9e-08]" in text and "Lie translate_x (rel.) (median)" in text
+    assert "0.912 ± 0.021 (0.901–0.923)" in text and "8.7e-08 [6.1e-08, 9.9e-08]" in text and "Lie translate_x (rel.) (median)" in text
     assert "3 models never learned" in text
