@@ -34,7 +34,7 @@ def _check_buildable(study) -> None:
 
     import torch
 
-    for zoo in study.zoos:
+    for zoo in study.trained_zoos:
         task = task_with_data(zoo.task.name, zoo.task.options, study.data_dir)
         if hasattr(task, "find_files"):
             task.find_files()  # TaskError naming the missing files and where to get them
@@ -84,9 +84,19 @@ def validate_cmd(
     """Check a study file: every key, value, task and architecture; exit code 2 on the first problems."""
     from zoos.spec import expand, populations
 
+    from pipeline.runner import StoreError, check_stored_zoos
+
     study = _load(study_file, data_dir=data_dir)
+    try:
+        stored = check_stored_zoos(study)
+    except StoreError as e:
+        fail(str(e))
     table = Table("zoo", "task", "arch", "models", "populations", "epochs", box=None, header_style="bold")
     for zoo in study.zoos:
+        if zoo.name in stored:  # found in the store: analysed, not trained
+            found = stored[zoo.name]
+            table.add_row(zoo.name, found["task"], found["arch"], f"{found['models']} stored ({found['ok']} ok)", "-", "-")
+            continue
         models = expand(zoo, study.study)
         pops = "auto" if zoo.population_size == "auto" else str(len(populations(models, zoo.population_size)))
         table.add_row(zoo.name, zoo.task.name, zoo.arch.name, str(len(models)), pops, str(zoo.epochs))

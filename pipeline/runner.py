@@ -134,6 +134,27 @@ def check_output_writable(folder: Path) -> None:
                          "to a folder you can write") from None
 
 
+def check_stored_zoos(study: Study) -> dict[str, dict[str, Any]]:
+    """{zoo: its models, architectures and tasks} of each zoo the study names as stored; StoreError naming the
+    zoo and what the store holds when one is not there, before any work starts."""
+    from zoos.store import Store
+
+    if not study.stored_zoos:
+        return {}
+    store = Store(study.store)
+    held = store.zoos()
+    found = {}
+    for zoo in study.stored_zoos:
+        if zoo.name not in held:
+            have = ", ".join(held[:12]) + (", ..." if len(held) > 12 else "") if held else "no zoo"
+            raise StoreError(f"zoo {zoo.name!r} is named stored: true, but store {study.store!r} holds {have}; "
+                              "import it (symzoo import) or train it in another study first")
+        models = store.models(zoo.name).select("arch", "task", "status").collect()
+        found[zoo.name] = {"models": models.height, "ok": int((models["status"] == "ok").sum()),
+                           "arch": ", ".join(sorted(set(models["arch"]))), "task": ", ".join(sorted(set(models["task"])))}
+    return found
+
+
 def check_store_writable(root: str) -> None:
     """Prove the store root writable before any work starts, so a bad path fails with nothing half-written."""
     import uuid
@@ -359,6 +380,7 @@ def _run_study(study: Study, address: str | None, display: Display, tracker: Tra
 
     check_store_writable(study.store)
     check_output_writable(study.output_dir())
+    stored_zoos = check_stored_zoos(study)
     tracker.log_study({"store": study.store, "zoos": [z.name for z in study.zoos],
                        "stages": [s.stage for s in study.analysis], **study.resources.model_dump()})
     t_ray = time.perf_counter()
@@ -369,11 +391,14 @@ def _run_study(study: Study, address: str | None, display: Display, tracker: Tra
     store = Store(study.store)
     res = study.resources
 
+    for name, found in stored_zoos.items():
+        tracker.zoo_run(name, config={"stored": True, **found})
+
     # -- plan: populations whose models are not all stored yet
     todo, factor_names, zoo_ids, varying = [], {}, {}, {}
     slots = 0  # training tasks the cluster runs at once: asked of Ray only for a zoo with population_size auto
     fitted: dict[str, int] = {}  # zoo -> the most models one program holds, where its populations were split to it
-    for zoo in study.zoos:
+    for zoo in study.trained_zoos:
         models = expand(zoo, study.study)
         factor_names[zoo.name] = sorted({k for m in models for k in m.factors})
         varying[zoo.name] = [f for f in factor_names[zoo.name]  # what tells the zoo's models apart: their runs' names
@@ -399,7 +424,7 @@ def _run_study(study: Study, address: str | None, display: Display, tracker: Tra
     per_model = study.model_runs == "all"
     tracker.discard_unfinished_models()
     logged = tracker.logged_models() if per_model else set()
-    for zoo in study.zoos if per_model else ():
+    for zoo in study.trained_zoos if per_model else ():
         _log_stored_models(store, tracker, zoo.name, zoo_ids[zoo.name], logged, factor_names[zoo.name], varying[zoo.name])
     finals: dict[str, dict[str, list[float]]] = {}  # zoo -> metric -> final value of each model trained now
     n_models = sum(len(p.model_ids) for p in todo)

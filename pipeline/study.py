@@ -8,10 +8,10 @@ key path (`zoos[1].grid.lr[2]`), the value found and what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from zoos.spec import ZooSpec
 from zoos.store import safe_name
@@ -58,8 +58,38 @@ class StageSpec(BaseModel):
         return self._parsed
 
 
+class StoredZoo(BaseModel):
+    """A zoo already in the store (imported, or trained by another study): analysed, never trained.
+    Written `{name: <zoo>, stored: true}`; its task, architecture and models are the store's."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    stored: Literal[True]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_a_name(cls, data: Any) -> Any:
+        extra = sorted(set(data) - {"name", "stored"}) if isinstance(data, dict) else []
+        if extra:
+            raise ValueError(f"a stored zoo (stored: true) takes its name only; its task, architecture and models "
+                             f"are the store's, so {', '.join(extra)} cannot be given")
+        return data
+
+
+# Tags of the two kinds of zoo entry; format_errors leaves them out of key paths.
+_TRAINED, _STORED = "trained zoo", "stored zoo"
+
+
+def _zoo_kind(v: Any) -> str:
+    stored = v.get("stored", False) if isinstance(v, dict) else getattr(v, "stored", False)
+    return _TRAINED if stored is False else _STORED
+
+
+ZooEntry = Annotated[Union[Annotated[ZooSpec, Tag(_TRAINED)], Annotated[StoredZoo, Tag(_STORED)]], Discriminator(_zoo_kind)]
+
+
 class Study(BaseModel):
-    """A whole study: zoos to train, stages to run, where results go."""
+    """A whole study: zoos to train (or, `stored: true`, found in the store), stages to run, where results go."""
 
     model_config = ConfigDict(extra="forbid")
     study: str
@@ -75,8 +105,27 @@ class Study(BaseModel):
     max_models: int = Field(100_000, ge=1, description="the most models the study's zoos may hold together; a grid "
                             "beyond it is refused with the counts (raise it on purpose for a bigger study)")
     resources: Resources = Resources()
-    zoos: list[ZooSpec] = Field(min_length=1)
+    zoos: list[ZooEntry] = Field(min_length=1)
     analysis: list[StageSpec] = []
+
+    @field_validator("zoos", mode="before")
+    @classmethod
+    def _stored_false(cls, v: Any) -> Any:
+        """`stored: false` is the default kind, a zoo to train."""
+        if isinstance(v, list):
+            return [{k: x for k, x in z.items() if k != "stored"} if isinstance(z, dict) and z.get("stored") is False
+                    else z for z in v]
+        return v
+
+    @property
+    def trained_zoos(self) -> list[ZooSpec]:
+        """The zoos this study trains (what is not stored yet)."""
+        return [z for z in self.zoos if isinstance(z, ZooSpec)]
+
+    @property
+    def stored_zoos(self) -> list[StoredZoo]:
+        """The zoos this study only analyses: they must be in the store already."""
+        return [z for z in self.zoos if isinstance(z, StoredZoo)]
 
     @field_validator("study")
     @classmethod
@@ -99,7 +148,7 @@ class Study(BaseModel):
                 safe_name("zoo", name)
             except ValueError as e:
                 raise ValueError(f"zoos[{i}].name: {e}") from None
-        counts = {z.name: z.model_count() for z in self.zoos}
+        counts = {z.name: z.model_count() for z in self.trained_zoos}
         if sum(counts.values()) > self.max_models:
             biggest = ", ".join(f"{n}: {c:,}" for n, c in sorted(counts.items(), key=lambda kv: -kv[1])[:3])
             raise ValueError(f"the zoos hold {sum(counts.values()):,} models ({biggest}), more than max_models = "
@@ -114,7 +163,7 @@ class Study(BaseModel):
                     raise ValueError(f"analysis[{i}].zoos names unknown zoo {unknown[0]!r}; zoos of this study: {names}")
         return self
 
-    def stage_zoos(self, stage: StageSpec) -> list[ZooSpec]:
+    def stage_zoos(self, stage: StageSpec) -> list[ZooSpec | StoredZoo]:
         return [z for z in self.zoos if stage.zoos == "all" or z.name in stage.zoos]
 
     def output_dir(self) -> Path:
@@ -134,7 +183,8 @@ def format_errors(err: ValidationError) -> str:
     """pydantic's errors as `key.path[i]: message (got value)` lines, one per problem."""
     lines = []
     for e in err.errors():
-        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
+        loc = [p for p in e["loc"] if p not in (_TRAINED, _STORED)]
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
         msg = e["msg"].removeprefix("Value error, ")
         got = e.get("input")
         shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {_short_repr(got)})"

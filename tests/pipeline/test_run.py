@@ -162,3 +162,42 @@ def test_resources_no_node_has_are_refused_not_waited_for(ray_local, tmp_path, r
     r = CliRunner().invoke(app, ["run", str(path), "--plain"])
     assert r.exit_code == 2 and asked in r.output and "the largest node of this Ray has 2 CPUs and 0 GPUs" in r.output, r.output
     assert not (tmp_path / "store" / "models").exists(), "nothing trained"
+
+
+def test_a_study_analyses_zoos_already_in_the_store_without_training_them(ray_local, tmp_path):
+    """Zoos named `stored: true` (trained by another study, or imported) are found, validated and analysed by any
+    stage, and never trained; one that is not in the store is refused in one line before any work."""
+    path, first = tiny_study(tmp_path, name="trainer")
+    r = CliRunner().invoke(app, ["run", str(path), "--plain"])
+    assert r.exit_code == 0, r.output
+    store = zoos.open(first["store"])
+    trained = store.models().collect().height
+
+    second = {"study": "reader", "store": first["store"], "tracking_uri": first["tracking_uri"],
+              "output": str(tmp_path / "out2"),
+              "zoos": [{"name": "mlp", "stored": True}, {"name": "p4", "stored": True}],
+              "analysis": [{"stage": "interpolation", "pairs": 3, "lambdas": 3, "samples": 64, "seed": 7},
+                           {"stage": "equivariance", "samples": 32, "seed": 7}, {"stage": "landscape", "samples": 32,
+                                                                                 "iters": 3, "probes": 4}]}
+    path2 = tmp_path / "reader.yaml"
+    path2.write_text(yaml.safe_dump(second))
+    v = CliRunner().invoke(app, ["validate", str(path2)])
+    assert v.exit_code == 0, v.output
+    assert "6 stored (6 ok)" in v.output and "2 stored (2 ok)" in v.output and "p4cnn" in v.output
+
+    r = CliRunner().invoke(app, ["run", str(path2), "--plain"])
+    assert r.exit_code == 0, r.output
+    assert "0 models to train" in r.output
+    assert store.models().collect().height == trained, "nothing trained"
+    landscape = store.analysis("landscape").collect()
+    assert sorted(landscape.group_by("zoo").len().rows()) == [("mlp", 6), ("p4", 2)]
+    interp = store.analysis("interpolation").collect()
+    assert interp.filter(pl.col("zoo") == "mlp").height > 2, "the second study's own pairs, beside the first's"
+
+    missing = {**second, "zoos": [{"name": "nope", "stored": True}]}
+    path3 = tmp_path / "missing.yaml"
+    path3.write_text(yaml.safe_dump(missing))
+    for cmd in ("validate", "run"):
+        r = CliRunner().invoke(app, [cmd, str(path3)] + (["--plain"] if cmd == "run" else []))
+        assert r.exit_code == 2, r.output
+        assert "zoo 'nope' is named stored: true" in r.output and "mlp, p4" in r.output and "Traceback" not in r.output
