@@ -46,14 +46,18 @@ Sites = dict[str, list[tuple[str, int]]]
 class MatchResult:
     """Permutations that bring b to a (`apply_permutation(spec, b, perms)`), and the objective trace.
 
-    objective  the matching objective after initialisation and after every sweep (weight matching),
-               or the matched similarity per round; never decreasing for weight matching
-    sweeps     coordinate-descent sweeps (or optimisation steps for STE) that were run
+    objective           the matching objective after initialisation and after every sweep (weight
+                        matching: of the best restart), or the matched similarity per round; never
+                        decreasing for weight matching
+    sweeps              coordinate-descent sweeps of the best restart (or optimisation steps for STE)
+    restart_objectives  weight matching: the final objective of every restart, restart 0 first; the
+                        result is the best of them (the lowest index among equals)
     """
 
     perms: Perms
     objective: list[float] = field(default_factory=list)
     sweeps: int = 0
+    restart_objectives: list[float] = field(default_factory=list)
 
 
 def _to(state: Mapping[str, Tensor], device: torch.device | str | None) -> State:
@@ -65,18 +69,71 @@ def _flat_along(w: Tensor, axis: int) -> Tensor:
     return w.movedim(axis, 0).reshape(w.shape[axis], -1).double()
 
 
-def _permuted_except(spec_axes: dict[int, str], w: Tensor, perms: Perms, skip_axis: int) -> Tensor:
-    """`w` with every spec'd axis but `skip_axis` permuted by the current `perms`."""
-    for ax, name in spec_axes.items():
-        if ax != skip_axis:
-            w = w.index_select(ax, perms[name].to(w.device))
-    return w
-
-
 def matching_objective(spec: PermSpec, a: Mapping[str, Tensor], b: Mapping[str, Tensor], perms: Perms) -> float:
     """sum over the spec's parameters of <a_k, permuted b_k>: what weight matching maximises."""
     pb = apply_permutation(spec, b, perms)
     return float(sum((a[k].double() * pb[k].double()).sum() for k in spec.axes_to_perm()))
+
+
+RESTARTS = 4  # default weight-matching restarts: the rule and the figures are in benchmarks/README.md
+
+
+def _batched_cost(spec: PermSpec, axes: dict[str, dict[int, str]], a: State, b: State, name: str,
+                  perms: dict[str, Tensor]) -> Tensor:
+    """[R, n, n] cost matrices of permutation `name` for R restarts (`perms[p]`: [R, size of p]) in one matmul per key."""
+    cost, r = None, next(iter(perms.values())).shape[0]
+    for key, axis in spec.perms[name]:
+        wb = b[key].unsqueeze(0).expand(r, *b[key].shape)
+        for ax, other in axes[key].items():
+            if ax != axis:
+                idx = perms[other].to(wb.device).view(r, *[-1 if d == ax else 1 for d in range(wb.dim() - 1)])
+                wb = wb.gather(ax + 1, idx.expand(wb.shape))
+        fa = _flat_along(a[key], axis)  # [n, m]
+        fb = wb.movedim(axis + 1, 1).reshape(r, wb.shape[axis + 1], -1).double()  # [R, n, m]
+        c = fa @ fb.transpose(1, 2)
+        cost = c if cost is None else cost + c
+    return cost
+
+
+def _descend(spec: PermSpec, a: State, b: State, inits: list[Perms], max_sweeps: int,
+             generator: torch.Generator | None) -> list[tuple[Perms, list[float], int]]:
+    """Coordinate descent from each of `inits` in lockstep: (perms, objective trace, sweeps) per start.
+
+    Every sweep of every start draws its own random order (starts in index order, one `randperm` each),
+    so a single start draws exactly as a lone run. At step j the starts visiting the same permutation
+    share one batched cost computation; each then solves its own linear assignment. A start stops
+    after a sweep that changes nothing.
+    """
+    axes, names, sizes = spec.axes_to_perm(), list(spec.perms), spec.sizes(a)
+    perms = {p: torch.stack([init[p].cpu().long() for init in inits]) for p in names}  # [R, n]
+    traces = [[matching_objective(spec, a, b, {p: perms[p][r] for p in names})] for r in range(len(inits))]
+    sweeps = [0] * len(inits)
+    active = list(range(len(inits)))
+    for sweep in range(1, max_sweeps + 1):
+        if not active:
+            break
+        orders = {r: torch.randperm(len(names), generator=generator).tolist() for r in active}
+        changed = dict.fromkeys(active, False)
+        for j in range(len(names)):
+            groups: dict[int, list[int]] = {}
+            for r in active:
+                groups.setdefault(orders[r][j], []).append(r)
+            for i, rs in groups.items():
+                name, n = names[i], sizes[names[i]]
+                cost = _batched_cost(spec, axes, a, b, name, {p: perms[p][rs] for p in names}).cpu().numpy()
+                for c, r in zip(cost, rs):
+                    rows, cols = linear_sum_assignment(c, maximize=True)
+                    assert (rows == np.arange(n)).all()
+                    old = perms[name][r].numpy()
+                    gain = c[rows, cols].sum() - c[rows, old].sum()
+                    if gain > 1e-12 * max(1.0, abs(c[rows, old].sum())):
+                        perms[name][r] = torch.from_numpy(cols).long()
+                        changed[r] = True
+        for r in active:
+            traces[r].append(matching_objective(spec, a, b, {p: perms[p][r] for p in names}))
+            sweeps[r] = sweep
+        active = [r for r in active if changed[r]]
+    return [({p: perms[p][r].clone() for p in names}, traces[r], sweeps[r]) for r in range(len(inits))]
 
 
 def weight_matching(
@@ -88,46 +145,33 @@ def weight_matching(
     init: Perms | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    restarts: int = RESTARTS,
 ) -> MatchResult:
     """Permutations of b maximising sum_k <a_k, P(b)_k>, by coordinate descent over the spec's permutations.
 
     Each step fixes all permutations but one, builds its cost matrix (matmuls over the other axes,
     on the weights' device) and solves it exactly with `linear_sum_assignment`. A sweep visits every
-    permutation once in random order; the loop stops when a whole sweep changes nothing.
+    permutation once in random order; a descent stops when a whole sweep changes nothing.
+    The descent is local, so it runs `restarts` times and keeps the best: restart 0 starts from
+    `init` (identity if None) and draws from `generator` exactly as `restarts=1` does; then restarts
+    1.. start from uniformly random permutations drawn from `generator` and run in lockstep, with
+    their cost matrices batched. The result's objective is never below restart 0's.
     """
     if max_sweeps < 1:
         raise ValueError(f"max_sweeps must be >= 1, got {max_sweeps}")
+    if restarts < 1:
+        raise ValueError(f"restarts must be >= 1, got {restarts}")
     a, b = _to(a, device), _to(b, device)
     sizes = spec.sizes(a)
     if spec.sizes(b) != sizes:
         raise ValueError(f"models a and b have different permutation sizes: {sizes} vs {spec.sizes(b)}")
-    axes = spec.axes_to_perm()
-    perms = {k: v.clone() for k, v in (init or spec.identity(a)).items()}
-    names = list(spec.perms)
-    trace = [matching_objective(spec, a, b, perms)]
-    sweeps = 0
-    for sweeps in range(1, max_sweeps + 1):
-        changed = False
-        for i in torch.randperm(len(names), generator=generator).tolist():
-            name = names[i]
-            n = sizes[name]
-            cost = None
-            for key, axis in spec.perms[name]:
-                wb = _permuted_except(axes[key], b[key], perms, axis)
-                c = _flat_along(a[key], axis) @ _flat_along(wb, axis).T
-                cost = c if cost is None else cost + c
-            cost_np = cost.cpu().numpy()
-            rows, cols = linear_sum_assignment(cost_np, maximize=True)
-            assert (rows == np.arange(n)).all()
-            old = perms[name].cpu().numpy()
-            gain = cost_np[rows, cols].sum() - cost_np[rows, old].sum()
-            if gain > 1e-12 * max(1.0, abs(cost_np[rows, old].sum())):
-                perms[name] = torch.from_numpy(cols).long()
-                changed = True
-        trace.append(matching_objective(spec, a, b, perms))
-        if not changed:
-            break
-    return MatchResult({k: v.cpu() for k, v in perms.items()}, trace, sweeps)
+    runs = _descend(spec, a, b, [init or spec.identity(a)], max_sweeps, generator)
+    if restarts > 1:
+        runs += _descend(spec, a, b, [spec.random(a, generator) for _ in range(restarts - 1)], max_sweeps, generator)
+    finals = [trace[-1] for _, trace, _ in runs]
+    best = max(range(len(runs)), key=lambda r: (finals[r], -r))
+    perms, trace, sweeps = runs[best]
+    return MatchResult(perms, trace, sweeps, finals)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -307,7 +351,7 @@ def ste_matching(
         for _, (x, y) in zip(range(steps), itertools.cycle(batches)):
             x, y = (x.to(device), y.to(device)) if device is not None else (x, y)
             target = {**a, **{k: v.detach() for k, v in proxy.items()}}
-            perms = weight_matching(spec, target, b, init=perms, generator=generator).perms
+            perms = weight_matching(spec, target, b, init=perms, generator=generator, restarts=1).perms
             pb = apply_permutation(spec, b, perms)
             mid = dict(a)
             for k in float_keys:
@@ -362,7 +406,8 @@ def merge_many(
         changed = False
         for i in torch.randperm(len(states), generator=generator).tolist():
             others = _mean([aligned[j] for j in range(len(states)) if j != i])
-            new = weight_matching(spec, others, states[i], init=perms[i], generator=generator, device=device).perms
+            new = weight_matching(spec, others, states[i], init=perms[i], generator=generator, device=device,
+                                  restarts=1).perms
             if any(not torch.equal(new[k], perms[i][k]) for k in new):
                 changed = True
                 perms[i] = new

@@ -88,6 +88,20 @@ def _summary_html(summary: pl.DataFrame) -> str:
     return html_table(frame)
 
 
+def with_pair_counts(cells: pl.DataFrame) -> pl.DataFrame:
+    """The phase cell table for display: each pair metric as "value (n=pairs)", its stage's `<stage>_pairs`
+    count (0 where the stage ran but no pair lies within the cell), so a mean over one pair reads as such."""
+    from pipeline.phases import METRICS
+
+    out = cells.with_columns(pl.col(c).fill_null(0) for c in cells.columns if c.endswith("_pairs"))
+    for m in METRICS:
+        count = f"{m.source}_pairs"
+        if m.name in cells.columns and count in cells.columns:
+            shown = [f"{_fmt(v)} (n={n or 0})".lstrip() for v, n in zip(cells[m.name].to_list(), cells[count].to_list())]
+            out = out.with_columns(pl.Series(m.name, shown, dtype=pl.String))
+    return out
+
+
 def _pairs_html(store: Any, stage: str, zoos: list[str]) -> str:
     """Every pair of a pair stage at its last epoch, with its numbers (collapsed: a study may hold many)."""
     rows = store.analysis(stage).filter(pl.col("zoo").is_in(zoos)).collect()
@@ -144,13 +158,15 @@ def write_report(store: Any, study: str, out_dir: Path, temperature: str | None 
         report.plots += diagrams
         shown = ["arch", "load", "temperature", "n_params", "models", "ok", *[m.name for m in metrics],
                  *[c for c in cells.columns if c.endswith("_pairs")]]
+        counted = with_pair_counts(cells)
         phase_parts = [
             f"<p>temperature = <b>{html.escape(t_name)}</b>, load = <b>{html.escape(l_name)}</b>; {cells.height} cells. "
             "Per-model metrics average the cell's ok models at their last checkpoint, pair metrics the pairs of seeds "
-            "within the cell; n in each cell counts them.</p>",
+            "within the cell; n in each cell counts them (in the tables: value (n=pairs)).</p>",
             *[_img(p) for p in diagrams],
-            "<h3>Architectures side by side (i-th load level of each)</h3>", html_table(report.matched),
-            "<h3>Cells</h3>", html_table(cells.select([c for c in shown if c in cells.columns])),
+            "<h3>Architectures side by side (i-th load level of each)</h3>",
+            html_table(phases.matched_table(counted, [m.name for m in metrics])),
+            "<h3>Cells</h3>", html_table(counted.select([c for c in shown if c in cells.columns])),
         ]
 
     archs = ", ".join(sorted(models["arch"].unique().to_list()))
@@ -164,7 +180,8 @@ def write_report(store: Any, study: str, out_dir: Path, temperature: str | None 
         "<h2>Summary</h2>",
         "<p>Zoo statistics leave out models that diverged and models that never learned (final training loss at "
         "least 95% of its initial value), counted in their own rows. (mean): mean ± standard deviation over the "
-        "zoo's models or pairs; (median): median [first quartile, third quartile].</p>",
+        "zoo's models or pairs; (median): median [first quartile, third quartile]; (lo–hi): the 95% interval of "
+        "the mean (Student's t) or of the median (order statistics).</p>",
         _summary_html(report.summary), *[_img(p) for p in study_plots],
     ]
     for stage in stages:

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from analysis import plots
 from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, mean_sd, ok_models, pair_population, shard_name
-from pipeline.stages.interpolation import sample_pairs
+from pipeline.stages.interpolation import factor_cells, sample_pairs
 
 
 class BezierSettings(Settings):
@@ -33,11 +33,14 @@ class Bezier(Stage):
 
     def plan(self, store: Any, zoos: list, settings: BezierSettings) -> list[Item]:
         done = done_keys(store, self.name, ["zoo", "model_a", "model_b"])
-        return [{"zoo": zoo.name, "model_a": a, "model_b": b, "context": config}
-                for zoo in zoos
-                for (config,), group in ok_models(store, zoo.name).group_by("context", maintain_order=True)
-                for a, b in sample_pairs(group["model_id"].to_list(), settings.pairs, f"{settings.seed}:{zoo.name}")
-                if (zoo.name, a, b) not in done]
+        items: list[Item] = []
+        for zoo in zoos:
+            cells = factor_cells(store, zoo.name)
+            for (config,), group in ok_models(store, zoo.name).group_by("context", maintain_order=True):
+                items += [{"zoo": zoo.name, "model_a": a, "model_b": b, "context": config}
+                          for a, b in sample_pairs(group["model_id"].to_list(), settings.pairs, f"{settings.seed}:{zoo.name}", cells)
+                          if (zoo.name, a, b) not in done]
+        return items
 
     def run(self, store_root: str, items: list[Item], settings: dict[str, Any], data_dir: str | None, device: str) -> list[dict]:
         """One curve per pair (trained on the task's train split), evaluated with the line on the test split."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import random
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Hashable, Literal, Mapping
 
 import polars as pl
 import torch
@@ -20,6 +20,7 @@ from pydantic import Field
 
 from analysis import plots
 from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, mean_sd, ok_models, pair_population, shard_name
+from zoos.spec import FACTORS
 
 
 class InterpolationSettings(Settings):
@@ -27,14 +28,124 @@ class InterpolationSettings(Settings):
     lambdas: int = Field(25, ge=3, description="points on the path, ends included (odd: the midpoint is one)")
     epochs: Literal["last", "all"] | list[int] = Field(
         "last", description="checkpoints to interpolate at: 'last', 'all' stored, or a list of epochs")
+    restarts: int = Field(4, ge=1, description="weight-matching restarts per pair (the best objective is kept); "
+                          "1 = one coordinate descent from the identity")
 
 
-def sample_pairs(ids: list[str], k: int, key: str) -> list[tuple[str, str]]:
-    """All unordered pairs of `ids`, or `k` of them drawn reproducibly from `key` (k = 0: all)."""
-    pairs = list(itertools.combinations(sorted(ids), 2))
-    if k and len(pairs) > k:
-        pairs = random.Random(key).sample(pairs, k)
+def sample_pairs(ids: list[str], k: int, key: str, cells: Mapping[str, Hashable] | None = None) -> list[tuple[str, str]]:
+    """`k` unordered pairs of `ids` drawn reproducibly from `key`, sorted (k = 0, or k at least the number of
+    pairs: all pairs).
+
+    Rules, in order: (1) pairs join two models of one cell (`cells`: model -> cell, the combination of
+    non-seed factors a phase report averages over; None: one cell), since a report only counts pairs
+    within a cell; (2) k is split across cells with two or more models as evenly as their pair counts
+    allow (remainder to random cells), so every such cell gets a pair when k >= their number; (3) within
+    a cell, pair counts per model differ by at most 1 (no model is reused while one is unused); (4) only
+    when every within-cell pair is taken do the rest join cells, spreading over the least-used models.
+    """
+    everything = list(itertools.combinations(sorted(ids), 2))
+    if not k or k >= len(everything):
+        return everything
+    rng = random.Random(key)
+    members: dict[Hashable, list[str]] = {}
+    for m in sorted(ids):
+        members.setdefault(cells.get(m) if cells is not None else None, []).append(m)
+    groups = [members[c] for c in sorted(members, key=repr) if len(members[c]) >= 2]
+    quotas = _split(k, [len(g) * (len(g) - 1) // 2 for g in groups], rng)
+    pairs = [p for g, q in zip(groups, quotas) for p in _balanced(g, q, rng)]
+    if len(pairs) < k:
+        pairs += _spread(sorted(ids), k - len(pairs), set(pairs), rng)
     return sorted(pairs)
+
+
+def _split(k: int, caps: list[int], rng: random.Random) -> list[int]:
+    """k split into parts no larger than `caps`, as equal as the caps allow; the remainder to random parts."""
+    quotas = [0] * len(caps)
+    while k:
+        open_ = [i for i, c in enumerate(caps) if quotas[i] < c]
+        if not open_:
+            break
+        share, extra = divmod(k, len(open_))
+        if not share:
+            for i in rng.sample(open_, extra):
+                quotas[i] += 1
+            break
+        for i in open_:
+            add = min(share, caps[i] - quotas[i])
+            quotas[i] += add
+            k -= add
+    return quotas
+
+
+def _balanced(members: list[str], k: int, rng: random.Random) -> list[tuple[str, str]]:
+    """k distinct pairs among `members` (k <= all pairs) whose per-model counts differ by at most 1.
+
+    The counts (2k spread over the models, the odd ones at random) form a near-regular degree sequence,
+    which is always graphical; Havel-Hakimi realises it, ties broken at random."""
+    q, r = divmod(2 * k, len(members))
+    extra = set(rng.sample(members, r))
+    need = {m: q + (m in extra) for m in members}
+    pairs: list[tuple[str, str]] = []
+    while True:
+        order = sorted(members, key=lambda m: (-need[m], rng.random()))
+        v = order[0]
+        if not need[v]:
+            return pairs
+        for u in order[1:need[v] + 1]:
+            need[u] -= 1
+            pairs.append((min(u, v), max(u, v)))
+        need[v] = 0
+
+
+def _spread(members: list[str], k: int, taken: set[tuple[str, str]], rng: random.Random) -> list[tuple[str, str]]:
+    """k more pairs not in `taken`, each joining a least-used model that has a free partner to its least-used free partner."""
+    count = {m: 0 for m in members}
+    for a, b in taken:
+        count[a] += 1
+        count[b] += 1
+    free = {m: [o for o in members if o != m and (min(m, o), max(m, o)) not in taken] for m in members}
+    pairs: list[tuple[str, str]] = []
+    for _ in range(k):
+        u = min((m for m in members if free[m]), key=lambda m: (count[m], rng.random()))
+        v = min(free[u], key=lambda m: (count[m], rng.random()))
+        free[u].remove(v)
+        free[v].remove(u)
+        count[u] += 1
+        count[v] += 1
+        pairs.append((min(u, v), max(u, v)))
+    return pairs
+
+
+def sample_cross(ids_a: list[str], ids_b: list[str], k: int, key: str) -> list[tuple[str, str]]:
+    """`k` (a, b) pairs, a from `ids_a` and b from `ids_b`, drawn reproducibly from `key`, sorted (k = 0, or k
+    at least all pairs: all); on each side pair counts per model differ by at most 1."""
+    everything = sorted(itertools.product(sorted(ids_a), sorted(ids_b)))
+    if not k or k >= len(everything):
+        return everything
+    rng = random.Random(key)
+
+    def counts(ids: list[str]) -> dict[str, int]:
+        q, r = divmod(k, len(ids))
+        extra = set(rng.sample(sorted(ids), r))
+        return {m: q + (m in extra) for m in sorted(ids)}
+
+    need_a, need_b = counts(ids_a), counts(ids_b)
+    pairs: list[tuple[str, str]] = []
+    for a in sorted(need_a, key=lambda m: (-need_a[m], rng.random())):  # Gale-Ryser greedy: always succeeds
+        for b in sorted(need_b, key=lambda m: (-need_b[m], rng.random()))[:need_a[a]]:
+            need_b[b] -= 1
+            pairs.append((a, b))
+    return sorted(pairs)
+
+
+def factor_cells(store: Any, zoo: str) -> dict[str, tuple]:
+    """model_id -> its values of the non-seed factors that vary among the zoo's ok models: the finest cell a
+    phase report can form, so a pair within it is within every report cell."""
+    if zoo not in store.zoos():
+        return {}
+    models = store.models(zoo).filter(pl.col("status") == "ok").collect()
+    varied = [f for f in FACTORS if f != "seed" and f in models.columns and models[f].n_unique() > 1]
+    return {row[0]: row[1:] for row in models.select("model_id", *varied).iter_rows()}
 
 
 def stored_epochs(store: Any, zoo: str) -> dict[str, list[int]]:
@@ -58,18 +169,19 @@ def pick_epochs(common: list[int], wanted: str | list[int], where: str) -> list[
 def connect_pairs(module: torch.nn.Module, task: Any, a: dict, b: dict, settings: dict[str, Any], device: str) -> list[dict]:
     """Per stacked pair (a[p], b[p]): weight-match b to a, then loss and error along both linear paths."""
     from analysis.connectivity import barrier, barrier_reduction, linear_path
-    from analysis.matching import weight_matching
+    from analysis.matching import RESTARTS, weight_matching
     from zoos.permspec import apply_permutation
     from zoos.trainer import DATA_SEED
 
     spec, n = module.perm_spec(), next(iter(a.values())).shape[0]
-    aligned, sweeps = {k: v.clone() for k, v in b.items()}, []
+    aligned, matches = {k: v.clone() for k, v in b.items()}, []
     gen = torch.Generator().manual_seed(settings["seed"])
     for p in range(n):
-        match = weight_matching(spec, {k: v[p] for k, v in a.items()}, {k: v[p] for k, v in b.items()}, generator=gen)
+        match = weight_matching(spec, {k: v[p] for k, v in a.items()}, {k: v[p] for k, v in b.items()}, generator=gen,
+                                restarts=settings.get("restarts", RESTARTS))
         for k, v in apply_permutation(spec, {k: v[p] for k, v in b.items()}, match.perms).items():
             aligned[k][p] = v
-        sweeps.append(match.sweeps)
+        matches.append(match)
     kw = dict(lambdas=settings["lambdas"], pairs=True, splits=("test",), seed=DATA_SEED,
               max_examples=settings["samples"], device=device)
     naive, matched = linear_path(module, a, b, task, **kw), linear_path(module, a, aligned, task, **kw)
@@ -86,7 +198,10 @@ def connect_pairs(module: torch.nn.Module, task: Any, a: dict, b: dict, settings
         "barrier_err_naive": float(barrier(err_n[p], lam)), "barrier_err_aligned": float(barrier(err_a[p], lam)),
         "midpoint_loss_naive": float(barrier(loss_n[p], lam, "midpoint")) if has_mid else None,
         "midpoint_loss_aligned": float(barrier(loss_a[p], lam, "midpoint")) if has_mid else None,
-        "barrier_reduction": float(reduction[p]), "matching_sweeps": sweeps[p],
+        "barrier_reduction": float(reduction[p]), "matching_sweeps": matches[p].sweeps,
+        # best objective over the restarts, and their range (max - min): 0 when every restart agrees
+        "matching_objective": matches[p].objective[-1],
+        "matching_restart_spread": max(matches[p].restart_objectives) - min(matches[p].restart_objectives),
     } for p in range(n)]
 
 
@@ -105,8 +220,9 @@ class Interpolation(Stage):
         items: list[Item] = []
         for zoo in zoos:
             epochs = stored_epochs(store, zoo.name) if zoo.name in store.zoos() else {}
+            cells = factor_cells(store, zoo.name)
             for (config,), group in ok_models(store, zoo.name).group_by("context", maintain_order=True):
-                for a, b in sample_pairs(group["model_id"].to_list(), settings.pairs, f"{settings.seed}:{zoo.name}"):
+                for a, b in sample_pairs(group["model_id"].to_list(), settings.pairs, f"{settings.seed}:{zoo.name}", cells):
                     common = sorted(set(epochs[a]) & set(epochs[b]))
                     items += [{"zoo": zoo.name, "model_a": a, "model_b": b, "context": config, "epoch": e}
                               for e in pick_epochs(common, settings.epochs, f"zoo {zoo.name!r}")
@@ -173,9 +289,8 @@ class InterpolationCross(Interpolation):
             if arch_a != arch_b:
                 continue
             for (config, arch_config), group in models[za].group_by("context", "arch_config", maintain_order=True):
-                cross = sorted(itertools.product(group["model_id"].to_list(), by_config.get(arch_config, [])))
-                if settings.pairs and len(cross) > settings.pairs:
-                    cross = sorted(random.Random(f"{settings.seed}:{za}:{zb}").sample(cross, settings.pairs))
+                cross = sample_cross(group["model_id"].to_list(), by_config.get(arch_config, []), settings.pairs,
+                                     f"{settings.seed}:{za}:{zb}")
                 for a, b in cross:
                     common = sorted(set(epochs[za][a]) & set(epochs[zb][b]))
                     items += [{"zoo": za, "zoo_b": zb, "model_a": a, "model_b": b, "context": config, "epoch": e}

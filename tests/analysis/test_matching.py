@@ -301,3 +301,64 @@ def test_every_registered_arch_planted_permutation(arch, task_name):
     res = weight_matching(spec, a, b, generator=torch.Generator().manual_seed(0))
     inv = invert(planted)
     assert all(torch.equal(res.perms[n], inv[n]) for n in spec.perms)
+
+
+# --- restarts --------------------------------------------------------------------------------------
+
+
+def test_restarts_never_lower_the_objective_and_keep_the_function():
+    from analysis.matching import RESTARTS
+    from pipeline.stages.interpolation import InterpolationSettings
+
+    assert InterpolationSettings().restarts == RESTARTS  # the stage's default is the matching default
+    model, a = trained("mlp", 0)
+    _, b = trained("mlp", 1)
+    spec = model.perm_spec()
+    x = digits()[0][:256]
+    better = 0
+    for seed in range(4):
+        one = weight_matching(spec, a, b, generator=torch.Generator().manual_seed(seed), restarts=1)
+        many = weight_matching(spec, a, b, generator=torch.Generator().manual_seed(seed), restarts=4)
+        assert len(many.restart_objectives) == 4
+        assert many.restart_objectives[0] == one.objective[-1]  # restart 0 is the single run
+        assert many.objective[-1] == max(many.restart_objectives) >= one.objective[-1]
+        assert many.objective[-1] == pytest.approx(matching_objective(spec, a, b, many.perms), rel=1e-12)
+        better += many.objective[-1] > one.objective[-1]
+        for name, p in many.perms.items():
+            assert torch.equal(p.sort().values, torch.arange(32)), name
+        assert check_same_function(model, b, apply_permutation(spec, b, many.perms), x) < 1e-5
+    assert better > 0  # restarts from random permutations find better optima than the identity start
+    with pytest.raises(ValueError, match="restarts"):
+        weight_matching(spec, a, b, restarts=0)
+
+
+def test_restarts_recover_planted_permutation():
+    model, a = trained("mlp", 0)
+    spec = model.perm_spec()
+    planted = spec.random(a, torch.Generator().manual_seed(5))
+    b = apply_permutation(spec, a, planted)
+    res = weight_matching(spec, a, b, generator=torch.Generator().manual_seed(0), restarts=6)
+    inv = invert(planted)
+    assert all(torch.equal(res.perms[n], inv[n]) for n in spec.perms)
+    assert res.objective[-1] == pytest.approx(matching_objective(spec, a, a, spec.identity(a)))
+
+
+def test_restarts_reach_the_exact_optimum_at_least_as_often():
+    """Width-4 MLPs at random init: the optimum over all 4! x 4! permutation pairs, found by enumeration."""
+    import itertools
+
+    spec = TinyMLP(4).perm_spec()
+    every = [torch.tensor(p) for p in itertools.permutations(range(4))]
+    hits, runs = {1: 0, 4: 0}, 0
+    for m in range(8):
+        torch.manual_seed(m)
+        a, b = TinyMLP(4).state_dict(), TinyMLP(4).state_dict()
+        best = max(matching_objective(spec, a, b, {"h0": p, "h1": q}) for p in every for q in every)
+        for seed in range(3):
+            runs += 1
+            for k in hits:
+                res = weight_matching(spec, a, b, generator=torch.Generator().manual_seed(seed), restarts=k)
+                assert res.objective[-1] <= best + 1e-9 * abs(best)
+                hits[k] += res.objective[-1] >= best - 1e-9 * abs(best)
+    assert hits[1] < runs  # one descent misses the optimum here
+    assert hits[4] > hits[1]
