@@ -148,11 +148,21 @@ def _emit(text: str, output: str | None) -> None:
 @command("import")
 def import_cmd(
     fmt: str = typer.Argument(..., metavar="FORMAT", help="small-cnn-zoo | model-zoos"),
-    src: str = typer.Argument(..., help="directory of the published zoo"),
+    src: str = typer.Argument(..., help="the published zoo's folder (see FORMAT above)"),
     store: str = typer.Argument(..., help="store path or URI to write into"),
     zoo: Optional[str] = typer.Option(None, help="zoo name (default: derived from the source)"),
 ) -> None:
-    """Import a published model zoo (Small CNN Zoo, or Model Zoos Ray Tune trials) into a store."""
+    """Import a published model zoo into a store; every model then loads with its architecture and task.
+
+    small-cnn-zoo: one dataset's folder of the Small CNN Zoo (Unterthiner et al. 2020), e.g. mnist/ from
+    mnist.tar.xz, holding weights.npy, layout.csv and metrics.csv.gz.
+
+    model-zoos: a folder of the Model Zoos (Schürholt et al. 2022), the Phase-Transition model zoo, or a zoo
+    with their layout: one folder per model (Ray Tune trial, at any depth) holding params.json or config.json,
+    result.json and checkpoint_<n>/checkpoints (epoch n = training_iteration n).
+
+    A folder that does not read as its format is refused (exit 2) with the file and what is wrong; nothing is written.
+    """
     from zoos.importers import import_zoo
     from zoos.store import Store, StoreError
 

@@ -201,3 +201,33 @@ def test_a_study_analyses_zoos_already_in_the_store_without_training_them(ray_lo
         r = CliRunner().invoke(app, [cmd, str(path3)] + (["--plain"] if cmd == "run" else []))
         assert r.exit_code == 2, r.output
         assert "zoo 'nope' is named stored: true" in r.output and "mlp, p4" in r.output and "Traceback" not in r.output
+
+
+def test_an_imported_zoo_is_analysed_end_to_end(ray_local, tmp_path):
+    """A Model Zoos folder (CNN-s trials written as the published trainable leaves them) imported with the CLI, then
+    a study naming it stored: interpolation (weight matching on the published architecture's permutation spec)
+    and equivariance run on the imported models and the MNIST files of the data folder."""
+    from tests.zoos.test_importers import write_mnist, write_trial
+
+    write_mnist(tmp_path / "data" / "mnist", n_test=64)  # the task holds out 5,000 training images
+    for seed in range(3):
+        write_trial(tmp_path / "published" / f"trial_{seed}", seed, [0, 1, 2])
+    store = str(tmp_path / "store")
+    r = CliRunner().invoke(app, ["import", "model-zoos", str(tmp_path / "published"), store, "--zoo", "mz"])
+    assert r.exit_code == 0, r.output
+    study = {"study": "imported", "store": store, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+             "output": str(tmp_path / "out"), "data_dir": str(tmp_path / "data"),
+             "zoos": [{"name": "mz", "stored": True}],
+             "analysis": [{"stage": "interpolation", "pairs": 2, "lambdas": 5, "samples": 32, "epochs": "all"},
+                          {"stage": "equivariance", "samples": 32}]}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    r = CliRunner().invoke(app, ["run", str(path), "--plain"])
+    assert r.exit_code == 0, r.output
+    s = zoos.open(store)
+    interp = s.analysis("interpolation").collect()
+    assert interp.height == 2 * 3 and sorted(interp["epoch"].unique().to_list()) == [0, 1, 2]
+    assert (interp["barrier_loss_aligned"] <= interp["barrier_loss_naive"] + 1e-6).sum() >= 1
+    assert interp["matching_objective"].is_finite().all()
+    equi = s.analysis("equivariance").collect()
+    assert equi.height == 3 and equi["equivariance_error"].is_finite().all() and (equi["equivariance_error"] > 1e-3).all()

@@ -32,8 +32,16 @@ CASES = [
     ("frame_avg", "inertia", {}, dict(width=16), "task"),
     ("siren", "inr", {}, dict(width=8, depth=2), "task"),
     ("fourier_mlp", "inr", {"group": "D4"}, dict(width=8, depth=2, n_freqs=4), "task"),
+    # the published zoos' networks (zoos.archs.published), each variant the importers map to
+    ("small_cnn_zoo", "mnist", {}, {}, "task"),
+    ("small_cnn_zoo", "cifar10", {}, dict(width=6, activation="tanh"), "task"),
+    ("model_zoos_cnn", "mnist", {}, dict(dropout=0.5, preprocess={"mean": [0.1307], "std": [0.3081]}), "task"),
+    ("model_zoos_cnn", "cifar10", {}, dict(variant="CNN", preprocess={"resize": [28, 28], "mean": [0.5] * 3, "std": [0.5] * 3}), "task"),
+    ("model_zoos_cnn", "cifar10", {}, dict(variant="CNN3", activation="relu"), "task"),
+    ("model_zoos_cnn", "mnist", {}, dict(variant="CNN2", activation="leaky_relu"), "task"),
+    ("resnet18_width", "cifar10", {}, dict(width=2, preprocess={"mean": [0.5] * 3, "std": [0.25] * 3}), "task"),
 ]
-IDS = [f"{a}-{t}" for a, t, *_ in CASES]
+IDS = [f"{a}-{t}-{i}" for i, (a, t, *_) in enumerate(CASES)]
 
 
 def _setup(arch: str, task_name: str, opts: dict, config: dict, which: str, dtype=torch.float64, seed: int = 0):
@@ -55,14 +63,20 @@ def _inputs(task: Task, dtype: torch.dtype, n: int = 6) -> torch.Tensor:
 
 
 def _randomise(model: torch.nn.Module) -> None:
-    """Perturb every parameter so that no two units (and no norm affine) are alike by construction."""
+    """Perturb every parameter so that no two units (and no norm affine) are alike by construction, and draw
+    BatchNorm running statistics (at their defaults 0 and 1 a spec that forgot them would go unnoticed)."""
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.normal_(0, 0.5)
+            elif name.endswith("running_var"):
+                b.uniform_(0.3, 3.0)
 
 
 def test_every_registered_architecture_has_a_case():
-    ours = {n for n, info in ARCHS.items() if info.factory.__module__ in ("zoos.archs.baselines", "zoos.archs.equivariant", "zoos.archs.inr")}
+    ours = {n for n, info in ARCHS.items() if info.factory.__module__.startswith("zoos.archs.")}
     assert ours - {a for a, *_ in CASES} == set()
     assert {"mlp", "set_mlp", "cnn_s", "cnn", "resnet20", "p4cnn", "p4mcnn", "deepsets", "egnn", "scalar_mlp",
             "inertia_head", "frame_avg"} <= ours  # fmt: skip

@@ -1,4 +1,5 @@
-"""Importers of published zoos, on small fixtures written in the published formats."""
+"""Importers of published zoos, on fixtures written in the published formats from the publications' own code:
+every imported model loads and computes what an independent reference written from the publication computes."""
 
 from __future__ import annotations
 
@@ -14,178 +15,471 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoos.export import export_nfn, export_safetensors, nfn_layout
+from tasks.formats import write_idx
+from zoos.export import export_nfn
 from zoos.importers import import_zoo
 from zoos.store import Store, StoreError
 
-LAYOUT = [  # Small CNN Zoo order: bias then kernel per layer
-    ("sequential/conv2d/bias:0", (2,)),
-    ("sequential/conv2d/kernel:0", (3, 3, 1, 2)),
-    ("sequential/dense/bias:0", (10,)),
-    ("sequential/dense/kernel:0", (2, 10)),
-]
+# --------------------------------------------------------------------------------------------------
+# Small CNN Zoo: Keras `build_cnn` (3 x Conv2D(16, 3, strides=2, 'valid', activation), GAP, Dense(10))
+
+KERAS_LAYOUT = [  # variable order of the published layout.csv: per layer, bias then kernel
+    ("sequential/conv2d/bias:0", (16,)), ("sequential/conv2d/kernel:0", (3, 3, 1, 16)),
+    ("sequential/conv2d_1/bias:0", (16,)), ("sequential/conv2d_1/kernel:0", (3, 3, 16, 16)),
+    ("sequential/conv2d_2/bias:0", (16,)), ("sequential/conv2d_2/kernel:0", (3, 3, 16, 16)),
+    ("sequential/dense/bias:0", (10,)), ("sequential/dense/kernel:0", (16, 10)),
+]  # fmt: skip
+SMALL_CNN_HEADER = ["", "config.activation", "config.b_init", "config.dataset", "config.dnn_architecture", "config.dropout",
+                    "config.epochs", "config.l2reg", "config.learning_rate", "config.num_layers", "config.num_units",
+                    "config.optimizer", "config.train_fraction", "config.w_init", "modeldir", "step", "test_accuracy",
+                    "test_loss", "train_accuracy", "train_loss"]  # fmt: skip
 
 
-def write_small_cnn_zoo(root, gz: bool) -> np.ndarray:
-    """Two models x two checkpoints (steps 0 and 100) in weights.npy / layout.csv / metrics.csv[.gz]."""
+def keras_cnn_forward(flat: np.ndarray, x: np.ndarray, activation: str) -> np.ndarray:
+    """The Small CNN Zoo network on [0, 1] images x [B, C, H, W], from one weights row, in Keras' own layouts:
+    scale to [-1, 1], average the channels (`_preprocess_batch`), NHWC valid stride-2 convs, GAP, dense."""
+    v, start = {}, 0
+    for name, shape in KERAS_LAYOUT:
+        n = int(np.prod(shape))
+        v[name.split("/")[1] + "/" + name.split("/")[2][:-2]] = flat[start : start + n].reshape(shape).astype(np.float64)
+        start += n
+    act = {"relu": lambda a: np.maximum(a, 0), "tanh": np.tanh}[activation]
+    h = (2.0 * x.astype(np.float64) - 1.0).mean(axis=1)[..., None]  # NHWC, one channel
+    for layer in ("conv2d", "conv2d_1", "conv2d_2"):
+        k, b = v[f"{layer}/kernel"], v[f"{layer}/bias"]
+        oh, ow = (h.shape[1] - 3) // 2 + 1, (h.shape[2] - 3) // 2 + 1
+        out = np.zeros((h.shape[0], oh, ow, k.shape[3]))
+        for i in range(oh):
+            for j in range(ow):
+                patch = h[:, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3, :]
+                out[:, i, j, :] = np.einsum("bhwc,hwco->bo", patch, k) + b
+        h = act(out)
+    return h.mean(axis=(1, 2)) @ v["dense/kernel"] + v["dense/bias"]
+
+
+def write_small_cnn_zoo(root, gz: bool, dataset: str = "mnist", steps: tuple[int, ...] = (0, 100),
+                        x_test: np.ndarray | None = None, y_test: np.ndarray | None = None):
+    """Two models x `steps` checkpoints (rows shuffled) in weights.npy / layout.csv / metrics.csv[.gz].
+    With test data, the stored test_accuracy is the reference network's accuracy on it."""
     os.makedirs(root, exist_ok=True)
-    d = sum(int(np.prod(s)) for _, s in LAYOUT)
-    weights = np.random.default_rng(0).standard_normal((4, d)).astype(np.float32)
+    d = sum(int(np.prod(s)) for _, s in KERAS_LAYOUT)
+    plan = [(m, act, lr, step) for step in steps for m, act, lr in (("a", "relu", "0.01"), ("b", "tanh", "0.001"))]
+    plan = [plan[i] for i in np.random.default_rng(2).permutation(len(plan))]
+    weights = (0.3 * np.random.default_rng(0).standard_normal((len(plan), d))).astype(np.float32)
     np.save(os.path.join(root, "weights.npy"), weights)
     with open(os.path.join(root, "layout.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["varname", "start_idx", "end_idx", "size", "shape"])
         start = 0
-        for name, shape in LAYOUT:
+        for name, shape in KERAS_LAYOUT:
             size = int(np.prod(shape))
             w.writerow([name, start, start + size, size, str(shape)])
             start += size
-    header = ["", "config.activation", "config.dataset", "config.learning_rate", "config.train_fraction",
-              "modeldir", "step", "test_accuracy", "test_loss", "train_accuracy", "train_loss"]  # fmt: skip
-    rows = [
-        ["run/a/ckpt-0", "relu", "mnist", "0.01", "0.5", "run/a", "0", "0.1", "2.3", "0.1", "2.3"],
-        ["run/a/ckpt-100", "relu", "mnist", "0.01", "0.5", "run/a", "100", "0.9", "0.3", "0.95", "0.2"],
-        ["run/b/ckpt-100", "tanh", "mnist", "0.001", "1.0", "run/b", "100", "0.8", "0.5", "0.85", "0.4"],
-        ["run/b/ckpt-0", "tanh", "mnist", "0.001", "1.0", "run/b", "0", "0.12", "2.2", "0.11", "2.2"],
-    ]
+    rows = []
+    for r, (m, act, lr, step) in enumerate(plan):
+        acc = 0.1 + r / 10
+        if x_test is not None:
+            acc = float((keras_cnn_forward(weights[r], x_test, act).argmax(1) == y_test).mean())
+        rows.append([f"run/{m}/permanent_ckpt-{step}", act, "zeros", dataset, "cnn", "0.0", "86", "0.0", lr, "3", "16",
+                     "adam", "1.0", "he_normal", f"run/{m}", str(step), repr(acc), "2.0", "0.5", "1.5"])  # fmt: skip
     path = os.path.join(root, "metrics.csv.gz" if gz else "metrics.csv")
     with (gzip.open(path, "wt", newline="") if gz else open(path, "w", newline="")) as f:
         w = csv.writer(f)
-        w.writerow(header)
+        w.writerow(SMALL_CNN_HEADER)
         w.writerows(rows)
-    return weights
+    return weights, plan
+
+
+def write_mnist(root, n_train: int = 5001, n_test: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST-format IDX files of random images; returns the test images as [0, 1] floats [N, 1, 28, 28] and labels."""
+    rng = np.random.default_rng(1)
+    os.makedirs(root, exist_ok=True)
+    test = rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, n_test).astype(np.uint8)
+    write_idx(os.path.join(root, "train-images-idx3-ubyte"), rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8))
+    write_idx(os.path.join(root, "train-labels-idx1-ubyte"), rng.integers(0, 10, n_train).astype(np.uint8))
+    write_idx(os.path.join(root, "t10k-images-idx3-ubyte"), test)
+    write_idx(os.path.join(root, "t10k-labels-idx1-ubyte"), labels)
+    return test[:, None].astype(np.float32) / 255.0, labels.astype(np.int64)
 
 
 @pytest.mark.parametrize("gz", [False, True])
-def test_small_cnn_zoo_converts_tf_layouts(tmp_path, gz):
-    flat = write_small_cnn_zoo(tmp_path / "src", gz)
+def test_small_cnn_zoo_loads_as_the_keras_network_and_reproduces_accuracy(tmp_path, gz):
+    x_test, y_test = write_mnist(tmp_path / "data")
+    flat, plan = write_small_cnn_zoo(tmp_path / "src", gz, "mnist", (0, 100, 200), x_test, y_test)
     store = Store(str(tmp_path / "store"))
     assert import_zoo("small-cnn-zoo", str(tmp_path / "src"), store) == 2
     models = store.models().sort("learning_rate").collect()
-    assert models["zoo"].to_list() == ["small-cnn-zoo-mnist"] * 2
+    assert models["zoo"].to_list() == ["small-cnn-zoo-mnist"] * 2 and models["task"].to_list() == ["mnist"] * 2
     assert models["activation"].to_list() == ["tanh", "relu"] and models.schema["learning_rate"] == pl.Float64
-    assert models["test_acc"].to_list() == [0.8, 0.9] and models["arch"].to_list() == ["imported"] * 2
+    assert models["arch"].to_list() == ["small_cnn_zoo"] * 2 and models["n_params"].to_list() == [4970] * 2
+    config = json.loads(models["arch_config"][1])
+    assert config["preprocess"] == {"mean": [0.5], "std": [0.5], "grayscale": "mean"} and config["stride"] == 2
 
-    ck = store.checkpoints().filter(pl.col("model_id") == models["model_id"][1]).sort("epoch").collect()
-    assert ck["epoch"].to_list() == [0, 100] and ck["test_acc"].to_list() == [0.1, 0.9]
+    for mid, name, act in [(models["model_id"][1], "a", "relu"), (models["model_id"][0], "b", "tanh")]:
+        ck = store.checkpoints().filter(pl.col("model_id") == mid).sort("epoch").collect()
+        assert ck["epoch"].to_list() == [0, 100, 200]
+        for step in (0, 100, 200):
+            r = plan.index(next(p for p in plan if p[0] == name and p[3] == step))
+            model = store.load_model(mid, epoch=step)
+            want = keras_cnn_forward(flat[r], x_test[:8], act)
+            np.testing.assert_allclose(model(torch.from_numpy(x_test[:8])).detach().numpy(), want, rtol=1e-4, atol=1e-5)
+            assert ck.filter(pl.col("epoch") == step)["test_acc"][0] == pytest.approx(
+                float((keras_cnn_forward(flat[r], x_test, act).argmax(1) == y_test).mean()))
+        # load_model + the recorded task's test data reproduce the stored final accuracy
+        task = store.load_task(mid, data_dir=str(tmp_path / "data"))
+        x, y = task.load("test")
+        with torch.no_grad():
+            acc = float((store.load_model(mid)(x).argmax(1) == y).float().mean())
+        assert acc == pytest.approx(store.models().filter(pl.col("model_id") == mid).collect()["test_acc"][0])
 
-    # model a, step 100 is weights row 1; model b, step 0 is row 3
-    for row, mid, step in [(1, models["model_id"][1], 100), (3, models["model_id"][0], 0)]:
-        sd = store.state_dict(mid, epoch=step)
-        tf_conv = flat[row, 2:20].reshape(3, 3, 1, 2)
-        tf_dense = flat[row, 30:50].reshape(2, 10)
-        assert sd["conv2d.weight"].shape == (2, 1, 3, 3) and sd["dense.weight"].shape == (10, 2)
-        for o in range(2):
-            for y in range(3):
-                for x in range(3):
-                    assert sd["conv2d.weight"][o, 0, y, x] == tf_conv[y, x, 0, o]
-        np.testing.assert_array_equal(sd["dense.weight"].numpy(), tf_dense.T)
-        np.testing.assert_array_equal(sd["conv2d.bias"].numpy(), flat[row, 0:2])
-
-    weights, biases, ids = export_nfn(store)
-    assert [tuple(w.shape) for w in weights] == [(2, 2, 1, 3, 3), (2, 10, 2)]
-    assert [tuple(b.shape) for b in biases] == [(2, 2), (2, 10)]
+    weights, biases, _ = export_nfn(store)
+    assert [tuple(w.shape) for w in weights] == [(2, 16, 1, 3, 3), (2, 16, 16, 3, 3), (2, 16, 16, 3, 3), (2, 10, 16)]
 
 
-class PublishedCNNS(nn.Module):
-    """The Model Zoos CNN-s as published: a Sequential called `module_list`."""
+def test_small_cnn_zoo_cifar10_averages_colour_channels(tmp_path):
+    flat, plan = write_small_cnn_zoo(tmp_path / "src", True, "cifar10", (0, 100, 200))
+    store = Store(str(tmp_path / "store"))
+    assert import_zoo("small-cnn-zoo", str(tmp_path / "src"), store) == 2
+    row = store.models().filter(pl.col("activation") == "tanh").collect().row(0, named=True)
+    assert row["task"] == "cifar10" and row["zoo"] == "small-cnn-zoo-cifar10"
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    want = keras_cnn_forward(flat[plan.index(("b", "tanh", "0.001", 200))], x.numpy(), "tanh")
+    got = store.load_model(row["model_id"], epoch=200)(x).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
-    def __init__(self):
+
+# --------------------------------------------------------------------------------------------------
+# Model Zoos family: the published Sequential CNNs (`def_net.py`), Ray Tune trial folders, the Phase-Transition ResNet-18
+
+
+class PublishedCNN(nn.Module):
+    """`def_net.py` CNN (CNN-s) and CNN3 (CNN-m) as published: a `module_list` whose indices dropout shifts."""
+
+    def __init__(self, variant: str, channels_in: int, nlin: str, dropout: float):
         super().__init__()
-        self.module_list = nn.Sequential(
-            nn.Conv2d(1, 8, 5), nn.MaxPool2d(2), nn.Tanh(),
-            nn.Conv2d(8, 6, 5), nn.MaxPool2d(2), nn.Tanh(),
-            nn.Conv2d(6, 4, 2), nn.Tanh(), nn.Flatten(),
-            nn.Linear(36, 20), nn.Tanh(), nn.Linear(20, 10),
-        )  # fmt: skip
+        act = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "leakyrelu": nn.LeakyReLU}[nlin]
+        layers: list[nn.Module] = []
+        if variant == "CNN":
+            spec, flat, drop_all = [(channels_in, 8, 5, True), (8, 6, 5, True), (6, 4, 2, False)], 36, dropout > 0
+        else:
+            spec, flat, drop_all = [(channels_in, 16, 3, True), (16, 32, 3, True), (32, 15, 3, True)], 60, True
+        for c_in, c_out, k, pool in spec:
+            layers.append(nn.Conv2d(c_in, c_out, k))
+            if pool:
+                layers.append(nn.MaxPool2d(2, 2))
+            layers.append(act())
+            if drop_all and (pool or variant == "CNN3"):
+                layers.append(nn.Dropout(dropout))
+        layers += [nn.Flatten(), nn.Linear(flat, 20), act()]
+        if drop_all:
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(20, 10))
+        self.module_list = nn.ModuleList(layers)
 
     def forward(self, x):
-        return self.module_list(x)
+        for layer in self.module_list:
+            x = layer(x)
+        return x
 
 
-def write_trial(root, seed: int, epochs: list[int], net: nn.Module | None = None) -> list[nn.Module]:
-    """A Ray Tune trial directory: params.json, result.json lines, checkpoint_<ep>/checkpoints."""
+def write_published_trial(root, config: dict, nets: list[nn.Module], first_iteration: int = 0,
+                          config_name: str = "params.json"):
+    """A Ray Tune trial folder as the published trainable leaves it: params.json; result.json with iteration 0 the
+    initial evaluation (train metrics -999), iteration n after n epochs; checkpoint_<n>/checkpoints per epoch."""
     os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "params.json"), "w") as f:
-        json.dump({"model::type": "CNN", "model::nlin": "tanh", "model::dropout": 0.0, "optim::lr": 3e-4, "seed": seed}, f)
+    with open(os.path.join(root, config_name), "w") as f:
+        json.dump(config, f)
     with open(os.path.join(root, "result.json"), "w") as f:
-        for it in range(1, max(epochs) + 2):  # iteration 1 evaluates the initial model
-            train = -999 if it == 1 else 0.5 + it / 100
-            f.write(json.dumps({"train_loss": 1.0, "train_acc": train, "test_loss": 1.0 / it,
-                                "test_acc": 0.1 * it + seed / 100, "training_iteration": it}) + "\n")  # fmt: skip
-    nets = []
-    for e in epochs:
-        torch.manual_seed(seed * 100 + e)
-        m = PublishedCNNS() if net is None else net
-        os.makedirs(os.path.join(root, f"checkpoint_{e:06d}"), exist_ok=True)
-        torch.save(m.state_dict(), os.path.join(root, f"checkpoint_{e:06d}", "checkpoints"))
-        nets.append(m)
-    return nets
+        for it in range(first_iteration, first_iteration + len(nets)):
+            train = -999 if it == 0 else 0.5 + it / 100
+            f.write(json.dumps({"train_loss": train, "train_acc": train, "test_loss": 1.0 / (it + 1),
+                                "test_acc": 0.1 + 0.2 * it, "training_iteration": it, "trial_id": "x"}) + "\n")  # fmt: skip
+    for it, net in enumerate(nets, start=first_iteration):
+        os.makedirs(os.path.join(root, f"checkpoint_{it:06d}"), exist_ok=True)
+        torch.save(net.state_dict(), os.path.join(root, f"checkpoint_{it:06d}", "checkpoints"))
 
 
-def cnn_s_forward(sd: dict, x: torch.Tensor) -> torch.Tensor:
-    """Our cnn_s computation written out with the stored (renamed) tensors."""
-    x = torch.tanh(F.max_pool2d(F.conv2d(x, sd["conv1.weight"], sd["conv1.bias"]), 2))
-    x = torch.tanh(F.max_pool2d(F.conv2d(x, sd["conv2.weight"], sd["conv2.bias"]), 2))
-    x = torch.tanh(F.conv2d(x, sd["conv3.weight"], sd["conv3.bias"]))
-    x = torch.tanh(x.flatten(1) @ sd["fc1.weight"].flatten(1).T + sd["fc1.bias"])
-    return F.linear(x, sd["fc2.weight"], sd["fc2.bias"])
+def write_trial(root, seed: int, epochs: list[int]) -> list[nn.Module]:
+    """An MNIST CNN-s trial (dropout 0) with checkpoints at `epochs` only, result lines for iterations 0..max(epochs)."""
+    torch.manual_seed(seed)
+    nets = [PublishedCNN("CNN", 1, "tanh", 0.0).eval() for _ in range(max(epochs) + 1)]
+    write_published_trial(root, mz_config("CNN", 1, "tanh", 0.0, "/data/MNIST/dataset.pt", seed), nets)
+    for e in range(max(epochs) + 1):
+        if e not in epochs:
+            path = os.path.join(root, f"checkpoint_{e:06d}")
+            os.remove(os.path.join(path, "checkpoints"))
+            os.rmdir(path)
+    return [nets[e] for e in epochs]
 
 
-def test_model_zoos_maps_cnn_s_and_keeps_the_function(tmp_path):
-    src = tmp_path / "tune_zoo_mnist"
-    nets = {s: write_trial(src / f"NN_tune_trainable_{s}", s, [0, 1, 2]) for s in (1, 2)}
-    write_trial(src / "odd_trial", 9, [0, 2], net=nn.Sequential(nn.Linear(3, 4)))  # not a CNN-s
+def mz_config(variant: str, channels: int, nlin: str, dropout: float, dump: str, seed: int = 1) -> dict:
+    return {"model::type": variant, "model::channels_in": channels, "model::nlin": nlin, "model::dropout": dropout,
+            "model::init_type": "kaiming_uniform", "optim::optimizer": "adam", "optim::lr": 1e-3, "optim::wd": 1e-4,
+            "seed": seed, "training::batchsize": 10, "training::epochs_train": 3, "cuda": False,
+            "dataset::dump": dump}  # fmt: skip
+
+
+def reference_input(dataset: str, variant: str, x: torch.Tensor) -> torch.Tensor:
+    """The generator scripts' transforms on [0, 1] images (after ToTensor)."""
+    if dataset == "mnist":
+        return (x - 0.1307) / 0.3081
+    if variant == "CNN":  # CIFAR-10 CNN-s: Resize((28, 28)) then Normalize(0.5, 0.5)
+        x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False, antialias=True)
+    return (x - 0.5) / 0.5
+
+
+MZ_CASES = [  # (variant, dataset, channels, nlin, dropout)
+    ("CNN", "mnist", 1, "tanh", 0.0),
+    ("CNN", "mnist", 1, "gelu", 0.5),
+    ("CNN", "cifar10", 3, "leakyrelu", 0.5),
+    ("CNN3", "cifar10", 3, "relu", 0.0),
+    ("CNN3", "cifar10", 3, "tanh", 0.5),
+]
+
+
+@pytest.mark.parametrize("variant,dataset,channels,nlin,dropout", MZ_CASES)
+def test_model_zoos_cnns_load_as_published_and_epochs_match_iterations(tmp_path, variant, dataset, channels, nlin, dropout):
+    src = tmp_path / f"tune_zoo_{variant}_hyperparameter_10_random_seeds"
+    dump = f"/ds/zoos/{dataset.upper()}/tune_zoo/dataset.pt"
+    torch.manual_seed(0)
+    nets = [PublishedCNN(variant, channels, nlin, dropout).eval() for _ in range(4)]
+    write_published_trial(src / "NN_tune_trainable_a1_00000_0_seed=1", mz_config(variant, channels, nlin, dropout, dump), nets)
     store = Store(str(tmp_path / "store"))
-    assert import_zoo("model-zoos", str(src), store) == 3
-    models = store.models().collect()
-    assert sorted(models["arch"].to_list()) == ["cnn_s", "cnn_s", "imported"]
-    row = models.filter(pl.col("seed") == 2).row(0, named=True)
-    assert row["zoo"] == "tune_zoo_mnist" and row["optim_lr"] == 3e-4 and row["status"] == "ok"
-    assert row["test_acc"] == pytest.approx(0.3 + 0.02)  # epoch 2 = training_iteration 3
-
+    assert import_zoo("model-zoos", str(src), store) == 1
+    row = store.models().collect().row(0, named=True)
+    assert (row["arch"], row["task"], row["dataset"], row["model_dropout"]) == ("model_zoos_cnn", dataset, dataset, dropout)
+    assert row["test_acc"] == pytest.approx(0.7)  # the last checkpoint (epoch 3) is training_iteration 3
     ck = store.checkpoints().filter(pl.col("model_id") == row["model_id"]).sort("epoch").collect()
-    assert ck["epoch"].to_list() == [0, 1, 2]
-    assert np.isnan(ck["train_acc"][0]) and ck["test_acc"].to_list() == pytest.approx([0.12, 0.22, 0.32])
+    assert ck["epoch"].to_list() == [0, 1, 2, 3]
+    assert ck["test_acc"].to_list() == pytest.approx([0.1, 0.3, 0.5, 0.7])
+    assert np.isnan(ck["train_acc"][0]) and ck["train_acc"][1:].to_list() == pytest.approx([0.51, 0.52, 0.53])
     curve = store.curves().filter(pl.col("model_id") == row["model_id"]).sort("epoch").collect()
-    assert curve.height == 3
+    assert curve["test_acc"].to_list() == pytest.approx([0.1, 0.3, 0.5, 0.7])
 
-    x = torch.randn(5, 1, 28, 28)
+    x = torch.rand(5, channels, 28 if dataset == "mnist" else 32, 28 if dataset == "mnist" else 32)
+    for e in (0, 3):
+        model = store.load_model(row["model_id"], epoch=e)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), nets[e](reference_input(dataset, variant, x)), rtol=1e-5, atol=1e-5)
+
+
+def test_model_zoos_mnist_accuracy_is_reproduced_from_the_task_data(tmp_path):
+    x_test, y_test = write_mnist(tmp_path / "data")
+    torch.manual_seed(3)
+    net = PublishedCNN("CNN", 1, "tanh", 0.5).eval()
+    with torch.no_grad():
+        acc = float((net((torch.from_numpy(x_test) - 0.1307) / 0.3081).argmax(1).numpy() == y_test).mean())
+    trial = tmp_path / "zoos" / "MNIST" / "tune_zoo_mnist_uniform" / "NN_tune_trainable_0"
+    write_published_trial(trial, mz_config("CNN", 1, "tanh", 0.5, "/x/dataset.pt"), [net])
+    with open(trial / "result.json", "w") as f:
+        f.write(json.dumps({"test_acc": acc, "train_acc": -999, "training_iteration": 0}) + "\n")
+    store = Store(str(tmp_path / "store"))
+    import_zoo("model-zoos", str(tmp_path / "zoos" / "MNIST"), store)
+    mid = store.models().collect()["model_id"][0]
+    x, y = store.load_task(mid, data_dir=str(tmp_path / "data")).load("test")
+    with torch.no_grad():
+        assert float((store.load_model(mid)(x).argmax(1) == y).float().mean()) == pytest.approx(acc)
+
+
+class PublishedResNet18Width(nn.Module):
+    """The Phase-Transition zoo's ResNet18_width written from its definition: torchvision ResNet with BasicBlocks
+    [2, 2, 2, 2], conv1 replaced by a 3x3 stride-1 conv, max-pool by Identity; torchvision's module names."""
+
+    class Block(nn.Module):
+        def __init__(self, c_in, c, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(c_in, c, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(c)
+            self.relu = nn.ReLU()
+            self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(c)
+            self.downsample = (nn.Sequential(nn.Conv2d(c_in, c, 1, stride, bias=False), nn.BatchNorm2d(c))
+                               if stride != 1 or c_in != c else None)  # fmt: skip
+
+        def forward(self, x):
+            out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+            return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+    def __init__(self, width: int, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.Identity()
+        c_in = width
+        for i, m in enumerate((1, 2, 4, 8)):
+            setattr(self, f"layer{i + 1}", nn.Sequential(self.Block(c_in, width * m, 1 if i == 0 else 2),
+                                                         self.Block(width * m, width * m, 1)))
+            c_in = width * m
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(8 * width, classes)
+        with torch.no_grad():  # trained-looking BatchNorm statistics
+            for mod in self.modules():
+                if isinstance(mod, nn.BatchNorm2d):
+                    mod.running_mean.normal_(0, 0.1)
+                    mod.running_var.uniform_(0.5, 2.0)
+                    mod.weight.normal_(1, 0.2)
+                    mod.bias.normal_(0, 0.1)
+                    mod.num_batches_tracked.fill_(391)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def test_phase_transition_resnet18_with_config_json(tmp_path):
+    src = tmp_path / "Cifar-10" / "Resnet18_width_v2" / "tune_zoo_cifar-10_Resnet18_width_kaiming_uniform_150eps_width_4-8"
+    os.makedirs(src)
+    with open(src / "config.json", "w") as f:  # the experiment's own config.json (grid values as strings): not a model
+        json.dump({"model::type": "Resnet18_width", "model::width": "{'grid_search': [4, 8]}"}, f)
+    torch.manual_seed(0)
+    nets = [PublishedResNet18Width(4).eval() for _ in range(3)]
+    config = {"model::type": "Resnet18_width", "model::channels_in": 3, "model::o_dim": 10, "model::nlin": "relu",
+              "model::dropout": 0.0, "model::init_type": "kaiming_uniform", "model::use_bias": False, "model::width": 4,
+              "optim::optimizer": "sgd", "optim::lr": 0.1, "seed": 0, "training::batchsize": 128,
+              "dataset::dump": "/ds2/model_zoos/taxonomy/cifar_10/dataset_preprocessed.pt"}  # fmt: skip
+    write_published_trial(src / "NN_tune_trainable_8c2f4_00000_0_batchsize=128,width=4", config, nets, config_name="config.json")
+    store = Store(str(tmp_path / "store"))
+    assert import_zoo("model-zoos", str(src), store) == 1
+    row = store.models().collect().row(0, named=True)
+    assert (row["arch"], row["task"], json.loads(row["arch_config"])["width"]) == ("resnet18_width", "cifar10", 4)
+    assert row["n_params"] == sum(p.numel() for p in nets[0].parameters())
+    x = torch.rand(3, 3, 32, 32)
+    mean = torch.tensor([125.3, 123.0, 113.9])[:, None, None] / 255
+    std = torch.tensor([63.0, 62.1, 66.7])[:, None, None] / 255
     for e in (0, 2):
-        sd = store.state_dict(row["model_id"], epoch=e)
-        assert sd["fc1.weight"].shape == (20, 4, 3, 3) and float(sd["drop.p"]) == 0.0
-        torch.testing.assert_close(cnn_s_forward(sd, x), nets[2][e](x))
+        with torch.no_grad():
+            torch.testing.assert_close(store.load_model(row["model_id"], epoch=e)(x), nets[e]((x - mean) / std),
+                                       rtol=1e-4, atol=1e-5)
+    ck = store.checkpoints().filter(pl.col("model_id") == row["model_id"]).sort("epoch").collect()
+    assert ck["test_acc"].to_list() == pytest.approx([0.1, 0.3, 0.5])
 
-    odd = models.filter(pl.col("arch") == "imported").row(0, named=True)
-    sd = store.state_dict(odd["model_id"])
-    assert set(sd) == {"0.weight", "0.bias"}
-    with pytest.raises(StoreError, match="imported without a known architecture"):
-        store.load_model(odd["model_id"])
 
-    paths = export_safetensors(store, str(tmp_path / "st"), filter=pl.col("arch") == "cnn_s")
-    from safetensors.torch import load_file
+# --------------------------------------------------------------------------------------------------
+# Malformed sources: one line naming the file and the problem, nothing written
 
-    loaded = load_file(paths[0])
-    stacked, ids = store.to_torch(filter=pl.col("arch") == "cnn_s")
-    torch.testing.assert_close(loaded["conv2.weight"], stacked["conv2.weight"][0])
-    weights, biases = nfn_layout(stacked, strict=False)
-    assert len(weights) == 5 and tuple(biases[-1].shape) == (2, 10)
-    with pytest.raises(StoreError, match="drop.p"):
-        nfn_layout(stacked)
 
-    archs = pytest.importorskip("zoos.archs", exc_type=ImportError)
-    assert archs is not None
-    model = store.load_model(row["model_id"], epoch=2)
-    torch.testing.assert_close(model(x), nets[2][2](x))
+def _good_trial(root) -> None:
+    torch.manual_seed(0)
+    write_published_trial(root, mz_config("CNN", 1, "tanh", 0.0, "/d/MNIST/dataset.pt"), [PublishedCNN("CNN", 1, "tanh", 0.0)] * 2)
+
+
+def _break_result(trial):
+    with open(trial / "result.json", "a") as f:
+        f.write("{not json\n")
+
+
+def _break_checkpoint(trial):
+    os.remove(trial / "checkpoint_000001" / "checkpoints")
+
+
+def _break_dropout_indices(trial):  # says dropout 0.5, but the checkpoints have the no-dropout indices
+    cfg = json.loads((trial / "params.json").read_text())
+    (trial / "params.json").write_text(json.dumps({**cfg, "model::dropout": 0.5}))
+
+
+def _break_pickle(trial):
+    torch.save({"w": torch.zeros(2), "code": print}, trial / "checkpoint_000001" / "checkpoints")
+
+
+def _break_type(trial):
+    cfg = json.loads((trial / "params.json").read_text())
+    (trial / "params.json").write_text(json.dumps({**cfg, "model::type": "MLP"}))
+
+
+@pytest.mark.parametrize(
+    "breaker,match",
+    [
+        (_break_result, r"result\.json: not a readable JSON-lines file .*line 3 is not JSON"),
+        (_break_checkpoint, r"checkpoint_000001: no 'checkpoints' file"),
+        (_break_dropout_indices, r"checkpoints: keys .* are not a CNN with dropout 0.5 .*0, 4, 8, 11, 14"),
+        (_break_pickle, r"refusing checkpoint .*checkpoint_000001/checkpoints: it is not a plain tensor state dict"),
+        (_break_type, r"params\.json: model::type 'MLP'"),
+    ],
+)
+def test_malformed_model_zoos_folder_is_refused_whole(tmp_path, breaker, match):
+    src = tmp_path / "tune_zoo_mnist"
+    _good_trial(src / "a")
+    _good_trial(src / "b")
+    breaker(src / "b")
+    store = Store(str(tmp_path / "store"))
+    with pytest.raises(StoreError, match=match) as e:
+        import_zoo("model-zoos", str(src), store)
+    assert "\n" not in str(e.value) and str(src / "b") in str(e.value)
+    assert not os.path.exists(tmp_path / "store") or store.models().collect().height == 0
+
+
+def test_malformed_small_cnn_zoo_is_refused(tmp_path):
+    src = tmp_path / "src"
+    write_small_cnn_zoo(src, gz=False, steps=(0, 100, 200))
+    store = Store(str(tmp_path / "store"))
+    text = (src / "layout.csv").read_text().replace("sequential/dense/kernel:0", "sequential/batch_normalization/gamma:0")
+    (src / "layout.csv").write_text(text)
+    with pytest.raises(StoreError, match=r"layout\.csv: variable 'sequential/batch_normalization/gamma:0' is not"):
+        import_zoo("small-cnn-zoo", str(src), store)
+    write_small_cnn_zoo(src, gz=False, steps=(0, 100, 200))
+    lines = (src / "metrics.csv").read_text().splitlines()
+    (src / "metrics.csv").write_text("\n".join(lines[:3]) + "\n")
+    with pytest.raises(StoreError, match=r"metrics\.csv has 2 rows but .*weights\.npy has 6"):
+        import_zoo("small-cnn-zoo", str(src), store)
+    assert not os.path.exists(tmp_path / "store") or store.models().collect().height == 0
 
 
 def test_import_errors_name_the_problem(tmp_path):
     store = Store(str(tmp_path / "store"))
     with pytest.raises(StoreError, match="format 'tar'"):
         import_zoo("tar", str(tmp_path), store)
-    with pytest.raises(StoreError, match="not a directory"):
+    with pytest.raises(StoreError, match="not a directory; model-zoos expects .*params.json or config.json"):
         import_zoo("model-zoos", str(tmp_path / "missing"), store)
-    with pytest.raises(StoreError, match="no trial directory"):
+    with pytest.raises(StoreError, match="no model folder"):
         import_zoo("model-zoos", str(tmp_path), store)
     with pytest.raises(StoreError, match="weights.npy"):
         import_zoo("small-cnn-zoo", str(tmp_path), store)
+
+
+def test_import_help_names_the_folder_and_files():
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    out = CliRunner().invoke(app, ["import", "--help"], terminal_width=200).output
+    for word in ("weights.npy", "layout.csv", "metrics.csv", "params.json", "config.json", "result.json", "checkpoint_"):
+        assert word in out, word
+
+
+def test_checkpoint_folders_named_in_results_take_that_iteration(tmp_path):
+    """Ray >= 2.7 numbers checkpoint folders by count and names each in its result line: the name decides the epoch."""
+    trial = tmp_path / "tune_zoo_mnist" / "t0"
+    torch.manual_seed(0)
+    nets = [PublishedCNN("CNN", 1, "tanh", 0.0).eval() for _ in range(2)]
+    write_published_trial(trial, mz_config("CNN", 1, "tanh", 0.0, "/d/mnist/dataset.pt"), nets)  # checkpoint_000000, _000001
+    with open(trial / "result.json", "w") as f:
+        for it in (1, 2, 3):
+            line = {"test_acc": it / 10, "training_iteration": it}
+            if it in (2, 3):
+                line["checkpoint_dir_name"] = f"checkpoint_{it - 2:06d}"
+            f.write(json.dumps(line) + "\n")
+    store = Store(str(tmp_path / "store"))
+    import_zoo("model-zoos", str(tmp_path / "tune_zoo_mnist"), store)
+    ck = store.checkpoints().sort("epoch").collect()
+    assert ck["epoch"].to_list() == [2, 3] and ck["test_acc"].to_list() == pytest.approx([0.2, 0.3])
+    mid = ck["model_id"][0]
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(store.load_model(mid, epoch=3)(x), nets[1]((x - 0.1307) / 0.3081))
+
+
+def test_cli_import_of_a_malformed_folder_exits_2_with_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    src = tmp_path / "tune_zoo_mnist"
+    _good_trial(src / "a")
+    _break_checkpoint(src / "a")
+    r = CliRunner().invoke(app, ["import", "model-zoos", str(src), str(tmp_path / "store")])
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "checkpoint_000001: no 'checkpoints' file" in lines[0], r.output
+    assert not os.path.exists(tmp_path / "store" / "manifest")
