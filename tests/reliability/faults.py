@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -46,6 +47,21 @@ def exposed_listeners(pids: list[int]) -> list[str]:
                 ip, port = listening[inode].split(":")
                 out.append(f"{pid} {ip}:{int(port, 16)}")
     return out
+
+
+def outlivers(started: list[int], timeout: float = 30.0) -> list[str]:
+    """After a driver's SIGKILL: the command lines of its Ray processes (`started`) still running after `timeout`
+    seconds. Each of them is then killed, so no process leaks into the next test."""
+    try:
+        wait_until(lambda: not any(os.path.exists(f"/proc/{p}") and "ray" in cmdline(p) for p in started),
+                   timeout=timeout, every=0.2, what="the killed driver's Ray processes to exit")
+        leftover = []
+    except TimeoutError:
+        leftover = [cmdline(p)[:60] for p in started if os.path.exists(f"/proc/{p}")]
+    for p in started:
+        if "ray" in cmdline(p):  # still the Ray process it was, not a reused pid
+            os.kill(p, signal.SIGKILL)
+    return leftover
 
 
 def cmdline(pid: int) -> str:

@@ -24,7 +24,8 @@ from pipeline.progress import Display
 from pipeline.runner import run_study
 from pipeline.study import load_study
 from tests.reliability.faults import (assert_logged_once, assert_store_whole, cmdline, descendants, expected_models,
-                                      exposed_listeners, mlp_zoo, model_runs, wait_for_process, wait_until, write_study)
+                                      exposed_listeners, mlp_zoo, model_runs, outlivers, wait_for_process, wait_until,
+                                      write_study)
 from zoos.spec import expand, populations
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
@@ -95,15 +96,7 @@ def test_killed_driver_resumes_without_duplicates_and_logs_what_it_stored(ray_lo
         proc.wait(10)
     finally:
         proc.kill()
-    try:
-        wait_until(lambda: not any(os.path.exists(f"/proc/{p}") and "ray" in cmdline(p) for p in started),
-                   timeout=30, every=0.2, what="the killed driver's Ray processes to exit")
-        leftover = []
-    except TimeoutError:
-        leftover = [cmdline(p)[:60] for p in started if os.path.exists(f"/proc/{p}")]
-    for p in started:
-        if "ray" in cmdline(p):  # still the Ray process it was, not a reused pid: never leak into the next test
-            os.kill(p, signal.SIGKILL)
+    leftover = outlivers(started)
 
     store = zoos.open(study.store)
     stored = store.stored_ids()
@@ -139,15 +132,7 @@ def test_a_local_run_listens_on_loopback_only_and_dies_with_its_driver(tmp_path)
         proc.wait(10)
     finally:
         proc.kill()
-    try:
-        wait_until(lambda: not any(os.path.exists(f"/proc/{p}") and "ray" in cmdline(p) for p in started),
-                   timeout=30, every=0.2, what="the killed driver's Ray processes to exit")
-        leftover = []
-    except TimeoutError:
-        leftover = [cmdline(p)[:60] for p in started if os.path.exists(f"/proc/{p}")]
-    for p in started:
-        if "ray" in cmdline(p):  # never leak a process into the next test
-            os.kill(p, signal.SIGKILL)
+    leftover = outlivers(started)
     assert all(n in names for n in ("gcs_server", "raylet", "DashboardAgent", "pipeline.localray")), names
     assert not exposed, f"a local run's Ray listened beyond loopback: {exposed}"
     assert not leftover, f"Ray processes outlived their killed driver: {leftover}"
