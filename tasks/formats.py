@@ -3,7 +3,9 @@
 IDX (MNIST, Fashion-MNIST): magic 0x00 0x00 <dtype code> <ndim>, ndim big-endian uint32 sizes, then
 the raw big-endian array; files may be gzipped. CIFAR-10 python batches: pickled dicts with b"data"
 (uint8 [N, 3072], channel-major) and b"labels"; they are read with an Unpickler that can build only
-numpy arrays, so a tampered file cannot run code.
+numpy arrays, so a tampered file cannot run code. SVHN "format 2" (cropped digits): MATLAB v5 .mat
+files holding X (uint8 [32, 32, 3, N], height, width, channel, image) and y ([N, 1], labels 1..10, 10 the
+digit 0), read with scipy.io.loadmat (which never runs code).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import io
 import pickle
 import struct
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -132,3 +135,65 @@ def write_cifar_batch(path: str | Path, images: np.ndarray, labels: np.ndarray) 
     buf = io.BytesIO()
     pickle.dump(batch, buf, protocol=4)
     Path(path).write_bytes(buf.getvalue())
+
+
+def _mat_errors() -> tuple[type[BaseException], ...]:
+    """What scipy.io raises on a file that is not a readable MATLAB v5 file (v7.3 HDF5 files included)."""
+    from scipy.io.matlab import MatReadError
+
+    return MatReadError, ValueError, NotImplementedError, TypeError, KeyError, EOFError, struct.error, gzip.BadGzipFile
+
+
+def _open_mat(path: str | Path) -> IO[bytes]:
+    """The .mat file opened for scipy.io: read lazily from disk, or through gzip if it starts with the gzip magic."""
+    with open(path, "rb") as f:
+        gz = f.read(2) == _GZIP_MAGIC
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def svhn_count(path: str | Path) -> int:
+    """The number of images in an SVHN format-2 .mat file, from its variable headers alone (scipy.io.whosmat)."""
+    from scipy.io import whosmat
+
+    try:
+        with _open_mat(path) as f:
+            shapes = {name: shape for name, shape, _ in whosmat(f)}
+    except _mat_errors() as e:
+        raise ValueError(f"{path}: not a MATLAB v5 .mat file ({_first_line(e)}); SVHN format 2 needs X and y") from None
+    x = shapes.get("X")
+    if x is None or len(x) != 4 or tuple(x[:3]) != (32, 32, 3):
+        raise ValueError(f"{path}: X has shape {x}; SVHN format 2 needs X [32, 32, 3, N]")
+    return int(x[3])
+
+
+def read_svhn_mat(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """An SVHN format-2 .mat file as (uint8 images [N, 3, 32, 32], int64 labels [N] with 10 mapped to 0).
+
+    X must be uint8 [32, 32, 3, N] and y hold N labels in 1..10; anything else is a one-line ValueError
+    naming the file."""
+    from scipy.io import loadmat, whosmat
+
+    try:
+        with _open_mat(path) as f:
+            mat = loadmat(f, variable_names=("X", "y"))
+    except _mat_errors() as e:
+        raise ValueError(f"{path}: not a MATLAB v5 .mat file ({_first_line(e)}); SVHN format 2 needs X and y") from None
+    x, y = mat.get("X"), mat.get("y")
+    if x is None or y is None:
+        with _open_mat(path) as f:
+            found = sorted(name for name, _, _ in whosmat(f))
+        raise ValueError(f"{path}: an SVHN format-2 file needs variables X and y; found {', '.join(found) or 'none'}")
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.dtype != np.uint8:
+        raise ValueError(f"{path}: X is {x.dtype} {list(x.shape)}; expected uint8 [32, 32, 3, N]")
+    if y.size != x.shape[3] or not np.issubdtype(y.dtype, np.number):
+        raise ValueError(f"{path}: y is {y.dtype} {list(y.shape)}; expected {x.shape[3]} labels ([N, 1])")
+    raw = y.reshape(-1)
+    bad = ~np.isin(raw, np.arange(1, 11))
+    if bad.any():
+        raise ValueError(f"{path}: y holds label {raw[bad][0].item()!r}; SVHN labels are 1..10 (10 is the digit 0)")
+    labels = raw.astype(np.int64)
+    return np.ascontiguousarray(x.transpose(3, 2, 0, 1)), np.where(labels == 10, 0, labels)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:160]

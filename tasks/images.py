@@ -1,4 +1,4 @@
-"""Image classification tasks with a C4 or D4 symmetry: digits (bundled), MNIST, Fashion-MNIST, CIFAR-10.
+"""Image classification tasks with a C4 or D4 symmetry: digits (bundled), MNIST, Fashion-MNIST, CIFAR-10, SVHN.
 
 Every image task gives x float32 [B, C, H, W] in [0, 1] and y int64 [B]. The group rotates / flips
 the last two axes and leaves labels unchanged. The `variant` option sets up the upright-vs-rotated
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from tasks.base import Split, Task, TaskError, check_options, seeded
-from tasks.formats import idx_count, read_cifar_batch, read_idx
+from tasks.formats import idx_count, read_cifar_batch, read_idx, read_svhn_mat, svhn_count
 from tasks.groups import ImageGroup
 from tasks.registry import register_task
 
@@ -125,7 +125,7 @@ def digits(**options) -> DigitsTask:
 
 
 # ---------------------------------------------------------------------------------------------
-# File-backed tasks: MNIST / Fashion-MNIST (IDX) and CIFAR-10 (python batches), read from
+# File-backed tasks: MNIST / Fashion-MNIST (IDX), CIFAR-10 (python batches) and SVHN (.mat), read from
 # `data_dir` (option) or $SYMZOO_DATA. Nothing is read until `load()`. The validation split is
 # carved out of the published training set by seed; the test split is the published test set.
 
@@ -133,9 +133,11 @@ DOWNLOAD = {
     "mnist": "https://yann.lecun.com/exdb/mnist/ (mirror: https://ossci-datasets.s3.amazonaws.com/mnist/)",
     "fashion_mnist": "https://github.com/zalandoresearch/fashion-mnist (the four *-ubyte.gz files under data/fashion)",
     "cifar10": "https://www.cs.toronto.edu/~kriz/cifar.html (CIFAR-10 python version, cifar-10-python.tar.gz, unpacked)",
+    "svhn": "http://ufldl.stanford.edu/housenumbers/ (format 2, cropped digits: train_32x32.mat and test_32x32.mat)",
 }
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
 FILE_OPTIONS = {"group": ("C4", "D4"), "variant": VARIANTS, "data_dir": str, "n_train": int, "n_val": int, "n_test": int}
 
 
@@ -268,6 +270,28 @@ class Cifar10Task(FileImageTask):
         return np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train]), xte, yte
 
 
+class SvhnTask(FileImageTask):
+    """SVHN format 2 (cropped house-number digits): train_32x32.mat and test_32x32.mat, 32x32 RGB images with
+    labels 0..9 (the files' label 10 is the digit 0). extra_32x32.mat is not used: train and val come from
+    train_32x32.mat alone (torchvision's split="train"), test is test_32x32.mat."""
+
+    files = SVHN_FILES
+    subdirs = ("svhn", "SVHN")
+
+    def __init__(self, **options):
+        super().__init__("svhn", (3, 32, 32), **options)
+
+    def _read(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        paths = self.find_files()
+        (xtr, ytr), (xte, yte) = (read_svhn_mat(paths[f]) for f in self.files)
+        return xtr, ytr, xte, yte
+
+    def counts(self) -> tuple[int, int]:
+        """Image counts from the .mat variable headers alone (no image data read)."""
+        paths = self.find_files()
+        return tuple(svhn_count(paths[f]) for f in self.files)  # type: ignore[return-value]
+
+
 @register_task("mnist", description="MNIST handwritten digits (IDX files from data_dir or $SYMZOO_DATA); C4/D4",
                group="C4 | D4", options=dict(FILE_OPTIONS))
 def mnist(**options) -> IdxImageTask:
@@ -287,3 +311,10 @@ def fashion_mnist(**options) -> IdxImageTask:
 def cifar10(**options) -> Cifar10Task:
     check_options("cifar10", options, set(FILE_OPTIONS))
     return Cifar10Task(**options)
+
+
+@register_task("svhn", description="SVHN cropped digits (format-2 .mat files from data_dir or $SYMZOO_DATA); C4/D4",
+               group="C4 | D4", options=dict(FILE_OPTIONS))
+def svhn(**options) -> SvhnTask:
+    check_options("svhn", options, set(FILE_OPTIONS))
+    return SvhnTask(**options)

@@ -4,7 +4,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 
-TASKS = ["digits", "mnist", "fashion_mnist", "cifar10", "o5_regression", "inertia", "modified_inertia", "lorentz",
+TASKS = ["digits", "mnist", "fashion_mnist", "cifar10", "svhn", "o5_regression", "inertia", "modified_inertia", "lorentz",
          "convex_hull", "nbody"]
 ARCHS = ["mlp", "cnn_s", "cnn", "resnet20", "set_mlp", "p4cnn", "p4mcnn", "deepsets", "egnn", "scalar_mlp",
          "inertia_head", "frame_avg"]

@@ -55,7 +55,7 @@ FORMAT_HELP = {
     "or config.json, result.json and checkpoint_<n>/checkpoints",
 }
 # symzoo task of each published dataset name; datasets not listed keep their own name as task (no loader yet).
-TASKS = {"mnist": "mnist", "fashion_mnist": "fashion_mnist", "cifar10": "cifar10"}
+TASKS = {"mnist": "mnist", "fashion_mnist": "fashion_mnist", "cifar10": "cifar10", "svhn": "svhn"}
 
 
 def import_zoo(fmt: str, src: str, store: Store, zoo: str | None = None, shard_size: int = 1000) -> int:

@@ -1,5 +1,5 @@
 """File-backed tasks: tiny files written in the real formats (IDX raw and gzipped, CIFAR python
-batches) read back exactly; missing files and hostile pickles give clear errors."""
+batches, SVHN .mat) read back exactly; missing files, malformed files and hostile pickles give clear errors."""
 
 import os
 import pickle
@@ -7,10 +7,11 @@ import struct
 
 import numpy as np
 import pytest
+import scipy.io
 import torch
 
 from tasks import TaskError, get_task
-from tasks.formats import read_cifar_batch, read_idx, write_cifar_batch, write_idx
+from tasks.formats import read_cifar_batch, read_idx, read_svhn_mat, write_cifar_batch, write_idx
 
 
 @pytest.mark.parametrize("dtype", ["u1", "i1", ">i2", ">i4", ">f4", ">f8", "<f4"])
@@ -156,3 +157,67 @@ def test_cifar_reader_reads_python2_pickles(tmp_path):
     (tmp_path / "nolabels").write_bytes(pickle.dumps({b"data": images}, protocol=4))
     with pytest.raises(ValueError, match="needs keys b'data' and b'labels'"):
         read_cifar_batch(tmp_path / "nolabels")
+
+
+def _write_svhn(folder, rng, n_train=30, n_test=9) -> dict:
+    """SVHN format-2 files as published: X uint8 [32, 32, 3, N] (height, width, channel, image), y [N, 1] in 1..10."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {}
+    for name, n in (("train_32x32.mat", n_train), ("test_32x32.mat", n_test)):
+        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        y = rng.integers(1, 11, (n, 1)).astype(np.uint8)
+        y[:2, 0] = [10, 1]  # the digit 0 is stored as 10
+        scipy.io.savemat(str(folder / name), {"X": x, "y": y})
+        data[name] = (x, y)
+    return data
+
+
+def test_svhn_reads_the_published_mat_files_exactly(tmp_path):
+    data = _write_svhn(tmp_path / "svhn", np.random.default_rng(4))
+    x, y = read_svhn_mat(tmp_path / "svhn" / "test_32x32.mat")
+    xs, ys = data["test_32x32.mat"]
+    assert x.shape == (9, 3, 32, 32) and x.dtype == np.uint8 and y.dtype == np.int64
+    assert all(np.array_equal(x[i], xs[:, :, :, i].transpose(2, 0, 1)) for i in range(9))
+    assert y[:2].tolist() == [0, 1] and np.array_equal(y, np.where(ys[:, 0] == 10, 0, ys[:, 0]))
+    task = get_task("svhn", data_dir=str(tmp_path), n_val=8)
+    assert task.input_shape == (3, 32, 32) and task.check_sizes() == (22, 9)
+    xte, yte = task.load("test")
+    assert torch.equal(xte, torch.from_numpy(x).float() / 255) and torch.equal(yte, torch.from_numpy(y))
+    (xtr, ytr), (xva, yva) = task.load("train", seed=1), task.load("val", seed=1)
+    assert len(xtr) == 22 and len(xva) == 8
+    # train and val partition train_32x32.mat, images keep their (mapped) labels
+    xs, ys = data["train_32x32.mat"]
+    images = torch.from_numpy(xs.transpose(3, 2, 0, 1).copy()).float() / 255
+    labels = torch.from_numpy(np.where(ys[:, 0] == 10, 0, ys[:, 0]).astype(np.int64))
+    together = torch.cat([xtr, xva])
+    idx = [int(torch.nonzero((images == img).flatten(1).all(1))[0]) for img in together]
+    assert sorted(idx) == list(range(30))
+    assert torch.equal(torch.cat([ytr, yva]), labels[idx])
+    assert not torch.equal(task.load("val", seed=2)[0], xva)
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"not a mat file" * 20, "not a MATLAB v5 .mat file"),
+    ({"images": np.zeros((32, 32, 3, 2), np.uint8)}, "needs variables X and y; found images"),
+    ({"X": np.zeros((28, 28, 3, 2), np.uint8), "y": np.ones((2, 1))}, r"X is uint8 \[28, 28, 3, 2\]"),
+    ({"X": np.zeros((32, 32, 3, 2), np.float64), "y": np.ones((2, 1))}, "X is float64"),
+    ({"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.ones((3, 1))}, "expected 2 labels"),
+    ({"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[3], [11]])}, "label 11; SVHN labels are 1..10"),
+])  # fmt: skip
+def test_svhn_refuses_a_malformed_file_in_one_line(tmp_path, content, match):
+    _write_svhn(tmp_path, np.random.default_rng(5))
+    path = tmp_path / "test_32x32.mat"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        scipy.io.savemat(str(path), content)
+    with pytest.raises(ValueError, match=match) as err:
+        get_task("svhn", data_dir=str(tmp_path), n_val=5).load("test")
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_svhn_missing_files_say_where_to_get_them(tmp_path):
+    (tmp_path / "svhn").mkdir()
+    scipy.io.savemat(str(tmp_path / "svhn" / "extra_32x32.mat"), {"X": np.zeros((32, 32, 3, 1), np.uint8), "y": [[1]]})
+    with pytest.raises(TaskError, match="train_32x32.mat, test_32x32.mat.*ufldl.stanford.edu/housenumbers"):
+        get_task("svhn", data_dir=str(tmp_path)).load("train")

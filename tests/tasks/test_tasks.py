@@ -13,7 +13,7 @@ from tasks.groups import FiniteGroup, OrthogonalGroup, element_list
 
 SMALL = {"n_train": 24, "n_val": 16, "n_test": 16}
 GENERATED = ["o5_regression", "inertia", "modified_inertia", "lorentz", "convex_hull", "nbody"]
-FILE_TASKS = {"mnist", "fashion_mnist", "cifar10"}
+FILE_TASKS = {"mnist", "fashion_mnist", "cifar10", "svhn"}
 
 
 def test_registry_holds_every_task_and_construction_is_cheap(monkeypatch):

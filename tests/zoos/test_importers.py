@@ -224,6 +224,9 @@ def reference_input(dataset: str, variant: str, x: torch.Tensor) -> torch.Tensor
     """The generator scripts' transforms on [0, 1] images (after ToTensor)."""
     if dataset == "mnist":
         return (x - 0.1307) / 0.3081
+    if dataset == "svhn":  # SVHN CNN-s: Grayscale() (ITU-R 601-2 luma), CenterCrop(28) of 32x32, Normalize(0.5, 0.5)
+        x = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])[..., 2:30, 2:30]
+        return (x - 0.5) / 0.5
     if variant == "CNN":  # CIFAR-10 CNN-s: Resize((28, 28)) then Normalize(0.5, 0.5)
         x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False, antialias=True)
     return (x - 0.5) / 0.5
@@ -280,6 +283,34 @@ def test_model_zoos_mnist_accuracy_is_reproduced_from_the_task_data(tmp_path):
     x, y = store.load_task(mid, data_dir=str(tmp_path / "data")).load("test")
     with torch.no_grad():
         assert float((store.load_model(mid)(x).argmax(1) == y).float().mean()) == pytest.approx(acc)
+
+
+def test_model_zoos_svhn_cnn_loads_with_the_svhn_task(tmp_path):
+    """An SVHN CNN-s (1 input channel: the zoo made the images grey) loads with task svhn and, on the task's
+    test images read from the published .mat files, computes the published network on the published transforms."""
+    import scipy.io
+
+    rng = np.random.default_rng(6)
+    (tmp_path / "data").mkdir()
+    for name, n in (("train_32x32.mat", 5001), ("test_32x32.mat", 7)):  # the task's default n_val is 5000
+        scipy.io.savemat(str(tmp_path / "data" / name), {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                                                          "y": rng.integers(1, 11, (n, 1)).astype(np.uint8)})
+    torch.manual_seed(4)
+    nets = [PublishedCNN("CNN", 1, "relu", 0.0).eval() for _ in range(2)]
+    src = tmp_path / "zoos" / "SVHN" / "tune_zoo_svhn_kaiming_uniform"
+    write_published_trial(src / "NN_tune_trainable_0", mz_config("CNN", 1, "relu", 0.0, "/ds/SVHN/dataset.pt"), nets)
+    store = Store(str(tmp_path / "store"))
+    assert import_zoo("model-zoos", str(src), store) == 1
+    row = store.models().collect().row(0, named=True)
+    assert (row["arch"], row["task"], row["dataset"]) == ("model_zoos_cnn", "svhn", "svhn")
+    assert json.loads(row["arch_config"])["preprocess"] == {"grayscale": "luma", "crop": 28, "mean": [0.5], "std": [0.5]}
+    x, y = store.load_task(row["model_id"], data_dir=str(tmp_path / "data")).load("test")
+    assert x.shape == (7, 3, 32, 32) and y.min() >= 0 and y.max() <= 9
+    for e in (0, 1):
+        with torch.no_grad():
+            out = store.load_model(row["model_id"], epoch=e)(x)
+            assert out.shape == (7, 10)
+            torch.testing.assert_close(out, nets[e](reference_input("svhn", "CNN", x)), rtol=1e-5, atol=1e-5)
 
 
 class PublishedResNet18Width(nn.Module):
