@@ -38,7 +38,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     # "local": a new Ray of our own, never one found through /tmp/ray/ray_current_cluster
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
-    _start_reaper()
+    start_reaper()
 
 
 def loopback_only(on: bool) -> None:
@@ -64,7 +64,8 @@ def raylet_pid() -> int | None:
     return procs[0].process.pid if procs else None
 
 
-def _start_reaper() -> None:
+def start_reaper() -> None:
+    """Start the reaper of the local Ray this process started (Linux; once per Ray session)."""
     global _reaper
     pid = raylet_pid()
     if pid is None or sys.platform != "linux":
