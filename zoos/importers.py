@@ -2,7 +2,7 @@
 
 Every imported model gets a registered architecture (`zoos.archs.published`) that computes what the
 publication's code computed, with the publication's input pipeline in its `preprocess` config, and the task
-it was trained on (where symzoo has that task: mnist, fashion_mnist, cifar10). A source that does not read
+it was trained on (where symzoo has that task: mnist, fashion_mnist, cifar10, svhn). A source that does not read
 as its format is refused with one line naming the file and what is wrong, before anything is written.
 
 - small-cnn-zoo (Unterthiner et al. 2020, "Small CNN Zoo"): one dataset's folder, as unpacked from its
@@ -19,8 +19,9 @@ as its format is refused with one line naming the file and what is wrong, before
   torch state dict). The published trainables evaluate the initial model as iteration 0 and train one epoch
   per iteration, so epoch n is `checkpoint_<n>` and the result line with training_iteration n (the official
   loader's rule, epoch == training_iteration); where result lines name their `checkpoint_dir_name` (Ray >= 2.7
-  numbers checkpoint folders by count, not iteration), a folder's epoch is that line's training_iteration. Model types: CNN, CNN2, CNN3 -> `model_zoos_cnn` (published
-  `module_list` indices, which dropout shifts); Resnet18 and Resnet18_width -> `resnet18_width`. The dataset
+  numbers checkpoint folders by count, not iteration), a folder's epoch is that line's training_iteration.
+  Model types: CNN, CNN2, CNN3 -> `model_zoos_cnn` (published `module_list` indices, which dropout shifts);
+  Resnet18 and Resnet18_width -> `resnet18_width`; any other type is refused, naming it. The dataset
   is read from `dataset::dump` / `training::data_path` and the folder names; its normalisation from the
   publication's generator scripts.
 
