@@ -32,6 +32,9 @@ CASES = [
     ("frame_avg", "inertia", {}, dict(width=16), "task"),
     ("siren", "inr", {}, dict(width=8, depth=2), "task"),
     ("fourier_mlp", "inr", {"group": "D4"}, dict(width=8, depth=2, n_freqs=4), "task"),
+    ("cgenn", "convex_hull", {}, dict(width=4, depth=2), "task"),
+    ("cgenn", "lorentz", {}, dict(width=4, depth=2), "task"),
+    ("cgenn", "nbody", {}, dict(width=4, depth=3), "task"),
     # the published zoos' networks (zoos.archs.published), each variant the importers map to
     ("small_cnn_zoo", "mnist", {}, {}, "task"),
     ("small_cnn_zoo", "cifar10", {}, dict(width=6, activation="tanh"), "task"),

@@ -1,0 +1,239 @@
+"""Clifford group equivariant networks (Ruhe, Brandstetter & Forré, NeurIPS 2023) for O(p,q) / E(d) point tasks.
+
+Features are multivectors of the Clifford algebra Cl(p,q) of the task's metric: tensors [..., C, 2^d] over
+the blades, ordered by grade. The group acts on every grade by the outermorphism of its matrix, which
+respects grades and the geometric product; so grade-wise linear maps, geometric products, per-grade
+normalisation and gates by the (invariant) scalar part are all equivariant, and the network is too.
+
+CliffordAlgebra  blades, the geometric product from a Cayley table (bit operations on blade masks), quadratic form
+MVLinear         one nn.Linear per grade mixing channels (bias on the scalar part only)
+MVNorm           x_g / (sigmoid(a_g) (|x_g| - 1) + 1), |x_g| = sqrt|q(x_g)| smoothed (non-Euclidean q can be < 0)
+GPLayer          (left(x) + a(x) * norm(b(ctx))) / sqrt(2), * the geometric product; ctx = x, or the mean over points
+cgenn            embed columns as grade-0/1 channels, `depth` GP layers with scalar gates, a scalar or vector readout
+
+Only the grades a layer can hold get weights (vectors generate grades <= 2, their products <= 4, ...), and an
+invariant readout's last layer keeps only scalars: every weight reaches the output, so every pair of the
+permutation spec matters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tasks.base import Task
+from zoos.archs.base import ArchError, SymModule, register_arch
+from zoos.archs.layers import check_positive
+from zoos.archs.layout import point_layout
+from zoos.permspec import PermSpec
+
+
+class CliffordAlgebra:
+    """Cl(p,q,r) of a diagonal metric (+1/-1/0 per axis). Blade k has bit mask `masks[k]` (bit i: axis i), sorted
+    by grade. Plain Python data, so a model holding one builds on any device and traces with torch.fx."""
+
+    def __init__(self, metric: tuple[float, ...]):
+        self.metric, self.d = tuple(float(m) for m in metric), len(metric)
+        self.n = 1 << self.d
+        self.masks = sorted(range(self.n), key=lambda m: (bin(m).count("1"), m))
+        self.index = {m: k for k, m in enumerate(self.masks)}
+        self.grades = [bin(m).count("1") for m in self.masks]  # the grade of every blade
+        self.n_blades = [sum(g <= top for g in self.grades) for top in range(self.d + 1)]  # blades of grade <= top
+        # e_i e_partner[i][k] = sign[i][k] e_k: the Cayley table as one gather and one sign per (i, k)
+        self.partner = [[self.index[a ^ b] for b in self.masks] for a in self.masks]
+        self.sign = [[self.blade_sign(a, a ^ b) for b in self.masks] for a in self.masks]
+        self.quad = [self.blade_sign(m, m) for m in self.masks]  # q(e_A) = e_A~ e_A = prod of the metric over A
+
+    def blade_sign(self, a: int, b: int) -> float:
+        """e_a e_b = s e_{a^b}: s = (-1)^(swaps to sort the axes) * the metric of every axis in both."""
+        swaps, x = 0, a >> 1
+        while x:
+            swaps += bin(x & b).count("1")
+            x >>= 1
+        s = -1.0 if swaps % 2 else 1.0
+        for i in range(self.d):
+            if a & b & (1 << i):
+                s *= self.metric[i]
+        return s
+
+    def blade(self, *axes: int) -> int:
+        """Index of the blade e_{axes} (axes distinct, ascending)."""
+        return self.index[sum(1 << i for i in axes)]
+
+    def cayley(self, dtype: torch.dtype = torch.float64) -> Tensor:
+        """Dense Cayley table C [i, j, k]: e_i e_j = sum_k C[i, j, k] e_k."""
+        c = torch.zeros(self.n, self.n, self.n, dtype=dtype, device="cpu")
+        for i in range(self.n):
+            for k in range(self.n):
+                c[i, self.partner[i][k], k] = self.sign[i][k]
+        return c
+
+    def geometric_product(self, x: Tensor, y: Tensor) -> Tensor:
+        """x y for multivectors [..., 2^d] (broadcasting): (x y)_k = sum_i x_i y_partner[i][k] sign[i][k]."""
+        sign = torch.tensor(self.sign, dtype=x.dtype, device=x.device)
+        return (x.unsqueeze(-1) * y[..., self.partner] * sign).sum(-2)
+
+    def quadratic(self, x: Tensor, top: int | None = None) -> Tensor:
+        """Per-grade quadratic form [..., top + 1] of x [..., n_blades[top]] (invariant under O(p,q))."""
+        top = self.d if top is None else top
+        k = self.n_blades[top]
+        quad = torch.tensor(self.quad[:k], dtype=x.dtype, device=x.device)
+        sq = x * x * quad
+        return torch.stack([sq[..., self.n_blades[g - 1] if g else 0 : self.n_blades[g]].sum(-1) for g in range(top + 1)], -1)
+
+
+class MVLinear(nn.Module):
+    """Grade-wise linear map of multivectors [..., c_in, n_blades[top]]: one nn.Linear per grade mixing channels."""
+
+    def __init__(self, algebra: CliffordAlgebra, c_in: int, c_out: int, top: int, bias: bool = True):
+        super().__init__()
+        self.algebra, self.top = algebra, top
+        self.grades = nn.ModuleList(nn.Linear(c_in, c_out, bias=bias and g == 0) for g in range(top + 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        nb = self.algebra.n_blades
+        parts = [lin(x[..., nb[g - 1] if g else 0 : nb[g]].transpose(-1, -2)) for g, lin in enumerate(self.grades)]
+        return torch.cat(parts, -2).transpose(-1, -2)
+
+    def pairs(self, prefix: str, axis: int) -> list[tuple[str, int]]:
+        """(key, axis) of every weight (and the bias, for the output axis) on the channel axis `axis`."""
+        out = [(f"{prefix}grades.{g}.weight", axis) for g in range(self.top + 1)]
+        return out + [(f"{prefix}grades.0.bias", 0)] if axis == 0 and self.grades[0].bias is not None else out
+
+
+class MVNorm(nn.Module):
+    """x_g / (sigmoid(a_g) (|x_g| - 1) + 1) per channel and grade, |x_g| = |q(x_g)|^(1/2) smoothed at 0."""
+
+    def __init__(self, algebra: CliffordAlgebra, channels: int, top: int, eps: float = 1e-6):
+        super().__init__()
+        self.algebra, self.top, self.eps = algebra, top, eps
+        self.scale = nn.Parameter(torch.zeros(top + 1, channels))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.scale.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = self.algebra.quadratic(x, self.top)  # [..., C, top + 1]
+        norm = (q * q + self.eps).pow(0.25)
+        denom = torch.sigmoid(self.scale).T * (norm - 1) + 1
+        return x / (denom[..., self.algebra.grades[: x.shape[-1]]] + self.eps)
+
+
+class GPLayer(nn.Module):
+    """(left(x) + a(x) norm(b(ctx))) / sqrt(2) truncated to grades <= top_out; ctx is x or its sum over points."""
+
+    def __init__(self, algebra: CliffordAlgebra, c_in: int, c_out: int, top_in: int, top_out: int):
+        super().__init__()
+        self.algebra, self.top_in, self.top_out = algebra, top_in, top_out
+        self.left = MVLinear(algebra, c_in, c_out, min(top_in, top_out))
+        self.a = MVLinear(algebra, c_in, c_out, top_in, bias=False)
+        self.b = MVLinear(algebra, c_in, c_out, top_in, bias=False)
+        self.norm = MVNorm(algebra, c_out, top_in)
+
+    def forward(self, x: Tensor, ctx: Tensor) -> Tensor:
+        alg = self.algebra
+        full, out = alg.n, alg.n_blades[self.top_out]
+        a = F.pad(self.a(x), (0, full - alg.n_blades[self.top_in]))
+        b = F.pad(self.norm(self.b(ctx)), (0, full - alg.n_blades[self.top_in]))
+        left = self.left(x)
+        left = F.pad(left, (0, out - left.shape[-1]))
+        return (left + alg.geometric_product(a, b)[..., :out]) / math.sqrt(2)
+
+
+@register_arch(
+    "cgenn",
+    equivariant=True,
+    symmetry="the task's O(d) / E(d) / O(1,3), x S_n where the task permutes points",
+    input_kinds=("points",),
+    example_task=("convex_hull", {}),
+    description="Clifford group equivariant network (Ruhe et al. 2023): multivector linears, geometric products, gates",
+    width=16,
+    depth=3,
+)
+class CGENN(SymModule):
+    """Columns become multivector channels: every vector group a grade-1 channel (positions centred on their
+    centroid), every scalar and a constant 1 a grade-0 channel. On a set (the group permutes points) every
+    layer runs per point with ctx = the sum over points, so it is S_n-equivariant; otherwise the points
+    are channels of one multivector. Each layer is a GPLayer and the gate x * sigmoid(x_0) per channel.
+    Invariant outputs: a linear of the scalar parts (averaged over points on a set). Per-point outputs
+    (nbody): a linear of the grade-1 parts, plus the input positions for position outputs."""
+
+    def __init__(self, task: Task, width: int, depth: int):
+        super().__init__()
+        check_positive("cgenn", "width", width)
+        check_positive("cgenn", "depth", depth)
+        self.layout = lay = point_layout(task, "cgenn")
+        self.algebra = alg = CliffordAlgebra(lay.metric)
+        self.is_set = getattr(task.group, "n_perm", None) is not None
+        self.out_shape = tuple(task.output_shape)
+        self.points_out = lay.output == "points"
+        if self.points_out:
+            groups = lay.out_positions + lay.out_vectors
+            if not self.is_set or sum(map(len, groups)) != self.out_shape[-1]:
+                raise ArchError(f"architecture 'cgenn' outputs vectors per point of a set; task {task.name!r} has output {self.out_shape}")
+            if lay.out_positions and not lay.positions:
+                raise ArchError(f"architecture 'cgenn': task {task.name!r} outputs positions but has no input positions")
+            self.out_groups = [(c, c in lay.out_positions) for c in sorted(groups)]
+        elif lay.output != "invariant":
+            raise ArchError(f"architecture 'cgenn' has invariant or per-point vector outputs; task {task.name!r} has {lay.output}")
+        per_point = len(lay.vectors) + len(lay.positions) + len(lay.scalars) + 1
+        c_in = per_point if self.is_set else per_point * lay.n
+        top = 1 if lay.vectors or lay.positions else 0
+        last = 1 if self.points_out else 0
+        layers = []
+        for i in range(depth):
+            top_out = last if i == depth - 1 else min(alg.d, 2 * top)
+            layers.append(GPLayer(alg, c_in if i == 0 else width, width, top, top_out))
+            top = top_out
+        self.layers = nn.ModuleList(layers)
+        n_out = len(self.out_groups) if self.points_out else math.prod(self.out_shape)
+        self.head = nn.Linear(width, n_out, bias=not self.points_out)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Per-point multivectors [B, n, channels, n_blades[1]]: scalars, 1, then vectors in grade 1."""
+        lay = self.layout
+        scal = torch.cat([x[..., list(lay.scalars)], torch.ones_like(x[..., :1])], -1)  # [B, n, s + 1]
+        vecs = [x[..., list(c)] - x[..., list(c)].mean(-2, keepdim=True) for c in lay.positions]
+        vecs += [x[..., list(c)] for c in lay.vectors]
+        zero_d = torch.zeros_like(scal[..., None, :1]).expand(*scal.shape, self.algebra.d)
+        s = torch.cat([scal.unsqueeze(-1), zero_d], -1)  # grade-0 channels
+        if not vecs:
+            return s[..., :1]
+        v = torch.stack(vecs, -2)
+        v = torch.cat([torch.zeros_like(v[..., :1]), v], -1)  # grade-1 channels
+        return torch.cat([s, v], -2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        if not self.is_set:
+            h = h.flatten(-3, -2).unsqueeze(-3)  # the points as channels of one multivector
+        for layer in self.layers:
+            ctx = h.sum(-3, keepdim=True) if self.is_set else h
+            h = layer(h, ctx)
+            h = h * torch.sigmoid(h[..., :1])
+        if not self.points_out:
+            return self.head(h[..., 0].mean(-2)).reshape(-1, *self.out_shape)
+        vec = self.head(h[..., 1 : 1 + self.algebra.d].transpose(-1, -2))  # [B, n, d, groups]
+        out = []
+        for j, (cols, is_pos) in enumerate(self.out_groups):
+            out.append(vec[..., j] + x[..., list(self.layout.positions[0])] if is_pos else vec[..., j])
+        return torch.cat(out, -1)
+
+    def perm_spec(self) -> PermSpec:
+        perms = {}
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{i}."
+            own = layer.left.pairs(p + "left.", 0) + layer.a.pairs(p + "a.", 0) + layer.b.pairs(p + "b.", 0)
+            own.append((p + "norm.scale", 1))
+            if i + 1 < len(self.layers):
+                q = f"layers.{i + 1}."
+                nxt = self.layers[i + 1]
+                own += nxt.left.pairs(q + "left.", 1) + nxt.a.pairs(q + "a.", 1) + nxt.b.pairs(q + "b.", 1)
+            else:
+                own.append(("head.weight", 1))
+            perms[f"h{i}"] = tuple(own)
+        return PermSpec(perms)
