@@ -120,7 +120,7 @@ class MVNorm(nn.Module):
         q = self.algebra.quadratic(x, self.top)  # [..., C, top + 1]
         norm = (q * q + self.eps).pow(0.25)
         denom = torch.sigmoid(self.scale).T * (norm - 1) + 1
-        return x / (denom[..., self.algebra.grades[: x.shape[-1]]] + self.eps)
+        return x / (denom[..., self.algebra.grades[: self.algebra.n_blades[self.top]]] + self.eps)
 
 
 class GPLayer(nn.Module):
@@ -139,8 +139,7 @@ class GPLayer(nn.Module):
         full, out = alg.n, alg.n_blades[self.top_out]
         a = F.pad(self.a(x), (0, full - alg.n_blades[self.top_in]))
         b = F.pad(self.norm(self.b(ctx)), (0, full - alg.n_blades[self.top_in]))
-        left = self.left(x)
-        left = F.pad(left, (0, out - left.shape[-1]))
+        left = F.pad(self.left(x), (0, out - alg.n_blades[self.left.top]))
         return (left + alg.geometric_product(a, b)[..., :out]) / math.sqrt(2)
 
 
@@ -199,12 +198,10 @@ class CGENN(SymModule):
         scal = torch.cat([x[..., list(lay.scalars)], torch.ones_like(x[..., :1])], -1)  # [B, n, s + 1]
         vecs = [x[..., list(c)] - x[..., list(c)].mean(-2, keepdim=True) for c in lay.positions]
         vecs += [x[..., list(c)] for c in lay.vectors]
-        zero_d = torch.zeros_like(scal[..., None, :1]).expand(*scal.shape, self.algebra.d)
-        s = torch.cat([scal.unsqueeze(-1), zero_d], -1)  # grade-0 channels
+        s = F.pad(scal.unsqueeze(-1), (0, self.algebra.d))  # grade-0 channels
         if not vecs:
             return s[..., :1]
-        v = torch.stack(vecs, -2)
-        v = torch.cat([torch.zeros_like(v[..., :1]), v], -1)  # grade-1 channels
+        v = F.pad(torch.stack(vecs, -2), (1, 0))  # grade-1 channels
         return torch.cat([s, v], -2)
 
     def forward(self, x: Tensor) -> Tensor:
