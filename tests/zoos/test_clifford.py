@@ -1,0 +1,85 @@
+"""The Clifford algebra of zoos.archs.clifford: known products, associativity, the quadratic form, and the
+geometric product's equivariance under the outermorphism of an O(p,q) matrix."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from zoos.archs.clifford import CliffordAlgebra
+
+METRICS = [(1.0, 1.0, 1.0), (1.0, -1.0, -1.0, -1.0), (1.0, 1.0, 1.0, 1.0, 1.0), (1.0, -1.0, 0.0)]
+
+
+def _basis(alg: CliffordAlgebra, k: int) -> torch.Tensor:
+    e = torch.zeros(alg.n, dtype=torch.float64)
+    e[k] = 1.0
+    return e
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_known_products(metric):
+    alg = CliffordAlgebra(metric)
+    gp = alg.geometric_product
+    e1, e2, e12 = (_basis(alg, alg.blade(*a)) for a in ((0,), (1,), (0, 1)))
+    assert torch.equal(gp(e1, e1), metric[0] * _basis(alg, 0))
+    assert torch.equal(gp(e1, e2), e12)
+    assert torch.equal(gp(e2, e1), -e12)
+    assert torch.equal(gp(e12, e12), -metric[0] * metric[1] * _basis(alg, 0))
+    table = alg.cayley()
+    for i, j in itertools.product(range(alg.n), repeat=2):  # the dense table is the product of basis blades
+        assert torch.equal(table[i, j], gp(_basis(alg, i), _basis(alg, j)))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_associative_and_the_quadratic_form_of_a_vector(metric):
+    alg = CliffordAlgebra(metric)
+    g = torch.Generator().manual_seed(0)
+    x, y, z = torch.randn(3, 7, alg.n, generator=g, dtype=torch.float64)
+    gp = alg.geometric_product
+    torch.testing.assert_close(gp(gp(x, y), z), gp(x, gp(y, z)))
+    v = torch.zeros(7, alg.n, dtype=torch.float64)
+    v[:, 1 : 1 + alg.d] = torch.randn(7, alg.d, generator=g, dtype=torch.float64)
+    q = (v[:, 1 : 1 + alg.d] ** 2 * torch.tensor(metric, dtype=torch.float64)).sum(-1)
+    vv = gp(v, v)
+    torch.testing.assert_close(vv[:, 0], q)  # v v = q(v), a scalar
+    torch.testing.assert_close(vv[:, 1:], torch.zeros_like(vv[:, 1:]))
+    torch.testing.assert_close(alg.quadratic(v)[:, 1], q)
+
+
+def outermorphism(alg: CliffordAlgebra, m: torch.Tensor) -> torch.Tensor:
+    """[n, n] matrix of the outermorphism of m [d, d]: e_A -> wedge of m's columns over A (minors)."""
+    out = torch.zeros(alg.n, alg.n, dtype=m.dtype)
+    for a, mask_a in enumerate(alg.masks):
+        cols = [i for i in range(alg.d) if mask_a >> i & 1]
+        for b, mask_b in enumerate(alg.masks):
+            rows = [i for i in range(alg.d) if mask_b >> i & 1]
+            if len(rows) == len(cols):
+                out[b, a] = torch.linalg.det(m[rows][:, cols]) if rows else 1.0
+    return out
+
+
+def _form_preserving(metric: tuple[float, ...], g: torch.Generator) -> torch.Tensor:
+    """A random element of O(p,q), float64: exp(eta W) for antisymmetric W (in o(p,q)), then a reflection of axis 0."""
+    eta = torch.diag(torch.tensor(metric, dtype=torch.float64))
+    w = torch.randn(len(metric), len(metric), generator=g, dtype=torch.float64)
+    reflect = torch.ones(len(metric), dtype=torch.float64)
+    reflect[0] = -1.0
+    return torch.linalg.matrix_exp(eta @ (w - w.T) / 2) @ torch.diag(reflect)
+
+
+@pytest.mark.parametrize("metric", METRICS[:3])
+def test_geometric_product_is_equivariant_under_the_outermorphism(metric):
+    alg = CliffordAlgebra(metric)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 5, alg.n, generator=g, dtype=torch.float64)
+    eta = torch.diag(torch.tensor(metric, dtype=torch.float64))
+    gp = alg.geometric_product
+    for _ in range(4):
+        m = _form_preserving(metric, g)
+        torch.testing.assert_close(m.T @ eta @ m, eta)  # m preserves the quadratic form
+        rho = outermorphism(alg, m)
+        torch.testing.assert_close(gp(x @ rho.T, y @ rho.T), gp(x, y) @ rho.T)
+        torch.testing.assert_close(alg.quadratic(x @ rho.T), alg.quadratic(x))
