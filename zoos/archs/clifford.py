@@ -216,7 +216,7 @@ class CGENN(SymModule):
             return self.head(h[..., 0].mean(-2)).reshape(-1, *self.out_shape)
         vec = self.head(h[..., 1 : 1 + self.algebra.d].transpose(-1, -2))  # [B, n, d, groups]
         out = []
-        for j, (cols, is_pos) in enumerate(self.out_groups):
+        for j, (_, is_pos) in enumerate(self.out_groups):
             out.append(vec[..., j] + x[..., list(self.layout.positions[0])] if is_pos else vec[..., j])
         return torch.cat(out, -1)
 
