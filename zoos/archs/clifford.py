@@ -8,7 +8,7 @@ normalisation and gates by the (invariant) scalar part are all equivariant, and 
 CliffordAlgebra  blades, the geometric product from a Cayley table (bit operations on blade masks), quadratic form
 MVLinear         one nn.Linear per grade mixing channels (bias on the scalar part only)
 MVNorm           x_g / (sigmoid(a_g) (|x_g| - 1) + 1), |x_g| = sqrt|q(x_g)| smoothed (non-Euclidean q can be < 0)
-GPLayer          (left(x) + a(x) * norm(b(ctx))) / sqrt(2), * the geometric product; ctx = x, or the mean over points
+GPLayer          (left(x) + a(x) * norm(b(ctx))) / sqrt(2), * the geometric product; ctx = x, or the sum over points
 cgenn            embed columns as grade-0/1 channels, `depth` GP layers with scalar gates, a scalar or vector readout
 
 Only the grades a layer can hold get weights (vectors generate grades <= 2, their products <= 4, ...), and an
