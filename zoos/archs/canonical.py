@@ -116,3 +116,78 @@ class CanonCNN(SymModule):
 
     def perm_spec(self) -> PermSpec:
         return PermSpec({**_prefixed(self.canon.perm_spec(), "canon."), **_prefixed(self.backbone.perm_spec(), "backbone.")})
+
+
+@register_arch(
+    "canon_mlp",
+    equivariant=True,
+    symmetry="the task's O(d) / E(d), not S_n (Euclidean; exact where the d predicted vectors are independent)",
+    input_kinds=("points",),
+    example_task=("inertia", {}),
+    description="learned canonicalization (Kaba et al. 2023): a Gram-Schmidt frame of learned equivariant vectors, an MLP in it",
+    width=64,
+    depth=2,
+    activation="relu",
+    dropout=0.0,
+    canon_width=16,
+    canon_depth=1,
+    prior_weight=0.0,
+)
+class CanonMLP(FrameAvg):
+    """frame_avg with one learned frame in place of the 2^d PCA frames: f(x) = rho_out(F) . MLP(x expressed in F).
+
+    The canonicalizer predicts d vectors u_k = sum_i sum_c w_ikc v_ic over the input vectors v_ic (positions
+    centred) with invariant weights w from a per-point MLP of the point's scalars and squared norms, so
+    u_k -> R u_k (the MLP also reads the point's index: the model is not S_n-invariant anyway, and the weights
+    then differ per point from the start, so the u_k are well conditioned). Gram-Schmidt of u_1..u_d-1 and the
+    orthogonal complement signed by u_d keep that: F -> R F for every orthogonal R (reflections included), and x
+    in F is invariant. Exact wherever the u_k are linearly independent. u_d enters through a sign only, so the
+    weights producing it get no gradient: they choose the handedness and stay as drawn.
+    """
+
+    def __init__(self, task: Task, width: int, depth: int, activation: str, dropout: float, canon_width: int,
+                 canon_depth: int, prior_weight: float):
+        super().__init__(task, width, depth, activation, dropout)
+        check_positive("canon_mlp", "canon_width", canon_width)
+        check_positive("canon_mlp", "canon_depth", canon_depth, minimum=0)
+        self.prior_weight = _check_prior("canon_mlp", prior_weight)
+        lay = self.layout
+        self.signs = [(1.0,) * lay.d]  # one frame: FrameAvg's average is over this one
+        n_vec = len(lay.positions) + len(lay.vectors)
+        if lay.n * n_vec < lay.d:
+            raise ArchError(f"architecture 'canon_mlp' needs at least d = {lay.d} input vectors to span a frame; "
+                            f"task {task.name!r} has {lay.n * n_vec}")
+        self.canon = MLPStack(len(lay.scalars) + n_vec + lay.n, canon_width, canon_depth, lay.d * n_vec, activation, 0.0)
+
+    def frames(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The learned frame [B, 1, d, d] (columns are the axes) and the centroid of the first position group."""
+        lay = self.layout
+        vs = [x[..., list(c)] - x[..., list(c)].mean(-2, keepdim=True) for c in lay.positions]
+        vs += [x[..., list(c)] for c in lay.vectors]
+        v = torch.stack(vs, -2)  # [B, n, groups, d]
+        where = torch.eye(lay.n, dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1)  # which point: the frame
+        feats = torch.cat([x[..., list(lay.scalars)], (v * v).sum(-1), where], -1)  # is well conditioned from the start
+        w = self.canon(feats).unflatten(-1, (v.shape[-2], lay.d))  # [B, n, groups, d]: invariant weights
+        u = torch.einsum("bngk,bngi->bki", w, v)  # [B, d, d]: d equivariant vectors (rows)
+        d, axes = lay.d, []
+        for k in range(d - 1):  # Gram-Schmidt
+            a = u[:, k]
+            for e in axes:
+                a = a - (a * e).sum(-1, keepdim=True) * e
+            axes.append(a / a.norm(dim=-1, keepdim=True))
+        # The last axis is fixed up to its sign by the others: their generalised cross product c (c_j = det[e_1..e_d-1,
+        # E_j], so R e_i -> det(R) R c), signed by u_d. Not GS on u_d, whose gradient would be rounding noise only.
+        a = torch.stack(axes, -1) if axes else u.new_zeros(u.shape[0], d, 0)  # [B, d, d-1]
+        unit = torch.eye(d, dtype=u.dtype, device=u.device)[:, :, None].expand(u.shape[0], d, d, 1)
+        c = torch.linalg.det(torch.cat([a[:, None].expand(-1, d, -1, -1), unit], -1))  # [B, d]
+        last = torch.sign((u[:, d - 1] * c).sum(-1, keepdim=True)) * c
+        centroid = x[..., list(lay.positions[0])].mean(-2) if lay.positions else None
+        return torch.cat([a, last[..., None]], -1)[:, None], centroid
+
+    def prior_loss(self, x: Tensor) -> Tensor:
+        """prior_weight * mean ||F - I||^2: on upright data, prefer the identity frame."""
+        f = self.frames(x)[0][:, 0]
+        return self.prior_weight * (f - torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)).square().sum((-2, -1)).mean()
+
+    def perm_spec(self) -> PermSpec:
+        return PermSpec({**self.net.perm_pairs("net."), **self.canon.perm_pairs("canon.", "canon_")})
