@@ -16,11 +16,10 @@ factor is recorded with the model and the penalty is exposed, not yet added to t
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from tasks.base import Task
 from zoos.archs.base import ARCHS, ArchError, SymModule, build_arch, register_arch
