@@ -16,7 +16,6 @@ factor is recorded with the model and the penalty is exposed, not yet added to t
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
