@@ -30,6 +30,10 @@ CASES = [
     ("inertia_head", "inertia", {}, dict(width=8), "task"),
     ("inertia_head", "modified_inertia", {}, dict(width=8), "task"),
     ("frame_avg", "inertia", {}, dict(width=16), "task"),
+    ("canon_cnn", "digits", {"group": "C4", "variant": "rotated"}, dict(width=3, backbone_config=dict(width=4, depth=2)), "task"),
+    ("canon_cnn", "digits", {"group": "D4"}, dict(width=3, depth=1, backbone="mlp", backbone_config=dict(width=8, depth=1)), "task"),
+    ("canon_mlp", "inertia", {}, dict(width=16, canon_width=8), "task"),
+    ("canon_mlp", "modified_inertia", {}, dict(width=16, canon_width=8, canon_depth=2), "task"),
     ("siren", "inr", {}, dict(width=8, depth=2), "task"),
     ("fourier_mlp", "inr", {"group": "D4"}, dict(width=8, depth=2, n_freqs=4), "task"),
     ("cgenn", "convex_hull", {}, dict(width=4, depth=2), "task"),
@@ -100,6 +104,13 @@ def test_equivariance_for_the_task_group(arch, task_name, opts, config, which):
             assert_equivariant(model, group, x, generator=gen())
 
 
+def _observed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The outputs, and a learned canonicalizer's scores where the model has them: its outputs read them through
+    an argmax only, so a wrong permutation of the canonicalizer's units may leave the outputs of a few inputs alone."""
+    out = model(x).flatten(1)
+    return torch.cat([out, model.scores(x).flatten(1)], 1) if hasattr(model, "scores") else out
+
+
 def _nontrivial(perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Replace any permutation that came out as the identity by a cyclic shift."""
     return {k: (p.roll(1) if torch.equal(p, torch.arange(len(p))) else p) for k, p in perms.items()}
@@ -112,9 +123,9 @@ def test_permutation_spec_is_exact_and_every_pair_matters(arch, task_name, opts,
     spec, state = model.perm_spec(), {k: v.clone() for k, v in model.state_dict().items()}
     perms = _nontrivial(spec.random(state, torch.Generator().manual_seed(5)))
     with torch.no_grad():
-        ref = model(x)
+        ref = _observed(model, x)
         model.load_state_dict(apply_permutation(spec, state, perms))
-        assert relative_orbit_error(model(x), ref) < 1e-5
+        assert relative_orbit_error(_observed(model, x), ref) < 1e-5
         checked = 0
         for name, pairs in spec.perms.items():
             if len(pairs) < 2 or len(perms[name]) < 2:
@@ -122,7 +133,7 @@ def test_permutation_spec_is_exact_and_every_pair_matters(arch, task_name, opts,
             for drop in pairs:  # a spec missing this one (key, axis) pair must change the function
                 wrong = type(spec)({**spec.perms, name: tuple(p for p in pairs if p != drop)})
                 model.load_state_dict(apply_permutation(wrong, state, perms))
-                assert relative_orbit_error(model(x), ref) > 1e-6, f"dropping {drop} from {name!r} went unnoticed"
+                assert relative_orbit_error(_observed(model, x), ref) > 1e-6, f"dropping {drop} from {name!r} went unnoticed"
                 checked += 1
     assert checked > 0
 
@@ -192,6 +203,10 @@ def test_frame_avg_has_finite_gradients():
         ("egnn", "inertia", {}, "invariant or per-point"),
         ("deepsets", "digits", {}, "points inputs"),
         ("resnet20", "digits", dict(width=-1), "positive multiplier"),
+        ("canon_cnn", "digits", dict(backbone="p4cnn_x"), "backbone 'p4cnn_x' is not allowed"),
+        ("canon_cnn", "digits", dict(prior_weight=-1.0), "prior_weight must be a number >= 0"),
+        ("canon_mlp", "o5_regression", {}, "at least d = 5 input vectors"),
+        ("canon_mlp", "lorentz", {}, "non-Euclidean"),
     ],
 )
 def test_bad_configurations_are_refused_with_the_field(arch, task_name, config, match):
@@ -272,3 +287,29 @@ def test_every_architecture_builds_on_the_meta_device(arch, task_name, opts, con
             meta = init_model(arch, config, factors, task)
         assert all(p.is_meta for p in meta.parameters())
         assert sum(p.numel() for p in meta.parameters()) == build_arch(arch, task, **config).num_params
+
+
+def test_canon_mlp_is_e3_invariant_on_positions_and_the_canonicalizers_prior_prefers_the_identity():
+    """nbody's group is E(3) x S_5 and canon_mlp is not S_n-invariant: check the E(3) factor alone. The prior
+    penalty is zero only at the identity, and its weight is a config factor."""
+    from tasks.groups import OrthogonalGroup
+
+    task = get_task("nbody")
+    e3 = OrthogonalGroup(3, "p,v,s", "p", translations=True)
+    for dtype in (torch.float64, torch.float32):
+        torch.manual_seed(0)
+        model = build_arch("canon_mlp", task, width=16, canon_width=8, prior_weight=0.5).to(dtype).eval()
+        assert_equivariant(model, e3, _inputs(task, dtype), generator=torch.Generator().manual_seed(3))
+    x = _inputs(task, torch.float64)
+    assert model.double().prior_loss(x) > 0
+    assert build_arch("canon_mlp", task).prior_loss(x.float()) == 0  # prior_weight defaults to 0
+
+
+def test_canon_cnn_prior_is_the_cross_entropy_against_the_identity():
+    task = get_task("digits", group="D4")
+    torch.manual_seed(0)
+    model = build_arch("canon_cnn", task, prior_weight=2.0).eval()
+    x = _inputs(task, torch.float32)
+    want = 2.0 * torch.nn.functional.cross_entropy(model.scores(x), torch.zeros(len(x), dtype=torch.long))
+    torch.testing.assert_close(model.prior_loss(x), want)
+    assert model.scores(x).shape == (len(x), 8)

@@ -4,6 +4,7 @@ from zoos.archs.base import ARCHS, ArchError, ArchInfo, PopDropout, SymModule, b
 
 # Importing the architecture modules registers them.
 from zoos.archs import baselines as _baselines  # noqa: E402,F401
+from zoos.archs import canonical as _canonical  # noqa: E402,F401
 from zoos.archs import clifford as _clifford  # noqa: E402,F401
 from zoos.archs import equivariant as _equivariant  # noqa: E402,F401
 from zoos.archs import inr as _inr  # noqa: E402,F401

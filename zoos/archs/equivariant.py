@@ -64,7 +64,8 @@ class GroupConvNet(SymModule):
 
     elements: list[tuple[int, int]] = []
 
-    def __init__(self, task: Task, width: int, depth: int, kernel: int, activation: str, dropout: float, group_pool: str):
+    def __init__(self, task: Task, width: int, depth: int, kernel: int, activation: str, dropout: float, group_pool: str,
+                 *, out_features: int | None = None, head_bias: bool = True):
         super().__init__()
         name = self.arch_name
         check_positive(name, "width", width)
@@ -93,7 +94,7 @@ class GroupConvNet(SymModule):
             pool = i % 2 == 1 and i < depth - 1 and h % 2 == 0 and h >= 4
             self.pool_after.append(pool)
             h = h // 2 if pool else h
-        self.head = nn.Linear(width, math.prod(task.output_shape))
+        self.head = nn.Linear(width, math.prod(task.output_shape) if out_features is None else out_features, bias=head_bias)
 
     def _reset_group_weights(self) -> None:
         """Kaiming-uniform group kernels (nn.Linear's rule on the flattened kernel), zero biases."""
@@ -117,9 +118,9 @@ class GroupConvNet(SymModule):
         w = torch.stack([_transform(g, w[:, :, self.gather[i]]) for i, g in enumerate(self.elements)], 1)
         return w.reshape(c_out * n_g, c_in * n_g, k, k)  # [C_out, G_out, C_in, G_in, k, k] flattened
 
-    def forward(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor) -> Tensor:
+        """[B, C, |G|]: the spatially pooled group feature maps, before group pooling (their group axis is equivariant)."""
         n_g, pad = len(self.elements), self.kernel // 2
-        b = x.shape[0]
         x = F.conv2d(x, self._lift_kernel(), padding=pad)
         x = x.unflatten(1, (-1, n_g)) + self.lift_bias[:, None, None, None]
         for i in range(len(self.acts)):
@@ -129,9 +130,12 @@ class GroupConvNet(SymModule):
             x = self.drops[i](self.acts[i](x))
             if self.pool_after[i]:
                 x = F.max_pool2d(x.flatten(1, 2), 2).unflatten(1, (-1, n_g))
-        x = x.mean(dim=(-2, -1))  # [B, C, G]
+        return x.mean(dim=(-2, -1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.features(x)  # [B, C, G]
         x = x.amax(-1) if self.group_pool == "max" else x.mean(-1)
-        return self.head(x.reshape(b, -1))
+        return self.head(x.reshape(x.shape[0], -1))
 
     def perm_spec(self) -> PermSpec:
         n = len(self.acts)
@@ -343,13 +347,14 @@ class FrameAvg(SymModule):
 
     def __init__(self, task: Task, width: int, depth: int, activation: str, dropout: float):
         super().__init__()
-        check_positive("frame_avg", "width", width)
-        check_positive("frame_avg", "depth", depth, minimum=0)
-        self.layout = lay = point_layout(task, "frame_avg")
+        name = self.arch_name  # "frame_avg", or a subclass's name in its errors
+        check_positive(name, "width", width)
+        check_positive(name, "depth", depth, minimum=0)
+        self.layout = lay = point_layout(task, name)
         if not lay.euclidean:
-            raise ArchError(f"architecture 'frame_avg' builds orthonormal PCA frames; task {task.name!r} has a non-Euclidean metric")
+            raise ArchError(f"architecture {name!r} builds orthonormal frames; task {task.name!r} has a non-Euclidean metric")
         if lay.output == "points" and (lay.out_positions and not lay.positions):
-            raise ArchError(f"architecture 'frame_avg': task {task.name!r} outputs positions but has no input positions")
+            raise ArchError(f"architecture {name!r}: task {task.name!r} outputs positions but has no input positions")
         self.signs = list(itertools.product((1.0, -1.0), repeat=lay.d))  # the 2^d sign choices
         self.columns = task.input_shape[-1]
         self.out_shape = tuple(task.output_shape)
