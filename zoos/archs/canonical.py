@@ -72,8 +72,10 @@ class CanonCNN(SymModule):
     """f(x) = backbone(T_{g*}^-1 x), g* = argmax_g canon(x)_g over the task's group's elements.
 
     In the forward, the canonical image is sum_g w_g T_g^-1 x over all |G| transformed copies, with w the
-    straight-through one-hot of the argmax: its value is exactly one-hot (so exactly invariant, in training
-    too), its gradient that of softmax(scores), which trains the canonicalizer.
+    one-hot of the argmax (so exactly invariant, in training too). In training w is straight-through: its
+    gradient is that of softmax(scores), which trains the canonicalizer; in eval mode it is the plain one-hot,
+    so derivatives with respect to the input (the Lie derivative) are the function's own: the argmax is
+    locally constant.
     """
 
     def __init__(self, task: Task, width: int, depth: int, kernel: int, backbone: str, backbone_config: dict,
@@ -96,11 +98,11 @@ class CanonCNN(SymModule):
         return self.canon(x)
 
     def canonicalize(self, x: Tensor) -> Tensor:
-        """T_{g*}^-1 x, as a one-hot weighted sum over the |G| transformed copies (straight-through gradient)."""
+        """T_{g*}^-1 x, as a one-hot weighted sum over the |G| transformed copies (straight-through in training)."""
         s = self.scores(x)
         soft = s.softmax(-1)
         hard = (torch.arange(s.shape[-1], device=s.device) == s.argmax(-1, keepdim=True)).to(x.dtype)  # one-hot (vmap-safe)
-        w = hard + (soft - soft.detach())  # exactly the one-hot; softmax's gradient
+        w = hard + (soft - soft.detach()) if self.training else hard  # exactly the one-hot; in training softmax's gradient
         copies = torch.stack([_transform(self.elements[i], x) for i in self.inverse], 1)  # [B, G, C, H, W]
         return (w[:, :, None, None, None] * copies).sum(1)
 
