@@ -8,7 +8,7 @@ import torch
 
 from tasks import get_task
 from tasks.base import Task
-from zoos.archs import ARCHS, ArchError, build_arch
+from zoos.archs import ARCHS, ArchError, PopDropout, build_arch
 from zoos.archs.checks import PointPermutations, assert_equivariant, orbit_errors, relative_orbit_error
 from zoos.functional import population_forward, stack_states, template
 from zoos.permspec import apply_permutation
@@ -80,6 +80,16 @@ def _randomise(model: torch.nn.Module) -> None:
                 b.normal_(0, 0.5)
             elif name.endswith("running_var"):
                 b.uniform_(0.3, 3.0)
+
+
+def training_without_dropout(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` in train mode with every dropout off: what a training step differentiates when the rates are 0
+    (a canonicalizer's straight-through gradient exists in train mode only)."""
+    module.train()
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Dropout, PopDropout)):
+            m.eval()
+    return module
 
 
 def test_every_registered_architecture_has_a_case():
@@ -160,7 +170,9 @@ def test_population_forward_equals_each_model(arch, task_name, opts, config, whi
     for i, m in enumerate(models):
         with torch.no_grad():
             assert relative_orbit_error(out[i], m(x)) < 1e-5
-    out.square().mean().backward()  # trainable as a population: finite gradients for weights and inputs
+    # trainable as a population: finite gradients for weights and inputs in train mode (what a step differentiates)
+    out = population_forward(training_without_dropout(template(models[0])), params, buffers, x)
+    out.square().mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in params.values())
     assert torch.isfinite(x.grad).all()
 
