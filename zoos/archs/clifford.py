@@ -72,9 +72,13 @@ class CliffordAlgebra:
         return c
 
     def geometric_product(self, x: Tensor, y: Tensor) -> Tensor:
-        """x y for multivectors [..., 2^d] (broadcasting): (x y)_k = sum_i x_i y_partner[i][k] sign[i][k]."""
-        sign = torch.tensor(self.sign, dtype=x.dtype, device=x.device)
-        return (x.unsqueeze(-1) * y[..., self.partner] * sign).sum(-2)
+        """x y for multivectors [..., 2^d] (broadcasting): (x y)_k = sum_i x_i y_partner[i][k] sign[i][k], summed
+        one blade of x at a time, so the memory is a multivector per term, not a [2^d, 2^d] table per feature."""
+        signs = torch.tensor(self.sign, dtype=x.dtype, device=x.device)
+        out = x[..., 0:1] * y[..., self.partner[0]] * signs[0]
+        for i in range(1, self.n):
+            out = out + x[..., i : i + 1] * y[..., self.partner[i]] * signs[i]
+        return out
 
     def quadratic(self, x: Tensor, top: int | None = None) -> Tensor:
         """Per-grade quadratic form [..., top + 1] of x [..., n_blades[top]] (invariant under O(p,q))."""
