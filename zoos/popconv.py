@@ -521,9 +521,8 @@ if triton is not None:
 # (else the padded conv of its unpooled gradient), "window_dx_block_n" block values (channels x pool^2) a
 # tile and "window_dx_stages" its pipeline stages (each stage holds a tile's 9 loads for CNN-s: 3 stages of
 # 128 rows asked 377 KB of shared memory); "window_block_m", "window_warps", "window_stages": rows a tile,
-# warps and pipeline stages (0: Triton's default) of every window kernel (128 rows and 2 stages: the window
-# forward, weight gradient and block dx 2.28 ms a step at 1,024 models on an H200, 2.55 at 64 rows and
-# Triton's 3 stages; 256 rows, 8 warps, 1 stage or 2 warps each slower in one kernel or more);
+# warps and pipeline stages (0: Triton's default) of every window kernel (default 128 rows and 2 stages, the
+# fastest set measured; figures in benchmarks/README.md, train_bench section);
 # "wgrad_block_k": taps a weight-gradient tile (0: `_blocks`' choice). `benchmarks/step_kernels_bench.py`
 # times the step's kernels under TUNING sets side by side, `benchmarks/popconv_bench.py` sweeps the conv
 # tiles, `benchmarks/train_bench.py --step-kinds` times the step with each choice off, `--tuning` with
@@ -642,10 +641,9 @@ def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Siz
     a, code, pool, act, slope = fused if fused is not None else (dy, dy, 1, "identity", 0.0)
     batch = dy.shape[0] // n
     _, block_k, block_n = _blocks(k, o)
-    # Not the default: 128 taps x 32 pixels a tile beyond 64 taps (conv2 of CNN-s, 200 taps: 1.34 ms a step at
-    # 1,024 models vs 1.43 with 64 x 64, H200) gave a wrong float32 dw on the H200 for a padded 20-channel 3x3
-    # layer (tests/zoos/test_popconv.py::test_pooled_layer_gradients_either_way) where the interpreter agreed
-    # with torch; TUNING wgrad_block_k / wgrad_block_m select it for measuring.
+    # 128-tap x 32-pixel tiles stay off by default: they gave a wrong float32 dw on the GPU for a padded 3x3
+    # layer (test_popconv's test_pooled_layer_gradients_either_way); TUNING wgrad_block_k / wgrad_block_m
+    # select them for measuring.
     block_k = TUNING["wgrad_block_k"] or block_k
     # tiles of one sample's output pixels: at most the image (rounded up to 16, tl.dot's least side)
     block_m = min(TUNING["wgrad_block_m"] or (128 if k <= 32 else 64), max(16, triton.next_power_of_2(ho * wo)))
