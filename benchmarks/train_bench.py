@@ -147,7 +147,8 @@ def study_dict(name: str, n_models: int, epochs: int, pop_size: int, data_dir: P
     return {
         "study": name, "store": str(work / f"store-{name}"), "output": str(work / f"runs-{name}"),
         "tracking_uri": tracking_uri(work / f"tracking-{name}"),  # a store per run: a file store slows as it fills
-        "resources": {"num_gpus": 1 if gpu else 0, "num_cpus": 1, "precision": precision, "max_retries": 0},
+        "resources": {"num_gpus": 1 if gpu else 0, "num_cpus": 1, "precision": precision, "max_retries": 0,
+                      "compile": gpu},  # a long CNN-s run: compiled steps repay their compile (README.md)
         "zoos": [zoo_dict(n_models, epochs, pop_size, data_dir, train_metrics)],
     }
 

@@ -15,6 +15,8 @@ point tasks. Batches of 128 per model (the INR task: its 64 pixels, one full bat
   symzoo   zoos.trainer.train_population as the pipeline runs it (bf16, on-disk compile caches), in a
            fresh process: cold (empty caches) and warm (the same caches again)
 
+ZOO_BENCH_PROFILE=1 also prints the costliest GPU kernels of a second symzoo run of each population.
+
 Columns: model-epochs/s in steady state (an epoch = the example task's own training set at the batch
 size; steps timed after warm-up, evaluation not counted), seconds from process start to the end of
 the first training step, peak GPU memory, and the family's bound: model-epochs/s at the card's dense
@@ -125,6 +127,8 @@ def worker(arch: str, n: int, steps: int, data_dir: str, kinds: list[str], compi
                          "timings": t, "program": result.program["summary"], "fast": result.program["fast"],
                          "reason": result.program["reason"],
                          "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None}
+        if os.environ.get("ZOO_BENCH_PROFILE") and device == "cuda":
+            out["symzoo"]["profile"] = profile(pop, compile_)
     model = build_arch(arch, task)
     if "alone" in kinds:
         out["alone"] = time_alone(model, task, device, steps, batch)
@@ -137,6 +141,21 @@ def worker(arch: str, n: int, steps: int, data_dir: str, kinds: list[str], compi
             torch.cuda.empty_cache()
     out["bound"] = bound(model, task, batch, device)
     return out
+
+
+def profile(pop: Any, compile_: str, top: int = 12) -> list[str]:
+    """The GPU kernels of a second, compiled-already run of the population: the most costly `top`, as lines."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from zoos.trainer import train_population
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        train_population(pop, device="cuda", precision="bf16", compile={"auto": None, "on": True, "off": False}[compile_])
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events) or 1
+    return [f"{100 * e.self_device_time_total / total:5.1f}% {e.self_device_time_total / 1e3:8.1f} ms {e.count:6d}x  {e.key[:90]}"
+            for e in events[:top]]
 
 
 def _batch(task: Any, device: str, batch: int):
@@ -283,6 +302,8 @@ def main() -> None:
             row = {**cold, "warm": warm.get("symzoo"), "warm_error": warm.get("error")}
             rows.append(row)
             print(line(arch, n, row), flush=True)
+            for kernel in (row.get("symzoo") or {}).get("profile", []):
+                print("      " + kernel, flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "zoo_bench.json").write_text(json.dumps({"rows": rows, "steps": steps, "batch": BATCH}, indent=1))
 

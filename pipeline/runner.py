@@ -247,7 +247,7 @@ class StudyLock:
 # ---- Ray task bodies ------------------------------------------------------------------------------
 
 
-def _train_task(pop: Any, store_root: str, precision: str, data_dir: str | None, board: Any) -> dict[str, Any]:
+def _train_task(pop: Any, store_root: str, precision: str, compile_: bool, data_dir: str | None, board: Any) -> dict[str, Any]:
     """Train one population, write its shard, return small summaries (runs inside a Ray worker)."""
     import ray
     import torch
@@ -261,7 +261,7 @@ def _train_task(pop: Any, store_root: str, precision: str, data_dir: str | None,
     torch.set_num_threads(max(1, cpus))
     shard = pop.shard
     started, t0 = time.time(), time.perf_counter()
-    result = train_population(pop, device=device, precision=precision, data_dir=data_dir,
+    result = train_population(pop, device=device, precision=precision, compile=compile_, data_dir=data_dir,
                               progress=lambda epoch, total: board.report.remote(shard, epoch),
                               status=lambda phase: board.phase.remote(shard, phase))
     t1 = time.perf_counter()
@@ -448,7 +448,7 @@ def _run_study(study: Study, address: str | None, display: Display, tracker: Tra
             remote = ray.remote(_train_task)
             pending = {
                 remote.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=res.max_retries,
-                               name=f"train:{pop.zoo}:{pop.shard}").remote(pop, study.store, res.precision, study.data_dir, board): pop
+                               name=f"train:{pop.zoo}:{pop.shard}").remote(pop, study.store, res.precision, res.compile, study.data_dir, board): pop
                 for pop in todo
             }
             for pop in todo if per_model else ():  # runs created on the logging thread while training runs

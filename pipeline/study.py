@@ -28,6 +28,8 @@ class Resources(BaseModel):
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     precision: Literal["float32", "bf16"] = "float32"
+    compile: bool = Field(False, description="torch.compile each population's program on a GPU: tens of seconds before "
+                          "the first step, faster steps for some families in long runs (benchmarks/README.md)")
     max_retries: int = Field(3, ge=0, description="retries of a task whose worker or node died")
 
 

@@ -306,6 +306,62 @@ def _per_model(node: fx.Node, target: Callable, spec: Any, leaf_kinds: list[str 
     return _named_op(f"per_model_{node.name}", run)
 
 
+def _index_tensors(graph: fx.Graph) -> None:
+    """Every list of ints indexing a tensor (`a[..., [0, 2], idx]`) as a tensor made on the input's device:
+    indexed with a list, torch copies it from host memory at each call, which a CUDA graph cannot capture."""
+    x = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    start = next((n for n in graph.nodes if n.op != "placeholder"), None)
+    for node in list(graph.nodes):
+        if x is None or node.op != "call_function" or node.target is not operator.getitem:
+            continue
+        index = node.args[1]
+        parts = index if isinstance(index, tuple) else (index,)
+        if not any(_int_list(p) for p in parts):
+            continue
+        with graph.inserting_before(start):  # at the top: the weights' prologue may read them
+            device = graph.call_function(getattr, (x, "device"))
+            parts = tuple(graph.call_function(torch.tensor, (p,), {"dtype": torch.long, "device": device}) if _int_list(p) else p
+                          for p in parts)
+        node.args = (node.args[0], parts if isinstance(index, tuple) else parts[0])
+
+
+def _int_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+
+
+_RANDOM = {torch.rand, torch.randn, torch.randint, torch.randperm, torch.rand_like, torch.randn_like,
+           torch.randint_like, torch.normal, torch.bernoulli, torch.multinomial}
+
+
+def _constant_tensor(node: fx.Node) -> bool:
+    """Whether a constant node makes a tensor that is the same at every call (not a random draw)."""
+    return (node.op == "call_function" and isinstance(node.meta.get("probe"), Tensor) and node.target not in _RANDOM
+            and not any(u.op == "call_method" and str(u.target).endswith("_") for u in node.users))  # kept unchanged
+
+
+class _Constants:
+    """The constant tensors of an eager program (an index list as a tensor, `torch.tensor(signs)`), each made
+    once per device and arguments and then reused: a CUDA graph cannot capture the host-to-device copy that
+    making them costs. A compiled program folds them itself."""
+
+    def __init__(self) -> None:
+        self.made: dict[tuple, Tensor] = {}
+
+    def op(self, name: str, target: Callable) -> Callable:
+        """`target` as an op of the program that makes its tensor once for each device and arguments."""
+        def make(*args: Any, **kwargs: Any) -> Tensor:
+            leaves = tree_flatten((args, kwargs))[0]
+            ours = {id(t) for t in self.made.values()}
+            if any(isinstance(a, Tensor) and id(a) not in ours for a in leaves):  # made from a tensor not kept
+                return target(*args, **kwargs)
+            key = (name, *(id(a) if isinstance(a, Tensor) else repr(a) for a in leaves))
+            if key not in self.made:
+                self.made[key] = target(*args, **kwargs)
+            return self.made[key]
+
+        return _named_op(f"constant_{name}", make)
+
+
 def _method(name: str) -> Callable:
     return lambda self, *args, **kwargs: getattr(self, name)(*args, **kwargs)
 
@@ -318,6 +374,7 @@ class _Emitter:
     def __init__(self, pop: "FastPopulation", module: nn.Module, input_shape: tuple[int, ...]):
         self.pop = pop
         self.src = fx.GraphModule(module, _Tracer().trace(module))
+        _index_tensors(self.src.graph)
         self.mods = dict(module.named_modules())
         self.kinds = _kinds(self.src, input_shape, set(pop.param_keys) | set(pop.buffer_keys))
         self.choices: list[tuple[str, str, str]] = []  # (layer, program, why not a faster one)
@@ -387,6 +444,8 @@ class _Emitter:
                 env[node] = self._mixed(node, value, reads_input, rows_in, windows_in)
             elif WEIGHT in leaf_kinds:
                 raise Unsupported(f"{_what(node)} combines the weights with a per-sample size")
+            elif kinds.get(node) == CONST and pop.constants is not None and _constant_tensor(node):
+                env[node] = g.call_function(pop.constants.op(node.name, node.target), value(node.args), value(node.kwargs))
             else:  # data alone (or constants): the [N*B, ...] batch is one big batch of samples
                 env[node] = g.node_copy(node, value)
         g.lint()
@@ -604,6 +663,7 @@ class FastPopulation:
         self.param_keys = [k for k, _ in module.named_parameters()]
         self.buffer_keys = [k for k, _ in module.named_buffers()]
         self.window_geometry: tuple[tuple[int, int], tuple[int, int], int] | None = None  # set by _emit
+        self.constants = None if compile else _Constants()  # an eager program makes its constant tensors once
         try:
             emitter = _Emitter(self, module, tuple(input_shape))
             self.graph_module = emitter.emit()

@@ -84,7 +84,8 @@ def choose_program(
 
     fast: use the population program where the module allows (None: on CUDA; the CPU runs it too, and the
     tests hold it equal to vmap there). kernels: popconv for stride-1 convs (None: where `popconv.available`).
-    compile: torch.compile the forward (None: on CUDA). A vmap fallback on CUDA warns once per (arch, reason).
+    compile: torch.compile the forward (None: no; the trainer replays eager steps as CUDA graphs, and a compile
+    pays only in long runs of some families: benchmarks/README.md). A vmap fallback on CUDA warns once per (arch, reason).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not known; allowed: {', '.join(PRECISIONS)}")
@@ -95,7 +96,7 @@ def choose_program(
     if not want_fast:
         return Program(arch, str(device), precision, fast=False, reason="asked for" if fast is False else "not on CUDA")
     kernels = (cuda and popconv.available(device)) if kernels is None else kernels
-    compile = cuda if compile is None else compile
+    compile = bool(compile)
     try:
         step = FastStep(module, task.loss, tuple(task.input_shape), dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
                         compile=compile, dropout=dropout, kernels=kernels, regulariser=regulariser)

@@ -193,7 +193,9 @@ def train_population(
     fast: run the population program (`zoos.program`: population layers, batched matmuls) where the architecture
         allows, instead of vmap; None = on CUDA.
     kernels: in the population program, run stride-1 convs as `zoos.popconv`'s Triton kernels; None = where available.
-    compile: torch.compile the population program's forward; None = on CUDA.
+    compile: torch.compile the population program's forward and the optimizer's update; None = no (steps replay
+        as CUDA graphs instead; a compile costs tens of seconds up front and pays only in long runs of some
+        families: benchmarks/README.md).
     progress(epoch, epochs) after every epoch; status(phase) when a phase starts: "building", "first step"
         (compiling, on a GPU), "training".
     graphs: replay each training step as a CUDA graph (one launch instead of ~100; the same kernels, the
@@ -349,7 +351,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     state = {k: torch.zeros_like(v) for k, v in params.items()}  # SGD momentum buffer / Adam first moment
     state2 = {k: torch.zeros_like(v) for k, v in params.items()} if optimizer == "adam" else {}
     alive = torch.ones(n_models, dtype=torch.bool, device=device)
-    compiled = device.type == "cuda" if compile is None else compile
+    compiled = bool(compile)
     update = _compiled_update(optimizer) if compiled else functools.partial(_update_in_place, optimizer)
     step_t = torch.zeros((), dtype=torch.float64, device=device)  # the step count the update reads (a tensor: one program)
 

@@ -57,6 +57,7 @@ def test_good_study_loads_and_validate_prints_the_zoos(tmp_path):
         (with_(("study",), "../escape"), "study"),
         (with_(("zoos", 0, "name"), "../escape"), "zoos[0].name"),
         (with_(("analysis", 0, "stage"), "dance"), "unknown stage 'dance'"),
+        ({**GOOD, "resources": {"compile": "sometimes"}}, "resources.compile"),
         (with_(("analysis", 0, "samples"), 0), "analysis[0]: stage 'equivariance': samples"),
         (with_(("analysis",), [{"stage": "equivariance", "zoos": ["ghost"]}]), "ghost"),
         (with_(("zoos", 0, "population_size"), "big"), "zoos[0].population_size"),

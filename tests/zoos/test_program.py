@@ -115,6 +115,46 @@ def _cifar10_files(root) -> dict:
 def test_two_epochs_on_the_population_program_equal_vmap_training(arch, task_name, opts, config, which, tmp_path):
     """The trainer on the population program (im2col for convs: the kernels are held to vmap above and in
     test_popconv) and on vmap: same init, data order and Adam; weights and curves agree after 2 epochs."""
+    pop = _case_population(arch, task_name, opts, config, tmp_path)
+    fast = train_population(pop, fast=True, kernels=False)
+    plain = train_population(pop, fast=False)
+    assert fast.program["fast"] and not plain.program["fast"]
+    for k in plain.weights:
+        scale = np.abs(plain.weights[k]).max()
+        np.testing.assert_allclose(fast.weights[k], plain.weights[k], atol=1e-4 * (1 + scale), rtol=1e-3, err_msg=f"{arch} {k}")
+    for name in plain.curves:
+        np.testing.assert_allclose(fast.curves[name], plain.curves[name], atol=1e-4, rtol=1e-3, err_msg=f"{arch} {name}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("arch,task_name,opts,config,which", CASES, ids=IDS)
+def test_every_eager_program_replays_as_a_cuda_graph(arch, task_name, opts, config, which, tmp_path):
+    """Uncompiled, every architecture's training step is captured and replayed as a CUDA graph (no host
+    copy inside a step: its constants are made once) and trains exactly as the same steps run eagerly."""
+    pop = _case_population(arch, task_name, opts, config, tmp_path)
+    graphed = train_population(pop, device="cuda", precision="bf16", compile=False, graphs=True)
+    eager = train_population(pop, device="cuda", precision="bf16", compile=False, graphs=False)
+    assert graphed.program["fast"] and not graphed.program["compile"]
+    for k in eager.weights:
+        np.testing.assert_array_equal(graphed.weights[k], eager.weights[k], err_msg=f"{arch} {k}")
+
+
+def test_an_eager_program_makes_its_constant_tensors_once():
+    """Index lists and `torch.tensor(...)` constants in a forward become tensors made at the first call and
+    reused (the same objects) by every later one; the outputs do not change."""
+    task, module, params, buffers = _population("scalar_mlp", "o5_regression", {}, {})
+    pop = FastPopulation(module, task.input_shape)
+    assert any(getattr(n.target, "__name__", "").startswith("constant_") for n in pop.graph_module.graph.nodes)
+    x = torch.randn(3, 4, *task.input_shape)
+    first = pop(params, buffers, x)
+    made = dict(pop.constants.made)
+    assert made and pop(params, buffers, x).equal(first)
+    assert pop.constants.made.keys() == made.keys() and all(pop.constants.made[k] is v for k, v in made.items())
+    assert FastPopulation(module, task.input_shape, compile=True).constants is None  # a compiled program folds them
+
+
+def _case_population(arch, task_name, opts, config, tmp_path):
+    """Two models of a registry case on small data in its published layout, dropout off (programs draw masks differently)."""
     options = dict(opts)
     config = {**config, "dropout": 0.0} if config.get("dropout") else config  # the two programs draw masks differently
     if task_name == "mnist":
@@ -127,15 +167,7 @@ def test_two_epochs_on_the_population_program_equal_vmap_training(arch, task_nam
     if task_name == "inr":
         grid["image"] = [0, 1]
     models = zoo_models(grid, arch={"name": arch, "config": config}, task=task_name, task_options=options)
-    pop = one_population(models)
-    fast = train_population(pop, fast=True, kernels=False)
-    plain = train_population(pop, fast=False)
-    assert fast.program["fast"] and not plain.program["fast"]
-    for k in plain.weights:
-        scale = np.abs(plain.weights[k]).max()
-        np.testing.assert_allclose(fast.weights[k], plain.weights[k], atol=1e-4 * (1 + scale), rtol=1e-3, err_msg=f"{arch} {k}")
-    for name in plain.curves:
-        np.testing.assert_allclose(fast.curves[name], plain.curves[name], atol=1e-4, rtol=1e-3, err_msg=f"{arch} {name}")
+    return one_population(models)
 
 
 class _BatchMean(nn.Module):

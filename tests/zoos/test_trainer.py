@@ -295,8 +295,9 @@ def test_compiled_update_equals_the_eager_one(optimizer):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_graphed_steps_train_exactly_as_eager_ones(dropout, monkeypatch):
-    """A population whose steps replay as a CUDA graph (popconv's kernels, the compiled update, running
+@pytest.mark.parametrize("compile", [False, True])
+def test_graphed_steps_train_exactly_as_eager_ones(dropout, compile, monkeypatch):
+    """A population whose steps replay as a CUDA graph (popconv's kernels, eager or compiled, running
     metrics, a cosine schedule read on the device, dropout masks from the device generator) ends with the
     same weights and curves, to the bit, as one whose steps run eagerly; an epoch's short last batch runs
     eagerly between replays."""
@@ -307,9 +308,10 @@ def test_graphed_steps_train_exactly_as_eager_ones(dropout, monkeypatch):
     replays = []
     replay = torch.cuda.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda g: (replays.append(1), replay(g))[1])
-    graphed = train_population(one_population(models), device="cuda", precision="bf16", graphs=True)
+    graphed = train_population(one_population(models), device="cuda", precision="bf16", graphs=True, compile=compile)
+    assert graphed.program["compile"] == compile
     assert len(replays) == 4 * 3 - 3  # 3 full batches an epoch, the first 3 eager (compile, warm-up)
-    eager = train_population(one_population(models), device="cuda", precision="bf16", graphs=False)
+    eager = train_population(one_population(models), device="cuda", precision="bf16", graphs=False, compile=compile)
     assert len(replays) == 9
     for k in eager.weights:
         np.testing.assert_array_equal(graphed.weights[k], eager.weights[k], err_msg=k)

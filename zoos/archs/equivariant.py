@@ -366,7 +366,8 @@ class FrameAvg(SymModule):
         vs = [x[..., list(c)] - x[..., list(c)].mean(-2, keepdim=True) for c in lay.positions]
         vs += [x[..., list(c)] for c in lay.vectors]
         v = torch.cat(vs, -2)
-        _, e = torch.linalg.eigh(v.transpose(-1, -2) @ v)  # [B, d, d]
+        gram = (v.unsqueeze(-1) * v.unsqueeze(-2)).sum(-3)  # v^T v as products, not a matmul: autocast keeps its float32 (eigh has no bf16)
+        _, e = torch.linalg.eigh(gram)  # [B, d, d]
         centroid = x[..., list(lay.positions[0])].mean(-2) if lay.positions else None
         signs = torch.tensor(self.signs, dtype=x.dtype, device=x.device)
         return e[:, None] * signs[None, :, None, :], centroid
