@@ -124,6 +124,7 @@ def worker(arch: str, n: int, steps: int, data_dir: str, kinds: list[str], compi
         t = result.timings
         step_s = t["steps"] / max(1, epochs * epoch_steps - 1)  # every step but the first
         out["symzoo"] = {"step_ms": 1e3 * step_s, "first_step_s": t_call - T_START + t["first_step_at"],
+                         "called_at_s": t_call - T_START,  # process start, imports, CUDA, data: before the trainer
                          "timings": t, "program": result.program["summary"], "fast": result.program["fast"],
                          "reason": result.program["reason"],
                          "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None}

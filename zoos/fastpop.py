@@ -306,6 +306,11 @@ def _per_model(node: fx.Node, target: Callable, spec: Any, leaf_kinds: list[str 
     return _named_op(f"per_model_{node.name}", run)
 
 
+_HOST_SYNCS = {torch.linalg.eigh, torch.linalg.eigvalsh, torch.linalg.eig, torch.linalg.svd, torch.linalg.svdvals,
+               torch.linalg.inv, torch.linalg.solve, torch.linalg.cholesky, torch.linalg.lstsq, torch.nonzero,
+               torch.masked_select, torch.unique, "nonzero", "item", "tolist", "unique", "masked_select"}
+
+
 def _index_tensors(graph: fx.Graph) -> None:
     """Every list of ints indexing a tensor (`a[..., [0, 2], idx]`) as a tensor made on the input's device:
     indexed with a list, torch copies it from host memory at each call, which a CUDA graph cannot capture."""
@@ -673,6 +678,9 @@ class FastPopulation:
             raise Unsupported(f"module {type(module).__name__} cannot run as a fast population: torch.fx cannot "
                               f"trace its forward ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         self.choices = emitter.choices
+        # a CUDA graph cannot hold an op that reads its result on the host: the steps then run eagerly
+        self.not_capturable = next((f"{_what(n)} checks its result on the host" for n in emitter.src.graph.nodes
+                                    if n.target in _HOST_SYNCS), None)
         inputs = [n for n in emitter.src.graph.nodes if n.op == "placeholder"]
         self.input_dtype = emitter.input_dtype(inputs[0]) if inputs else torch.float32  # what the resident data may be stored as
         # the largest activation of one sample: CUDA's kernels index a tensor with 32-bit offsets, so one

@@ -48,6 +48,7 @@ class Program:
     compile: bool = False
     layers: list[tuple[str, str, str]] = field(default_factory=list)
     reason: str | None = None
+    graphs: bool = False  # the trainer's choice: steps replayed as CUDA graphs
     step: FastStep | None = field(default=None, repr=False)
 
     def describe(self) -> str:
@@ -59,7 +60,7 @@ class Program:
 
     def as_dict(self) -> dict[str, Any]:
         return {"arch": self.arch, "device": self.device, "precision": self.precision, "fast": self.fast,
-                "kernels": self.kernels, "compile": self.compile, "reason": self.reason,
+                "kernels": self.kernels, "compile": self.compile, "graphs": self.graphs, "reason": self.reason,
                 "layers": [list(layer) for layer in self.layers], "summary": self.describe()}
 
 

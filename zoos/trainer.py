@@ -455,11 +455,15 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
         step_t.add_(1)
         update(params, grads, state, state2, lr_t, wd, mom, step_t, alive, total)
 
-    can_graph = device.type == "cuda" and fast_forward is not None and augmenter is None
+    can_graph = (device.type == "cuda" and fast_forward is not None and augmenter is None
+                 and fast_forward.not_capturable is None)
     if graphs and not can_graph:
         raise TrainError("graphs = true needs a CUDA device, an architecture the population program runs "
-                         f"({program.reason or 'it does'}) and no augmentation (a step's group elements change every epoch)")
+                         f"({program.reason or 'it does'}) with no op that syncs the host "
+                         f"({getattr(fast_forward, 'not_capturable', None) or 'it has none'}) and no augmentation "
+                         "(a step's group elements change every epoch)")
     use_graphs = can_graph if graphs is None else graphs
+    program.graphs = bool(use_graphs)
     run_step = _StepGraph(train_step, (n_models, bs), device) if use_graphs else train_step
 
     # -- training
