@@ -56,7 +56,9 @@ class Program:
         if not self.fast:
             return f"vmap ({self.reason})"
         counts = Counter("popconv fused" if program.startswith("popconv conv+") else program for _, program, _ in self.layers)
-        return ", ".join(f"{n} {p}" for p, n in counts.most_common())
+        text = ", ".join(f"{n} {p}" for p, n in counts.most_common())
+        eager = self.step.pop.not_capturable if self.step is not None else None
+        return text if eager is None else f"{text}; steps not replayed as CUDA graphs ({eager})"
 
     def as_dict(self) -> dict[str, Any]:
         return {"arch": self.arch, "device": self.device, "precision": self.precision, "fast": self.fast,
