@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 PEAK_FLOPS = 790e12  # dense bf16 matmul on random data, measured on the H200 (KINDS.md)
 PEAK_BYTES = 4.3e12  # device-to-device copy, bytes read + written per second, the same machine
 BATCH = 128
+COMPILE = {"auto": None, "on": True, "off": False}  # --compile as train_population's argument
 # the natural training-set size of each example task (an epoch), for the steady-state model-epochs/s
 EPOCH_SAMPLES = {"mnist": 55000, "cifar10": 45000, "o5_regression": 1000, "inertia": 1000, "convex_hull": 3000,
                  "nbody": 3000, "lorentz": 1000, "inr": 64}
@@ -120,7 +121,7 @@ def worker(arch: str, n: int, steps: int, data_dir: str, kinds: list[str], compi
             torch.cuda.reset_peak_memory_stats()
         t_call = time.perf_counter()
         result = train_population(pop, device=device, precision="bf16" if device == "cuda" else "float32",
-                                  compile={"auto": None, "on": True, "off": False}[compile_])
+                                  compile=COMPILE[compile_])
         t = result.timings
         step_s = t["steps"] / max(1, epochs * epoch_steps - 1)  # every step but the first
         out["symzoo"] = {"step_ms": 1e3 * step_s, "first_step_s": t_call - T_START + t["first_step_at"],
@@ -152,7 +153,7 @@ def profile(pop: Any, compile_: str, top: int = 12) -> list[str]:
     from zoos.trainer import train_population
 
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        train_population(pop, device="cuda", precision="bf16", compile={"auto": None, "on": True, "off": False}[compile_])
+        train_population(pop, device="cuda", precision="bf16", compile=COMPILE[compile_])
     events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
     total = sum(e.self_device_time_total for e in events) or 1
     return [f"{100 * e.self_device_time_total / total:5.1f}% {e.self_device_time_total / 1e3:8.1f} ms {e.count:6d}x  {e.key[:90]}"
