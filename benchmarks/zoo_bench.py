@@ -16,6 +16,8 @@ point tasks. Batches of 128 per model (the INR task: its 64 pixels, one full bat
            fresh process: cold (empty caches) and warm (the same caches again)
 
 ZOO_BENCH_PROFILE=1 also prints the costliest GPU kernels of a second symzoo run of each population.
+--tuning 'channels_last=0;forward=fma' adds a symzoo run under each popconv.TUNING set (`parse_tuning`),
+in the same call, printed under the row with the default's speed over its own.
 
 Columns: model-epochs/s in steady state (an epoch = the example task's own training set at the batch
 size; steps timed after warm-up, evaluation not counted), seconds from process start to the end of
@@ -117,6 +119,10 @@ def worker(arch: str, n: int, steps: int, data_dir: str, kinds: list[str], compi
         out["models"] = n
         pop = populations(expand(zoo, "bench"), max_size=n)[0]
     if "symzoo" in kinds:
+        if os.environ.get("ZOO_BENCH_TUNING"):
+            from zoos import popconv
+
+            popconv.TUNING.update(popconv.parse_tuning(os.environ["ZOO_BENCH_TUNING"])[0])
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t_call = time.perf_counter()
@@ -273,6 +279,7 @@ def main() -> None:
     ap.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="symzoo's torch.compile")
     ap.add_argument("--no-warm", action="store_true", help="skip the warm-cache rerun")
     ap.add_argument("--kinds", default="symzoo,alone,vmap", help="which of symzoo, alone, vmap to run")
+    ap.add_argument("--tuning", default="", help="';'-separated popconv.TUNING sets, a symzoo run under each")
     ap.add_argument("--out", type=Path, default=Path("results"))
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
     ap.add_argument("--worker", nargs=6, metavar=("ARCH", "N", "STEPS", "DATA", "KINDS", "COMPILE"), help=argparse.SUPPRESS)
@@ -282,8 +289,15 @@ def main() -> None:
         print(json.dumps(worker(arch, int(n), int(steps), data, kinds.split(","), comp)))
         return
     from zoos.archs import ARCHS
+    from zoos.popconv import parse_tuning
 
     archs = a.archs.split(",") if a.archs else sorted(ARCHS)
+    try:
+        tunings = [t.strip() for t in a.tuning.split(";") if t.strip()]
+        for t in tunings:
+            parse_tuning(t)
+    except ValueError as e:
+        sys.exit(f"zoo_bench: --tuning {e}")
     unknown = [x for x in archs if x not in ARCHS]
     if unknown:
         sys.exit(f"zoo_bench: unknown architecture {unknown[0]!r}; registered: {', '.join(sorted(ARCHS))}")
@@ -301,9 +315,15 @@ def main() -> None:
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
             cold = run([arch, str(n), str(steps), str(work / "data"), a.kinds, a.compile], env)
             warm = {} if a.no_warm or "error" in cold else run([arch, str(n), str(steps), str(work / "data"), "symzoo", a.compile], env)
-            row = {**cold, "warm": warm.get("symzoo"), "warm_error": warm.get("error")}
+            row = {**cold, "warm": warm.get("symzoo"), "warm_error": warm.get("error"), "tuned": {}}
             rows.append(row)
             print(line(arch, n, row), flush=True)
+            for t in tunings if "error" not in cold else []:
+                tuned = run([arch, str(n), str(steps), str(work / "data"), "symzoo", a.compile], {**env, "ZOO_BENCH_TUNING": t})
+                row["tuned"][t] = tuned.get("symzoo") or {"error": tuned.get("error")}
+                ms = row["tuned"][t].get("step_ms")
+                print(f"      tuning {t}: " + (f"{ms:.2f} ms a step; the default is {ms / row['symzoo']['step_ms']:.2f}x as fast"
+                                                if ms else f"error {str(tuned.get('error')).strip().splitlines()[-1][:150]}"), flush=True)
             for kernel in (row.get("symzoo") or {}).get("profile", []):
                 print("      " + kernel, flush=True)
     a.out.mkdir(parents=True, exist_ok=True)

@@ -270,6 +270,9 @@ _SIGNATURES = {  # the functional ops with population versions: their parameters
     F.layer_norm: (("input", "normalized_shape", "weight", "bias", "eps"), dict(weight=None, bias=None, eps=1e-5)),
 }
 _SIGNATURES[torch.conv2d] = _SIGNATURES[F.conv2d]
+_SIGNATURES[F.max_pool2d] = _SIGNATURES[torch.max_pool2d] = (
+    ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    dict(stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False))
 
 
 def _bind(node: fx.Node) -> dict[str, Any]:
@@ -306,9 +309,16 @@ def _per_model(node: fx.Node, target: Callable, spec: Any, leaf_kinds: list[str 
     return _named_op(f"per_model_{node.name}", run)
 
 
-_HOST_SYNCS = {torch.linalg.eigh, torch.linalg.eigvalsh, torch.linalg.eig, torch.linalg.svd, torch.linalg.svdvals,
-               torch.linalg.inv, torch.linalg.solve, torch.linalg.cholesky, torch.linalg.lstsq, torch.nonzero,
-               torch.masked_select, torch.unique, "nonzero", "item", "tolist", "unique", "masked_select"}
+# ops that read their result on the host (a solver's status, a data-dependent size): functions and methods
+_HOST_SYNC_FUNCTIONS = {torch.linalg.eigh, torch.linalg.eigvalsh, torch.linalg.eig, torch.linalg.svd,
+                        torch.linalg.svdvals, torch.linalg.inv, torch.linalg.solve, torch.linalg.cholesky,
+                        torch.linalg.lstsq, torch.nonzero, torch.masked_select, torch.unique}
+_HOST_SYNC_METHODS = {"nonzero", "item", "tolist", "unique", "masked_select"}
+
+
+def _syncs_host(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _HOST_SYNC_FUNCTIONS
+            or node.op == "call_method" and node.target in _HOST_SYNC_METHODS)
 
 
 def _index_tensors(graph: fx.Graph) -> None:
@@ -344,6 +354,9 @@ def _constant_tensor(node: fx.Node) -> bool:
             and not any(u.op == "call_method" and str(u.target).endswith("_") for u in node.users))  # kept unchanged
 
 
+_HASHED = (int, float, bool, str, type(None), torch.dtype, torch.device)  # argument values keyed as they are
+
+
 class _Constants:
     """The constant tensors of an eager program (an index list as a tensor, `torch.tensor(signs)`), each made
     once per device and arguments and then reused: a CUDA graph cannot capture the host-to-device copy that
@@ -351,18 +364,22 @@ class _Constants:
 
     def __init__(self) -> None:
         self.made: dict[tuple, Tensor] = {}
+        self.kept: set[int] = set()  # ids of the tensors in `made`
 
     def op(self, name: str, target: Callable) -> Callable:
         """`target` as an op of the program that makes its tensor once for each device and arguments."""
         def make(*args: Any, **kwargs: Any) -> Tensor:
             leaves = tree_flatten((args, kwargs))[0]
-            ours = {id(t) for t in self.made.values()}
-            if any(isinstance(a, Tensor) and id(a) not in ours for a in leaves):  # made from a tensor not kept
+            if any(isinstance(a, Tensor) and id(a) not in self.kept for a in leaves):  # made from a tensor not kept
                 return target(*args, **kwargs)
-            key = (name, *(id(a) if isinstance(a, Tensor) else repr(a) for a in leaves))
-            if key not in self.made:
-                self.made[key] = target(*args, **kwargs)
-            return self.made[key]
+            # the node fixes the arguments' structure; the type keeps 1, 1.0 and True apart
+            key = (name, *(id(a) if isinstance(a, Tensor) else (type(a), a if isinstance(a, _HASHED) else repr(a))
+                           for a in leaves))
+            made = self.made.get(key)
+            if made is None:
+                made = self.made[key] = target(*args, **kwargs)
+                self.kept.add(id(made))
+            return made
 
         return _named_op(f"constant_{name}", make)
 
@@ -451,6 +468,9 @@ class _Emitter:
                 raise Unsupported(f"{_what(node)} combines the weights with a per-sample size")
             elif kinds.get(node) == CONST and pop.constants is not None and _constant_tensor(node):
                 env[node] = g.call_function(pop.constants.op(node.name, node.target), value(node.args), value(node.kwargs))
+            elif pop.kernels and kinds.get(node) == DATA and self._plain_max_pool(node):
+                env[node] = g.call_function(popconv.max_pool2x2, (value(node.args[0]),))
+                self.choose(node, "popconv max-pool")
             else:  # data alone (or constants): the [N*B, ...] batch is one big batch of samples
                 env[node] = g.node_copy(node, value)
         g.lint()
@@ -526,6 +546,21 @@ class _Emitter:
             weights = self.kinds.get(kw["weight"]) == WEIGHT and (kw["bias"] is None or self.kinds.get(kw["bias"]) == WEIGHT)
             return weights and popconv.supports(_pair(kw["stride"]), _pair(kw["dilation"]), kw["groups"])
         return False
+
+    def _plain_max_pool(self, node: fx.Node) -> bool:
+        """Whether the traced node is a plain 2x2, stride-2 max-pool of a [N*B, C, H, W] map."""
+        probe = node.args[0].meta.get("probe") if node.args and isinstance(node.args[0], fx.Node) else None
+        if not isinstance(probe, Tensor) or probe.dim() != 4:
+            return False
+        if node.op == "call_module":
+            return isinstance(self.mods[node.target], nn.MaxPool2d) and _pool2(self.mods[node.target])
+        if node.op != "call_function" or node.target not in (F.max_pool2d, torch.max_pool2d):
+            return False
+        kw = _bind(node)
+        if any(isinstance(v, fx.Node) for v in kw.values() if v is not kw["input"]):
+            return False
+        return (_pair(kw["kernel_size"]) == (2, 2) and _pair(kw["stride"] or 2) == (2, 2) and _pair(kw["padding"]) == (0, 0)
+                and _pair(kw["dilation"]) == (1, 1) and not kw["ceil_mode"] and not kw["return_indices"])
 
     def _kernel_conv(self, node: fx.Node) -> bool:
         """Whether the traced node is a Conv2d module that runs as popconv's kernels."""
@@ -680,7 +715,7 @@ class FastPopulation:
         self.choices = emitter.choices
         # a CUDA graph cannot hold an op that reads its result on the host: the steps then run eagerly
         self.not_capturable = next((f"{_what(n)} checks its result on the host" for n in emitter.src.graph.nodes
-                                    if n.target in _HOST_SYNCS), None)
+                                    if _syncs_host(n)), None)
         inputs = [n for n in emitter.src.graph.nodes if n.op == "placeholder"]
         self.input_dtype = emitter.input_dtype(inputs[0]) if inputs else torch.float32  # what the resident data may be stored as
         # the largest activation of one sample: CUDA's kernels index a tensor with 32-bit offsets, so one

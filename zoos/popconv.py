@@ -81,7 +81,7 @@ def supports(stride: tuple[int, int], dilation: tuple[int, int] = (1, 1), groups
 def _blocks(k: int, o: int) -> tuple[int, int, int]:
     """Tile sizes (pixels, reduction, output channels): tensor-core dots need a reduction >= 16; fewer than 16
     outputs are padded to 16 (8, which tl.dot allows, made the weight gradient 1.03-1.4x slower)."""
-    block_n = max(16, triton.next_power_of_2(o))
+    block_n = min(128, max(16, triton.next_power_of_2(o)))  # more outputs: several output tiles
     block_k = 16 if k <= 16 else 32 if k <= 32 else 64
     block_m = 128 if block_n <= 32 else 64
     return block_m, block_k, block_n
@@ -96,11 +96,16 @@ if triton is not None:
         return p < end, r, r // WO, r % WO, m * B + p // (HO * WO)
 
     @triton.jit
-    def _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS: tl.constexpr):
-        """Add model m's bias to the [pixels, outputs] tile and store it into y [N*B, O, HO, WO]."""
+    def _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS: tl.constexpr,
+                      CL: tl.constexpr = False):
+        """Add model m's bias to the [pixels, outputs] tile and store it into y [N*B, O, HO, WO] (CL: its
+        memory channels-last, [N*B, HO, WO, O])."""
         if HAS_BIAS:
             acc += tl.load(b_ptr + m * O + o, mask=o < O, other=0.0).to(tl.float32)[None, :]
-        out = y_ptr + sample.to(tl.int64)[:, None] * (O * HO * WO) + (o * (HO * WO))[None, :] + r[:, None]
+        if CL:
+            out = y_ptr + (sample.to(tl.int64) * (HO * WO) + r)[:, None] * O + o[None, :]
+        else:
+            out = y_ptr + sample.to(tl.int64)[:, None] * (O * HO * WO) + (o * (HO * WO))[None, :] + r[:, None]
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=pmask[:, None] & (o < O)[None, :])
 
     @triton.jit
@@ -129,12 +134,13 @@ if triton is not None:
     def _conv_fwd_dot_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, y_ptr,
                          B, C, H, W, O, HO, WO, PH, PW,
                          K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                         GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
+                         GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, CL: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        tile, m = tl.program_id(0), tl.program_id(1)
+        """The forward of a few-channel input read in NCHW (a first layer), into y channels-last when CL."""
+        tile, ob, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         pmask, r, i, j, sample = _pixels(tile * BLOCK_M + tl.arange(0, BLOCK_M), B * HO * WO, m, B, HO, WO)
         row = _source_row(rows_ptr, sample, pmask, GATHER)
-        o = tl.arange(0, BLOCK_N)
+        o = ob * BLOCK_N + tl.arange(0, BLOCK_N)
         w_base = w_ptr + m.to(tl.int64) * (O * K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -142,7 +148,7 @@ if triton is not None:
             a = _patch_tile(x_ptr, row, pmask, i, j, k, C, H, W, PH, PW, K, KH, KW)
             wk = tl.load(w_base + o[None, :] * K + k[:, None], mask=(k < K)[:, None] & (o < O)[None, :], other=0.0)
             acc += tl.dot(a.to(DOT), wk.to(DOT))
-        _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS)
+        _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS, CL)
 
     @triton.jit
     def _conv_fwd_fma_kernel(x_ptr, rows_ptr, wt_ptr, b_ptr, y_ptr, B, O,
@@ -286,11 +292,16 @@ if triton is not None:
 
     @triton.jit
     def _output_grad_tile(dy_ptr, a_ptr, code_ptr, sample, r, o, pmask, O: tl.constexpr, WO: tl.constexpr,
-                          POOL: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr):
+                          POOL: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr,
+                          DY_CL: tl.constexpr = False):
         """The conv's output gradient at pixels r of `sample` as a [pixels, outputs] float32 tile. Unfused
         (ACT identity, POOL 1) dy itself; behind `conv2d_pool_act`, rebuilt from the gradient of its output
         da [.., HP, WP], that output a and the pool's choice `code`: da * act'(a) at the chosen window
-        position, 0 at the others and at pixels the pool's floor dropped (max_pool2d's backward)."""
+        position, 0 at the others and at pixels the pool's floor dropped (max_pool2d's backward).
+        DY_CL: an unfused dy is channels-last in memory."""
+        if (POOL == 1) & (ACT == "identity") & DY_CL:
+            ptrs = dy_ptr + (sample.to(tl.int64) * (HP * WP) + r)[:, None] * O + o[None, :]
+            return tl.load(ptrs, mask=pmask[:, None] & (o < O)[None, :], other=0.0).to(tl.float32)
         if (POOL == 1) & (ACT == "identity"):
             ptrs = dy_ptr + sample.to(tl.int64) * (O * HP * WP) + (o * (HP * WP))[None, :] + r[:, None]
             return tl.load(ptrs, mask=pmask[:, None] & (o < O)[None, :], other=0.0).to(tl.float32)
@@ -314,14 +325,16 @@ if triton is not None:
                                KH: tl.constexpr, KW: tl.constexpr, CHUNKS: tl.constexpr,
                                POOL: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, ACT: tl.constexpr,
                                SLOPE: tl.constexpr, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                               DY_CL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """dw (and db) of model m over its tiles [split * PER_SPLIT, ...): a tile is BLOCK_M pixels of one
         sample's output (CHUNKS tiles a sample), so its dy rows are contiguous runs the loads coalesce.
         dy is read through `_output_grad_tile` (HP, WP = HO, WO when unfused)."""
-        kb, split, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        kob, split, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         K: tl.constexpr = C * KH * KW
+        OB: tl.constexpr = (O + BLOCK_N - 1) // BLOCK_N
+        kb = kob // OB
         k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        o = tl.arange(0, BLOCK_N)
+        o = (kob % OB) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # summed over pixels once, after the loop
         start = split * PER_SPLIT
@@ -331,7 +344,7 @@ if triton is not None:
             pmask = r < HO * WO
             row = tl.load(rows_ptr + sample).to(tl.int64) if GATHER else sample.to(tl.int64)
             a = _patch_tile(x_ptr, row, pmask, r // WO, r % WO, k, C, H, W, PH, PW, K, KH, KW)
-            g = _output_grad_tile(dy_ptr, a_ptr, code_ptr, sample, r, o, pmask, O, WO, POOL, HP, WP, ACT, SLOPE)
+            g = _output_grad_tile(dy_ptr, a_ptr, code_ptr, sample, r, o, pmask, O, WO, POOL, HP, WP, ACT, SLOPE, DY_CL)
             acc += tl.dot(tl.trans(a.to(DOT)), g.to(DOT))
             if HAS_BIAS:
                 acc_b += g.to(tl.float32)
@@ -340,6 +353,124 @@ if triton is not None:
         if HAS_BIAS:
             tl.store(db_ptr + (m.to(tl.int64) * SPLIT + split) * O + o, tl.sum(acc_b, axis=0), mask=(o < O) & (kb == 0))
 
+
+    # ---- wide layers channels-last: every tap a [pixels, channels] tile of contiguous rows ----------------
+
+    @triton.jit
+    def _cl_patch(x_ptr, row, i, j, pmask, t, c, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                  PH: tl.constexpr, PW: tl.constexpr, KW: tl.constexpr):
+        """Tap t's input channels c at output pixels (i, j) of x [rows, H, W, C] as a [pixels, channels] tile."""
+        ii, jj = i + t // KW - PH, j + t % KW - PW
+        ok = pmask
+        if (PH > 0) | (PW > 0):  # zero padding: taps outside the image read 0
+            ok = ok & (ii >= 0) & (ii < H) & (jj >= 0) & (jj < W)
+        at = row * (H * W * C) + (ii * W + jj) * C
+        return tl.load(x_ptr + at[:, None] + c[None, :], mask=ok[:, None] & (c < C)[None, :], other=0.0)
+
+    @triton.jit
+    def _conv_fwd_cl_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, y_ptr, B, O,
+                            C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, HO: tl.constexpr, WO: tl.constexpr,
+                            PH: tl.constexpr, PW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                            GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The forward of a wide layer, x [rows, H, W, C] and y [N*B, HO, WO, O] channels-last, w as
+        [N, KH, KW, C, O]: one loop over (tap, channel block), each a [pixels, channels] @ [channels, outputs]
+        product whose loads are contiguous channel runs (the NCHW gather loads an element a lane)."""
+        tile, ob, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        pmask, r, i, j, sample = _pixels(tile * BLOCK_M + tl.arange(0, BLOCK_M), B * HO * WO, m, B, HO, WO)
+        row = _source_row(rows_ptr, sample, pmask, GATHER)
+        o = ob * BLOCK_N + tl.arange(0, BLOCK_N)
+        w_base = w_ptr + m.to(tl.int64) * (KH * KW * C * O)
+        CB: tl.constexpr = (C + BLOCK_C - 1) // BLOCK_C
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for step in range(KH * KW * CB):
+            t, c = step // CB, (step % CB) * BLOCK_C + tl.arange(0, BLOCK_C)
+            a = _cl_patch(x_ptr, row, i, j, pmask, t, c, C, H, W, PH, PW, KW)
+            wk = tl.load(w_base + (t * C + c)[:, None] * O + o[None, :], mask=(c < C)[:, None] & (o < O)[None, :], other=0.0)
+            acc += tl.dot(a.to(DOT), wk.to(DOT))
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + m * O + o, mask=o < O, other=0.0).to(tl.float32)[None, :]
+        out = y_ptr + (sample.to(tl.int64) * (HO * WO) + r)[:, None] * O + o[None, :]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=pmask[:, None] & (o < O)[None, :])
+
+    @triton.jit
+    def _conv_wgrad_cl_kernel(x_ptr, rows_ptr, dy_ptr, dw_ptr, db_ptr, B, SPLIT, PER_SPLIT,
+                              C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr,
+                              HO: tl.constexpr, WO: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                              KH: tl.constexpr, KW: tl.constexpr, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+        """dw (and db) of a wide layer, channels-last: program (tap, channel block and output block; split;
+        model) sums [channels, pixels] @ [pixels, outputs] over its pixel tiles [split * PER_SPLIT, ...) of
+        model m, pixels flat over (sample, row, column), so the dy [N*B, HO, WO, O] rows of a tile are one run.
+        dw is [N, SPLIT, KH, KW, C, O], db [N, SPLIT, O]."""
+        kb, split, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        CB: tl.constexpr = (C + BLOCK_C - 1) // BLOCK_C
+        OB: tl.constexpr = (O + BLOCK_N - 1) // BLOCK_N
+        t, cb, ob = kb // (CB * OB), (kb // OB) % CB, kb % OB
+        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        o = ob * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # summed over pixels once, after the loop
+        start = split * PER_SPLIT
+        for tile in range(start, tl.minimum(start + PER_SPLIT, tl.cdiv(B * HO * WO, BLOCK_M))):
+            pmask, r, i, j, sample = _pixels(tile * BLOCK_M + tl.arange(0, BLOCK_M), B * HO * WO, m, B, HO, WO)
+            row = _source_row(rows_ptr, sample, pmask, GATHER)
+            a = _cl_patch(x_ptr, row, i, j, pmask, t, c, C, H, W, PH, PW, KW)
+            g_at = dy_ptr + (sample.to(tl.int64) * (HO * WO) + r)[:, None] * O + o[None, :]
+            g = tl.load(g_at, mask=pmask[:, None] & (o < O)[None, :], other=0.0)
+            acc += tl.dot(tl.trans(a.to(DOT)), g.to(DOT))
+            if HAS_BIAS:
+                acc_b += g.to(tl.float32)
+        part = m.to(tl.int64) * SPLIT + split
+        at = dw_ptr + part * (KH * KW * C * O) + (t * C + c)[:, None] * O + o[None, :]
+        tl.store(at, acc, mask=(c < C)[:, None] & (o < O)[None, :])
+        if HAS_BIAS:
+            tl.store(db_ptr + part * O + o, tl.sum(acc_b, axis=0), mask=(o < O) & (t == 0) & (cb == 0))
+
+    # ---- a 2x2 max-pool in either memory format: elements in memory order, so loads and stores coalesce ---
+
+    @triton.jit
+    def _pool_coords(e, C: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, CL: tl.constexpr):
+        """(row, channel, pooled row, pooled column) of pooled element e, counted in memory order."""
+        if CL:
+            return e // (HP * WP * C), e % C, (e // (WP * C)) % HP, (e // C) % WP
+        return e // (C * HP * WP), (e // (HP * WP)) % C, (e // WP) % HP, e % WP
+
+    @triton.jit
+    def _max_pool_kernel(x_ptr, y_ptr, code_ptr, total, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                         HP: tl.constexpr, WP: tl.constexpr, CL: tl.constexpr, BLOCK: tl.constexpr):
+        """y = max_pool2d(x, 2) and which window position (row-major) won, NaN and ties as `_keep_max`."""
+        e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = e < total
+        r, c, pi, pj = _pool_coords(e, C, HP, WP, CL)
+        if CL:
+            at = r * (H * W * C) + ((2 * pi) * W + 2 * pj) * C + c
+            right, down = C, W * C
+        else:
+            at = r * (C * H * W) + c * (H * W) + (2 * pi) * W + 2 * pj
+            right, down = 1, W
+        best = tl.load(x_ptr + at, mask=mask, other=0.0)
+        code = tl.zeros((BLOCK,), dtype=tl.int32)
+        best, code = _keep_max(best, code, tl.load(x_ptr + at + right, mask=mask, other=0.0), 1)
+        best, code = _keep_max(best, code, tl.load(x_ptr + at + down, mask=mask, other=0.0), 2)
+        best, code = _keep_max(best, code, tl.load(x_ptr + at + down + right, mask=mask, other=0.0), 3)
+        tl.store(y_ptr + e, best, mask=mask)
+        tl.store(code_ptr + e, code.to(tl.int8), mask=mask)
+
+    @triton.jit
+    def _max_unpool_kernel(dy_ptr, code_ptr, dx_ptr, total, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                           HP: tl.constexpr, WP: tl.constexpr, CL: tl.constexpr, BLOCK: tl.constexpr):
+        """dx of the max-pool: dy where the window position won, 0 elsewhere and in rows or columns the floor
+        dropped. Input elements in memory order (dx has x's layout, dy and code the output's)."""
+        e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = e < total
+        r, c, i, j = _pool_coords(e, C, H, W, CL)
+        pi, pj = i // 2, j // 2
+        ok = mask & (pi < HP) & (pj < WP)
+        src = (r * (HP * WP) + pi * WP + pj) * C + c if CL else ((r * C + c) * HP + pi) * WP + pj
+        g = tl.load(dy_ptr + src, mask=ok, other=0.0)
+        won = tl.load(code_ptr + src, mask=ok, other=-1).to(tl.int32) == (i % 2) * 2 + j % 2
+        tl.store(dx_ptr + e, tl.where(won, g, 0.0).to(dx_ptr.dtype.element_ty), mask=mask)
 
     # ---- the first layer through a window table: whole-window rows, tensor-core products ------------------
 
@@ -532,7 +663,8 @@ TUNING = {"forward": os.environ.get("SYMZOO_POPCONV_FORWARD", "auto"), "fma_bloc
           "fuse": os.environ.get("SYMZOO_POPCONV_FUSE", "1") != "0",
           "windows": os.environ.get("SYMZOO_POPCONV_WINDOWS", "pool"), "window_max_fraction": 0.125,
           "window_dx": os.environ.get("SYMZOO_POPCONV_WINDOW_DX", "1") != "0", "window_dx_block_n": 64,
-          "window_dx_stages": 1, "window_block_m": 128, "window_warps": 4, "window_stages": 2}
+          "window_dx_stages": 1, "window_block_m": 128, "window_warps": 4, "window_stages": 2,
+          "channels_last": True}
 
 
 def parse_tuning(text: str) -> list[dict]:
@@ -573,9 +705,38 @@ def _dot_dtype(x: Tensor):
     return tl.bfloat16 if TUNING["dot"] == "bf16" and x.dtype == torch.bfloat16 else tl.float32
 
 
-def _fma_forward(o: int) -> bool:
-    """Whether the forward runs on CUDA cores (auto: up to 16 output channels, measured on an H100)."""
-    return o <= 16 if TUNING["forward"] == "auto" else TUNING["forward"] == "fma"
+def _fma_forward(c: int, o: int) -> bool:
+    """Whether the forward runs on CUDA cores (auto: up to 16 outputs from fewer than 16 inputs; a wider
+    input fills tensor-core tiles a tap at a time)."""
+    return o <= 16 and c < 16 if TUNING["forward"] == "auto" else TUNING["forward"] == "fma"
+
+
+def _writes_channels_last(c: int, o: int) -> bool:
+    """Whether the forward of a layer of c inputs and o outputs writes channels-last (the tensor-core forward)."""
+    return TUNING["channels_last"] and not _fma_forward(c, o)
+
+
+def _reads_channels_last(x: Tensor, rows: Tensor | None, o: int) -> bool:
+    """Whether a tensor-core kernel reads x channels-last: 16 or more channels (a tap's channels fill a
+    tile's reduction), and, when x is a data set read by index, only if it is stored so (never copied)."""
+    c = x.shape[1]
+    return (_writes_channels_last(c, o) and c >= 16
+            and (rows is None or x.is_contiguous(memory_format=torch.channels_last)))
+
+
+def _output(shape: tuple[int, ...], c: int, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """The forward's output [N*B, O, HO, WO] from c inputs, channels-last where `_writes_channels_last` says."""
+    cl = _writes_channels_last(c, shape[1])
+    return torch.empty(shape, device=like.device, dtype=dtype,
+                       memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+def _cl_blocks(c: int, o: int) -> tuple[int, int, int]:
+    """Tile sizes (pixels, channels, outputs) of the channels-last kernels: a tap's channels per step (at
+    least 16, tl.dot's least reduction), the outputs up to 128 a program."""
+    block_c = 16 if c <= 16 else 32 if c <= 32 else 64
+    block_n = min(128, max(16, triton.next_power_of_2(o)))
+    return (128 if block_n <= 64 else 64), block_c, block_n
 
 
 def _launch_forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None, batch: int,
@@ -583,9 +744,20 @@ def _launch_forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None,
     n, o, c, kh, kw = w.shape
     h, wd = x.shape[2], x.shape[3]
     ho, wo = h + 2 * padding[0] - kh + 1, wd + 2 * padding[1] - kw + 1
-    y = torch.empty(n * batch, o, ho, wo, device=x.device, dtype=out_dtype)
+    y = _output((n * batch, o, ho, wo), c, x, out_dtype)
     rows_arg = rows if rows is not None else x  # any pointer when GATHER is off
-    if _fma_forward(o):
+    if _reads_channels_last(x, rows, o):
+        x = x.contiguous(memory_format=torch.channels_last)
+        block_m, block_c, block_n = _cl_blocks(c, o)
+        wt = w.permute(0, 3, 4, 2, 1).contiguous()  # [N, kh, kw, C, O]: a tap's channels are rows of outputs
+        _conv_fwd_cl_kernel[(triton.cdiv(batch * ho * wo, block_m), triton.cdiv(o, block_n), n)](
+            x, rows_arg, wt, b if b is not None else wt, y, batch, o, C=c, H=h, W=wd, HO=ho, WO=wo,
+            PH=padding[0], PW=padding[1], KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=b is not None,
+            DOT=_dot_dtype(y), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=4,
+        )
+        return y
+    x = x.contiguous()
+    if _fma_forward(c, o):
         block_n = triton.next_power_of_2(o)
         block_m = TUNING["fma_block_m"] or min(1024, 8192 // block_n)  # 8 outputs x 8 pixels a thread (4 warps)
         wt = _fma_weights(w, block_n)
@@ -596,10 +768,10 @@ def _launch_forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None,
         )
         return y
     block_m, block_k, block_n = _blocks(c * kh * kw, o)
-    _conv_fwd_dot_kernel[(triton.cdiv(batch * ho * wo, block_m), n)](
+    _conv_fwd_dot_kernel[(triton.cdiv(batch * ho * wo, block_m), triton.cdiv(o, block_n), n)](
         x, rows_arg, w, b if b is not None else w, y, batch, c, h, wd, o, ho, wo, padding[0], padding[1],
         K=c * kh * kw, KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=b is not None, DOT=_dot_dtype(y),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
+        CL=_writes_channels_last(c, o), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
     )
     return y
 
@@ -638,8 +810,13 @@ def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Siz
     k = c * kh * kw
     h, wd = x.shape[2], x.shape[3]
     ho, wo = h + 2 * padding[0] - kh + 1, wd + 2 * padding[1] - kw + 1
-    a, code, pool, act, slope = fused if fused is not None else (dy, dy, 1, "identity", 0.0)
     batch = dy.shape[0] // n
+    if fused is None and _reads_channels_last(x, rows, o):
+        return _launch_wgrad_cl(x, rows, dy, w_shape, padding, bias, batch, ho, wo)
+    x = x.contiguous()
+    dy_cl = fused is None and dy.is_contiguous(memory_format=torch.channels_last)
+    dy = dy if dy_cl else dy.contiguous()
+    a, code, pool, act, slope = fused if fused is not None else (dy, dy, 1, "identity", 0.0)
     _, block_k, block_n = _blocks(k, o)
     # 128-tap x 32-pixel tiles stay off by default: they gave a wrong float32 dw on the GPU for a padded 3x3
     # layer (test_popconv's test_pooled_layer_gradients_either_way); TUNING wgrad_block_k / wgrad_block_m
@@ -648,7 +825,7 @@ def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Siz
     # tiles of one sample's output pixels: at most the image (rounded up to 16, tl.dot's least side)
     block_m = min(TUNING["wgrad_block_m"] or (128 if k <= 32 else 64), max(16, triton.next_power_of_2(ho * wo)))
     chunks = triton.cdiv(ho * wo, block_m)
-    k_blocks, tiles = triton.cdiv(k, block_k), batch * chunks
+    k_blocks, tiles = triton.cdiv(k, block_k) * triton.cdiv(o, block_n), batch * chunks  # (taps, outputs) tiles
     split, per_split = _programs_per_model(tiles, n * k_blocks, dy.device)  # each model's tiles split to fill the card
     dw = torch.empty(n, split, o, k, device=dy.device, dtype=torch.float32)
     db = torch.empty(n, split, o, device=dy.device, dtype=torch.float32) if bias else None
@@ -656,11 +833,30 @@ def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Siz
         x, rows if rows is not None else x, dy, a, code, dw, db if db is not None else dw, batch, split, per_split,
         C=c, H=h, W=wd, O=o, HO=ho, WO=wo, PH=padding[0], PW=padding[1], KH=kh, KW=kw, CHUNKS=chunks,
         POOL=pool, HP=dy.shape[2], WP=dy.shape[3], ACT=act, SLOPE=slope,
-        GATHER=rows is not None, HAS_BIAS=bias, DOT=_dot_dtype(dy),
+        GATHER=rows is not None, HAS_BIAS=bias, DOT=_dot_dtype(dy), DY_CL=dy_cl,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
         **({"num_stages": TUNING["wgrad_stages"]} if TUNING["wgrad_stages"] else {}),
     )
     return dw.sum(1).view(w_shape), (db.sum(1) if db is not None else None)
+
+
+def _launch_wgrad_cl(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Size, padding: tuple[int, int],
+                     bias: bool, batch: int, ho: int, wo: int) -> tuple[Tensor, Tensor | None]:
+    """dw, db of a wide layer from x and dy channels-last (`_conv_wgrad_cl_kernel`)."""
+    n, o, c, kh, kw = w_shape
+    x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+    block_m, block_c, block_n = _cl_blocks(c, o)
+    blocks = kh * kw * triton.cdiv(c, block_c) * triton.cdiv(o, block_n)
+    split, per_split = _programs_per_model(triton.cdiv(batch * ho * wo, block_m), n * blocks, dy.device)
+    dw = torch.empty(n, split, kh, kw, c, o, device=dy.device, dtype=torch.float32)
+    db = torch.empty(n, split, o, device=dy.device, dtype=torch.float32) if bias else None
+    _conv_wgrad_cl_kernel[(blocks, split, n)](
+        x, rows if rows is not None else x, dy, dw, db if db is not None else dw, batch, split, per_split,
+        C=c, H=x.shape[2], W=x.shape[3], O=o, HO=ho, WO=wo, PH=padding[0], PW=padding[1], KH=kh, KW=kw,
+        GATHER=rows is not None, HAS_BIAS=bias, DOT=_dot_dtype(dy),
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=4,
+    )
+    return dw.sum(1).permute(0, 4, 3, 1, 2).contiguous(), (db.sum(1) if db is not None else None)
 
 
 # ---- the first layer's window table -----------------------------------------------------------------------
@@ -854,19 +1050,19 @@ def _shifted_weights(w: Tensor, pool: int, block_k: int) -> Tensor:
 @torch.library.custom_op("symzoo::pop_conv2d", mutates_args=())
 def _pop_conv2d(x: Tensor, w: Tensor, b: Tensor | None, rows: Tensor | None, batch: int,
                 pad_h: int, pad_w: int, out_dtype: torch.dtype) -> Tensor:
-    return _launch_forward(x.contiguous(), rows, w.contiguous(), b, batch, (pad_h, pad_w), out_dtype)
+    return _launch_forward(x, rows, w.contiguous(), b, batch, (pad_h, pad_w), out_dtype)
 
 
 @_pop_conv2d.register_fake
 def _(x, w, b, rows, batch, pad_h, pad_w, out_dtype):
     n, o, _, kh, kw = w.shape
-    return x.new_empty(n * batch, o, x.shape[2] + 2 * pad_h - kh + 1, x.shape[3] + 2 * pad_w - kw + 1, dtype=out_dtype)
+    return _output((n * batch, o, x.shape[2] + 2 * pad_h - kh + 1, x.shape[3] + 2 * pad_w - kw + 1), x.shape[1], x, out_dtype)
 
 
 @torch.library.custom_op("symzoo::pop_conv2d_wgrad", mutates_args=())
 def _pop_conv2d_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w: Tensor, pad_h: int, pad_w: int,
                       bias: bool) -> tuple[Tensor, Tensor]:
-    dw, db = _launch_wgrad(x.contiguous(), rows, dy.contiguous(), w.shape, (pad_h, pad_w), bias)
+    dw, db = _launch_wgrad(x, rows, dy, w.shape, (pad_h, pad_w), bias)
     return dw, db if db is not None else dw.new_zeros(0)
 
 
@@ -883,7 +1079,7 @@ def _(x, rows, dy, w, pad_h, pad_w, bias):
 @torch.library.custom_op("symzoo::pop_conv2d_pool_act_wgrad", mutates_args=())
 def _pop_conv2d_pool_act_wgrad(x: Tensor, rows: Tensor | None, da: Tensor, a: Tensor, code: Tensor, w: Tensor,
                                pad_h: int, pad_w: int, bias: bool, pool: int, act: str, slope: float) -> tuple[Tensor, Tensor]:
-    dw, db = _launch_wgrad(x.contiguous(), rows, da.contiguous(), w.shape, (pad_h, pad_w), bias,
+    dw, db = _launch_wgrad(x, rows, da.contiguous(), w.shape, (pad_h, pad_w), bias,
                            fused=(a, code if pool > 1 else a, pool, act, slope))
     return dw, db if db is not None else dw.new_zeros(0)
 
@@ -1096,9 +1292,85 @@ def _window_conv(table: Tensor, x: Tensor, w: Tensor, b: Tensor | None, padding:
     return a
 
 
+# ---- the 2x2 max-pool: its output and the winning position, the backward a scatter by that position -----
+
+_POOL_BLOCK = 1024
+
+
+def _pool_layout(x: Tensor) -> bool:
+    """Whether x is channels-last in memory (else it is made contiguous NCHW)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _pool_outputs(x: Tensor) -> tuple[Tensor, Tensor]:
+    r, c, h, w = x.shape
+    fmt = torch.channels_last if _pool_layout(x) else torch.contiguous_format
+    y = torch.empty((r, c, h // 2, w // 2), device=x.device, dtype=x.dtype, memory_format=fmt)
+    return y, torch.empty(y.shape, device=x.device, dtype=torch.int8, memory_format=fmt)
+
+
+@torch.library.custom_op("symzoo::pop_max_pool2x2", mutates_args=())
+def _pop_max_pool2x2(x: Tensor) -> tuple[Tensor, Tensor]:
+    cl = _pool_layout(x)
+    x = x if cl else x.contiguous()
+    y, code = _pool_outputs(x)
+    r, c, h, w = x.shape
+    if y.numel():
+        _max_pool_kernel[(triton.cdiv(y.numel(), _POOL_BLOCK),)](
+            x, y, code, y.numel(), C=c, H=h, W=w, HP=h // 2, WP=w // 2, CL=cl, BLOCK=_POOL_BLOCK)
+    return y, code
+
+
+@_pop_max_pool2x2.register_fake
+def _(x):
+    return _pool_outputs(x)
+
+
+@torch.library.custom_op("symzoo::pop_max_unpool2x2", mutates_args=())
+def _pop_max_unpool2x2(dy: Tensor, code: Tensor, x_shape: list[int], channels_last: bool) -> Tensor:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    dx = torch.empty(x_shape, device=dy.device, dtype=dy.dtype, memory_format=fmt)
+    dy = dy.contiguous(memory_format=fmt)
+    r, c, h, w = x_shape
+    if dx.numel():
+        _max_unpool_kernel[(triton.cdiv(dx.numel(), _POOL_BLOCK),)](
+            dy, code, dx, dx.numel(), C=c, H=h, W=w, HP=h // 2, WP=w // 2, CL=channels_last, BLOCK=_POOL_BLOCK)
+    return dx
+
+
+@_pop_max_unpool2x2.register_fake
+def _(dy, code, x_shape, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(x_shape, device=dy.device, dtype=dy.dtype, memory_format=fmt)
+
+
+def _setup_pool(ctx, inputs, output) -> None:
+    x, = inputs
+    ctx.save_for_backward(output[1])
+    ctx.meta = (list(x.shape), _pool_layout(x))
+
+
+def _backward_pool(ctx, dy: Tensor, _dcode: Tensor | None):
+    code, = ctx.saved_tensors
+    return _pop_max_unpool2x2(dy, code, *ctx.meta)
+
+
+_pop_max_pool2x2.register_autograd(_backward_pool, setup_context=_setup_pool)
+
+
+def max_pool2x2(x: Tensor) -> Tensor:
+    """F.max_pool2d(x, 2) for x [R, C, H, W] in either memory format (the output in x's): one pass that
+    keeps a byte per output for the backward, which writes every input gradient once (PyTorch's channels-last
+    pooling runs several times slower on the population's [N*B, C, H, W] maps)."""
+    if x.dim() != 4:
+        raise ValueError(f"max_pool2x2 takes x [R, C, H, W]; got shape {tuple(x.shape)}")
+    return _pop_max_pool2x2(x)[0]
+
+
 def fuses(out_channels: int) -> bool:
-    """Whether `conv2d_pool_act` runs as one kernel for a conv with this many outputs (the CUDA-core forward)."""
-    return TUNING["fuse"] and _fma_forward(out_channels)
+    """Whether `conv2d_pool_act` runs as one kernel for a conv with this many outputs: the CUDA-core forward
+    with the pool and activation folded in, for up to 16 outputs (from any number of inputs)."""
+    return TUNING["fuse"] and (out_channels <= 16 if TUNING["forward"] == "auto" else TUNING["forward"] == "fma")
 
 
 def conv2d(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int] = (0, 0), *,
@@ -1165,5 +1437,5 @@ def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, 
     return a
 
 
-__all__ = ["ACTIVATIONS", "available", "conv2d", "conv2d_pool_act", "fuses", "supports", "window_table",
+__all__ = ["ACTIVATIONS", "available", "conv2d", "conv2d_pool_act", "fuses", "max_pool2x2", "supports", "window_table",
            "window_table_bytes", "windows_pay"]

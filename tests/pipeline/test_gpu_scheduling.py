@@ -46,7 +46,7 @@ def placements(tmp_path, gpus: int, per_task: float, populations: int) -> list[d
     return run(tmp_path, gpus, per_task, populations)[0]
 
 
-@pytest.mark.parametrize("gpus", [4, 8])
+@pytest.mark.parametrize("gpus", [8])  # each case starts a Ray of that many workers: one is enough here
 def test_one_population_per_gpu_spreads_over_every_gpu(tmp_path, gpus):
     placed = placements(tmp_path, gpus, 1.0, gpus)
     assert len(placed) == gpus

@@ -80,7 +80,7 @@ def test_diverging_models_do_not_touch_the_others(ray_local, tmp_path):
 def test_killed_driver_resumes_without_duplicates_and_logs_what_it_stored(ray_local, tmp_path):
     path, _ = write_study(tmp_path, "killdriver", [
         mlp_zoo("fast", [0, 1, 2, 3, 4, 5], [0.01], epochs=1),
-        mlp_zoo("slow", [0, 1, 2, 3], [0.01], epochs=400, population_size=2)])  # seconds of training: still running at the kill
+        mlp_zoo("slow", [0, 1, 2, 3], [0.01], epochs=80, population_size=2)])  # ~16 s a population: running at the kill
     study = load_study(path)
     manifests = tmp_path / "store" / "manifest"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

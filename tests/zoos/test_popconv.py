@@ -83,6 +83,60 @@ def test_rows_read_the_data_set_by_index(windows, c, size, k, pad):
         close(a, r)
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("c,o,k,pad,cl_in", [(16, 24, 3, 1, False), (20, 17, 3, 0, True), (33, 40, 1, 0, True),
+                                            (17, 130, 2, 1, True), (3, 140, 3, 1, False)])
+def test_wide_layers_equal_per_model_conv_in_either_layout(monkeypatch, channels_last, c, o, k, pad, cl_in):
+    """Wide layers (16+ inputs, 17+ outputs: a tap's channels fill a tile) read and write channels-last: the
+    same output and gradients as per-model convs from an input in either memory format, a channel count off
+    the tile size, outputs over several tiles (a few-channel input too); TUNING channels_last = False keeps
+    every tensor NCHW."""
+    monkeypatch.setitem(popconv.TUNING, "channels_last", channels_last)
+    torch.manual_seed(c * 1000 + o)
+    x = torch.randn(2 * 3, c, 6, 5, device=DEVICE)
+    x = (x.contiguous(memory_format=torch.channels_last) if cl_in else x).requires_grad_()
+    w = torch.randn(2, o, c, k, k, device=DEVICE, requires_grad=True)
+    b = torch.randn(2, o, device=DEVICE, requires_grad=True)
+    got, want = both(x, w, b, pad)
+    assert got[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for a, r in zip(got, want):
+        close(a, r)
+
+
+def test_a_wide_data_set_read_by_index_in_either_layout():
+    """A data set of 16+ channels read by index: channels-last as it is stored, NCHW without a copy."""
+    data = torch.randn(30, 16, 5, 5, device=DEVICE)
+    rows = torch.randint(0, 30, (2, 4), device=DEVICE)
+    w = torch.randn(2, 20, 16, 3, 3, device=DEVICE, requires_grad=True)
+    b = torch.randn(2, 20, device=DEVICE, requires_grad=True)
+    for stored in (data, data.contiguous(memory_format=torch.channels_last)):
+        got, want = both(stored, w, b, 1, rows=rows)
+        for a, r in zip(got, want):
+            close(a, r)
+
+
+@settings(max_examples=10, deadline=None)
+@given(r=st.integers(1, 3), c=st.integers(1, 20), h=st.integers(2, 7), w=st.integers(2, 7),
+       cl=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]),
+       seed=st.integers(0, 99))
+def test_max_pool2x2_equals_max_pool2d(r, c, h, w, cl, dtype, seed):
+    """Output and input gradient of F.max_pool2d(x, 2) in either memory format (the output in x's), odd
+    sides floored, ties (values on a coarse grid) to the first position and NaN as torch picks them (bf16 on
+    a GPU only: the interpreter compares bf16 as raw bits)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2, 3, (r, c, h, w), generator=g).to(dtype)
+    x[torch.rand(x.shape, generator=g) < 0.05] = float("nan")
+    x = x.to(DEVICE)
+    x = (x.contiguous(memory_format=torch.channels_last) if cl else x).requires_grad_()
+    y = popconv.max_pool2x2(x)
+    assert y.is_contiguous(memory_format=torch.channels_last if cl and c > 1 else torch.contiguous_format)
+    xr = x.detach().clone().requires_grad_()
+    yr = F.max_pool2d(xr, 2)
+    torch.testing.assert_close(y, yr, equal_nan=True, rtol=0, atol=0)
+    dy = torch.randn(yr.shape, generator=g).to(dtype).to(DEVICE)
+    torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(yr, xr, dy)[0], rtol=0, atol=0)
+
+
 def test_bad_shapes_are_named():
     w = torch.randn(2, 4, 3, 3, 3)
     with pytest.raises(ValueError, match="not a multiple of the population size 2"):
