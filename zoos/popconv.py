@@ -13,14 +13,18 @@ registers straight from the input (no patch matrix in memory):
 
 with p running over (sample, output row, output column) and k over (in-channel, kernel row, kernel
 column). Any channel counts, kernel size and zero padding at stride 1 (what `supports` checks).
-The forward of few-channel layers (O <= 16) runs on CUDA cores in float32, one tap at a time; wider
-forwards and every weight gradient run as tensor-core tiles with float32 accumulation, their inputs
-in bf16 where the activations are bf16 (as autocast would) and TF32 otherwise (the choices and the
-tile sizes were measured: benchmarks/popconv_bench.py). Activations are read and written in their own
-dtype (bf16 in the trainer), weights are read as float32 master copies, and weight gradients come back
-in float32. Layouts matter more than arithmetic at these sizes: a thread's pixels lie along the fast
-axis of every tile, so inputs are loaded by the threads that use them and dy loads coalesce (the
-README of benchmarks/ says how this was checked in the compiled TTGIR).
+The forward of few-channel layers (O <= 16 from C < 16) runs on CUDA cores in float32, one tap at a
+time; other forwards and every weight gradient run as tensor-core tiles with float32 accumulation, their
+inputs in bf16 where the activations are bf16 (as autocast would) and TF32 otherwise (the choices and
+the tile sizes were measured: benchmarks/popconv_bench.py, benchmarks/zoo_bench.py). Activations are
+read and written in their own dtype (bf16 in the trainer), weights are read as float32 master copies,
+and weight gradients come back in float32. Layouts matter more than arithmetic at these sizes: in the
+few-channel kernels a thread's pixels lie along the fast axis of every tile, so inputs are loaded by the
+threads that use them and dy loads coalesce. Wide layers (16 or more inputs) are channels-last instead:
+k runs over (kernel row, kernel column, in-channel), so a tap's channels are one contiguous run per pixel
+and every [pixels, channels] tile loads whole rows. A tensor-core forward writes its output channels-last
+(logical NCHW, `torch.channels_last` memory), which the next wide layer, PyTorch's pointwise ops and
+`max_pool2x2` keep; `TUNING["channels_last"] = False` keeps every tensor NCHW.
 
 The first layer can read its input by row index: `rows[m*B + b]` names the sample of the data set
 `x [S, C, H, W]` that model m sees at batch position b, so a training step indexes the resident data
