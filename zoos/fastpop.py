@@ -26,7 +26,9 @@ sigmoid, relu, leaky_relu; a dropout that is off may sit between) becomes one `p
 the full-resolution conv output is never written. Where `popconv.windows_pay` says so (a first conv
 followed by a 2x2 max-pool, by default), that first conv reads a window table of the data set instead
 (`popconv.window_table`, built once per resident data set and kept while the data set lives): its
-forward and weight gradient become tensor-core products over contiguous whole-window rows.
+forward and weight gradient become tensor-core products over contiguous whole-window rows. Wide kernel
+convs write channels-last maps, and any other plain 2x2 max-pool of a map runs as `popconv.max_pool2x2`
+(PyTorch's channels-last pooling is several times slower on these maps).
 
 `FastPopulation.supports(module)` says whether a module can run this way and why not: only the layer
 types above carry parameters, buffers belong to `PopDropout` only, and the traced forward reads no
@@ -47,7 +49,7 @@ from torch import Tensor, fx, nn
 from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from zoos import popconv
+from zoos import popconv, popnorm
 from zoos.archs.base import PopDropout
 from zoos.archs.layers import FlatLinear
 
@@ -648,8 +650,11 @@ class _Emitter:
             kw = _bind(node)
             x, w, b = kw["input"], kw["weight"], kw["bias"]
             if self.kinds.get(x) == DATA and all(v is None or self.kinds.get(v) == WEIGHT for v in (w, b)):
-                self.choose(node, "population norm", "statistics per sample, affine per model")
                 eps = kw["eps"]
+                if node.target is F.group_norm and kw["num_groups"] == 1 and (w is not None or b is not None) and pop.kernels:
+                    self.choose(node, "popnorm")
+                    return g.call_function(popnorm.group_norm1, (value(x), value(w), value(b), eps))
+                self.choose(node, "population norm", "statistics per sample, affine per model")
                 if node.target is F.group_norm:
                     return g.call_function(pop_group_norm, (value(x), kw["num_groups"], value(w), value(b), eps))
                 return g.call_function(pop_layer_norm, (value(x), kw["normalized_shape"], value(w), value(b), eps))

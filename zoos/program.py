@@ -5,6 +5,8 @@ records it, `symzoo archs` shows it, and one generic test holds every choice equ
 The programs, fastest first:
   popconv       stride-1 convolutions as Triton implicit-GEMM kernels (`zoos.popconv`), a following 2x2
                 max-pool and monotone activation folded in where the conv has few outputs
+  popconv max-pool  any other 2x2 max-pool of a map, one pass in either memory format (`zoos.popconv`)
+  popnorm       GroupNorm with one group: statistics and each model's affine in one Triton pass (`zoos.popnorm`)
   im2col + bmm  other convolutions: patches on a channels-last view, one batched matmul over the models
   bmm           Linear / FlatLinear / F.linear: one batched matmul over the models
   population norm  GroupNorm / LayerNorm: per-sample statistics of the whole batch, per-model affine

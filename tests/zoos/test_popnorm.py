@@ -1,0 +1,64 @@
+"""zoos.popnorm: GroupNorm with one group and each model's affine equals per-model F.group_norm, forward and
+backward, in either memory format (Triton's interpreter on the CPU, as tests/conftest.py sets it)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zoos import popnorm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not popnorm.available(DEVICE), reason="needs Triton (GPU or TRITON_INTERPRET=1)")
+
+
+def per_model(x, w, b, n, eps):
+    """Model i's F.group_norm(., 1) with its own affine, in float32, on its rows of x (the affine applied by
+    hand: torch's group_norm backward fails for a bias without a weight)."""
+    out = []
+    for i, xi in enumerate(x.float().chunk(n)):
+        shape = (1, -1, *[1] * (x.dim() - 2))
+        yi = F.group_norm(xi, 1, None, None, eps)
+        yi = yi * w[i].view(shape) if w is not None else yi
+        out.append(yi + b[i].view(shape) if b is not None else yi)
+    return torch.cat(out)
+
+
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(1, 3), batch=st.integers(1, 3), c=st.integers(1, 20), h=st.integers(2, 6), w_=st.integers(1, 6),
+       cl=st.booleans(), affine=st.sampled_from(["both", "weight", "bias"]), seed=st.integers(0, 99))
+def test_group_norm1_equals_per_model_group_norm(n, batch, c, h, w_, cl, affine, seed):
+    """Output (float32, in x's layout) and the gradients of x, w and b; shifted inputs (a mean far from 0)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n * batch, c, h, w_, generator=g) * 3 + 5).to(DEVICE)
+    x = (x.contiguous(memory_format=torch.channels_last) if cl else x).requires_grad_()
+    w = torch.randn(n, c, generator=g).to(DEVICE).requires_grad_() if affine != "bias" else None
+    b = torch.randn(n, c, generator=g).to(DEVICE).requires_grad_() if affine != "weight" else None
+    y = popnorm.group_norm1(x, w, b, 1e-5)
+    assert y.dtype == torch.float32 and y.stride() == torch.empty_like(x).stride()
+    want = per_model(x, w, b, n, 1e-5)
+    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+    dy = torch.randn(want.shape, generator=g).to(DEVICE)
+    wrt = [t for t in (x, w, b) if t is not None]
+    for got, ref in zip(torch.autograd.grad(y, wrt, dy), torch.autograd.grad(want, wrt, dy)):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
+
+
+def test_group_norm1_on_rows_of_any_rank_and_bf16_input():
+    """[N*B, C, L] rows and a bf16 input (dx comes back bf16, the output float32)."""
+    x = torch.randn(4, 6, 10, device=DEVICE).to(torch.bfloat16).requires_grad_()
+    w, b = torch.randn(2, 6, device=DEVICE, requires_grad=True), torch.randn(2, 6, device=DEVICE, requires_grad=True)
+    y = popnorm.group_norm1(x, w, b)
+    want = per_model(x.detach().float().requires_grad_(), w, b, 2, 1e-5)
+    torch.testing.assert_close(y, want, atol=2e-3, rtol=2e-3)
+    dx, = torch.autograd.grad(y.sum(), [x])
+    assert dx.dtype == torch.bfloat16
+
+
+def test_group_norm1_names_shapes_that_disagree():
+    x = torch.randn(5, 3, 4, 4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"x \[N\*B, C, \.\.\.\] and w, b \[N, C\] disagree: x \(5, 3, 4, 4\)"):
+        popnorm.group_norm1(x, torch.ones(2, 3, device=DEVICE), None)
+    with pytest.raises(ValueError, match="needs w or b"):
+        popnorm.group_norm1(x, None, None)
