@@ -25,7 +25,11 @@ A permutation with several sites (a residual stream) sums their statistics.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -99,41 +103,45 @@ def _descend(spec: PermSpec, a: State, b: State, inits: list[Perms], max_sweeps:
              generator: torch.Generator | None) -> list[tuple[Perms, list[float], int]]:
     """Coordinate descent from each of `inits` in lockstep: (perms, objective trace, sweeps) per start.
 
-    Every sweep of every start draws its own random order (starts in index order, one `randperm` each),
-    so a single start draws exactly as a lone run. At step j the starts visiting the same permutation
-    share one batched cost computation; each then solves its own linear assignment. A start stops
-    after a sweep that changes nothing.
+    Every sweep draws one random order of the permutations (one `randperm` from `generator`), shared by
+    the starts still descending, so start 0 draws exactly as a lone run. At each step the active starts'
+    cost matrices are one batched computation and their linear assignments are solved in parallel threads
+    (scipy's solver releases the GIL). A start stops after a sweep that changes nothing.
     """
     axes, names, sizes = spec.axes_to_perm(), list(spec.perms), spec.sizes(a)
     perms = {p: torch.stack([init[p].cpu().long() for init in inits]) for p in names}  # [R, n]
     traces = [[matching_objective(spec, a, b, {p: perms[p][r] for p in names})] for r in range(len(inits))]
     sweeps = [0] * len(inits)
     active = list(range(len(inits)))
-    for sweep in range(1, max_sweeps + 1):
-        if not active:
-            break
-        orders = {r: torch.randperm(len(names), generator=generator).tolist() for r in active}
-        changed = dict.fromkeys(active, False)
-        for j in range(len(names)):
-            groups: dict[int, list[int]] = {}
-            for r in active:
-                groups.setdefault(orders[r][j], []).append(r)
-            for i, rs in groups.items():
+    workers = min(len(inits), os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        for sweep in range(1, max_sweeps + 1):
+            if not active:
+                break
+            changed = dict.fromkeys(active, False)
+            for i in torch.randperm(len(names), generator=generator).tolist():
                 name, n = names[i], sizes[names[i]]
-                cost = _batched_cost(spec, axes, a, b, name, {p: perms[p][rs] for p in names}).cpu().numpy()
-                for c, r in zip(cost, rs):
-                    rows, cols = linear_sum_assignment(c, maximize=True)
+                cost = _batched_cost(spec, axes, a, b, name, {p: perms[p][active] for p in names}).cpu().numpy()
+                solved = (pool.map if pool else map)(lambda c: linear_sum_assignment(c, maximize=True), cost)
+                for c, r, (rows, cols) in zip(cost, active, solved):
                     assert (rows == np.arange(n)).all()
                     old = perms[name][r].numpy()
                     gain = c[rows, cols].sum() - c[rows, old].sum()
                     if gain > 1e-12 * max(1.0, abs(c[rows, old].sum())):
                         perms[name][r] = torch.from_numpy(cols).long()
                         changed[r] = True
-        for r in active:
-            traces[r].append(matching_objective(spec, a, b, {p: perms[p][r] for p in names}))
-            sweeps[r] = sweep
-        active = [r for r in active if changed[r]]
+            for r in active:
+                traces[r].append(matching_objective(spec, a, b, {p: perms[p][r] for p in names}))
+                sweeps[r] = sweep
+            active = [r for r in active if changed[r]]
     return [({p: perms[p][r].clone() for p in names}, traces[r], sweeps[r]) for r in range(len(inits))]
+
+
+def _starts_generator(generator: torch.Generator | None) -> torch.Generator:
+    """A generator for the random starts seeded from `generator`'s state without drawing from it, so the
+    first start's descent draws exactly as a lone run."""
+    state = (generator or torch.default_generator).get_state().numpy().tobytes()
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(state, digest_size=7).digest(), "little"))
 
 
 def weight_matching(
@@ -153,9 +161,10 @@ def weight_matching(
     on the weights' device) and solves it exactly with `linear_sum_assignment`. A sweep visits every
     permutation once in random order; a descent stops when a whole sweep changes nothing.
     The descent is local, so it runs `restarts` times and keeps the best: restart 0 starts from
-    `init` (identity if None) and draws from `generator` exactly as `restarts=1` does; then restarts
-    1.. start from uniformly random permutations drawn from `generator` and run in lockstep, with
-    their cost matrices batched. The result's objective is never below restart 0's.
+    `init` (identity if None) and draws from `generator` exactly as `restarts=1` does; restarts 1..
+    start from uniformly random permutations (from a generator seeded by `generator`'s state) and all
+    run in lockstep, sharing each sweep's order, their cost matrices batched and their assignments
+    solved in parallel. The result's objective is never below restart 0's.
     """
     if max_sweeps < 1:
         raise ValueError(f"max_sweeps must be >= 1, got {max_sweeps}")
@@ -165,9 +174,10 @@ def weight_matching(
     sizes = spec.sizes(a)
     if spec.sizes(b) != sizes:
         raise ValueError(f"models a and b have different permutation sizes: {sizes} vs {spec.sizes(b)}")
-    runs = _descend(spec, a, b, [init or spec.identity(a)], max_sweeps, generator)
-    if restarts > 1:
-        runs += _descend(spec, a, b, [spec.random(a, generator) for _ in range(restarts - 1)], max_sweeps, generator)
+    a, b = {k: v.double() for k, v in a.items()}, {k: v.double() for k, v in b.items()}  # once, not per cost matrix
+    starts = _starts_generator(generator)
+    inits = [init or spec.identity(a)] + [spec.random(a, starts) for _ in range(restarts - 1)]
+    runs = _descend(spec, a, b, inits, max_sweeps, generator)
     finals = [trace[-1] for _, trace, _ in runs]
     best = max(range(len(runs)), key=lambda r: (finals[r], -r))
     perms, trace, sweeps = runs[best]
