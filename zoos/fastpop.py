@@ -37,6 +37,7 @@ parameter directly. The trainer uses it where it applies and keeps `vmap` otherw
 
 from __future__ import annotations
 
+import copy
 import operator
 import os
 import re
@@ -813,12 +814,24 @@ def dropout_active(module: nn.Module, buffers: Mapping[str, Tensor]) -> bool:
     return any(bool((buffers[f"{name}.p"] > 0).any()) for name in names)
 
 
+def prior_view(module: nn.Module) -> nn.Module | None:
+    """The module with its `prior_terms(x) -> [B]` as forward (the same parameters), or None where it has no
+    such prior or its `prior_weight` is 0: a data-dependent penalty a population traces like a forward."""
+    if not callable(getattr(module, "prior_terms", None)) or not getattr(module, "prior_weight", 0):
+        return None
+    view = copy.copy(module)  # shares parameters and submodules; only the class differs
+    view.__class__ = type(f"{type(module).__name__}Prior", (type(module),), {"forward": type(module).prior_terms})
+    return view
+
+
 class FastStep:
     """One training step's gradients for a population: `step(params, buffers, x, y) -> (grads, per-model loss)`.
 
     The loss is the sum of per-model mean losses, so each model's gradient is its own loss's gradient,
     exactly what `vmap(grad(loss))` computes; `loss_fn(pred, y)` is the task's single-model loss. With a
-    `regulariser` (stacked params -> [N] per-model penalties), model i minimises loss_i + reg[i] * penalty_i.
+    `regulariser` (stacked params -> [N] per-model penalties), model i minimises loss_i + reg[i] * penalty_i;
+    a module with a prior (`prior_view`) adds prior_weight * the batch mean of its prior terms, traced as a
+    second population program over the same parameters.
     """
 
     def __init__(self, module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], input_shape: Sequence[int], *,
@@ -827,6 +840,10 @@ class FastStep:
         self.pop = FastPopulation(module, input_shape, dtype=dtype, compile=compile, dropout=dropout, kernels=kernels)
         self.loss_per_model = vmap(loss_fn, in_dims=(0, 0))
         self.regulariser = regulariser
+        view = prior_view(module)
+        self.prior = None if view is None else (
+            FastPopulation(view, input_shape, dtype=dtype, compile=compile, dropout=dropout, kernels=kernels),
+            float(module.prior_weight))
 
     def __call__(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, y: Tensor,
                  rows: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
@@ -842,8 +859,11 @@ class FastStep:
             pred = self.pop(leaves, buffers, x, rows=rows, x_per_model=True, training=True)
             loss = self.loss_per_model(pred, y)
             total = loss if self.regulariser is None or reg is None else loss + reg * self.regulariser(leaves)
+            if self.prior is not None:
+                terms = self.prior[0](leaves, buffers, x, rows=rows, x_per_model=True, training=True)
+                total = total + self.prior[1] * terms.flatten(1).mean(1)
             grads = torch.autograd.grad(total.sum(), list(leaves.values()))
         return dict(zip(leaves, grads)), loss.detach(), total.detach(), pred.detach()
 
 
-__all__ = ["FastPopulation", "FastStep", "Unsupported", "pop_group_norm", "pop_layer_norm", "dropout_active", "pop_conv2d", "pop_linear", "pop_flat_linear", "pop_dropout"]
+__all__ = ["FastPopulation", "FastStep", "Unsupported", "prior_view", "pop_group_norm", "pop_layer_norm", "dropout_active", "pop_conv2d", "pop_linear", "pop_flat_linear", "pop_dropout"]

@@ -54,7 +54,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from tasks.base import Task
 from zoos import popconv
 from zoos.archs import ARCHS
-from zoos.fastpop import dropout_active
+from zoos.fastpop import dropout_active, prior_view
 from zoos.functional import population_forward, template
 from zoos.population import PopulationResult
 from zoos.program import choose_program
@@ -318,11 +318,16 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     projections = _projections(first_model, task) if bool((reg > 0).any()) else {}
     penalty = vmap(functools.partial(_regulariser, projections=projections)) if projections else None
 
+    prior = prior_view(module)  # a data-dependent penalty (learned canonicalization's prior), if any
+
     def loss_fn(p, b, x, y, r):
         with autocast():
             pred = functional_call(module, (p, b), (x,)).float()
+            terms = functional_call(prior, (p, b), (x,)).float() if prior is not None else None
         loss = task.loss(pred, y)
         total = loss + r * _regulariser(p, projections) if projections else loss
+        if terms is not None:
+            total = total + module.prior_weight * terms.mean()
         return total, (loss, pred.detach())
 
     step_fn = vmap(grad_and_value(loss_fn, has_aux=True), in_dims=(0, 0, 0, 0, 0), randomness="different")

@@ -19,7 +19,7 @@ from tests.zoos.test_archs import CASES, IDS, _randomise, training_without_dropo
 from tests.zoos.test_trainer import one_population, zoo_models
 from zoos import popconv
 from zoos.archs import build_arch
-from zoos.fastpop import FastPopulation, FastStep
+from zoos.fastpop import FastPopulation, FastStep, prior_view
 from zoos.functional import population_forward, stack_states, template
 from zoos.program import FallbackWarning, choose_program
 from zoos.trainer import train_population
@@ -89,6 +89,33 @@ def test_the_regulariser_enters_the_population_step_as_in_vmap():
     assert (total - loss)[0] == 0 and ((total - loss)[1:] > 0).all()
 
 
+@pytest.mark.parametrize("arch,task_name,config", [("canon_cnn", "digits", dict(width=3, backbone_config=dict(width=4, depth=2))),
+                                                    ("canon_mlp", "inertia", dict(width=8, canon_width=4))])
+def test_the_canonicalization_prior_enters_the_population_step_as_in_vmap(arch, task_name, config):
+    """prior_weight > 0: model i's gradient is that of loss_i + prior_weight * mean_b prior_terms_b, on the
+    population program (the prior traced as a second program, kernels too) as in vmap; 0 adds nothing."""
+    task, module, params, buffers = _population(arch, task_name, {}, dict(config, prior_weight=0.7))
+    program = choose_program(module, task, "cpu", fast=True, kernels=KERNELS, dropout=False, arch=arch)
+    assert program.fast and program.step.prior is not None, program.reason
+    x, y = torch.randn(3, 4, *task.input_shape, generator=torch.Generator().manual_seed(3)), _targets(task, 3, 4)
+    grads, loss, total, _ = program.step.with_outputs(params, buffers, x, y)
+
+    prior = prior_view(module)
+
+    def one(p, b, xb, yb):
+        return task.loss(functional_call(module, (p, b), (xb,)), yb) + 0.7 * functional_call(prior, (p, b), (xb,)).mean()
+
+    training_without_dropout(module)
+    want = vmap(grad(one))(params, buffers, x, y)
+    for k in want:
+        scale = want[k].abs().max().item()
+        torch.testing.assert_close(grads[k], want[k], atol=1e-5 * (1 + scale), rtol=1e-3, msg=lambda m: f"{arch} {k}: {m}")
+    assert ((total - loss) > 0).all()
+    plain = build_arch(arch, task, **config)  # prior_weight 0: no prior program, nothing added
+    assert prior_view(plain) is None
+    assert choose_program(template(plain), task, "cpu", fast=True, kernels=False, dropout=False).step.prior is None
+
+
 def _mnist_files(root) -> dict:
     """A small MNIST in its published IDX layout (for cnn_s, whose valid convs need 28x28)."""
     g = np.random.default_rng(0)
@@ -124,6 +151,20 @@ def test_two_epochs_on_the_population_program_equal_vmap_training(arch, task_nam
         np.testing.assert_allclose(fast.weights[k], plain.weights[k], atol=1e-4 * (1 + scale), rtol=1e-3, err_msg=f"{arch} {k}")
     for name in plain.curves:
         np.testing.assert_allclose(fast.curves[name], plain.curves[name], atol=1e-4, rtol=1e-3, err_msg=f"{arch} {name}")
+
+
+def test_the_trainer_adds_the_prior_on_either_program(tmp_path):
+    """A canon_mlp zoo with prior_weight > 0 trains to the same weights on the population program and on vmap,
+    and to other weights than without the prior: the factor is trained, not only recorded."""
+    config = dict(width=16, canon_width=8)  # the registry case (at width 8 the two programs drift apart even without a prior)
+    with_prior = _case_population("canon_mlp", "inertia", {}, dict(config, prior_weight=0.5), tmp_path)
+    fast = train_population(with_prior, fast=True, kernels=False)
+    plain = train_population(with_prior, fast=False)
+    without = train_population(_case_population("canon_mlp", "inertia", {}, config, tmp_path), fast=True, kernels=False)
+    canon = [k for k in plain.weights if k.startswith("canon.")]
+    for k in plain.weights:
+        np.testing.assert_allclose(fast.weights[k], plain.weights[k], atol=1e-4, rtol=1e-3, err_msg=k)
+    assert any(not np.allclose(plain.weights[k][:, -1], without.weights[k][:, -1]) for k in canon)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")

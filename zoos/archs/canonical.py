@@ -9,9 +9,9 @@ canon_mlp  points (O(d) / E(d)): d equivariant vectors sum_i w_i r_i with invari
 The symmetry is exact by construction: if x -> g.x moves the canonicalizer's choice to g.c(x), the
 backbone sees the same canonical input. Everything is tensor ops without control flow on the data, so the
 population program (`zoos.fastpop`) traces it. `prior_weight` is the paper's canonicalization prior as a
-zoo factor: `prior_loss(x)` says how far the canonicalizer is from the identity on (upright) data. The
-trainer's regulariser hook takes the weights alone (`zoos.trainer`: equiv_reg), not a data term, so the
-factor is recorded with the model and the penalty is exposed, not yet added to the training loss.
+zoo factor: `prior_terms(x)` says per sample how far the canonicalizer is from the identity on (upright)
+data, and the trainer adds prior_weight times their batch mean to each model's loss (`prior_loss`), on
+the population program and on vmap alike (`zoos.trainer`, any architecture with `prior_terms`).
 """
 
 from __future__ import annotations
@@ -109,10 +109,14 @@ class CanonCNN(SymModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(self.canonicalize(x))
 
-    def prior_loss(self, x: Tensor) -> Tensor:
-        """prior_weight * cross-entropy of the scores against the identity: on upright data, prefer no rotation."""
+    def prior_terms(self, x: Tensor) -> Tensor:
+        """Each sample's cross-entropy of the scores against the identity [B]: on upright data, prefer no rotation."""
         target = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # the identity is element 0
-        return self.prior_weight * F.cross_entropy(self.scores(x), target)
+        return F.cross_entropy(self.scores(x).float(), target, reduction="none")
+
+    def prior_loss(self, x: Tensor) -> Tensor:
+        """prior_weight * the mean of `prior_terms`: what training adds to the task's loss."""
+        return self.prior_weight * self.prior_terms(x).mean()
 
     def perm_spec(self) -> PermSpec:
         return PermSpec({**_prefixed(self.canon.perm_spec(), "canon."), **_prefixed(self.backbone.perm_spec(), "backbone.")})
@@ -184,10 +188,14 @@ class CanonMLP(FrameAvg):
         centroid = x[..., list(lay.positions[0])].mean(-2) if lay.positions else None
         return torch.cat([a, last[..., None]], -1)[:, None], centroid
 
+    def prior_terms(self, x: Tensor) -> Tensor:
+        """Each sample's ||F - I||^2 [B]: on upright data, prefer the identity frame."""
+        f = self.frames(x)[0][:, 0].float()
+        return (f - torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)).square().sum((-2, -1))
+
     def prior_loss(self, x: Tensor) -> Tensor:
-        """prior_weight * mean ||F - I||^2: on upright data, prefer the identity frame."""
-        f = self.frames(x)[0][:, 0]
-        return self.prior_weight * (f - torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)).square().sum((-2, -1)).mean()
+        """prior_weight * the mean of `prior_terms`: what training adds to the task's loss."""
+        return self.prior_weight * self.prior_terms(x).mean()
 
     def perm_spec(self) -> PermSpec:
         return PermSpec({**self.net.perm_pairs("net."), **self.canon.perm_pairs("canon.", "canon_")})
