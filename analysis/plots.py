@@ -289,6 +289,26 @@ def rank_vs_bound(rows: pl.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+def load_curves(cells: pl.DataFrame, metric: str, path: Path, *, title: str | None = None, load_label: str = "load",
+                count: str | None = None) -> Path:
+    """A metric against the load (a data-efficiency curve: train fraction), one line per architecture: the
+    cell means with +-1 standard deviation bars (`<metric>_sd`, where the cell has several models or pairs);
+    a log axis where the loads span 10x or more. Expects `phase_diagram`'s cells at one temperature."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    loads = cells["load"].drop_nulls().to_numpy()
+    for arch in sorted(cells["arch"].unique().to_list()):
+        sub = cells.filter(pl.col("arch") == arch).sort("load")
+        y = sub[metric].cast(pl.Float64).to_numpy()
+        sd = sub[f"{metric}_sd"].cast(pl.Float64).fill_null(0.0).to_numpy() if f"{metric}_sd" in sub.columns else None
+        n = f" (n={int(sub[count].fill_null(0).min())}+)" if count and count in sub.columns else ""
+        ax.errorbar(sub["load"].to_numpy(), y, yerr=sd, marker="o", capsize=3, label=arch + n)
+    if loads.size and loads.min() > 0 and loads.max() / loads.min() >= 10:
+        ax.set_xscale("log")
+    ax.set(xlabel=load_label, ylabel=metric, title=title or metric)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def phase_diagram(cells: pl.DataFrame, metric: str, path: Path, *, title: str | None = None,
                   load_label: str = "load", temperature_label: str = "temperature", count: str | None = None) -> Path:
     """A metric over the temperature x load grid as a heatmap, one panel per architecture, one colour scale.

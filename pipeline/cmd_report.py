@@ -151,18 +151,23 @@ def write_report(store: Any, study: str, out_dir: Path, temperature: str | None 
         for name, frame in (("phases_cells", cells), ("phases_models", phase_models), ("phases_matched", report.matched)):
             frame.write_csv(out_dir / f"{name}.csv")
             report.tables.append(out_dir / f"{name}.csv")
-        diagrams = [plots.phase_diagram(cells, m.name, out_dir / f"phase_{m.name}.png", title=f"{study}: {m.title}",
-                                        load_label=l_name, temperature_label=t_name,
-                                        count="ok" if m.source in ("models", "landscape") else f"{m.source}_pairs")
+        curves = cells["temperature"].n_unique() == 1  # one temperature: each metric along the load, per architecture
+        counts = {m.name: "ok" if m.source in phases.PER_MODEL else f"{m.source}_pairs" for m in metrics}
+        diagrams = [plots.load_curves(cells, m.name, out_dir / f"load_{m.name}.png", title=f"{study}: {m.title}",
+                                      load_label=l_name, count=counts[m.name]) if curves else
+                    plots.phase_diagram(cells, m.name, out_dir / f"phase_{m.name}.png", title=f"{study}: {m.title}",
+                                        load_label=l_name, temperature_label=t_name, count=counts[m.name])
                     for m in metrics]
         report.plots += diagrams
         shown = ["arch", "load", "temperature", "n_params", "models", "ok", *[m.name for m in metrics],
                  *[c for c in cells.columns if c.endswith("_pairs")]]
         counted = with_pair_counts(cells)
         phase_parts = [
-            f"<p>temperature = <b>{html.escape(t_name)}</b>, load = <b>{html.escape(l_name)}</b>; {cells.height} cells. "
+            f"<p>temperature = <b>{html.escape(t_name)}</b>{' (one value: curves along the load)' if curves else ''}, "
+            f"load = <b>{html.escape(l_name)}</b>; {cells.height} cells. "
             "Per-model metrics average the cell's ok models at their last checkpoint, pair metrics the pairs of seeds "
-            "within the cell; n in each cell counts them (in the tables: value (n=pairs)).</p>",
+            "within the cell; n in each cell counts them (in the tables: value (n=pairs)); bars and _sd columns are "
+            "one standard deviation across them.</p>",
             *[_img(p) for p in diagrams],
             "<h3>Architectures side by side (i-th load level of each)</h3>",
             html_table(phases.matched_table(counted, [m.name for m in metrics])),

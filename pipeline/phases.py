@@ -51,9 +51,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("bezier_barrier", "bezier", "barrier_loss_bezier", "loss barrier along the Bezier curve"),
     Metric("cka_penultimate", "similarity", "cka_penultimate", "linear CKA between seeds, penultimate features"),
     Metric("cka_output", "similarity", "cka_output", "linear CKA between seeds, outputs"),
+    Metric("equivariance_error", "equivariance", "equivariance_error", "equivariance error (orbit)"),
+    Metric("weight_distance", "weightspace", "weight_distance", "weight distance to the equivariant subspace"),
 )
 
 CELL = ["arch", "load", "temperature"]
+PER_MODEL = ("models", "landscape", "equivariance", "weightspace")  # sources of one value per model (the rest: pairs)
 
 
 def study_models(store: Any, study: str) -> pl.DataFrame:
@@ -67,7 +70,9 @@ def study_models(store: Any, study: str) -> pl.DataFrame:
 
 
 def grid_axes(models: pl.DataFrame, temperature: str | None = None, load: str | None = None) -> tuple[str, str]:
-    """(temperature factor, load factor): the given ones, else the first candidate that varies across models."""
+    """(temperature factor, load factor): the given ones, else the first candidate that varies across models.
+    A study whose load varies at one temperature (a data-efficiency study: train_fraction) gets a constant
+    temperature, its cells one row along the load."""
     def pick(given: str | None, candidates: tuple[str, ...], what: str) -> str:
         if given is not None:
             if given not in models.columns:
@@ -80,7 +85,15 @@ def grid_axes(models: pl.DataFrame, temperature: str | None = None, load: str | 
                              f"vary one of them in the zoos' grids, or name the factor with --{what}")
         return varying[0]
 
-    return pick(temperature, TEMPERATURES, "temperature"), pick(load, LOADS, "load")
+    try:
+        t = pick(temperature, TEMPERATURES, "temperature")
+    except PhaseError:
+        constant = [c for c in TEMPERATURES if c in models.columns]
+        loads = [load] if load is not None else [c for c in LOADS if c in models.columns]
+        if temperature is not None or not constant or not any(c in models.columns and _varies(models, c) for c in loads):
+            raise
+        t = constant[0]
+    return t, pick(load, LOADS, "load")
 
 
 def _varies(models: pl.DataFrame, factor: str) -> bool:
@@ -137,7 +150,8 @@ def pair_rows(store: Any, stage: str, models: pl.DataFrame) -> pl.DataFrame:
 
 
 def cell_table(store: Any, study: str, temperature: str | None = None, load: str | None = None) -> pl.DataFrame:
-    """One row per (arch, load, temperature) cell: model counts, parameters, and the mean of every metric present.
+    """One row per (arch, load, temperature) cell: model counts, parameters, and the mean and standard deviation
+    (`<metric>_sd`) of every metric present.
 
     Metrics of models average over the cell's ok models; pair metrics over the cell's pairs (counted
     in `<stage>_pairs`). A metric whose stage was not run is absent.
@@ -149,6 +163,7 @@ def cell_table(store: Any, study: str, temperature: str | None = None, load: str
     aggs = [pl.len().alias("models"), ok.sum().alias("ok"), pl.col("n_params").first().alias("n_params"),
             pl.col("zoo").unique().sort().str.join(",").alias("zoos")]
     aggs += [pl.col(m.column).filter(ok).mean().alias(m.name) for m in METRICS if m.column in per_model.columns]
+    aggs += [pl.col(m.column).filter(ok).std().alias(f"{m.name}_sd") for m in METRICS if m.column in per_model.columns]
     cells = per_model.group_by(CELL).agg(aggs)
     cell_models = _with_cell(models, t, l)
     present = store.stages()
@@ -159,8 +174,9 @@ def cell_table(store: Any, study: str, temperature: str | None = None, load: str
         cols = [m for m in METRICS if m.source == stage and m.column in pairs.columns]
         if not pairs.height or not cols:
             continue
-        agg = pairs.group_by(CELL).agg(pl.len().alias(f"{stage}_pairs"), *[pl.col(m.column).mean().alias(m.name) for m in cols])
-        cells = cells.drop([m.name for m in cols if m.name in cells.columns]).join(agg, on=CELL, how="left")
+        agg = pairs.group_by(CELL).agg(pl.len().alias(f"{stage}_pairs"), *[pl.col(m.column).mean().alias(m.name) for m in cols],
+                                       *[pl.col(m.column).std().alias(f"{m.name}_sd") for m in cols])
+        cells = cells.drop([c for m in cols for c in (m.name, f"{m.name}_sd") if c in cells.columns]).join(agg, on=CELL, how="left")
     return cells.with_columns(pl.lit(l).alias("load_factor"), pl.lit(t).alias("temperature_factor")).sort(CELL)
 
 

@@ -138,6 +138,24 @@ def test_axes_are_picked_from_the_varying_factors_or_named():
         phases.grid_axes(models.with_columns(pl.lit(4).alias("width")))
 
 
+def test_a_load_at_one_temperature_is_a_row_of_cells_drawn_as_curves(tmp_path):
+    """A data-efficiency study (train_fraction varies, batch size does not) gets a constant temperature; with
+    neither varying there is still no temperature axis. Its cells are drawn as one curve per architecture."""
+    models = pl.DataFrame({"arch": ["cgenn"] * 4 + ["mlp"] * 4, "batch_size": [50] * 8,
+                           "train_fraction": [0.1, 0.1, 1.0, 1.0] * 2, "seed": [0, 1] * 4})
+    assert phases.grid_axes(models) == ("batch_size", "train_fraction")
+    with pytest.raises(phases.PhaseError, match="no temperature axis"):
+        phases.grid_axes(models.with_columns(pl.lit(1.0).alias("train_fraction")))
+    with pytest.raises(phases.PhaseError, match="no temperature axis"):  # a named temperature must vary or exist
+        phases.grid_axes(models.drop("batch_size"))
+    cells = pl.DataFrame({"arch": ["cgenn", "cgenn", "mlp", "mlp"], "load": [0.1, 1.0, 0.1, 1.0], "temperature": [50.0] * 4,
+                          "test_loss": [0.02, 0.01, 0.3, 0.1], "test_loss_sd": [0.005, None, 0.05, 0.02], "ok": [2, 1, 2, 2]})
+    from analysis import plots
+
+    png = plots.load_curves(cells, "test_loss", tmp_path / "load_test_loss.png", load_label="train_fraction", count="ok")
+    assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_a_width_that_differs_only_between_architectures_is_no_load_axis():
     """The quickstart: cnn width 16 and p4cnn width 8 are matched sizes, not a load axis."""
     models = pl.DataFrame({"arch": ["cnn", "cnn", "p4cnn", "p4cnn"], "width": [16, 16, 8, 8], "lr": [0.01, 0.02, 0.01, 0.02]})
