@@ -1,11 +1,14 @@
 """Study files: valid ones load; each kind of bad input names its key path, the value and what is allowed."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.study import StudyError, load_study  # noqa: F401
+from zoos.spec import expand
 
 GOOD = {
     "study": "tiny",
@@ -75,3 +78,10 @@ def test_bad_input_exits_2_naming_the_problem(tmp_path, data, expected):
 def test_missing_file_exits_2(tmp_path):
     r = CliRunner().invoke(app, ["validate", str(tmp_path / "nope.yaml")])
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_study_validates(path):
+    """Each study in studies/ parses with every key checked, its zoos expand and name registered parts."""
+    study = load_study(path)
+    assert study.zoos and all(expand(z, study.study) for z in study.zoos)

@@ -169,7 +169,7 @@ def test_a_second_run_of_the_same_study_is_refused_naming_the_first(ray_local, t
 
     from pipeline.cli import app
 
-    path, study = write_study(tmp_path, "twice", [mlp_zoo("slow", [0, 1], [0.01], epochs=300)])
+    path, study = write_study(tmp_path, "twice", [mlp_zoo("slow", [0, 1], [0.01], epochs=60)])  # ~12 s: held while refused
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     first = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path), "--plain"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
