@@ -300,7 +300,7 @@ def load_curves(cells: pl.DataFrame, metric: str, path: Path, *, title: str | No
         sub = cells.filter(pl.col("arch") == arch).sort("load")
         y = sub[metric].cast(pl.Float64).to_numpy()
         sd = sub[f"{metric}_sd"].cast(pl.Float64).fill_null(0.0).to_numpy() if f"{metric}_sd" in sub.columns else None
-        n = f" (n={int(sub[count].fill_null(0).min())}+)" if count and count in sub.columns else ""
+        n = f" (n >= {int(sub[count].fill_null(0).min())} a point)" if count and count in sub.columns else ""
         ax.errorbar(sub["load"].to_numpy(), y, yerr=sd, marker="o", capsize=3, label=arch + n)
     if loads.size and loads.min() > 0 and loads.max() / loads.min() >= 10:
         ax.set_xscale("log")

@@ -52,6 +52,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("cka_penultimate", "similarity", "cka_penultimate", "linear CKA between seeds, penultimate features"),
     Metric("cka_output", "similarity", "cka_output", "linear CKA between seeds, outputs"),
     Metric("equivariance_error", "equivariance", "equivariance_error", "equivariance error (orbit)"),
+    Metric("orbit_acc", "equivariance", "orbit_acc", "accuracy over the group orbit of the test set"),
+    Metric("orbit_rel_mse", "equivariance", "orbit_rel_mse", "relative MSE over the group orbit of the test set"),
     Metric("weight_distance", "weightspace", "weight_distance", "weight distance to the equivariant subspace"),
 )
 
