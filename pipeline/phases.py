@@ -99,11 +99,13 @@ def grid_axes(models: pl.DataFrame, temperature: str | None = None, load: str | 
 
 
 def _varies(models: pl.DataFrame, factor: str) -> bool:
-    """Whether `factor` takes several values within one architecture (a width that differs only between the
-    architectures of a study, as in the quickstart's cnn and p4cnn, is a matched size, not a load axis)."""
-    if "arch" not in models.columns:
+    """Whether `factor` takes several values within one architecture on one task (a width that differs only
+    between the architectures of a study, as in the quickstart's cnn and p4cnn, is a matched size, and one
+    that differs between tasks is each task's own size: neither is a load axis)."""
+    keys = [c for c in ("arch", "task") if c in models.columns]
+    if not keys:
         return models[factor].n_unique() > 1
-    return bool(models.group_by("arch").agg(pl.col(factor).n_unique())[factor].max() > 1)
+    return bool(models.group_by(keys).agg(pl.col(factor).n_unique())[factor].max() > 1)
 
 
 def _with_cell(models: pl.DataFrame, temperature: str, load: str) -> pl.DataFrame:

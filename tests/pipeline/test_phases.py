@@ -148,6 +148,10 @@ def test_a_load_at_one_temperature_is_a_row_of_cells_drawn_as_curves(tmp_path):
         phases.grid_axes(models.with_columns(pl.lit(1.0).alias("train_fraction")))
     with pytest.raises(phases.PhaseError, match="no temperature axis"):  # a named temperature must vary or exist
         phases.grid_axes(models.drop("batch_size"))
+    two_tasks = pl.DataFrame({"arch": ["mlp"] * 4, "task": ["digits", "digits", "o5", "o5"], "batch_size": [50] * 4,
+                              "width": [4, 4, 8, 8]})
+    with pytest.raises(phases.PhaseError, match="no temperature axis"):  # each task's own width: no load axis
+        phases.grid_axes(two_tasks)
     cells = pl.DataFrame({"arch": ["cgenn", "cgenn", "mlp", "mlp"], "load": [0.1, 1.0, 0.1, 1.0], "temperature": [50.0] * 4,
                           "test_loss": [0.02, 0.01, 0.3, 0.1], "test_loss_sd": [0.005, None, 0.05, 0.02], "ok": [2, 1, 2, 2]})
     from analysis import plots
