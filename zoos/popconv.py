@@ -1301,21 +1301,22 @@ def _window_conv(table: Tensor, x: Tensor, w: Tensor, b: Tensor | None, padding:
 _POOL_BLOCK = 1024
 
 
-def _pool_layout(x: Tensor) -> bool:
-    """Whether x is channels-last in memory (else it is made contiguous NCHW)."""
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+def stored_channels_last(x: Tensor) -> bool:
+    """Whether x [R, C, H, W] is channels-last in memory and not also NCHW (C = 1 or H = W = 1 are both):
+    the kernels that take either layout read it so, else they make it contiguous NCHW."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _pool_outputs(x: Tensor) -> tuple[Tensor, Tensor]:
     r, c, h, w = x.shape
-    fmt = torch.channels_last if _pool_layout(x) else torch.contiguous_format
+    fmt = torch.channels_last if stored_channels_last(x) else torch.contiguous_format
     y = torch.empty((r, c, h // 2, w // 2), device=x.device, dtype=x.dtype, memory_format=fmt)
     return y, torch.empty(y.shape, device=x.device, dtype=torch.int8, memory_format=fmt)
 
 
 @torch.library.custom_op("symzoo::pop_max_pool2x2", mutates_args=())
 def _pop_max_pool2x2(x: Tensor) -> tuple[Tensor, Tensor]:
-    cl = _pool_layout(x)
+    cl = stored_channels_last(x)
     x = x if cl else x.contiguous()
     y, code = _pool_outputs(x)
     r, c, h, w = x.shape
@@ -1351,7 +1352,7 @@ def _(dy, code, x_shape, channels_last):
 def _setup_pool(ctx, inputs, output) -> None:
     x, = inputs
     ctx.save_for_backward(output[1])
-    ctx.meta = (list(x.shape), _pool_layout(x))
+    ctx.meta = (list(x.shape), stored_channels_last(x))
 
 
 def _backward_pool(ctx, dy: Tensor, _dcode: Tensor | None):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from zoos.popconv import available, triton
+from zoos.popconv import available, stored_channels_last, triton
 
 if triton is not None:
     import triton.language as tl
@@ -105,9 +105,7 @@ if triton is not None:
 
 def _layout(x: Tensor) -> tuple[Tensor, bool]:
     """x contiguous in its own memory format: (x, channels-last)."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return x, True
-    return x.contiguous(), False
+    return (x, True) if stored_channels_last(x) else (x.contiguous(), False)
 
 
 def _blocks(c: int) -> tuple[int, int]:
