@@ -2,6 +2,7 @@
 
     python benchmarks/zoo_bench.py --out results/                        # every registered architecture
     python benchmarks/zoo_bench.py --archs p4cnn,cnn --models 1024 --out results/
+    python benchmarks/zoo_bench.py --archs p4cnn,cnn:width=16:depth=3 --out results/   # a config of the family
     python benchmarks/zoo_bench.py --smoke --out DIR                     # tiny sizes on the CPU: the code paths
 
 Each architecture runs with its default config on its registry example task (`ArchInfo.example_task`),
@@ -89,7 +90,21 @@ def task_options(name: str, options: dict, data_dir: Path, steps: int, batch: in
 
 # ---- one architecture, one population size: a worker process -----------------------------------------
 
-def worker(arch: str, n: int, steps: int, data_dir: str, kinds: list[str], compile_: str) -> dict[str, Any]:
+def parse_arch(entry: str) -> tuple[str, dict[str, Any]]:
+    """`name` or `name:key=value:...` (values as YAML reads them) -> (name, config)."""
+    import yaml
+
+    name, *fields = entry.split(":")
+    config = {}
+    for f in fields:
+        key, eq, value = f.partition("=")
+        if not eq or not key:
+            raise ValueError(f"{entry!r}: a config field is key=value, got {f!r}")
+        config[key] = yaml.safe_load(value)
+    return name, config
+
+
+def worker(entry: str, n: int, steps: int, data_dir: str, kinds: list[str], compile_: str) -> dict[str, Any]:
     import torch
 
     from tasks import get_task
@@ -99,17 +114,18 @@ def worker(arch: str, n: int, steps: int, data_dir: str, kinds: list[str], compi
     from zoos.trainer import train_population
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    arch, config = parse_arch(entry)
     info = ARCHS[arch]
     task_name, base = info.example_task
     batch = 64 if task_name == "inr" else BATCH
     options = task_options(task_name, base, Path(data_dir), steps, batch)
-    out: dict[str, Any] = {"arch": arch, "task": task_name, "models": n, "device": device}
+    out: dict[str, Any] = {"arch": entry, "task": task_name, "models": n, "device": device}
     grid: dict[str, Any] = {"seed": list(range(n)), "optimizer": ["adam"], "lr": [1e-3], "batch_size": [batch]}
     epoch_steps, epochs = steps, 2
     if task_name == "inr":  # one full batch of an image's pixels an epoch
         grid["image"] = grid.pop("seed")
         epoch_steps, epochs = 1, 2 * steps
-    zoo = parse_zoo({"name": arch, "task": {"name": task_name, "options": options}, "arch": {"name": arch},
+    zoo = parse_zoo({"name": arch, "task": {"name": task_name, "options": options}, "arch": {"name": arch, "config": config},
                      "grid": grid, "epochs": epochs, "checkpoints": [epochs], "train_metrics": "running"})
     pop = populations(expand(zoo, "bench"), max_size=n)[0]
     task = get_task(task_name, **options)
@@ -137,12 +153,13 @@ def worker(arch: str, n: int, steps: int, data_dir: str, kinds: list[str], compi
                          "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None}
         if os.environ.get("ZOO_BENCH_PROFILE") and device == "cuda":
             out["symzoo"]["profile"] = profile(pop, compile_)
-    model = build_arch(arch, task)
+    model = build_arch(arch, task, **config)
+    out["params"] = model.num_params
     if "alone" in kinds:
         out["alone"] = time_alone(model, task, device, steps, batch)
     if "vmap" in kinds:
         try:
-            out["vmap"] = time_vmap(arch, task, n, device, batch)
+            out["vmap"] = time_vmap(arch, config, task, n, device, batch)
         except Exception as e:  # noqa: BLE001 - the peer's program failing (memory, indexing) is a result
             out["vmap"] = {"step_ms": None, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
         if device == "cuda":
@@ -193,17 +210,17 @@ def time_alone(model: Any, task: Any, device: str, steps: int, batch: int) -> di
     return {"step_ms": 1e3 * timed(step, device, max(5, min(steps, 30)))}
 
 
-def time_vmap(arch: str, task: Any, n: int, device: str, batch: int) -> dict[str, Any]:
+def time_vmap(arch: str, config: dict[str, Any], task: Any, n: int, device: str, batch: int) -> dict[str, Any]:
     """The peer's population: stacked states, vmap(grad) of functional_call, one foreach Adam, bf16 autocast."""
     import torch
     from torch.func import functional_call, grad, stack_module_state, vmap
 
     from zoos.archs import build_arch
 
-    models = [build_arch(arch, task).to(device) for _ in range(n)]
+    models = [build_arch(arch, task, **config).to(device) for _ in range(n)]
     params, buffers = stack_module_state(models)
     params = {k: v.detach().requires_grad_() for k, v in params.items()}
-    base = build_arch(arch, task).to("meta")
+    base = build_arch(arch, task, **config).to("meta")
     opt = torch.optim.Adam(params.values(), lr=1e-3, foreach=True)
     x1, y1 = _batch(task, device, batch)
     x, y = x1.expand(n, *x1.shape), y1.expand(n, *y1.shape)
@@ -298,7 +315,10 @@ def main() -> None:
             parse_tuning(t)
     except ValueError as e:
         sys.exit(f"zoo_bench: --tuning {e}")
-    unknown = [x for x in archs if x not in ARCHS]
+    try:
+        unknown = [x for x in archs if parse_arch(x)[0] not in ARCHS]
+    except ValueError as e:
+        sys.exit(f"zoo_bench: --archs {e}")
     if unknown:
         sys.exit(f"zoo_bench: unknown architecture {unknown[0]!r}; registered: {', '.join(sorted(ARCHS))}")
     sizes = [2] if a.smoke else [int(m) for m in a.models.split(",")]
@@ -306,7 +326,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="zoo-bench-"))
     write_data(work / "data", steps * BATCH + 256)  # train + validation
     rows = []
-    print(f"{'arch':13s} {'N':>5s} {'alone':>9s} {'vmap':>9s} {'symzoo':>9s} {'x vmap':>7s} {'x alone':>8s} "
+    print(f"{'arch':20s} {'N':>5s} {'alone':>9s} {'vmap':>9s} {'symzoo':>9s} {'x vmap':>7s} {'x alone':>8s} "
           f"{'bound':>9s} {'1st cold':>8s} {'1st warm':>8s} {'peak GB':>7s}  program", flush=True)
     for arch in archs:
         for n in sizes:
@@ -333,7 +353,7 @@ def main() -> None:
 def line(arch: str, n: int, row: dict) -> str:
     """One printed row: model-epochs/s of each way, the ratios, the bound, first-step times, memory."""
     if "error" in row:
-        return f"{arch:13s} {n:5d}  error: {row['error'].strip().splitlines()[-1][:150]}"
+        return f"{arch:20s} {n:5d}  error: {row['error'].strip().splitlines()[-1][:150]}"
     n = row["models"]
     steps = max(1, EPOCH_SAMPLES.get(row["task"], BATCH) // (64 if row["task"] == "inr" else BATCH))
 
@@ -347,7 +367,7 @@ def line(arch: str, n: int, row: dict) -> str:
     ratio = lambda a, b: f"{a / b:6.1f}x" if a and b else f"{'-':>7s}"  # noqa: E731
     warm = row.get("warm") or {}
     peak = row["symzoo"].get("peak_gb")
-    return (f"{arch:13s} {n:5d} {fmt(alone)} {fmt(vm)} {fmt(ours)} {ratio(ours, vm)} {ratio(ours, alone):>8s} "
+    return (f"{arch:20s} {n:5d} {fmt(alone)} {fmt(vm)} {fmt(ours)} {ratio(ours, vm)} {ratio(ours, alone):>8s} "
             f"{fmt(row['bound']['model_epochs_per_s'])} {row['symzoo']['first_step_s']:8.1f} "
             f"{warm.get('first_step_s', float('nan')):8.1f} {peak if peak is not None else float('nan'):7.2f}  "
             f"{row['symzoo']['program'] if row['symzoo']['fast'] else 'vmap: ' + str(row['symzoo']['reason'])[:60]}")

@@ -434,15 +434,17 @@ class _Emitter:
         src = self.src.graph
         g = fx.Graph()
         self.g = g
-        x_in, rows_in, windows_in, training = (g.placeholder(n) for n in ("x", "rows", "windows", "training"))
-        state = {k: g.placeholder("p_" + k.replace(".", "_")) for k in pop.param_keys + pop.buffer_keys}
-        env: dict[fx.Node, Any] = {}
-        reads_input: set[fx.Node] = set()  # kernel convs that read the raw input (by row index) themselves
-        fused: set[fx.Node] = set()  # pool / activation nodes folded into the kernel conv before them
+        x_in, self.rows_in, self.windows_in, self.training = (g.placeholder(n) for n in ("x", "rows", "windows", "training"))
+        self.state = state = {k: g.placeholder("p_" + k.replace(".", "_")) for k in pop.param_keys + pop.buffer_keys}
+        self.env = env = {}  # traced node -> its value in the new graph
+        self.reads_input = reads_input = set()  # kernel convs that read the raw input (by row index) themselves
+        self.fused = fused = set()  # pool / activation nodes folded into the kernel conv before them
         weights = self._prologue(state, env)  # weight node -> its value in the new graph (on first use)
 
         def value(a: Any) -> Any:
             return fx.node.map_arg(a, lambda n: weights(n) if kinds.get(n) == WEIGHT else env[n])
+
+        self.value = value
 
         for node in src.nodes:
             if node in fused or kinds.get(node) == WEIGHT:
@@ -453,7 +455,7 @@ class _Emitter:
                     env[node] = x_in
                     reads_input.add(users[0])
                 else:
-                    env[node] = g.call_function(rows_input, (x_in, rows_in, self.input_dtype(node)))
+                    env[node] = g.call_function(rows_input, (x_in, self.rows_in, self.input_dtype(node)))
                 continue
             if node.op == "output":
                 out = node.args[0]
@@ -462,11 +464,11 @@ class _Emitter:
                 g.output(g.call_method("float", (env[out],)))
                 continue
             if node.op == "call_module" and _layer(self.mods[node.target]):
-                self._layer(node, value, state, env, reads_input, fused, rows_in, windows_in, training)
+                self._layer(node)
                 continue
             leaves, _, leaf_kinds = _flat_kinds((node.args, node.kwargs), kinds)
             if WEIGHT in leaf_kinds and kinds[node] == DATA:
-                env[node] = self._mixed(node, value, reads_input, rows_in, windows_in)
+                env[node] = self._mixed(node)
             elif WEIGHT in leaf_kinds:
                 raise Unsupported(f"{_what(node)} combines the weights with a per-sample size")
             elif kinds.get(node) == CONST and pop.constants is not None and _constant_tensor(node):
@@ -570,35 +572,20 @@ class _Emitter:
         m = self.mods.get(node.target) if node.op == "call_module" else None
         return self.pop.kernels and isinstance(m, nn.Conv2d) and popconv.supports(m.stride, m.dilation, m.groups)
 
-    def _layer(self, node, value, state, env, reads_input, fused, rows_in, windows_in, training) -> None:
+    def _layer(self, node: fx.Node) -> None:
         """A population layer module (Conv2d, Linear, FlatLinear, PopDropout) on the [N*B, ...] batch."""
-        g, pop = self.g, self.pop
+        g, pop, env, state = self.g, self.pop, self.env, self.state
         m, name = self.mods[node.target], node.target
         if self.kinds.get(node.args[0]) != DATA:
             raise Unsupported(f"{name} is applied to something other than the per-sample activations")
-        args = [value(a) for a in node.args]
-        if not isinstance(m, PopDropout) and node not in reads_input:
-            args[0] = self._compute(args[0])
+        args = [self.value(a) for a in node.args]
         w, b = state.get(f"{name}.weight"), state.get(f"{name}.bias")
-        epilogue = self._epilogue(node) if self._kernel_conv(node) else None
-        if epilogue is not None:  # conv, max-pool and activation as one kernel: the chain's last node is its output
-            chain, options = epilogue
-            if node in reads_input:
-                options.update(rows=rows_in, out_dtype=pop.dtype, windows=windows_in)
-                pop.window_geometry = (tuple(m.kernel_size), _conv_padding(m), options["pool"])
-            fused.update(chain)
-            env[chain[-1]] = g.call_function(popconv.conv2d_pool_act, (args[0], w, b, _conv_padding(m)), options)
-            self.choose(node, "popconv conv+" + "+".join(type(self.mods[c.target]).__name__ for c in chain),
-                        "reads the data set's window table" if node in reads_input else "")
-        elif node in reads_input:
-            env[node] = g.call_function(popconv.conv2d, (args[0], w, b, _conv_padding(m)),
-                                        {"rows": rows_in, "out_dtype": pop.dtype, "windows": windows_in})
-            pop.window_geometry = (tuple(m.kernel_size), _conv_padding(m), 1)
-            self.choose(node, "popconv", "reads the data set by row index")
-        elif self._kernel_conv(node):
-            env[node] = g.call_function(popconv.conv2d, (args[0], w, b, _conv_padding(m)))
-            self.choose(node, "popconv")
-        elif isinstance(m, nn.Conv2d):
+        if self._kernel_conv(node):
+            self._popconv(node, args[0], w, b, tuple(m.kernel_size), _conv_padding(m))
+            return
+        if not isinstance(m, PopDropout):
+            args[0] = self._compute(args[0])
+        if isinstance(m, nn.Conv2d):
             env[node] = g.call_function(pop_conv2d, (args[0], w, b, tuple(m.stride), _conv_padding(m)))
             self.choose(node, "im2col + bmm", self._no_kernels(m.stride))
         elif isinstance(m, FlatLinear):
@@ -610,7 +597,33 @@ class _Emitter:
         elif not pop.dropout:
             env[node] = args[0]
         else:
-            env[node] = g.call_function(pop_dropout, (args[0], state[f"{name}.p"], training))
+            env[node] = g.call_function(pop_dropout, (args[0], state[f"{name}.p"], self.training))
+
+    def _popconv(self, node: fx.Node, x: fx.Node, w: fx.Node, b: fx.Node | None, kernel: tuple[int, int],
+                 pad: tuple[int, int]) -> fx.Node:
+        """A conv on popconv's kernels, with the max-pool and activation that alone consume it folded in;
+        returns the node that stands for the traced conv (the chain's last node when one is folded)."""
+        g, pop, env = self.g, self.pop, self.env
+        reads = node in self.reads_input
+        options = {"rows": self.rows_in, "out_dtype": pop.dtype, "windows": self.windows_in} if reads else {}
+        if not reads:
+            x = self._compute(x)
+        epilogue = self._epilogue(node)
+        chain, pool = ([], 1) if epilogue is None else (epilogue[0], epilogue[1]["pool"])
+        if reads:
+            pop.window_geometry = (kernel, pad, pool)
+        why = "reads the data set's window table" if reads and chain else "reads the data set by row index" if reads else ""
+        if not chain:
+            self.choose(node, "popconv", why)
+            env[node] = g.call_function(popconv.conv2d, (x, w, b, pad), options)
+            return env[node]
+        self.fused.update(chain)
+        self.choose(node, "popconv conv+" + "+".join(self._op_name(c) for c in chain), why)
+        env[chain[-1]] = out = g.call_function(popconv.conv2d_pool_act, (x, w, b, pad), {**epilogue[1], **options})
+        return out
+
+    def _op_name(self, node: fx.Node) -> str:
+        return type(self.mods[node.target]).__name__ if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
 
     def _compute(self, x: fx.Node) -> fx.Node:
         """x in the compute dtype, as autocast casts a conv's or linear's input (a no-op when it is already)."""
@@ -621,9 +634,9 @@ class _Emitter:
             return "popconv kernels off here (no CUDA, or not asked for)"
         return f"stride {tuple(_pair(stride))}: popconv runs stride 1"
 
-    def _mixed(self, node: fx.Node, value, reads_input, rows_in, windows_in) -> fx.Node:
+    def _mixed(self, node: fx.Node) -> fx.Node:
         """An op of data and weights: a population conv for F.conv2d, a batched matmul for F.linear, else vmap."""
-        g, pop = self.g, self.pop
+        g, pop, value = self.g, self.pop, self.value
         if node.op == "call_function" and node.target in (F.conv2d, torch.conv2d, F.linear):
             kw = _bind(node)
             x, w, b = kw["input"], kw["weight"], kw["bias"]
@@ -637,13 +650,7 @@ class _Emitter:
                 kernel = tuple(w.meta["probe"].shape[-2:])
                 pad = _padding(padding, kernel)
                 if pop.kernels and popconv.supports(stride, dilation, groups):
-                    if node in reads_input:
-                        pop.window_geometry = (kernel, pad, 1)
-                        self.choose(node, "popconv", "reads the data set by row index")
-                        return g.call_function(popconv.conv2d, (value(x), value(w), value(b), pad),
-                                               {"rows": rows_in, "out_dtype": pop.dtype, "windows": windows_in})
-                    self.choose(node, "popconv")
-                    return g.call_function(popconv.conv2d, (self._compute(value(x)), value(w), value(b), pad))
+                    return self._popconv(node, value(x), value(w), value(b), kernel, pad)
                 if groups == 1 and dilation == (1, 1):
                     self.choose(node, "im2col + bmm", self._no_kernels(stride))
                     return g.call_function(pop_conv2d, (self._compute(value(x)), value(w), value(b), stride, pad))
@@ -671,19 +678,18 @@ class _Emitter:
     def _epilogue(self, conv: fx.Node) -> tuple[list[fx.Node], dict] | None:
         """The 2x2 max-pool and monotone activation (either order, each at most once) that alone consume
         the kernel conv's output, as (their nodes, conv2d_pool_act's options); None when there are none."""
-        mods = self.mods
-        if not popconv.fuses(mods[conv.target].out_channels):
+        if not popconv.fuses(conv.meta["probe"].shape[1]):
             return None
         chain: list[fx.Node] = []
         options: dict = {"pool": 1, "act": "identity", "window_dx": popconv.TUNING["window_dx"]}  # explicit in the program
         cur = conv
         while len(cur.users) == 1:
             (user,) = cur.users
-            m = mods.get(user.target) if user.op == "call_module" else None
-            if m is None or user.args != (cur,) or user.kwargs:
+            if user.args[:1] != (cur,):
                 break
-            act = _monotone_activation(m)
-            if isinstance(m, nn.MaxPool2d) and options["pool"] == 1 and _pool2(m):
+            m = self.mods.get(user.target) if user.op == "call_module" else None
+            act = _monotone_activation(m) if m is not None and user.args == (cur,) and not user.kwargs else None
+            if options["pool"] == 1 and self._plain_max_pool(user):
                 options["pool"] = 2
             elif act is not None and options["act"] == "identity":
                 options["act"], options["slope"] = act
@@ -691,7 +697,7 @@ class _Emitter:
                 break
             chain.append(user)
             cur = user
-        while chain and isinstance(mods[chain[-1].target], PopDropout):  # nothing to fold after the last op
+        while chain and isinstance(self.mods.get(chain[-1].target), PopDropout):  # nothing to fold after the last op
             chain.pop()
         return (chain, options) if chain else None
 

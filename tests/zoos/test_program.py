@@ -301,9 +301,9 @@ BF16_CASES = [("p4cnn", "digits", {}, dict(width=2, depth=1), True), ("frame_avg
 
 @pytest.mark.parametrize("arch,task_name,opts,config,compiled", BF16_CASES, ids=[c[0] for c in BF16_CASES])
 def test_bf16_step_follows_autocast_and_stays_finite(arch, task_name, opts, config, compiled):
-    """bf16 as autocast runs it, the vmap program's semantics: convs, linears and matmuls read bf16, a float32 bias
-    added to a conv's output promotes to float32 (in bf16, the compiled backward of a p4 CNN's max over the group
-    axis gave NaN), the input stays float32 where an op other than a conv or linear reads it (eigh has no bf16)."""
+    """bf16 as autocast runs it, the vmap program's semantics: convs, linears and matmuls read bf16, the maps between
+    a p4 CNN's convs stay bf16 and its group max stays finite when compiled (amax's tie-splitting backward gave
+    NaN there), the input stays float32 where an op other than a conv or linear reads it (eigh has no bf16)."""
     task, module, params, buffers = _population(arch, task_name, opts, config)
     x, y = torch.randn(3, 8, *task.input_shape), _targets(task, 3, 8)
 

@@ -119,22 +119,26 @@ class GroupConvNet(SymModule):
         return w.reshape(c_out * n_g, c_in * n_g, k, k)  # [C_out, G_out, C_in, G_in, k, k] flattened
 
     def features(self, x: Tensor) -> Tensor:
-        """[B, C, |G|]: the spatially pooled group feature maps, before group pooling (their group axis is equivariant)."""
+        """[B, C, |G|]: the spatially pooled group feature maps, before group pooling (their group axis is equivariant).
+
+        The maps stay [B, C*|G|, H, W] throughout (channel-major, as the kernels are flattened), so each conv
+        carries its bias (one per channel, repeated over the group) and its activation and pool are plain
+        ops on its output: a population program folds them into the conv.
+        """
         n_g, pad = len(self.elements), self.kernel // 2
-        x = F.conv2d(x, self._lift_kernel(), padding=pad)
-        x = x.unflatten(1, (-1, n_g)) + self.lift_bias[:, None, None, None]
+        x = F.conv2d(x, self._lift_kernel(), self.lift_bias.repeat_interleave(n_g), padding=pad)
         for i in range(len(self.acts)):
             if i > 0:
-                x = F.conv2d(x.flatten(1, 2), self._group_kernel(self.convs[i - 1]), padding=pad)
-                x = x.unflatten(1, (-1, n_g)) + self.biases[i - 1][:, None, None, None]
+                conv, bias = self.convs[i - 1], self.biases[i - 1]
+                x = F.conv2d(x, self._group_kernel(conv), bias.repeat_interleave(n_g), padding=pad)
             x = self.drops[i](self.acts[i](x))
             if self.pool_after[i]:
-                x = F.max_pool2d(x.flatten(1, 2), 2).unflatten(1, (-1, n_g))
-        return x.mean(dim=(-2, -1))
+                x = F.max_pool2d(x, 2)
+        return x.mean(dim=(-2, -1)).unflatten(1, (-1, n_g))
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.features(x)  # [B, C, G]
-        x = x.amax(-1) if self.group_pool == "max" else x.mean(-1)
+        x = x.max(-1).values if self.group_pool == "max" else x.mean(-1)  # max: the gradient goes to one element, as in a max-pool
         return self.head(x.reshape(x.shape[0], -1))
 
     def perm_spec(self) -> PermSpec:
