@@ -26,8 +26,9 @@ from pipeline.study import Study
 from pipeline.tracking import Tracker, default_tracking_uri, model_run_name
 
 
-class StoreError(RuntimeError):
-    """The store cannot be created or written; the message names the path."""
+class RunRefused(RuntimeError):
+    """A run that cannot start: its output folder or store is not writable, a stored zoo it names is missing, or
+    another run holds the study's lock; the message names the path or the holder."""
 
 
 class ResourceError(ValueError):
@@ -130,12 +131,12 @@ def check_output_writable(folder: Path) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
-        raise StoreError(f"cannot write the output folder {str(folder)!r}: {e.strerror or e}. Set output: in the study "
+        raise RunRefused(f"cannot write the output folder {str(folder)!r}: {e.strerror or e}. Set output: in the study "
                          "to a folder you can write") from None
 
 
 def check_stored_zoos(study: Study) -> dict[str, dict[str, Any]]:
-    """{zoo: its models, architectures and tasks} of each zoo the study names as stored; StoreError naming the
+    """{zoo: its models, architectures and tasks} of each zoo the study names as stored; RunRefused naming the
     zoo and what the store holds when one is not there, before any work starts."""
     from zoos.store import Store
 
@@ -147,7 +148,7 @@ def check_stored_zoos(study: Study) -> dict[str, dict[str, Any]]:
     for zoo in study.stored_zoos:
         if zoo.name not in held:
             have = ", ".join(held[:12]) + (", ..." if len(held) > 12 else "") if held else "no zoo"
-            raise StoreError(f"zoo {zoo.name!r} is named stored: true, but store {study.store!r} holds {have}; "
+            raise RunRefused(f"zoo {zoo.name!r} is named stored: true, but store {study.store!r} holds {have}; "
                               "import it (symzoo import) or train it in another study first")
         models = store.models(zoo.name).select("arch", "task", "status").collect()
         found[zoo.name] = {"models": models.height, "ok": int((models["status"] == "ok").sum()),
@@ -159,7 +160,7 @@ def check_store_writable(root: str) -> None:
     """Prove the store root writable before any work starts, so a bad path fails with nothing half-written."""
     import uuid
 
-    from zoos.store import Store, StoreError as _StoreError
+    from zoos.store import Store, StoreError
 
     try:
         store = Store(root)
@@ -168,10 +169,10 @@ def check_store_writable(root: str) -> None:
         with store.fs.open_output_stream(probe) as f:
             f.write(b"ok")
         store.fs.delete_file(probe)
-    except _StoreError as e:
-        raise StoreError(str(e)) from None
+    except StoreError as e:
+        raise RunRefused(str(e)) from None
     except OSError as e:
-        raise StoreError(f"cannot write the store at {root!r}: {e.strerror or e}. Choose another --store path.") from None
+        raise RunRefused(f"cannot write the store at {root!r}: {e.strerror or e}. Choose another --store path.") from None
 
 
 class StudyLock:
@@ -357,7 +358,7 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
     lock = StudyLock(study.store, study.study)
     held = lock.acquire()
     if held:
-        raise StoreError(held)
+        raise RunRefused(held)
     try:
         return _run_study(study, address, display, tracker, report, t_start)
     except BaseException as e:  # the runs this invocation opened end FAILED (KILLED on Ctrl-C), not RUNNING

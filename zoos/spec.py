@@ -404,7 +404,7 @@ def _width_errors(arch: str, located: list[tuple[tuple, Any]]) -> list[InitError
             for loc, v in located if _is_num(v) and not (_is_int(v) and v >= 1)]
 
 
-def format_errors(err: ValidationError, prefix: str = "") -> str:
+def format_spec_errors(err: ValidationError, prefix: str = "") -> str:
     """One line per error: `zoos[1].grid.lr[2]: lr = -3 is not allowed; expected a number > 0`."""
     lines = []
     for e in err.errors():
@@ -420,7 +420,7 @@ def parse_zoo(data: dict[str, Any], prefix: str = "zoo") -> ZooSpec:
     try:
         return ZooSpec.model_validate(data)
     except ValidationError as e:
-        raise SpecError(format_errors(e, prefix)) from None
+        raise SpecError(format_spec_errors(e, prefix)) from None
 
 
 @dataclass(frozen=True)
