@@ -35,12 +35,13 @@ from analysis import plots
 from pipeline.stages.checkpoint import CheckpointSettings, CheckpointStage
 from pipeline.stages.common import CONTEXT, Item, Settings, Stage, by_context, done_keys, mean_sd, median_iqr, pair_population, shard_name, test_batch
 from pipeline.stages.interpolation import last_epoch_rows, pick_epochs, sample_pairs, stored_epochs
+from zoos.archs.base import ACTIVATIONS
 from zoos.spec import FACTORS
 
 # Pointwise activations whose outputs are the default CKA layers.
-ACTIVATION_MODULES = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.Sigmoid)
+ACTIVATION_MODULES = tuple(a.module for a in ACTIVATIONS.values())
 # Activations with act(c z) = c act(z) for c > 0: an MLP using one has the per-neuron scaling symmetry.
-HOMOGENEOUS = ("relu", "leaky_relu")
+HOMOGENEOUS = tuple(name for name, a in ACTIVATIONS.items() if a.homogeneous)
 OUTPUT = "output"
 
 
