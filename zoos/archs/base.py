@@ -145,7 +145,7 @@ def init_resets(module: nn.Module) -> list[Callable[[], None]]:
     """What redraws `module`'s weights as its construction drew them: the `reset_parameters()` of the outermost
     modules that define one, in module order (a module's own reset covers its subtree). An architecture whose
     init is more than its layers' own resets (draws of its own, a rescale after a layer's reset) defines
-    `reset_parameters()` drawing in the order its `__init__` does, so that `zoos.spec.init_population` can
+    `reset_parameters()` drawing in the order its `__init__` does, so that `zoos.init.init_population` can
     replay it instead of building every model."""
     reset = getattr(module, "reset_parameters", None)
     if callable(reset):
