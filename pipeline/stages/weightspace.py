@@ -19,7 +19,7 @@ import polars as pl
 import torch
 
 from analysis import plots
-from pipeline.stages.common import median_iqr
+from pipeline.stages.common import median_iqr, register_stage
 from pipeline.stages.checkpoint import CheckpointSettings, CheckpointStage, Epochs
 
 
@@ -27,6 +27,7 @@ class WeightspaceSettings(CheckpointSettings):
     epochs: Epochs = "all"
 
 
+@register_stage
 class Weightspace(CheckpointStage):
     name = "weightspace"
     Settings = WeightspaceSettings
