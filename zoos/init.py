@@ -40,7 +40,7 @@ def _seeded_init(factors: dict[str, Any], draw: Callable[[], Any]) -> Any:
     s = stream_seed(factors["seed"], INIT_STREAM)
     with torch.random.fork_rng(devices=[]):
         # layers' own default init draws from the CPU generator: seed that one alone (torch.manual_seed would
-        # also reseed every CUDA generator, which fork_rng(devices=[]) does not restore, and costs ~0.5 ms)
+        # also reseed every CUDA generator, which fork_rng(devices=[]) does not restore, and is slower)
         torch.default_generator.manual_seed(s)
         model = draw()
     reinit(model, factors["init"], generator=torch.Generator().manual_seed(s))
@@ -50,7 +50,7 @@ def _seeded_init(factors: dict[str, Any], draw: Callable[[], Any]) -> Any:
 def init_population(models: Sequence[ModelSpec], task: Any) -> tuple[Any, dict, dict]:
     """Every model of a population as `init_model` builds it: (the first model, stacked params, stacked buffers).
 
-    Building a module is ~1 ms of Python (1 s for 1,024 models, a population's whole setup on a GPU), but its
+    Building a module per model is most of a large population's setup on a GPU (benchmarks/HISTORY.md), but its
     weights are only the draws of its `reset_parameters()` (`archs.base.init_resets`), in order, from the
     model's seeded generator, then `reinit`. Where that holds for this architecture (checked: the first two
     models are built and a replay of their draws on a copy must give both, parameters and buffers, to the bit)
