@@ -2,8 +2,8 @@
 
 Every model draws from its own streams, each seeded by `stream_seed(seed, salt)`: its init, its training
 subset, its data order and its augmentation per epoch, so no two ever share one. `init_model` builds one
-model from its init stream; `init_population` gives a whole population the same weights, replaying the
-layers' draws on one copy where the architecture allows it (the trainer's setup).
+model from its init stream; `init_population` gives every model of a population the weights `init_model`
+would, replaying the layers' draws on one copy where the architecture allows it (the trainer's setup).
 """
 
 from __future__ import annotations
