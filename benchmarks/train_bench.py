@@ -92,7 +92,8 @@ def one_model(seed: int, epochs: int, data_dir: str) -> dict:
     import torch.nn.functional as F
 
     from tasks import task_with_data
-    from zoos.spec import TRAIN_DEFAULTS, init_model
+    from zoos.init import init_model
+    from zoos.spec import TRAIN_DEFAULTS
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     task = task_with_data("mnist", {"n_val": 5000}, data_dir)
@@ -260,7 +261,8 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
     from zoos import popconv
     from zoos.fastpop import FastStep
     from zoos.functional import stack_states, template
-    from zoos.spec import TRAIN_DEFAULTS, init_model
+    from zoos.init import init_model
+    from zoos.spec import TRAIN_DEFAULTS
     from zoos.trainer import _compiled_update, _update_in_place
 
     base, *flags = kind.split("-")

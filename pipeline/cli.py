@@ -55,8 +55,7 @@ def fail(message: str, code: int = 2) -> None:
 def _user_errors() -> tuple[type, ...]:
     """The errors symzoo raises for bad input or a damaged store: each message says what and what to do."""
     from pipeline.phases import PhaseError
-    from pipeline.runner import StageConfigError
-    from pipeline.runner import StoreError as WriteError
+    from pipeline.runner import RunRefused, StageConfigError
     from pipeline.study import StudyError
     from pipeline.tracking import TrackingError
     from tasks.base import TaskError
@@ -64,7 +63,7 @@ def _user_errors() -> tuple[type, ...]:
     from zoos.spec import SpecError
     from zoos.store import StoreError
 
-    return (PhaseError, StageConfigError, WriteError, StudyError, TrackingError, TaskError, ArchError, SpecError, StoreError)
+    return (PhaseError, StageConfigError, RunRefused, StudyError, TrackingError, TaskError, ArchError, SpecError, StoreError)
 
 
 def command(name: str, **kwargs):

@@ -84,12 +84,12 @@ def validate_cmd(
     """Check a study file: every key, value, task and architecture; exit code 2 on the first problems."""
     from zoos.spec import expand, populations
 
-    from pipeline.runner import StoreError, check_stored_zoos
+    from pipeline.runner import RunRefused, check_stored_zoos
 
     study = _load(study_file, data_dir=data_dir)
     try:
         stored = check_stored_zoos(study)
-    except StoreError as e:
+    except RunRefused as e:
         fail(str(e))
     table = Table("zoo", "task", "arch", "models", "populations", "epochs", box=None, header_style="bold")
     for zoo in study.zoos:
@@ -119,13 +119,13 @@ def run_cmd(
     """Train the study's zoos (only what is missing), run its analysis stages, log to MLflow, summarise."""
     from pipeline.progress import Display
     from pipeline.report import print_summary
-    from pipeline.runner import ResourceError, StageConfigError, StoreError, TaskFailed, run_study
+    from pipeline.runner import ResourceError, RunRefused, StageConfigError, TaskFailed, run_study
     from pipeline.tracking import TrackingError
 
     study = _load(study_file, store=store, tracking_uri=tracking_uri, data_dir=data_dir)
     try:
         report = run_study(study, address=address, display=Display(plain=plain or None))
-    except (StoreError, TrackingError, StageConfigError, ResourceError) as e:
+    except (RunRefused, TrackingError, StageConfigError, ResourceError) as e:
         fail(str(e))
     except TaskFailed as e:  # an error inside a Ray task: its own one-line message, the traceback with --debug
         if debug:

@@ -26,8 +26,9 @@ from pipeline.study import Study
 from pipeline.tracking import Tracker, default_tracking_uri, model_run_name
 
 
-class StoreError(RuntimeError):
-    """The store cannot be created or written; the message names the path."""
+class RunRefused(RuntimeError):
+    """A run that cannot start: its output folder or store is not writable, a stored zoo it names is missing, or
+    another run holds the study's lock; the message names the path or the holder."""
 
 
 class ResourceError(ValueError):
@@ -130,12 +131,12 @@ def check_output_writable(folder: Path) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
-        raise StoreError(f"cannot write the output folder {str(folder)!r}: {e.strerror or e}. Set output: in the study "
+        raise RunRefused(f"cannot write the output folder {str(folder)!r}: {e.strerror or e}. Set output: in the study "
                          "to a folder you can write") from None
 
 
 def check_stored_zoos(study: Study) -> dict[str, dict[str, Any]]:
-    """{zoo: its models, architectures and tasks} of each zoo the study names as stored; StoreError naming the
+    """{zoo: its models, architectures and tasks} of each zoo the study names as stored; RunRefused naming the
     zoo and what the store holds when one is not there, before any work starts."""
     from zoos.store import Store
 
@@ -147,7 +148,7 @@ def check_stored_zoos(study: Study) -> dict[str, dict[str, Any]]:
     for zoo in study.stored_zoos:
         if zoo.name not in held:
             have = ", ".join(held[:12]) + (", ..." if len(held) > 12 else "") if held else "no zoo"
-            raise StoreError(f"zoo {zoo.name!r} is named stored: true, but store {study.store!r} holds {have}; "
+            raise RunRefused(f"zoo {zoo.name!r} is named stored: true, but store {study.store!r} holds {have}; "
                               "import it (symzoo import) or train it in another study first")
         models = store.models(zoo.name).select("arch", "task", "status").collect()
         found[zoo.name] = {"models": models.height, "ok": int((models["status"] == "ok").sum()),
@@ -159,7 +160,7 @@ def check_store_writable(root: str) -> None:
     """Prove the store root writable before any work starts, so a bad path fails with nothing half-written."""
     import uuid
 
-    from zoos.store import Store, StoreError as _StoreError
+    from zoos.store import Store, StoreError
 
     try:
         store = Store(root)
@@ -168,10 +169,10 @@ def check_store_writable(root: str) -> None:
         with store.fs.open_output_stream(probe) as f:
             f.write(b"ok")
         store.fs.delete_file(probe)
-    except _StoreError as e:
-        raise StoreError(str(e)) from None
+    except StoreError as e:
+        raise RunRefused(str(e)) from None
     except OSError as e:
-        raise StoreError(f"cannot write the store at {root!r}: {e.strerror or e}. Choose another --store path.") from None
+        raise RunRefused(f"cannot write the store at {root!r}: {e.strerror or e}. Choose another --store path.") from None
 
 
 class StudyLock:
@@ -357,7 +358,7 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
     lock = StudyLock(study.store, study.study)
     held = lock.acquire()
     if held:
-        raise StoreError(held)
+        raise RunRefused(held)
     try:
         return _run_study(study, address, display, tracker, report, t_start)
     except BaseException as e:  # the runs this invocation opened end FAILED (KILLED on Ctrl-C), not RUNNING
@@ -369,13 +370,23 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
 
 def _run_study(study: Study, address: str | None, display: Display, tracker: Tracker, report: RunReport,
                t_start: float) -> RunReport:
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    """The phases of a run, in order: start, plan, recover, train, analyse, drain the logging, summarise."""
+    store = _start(study, address, display, tracker)
+    plan = _plan(study, store, tracker, report)
+    logged = _recover(study, store, tracker, plan)
+    with display:
+        _train(study, plan, logged, display, tracker, report)
+        _analyse(study, store, display, tracker, report)
+    # model runs were logged on a background thread, overlapping training and the analysis stages
+    t_wait = time.perf_counter()
+    tracker.drain()
+    report.tracking_wait_s += time.perf_counter() - t_wait
+    _summarise(study, store, tracker, report, t_start)
+    return report
 
-    from pipeline.stages import STAGES
-    from zoos.program import fit_populations
-    from zoos.spec import AUTO_MAX_POPULATION, expand, populations
-    from zoos.trainer import make_task
+
+def _start(study: Study, address: str | None, display: Display, tracker: Tracker) -> Any:
+    """Check the store, output folder, stored zoos and resources before any work; start Ray; open the store."""
     from zoos.store import Store
 
     check_store_writable(study.store)
@@ -389,21 +400,37 @@ def _run_study(study: Study, address: str | None, display: Display, tracker: Tra
     display.log(f"Ray up in {time.perf_counter() - t_ray:.1f}s; planning populations")
     check_resources(study.resources, cluster=bool(address or os.environ.get("RAY_ADDRESS")), log=display.log)
     store = Store(study.store)
-    res = study.resources
-
     for name, found in stored_zoos.items():
         tracker.zoo_run(name, config={"stored": True, **found})
+    return store
 
-    # -- plan: populations whose models are not all stored yet
-    todo, factor_names, zoo_ids, varying = [], {}, {}, {}
-    slots = 0  # training tasks the cluster runs at once: asked of Ray only for a zoo with population_size auto
-    fitted: dict[str, int] = {}  # zoo -> the most models one program holds, where its populations were split to it
+
+@dataclass
+class _Plan:
+    """The populations a run trains (those whose models are not all stored) and what names their models' runs."""
+
+    todo: list[Any] = field(default_factory=list)  # PopulationSpec
+    factor_names: dict[str, list[str]] = field(default_factory=dict)  # zoo -> its models' factors
+    varying: dict[str, list[str]] = field(default_factory=dict)  # zoo -> the factors that tell its models apart
+    zoo_ids: dict[str, set[str]] = field(default_factory=dict)  # zoo -> every model id it has
+    slots: int = 0  # training tasks the cluster runs at once: asked of Ray only for a zoo with population_size auto
+    fitted: dict[str, int] = field(default_factory=dict)  # zoo -> the most models one program holds, where split to it
+
+
+def _plan(study: Study, store: Any, tracker: Tracker, report: RunReport) -> _Plan:
+    """Expand each trained zoo, leave out its stored models, group the rest into populations (sized to the cluster
+    for population_size auto, split to 32-bit indexing on a GPU); open each zoo's MLflow run."""
+    from zoos.program import fit_populations
+    from zoos.spec import AUTO_MAX_POPULATION, expand, populations
+    from zoos.trainer import make_task
+
+    plan, res = _Plan(), study.resources
     for zoo in study.trained_zoos:
         models = expand(zoo, study.study)
-        factor_names[zoo.name] = sorted({k for m in models for k in m.factors})
-        varying[zoo.name] = [f for f in factor_names[zoo.name]  # what tells the zoo's models apart: their runs' names
-                             if len({json.dumps(m.factors.get(f), default=str) for m in models}) > 1]
-        zoo_ids[zoo.name] = {m.model_id for m in models}
+        plan.factor_names[zoo.name] = sorted({k for m in models for k in m.factors})
+        plan.varying[zoo.name] = [f for f in plan.factor_names[zoo.name]  # what tells the zoo's models apart: their runs' names
+                                  if len({json.dumps(m.factors.get(f), default=str) for m in models}) > 1]
+        plan.zoo_ids[zoo.name] = {m.model_id for m in models}
         tracker.zoo_run(zoo.name, config={"task": zoo.task.name, "task_options": zoo.task.options, "arch": zoo.arch.name,
                                            "arch_config": zoo.arch.config, "epochs": zoo.epochs,
                                            "checkpoints": zoo.checkpoints, "train_metrics": zoo.train_metrics})
@@ -411,130 +438,163 @@ def _run_study(study: Study, address: str | None, display: Display, tracker: Tra
         missing = [m for m in models if m.model_id not in done]  # a re-run trains only these
         report.skipped_models += len(models) - len(missing)
         if zoo.population_size == "auto":
-            slots = slots or training_slots(res)
-            pops = populations(missing, AUTO_MAX_POPULATION, slots=slots)
+            plan.slots = plan.slots or training_slots(res)
+            pops = populations(missing, AUTO_MAX_POPULATION, slots=plan.slots)
             report.population_sizes[zoo.name] = max((len(p.model_ids) for p in pops), default=0)
         else:
             pops = populations(missing, zoo.population_size)
         if res.num_gpus > 0:  # on a GPU one program's activations must stay within 32-bit indexing
             pops, limits = fit_populations(pops, lambda p: make_task(p, study.data_dir))
-            fitted.update(limits)
-        todo += pops
-    # -- models stored by an earlier run whose driver died before logging them: log them now, from the store
+            plan.fitted.update(limits)
+        plan.todo += pops
+    return plan
+
+
+def _recover(study: Study, store: Any, tracker: Tracker, plan: _Plan) -> set[str]:
+    """Log the models an earlier run stored but whose driver died before logging them (from the store); returns
+    the ids of the models that have a finished MLflow run (none are tracked without per-model runs)."""
     per_model = study.model_runs == "all"
     tracker.discard_unfinished_models()
     logged = tracker.logged_models() if per_model else set()
     for zoo in study.trained_zoos if per_model else ():
-        _log_stored_models(store, tracker, zoo.name, zoo_ids[zoo.name], logged, factor_names[zoo.name], varying[zoo.name])
-    finals: dict[str, dict[str, list[float]]] = {}  # zoo -> metric -> final value of each model trained now
+        _log_stored_models(store, tracker, zoo.name, plan.zoo_ids[zoo.name], logged, plan.factor_names[zoo.name],
+                           plan.varying[zoo.name])
+    return logged
+
+
+def _train(study: Study, plan: _Plan, logged: set[str], display: Display, tracker: Tracker, report: RunReport) -> None:
+    """Train the planned populations as Ray tasks, polling their progress; take in each as it finishes."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    todo, res, per_model = plan.todo, study.resources, study.model_runs == "all"
     n_models = sum(len(p.model_ids) for p in todo)
-    epochs_total = sum(len(p.model_ids) * p.epochs for p in todo)
+    display.log(f"study {study.study}: {n_models} models to train in {len(todo)} populations, "
+                f"{report.skipped_models} already stored")
+    for zoo_name, size in report.population_sizes.items():
+        display.log(f"zoo {zoo_name}: population_size auto -> {size} ({plan.slots} training slots)")
+    for zoo_name, limit in plan.fitted.items():
+        display.log(f"zoo {zoo_name}: populations split to at most {limit} models (one program's largest activation "
+                    "must stay within 32-bit indexing)")
+    if not todo:
+        return
+    t_phase = time.perf_counter()
+    tracker.begin_work()
+    # on the driver's node: a worker node that dies must not take the live progress with it
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    board = ray.remote(ProgressBoard).options(num_cpus=0, scheduling_strategy=here).remote()
+    remote = ray.remote(_train_task)
+    pending = {
+        remote.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=res.max_retries,
+                       name=f"train:{pop.zoo}:{pop.shard}").remote(pop, study.store, res.precision, res.compile, study.data_dir, board): pop
+        for pop in todo
+    }
+    for pop in todo if per_model else ():  # runs created on the logging thread while training runs
+        tracker.create_model_runs_later(pop.zoo, {m.model_id: model_run_name(pop.zoo, m.model_id, m.factors, plan.varying[pop.zoo])
+                                                  for m in pop.models if m.model_id not in logged})
+    display.add("models trained", n_models)
+    display.add("model-epochs", sum(len(p.model_ids) * p.epochs for p in todo))
+    sizes = {p.shard: len(p.model_ids) for p in todo}
+    finals: dict[str, dict[str, list[float]]] = {}  # zoo -> metric -> final value of each model trained now
+    finished_epochs = 0
+    fell_back: set[str] = set()
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+        _show_progress(board, pending, sizes, finished_epochs, display)
+        for ref in ready:
+            t_result = time.perf_counter()
+            pop = pending.pop(ref)
+            out = _get(ref, f"training zoo {pop.zoo!r} (population {pop.shard})")  # raises after the task's retries
+            _take_population(pop, out, plan, logged, per_model, fell_back, finals, display, tracker, report)
+            finished_epochs += len(pop.model_ids) * pop.epochs
+            report.driver_result_s += time.perf_counter() - t_result
+    display.update("model-epochs", finished_epochs, note="")
+    ray.kill(board)
+    report.phase_s["train"] = time.perf_counter() - t_phase
+    for zoo_name, metrics in finals.items():  # the zoo run: its models' final metrics at a glance
+        tracker.log_zoo_metrics(zoo_name, {"models_trained": float(len(next(iter(metrics.values())))),
+                                           **_distribution(metrics)})
 
-    # -- train
-    with display:
-        display.log(f"study {study.study}: {n_models} models to train in {len(todo)} populations, "
-                    f"{report.skipped_models} already stored")
-        for zoo_name, size in report.population_sizes.items():
-            display.log(f"zoo {zoo_name}: population_size auto -> {size} ({slots} training slots)")
-        for zoo_name, limit in fitted.items():
-            display.log(f"zoo {zoo_name}: populations split to at most {limit} models (one program's largest activation "
-                        "must stay within 32-bit indexing)")
+
+def _show_progress(board: Any, pending: dict[Any, Any], sizes: dict[str, int], finished_epochs: int,
+                   display: Display) -> None:
+    """Model-epochs done (finished populations and the running ones' live counts), and what the others are doing."""
+    import ray
+
+    live = ray.get(board.snapshot.remote())
+    running = sum(sizes[s] * e for s, e in live.items() if s in {p.shard for p in pending.values()})
+    phases = ray.get(board.current_phases.remote())
+    counts: dict[str, int] = {}
+    for p in pending.values():  # a population with no phase yet waits for a worker
+        what = phases.get(p.shard, "waiting for a worker")
+        counts[what] = counts.get(what, 0) + 1
+    display.update("model-epochs", finished_epochs + running,
+                   note=", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
+
+
+def _take_population(pop: Any, out: dict[str, Any], plan: _Plan, logged: set[str], per_model: bool,
+                     fell_back: set[str], finals: dict[str, dict[str, list[float]]], display: Display,
+                     tracker: Tracker, report: RunReport) -> None:
+    """A finished population: its placement and timings into the report, its models' runs onto the logging thread,
+    its final metrics into `finals`; a warning, once per zoo, when a GPU trained it as plain vmap."""
+    report.train_task_s += out["train_s"] + out["write_s"]
+    report.placements.append({"population": pop.shard, "zoo": pop.zoo, "models": len(pop.model_ids),
+                              "epochs": pop.epochs,
+                              **{k: out[k] for k in ("node", "gpu_ids", "device", "started", "finished",
+                                                      "train_s", "write_s", "weight_bytes", "timings",
+                                                      "program")}})
+    program = out["program"]
+    if out["device"] == "cuda" and not program.get("fast", True) and pop.zoo not in fell_back:
+        fell_back.add(pop.zoo)  # once per zoo: the slow path, and why
+        display.log(f"warning: zoo {pop.zoo!r} trains as plain vmap on the GPU, slower per model: "
+                    f"{program.get('reason')}")
+    if per_model:
+        rows = [r for r in out["rows"] if r["model_id"] not in logged]
+        tracker.log_models_later(out["zoo"], rows, plan.factor_names[out["zoo"]], out["curves"], plan.varying[out["zoo"]])
+    for series in out["curves"].values():
+        for name, points in series.items():
+            finals.setdefault(out["zoo"], {}).setdefault(name, []).append(points[-1][1])
+    report.trained_models += len(pop.model_ids)
+    report.populations += 1
+    display.update("models trained", report.trained_models, note=f"{pop.zoo} on {out['device']}")
+
+
+def _analyse(study: Study, store: Any, display: Display, tracker: Tracker, report: RunReport) -> None:
+    """Each analysis stage in the study's order: plan its missing items, run them in chunks as Ray tasks."""
+    import ray
+
+    from pipeline.stages import STAGES
+
+    res = study.resources
+    for stage in study.analysis:
         t_phase = time.perf_counter()
-        if todo:
+        impl = STAGES[stage.stage]
+        zoos = study.stage_zoos(stage)
+        try:
+            items = impl.plan(store, zoos, stage.settings)
+        except ValueError as e:
+            raise StageConfigError(f"analysis stage {stage.stage!r}: {e}") from None
+        display.add(stage.stage, len(items))
+        if items and not tracker.working:
             tracker.begin_work()
-            # on the driver's node: a worker node that dies must not take the live progress with it
-            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-            board = ray.remote(ProgressBoard).options(num_cpus=0, scheduling_strategy=here).remote()
-            remote = ray.remote(_train_task)
-            pending = {
-                remote.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=res.max_retries,
-                               name=f"train:{pop.zoo}:{pop.shard}").remote(pop, study.store, res.precision, res.compile, study.data_dir, board): pop
-                for pop in todo
-            }
-            for pop in todo if per_model else ():  # runs created on the logging thread while training runs
-                tracker.create_model_runs_later(pop.zoo, {m.model_id: model_run_name(pop.zoo, m.model_id, m.factors, varying[pop.zoo])
-                                                          for m in pop.models if m.model_id not in logged})
-            display.add("models trained", n_models)
-            display.add("model-epochs", epochs_total)
-            sizes = {p.shard: len(p.model_ids) for p in todo}
-            finished_epochs = 0
-            fell_back: set[str] = set()
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-                live = ray.get(board.snapshot.remote())
-                running = sum(sizes[s] * e for s, e in live.items() if s in {p.shard for p in pending.values()})
-                phases = ray.get(board.current_phases.remote())
-                counts: dict[str, int] = {}
-                for p in pending.values():  # a population with no phase yet waits for a worker
-                    what = phases.get(p.shard, "waiting for a worker")
-                    counts[what] = counts.get(what, 0) + 1
-                display.update("model-epochs", finished_epochs + running,
-                               note=", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
-                for ref in ready:
-                    t_result = time.perf_counter()
-                    pop = pending.pop(ref)
-                    out = _get(ref, f"training zoo {pop.zoo!r} (population {pop.shard})")  # raises after the task's retries
-                    report.train_task_s += out["train_s"] + out["write_s"]
-                    report.placements.append({"population": pop.shard, "zoo": pop.zoo, "models": len(pop.model_ids),
-                                              "epochs": pop.epochs,
-                                              **{k: out[k] for k in ("node", "gpu_ids", "device", "started", "finished",
-                                                                      "train_s", "write_s", "weight_bytes", "timings",
-                                                                      "program")}})
-                    program = out["program"]
-                    if out["device"] == "cuda" and not program.get("fast", True) and pop.zoo not in fell_back:
-                        fell_back.add(pop.zoo)  # once per zoo: the slow path, and why
-                        display.log(f"warning: zoo {pop.zoo!r} trains as plain vmap on the GPU, slower per model: "
-                                    f"{program.get('reason')}")
-                    finished_epochs += len(pop.model_ids) * pop.epochs
-                    if per_model:
-                        rows = [r for r in out["rows"] if r["model_id"] not in logged]
-                        tracker.log_models_later(out["zoo"], rows, factor_names[out["zoo"]], out["curves"], varying[out["zoo"]])
-                    for series in out["curves"].values():
-                        for name, points in series.items():
-                            finals.setdefault(out["zoo"], {}).setdefault(name, []).append(points[-1][1])
-                    report.trained_models += len(pop.model_ids)
-                    report.populations += 1
-                    display.update("models trained", report.trained_models, note=f"{pop.zoo} on {out['device']}")
-                    report.driver_result_s += time.perf_counter() - t_result
-            display.update("model-epochs", finished_epochs, note="")
-            ray.kill(board)
-            report.phase_s["train"] = time.perf_counter() - t_phase
-            for zoo_name, metrics in finals.items():  # the zoo run: its models' final metrics at a glance
-                tracker.log_zoo_metrics(zoo_name, {"models_trained": float(len(next(iter(metrics.values())))),
-                                                   **_distribution(metrics)})
+        remote = ray.remote(_stage_task)
+        chunks = [items[i:i + stage.items_per_task] for i in range(0, len(items), stage.items_per_task)]
+        settings = stage.settings.model_dump()
+        pending = {remote.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=res.max_retries)
+                   .remote(stage.stage, study.store, chunk, settings, study.data_dir): len(chunk) for chunk in chunks}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                _get(ref, f"analysis stage {stage.stage!r}")
+                display.advance(stage.stage, pending.pop(ref))
+        report.analysis_items[stage.stage] = len(items)
+        report.phase_s[stage.stage] = report.phase_s.get(stage.stage, 0.0) + time.perf_counter() - t_phase
 
-        # -- analysis stages
-        for stage in study.analysis:
-            t_phase = time.perf_counter()
-            impl = STAGES[stage.stage]
-            zoos = study.stage_zoos(stage)
-            try:
-                items = impl.plan(store, zoos, stage.settings)
-            except ValueError as e:
-                raise StageConfigError(f"analysis stage {stage.stage!r}: {e}") from None
-            display.add(stage.stage, len(items))
-            if items and not tracker.working:
-                tracker.begin_work()
-            remote = ray.remote(_stage_task)
-            chunks = [items[i:i + stage.items_per_task] for i in range(0, len(items), stage.items_per_task)]
-            settings = stage.settings.model_dump()
-            pending = {remote.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=res.max_retries)
-                       .remote(stage.stage, study.store, chunk, settings, study.data_dir): len(chunk) for chunk in chunks}
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                for ref in ready:
-                    _get(ref, f"analysis stage {stage.stage!r}")
-                    display.advance(stage.stage, pending.pop(ref))
-            report.analysis_items[stage.stage] = len(items)
-            report.phase_s[stage.stage] = report.phase_s.get(stage.stage, 0.0) + time.perf_counter() - t_phase
 
-    # -- model runs were logged on a background thread, overlapping training and the analysis stages
-    t_wait = time.perf_counter()
-    tracker.drain()
-    report.tracking_wait_s += time.perf_counter() - t_wait
-
-    # -- plots, summary, MLflow
+def _summarise(study: Study, store: Any, tracker: Tracker, report: RunReport, t_start: float) -> None:
+    """Plots and summary.csv; each stage's and the study's MLflow run; the report's wall and tracking times."""
     from pipeline.report import summarise
+    from pipeline.stages import STAGES
 
     out_dir = study.output_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -554,4 +614,3 @@ def _run_study(study: Study, address: str | None, display: Display, tracker: Tra
     report.wall_s = time.perf_counter() - t_start
     report.tracking_s = tracker.seconds
     report.tracking_wait_s += tracker.seconds - tracker.background_seconds
-    return report

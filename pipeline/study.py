@@ -78,7 +78,7 @@ class StoredZoo(BaseModel):
         return data
 
 
-# Tags of the two kinds of zoo entry; format_errors leaves them out of key paths.
+# Tags of the two kinds of zoo entry; format_study_errors leaves them out of key paths.
 _TRAINED, _STORED = "trained zoo", "stored zoo"
 
 
@@ -181,7 +181,7 @@ def _short_repr(value: Any) -> str:
     return r.repr(value)
 
 
-def format_errors(err: ValidationError) -> str:
+def format_study_errors(err: ValidationError) -> str:
     """pydantic's errors as `key.path[i]: message (got value)` lines, one per problem."""
     lines = []
     for e in err.errors():
@@ -201,7 +201,7 @@ def parse_study(data: Any, source: str = "study") -> Study:
     try:
         return Study.model_validate(data)
     except ValidationError as e:
-        raise StudyError(f"{source} is not a valid study:\n{format_errors(e)}") from None
+        raise StudyError(f"{source} is not a valid study:\n{format_study_errors(e)}") from None
 
 
 MAX_STUDY_BYTES = 1_000_000

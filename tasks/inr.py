@@ -31,7 +31,6 @@ from tasks.registry import TASKS, get_task, register_task
 
 SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10")
 INDEX_SEED = 0  # the data seed of the source split that fixes image indices
-SOURCE_OPTIONS = ("data_dir", "n_train", "n_val", "n_test")
 
 
 def coordinate_grid(height: int, width: int) -> Tensor:

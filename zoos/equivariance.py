@@ -140,16 +140,30 @@ def _norm(w: Tensor, batch_dims: int) -> Tensor:
     return w.flatten(batch_dims).norm(dim=-1) if w.dim() > batch_dims else w.abs()
 
 
-def distance(state: Mapping[str, Tensor], projections: Mapping[str, Projection], batch_dims: int = 0) -> dict[str, Tensor]:
-    """{key: ||W - P(W)|| / ||W||}, one value per model when `batch_dims` leading axes stack a population."""
+def _check_keys(state: Mapping[str, Tensor], projections: Mapping[str, Projection]) -> None:
     missing = sorted(set(projections) - set(state))
     if missing:
         raise KeyError(f"projection for {missing[0]!r}, which the state does not have (keys: {sorted(state)[:5]} ...)")
+
+
+def distance(state: Mapping[str, Tensor], projections: Mapping[str, Projection], batch_dims: int = 0) -> dict[str, Tensor]:
+    """{key: ||W - P(W)|| / ||W||}, one value per model when `batch_dims` leading axes stack a population."""
+    _check_keys(state, projections)
     out = {}
     for key, project in projections.items():
         w = state[key]
         out[key] = _norm(w - project(w), batch_dims) / _norm(w, batch_dims).clamp_min(1e-30)
     return out
+
+
+def total_distance(state: Mapping[str, Tensor], projections: Mapping[str, Projection], batch_dims: int = 0) -> Tensor:
+    """||W - P(W)|| / ||W|| with W all the projected weights as one vector (one value per stacked model)."""
+    _check_keys(state, projections)
+    keys = sorted(projections)
+    flat = lambda w: w.reshape(*w.shape[:batch_dims], -1)  # noqa: E731
+    diff = torch.cat([flat(state[k] - projections[k](state[k])) for k in keys], -1)
+    full = torch.cat([flat(state[k]) for k in keys], -1)
+    return diff.norm(dim=-1) / full.norm(dim=-1).clamp_min(1e-30)
 
 
 def regulariser(state: Mapping[str, Tensor], projections: Mapping[str, Projection]) -> Tensor:

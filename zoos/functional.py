@@ -55,11 +55,6 @@ def population_forward(
     return vmap(one, in_dims=(0, 0, 0 if x_per_model else None), randomness=randomness)(dict(params), dict(buffers), x)
 
 
-def unstack(state: Mapping[str, Tensor], i: int) -> State:
-    """Model i's state out of a stacked state (views, no copy)."""
-    return {k: v[i] for k, v in state.items()}
-
-
 @contextmanager
 def evaluating(module: nn.Module) -> Iterator[nn.Module]:
     """Run `module` in eval mode (no dropout) and restore its mode afterwards."""

@@ -20,17 +20,19 @@ chunks them to a maximum size. Both are frozen dataclasses of plain values, so R
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from zoos.init import init_model
+# trainer.py's imports, until it takes them from zoos.init
+from zoos.init import AUGMENT_STREAM, ORDER_STREAM, SUBSET_STREAM, init_population, stream_seed  # noqa: F401
 from zoos.population import model_id, population_id
 
 OPTIMIZERS = ("sgd", "adam")
@@ -404,7 +406,7 @@ def _width_errors(arch: str, located: list[tuple[tuple, Any]]) -> list[InitError
             for loc, v in located if _is_num(v) and not (_is_int(v) and v >= 1)]
 
 
-def format_errors(err: ValidationError, prefix: str = "") -> str:
+def format_spec_errors(err: ValidationError, prefix: str = "") -> str:
     """One line per error: `zoos[1].grid.lr[2]: lr = -3 is not allowed; expected a number > 0`."""
     lines = []
     for e in err.errors():
@@ -420,7 +422,7 @@ def parse_zoo(data: dict[str, Any], prefix: str = "zoo") -> ZooSpec:
     try:
         return ZooSpec.model_validate(data)
     except ValidationError as e:
-        raise SpecError(format_errors(e, prefix)) from None
+        raise SpecError(format_spec_errors(e, prefix)) from None
 
 
 @dataclass(frozen=True)
@@ -548,91 +550,6 @@ class PopulationSpec:
 
     def __len__(self) -> int:
         return len(self.models)
-
-
-# Salts of the per-model random streams: init, training subset, data order and augmentation per epoch.
-INIT_STREAM, SUBSET_STREAM, ORDER_STREAM, AUGMENT_STREAM = 1, 2, 1_000, 1_000_000
-
-
-def stream_seed(seed: int, salt: int) -> int:
-    """The seed of one of a model's random streams, so init, data order and augmentation never share one."""
-    return (int(seed) * 2_000_003 + int(salt)) % (2**63 - 1)
-
-
-def init_model(arch: str, arch_config: dict[str, Any], factors: dict[str, Any], task: Any) -> Any:
-    """Build and initialise one model from its own seed: the same factors always give the same weights."""
-    from zoos.archs.base import build_arch
-
-    return _seeded_init(factors, lambda: build_arch(arch, task, **arch_config))
-
-
-def _seeded_init(factors: dict[str, Any], draw: Callable[[], Any]) -> Any:
-    """draw() (a model it builds or redraws) from the model's init stream, then `reinit` with factors["init"]."""
-    import torch
-
-    from zoos.archs.base import reinit
-
-    s = stream_seed(factors["seed"], INIT_STREAM)
-    with torch.random.fork_rng(devices=[]):
-        # layers' own default init draws from the CPU generator: seed that one alone (torch.manual_seed would
-        # also reseed every CUDA generator, which fork_rng(devices=[]) does not restore, and costs ~0.5 ms)
-        torch.default_generator.manual_seed(s)
-        model = draw()
-    reinit(model, factors["init"], generator=torch.Generator().manual_seed(s))
-    return model
-
-
-def init_population(models: Sequence[ModelSpec], task: Any) -> tuple[Any, dict, dict]:
-    """Every model of a population as `init_model` builds it: (the first model, stacked params, stacked buffers).
-
-    Building a module is ~1 ms of Python (1 s for 1,024 models, a population's whole setup on a GPU), but its
-    weights are only the draws of its `reset_parameters()` (`archs.base.init_resets`), in order, from the
-    model's seeded generator, then `reinit`. Where that holds for this architecture (checked: the first two
-    models are built and a replay of their draws on a copy must give both, parameters and buffers, to the bit)
-    and every model has the same arch config, the other models are replays on that copy. Elsewhere (an
-    architecture drawing outside its resets; per-model configs such as dropout) every model is built."""
-    import torch
-
-    from zoos.archs.base import init_resets
-    from zoos.functional import stack_states
-
-    built = [init_model(m.arch, m.arch_config, m.factors, task) for m in models[:2]]
-    replay = copy.deepcopy(built[0])
-    same_config = all(m.arch_config == models[0].arch_config for m in models)
-    resets = init_resets(replay)
-
-    def tensors(model: Any) -> dict:
-        return {**dict(model.named_parameters()), **dict(model.named_buffers())}
-
-    live = tensors(replay)  # the replay's own tensors: every draw is in place
-
-    def redraw() -> Any:
-        with torch.no_grad():
-            for reset in resets:
-                reset()
-        return replay
-
-    def replayed(m: ModelSpec) -> dict:
-        _seeded_init(m.factors, redraw)
-        return live
-
-    def same(state: dict, model: Any) -> bool:
-        ref = tensors(model)
-        return state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
-
-    if len(models) <= 2 or not same_config or not all(same(replayed(m), b) for m, b in zip(models, built)):
-        rest = [init_model(m.arch, m.arch_config, m.factors, task) for m in models[2:]]
-        params, buffers = stack_states(built + rest)
-        return built[0], params, buffers
-    params, buffers = stack_states(built)
-    params, buffers = ({k: torch.cat([v, v.new_empty((len(models) - 2, *v.shape[1:]))]) for k, v in d.items()}
-                       for d in (params, buffers))
-    with torch.no_grad():  # the replay's parameters require grad: copies of them must not join a graph
-        for i, m in enumerate(models[2:], 2):
-            state = replayed(m)
-            for k, v in (*params.items(), *buffers.items()):
-                v[i] = state[k]
-    return built[0], params, buffers
 
 
 def build_model(zoo: ZooSpec, factors: dict[str, Any], task: Any) -> Any:

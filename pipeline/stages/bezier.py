@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 
 from analysis import plots
-from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, mean_sd, ok_models, pair_population, shard_name
+from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, mean_sd, ok_models, pair_population, register_stage, shard_name
 from pipeline.stages.interpolation import factor_cells, sample_pairs
 
 
@@ -27,6 +27,7 @@ class BezierSettings(Settings):
     ts_per_step: int = Field(4, ge=1, description="points t ~ U(0, 1) per step, run as one population")
 
 
+@register_stage
 class Bezier(Stage):
     name = "bezier"
     Settings = BezierSettings

@@ -92,6 +92,15 @@ class Stage(ABC):
         return []
 
 
+STAGES: dict[str, Stage] = {}  # the stages a study may name: `stage:` in its analysis list
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    """Class decorator: register one instance of the stage under its `name`."""
+    STAGES[cls.name] = cls()
+    return cls
+
+
 def shard_name(stage: str, items: list[Item]) -> str:
     """Deterministic shard name of a chunk of items."""
     blob = json.dumps(sorted(json.dumps(i, sort_keys=True) for i in items))

@@ -12,13 +12,14 @@ import torch
 from pydantic import Field
 
 from analysis import plots
-from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, mean_sd, median_iqr, model_context, ok_models, shard_name, stacked, test_batch
+from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, mean_sd, median_iqr, model_context, ok_models, register_stage, shard_name, stacked, test_batch
 
 
 class EquivarianceSettings(Settings):
     group_samples: int = Field(16, ge=1, description="group elements sampled for Lie groups (finite groups use all)")
 
 
+@register_stage
 class Equivariance(Stage):
     name = "equivariance"
     Settings = EquivarianceSettings

@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 
 from analysis import plots
-from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, mean_sd, ok_models, pair_population, shard_name
+from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, mean_sd, ok_models, pair_population, register_stage, shard_name
 from zoos.spec import FACTORS
 
 
@@ -210,6 +210,7 @@ def last_epoch_rows(rows: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
     return rows.filter(pl.col("epoch") == pl.col("epoch").max().over(keys))
 
 
+@register_stage
 class Interpolation(Stage):
     name = "interpolation"
     Settings = InterpolationSettings
@@ -267,6 +268,7 @@ class InterpolationCrossSettings(InterpolationSettings):
     pairs: int = Field(8, ge=0, description="model pairs sampled per pair of zoos (one model from each); 0 = all")
 
 
+@register_stage
 class InterpolationCross(Interpolation):
     """Pairs across zoos of one architecture and config (equal parameter shapes): model_a from zoo, model_b from zoo_b."""
 

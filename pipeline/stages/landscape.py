@@ -18,7 +18,7 @@ from pydantic import Field
 
 from analysis import plots
 from pipeline.stages.checkpoint import CheckpointSettings, CheckpointStage
-from pipeline.stages.common import median_iqr, test_batch
+from pipeline.stages.common import median_iqr, register_stage, test_batch
 
 
 class LandscapeSettings(CheckpointSettings):
@@ -30,6 +30,7 @@ class LandscapeSettings(CheckpointSettings):
                                 "standard error is at most this fraction of |trace|, or `probes` are spent")
 
 
+@register_stage
 class Landscape(CheckpointStage):
     name = "landscape"
     Settings = LandscapeSettings

@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 
 from analysis import plots
 from pipeline.stages.checkpoint import CheckpointSettings, CheckpointStage
-from pipeline.stages.common import median_iqr, test_batch
+from pipeline.stages.common import median_iqr, register_stage, test_batch
 
 
 class LieSettings(CheckpointSettings):
@@ -39,6 +39,7 @@ class LieSettings(CheckpointSettings):
         return v
 
 
+@register_stage
 class Lie(CheckpointStage):
     name = "lie"
     Settings = LieSettings

@@ -33,14 +33,15 @@ from torch import nn
 
 from analysis import plots
 from pipeline.stages.checkpoint import CheckpointSettings, CheckpointStage
-from pipeline.stages.common import CONTEXT, Item, Settings, Stage, by_context, done_keys, mean_sd, median_iqr, pair_population, shard_name, test_batch
+from pipeline.stages.common import CONTEXT, Item, Settings, Stage, by_context, done_keys, mean_sd, median_iqr, pair_population, register_stage, shard_name, test_batch
 from pipeline.stages.interpolation import last_epoch_rows, pick_epochs, sample_pairs, stored_epochs
+from zoos.archs.base import ACTIVATIONS
 from zoos.spec import FACTORS
 
 # Pointwise activations whose outputs are the default CKA layers.
-ACTIVATION_MODULES = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.Sigmoid)
+ACTIVATION_MODULES = tuple(a.module for a in ACTIVATIONS.values())
 # Activations with act(c z) = c act(z) for c > 0: an MLP using one has the per-neuron scaling symmetry.
-HOMOGENEOUS = ("relu", "leaky_relu")
+HOMOGENEOUS = tuple(name for name, a in ACTIVATIONS.items() if a.homogeneous)
 OUTPUT = "output"
 
 
@@ -81,6 +82,7 @@ class SimilaritySettings(Settings):
     debiased: bool = Field(False, description="debiased CKA (unbiased HSIC): ~0 for unrelated features even when wider than the batch")
 
 
+@register_stage
 class Similarity(Stage):
     name = "similarity"
     Settings = SimilaritySettings
@@ -180,6 +182,7 @@ class FuncdimSettings(CheckpointSettings):
     max_entries: int = Field(20_000_000, ge=1, description="Jacobian entries at most (float64); fewer samples are used above it")
 
 
+@register_stage
 class Funcdim(CheckpointStage):
     name = "funcdim"
     Settings = FuncdimSettings

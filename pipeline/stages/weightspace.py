@@ -19,7 +19,7 @@ import polars as pl
 import torch
 
 from analysis import plots
-from pipeline.stages.common import median_iqr
+from pipeline.stages.common import median_iqr, register_stage
 from pipeline.stages.checkpoint import CheckpointSettings, CheckpointStage, Epochs
 
 
@@ -27,6 +27,7 @@ class WeightspaceSettings(CheckpointSettings):
     epochs: Epochs = "all"
 
 
+@register_stage
 class Weightspace(CheckpointStage):
     name = "weightspace"
     Settings = WeightspaceSettings
@@ -34,23 +35,18 @@ class Weightspace(CheckpointStage):
     def measure(self, module: torch.nn.Module, task: Any, params: dict, buffers: dict, settings: dict[str, Any],
                 device: str) -> dict[str, Any]:
         from tasks.groups import FiniteGroup
-        from zoos.equivariance import projections
+        from zoos.equivariance import distance, projections, total_distance
 
         group = task.group
-        if not isinstance(group, FiniteGroup):
+        projs = projections(module, group) if isinstance(group, FiniteGroup) else {}
+        if not projs:  # a continuous group, or nothing the group constrains (e.g. an MLP on vectors)
             return {"group": group.name, "applicable": False, "weight_distance": None, "layers": [], "layer_distance": []}
-        projs = projections(module, group)
         layers = sorted(projs)
-        n = next(iter(params.values())).shape[0]
         with torch.no_grad():
-            diff = [(params[k] - projs[k](params[k])).reshape(n, -1) for k in layers]
-            full = [params[k].reshape(n, -1) for k in layers]
-        if not layers:  # nothing the group constrains (e.g. an MLP on vectors): no distance to report
-            return {"group": group.name, "applicable": False, "weight_distance": None, "layers": [], "layer_distance": []}
-        per_layer = torch.stack([d.norm(dim=1) / w.norm(dim=1).clamp_min(1e-30) for d, w in zip(diff, full)], 1)
-        total = torch.cat(diff, 1).norm(dim=1) / torch.cat(full, 1).norm(dim=1).clamp_min(1e-30)
+            per_layer = distance(params, projs, batch_dims=1)
+            total = total_distance(params, projs, batch_dims=1)
         return {"group": group.name, "applicable": True, "weight_distance": total, "layers": layers,
-                "layer_distance": per_layer}
+                "layer_distance": torch.stack([per_layer[k] for k in layers], 1)}
 
     def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
         ok = rows.filter(pl.col("applicable"))

@@ -11,7 +11,8 @@ import scipy.io
 import torch
 
 from tasks import TaskError, get_task
-from tasks.formats import read_cifar_batch, read_idx, read_svhn_mat, write_cifar_batch, write_idx
+from tasks.formats import read_cifar_batch, read_idx, read_svhn_mat, write_idx
+from tests.tasks.datafiles import write_cifar, write_mnist, write_svhn
 
 
 @pytest.mark.parametrize("dtype", ["u1", "i1", ">i2", ">i4", ">f4", ">f8", "<f4"])
@@ -39,23 +40,10 @@ def test_idx_rejects_bad_files(tmp_path):
         read_idx(tmp_path / "short")
 
 
-def _write_mnist(folder, rng, n_train=30, n_test=10, gz=True):
-    folder.mkdir(parents=True, exist_ok=True)
-    data = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
-    }
-    for name, arr in data.items():
-        write_idx(folder / (name + (".gz" if gz else "")), arr)
-    return data
-
-
 @pytest.mark.parametrize("task_name,layout,gz", [("mnist", "mnist", True), ("fashion_mnist", "", False),
                                                   ("mnist", "MNIST/raw", False)])
 def test_idx_tasks_read_back_exactly(tmp_path, task_name, layout, gz):
-    data = _write_mnist(tmp_path / layout if layout else tmp_path, np.random.default_rng(0), gz=gz)
+    data = write_mnist(tmp_path / layout if layout else tmp_path, np.random.default_rng(0), gz=gz)
     task = get_task(task_name, data_dir=str(tmp_path), n_val=8)
     xte, yte = task.load("test")
     assert xte.shape == (10, 1, 28, 28) and xte.dtype == torch.float32 and yte.dtype == torch.int64
@@ -74,14 +62,14 @@ def test_idx_tasks_read_back_exactly(tmp_path, task_name, layout, gz):
 
 
 def test_data_dir_from_environment(tmp_path, monkeypatch):
-    _write_mnist(tmp_path / "fashion_mnist", np.random.default_rng(1), gz=False)
+    write_mnist(tmp_path / "fashion_mnist", np.random.default_rng(1), gz=False)
     monkeypatch.setenv("SYMZOO_DATA", str(tmp_path))
     x, _ = get_task("fashion_mnist", n_val=5, n_test=4).load("test")
     assert x.shape == (4, 1, 28, 28)
 
 
 def test_sizes_larger_than_the_files_are_refused(tmp_path):
-    _write_mnist(tmp_path, np.random.default_rng(2), gz=False)
+    write_mnist(tmp_path, np.random.default_rng(2), gz=False)
     with pytest.raises(TaskError, match="n_train=40 but only 25"):
         get_task("mnist", data_dir=str(tmp_path), n_val=5, n_train=40).load("train")
 
@@ -101,14 +89,8 @@ def test_missing_files_name_the_files_and_the_directory(tmp_path, monkeypatch):
 
 
 def test_cifar_batches_read_back_exactly(tmp_path):
-    rng = np.random.default_rng(3)
     folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    batches = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        images, labels = rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, 4)
-        write_cifar_batch(folder / name, images, labels)
-        batches[name] = (images, labels)
+    batches = write_cifar(folder, np.random.default_rng(3))
     x, y = read_cifar_batch(folder / "test_batch")
     assert np.array_equal(x, batches["test_batch"][0]) and np.array_equal(y, batches["test_batch"][1])
     task = get_task("cifar10", data_dir=str(tmp_path), n_val=5)
@@ -159,21 +141,8 @@ def test_cifar_reader_reads_python2_pickles(tmp_path):
         read_cifar_batch(tmp_path / "nolabels")
 
 
-def _write_svhn(folder, rng, n_train=30, n_test=9) -> dict:
-    """SVHN format-2 files as published: X uint8 [32, 32, 3, N] (height, width, channel, image), y [N, 1] in 1..10."""
-    folder.mkdir(parents=True, exist_ok=True)
-    data = {}
-    for name, n in (("train_32x32.mat", n_train), ("test_32x32.mat", n_test)):
-        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
-        y = rng.integers(1, 11, (n, 1)).astype(np.uint8)
-        y[:2, 0] = [10, 1]  # the digit 0 is stored as 10
-        scipy.io.savemat(str(folder / name), {"X": x, "y": y})
-        data[name] = (x, y)
-    return data
-
-
 def test_svhn_reads_the_published_mat_files_exactly(tmp_path):
-    data = _write_svhn(tmp_path / "svhn", np.random.default_rng(4))
+    data = write_svhn(tmp_path / "svhn", np.random.default_rng(4))
     x, y = read_svhn_mat(tmp_path / "svhn" / "test_32x32.mat")
     xs, ys = data["test_32x32.mat"]
     assert x.shape == (9, 3, 32, 32) and x.dtype == np.uint8 and y.dtype == np.int64
@@ -205,7 +174,7 @@ def test_svhn_reads_the_published_mat_files_exactly(tmp_path):
     ({"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[3], [11]])}, "label 11; SVHN labels are 1..10"),
 ])  # fmt: skip
 def test_svhn_refuses_a_malformed_file_in_one_line(tmp_path, content, match):
-    _write_svhn(tmp_path, np.random.default_rng(5))
+    write_svhn(tmp_path, np.random.default_rng(5))
     path = tmp_path / "test_32x32.mat"
     if isinstance(content, bytes):
         path.write_bytes(content)

@@ -1,4 +1,4 @@
-"""Tasks: every generated task's ground truth is equivariant; data is deterministic per seed; digits
+"""Tasks, case by case (test_registry.py checks every task's contract): data is deterministic per seed; digits
 variants rotate what they say; options are validated."""
 
 import time
@@ -8,8 +8,8 @@ import torch
 
 import tasks
 from tasks import TASKS, TaskError, get_task
-from tasks.generated import GeneratedTask, inertia_matrix, simulate_charged
-from tasks.groups import FiniteGroup, OrthogonalGroup, element_list
+from tasks.generated import inertia_matrix, simulate_charged
+from tasks.groups import OrthogonalGroup
 
 SMALL = {"n_train": 24, "n_val": 16, "n_test": 16}
 GENERATED = ["o5_regression", "inertia", "modified_inertia", "lorentz", "convex_hull", "nbody"]
@@ -24,25 +24,6 @@ def test_registry_holds_every_task_and_construction_is_cheap(monkeypatch):
     assert time.perf_counter() - start < 1.0
     for task in built:
         assert task.metric_name in ("acc", "rel_mse", "psnr") and task.input_kind in ("image", "points", "vector")
-
-
-@pytest.mark.parametrize("name", GENERATED)
-def test_ground_truth_is_equivariant(name):
-    task = get_task(name, **SMALL)
-    assert isinstance(task, GeneratedTask)
-    x, y = task.load("val", seed=0)
-    assert x.shape == (16, *task.input_shape) and y.shape == (16, *task.output_shape)
-    assert x.dtype == torch.float32 and y.dtype == torch.float32
-    assert torch.allclose(task.target(x), y)
-    x64 = x.double()
-    fx = task.target(x64)
-    scale = fx.abs().max()
-    els = element_list(task.group, 6, torch.Generator().manual_seed(0))
-    if isinstance(task.group, FiniteGroup):
-        assert len(els) == task.group.order
-    for g in els:
-        err = (task.target(task.group.act_in(g, x64)) - task.group.act_out(g, fx)).abs().max() / scale
-        assert err < 1e-5, (name, float(err))
 
 
 def test_modified_inertia_breaks_o3():

@@ -233,14 +233,14 @@ def test_population_init_equals_each_model_built_alone(arch, task_name, opts, co
     architecture's init replays (its resets draw what its construction draws, in the same order)."""
     from types import SimpleNamespace
 
-    from zoos import spec
+    import zoos.init
 
     task = get_task(task_name, **opts)
     models = [SimpleNamespace(arch=arch, arch_config=config, factors={"seed": s, "init": init}) for s in (4, 0, 9, 2, 7)]
     calls = []
-    build = spec.init_model
-    monkeypatch.setattr(spec, "init_model", lambda *a: (calls.append(a), build(*a))[1])
-    first, params, buffers = spec.init_population(models, task)
+    build = zoos.init.init_model
+    monkeypatch.setattr(zoos.init, "init_model", lambda *a: (calls.append(a), build(*a))[1])
+    first, params, buffers = zoos.init.init_population(models, task)
     # plain tensors: a copy that joined the replay's autograd graph grew a graph across every training step
     assert not any(v.requires_grad or v.grad_fn is not None for v in (*params.values(), *buffers.values()))
     alone = [build(m.arch, m.arch_config, m.factors, task) for m in models]
@@ -257,7 +257,7 @@ def test_population_init_equals_each_model_built_alone(arch, task_name, opts, co
 def test_population_init_builds_every_model_when_configs_differ_or_the_replay_is_not_exact(monkeypatch):
     from types import SimpleNamespace
 
-    from zoos.spec import init_model, init_population
+    from zoos.init import init_model, init_population
 
     task = get_task("digits")
     models = [SimpleNamespace(arch="mlp", arch_config={"width": 8, "depth": 1, "dropout": p},
@@ -290,7 +290,8 @@ def test_every_architecture_builds_on_the_meta_device(arch, task_name, opts, con
     """`symzoo validate` sizes every config on the meta device (no memory) to refuse a model too big for the
     machine before training: construction may compute only on explicit CPU tensors."""
     from zoos.archs.base import INIT_SCHEMES
-    from zoos.spec import TRAIN_DEFAULTS, init_model
+    from zoos.init import init_model
+    from zoos.spec import TRAIN_DEFAULTS
 
     task = get_task(task_name, **opts)
     for init in INIT_SCHEMES:

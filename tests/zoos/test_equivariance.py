@@ -7,7 +7,7 @@ from torch import nn
 from torch.func import vmap
 
 from tasks.groups import ImageGroup, OrthogonalGroup
-from zoos.equivariance import distance, input_projection, kernel_projection, projections, regulariser
+from zoos.equivariance import distance, input_projection, kernel_projection, projections, regulariser, total_distance
 
 
 class FlatLinear(nn.Module):
@@ -99,6 +99,12 @@ def test_distance_zero_after_projection_positive_before_and_per_model():
         torch.testing.assert_close(value[0], value[1])  # relative: scaling a model does not change it
     projected = {k: projs[k](v) if k in projs else v for k, v in state.items()}
     assert all((v < 1e-12).all() for v in distance(projected, projs, batch_dims=1).values())
+    # all layers as one vector: between the per-layer extremes, and 0 once projected
+    total = total_distance(state, projs, batch_dims=1)
+    per_layer = torch.stack(list(d.values()))
+    assert total.shape == (2,) and (per_layer.min(0).values <= total).all() and (total <= per_layer.max(0).values).all()
+    assert (total_distance(projected, projs, batch_dims=1) < 1e-12).all()
+    torch.testing.assert_close(total_distance({k: v[0] for k, v in state.items()}, projs), total[0])
     # the projected network is invariant end to end
     model.load_state_dict({k: v[0] for k, v in projected.items()})
     x = torch.randn(3, 1, 6, 6, dtype=torch.float64)

@@ -14,7 +14,7 @@ from zoos.spec import (
     ZooSpec,
     build_model,
     expand,
-    format_errors,
+    format_spec_errors,
     parse_checkpoints,
     parse_zoo,
     populations,
@@ -33,7 +33,7 @@ class Study(BaseModel):
 def errors_of(data: dict) -> str:
     with pytest.raises(Exception) as info:
         Study.model_validate({"zoos": [zoo(), data]})
-    return format_errors(info.value)
+    return format_spec_errors(info.value)
 
 
 def test_error_names_the_path_the_value_and_the_range():

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import tasks
-from zoos.spec import PopulationSpec, expand, init_model, parse_zoo, populations
+from zoos.init import init_model
+from zoos.spec import PopulationSpec, expand, parse_zoo, populations
 from zoos.trainer import (
     DATA_SEED,
     Augmenter,

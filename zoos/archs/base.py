@@ -91,21 +91,35 @@ def build_arch(name: str, task: Task, **config: Any) -> SymModule:
     return module
 
 
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "relu": nn.ReLU,
-    "gelu": nn.GELU,
-    "tanh": nn.Tanh,
-    "silu": nn.SiLU,
-    "sigmoid": nn.Sigmoid,
-    "leaky_relu": lambda: nn.LeakyReLU(0.1),
+@dataclass(frozen=True)
+class Activation:
+    """A pointwise activation (it commutes with any permutation of units) and the properties code relies on."""
+
+    module: type[nn.Module]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    homogeneous: bool = False  # act(c z) = c act(z) for c > 0: an MLP using it has per-neuron scaling symmetry
+    monotone: bool = False  # non-decreasing: it commutes with a max-pool (a fused conv + pool + act may apply it last)
+
+    def build(self) -> nn.Module:
+        return self.module(**self.kwargs)
+
+
+# The one table of activations: the names a zoo's `activation` factor allows, and what each one is.
+ACTIVATIONS: dict[str, Activation] = {
+    "relu": Activation(nn.ReLU, homogeneous=True, monotone=True),
+    "gelu": Activation(nn.GELU),
+    "tanh": Activation(nn.Tanh, monotone=True),
+    "silu": Activation(nn.SiLU),
+    "sigmoid": Activation(nn.Sigmoid, monotone=True),
+    "leaky_relu": Activation(nn.LeakyReLU, {"negative_slope": 0.1}, homogeneous=True, monotone=True),
 }
 
 
 def make_activation(name: str) -> nn.Module:
-    """A pointwise activation by name (pointwise, so it commutes with any permutation of units)."""
+    """A pointwise activation by name."""
     if name not in ACTIVATIONS:
         raise ArchError(f"activation {name!r} is not known; allowed: {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
+    return ACTIVATIONS[name].build()
 
 
 class PopDropout(nn.Module):
@@ -131,7 +145,7 @@ def init_resets(module: nn.Module) -> list[Callable[[], None]]:
     """What redraws `module`'s weights as its construction drew them: the `reset_parameters()` of the outermost
     modules that define one, in module order (a module's own reset covers its subtree). An architecture whose
     init is more than its layers' own resets (draws of its own, a rescale after a layer's reset) defines
-    `reset_parameters()` drawing in the order its `__init__` does, so that `zoos.spec.init_population` can
+    `reset_parameters()` drawing in the order its `__init__` does, so that `zoos.init.init_population` can
     replay it instead of building every model."""
     reset = getattr(module, "reset_parameters", None)
     if callable(reset):

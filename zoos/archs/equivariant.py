@@ -227,10 +227,6 @@ class DeepSets(SymModule):
         return PermSpec({**self.phi.perm_pairs("phi.", "phi_"), "pooled": pooled, **self.rho.perm_pairs("rho.", "rho_")})
 
 
-def _inner(u: Tensor, v: Tensor, metric: Tensor) -> Tensor:
-    return (u * metric * v).sum(-1)
-
-
 @register_arch(
     "scalar_mlp",
     equivariant=True,

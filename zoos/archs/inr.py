@@ -144,7 +144,7 @@ class FourierMLP(SymModule):
         self.net = MLPStack(2 * len(freqs), width, depth, math.prod(task.output_shape), activation, dropout)
 
     def _gaussian_freqs(self, n_freqs: int, d: int) -> Tensor:
-        return torch.randn(n_freqs, d) * self.sigma  # the global generator: seeded per model by zoos.spec.init_model
+        return torch.randn(n_freqs, d) * self.sigma  # the global generator: seeded per model by zoos.init.init_model
 
     def reset_parameters(self) -> None:
         """The whole model's init, in __init__'s order: the Gaussian frequencies (if drawn), then the MLP."""

@@ -29,7 +29,7 @@ from zoos.permspec import PermSpec
 
 # Activations by the names the publications' configs use, and symzoo's `leaky_relu` (the name a study's grid
 # allows). LeakyReLU is torch's default slope 0.01 (Model Zoos).
-ACTIVATIONS: dict[str, Any] = {
+CONFIG_ACTIVATIONS: dict[str, Any] = {
     "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "selu": nn.SELU, "elu": nn.ELU, "gelu": nn.GELU,
     "silu": nn.SiLU, "leakyrelu": nn.LeakyReLU, "leaky_relu": nn.LeakyReLU, "softplus": nn.Softplus,
     "linear": nn.Identity,
@@ -39,7 +39,7 @@ PREPROCESS_KEYS = ("grayscale", "crop", "resize", "mean", "std")
 
 
 def _activation(arch: str, name: str) -> nn.Module:
-    return ACTIVATIONS[check_choice(arch, "activation", str(name).lower(), tuple(ACTIVATIONS))]()
+    return CONFIG_ACTIVATIONS[check_choice(arch, "activation", str(name).lower(), tuple(CONFIG_ACTIVATIONS))]()
 
 
 class Preprocess(nn.Module):
