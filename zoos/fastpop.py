@@ -51,7 +51,7 @@ from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from zoos import popconv, popnorm
-from zoos.archs.base import PopDropout
+from zoos.archs.base import ACTIVATIONS, PopDropout
 from zoos.archs.layers import FlatLinear
 
 _COMPILED: dict[tuple, Callable] = {}  # one compiled program per (code, modules, dtype), shared by later populations
@@ -185,12 +185,14 @@ def _pool2(m: nn.MaxPool2d) -> bool:
             and _pair(m.dilation) == (1, 1) and not m.ceil_mode and not m.return_indices)
 
 
+_MONOTONE = {a.module: name for name, a in ACTIVATIONS.items() if a.monotone}  # what a kernel's epilogue may apply
+
+
 def _monotone_activation(m: nn.Module) -> tuple[str, float] | None:
-    """(name, slope) for the non-decreasing activations popconv applies in its epilogue, else None."""
-    if isinstance(m, nn.LeakyReLU) and m.negative_slope >= 0:
-        return "leaky_relu", float(m.negative_slope)
-    kinds = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ReLU: "relu"}
-    return (kinds[type(m)], 0.0) if type(m) in kinds else None
+    """(name, slope) for the non-decreasing activations popconv and popnorm apply in their epilogue, else None."""
+    name = _MONOTONE.get(type(m))
+    slope = float(getattr(m, "negative_slope", 0.0))
+    return (name, slope) if name is not None and slope >= 0 else None
 
 
 def _what(node: fx.Node) -> str:
@@ -409,16 +411,31 @@ class _Emitter:
     def input_dtype(self, placeholder: fx.Node) -> torch.dtype:
         """The compute dtype where the input reaches only convs and linears (through reshapes): they would cast
         it so under autocast; float32 where any other op reads it (eigh has no bf16, a Gram matrix loses digits)."""
-        todo, ends = list(placeholder.users), []
+        return self.pop.dtype if self._read_by_weighted_only(placeholder) else torch.float32
+
+    def _read_by_weighted_only(self, node: fx.Node) -> bool:
+        """Whether only convs and linears read `node`'s value (through reshapes and skipped dropouts) as their
+        input, so that it may be stored in the compute dtype they cast it to."""
+        todo, ends = list(node.users), []
         while todo:
             n = todo.pop()
-            if n.op == "call_method" and n.target in self._SHAPE_ONLY:
+            skipped = n.op == "call_module" and isinstance(self.mods[n.target], PopDropout) and not self.pop.dropout
+            if skipped or n.op == "call_method" and n.target in self._SHAPE_ONLY:
                 todo += list(n.users)
             else:
                 ends.append(n)
         weighted = [n.op == "call_module" and isinstance(self.mods[n.target], (nn.Conv2d, nn.Linear, FlatLinear))
                     or n.op == "call_function" and n.target in (F.conv2d, torch.conv2d, F.linear) for n in ends]
-        return self.pop.dtype if ends and all(weighted) else torch.float32
+        return bool(ends) and all(weighted) and all(self._reaches(node, n.args[0]) for n in ends)
+
+    def _reaches(self, src: fx.Node, dst: Any) -> bool:
+        """Whether dst is src or is reached from it through reshapes and skipped dropouts alone."""
+        while isinstance(dst, fx.Node) and dst is not src:
+            if not (dst.op == "call_method" and dst.target in self._SHAPE_ONLY
+                    or dst.op == "call_module" and isinstance(self.mods[dst.target], PopDropout) and not self.pop.dropout):
+                return False
+            dst = dst.args[0]
+        return dst is src
 
     def sample_elements(self) -> int:
         """Elements of the largest per-sample value (an activation of one sample), from the shape probe."""
@@ -438,7 +455,8 @@ class _Emitter:
         self.state = state = {k: g.placeholder("p_" + k.replace(".", "_")) for k in pop.param_keys + pop.buffer_keys}
         self.env = env = {}  # traced node -> its value in the new graph
         self.reads_input = reads_input = set()  # kernel convs that read the raw input (by row index) themselves
-        self.fused = fused = set()  # pool / activation nodes folded into the kernel conv before them
+        self.fused = fused = set()  # pool / activation / add nodes folded into the kernel op before them
+        self.deferred: dict[fx.Node, Callable[[], None]] = {}  # node -> the folded op emitted in its place
         weights = self._prologue(state, env)  # weight node -> its value in the new graph (on first use)
 
         def value(a: Any) -> Any:
@@ -447,6 +465,9 @@ class _Emitter:
         self.value = value
 
         for node in src.nodes:
+            if node in self.deferred:
+                self.deferred.pop(node)()
+                continue
             if node in fused or kinds.get(node) == WEIGHT:
                 continue
             if node.op == "placeholder":
@@ -622,6 +643,43 @@ class _Emitter:
         env[chain[-1]] = out = g.call_function(popconv.conv2d_pool_act, (x, w, b, pad), {**epilogue[1], **options})
         return out
 
+    def _popnorm(self, node: fx.Node, x: fx.Node, w: fx.Node | None, b: fx.Node | None, eps: float) -> fx.Node | None:
+        """GroupNorm(1) as popnorm, with the residual add and the activation that alone consume it folded in
+        (the op then emitted where the add is, after both its operands), stored in the compute dtype where only
+        convs and linears read it. Returns its value, or None when it is emitted later in the add's place."""
+        chain, residual, act, slope = [], None, "identity", 0.0
+        cur = node
+        user = next(iter(cur.users)) if len(cur.users) == 1 else None
+        if (user is not None and user.op == "call_function" and user.target in (operator.add, torch.add)
+                and len(user.args) == 2 and not user.kwargs and user not in self.deferred):
+            other = user.args[1] if user.args[0] is cur else user.args[0]
+            probe = node.meta.get("probe")
+            if (isinstance(other, fx.Node) and other is not cur and self.kinds.get(other) == DATA
+                    and isinstance(other.meta.get("probe"), Tensor) and other.meta["probe"].shape == probe.shape):
+                chain, residual, cur = [user], other, user
+        user = next(iter(cur.users)) if len(cur.users) == 1 else None
+        m = self.mods.get(user.target) if user is not None and user.op == "call_module" else None
+        fold = _monotone_activation(m) if m is not None and user.args == (cur,) and not user.kwargs else None
+        if fold is not None and fold[0] in popnorm.ACTS:
+            (act, slope), cur = fold, user
+            chain.append(user)
+        out_dtype = self.pop.dtype if self._read_by_weighted_only(cur) else torch.float32
+        name = "+".join(["popnorm", *(["add"] if residual is not None else []), *([type(m).__name__] if act != "identity" else [])])
+        self.fused.update(chain)
+
+        def emit() -> fx.Node:
+            self.choose(node, name, "" if out_dtype == torch.float32 else "stored in the compute dtype: only convs read it")
+            self.env[cur] = self.g.call_function(popnorm.group_norm1, (self.value(x), self.value(w), self.value(b), eps),
+                                                 {"residual": self.value(residual), "act": act, "slope": slope,
+                                                  "out_dtype": out_dtype})
+            return self.env[cur]
+
+        if residual is None:
+            return emit()
+        self.fused.discard(chain[0])
+        self.deferred[chain[0]] = emit
+        return None
+
     def _op_name(self, node: fx.Node) -> str:
         return type(self.mods[node.target]).__name__ if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
 
@@ -660,8 +718,7 @@ class _Emitter:
             if self.kinds.get(x) == DATA and all(v is None or self.kinds.get(v) == WEIGHT for v in (w, b)):
                 eps = kw["eps"]
                 if node.target is F.group_norm and kw["num_groups"] == 1 and (w is not None or b is not None) and pop.kernels:
-                    self.choose(node, "popnorm")
-                    return g.call_function(popnorm.group_norm1, (value(x), value(w), value(b), eps))
+                    return self._popnorm(node, x, w, b, eps)
                 self.choose(node, "population norm", "statistics per sample, affine per model")
                 if node.target is F.group_norm:
                     return g.call_function(pop_group_norm, (value(x), kw["num_groups"], value(w), value(b), eps))

@@ -1127,7 +1127,7 @@ _pop_conv2d.register_autograd(_backward, setup_context=_setup)
 
 # ---- the fused op: act(maxpool(conv)) with the pool's choice kept for the backward ----------------------
 
-ACTIVATIONS = ("identity", "tanh", "sigmoid", "relu", "leaky_relu")  # monotone: they commute with the max
+EPILOGUE_ACTIVATIONS = ("identity", "tanh", "sigmoid", "relu", "leaky_relu")  # monotone: they commute with the max
 
 
 @torch.library.custom_op("symzoo::pop_conv2d_pool_act", mutates_args=())
@@ -1424,7 +1424,7 @@ def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, 
                     window_dx: bool | None = None) -> Tensor:
     """act(max_pool2d(conv2d(x, w, b), pool)) per model in one kernel (pool 1: no pool), as `conv2d`'s arguments.
 
-    `act` is one of ACTIVATIONS (`slope`: leaky_relu's negative slope); the max is taken before the
+    `act` is one of EPILOGUE_ACTIVATIONS (`slope`: leaky_relu's negative slope); the max is taken before the
     activation, which for these monotone functions is the same as after it. Only the pooled output
     and a byte per output (which window position was the max) are written; gradients flow as through
     the unfused layers. With `rows`, `windows` may be x's `window_table(x, (kh, kw), padding, pool)`: the
@@ -1432,8 +1432,8 @@ def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, 
     TUNING["window_dx"]) picks how a pooled layer's input gradient is computed (both exact; the choice is an
     argument so a compiled program records it).
     """
-    if pool not in (1, 2) or act not in ACTIVATIONS:
-        raise ValueError(f"pool = {pool!r}, act = {act!r}: allowed pool 1 or 2 and act one of {', '.join(ACTIVATIONS)}")
+    if pool not in (1, 2) or act not in EPILOGUE_ACTIVATIONS:
+        raise ValueError(f"pool = {pool!r}, act = {act!r}: allowed pool 1 or 2 and act one of {', '.join(EPILOGUE_ACTIVATIONS)}")
     x, w, rows, batch = _checked(x, w, rows)
     if windows is not None:
         return _window_conv(windows, x, w, b, padding, _need_rows(rows), batch, pool, act, slope, out_dtype or x.dtype)
@@ -1442,5 +1442,5 @@ def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, 
     return a
 
 
-__all__ = ["ACTIVATIONS", "available", "conv2d", "conv2d_pool_act", "fuses", "max_pool2x2", "supports", "window_table",
+__all__ = ["EPILOGUE_ACTIVATIONS", "available", "conv2d", "conv2d_pool_act", "fuses", "max_pool2x2", "supports", "window_table",
            "window_table_bytes", "windows_pay"]

@@ -3,19 +3,26 @@
 GroupNorm(1, C) (ResNet-20's norm: statistics over a sample's whole [C, H, W] map, an affine per channel)
 on the population's [N*B, C, ...] batch is, per sample row r of model m = r // B,
 
-  y[r, c, p]  = (x[r, c, p] - mean_r) * rstd_r * w[m, c] + b[m, c]       rstd_r = 1 / sqrt(var_r + eps)
-  dx[r, c, p] = rstd_r * (g - mean_r(g) - xhat * mean_r(g * xhat))       g = dy * w[m, c], xhat = (x - mean_r) * rstd_r
-  dw[m, c]    = sum over the model's rows and pixels of dy * xhat,       db[m, c] = sum of dy
+  z[r, c, p]  = (x[r, c, p] - mean_r) * rstd_r * w[m, c] + b[m, c] (+ res[r, c, p])    rstd_r = 1 / sqrt(var_r + eps)
+  y           = act(z)                                                                    dz = dy * act'(z)
+  dx[r, c, p] = rstd_r * (g - mean_r(g) - xhat * mean_r(g * xhat))       g = dz * w[m, c], xhat = (x - mean_r) * rstd_r
+  dw[m, c]    = sum over the model's rows and pixels of dz * xhat,       db[m, c] = sum of dz,   dres = dz
+
+`act` is the identity, ReLU or a leaky ReLU: its derivative is read off the sign of the output, so the
+backward needs no copy of z, and the output may be stored in bf16 (where only a conv reads it, which would
+cast it so) without changing a bit of what autocast computes. A residual add (ResNet's skip) and the
+activation after it fold in, so a block's end is one pass instead of three.
 
 One program a row: the forward reads the row three times (mean, centred variance, output) and writes the
-output once; the backward reads x and dy twice and writes dx and a row's per-channel dw and db partials,
-which torch sums over each model's rows. The row is a sample's whole map, contiguous in either memory
-format, so a tile is [pixels, channels] addressed channels-last or NCHW as x is stored (the output and dx
-keep x's layout). The output is float32, as autocast runs norms; statistics are float32.
+output once; the backward reads x, dy (and y) twice and writes dx and a row's per-channel dw and db partials,
+which torch sums over each model's rows. mean_r(g) and mean_r(g * xhat) are those per-channel sums dotted
+with w. The row is a sample's whole map, contiguous in either memory format, so a tile is [pixels, channels]
+addressed channels-last or NCHW as x is stored (the output, dx and dres keep x's layout). Statistics are
+float32; the output is float32 (as autocast runs norms) unless asked otherwise.
 
-PyTorch's eager path for the same (x.float(), F.group_norm, then the affine as two broadcast ops) passes over
-the float32 map five times forward and as often backward; with `kernels=True` `zoos.fastpop` emits this
-instead for GroupNorm with one group.
+PyTorch's eager path for the same (x.float(), F.group_norm, the affine as two broadcast ops, the add, the
+activation) passes over the float32 map many times forward and backward; with `kernels=True` `zoos.fastpop`
+emits this instead for GroupNorm with one group.
 """
 
 from __future__ import annotations
@@ -36,9 +43,17 @@ if triton is not None:
         return c[None, :] * P + p[:, None]
 
     @triton.jit
-    def _norm1_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, B, eps,
+    def _act_slope(y, ACT: tl.constexpr, slope):
+        """act'(z) read off y = act(z): 1 for the identity, else 1 where y > 0 and `slope` elsewhere."""
+        if ACT == "identity":
+            return 1.0
+        return tl.where(y > 0, 1.0, slope)
+
+    @triton.jit
+    def _norm1_fwd_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, B, eps, slope,
                           C: tl.constexpr, P: tl.constexpr, CL: tl.constexpr, HAS_W: tl.constexpr,
-                          HAS_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                          HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         r = tl.program_id(0)
         m = r // B
         row = r.to(tl.int64) * (C * P)
@@ -64,42 +79,50 @@ if triton is not None:
             p = p0 + tl.arange(0, BLOCK_P)
             mask = (p < P)[:, None] & (c < C)[None, :]
             at = row + _offsets(p, c, C, P, CL)
-            xv = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
-            tl.store(y_ptr + at, (xv - mean) * scale + shift, mask=mask)
+            z = (tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean) * scale + shift
+            if HAS_RES:
+                z += tl.load(res_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            if ACT != "identity":
+                z = tl.where(z > 0, z, z * slope)
+            tl.store(y_ptr + at, z.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _norm1_bwd_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, B,
+    def _norm1_bwd_kernel(x_ptr, dy_ptr, y_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dres_ptr, dw_ptr, db_ptr, B, slope,
                           C: tl.constexpr, P: tl.constexpr, CL: tl.constexpr, HAS_W: tl.constexpr,
-                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                          HAS_RES: tl.constexpr, ACT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         r = tl.program_id(0)
         m = r // B
         row = r.to(tl.int64) * (C * P)
         c = tl.arange(0, BLOCK_C)
         mean, rstd = tl.load(mean_ptr + r), tl.load(rstd_ptr + r)
         wv = tl.load(w_ptr + m * C + c, mask=c < C, other=0.0).to(tl.float32) if HAS_W else 1.0
-        sum_g = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        sum_gx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        sum_dyx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        sum_dy = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        sum_dzx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        sum_dz = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         for p0 in range(0, P, BLOCK_P):
             p = p0 + tl.arange(0, BLOCK_P)
             mask = (p < P)[:, None] & (c < C)[None, :]
             at = row + _offsets(p, c, C, P, CL)
             xhat = tl.where(mask, (tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
-            dy = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
-            sum_g += dy * wv
-            sum_gx += dy * wv * xhat
-            sum_dyx += dy * xhat
-            sum_dy += dy
-        tl.store(dw_ptr + r.to(tl.int64) * C + c, tl.sum(sum_dyx, axis=0), mask=c < C)
-        tl.store(db_ptr + r.to(tl.int64) * C + c, tl.sum(sum_dy, axis=0), mask=c < C)
-        mean_g, mean_gx = tl.sum(sum_g) / (C * P), tl.sum(sum_gx) / (C * P)
+            dz = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            if ACT != "identity":
+                dz *= _act_slope(tl.load(y_ptr + at, mask=mask, other=0.0), ACT, slope)
+            if HAS_RES:
+                tl.store(dres_ptr + at, dz.to(dres_ptr.dtype.element_ty), mask=mask)
+            sum_dzx += dz * xhat
+            sum_dz += dz
+        dw_c, db_c = tl.sum(sum_dzx, axis=0), tl.sum(sum_dz, axis=0)
+        tl.store(dw_ptr + r.to(tl.int64) * C + c, dw_c, mask=c < C)
+        tl.store(db_ptr + r.to(tl.int64) * C + c, db_c, mask=c < C)
+        mean_g, mean_gx = tl.sum(db_c * wv) / (C * P), tl.sum(dw_c * wv) / (C * P)
         for p0 in range(0, P, BLOCK_P):
             p = p0 + tl.arange(0, BLOCK_P)
             mask = (p < P)[:, None] & (c < C)[None, :]
             at = row + _offsets(p, c, C, P, CL)
             xhat = (tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
-            g = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32) * wv
+            dz = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            if ACT != "identity":
+                dz *= _act_slope(tl.load(y_ptr + at, mask=mask, other=0.0), ACT, slope)
+            g = dz * wv
             tl.store(dx_ptr + at, (rstd * (g - mean_g - xhat * mean_gx)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -113,73 +136,96 @@ def _blocks(c: int) -> tuple[int, int]:
     return max(1, 2048 // block_c), block_c
 
 
+ACTS = {"identity": 1.0, "relu": 0.0, "leaky_relu": None}  # the activations that fold in: their slope below 0
+
+
+def _like(t: Tensor, cl: bool) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
 @torch.library.custom_op("symzoo::pop_norm1", mutates_args=())
-def _pop_norm1(x: Tensor, w: Tensor | None, b: Tensor | None, batch: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _pop_norm1(x: Tensor, w: Tensor | None, b: Tensor | None, res: Tensor | None, batch: int, eps: float,
+               act: str, slope: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     x, cl = _layout(x)
     r, c = x.shape[:2]
-    y = torch.empty_like(x, dtype=torch.float32)
+    y = torch.empty_like(x, dtype=out_dtype)
     mean, rstd = x.new_empty(r, dtype=torch.float32), x.new_empty(r, dtype=torch.float32)
     block_p, block_c = _blocks(c)
-    _norm1_fwd_kernel[(r,)](x, w if w is not None else x, b if b is not None else x, y, mean, rstd, batch, eps,
+    _norm1_fwd_kernel[(r,)](x, w if w is not None else x, b if b is not None else x,
+                            _like(res, cl) if res is not None else x, y, mean, rstd, batch, eps, slope,
                             C=c, P=x[0, 0].numel(), CL=cl, HAS_W=w is not None, HAS_B=b is not None,
-                            BLOCK_P=block_p, BLOCK_C=block_c)
+                            HAS_RES=res is not None, ACT=act, BLOCK_P=block_p, BLOCK_C=block_c)
     return y, mean, rstd
 
 
 @_pop_norm1.register_fake
-def _(x, w, b, batch, eps):
+def _(x, w, b, res, batch, eps, act, slope, out_dtype):
     x, _ = _layout(x)
-    return torch.empty_like(x, dtype=torch.float32), x.new_empty(x.shape[0], dtype=torch.float32), \
+    return torch.empty_like(x, dtype=out_dtype), x.new_empty(x.shape[0], dtype=torch.float32), \
         x.new_empty(x.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("symzoo::pop_norm1_backward", mutates_args=())
-def _pop_norm1_backward(x: Tensor, dy: Tensor, w: Tensor | None, mean: Tensor, rstd: Tensor,
-                        batch: int) -> tuple[Tensor, Tensor, Tensor]:
+def _pop_norm1_backward(x: Tensor, dy: Tensor, y: Tensor, w: Tensor | None, mean: Tensor, rstd: Tensor, batch: int,
+                        act: str, slope: float, res_dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x, cl = _layout(x)
-    dy = dy.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    dy, y = _like(dy, cl), _like(y, cl)
     r, c = x.shape[:2]
     dx = torch.empty_like(x)
+    dres = torch.empty_like(x, dtype=res_dtype) if res_dtype is not None else x.new_empty(0)
     dw, db = x.new_empty(r, c, dtype=torch.float32), x.new_empty(r, c, dtype=torch.float32)
     block_p, block_c = _blocks(c)
-    _norm1_bwd_kernel[(r,)](x, dy, w if w is not None else x, mean, rstd, dx, dw, db, batch,
-                            C=c, P=x[0, 0].numel(), CL=cl, HAS_W=w is not None, BLOCK_P=block_p, BLOCK_C=block_c)
+    _norm1_bwd_kernel[(r,)](x, dy, y, w if w is not None else x, mean, rstd, dx, dres if res_dtype is not None else x,
+                            dw, db, batch, slope, C=c, P=x[0, 0].numel(), CL=cl, HAS_W=w is not None,
+                            HAS_RES=res_dtype is not None, ACT=act, BLOCK_P=block_p, BLOCK_C=block_c)
     n = r // batch
-    return dx, dw.view(n, batch, c).sum(1), db.view(n, batch, c).sum(1)
+    return dx, dw.view(n, batch, c).sum(1), db.view(n, batch, c).sum(1), dres
 
 
 @_pop_norm1_backward.register_fake
-def _(x, dy, w, mean, rstd, batch):
+def _(x, dy, y, w, mean, rstd, batch, act, slope, res_dtype):
     x, _ = _layout(x)
     n = x.shape[0] // batch
-    return torch.empty_like(x), x.new_empty(n, x.shape[1], dtype=torch.float32), x.new_empty(n, x.shape[1], dtype=torch.float32)
+    dres = torch.empty_like(x, dtype=res_dtype) if res_dtype is not None else x.new_empty(0)
+    return torch.empty_like(x), x.new_empty(n, x.shape[1], dtype=torch.float32), \
+        x.new_empty(n, x.shape[1], dtype=torch.float32), dres
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, w, b, batch, _ = inputs
-    ctx.save_for_backward(x, w, output[1], output[2])
-    ctx.meta = (batch, w is not None, b is not None)
+    x, w, b, res, batch, _, act, slope, _ = inputs
+    ctx.save_for_backward(x, w, output[1], output[2], output[0] if act != "identity" else None)
+    ctx.meta = (batch, act, slope, b is not None, None if res is None else res.dtype)
 
 
 def _backward(ctx, dy: Tensor, _dmean, _drstd):
-    x, w, mean, rstd = ctx.saved_tensors
-    batch, has_w, has_b = ctx.meta
-    dx, dw, db = _pop_norm1_backward(x, dy, w, mean, rstd, batch)
-    return dx, (dw.to(w.dtype) if has_w else None), (db if has_b else None), None, None
+    x, w, mean, rstd, y = ctx.saved_tensors
+    batch, act, slope, has_b, res_dtype = ctx.meta
+    dx, dw, db, dres = _pop_norm1_backward(x, dy, y if y is not None else dy, w, mean, rstd, batch, act, slope, res_dtype)
+    return (dx, dw.to(w.dtype) if w is not None else None, db if has_b else None,
+            dres if res_dtype is not None else None, None, None, None, None, None)
 
 
 _pop_norm1.register_autograd(_backward, setup_context=_setup)
 
 
-def group_norm1(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float = 1e-5) -> Tensor:
-    """F.group_norm(x, 1) of each sample with model m's affine (w, b [N, C]) on the population's batch
-    x [N*B, C, ...] (either memory format): float32 out, in x's layout; gradients to x, w and b."""
+def group_norm1(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float = 1e-5, *, residual: Tensor | None = None,
+                act: str = "identity", slope: float = 0.01, out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """act(F.group_norm(x, 1) of each sample with model m's affine (w, b [N, C]) + residual) on the population's
+    batch x [N*B, C, ...] (either memory format), in x's layout and `out_dtype`; gradients to x, w, b and the
+    residual. `act` is "identity", "relu" or "leaky_relu" (with `slope`)."""
     v = w if w is not None else b
     if v is None:
         raise ValueError("group_norm1 needs w or b (the population's affine) to know the population size")
     if x.dim() < 2 or x.shape[0] % v.shape[0] or v.shape[1:] != x.shape[1:2]:
         raise ValueError(f"x [N*B, C, ...] and w, b [N, C] disagree: x {tuple(x.shape)}, w or b {tuple(v.shape)}")
-    return _pop_norm1(x, w, b, x.shape[0] // v.shape[0], float(eps))[0]
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"the residual {tuple(residual.shape)} is not shaped as x {tuple(x.shape)}")
+    if act not in ACTS:
+        raise ValueError(f"act {act!r} does not fold into the norm; allowed: {', '.join(ACTS)}")
+    if act == "leaky_relu" and not slope >= 0:
+        raise ValueError(f"leaky_relu's slope must be >= 0 (its derivative is read off the output's sign), got {slope}")
+    slope = float(slope if ACTS[act] is None else ACTS[act])
+    return _pop_norm1(x, w, b, residual, x.shape[0] // v.shape[0], float(eps), act, slope, out_dtype)[0]
 
 
-__all__ = ["available", "group_norm1"]
+__all__ = ["ACTS", "available", "group_norm1"]

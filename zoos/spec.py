@@ -31,8 +31,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from zoos.init import init_model
-# trainer.py's imports, until it takes them from zoos.init
-from zoos.init import AUGMENT_STREAM, ORDER_STREAM, SUBSET_STREAM, init_population, stream_seed  # noqa: F401
 from zoos.population import model_id, population_id
 
 OPTIMIZERS = ("sgd", "adam")

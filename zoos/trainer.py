@@ -7,7 +7,7 @@ draws its own mask per model), and updates all models at once with an optimizer 
 tensors, whose hyperparameters (lr, weight decay, momentum) are [N] tensors broadcast over each
 parameter. There is no Python loop over models inside a step. On a GPU a step updates its tensors in
 place and replays as one CUDA graph (`_StepGraph`), and a population's models are initialised by
-replaying their layers' draws (`zoos.spec.init_population`): the same weights as building each.
+replaying their layers' draws (`zoos.init.init_population`): the same weights as building each.
 
 Optimizer semantics, so a single-model run equals a `torch.optim` loop on the same data order:
   sgd   torch.optim.SGD(momentum=m, weight_decay=wd): L2 decay added to the gradient, dampening 0.
@@ -58,15 +58,8 @@ from zoos.fastpop import dropout_active, prior_view
 from zoos.functional import population_forward, template
 from zoos.population import PopulationResult
 from zoos.program import choose_program
-from zoos.spec import (
-    AUGMENT_STREAM,
-    ORDER_STREAM,
-    SUBSET_STREAM,
-    ModelSpec,
-    PopulationSpec,
-    init_population,
-    stream_seed,
-)
+from zoos.init import AUGMENT_STREAM, ORDER_STREAM, SUBSET_STREAM, init_population, stream_seed
+from zoos.spec import ModelSpec, PopulationSpec
 
 PRECISIONS = ("float32", "bf16")
 SPLITS = ("train", "val", "test")

@@ -16,4 +16,4 @@ def test_activation_properties_hold(name):
     assert info.monotone == bool((act(z).diff() >= 0).all())
     assert info.homogeneous == all(torch.allclose(act(c * z), c * act(z)) for c in (0.5, 3.0))
     # a monotone one commutes with a max-pool: the population program's fused conv + pool epilogue applies it
-    assert not info.monotone or name in popconv.ACTIVATIONS
+    assert not info.monotone or name in popconv.EPILOGUE_ACTIVATIONS

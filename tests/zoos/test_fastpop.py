@@ -1,5 +1,7 @@
 """zoos.fastpop: the batched-matmul population program equals vmap over the model, forward, backward and training."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -95,6 +97,32 @@ def test_training_fast_equals_vmap_trainer(arch):
         np.testing.assert_allclose(fast.weights[k], plain.weights[k], atol=2e-5, rtol=1e-4)
     for name in plain.curves:
         np.testing.assert_allclose(fast.curves[name], plain.curves[name], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_resnet_on_the_kernels_folds_its_norms_and_tracks_autocast_vmap_in_bf16():
+    """ResNet-20's norms run as popnorm with the activation (and the skip) folded in, bf16 out where a conv alone
+    reads them: its bf16 gradients track autocast's vmap program as closely as two bf16 programs can."""
+    task, models, params, buffers = population("resnet20", "cifar10", {"width": 0.5}, n=4)
+    params = {k: v.cuda() for k, v in params.items()}
+    buffers = {k: v.cuda() for k, v in buffers.items()}
+    x, y = torch.randn(4, 32, 3, 32, 32, device="cuda"), torch.randint(0, 10, (4, 32), device="cuda")
+    module = template(models[0])
+
+    def one(p, b, xb, yb):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return task.loss(functional_call(module, (p, b), (xb,)).float(), yb)
+
+    want = vmap(grad(one))(params, buffers, x, y)
+    step = FastStep(module, task.loss, task.input_shape, dtype=torch.bfloat16, dropout=False, kernels=True)
+    programs = Counter(p for _, p, _ in step.pop.choices)
+    assert programs["popnorm+ReLU"] == 10 and programs["popnorm+add+ReLU"] == 9 and programs["popnorm"] == 2, programs
+    assert sum(why.startswith("stored in the compute dtype") for _, p, why in step.pop.choices if p.startswith("popnorm")) == 9
+    got = step(params, buffers, x, y)[0]
+    for k in want:
+        cos = torch.nn.functional.cosine_similarity(got[k].flatten(1).float(), want[k].flatten(1).float(), dim=1)
+        assert cos.min() > 0.97, k
 
 
 @pytest.mark.gpu

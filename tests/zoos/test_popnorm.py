@@ -45,6 +45,38 @@ def test_group_norm1_equals_per_model_group_norm(n, batch, c, h, w_, cl, affine,
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
 
 
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(1, 3), batch=st.integers(1, 3), c=st.integers(1, 20), hw=st.integers(2, 30), cl=st.booleans(),
+       act=st.sampled_from(["identity", "relu", "leaky_relu"]), residual=st.booleans(),
+       out_dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 99))
+def test_group_norm1_with_residual_and_activation_folded_in(n, batch, c, hw, cl, act, residual, out_dtype, seed):
+    """act(norm(x) + residual), stored in float32 or bf16, equals the unfused ops computed in float32 and cast
+    (what autocast gives a conv reading it); the gradients of x, w, b and the residual equal theirs."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n * batch, c, hw, 2, generator=g) * 3 + 5).to(DEVICE)
+    x = (x.contiguous(memory_format=torch.channels_last) if cl else x).requires_grad_()
+    w, b = (torch.randn(n, c, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    res = torch.randn(x.shape, generator=g).to(DEVICE).requires_grad_() if residual else None
+    slope = 0.1 if act == "leaky_relu" else 0.0
+    y = popnorm.group_norm1(x, w, b, 1e-5, residual=res, act=act, slope=slope, out_dtype=out_dtype)
+    assert y.dtype == out_dtype and y.stride() == torch.empty_like(x).stride()
+    z = per_model(x, w, b, n, 1e-5) + (res if residual else 0)
+    want = (z if act == "identity" else F.leaky_relu(z, slope)).to(out_dtype)
+    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4 if out_dtype == torch.float32 else 1e-2)
+    dy = torch.randn(want.shape, generator=g).to(DEVICE).to(out_dtype)
+    wrt = [t for t in (x, w, b, res) if t is not None]
+    for got, ref in zip(torch.autograd.grad(y, wrt, dy), torch.autograd.grad(want, wrt, dy)):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
+
+
+def test_group_norm1_refuses_an_activation_it_cannot_fold_and_a_residual_of_another_shape():
+    x, w = torch.randn(4, 3, 2, 2, device=DEVICE), torch.ones(2, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="act 'tanh' does not fold into the norm; allowed: identity, relu, leaky_relu"):
+        popnorm.group_norm1(x, w, None, act="tanh")
+    with pytest.raises(ValueError, match=r"the residual \(4, 3, 2\) is not shaped as x \(4, 3, 2, 2\)"):
+        popnorm.group_norm1(x, w, None, residual=x[..., 0])
+
+
 def test_group_norm1_on_rows_of_any_rank_and_bf16_input():
     """[N*B, C, L] rows and a bf16 input (dx comes back bf16, the output float32)."""
     x = torch.randn(4, 6, 10, device=DEVICE).to(torch.bfloat16).requires_grad_()

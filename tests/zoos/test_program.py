@@ -295,26 +295,32 @@ def test_a_population_beyond_32_bit_indexing_is_split_or_refused(monkeypatch):
     assert result.program["fast"] and np.isfinite(result.curves["test_loss"]).all()
 
 
-BF16_CASES = [("p4cnn", "digits", {}, dict(width=2, depth=1), True), ("frame_avg", "inertia", {}, dict(width=8), False),
-              ("fourier_mlp", "inr", {"group": "D4"}, dict(width=8, depth=1, n_freqs=4), False)]
+BF16_CASES = [  # (arch, task, options, config, also compiled, on popconv's and popnorm's kernels on a GPU)
+    ("p4cnn", "digits", {}, dict(width=2, depth=1), True, True),
+    ("frame_avg", "inertia", {}, dict(width=8), False, False),
+    ("fourier_mlp", "inr", {"group": "D4"}, dict(width=8, depth=1, n_freqs=4), False, False),
+]
 
 
-@pytest.mark.parametrize("arch,task_name,opts,config,compiled", BF16_CASES, ids=[c[0] for c in BF16_CASES])
-def test_bf16_step_follows_autocast_and_stays_finite(arch, task_name, opts, config, compiled):
+@pytest.mark.parametrize("arch,task_name,opts,config,compiled,kernels", BF16_CASES, ids=[c[0] for c in BF16_CASES])
+def test_bf16_step_follows_autocast_and_stays_finite(arch, task_name, opts, config, compiled, kernels):
     """bf16 as autocast runs it, the vmap program's semantics: convs, linears and matmuls read bf16, the maps between
     a p4 CNN's convs stay bf16 and its group max stays finite when compiled (amax's tie-splitting backward gave
     NaN there), the input stays float32 where an op other than a conv or linear reads it (eigh has no bf16)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter's bf16 dot is not a GPU's: kernels there only
     task, module, params, buffers = _population(arch, task_name, opts, config)
-    x, y = torch.randn(3, 8, *task.input_shape), _targets(task, 3, 8)
+    params, buffers = ({k: v.to(device) for k, v in d.items()} for d in (params, buffers))
+    x, y = torch.randn(3, 8, *task.input_shape, device=device), _targets(task, 3, 8).to(device)
 
     def one(p, b, xb, yb):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             pred = functional_call(module, (p, b), (xb,))
         return task.loss(pred.float(), yb)
 
     want = vmap(grad(one), randomness="different")(params, buffers, x, y)
     for c in (False, True) if compiled else (False,):
-        step = FastStep(module, task.loss, task.input_shape, dtype=torch.bfloat16, compile=c, dropout=False)
+        step = FastStep(module, task.loss, task.input_shape, dtype=torch.bfloat16, compile=c, dropout=False,
+                        kernels=kernels and device == "cuda")
         grads = step(params, buffers, x, y)[0]
         for k in want:
             assert torch.isfinite(grads[k]).all(), k
