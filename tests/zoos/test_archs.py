@@ -47,6 +47,10 @@ CASES = [
     ("model_zoos_cnn", "cifar10", {}, dict(variant="CNN3", activation="relu"), "task"),
     ("model_zoos_cnn", "mnist", {}, dict(variant="CNN2", activation="leaky_relu"), "task"),
     ("resnet18_width", "cifar10", {}, dict(width=2, preprocess={"mean": [0.5] * 3, "std": [0.25] * 3}), "task"),
+    # transformers: heads of 2-4 dimensions, so that head and within-head permutations are both exercised
+    ("vit", "digits", {}, dict(width=12, depth=2, heads=3, patch=4), "task"),
+    ("vit", "mnist", {}, dict(width=8, depth=1, heads=2, patch=7, pool="mean", activation="relu"), "task"),
+    ("set_transformer", "convex_hull", {}, dict(width=12, depth=2, heads=3), "points"),
 ]
 IDS = [f"{a}-{t}-{i}" for i, (a, t, *_) in enumerate(CASES)]
 
@@ -121,9 +125,16 @@ def _observed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([out, model.scores(x).flatten(1)], 1) if hasattr(model, "scores") else out
 
 
-def _nontrivial(perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Replace any permutation that came out as the identity by a cyclic shift."""
-    return {k: (p.roll(1) if torch.equal(p, torch.arange(len(p))) else p) for k, p in perms.items()}
+def _nontrivial(spec, perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace any permutation that came out as the identity by a cyclic shift the spec allows (inside each
+    block of a block-structured one)."""
+    out = {}
+    for k, p in perms.items():
+        if torch.equal(p, torch.arange(len(p))):
+            n = spec.blocks[k][1] if k in spec.blocks else 1
+            p = p.view(n, -1).roll(1, 1).flatten()
+        out[k] = p
+    return out
 
 
 @pytest.mark.parametrize("arch,task_name,opts,config,which", CASES, ids=IDS)
@@ -131,7 +142,8 @@ def test_permutation_spec_is_exact_and_every_pair_matters(arch, task_name, opts,
     task, model, _, x = _setup(arch, task_name, opts, config, which)
     _randomise(model)
     spec, state = model.perm_spec(), {k: v.clone() for k, v in model.state_dict().items()}
-    perms = _nontrivial(spec.random(state, torch.Generator().manual_seed(5)))
+    perms = _nontrivial(spec, spec.random(state, torch.Generator().manual_seed(5)))
+    spec.check(perms)
     with torch.no_grad():
         ref = _observed(model, x)
         model.load_state_dict(apply_permutation(spec, state, perms))
