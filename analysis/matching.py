@@ -175,7 +175,7 @@ def _descend(spec: PermSpec, a: State, b: State, inits: list[Perms], max_sweeps:
                     old = [perms[name][r].numpy() for name in unit]
                     rows = np.arange(len(old[0]))
                     before = sum(c[rows, o].sum() for c, o in zip(cs, old))
-                    gain = sum(c[rows, n].sum() for c, n in zip(cs, new)) - before
+                    gain = sum(c[rows, cols].sum() for c, cols in zip(cs, new)) - before
                     if gain > 1e-12 * max(1.0, abs(before)):
                         for name, cols in zip(unit, new):
                             perms[name][r] = torch.from_numpy(np.asarray(cols)).long()
@@ -373,6 +373,9 @@ def activation_matching(
     perms: Perms = {}
     total = 0.0
     for unit in _units(spec):
+        unit = [name for name in unit if name in sims]  # `sites` may name some permutations only
+        if not unit:
+            continue
         if unit[0] in spec.blocks:  # a block group: heads paired as wholes, dimensions inside each pair
             solved, value = assign_blocks([sims[name] for name in unit], spec.blocks[unit[0]][1])
             perms.update({name: torch.from_numpy(cols).long() for name, cols in zip(unit, solved)})
