@@ -231,6 +231,12 @@ def test_frame_avg_has_finite_gradients():
         ("canon_cnn", "digits", dict(prior_weight=-1.0), "prior_weight must be a number >= 0"),
         ("canon_mlp", "o5_regression", {}, "at least d = 5 input vectors"),
         ("canon_mlp", "lorentz", {}, "non-Euclidean"),
+        ("vit", "digits", dict(width=30, heads=4), "width 30 is not a multiple of heads 4"),
+        ("vit", "digits", dict(patch=3), "patch 3 does not divide the 8x8 images"),
+        ("vit", "digits", dict(pool="max"), "pool 'max' is not allowed; choose one of cls, mean"),
+        ("vit", "digits", dict(mlp_ratio=0), "mlp_ratio must be a positive number, got 0"),
+        ("set_transformer", "convex_hull", dict(pool="cls"), "pool 'cls' is not allowed; choose one of mean, sum"),
+        ("set_transformer", "digits", {}, "points inputs"),
     ],
 )
 def test_bad_configurations_are_refused_with_the_field(arch, task_name, config, match):
