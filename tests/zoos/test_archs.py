@@ -32,7 +32,6 @@ CASES = [
     ("frame_avg", "inertia", {}, dict(width=16), "task"),
     ("canon_cnn", "digits", {"group": "C4", "variant": "rotated"}, dict(width=3, backbone_config=dict(width=4, depth=2)), "task"),
     ("canon_cnn", "digits", {"group": "D4"}, dict(width=3, depth=1, backbone="mlp", backbone_config=dict(width=8, depth=1)), "task"),
-    ("canon_cnn", "digits", {"group": "C4"}, dict(width=3, depth=1, backbone="vit", backbone_config=dict(width=6, depth=1, heads=2)), "task"),
     ("canon_mlp", "inertia", {}, dict(width=16, canon_width=8), "task"),
     ("canon_mlp", "modified_inertia", {}, dict(width=16, canon_width=8, canon_depth=2), "task"),
     ("siren", "inr", {}, dict(width=8, depth=2), "task"),
@@ -52,6 +51,7 @@ CASES = [
     ("vit", "digits", {}, dict(width=12, depth=2, heads=3, patch=4), "task"),
     ("vit", "mnist", {}, dict(width=8, depth=1, heads=2, patch=7, pool="mean", activation="relu"), "task"),
     ("set_transformer", "convex_hull", {}, dict(width=12, depth=2, heads=3), "points"),
+    ("canon_cnn", "digits", {"group": "C4"}, dict(width=3, depth=1, backbone="vit", backbone_config=dict(width=6, depth=1, heads=2)), "task"),
 ]
 IDS = [f"{a}-{t}-{i}" for i, (a, t, *_) in enumerate(CASES)]
 
