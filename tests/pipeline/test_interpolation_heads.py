@@ -45,6 +45,9 @@ def test_heads_and_repair_columns_on_a_planted_and_a_different_pair():
     plain = connect_pairs(model, task, stack(a), stack(other), InterpolationSettings(lambdas=5, samples=128, restarts=1).model_dump(), "cpu")
     assert plain[0]["barrier_loss_aligned"] == pytest.approx(diff["barrier_loss_aligned"])  # 'both' adds, changes nothing
     assert not any(k.endswith(("_unaware", "_repair")) for k in plain[0])
+    flat = connect_pairs(model, task, stack(a), stack(other), dict(settings, heads="unaware", repair=False), "cpu")[0]
+    assert flat["unaware_endpoint_loss"] == pytest.approx(flat["test_loss_aligned"][-1] - flat["test_loss_naive"][-1])
+    assert flat["barrier_loss_aligned"] >= flat["unaware_endpoint_loss"] - 1e-6  # charged at l = 1 against b itself
 
 
 def test_heads_setting_is_validated_by_name():
