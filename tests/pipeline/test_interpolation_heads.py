@@ -42,7 +42,8 @@ def test_heads_and_repair_columns_on_a_planted_and_a_different_pair():
         assert row["unaware_endpoint_loss"] == pytest.approx(row["test_loss_unaware"][-1] - row["test_loss_naive"][-1])
         assert len(row["test_loss_repair"]) == 5 and row["barrier_loss_repair"] == row["barrier_loss_repair"]
     assert abs(diff["unaware_endpoint_loss"]) > 1e-4  # a flat permutation across heads is another function
-    plain = connect_pairs(model, task, stack(a), stack(other), InterpolationSettings(lambdas=5, samples=128, restarts=1).model_dump(), "cpu")
+    default = InterpolationSettings(lambdas=5, samples=128, restarts=1).model_dump()
+    plain = connect_pairs(model, task, stack(a), stack(other), default, "cpu")
     assert plain[0]["barrier_loss_aligned"] == pytest.approx(diff["barrier_loss_aligned"])  # 'both' adds, changes nothing
     assert not any(k.endswith(("_unaware", "_repair")) for k in plain[0])
     flat = connect_pairs(model, task, stack(a), stack(other), dict(settings, heads="unaware", repair=False), "cpu")[0]

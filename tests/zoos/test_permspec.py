@@ -45,7 +45,8 @@ def test_allowed_permutations_form_a_group(p, q, plain_p, plain_q):
     for perms in (first, invert(first), compose(first, then), compose(invert(then), first)):
         HEADS.check(perms)
     w = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(0)) for k, v in STATE.items()}
-    twice, once = apply_permutation(HEADS, apply_permutation(HEADS, w, first), then), apply_permutation(HEADS, w, compose(first, then))
+    twice = apply_permutation(HEADS, apply_permutation(HEADS, w, first), then)
+    once = apply_permutation(HEADS, w, compose(first, then))
     assert all(torch.equal(twice[k], once[k]) for k in w)
 
 
