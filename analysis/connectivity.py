@@ -11,6 +11,9 @@ What does apply to every network is REPAIR (Jordan et al. 2022): interpolated ne
 variance collapse (hidden units' activations shrink towards their mean); `repair_path` rescales
 each hidden channel of a linear/conv layer so its mean and std over data match the interpolation
 of the endpoints' statistics, folding the correction into that layer's weight and bias.
+A LayerNorm whose features the spec permutes (a transformer's residual stream) is a site too: its
+per-sample statistics stay, and the per-feature correction of its output folds into its affine
+weight and bias, the analogue of a BatchNorm statistics reset for a LayerNorm network.
 """
 
 from __future__ import annotations
@@ -241,21 +244,29 @@ def reset_norm_stats(module: nn.Module, state: Mapping[str, Tensor], batches: It
 _FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def _foldable(m: nn.Module) -> bool:
+    """A layer whose output channels an affine correction folds into: linear/conv, or a LayerNorm over one
+    feature axis with its affine (a per-feature weight and bias)."""
+    if isinstance(m, nn.LayerNorm):
+        return len(m.normalized_shape) == 1 and m.elementwise_affine and m.bias is not None
+    return isinstance(m, _FOLDABLE)
+
+
 def repair_sites(module: nn.Module, spec: PermSpec) -> list[str]:
-    """Hidden linear/conv layers (output axis permuted by the spec), in module order: where REPAIR corrects."""
+    """Hidden linear/conv layers and LayerNorms (output axis permuted by the spec), in module order: where REPAIR corrects."""
     hidden = {key.rpartition(".")[0] for pairs in spec.perms.values() for key, axis in pairs if axis == 0 and key.endswith(".weight")}
-    return [n for n, m in module.named_modules() if n in hidden and isinstance(m, _FOLDABLE)]
+    return [n for n, m in module.named_modules() if n in hidden and _foldable(m)]
 
 
 def activation_stats(
     module: nn.Module, state: Mapping[str, Tensor], batches: Iterable[Tensor | Sequence[Tensor]], sites: Sequence[str]
 ) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per-channel (mean, std) of the outputs of the named linear/conv modules over `batches`."""
+    """Per-channel (mean, std) of the outputs of the named linear/conv/LayerNorm modules over `batches`."""
     mods = dict(module.named_modules())
     sums: dict[str, list] = {s: [0, 0.0, 0.0] for s in sites}
 
     def hook_for(site: str):
-        axis = -1 if isinstance(mods[site], nn.Linear) else 1
+        axis = -1 if isinstance(mods[site], (nn.Linear, nn.LayerNorm)) else 1
 
         def hook(_m, _i, out):
             f = out.movedim(axis, -1).reshape(-1, out.shape[axis]).double()

@@ -5,7 +5,8 @@ every architecture. A matching is a dict of permutations `perms` such that
 `apply_permutation(spec, b, perms)` computes the same function as b and sits close to a.
 
 - `weight_matching`: coordinate descent over the spec's permutations; each step is a linear
-  assignment on the inner products of a's and (partly permuted) b's weights.
+  assignment on the inner products of a's and (partly permuted) b's weights, or for a block group
+  (attention heads) a head-aware assignment: heads paired as wholes by their best within-head match.
 - `activation_matching`: linear assignment on the correlation (or inner product) of hidden
   activations of a and b at the sites where each permutation acts, accumulated batch by batch.
 - `ste_matching`: the straight-through estimator (§3.3): train a proxy whose weight-matching
@@ -99,16 +100,60 @@ def _batched_cost(spec: PermSpec, axes: dict[str, dict[int, str]], a: State, b: 
     return cost
 
 
+def _units(spec: PermSpec) -> list[list[str]]:
+    """What one coordinate-descent step solves, in spec order: a plain permutation alone, or a block group's
+    permutations together (they share the block permutation)."""
+    units: list[list[str]] = []
+    groups = spec.groups()
+    for name in spec.perms:
+        if name not in spec.blocks:
+            units.append([name])
+        elif groups[spec.blocks[name][0]][0] == name:
+            units.append(groups[spec.blocks[name][0]])
+    return units
+
+
+def assign_blocks(costs: Sequence[np.ndarray], n: int) -> tuple[list[np.ndarray], float]:
+    """The block permutations maximising sum_k <costs[k], P_k>, all P_k moving the n blocks alike and each
+    permuting inside the blocks on its own (`zoos.permspec`), and that maximum.
+
+    Block h of a paired with block g of b scores the best within-block assignment of every cost (one small
+    linear assignment per pair of blocks and cost); one assignment over the blocks then picks the pairing.
+    Exact: the objective separates over the blocks once they are paired."""
+    m = costs[0].shape[0] // n
+    score = np.zeros((n, n))
+    inner = [[[np.empty(0, dtype=np.int64)] * n for _ in range(n)] for _ in costs]
+    for k, c in enumerate(costs):
+        blocks = c.reshape(n, m, n, m)
+        for h in range(n):
+            for g in range(n):
+                rows, cols = linear_sum_assignment(blocks[h, :, g, :], maximize=True)
+                score[h, g] += blocks[h, rows, g, cols].sum()
+                inner[k][h][g] = cols
+    rows, sigma = linear_sum_assignment(score, maximize=True)
+    perms = [np.concatenate([sigma[h] * m + inner[k][h][sigma[h]] for h in range(n)]) for k in range(len(costs))]
+    return perms, float(score[rows, sigma].sum())
+
+
+def _solve(costs: Sequence[np.ndarray], n_blocks: int | None) -> list[np.ndarray]:
+    """The exact maximiser of one descent step: a linear assignment, or `assign_blocks` for a block group."""
+    if n_blocks is None:
+        rows, cols = linear_sum_assignment(costs[0], maximize=True)
+        assert (rows == np.arange(len(rows))).all()
+        return [cols]
+    return assign_blocks(costs, n_blocks)[0]
+
+
 def _descend(spec: PermSpec, a: State, b: State, inits: list[Perms], max_sweeps: int,
              generator: torch.Generator | None) -> list[tuple[Perms, list[float], int]]:
     """Coordinate descent from each of `inits` in lockstep: (perms, objective trace, sweeps) per start.
 
-    Every sweep draws one random order of the permutations (one `randperm` from `generator`), shared by
-    the starts still descending, so start 0 draws exactly as a lone run. At each step the active starts'
-    cost matrices are one batched computation and their linear assignments are solved in parallel threads
-    (scipy's solver releases the GIL). A start stops after a sweep that changes nothing.
+    Every sweep draws one random order of the units (one `randperm` from `generator`; a unit is a permutation,
+    or a block group solved as one), shared by the starts still descending, so start 0 draws exactly as a lone
+    run. At each step the active starts' cost matrices are one batched computation and their assignments are
+    solved in parallel threads (scipy's solver releases the GIL). A start stops after a sweep that changes nothing.
     """
-    axes, names, sizes = spec.axes_to_perm(), list(spec.perms), spec.sizes(a)
+    axes, names, units = spec.axes_to_perm(), list(spec.perms), _units(spec)
     perms = {p: torch.stack([init[p].cpu().long() for init in inits]) for p in names}  # [R, n]
     traces = [[matching_objective(spec, a, b, {p: perms[p][r] for p in names})] for r in range(len(inits))]
     sweeps = [0] * len(inits)
@@ -119,16 +164,21 @@ def _descend(spec: PermSpec, a: State, b: State, inits: list[Perms], max_sweeps:
             if not active:
                 break
             changed = dict.fromkeys(active, False)
-            for i in torch.randperm(len(names), generator=generator).tolist():
-                name, n = names[i], sizes[names[i]]
-                cost = _batched_cost(spec, axes, a, b, name, {p: perms[p][active] for p in names}).cpu().numpy()
-                solved = (pool.map if pool else map)(lambda c: linear_sum_assignment(c, maximize=True), cost)
-                for c, r, (rows, cols) in zip(cost, active, solved):
-                    assert (rows == np.arange(n)).all()
-                    old = perms[name][r].numpy()
-                    gain = c[rows, cols].sum() - c[rows, old].sum()
-                    if gain > 1e-12 * max(1.0, abs(c[rows, old].sum())):
-                        perms[name][r] = torch.from_numpy(cols).long()
+            for i in torch.randperm(len(units), generator=generator).tolist():
+                unit = units[i]
+                n_blocks = spec.blocks[unit[0]][1] if unit[0] in spec.blocks else None
+                current = {p: perms[p][active] for p in names}
+                costs = [_batched_cost(spec, axes, a, b, name, current).cpu().numpy() for name in unit]  # each [R, n, n]
+                per_start = [[c[j] for c in costs] for j in range(len(active))]
+                solved = (pool.map if pool else map)(lambda cs: _solve(cs, n_blocks), per_start)
+                for cs, r, new in zip(per_start, active, solved):
+                    old = [perms[name][r].numpy() for name in unit]
+                    rows = np.arange(len(old[0]))
+                    before = sum(c[rows, o].sum() for c, o in zip(cs, old))
+                    gain = sum(c[rows, cols].sum() for c, cols in zip(cs, new)) - before
+                    if gain > 1e-12 * max(1.0, abs(before)):
+                        for name, cols in zip(unit, new):
+                            perms[name][r] = torch.from_numpy(np.asarray(cols)).long()
                         changed[r] = True
             for r in active:
                 traces[r].append(matching_objective(spec, a, b, {p: perms[p][r] for p in names}))
@@ -158,7 +208,9 @@ def weight_matching(
     """Permutations of b maximising sum_k <a_k, P(b)_k>, by coordinate descent over the spec's permutations.
 
     Each step fixes all permutations but one, builds its cost matrix (matmuls over the other axes,
-    on the weights' device) and solves it exactly with `linear_sum_assignment`. A sweep visits every
+    on the weights' device) and solves it exactly with `linear_sum_assignment`; a block group (attention
+    heads: a head permutation shared by Q/K and V/O, within-head permutations of each) is one step, solved
+    exactly by `assign_blocks`. Head-unaware matching is this on `spec.unstructured()`. A sweep visits every
     permutation once in random order; a descent stops when a whole sweep changes nothing.
     The descent is local, so it runs `restarts` times and keeps the best: restart 0 starts from
     `init` (identity if None) and draws from `generator` exactly as `restarts=1` does; restarts 1..
@@ -271,7 +323,8 @@ def activation_matching(
 
     Statistics stream over `batches` (inputs, or (inputs, targets) tuples): per permutation the
     cross inner product E[a_i b_j] (`stat="inner"`) or the Pearson correlation (`stat="corr"`),
-    pooled over its sites. Each permutation is then an independent linear assignment.
+    pooled over its sites. Each permutation is then an independent linear assignment, and each block
+    group (attention heads) one `assign_blocks` over its permutations' similarities.
     """
     if stat not in ("corr", "inner"):
         raise ValueError(f"stat must be 'corr' or 'inner', got {stat!r}")
@@ -301,8 +354,7 @@ def activation_matching(
         cap.close()
     if not acc:
         raise ValueError("activation_matching got no batches")
-    perms: Perms = {}
-    total = 0.0
+    sims: dict[str, np.ndarray] = {}
     for name, ss in sites.items():
         sim = None
         for site in ss:
@@ -317,10 +369,21 @@ def activation_matching(
                 sb = (s["sbb"] / n - mb**2).clamp_min(0).sqrt()
                 m = cov / (sa[:, None] * sb[None, :] + 1e-12)
             sim = m if sim is None else sim + m
-        sim_np = sim.cpu().numpy()
-        rows, cols = linear_sum_assignment(sim_np, maximize=True)
-        perms[name] = torch.from_numpy(cols).long()
-        total += float(sim_np[rows, cols].sum())
+        sims[name] = sim.cpu().numpy()
+    perms: Perms = {}
+    total = 0.0
+    for unit in _units(spec):
+        unit = [name for name in unit if name in sims]  # `sites` may name some permutations only
+        if not unit:
+            continue
+        if unit[0] in spec.blocks:  # a block group: heads paired as wholes, dimensions inside each pair
+            solved, value = assign_blocks([sims[name] for name in unit], spec.blocks[unit[0]][1])
+            perms.update({name: torch.from_numpy(cols).long() for name, cols in zip(unit, solved)})
+            total += value
+            continue
+        rows, cols = linear_sum_assignment(sims[unit[0]], maximize=True)
+        perms[unit[0]] = torch.from_numpy(cols).long()
+        total += float(sims[unit[0]][rows, cols].sum())
     return MatchResult(perms, [total], 1)
 
 

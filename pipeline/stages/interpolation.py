@@ -5,6 +5,14 @@ form, for loss and for error, and the relative barrier reduction that weight mat
 `epochs: all` (or a list) repeats the same pairs at every stored checkpoint: the barrier against
 training time, one row per (pair, epoch). `InterpolationCross` is the sibling stage whose pairs join
 two zoos of one architecture (models that differ in learning rate, optimiser, data, ...).
+
+Attention heads. Matching is head-aware by default (the spec's block groups: heads matched as wholes).
+`heads: unaware` (or `both`, alongside) matches with the head structure forgotten: each attention's
+dimensions as one flat permutation, which is not a symmetry, so the permuted b computes another function.
+Its path is therefore measured against the true endpoints: the barrier is max_l [loss(l) - ((1 - l)
+loss(a) + l loss(b))] with b unpermuted, so a merge that breaks b is charged for it at l = 1 too; the
+loss it adds to b itself is `unaware_endpoint_loss`. `repair: true` adds the aligned path after REPAIR
+(`analysis.connectivity.repair_path`: linear layers and LayerNorm affines renormalised per feature).
 """
 
 from __future__ import annotations
@@ -30,6 +38,13 @@ class InterpolationSettings(Settings):
         "last", description="checkpoints to interpolate at: 'last', 'all' stored, or a list of epochs")
     restarts: int = Field(4, ge=1, description="weight-matching restarts per pair (the best objective is kept); "
                           "1 = one coordinate descent from the identity")
+    heads: Literal["aware", "unaware", "both"] = Field(
+        "aware", description="attention heads in matching: 'aware' matches heads as wholes (a symmetry), 'unaware' "
+        "treats each attention's dimensions as one flat permutation (not a symmetry: measured against the true "
+        "endpoints), 'both' adds the unaware path as *_unaware columns; the same for networks without heads")
+    repair: bool = Field(False, description="also evaluate the aligned path after REPAIR (per-feature renormalisation "
+                         "of linear layers and LayerNorms, on `repair_samples` training inputs): *_repair columns")
+    repair_samples: int = Field(256, ge=1, description="training inputs REPAIR measures its statistics on")
 
 
 def sample_pairs(ids: list[str], k: int, key: str, cells: Mapping[str, Hashable] | None = None) -> list[tuple[str, str]]:
@@ -166,43 +181,101 @@ def pick_epochs(common: list[int], wanted: str | list[int], where: str) -> list[
     return sorted(set(wanted))
 
 
-def connect_pairs(module: torch.nn.Module, task: Any, a: dict, b: dict, settings: dict[str, Any], device: str) -> list[dict]:
-    """Per stacked pair (a[p], b[p]): weight-match b to a, then loss and error along both linear paths."""
-    from analysis.connectivity import barrier, barrier_reduction, linear_path
+def _align(spec: Any, a: dict, b: dict, settings: dict[str, Any], gen: torch.Generator) -> tuple[dict, list]:
+    """b's stacked pairs weight-matched to a's under `spec`: (aligned stacked b, one MatchResult per pair)."""
     from analysis.matching import RESTARTS, weight_matching
     from zoos.permspec import apply_permutation
+
+    aligned, matches = {k: v.clone() for k, v in b.items()}, []
+    for p in range(next(iter(a.values())).shape[0]):
+        bp = {k: v[p] for k, v in b.items()}
+        match = weight_matching(spec, {k: v[p] for k, v in a.items()}, bp, generator=gen,
+                                restarts=settings.get("restarts", RESTARTS))
+        for k, v in apply_permutation(spec, bp, match.perms).items():
+            aligned[k][p] = v
+        matches.append(match)
+    return aligned, matches
+
+
+def _barrier_between(values: torch.Tensor, lam: torch.Tensor, ends: torch.Tensor, form: str = "sup") -> torch.Tensor:
+    """The barrier of curves values [P, L] against given endpoint values ends [P, 2] (not the curves' own ends)."""
+    lam = lam.to(values.dtype)
+    line = (1 - lam) * ends[:, :1] + lam * ends[:, 1:]
+    if form == "sup":
+        return (values - line).amax(-1)
+    mid = int((lam - 0.5).abs().argmin())
+    return values[:, mid] - line[:, mid]
+
+
+def connect_pairs(module: torch.nn.Module, task: Any, a: dict, b: dict, settings: dict[str, Any], device: str) -> list[dict]:
+    """Per stacked pair (a[p], b[p]): weight-match b to a, then loss and error along both linear paths (and the
+    head-unaware and REPAIRed paths where the settings ask)."""
+    from analysis.connectivity import barrier, barrier_reduction, evaluate_path, linear_path, repair_path
     from zoos.trainer import DATA_SEED
 
     spec, n = module.perm_spec(), next(iter(a.values())).shape[0]
-    aligned, matches = {k: v.clone() for k, v in b.items()}, []
+    heads = settings.get("heads", "aware")
     gen = torch.Generator().manual_seed(settings["seed"])
-    for p in range(n):
-        match = weight_matching(spec, {k: v[p] for k, v in a.items()}, {k: v[p] for k, v in b.items()}, generator=gen,
-                                restarts=settings.get("restarts", RESTARTS))
-        for k, v in apply_permutation(spec, {k: v[p] for k, v in b.items()}, match.perms).items():
-            aligned[k][p] = v
-        matches.append(match)
+    aligned, matches = _align(spec if heads != "unaware" else spec.unstructured(), a, b, settings, gen)
     kw = dict(lambdas=settings["lambdas"], pairs=True, splits=("test",), seed=DATA_SEED,
               max_examples=settings["samples"], device=device)
     naive, matched = linear_path(module, a, b, task, **kw), linear_path(module, a, aligned, task, **kw)
     lam = naive.lambdas
     loss_n, loss_a, err_n, err_a = naive.loss["test"], matched.loss["test"], naive.error("test"), matched.error("test")
-    b_naive, b_aligned = barrier(loss_n, lam), barrier(loss_a, lam)
-    reduction = barrier_reduction(b_naive, b_aligned)
+    ends_loss, ends_err = loss_n[:, [0, -1]], err_n[:, [0, -1]]
     has_mid = len(lam) % 2 == 1
-    return [{
+    if heads == "unaware":  # not a symmetry: b's permuted copy is another function, so measure against a and b
+        b_aligned, e_aligned = _barrier_between(loss_a, lam, ends_loss), _barrier_between(err_a, lam, ends_err)
+        mid_aligned = _barrier_between(loss_a, lam, ends_loss, "midpoint") if has_mid else None
+    else:
+        b_aligned, e_aligned = barrier(loss_a, lam), barrier(err_a, lam)
+        mid_aligned = barrier(loss_a, lam, "midpoint") if has_mid else None
+    b_naive = barrier(loss_n, lam)
+    reduction = barrier_reduction(b_naive, b_aligned)
+    rows = [{
         "lambdas": lam.tolist(),
         "test_loss_naive": loss_n[p].tolist(), "test_loss_aligned": loss_a[p].tolist(),
         "test_err_naive": err_n[p].tolist(), "test_err_aligned": err_a[p].tolist(),
         "barrier_loss_naive": float(b_naive[p]), "barrier_loss_aligned": float(b_aligned[p]),
-        "barrier_err_naive": float(barrier(err_n[p], lam)), "barrier_err_aligned": float(barrier(err_a[p], lam)),
+        "barrier_err_naive": float(barrier(err_n[p], lam)), "barrier_err_aligned": float(e_aligned[p]),
         "midpoint_loss_naive": float(barrier(loss_n[p], lam, "midpoint")) if has_mid else None,
-        "midpoint_loss_aligned": float(barrier(loss_a[p], lam, "midpoint")) if has_mid else None,
+        "midpoint_loss_aligned": float(mid_aligned[p]) if has_mid else None,
         "barrier_reduction": float(reduction[p]), "matching_sweeps": matches[p].sweeps,
         # best objective over the restarts, and their range (max - min): 0 when every restart agrees
         "matching_objective": matches[p].objective[-1],
         "matching_restart_spread": max(matches[p].restart_objectives) - min(matches[p].restart_objectives),
     } for p in range(n)]
+    if heads == "unaware":
+        for p, row in enumerate(rows):
+            row["unaware_endpoint_loss"] = float(loss_a[p, -1] - loss_n[p, -1])
+    if heads == "both":
+        flat, _ = _align(spec.unstructured(), a, b, settings, gen)
+        path = linear_path(module, a, flat, task, **kw)
+        loss_u, err_u = path.loss["test"], path.error("test")
+        b_u = _barrier_between(loss_u, lam, ends_loss)
+        e_u = _barrier_between(err_u, lam, ends_err)
+        mid_u = _barrier_between(loss_u, lam, ends_loss, "midpoint") if has_mid else None
+        red_u = barrier_reduction(b_naive, b_u)
+        for p, row in enumerate(rows):
+            row.update({"test_loss_unaware": loss_u[p].tolist(), "test_err_unaware": err_u[p].tolist(),
+                        "barrier_loss_unaware": float(b_u[p]), "barrier_err_unaware": float(e_u[p]),
+                        "midpoint_loss_unaware": float(mid_u[p]) if has_mid else None,
+                        "barrier_reduction_unaware": float(red_u[p]),
+                        "unaware_endpoint_loss": float(loss_u[p, -1] - loss_n[p, -1])})
+    if settings.get("repair"):
+        x = task.load("train", DATA_SEED)[0][: settings.get("repair_samples", 256)]
+        batches = list(x.split(256))
+        paths = [repair_path(module, spec, {k: v[p] for k, v in a.items()}, {k: v[p] for k, v in aligned.items()}, lam,
+                             batches) for p in range(n)]
+        states = {k: torch.stack([path[k] for path in paths]) for k in paths[0]}
+        fixed = evaluate_path(module, states, lam, task, pairs=True, splits=("test",), seed=DATA_SEED,
+                              max_examples=settings["samples"], device=device)
+        loss_r, err_r = fixed.loss["test"], fixed.error("test")
+        b_r, e_r = _barrier_between(loss_r, lam, ends_loss), _barrier_between(err_r, lam, ends_err)
+        for p, row in enumerate(rows):
+            row.update({"test_loss_repair": loss_r[p].tolist(), "test_err_repair": err_r[p].tolist(),
+                        "barrier_loss_repair": float(b_r[p]), "barrier_err_repair": float(e_r[p])})
+    return rows
 
 
 def last_epoch_rows(rows: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
@@ -250,9 +323,11 @@ class Interpolation(Stage):
     def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
         last = last_epoch_rows(rows, ["zoo", "model_a", "model_b"])
         worse = (pl.col("barrier_loss_aligned") > pl.col("barrier_loss_naive")).sum()
+        extra = [c for c in ("unaware", "repair") if f"barrier_loss_{c}" in last.columns]
         return last.group_by("zoo").agg(pl.len().alias("pairs"), worse.alias("matching_worse"),
                                         *mean_sd("barrier_loss_naive", "barrier_naive"),
-                                        *mean_sd("barrier_loss_aligned", "barrier_aligned"))
+                                        *mean_sd("barrier_loss_aligned", "barrier_aligned"),
+                                        *[e for c in extra for e in mean_sd(f"barrier_loss_{c}", f"barrier_{c}")])
 
     def plots(self, rows: pl.DataFrame, out_dir: Path) -> list[Path]:
         last = last_epoch_rows(rows, ["zoo", "model_a", "model_b"])

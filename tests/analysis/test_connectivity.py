@@ -204,3 +204,28 @@ def test_bezier_curve_lowers_max_loss_below_linear_path():
     assert torch.allclose(ends, linear.loss["train"][[0, -1]], atol=1e-5)  # endpoints stay fixed
     assert float(res.path.loss["train"].max()) < float(linear.loss["train"].max())
     assert float(barrier(res.path.loss["train"], res.path.lambdas)) < 0.5 * float(barrier(linear.loss["train"], linear.lambdas))
+
+
+def test_repair_renormalises_a_transformers_linear_layers_and_layernorms():
+    """On a ViT, REPAIR's sites are its linear layers and its LayerNorms (the residual stream's), in execution
+    order, so after it every site's per-feature std is the endpoints' interpolation, and so is its mean where the
+    layer has a bias to move it (the key projection has none: a key bias is invisible through the softmax)."""
+    from tests.analysis.test_matching import _vit
+
+    model, a = _vit(0)
+    _, b = _vit(1)
+    spec = model.perm_spec()
+    pb = apply_permutation(spec, b, weight_matching(spec, a, b, generator=torch.Generator().manual_seed(0)).perms)
+    sites = repair_sites(model, spec)
+    assert sites[:7] == ["embed", "blocks.0.norm1", "blocks.0.attn.q", "blocks.0.attn.k", "blocks.0.attn.v",
+                         "blocks.0.attn.o", "blocks.0.norm2"] and sites[-1] == "norm"
+    batches = [task().load("train", 0)[0][:256]]
+    fixed = {k: v[1] for k, v in repair_path(model, spec, a, pb, [0.0, 0.5, 1.0], batches).items()}
+    sa, sb = activation_stats(model, a, batches, sites), activation_stats(model, pb, batches, sites)
+    got = activation_stats(model, fixed, batches, sites)
+    mods = dict(model.named_modules())
+    for site in sites:
+        for i in (0, 1) if mods[site].bias is not None else (1,):
+            target = (sa[site][i] + sb[site][i]) / 2
+            torch.testing.assert_close(got[site][i], target, atol=1e-4 * (1 + float(target.abs().max())), rtol=1e-3,
+                                       msg=lambda m: f"{site}: {m}")

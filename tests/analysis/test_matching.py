@@ -6,6 +6,8 @@ import functools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from analysis.matching import (
@@ -362,3 +364,93 @@ def test_restarts_reach_the_exact_optimum_at_least_as_often():
                 hits[k] += res.objective[-1] >= best - 1e-9 * abs(best)
     assert hits[1] < runs  # one descent misses the optimum here
     assert hits[4] > hits[1]
+
+
+# --- attention heads: block groups ----------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_assign_blocks_is_the_exact_optimum_over_block_permutations(seed):
+    """Against enumeration of every (head permutation, within-head permutation of each cost) on 3 heads of 2."""
+    import itertools
+
+    import numpy as np
+
+    from analysis.matching import assign_blocks
+    from zoos.permspec import from_blocks
+
+    rng = np.random.default_rng(seed)
+    costs = [rng.normal(size=(6, 6)) for _ in range(2)]
+    perms, value = assign_blocks(costs, 3)
+    got = sum(c[np.arange(6), p].sum() for c, p in zip(costs, perms))
+    taus = [torch.tensor(t) for t in itertools.product(*[list(itertools.permutations(range(2)))] * 3)]
+    best = max(sum(c[np.arange(6), from_blocks(torch.tensor(s), t).numpy()].sum() for c, t in zip(costs, pair))
+               for s in itertools.permutations(range(3)) for pair in itertools.product(taus, taus))
+    assert got == pytest.approx(best, abs=1e-9) and value == pytest.approx(best, abs=1e-9)
+    spec = PermSpec({"qk": (("q", 0),), "vo": (("v", 0),)}, {"qk": ("h", 3), "vo": ("h", 3)})
+    spec.check({"qk": torch.from_numpy(perms[0]), "vo": torch.from_numpy(perms[1])})
+
+
+@functools.cache
+def _vit(seed: int = 0) -> tuple[nn.Module, dict[str, Tensor]]:
+    """A small ViT (3 heads of 4 dimensions) with every weight perturbed, so no two units are alike."""
+    from tasks import get_task
+    from zoos.archs import build_arch
+
+    torch.manual_seed(seed)
+    model = build_arch("vit", get_task("digits"), width=12, depth=2, heads=3, patch=4).eval()
+    return model, {k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()}
+
+
+def _planted_heads(spec: PermSpec, state: dict[str, Tensor], seed: int) -> dict[str, Tensor]:
+    """A random allowed permutation whose head permutations all move heads and whose qk and vo differ inside them."""
+    from zoos.permspec import to_blocks
+
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        planted = spec.random(state, g)
+        parts = {n: to_blocks(planted[n], spec.blocks[n][1]) for n in spec.blocks}
+        moved = all(not torch.equal(s, torch.arange(len(s))) for s, _ in parts.values())
+        if moved and all(not torch.equal(parts[f"block{i}.qk"][1], parts[f"block{i}.vo"][1]) for i in range(2)):
+            return planted
+
+
+def test_head_aware_matching_recovers_a_planted_head_permutation():
+    """Planted: heads moved, and within each head independent permutations of the qk and vo dimensions. Weight
+    matching and activation matching both find its inverse exactly; MergeMany of permuted copies is the model."""
+    model, a = _vit()
+    spec = model.perm_spec()
+    planted = _planted_heads(spec, a, 1)
+    b = apply_permutation(spec, a, planted)
+    x = digits()[0][:256]
+    assert check_same_function(model, a, b, x) < 1e-5
+    inv = invert(planted)
+    wm = weight_matching(spec, a, b, generator=torch.Generator().manual_seed(0))
+    am = activation_matching(model, spec, a, b, [x])
+    for res in (wm, am):
+        spec.check(res.perms)
+        assert all(torch.equal(res.perms[n], inv[n]) for n in spec.perms)
+    perms, merged = merge_many(spec, [a, b, apply_permutation(spec, a, _planted_heads(spec, a, 2))],
+                               generator=torch.Generator().manual_seed(0))
+    for p in perms:
+        spec.check(p)
+    assert all(torch.allclose(merged[k], a[k], atol=1e-6) for k in a)
+
+
+def test_head_unaware_matching_leaves_the_symmetry_and_head_aware_keeps_the_function():
+    """Between two different models: head-aware matching is an allowed permutation (b's function unchanged);
+    head-unaware matching treats each attention's dimensions as one flat permutation, which moves dimensions
+    across heads and so changes b's function; over its larger set it reaches a higher objective."""
+    model, a = _vit(0)
+    _, b = _vit(1)
+    spec = model.perm_spec()
+    x = digits()[0][:256]
+    aware = weight_matching(spec, a, b, generator=torch.Generator().manual_seed(0))
+    unaware = weight_matching(spec.unstructured(), a, b, generator=torch.Generator().manual_seed(0))
+    spec.check(aware.perms)
+    assert check_same_function(model, b, apply_permutation(spec, b, aware.perms), x) < 1e-5
+    with pytest.raises(ValueError, match="across its 3 blocks"):
+        spec.check(unaware.perms)
+    assert check_same_function(model, b, apply_permutation(spec, b, unaware.perms), x) > 1e-3
+    assert unaware.objective[-1] > aware.objective[-1] > aware.objective[0]

@@ -47,6 +47,11 @@ CASES = [
     ("model_zoos_cnn", "cifar10", {}, dict(variant="CNN3", activation="relu"), "task"),
     ("model_zoos_cnn", "mnist", {}, dict(variant="CNN2", activation="leaky_relu"), "task"),
     ("resnet18_width", "cifar10", {}, dict(width=2, preprocess={"mean": [0.5] * 3, "std": [0.25] * 3}), "task"),
+    # transformers: heads of 2-4 dimensions, so that head and within-head permutations are both exercised
+    ("vit", "digits", {}, dict(width=12, depth=2, heads=3, patch=4), "task"),
+    ("vit", "mnist", {}, dict(width=8, depth=1, heads=2, patch=7, pool="mean", activation="relu"), "task"),
+    ("set_transformer", "convex_hull", {}, dict(width=12, depth=2, heads=3), "points"),
+    ("canon_cnn", "digits", {"group": "C4"}, dict(width=3, depth=1, backbone="vit", backbone_config=dict(width=6, depth=1, heads=2)), "task"),
 ]
 IDS = [f"{a}-{t}-{i}" for i, (a, t, *_) in enumerate(CASES)]
 
@@ -121,9 +126,16 @@ def _observed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([out, model.scores(x).flatten(1)], 1) if hasattr(model, "scores") else out
 
 
-def _nontrivial(perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Replace any permutation that came out as the identity by a cyclic shift."""
-    return {k: (p.roll(1) if torch.equal(p, torch.arange(len(p))) else p) for k, p in perms.items()}
+def _nontrivial(spec, perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace any permutation that came out as the identity by a cyclic shift the spec allows (inside each
+    block of a block-structured one)."""
+    out = {}
+    for k, p in perms.items():
+        if torch.equal(p, torch.arange(len(p))):
+            n = spec.blocks[k][1] if k in spec.blocks else 1
+            p = p.view(n, -1).roll(1, 1).flatten()
+        out[k] = p
+    return out
 
 
 @pytest.mark.parametrize("arch,task_name,opts,config,which", CASES, ids=IDS)
@@ -131,7 +143,8 @@ def test_permutation_spec_is_exact_and_every_pair_matters(arch, task_name, opts,
     task, model, _, x = _setup(arch, task_name, opts, config, which)
     _randomise(model)
     spec, state = model.perm_spec(), {k: v.clone() for k, v in model.state_dict().items()}
-    perms = _nontrivial(spec.random(state, torch.Generator().manual_seed(5)))
+    perms = _nontrivial(spec, spec.random(state, torch.Generator().manual_seed(5)))
+    spec.check(perms)
     with torch.no_grad():
         ref = _observed(model, x)
         model.load_state_dict(apply_permutation(spec, state, perms))
@@ -219,6 +232,12 @@ def test_frame_avg_has_finite_gradients():
         ("canon_cnn", "digits", dict(prior_weight=-1.0), "prior_weight must be a number >= 0"),
         ("canon_mlp", "o5_regression", {}, "at least d = 5 input vectors"),
         ("canon_mlp", "lorentz", {}, "non-Euclidean"),
+        ("vit", "digits", dict(width=30, heads=4), "width 30 is not a multiple of heads 4"),
+        ("vit", "digits", dict(patch=3), "patch 3 does not divide the 8x8 images"),
+        ("vit", "digits", dict(pool="max"), "pool 'max' is not allowed; choose one of cls, mean"),
+        ("vit", "digits", dict(mlp_ratio=0), "mlp_ratio must be a positive number, got 0"),
+        ("set_transformer", "convex_hull", dict(pool="cls"), "pool 'cls' is not allowed; choose one of mean, sum"),
+        ("set_transformer", "digits", {}, "points inputs"),
     ],
 )
 def test_bad_configurations_are_refused_with_the_field(arch, task_name, config, match):

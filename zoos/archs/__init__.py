@@ -9,5 +9,6 @@ from zoos.archs import clifford as _clifford  # noqa: E402,F401
 from zoos.archs import equivariant as _equivariant  # noqa: E402,F401
 from zoos.archs import inr as _inr  # noqa: E402,F401
 from zoos.archs import published as _published  # noqa: E402,F401
+from zoos.archs import transformers as _transformers  # noqa: E402,F401
 
 __all__ = ["ARCHS", "ArchError", "ArchInfo", "PopDropout", "SymModule", "build_arch", "make_activation", "reinit"]

@@ -35,9 +35,15 @@ def _check_prior(arch: str, prior_weight: float) -> float:
     return float(prior_weight)
 
 
-def _prefixed(spec: PermSpec, prefix: str) -> dict[str, tuple[tuple[str, int], ...]]:
-    """A sub-module's permutations with its state-dict prefix on every key and on every name."""
-    return {prefix + name: tuple((prefix + key, axis) for key, axis in pairs) for name, pairs in spec.perms.items()}
+def _joined(**parts: PermSpec) -> PermSpec:
+    """The sub-modules' specs as one: each part's state-dict prefix (its keyword) on every key, permutation and
+    block-group name, so a transformer backbone keeps its heads."""
+    perms, blocks = {}, {}
+    for prefix, spec in parts.items():
+        perms.update({f"{prefix}.{name}": tuple((f"{prefix}.{key}", axis) for key, axis in pairs)
+                      for name, pairs in spec.perms.items()})
+        blocks.update({f"{prefix}.{name}": (f"{prefix}.{group}", n) for name, (group, n) in spec.blocks.items()})
+    return PermSpec(perms, blocks)
 
 
 class GroupScores(GroupConvNet):
@@ -119,7 +125,7 @@ class CanonCNN(SymModule):
         return self.prior_weight * self.prior_terms(x).mean()
 
     def perm_spec(self) -> PermSpec:
-        return PermSpec({**_prefixed(self.canon.perm_spec(), "canon."), **_prefixed(self.backbone.perm_spec(), "backbone.")})
+        return _joined(canon=self.canon.perm_spec(), backbone=self.backbone.perm_spec())
 
 
 @register_arch(
