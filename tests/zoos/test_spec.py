@@ -55,7 +55,7 @@ def test_error_names_the_path_the_value_and_the_range():
         ({"random": {"lr": {"normal": [0, 1]}}, "samples": 2}, "zoos[1].random.lr", "log_uniform"),
         ({"checkpoints": [0, 7]}, "zoos[1].checkpoints", "[0, 3]"),
         ({"task": {"name": "imagenet"}}, "zoos[1].task.name", "digits"),
-        ({"arch": {"name": "vit"}}, "zoos[1].arch.name", "mlp"),
+        ({"arch": {"name": "swin"}}, "zoos[1].arch.name", "mlp"),
         ({"arch": {"name": "mlp", "config": {"heads": 2}}}, "zoos[1].arch.config.heads", "width"),
     ],
 )
