@@ -13,6 +13,8 @@ Its path is therefore measured against the true endpoints: the barrier is max_l 
 loss(a) + l loss(b))] with b unpermuted, so a merge that breaks b is charged for it at l = 1 too; the
 loss it adds to b itself is `unaware_endpoint_loss`. `repair: true` adds the aligned path after REPAIR
 (`analysis.connectivity.repair_path`: linear layers and LayerNorm affines renormalised per feature).
+`matching: activation` aligns by the correlation of hidden activations on `match_samples` training inputs
+instead of by weights (Git Re-Basin's §3.1; heads as wholes the same way).
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ class InterpolationSettings(Settings):
     repair: bool = Field(False, description="also evaluate the aligned path after REPAIR (per-feature renormalisation "
                          "of linear layers and LayerNorms, on `repair_samples` training inputs): *_repair columns")
     repair_samples: int = Field(256, ge=1, description="training inputs REPAIR measures its statistics on")
+    matching: Literal["weight", "activation"] = Field(
+        "weight", description="how b is aligned to a: 'weight' matching (coordinate descent on the weights' inner "
+        "products, with `restarts`) or 'activation' matching (correlation of hidden activations on `match_samples` "
+        "training inputs)")
+    match_samples: int = Field(512, ge=2, description="training inputs activation matching correlates units on")
 
 
 def sample_pairs(ids: list[str], k: int, key: str, cells: Mapping[str, Hashable] | None = None) -> list[tuple[str, str]]:
@@ -181,16 +188,29 @@ def pick_epochs(common: list[int], wanted: str | list[int], where: str) -> list[
     return sorted(set(wanted))
 
 
-def _align(spec: Any, a: dict, b: dict, settings: dict[str, Any], gen: torch.Generator) -> tuple[dict, list]:
-    """b's stacked pairs weight-matched to a's under `spec`: (aligned stacked b, one MatchResult per pair)."""
-    from analysis.matching import RESTARTS, weight_matching
+def _train_inputs(task: Any, count: int) -> list[torch.Tensor]:
+    """The first `count` training inputs, in batches of 256: what REPAIR and activation matching observe."""
+    from zoos.trainer import DATA_SEED
+
+    return list(task.load("train", DATA_SEED)[0][:count].split(256))
+
+
+def _align(module: torch.nn.Module, task: Any, spec: Any, a: dict, b: dict, settings: dict[str, Any],
+           gen: torch.Generator) -> tuple[dict, list]:
+    """b's stacked pairs matched to a's under `spec` (by weights or by activations, as `settings` say):
+    (aligned stacked b, one MatchResult per pair)."""
+    from analysis.matching import RESTARTS, activation_matching, weight_matching
     from zoos.permspec import apply_permutation
 
+    by_activations = settings.get("matching", "weight") == "activation"
+    batches = _train_inputs(task, settings.get("match_samples", 512)) if by_activations else None
     aligned, matches = {k: v.clone() for k, v in b.items()}, []
     for p in range(next(iter(a.values())).shape[0]):
-        bp = {k: v[p] for k, v in b.items()}
-        match = weight_matching(spec, {k: v[p] for k, v in a.items()}, bp, generator=gen,
-                                restarts=settings.get("restarts", RESTARTS))
+        ap, bp = {k: v[p] for k, v in a.items()}, {k: v[p] for k, v in b.items()}
+        if by_activations:
+            match = activation_matching(module, spec, ap, bp, batches, device=next(iter(ap.values())).device)
+        else:
+            match = weight_matching(spec, ap, bp, generator=gen, restarts=settings.get("restarts", RESTARTS))
         for k, v in apply_permutation(spec, bp, match.perms).items():
             aligned[k][p] = v
         matches.append(match)
@@ -216,7 +236,7 @@ def connect_pairs(module: torch.nn.Module, task: Any, a: dict, b: dict, settings
     spec, n = module.perm_spec(), next(iter(a.values())).shape[0]
     heads = settings.get("heads", "aware")
     gen = torch.Generator().manual_seed(settings["seed"])
-    aligned, matches = _align(spec if heads != "unaware" else spec.unstructured(), a, b, settings, gen)
+    aligned, matches = _align(module, task, spec if heads != "unaware" else spec.unstructured(), a, b, settings, gen)
     kw = dict(lambdas=settings["lambdas"], pairs=True, splits=("test",), seed=DATA_SEED,
               max_examples=settings["samples"], device=device)
     naive, matched = linear_path(module, a, b, task, **kw), linear_path(module, a, aligned, task, **kw)
@@ -242,14 +262,15 @@ def connect_pairs(module: torch.nn.Module, task: Any, a: dict, b: dict, settings
         "midpoint_loss_aligned": float(mid_aligned[p]) if has_mid else None,
         "barrier_reduction": float(reduction[p]), "matching_sweeps": matches[p].sweeps,
         # best objective over the restarts, and their range (max - min): 0 when every restart agrees
-        "matching_objective": matches[p].objective[-1],
-        "matching_restart_spread": max(matches[p].restart_objectives) - min(matches[p].restart_objectives),
+        "matching_objective": matches[p].objective[-1] if matches[p].objective else None,
+        "matching_restart_spread": (max(matches[p].restart_objectives) - min(matches[p].restart_objectives)
+                                    if matches[p].restart_objectives else None),
     } for p in range(n)]
     if heads == "unaware":
         for p, row in enumerate(rows):
             row["unaware_endpoint_loss"] = float(loss_a[p, -1] - loss_n[p, -1])
     if heads == "both":
-        flat, _ = _align(spec.unstructured(), a, b, settings, gen)
+        flat, _ = _align(module, task, spec.unstructured(), a, b, settings, gen)
         path = linear_path(module, a, flat, task, **kw)
         loss_u, err_u = path.loss["test"], path.error("test")
         b_u = _barrier_between(loss_u, lam, ends_loss)
@@ -263,8 +284,7 @@ def connect_pairs(module: torch.nn.Module, task: Any, a: dict, b: dict, settings
                         "barrier_reduction_unaware": float(red_u[p]),
                         "unaware_endpoint_loss": float(loss_u[p, -1] - loss_n[p, -1])})
     if settings.get("repair"):
-        x = task.load("train", DATA_SEED)[0][: settings.get("repair_samples", 256)]
-        batches = list(x.split(256))
+        batches = _train_inputs(task, settings.get("repair_samples", 256))
         paths = [repair_path(module, spec, {k: v[p] for k, v in a.items()}, {k: v[p] for k, v in aligned.items()}, lam,
                              batches) for p in range(n)]
         states = {k: torch.stack([path[k] for path in paths]) for k in paths[0]}

@@ -54,3 +54,20 @@ def test_heads_and_repair_columns_on_a_planted_and_a_different_pair():
 def test_heads_setting_is_validated_by_name():
     with pytest.raises(ValidationError, match=r"heads\n.*'aware', 'unaware' or 'both'"):
         InterpolationSettings(heads="partly")
+
+
+def test_activation_matching_undoes_a_planted_head_permutation_and_keeps_b_its_function():
+    """`matching: activation` aligns by hidden activations on training inputs: a planted head and within-head
+    permutation is undone (zero barrier), and another model's aligned path still ends at b's own loss."""
+    model, a = _vit(0)
+    _, other = _vit(1)
+    spec = model.perm_spec()
+    planted = apply_permutation(spec, a, _planted_heads(spec, a, 1))
+    stack = lambda *states: {k: torch.stack([s[k] for s in states]) for k in a}  # noqa: E731
+    settings = InterpolationSettings(lambdas=5, samples=128, matching="activation", match_samples=256).model_dump()
+    same, diff = connect_pairs(model, get_task("digits"), stack(a, a), stack(planted, other), settings, "cpu")
+    assert same["barrier_loss_aligned"] == pytest.approx(0.0, abs=1e-5)
+    assert diff["test_loss_aligned"][-1] == pytest.approx(diff["test_loss_naive"][-1], abs=1e-5)
+    assert same["matching_restart_spread"] is None  # activation matching has no restarts
+    with pytest.raises(ValidationError, match=r"matching\n.*'weight' or 'activation'"):
+        InterpolationSettings(matching="gradients")
