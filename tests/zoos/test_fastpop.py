@@ -102,27 +102,31 @@ def test_training_fast_equals_vmap_trainer(arch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_resnet_on_the_kernels_folds_its_norms_and_tracks_autocast_vmap_in_bf16():
-    """ResNet-20's norms run as popnorm with the activation (and the skip) folded in, bf16 out where a conv alone
-    reads them: its bf16 gradients track autocast's vmap program as closely as two bf16 programs can."""
+    """ResNet-20's norms run as popnorm with the activation (and the skip) folded in, bf16 out where convs alone
+    read them: its bf16 gradients are as close to float32's as autocast's vmap program's are (twenty bf16 layers
+    leave the stem's gradient at a cosine of ~0.97 to float32 in either program; a broken one is near 0)."""
     task, models, params, buffers = population("resnet20", "cifar10", {"width": 0.5}, n=4)
     params = {k: v.cuda() for k, v in params.items()}
     buffers = {k: v.cuda() for k, v in buffers.items()}
     x, y = torch.randn(4, 32, 3, 32, 32, device="cuda"), torch.randint(0, 10, (4, 32), device="cuda")
     module = template(models[0])
 
-    def one(p, b, xb, yb):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    def one(p, b, xb, yb, bf16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             return task.loss(functional_call(module, (p, b), (xb,)).float(), yb)
 
-    want = vmap(grad(one), randomness="different")(params, buffers, x, y)
+    exact = vmap(grad(one), in_dims=(0, 0, 0, 0, None), randomness="different")(params, buffers, x, y, False)
+    peer = vmap(grad(one), in_dims=(0, 0, 0, 0, None), randomness="different")(params, buffers, x, y, True)
     step = FastStep(module, task.loss, task.input_shape, dtype=torch.bfloat16, dropout=False, kernels=True)
     programs = Counter(p for _, p, _ in step.pop.choices)
     assert programs["popnorm+ReLU"] == 10 and programs["popnorm+add+ReLU"] == 9 and programs["popnorm"] == 2, programs
-    assert sum(why.startswith("stored in the compute dtype") for _, p, why in step.pop.choices if p.startswith("popnorm")) == 9
+    # bf16 out: each block's first norm (read by its conv2) and the two block ends that only convs read (conv1 and the
+    # next stage's shortcut conv); float32 where a residual add reads it
+    assert sum(why.startswith("stored in the compute dtype") for _, p, why in step.pop.choices if p.startswith("popnorm")) == 11
     got = step(params, buffers, x, y)[0]
-    for k in want:
-        cos = torch.nn.functional.cosine_similarity(got[k].flatten(1).float(), want[k].flatten(1).float(), dim=1)
-        assert cos.min() > 0.97, k
+    cos = lambda u, v: torch.nn.functional.cosine_similarity(u.flatten(1).float(), v.flatten(1).float(), dim=1).min()  # noqa: E731
+    for k in exact:
+        assert cos(got[k], exact[k]) > cos(peer[k], exact[k]) - 0.02, (k, cos(got[k], exact[k]), cos(peer[k], exact[k]))
 
 
 @pytest.mark.gpu
