@@ -69,6 +69,21 @@ def pop_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return y.reshape(*lead, out_f)
 
 
+BINARY = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "matmul": torch.matmul}
+
+
+def pop_broadcast(op: str, x: Tensor, w: Tensor, data_first: bool, dtype: torch.dtype | None = None) -> Tensor:
+    """BINARY[op](x_n, w_n) (or (w_n, x_n)) of model n's samples and its own weight, broadcast as each model's op
+    would: x [N*B, ...], w [N, ...] of a rank no higher than a sample batch's. `dtype`: both cast first (autocast's
+    matmul)."""
+    fn, n = BINARY[op], w.shape[0]
+    xs = x.unflatten(0, (n, -1))
+    ws = w.reshape(n, *[1] * (xs.dim() - w.dim()), *w.shape[1:])
+    if dtype is not None:
+        xs, ws = xs.to(dtype), ws.to(dtype)
+    return (fn(xs, ws) if data_first else fn(ws, xs)).flatten(0, 1)
+
+
 def pop_flat_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """FlatLinear per model: w [N, out, *in_shape] applied to the trailing len(in_shape) axes of x."""
     k = w.dim() - 2
@@ -643,6 +658,32 @@ class _Emitter:
         env[chain[-1]] = out = g.call_function(popconv.conv2d_pool_act, (x, w, b, pad), {**epilogue[1], **options})
         return out
 
+    _BINARY_OPS = {operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "div",
+                   torch.add: "add", torch.sub: "sub", torch.mul: "mul", torch.div: "div",
+                   "add": "add", "sub": "sub", "mul": "mul", "div": "div",
+                   operator.matmul: "matmul", torch.matmul: "matmul", "matmul": "matmul"}
+
+    def _broadcast(self, node: fx.Node) -> tuple[str, bool] | None:
+        """(the op, whether data comes first) for a binary elementwise op or matmul of per-sample data and a
+        per-model weight that broadcasts over the model's batch; None for any other op."""
+        if node.op not in ("call_function", "call_method") or node.kwargs or len(node.args) != 2:
+            return None
+        fn = self._BINARY_OPS.get(node.target)
+        a, b = node.args
+        if fn is None or not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            return None
+        kinds = (self.kinds.get(a), self.kinds.get(b))
+        if kinds not in ((DATA, WEIGHT), (WEIGHT, DATA)):
+            return None
+        data, weight = (a, b) if kinds[0] == DATA else (b, a)
+        x, w = data.meta.get("probe"), weight.meta.get("probe")
+        if not (isinstance(x, Tensor) and isinstance(w, Tensor)):
+            return None
+        if fn == "matmul":  # [B, ..., k] @ [k, m]: a weight matrix on the right
+            return (fn, True) if data is a and w.dim() == 2 and x.dim() >= 2 else None
+        fits = w.dim() < x.dim() or (w.dim() == x.dim() and w.shape[0] == 1)  # the batch axis is the data's alone
+        return (fn, data is a) if fits else None
+
     def _popnorm(self, node: fx.Node, x: fx.Node, w: fx.Node | None, b: fx.Node | None, eps: float) -> fx.Node | None:
         """GroupNorm(1) as popnorm, with the residual add and the activation that alone consume it folded in
         (the op then emitted where the add is, after both its operands), stored in the compute dtype where only
@@ -723,6 +764,14 @@ class _Emitter:
                 if node.target is F.group_norm:
                     return g.call_function(pop_group_norm, (value(x), kw["num_groups"], value(w), value(b), eps))
                 return g.call_function(pop_layer_norm, (value(x), kw["normalized_shape"], value(w), value(b), eps))
+        broadcast = self._broadcast(node)
+        if broadcast is not None:
+            fn, data_first = broadcast
+            a, b = node.args
+            self.choose(node, "broadcast", "each model's weight against its own samples")
+            dtype = pop.dtype if fn == "matmul" and pop.dtype != torch.float32 else None
+            data, weight = (a, b) if data_first else (b, a)
+            return g.call_function(pop_broadcast, (fn, value(data), value(weight), data_first, dtype))
         leaves, spec, leaf_kinds = _flat_kinds((node.args, node.kwargs), self.kinds)
         if SIZE in leaf_kinds:
             raise Unsupported(f"{_what(node)} mixes the weights with a size that grows with the batch")

@@ -145,3 +145,38 @@ def test_compiled_bf16_step_tracks_float32_on_gpu():
         cos = torch.nn.functional.cosine_similarity(g16[k].flatten(1), g32[k].flatten(1), dim=1)
         assert cos.min() > 0.97, k
         assert cos.median() > 0.99, k
+
+
+class _WeightOps(torch.nn.Module):
+    """Per-sample data against the model's own weights in every broadcast form the population program takes
+    without a per-op vmap: either operand first, a weight of lower rank or with a leading 1, a matmul on the right."""
+
+    def __init__(self):
+        super().__init__()
+        self.row = torch.nn.Parameter(torch.randn(6) + 3)
+        self.col = torch.nn.Parameter(torch.randn(4, 1))
+        self.lead = torch.nn.Parameter(torch.randn(1, 4, 6))
+        self.mat = torch.nn.Parameter(torch.randn(6, 5))
+
+    def forward(self, x):  # x [B, 4, 6]
+        h = (x - self.row) * self.col / (self.row.abs() + 1)
+        h = (self.row - h) + x.mul(self.lead) - torch.div(self.col, h.abs() + 1)
+        return (h @ self.mat).sum(-1)
+
+
+def test_data_and_weight_ops_broadcast_per_model_without_vmap():
+    models = [_WeightOps() for _ in range(3)]
+    params, buffers = stack_states(models)
+    module = template(models[0])
+    pop = FastPopulation(module, (4, 6))
+    programs = Counter(p for _, p, _ in pop.choices)
+    assert programs["broadcast"] == 7 and "vmap op" not in programs, programs
+    x = torch.randn(3, 5, 4, 6)
+    torch.testing.assert_close(pop(params, buffers, x, x_per_model=True),
+                               population_forward(module, params, buffers, x, x_per_model=True), atol=1e-5, rtol=1e-5)
+    y = torch.randn(3, 5, 4)
+    grads, _ = FastStep(module, torch.nn.functional.mse_loss, (4, 6), dropout=False)(params, buffers, x, y)
+    ref = vmap(grad(lambda p, b, xb, yb: torch.nn.functional.mse_loss(functional_call(module, (p, b), (xb,)), yb)))(
+        params, buffers, x, y)
+    for k in ref:
+        torch.testing.assert_close(grads[k], ref[k], atol=1e-5, rtol=1e-4)
