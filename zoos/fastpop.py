@@ -452,6 +452,13 @@ class _Emitter:
             dst = dst.args[0]
         return dst is src
 
+    def activation_elements(self) -> int:
+        """Elements of every per-sample value of one sample together (reshapes and views not counted), from the
+        shape probe: what a training step may keep for its backward, at most."""
+        return sum(t.numel() // SHAPE_PROBES[0] for node, kind in self.kinds.items()
+                   if kind == DATA and not (node.op == "call_method" and node.target in self._SHAPE_ONLY)  # views
+                   for t in tree_flatten(node.meta.get("probe"))[0] if isinstance(t, Tensor))
+
     def sample_elements(self) -> int:
         """Elements of the largest per-sample value (an activation of one sample), from the shape probe."""
         sizes = [t.numel() // SHAPE_PROBES[0] for node, kind in self.kinds.items() if kind == DATA
@@ -840,6 +847,7 @@ class FastPopulation:
         # program holds at most max_rows samples (models x batch) of it
         self.sample_elements = emitter.sample_elements()
         self.max_rows = INDEX_LIMIT // max(1, self.sample_elements)
+        self.activation_elements = emitter.activation_elements()
         self._tables: dict[int, tuple[weakref.ref, int, Tensor | None]] = {}  # id(data set) -> its window table
         self._compiled: Callable | None = None
         if compile:

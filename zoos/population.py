@@ -58,6 +58,22 @@ class PopulationResult:
     def shard(self) -> str:
         return population_id(self.ids)
 
+    @classmethod
+    def concat(cls, parts: list["PopulationResult"]) -> "PopulationResult":
+        """One result of populations trained one after another: their models in order; the timings summed
+        (a moment, `*_at`, is the first part's); the first part's program, with how many parts there were."""
+        first = parts[0]
+        if any(p.epochs != first.epochs for p in parts):
+            raise ValueError("the parts stored different checkpoint epochs")
+
+        def joined(name: str) -> dict[str, np.ndarray]:
+            return {k: np.concatenate([getattr(p, name)[k] for p in parts]) for k in getattr(first, name)}
+
+        timings = {k: (v if k.endswith("_at") else sum(p.timings.get(k, 0.0) for p in parts))
+                   for k, v in first.timings.items()}
+        return cls([m for p in parts for m in p.models], list(first.epochs), joined("metrics"), joined("weights"),
+                   joined("curves"), timings, {**first.program, "parts": len(parts)})
+
     def validate(self) -> None:
         """Check that every array agrees with the number of models and checkpoints."""
         n, c = len(self.models), len(self.epochs)

@@ -132,11 +132,40 @@ def max_models(pop: Any, task: Any) -> int | None:
     return max(1, fast.max_rows // (1 << (batch - 1).bit_length()))
 
 
+MEMORY_SHARE = 0.8  # of the device's free memory that one population's training plans for
+
+
+def models_in_memory(pop: Any, task: Any, free_bytes: int) -> int | None:
+    """The most models of `pop` one population program trains within `free_bytes` of device memory: each model
+    keeps at most every activation of its batch for the backward (4 bytes a value, an upper bound for bf16 and
+    float32 alike) and its weights, gradients and two optimizer moments; None where it runs as vmap."""
+    from zoos.archs import build_arch
+    from zoos.fastpop import FastPopulation
+    from zoos.functional import template
+
+    first = pop.first
+    module = template(build_arch(first.arch, task, **first.arch_config))
+    try:
+        fast = FastPopulation(module, tuple(task.input_shape))
+    except Unsupported:
+        return None
+    per_model = 4 * (first.factors["batch_size"] * fast.activation_elements + 4 * sum(p.numel() for p in module.parameters()))
+    return max(1, int(MEMORY_SHARE * free_bytes) // per_model)
+
+
+def split_evenly(pop: Any, limit: int) -> list:
+    """`pop` as the fewest populations of at most `limit` models, their sizes differing by at most one."""
+    from zoos.spec import PopulationSpec
+
+    parts = -(-len(pop.models) // limit)
+    q, r = divmod(len(pop.models), parts)
+    starts = [i * q + min(i, r) for i in range(parts + 1)]
+    return [PopulationSpec(pop.models[a:b]) for a, b in zip(starts, starts[1:])]
+
+
 def fit_populations(pops: list, task_of: Callable[[Any], Any]) -> tuple[list, dict[str, int]]:
     """`pops` with every population larger than `max_models` split into equal parts that fit; returns the
     populations and {zoo: the limit} for each zoo split. `task_of(pop)` builds the population's task."""
-    from zoos.spec import PopulationSpec
-
     out, limits, cache = [], {}, {}
     for pop in pops:
         key = pop.first.group_key()
@@ -146,12 +175,9 @@ def fit_populations(pops: list, task_of: Callable[[Any], Any]) -> tuple[list, di
         if limit is None or len(pop.models) <= limit:
             out.append(pop)
             continue
-        parts = -(-len(pop.models) // limit)
-        q, r = divmod(len(pop.models), parts)  # sizes differ by at most one
-        starts = [i * q + min(i, r) for i in range(parts + 1)]
-        out += [PopulationSpec(pop.models[a:b]) for a, b in zip(starts, starts[1:])]
+        out += split_evenly(pop, limit)
         limits[pop.zoo] = limit
     return out, limits
 
 
-__all__ = ["FallbackWarning", "Program", "choose_program", "fit_populations", "max_models"]
+__all__ = ["FallbackWarning", "Program", "choose_program", "fit_populations", "max_models", "models_in_memory", "split_evenly"]

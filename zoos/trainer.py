@@ -57,7 +57,7 @@ from zoos.archs import ARCHS
 from zoos.fastpop import dropout_active, prior_view
 from zoos.functional import population_forward, template
 from zoos.population import PopulationResult
-from zoos.program import choose_program
+from zoos.program import choose_program, models_in_memory, split_evenly
 from zoos.init import AUGMENT_STREAM, ORDER_STREAM, SUBSET_STREAM, init_population, stream_seed
 from zoos.spec import ModelSpec, PopulationSpec
 
@@ -199,17 +199,46 @@ def train_population(
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:  # helper threads copy to this device, not their own current one
         device = torch.device("cuda", torch.cuda.current_device())
+    limit = memory_limit(pop, device, data_dir) if fast is not False else None
+    parts = split_evenly(pop, limit) if limit is not None and limit < len(pop.models) else [pop]
+    if len(parts) > 1 and status is not None:  # more models than the device holds: in parts, one after another
+        status(f"training in {len(parts)} parts of <= {limit} models (the device's free memory)")
+    results, done = [], 0
+    for part in parts:
+        at = progress  # in epochs of the whole population: model-epochs done over its size
+        if len(parts) > 1 and progress is not None:
+            at = lambda e, n, done=done, k=len(part.models): progress((done * n + k * e) // len(pop.models), n)  # noqa: E731
+        done += len(part.models)
+        results.append(_train_threads(part, device, precision, at, status or (lambda _: None), data_dir, eval_batch,
+                                      fast, kernels, graphs, compile))
+        if len(parts) > 1 and device.type == "cuda":
+            torch.cuda.empty_cache()  # the next part sees the memory this one held as free
+    return results[0] if len(parts) == 1 else PopulationResult.concat(results)
+
+
+def _train_threads(pop: PopulationSpec, device: torch.device, precision: str, progress, status, data_dir,
+                   eval_batch: int, fast, kernels, graphs, compile) -> PopulationResult:
+    """`_train` with its helper threads and the population's own dropout stream around it."""
     # helper threads: one reads the data and asks for the index streams in order, a few draw them
     streams = ThreadPoolExecutor(1, thread_name_prefix="symzoo-orders")
     draws = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="symzoo-draws")
     try:
         with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
             torch.manual_seed(int(pop.shard.removeprefix("pop-"), 16))  # dropout masks: one stream per population
-            return _train(pop, device, precision, progress, status or (lambda _: None), data_dir, eval_batch, fast,
+            return _train(pop, device, precision, progress, status, data_dir, eval_batch, fast,
                           kernels, graphs, compile, streams, draws)
     finally:  # also on an error: no helper left reading or copying once this returns
         streams.shutdown(cancel_futures=True)
         draws.shutdown(cancel_futures=True)
+
+
+def memory_limit(pop: PopulationSpec, device: torch.device, data_dir: str | None = None) -> int | None:
+    """The most models of `pop` that train at once in the CUDA device's free memory (`zoos.program.models_in_memory`);
+    None off CUDA or where the population runs as vmap."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return models_in_memory(pop, make_task(pop, data_dir), free)
 
 
 def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, status, data_dir, eval_batch: int,

@@ -13,6 +13,7 @@ from zoos.trainer import (
     TrainError,
     epoch_order,
     lr_factor,
+    make_task,
     steps_per_epoch,
     train_population,
     train_subset,
@@ -366,3 +367,36 @@ def test_a_finite_loss_far_above_its_start_is_diverged():
     result = train_population(one_population(models))
     by_lr = {m["lr"]: m for m in result.models}
     assert by_lr[1e4]["status"] == "diverged" and by_lr[1e-2]["status"] == "ok"
+
+
+def test_a_population_beyond_the_devices_memory_trains_in_parts_with_the_same_models(monkeypatch):
+    """When the device holds fewer models than the population (zoos.program.models_in_memory), it trains in
+    parts one after another: the same models, weights and curves as at once, progress in whole-population epochs."""
+    import zoos.trainer as trainer
+
+    pop = one_population(zoo_models({"seed": [0, 1, 2, 3, 4], "lr": [3e-3]}, checkpoints=[0, 2]))
+    whole = train_population(pop)
+    monkeypatch.setattr(trainer, "memory_limit", lambda pop, device, data_dir=None: 2)
+    seen, phases = [], []
+    parts = train_population(pop, progress=lambda e, n: seen.append((e, n)), status=phases.append)
+    assert parts.ids == whole.ids and parts.epochs == whole.epochs and parts.program["parts"] == 3
+    for name in ("weights", "metrics", "curves"):
+        for k, v in getattr(whole, name).items():
+            np.testing.assert_allclose(getattr(parts, name)[k], v, rtol=1e-5, atol=1e-6, err_msg=f"{name} {k}")
+    assert phases[0] == "training in 3 parts of <= 2 models (the device's free memory)"
+    assert [e for e, _ in seen] == sorted(e for e, _ in seen) and seen[-1] == (2, 2)
+    parts.validate()
+
+
+def test_models_in_memory_counts_activations_and_optimizer_state():
+    """The estimate: every activation of a model's batch at 4 bytes, and 16 bytes a parameter (weight, gradient,
+    Adam's two moments); a vmap-only architecture has none."""
+    from zoos.archs import build_arch
+    from zoos.program import models_in_memory
+
+    pop = one_population(zoo_models({"seed": [0, 1], "batch_size": [32]}))
+    task = make_task(pop)
+    n_params = build_arch("mlp", task, width=16, depth=1).num_params
+    per_model = 4 * 32 * (64 + 16 + 16 + 16 + 10) + 16 * n_params  # input, hidden, activation, dropout, output
+    assert models_in_memory(pop, task, int(per_model * 10 / 0.8)) == 10
+    assert models_in_memory(pop, task, 1) == 1
