@@ -428,29 +428,25 @@ class _Emitter:
         it so under autocast; float32 where any other op reads it (eigh has no bf16, a Gram matrix loses digits)."""
         return self.pop.dtype if self._read_by_weighted_only(placeholder) else torch.float32
 
+    def _transparent(self, n: fx.Node) -> bool:
+        """Whether n passes its input on as it is: a reshape or view, or a dropout this program skips."""
+        return (n.op == "call_method" and n.target in self._SHAPE_ONLY
+                or n.op == "call_module" and isinstance(self.mods[n.target], PopDropout) and not self.pop.dropout)
+
     def _read_by_weighted_only(self, node: fx.Node) -> bool:
         """Whether only convs and linears read `node`'s value (through reshapes and skipped dropouts) as their
         input, so that it may be stored in the compute dtype they cast it to."""
-        todo, ends = list(node.users), []
+        todo, ends = [(u, node) for u in node.users], []
         while todo:
-            n = todo.pop()
-            skipped = n.op == "call_module" and isinstance(self.mods[n.target], PopDropout) and not self.pop.dropout
-            if skipped or n.op == "call_method" and n.target in self._SHAPE_ONLY:
-                todo += list(n.users)
+            n, via = todo.pop()
+            if self._transparent(n):
+                todo += [(u, n) for u in n.users]
             else:
-                ends.append(n)
-        weighted = [n.op == "call_module" and isinstance(self.mods[n.target], (nn.Conv2d, nn.Linear, FlatLinear))
-                    or n.op == "call_function" and n.target in (F.conv2d, torch.conv2d, F.linear) for n in ends]
-        return bool(ends) and all(weighted) and all(self._reaches(node, n.args[0]) for n in ends)
-
-    def _reaches(self, src: fx.Node, dst: Any) -> bool:
-        """Whether dst is src or is reached from it through reshapes and skipped dropouts alone."""
-        while isinstance(dst, fx.Node) and dst is not src:
-            if not (dst.op == "call_method" and dst.target in self._SHAPE_ONLY
-                    or dst.op == "call_module" and isinstance(self.mods[dst.target], PopDropout) and not self.pop.dropout):
-                return False
-            dst = dst.args[0]
-        return dst is src
+                ends.append((n, via))
+        weighted = [(n.op == "call_module" and isinstance(self.mods[n.target], (nn.Conv2d, nn.Linear, FlatLinear))
+                     or n.op == "call_function" and n.target in (F.conv2d, torch.conv2d, F.linear)) and n.args[0] is via
+                    for n, via in ends]
+        return bool(ends) and all(weighted)
 
     def activation_elements(self) -> int:
         """Elements of every per-sample value of one sample together (reshapes and views not counted), from the

@@ -118,8 +118,7 @@ class PermSpec:
             sigmas = []
             for name in names:
                 sigma, tau = to_blocks(perms[name], n)
-                moved = sigma.view(n, 1) * tau.shape[1] + tau
-                if not torch.equal(moved.flatten(), perms[name].cpu()):
+                if not torch.equal(from_blocks(sigma, tau), perms[name].cpu()):
                     raise ValueError(f"permutation {name!r} moves entries across its {n} blocks")
                 sigmas.append(sigma)
             if any(not torch.equal(s, sigmas[0]) for s in sigmas):

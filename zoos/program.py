@@ -116,19 +116,27 @@ def choose_program(
                    layers=list(step.pop.choices), step=step)
 
 
-def max_models(pop: Any, task: Any) -> int | None:
-    """The most models of `pop`'s architecture one population program holds at its batch size (its largest
-    activation of all models' samples must stay within 32-bit indexing), or None where it runs as vmap."""
+def _fast_population(pop: Any, task: Any) -> tuple[nn.Module, Any]:
+    """(`pop`'s architecture as a template, its population program or None where it runs as vmap)."""
     from zoos.archs import build_arch
     from zoos.fastpop import FastPopulation
     from zoos.functional import template
 
     first = pop.first
+    module = template(build_arch(first.arch, task, **first.arch_config))
     try:
-        fast = FastPopulation(template(build_arch(first.arch, task, **first.arch_config)), tuple(task.input_shape))
+        return module, FastPopulation(module, tuple(task.input_shape))
     except Unsupported:
+        return module, None
+
+
+def max_models(pop: Any, task: Any) -> int | None:
+    """The most models of `pop`'s architecture one population program holds at its batch size (its largest
+    activation of all models' samples must stay within 32-bit indexing), or None where it runs as vmap."""
+    _, fast = _fast_population(pop, task)
+    if fast is None:
         return None
-    batch = first.factors["batch_size"]
+    batch = pop.first.factors["batch_size"]
     return max(1, fast.max_rows // (1 << (batch - 1).bit_length()))
 
 
@@ -139,17 +147,10 @@ def models_in_memory(pop: Any, task: Any, free_bytes: int) -> int | None:
     """The most models of `pop` one population program trains within `free_bytes` of device memory: each model
     keeps at most every activation of its batch for the backward (4 bytes a value, an upper bound for bf16 and
     float32 alike) and its weights, gradients and two optimizer moments; None where it runs as vmap."""
-    from zoos.archs import build_arch
-    from zoos.fastpop import FastPopulation
-    from zoos.functional import template
-
-    first = pop.first
-    module = template(build_arch(first.arch, task, **first.arch_config))
-    try:
-        fast = FastPopulation(module, tuple(task.input_shape))
-    except Unsupported:
+    module, fast = _fast_population(pop, task)
+    if fast is None:
         return None
-    per_model = 4 * (first.factors["batch_size"] * fast.activation_elements + 4 * sum(p.numel() for p in module.parameters()))
+    per_model = 4 * (pop.first.factors["batch_size"] * fast.activation_elements + 4 * sum(p.numel() for p in module.parameters()))
     return max(1, int(MEMORY_SHARE * free_bytes) // per_model)
 
 
