@@ -24,7 +24,6 @@ Both figures are model-epochs per second; the ratio is printed side by side. Res
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import subprocess
@@ -276,13 +275,9 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
     params, buffers = stack_states(models)
     params = {k: v.to(device) for k, v in params.items()}
     buffers = {k: v.to(device) for k, v in buffers.items()}
-    m1 = {k: torch.zeros_like(v) for k, v in params.items()}
-    m2 = {k: torch.zeros_like(v) for k, v in params.items()}
     lr = torch.full((n_models,), LR, device=device)
-    zero, beta1 = torch.zeros(n_models, device=device), torch.full((n_models,), 0.9, device=device)
-    alive, count = torch.ones(n_models, dtype=torch.bool, device=device), torch.zeros((), dtype=torch.float64, device=device)
-    update = (_compiled_update("adam") if device == "cuda" and "eager" not in flags
-              else functools.partial(_update_in_place, "adam"))  # writes params, m1, m2, alive in place
+    optimizer = Optimizer("adam", params, lr, torch.zeros_like(lr), torch.full_like(lr, 0.9),
+                          compiled=device == "cuda" and "eager" not in flags)  # writes params and its state in place
     if precision == "bf16":
         x = x.to(torch.bfloat16)  # resident in the compute dtype, as the trainer keeps it
     changes = {"fuse": fuse,  # read when the graph is emitted
@@ -296,8 +291,7 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
         def one(i: int):
             idx = torch.randint(0, len(x), (n_models, BATCH), device=device)
             grads, loss = step(params, buffers, x, y[idx], rows=idx)
-            count.add_(1)
-            update(params, grads, m1, m2, lr, zero, beta1, count, alive, loss)
+            optimizer.step(params, grads, loss)
 
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         t0 = time.perf_counter()

@@ -44,7 +44,7 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -52,7 +52,6 @@ from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
 from tasks.base import Task
-from zoos import popconv
 from zoos.archs import ARCHS
 from zoos.fastpop import dropout_active, prior_view
 from zoos.functional import population_forward, template
@@ -244,270 +243,38 @@ def memory_limit(pop: PopulationSpec, device: torch.device, data_dir: str | None
 def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, status, data_dir, eval_batch: int,
            fast: bool | None, kernels: bool | None, graphs: bool | None, compile: bool | None,
            streams: ThreadPoolExecutor, draws: ThreadPoolExecutor) -> PopulationResult:
+    """One population, top to bottom: data, models, program, optimizer, evaluation, step, then the epochs."""
     clock = _Clock(device)
     status("building")
-    specs, first = pop.models, pop.first
-    n_models, epochs, checkpoints = len(specs), first.epochs, list(first.checkpoints)
-    batch_size, optimizer, schedule = (pop.shared(k) for k in ("batch_size", "optimizer", "lr_schedule"))
+    first, epochs = pop.first, pop.first.epochs
     task = make_task(pop, data_dir)
-    autocast = (
-        (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16))
-        if precision == "bf16"
-        else contextlib.nullcontext
-    )
-
-    # -- data: every split on the device once; each model's subset and order are index tensors
-    per_model = task.per_model
-    if per_model is not None:
-        if pop.shared("augmentation"):
-            raise TrainError(f"augmentation = true is not allowed for task {task.name!r} (one target per model); use false")
-        keys = [m.factors.get(per_model) for m in specs]
-        if None in keys:
-            raise TrainError(f"task {task.name!r} fits each model to its own data: every model needs the factor {per_model!r}")
-
-    def load_data() -> dict[str, tuple[Tensor, Tensor]]:
-        if per_model is None:
-            return {s: tuple(t.to(device) for t in task.load(s, seed=DATA_SEED)) for s in SPLITS}
-        data = {}
-        for s in SPLITS:
-            xs, ys = task.load_models(s, DATA_SEED, keys)
-            same = next((d for d in data.values() if torch.equal(d[0].cpu(), xs) and torch.equal(d[1].cpu(), ys)), None)
-            data[s] = same or (xs.to(device), ys.to(device))  # identical splits (inr: the full grid) are evaluated once
-        return data
-
-    fraction = pop.shared("train_fraction")
-    # A helper thread reads the data, then draws the index streams (each model's training subset, then its
-    # order in every epoch) on the CPU from the model's own seed, one randperm per model on a few draw
-    # threads (torch and numpy release the GIL; 1,024 randperms of 60,000 took ~1 s on one thread), while
-    # this one builds the models and the GPU trains the previous epoch. A stream reaches the GPU by a copy
-    # on a side stream, issued by the helper (the copy engine runs it beside the step kernels): copied on
-    # the main stream (0.5 GB at 1,024 models) it held the step loop ~0.08 s an epoch.
-    copies = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def drawn(draw: Callable[[ModelSpec], Tensor]) -> tuple[Tensor, torch.cuda.Event | None]:
-        t = torch.stack(list(draws.map(draw, specs)))
-        if copies is None:
-            return t.to(device), None
-        with torch.cuda.stream(copies):
-            t = t.to(device, non_blocking=True)  # from pageable memory: the helper waits, the main stream does not
-            return t, copies.record_event()
-
-    def arrived(ahead) -> Tensor:
-        """A drawn stream on the device, once its copy is done (in stream order: the host does not wait)."""
-        t, copied = ahead.result()
-        if copied is not None:
-            main = torch.cuda.current_stream(device)
-            main.wait_event(copied)
-            t.record_stream(main)  # allocated on the copy stream: not reused before the main stream is done with it
-        return t
-
-    data_ahead = streams.submit(load_data)
-
-    def n_train() -> int:
-        return len(data_ahead.result()["train"][0])
-
-    def orders_of(epoch: int) -> tuple[Tensor, torch.cuda.Event | None]:
-        return drawn(lambda m: epoch_order(m.factors["seed"], epoch, subset_size(n_train(), fraction)))
-
-    subsets_ahead = streams.submit(drawn, lambda m: train_subset(m.factors["seed"], n_train(), fraction))
-    orders_ahead = streams.submit(orders_of, 1)
-
-    # -- models: each from its own seed, stacked; the template holds the code, no weights
-    first_model, params, buffers = init_population(specs, task)
-    data = data_ahead.result()
-    model_rows = torch.arange(n_models, device=device).unsqueeze(1)
-
-    def targets(y: Tensor, idx: Tensor) -> Tensor:
-        """The targets at indices idx [N, B]: y[idx] when shared, y[model, idx] when each model has its own."""
-        return y[idx] if per_model is None else y[model_rows, idx]
-
-    x_train, y_train = data["train"]
-    n_sub = subset_size(len(x_train), fraction)
-    bs = min(batch_size, n_sub)
-    n_steps = steps_per_epoch(n_sub, batch_size)
-    total_steps = epochs * n_steps
-    augmenter = Augmenter(task, specs, n_sub, device) if pop.shared("augmentation") else None
-
+    data = _Data(pop, task, device, streams, draws)  # read and drawn on helper threads while the models are built
+    first_model, params, buffers = init_population(pop.models, task)
     params = {k: v.detach().to(device=device, dtype=torch.float32) for k, v in params.items()}  # plain tensors: no graph
     buffers = {k: v.to(device) for k, v in buffers.items()}
-    module = template(first_model)
-    n_params = first_model.num_params
+    program = _Program(pop, task, first_model, buffers, data, device, precision, fast, kernels, compile, eval_batch)
+    schedule = pop.shared("lr_schedule")
+    total_steps = epochs * data.n_steps
+    lr_factors = None if schedule == "constant" else [lr_factor(schedule, i, total_steps) for i in range(total_steps)]
+    optimizer = Optimizer.of(pop, params, lr_factors, compiled=bool(compile))
+    evaluation = _Evaluation(task, program, data, params, buffers)
+    recorder = _Recorder(pop, task, data, evaluation, params, buffers)
+    augmenter = Augmenter(task, pop.models, data.n_sub, device) if pop.shared("augmentation") else None
+    step = _step(program, data, optimizer, recorder, params, buffers, augmenter)
+    run_step = _replayed(step, program, augmenter, graphs, (len(pop.models), data.batch), device)
 
-    lr = _per_model([m.factors["lr"] for m in specs], device)
-    wd = _per_model([m.factors["weight_decay"] for m in specs], device)
-    mom = _per_model([m.factors["momentum"] for m in specs], device)
-    reg = _per_model([m.factors["equiv_reg"] for m in specs], device)
-    projections = _projections(first_model, task) if bool((reg > 0).any()) else {}
-    penalty = vmap(functools.partial(_regulariser, projections=projections)) if projections else None
-
-    prior = prior_view(module)  # a data-dependent penalty (learned canonicalization's prior), if any
-
-    def loss_fn(p, b, x, y, r):
-        with autocast():
-            pred = functional_call(module, (p, b), (x,)).float()
-            terms = functional_call(prior, (p, b), (x,)).float() if prior is not None else None
-        loss = task.loss(pred, y)
-        total = loss + r * _regulariser(p, projections) if projections else loss
-        if terms is not None:
-            total = total + module.prior_weight * terms.mean()
-        return total, (loss, pred.detach())
-
-    step_fn = vmap(grad_and_value(loss_fn, has_aux=True), in_dims=(0, 0, 0, 0, 0), randomness="different")
-    program = choose_program(module, task, device, precision, arch=first.arch, fast=fast, kernels=kernels,
-                             compile=compile, dropout=dropout_active(module, buffers), regulariser=penalty)
-    fast_forward = None
-    if program.fast:
-        fast_step = program.step
-        fast_forward = fast_step.pop
-        limit = fast_forward.max_rows  # samples of all models one program holds (32-bit indexing of its largest activation)
-        if n_models * (1 << (bs - 1).bit_length()) > limit:  # a compiled step pads its batch to a power of two
-            raise TrainError(
-                f"population of {n_models} models x batch {bs}: {n_models * bs:,} samples in one program, but its largest "
-                f"activation ({fast_forward.sample_elements:,} values a sample) allows at most {limit:,} (CUDA indexes a "
-                f"tensor with 32-bit offsets); set population_size <= {max(1, limit // bs)}")
-        if n_models * eval_batch > limit:  # evaluation batches shrink to fit the same limit (a power of two: its bucket)
-            eval_batch = 1 << ((limit // n_models).bit_length() - 1)
-
-        def step_fn(p, b, x, y, r, rows=None):
-            grads, loss, total, pred = fast_step.with_outputs(p, b, x, y, rows=rows, reg=r)
-            return grads, (total, (loss, pred))
-
-        if fast_forward.input_dtype == torch.bfloat16 and per_model is None:  # resident inputs as the first layers read them
-            data = {s: (x.to(torch.bfloat16) if x.is_floating_point() else x, y) for s, (x, y) in data.items()}
-            x_train = data["train"][0]
-    state = {k: torch.zeros_like(v) for k, v in params.items()}  # SGD momentum buffer / Adam first moment
-    state2 = {k: torch.zeros_like(v) for k, v in params.items()} if optimizer == "adam" else {}
-    alive = torch.ones(n_models, dtype=torch.bool, device=device)
-    compiled = bool(compile)
-    update = _compiled_update(optimizer) if compiled else functools.partial(_update_in_place, optimizer)
-    step_t = torch.zeros((), dtype=torch.float64, device=device)  # the step count the update reads (a tensor: one program)
-
-    # -- evaluation: eval mode, population_forward in batches, per-model loss and metric
-    loss_per_model = vmap(task.loss, in_dims=(0, 0))
-    metric_per_model = vmap(task.metric, in_dims=(0, 0))
-
-    @torch.no_grad()
-    def evaluate(split: str) -> tuple[Tensor, Tensor]:
-        x, y = data[split]
-        own = split == "train" and n_sub < len(x_train)  # a model's train metrics cover its own subset
-        n = n_sub if own else len(x)
-        loss_sum = torch.zeros(n_models, device=device)
-        metric_sum = torch.zeros(n_models, device=device)
-        preds, ys = [], []  # per-model data: every batch kept, the metric taken over all samples at once
-        module.eval()
-        for i in range(0, n, eval_batch):
-            rows = None
-            if own:
-                idx = subsets[:, i : i + eval_batch]
-                yb = targets(y, idx)
-                if fast_forward is not None:  # the fast program reads the data set by index
-                    xb, rows = x, idx
-                else:
-                    xb = x[idx]
-            elif per_model is None:
-                yb = y[i : i + eval_batch].expand(n_models, *y[i : i + eval_batch].shape)
-                if fast_forward is not None and fast_forward.kernels:  # every model reads the same rows of the split
-                    xb, rows = x, torch.arange(i, i + yb.shape[1], device=device).expand(n_models, -1)
-                else:
-                    xb = x[i : i + eval_batch]
-            else:
-                xb, yb = x[i : i + eval_batch], y[:, i : i + eval_batch]
-            with autocast():
-                if fast_forward is not None:
-                    pred = fast_forward(params, buffers, xb, rows=rows, x_per_model=own, bucket=eval_batch).float()
-                else:
-                    pred = population_forward(module, params, buffers, xb, x_per_model=own).float()
-            if per_model is not None:
-                preds.append(pred)
-                ys.append(yb)
-                continue
-            k = yb.shape[1]
-            loss_sum += loss_per_model(pred, yb) * k
-            metric_sum += metric_per_model(pred, yb) * k
-        module.train()
-        if per_model is not None:
-            pred, yb = torch.cat(preds, 1), torch.cat(ys, 1)
-            return loss_per_model(pred, yb), metric_per_model(pred, yb)
-        return loss_sum / n, metric_sum / n
-
-    names = [f"{s}_{what}" for s in SPLITS for what in ("loss", task.metric_name)]
-    curves = {name: np.full((n_models, epochs + 1), np.nan) for name in names}
-    ckpt_metrics = {name: np.full((n_models, len(checkpoints)), np.nan) for name in names}
-    weights: dict[str, np.ndarray] = {}
-
-    running = first.train_metrics == "running"  # the train split's metrics from the epoch's own batches
-    run_loss = torch.zeros(n_models, device=device)
-    run_metric = torch.zeros(n_models, device=device)
-
-    def record(epoch: int) -> None:
-        done: dict[int, tuple[Tensor, Tensor]] = {}
-        for s in SPLITS:
-            key = id(data[s])
-            if s == "train" and running and epoch > 0:
-                loss, metric = run_loss / n_sub, run_metric / n_sub
-            else:
-                loss, metric = done[key] = done[key] if key in done else evaluate(s)
-            curves[f"{s}_loss"][:, epoch] = loss.cpu().numpy()
-            curves[f"{s}_{task.metric_name}"][:, epoch] = metric.cpu().numpy()
-        if epoch in checkpoints:
-            c = checkpoints.index(epoch)
-            for name in names:
-                ckpt_metrics[name][:, c] = curves[name][:, epoch]
-            for k, v in {**params, **buffers}.items():
-                if k not in weights:
-                    weights[k] = np.zeros((n_models, len(checkpoints), *v.shape[1:]), dtype=np.float32)
-                weights[k][:, c] = v.detach().float().cpu().numpy()
-
-    subsets = arrived(subsets_ahead)
-    # the schedule's factor of every step, on the device: a step reads its own (the same float32 product as
-    # lr * a Python float), so the step is one program whatever its count
-    factors = None if schedule == "constant" else torch.tensor(
-        [lr_factor(schedule, i, total_steps) for i in range(total_steps)], device=device, dtype=lr.dtype)
-
-    def train_step(idx: Tensor, aug: tuple | None = None) -> None:
-        """One step of every model on the batches idx [N, B], in place: parameters, optimizer state, alive,
-        the step count and the running sums. The same code runs eagerly or is replayed as a CUDA graph."""
-        yb = targets(y_train, idx)
-        if aug is None and fast_forward is not None:  # the fast program reads the data set by index
-            grads, (total, (loss, pred)) = step_fn(params, buffers, x_train, yb, reg, rows=idx)
-        else:
-            xb = x_train[idx]
-            if aug is not None:
-                xb, yb = augmenter(*aug, xb, yb)
-            grads, (total, (loss, pred)) = step_fn(params, buffers, xb, yb, reg)
-        if running:  # each batch's mean weighted by its size: the epoch's mean over its samples
-            run_loss.add_(loss.detach(), alpha=idx.shape[1])
-            run_metric.add_(metric_per_model(pred, yb), alpha=idx.shape[1])
-        lr_t = lr if factors is None else lr * factors.index_select(0, step_t.long().view(1))
-        step_t.add_(1)
-        update(params, grads, state, state2, lr_t, wd, mom, step_t, alive, total)
-
-    can_graph = (device.type == "cuda" and fast_forward is not None and augmenter is None
-                 and fast_forward.not_capturable is None)
-    if graphs and not can_graph:
-        raise TrainError("graphs = true needs a CUDA device, an architecture the population program runs "
-                         f"({program.reason or 'it does'}) with no op that syncs the host "
-                         f"({getattr(fast_forward, 'not_capturable', None) or 'it has none'}) and no augmentation "
-                         "(a step's group elements change every epoch)")
-    use_graphs = can_graph if graphs is None else graphs
-    program.graphs = bool(use_graphs)
-    run_step = _StepGraph(train_step, (n_models, bs), device) if use_graphs else train_step
-
-    # -- training
+    # -- the epochs
     clock.lap("setup")
-    status("first step" + (" (compiling)" if program.compile else ""))
-    module.train()
-    record(0)
+    status("first step" + (" (compiling)" if program.choice.compile else ""))
+    program.module.train()
+    recorder.record(0)
     clock.lap("evaluation")
+    bs = data.batch
     for epoch in range(1, epochs + 1):
-        orders = torch.gather(subsets, 1, arrived(orders_ahead))
-        if epoch < epochs:
-            orders_ahead = streams.submit(orders_of, epoch + 1)
-        if augmenter is not None:
-            els, which = augmenter.epoch(epoch)
-        run_loss.zero_()
-        run_metric.zero_()
-        for s in range(n_steps):
+        orders = data.orders(epoch, epochs)
+        els, which = augmenter.epoch(epoch) if augmenter is not None else (None, None)
+        recorder.begin_epoch()
+        for s in range(data.n_steps):
             idx = orders[:, s * bs : (s + 1) * bs]
             if augmenter is None:
                 run_step(idx)
@@ -517,15 +284,343 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
                 clock.lap("first_step")
                 status("training")
         clock.lap("steps")
-        record(epoch)
+        recorder.record(epoch)
         clock.lap("evaluation")
         if progress is not None:
             progress(epoch, epochs)
 
-    alive_list = alive.cpu().tolist()
+    rows = _model_rows(pop, task, first_model.num_params, recorder.curves, optimizer.state.alive.cpu().tolist())
+    result = PopulationResult(models=rows, epochs=list(first.checkpoints), metrics=recorder.checkpoint_metrics,
+                              weights=recorder.weights, curves=recorder.curves, timings=clock.totals,
+                              program=program.choice.as_dict())
+    result.validate()
+    return result
+
+
+class _Data:
+    """The population's data on the device: every split resident once, and each model's training subset and its
+    order in every epoch as [N, n] index tensors (a step reads x[idx], or the program reads x by row).
+
+    A helper thread (`streams`) reads the splits, then draws the index streams on the CPU from each model's own
+    seed, one randperm a model on the `draws` threads (torch releases the GIL), while the caller builds the
+    models and the GPU trains the epoch before. A stream reaches the GPU by a copy on a side stream, so the copy
+    engine runs it beside the step's kernels and the step loop never waits for it."""
+
+    def __init__(self, pop: PopulationSpec, task: Task, device: torch.device, streams: ThreadPoolExecutor,
+                 draws: ThreadPoolExecutor):
+        self.task, self.device, self.specs = task, device, pop.models
+        self.fraction, self.batch_size = pop.shared("train_fraction"), pop.shared("batch_size")
+        self.per_model = task.per_model
+        self.keys = _own_data_keys(pop, task)
+        self._streams, self._draws = streams, draws
+        self._copies = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._splits = streams.submit(self._load)
+        self._subsets = streams.submit(
+            self._drawn, lambda m: train_subset(m.factors["seed"], self._n_train(), self.fraction))
+        self._orders = streams.submit(self._orders_of, 1)
+        self._model_rows = torch.arange(len(self.specs), device=device).unsqueeze(1)
+        self._arrived_subsets: Tensor | None = None
+
+    @functools.cached_property
+    def splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """{split: (x, y)} on the device; per-model data has y [N, n, ...]. Waits for the helper's read."""
+        return self._splits.result()
+
+    def store_inputs(self, dtype: torch.dtype) -> None:
+        """Keep the resident floating-point inputs in `dtype` (the dtype the program's first layers read)."""
+        self.splits = {s: (x.to(dtype) if x.is_floating_point() else x, y) for s, (x, y) in self.splits.items()}
+
+    @property
+    def n_sub(self) -> int:
+        """Training samples a model sees (`subset_size`)."""
+        return subset_size(len(self.splits["train"][0]), self.fraction)
+
+    @property
+    def batch(self) -> int:
+        return min(self.batch_size, self.n_sub)
+
+    @property
+    def n_steps(self) -> int:
+        return steps_per_epoch(self.n_sub, self.batch_size)
+
+    @property
+    def subsets(self) -> Tensor:
+        """[N, n_sub]: the training samples each model sees."""
+        if self._arrived_subsets is None:
+            self._arrived_subsets = self._arrived(self._subsets)
+        return self._arrived_subsets
+
+    def orders(self, epoch: int, epochs: int) -> Tensor:
+        """[N, n_sub]: the samples each model visits in `epoch`, in order; the next epoch's are drawn meanwhile."""
+        orders = torch.gather(self.subsets, 1, self._arrived(self._orders))
+        if epoch < epochs:
+            self._orders = self._streams.submit(self._orders_of, epoch + 1)
+        return orders
+
+    def targets(self, y: Tensor, idx: Tensor) -> Tensor:
+        """The targets at indices idx [N, B]: y[idx] when shared, y[model, idx] when each model has its own."""
+        return y[idx] if self.per_model is None else y[self._model_rows, idx]
+
+    def _load(self) -> dict[str, tuple[Tensor, Tensor]]:
+        if self.per_model is None:
+            return {s: tuple(t.to(self.device) for t in self.task.load(s, seed=DATA_SEED)) for s in SPLITS}
+        data: dict[str, tuple[Tensor, Tensor]] = {}
+        for s in SPLITS:
+            xs, ys = self.task.load_models(s, DATA_SEED, self.keys)
+            same = next((d for d in data.values() if torch.equal(d[0].cpu(), xs) and torch.equal(d[1].cpu(), ys)), None)
+            data[s] = same or (xs.to(self.device), ys.to(self.device))  # identical splits (inr: the full grid) evaluate once
+        return data
+
+    def _n_train(self) -> int:
+        return len(self._splits.result()["train"][0])
+
+    def _orders_of(self, epoch: int) -> tuple[Tensor, torch.cuda.Event | None]:
+        return self._drawn(lambda m: epoch_order(m.factors["seed"], epoch, subset_size(self._n_train(), self.fraction)))
+
+    def _drawn(self, draw: Callable[[ModelSpec], Tensor]) -> tuple[Tensor, torch.cuda.Event | None]:
+        t = torch.stack(list(self._draws.map(draw, self.specs)))
+        if self._copies is None:
+            return t.to(self.device), None
+        with torch.cuda.stream(self._copies):
+            t = t.to(self.device, non_blocking=True)  # from pageable memory: the helper waits, the main stream does not
+            return t, self._copies.record_event()
+
+    def _arrived(self, ahead) -> Tensor:
+        """A drawn stream on the device, once its copy is done (in stream order: the host does not wait)."""
+        t, copied = ahead.result()
+        if copied is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(copied)
+            t.record_stream(main)  # allocated on the copy stream: not reused before the main stream is done with it
+        return t
+
+
+def _own_data_keys(pop: PopulationSpec, task: Task) -> list | None:
+    """Each model's key into a per-model task's data (its `per_model` factor); None for a shared data set."""
+    if task.per_model is None:
+        return None
+    if pop.shared("augmentation"):
+        raise TrainError(f"augmentation = true is not allowed for task {task.name!r} (one target per model); use false")
+    keys = [m.factors.get(task.per_model) for m in pop.models]
+    if None in keys:
+        raise TrainError(f"task {task.name!r} fits each model to its own data: every model needs the factor {task.per_model!r}")
+    return keys
+
+
+class _Program:
+    """What computes a step's gradients and an evaluation's outputs: the population program
+    (`zoos.program.choose_program`) where the architecture allows, else vmap of the single-model loss. The other
+    pieces call `gradients`, `forward` and `inputs` and never ask which."""
+
+    def __init__(self, pop: PopulationSpec, task: Task, model: torch.nn.Module, buffers: dict[str, Tensor],
+                 data: _Data, device: torch.device, precision: str, fast, kernels, compile, eval_batch: int):
+        module = template(model)
+        self.module, self.task = module, task
+        self.autocast = ((lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+                         if precision == "bf16" else contextlib.nullcontext)
+        self.reg = _per_model([m.factors["equiv_reg"] for m in pop.models], device)
+        projections = _projections(model, task) if bool((self.reg > 0).any()) else {}
+        self._projections = projections
+        penalty = vmap(functools.partial(_regulariser, projections=projections)) if projections else None
+        self._prior = prior_view(module)  # a data-dependent penalty (learned canonicalization's prior), if any
+        self._vmap_step = vmap(grad_and_value(self._loss, has_aux=True), in_dims=(0, 0, 0, 0, 0), randomness="different")
+        self.choice = choose_program(module, task, device, precision, arch=pop.first.arch, fast=fast, kernels=kernels,
+                                     compile=compile, dropout=dropout_active(module, buffers), regulariser=penalty)
+        self.fast = self.choice.step  # the population program's step, or None for vmap
+        self.eval_batch = eval_batch
+        if self.fast is not None:
+            self._check_rows(len(pop.models), data, eval_batch)
+            if self.fast.pop.input_dtype == torch.bfloat16 and data.per_model is None:
+                data.store_inputs(torch.bfloat16)  # resident inputs as the first layers read them
+
+    def _check_rows(self, n_models: int, data: _Data, eval_batch: int) -> None:
+        """Whether one program holds the population's batch: its largest activation over all models' samples
+        must stay within 32-bit indexing; evaluation batches shrink to fit (a power of two: its bucket)."""
+        pop, bs = self.fast.pop, data.batch
+        limit = pop.max_rows
+        if n_models * (1 << (bs - 1).bit_length()) > limit:  # a compiled step pads its batch to a power of two
+            raise TrainError(
+                f"population of {n_models} models x batch {bs}: {n_models * bs:,} samples in one program, but its largest "
+                f"activation ({pop.sample_elements:,} values a sample) allows at most {limit:,} (CUDA indexes a "
+                f"tensor with 32-bit offsets); set population_size <= {max(1, limit // bs)}")
+        if n_models * eval_batch > limit:
+            self.eval_batch = 1 << ((limit // n_models).bit_length() - 1)
+
+    @property
+    def reads_rows(self) -> bool:
+        """The program reads the resident data set by row index (no [N, B, ...] copy of a batch)."""
+        return self.fast is not None
+
+    def inputs(self, x: Tensor, idx: Tensor) -> tuple[Tensor, Tensor | None]:
+        """What `gradients` and `forward` take for the samples idx [N, B] of x: (x, idx) or (x[idx], None)."""
+        return (x, idx) if self.reads_rows else (x[idx], None)
+
+    def gradients(self, params, buffers, x: Tensor, y: Tensor, rows: Tensor | None = None):
+        """(gradients, per-model total loss, per-model task loss, outputs) of every model on its batch: x [N, B, ...],
+        or x the data set read at rows [N, B]."""
+        if self.fast is not None:
+            grads, loss, total, pred = self.fast.with_outputs(params, buffers, x, y, rows=rows, reg=self.reg)
+            return grads, total, loss, pred
+        grads, (total, (loss, pred)) = self._vmap_step(params, buffers, x, y, self.reg)
+        return grads, total, loss, pred
+
+    def forward(self, params, buffers, x: Tensor, rows: Tensor | None = None, x_per_model: bool = True) -> Tensor:
+        """Every model's float32 outputs [N, B, ...] in the module's current mode."""
+        with self.autocast():
+            if self.fast is not None:
+                return self.fast.pop(params, buffers, x, rows=rows, x_per_model=x_per_model, bucket=self.eval_batch).float()
+            return population_forward(self.module, params, buffers, x, x_per_model=x_per_model).float()
+
+    def _loss(self, p, b, x, y, r):
+        """One model's (total, (task loss, outputs)): what vmap differentiates."""
+        with self.autocast():
+            pred = functional_call(self.module, (p, b), (x,)).float()
+            terms = functional_call(self._prior, (p, b), (x,)).float() if self._prior is not None else None
+        loss = self.task.loss(pred, y)
+        total = loss + r * _regulariser(p, self._projections) if self._projections else loss
+        if terms is not None:
+            total = total + self.module.prior_weight * terms.mean()
+        return total, (loss, pred.detach())
+
+
+class _Evaluation:
+    """Every model's loss and metric on a split, in eval mode, in batches of `program.eval_batch`."""
+
+    def __init__(self, task: Task, program: _Program, data: _Data, params, buffers):
+        self.program, self.data, self.params, self.buffers = program, data, params, buffers
+        self.loss = vmap(task.loss, in_dims=(0, 0))
+        self.metric = vmap(task.metric, in_dims=(0, 0))
+        self.n_models = len(data.specs)
+
+    @torch.no_grad()
+    def __call__(self, split: str) -> tuple[Tensor, Tensor]:
+        """([N] loss, [N] metric): the train split over each model's own subset, the others over the whole split;
+        a per-model task's metric over all of a model's samples at once (exact for PSNR)."""
+        data, program, batch = self.data, self.program, self.program.eval_batch
+        x, y = data.splits[split]
+        own = split == "train" and data.n_sub < len(x)
+        n = data.n_sub if own else len(x)
+        loss_sum = torch.zeros(self.n_models, device=x.device)
+        metric_sum = torch.zeros(self.n_models, device=x.device)
+        preds, ys = [], []
+        program.module.eval()
+        for i in range(0, n, batch):
+            rows = None
+            if own:
+                idx = data.subsets[:, i : i + batch]
+                xb, rows = program.inputs(x, idx)
+                yb = data.targets(y, idx)
+            elif data.per_model is None:
+                yb = y[i : i + batch].expand(self.n_models, *y[i : i + batch].shape)
+                if program.reads_rows and program.fast.pop.kernels:  # every model reads the same rows of the data set
+                    xb, rows = x, torch.arange(i, i + yb.shape[1], device=x.device).expand(self.n_models, -1)
+                else:
+                    xb = x[i : i + batch]
+            else:
+                xb, yb = x[i : i + batch], y[:, i : i + batch]
+            pred = program.forward(self.params, self.buffers, xb, rows=rows, x_per_model=own)
+            if data.per_model is not None:
+                preds.append(pred)
+                ys.append(yb)
+                continue
+            k = yb.shape[1]
+            loss_sum += self.loss(pred, yb) * k
+            metric_sum += self.metric(pred, yb) * k
+        program.module.train()
+        if data.per_model is not None:
+            pred, yb = torch.cat(preds, 1), torch.cat(ys, 1)
+            return self.loss(pred, yb), self.metric(pred, yb)
+        return loss_sum / n, metric_sum / n
+
+
+class _Recorder:
+    """Curves of every split's loss and metric at epoch 0 and after every epoch, and weights and metrics at the
+    checkpoints. With `train_metrics: running`, the train split's are the epoch's own batches (`add_batch`)."""
+
+    def __init__(self, pop: PopulationSpec, task: Task, data: _Data, evaluation: _Evaluation, params, buffers):
+        first, n_models = pop.first, len(pop.models)
+        self.data, self.evaluation, self.params, self.buffers = data, evaluation, params, buffers
+        self.metric_name, self.checkpoints = task.metric_name, list(first.checkpoints)
+        self.names = [f"{s}_{what}" for s in SPLITS for what in ("loss", task.metric_name)]
+        self.curves = {name: np.full((n_models, first.epochs + 1), np.nan) for name in self.names}
+        self.checkpoint_metrics = {name: np.full((n_models, len(self.checkpoints)), np.nan) for name in self.names}
+        self.weights: dict[str, np.ndarray] = {}
+        self.running = first.train_metrics == "running"
+        device = data.device
+        self.run_loss, self.run_metric = torch.zeros(n_models, device=device), torch.zeros(n_models, device=device)
+
+    def begin_epoch(self) -> None:
+        self.run_loss.zero_()
+        self.run_metric.zero_()
+
+    def add_batch(self, loss: Tensor, pred: Tensor, y: Tensor) -> None:
+        """Each batch's mean weighted by its size: the epoch's mean over its samples."""
+        k = y.shape[1]
+        self.run_loss.add_(loss.detach(), alpha=k)
+        self.run_metric.add_(self.evaluation.metric(pred, y), alpha=k)
+
+    def record(self, epoch: int) -> None:
+        done: dict[int, tuple[Tensor, Tensor]] = {}
+        for s in SPLITS:
+            key = id(self.data.splits[s])
+            if s == "train" and self.running and epoch > 0:
+                loss, metric = self.run_loss / self.data.n_sub, self.run_metric / self.data.n_sub
+            else:
+                loss, metric = done[key] = done[key] if key in done else self.evaluation(s)
+            self.curves[f"{s}_loss"][:, epoch] = loss.cpu().numpy()
+            self.curves[f"{s}_{self.metric_name}"][:, epoch] = metric.cpu().numpy()
+        if epoch in self.checkpoints:
+            c = self.checkpoints.index(epoch)
+            for name in self.names:
+                self.checkpoint_metrics[name][:, c] = self.curves[name][:, epoch]
+            for k, v in {**self.params, **self.buffers}.items():
+                if k not in self.weights:
+                    self.weights[k] = np.zeros((v.shape[0], len(self.checkpoints), *v.shape[1:]), dtype=np.float32)
+                self.weights[k][:, c] = v.detach().float().cpu().numpy()
+
+
+def _step(program: _Program, data: _Data, optimizer: Optimizer, recorder: _Recorder, params, buffers,
+          augmenter: Augmenter | None) -> Callable[..., None]:
+    """One step of every model on the batches idx [N, B], in place: parameters, optimizer state and the running
+    sums. The same code runs eagerly or is replayed as a CUDA graph."""
+    x_train, y_train = data.splits["train"]
+
+    def step(idx: Tensor, aug: tuple | None = None) -> None:
+        y = data.targets(y_train, idx)
+        if aug is None:
+            x, rows = program.inputs(x_train, idx)
+        else:
+            (x, y), rows = augmenter(*aug, x_train[idx], y), None
+        grads, total, loss, pred = program.gradients(params, buffers, x, y, rows=rows)
+        if recorder.running:
+            recorder.add_batch(loss, pred, y)
+        optimizer.step(params, grads, total)
+
+    return step
+
+
+def _replayed(step: Callable[..., None], program: _Program, augmenter: Augmenter | None, graphs: bool | None,
+              idx_shape: tuple[int, int], device: torch.device) -> Callable[..., None]:
+    """`step` replayed as a CUDA graph where it can be (`graphs` None: wherever it can), else `step` itself."""
+    fast = program.fast.pop if program.fast is not None else None
+    can = device.type == "cuda" and fast is not None and augmenter is None and fast.not_capturable is None
+    if graphs and not can:
+        raise TrainError("graphs = true needs a CUDA device, an architecture the population program runs "
+                         f"({program.choice.reason or 'it does'}) with no op that syncs the host "
+                         f"({getattr(fast, 'not_capturable', None) or 'it has none'}) and no augmentation "
+                         "(a step's group elements change every epoch)")
+    use = can if graphs is None else graphs
+    program.choice.graphs = bool(use)
+    return _StepGraph(step, idx_shape, device) if use else step
+
+
+def _model_rows(pop: PopulationSpec, task: Task, n_params: int, curves: dict[str, np.ndarray], alive: list[bool]) -> list[dict]:
+    """Every model's row of the zoo's model table: its spec, status, final metrics and size."""
+    per_model = task.per_model
     start, end = curves["train_loss"][:, 0], curves["train_loss"][:, -1]
     exploded = (end > DIVERGED * np.maximum(start, 1e-12)).tolist()  # finite, but far above where it began
     # per-model data: each row's task_config names its own data, plus the task's columns (inr: split, label)
+    specs = pop.models
     own_option = [{per_model: m.factors[per_model]} if per_model else {} for m in specs]
     own_columns = task.model_columns([m.factors[per_model] for m in specs]) if per_model else [{} for _ in specs]
     rows = []
@@ -540,17 +635,14 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
             "arch_config": json.dumps({**ARCHS[m.arch].defaults, **m.arch_config}, sort_keys=True),  # as built
             **m.factors,
             **own_columns[i],
-            "status": "ok" if alive_list[i] and not exploded[i] else "diverged",
-            "learned": bool(alive_list[i] and curves["train_loss"][i, -1] < LEARNED * curves["train_loss"][i, 0]),
-            **{name: float(curves[name][i, -1]) for name in names},
+            "status": "ok" if alive[i] and not exploded[i] else "diverged",
+            "learned": bool(alive[i] and end[i] < LEARNED * start[i]),
+            **{name: float(values[i, -1]) for name, values in curves.items()},
             "n_params": n_params,
-            "epochs": epochs,
-            "train_metrics": first.train_metrics,
+            "epochs": m.epochs,
+            "train_metrics": m.train_metrics,
         })
-    result = PopulationResult(models=rows, epochs=checkpoints, metrics=ckpt_metrics, weights=weights, curves=curves,
-                              timings=clock.totals, program=program.as_dict())
-    result.validate()
-    return result
+    return rows
 
 
 class _Clock:
@@ -570,50 +662,95 @@ class _Clock:
             self.totals["first_step_at"] = now - self.start
 
 
-def _update(optimizer: str, params, grads, state, state2, lr, wd, mom, step, alive, total):
-    """One optimizer step of every model, then the divergence check: a model whose loss or new parameters
-    are not finite keeps its last finite state from now on (alive [N] bool, returned updated).
+class OptimizerState(NamedTuple):
+    """Every model's optimizer state, stacked like the parameters; a step updates every tensor in place."""
 
-    step is the 1-based step count (an int, or a 0-d float64 tensor so that a compiled update is one
-    program for every step). Returns (params, state, state2, alive)."""
-    if optimizer == "sgd":
-        new_p, new_s, new_s2 = _sgd(params, grads, state, lr, wd, mom)
+    first: dict[str, Tensor]  # SGD's momentum buffer / Adam's first moment
+    second: dict[str, Tensor]  # Adam's second moment ({} for SGD)
+    weight_decay: Tensor  # [N]
+    momentum: Tensor  # [N]: SGD's momentum, Adam's beta1
+    count: Tensor  # 0-d float64: steps taken (a tensor, so a compiled update is one program for every step)
+    alive: Tensor  # [N] bool: False once a model's loss or parameters became non-finite (frozen from then on)
+
+
+class Optimizer:
+    """SGD or AdamW for every model of a population at once, with each model's own lr, weight decay and momentum
+    (the semantics in the module docstring), and the divergence check. `step(params, grads, total)` updates the
+    parameters and the state in place; `lr_factors` are the schedule's multipliers, one per step."""
+
+    def __init__(self, kind: str, params: dict[str, Tensor], lr: Tensor, weight_decay: Tensor, momentum: Tensor,
+                 lr_factors: list[float] | None = None, *, compiled: bool = False):
+        device = lr.device
+        self.kind, self.lr = kind, lr
+        self.lr_factors = None if lr_factors is None else torch.tensor(lr_factors, device=device, dtype=lr.dtype)
+        self.state = OptimizerState(
+            first={k: torch.zeros_like(v) for k, v in params.items()},
+            second={k: torch.zeros_like(v) for k, v in params.items()} if kind == "adam" else {},
+            weight_decay=weight_decay, momentum=momentum,
+            count=torch.zeros((), dtype=torch.float64, device=device),
+            alive=torch.ones(len(lr), dtype=torch.bool, device=device))
+        self._apply = _compiled_update(kind) if compiled else functools.partial(_update_in_place, kind)
+
+    @classmethod
+    def of(cls, pop: PopulationSpec, params: dict[str, Tensor], lr_factors: list[float] | None = None, *,
+           compiled: bool = False) -> Optimizer:
+        """The population's optimizer, each model's hyperparameters from its factors."""
+        device = next(iter(params.values())).device
+        lr, wd, mom = (_per_model([m.factors[k] for m in pop.models], device) for k in ("lr", "weight_decay", "momentum"))
+        return cls(pop.shared("optimizer"), params, lr, wd, mom, lr_factors, compiled=compiled)
+
+    def step(self, params: dict[str, Tensor], grads: dict[str, Tensor], total: Tensor) -> None:
+        """One update of every model from its gradients; `total` [N] is the loss the gradients are of."""
+        lr = self.lr if self.lr_factors is None else self.lr * self.lr_factors.index_select(0, self.state.count.long().view(1))
+        self.state.count.add_(1)  # the schedule reads the count before the step, the bias corrections after
+        self._apply(params, grads, self.state, lr, total)
+
+
+def _update(kind: str, params: dict[str, Tensor], grads: dict[str, Tensor], state: OptimizerState, lr: Tensor,
+            total: Tensor) -> tuple[dict[str, Tensor], OptimizerState]:
+    """One optimizer step of every model, then the divergence check: a model whose loss or new parameters are not
+    finite keeps its last finite state from now on. `state.count` is the 1-based count of this step (a 0-d
+    float64 tensor). Returns the new parameters and state (the inputs are not written)."""
+    if kind == "sgd":
+        new_p, first = _sgd(params, grads, state.first, lr, state.weight_decay, state.momentum)
+        second = {}
     else:
-        new_p, new_s, new_s2 = _adamw(params, grads, state, state2, lr, wd, mom, step)
-    alive = alive & torch.isfinite(total) & _all_finite(new_p)
+        new_p, first, second = _adamw(params, grads, state.first, state.second, lr, state.weight_decay,
+                                      state.momentum, state.count)
+    alive = state.alive & torch.isfinite(total) & _all_finite(new_p)
 
     def keep(new: dict[str, Tensor], old: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: torch.where(_bcast(alive, v), v, old[k]) for k, v in new.items()}
 
-    return keep(new_p, params), keep(new_s, state), keep(new_s2, state2), alive
+    return keep(new_p, params), state._replace(first=keep(first, state.first), second=keep(second, state.second),
+                                               alive=alive)
 
 
-def _update_in_place(optimizer: str, params, grads, state, state2, lr, wd, mom, step, alive, total) -> None:
-    """`_update` written back into params, state, state2 and alive (the tensors a captured step reads)."""
-    new = _update(optimizer, params, grads, state, state2, lr, wd, mom, step, alive, total)
-    for old, fresh in zip((params, state, state2), new):
+def _update_in_place(kind: str, params: dict[str, Tensor], grads: dict[str, Tensor], state: OptimizerState,
+                     lr: Tensor, total: Tensor) -> None:
+    """`_update` written back into params and state (the tensors a captured step reads)."""
+    new_p, new = _update(kind, params, grads, state, lr, total)
+    for old, fresh in ((params, new_p), (state.first, new.first), (state.second, new.second)):
         for k, v in fresh.items():
             old[k].copy_(v)
-    alive.copy_(new[3])
+    state.alive.copy_(new.alive)
 
 
 _COMPILED_UPDATES: dict[str, Callable] = {}
 
 
-def _compiled_update(optimizer: str) -> Callable:
-    """`_update_in_place` for `optimizer` as one compiled program (a handful of fused kernels that write
-    the new values in place, instead of ~15 small ones per parameter tensor a step), shared by every
-    population of the process (pointwise code: after a second population size it compiles once for any size)."""
-    if optimizer not in _COMPILED_UPDATES:
-        _COMPILED_UPDATES[optimizer] = torch.compile(functools.partial(_update_in_place, optimizer))
-    return _COMPILED_UPDATES[optimizer]
+def _compiled_update(kind: str) -> Callable:
+    """`_update_in_place` for `kind` as one compiled program (a handful of fused kernels that write the new values
+    in place instead of ~15 small ones per parameter tensor), shared by every population of the process."""
+    if kind not in _COMPILED_UPDATES:
+        _COMPILED_UPDATES[kind] = torch.compile(functools.partial(_update_in_place, kind))
+    return _COMPILED_UPDATES[kind]
 
 
 class _StepGraph:
     """A training step (`step(idx)`, which updates its tensors in place) replayed as one CUDA graph.
 
-    A step is ~100 kernel launches; at 1,024 CNN-s in a Ray task the eager loop ran 6.39 ms a step, the
-    replays 6.09 (the GPU's own pace): a replay is one launch. The first WARMUP calls run eagerly
+    A step is ~100 kernel launches; a replay is one. The first WARMUP calls run eagerly
     on a side stream (compiles, autotuning, the window table: nothing that allocates or loads code may run
     inside a capture), the next is captured and every later one replays it after copying its indices into
     the captured index tensor. A batch of another shape (an epoch's short last batch) runs eagerly; the
@@ -660,7 +797,7 @@ def _sgd(params, grads, buf, lr, wd, mom):
         b = _bcast(mom, p) * buf[k] + g
         new_b[k] = b
         new_p[k] = p - _bcast(lr, p) * b
-    return new_p, new_b, {}
+    return new_p, new_b
 
 
 def _adamw(params, grads, m1, m2, lr, wd, beta1, step):

@@ -268,29 +268,34 @@ def test_result_says_where_the_time_went():
 def test_compiled_update_equals_the_eager_one(optimizer):
     """The trainer's compiled optimizer step + divergence check (written in place) computes what the eager
     one returns, over steps whose count is a device tensor (one program), with a model diverging midway."""
-    from zoos.trainer import _compiled_update, _update
+    from zoos.trainer import OptimizerState, _compiled_update, _update
 
     gen = torch.Generator().manual_seed(0)
     shapes = {"a.weight": (5, 3, 2), "a.bias": (5, 3), "b.weight": (5, 7)}
     params = {k: torch.randn(s, generator=gen).cuda() for k, s in shapes.items()}
-    state = {k: torch.zeros_like(v) for k, v in params.items()}
-    state2 = {k: torch.zeros_like(v) for k, v in params.items()} if optimizer == "adam" else {}
-    lr, wd, mom = (torch.tensor(v, device="cuda") for v in ([1e-2] * 5, [0.0, 1e-3, 0.0, 1e-2, 0.0], [0.9] * 5))
-    alive = torch.ones(5, dtype=torch.bool, device="cuda")
-    eager = (params, state, state2, alive)
-    compiled = ({k: v.clone() for k, v in params.items()}, {k: v.clone() for k, v in state.items()},
-                {k: v.clone() for k, v in state2.items()}, alive.clone())  # updated in place
-    step = torch.zeros((), dtype=torch.float64, device="cuda")
+
+    def zeros() -> dict:
+        return {k: torch.zeros_like(v) for k, v in params.items()}
+
+    wd, mom = (torch.tensor(v, device="cuda") for v in ([0.0, 1e-3, 0.0, 1e-2, 0.0], [0.9] * 5))
+    lr = torch.full((5,), 1e-2, device="cuda")
+    count = torch.zeros((), dtype=torch.float64, device="cuda")
+    state = OptimizerState(zeros(), zeros() if optimizer == "adam" else {}, wd, mom, count,
+                           torch.ones(5, dtype=torch.bool, device="cuda"))
+    eager = (params, state)
+    compiled = ({k: v.clone() for k, v in params.items()},  # updated in place
+                state._replace(first=zeros(), second=zeros() if optimizer == "adam" else {}, alive=state.alive.clone()))
     for i in range(6):
         grads = {k: torch.randn(s, generator=gen).cuda() for k, s in shapes.items()}
         total = torch.zeros(5, device="cuda")
         if i == 3:
             total[2] = float("nan")  # model 2 diverges: frozen from here on
-        step += 1
-        eager = _update(optimizer, eager[0], grads, eager[1], eager[2], lr, wd, mom, step, eager[3], total)
-        _compiled_update(optimizer)(compiled[0], grads, compiled[1], compiled[2], lr, wd, mom, step, compiled[3], total)
-    assert eager[3].tolist() == compiled[3].tolist() == [True, True, False, True, True]
-    for got, want in zip(compiled[:3], eager[:3]):
+        count += 1
+        eager = _update(optimizer, eager[0], grads, eager[1], lr, total)
+        _compiled_update(optimizer)(compiled[0], grads, compiled[1], lr, total)
+    assert eager[1].alive.tolist() == compiled[1].alive.tolist() == [True, True, False, True, True]
+    pairs = [(compiled[0], eager[0]), (compiled[1].first, eager[1].first), (compiled[1].second, eager[1].second)]
+    for got, want in pairs:
         for k in want:
             torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5)
 
