@@ -3,6 +3,8 @@ input, the input is moved back by it, and any unconstrained backbone reads the r
 
 canon_cnn  images (C4 / D4): a p4 / p4m group CNN scores every element, the argmax g* is the canonical
            element, the backbone (cnn, mlp, ...) reads T_{g*}^-1 x: exactly invariant (labels are)
+fa_cnn     images (C4 / D4): frame averaging with the whole group as the frame, the mean of a backbone's
+           outputs over the |G| transformed copies of the input: exactly invariant, |G| times the backbone's cost
 canon_mlp  points (O(d) / E(d)): d equivariant vectors sum_i w_i r_i with invariant weights, Gram-Schmidt
            into a frame F, an MLP on x in F, outputs mapped back by F: exactly invariant / equivariant
 
@@ -33,6 +35,15 @@ def _check_prior(arch: str, prior_weight: float) -> float:
     if isinstance(prior_weight, bool) or not isinstance(prior_weight, (int, float)) or not prior_weight >= 0:
         raise ArchError(f"architecture {arch!r}: prior_weight must be a number >= 0, got {prior_weight!r}")
     return float(prior_weight)
+
+
+_WRAPPERS = ("canon_cnn", "fa_cnn")  # image families that wrap a backbone: not a backbone themselves
+
+
+def _check_backbone(arch: str, backbone: str) -> None:
+    if backbone not in ARCHS or backbone in _WRAPPERS:
+        allowed = ", ".join(n for n, a in sorted(ARCHS.items()) if "image" in a.input_kinds and n not in _WRAPPERS)
+        raise ArchError(f"architecture {arch!r}: backbone {backbone!r} is not allowed; choose one of {allowed}")
 
 
 def _joined(**parts: PermSpec) -> PermSpec:
@@ -90,9 +101,7 @@ class CanonCNN(SymModule):
         group = getattr(task.group, "name", None)
         if group not in _ELEMENTS:
             raise ArchError(f"architecture 'canon_cnn' canonicalizes for C4 or D4; task {task.name!r} has group {group}")
-        if backbone not in ARCHS or backbone.startswith("canon_"):
-            allowed = ", ".join(n for n, a in sorted(ARCHS.items()) if "image" in a.input_kinds and not n.startswith("canon_"))
-            raise ArchError(f"architecture 'canon_cnn': backbone {backbone!r} is not allowed; choose one of {allowed}")
+        _check_backbone("canon_cnn", backbone)
         self.prior_weight = _check_prior("canon_cnn", prior_weight)
         self.elements = _ELEMENTS[group]
         self.inverse = _group_tables(self.elements)[1]  # plain data: index of g^-1 for each g
@@ -126,6 +135,42 @@ class CanonCNN(SymModule):
 
     def perm_spec(self) -> PermSpec:
         return _joined(canon=self.canon.perm_spec(), backbone=self.backbone.perm_spec())
+
+
+@register_arch(
+    "fa_cnn",
+    equivariant=True,
+    symmetry="the task's C4 / D4 (rot90, flips), by averaging over the group",
+    input_kinds=("image",),
+    example_task=("digits", {"group": "C4", "variant": "rotated"}),
+    description="frame averaging (Puny et al. 2022) on images: a backbone's outputs averaged over the group's copies of the input",
+    backbone="cnn",
+    backbone_config={},
+)
+class FrameAvgCNN(SymModule):
+    """f(x) = mean_g backbone(T_g x) over the task's finite group (C4: 4 rotations, D4: with flips).
+
+    For a finite group the frame is the whole group, so frame averaging is the symmetrisation: the copies of
+    g.x are those of x in another order, and their mean is exactly invariant. The copies run through the
+    backbone as one batch of |G| B images; the outputs are invariant (class scores), as the image tasks' are.
+    """
+
+    def __init__(self, task: Task, backbone: str, backbone_config: dict):
+        super().__init__()
+        group = getattr(task.group, "name", None)
+        if group not in _ELEMENTS:
+            raise ArchError(f"architecture 'fa_cnn' averages over C4 or D4; task {task.name!r} has group {group}")
+        _check_backbone("fa_cnn", backbone)
+        self.elements = _ELEMENTS[group]
+        self.backbone = build_arch(backbone, task, **dict(backbone_config))
+
+    def forward(self, x: Tensor) -> Tensor:
+        copies = torch.stack([_transform(g, x) for g in self.elements], 1)  # [B, G, C, H, W]
+        y = self.backbone(copies.flatten(0, 1))
+        return y.unflatten(0, (x.shape[0], len(self.elements))).mean(1)
+
+    def perm_spec(self) -> PermSpec:
+        return _joined(backbone=self.backbone.perm_spec())
 
 
 @register_arch(
