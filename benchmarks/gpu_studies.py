@@ -2,6 +2,8 @@
 
     python benchmarks/gpu_studies.py --out results/      # a CUDA machine: every study below, ~3 min on one H200
     python benchmarks/gpu_studies.py --smoke --out DIR   # the CPU: the same code path, GPUs asked of no one
+    python benchmarks/gpu_studies.py --only canon-digits,cgenn-convexhull --full --out DIR
+                                                         # named studies as written, each with its report
 
 Which studies: every file in studies/ whose resources ask for a GPU, and the quickstart with
 `resources: {num_gpus: 0.5, precision: bf16}` (the README's main job, as a GPU user runs it). Each is
@@ -9,7 +11,9 @@ first checked with `symzoo validate` as written, then run with `symzoo run` (a s
 an MLflow file store, a fresh store), the quickstart at its own size and the others after `reduce`: at
 most two values of every grid factor, at most `--epochs` epochs, analysis samples capped. MNIST-shaped tasks read a generated, learnable data set
 written as IDX files (train_bench.make_idx_data). Prints one row per study: exit codes and wall
-seconds; writes <out>/gpu_studies.json.
+seconds; writes <out>/gpu_studies.json. `--only` picks studies by name from every file in studies/ (a study
+that asks for no GPU runs on the GPU machine's CPUs); `--full` runs them as written and writes each one's
+`symzoo report` (summary tables, figures, report.html) to <out>/<study>/.
 """
 
 from __future__ import annotations
@@ -76,7 +80,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--smoke", action="store_true", help="no GPU asked for: the code path on a CPU")
-    ap.add_argument("--only", default="", help="comma-separated study names to run (default: all)")
+    ap.add_argument("--only", default="", help="comma-separated study names, any in studies/ (default: the GPU ones)")
+    ap.add_argument("--full", action="store_true", help="as written, not reduced; each study's report into --out")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gpu-studies-"))
     data = work / "data"
@@ -84,9 +89,9 @@ def main() -> None:
     env = {**os.environ, "SYMZOO_DATA": str(data), "MLFLOW_ALLOW_FILE_STORE": "true",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     rows = []
-    for name, path, resources, smaller in gpu_studies():
-        if a.only and path.stem not in a.only.split(","):
-            continue
+    chosen = gpu_studies() if not a.only else [
+        (p.stem, p, None, not a.full) for p in sorted((ROOT / "studies").glob("*.yaml")) if p.stem in a.only.split(",")]
+    for name, path, resources, smaller in chosen:
         study = yaml.safe_load(path.read_text())
         if resources is not None:
             study["resources"] = resources
@@ -103,6 +108,13 @@ def main() -> None:
         reduced = work / f"{path.stem}.yaml"
         reduced.write_text(yaml.safe_dump(small))
         code_r, wall_r, out_r = symzoo("run", str(reduced), "--plain", env=env, timeout=1800)
+        if a.full and code_r == 0:
+            a.out.mkdir(parents=True, exist_ok=True)
+            (a.out / f"{path.stem}.log").write_text(out_r)
+            code_p, _, out_p = symzoo("report", small["store"], "--study", small["study"], "--out", str(a.out / path.stem),
+                                      "--no-log", env=env, timeout=600)
+            if code_p:
+                print(out_p, flush=True)
         rows.append({"study": name, "validate_exit": code_v, "validate_s": round(wall_v, 1), "run_exit": code_r,
                      "run_s": round(wall_r, 1), "models": models, "epochs": epochs, "reduced": smaller,
                      "stages": [s["stage"] for s in small.get("analysis", [])],
