@@ -7,6 +7,9 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from zoos.archs.clifford import CliffordAlgebra
 
@@ -47,6 +50,22 @@ def test_associative_and_the_quadratic_form_of_a_vector(metric):
     torch.testing.assert_close(vv[:, 0], q)  # v v = q(v), a scalar
     torch.testing.assert_close(vv[:, 1:], torch.zeros_like(vv[:, 1:]))
     torch.testing.assert_close(alg.quadratic(v)[:, 1], q)
+
+
+@settings(max_examples=25, deadline=None)
+@given(metric=st.sampled_from(METRICS), grades=st.tuples(st.integers(0, 5), st.integers(0, 5), st.integers(0, 5)),
+       points=st.integers(1, 4), shared=st.booleans(), seed=st.integers(0, 2**16))
+def test_a_product_of_leading_blades_equals_the_full_product_truncated(metric, grades, points, shared, seed):
+    """x y from x's first a and y's first b blades, only the first k computed (a layer's grades), with y one
+    multivector for every point (a set's context) or its own per point: the full product of the zero-padded
+    multivectors, truncated."""
+    alg = CliffordAlgebra(metric)
+    a, b, k = (alg.n_blades[min(g, alg.d)] for g in grades)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, points, 3, a, generator=g, dtype=torch.float64)
+    y = torch.randn(2, 1 if shared else points, 3, b, generator=g, dtype=torch.float64)
+    full = alg.geometric_product(F.pad(x, (0, alg.n - a)), F.pad(y, (0, alg.n - b)).expand(2, points, 3, alg.n))
+    torch.testing.assert_close(alg.geometric_product(x, y, (a, b, k), shared=shared), full[..., :k])
 
 
 def outermorphism(alg: CliffordAlgebra, m: torch.Tensor) -> torch.Tensor:

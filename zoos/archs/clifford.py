@@ -46,6 +46,7 @@ class CliffordAlgebra:
         self.partner = [[self.index[a ^ b] for b in self.masks] for a in self.masks]
         self.sign = [[self.blade_sign(a, a ^ b) for b in self.masks] for a in self.masks]
         self.quad = [self.blade_sign(m, m) for m in self.masks]  # q(e_A) = e_A~ e_A = prod of the metric over A
+        self._tables: dict[tuple[int, int, int], tuple] = {}  # `_right_table`'s, by shape
 
     def blade_sign(self, a: int, b: int) -> float:
         """e_a e_b = s e_{a^b}: s = (-1)^(swaps to sort the axes) * the metric of every axis in both."""
@@ -71,14 +72,31 @@ class CliffordAlgebra:
                 c[i, self.partner[i][k], k] = self.sign[i][k]
         return c
 
-    def geometric_product(self, x: Tensor, y: Tensor) -> Tensor:
-        """x y for multivectors [..., 2^d] (broadcasting): (x y)_k = sum_i x_i y_partner[i][k] sign[i][k], summed
-        one blade of x at a time, so the memory is a multivector per term, not a [2^d, 2^d] table per feature."""
-        signs = torch.tensor(self.sign, dtype=x.dtype, device=x.device)
-        out = x[..., 0:1] * y[..., self.partner[0]] * signs[0]
-        for i in range(1, self.n):
-            out = out + x[..., i : i + 1] * y[..., self.partner[i]] * signs[i]
-        return out
+    def geometric_product(self, x: Tensor, y: Tensor, sizes: tuple[int, int, int] | None = None,
+                          shared: bool = False) -> Tensor:
+        """(x y)[..., :k] for multivectors given by their first blades, x [..., a] and y [..., b] (the rest zero),
+        with (a, b, k) = `sizes` (None: every blade).
+
+        A matmul: x y = x @ R(y), R(y)[i, k] = sign[i][k] y_partner[i][k] (right multiplication by y), only the
+        a rows and k columns needed. `shared`: y is one multivector for all P points of x (x [..., P, C, a],
+        y [..., 1, C, b]: a set's context), so R(y) is built once per set and channel and the points are the
+        rows of one [P, a] @ [a, k] product; otherwise a product per feature."""
+        a, b, k = sizes or (self.n, self.n, self.n)
+        index, signs = self._right_table(a, b, k)
+        right = (y[..., torch.tensor(index, device=y.device)] * torch.tensor(signs, dtype=y.dtype, device=y.device))
+        right = right.unflatten(-1, (a, k))
+        if shared:
+            return (x.transpose(-3, -2) @ right.squeeze(-4)).transpose(-3, -2)
+        return (x.unsqueeze(-2) @ right).squeeze(-2)
+
+    def _right_table(self, a: int, b: int, k: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """R(y)'s entries as (index into y, sign) at row i * k + column: partner and sign, 0 where y's blade is zero."""
+        key = (a, b, k)
+        if key not in self._tables:
+            pairs = [(self.partner[i][c], self.sign[i][c]) if self.partner[i][c] < b else (0, 0.0)
+                     for i in range(a) for c in range(k)]
+            self._tables[key] = tuple(p for p, _ in pairs), tuple(s for _, s in pairs)
+        return self._tables[key]
 
     def quadratic(self, x: Tensor, top: int | None = None) -> Tensor:
         """Per-grade quadratic form [..., top + 1] of x [..., n_blades[top]] (invariant under O(p,q))."""
@@ -130,9 +148,11 @@ class MVNorm(nn.Module):
 class GPLayer(nn.Module):
     """(left(x) + a(x) norm(b(ctx))) / sqrt(2) truncated to grades <= top_out; ctx is x or its sum over points."""
 
-    def __init__(self, algebra: CliffordAlgebra, c_in: int, c_out: int, top_in: int, top_out: int):
+    def __init__(self, algebra: CliffordAlgebra, c_in: int, c_out: int, top_in: int, top_out: int,
+                 set_context: bool = False):
         super().__init__()
         self.algebra, self.top_in, self.top_out = algebra, top_in, top_out
+        self.set_context = set_context  # ctx [..., 1, C, blades]: one multivector for every point of a set
         self.left = MVLinear(algebra, c_in, c_out, min(top_in, top_out))
         self.a = MVLinear(algebra, c_in, c_out, top_in, bias=False)
         self.b = MVLinear(algebra, c_in, c_out, top_in, bias=False)
@@ -140,11 +160,11 @@ class GPLayer(nn.Module):
 
     def forward(self, x: Tensor, ctx: Tensor) -> Tensor:
         alg = self.algebra
-        full, out = alg.n, alg.n_blades[self.top_out]
-        a = F.pad(self.a(x), (0, full - alg.n_blades[self.top_in]))
-        b = F.pad(self.norm(self.b(ctx)), (0, full - alg.n_blades[self.top_in]))
+        out = alg.n_blades[self.top_out]
         left = F.pad(self.left(x), (0, out - alg.n_blades[self.left.top]))
-        return (left + alg.geometric_product(a, b)[..., :out]) / math.sqrt(2)
+        sizes = (alg.n_blades[self.top_in], alg.n_blades[self.top_in], out)
+        product = alg.geometric_product(self.a(x), self.norm(self.b(ctx)), sizes, shared=self.set_context)
+        return (left + product) / math.sqrt(2)
 
 
 @register_arch(
@@ -190,7 +210,7 @@ class CGENN(SymModule):
         layers = []
         for i in range(depth):
             top_out = last if i == depth - 1 else min(alg.d, 2 * top)
-            layers.append(GPLayer(alg, c_in if i == 0 else width, width, top, top_out))
+            layers.append(GPLayer(alg, c_in if i == 0 else width, width, top, top_out, set_context=self.is_set))
             top = top_out
         self.layers = nn.ModuleList(layers)
         n_out = len(self.out_groups) if self.points_out else math.prod(self.out_shape)
