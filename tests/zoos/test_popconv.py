@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch.func import functional_call, grad, vmap
 
 from zoos import popconv
+from zoos.popconv import pooled, window
 from zoos.fastpop import FastPopulation, FastStep
 from zoos.functional import population_forward, stack_states, template
 from zoos.trainer import train_population
@@ -471,14 +472,14 @@ def test_window_ops_pass_torch_library_opcheck():
     b = torch.randn(2, 5, device=DEVICE, requires_grad=True)
     table = popconv.window_table(data, (3, 3), (1, 1), pool=2)
     args = (table, w, b, rows, 3, 5, 5, 2, "tanh", 0.0, torch.float32)
-    torch.library.opcheck(popconv._pop_window_conv, args)
-    a, code = popconv._pop_window_conv(*args)
+    torch.library.opcheck(window._pop_window_conv, args)
+    a, code = window._pop_window_conv(*args)
     da = torch.randn_like(a)
-    torch.library.opcheck(popconv._pop_window_conv_wgrad, (table, rows, da, a.detach(), code, w.detach(), True, 2, "tanh", 0.0))
+    torch.library.opcheck(window._pop_window_conv_wgrad, (table, rows, da, a.detach(), code, w.detach(), True, 2, "tanh", 0.0))
     x = torch.randn(6, 2, 10, 10, device=DEVICE)
     for bias, weights in ((True, True), (False, True), (True, False)):
         args = (da, a.detach(), code, w.detach(), x, 1, 1, 2, "tanh", 0.0, bias, weights)
-        torch.library.opcheck(popconv._pop_pooled_grads, args)
+        torch.library.opcheck(pooled._pop_pooled_grads, args)
 
 
 def test_parse_tuning_casts_each_entry_and_names_bad_pairs():
