@@ -126,25 +126,23 @@ def main() -> None:
         row = {"layer": name, "models": n, "batch": batch, "im2col_fwd_ms": timed(im2col_fwd), "im2col_bwd_ms": timed(im2col_bwd)}
         for block_m in (128, 256, 512, 1024) if not a.no_sweep else ():
             for warps in (4, 8):
-                popconv.TUNING.update(forward="fma", fma_block_m=block_m, fma_warps=warps)
-                row[f"fma_fwd_m{block_m}_w{warps}_ms"] = timed(fwd)
-        popconv.TUNING.update(forward="dot", fma_block_m=0, fma_warps=4)
-        row["dot_fwd_ms"] = timed(fwd)
-        for block_m in (64, 128, 256) if "dgrad" not in name and not a.no_sweep else ():  # an input-grad conv has no weight grad
-            for per_sm in (4, 16, 64):
-                for stages in (1, 3):
-                    popconv.TUNING.update(wgrad_block_m=block_m, wgrad_per_sm=per_sm, wgrad_stages=stages)
-                    row[f"dot_wgrad_m{block_m}_s{per_sm}_st{stages}_ms"] = timed(wgrad)
-        popconv.TUNING.update(wgrad_block_m=0, wgrad_per_sm=16, wgrad_stages=0)
-        row["dot_wgrad_ms"] = timed(wgrad)
-        popconv.TUNING.update(dot="bf16")  # bf16 operands into the tensor cores (x as bf16 for the first layer too)
-        xb = x.to(torch.bfloat16)
-        row["dot_bf16_fwd_ms"] = timed(lambda: popconv.conv2d(xb, w, b, (pad, pad), rows=r, out_dtype=torch.bfloat16))
-        if "dgrad" not in name:
-            row["dot_bf16_wgrad_ms"] = timed(lambda: _pop_conv2d_wgrad(xb, ri, dyc, w, pad, pad, True))
-        popconv.TUNING.update(dot="tf32")
-        popconv.TUNING.update(forward="auto")
-        row["auto_fwd_ms"], row["auto_wgrad_ms"] = timed(fwd), timed(wgrad)
+                with popconv.tuned({"forward": "fma", "fma_block_m": block_m, "fma_warps": warps}):
+                    row[f"fma_fwd_m{block_m}_w{warps}_ms"] = timed(fwd)
+        with popconv.tuned({"forward": "dot", "dot": "tf32"}):  # TF32 tensor-core operands
+            row["dot_fwd_ms"] = timed(fwd)
+            sweep = "dgrad" not in name and not a.no_sweep  # an input-grad conv has no weight grad
+            for block_m in (64, 128, 256) if sweep else ():
+                for per_sm in (4, 16, 64):
+                    for stages in (1, 3):
+                        with popconv.tuned({"wgrad_block_m": block_m, "wgrad_per_sm": per_sm, "wgrad_stages": stages}):
+                            row[f"dot_wgrad_m{block_m}_s{per_sm}_st{stages}_ms"] = timed(wgrad)
+            row["dot_wgrad_ms"] = timed(wgrad)
+        with popconv.tuned({"forward": "dot", "dot": "bf16"}):  # bf16 operands (x as bf16 for the first layer too)
+            xb = x.to(torch.bfloat16)
+            row["dot_bf16_fwd_ms"] = timed(lambda: popconv.conv2d(xb, w, b, (pad, pad), rows=r, out_dtype=torch.bfloat16))
+            if "dgrad" not in name:
+                row["dot_bf16_wgrad_ms"] = timed(lambda: _pop_conv2d_wgrad(xb, ri, dyc, w, pad, pad, True))
+        row["auto_fwd_ms"], row["auto_wgrad_ms"] = timed(fwd), timed(wgrad)  # the defaults
         if before is not None:
             row["before_fwd_ms"] = timed(lambda: before.conv2d(x, w, b, (pad, pad), rows=r, out_dtype=torch.bfloat16))
             row["before_wgrad_ms"] = timed(lambda: before_wgrad(before)(x, ri, dyc, w, pad, pad, True))

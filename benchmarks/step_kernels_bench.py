@@ -1,4 +1,4 @@
-"""Per-kernel times of CNN-s's training step (the popconv kernels the trainer launches), with TUNING sets
+"""Per-kernel times of CNN-s's training step (the popconv kernels the trainer launches), with tuning sets
 side by side and two memory ceilings.
 
     python benchmarks/step_kernels_bench.py                                    # CUDA machine, ~15 s
@@ -15,7 +15,7 @@ trainer runs them), each launcher of the step is timed on its own (`triton.testi
   conv2 dx        conv2's input gradient: placed gradient + block products (`_launch_pooled_grads`, no dw)
   conv2 wgrad     conv2's weight and bias gradients, dy rebuilt in the tile (`_launch_wgrad`)
 and, for scale, the table rows a step reads (a kernel that only loads them) and a device copy of as many
-bytes. Each --tuning set (';'-separated, each 'key=value,...' of popconv.TUNING, the first usually the
+bytes. Each --tuning set (';'-separated, each 'key=value,...' of popconv.Tuning's fields, the first usually the
 defaults: an empty set) is timed in the same process, and its outputs are compared with the first set's
 (max |difference| / max |first|). --launch-once runs each launcher once (for ncu) and exits.
 Output: a table and <out>/step_kernels_bench.json.
@@ -108,7 +108,7 @@ def timed(fn, device: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", type=int, default=1024)
-    ap.add_argument("--tuning", default="", help="';'-separated popconv.TUNING sets, e.g. ';window_block_m=64'")
+    ap.add_argument("--tuning", default="", help="';'-separated popconv tuning sets, e.g. ';window_block_m=64'")
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     ap.add_argument("--smoke", action="store_true", help="tiny sizes in Triton's interpreter on the CPU")
     ap.add_argument("--launch-once", action="store_true", help="each launcher once with the last --tuning set (ncu)")
@@ -147,7 +147,7 @@ def main() -> None:
             print(f"--- {','.join(f'{k}={v}' for k, v in tuning.items()) or 'defaults'}", flush=True)
             for k, fn in launchers.items():
                 if k.startswith("ceiling") and results["sets"]:
-                    continue  # the ceilings do not depend on TUNING
+                    continue  # the ceilings do not depend on the tuning
                 ms = entry["ms"][k] = timed(fn, device)
                 rate = f"  {table_bytes / ms / 1e9:6.2f} TB/s of table rows" if k.startswith(("window", "ceiling: read")) else ""
                 diff = f"  (vs the first set: {entry['max_rel_diff'][k]:.1e})" if k in entry["max_rel_diff"] else ""

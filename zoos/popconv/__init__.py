@@ -58,8 +58,9 @@ from .common import available, stored_channels_last, supports
 from .conv import conv2d
 from .pool import max_pool2x2
 from .pooled import EPILOGUE_ACTIVATIONS, conv2d_pool_act, fuses
-from .tuning import TUNING, parse_tuning, tuned
+from .tuning import Tuning, parse_tuning, tuned
 from .window import window_table, window_table_bytes, windows_pay
 
-__all__ = ["EPILOGUE_ACTIVATIONS", "available", "conv2d", "conv2d_pool_act", "fuses", "max_pool2x2", "parse_tuning",
-           "stored_channels_last", "supports", "tuned", "window_table", "window_table_bytes", "windows_pay"]
+__all__ = ["EPILOGUE_ACTIVATIONS", "Tuning", "available", "conv2d", "conv2d_pool_act", "fuses", "max_pool2x2",
+           "parse_tuning", "stored_channels_last", "supports", "tuned", "window_table", "window_table_bytes",
+           "windows_pay"]

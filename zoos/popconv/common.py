@@ -8,7 +8,7 @@ import os
 import torch
 from torch import Tensor
 
-from .tuning import TUNING
+from . import tuning
 
 try:
     import triton
@@ -83,27 +83,28 @@ if triton is not None:
 
 def _dot_dtype(x: Tensor):
     """The tensor-core input type: TF32 (float32 operands), or bf16 where the activations already are bf16."""
-    return tl.bfloat16 if TUNING["dot"] == "bf16" and x.dtype == torch.bfloat16 else tl.float32
+    return tl.bfloat16 if tuning.current().dot == "bf16" and x.dtype == torch.bfloat16 else tl.float32
 
 
 def _tile_rows(width: int) -> tuple[int, dict]:
-    """(BLOCK_M, launch options) for a window kernel whose tiles are `width` wide: TUNING's rows, warps and
+    """(BLOCK_M, launch options) for a window kernel whose tiles are `width` wide: the tuning's rows, warps and
     stages (0: Triton's pipelining) up to 64, else 64 rows and one stage (a float32 [128, 128] tile at 3
     stages asked 458 KB of shared memory on an H200, twice its limit)."""
-    options = {"num_warps": TUNING["window_warps"]}
+    t = tuning.current()
+    options = {"num_warps": t.window_warps}
     if width > 64:
         return 64, {**options, "num_stages": 1}
-    if TUNING["window_stages"]:
-        options["num_stages"] = TUNING["window_stages"]
-    return TUNING["window_block_m"], options
+    if t.window_stages:
+        options["num_stages"] = t.window_stages
+    return t.window_block_m, options
 
 
 def _programs_per_model(tiles: int, n: int, device: torch.device) -> tuple[int, int]:
     """(programs a model, tiles a program) for n models' worth of programs (models x other grid axes): enough
-    programs to fill the card (TUNING wgrad_per_sm a multiprocessor) and at least 8 tiles a program, so what a
+    programs to fill the card (the tuning's wgrad_per_sm a multiprocessor) and at least 8 tiles a program, so what a
     program loads once serves several tiles."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    split = max(1, min(triton.cdiv(TUNING["wgrad_per_sm"] * sms, n), triton.cdiv(tiles, 8)))
+    split = max(1, min(triton.cdiv(tuning.current().wgrad_per_sm * sms, n), triton.cdiv(tiles, 8)))
     per = triton.cdiv(tiles, split)
     return triton.cdiv(tiles, per), per
 

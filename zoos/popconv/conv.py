@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .common import (_act_grad_from_output, _activate, _dot_dtype, _keep_max, _programs_per_model, _wgrad_fake, tl,
                      triton)
-from .tuning import TUNING
+from . import tuning
 from .window import _window_conv
 
 
@@ -331,12 +331,13 @@ if triton is not None:
 def _fma_forward(c: int, o: int) -> bool:
     """Whether the forward runs on CUDA cores (auto: up to 16 outputs from fewer than 16 inputs; a wider
     input fills tensor-core tiles a tap at a time)."""
-    return o <= 16 and c < 16 if TUNING["forward"] == "auto" else TUNING["forward"] == "fma"
+    forward = tuning.current().forward
+    return o <= 16 and c < 16 if forward == "auto" else forward == "fma"
 
 
 def _writes_channels_last(c: int, o: int) -> bool:
     """Whether the forward of a layer of c inputs and o outputs writes channels-last (the tensor-core forward)."""
-    return TUNING["channels_last"] and not _fma_forward(c, o)
+    return tuning.current().channels_last and not _fma_forward(c, o)
 
 
 def _reads_channels_last(x: Tensor, rows: Tensor | None, o: int) -> bool:
@@ -382,12 +383,13 @@ def _launch_forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None,
     x = x.contiguous()
     if _fma_forward(c, o):
         block_n = triton.next_power_of_2(o)
-        block_m = TUNING["fma_block_m"] or min(1024, 8192 // block_n)  # 8 outputs x 8 pixels a thread (4 warps)
+        t = tuning.current()
+        block_m = t.fma_block_m or min(1024, 8192 // block_n)  # 8 outputs x 8 pixels a thread (4 warps)
         wt = _fma_weights(w, block_n)
         _conv_fwd_fma_kernel[(triton.cdiv(batch * ho * wo, block_m), n)](
             x, rows_arg, wt, b if b is not None else wt, y, batch, o, C=c, H=h, W=wd, HO=ho, WO=wo,
             PH=padding[0], PW=padding[1], KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=b is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=TUNING["fma_warps"],
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=t.fma_warps,
         )
         return y
     block_m, block_k, block_n = _blocks(c * kh * kw, o)
@@ -415,12 +417,13 @@ def _launch_pool_act(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None
     a = torch.empty(n * batch, o, hp, wp, device=x.device, dtype=out_dtype)
     code = torch.empty(n * batch, o, hp, wp, device=x.device, dtype=torch.int8) if pool > 1 else a.new_empty(0, dtype=torch.int8)
     block_n = triton.next_power_of_2(o)
-    block_m = TUNING["fused_block_m"] or min(1024, 8192 // block_n) // (pool * pool)  # a tile per window position live
+    t = tuning.current()
+    block_m = t.fused_block_m or min(1024, 8192 // block_n) // (pool * pool)  # a tile per window position live
     wt = _fma_weights(w, block_n)
     _conv_pool_act_fma_kernel[(triton.cdiv(batch * hp * wp, block_m), n)](
         x, rows if rows is not None else x, wt, b if b is not None else wt, a, code if pool > 1 else a, batch, o,
         C=c, H=h, W=wd, HP=hp, WP=wp, POOL=pool, PH=padding[0], PW=padding[1], KH=kh, KW=kw, ACT=act, SLOPE=slope,
-        GATHER=rows is not None, HAS_BIAS=b is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=TUNING["fma_warps"],
+        GATHER=rows is not None, HAS_BIAS=b is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=t.fma_warps,
     )
     return a, code
 
@@ -444,9 +447,10 @@ def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Siz
     # 128-tap x 32-pixel tiles stay off by default: they gave a wrong float32 dw on the GPU for a padded 3x3
     # layer (test_popconv's test_pooled_layer_gradients_either_way); TUNING wgrad_block_k / wgrad_block_m
     # select them for measuring.
-    block_k = TUNING["wgrad_block_k"] or block_k
+    t = tuning.current()
+    block_k = t.wgrad_block_k or block_k
     # tiles of one sample's output pixels: at most the image (rounded up to 16, tl.dot's least side)
-    block_m = min(TUNING["wgrad_block_m"] or (128 if k <= 32 else 64), max(16, triton.next_power_of_2(ho * wo)))
+    block_m = min(t.wgrad_block_m or (128 if k <= 32 else 64), max(16, triton.next_power_of_2(ho * wo)))
     chunks = triton.cdiv(ho * wo, block_m)
     k_blocks, tiles = triton.cdiv(k, block_k) * triton.cdiv(o, block_n), batch * chunks  # (taps, outputs) tiles
     split, per_split = _programs_per_model(tiles, n * k_blocks, dy.device)  # each model's tiles split to fill the card
@@ -458,7 +462,7 @@ def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Siz
         POOL=pool, HP=dy.shape[2], WP=dy.shape[3], ACT=act, SLOPE=slope,
         GATHER=rows is not None, HAS_BIAS=bias, DOT=_dot_dtype(dy), DY_CL=dy_cl,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
-        **({"num_stages": TUNING["wgrad_stages"]} if TUNING["wgrad_stages"] else {}),
+        **({"num_stages": t.wgrad_stages} if t.wgrad_stages else {}),
     )
     return dw.sum(1).view(w_shape), (db.sum(1) if db is not None else None)
 

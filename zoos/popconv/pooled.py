@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .common import _act_grad_from_output, _dot_dtype, _mma, _programs_per_model, _tile_rows, _wgrad_fake, tl, triton
 from .conv import _checked, _conv_grads, _launch_pool_act, _launch_wgrad, _need_rows
-from .tuning import TUNING
+from . import tuning
 from .window import _window_conv
 
 
@@ -94,9 +94,10 @@ def _launch_pooled_grads(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x: Tens
     bh, bw = triton.cdiv(h + padding[0], pool), triton.cdiv(wd + padding[1], pool)
     nh, nw = triton.cdiv(kh + pool - 1, pool), triton.cdiv(kw + pool - 1, pool)
     ws = _shifted_weights(w, pool, block_k).to(g.dtype)
-    block_n = min(TUNING["window_dx_block_n"], max(16, triton.next_power_of_2(c * pool * pool)))
-    block_m, options = _tile_rows(max(block_k, block_n))  # its NH x NW loads a tile: TUNING's own stages
-    options["num_stages"] = TUNING["window_dx_stages"]
+    t = tuning.current()
+    block_n = min(t.window_dx_block_n, max(16, triton.next_power_of_2(c * pool * pool)))
+    block_m, options = _tile_rows(max(block_k, block_n))  # its NH x NW loads a tile: its own stages
+    options["num_stages"] = t.window_dx_stages
     groups, per = _programs_per_model(triton.cdiv(batch * bh * bw, block_m), n, da.device)
     dx = torch.empty(nb, c, h, wd, device=da.device, dtype=x.dtype)
     _block_dx_kernel[(groups, triton.cdiv(c * pool * pool, block_n), n)](
@@ -238,7 +239,8 @@ _pop_conv2d_pool_act.register_autograd(_backward_pool_act, setup_context=_setup_
 def fuses(out_channels: int) -> bool:
     """Whether `conv2d_pool_act` runs as one kernel for a conv with this many outputs: the CUDA-core forward
     with the pool and activation folded in, for up to 16 outputs (from any number of inputs)."""
-    return TUNING["fuse"] and (out_channels <= 16 if TUNING["forward"] == "auto" else TUNING["forward"] == "fma")
+    t = tuning.current()
+    return t.fuse and (out_channels <= 16 if t.forward == "auto" else t.forward == "fma")
 
 
 def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int] = (0, 0), *,
@@ -252,7 +254,7 @@ def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, 
     and a byte per output (which window position was the max) are written; gradients flow as through
     the unfused layers. With `rows`, `windows` may be x's `window_table(x, (kh, kw), padding, pool)`: the
     first layer as tensor-core products over whole-window rows, the same result. `window_dx` (default
-    TUNING["window_dx"]) picks how a pooled layer's input gradient is computed (both exact; the choice is an
+    the tuning's window_dx) picks how a pooled layer's input gradient is computed (both exact; the choice is an
     argument so a compiled program records it).
     """
     if pool not in (1, 2) or act not in EPILOGUE_ACTIVATIONS:
@@ -261,5 +263,5 @@ def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, 
     if windows is not None:
         return _window_conv(windows, x, w, b, padding, _need_rows(rows), batch, pool, act, slope, out_dtype or x.dtype)
     a, _ = _pop_conv2d_pool_act(x, w, b, rows, batch, int(padding[0]), int(padding[1]), pool, act, float(slope),
-                                out_dtype or x.dtype, TUNING["window_dx"] if window_dx is None else bool(window_dx))
+                                out_dtype or x.dtype, tuning.current().window_dx if window_dx is None else bool(window_dx))
     return a

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .common import (_act_grad_from_output, _activate, _dot_dtype, _keep_max, _mma, _programs_per_model, _tile_rows,
                      _wgrad_fake, tl, triton)
-from .tuning import TUNING
+from . import tuning
 
 
 if triton is not None:
@@ -267,10 +267,11 @@ _pop_window_conv.register_autograd(_backward_window, setup_context=_setup_window
 def windows_pay(pool: int, table_bytes: int, device: torch.device | str) -> bool:
     """Whether a first layer should read a window table (`window_table`) rather than gather from the data set.
 
-    TUNING["windows"]: "pool" (the default) for layers followed by a 2x2 max-pool, where one table row feeds
+    The tuning's `windows`: "pool" (the default) for layers followed by a 2x2 max-pool, where one table row feeds
     all four window positions (measured on CNN-s: benchmarks/README.md); "always"; "never". Either way the
-    table must fit in TUNING["window_max_fraction"] of the device's memory (any size in the interpreter)."""
-    mode = TUNING["windows"]
+    table must fit in its `window_max_fraction` of the device's memory (any size in the interpreter)."""
+    t = tuning.current()
+    mode = t.windows
     if mode not in ("pool", "always", "never"):
         raise ValueError(f"SYMZOO_POPCONV_WINDOWS = {mode!r} is not allowed; expected pool, always or never")
     if mode == "never" or (mode == "pool" and pool == 1):
@@ -278,7 +279,7 @@ def windows_pay(pool: int, table_bytes: int, device: torch.device | str) -> bool
     device = torch.device(device)
     if device.type != "cuda":
         return True
-    return table_bytes <= TUNING["window_max_fraction"] * torch.cuda.get_device_properties(device).total_memory
+    return table_bytes <= t.window_max_fraction * torch.cuda.get_device_properties(device).total_memory
 
 
 def _window_conv(table: Tensor, x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], rows: Tensor,
