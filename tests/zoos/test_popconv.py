@@ -516,10 +516,12 @@ def test_tuned_restores_the_entries_after_an_error():
 
 
 def test_environment_variables_set_the_tuning_at_import():
-    """The four SYMZOO_POPCONV_* variables, and the defaults without them."""
+    """The four SYMZOO_POPCONV_* variables (each in the package docstring), and the defaults without them."""
     assert popconv.tuning._from_environment({}) == popconv.Tuning()
     env = {"SYMZOO_POPCONV_FORWARD": "dot", "SYMZOO_POPCONV_FUSE": "0", "SYMZOO_POPCONV_WINDOWS": "never",
            "SYMZOO_POPCONV_WINDOW_DX": "0"}
     got = popconv.tuning._from_environment(env)
     assert (got.forward, got.fuse, got.windows, got.window_dx) == ("dot", False, "never", False)
     assert got == popconv.Tuning(forward="dot", fuse=False, windows="never", window_dx=False)
+    for name in env:
+        assert name in popconv.__doc__

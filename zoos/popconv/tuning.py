@@ -1,8 +1,7 @@
 """popconv's kernel choices and tile sizes: one frozen `Tuning`, built at import from the SYMZOO_POPCONV_*
-environment variables (read there, once), replaced for a block by `tuned`. Each field is read where its choice
-is made: `forward`, `fuse` and `window_dx` when fastpop emits a program, `windows` and `window_max_fraction`
-when a window table is or is not built, the rest at each launch (so a program emitted under one tuning keeps
-its ops, and their launches follow the tuning current when they run)."""
+environment variables (read there, once; the package docstring lists them), replaced for a block by `tuned`.
+Each field is read where its choice is made (the package docstring says where), so a program emitted under one
+tuning keeps the ops it chose, and their launches take the tuning current when they run."""
 
 from __future__ import annotations
 
