@@ -88,8 +88,8 @@ def _dot_dtype(x: Tensor):
 
 def _tile_rows(width: int) -> tuple[int, dict]:
     """(BLOCK_M, launch options) for a window kernel whose tiles are `width` wide: the tuning's rows, warps and
-    stages (0: Triton's pipelining) up to 64, else 64 rows and one stage (a float32 [128, 128] tile at 3
-    stages asked 458 KB of shared memory on an H200, twice its limit)."""
+    stages (0: Triton's pipelining) up to 64, else 64 rows and one stage, so a wide float32 tile's pipeline
+    fits in shared memory."""
     t = tuning.current()
     options = {"num_warps": t.window_warps}
     if width > 64:

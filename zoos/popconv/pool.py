@@ -117,7 +117,7 @@ _pop_max_pool2x2.register_autograd(_backward_pool, setup_context=_setup_pool)
 def max_pool2x2(x: Tensor) -> Tensor:
     """F.max_pool2d(x, 2) for x [R, C, H, W] in either memory format (the output in x's): one pass that
     keeps a byte per output for the backward, which writes every input gradient once (PyTorch's channels-last
-    pooling runs several times slower on the population's [N*B, C, H, W] maps)."""
+    pooling is slow on the population's [N*B, C, H, W] maps)."""
     if x.dim() != 4:
         raise ValueError(f"max_pool2x2 takes x [R, C, H, W]; got shape {tuple(x.shape)}")
     return _pop_max_pool2x2(x)[0]

@@ -41,7 +41,7 @@ if triton is not None:
         (bi - e, bj - f) for e < NH, f < NW. So the block's C * POOL^2 values are sum over (e, f) of
         g[that output] @ ws[m, e, f]: NH * NW tensor-core products of [rows, (d, o)] @ [(d, o), (c, r, t)],
         the window positions the pool did not choose zeros in g (`_placed_grad_kernel`), the shifted weights
-        ws built by `_shifted_weights` (gathering them here through a tap map made this kernel 2.5x slower).
+        ws built by `_shifted_weights` before the launch (gathered here through a tap map they cost more).
         Every value of dx is written once: no window columns, no fold."""
         group, nb, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         L: tl.constexpr = HP * WP
@@ -77,9 +77,7 @@ def _launch_pooled_grads(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x: Tens
     """dx, dw, db of act(maxpool(conv(x))) from its output gradient da: each pooled output's gradient placed at
     the window position the pool chose (`_placed_grad_kernel`), then dx a POOL x POOL block of input pixels at
     a time, the sum of its covering outputs' products with the shifted weights (`_block_dx_kernel`, tensor
-    cores); with `weights`, dw and db by the weight-gradient kernel, which rebuilds the conv's dy in its tiles.
-    (dw from the placed rows against whole input windows gathered from x measured the same as that kernel:
-    1.42 ms a step for conv2 at 1,024 models, H200; not kept.)"""
+    cores); with `weights`, dw and db by the weight-gradient kernel, which rebuilds the conv's dy in its tiles."""
     n, o, c, kh, kw = w.shape
     nb, _, hp, wp = da.shape
     batch, length = nb // n, hp * wp
@@ -262,6 +260,7 @@ def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, 
     x, w, rows, batch = _checked(x, w, rows)
     if windows is not None:
         return _window_conv(windows, x, w, b, padding, _need_rows(rows), batch, pool, act, slope, out_dtype or x.dtype)
+    window_dx = tuning.current().window_dx if window_dx is None else bool(window_dx)
     a, _ = _pop_conv2d_pool_act(x, w, b, rows, batch, int(padding[0]), int(padding[1]), pool, act, float(slope),
-                                out_dtype or x.dtype, tuning.current().window_dx if window_dx is None else bool(window_dx))
+                                out_dtype or x.dtype, window_dx)
     return a

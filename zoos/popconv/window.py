@@ -82,8 +82,8 @@ if triton is not None:
         """The window-placed weight gradients of model m over its position tiles [split * PER_SPLIT, ...):
         g = da * act'(a) goes to the window position d the pool chose, so row (d, o) of the gradient is
         (g where code == d)^T @ window: one [(d, o), rows] @ [rows, window] product a tile for every
-        position at once (a product per position, each [window, rows] @ [rows, outputs] padded to 16
-        outputs, was 1.30x slower); `_launch_window_wgrad` folds the positions back onto the kernel."""
+        position at once, not one product per position; `_launch_window_wgrad` folds the positions back onto
+        the kernel."""
         split, m = tl.program_id(0), tl.program_id(1)
         D: tl.constexpr = POOL * POOL
         o = tl.arange(0, BLOCK_N)
@@ -155,8 +155,8 @@ def window_table_bytes(x: Tensor, kernel: tuple[int, int], padding: tuple[int, i
 
 def _window_blocks(table: Tensor, o: int) -> tuple[int, int]:
     """(BLOCK_T, BLOCK_N): a whole window row per tile (a dot's reduction: at least 16) and the outputs, at
-    least 8 (the forward's n, the weight gradient's rows a window position; tl.dot pads a smaller side, and
-    16 for CNN-s's 8 outputs made the forward 1.25x slower)."""
+    least 8 (the forward's n, the weight gradient's rows a window position): tl.dot pads a side under 16
+    itself, so the forward's epilogue runs on no padding outputs."""
     return max(16, triton.next_power_of_2(table.shape[2])), max(8, triton.next_power_of_2(o))
 
 
@@ -268,7 +268,7 @@ def windows_pay(pool: int, table_bytes: int, device: torch.device | str) -> bool
     """Whether a first layer should read a window table (`window_table`) rather than gather from the data set.
 
     The tuning's `windows`: "pool" (the default) for layers followed by a 2x2 max-pool, where one table row feeds
-    all four window positions (measured on CNN-s: benchmarks/README.md); "always"; "never". Either way the
+    all four window positions; "always"; "never". Either way the
     table must fit in its `window_max_fraction` of the device's memory (any size in the interpreter)."""
     t = tuning.current()
     mode = t.windows
