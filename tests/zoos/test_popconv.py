@@ -471,6 +471,26 @@ def test_pooled_layer_gradients_either_way(tune, dtype, window_dx, c, o, k, pad,
             assert (a.float() - r).norm() / r.norm() < 2e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE == "cpu", reason="a compiled kernel's hazard: the interpreter agrees with torch")
+@pytest.mark.xfail(strict=False, reason="128-tap x 32-pixel weight-gradient tiles gave a wrong float32 dw on an H200 "
+                   "for this layer (relative error 0.68, cause not found); the default tiles avoid them")
+def test_wgrad_128_tap_32_pixel_tiles_on_gpu(tune):
+    """The layer of test_pooled_layer_gradients_either_way that failed under wgrad_block_k=128, wgrad_block_m=32:
+    float32, 20 inputs, 3 outputs, 3x3, padding 1, pooled, its dw from the weight-gradient kernel that rebuilds dy
+    in its tiles (window_dx: the 20-channel input is read NCHW there, so the tiles apply)."""
+    c, o, k, pad, size = 20, 3, 3, 1, 8
+    tune(window_dx=True, wgrad_block_k=128, wgrad_block_m=32)
+    torch.manual_seed(c * 100 + o)
+    x = torch.randn(2 * 3, c, size, size, device=DEVICE, requires_grad=True)
+    w = torch.randn(2, o, c, k, k, device=DEVICE, requires_grad=True)
+    b = torch.randn(2, o, device=DEVICE, requires_grad=True)
+    got = popconv.conv2d_pool_act(x, w, b, (pad, pad), pool=2, act="tanh")
+    want = torch.tanh(F.max_pool2d(reference(x, w, b, pad), 2))
+    g = torch.randn(want.shape, device=DEVICE)
+    close(torch.autograd.grad((got * g).sum(), [x, w, b])[1], torch.autograd.grad((want * g).sum(), [x, w, b])[1])
+
+
 def test_window_ops_pass_torch_library_opcheck():
     """The window ops' fake kernels (what torch.compile plans with) match what they return: shapes, dtypes,
     strides; autograd registration included."""

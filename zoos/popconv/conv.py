@@ -444,9 +444,7 @@ def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Siz
     dy = dy if dy_cl else dy.contiguous()
     a, code, pool, act, slope = fused if fused is not None else (dy, dy, 1, "identity", 0.0)
     _, block_k, block_n = _blocks(k, o)
-    # 128-tap x 32-pixel tiles stay off by default: they gave a wrong float32 dw on the GPU for a padded 3x3
-    # layer (test_popconv's test_pooled_layer_gradients_either_way); TUNING wgrad_block_k / wgrad_block_m
-    # select them for measuring.
+    # at most 64 taps a tile by default: 128 x 32 tiles give a wrong GPU dw (test_wgrad_128_tap_32_pixel_tiles_on_gpu)
     t = tuning.current()
     block_k = t.wgrad_block_k or block_k
     # tiles of one sample's output pixels: at most the image (rounded up to 16, tl.dot's least side)
