@@ -6,9 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import (_act_grad_from_output, _activate, _dot_dtype, _keep_max, _programs_per_model, _wgrad_fake, tl,
-                     triton)
 from . import tuning
+from .common import _dot_dtype, _programs_per_model, _wgrad_fake, tl, triton
 from .window import _window_conv
 
 
@@ -22,6 +21,7 @@ def _blocks(k: int, o: int) -> tuple[int, int, int]:
 
 
 if triton is not None:
+    from .common import _act_grad_from_output, _activate, _keep_max
 
     @triton.jit
     def _pixels(p, end, m, B, HO, WO):

@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import _keep_max, stored_channels_last, tl, triton
+from .common import stored_channels_last, tl, triton
 
 
 if triton is not None:
+    from .common import _keep_max
 
     @triton.jit
     def _pool_coords(e, C: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, CL: tl.constexpr):

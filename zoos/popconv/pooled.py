@@ -6,13 +6,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import _act_grad_from_output, _dot_dtype, _mma, _programs_per_model, _tile_rows, _wgrad_fake, tl, triton
-from .conv import _checked, _conv_grads, _launch_pool_act, _launch_wgrad, _need_rows
 from . import tuning
+from .common import _dot_dtype, _programs_per_model, _tile_rows, _wgrad_fake, tl, triton
+from .conv import _checked, _conv_grads, _launch_pool_act, _launch_wgrad, _need_rows
 from .window import _window_conv
 
 
 if triton is not None:
+    from .common import _act_grad_from_output, _mma
 
     @triton.jit
     def _placed_grad_kernel(da_ptr, a_ptr, code_ptr, g_ptr, total, O, L: tl.constexpr, POOL: tl.constexpr,

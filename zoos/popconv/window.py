@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import (_act_grad_from_output, _activate, _dot_dtype, _keep_max, _mma, _programs_per_model, _tile_rows,
-                     _wgrad_fake, tl, triton)
 from . import tuning
+from .common import _dot_dtype, _programs_per_model, _tile_rows, _wgrad_fake, tl, triton
 
 
 if triton is not None:
+    from .common import _act_grad_from_output, _activate, _keep_max, _mma
 
     @triton.jit
     def _window_tile(t_ptr, rows_ptr, m, start, B, L: tl.constexpr, T: tl.constexpr,
