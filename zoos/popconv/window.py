@@ -267,9 +267,9 @@ _pop_window_conv.register_autograd(_backward_window, setup_context=_setup_window
 def windows_pay(pool: int, table_bytes: int, device: torch.device | str) -> bool:
     """Whether a first layer should read a window table (`window_table`) rather than gather from the data set.
 
-    The tuning's `windows`: "pool" (the default) for layers followed by a 2x2 max-pool, where one table row feeds
-    all four window positions; "always"; "never". Either way the
-    table must fit in its `window_max_fraction` of the device's memory (any size in the interpreter)."""
+    The tuning's `windows`: "pool" (the default) for layers followed by a 2x2 max-pool, where one table row
+    feeds all four window positions; "always"; "never". Either way the table must fit in its
+    `window_max_fraction` of the device's memory (any size in the interpreter)."""
     t = tuning.current()
     mode = t.windows
     if mode not in ("pool", "always", "never"):
