@@ -11,8 +11,9 @@ and its two backward products, times (CUDA events, median of 20 after a warm-up)
   wgrad    popconv's weight (+ bias) gradient on tensor cores: the best of a sweep over pixels per
            tile, programs per SM and pipeline stages, and the default tiles
   auto     what popconv picks by default
-  before   with --before FILE: the defaults of another popconv.py (e.g. `git show HEAD~3:zoos/popconv.py`),
-           timed in the same run, so a kernel change is measured side by side (ratio = before / auto)
+  before   with --before DIR: the defaults of another zoos/popconv package (e.g. `git archive HEAD~3 zoos/popconv
+           | tar -x -C /tmp/before`, then --before /tmp/before/zoos/popconv; an older single popconv.py works
+           too), timed in the same run, so a kernel change is measured side by side (ratio = before / auto)
 The first layer reads the resident data set by row index, as in training. Output: a table and
 <out>/popconv_bench.json.
 """
@@ -23,6 +24,7 @@ import argparse
 import importlib.util
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -31,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from zoos import popconv  # noqa: E402
+from zoos.popconv.conv import _pop_conv2d_wgrad  # noqa: E402
 from zoos.fastpop import pop_conv2d  # noqa: E402
 
 # (name, C, O, k, input size, padding): CNN-s's convs and the input-gradient convs of conv2 and conv3
@@ -54,7 +57,18 @@ def timed(fn, reps: int = 20) -> float:
 
 
 def load_before(path: Path):
-    """Another version of zoos/popconv.py as its own module (its custom ops renamed so both can be registered)."""
+    """Another version of popconv as its own module, its custom ops renamed so both can be registered: a
+    zoos/popconv package folder (copied, renamed, imported as `popconv_before`) or a single popconv.py."""
+    if path.is_dir():
+        pkg = Path(tempfile.mkdtemp(prefix="popconv-before-")) / "popconv_before"
+        pkg.mkdir()
+        for f in path.glob("*.py"):
+            (pkg / f.name).write_text(f.read_text().replace('"symzoo::', '"symzoo_before::'))
+        spec = importlib.util.spec_from_file_location("popconv_before", pkg / "__init__.py",
+                                                      submodule_search_locations=[str(pkg)])
+        mod = sys.modules["popconv_before"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
     src = path.read_text().replace('"symzoo::', '"symzoo_before::')
     spec = importlib.util.spec_from_loader("popconv_before", loader=None)
     mod = importlib.util.module_from_spec(spec)
@@ -62,12 +76,17 @@ def load_before(path: Path):
     return mod
 
 
+def before_wgrad(before):
+    """The weight-gradient op of a loaded `load_before` version (in its conv module since popconv is a package)."""
+    return before.conv._pop_conv2d_wgrad if hasattr(before, "conv") else before._pop_conv2d_wgrad
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
-    ap.add_argument("--before", type=Path, help="a popconv.py to time side by side at its defaults")
+    ap.add_argument("--before", type=Path, help="a zoos/popconv folder (or popconv.py) to time side by side at its defaults")
     ap.add_argument("--no-sweep", action="store_true", help="defaults only (and --before): no tile-size sweeps")
     a = ap.parse_args()
     before = load_before(a.before) if a.before else None
@@ -102,33 +121,31 @@ def main() -> None:
             return popconv.conv2d(x, w, b, (pad, pad), rows=r, out_dtype=torch.bfloat16)
 
         def wgrad():
-            return popconv._pop_conv2d_wgrad(x, ri, dyc, w, pad, pad, True)
+            return _pop_conv2d_wgrad(x, ri, dyc, w, pad, pad, True)
 
         row = {"layer": name, "models": n, "batch": batch, "im2col_fwd_ms": timed(im2col_fwd), "im2col_bwd_ms": timed(im2col_bwd)}
         for block_m in (128, 256, 512, 1024) if not a.no_sweep else ():
             for warps in (4, 8):
-                popconv.TUNING.update(forward="fma", fma_block_m=block_m, fma_warps=warps)
-                row[f"fma_fwd_m{block_m}_w{warps}_ms"] = timed(fwd)
-        popconv.TUNING.update(forward="dot", fma_block_m=0, fma_warps=4)
-        row["dot_fwd_ms"] = timed(fwd)
-        for block_m in (64, 128, 256) if "dgrad" not in name and not a.no_sweep else ():  # an input-grad conv has no weight grad
-            for per_sm in (4, 16, 64):
-                for stages in (1, 3):
-                    popconv.TUNING.update(wgrad_block_m=block_m, wgrad_per_sm=per_sm, wgrad_stages=stages)
-                    row[f"dot_wgrad_m{block_m}_s{per_sm}_st{stages}_ms"] = timed(wgrad)
-        popconv.TUNING.update(wgrad_block_m=0, wgrad_per_sm=16, wgrad_stages=0)
-        row["dot_wgrad_ms"] = timed(wgrad)
-        popconv.TUNING.update(dot="bf16")  # bf16 operands into the tensor cores (x as bf16 for the first layer too)
-        xb = x.to(torch.bfloat16)
-        row["dot_bf16_fwd_ms"] = timed(lambda: popconv.conv2d(xb, w, b, (pad, pad), rows=r, out_dtype=torch.bfloat16))
-        if "dgrad" not in name:
-            row["dot_bf16_wgrad_ms"] = timed(lambda: popconv._pop_conv2d_wgrad(xb, ri, dyc, w, pad, pad, True))
-        popconv.TUNING.update(dot="tf32")
-        popconv.TUNING.update(forward="auto")
-        row["auto_fwd_ms"], row["auto_wgrad_ms"] = timed(fwd), timed(wgrad)
+                with popconv.tuned({"forward": "fma", "fma_block_m": block_m, "fma_warps": warps}):
+                    row[f"fma_fwd_m{block_m}_w{warps}_ms"] = timed(fwd)
+        with popconv.tuned({"forward": "dot", "dot": "tf32"}):  # TF32 tensor-core operands
+            row["dot_fwd_ms"] = timed(fwd)
+            sweep = "dgrad" not in name and not a.no_sweep  # an input-grad conv has no weight grad
+            for block_m in (64, 128, 256) if sweep else ():
+                for per_sm in (4, 16, 64):
+                    for stages in (1, 3):
+                        with popconv.tuned({"wgrad_block_m": block_m, "wgrad_per_sm": per_sm, "wgrad_stages": stages}):
+                            row[f"dot_wgrad_m{block_m}_s{per_sm}_st{stages}_ms"] = timed(wgrad)
+            row["dot_wgrad_ms"] = timed(wgrad)
+        with popconv.tuned({"forward": "dot", "dot": "bf16"}):  # bf16 operands (x as bf16 for the first layer too)
+            xb = x.to(torch.bfloat16)
+            row["dot_bf16_fwd_ms"] = timed(lambda: popconv.conv2d(xb, w, b, (pad, pad), rows=r, out_dtype=torch.bfloat16))
+            if "dgrad" not in name:
+                row["dot_bf16_wgrad_ms"] = timed(lambda: _pop_conv2d_wgrad(xb, ri, dyc, w, pad, pad, True))
+        row["auto_fwd_ms"], row["auto_wgrad_ms"] = timed(fwd), timed(wgrad)  # the defaults
         if before is not None:
             row["before_fwd_ms"] = timed(lambda: before.conv2d(x, w, b, (pad, pad), rows=r, out_dtype=torch.bfloat16))
-            row["before_wgrad_ms"] = timed(lambda: before._pop_conv2d_wgrad(x, ri, dyc, w, pad, pad, True))
+            row["before_wgrad_ms"] = timed(lambda: before_wgrad(before)(x, ri, dyc, w, pad, pad, True))
         results.append(row)
         fma_f = min(((v, k) for k, v in row.items() if k.startswith("fma_fwd")), default=(float("nan"), "-"))
         fma_w = min(((v, k) for k, v in row.items() if k.startswith("dot_wgrad")), default=(0.0, "-"))

@@ -1,4 +1,4 @@
-"""Per-kernel times of CNN-s's training step (the popconv kernels the trainer launches), with TUNING sets
+"""Per-kernel times of CNN-s's training step (the popconv kernels the trainer launches), with tuning sets
 side by side and two memory ceilings.
 
     python benchmarks/step_kernels_bench.py                                    # CUDA machine, ~15 s
@@ -15,7 +15,7 @@ trainer runs them), each launcher of the step is timed on its own (`triton.testi
   conv2 dx        conv2's input gradient: placed gradient + block products (`_launch_pooled_grads`, no dw)
   conv2 wgrad     conv2's weight and bias gradients, dy rebuilt in the tile (`_launch_wgrad`)
 and, for scale, the table rows a step reads (a kernel that only loads them) and a device copy of as many
-bytes. Each --tuning set (';'-separated, each 'key=value,...' of popconv.TUNING, the first usually the
+bytes. Each --tuning set (';'-separated, each 'key=value,...' of popconv.Tuning's fields, the first usually the
 defaults: an empty set) is timed in the same process, and its outputs are compared with the first set's
 (max |difference| / max |first|). --launch-once runs each launcher once (for ncu) and exits.
 Output: a table and <out>/step_kernels_bench.json.
@@ -35,8 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from zoos import popconv  # noqa: E402
+from zoos.popconv.common import _programs_per_model, tl, triton  # noqa: E402
+from zoos.popconv.conv import _launch_pool_act, _launch_wgrad  # noqa: E402
+from zoos.popconv.pooled import _launch_pooled_grads  # noqa: E402
+from zoos.popconv.window import _launch_window, _launch_window_wgrad, _window_tile  # noqa: E402
 
-triton, tl = popconv.triton, popconv.tl
 SIDE, KERNEL = 28, 5
 
 
@@ -49,7 +52,7 @@ def _read_rows_kernel(t_ptr, rows_ptr, out_ptr, B, PER_PROGRAM, L: tl.constexpr,
     acc = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.float32)
     start = group * PER_PROGRAM
     for tile in range(start, tl.minimum(start + PER_PROGRAM, tl.cdiv(B * L, BLOCK_M))):
-        win, _, _, _ = popconv._window_tile(t_ptr, rows_ptr, m, tile * BLOCK_M, B, L, T, BLOCK_M, BLOCK_T)
+        win, _, _, _ = _window_tile(t_ptr, rows_ptr, m, tile * BLOCK_M, B, L, T, BLOCK_M, BLOCK_T)
         acc += win.to(tl.float32)
     tl.store(out_ptr + m * tl.num_programs(0) + group, tl.sum(acc))
 
@@ -67,12 +70,12 @@ def step_launchers(n: int, batch: int, samples: int, device: str) -> tuple[dict,
     w2 = torch.randn(n, 6, 8, KERNEL, KERNEL, device=device, generator=g) * 0.1
     b2 = torch.randn(n, 6, device=device, generator=g) * 0.1
     hp = (SIDE - KERNEL + 1) // 2  # 12: conv1's pooled side
-    a1, c1 = popconv._launch_window(table, rows, w1, b1, batch, hp, hp, 2, "tanh", 0.0, bf16)
-    a2, c2 = popconv._launch_pool_act(a1, None, w2, b2, batch, (0, 0), 2, "tanh", 0.0, bf16)
+    a1, c1 = _launch_window(table, rows, w1, b1, batch, hp, hp, 2, "tanh", 0.0, bf16)
+    a2, c2 = _launch_pool_act(a1, None, w2, b2, batch, (0, 0), 2, "tanh", 0.0, bf16)
     da1 = torch.randn(a1.shape, device=device, generator=g).to(bf16)
     da2 = torch.randn(a2.shape, device=device, generator=g).to(bf16)
     length = hp * hp
-    groups, per = popconv._programs_per_model(triton.cdiv(batch * length, 64), n, table.device)
+    groups, per = _programs_per_model(triton.cdiv(batch * length, 64), n, table.device)
     sums = torch.empty(n * groups, device=device)
     copy_src = torch.empty(n * batch * length * table.shape[2], dtype=bf16, device=device)
 
@@ -82,11 +85,11 @@ def step_launchers(n: int, batch: int, samples: int, device: str) -> tuple[dict,
         return (sums,)
 
     launchers = {
-        "window fwd": lambda: popconv._launch_window(table, rows, w1, b1, batch, hp, hp, 2, "tanh", 0.0, bf16),
-        "window wgrad": lambda: popconv._launch_window_wgrad(table, rows, da1, a1, c1, w1.shape, True, 2, "tanh", 0.0),
-        "conv2 fwd": lambda: popconv._launch_pool_act(a1, None, w2, b2, batch, (0, 0), 2, "tanh", 0.0, bf16),
-        "conv2 dx": lambda: popconv._launch_pooled_grads(da2, a2, c2, w2, a1, (0, 0), 2, "tanh", 0.0, True, False)[:1],
-        "conv2 wgrad": lambda: popconv._launch_wgrad(a1, None, da2, w2.shape, (0, 0), True, fused=(a2, c2, 2, "tanh", 0.0)),
+        "window fwd": lambda: _launch_window(table, rows, w1, b1, batch, hp, hp, 2, "tanh", 0.0, bf16),
+        "window wgrad": lambda: _launch_window_wgrad(table, rows, da1, a1, c1, w1.shape, True, 2, "tanh", 0.0),
+        "conv2 fwd": lambda: _launch_pool_act(a1, None, w2, b2, batch, (0, 0), 2, "tanh", 0.0, bf16),
+        "conv2 dx": lambda: _launch_pooled_grads(da2, a2, c2, w2, a1, (0, 0), 2, "tanh", 0.0, True, False)[:1],
+        "conv2 wgrad": lambda: _launch_wgrad(a1, None, da2, w2.shape, (0, 0), True, fused=(a2, c2, 2, "tanh", 0.0)),
         "ceiling: read the rows": read_rows,
         "ceiling: copy as many bytes": lambda: (copy_src.clone(),),
     }
@@ -105,7 +108,7 @@ def timed(fn, device: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", type=int, default=1024)
-    ap.add_argument("--tuning", default="", help="';'-separated popconv.TUNING sets, e.g. ';window_block_m=64'")
+    ap.add_argument("--tuning", default="", help="';'-separated popconv tuning sets, e.g. ';window_block_m=64'")
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     ap.add_argument("--smoke", action="store_true", help="tiny sizes in Triton's interpreter on the CPU")
     ap.add_argument("--launch-once", action="store_true", help="each launcher once with the last --tuning set (ncu)")
@@ -144,7 +147,7 @@ def main() -> None:
             print(f"--- {','.join(f'{k}={v}' for k, v in tuning.items()) or 'defaults'}", flush=True)
             for k, fn in launchers.items():
                 if k.startswith("ceiling") and results["sets"]:
-                    continue  # the ceilings do not depend on TUNING
+                    continue  # the ceilings do not depend on the tuning
                 ms = entry["ms"][k] = timed(fn, device)
                 rate = f"  {table_bytes / ms / 1e9:6.2f} TB/s of table rows" if k.startswith(("window", "ceiling: read")) else ""
                 diff = f"  (vs the first set: {entry['max_rel_diff'][k]:.1e})" if k in entry["max_rel_diff"] else ""

@@ -5,7 +5,7 @@
     python benchmarks/train_bench.py --skip steps,variants --models 2048 --pop 2048 --pipeline-epochs 10 \
         --train-metrics running                             # baseline + the pipeline at 2,048 x 10 epochs
     python benchmarks/train_bench.py --skip baseline,pipeline,variants --steps 2048,1024 --step-kinds kernels \
-        --tuning "window_block_m=64;window_block_m=128"      # the step alone, two popconv.TUNING sets
+        --tuning "window_block_m=64;window_block_m=128"      # the step alone, two popconv tuning sets
 
 Workload: the CNN-s zoo on 28x28x1 images, 60,000 training samples resident on the device (a
 generated, learnable MNIST-shaped data set written as IDX files, read through the `mnist` task),
@@ -252,7 +252,7 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
               profile_to: Path | None = None, tuning: dict | None = None) -> dict:
     """The fast training step alone (batch indices, forward, backward, AdamW + divergence check, as the
     trainer runs them) timed over `steps` steps. kind: fast (im2col + bmm) or kernels (popconv), with any
-    of the STEP_FLAGS appended, e.g. kernels-gather-eager (session 4's step); `tuning`: popconv.TUNING
+    of the STEP_FLAGS appended, e.g. kernels-gather-eager (session 4's step); `tuning`: popconv tuning
     entries for this run (tile sizes read at launch)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -280,9 +280,10 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
                           compiled=device == "cuda" and "eager" not in flags)  # writes params and its state in place
     if precision == "bf16":
         x = x.to(torch.bfloat16)  # resident in the compute dtype, as the trainer keeps it
+    now = popconv.tuning.current()
     changes = {"fuse": fuse,  # read when the graph is emitted
-               "windows": "never" if "gather" in flags else popconv.TUNING["windows"],  # read when the table is built
-               "window_dx": "paddeddx" not in flags and popconv.TUNING["window_dx"],  # read when the graph is emitted
+               "windows": "never" if "gather" in flags else now.windows,  # read when the table is built
+               "window_dx": "paddeddx" not in flags and now.window_dx,  # read when the graph is emitted
                **(tuning or {})}
     with popconv.tuned(changes):
         step = FastStep(template(models[0]), task.loss, task.input_shape, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
@@ -342,7 +343,7 @@ def main() -> None:
                     help="step-only loops: fast (im2col) or kernels (popconv, pool and activation folded, the first conv "
                          "from its window table, compiled update), each with flags: " +
                          "; ".join(f"-{k}: {v}" for k, v in STEP_FLAGS.items()))
-    ap.add_argument("--tuning", default="", help="step-only loops: ';'-separated sets of popconv.TUNING "
+    ap.add_argument("--tuning", default="", help="step-only loops: ';'-separated sets of popconv tuning "
                     "key=value,... each run with every step kind, e.g. 'window_block_m=64;window_block_m=256,window_warps=8'")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: baseline,pipeline,variants,steps")
     a = ap.parse_args()

@@ -17,7 +17,7 @@ point tasks. Batches of 128 per model (the INR task: its 64 pixels, one full bat
            fresh process: cold (empty caches) and warm (the same caches again)
 
 ZOO_BENCH_PROFILE=1 also prints the costliest GPU kernels of a second symzoo run of each population.
---tuning 'channels_last=0;forward=fma' adds a symzoo run under each popconv.TUNING set (`parse_tuning`),
+--tuning 'channels_last=0;forward=fma' adds a symzoo run under each popconv tuning set (`parse_tuning`),
 in the same call, printed under the row with the default's speed over its own.
 
 Columns: model-epochs/s in steady state (an epoch = the example task's own training set at the batch
@@ -135,24 +135,24 @@ def worker(entry: str, n: int, steps: int, data_dir: str, kinds: list[str], comp
         out["models"] = n
         pop = populations(expand(zoo, "bench"), max_size=n)[0]
     if "symzoo" in kinds:
-        if os.environ.get("ZOO_BENCH_TUNING"):
-            from zoos import popconv
+        from zoos import popconv
 
-            popconv.TUNING.update(popconv.parse_tuning(os.environ["ZOO_BENCH_TUNING"])[0])
+        tuning = popconv.parse_tuning(os.environ["ZOO_BENCH_TUNING"])[0] if os.environ.get("ZOO_BENCH_TUNING") else {}
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t_call = time.perf_counter()
-        result = train_population(pop, device=device, precision="bf16" if device == "cuda" else "float32",
-                                  compile=COMPILE[compile_])
-        t = result.timings
-        step_s = t["steps"] / max(1, epochs * epoch_steps - 1)  # every step but the first
-        out["symzoo"] = {"step_ms": 1e3 * step_s, "first_step_s": t_call - T_START + t["first_step_at"],
-                         "called_at_s": t_call - T_START,  # process start, imports, CUDA, data: before the trainer
-                         "timings": t, "program": result.program["summary"], "fast": result.program["fast"],
-                         "reason": result.program["reason"],
-                         "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None}
-        if os.environ.get("ZOO_BENCH_PROFILE") and device == "cuda":
-            out["symzoo"]["profile"] = profile(pop, compile_)
+        with popconv.tuned(tuning):  # the symzoo run and its profile
+            result = train_population(pop, device=device, precision="bf16" if device == "cuda" else "float32",
+                                      compile=COMPILE[compile_])
+            t = result.timings
+            step_s = t["steps"] / max(1, epochs * epoch_steps - 1)  # every step but the first
+            out["symzoo"] = {"step_ms": 1e3 * step_s, "first_step_s": t_call - T_START + t["first_step_at"],
+                             "called_at_s": t_call - T_START,  # process start, imports, CUDA, data: before the trainer
+                             "timings": t, "program": result.program["summary"], "fast": result.program["fast"],
+                             "reason": result.program["reason"],
+                             "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None}
+            if os.environ.get("ZOO_BENCH_PROFILE") and device == "cuda":
+                out["symzoo"]["profile"] = profile(pop, compile_)
     model = build_arch(arch, task, **config)
     out["params"] = model.num_params
     if "alone" in kinds:
@@ -296,7 +296,7 @@ def main() -> None:
     ap.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="symzoo's torch.compile")
     ap.add_argument("--no-warm", action="store_true", help="skip the warm-cache rerun")
     ap.add_argument("--kinds", default="symzoo,alone,vmap", help="which of symzoo, alone, vmap to run")
-    ap.add_argument("--tuning", default="", help="';'-separated popconv.TUNING sets, a symzoo run under each")
+    ap.add_argument("--tuning", default="", help="';'-separated popconv tuning sets, a symzoo run under each")
     ap.add_argument("--out", type=Path, default=Path("results"))
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
     ap.add_argument("--worker", nargs=6, metavar=("ARCH", "N", "STEPS", "DATA", "KINDS", "COMPILE"), help=argparse.SUPPRESS)

@@ -790,7 +790,8 @@ class _Emitter:
         if not popconv.fuses(conv.meta["probe"].shape[1]):
             return None
         chain: list[fx.Node] = []
-        options: dict = {"pool": 1, "act": "identity", "window_dx": popconv.TUNING["window_dx"]}  # explicit in the program
+        # window_dx read now, at emit, and explicit in the program
+        options: dict = {"pool": 1, "act": "identity", "window_dx": popconv.tuning.current().window_dx}
         cur = conv
         while len(cur.users) == 1:
             (user,) = cur.users

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from zoos.popconv import available, stored_channels_last, triton
+from zoos.popconv.common import available, stored_channels_last, triton
 
 if triton is not None:
     import triton.language as tl

@@ -45,5 +45,5 @@ def test_step_kernels_smoke_compares_tuning_sets(tmp_path):
 def test_step_kernels_refuses_an_unknown_tuning_entry(tmp_path):
     run = bench("--tuning", "window_rows=64", tmp_path=tmp_path)
     assert run.returncode == 2
-    assert "'window_rows' is not a popconv.TUNING entry" in run.stderr and "window_block_m" in run.stderr
+    assert "'window_rows' is not a popconv tuning entry" in run.stderr and "window_block_m" in run.stderr
     assert not (tmp_path / "step_kernels_bench.json").exists()

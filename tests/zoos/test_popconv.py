@@ -4,6 +4,8 @@ Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TR
 float32; on a GPU the same tests run the compiled kernels, whose products are TF32 (looser tolerance).
 """
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 from torch.func import functional_call, grad, vmap
 
 from zoos import popconv
+from zoos.popconv import pooled, window
 from zoos.fastpop import FastPopulation, FastStep
 from zoos.functional import population_forward, stack_states, template
 from zoos.trainer import train_population
@@ -22,6 +25,13 @@ from tests.zoos.test_trainer import one_population, zoo_models
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not popconv.available(DEVICE), reason="needs Triton (GPU or TRITON_INTERPRET=1)")
+
+
+@pytest.fixture
+def tune():
+    """tune(**changes): popconv's tuning with these changes for the rest of the test (`popconv.tuned`)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(popconv.tuned(changes))
 
 
 def close(got, want):
@@ -86,12 +96,12 @@ def test_rows_read_the_data_set_by_index(windows, c, size, k, pad):
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("c,o,k,pad,cl_in", [(16, 24, 3, 1, False), (20, 17, 3, 0, True), (33, 40, 1, 0, True),
                                             (17, 130, 2, 1, True), (3, 140, 3, 1, False)])
-def test_wide_layers_equal_per_model_conv_in_either_layout(monkeypatch, channels_last, c, o, k, pad, cl_in):
+def test_wide_layers_equal_per_model_conv_in_either_layout(tune, channels_last, c, o, k, pad, cl_in):
     """Wide layers (16+ inputs, 17+ outputs: a tap's channels fill a tile) read and write channels-last: the
     same output and gradients as per-model convs from an input in either memory format, a channel count off
-    the tile size, outputs over several tiles (a few-channel input too); TUNING channels_last = False keeps
+    the tile size, outputs over several tiles (a few-channel input too); tuning channels_last = False keeps
     every tensor NCHW."""
-    monkeypatch.setitem(popconv.TUNING, "channels_last", channels_last)
+    tune(channels_last=channels_last)
     torch.manual_seed(c * 1000 + o)
     x = torch.randn(2 * 3, c, 6, 5, device=DEVICE)
     x = (x.contiguous(memory_format=torch.channels_last) if cl_in else x).requires_grad_()
@@ -266,12 +276,12 @@ def test_fast_step_with_kernels_equals_vmap_of_grad():
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="CPU float32 comparison (TF32 on a GPU drifts over many steps)")
-def test_training_with_kernels_equals_vmap_trainer(monkeypatch):
+def test_training_with_kernels_equals_vmap_trainer(tune):
     """Same init, data order and Adam through the trainer: weights and curves after 2 epochs agree.
 
     The tensor-core forward here: the interpreter runs it ~5x faster than the per-tap CUDA-core one,
     which test_each_kernel_kind_equals_per_model_conv checks against the same reference."""
-    monkeypatch.setitem(popconv.TUNING, "forward", "dot")
+    tune(forward="dot")
     arch = {"name": "cnn", "config": {"width": 4, "depth": 2}}
     models = zoo_models({"seed": [0, 1], "lr": [3e-3], "optimizer": ["adam"], "batch_size": [32]}, arch=arch,
                         task_options={"n_train": 96, "n_val": 32, "n_test": 32})
@@ -286,11 +296,10 @@ def test_training_with_kernels_equals_vmap_trainer(monkeypatch):
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="Triton 3.7's interpreter multiplies bf16 dot operands as raw bits")
 @pytest.mark.parametrize("c,o,k,pad", [(8, 6, 5, 0), (3, 20, 3, 1)])
-def test_bf16_tensor_core_products(monkeypatch, c, o, k, pad):
-    """TUNING dot = bf16: bf16 activations go into the tensor-core products as they are (float32
+def test_bf16_tensor_core_products(tune, c, o, k, pad):
+    """Tuning dot = bf16: bf16 activations go into the tensor-core products as they are (float32
     accumulation); output and gradients stay within bf16 rounding of the float32 reference."""
-    monkeypatch.setitem(popconv.TUNING, "forward", "dot")
-    monkeypatch.setitem(popconv.TUNING, "dot", "bf16")
+    tune(forward="dot", dot="bf16")
     x = torch.randn(2 * 3, c, 7, 7, device=DEVICE).to(torch.bfloat16).requires_grad_()
     w = torch.randn(2, o, c, k, k, device=DEVICE, requires_grad=True)
     b = torch.randn(2, o, device=DEVICE, requires_grad=True)
@@ -308,9 +317,9 @@ def test_bf16_tensor_core_products(monkeypatch, c, o, k, pad):
 
 @pytest.mark.parametrize("kind", ["fma", "dot"])
 @pytest.mark.parametrize("c,o,k,pad", [(1, 8, 5, 0), (8, 6, 5, 0), (3, 20, 3, 1), (6, 4, 2, 1)])
-def test_each_kernel_kind_equals_per_model_conv(monkeypatch, kind, c, o, k, pad):
+def test_each_kernel_kind_equals_per_model_conv(tune, kind, c, o, k, pad):
     """The CUDA-core and the tensor-core forward (and so input gradient), whatever `auto` would pick."""
-    monkeypatch.setitem(popconv.TUNING, "forward", kind)
+    tune(forward=kind)
     x = torch.randn(2 * 3, c, 7, 7, device=DEVICE, requires_grad=True)
     w = torch.randn(2, o, c, k, k, device=DEVICE, requires_grad=True)
     b = torch.randn(2, o, device=DEVICE, requires_grad=True)
@@ -387,7 +396,7 @@ def test_window_conv_equals_the_three_layers(act, pool, c, o, k, pad, size, bias
         close(a, r)
 
 
-def test_window_table_misuse_is_named(monkeypatch):
+def test_window_table_misuse_is_named(tune):
     data, w = torch.randn(10, 1, 12, 12), torch.randn(2, 4, 1, 5, 5)
     rows = torch.randint(0, 10, (2, 3))
     with pytest.raises(ValueError, match="windows = a window table needs rows"):
@@ -399,12 +408,12 @@ def test_window_table_misuse_is_named(monkeypatch):
         popconv.window_table(data, (5, 5), pool=3)
     with pytest.raises(ValueError, match="a 13x13 kernel with padding"):
         popconv.window_table(data, (13, 13))
-    monkeypatch.setitem(popconv.TUNING, "windows", "sometimes")
+    tune(windows="sometimes")
     with pytest.raises(ValueError, match="SYMZOO_POPCONV_WINDOWS = 'sometimes' is not allowed; expected pool, always or never"):
         popconv.windows_pay(2, 100, "cpu")
 
 
-def test_fast_population_reads_a_window_table_once_per_data_set(monkeypatch):
+def test_fast_population_reads_a_window_table_once_per_data_set(tune):
     """cnn_s's first conv folds a 2x2 pool: the population reads the data set's window table, built on the
     first call and reused while the data set lives, with the outputs and gradients of the gathering path."""
     task, models, params, buffers = population("cnn_s", "mnist", {})
@@ -420,7 +429,7 @@ def test_fast_population_reads_a_window_table_once_per_data_set(monkeypatch):
     assert step.pop.window_table(data) is table  # kept, not rebuilt
     other = data.clone()
     assert step.pop.window_table(other) is not table
-    monkeypatch.setitem(popconv.TUNING, "windows", "never")
+    tune(windows="never")
     gathering = FastStep(module, task.loss, task.input_shape, dropout=False, kernels=True)
     assert gathering.pop.window_table(data) is None
     want_grads, want_loss = gathering(params, buffers, data, y, rows=rows)
@@ -437,11 +446,11 @@ BF16_ON_GPU = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(DEVICE == "c
 @pytest.mark.parametrize("dtype", [torch.float32, BF16_ON_GPU])
 @pytest.mark.parametrize("window_dx", [True, False])
 @pytest.mark.parametrize("c,o,k,pad,size", [(8, 6, 5, 0, 12), (3, 5, 3, 1, 9), (2, 20, 2, 2, 7), (20, 3, 3, 1, 8)])
-def test_pooled_layer_gradients_either_way(monkeypatch, dtype, window_dx, c, o, k, pad, size):
-    """A pooled layer's gradients with dx from products per block of input pixels (TUNING window_dx) or as the
+def test_pooled_layer_gradients_either_way(tune, dtype, window_dx, c, o, k, pad, size):
+    """A pooled layer's gradients with dx from products per block of input pixels (tuning window_dx) or as the
     padded conv of the unpooled gradient: both equal autograd through conv -> max_pool2d -> tanh (float32;
     bf16 activations within bf16 rounding of the float32 reference on the same inputs)."""
-    monkeypatch.setitem(popconv.TUNING, "window_dx", window_dx)
+    tune(window_dx=window_dx)
     torch.manual_seed(c * 100 + o)
     x = torch.randn(2 * 3, c, size, size, device=DEVICE).to(dtype).requires_grad_()
     w = torch.randn(2, o, c, k, k, device=DEVICE, requires_grad=True)
@@ -462,6 +471,26 @@ def test_pooled_layer_gradients_either_way(monkeypatch, dtype, window_dx, c, o, 
             assert (a.float() - r).norm() / r.norm() < 2e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE == "cpu", reason="a compiled kernel's hazard: the interpreter agrees with torch")
+@pytest.mark.xfail(strict=False, reason="128-tap x 32-pixel weight-gradient tiles gave a wrong float32 dw on an H200 "
+                   "for this layer (relative error 0.68, cause not found); the default tiles avoid them")
+def test_wgrad_128_tap_32_pixel_tiles_on_gpu(tune):
+    """The layer of test_pooled_layer_gradients_either_way that failed under wgrad_block_k=128, wgrad_block_m=32:
+    float32, 20 inputs, 3 outputs, 3x3, padding 1, pooled, its dw from the weight-gradient kernel that rebuilds dy
+    in its tiles (window_dx: the 20-channel input is read NCHW there, so the tiles apply)."""
+    c, o, k, pad, size = 20, 3, 3, 1, 8
+    tune(window_dx=True, wgrad_block_k=128, wgrad_block_m=32)
+    torch.manual_seed(c * 100 + o)
+    x = torch.randn(2 * 3, c, size, size, device=DEVICE, requires_grad=True)
+    w = torch.randn(2, o, c, k, k, device=DEVICE, requires_grad=True)
+    b = torch.randn(2, o, device=DEVICE, requires_grad=True)
+    got = popconv.conv2d_pool_act(x, w, b, (pad, pad), pool=2, act="tanh")
+    want = torch.tanh(F.max_pool2d(reference(x, w, b, pad), 2))
+    g = torch.randn(want.shape, device=DEVICE)
+    close(torch.autograd.grad((got * g).sum(), [x, w, b])[1], torch.autograd.grad((want * g).sum(), [x, w, b])[1])
+
+
 def test_window_ops_pass_torch_library_opcheck():
     """The window ops' fake kernels (what torch.compile plans with) match what they return: shapes, dtypes,
     strides; autograd registration included."""
@@ -471,21 +500,21 @@ def test_window_ops_pass_torch_library_opcheck():
     b = torch.randn(2, 5, device=DEVICE, requires_grad=True)
     table = popconv.window_table(data, (3, 3), (1, 1), pool=2)
     args = (table, w, b, rows, 3, 5, 5, 2, "tanh", 0.0, torch.float32)
-    torch.library.opcheck(popconv._pop_window_conv, args)
-    a, code = popconv._pop_window_conv(*args)
+    torch.library.opcheck(window._pop_window_conv, args)
+    a, code = window._pop_window_conv(*args)
     da = torch.randn_like(a)
-    torch.library.opcheck(popconv._pop_window_conv_wgrad, (table, rows, da, a.detach(), code, w.detach(), True, 2, "tanh", 0.0))
+    torch.library.opcheck(window._pop_window_conv_wgrad, (table, rows, da, a.detach(), code, w.detach(), True, 2, "tanh", 0.0))
     x = torch.randn(6, 2, 10, 10, device=DEVICE)
     for bias, weights in ((True, True), (False, True), (True, False)):
         args = (da, a.detach(), code, w.detach(), x, 1, 1, 2, "tanh", 0.0, bias, weights)
-        torch.library.opcheck(popconv._pop_pooled_grads, args)
+        torch.library.opcheck(pooled._pop_pooled_grads, args)
 
 
 def test_parse_tuning_casts_each_entry_and_names_bad_pairs():
     assert popconv.parse_tuning(";window_block_m=64, fuse=0,window_max_fraction=0.25,windows=never") == [
         {}, {"window_block_m": 64, "fuse": False, "window_max_fraction": 0.25, "windows": "never"}]
     assert popconv.parse_tuning("window_dx=true") == [{"window_dx": True}]
-    with pytest.raises(ValueError, match=r"tuning 'window_rows=64': 'window_rows' is not a popconv.TUNING entry; allowed: .*window_block_m"):
+    with pytest.raises(ValueError, match=r"tuning 'window_rows=64': 'window_rows' is not a popconv tuning entry; allowed: .*window_block_m"):
         popconv.parse_tuning("window_rows=64")
     with pytest.raises(ValueError, match=r"tuning 'window_block_m=x': window_block_m takes int values \(now "):
         popconv.parse_tuning(";window_block_m=x")
@@ -494,9 +523,25 @@ def test_parse_tuning_casts_each_entry_and_names_bad_pairs():
 
 
 def test_tuned_restores_the_entries_after_an_error():
-    before = dict(popconv.TUNING)
+    before = popconv.tuning.current()
     with pytest.raises(RuntimeError, match="inside"):
-        with popconv.tuned({"window_block_m": 32, "windows": "never"}):
-            assert popconv.TUNING["window_block_m"] == 32 and popconv.TUNING["windows"] == "never"
+        with popconv.tuned({"window_block_m": 32, "windows": "never"}) as inside:
+            assert popconv.tuning.current() is inside and (inside.window_block_m, inside.windows) == (32, "never")
             raise RuntimeError("inside")
-    assert popconv.TUNING == before
+    assert popconv.tuning.current() is before
+    with pytest.raises(TypeError, match="window_rows"):
+        with popconv.tuned({"window_rows": 32}):
+            pass
+    assert popconv.tuning.current() is before
+
+
+def test_environment_variables_set_the_tuning_at_import():
+    """The four SYMZOO_POPCONV_* variables (each in the package docstring), and the defaults without them."""
+    assert popconv.tuning._from_environment({}) == popconv.Tuning()
+    env = {"SYMZOO_POPCONV_FORWARD": "dot", "SYMZOO_POPCONV_FUSE": "0", "SYMZOO_POPCONV_WINDOWS": "never",
+           "SYMZOO_POPCONV_WINDOW_DX": "0"}
+    got = popconv.tuning._from_environment(env)
+    assert (got.forward, got.fuse, got.windows, got.window_dx) == ("dot", False, "never", False)
+    assert got == popconv.Tuning(forward="dot", fuse=False, windows="never", window_dx=False)
+    for name in env:
+        assert name in popconv.__doc__

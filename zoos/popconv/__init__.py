@@ -1,0 +1,95 @@
+"""Per-model 2-D convolutions for a population as Triton implicit-GEMM kernels (forward and backward).
+
+A population of N small CNNs, each with its own weights and its own batch, is a grouped convolution
+with 1-8 channels per group: cuDNN runs it far below the card's limit, and im2col + bmm (the portable
+path in `zoos.fastpop`) spends as much time writing and reading the patch matrix as multiplying.
+Here each program owns one model and a tile of its output pixels and builds the patch tile in
+registers straight from the input (no patch matrix in memory):
+
+  forward     y[m, p, o]  = sum_k  patch(x)[m, p, k] * w[m, o, k] + b[m, o]     tiles [pixels, K] @ [K, O]
+  input grad  dx          = the forward on dy, zero-padded by k-1-pad, with w flipped and in/out swapped
+  weight grad dw[m, o, k] = sum_p  patch(x)[m, p, k] * dy[m, p, o]             tiles [K, pixels] @ [pixels, O]
+              db[m, o]    = sum_p  dy[m, p, o]                                 (same pass)
+
+with p running over (sample, output row, output column) and k over (in-channel, kernel row, kernel
+column). Any channel counts, kernel size and zero padding at stride 1 (what `supports` checks).
+The forward of few-channel layers (O <= 16 from C < 16) runs on CUDA cores in float32, one tap at a
+time; other forwards and every weight gradient run as tensor-core tiles with float32 accumulation, their
+inputs in bf16 where the activations are bf16 (as autocast would) and TF32 otherwise
+(benchmarks/popconv_bench.py and benchmarks/zoo_bench.py measure these choices and the tile sizes).
+Activations are read and written in their own dtype (bf16 in the trainer), weights are read as float32
+master copies, and weight gradients come back in float32. In the few-channel kernels a thread's pixels
+lie along the fast axis of every tile, so inputs are loaded by the threads that use them and dy loads
+coalesce. Wide layers (16 or more inputs) are channels-last instead: k runs over (kernel row, kernel
+column, in-channel), so a tap's channels are one contiguous run per pixel and every [pixels, channels]
+tile loads whole rows. A tensor-core forward writes its output channels-last (logical NCHW,
+`torch.channels_last` memory), which the next wide layer, PyTorch's pointwise ops and `max_pool2x2`
+keep; the tuning's `channels_last=False` keeps every tensor NCHW.
+
+The first layer can read its input by row index: `rows[m*B + b]` names the sample of the data set
+`x [S, C, H, W]` that model m sees at batch position b, so a training step indexes the resident data
+set on the device instead of materialising an [N, B, C, H, W] copy, and an evaluation on a shared
+batch (rows = the same B indices for every model) never expands the input N times.
+
+`conv2d_pool_act(x, w, b, padding, pool=2, act="tanh")` is the CUDA-core forward with a 2x2 max-pool
+and a monotone activation folded in (what `zoos.fastpop` emits for conv -> pool -> act chains): a
+thread computes all four window positions of its pooled pixels, each input value and weight loaded
+once for the positions that share it, and writes only the pooled, activated output and a byte per
+output saying which position won. Its backward rebuilds the conv's output gradient from those
+(act'(a) * da at the winning position) inside the weight-gradient kernel's dy tile; the input gradient
+is a sum of tensor-core products, a row per POOL x POOL block of input pixels: each pooled output whose
+window covers the block, its gradient placed at the position the pool chose, times the weights shifted
+to that block (`window_dx`; off, the rebuilt gradient is written once, for the padded input-gradient
+conv and the weight gradient to read).
+
+A first layer that reads the data set by index can instead read its window table (`window_table`, built
+once per resident data set): row (s, q) is the whole (k + pool - 1)^2 input window of pooled output q,
+so the forward is one [positions, window] @ [window, outputs] tensor-core product per window position (the
+weights placed at that position; max, code, bias and activation after) and the weight gradient one
+[(window position, output), pooled outputs] @ [pooled outputs, window] product (each output's gradient
+placed at the position the pool chose), with contiguous rows instead of per-pixel gathers.
+
+`conv2d(x, w, b, padding, rows)` is a `torch.library` custom op with its backward registered, so
+`torch.compile` fuses everything around it and autograd differentiates through it. Without a GPU the
+kernels run in Triton's interpreter (`TRITON_INTERPRET=1`), which the tests use to check them.
+
+One module a kernel family, each with its kernels, launchers and custom ops:
+  conv     the direct conv: CUDA-core and tensor-core forwards (NCHW and channels-last), the conv + pool +
+           activation forward, weight gradients (`conv2d`)
+  pooled   conv + max-pool + activation as one op and its backward, the block input gradient
+           (`conv2d_pool_act`, `fuses`, `EPILOGUE_ACTIVATIONS`)
+  window   the first layer's window table, its forward and weight-gradient kernels (`window_table`,
+           `window_table_bytes`, `windows_pay`)
+  pool     the 2x2 max-pool in either memory format (`max_pool2x2`)
+  tuning   kernel choices and tile sizes (`Tuning`, `tuned`, `parse_tuning`)
+  common   what several families share (`available`, `supports`, `stored_channels_last`)
+
+Tuning: `tuning.current()` is a frozen `Tuning`, built at import from the environment variables below;
+`with tuned({"window_block_m": 64}):` replaces it inside the block (the benchmarks' --tuning sets,
+`parse_tuning`). Each field is read where its choice is made: `fuse`, `forward` (through `fuses`) and
+`window_dx` when `zoos.fastpop` emits a program, `windows` and `window_max_fraction` when a window table is
+or is not built, the others (and `forward` again) at each launch.
+
+Environment variables, read once when the package is imported:
+  SYMZOO_POPCONV_FORWARD    auto (default), fma or dot: the conv forward on CUDA cores (fma) or tensor cores
+                            (dot); auto takes fma for up to 16 outputs from fewer than 16 inputs. fma also folds
+                            the pool and activation into every conv, dot into none
+  SYMZOO_POPCONV_FUSE       1 (default) or 0: 0 keeps a following 2x2 max-pool and activation out of the conv
+  SYMZOO_POPCONV_WINDOWS    pool (default), always or never: when a first layer reading the data set by index
+                            reads its window table (pool: when a 2x2 max-pool follows), within 1/8 of the
+                            device's memory
+  SYMZOO_POPCONV_WINDOW_DX  1 (default) or 0: 0 takes a pooled layer's input gradient as the padded conv of its
+                            unpooled gradient instead of the block products
+  TRITON_INTERPRET          Triton's own: 1 runs the kernels in its interpreter on the CPU (`available("cpu")`)
+"""
+
+from .common import available, stored_channels_last, supports
+from .conv import conv2d
+from .pool import max_pool2x2
+from .pooled import EPILOGUE_ACTIVATIONS, conv2d_pool_act, fuses
+from .tuning import Tuning, parse_tuning, tuned
+from .window import window_table, window_table_bytes, windows_pay
+
+__all__ = ["EPILOGUE_ACTIVATIONS", "Tuning", "available", "conv2d", "conv2d_pool_act", "fuses", "max_pool2x2",
+           "parse_tuning", "stored_channels_last", "supports", "tuned", "window_table", "window_table_bytes",
+           "windows_pay"]
