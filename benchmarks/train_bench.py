@@ -262,7 +262,7 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
     from zoos.functional import stack_states, template
     from zoos.init import init_model
     from zoos.spec import TRAIN_DEFAULTS
-    from zoos.trainer import _compiled_update, _update_in_place
+    from zoos.trainer import Optimizer
 
     base, *flags = kind.split("-")
     unknown = set(flags) - set(STEP_FLAGS)
