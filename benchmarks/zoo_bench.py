@@ -55,7 +55,7 @@ BATCH = 128
 COMPILE = {"auto": None, "on": True, "off": False}  # --compile as train_population's argument
 # the natural training-set size of each example task (an epoch), for the steady-state model-epochs/s
 EPOCH_SAMPLES = {"mnist": 55000, "cifar10": 45000, "o5_regression": 1000, "inertia": 1000, "convex_hull": 3000,
-                 "nbody": 3000, "lorentz": 1000, "inr": 64}
+                 "nbody": 3000, "lorentz": 1000, "inr": 64, "digits": 1197}
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -85,6 +85,10 @@ def task_options(name: str, options: dict, data_dir: Path, steps: int, batch: in
     n = steps * batch
     if name in ("mnist", "cifar10"):
         return {**options, "data_dir": str(data_dir), "n_train": n, "n_val": 256}
+    if name == "digits":  # a fixed set of images: an epoch is what remains after the small evaluation splits
+        from tasks.images import DIGITS
+
+        n = min(n, DIGITS - 512)
     return {**options, "n_train": n, "n_val": 256, "n_test": 256}
 
 
@@ -121,7 +125,7 @@ def worker(entry: str, n: int, steps: int, data_dir: str, kinds: list[str], comp
     options = task_options(task_name, base, Path(data_dir), steps, batch)
     out: dict[str, Any] = {"arch": entry, "task": task_name, "models": n, "device": device}
     grid: dict[str, Any] = {"seed": list(range(n)), "optimizer": ["adam"], "lr": [1e-3], "batch_size": [batch]}
-    epoch_steps, epochs = steps, 2
+    epoch_steps, epochs = -(-options.get("n_train", steps * batch) // batch), 2  # the timed runs' steps an epoch
     if task_name == "inr":  # one full batch of an image's pixels an epoch
         grid["image"] = grid.pop("seed")
         epoch_steps, epochs = 1, 2 * steps

@@ -87,6 +87,9 @@ def stratified_order(y: np.ndarray, generator: torch.Generator) -> np.ndarray:
     return perm[np.argsort(rank, kind="stable")]
 
 
+DIGITS = 1797  # images in scikit-learn's digits
+
+
 class DigitsTask(ImageTask):
     """scikit-learn's bundled 8x8 digits (1797 images, values / 16), split stratified by seed."""
 
@@ -95,8 +98,8 @@ class DigitsTask(ImageTask):
         super().__init__("digits", group, variant, (1, 8, 8), 10)
         for field, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
             _check_size("digits", field, v)
-        if n_train + n_val + n_test > 1797:
-            raise TaskError(f"task 'digits': n_train + n_val + n_test = {n_train + n_val + n_test}; at most 1797 images exist")
+        if n_train + n_val + n_test > DIGITS:
+            raise TaskError(f"task 'digits': n_train + n_val + n_test = {n_train + n_val + n_test}; at most {DIGITS} images exist")
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self._data: tuple[np.ndarray, np.ndarray] | None = None
 
