@@ -85,10 +85,10 @@ def task_options(name: str, options: dict, data_dir: Path, steps: int, batch: in
     n = steps * batch
     if name in ("mnist", "cifar10"):
         return {**options, "data_dir": str(data_dir), "n_train": n, "n_val": 256}
-    if name == "digits":  # a fixed set of images: an epoch is what remains after the small evaluation splits
+    if name == "digits":  # a fixed set of images: whole batches of what remains after the small evaluation splits
         from tasks.images import DIGITS
 
-        n = min(n, DIGITS - 512)
+        n = min(n, (DIGITS - 512) // batch * batch)
     return {**options, "n_train": n, "n_val": 256, "n_test": 256}
 
 
