@@ -95,6 +95,15 @@ def check_options(task: str, given: dict, allowed: dict) -> None:
         )
 
 
+DATA_STRIDE, MODEL_STRIDE = 1_000_003, 2_000_003  # primes: a task's data streams and a model's never coincide
+
+
+def mix_seed(seed: int, salt: int, stride: int = DATA_STRIDE) -> int:
+    """The seed of stream `salt` of `seed`: seed * stride + salt (mod 2^63 - 1), distinct for salts below stride.
+    Tasks draw their data with DATA_STRIDE, models (`zoos.init.stream_seed`) theirs with MODEL_STRIDE."""
+    return (int(seed) * stride + int(salt)) % (2**63 - 1)
+
+
 def seeded(seed: int, salt: int = 0) -> torch.Generator:
     """A CPU generator seeded from (seed, salt), so splits of one seed never share a stream."""
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(salt))
+    return torch.Generator().manual_seed(mix_seed(seed, salt))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from tasks.base import MODEL_STRIDE, mix_seed
+
 if TYPE_CHECKING:
     from zoos.spec import ModelSpec
 
@@ -21,7 +23,7 @@ INIT_STREAM, SUBSET_STREAM, ORDER_STREAM, AUGMENT_STREAM = 1, 2, 1_000, 1_000_00
 
 def stream_seed(seed: int, salt: int) -> int:
     """The seed of one of a model's random streams, so init, data order and augmentation never share one."""
-    return (int(seed) * 2_000_003 + int(salt)) % (2**63 - 1)
+    return mix_seed(seed, salt, MODEL_STRIDE)
 
 
 def init_model(arch: str, arch_config: dict[str, Any], factors: dict[str, Any], task: Any) -> Any:
