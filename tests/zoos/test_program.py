@@ -299,6 +299,8 @@ BF16_CASES = [  # (arch, task, options, config, also compiled, on popconv's and 
     ("p4cnn", "digits", {}, dict(width=2, depth=1), True, True),
     ("frame_avg", "inertia", {}, dict(width=8), False, False),
     ("fourier_mlp", "inr", {"group": "D4"}, dict(width=8, depth=1, n_freqs=4), False, False),
+    ("cgenn", "convex_hull", {"n_train": 16, "n_val": 8, "n_test": 8}, dict(width=4, depth=2), False, False),
+    ("fa_cnn", "digits", {}, dict(backbone_config=dict(width=4, depth=2)), False, True),
 ]
 
 
