@@ -275,8 +275,11 @@ def _descend(spec: PermSpec, a: State, b: State, inits: list[Perms], max_sweeps:
                 done = (pool.map if pool and len(active) > 1 else map)(lambda r: step(r, unit, n_blocks), active)
                 for r, moved in zip(active, list(done)):
                     changed[r] |= moved
+            moved = [r for r in active if changed[r]]
+            objectives = dict(zip(moved, (pool.map if pool and len(moved) > 1 else map)(
+                lambda r: matching_objective(spec, a, b, perms[r]), moved)))
             for r in active:
-                traces[r].append(matching_objective(spec, a, b, perms[r]) if changed[r] else traces[r][-1])
+                traces[r].append(objectives.get(r, traces[r][-1]))
                 sweeps[r] = sweep
             active = [r for r in active if changed[r]]
     return [({p: perms[r][p].cpu().clone() for p in names}, traces[r], sweeps[r]) for r in range(len(inits))]
@@ -308,10 +311,18 @@ def weight_matching(
     exactly by `assign_blocks`. Head-unaware matching is this on `spec.unstructured()`. A sweep visits every
     permutation once in random order; a descent stops when a whole sweep changes nothing.
     The descent is local, so it runs `restarts` times and keeps the best: restart 0 starts from
-    `init` (identity if None) and draws from `generator` exactly as `restarts=1` does; restarts 1..
-    start from uniformly random permutations (from a generator seeded by `generator`'s state) and all
-    run in lockstep, sharing each sweep's order, their cost matrices batched and their assignments
-    solved in parallel. The result's objective is never below restart 0's.
+    `init` (identity if None) and draws from `generator` exactly as `restarts=1` does (its result is
+    the single run's); restarts 1.. start from uniformly random permutations (from a generator seeded
+    by `generator`'s state) and all run in lockstep, sharing each sweep's order, their steps solved in
+    parallel threads. The result's objective is never below restart 0's.
+
+    Cost. Each descent keeps its cost matrices between steps and updates them by the positions of the
+    other permutations that moved (`_Costs`), and skips a step whose cost has not changed since its unit
+    was last solved (the assignment would be the one already in place), so the matmuls shrink as a
+    descent settles and most of a step is its linear assignment. That is per restart: K restarts do about
+    K times one run's work (random starts take as many sweeps as the identity start, ~20 on a width-512
+    MLP), so their wall time is about K / (free cores) times one run's; the figures and the quality rule
+    behind the default are in benchmarks/README.md.
     """
     if max_sweeps < 1:
         raise ValueError(f"max_sweeps must be >= 1, got {max_sweeps}")
