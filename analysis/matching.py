@@ -144,6 +144,9 @@ def _solve(costs: Sequence[np.ndarray], n_blocks: int | None) -> list[np.ndarray
     return assign_blocks(costs, n_blocks)[0]
 
 
+_THREADED_FROM = 256  # the restarts' steps run in threads when a permutation has at least this many entries
+
+
 class _Costs:
     """The cost matrices of one descent, kept between its steps and updated by what moved.
 
@@ -236,8 +239,10 @@ def _descend(spec: PermSpec, a: State, b: State, inits: list[Perms], max_sweeps:
     or a block group solved as one), shared by the starts still descending, so start 0 draws exactly as a lone
     run. Each start keeps its cost matrices between steps (`_Costs`: updated by the positions that moved) and
     skips a step whose cost has not changed since the unit was last solved (the solver would return what it
-    returned then, which is already in place). The starts' steps run in parallel threads (torch's matmuls and
-    scipy's solver release the GIL). A start stops after a sweep that changes nothing.
+    returned then, which is already in place). The starts' steps (and their objectives after each sweep) run in
+    parallel threads once a permutation has `_THREADED_FROM` entries (torch's matmuls and scipy's solver release
+    the GIL; below that the GIL-bound rest of a step costs more than they gain). A start stops after a sweep
+    that changes nothing.
     """
     names, units = list(spec.perms), _units(spec)
     dev = next(iter(a.values())).device
@@ -263,7 +268,10 @@ def _descend(spec: PermSpec, a: State, b: State, inits: list[Perms], max_sweeps:
             return True
         return False
 
-    workers = min(len(inits), os.cpu_count() or 1)
+    # threads pay once the assignments are large: at 128 units the GIL-bound rest of a step made 4 restarts 20%
+    # slower in 2 threads than in one (2-core CPU), at 256 they were even, at 512 faster
+    big = bool(names) and max(len(v) for v in perms[0].values()) >= _THREADED_FROM
+    workers = min(len(inits), os.cpu_count() or 1) if big else 1
     with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
         for sweep in range(1, max_sweeps + 1):
             if not active:
