@@ -281,9 +281,9 @@ def _descend(spec: PermSpec, a: State, b: State, inits: list[Perms], max_sweeps:
                 unit = units[i]
                 n_blocks = spec.blocks[unit[0]][1] if unit[0] in spec.blocks else None
                 done = (pool.map if pool and len(active) > 1 else map)(lambda r: step(r, unit, n_blocks), active)
-                for r, moved in zip(active, list(done)):
-                    changed[r] |= moved
-            moved = [r for r in active if changed[r]]
+                for r, did in zip(active, list(done)):
+                    changed[r] |= did
+            moved = [r for r in active if changed[r]]  # only these have a new objective
             objectives = dict(zip(moved, (pool.map if pool and len(moved) > 1 else map)(
                 lambda r: matching_objective(spec, a, b, perms[r]), moved)))
             for r in active:
