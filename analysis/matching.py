@@ -144,21 +144,134 @@ def _solve(costs: Sequence[np.ndarray], n_blocks: int | None) -> list[np.ndarray
     return assign_blocks(costs, n_blocks)[0]
 
 
+_THREADED_FROM = 256  # the restarts' steps run in threads when a permutation has at least this many entries
+
+
+class _Costs:
+    """The cost matrices of one descent, kept between its steps and updated by what moved.
+
+    A term of permutation p's cost matrix from a parameter with one other permuted axis (permutation q) is
+    C = A[n, size q, rest] . B[:, perm_q][n, size q, rest]^T; when perm_q has changed at positions J only since
+    C was computed, C changes by A[:, J] . (B[:, new perm_q[J]] - B[:, old perm_q[J]])^T, |J| / size q of the
+    full matmul. Terms with no other permuted axis are constant; a term with several is recomputed when one
+    of them moves. A matrix is recomputed in full when more than a third of its positions moved, or once
+    the positions updated since its last full computation add up to its size (so rounding cannot build up).
+    Every cost depends on this descent's own permutations and history only: a descent computes the same
+    numbers whatever other descents run beside it."""
+
+    def __init__(self, plan: dict[str, tuple[Tensor | None, list, list, list[str]]]):
+        self.plan = plan
+        self.cost: dict[str, Tensor] = {}  # name -> [n, n]: the constant terms and those with one other axis
+        self.many: dict[str, Tensor] = {}  # name -> [n, n]: the terms with several other axes
+        self.seen: dict[str, dict[str, Tensor]] = {}  # name -> {q: perm q when the cost was last computed}
+        self.since: dict[str, int] = {}  # name -> positions updated since its last full computation
+
+    def current(self, name: str, perms: dict[str, Tensor]) -> bool:
+        """Whether `name`'s cost is the one `get` last returned: nothing it depends on has moved since."""
+        seen = self.seen.get(name)
+        return seen is not None and all(torch.equal(perms[q], old) for q, old in seen.items())
+
+    def get(self, name: str, perms: dict[str, Tensor]) -> Tensor:
+        const, ones, manys, deps = self.plan[name]
+        seen = self.seen.get(name)
+        moved = None if seen is None else {q: (perms[q] != old).nonzero().flatten() for q, old in seen.items()}
+        size = sum(fb.shape[1] for _, _, fb in ones)
+        count = 0 if moved is None else sum(len(moved[q]) for q, _, _ in ones)
+        if moved is None or 3 * count > size or self.since[name] + count > size:
+            c = const.clone() if const is not None else None
+            for q, fa, fb in ones:
+                t = fa.flatten(1) @ fb[:, perms[q]].flatten(1).T
+                c = t if c is None else c + t
+            self.cost[name], self.since[name] = c, 0
+        elif count:
+            c = self.cost[name]
+            for q, fa, fb in ones:
+                j = moved[q]
+                if len(j):
+                    c += fa[:, j].flatten(1) @ (fb[:, perms[q][j]] - fb[:, seen[q][j]]).flatten(1).T
+            self.since[name] += count
+        if manys and (moved is None or any(len(moved[q]) for *_, others in manys for _, q in others)):
+            self.many[name] = sum(_full_term(fa, fb, others, perms) for fa, fb, others in manys)
+        self.seen[name] = {q: perms[q].clone() for q in deps}
+        c = self.cost.get(name)
+        return self.many[name] if c is None else c + self.many[name] if manys else c
+
+
+def _full_term(fa: Tensor, wb: Tensor, others: list[tuple[int, str]], perms: dict[str, Tensor]) -> Tensor:
+    """fa [n, m] . (wb, its axis first, with each of `others` (axis, permutation) gathered)^T flattened: [n, n]."""
+    for ax, q in others:
+        wb = wb.index_select(ax, perms[q])
+    return fa @ wb.reshape(wb.shape[0], -1).T
+
+
+def _cost_plan(spec: PermSpec, a: State, b: State) -> dict[str, tuple[Tensor | None, list, list, list[str]]]:
+    """Per permutation: (sum of its constant terms or None, [(q, A [n, size q, rest], B [n, size q, rest])] for
+    the terms with one other permuted axis, [(A [n, m], B its axis first, [(axis, q)])] for those with
+    several, the permutations its cost depends on)."""
+    axes = spec.axes_to_perm()
+    plan = {}
+    for name, pairs in spec.perms.items():
+        const, ones, manys, deps = None, [], [], []
+        for key, axis in pairs:
+            others = [(ax, q) for ax, q in axes[key].items() if ax != axis]
+            deps += [q for _, q in others if q not in deps]
+            if not others:
+                t = _flat_along(a[key], axis) @ _flat_along(b[key], axis).T
+                const = t if const is None else const + t
+            elif len(others) == 1:
+                ax, q = others[0]
+                n, m = a[key].shape[axis], a[key].shape[ax]
+                ones.append((q, a[key].double().movedim((axis, ax), (0, 1)).reshape(n, m, -1).contiguous(),
+                             b[key].double().movedim((axis, ax), (0, 1)).reshape(n, m, -1).contiguous()))
+            else:
+                wb = b[key].double().movedim(axis, 0)
+                shift = [(ax + (ax < axis), q) for ax, q in others]  # axes of wb after moving `axis` first
+                manys.append((_flat_along(a[key], axis), wb, shift))
+        plan[name] = (const, ones, manys, deps)
+    return plan
+
+
 def _descend(spec: PermSpec, a: State, b: State, inits: list[Perms], max_sweeps: int,
              generator: torch.Generator | None) -> list[tuple[Perms, list[float], int]]:
     """Coordinate descent from each of `inits` in lockstep: (perms, objective trace, sweeps) per start.
 
     Every sweep draws one random order of the units (one `randperm` from `generator`; a unit is a permutation,
     or a block group solved as one), shared by the starts still descending, so start 0 draws exactly as a lone
-    run. At each step the active starts' cost matrices are one batched computation and their assignments are
-    solved in parallel threads (scipy's solver releases the GIL). A start stops after a sweep that changes nothing.
+    run. Each start keeps its cost matrices between steps (`_Costs`: updated by the positions that moved) and
+    skips a step whose cost has not changed since the unit was last solved (the solver would return what it
+    returned then, which is already in place). The starts' steps (and their objectives after each sweep) run in
+    parallel threads once a permutation has `_THREADED_FROM` entries (torch's matmuls and scipy's solver release
+    the GIL; below that the GIL-bound rest of a step costs more than they gain). A start stops after a sweep
+    that changes nothing.
     """
-    axes, names, units = spec.axes_to_perm(), list(spec.perms), _units(spec)
-    perms = {p: torch.stack([init[p].cpu().long() for init in inits]) for p in names}  # [R, n]
-    traces = [[matching_objective(spec, a, b, {p: perms[p][r] for p in names})] for r in range(len(inits))]
+    names, units = list(spec.perms), _units(spec)
+    dev = next(iter(a.values())).device
+    plan = _cost_plan(spec, a, b)
+    perms = [{p: init[p].to(dev).long().clone() for p in names} for init in inits]
+    costs = [_Costs(plan) for _ in inits]
+    traces = [[matching_objective(spec, a, b, perms[r])] for r in range(len(inits))]
     sweeps = [0] * len(inits)
     active = list(range(len(inits)))
-    workers = min(len(inits), os.cpu_count() or 1)
+
+    def step(r: int, unit: list[str], n_blocks: int | None) -> bool:
+        mine = perms[r]
+        if all(costs[r].current(name, mine) for name in unit):
+            return False
+        cs = [costs[r].get(name, mine).cpu().numpy() for name in unit]
+        new = _solve(cs, n_blocks)
+        rows = np.arange(len(new[0]))
+        before = sum(c[rows, mine[name].cpu().numpy()].sum() for c, name in zip(cs, unit))
+        gain = sum(c[rows, cols].sum() for c, cols in zip(cs, new)) - before
+        if gain > 1e-12 * max(1.0, abs(before)):
+            for name, cols in zip(unit, new):
+                mine[name] = torch.from_numpy(np.asarray(cols)).long().to(dev)
+            return True
+        return False
+
+    # threads pay once the assignments are large: at 128 units the GIL-bound rest of a step made 4 restarts 20%
+    # slower in 2 threads than in one (2-core CPU), at 256 they were even, at 512 faster
+    big = bool(names) and max(len(v) for v in perms[0].values()) >= _THREADED_FROM
+    workers = min(len(inits), os.cpu_count() or 1) if big else 1
     with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
         for sweep in range(1, max_sweeps + 1):
             if not active:
@@ -167,24 +280,17 @@ def _descend(spec: PermSpec, a: State, b: State, inits: list[Perms], max_sweeps:
             for i in torch.randperm(len(units), generator=generator).tolist():
                 unit = units[i]
                 n_blocks = spec.blocks[unit[0]][1] if unit[0] in spec.blocks else None
-                current = {p: perms[p][active] for p in names}
-                costs = [_batched_cost(spec, axes, a, b, name, current).cpu().numpy() for name in unit]  # each [R, n, n]
-                per_start = [[c[j] for c in costs] for j in range(len(active))]
-                solved = (pool.map if pool else map)(lambda cs: _solve(cs, n_blocks), per_start)
-                for cs, r, new in zip(per_start, active, solved):
-                    old = [perms[name][r].numpy() for name in unit]
-                    rows = np.arange(len(old[0]))
-                    before = sum(c[rows, o].sum() for c, o in zip(cs, old))
-                    gain = sum(c[rows, cols].sum() for c, cols in zip(cs, new)) - before
-                    if gain > 1e-12 * max(1.0, abs(before)):
-                        for name, cols in zip(unit, new):
-                            perms[name][r] = torch.from_numpy(np.asarray(cols)).long()
-                        changed[r] = True
+                done = (pool.map if pool and len(active) > 1 else map)(lambda r: step(r, unit, n_blocks), active)
+                for r, did in zip(active, list(done)):
+                    changed[r] |= did
+            moved = [r for r in active if changed[r]]  # only these have a new objective
+            objectives = dict(zip(moved, (pool.map if pool and len(moved) > 1 else map)(
+                lambda r: matching_objective(spec, a, b, perms[r]), moved)))
             for r in active:
-                traces[r].append(matching_objective(spec, a, b, {p: perms[p][r] for p in names}))
+                traces[r].append(objectives.get(r, traces[r][-1]))
                 sweeps[r] = sweep
             active = [r for r in active if changed[r]]
-    return [({p: perms[p][r].clone() for p in names}, traces[r], sweeps[r]) for r in range(len(inits))]
+    return [({p: perms[r][p].cpu().clone() for p in names}, traces[r], sweeps[r]) for r in range(len(inits))]
 
 
 def _starts_generator(generator: torch.Generator | None) -> torch.Generator:
@@ -213,10 +319,18 @@ def weight_matching(
     exactly by `assign_blocks`. Head-unaware matching is this on `spec.unstructured()`. A sweep visits every
     permutation once in random order; a descent stops when a whole sweep changes nothing.
     The descent is local, so it runs `restarts` times and keeps the best: restart 0 starts from
-    `init` (identity if None) and draws from `generator` exactly as `restarts=1` does; restarts 1..
-    start from uniformly random permutations (from a generator seeded by `generator`'s state) and all
-    run in lockstep, sharing each sweep's order, their cost matrices batched and their assignments
-    solved in parallel. The result's objective is never below restart 0's.
+    `init` (identity if None) and draws from `generator` exactly as `restarts=1` does (its result is
+    the single run's); restarts 1.. start from uniformly random permutations (from a generator seeded
+    by `generator`'s state) and all run in lockstep, sharing each sweep's order, their steps solved in
+    parallel threads. The result's objective is never below restart 0's.
+
+    Cost. Each descent keeps its cost matrices between steps and updates them by the positions of the
+    other permutations that moved (`_Costs`), and skips a step whose cost has not changed since its unit
+    was last solved (the assignment would be the one already in place), so the matmuls shrink as a
+    descent settles and most of a step is its linear assignment. That is per restart: K restarts do about
+    K times one run's work (random starts take as many sweeps as the identity start, ~20 on a width-512
+    MLP), so their wall time is about K / (free cores) times one run's; the figures and the quality rule
+    behind the default are in benchmarks/README.md.
     """
     if max_sweeps < 1:
         raise ValueError(f"max_sweeps must be >= 1, got {max_sweeps}")

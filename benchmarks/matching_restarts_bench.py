@@ -1,13 +1,23 @@
-"""Weight matching with K restarts: spread of the objective and of the aligned barrier across seeds, and exact optima.
+"""Weight matching with K restarts: spread of the objective and of the aligned barrier across seeds, its cost, and exact optima.
 
-    .venv/bin/python benchmarks/matching_restarts_bench.py            # CPU, a few minutes on 2 cores
+    .venv/bin/python benchmarks/matching_restarts_bench.py            # CPU, ~10 min on 2 cores (most of it training)
+
+`weight_matching(restarts=K)` runs restart 0 from the identity exactly as `restarts=1` does and K-1 descents
+from random permutations in lockstep (one random order per sweep, shared); each descent keeps its cost
+matrices between steps, updated by the positions that moved, and skips a step whose cost has not changed
+since the unit was last solved; the restarts' steps run in parallel threads.
 
 1. Spread. `--pairs` pairs of registry `mlp` models (width `--width`, depth `--depth`) trained with
    `--steps` Adam steps on the digits task. For every K in `--ks`, `--seeds` independent runs of
    `weight_matching(restarts=K)` (generator seeded 0..seeds-1) per pair: the std and range (max - min)
    across seeds of the final objective and of the aligned sup loss barrier (11 points, digits test
-   split), averaged over pairs; "at best" is the share of runs reaching the best objective any run
-   found for that pair; time is seconds per pair-matching.
+   split), averaged over pairs, and the largest barrier of any run; "at best" is the share of runs
+   reaching the best objective any run found for that pair; s/pair is seconds per pair-matching and
+   "x K=1" that time over the first K's, the Ks of one pair and seed run back to back so that they see
+   the same machine load (the load average before and after is printed: the figures are meant for a
+   machine with nothing else running). A second table does the same at width `--wide-width` (default
+   512, `--wide-pairs` x `--wide-seeds` runs of each K in `--wide-ks`, default 1,4; 0 skips it): where a
+   single run is a gamble.
 2. Exact optimum. `--tiny-pairs` pairs of width-6 depth-2 `mlp` models on digits: every one of the
    6! x 6! permutation pairs is scored (one batched cost matrix per first permutation, gathered for
    all second permutations) and the share of runs reaching the maximum is reported for symzoo's
@@ -115,35 +125,57 @@ def exact_optimum(spec: PermSpec, a: dict, b: dict) -> float:
     return float((base - ident + scores.max(-1).values).max())
 
 
-def spread_table(args: argparse.Namespace) -> None:
-    model, states = train_models(args.width, args.depth, list(range(2 * args.pairs)), args.steps)
+def parallel_capacity(n: int = 512, jobs: int = 4) -> float:
+    """Time of `jobs` linear assignments of n x n random matrices one after another over the same in 2 threads:
+    the speedup this machine gives the restarts' parallel steps right now (2.0 on 2 free cores)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(0)
+    mats = [rng.standard_normal((n, n)) for _ in range(jobs)]
+    solve = lambda m: linear_sum_assignment(m, maximize=True)  # noqa: E731
+    best = [float("inf"), float("inf")]
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            t0 = time.perf_counter()
+            list(map(solve, mats))
+            t1 = time.perf_counter()
+            list(pool.map(solve, mats))
+            t2 = time.perf_counter()
+            best = [min(best[0], t1 - t0), min(best[1], t2 - t1)]
+    return best[0] / best[1]
+
+
+def spread_table(width: int, pairs: int, seeds: int, ks: list[int], args: argparse.Namespace) -> None:
+    model, states = train_models(width, args.depth, list(range(2 * pairs)), args.steps)
     spec = model.perm_spec()
     x, y = get_task("digits").load("test", 0)
-    runs: dict[int, list[list[tuple[float, float, float]]]] = {}
-    for k in args.ks:
-        runs[k] = []
-        for p in range(args.pairs):
-            a, b = states[2 * p], states[2 * p + 1]
-            per_seed = []
-            for s in range(args.seeds):
+    runs: dict[int, list[list[tuple[float, float, float]]]] = {k: [[] for _ in range(pairs)] for k in ks}
+    weight_matching(spec, states[0], states[1], generator=torch.Generator().manual_seed(0), restarts=max(ks))  # warm-up
+    load = os.getloadavg()[0]
+    for p in range(pairs):
+        a, b = states[2 * p], states[2 * p + 1]
+        for s in range(seeds):
+            for k in ks:  # interleaved, so every K sees the same machine load
                 t0 = time.perf_counter()
                 res = weight_matching(spec, a, b, generator=torch.Generator().manual_seed(s), restarts=k)
                 dt = time.perf_counter() - t0
-                per_seed.append((res.objective[-1], aligned_barrier(model, a, apply_permutation(spec, b, res.perms), x, y), dt))
-            runs[k].append(per_seed)
-    best = [max(o for k in args.ks for o, _, _ in runs[k][p]) for p in range(args.pairs)]
-    print(f"\nspread across {args.seeds} seeds, mean over {args.pairs} pairs of mlp width {args.width} depth {args.depth} "
-          f"({args.steps} Adam steps on digits)")
+                runs[k][p].append((res.objective[-1], aligned_barrier(model, a, apply_permutation(spec, b, res.perms), x, y), dt))
+    best = [max(o for k in ks for o, _, _ in runs[k][p]) for p in range(pairs)]
+    print(f"\nspread across {seeds} seeds, mean over {pairs} pairs of mlp width {width} depth {args.depth} "
+          f"({args.steps} Adam steps on digits); load average {load:.2f} before, {os.getloadavg()[0]:.2f} after; "
+          f"2-thread speedup of linear assignments {parallel_capacity():.2f}x after")
     print(f"{'K':>3} {'obj std':>9} {'obj range':>10} {'gap to best':>12} {'at best':>8} {'barrier mean':>13} "
-          f"{'barrier std':>12} {'barrier range':>14} {'s/pair':>8}")
-    for k in args.ks:
+          f"{'barrier std':>12} {'barrier range':>14} {'barrier max':>12} {'s/pair':>8} {'x K=' + str(ks[0]):>7}")
+    t_first = None
+    for k in ks:
         obj = np.array([[o for o, _, _ in r] for r in runs[k]])
         bar = np.array([[v for _, v, _ in r] for r in runs[k]])
         t = np.mean([d for r in runs[k] for _, _, d in r])
+        t_first = t if t_first is None else t_first
         gap = np.mean(np.array(best)[:, None] - obj)
         at_best = np.mean(obj >= np.array(best)[:, None] - 1e-9 * np.abs(best)[:, None])
         print(f"{k:>3} {obj.std(1).mean():9.4f} {np.ptp(obj, 1).mean():10.4f} {gap:12.4f} {at_best:8.2f} {bar.mean():13.4f} "
-              f"{bar.std(1).mean():12.4f} {np.ptp(bar, 1).mean():14.4f} {t:8.3f}")
+              f"{bar.std(1).mean():12.4f} {np.ptp(bar, 1).mean():14.4f} {bar.max():12.4f} {t:8.3f} {t / t_first:7.2f}")
 
 
 def exact_table(args: argparse.Namespace) -> None:
@@ -175,13 +207,19 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=8, help="independent runs per pair and K")
     p.add_argument("--ks", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8, 16])
     p.add_argument("--tiny-pairs", type=int, default=12, help="width-6 pairs for the exact-optimum check (0: skip)")
+    p.add_argument("--wide-width", type=int, default=512, help="width of the second spread table (0: skip)")
+    p.add_argument("--wide-pairs", type=int, default=2)
+    p.add_argument("--wide-seeds", type=int, default=4)
+    p.add_argument("--wide-ks", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4])
     args = p.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads)")
+          f"({torch.get_num_threads()} threads); 2-thread speedup of linear assignments now {parallel_capacity():.2f}x")
     if args.tiny_pairs:
         exact_table(args)
     if args.pairs:
-        spread_table(args)
+        spread_table(args.width, args.pairs, args.seeds, args.ks, args)
+    if args.wide_width and args.wide_pairs:
+        spread_table(args.wide_width, args.wide_pairs, args.wide_seeds, args.wide_ks, args)
 
 
 if __name__ == "__main__":

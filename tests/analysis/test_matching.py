@@ -366,6 +366,77 @@ def test_restarts_reach_the_exact_optimum_at_least_as_often():
     assert hits[4] > hits[1]
 
 
+def _random_state(seed: int) -> tuple[PermSpec, dict[str, Tensor]]:
+    """Random weights for a spec whose keys have no other permuted axis (biases), one (linear and conv
+    weights, a square one permuted by the same permutation on both axes) or two (a 3-axis tensor)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"l0.w": (10, 5), "l0.b": (10,), "c1.w": (8, 10, 3, 3), "c1.b": (8,), "sq": (8, 8), "t3": (10, 8, 3), "l2.w": (2, 3)}
+    state = {k: torch.randn(*v, generator=g, dtype=torch.float64) for k, v in shapes.items()}
+    spec = PermSpec({
+        "p": (("l0.w", 0), ("l0.b", 0), ("c1.w", 1), ("t3", 0)),
+        "q": (("c1.w", 0), ("c1.b", 0), ("sq", 0), ("sq", 1), ("t3", 1)),
+        "r": (("t3", 2), ("l2.w", 1)),
+    })
+    return spec, state
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.lists(st.tuples(st.sampled_from("pqr"), st.integers(0, 3)), min_size=1, max_size=12))
+def test_kept_cost_matrices_equal_fresh_ones(seed, moves):
+    """`_Costs` (kept between steps, updated by the positions that moved) against `_batched_cost` from scratch."""
+    from analysis.matching import _batched_cost, _cost_plan, _Costs
+
+    spec, a = _random_state(seed)
+    _, b = _random_state(seed + 1)
+    g = torch.Generator().manual_seed(seed)
+    perms = spec.random(a, g)
+    costs, axes = _Costs(_cost_plan(spec, a, b)), spec.axes_to_perm()
+    for name, how in moves:
+        n = len(perms[name])
+        if how == 0:  # a fresh permutation
+            perms[name] = torch.randperm(n, generator=g)
+        elif how == 1:  # two positions swapped
+            i, j = torch.randperm(n, generator=g)[:2].tolist()
+            perms[name] = perms[name].clone()
+            perms[name][[i, j]] = perms[name][[j, i]]
+        for target in spec.perms:  # how == 2, 3: nothing moved since the last look
+            fresh = _batched_cost(spec, axes, a, b, target, {k: v[None] for k, v in perms.items()})[0]
+            kept = costs.get(target, perms)
+            assert costs.current(target, perms)
+            torch.testing.assert_close(kept, fresh, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1), st.integers(2, 5))
+def test_restart_0_is_the_single_run_and_the_result_never_below_it(weights, seed, restarts):
+    torch.manual_seed(weights)
+    a, b = TinyMLP(8).state_dict(), TinyMLP(8).state_dict()
+    spec = TinyMLP(8).perm_spec()
+    one = weight_matching(spec, a, b, generator=torch.Generator().manual_seed(seed), restarts=1)
+    g = torch.Generator().manual_seed(seed)
+    many = weight_matching(spec, a, b, generator=g, restarts=restarts)
+    assert len(many.restart_objectives) == restarts
+    assert many.restart_objectives[0] == one.objective[-1]
+    assert many.objective[-1] == max(many.restart_objectives) >= many.restart_objectives[0]
+    assert many.objective[-1] == pytest.approx(matching_objective(spec, a, b, many.perms), rel=1e-12)
+    assert all(x <= y for x, y in zip(many.objective, many.objective[1:]))  # the kept trace never decreases
+    if many.objective[-1] == one.objective[-1]:  # restart 0 is kept on ties: then the single run's permutations
+        assert all(torch.equal(many.perms[k], one.perms[k]) for k in one.perms)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1), st.sampled_from([1, 2, 4]))
+def test_planted_permutation_of_random_weights_is_recovered(weights, planted_seed, restarts):
+    torch.manual_seed(weights)
+    model = TinyMLP(12)
+    spec, a = model.perm_spec(), model.state_dict()
+    planted = spec.random(a, torch.Generator().manual_seed(planted_seed))
+    b = apply_permutation(spec, a, planted)
+    res = weight_matching(spec, a, b, generator=torch.Generator().manual_seed(planted_seed), restarts=restarts)
+    inv = invert(planted)
+    assert all(torch.equal(res.perms[n], inv[n]) for n in spec.perms)
+
+
 # --- attention heads: block groups ----------------------------------------------------------------
 
 
