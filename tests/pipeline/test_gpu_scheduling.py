@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent('''
                   "grid": {"seed": list(range(models))}, "epochs": 1,
                   "population_size": size if size == "auto" else int(size)}],
     })
-    report = run_study(study, display=Display(plain=True, every_s=60), tracking_uri=f"sqlite:///{root}/m.db")
+    report = run_study(study, display=Display(plain=True, every_s=60), tracking_uri=f"file://{root}/mlruns")
     print("PLACEMENTS" + json.dumps(report.placements))
     print("SIZES" + json.dumps(report.population_sizes))
 ''')
@@ -46,7 +46,7 @@ def placements(tmp_path, gpus: int, per_task: float, populations: int) -> list[d
     return run(tmp_path, gpus, per_task, populations)[0]
 
 
-@pytest.mark.parametrize("gpus", [8])  # each case starts a Ray of that many workers: one is enough here
+@pytest.mark.parametrize("gpus", [4])  # each case starts a Ray of that many workers: one is enough here
 def test_one_population_per_gpu_spreads_over_every_gpu(tmp_path, gpus):
     placed = placements(tmp_path, gpus, 1.0, gpus)
     assert len(placed) == gpus
@@ -60,7 +60,7 @@ def test_fractional_gpus_pack_several_populations_on_one_gpu(tmp_path):
     assert len(placed) == 4 and {tuple(p["gpu_ids"]) for p in placed} == {("0",)}
 
 
-@pytest.mark.parametrize("gpus,per_task,models,size", [(4, 1.0, 18, 5), (2, 0.5, 16, 4)])
+@pytest.mark.parametrize("gpus,per_task,models,size", [(2, 0.5, 18, 5)])
 def test_auto_population_size_gives_every_slot_an_equal_share(tmp_path, gpus, per_task, models, size):
     """population_size: auto splits the zoo into a multiple of the cluster's training slots (GPUs over
     num_gpus per task), equal sizes, so no GPU idles while another trains a second population."""
