@@ -436,12 +436,12 @@ class _Program:
     def _check_rows(self, n_models: int, data: _Data, eval_batch: int) -> None:
         """Whether one program holds the population's batch: its largest activation over all models' samples
         must stay within 32-bit indexing; evaluation batches shrink to fit (a power of two: its bucket)."""
-        pop, bs = self.fast.pop, data.batch
-        limit = pop.max_rows
+        program, bs = self.fast.pop, data.batch
+        limit = program.max_rows
         if n_models * (1 << (bs - 1).bit_length()) > limit:  # a compiled step pads its batch to a power of two
             raise TrainError(
                 f"population of {n_models} models x batch {bs}: {n_models * bs:,} samples in one program, but its largest "
-                f"activation ({pop.sample_elements:,} values a sample) allows at most {limit:,} (CUDA indexes a "
+                f"activation ({program.sample_elements:,} values a sample) allows at most {limit:,} (CUDA indexes a "
                 f"tensor with 32-bit offsets); set population_size <= {max(1, limit // bs)}")
         if n_models * eval_batch > limit:
             self.eval_batch = 1 << ((limit // n_models).bit_length() - 1)
@@ -450,6 +450,18 @@ class _Program:
     def reads_rows(self) -> bool:
         """The program reads the resident data set by row index (no [N, B, ...] copy of a batch)."""
         return self.fast is not None
+
+    @property
+    def reads_shared_rows(self) -> bool:
+        """A batch every model shares is read by row index too (popconv's first layer), not sliced and expanded."""
+        return self.fast is not None and self.fast.pop.kernels
+
+    @property
+    def not_capturable(self) -> str | None:
+        """Why a step cannot be captured as a CUDA graph: vmap, or an op of the program that syncs the host."""
+        if self.fast is None:
+            return f"it runs as vmap ({self.choice.reason})"
+        return self.fast.pop.not_capturable
 
     def inputs(self, x: Tensor, idx: Tensor) -> tuple[Tensor, Tensor | None]:
         """What `gradients` and `forward` take for the samples idx [N, B] of x: (x, idx) or (x[idx], None)."""
@@ -512,7 +524,7 @@ class _Evaluation:
                 yb = data.targets(y, idx)
             elif data.per_model is None:
                 yb = y[i : i + batch].expand(self.n_models, *y[i : i + batch].shape)
-                if program.reads_rows and program.fast.pop.kernels:  # every model reads the same rows of the data set
+                if program.reads_shared_rows:  # every model reads the same rows of the data set
                     xb, rows = x, torch.arange(i, i + yb.shape[1], device=x.device).expand(self.n_models, -1)
                 else:
                     xb = x[i : i + batch]
@@ -602,14 +614,12 @@ def _step(program: _Program, data: _Data, optimizer: Optimizer, recorder: _Recor
 def _replayed(step: Callable[..., None], program: _Program, augmenter: Augmenter | None, graphs: bool | None,
               idx_shape: tuple[int, int], device: torch.device) -> Callable[..., None]:
     """`step` replayed as a CUDA graph where it can be (`graphs` None: wherever it can), else `step` itself."""
-    fast = program.fast.pop if program.fast is not None else None
-    can = device.type == "cuda" and fast is not None and augmenter is None and fast.not_capturable is None
-    if graphs and not can:
-        raise TrainError("graphs = true needs a CUDA device, an architecture the population program runs "
-                         f"({program.choice.reason or 'it does'}) with no op that syncs the host "
-                         f"({getattr(fast, 'not_capturable', None) or 'it has none'}) and no augmentation "
-                         "(a step's group elements change every epoch)")
-    use = can if graphs is None else graphs
+    why_not = [r for r in (f"the device is {device.type}" if device.type != "cuda" else None, program.not_capturable,
+                           "augmentation changes a step's group elements every epoch" if augmenter is not None else None) if r]
+    if graphs and why_not:
+        raise TrainError("graphs = true needs a CUDA device, a population program with no op that syncs the host and "
+                         f"no augmentation; here {'; '.join(why_not)}")
+    use = not why_not if graphs is None else graphs
     program.choice.graphs = bool(use)
     return _StepGraph(step, idx_shape, device) if use else step
 

@@ -535,6 +535,17 @@ def test_tuned_restores_the_entries_after_an_error():
     assert popconv.tuning.current() is before
 
 
+def test_a_bad_tuning_is_refused_naming_the_variable_or_entry():
+    with pytest.raises(ValueError, match=r"SYMZOO_POPCONV_FUSE = 'yes' is not allowed; expected 0 or 1"):
+        popconv.tuning._from_environment({"SYMZOO_POPCONV_FUSE": "yes"})
+    with popconv.tuned({"forward": "fast"}):
+        with pytest.raises(ValueError, match=r"SYMZOO_POPCONV_FORWARD = 'fast' is not allowed; expected auto, fma or dot"):
+            popconv.fuses(8)
+    with pytest.raises(TypeError, match=r"'window_rows' is not a popconv tuning entry; allowed: .*window_block_m"):
+        with popconv.tuned({"window_rows": 64}):
+            pass
+
+
 def test_environment_variables_set_the_tuning_at_import():
     """The four SYMZOO_POPCONV_* variables (each in the package docstring), and the defaults without them."""
     assert popconv.tuning._from_environment({}) == popconv.Tuning()

@@ -331,7 +331,7 @@ if triton is not None:
 def _fma_forward(c: int, o: int) -> bool:
     """Whether the forward runs on CUDA cores (auto: up to 16 outputs from fewer than 16 inputs; a wider
     input fills tensor-core tiles a tap at a time)."""
-    forward = tuning.current().forward
+    forward = tuning.forward(tuning.current())
     return o <= 16 and c < 16 if forward == "auto" else forward == "fma"
 
 

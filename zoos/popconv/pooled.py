@@ -239,7 +239,8 @@ def fuses(out_channels: int) -> bool:
     """Whether `conv2d_pool_act` runs as one kernel for a conv with this many outputs: the CUDA-core forward
     with the pool and activation folded in, for up to 16 outputs (from any number of inputs)."""
     t = tuning.current()
-    return t.fuse and (out_channels <= 16 if t.forward == "auto" else t.forward == "fma")
+    forward = tuning.forward(t)
+    return t.fuse and (out_channels <= 16 if forward == "auto" else forward == "fma")
 
 
 def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int] = (0, 0), *,

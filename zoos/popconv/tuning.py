@@ -55,11 +55,27 @@ class Tuning:
     channels_last: bool = True
 
 
+FORWARDS = ("auto", "fma", "dot")
+
+
+def forward(t: Tuning) -> str:
+    """t.forward, refused by name where it is none of FORWARDS (it comes from the environment)."""
+    if t.forward not in FORWARDS:
+        raise ValueError(f"SYMZOO_POPCONV_FORWARD = {t.forward!r} is not allowed; expected auto, fma or dot")
+    return t.forward
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    value = env.get(name, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} = {value!r} is not allowed; expected 0 or 1")
+    return value == "1"
+
+
 def _from_environment(env: Mapping[str, str] = os.environ) -> Tuning:
     """The defaults with the SYMZOO_POPCONV_* variables of `env` applied (see the package docstring)."""
-    return Tuning(forward=env.get("SYMZOO_POPCONV_FORWARD", "auto"), fuse=env.get("SYMZOO_POPCONV_FUSE", "1") != "0",
-                  windows=env.get("SYMZOO_POPCONV_WINDOWS", "pool"),
-                  window_dx=env.get("SYMZOO_POPCONV_WINDOW_DX", "1") != "0")
+    return Tuning(forward=env.get("SYMZOO_POPCONV_FORWARD", "auto"), fuse=_flag(env, "SYMZOO_POPCONV_FUSE"),
+                  windows=env.get("SYMZOO_POPCONV_WINDOWS", "pool"), window_dx=_flag(env, "SYMZOO_POPCONV_WINDOW_DX"))
 
 
 _current = _from_environment()
@@ -75,6 +91,10 @@ def tuned(changes: dict) -> Iterator[Tuning]:
     """The current tuning with `changes` (field -> value) inside the block, the one before after it (an exception
     included). A key that is no field raises TypeError before the block."""
     global _current
+    names = [f.name for f in dataclasses.fields(Tuning)]
+    unknown = sorted(set(changes) - set(names))
+    if unknown:
+        raise TypeError(f"tuning {unknown[0]!r} is not a popconv tuning entry; allowed: {', '.join(sorted(names))}")
     saved = _current
     _current = dataclasses.replace(saved, **changes)
     try:
