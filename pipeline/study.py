@@ -158,11 +158,21 @@ class Study(BaseModel):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"zoo names must be unique; repeated: {sorted(dup)}")
+        from pipeline.stages import STAGES
+
         for i, st in enumerate(self.analysis):
             if st.zoos != "all":
                 unknown = [z for z in st.zoos if z not in names]
                 if unknown:
                     raise ValueError(f"analysis[{i}].zoos names unknown zoo {unknown[0]!r}; zoos of this study: {names}")
+            wanted = getattr(st.settings, "epochs", None)
+            if STAGES[st.stage].every_epoch_stored and isinstance(wanted, list):  # zoos already stored: when it runs
+                for z in self.stage_zoos(st):
+                    kept = z.checkpoint_epochs() if isinstance(z, ZooSpec) else None
+                    missing = sorted(set(wanted) - set(kept or wanted))
+                    if missing:
+                        raise ValueError(f"analysis[{i}].epochs: {missing} not stored for zoo {z.name!r}; its checkpoints "
+                                         f"are {kept} (add them to its `checkpoints`, or ask for 'last' or 'all')")
         return self
 
     def stage_zoos(self, stage: StageSpec) -> list[ZooSpec | StoredZoo]:

@@ -69,6 +69,7 @@ class Stage(ABC):
 
     name: ClassVar[str]
     Settings: ClassVar[type[Settings]] = Settings
+    every_epoch_stored: ClassVar[bool] = False  # an `epochs` list must be stored by every zoo (pairs meet at each)
 
     @abstractmethod
     def plan(self, store: Any, zoos: list, settings: Settings) -> list[Item]:

@@ -307,6 +307,7 @@ def last_epoch_rows(rows: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
 class Interpolation(Stage):
     name = "interpolation"
     Settings = InterpolationSettings
+    every_epoch_stored = True
     keys = ["zoo", "model_a", "model_b", "epoch"]
 
     def plan(self, store: Any, zoos: list, settings: InterpolationSettings) -> list[Item]:

@@ -86,6 +86,7 @@ class SimilaritySettings(Settings):
 class Similarity(Stage):
     name = "similarity"
     Settings = SimilaritySettings
+    every_epoch_stored = True
     keys = ["zoo", "model_a", "model_b", "epoch"]
 
     def plan(self, store: Any, zoos: list, settings: SimilaritySettings) -> list[Item]:

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 import zoos
 from pipeline.cli import app
+from pipeline.stages.interpolation import pick_epochs
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
@@ -90,10 +91,22 @@ def test_connectivity_stages_store_one_row_per_pair_and_epoch(ray_local, tmp_pat
     assert [store.analysis(s).collect().height for s in ("interpolation", "interpolation_cross", "bezier")] == [6, 3, 1]
 
 
-def test_epoch_not_stored_is_refused_by_name(ray_local, tmp_path):
+def test_epoch_not_stored_is_refused_by_name_before_training(tmp_path):
+    """A pair stage's epochs list names checkpoints every zoo must store: a study asking for one its zoo does
+    not keep is refused as it is read, in one line (exit 2), before anything is trained or written."""
     path, study = write_study(tmp_path)
     study["analysis"] = [{"stage": "interpolation", "zoos": ["fast"], "epochs": [1]}]
     path.write_text(yaml.safe_dump(study))
     r = CliRunner().invoke(app, ["run", str(path), "--plain"])
-    assert r.exit_code != 0
-    assert "epochs: [1] not stored" in str(r.exception) + r.output and "fast" in str(r.exception) + r.output
+    assert r.exit_code == 2, r.output
+    assert "analysis[0].epochs: [1] not stored for zoo 'fast'; its checkpoints are [0, 2]" in r.output
+    assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_stored_zoo_lacking_an_epoch_is_refused_when_the_stage_runs():
+    """A zoo already in the store (imported) has no declared checkpoints to check as the study is read: the
+    stage refuses the missing epoch by name when it plans."""
+    assert pick_epochs([0, 2, 5], [5, 0], "zoo 'z'") == [0, 5]
+    assert pick_epochs([0, 2, 5], "last", "zoo 'z'") == [5] and pick_epochs([0, 2], "all", "zoo 'z'") == [0, 2]
+    with pytest.raises(ValueError, match=r"epochs: \[1\] not stored for zoo 'z'; stored epochs: \[0, 2\]"):
+        pick_epochs([0, 2], [1, 2], "zoo 'z'")

@@ -284,7 +284,7 @@ def test_training_with_kernels_equals_vmap_trainer(tune):
     tune(forward="dot")
     arch = {"name": "cnn", "config": {"width": 4, "depth": 2}}
     models = zoo_models({"seed": [0, 1], "lr": [3e-3], "optimizer": ["adam"], "batch_size": [32]}, arch=arch,
-                        task_options={"n_train": 96, "n_val": 32, "n_test": 32})
+                        task_options={"n_train": 64, "n_val": 16, "n_test": 16})
     pop = one_population(models)
     kern = train_population(pop, fast=True, kernels=True)
     plain = train_population(pop, fast=False)
