@@ -13,7 +13,7 @@ point tasks. Batches of 128 per model (the INR task: its 64 pixels, one full bat
   vmap     the peer's way: torch.func.stack_module_state + functional_call + vmap(grad), one
            torch.optim.Adam (foreach) over the stacked parameters, bf16 autocast; eager (its compile
            is what the population program is measured against at first step, not here)
-  symzoo   zoos.trainer.train_population as the pipeline runs it (bf16, on-disk compile caches), in a
+  symzoo   zoos.trainer.train_population as the pipeline runs it (bf16, on-disk compile and task-data caches), in a
            fresh process: cold (empty caches) and warm (the same caches again)
 
 ZOO_BENCH_PROFILE=1 also prints the costliest GPU kernels of a second symzoo run of each population.
@@ -117,6 +117,7 @@ def worker(entry: str, n: int, steps: int, data_dir: str, kinds: list[str], comp
     from zoos.spec import expand, parse_zoo, populations
     from zoos.trainer import train_population
 
+    imported_at = time.perf_counter() - T_START  # the interpreter, torch and symzoo
     device = "cuda" if torch.cuda.is_available() else "cpu"
     arch, config = parse_arch(entry)
     info = ARCHS[arch]
@@ -152,6 +153,7 @@ def worker(entry: str, n: int, steps: int, data_dir: str, kinds: list[str], comp
             step_s = t["steps"] / max(1, epochs * epoch_steps - 1)  # every step but the first
             out["symzoo"] = {"step_ms": 1e3 * step_s, "first_step_s": t_call - T_START + t["first_step_at"],
                              "called_at_s": t_call - T_START,  # process start, imports, CUDA, data: before the trainer
+                             "imported_at_s": imported_at,
                              "timings": t, "program": result.program["summary"], "fast": result.program["fast"],
                              "reason": result.program["reason"],
                              "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None}
@@ -336,6 +338,7 @@ def main() -> None:
         for n in sizes:
             caches = work / f"cache-{arch}-{n}"
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton"),
+                   "SYMZOO_CACHE": str(caches / "symzoo"),  # generated task data: cold generates it, warm reads it
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
             cold = run([arch, str(n), str(steps), str(work / "data"), a.kinds, a.compile], env)
             warm = {} if a.no_warm or "error" in cold else run([arch, str(n), str(steps), str(work / "data"), "symzoo", a.compile], env)

@@ -9,7 +9,13 @@ drawn with a fixed seed), which keeps them exactly invariant; equivariant target
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
+import time
 from abc import abstractmethod
+from collections import OrderedDict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +28,46 @@ from tasks.registry import register_task
 _SALT = {"train": 11, "val": 12, "test": 13}
 _REFERENCE_SEED = 20_210_101
 SIZE_OPTIONS = {"n_train": int, "n_val": int, "n_test": int}
+
+_MEMO: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()  # this process's splits, most recent last
+_MEMO_SPLITS = 64
+_KEEP_ON_DISK_S = 0.5  # a split that took longer than this to generate is kept for other processes
+
+
+def cache_dir() -> Path | None:
+    """Where slow generated splits are kept between processes (a Ray worker's next task, the next study):
+    $SYMZOO_CACHE/tasks, by default ~/.cache/symzoo/tasks; SYMZOO_CACHE=off keeps none."""
+    root = os.environ.get("SYMZOO_CACHE", "")
+    if root.strip().lower() == "off":
+        return None
+    return Path(root or Path.home() / ".cache" / "symzoo").expanduser() / "tasks"
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """The generating code's identity: a cached split is used only by the code (and torch) that made it."""
+    h = hashlib.sha256(torch.__version__.encode())
+    for module in ("base.py", "generated.py", "groups.py"):
+        h.update((Path(__file__).parent / module).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _read_cached(path: Path) -> tuple[Tensor, Tensor] | None:
+    try:
+        x, y = torch.load(path, weights_only=True)
+        return x, y
+    except Exception:  # absent, half-written by a killed process, or unreadable: generate it again
+        return None
+
+
+def _write_cached(path: Path, data: tuple[Tensor, Tensor]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        torch.save(data, tmp)
+        os.replace(tmp, path)  # whole or absent: readers never see a partial file
+    except OSError:  # a read-only or full disk costs the next process the generation, nothing else
+        pass
 
 
 class GeneratedTask(Task):
@@ -42,7 +88,6 @@ class GeneratedTask(Task):
                 raise TaskError(f"task {name!r}: {field}={v!r}; allowed: a non-negative integer")
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self._stats: tuple[float, float] | None = None
-        self._cache: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
 
     @abstractmethod
     def sample_x(self, n: int, generator: torch.Generator) -> Tensor:
@@ -69,12 +114,36 @@ class GeneratedTask(Task):
     def load(self, split: Split, seed: int = 0) -> tuple[Tensor, Tensor]:
         if split not in _SALT:
             raise TaskError(f"task {self.name!r}: split={split!r}; allowed: 'train', 'val', 'test'")
-        key = (split, int(seed))
-        if key not in self._cache:
-            x = self.sample_x(self.sizes[split], seeded(seed, _SALT[split]))
-            self._cache[key] = (x, self.target(x).to(torch.float32))
-        x, y = self._cache[key]
+        key = (type(self).__qualname__, self.name, split, int(seed), self.sizes[split], *self.data_options())
+        if key in _MEMO:
+            _MEMO.move_to_end(key)
+        else:
+            _MEMO[key] = self._generate(key, split, int(seed))
+            while len(_MEMO) > _MEMO_SPLITS:
+                _MEMO.popitem(last=False)
+        x, y = _MEMO[key]
         return x.clone(), y.clone()
+
+    def data_options(self) -> tuple:
+        """The options besides the split's size that change its data (a subclass with such options adds them)."""
+        return ()
+
+    def _generate(self, key: tuple, split: Split, seed: int) -> tuple[Tensor, Tensor]:
+        """A split's (x, y): from the disk cache when a process has kept it, else sampled (and kept if slow)."""
+        where = cache_dir() if type(self).__module__ == __name__ else None  # code elsewhere is not in the digest
+        path = None
+        if where is not None:
+            digest = hashlib.sha256(repr((key, _code_digest())).encode()).hexdigest()[:24]
+            path = where / f"{self.name}-{split}-{seed}-{digest}.pt"
+            cached = _read_cached(path)
+            if cached is not None:
+                return cached
+        t0 = time.perf_counter()
+        x = self.sample_x(self.sizes[split], seeded(seed, _SALT[split]))
+        data = (x, self.target(x).to(torch.float32))
+        if path is not None and time.perf_counter() - t0 > _KEEP_ON_DISK_S:
+            _write_cached(path, data)
+        return data
 
 
 def _make(name: str, cls: type, options: dict, allowed: set[str]) -> GeneratedTask:
@@ -290,6 +359,9 @@ class NBody(GeneratedTask):
         vel = 0.5 * torch.randn(n, 5, 3, generator=generator)
         charge = torch.randint(0, 2, (n, 5, 1), generator=generator).float() * 2 - 1
         return torch.cat([pos, vel, charge], -1)
+
+    def data_options(self) -> tuple:
+        return self.n_steps, self.dt, self.softening
 
     def raw_target(self, x: Tensor) -> Tensor:
         return simulate_charged(x, self.n_steps, self.dt, self.softening).to(x.dtype)

@@ -2,8 +2,11 @@
 
 import os
 import shutil
+import tempfile
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+if "PYTEST_XDIST_WORKER" not in os.environ:  # the controller: its workers, Ray and subprocesses inherit the folder
+    os.environ["SYMZOO_CACHE"] = tempfile.mkdtemp(prefix="symzoo-test-cache-")  # not ~/.cache: removed at the end
 os.environ.setdefault("MPLBACKEND", "Agg")
 if shutil.which("nvidia-smi") is None:  # no GPU: zoos.popconv's Triton kernels run (and are tested) in the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -49,6 +52,7 @@ def pytest_sessionfinish(session, exitstatus):
     before = getattr(session.config, "_symzoo_top_level", None)
     if before is None:
         return
+    shutil.rmtree(os.environ["SYMZOO_CACHE"], ignore_errors=True)
     new = sorted(set(os.listdir(_ROOT)) - before - _ALLOWED)
     if new:
         print(f"\nerror: the tests wrote into the checkout: {', '.join(new)} (tests write only to temporary folders)")
