@@ -30,7 +30,7 @@ _REFERENCE_SEED = 20_210_101
 SIZE_OPTIONS = {"n_train": int, "n_val": int, "n_test": int}
 
 _MEMO: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()  # this process's splits, most recent last
-_MEMO_SPLITS = 64
+_MEMO_BYTES = 1 << 30  # the oldest splits are dropped beyond this (a long-lived Ray worker meets many tasks)
 _KEEP_ON_DISK_S = 0.5  # a split that took longer than this to generate is kept for other processes
 
 
@@ -119,7 +119,7 @@ class GeneratedTask(Task):
             _MEMO.move_to_end(key)
         else:
             _MEMO[key] = self._generate(key, split, int(seed))
-            while len(_MEMO) > _MEMO_SPLITS:
+            while len(_MEMO) > 1 and sum(t.nbytes for xy in _MEMO.values() for t in xy) > _MEMO_BYTES:
                 _MEMO.popitem(last=False)
         x, y = _MEMO[key]
         return x.clone(), y.clone()

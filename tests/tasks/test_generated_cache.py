@@ -79,3 +79,12 @@ def test_a_fresh_process_reads_what_another_kept(tmp_path):
                            timeout=300) for which in ("first", "second")]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
     assert runs[0].stdout == runs[1].stdout and len(list((tmp_path / "tasks").glob("nbody-train-0-*.pt"))) == 1
+
+
+def test_the_process_keeps_the_newest_splits_within_its_byte_cap(cache, monkeypatch):
+    task = get_task("nbody", n_train=10, n_val=2, n_test=2, n_steps=5)
+    one = sum(t.nbytes for t in task.load("train", 0))
+    monkeypatch.setattr(generated, "_MEMO_BYTES", 2 * one)
+    for seed in (1, 2, 3):
+        task.load("train", seed)
+    assert [k[3] for k in generated._MEMO] == [2, 3]
