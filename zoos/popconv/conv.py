@@ -221,7 +221,7 @@ if triton is not None:
         return g
 
     @triton.jit
-    def _conv_wgrad_dot_kernel(x_ptr, rows_ptr, dy_ptr, a_ptr, code_ptr, dw_ptr, db_ptr, B, SPLIT, PER_SPLIT,
+    def _conv_wgrad_dot_kernel(x_ptr, rows_ptr, dy_ptr, a_ptr, code_ptr, dw_ptr, db_ptr, B, XR, SPLIT, PER_SPLIT,
                                C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr,
                                HO: tl.constexpr, WO: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                                KH: tl.constexpr, KW: tl.constexpr, CHUNKS: tl.constexpr,
@@ -244,7 +244,11 @@ if triton is not None:
             sample = m * B + t // CHUNKS
             r = (t % CHUNKS) * BLOCK_M + tl.arange(0, BLOCK_M)
             pmask = r < HO * WO
-            row = tl.load(rows_ptr + sample).to(tl.int64) if GATHER else sample.to(tl.int64)
+            if GATHER:  # clamped to x's rows: a pipelined prefetch past the last tile must not read a stray row
+                row = tl.load(rows_ptr + m * B + tl.minimum(t // CHUNKS, B - 1)).to(tl.int64)
+                row = tl.minimum(tl.maximum(row, 0), XR - 1)
+            else:
+                row = sample.to(tl.int64)
             a = _patch_tile(x_ptr, row, pmask, r // WO, r % WO, k, C, H, W, PH, PW, K, KH, KW)
             g = _output_grad_tile(dy_ptr, a_ptr, code_ptr, sample, r, o, pmask, O, WO, POOL, HP, WP, ACT, SLOPE, DY_CL)
             acc += tl.dot(tl.trans(a.to(DOT)), g.to(DOT))
@@ -457,7 +461,7 @@ def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Siz
     dw = torch.empty(n, split, o, k, device=dy.device, dtype=torch.float32)
     db = torch.empty(n, split, o, device=dy.device, dtype=torch.float32) if bias else None
     _conv_wgrad_dot_kernel[(k_blocks, split, n)](
-        x, rows if rows is not None else x, dy, a, code, dw, db if db is not None else dw, batch, split, per_split,
+        x, rows if rows is not None else x, dy, a, code, dw, db if db is not None else dw, batch, x.shape[0], split, per_split,
         C=c, H=h, W=wd, O=o, HO=ho, WO=wo, PH=padding[0], PW=padding[1], KH=kh, KW=kw, CHUNKS=chunks,
         POOL=pool, HP=dy.shape[2], WP=dy.shape[3], ACT=act, SLOPE=slope,
         GATHER=rows is not None, HAS_BIAS=bias, DOT=_dot_dtype(dy), DY_CL=dy_cl,
