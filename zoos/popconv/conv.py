@@ -221,12 +221,12 @@ if triton is not None:
         return g
 
     @triton.jit
-    def _conv_wgrad_dot_kernel(x_ptr, rows_ptr, dy_ptr, a_ptr, code_ptr, dw_ptr, db_ptr, B, XR, SPLIT, PER_SPLIT,
+    def _conv_wgrad_dot_kernel(x_ptr, dy_ptr, a_ptr, code_ptr, dw_ptr, db_ptr, B, SPLIT, PER_SPLIT,
                                C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr,
                                HO: tl.constexpr, WO: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                                KH: tl.constexpr, KW: tl.constexpr, CHUNKS: tl.constexpr,
                                POOL: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, ACT: tl.constexpr,
-                               SLOPE: tl.constexpr, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
+                               SLOPE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
                                DY_CL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """dw (and db) of model m over its tiles [split * PER_SPLIT, ...): a tile is BLOCK_M pixels of one
         sample's output (CHUNKS tiles a sample), so its dy rows are contiguous runs the loads coalesce.
@@ -244,12 +244,7 @@ if triton is not None:
             sample = m * B + t // CHUNKS
             r = (t % CHUNKS) * BLOCK_M + tl.arange(0, BLOCK_M)
             pmask = r < HO * WO
-            if GATHER:  # clamped to x's rows: a pipelined prefetch past the last tile must not read a stray row
-                row = tl.load(rows_ptr + m * B + tl.minimum(t // CHUNKS, B - 1)).to(tl.int64)
-                row = tl.minimum(tl.maximum(row, 0), XR - 1)
-            else:
-                row = sample.to(tl.int64)
-            a = _patch_tile(x_ptr, row, pmask, r // WO, r % WO, k, C, H, W, PH, PW, K, KH, KW)
+            a = _patch_tile(x_ptr, sample.to(tl.int64), pmask, r // WO, r % WO, k, C, H, W, PH, PW, K, KH, KW)
             g = _output_grad_tile(dy_ptr, a_ptr, code_ptr, sample, r, o, pmask, O, WO, POOL, HP, WP, ACT, SLOPE, DY_CL)
             acc += tl.dot(tl.trans(a.to(DOT)), g.to(DOT))
             if HAS_BIAS:
@@ -445,7 +440,9 @@ def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Siz
     batch = dy.shape[0] // n
     if fused is None and _reads_channels_last(x, rows, o):
         return _launch_wgrad_cl(x, rows, dy, w_shape, padding, bias, batch, ho, wo)
-    x = x.contiguous()
+    # the rows gathered first: reading x by row index in this kernel hit an illegal address on an H200 (c=4, k=3,
+    # pad=2, 8x8; test_conv_pool_act_equals_the_three_layers' example), and the gather is one copy of a few channels
+    x = (x if rows is None else x.index_select(0, rows)).contiguous()
     dy_cl = fused is None and dy.is_contiguous(memory_format=torch.channels_last)
     dy = dy if dy_cl else dy.contiguous()
     a, code, pool, act, slope = fused if fused is not None else (dy, dy, 1, "identity", 0.0)
@@ -461,10 +458,10 @@ def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Siz
     dw = torch.empty(n, split, o, k, device=dy.device, dtype=torch.float32)
     db = torch.empty(n, split, o, device=dy.device, dtype=torch.float32) if bias else None
     _conv_wgrad_dot_kernel[(k_blocks, split, n)](
-        x, rows if rows is not None else x, dy, a, code, dw, db if db is not None else dw, batch, x.shape[0], split, per_split,
+        x, dy, a, code, dw, db if db is not None else dw, batch, split, per_split,
         C=c, H=h, W=wd, O=o, HO=ho, WO=wo, PH=padding[0], PW=padding[1], KH=kh, KW=kw, CHUNKS=chunks,
         POOL=pool, HP=dy.shape[2], WP=dy.shape[3], ACT=act, SLOPE=slope,
-        GATHER=rows is not None, HAS_BIAS=bias, DOT=_dot_dtype(dy), DY_CL=dy_cl,
+        HAS_BIAS=bias, DOT=_dot_dtype(dy), DY_CL=dy_cl,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
         **({"num_stages": t.wgrad_stages} if t.wgrad_stages else {}),
     )
