@@ -168,9 +168,8 @@ class Study(BaseModel):
             wanted = getattr(st.settings, "epochs", None)
             if STAGES[st.stage].every_epoch_stored and isinstance(wanted, list):  # zoos already stored: when it runs
                 for z in self.stage_zoos(st):
-                    kept = z.checkpoint_epochs() if isinstance(z, ZooSpec) else None
-                    missing = sorted(set(wanted) - set(kept or wanted))
-                    if missing:
+                    kept = z.checkpoint_epochs() if isinstance(z, ZooSpec) else wanted
+                    if missing := sorted(set(wanted) - set(kept)):
                         raise ValueError(f"analysis[{i}].epochs: {missing} not stored for zoo {z.name!r}; its checkpoints "
                                          f"are {kept} (add them to its `checkpoints`, or ask for 'last' or 'all')")
         return self

@@ -62,8 +62,7 @@ if triton is not None:
             ii = i[:, None] + ki[None, :] - PH
             jj = j[:, None] + kj[None, :] - PW
             mask = mask & (ii >= 0) & (ii < H) & (jj >= 0) & (jj < W)
-        # a masked-off lane points at x's first element: no address outside x even where a load is issued
-        return tl.load(x_ptr + tl.where(mask, base[:, None] + offset[None, :], 0), mask=mask, other=0.0)
+        return tl.load(x_ptr + base[:, None] + offset[None, :], mask=mask, other=0.0)
 
     @triton.jit
     def _conv_fwd_dot_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, y_ptr,
@@ -200,17 +199,16 @@ if triton is not None:
         da [.., HP, WP], that output a and the pool's choice `code`: da * act'(a) at the chosen window
         position, 0 at the others and at pixels the pool's floor dropped (max_pool2d's backward).
         DY_CL: an unfused dy is channels-last in memory."""
-        oo = tl.where(o < O, o, 0)  # masked-off lanes point inside the tensors (as `_patch_tile`'s)
         if (POOL == 1) & (ACT == "identity") & DY_CL:
-            ptrs = dy_ptr + (sample.to(tl.int64) * (HP * WP) + tl.where(pmask, r, 0))[:, None] * O + oo[None, :]
+            ptrs = dy_ptr + (sample.to(tl.int64) * (HP * WP) + r)[:, None] * O + o[None, :]
             return tl.load(ptrs, mask=pmask[:, None] & (o < O)[None, :], other=0.0).to(tl.float32)
         if (POOL == 1) & (ACT == "identity"):
-            ptrs = dy_ptr + sample.to(tl.int64) * (O * HP * WP) + (oo * (HP * WP))[None, :] + tl.where(pmask, r, 0)[:, None]
+            ptrs = dy_ptr + sample.to(tl.int64) * (O * HP * WP) + (o * (HP * WP))[None, :] + r[:, None]
             return tl.load(ptrs, mask=pmask[:, None] & (o < O)[None, :], other=0.0).to(tl.float32)
         i, j = r // WO, r % WO
         pi, pj = i // POOL, j // POOL
         ok = pmask & (pi < HP) & (pj < WP)
-        src = sample.to(tl.int64) * (O * HP * WP) + (oo * (HP * WP))[None, :] + tl.where(ok, pi * WP + pj, 0)[:, None]
+        src = sample.to(tl.int64) * (O * HP * WP) + (o * (HP * WP))[None, :] + (pi * WP + pj)[:, None]
         mask = ok[:, None] & (o < O)[None, :]
         g = tl.load(dy_ptr + src, mask=mask, other=0.0).to(tl.float32)
         a = tl.load(a_ptr + src, mask=mask, other=0.0).to(tl.float32)
