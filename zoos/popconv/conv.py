@@ -65,6 +65,25 @@ if triton is not None:
         return tl.load(x_ptr + base[:, None] + offset[None, :], mask=mask, other=0.0)
 
     @triton.jit
+    def _patch_tile_taps_first(x_ptr, row, pmask, i, j, k, C, H, W, PH, PW, K: tl.constexpr, KH: tl.constexpr,
+                               KW: tl.constexpr):
+        """`_patch_tile` as a [k, pixels] tile, the weight gradient's left operand as tl.dot takes it. With zero
+        padding each element's address is taken from its own image row and column (a per-pixel base plus a
+        per-tap offset there, or a [pixels, k] tile transposed for the dot, gave a wrong dw on an H200 for some
+        padded images of several pixel tiles: test_wgrad_equals_cudnn_on_padded_multi_tile_images)."""
+        c = k // (KH * KW)
+        ki = (k % (KH * KW)) // KW
+        kj = k % KW
+        mask = (k < K)[:, None] & pmask[None, :]
+        if (PH > 0) | (PW > 0):
+            ii = ki[:, None] + i[None, :] - PH
+            jj = kj[:, None] + j[None, :] - PW
+            mask = mask & (ii >= 0) & (ii < H) & (jj >= 0) & (jj < W)
+            return tl.load(x_ptr + row * (C * H * W) + (c * (H * W))[:, None] + ii * W + jj, mask=mask, other=0.0)
+        offset = c * (H * W) + ki * W + kj  # per tap
+        return tl.load(x_ptr + row * (C * H * W) + offset[:, None] + (i * W + j)[None, :], mask=mask, other=0.0)
+
+    @triton.jit
     def _conv_fwd_dot_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, y_ptr,
                          B, C, H, W, O, HO, WO, PH, PW,
                          K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -219,12 +238,12 @@ if triton is not None:
         return g
 
     @triton.jit
-    def _conv_wgrad_dot_kernel(x_ptr, dy_ptr, a_ptr, code_ptr, dw_ptr, db_ptr, B, SPLIT, PER_SPLIT,
+    def _conv_wgrad_dot_kernel(x_ptr, rows_ptr, dy_ptr, a_ptr, code_ptr, dw_ptr, db_ptr, B, SPLIT, PER_SPLIT,
                                C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr,
                                HO: tl.constexpr, WO: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                                KH: tl.constexpr, KW: tl.constexpr, CHUNKS: tl.constexpr,
                                POOL: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, ACT: tl.constexpr,
-                               SLOPE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
+                               SLOPE: tl.constexpr, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
                                DY_CL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """dw (and db) of model m over its tiles [split * PER_SPLIT, ...): a tile is BLOCK_M pixels of one
         sample's output (CHUNKS tiles a sample), so its dy rows are contiguous runs the loads coalesce.
@@ -242,9 +261,10 @@ if triton is not None:
             sample = m * B + t // CHUNKS
             r = (t % CHUNKS) * BLOCK_M + tl.arange(0, BLOCK_M)
             pmask = r < HO * WO
-            a = _patch_tile(x_ptr, sample.to(tl.int64), pmask, r // WO, r % WO, k, C, H, W, PH, PW, K, KH, KW)
+            row = tl.load(rows_ptr + sample).to(tl.int64) if GATHER else sample.to(tl.int64)
+            a = _patch_tile_taps_first(x_ptr, row, pmask, r // WO, r % WO, k, C, H, W, PH, PW, K, KH, KW)
             g = _output_grad_tile(dy_ptr, a_ptr, code_ptr, sample, r, o, pmask, O, WO, POOL, HP, WP, ACT, SLOPE, DY_CL)
-            acc += tl.dot(tl.trans(a.to(DOT)), g.to(DOT))
+            acc += tl.dot(a.to(DOT), g.to(DOT))
             if HAS_BIAS:
                 acc_b += g.to(tl.float32)
         part = (m.to(tl.int64) * SPLIT + split) * (O * K)
@@ -438,14 +458,11 @@ def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Siz
     batch = dy.shape[0] // n
     if fused is None and _reads_channels_last(x, rows, o):
         return _launch_wgrad_cl(x, rows, dy, w_shape, padding, bias, batch, ho, wo)
-    # the rows gathered first: reading x by row index in this kernel hit an illegal address on an H200 (c=4, k=3,
-    # pad=2, 8x8; test_conv_pool_act_equals_the_three_layers' example), and the gather is one copy of a few channels
-    x = (x if rows is None else x.index_select(0, rows)).contiguous()
+    x = x.contiguous()
     dy_cl = fused is None and dy.is_contiguous(memory_format=torch.channels_last)
     dy = dy if dy_cl else dy.contiguous()
     a, code, pool, act, slope = fused if fused is not None else (dy, dy, 1, "identity", 0.0)
     _, block_k, block_n = _blocks(k, o)
-    # at most 64 taps a tile by default: 128 x 32 tiles give a wrong GPU dw (test_wgrad_128_tap_32_pixel_tiles_on_gpu)
     t = tuning.current()
     block_k = t.wgrad_block_k or block_k
     # tiles of one sample's output pixels: at most the image (rounded up to 16, tl.dot's least side)
@@ -456,10 +473,10 @@ def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Siz
     dw = torch.empty(n, split, o, k, device=dy.device, dtype=torch.float32)
     db = torch.empty(n, split, o, device=dy.device, dtype=torch.float32) if bias else None
     _conv_wgrad_dot_kernel[(k_blocks, split, n)](
-        x, dy, a, code, dw, db if db is not None else dw, batch, split, per_split,
+        x, rows if rows is not None else x, dy, a, code, dw, db if db is not None else dw, batch, split, per_split,
         C=c, H=h, W=wd, O=o, HO=ho, WO=wo, PH=padding[0], PW=padding[1], KH=kh, KW=kw, CHUNKS=chunks,
         POOL=pool, HP=dy.shape[2], WP=dy.shape[3], ACT=act, SLOPE=slope,
-        HAS_BIAS=bias, DOT=_dot_dtype(dy), DY_CL=dy_cl,
+        GATHER=rows is not None, HAS_BIAS=bias, DOT=_dot_dtype(dy), DY_CL=dy_cl,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
         **({"num_stages": t.wgrad_stages} if t.wgrad_stages else {}),
     )
