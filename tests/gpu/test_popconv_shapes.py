@@ -1,0 +1,124 @@
+"""popconv's compiled kernels against per-model F.conv2d over a grid of layer shapes, on a GPU.
+
+The interpreter tests (tests/zoos/test_popconv.py) check what the kernels compute; a compiled kernel can still
+go wrong for some shapes only (a float32 weight gradient on an H200 did, for padded images of several pixel
+tiles: benchmarks/README.md). Here each public op (the conv, a data set read by index, the conv + pool +
+activation with its two backward paths, the window table) runs on a seeded sample of channel counts, kernel
+sizes, paddings and image sizes, its inputs and output gradient with NaN in the memory before and after them
+(a masked-off load that reads outside leaks into the result). Run with the other GPU tests after a kernel or
+a Triton change."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zoos import popconv
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+N, BATCH, DATA = 2, 3, 11  # models, samples a model, rows of a data set read by index
+SAMPLES = 48  # shapes a grid contributes
+
+
+def _grid(channels, outputs, pools, seed):
+    """A seeded sample of (c, o, k, pad, size, pool) with an output of at least one pooled pixel."""
+    shapes = [(c, o, k, pad, size, pool)
+              for c, o, k, pad, size, pool in itertools.product(channels, outputs, (1, 2, 3, 5), (0, 1, 2), (5, 8, 11, 16), pools)
+              if size + 2 * pad - k + 1 >= pool]
+    return random.Random(seed).sample(shapes, SAMPLES)
+
+
+def _fenced(t: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """t's values in a view whose storage has NaN before and after it (channels-last memory if asked)."""
+    if channels_last:
+        return _fenced(t.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
+    buf = torch.full((t.numel() + 2 * 4096,), float("nan"), device=t.device, dtype=t.dtype)
+    return buf[4096:4096 + t.numel()].view(t.shape).copy_(t)
+
+
+def _reference(x, w, b, pad, pool=1, act=None):
+    """Model m's float32 F.conv2d (no TF32, so a max-pool picks the positions popconv's float32 forward does)
+    on its rows of x, then the pool and the activation."""
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        y = torch.cat([F.conv2d(x[m * BATCH:(m + 1) * BATCH], w[m], None if b is None else b[m], padding=pad)
+                       for m in range(N)])
+    y = F.max_pool2d(y, pool) if pool > 1 else y
+    return act(y) if act is not None else y
+
+
+def _close(got, want, what):
+    """To 1% of the reference's norm (TF32 products in the tensor-core kernels), and finite."""
+    assert torch.isfinite(got).all(), f"{what}: non-finite values (a load outside the tensor)"
+    err = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
+    assert err < 1e-2, f"{what}: relative error {err:.2e}"
+
+
+def _check(got_out, want_out, wrt_got, wrt_want):
+    """Output and the gradients (named) of one random output gradient, fenced, against the reference's."""
+    _close(got_out, want_out, "output")
+    g = torch.randn(want_out.shape, device=want_out.device)
+    got = torch.autograd.grad(got_out, list(wrt_got.values()), _fenced(g))
+    want = torch.autograd.grad(want_out, list(wrt_want.values()), g)
+    for name, a, r in zip(wrt_got, got, want):
+        _close(a, r, f"d{name}")
+
+
+def _weights(c, o, k, seed):
+    torch.manual_seed(seed)
+    w = torch.randn(N, o, c, k, k, device="cuda", requires_grad=True)
+    b = torch.randn(N, o, device="cuda", requires_grad=True)
+    return w, b
+
+
+@pytest.mark.parametrize("c,o,k,pad,size,_", _grid((1, 3, 8, 16, 20), (1, 6, 17, 40), (1,), seed=0))
+def test_conv(c, o, k, pad, size, _):
+    """conv2d forward and its x, w, b gradients; a wide input (16+ channels) in channels-last memory."""
+    w, b = _weights(c, o, k, seed=c * 1000 + o * 10 + k)
+    x = torch.randn(N * BATCH, c, size, size, device="cuda")
+    xg = _fenced(x, channels_last=c >= 16).requires_grad_()
+    xr = x.clone().requires_grad_()
+    _check(popconv.conv2d(xg, w, b, (pad, pad)), _reference(xr, w, b, pad), {"x": xg, "w": w, "b": b},
+           {"x": xr, "w": w, "b": b})
+
+
+@pytest.mark.parametrize("c,o,k,pad,size,_", _grid((1, 3, 8, 16), (1, 6, 17), (1,), seed=1))
+def test_data_set_read_by_index(c, o, k, pad, size, _):
+    """conv2d reading a data set by row index: forward and w, b gradients."""
+    w, b = _weights(c, o, k, seed=c * 1000 + o * 10 + k)
+    data = torch.randn(DATA, c, size, size, device="cuda")
+    rows = torch.randint(0, DATA, (N, BATCH), device="cuda")
+    got = popconv.conv2d(_fenced(data), w, b, (pad, pad), rows=rows)
+    _check(got, _reference(data[rows.reshape(-1)], w, b, pad), {"w": w, "b": b}, {"w": w, "b": b})
+
+
+@pytest.mark.parametrize("window_dx", [True, False])
+@pytest.mark.parametrize("c,o,k,pad,size,pool", _grid((1, 3, 8, 20), (1, 6, 16), (1, 2), seed=2))
+def test_conv_pool_act(c, o, k, pad, size, pool, window_dx):
+    """conv2d_pool_act (tanh) forward and gradients: with x's gradient (the block input gradient or the padded
+    conv of the rebuilt dy, as window_dx says) and without it (the weight gradient rebuilds dy in its tiles)."""
+    w, b = _weights(c, o, k, seed=c * 1000 + o * 10 + k + pool)
+    x = torch.randn(N * BATCH, c, size, size, device="cuda")
+    with popconv.tuned({"window_dx": window_dx}):
+        for x_grad in (True, False):
+            xg, xr = _fenced(x).requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
+            got = popconv.conv2d_pool_act(xg, w, b, (pad, pad), pool=pool, act="tanh")
+            want = _reference(xr, w, b, pad, pool, torch.tanh)
+            wrt = ({"x": xg} if x_grad else {}) | {"w": w, "b": b}
+            _check(got, want, wrt, ({"x": xr} if x_grad else {}) | {"w": w, "b": b})
+
+
+@pytest.mark.parametrize("c,o,k,pad,size,pool", _grid((1, 3), (1, 6, 16), (1, 2), seed=3))
+def test_window_table(c, o, k, pad, size, pool):
+    """A first layer reading its data set's window table: forward and w, b gradients."""
+    w, b = _weights(c, o, k, seed=c * 1000 + o * 10 + k + pool)
+    data = _fenced(torch.randn(DATA, c, size, size, device="cuda"))
+    rows = torch.randint(0, DATA, (N, BATCH), device="cuda")
+    table = popconv.window_table(data, (k, k), (pad, pad), pool=pool)
+    got = popconv.conv2d_pool_act(data, w, b, (pad, pad), pool=pool, act="tanh", rows=rows, windows=table)
+    want = _reference(data[rows.reshape(-1)], w, b, pad, pool, torch.tanh)
+    _check(got, want, {"w": w, "b": b}, {"w": w, "b": b})
