@@ -27,9 +27,8 @@ SAMPLES = 48  # shapes a grid contributes
 
 def _grid(channels, outputs, pools, seed):
     """A seeded sample of (c, o, k, pad, size, pool) with an output of at least one pooled pixel."""
-    shapes = [(c, o, k, pad, size, pool)
-              for c, o, k, pad, size, pool in itertools.product(channels, outputs, (1, 2, 3, 5), (0, 1, 2), (5, 8, 11, 16, 32), pools)
-              if size + 2 * pad - k + 1 >= pool]
+    grid = itertools.product(channels, outputs, (1, 2, 3, 5), (0, 1, 2), (5, 8, 11, 16, 32), pools)
+    shapes = [(c, o, k, pad, size, pool) for c, o, k, pad, size, pool in grid if size + 2 * pad - k + 1 >= pool]
     return random.Random(seed).sample(shapes, SAMPLES)
 
 
