@@ -474,11 +474,14 @@ def test_pooled_layer_gradients_either_way(tune, dtype, window_dx, c, o, k, pad,
 
 # (c, o, k, pad, size, wgrad_block_k, wgrad_block_m): padded images of more than one pixel tile each, where the
 # weight gradient from a [pixels, taps] tile transposed for the dot was wrong on an H200 (relative error 0.42-0.72)
+# (the interpreter agrees with torch on all of them: without a GPU the first one checks the test's own code)
 _PADDED_MULTI_TILE = [(4, 1, 3, 2, 8, 0, 0), (4, 3, 3, 2, 8, 0, 0), (8, 1, 3, 2, 8, 0, 0), (20, 3, 3, 2, 8, 0, 0),
                       (20, 3, 3, 1, 8, 128, 32), (4, 1, 3, 2, 8, 64, 32), (4, 1, 3, 2, 8, 64, 16), (4, 2, 3, 2, 11, 0, 0)]
+_ON_GPU_ONLY = pytest.mark.skipif(DEVICE == "cpu", reason="a compiled kernel's fault: one case checks the test on the CPU")
 
 
-@pytest.mark.parametrize("c,o,k,pad,size,block_k,block_m", _PADDED_MULTI_TILE)
+@pytest.mark.parametrize("c,o,k,pad,size,block_k,block_m",
+                         [_PADDED_MULTI_TILE[0]] + [pytest.param(*s, marks=_ON_GPU_ONLY) for s in _PADDED_MULTI_TILE[1:]])
 def test_wgrad_equals_cudnn_on_padded_multi_tile_images(tune, c, o, k, pad, size, block_k, block_m):
     """The weight-gradient kernel (dy rebuilt in its tiles behind conv2d_pool_act, 16- to 128-tap tiles of 16 to
     64 pixels) equals per-model convs where each image spans several pixel tiles and the padding puts taps
