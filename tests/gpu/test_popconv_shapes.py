@@ -4,10 +4,9 @@ The interpreter tests (tests/zoos/test_popconv.py) check what the kernels comput
 go wrong for some shapes only (a float32 weight gradient on an H200 did, for padded images of several pixel
 tiles: benchmarks/README.md). Here each public op (the conv, a data set read by index, the conv + pool +
 activation with its two backward paths, the window table) runs on a seeded sample of channel counts, kernel
-sizes, paddings, image sizes and activation dtypes (float32, bf16), its inputs and output gradient with NaN in
-the memory before and after them
-(a masked-off load that reads outside leaks into the result). Run with the other GPU tests after a kernel or
-a Triton change."""
+sizes, paddings, image sizes (MNIST's 28 and CIFAR's 32 among them) and activation dtypes (float32, bf16),
+its inputs and output gradient with NaN in the memory before and after them (a masked-off load that reads
+outside leaks into the result). Run with the other GPU tests after a kernel or a Triton change."""
 
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ SAMPLES = 48  # shapes a grid contributes
 def _grid(channels, outputs, pools, seed):
     """A seeded sample of (c, o, k, pad, size, pool, activations' dtype) with at least one pooled output pixel,
     the dtype float32 or bf16 (the trainer's, with float32 weights) at random."""
-    grid = itertools.product(channels, outputs, (1, 2, 3, 5), (0, 1, 2), (5, 8, 11, 16, 32), pools)
+    grid = itertools.product(channels, outputs, (1, 2, 3, 5), (0, 1, 2), (5, 8, 11, 16, 28, 32), pools)
     shapes = [(c, o, k, pad, size, pool) for c, o, k, pad, size, pool in grid if size + 2 * pad - k + 1 >= pool]
     rng = random.Random(seed)
     return [(*shape, rng.choice(["float32", "bfloat16"])) for shape in rng.sample(shapes, SAMPLES)]
