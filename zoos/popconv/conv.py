@@ -67,10 +67,11 @@ if triton is not None:
     @triton.jit
     def _patch_tile_taps_first(x_ptr, row, pmask, i, j, k, C, H, W, PH, PW, K: tl.constexpr, KH: tl.constexpr,
                                KW: tl.constexpr):
-        """`_patch_tile` as a [k, pixels] tile, the weight gradient's left operand as tl.dot takes it. With zero
-        padding each element's address is taken from its own image row and column (a per-pixel base plus a
-        per-tap offset there, or a [pixels, k] tile transposed for the dot, gave a wrong dw on an H200 for some
-        padded images of several pixel tiles: test_wgrad_equals_cudnn_on_padded_multi_tile_images)."""
+        """`_patch_tile` as a [k, pixels] tile, the weight gradient's left operand as tl.dot takes it. Here `row`
+        is one sample's, so the offsets are int32 from one scalar pointer, and every part of a valid element's
+        offset must be >= 0: with zero padding each address is built from the element's own image row and
+        column, as a per-pixel base (i - PH) * W + (j - PW) below 0 beside a per-tap offset gave a wrong dw on
+        an H200 (test_wgrad_equals_cudnn_on_padded_multi_tile_images)."""
         c = k // (KH * KW)
         ki = (k % (KH * KW)) // KW
         kj = k % KW
