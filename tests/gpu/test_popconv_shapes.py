@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.zoos.test_popconv import nan_fenced, reference
 from zoos import popconv
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -34,20 +35,10 @@ def _grid(channels, outputs, pools, seed):
     return [(*shape, rng.choice(["float32", "bfloat16"])) for shape in rng.sample(shapes, SAMPLES)]
 
 
-def _fenced(t: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """t's values in a view whose storage has NaN before and after it (channels-last memory if asked)."""
-    if channels_last:
-        return _fenced(t.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
-    buf = torch.full((t.numel() + 2 * 4096,), float("nan"), device=t.device, dtype=t.dtype)
-    return buf[4096:4096 + t.numel()].view(t.shape).copy_(t)
-
-
 def _reference(x, w, b, pad, pool=1, act=None):
-    """Model m's float32 F.conv2d (no TF32, so a max-pool picks the positions popconv's float32 forward does)
-    on its rows of x, then the pool and the activation."""
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        y = torch.cat([F.conv2d(x[m * BATCH:(m + 1) * BATCH], w[m], None if b is None else b[m], padding=pad)
-                       for m in range(N)])
+    """Per-model float32 F.conv2d (`reference`: no TF32, so a max-pool picks the positions popconv's float32
+    forward does), then the pool and the activation."""
+    y = reference(x, w, b, pad)
     y = F.max_pool2d(y, pool) if pool > 1 else y
     return act(y) if act is not None else y
 
@@ -65,7 +56,7 @@ def _check(got_out, want_out, wrt_got, wrt_want):
     dtype = got_out.dtype
     _close(got_out, want_out, "output", dtype)
     g = torch.randn(want_out.shape, device=want_out.device).to(dtype)
-    got = torch.autograd.grad(got_out, list(wrt_got.values()), _fenced(g))
+    got = torch.autograd.grad(got_out, list(wrt_got.values()), nan_fenced(g))
     want = torch.autograd.grad(want_out, list(wrt_want.values()), g.float())
     for name, a, r in zip(wrt_got, got, want):
         _close(a, r, f"d{name}", dtype)
@@ -83,7 +74,7 @@ def test_conv(c, o, k, pad, size, _, dtype):
     """conv2d forward and its x, w, b gradients; a wide input (16+ channels) in channels-last memory."""
     w, b = _weights(c, o, k, seed=c * 1000 + o * 10 + k)
     x = torch.randn(N * BATCH, c, size, size, device="cuda").to(getattr(torch, dtype))
-    xg = _fenced(x, channels_last=c >= 16).requires_grad_()
+    xg = nan_fenced(x, channels_last=c >= 16).requires_grad_()
     xr = x.float().clone().requires_grad_()
     _check(popconv.conv2d(xg, w, b, (pad, pad)), _reference(xr, w, b, pad), {"x": xg, "w": w, "b": b},
            {"x": xr, "w": w, "b": b})
@@ -95,7 +86,7 @@ def test_data_set_read_by_index(c, o, k, pad, size, _, dtype):
     w, b = _weights(c, o, k, seed=c * 1000 + o * 10 + k)
     data = torch.randn(DATA, c, size, size, device="cuda").to(getattr(torch, dtype))
     rows = torch.randint(0, DATA, (N, BATCH), device="cuda")
-    got = popconv.conv2d(_fenced(data), w, b, (pad, pad), rows=rows)
+    got = popconv.conv2d(nan_fenced(data), w, b, (pad, pad), rows=rows)
     _check(got, _reference(data[rows.reshape(-1)].float(), w, b, pad), {"w": w, "b": b}, {"w": w, "b": b})
 
 
@@ -108,7 +99,7 @@ def test_conv_pool_act(c, o, k, pad, size, pool, dtype, window_dx):
     x = torch.randn(N * BATCH, c, size, size, device="cuda").to(getattr(torch, dtype))
     with popconv.tuned({"window_dx": window_dx}):
         for x_grad in (True, False):
-            xg, xr = _fenced(x).requires_grad_(x_grad), x.float().clone().requires_grad_(x_grad)
+            xg, xr = nan_fenced(x).requires_grad_(x_grad), x.float().clone().requires_grad_(x_grad)
             got = popconv.conv2d_pool_act(xg, w, b, (pad, pad), pool=pool, act="tanh")
             want = _reference(xr, w, b, pad, pool, torch.tanh)
             wrt = ({"x": xg} if x_grad else {}) | {"w": w, "b": b}
@@ -119,7 +110,7 @@ def test_conv_pool_act(c, o, k, pad, size, pool, dtype, window_dx):
 def test_window_table(c, o, k, pad, size, pool, dtype):
     """A first layer reading its data set's window table: forward and w, b gradients."""
     w, b = _weights(c, o, k, seed=c * 1000 + o * 10 + k + pool)
-    data = _fenced(torch.randn(DATA, c, size, size, device="cuda").to(getattr(torch, dtype)))
+    data = nan_fenced(torch.randn(DATA, c, size, size, device="cuda").to(getattr(torch, dtype)))
     rows = torch.randint(0, DATA, (N, BATCH), device="cuda")
     table = popconv.window_table(data, (k, k), (pad, pad), pool=pool)
     got = popconv.conv2d_pool_act(data, w, b, (pad, pad), pool=pool, act="tanh", rows=rows, windows=table)
