@@ -4,8 +4,9 @@ vit              patches -> linear embedding + learned positions (+ class token)
 set_transformer  points -> linear embedding (no positions) -> pre-LN blocks -> mean/sum over points -> head
 
 A block is x + Attention(LN(x)), then x + MLP(LN(x)). Attention is written with four explicit Linear
-projections and plain tensor ops (no nn.MultiheadAttention, no data-dependent control flow), so that a
-stacked population runs it as batched matmuls and vmap alike.
+projections and `attend` (no nn.MultiheadAttention, no data-dependent control flow in the traced forward), so
+that a stacked population runs the projections as batched matmuls and attention over its whole batch of
+samples, and vmap alike.
 
 Symmetries, as `perm_spec()` lists them:
   stream      the residual stream's features, shared by every block through the LayerNorms (statistics over
@@ -34,6 +35,19 @@ from zoos.archs.layers import check_choice, check_positive
 from zoos.permspec import PermSpec
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """softmax(q k^T * scale) v over the last two axes: on a GPU one fused kernel where the [.., T, T] scores would
+    outweigh q, k and v (T > 3 head_dim; the fused kernel never stores them), else the plain products (which vmap
+    batches; the CPU's fused kernel has no batching rule). A leaf of torch.fx traces (fx.wrap), so a population
+    program runs it on its stacked batch of samples."""
+    if q.is_cuda and q.shape[-2] > 3 * q.shape[-1]:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return (q @ k.transpose(-2, -1) * scale).softmax(-1) @ v
+
+
+torch.fx.wrap("attend")
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over the token axis of x [B, T, D]: softmax(q k^T / sqrt(head_dim)) v per head, then o."""
 
@@ -52,8 +66,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = self._split(self.q(x)), self._split(self.k(x)), self._split(self.v(x))
-        weights = (q @ k.transpose(-2, -1) * self.scale).softmax(-1)  # [B, H, T, T]
-        return self.o((weights @ v).transpose(-3, -2).flatten(-2))
+        return self.o(attend(q, k, v, self.scale).transpose(-3, -2).flatten(-2))
 
 
 class Block(nn.Module):
