@@ -261,7 +261,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     recorder = _Recorder(pop, task, data, evaluation, params, buffers)
     augmenter = Augmenter(task, pop.models, data.n_sub, device) if pop.shared("augmentation") else None
     step = _step(program, data, optimizer, recorder, params, buffers, augmenter)
-    run_step = _replayed(step, program, augmenter, graphs, (len(pop.models), data.batch), device)
+    run_step = _replayed(step, program, augmenter, graphs, data, device)
 
     # -- the epochs
     clock.lap("setup")
@@ -304,7 +304,8 @@ class _Data:
     A helper thread (`streams`) reads the splits, then draws the index streams on the CPU from each model's own
     seed, one randperm a model on the `draws` threads (torch releases the GIL), while the caller builds the
     models and the GPU trains the epoch before. A stream reaches the GPU by a copy on a side stream, so the copy
-    engine runs it beside the step's kernels and the step loop never waits for it."""
+    engine runs it beside the step's kernels and the step loop never waits for it (but once: a CUDA graph's capture
+    waits for the draws under way, `settle`)."""
 
     def __init__(self, pop: PopulationSpec, task: Task, device: torch.device, streams: ThreadPoolExecutor,
                  draws: ThreadPoolExecutor):
@@ -384,6 +385,12 @@ class _Data:
         with torch.cuda.stream(self._copies):
             t = t.to(self.device, non_blocking=True)  # from pageable memory: the helper waits, the main stream does not
             return t, self._copies.record_event()
+
+    def settle(self) -> None:
+        """Wait for the helper's draws under way: a CUDA graph's capture must overlap no other thread's copy (torch
+        refuses a pageable host-to-device copy while a capture is under way, whichever thread asks)."""
+        for ahead in (self._subsets, self._orders):
+            ahead.result()
 
     def _arrived(self, ahead) -> Tensor:
         """A drawn stream on the device, once its copy is done (in stream order: the host does not wait)."""
@@ -612,7 +619,7 @@ def _step(program: _Program, data: _Data, optimizer: Optimizer, recorder: _Recor
 
 
 def _replayed(step: Callable[..., None], program: _Program, augmenter: Augmenter | None, graphs: bool | None,
-              idx_shape: tuple[int, int], device: torch.device) -> Callable[..., None]:
+              data: _Data, device: torch.device) -> Callable[..., None]:
     """`step` replayed as a CUDA graph where it can be (`graphs` None: wherever it can), else `step` itself."""
     why_not = [r for r in (f"the device is {device.type}" if device.type != "cuda" else None, program.not_capturable,
                            "augmentation changes a step's group elements every epoch" if augmenter is not None else None) if r]
@@ -621,7 +628,7 @@ def _replayed(step: Callable[..., None], program: _Program, augmenter: Augmenter
                          f"no augmentation; here {'; '.join(why_not)}")
     use = not why_not if graphs is None else graphs
     program.choice.graphs = bool(use)
-    return _StepGraph(step, idx_shape, device) if use else step
+    return _StepGraph(step, (len(data.specs), data.batch), device, before_capture=data.settle) if use else step
 
 
 def _model_rows(pop: PopulationSpec, task: Task, n_params: int, curves: dict[str, np.ndarray], alive: list[bool]) -> list[dict]:
@@ -769,8 +776,9 @@ class _StepGraph:
 
     WARMUP = 3
 
-    def __init__(self, step: Callable[[Tensor], None], idx_shape: tuple[int, int], device: torch.device):
-        self.step, self.device = step, device
+    def __init__(self, step: Callable[[Tensor], None], idx_shape: tuple[int, int], device: torch.device,
+                 before_capture: Callable[[], None] = lambda: None):
+        self.step, self.device, self.before_capture = step, device, before_capture
         self.idx = torch.zeros(idx_shape, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_calls = 0
@@ -792,8 +800,9 @@ class _StepGraph:
                 main.wait_stream(side)
                 self.eager_calls += 1
                 return
+            self.before_capture()  # no helper's copy during the capture
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads draw index streams
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.step(self.idx)
             self.graph = graph
             graph.replay()

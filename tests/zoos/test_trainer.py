@@ -327,6 +327,39 @@ def test_graphed_steps_train_exactly_as_eager_ones(dropout, compile, monkeypatch
     assert (eager.curves["train_loss"][:, -1] < eager.curves["train_loss"][:, 0]).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_a_capture_waits_for_the_helpers_draw(monkeypatch):
+    """The next epoch's index draw, still under way when a step is to be captured as a CUDA graph, is waited for
+    first: torch refuses a helper thread's pageable copy while a capture is under way (a run crashed at random)."""
+    import time
+
+    from zoos import trainer
+
+    datas, pending_at_capture = [], []
+    init, draw, begin = trainer._Data.__init__, trainer._Data._orders_of, torch.cuda.CUDAGraph.capture_begin
+
+    def keep(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        datas.append(self)
+
+    def late(self, epoch):
+        time.sleep(0.3)  # still drawing when epoch 1's first full step (the 4th) is captured
+        return draw(self, epoch)
+
+    def capture_begin(graph, *args, **kwargs):
+        pending_at_capture.append(sum(not f.done() for d in datas for f in (d._subsets, d._orders)))
+        return begin(graph, *args, **kwargs)
+
+    monkeypatch.setattr(trainer._Data, "__init__", keep)
+    monkeypatch.setattr(trainer._Data, "_orders_of", late)
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", capture_begin)
+    grid = {"seed": [0, 1], "train_fraction": [0.6], "batch_size": [32]}  # 120 samples: 3 full batches an epoch
+    models = zoo_models(grid, arch={"name": "cnn", "config": {"width": 4, "depth": 2}}, epochs=3)
+    result = train_population(one_population(models), device="cuda", precision="bf16", graphs=True)
+    assert pending_at_capture == [0]
+    assert np.isfinite(result.curves["train_loss"]).all()
+
+
 def test_graphs_are_refused_where_they_cannot_run_and_no_helper_is_left():
     import threading
 
