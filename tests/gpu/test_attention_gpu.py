@@ -39,7 +39,6 @@ def test_vit_population_program_with_fused_attention_equals_vmap():
     """MNIST's 7x7 patches: 17 tokens of head_dim 4, so every block's attention runs the fused kernel."""
     task, module, params, buffers = _population("vit", "mnist", {}, dict(width=8, depth=2, heads=2, patch=7))
     params, buffers = {k: v.cuda() for k, v in params.items()}, {k: v.cuda() for k, v in buffers.items()}
-    module = module.cuda()
     program = choose_program(module, task, "cuda", fast=True, kernels=True, compile=False, dropout=False, arch="vit")
     assert program.fast, program.reason
     x = torch.randn(3, 4, *task.input_shape, generator=torch.Generator().manual_seed(1)).cuda()
