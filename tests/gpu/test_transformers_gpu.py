@@ -1,6 +1,6 @@
-"""Attention's fused GPU kernel (`zoos.archs.transformers.attend`, taken where the scores outweigh q, k and v)
-against the plain products it replaces, and a ViT population program that runs it against vmap. Skipped
-without CUDA."""
+"""A transformer zoo's GPU paths: attention's fused kernel (`zoos.archs.transformers.attend`, taken where the
+scores outweigh q, k and v) against the plain products it replaces, and a ViT population program that runs it
+against vmap. Skipped without CUDA."""
 
 from __future__ import annotations
 
