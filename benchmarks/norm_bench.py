@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from popconv_bench import timed  # the script's folder is on the path: CUDA events, median of 20
 
 
-def narrow(x: torch.Tensor, d: int, eps: float = 1e-5) -> torch.Tensor:
+def narrow(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     var, mean = torch.var_mean(x, dim=-1, unbiased=False, keepdim=True)
     return (x - mean) * torch.rsqrt(var + eps)
 
@@ -34,9 +34,9 @@ def main() -> None:
             torch.autograd.grad(F.layer_norm(x, (d,)), x, g)
 
         def ours():
-            torch.autograd.grad(narrow(x, d), x, g)
+            torch.autograd.grad(narrow(x), x, g)
 
-        diff = (F.layer_norm(x, (d,)) - narrow(x, d)).abs().max().item()
+        diff = (F.layer_norm(x, (d,)) - narrow(x)).abs().max().item()
         a, b = timed(native), timed(ours)
         print(f"{d:6d} {rows:10d} {a:14.3f} {b:12.3f} {a / b:7.2f} {diff:9.1e}", flush=True)
 
