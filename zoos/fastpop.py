@@ -38,6 +38,7 @@ parameter directly. The trainer uses it where it applies and keeps `vmap` otherw
 from __future__ import annotations
 
 import copy
+import math
 import operator
 import os
 import re
@@ -763,6 +764,13 @@ class _Emitter:
                 eps = kw["eps"]
                 if node.target is F.group_norm and kw["num_groups"] == 1 and (w is not None or b is not None) and pop.kernels:
                     return self._popnorm(node, x, w, b, eps)
+                shape = kw["normalized_shape"]
+                shape = (shape,) if isinstance(shape, int) else tuple(shape)
+                if (node.target is F.layer_norm and (w is not None or b is not None) and pop.kernels
+                        and all(isinstance(s, int) for s in shape) and math.prod(shape) <= popnorm.LAYER_NORM_MAX):
+                    out_dtype = pop.dtype if self._read_by_weighted_only(node) else torch.float32
+                    self.choose(node, "popnorm", "" if out_dtype == torch.float32 else "stored in the compute dtype: only linears read it")
+                    return g.call_function(popnorm.layer_norm, (value(x), shape, value(w), value(b), eps), {"out_dtype": out_dtype})
                 self.choose(node, "population norm", "statistics per sample, affine per model")
                 if node.target is F.group_norm:
                     return g.call_function(pop_group_norm, (value(x), kw["num_groups"], value(w), value(b), eps))

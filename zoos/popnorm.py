@@ -23,9 +23,19 @@ float32; the output is float32 (as autocast runs norms) unless asked otherwise.
 PyTorch's eager path for the same (x.float(), F.group_norm, the affine as two broadcast ops, the add, the
 activation) passes over the float32 map many times forward and backward; with `kernels=True` `zoos.fastpop`
 emits this instead for GroupNorm with one group.
+
+LayerNorm (a transformer's: statistics over each token's D features, an affine per feature) on the
+[N*B, ..., D] batch is the same algebra on rows of D, with model m's rows contiguous. Its rows are narrow
+(D = 32 for a small ViT), where torch's kernel, one thread block a row, runs far below the card's bandwidth,
+so a program here takes a tile of many rows of one model: the forward reads the tile once and writes y, mean
+and rstd; the backward reads x and dy once, writes dx, and sums dw and db over its tiles into one partial a
+program, which torch sums over each model's programs.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -124,6 +134,56 @@ if triton is not None:
                 dz *= _act_slope(tl.load(y_ptr + at, mask=mask, other=0.0), ACT, slope)
             g = dz * wv
             tl.store(dx_ptr + at, (rstd * (g - mean_g - xhat * mean_gx)).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+    @triton.jit
+    def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, RPM, eps, D: tl.constexpr,
+                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        m = tl.program_id(1)
+        i = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        d = tl.arange(0, BLOCK_D)
+        rows = m.to(tl.int64) * RPM + i
+        mask = (i < RPM)[:, None] & (d < D)[None, :]
+        at = rows[:, None] * D + d[None, :]
+        x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / D
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+        y = xc * rstd[:, None]
+        if HAS_W:
+            y *= tl.load(w_ptr + m * D + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
+        if HAS_B:
+            y += tl.load(b_ptr + m * D + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(mean_ptr + rows, mean, mask=i < RPM)
+        tl.store(rstd_ptr + rows, rstd, mask=i < RPM)
+
+    @triton.jit
+    def _ln_bwd_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, RPM, TILES,
+                       D: tl.constexpr, HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        j, m = tl.program_id(0), tl.program_id(1)
+        d = tl.arange(0, BLOCK_D)
+        wv = tl.load(w_ptr + m * D + d, mask=d < D, other=0.0).to(tl.float32)[None, :] if HAS_W else 1.0
+        acc_dw = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        acc_db = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        for t in range(TILES):
+            i = (j * TILES + t) * BLOCK_R + tl.arange(0, BLOCK_R)
+            rows = m.to(tl.int64) * RPM + i
+            mask = (i < RPM)[:, None] & (d < D)[None, :]
+            at = rows[:, None] * D + d[None, :]
+            mean = tl.load(mean_ptr + rows, mask=i < RPM, other=0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=i < RPM, other=0.0)
+            xhat = tl.where(mask, (tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
+            dy = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            g = dy * wv
+            mean_g, mean_gx = tl.sum(g, axis=1) / D, tl.sum(g * xhat, axis=1) / D
+            dx = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
+            tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            acc_dw += dy * xhat
+            acc_db += dy
+        part = (m.to(tl.int64) * tl.num_programs(0) + j) * D + d
+        tl.store(dw_ptr + part, tl.sum(acc_dw, axis=0), mask=d < D)
+        tl.store(db_ptr + part, tl.sum(acc_db, axis=0), mask=d < D)
 
 
 def _layout(x: Tensor) -> tuple[Tensor, bool]:
@@ -228,4 +288,109 @@ def group_norm1(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float = 1e-5
     return _pop_norm1(x, w, b, residual, x.shape[0] // v.shape[0], float(eps), act, slope, out_dtype)[0]
 
 
-__all__ = ["ACTS", "available", "group_norm1"]
+LAYER_NORM_MAX = 16384  # the widest row layer_norm holds in one tile; a wider one runs F.layer_norm
+
+
+LN_TILE = 4096  # elements of one layer_norm tile (rows x padded width)
+
+
+def _ln_blocks(d: int) -> tuple[int, int, int]:
+    """(rows, padded width, warps) of one tile: LN_TILE elements or one row, a power of two each."""
+    block_d = triton.next_power_of_2(d)
+    block_r = max(1, LN_TILE // block_d)
+    return block_r, block_d, min(16, max(4, block_r * block_d // 1024))
+
+
+@torch.library.custom_op("symzoo::pop_layer_norm", mutates_args=())
+def _pop_layer_norm(x: Tensor, w: Tensor | None, b: Tensor | None, models: int, width: int, eps: float,
+                    out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    x = x.contiguous()
+    rows = x.numel() // width
+    y = torch.empty_like(x, dtype=out_dtype)
+    mean, rstd = x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
+    block_r, block_d, warps = _ln_blocks(width)
+    rpm = rows // models
+    if rows:
+        _ln_fwd_kernel[(triton.cdiv(rpm, block_r), models)](
+            x, w if w is not None else x, b if b is not None else x, y, mean, rstd, rpm, eps, D=width,
+            HAS_W=w is not None, HAS_B=b is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+    return y, mean, rstd
+
+
+@_pop_layer_norm.register_fake
+def _(x, w, b, models, width, eps, out_dtype):
+    rows = x.numel() // width
+    return (torch.empty(x.shape, dtype=out_dtype, device=x.device), x.new_empty(rows, dtype=torch.float32),
+            x.new_empty(rows, dtype=torch.float32))
+
+
+def _ln_programs(models: int, tiles: int) -> tuple[int, int]:
+    """(programs a model, tiles a program) for the backward: a few thousand programs in all, each model's
+    weight-gradient partials one row a program."""
+    per_model = max(1, min(tiles, triton.cdiv(4096, models)))
+    each = triton.cdiv(tiles, per_model)
+    return triton.cdiv(tiles, each), each
+
+
+@torch.library.custom_op("symzoo::pop_layer_norm_backward", mutates_args=())
+def _pop_layer_norm_backward(x: Tensor, dy: Tensor, w: Tensor | None, mean: Tensor, rstd: Tensor, models: int,
+                             width: int) -> tuple[Tensor, Tensor, Tensor]:
+    x, dy = x.contiguous(), dy.contiguous()
+    dx = torch.empty_like(x)
+    block_r, block_d, warps = _ln_blocks(width)
+    rpm = x.numel() // width // models
+    programs, tiles = _ln_programs(models, max(1, triton.cdiv(rpm, block_r)))
+    dw = x.new_zeros(models, programs, width, dtype=torch.float32)
+    db = x.new_zeros(models, programs, width, dtype=torch.float32)
+    if x.numel():
+        _ln_bwd_kernel[(programs, models)](x, dy, w if w is not None else x, mean, rstd, dx, dw, db, rpm, tiles,
+                                           D=width, HAS_W=w is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+                                           num_warps=warps)
+    return dx, dw.sum(1), db.sum(1)
+
+
+@_pop_layer_norm_backward.register_fake
+def _(x, dy, w, mean, rstd, models, width):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), x.new_empty(models, width, dtype=torch.float32), \
+        x.new_empty(models, width, dtype=torch.float32)
+
+
+def _ln_setup(ctx, inputs, output) -> None:
+    x, w, b, models, width, _, _ = inputs
+    ctx.save_for_backward(x, w, output[1], output[2])
+    ctx.meta = (models, width, b is not None, x.shape)
+
+
+def _ln_backward(ctx, dy: Tensor, _dmean, _drstd):
+    x, w, mean, rstd = ctx.saved_tensors
+    models, width, has_b, shape = ctx.meta
+    dx, dw, db = _pop_layer_norm_backward(x, dy, w, mean, rstd, models, width)
+    return (dx.view(shape), dw.to(w.dtype).view(w.shape) if w is not None else None, db if has_b else None,
+            None, None, None, None)
+
+
+_pop_layer_norm.register_autograd(_ln_backward, setup_context=_ln_setup)
+
+
+def layer_norm(x: Tensor, shape: Sequence[int], w: Tensor | None, b: Tensor | None, eps: float = 1e-5, *,
+               out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """F.layer_norm(x, shape) of each sample with model m's affine (w, b [N, *shape]) on the population's
+    batch x [N*B, ..., *shape], in `out_dtype`; gradients to x, w and b. Statistics and the affine in float32,
+    as autocast runs norms; rows of width prod(shape) up to LAYER_NORM_MAX."""
+    v = w if w is not None else b
+    if v is None:
+        raise ValueError("layer_norm needs w or b (the population's affine) to know the population size")
+    shape = tuple(int(s) for s in shape)
+    if v.shape[1:] != shape or x.shape[x.dim() - len(shape):] != shape or x.dim() <= len(shape) \
+            or x.shape[0] % v.shape[0]:
+        raise ValueError(f"x [N*B, ..., *shape] and w, b [N, *shape] disagree: x {tuple(x.shape)}, "
+                         f"shape {shape}, w or b {tuple(v.shape)}")
+    width = math.prod(shape)
+    if width > LAYER_NORM_MAX:
+        raise ValueError(f"layer_norm holds rows of up to {LAYER_NORM_MAX} elements, got {width}")
+    wf = w.reshape(w.shape[0], width) if w is not None else None
+    bf = b.reshape(b.shape[0], width) if b is not None else None
+    return _pop_layer_norm(x, wf, bf, v.shape[0], width, float(eps), out_dtype)[0]
+
+
+__all__ = ["ACTS", "available", "group_norm1", "layer_norm", "LAYER_NORM_MAX"]

@@ -94,3 +94,51 @@ def test_group_norm1_names_shapes_that_disagree():
         popnorm.group_norm1(x, torch.ones(2, 3, device=DEVICE), None)
     with pytest.raises(ValueError, match="needs w or b"):
         popnorm.group_norm1(x, None, None)
+
+
+def per_model_layer_norm(x, shape, w, b, n, eps):
+    """Model i's F.layer_norm with its own affine, in float32, on its rows of x."""
+    return torch.cat([F.layer_norm(xi, shape, None if w is None else w[i], None if b is None else b[i], eps)
+                      for i, xi in enumerate(x.float().chunk(n))])
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 4), batch=st.integers(1, 3), tokens=st.sampled_from([(), (1,), (5,), (3, 2), (70,)]),
+       shape=st.sampled_from([(1,), (7,), (32,), (3, 5), (130,), (600,)]), affine=st.sampled_from(["both", "weight", "bias"]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), out_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 99))
+def test_layer_norm_equals_per_model_layer_norm(n, batch, tokens, shape, affine, dtype, out_dtype, seed):
+    """Rows of any width (one to several tiles of rows, a tile wider than 512), inputs far from 0, in float32 or
+    bf16, stored in float32 or bf16: the output and the gradients of x, w and b equal per-model F.layer_norm's
+    in float32 (then cast, as autocast's linear reading it casts it)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n * batch, *tokens, *shape, generator=g) * 3 + 5).to(DEVICE).to(dtype).requires_grad_()
+    w = torch.randn(n, *shape, generator=g).to(DEVICE).requires_grad_() if affine != "bias" else None
+    b = torch.randn(n, *shape, generator=g).to(DEVICE).requires_grad_() if affine != "weight" else None
+    y = popnorm.layer_norm(x, shape, w, b, 1e-5, out_dtype=out_dtype)
+    assert y.dtype == out_dtype and y.shape == x.shape
+    xf = x.detach().float().requires_grad_()
+    want = per_model_layer_norm(xf, list(shape), w, b, n, 1e-5)
+    torch.testing.assert_close(y, want.to(out_dtype), atol=1e-4, rtol=1e-4 if out_dtype == torch.float32 else 1e-2)
+    dy = torch.randn(want.shape, generator=g).to(DEVICE).to(out_dtype)
+    wrt = [t for t in (w, b) if t is not None]
+    got = torch.autograd.grad(y, [x, *wrt], dy)
+    ref = torch.autograd.grad(want, [xf, *wrt], dy.float())
+    assert got[0].dtype == dtype
+    torch.testing.assert_close(got[0], ref[0].to(dtype), atol=1e-4, rtol=1e-3 if dtype == torch.float32 else 1e-2)
+    for a, r in zip(got[1:], ref[1:]):
+        torch.testing.assert_close(a, r, atol=1e-4 * (1 + r.abs().max().item()), rtol=1e-3)
+
+
+def test_layer_norm_names_shapes_that_disagree_and_rows_too_wide():
+    x = torch.randn(6, 4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"x \[N\*B, \.\.\., \*shape\] and w, b \[N, \*shape\] disagree: x \(6, 4, 8\), "
+                                         r"shape \(8,\), w or b \(4, 8\)"):
+        popnorm.layer_norm(x, (8,), torch.ones(4, 8, device=DEVICE), None)
+    with pytest.raises(ValueError, match=r"disagree: x \(6, 4, 8\), shape \(4, 8\), w or b \(2, 8\)"):
+        popnorm.layer_norm(x, (4, 8), torch.ones(2, 8, device=DEVICE), None)
+    with pytest.raises(ValueError, match="needs w or b"):
+        popnorm.layer_norm(x, (8,), None, None)
+    wide = popnorm.LAYER_NORM_MAX + 1
+    with pytest.raises(ValueError, match=f"rows of up to {popnorm.LAYER_NORM_MAX} elements, got {wide}"):
+        popnorm.layer_norm(torch.zeros(2, wide, device=DEVICE), (wide,), torch.ones(2, wide, device=DEVICE), None)
