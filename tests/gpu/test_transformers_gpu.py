@@ -1,6 +1,6 @@
 """A transformer zoo's GPU paths: attention's fused kernel (`zoos.archs.transformers.attend`, taken where the
 scores outweigh q, k and v) against the plain products it replaces, and a ViT population program that runs it
-against vmap. Skipped without CUDA."""
+(and its LayerNorms as popnorm) against vmap. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ def test_vit_population_program_with_fused_attention_equals_vmap():
     params, buffers = {k: v.cuda() for k, v in params.items()}, {k: v.cuda() for k, v in buffers.items()}
     program = choose_program(module, task, "cuda", fast=True, kernels=True, compile=False, dropout=False, arch="vit")
     assert program.fast, program.reason
+    assert [p for _, p, _ in program.step.pop.choices].count("popnorm") == 5  # every LayerNorm on the kernel
     x = torch.randn(3, 4, *task.input_shape, generator=torch.Generator().manual_seed(1)).cuda()
     y = _targets(task, 3, 4).cuda()
 
