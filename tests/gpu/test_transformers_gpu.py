@@ -1,6 +1,6 @@
-"""A transformer zoo's GPU paths: attention's fused kernel (`zoos.archs.transformers.attend`, taken where the
-scores outweigh q, k and v) against the plain products it replaces, and a ViT population program that runs it
-(and its LayerNorms as popnorm) against vmap. Skipped without CUDA."""
+"""A transformer zoo's GPU paths: `zoos.archs.transformers.attend` (zoos.popattn's kernel for short sequences and
+narrow heads, the fused flash kernel for longer ones) against the plain products it replaces, and population
+programs that run it (and their LayerNorms as popnorm) against vmap. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens,head_dim", [(50, 8), (17, 4), (65, 16)])
-def test_fused_attention_equals_the_plain_products(tokens, head_dim, dtype):
-    assert tokens > 3 * head_dim  # the fused kernel's side of the rule
+@pytest.mark.parametrize("batch,tokens,head_dim", [(6, 50, 8), (6, 17, 4), (6, 65, 16), (3, 128, 64), (4100, 16, 8),
+                                                   (6, 200, 8)])
+def test_attention_equals_the_plain_products(batch, tokens, head_dim, dtype):
+    """popattn up to its limits (4100 x 3 problems: several a program), the flash kernel past them (200 tokens)."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(6, 3, tokens, head_dim, device="cuda").to(dtype).requires_grad_() for _ in range(3))
-    g = torch.randn(6, 3, tokens, head_dim, device="cuda").to(dtype)
+    q, k, v = (torch.randn(batch, 3, tokens, head_dim, device="cuda").to(dtype).requires_grad_() for _ in range(3))
+    g = torch.randn(batch, 3, tokens, head_dim, device="cuda").to(dtype)
     scale = head_dim ** -0.5
     got = attend(q, k, v, scale)
     got_grads = torch.autograd.grad(got, (q, k, v), g)
@@ -35,11 +36,14 @@ def test_fused_attention_equals_the_plain_products(tokens, head_dim, dtype):
         assert err < tol, f"{name}: relative error {err:.2e}"
 
 
-def test_vit_population_program_with_fused_attention_equals_vmap():
-    """MNIST's 7x7 patches: 17 tokens of head_dim 4, so every block's attention runs the fused kernel."""
-    task, module, params, buffers = _population("vit", "mnist", {}, dict(width=8, depth=2, heads=2, patch=7))
+@pytest.mark.parametrize("arch,task_name,config", [("vit", "mnist", dict(width=8, depth=2, heads=2, patch=7)),
+                                                    ("set_transformer", "convex_hull", dict(width=16, depth=2, heads=2))])
+def test_transformer_population_program_on_the_kernels_equals_vmap(arch, task_name, config):
+    """MNIST's 7x7 patches (17 tokens of head_dim 4), a convex hull's 16 points (head_dim 8): the program runs
+    attention on popattn and the norms on popnorm; vmap (under torch.func) runs the plain products."""
+    task, module, params, buffers = _population(arch, task_name, {}, config)
     params, buffers = {k: v.cuda() for k, v in params.items()}, {k: v.cuda() for k, v in buffers.items()}
-    program = choose_program(module, task, "cuda", fast=True, kernels=True, compile=False, dropout=False, arch="vit")
+    program = choose_program(module, task, "cuda", fast=True, kernels=True, compile=False, dropout=False, arch=arch)
     assert program.fast, program.reason
     assert [p for _, p, _ in program.step.pop.choices].count("popnorm") == 5  # every LayerNorm on the kernel
     x = torch.randn(3, 4, *task.input_shape, generator=torch.Generator().manual_seed(1)).cuda()

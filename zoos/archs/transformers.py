@@ -32,16 +32,23 @@ from torch import Tensor, nn
 from tasks.base import Task
 from zoos.archs.base import ArchError, PopDropout, SymModule, make_activation, register_arch
 from zoos.archs.layers import check_choice, check_positive
+from zoos import popattn
 from zoos.permspec import PermSpec
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """softmax(q k^T * scale) v over the last two axes: on a GPU one fused kernel where the [.., T, T] scores would
-    outweigh q, k and v (T > 3 head_dim; the fused kernel never stores them), else the plain products (which vmap
-    batches; the CPU's fused kernel has no batching rule). A leaf of torch.fx traces (fx.wrap), so a population
-    program runs it on its stacked batch of samples."""
-    if q.is_cuda and q.shape[-2] > 3 * q.shape[-1]:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    """softmax(q k^T * scale) v over the last two axes. On a GPU: `zoos.popattn`'s kernel for a zoo's short
+    sequences and narrow heads (one program holds whole problems; outside torch.func's transforms, which it
+    has no rule for), else one fused flash kernel where the [.., T, T] scores would outweigh q, k and v
+    (T > 3 head_dim; it never stores them). Otherwise the plain products (which vmap batches; the CPU's fused
+    kernel has no batching rule). A leaf of torch.fx traces (fx.wrap), so a population program runs it on its
+    stacked batch of samples."""
+    if q.is_cuda:
+        if (popattn.fits(q.shape[-2], q.shape[-1]) and popattn.available(q.device) and q.dtype == k.dtype == v.dtype
+                and q.shape == k.shape == v.shape and not torch._C._are_functorch_transforms_active()):
+            return popattn.attention(q, k, v, scale)
+        if q.shape[-2] > 3 * q.shape[-1]:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
     return (q @ k.transpose(-2, -1) * scale).softmax(-1) @ v
 
 
