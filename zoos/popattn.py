@@ -44,50 +44,49 @@ if triton is not None:
     @triton.jit
     def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, P, H, T, HD, scale, EACH,
                          qb, qh, qt, kb, kh, kt, vb, vh, vt, ob, oh, ot,
-                         BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+                         BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
         t, d = tl.arange(0, BT), tl.arange(0, BD)
-        for i in range(EACH):
-            p = tl.program_id(0) * EACH + i
-            if p < P:
-                b, h = p // H, p % H
-                q = _tile(q_ptr, b, h, qt, T, HD, t, d, qb, qh)
-                k = _tile(k_ptr, b, h, kt, T, HD, t, d, kb, kh)
-                v = _tile(v_ptr, b, h, vt, T, HD, t, d, vb, vh)
-                s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-                s = tl.where((t < T)[None, :], s, float("-inf"))
-                mx = tl.max(s, axis=1)
-                e = tl.exp(s - mx[:, None])
-                total = tl.sum(e, axis=1)
-                o = tl.dot((e / total[:, None]).to(v.dtype), v, input_precision=PREC)
-                _put(o_ptr, o, b, h, ot, T, HD, t, d, ob, oh)
-                tl.store(lse_ptr + p.to(tl.int64) * T + t, mx + tl.log(total), mask=t < T)
+        for i in tl.range(EACH, num_stages=STAGES):
+            p = tl.minimum(tl.program_id(0) * EACH + i, P - 1)  # a program's tail redoes the last problem
+            b, h = p // H, p % H
+            q = _tile(q_ptr, b, h, qt, T, HD, t, d, qb, qh)
+            k = _tile(k_ptr, b, h, kt, T, HD, t, d, kb, kh)
+            v = _tile(v_ptr, b, h, vt, T, HD, t, d, vb, vh)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            s = tl.where((t < T)[None, :], s, float("-inf"))
+            mx = tl.max(s, axis=1)
+            e = tl.exp(s - mx[:, None])
+            total = tl.sum(e, axis=1)
+            o = tl.dot((e / total[:, None]).to(v.dtype), v, input_precision=PREC)
+            _put(o_ptr, o, b, h, ot, T, HD, t, d, ob, oh)
+            tl.store(lse_ptr + p.to(tl.int64) * T + t, mx + tl.log(total), mask=t < T)
 
     @triton.jit
     def _attn_bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr, P, H, T, HD, scale,
                          EACH, qb, qh, qt, kb, kh, kt, vb, vh, vt, ob, oh, ot, gb, gh, gt,
-                         dqb, dqh, dqt, dkb, dkh, dkt, dvb, dvh, dvt, BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+                         dqb, dqh, dqt, dkb, dkh, dkt, dvb, dvh, dvt,
+                         BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
         t, d = tl.arange(0, BT), tl.arange(0, BD)
-        for i in range(EACH):
-            p = tl.program_id(0) * EACH + i
-            if p < P:
-                b, h = p // H, p % H
-                q = _tile(q_ptr, b, h, qt, T, HD, t, d, qb, qh)
-                k = _tile(k_ptr, b, h, kt, T, HD, t, d, kb, kh)
-                v = _tile(v_ptr, b, h, vt, T, HD, t, d, vb, vh)
-                o = _tile(o_ptr, b, h, ot, T, HD, t, d, ob, oh)
-                do = _tile(do_ptr, b, h, gt, T, HD, t, d, gb, gh)
-                lse = tl.load(lse_ptr + p.to(tl.int64) * T + t, mask=t < T, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-                pr = tl.where((t < T)[None, :], tl.exp(s - lse[:, None]), 0.0)
-                dv = tl.dot(tl.trans(pr.to(do.dtype)), do, input_precision=PREC)
-                dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-                delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-                ds = (pr * (dp - delta[:, None]) * scale).to(q.dtype)
-                dq = tl.dot(ds, k, input_precision=PREC)
-                dk = tl.dot(tl.trans(ds), q, input_precision=PREC)
-                _put(dq_ptr, dq, b, h, dqt, T, HD, t, d, dqb, dqh)
-                _put(dk_ptr, dk, b, h, dkt, T, HD, t, d, dkb, dkh)
-                _put(dv_ptr, dv, b, h, dvt, T, HD, t, d, dvb, dvh)
+        for i in tl.range(EACH, num_stages=STAGES):
+            p = tl.minimum(tl.program_id(0) * EACH + i, P - 1)  # a program's tail redoes the last problem
+            b, h = p // H, p % H
+            q = _tile(q_ptr, b, h, qt, T, HD, t, d, qb, qh)
+            k = _tile(k_ptr, b, h, kt, T, HD, t, d, kb, kh)
+            v = _tile(v_ptr, b, h, vt, T, HD, t, d, vb, vh)
+            o = _tile(o_ptr, b, h, ot, T, HD, t, d, ob, oh)
+            do = _tile(do_ptr, b, h, gt, T, HD, t, d, gb, gh)
+            lse = tl.load(lse_ptr + p.to(tl.int64) * T + t, mask=t < T, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            pr = tl.where((t < T)[None, :], tl.exp(s - lse[:, None]), 0.0)
+            dv = tl.dot(tl.trans(pr.to(do.dtype)), do, input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+            ds = (pr * (dp - delta[:, None]) * scale).to(q.dtype)
+            dq = tl.dot(ds, k, input_precision=PREC)
+            dk = tl.dot(tl.trans(ds), q, input_precision=PREC)
+            _put(dq_ptr, dq, b, h, dqt, T, HD, t, d, dqb, dqh)
+            _put(dk_ptr, dk, b, h, dkt, T, HD, t, d, dkb, dkh)
+            _put(dv_ptr, dv, b, h, dvt, T, HD, t, d, dvb, dvh)
 
 
 def fits(tokens: int, head_dim: int) -> bool:
@@ -101,11 +100,15 @@ def _four(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _plan(problems: int, tokens: int, head_dim: int) -> tuple[int, int, int, int]:
-    """(BT, BD, problems a program, warps): tiles of at least 16 (tl.dot's least), programs enough to fill the card."""
+PLAN = {"each": 16, "programs": 4096, "stages": 2, "warps": 4}  # the launch: attention_bench.py sweeps it
+
+
+def _plan(problems: int, tokens: int, head_dim: int) -> tuple[int, int, int, int, int]:
+    """(BT, BD, problems a program, warps, stages): tiles of at least 16 (tl.dot's least); up to PLAN's problems
+    a program while at least its programs fill the card, the next problem's loads issued during this one's math."""
     bt, bd = max(16, triton.next_power_of_2(tokens)), max(16, triton.next_power_of_2(head_dim))
-    each = max(1, min(16, problems // 4096))
-    return bt, bd, each, 4 if bt <= 64 else 8
+    each = max(1, min(PLAN["each"], problems // PLAN["programs"]))
+    return bt, bd, each, PLAN["warps"] if bt <= 64 else 2 * PLAN["warps"], PLAN["stages"]
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -123,11 +126,11 @@ def _small_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Ten
     b, h, t, hd = q.shape
     o = q.new_empty(b, t, h, hd).transpose(1, 2)
     lse = q.new_empty(b * h, t, dtype=torch.float32)
-    bt, bd, each, warps = _plan(b * h, t, hd)
+    bt, bd, each, warps, stages = _plan(b * h, t, hd)
     if o.numel():
         _attn_fwd_kernel[(triton.cdiv(b * h, each),)](q, k, v, o, lse, b * h, h, t, hd, scale, each,
                                                       *_strides(q, k, v, o), BT=bt, BD=bd,
-                                                      PREC=_precision(q.dtype), num_warps=warps)
+                                                      PREC=_precision(q.dtype), STAGES=stages, num_warps=warps)
     return o.reshape(shape) if o.shape != shape else o, lse
 
 
@@ -144,11 +147,11 @@ def _small_attention_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, do: Te
     q, k, v, o, do = _four(q), _four(k), _four(v), _four(o), _four(do)
     dq, dk, dv = (_four(torch.empty_like(t)) for t in (q, k, v))
     b, h, t, hd = q.shape
-    bt, bd, each, warps = _plan(b * h, t, hd)
+    bt, bd, each, warps, stages = _plan(b * h, t, hd)
     if q.numel():
         _attn_bwd_kernel[(triton.cdiv(b * h, each),)](q, k, v, o, do, lse, dq, dk, dv, b * h, h, t, hd, scale, each,
                                                       *_strides(q, k, v, o, do, dq, dk, dv), BT=bt, BD=bd,
-                                                      PREC=_precision(q.dtype), num_warps=warps)
+                                                      PREC=_precision(q.dtype), STAGES=stages, num_warps=warps)
     return tuple(g.reshape(s) for g, s in zip((dq, dk, dv), shapes))
 
 
