@@ -477,6 +477,8 @@ class _Emitter:
         self.fused = fused = set()  # pool / activation / add nodes folded into the kernel op before them
         self.deferred: dict[fx.Node, Callable[[], None]] = {}  # node -> the folded op emitted in its place
         weights = self._prologue(state, env)  # weight node -> its value in the new graph (on first use)
+        self.pre_add = self._adds_before_norms()  # LayerNorm -> the add it emits with itself
+        fused.update(self.pre_add.values())
 
         def value(a: Any) -> Any:
             return fx.node.map_arg(a, lambda n: weights(n) if kinds.get(n) == WEIGHT else env[n])
@@ -696,7 +698,7 @@ class _Emitter:
         cur = node
         user = next(iter(cur.users)) if len(cur.users) == 1 else None
         if (user is not None and user.op == "call_function" and user.target in (operator.add, torch.add)
-                and len(user.args) == 2 and not user.kwargs and user not in self.deferred):
+                and len(user.args) == 2 and not user.kwargs and user not in self.deferred and user not in self.fused):
             other = user.args[1] if user.args[0] is cur else user.args[0]
             probe = node.meta.get("probe")
             if (isinstance(other, fx.Node) and other is not cur and self.kinds.get(other) == DATA
@@ -724,6 +726,53 @@ class _Emitter:
         self.fused.discard(chain[0])
         self.deferred[chain[0]] = emit
         return None
+
+    def _kernel_layer_norm(self, node: fx.Node) -> bool:
+        """Whether `node` is a LayerNorm popnorm runs: data in, a per-model affine, rows it holds."""
+        if not (self.pop.kernels and node.op == "call_function" and node.target is F.layer_norm):
+            return False
+        kw = _bind(node)
+        shape = kw["normalized_shape"]
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        return (self.kinds.get(kw["input"]) == DATA and (kw["weight"] is not None or kw["bias"] is not None)
+                and all(v is None or self.kinds.get(v) == WEIGHT for v in (kw["weight"], kw["bias"]))
+                and all(isinstance(s, int) for s in shape) and math.prod(shape) <= popnorm.LAYER_NORM_MAX)
+
+    def _adds_before_norms(self) -> dict[fx.Node, fx.Node]:
+        """{LayerNorm: the add of two per-sample values it normalises} where the add folds into the norm (a pre-LN
+        block's stream): the add's other readers all come after the norm, which then gives them the sum."""
+        order = {n: i for i, n in enumerate(self.src.graph.nodes)}
+        folds = {}
+        for node in self.src.graph.nodes:
+            if not self._kernel_layer_norm(node):
+                continue
+            add = _bind(node)["input"]
+            if not (isinstance(add, fx.Node) and add.op == "call_function" and add.target in (operator.add, torch.add)
+                    and len(add.args) == 2 and not add.kwargs and add not in folds.values()):
+                continue
+            probe = add.meta.get("probe")
+            if (isinstance(probe, Tensor) and all(isinstance(a, fx.Node) and self.kinds.get(a) == DATA and isinstance(a.meta.get("probe"), Tensor)
+                    and a.meta["probe"].shape == probe.shape for a in add.args)
+                    and all(order[u] > order[node] for u in add.users if u is not node)):
+                folds[node] = add
+        return folds
+
+    def _layer_norm(self, node: fx.Node, x: fx.Node, w: fx.Node | None, b: fx.Node | None, eps: float) -> fx.Node:
+        """LayerNorm as popnorm, with the add before it folded in where `_adds_before_norms` found one; stored in
+        the compute dtype where only linears read it."""
+        shape = _bind(node)["normalized_shape"]
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        out_dtype = self.pop.dtype if self._read_by_weighted_only(node) else torch.float32
+        add = self.pre_add.get(node)
+        why = "" if out_dtype == torch.float32 else "stored in the compute dtype: only linears read it"
+        self.choose(node, "add+popnorm" if add is not None else "popnorm", why)
+        if add is None:
+            return self.g.call_function(popnorm.layer_norm, (self.value(x), shape, self.value(w), self.value(b), eps),
+                                        {"out_dtype": out_dtype})
+        both = self.g.call_function(popnorm.add_layer_norm, (*map(self.value, add.args), shape, self.value(w),
+                                                             self.value(b), eps), {"out_dtype": out_dtype})
+        self.env[add] = self.g.call_function(operator.getitem, (both, 0))
+        return self.g.call_function(operator.getitem, (both, 1))
 
     def _op_name(self, node: fx.Node) -> str:
         return type(self.mods[node.target]).__name__ if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
@@ -764,13 +813,8 @@ class _Emitter:
                 eps = kw["eps"]
                 if node.target is F.group_norm and kw["num_groups"] == 1 and (w is not None or b is not None) and pop.kernels:
                     return self._popnorm(node, x, w, b, eps)
-                shape = kw["normalized_shape"]
-                shape = (shape,) if isinstance(shape, int) else tuple(shape)
-                if (node.target is F.layer_norm and (w is not None or b is not None) and pop.kernels
-                        and all(isinstance(s, int) for s in shape) and math.prod(shape) <= popnorm.LAYER_NORM_MAX):
-                    out_dtype = pop.dtype if self._read_by_weighted_only(node) else torch.float32
-                    self.choose(node, "popnorm", "" if out_dtype == torch.float32 else "stored in the compute dtype: only linears read it")
-                    return g.call_function(popnorm.layer_norm, (value(x), shape, value(w), value(b), eps), {"out_dtype": out_dtype})
+                if self._kernel_layer_norm(node):
+                    return self._layer_norm(node, x, w, b, eps)
                 self.choose(node, "population norm", "statistics per sample, affine per model")
                 if node.target is F.group_norm:
                     return g.call_function(pop_group_norm, (value(x), kw["num_groups"], value(w), value(b), eps))

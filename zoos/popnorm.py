@@ -137,8 +137,9 @@ if triton is not None:
 
 
     @triton.jit
-    def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, RPM, eps, D: tl.constexpr,
-                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _ln_fwd_kernel(x_ptr, res_ptr, h_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, RPM, eps, D: tl.constexpr,
+                       HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
         m = tl.program_id(1)
         i = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         d = tl.arange(0, BLOCK_D)
@@ -146,6 +147,10 @@ if triton is not None:
         mask = (i < RPM)[:, None] & (d < D)[None, :]
         at = rows[:, None] * D + d[None, :]
         x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:  # h = x + res in h's dtype (the add's), normalised as stored
+            h = (x + tl.load(res_ptr + at, mask=mask, other=0.0).to(tl.float32)).to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + at, h, mask=mask)
+            x = h.to(tl.float32)
         mean = tl.sum(x, axis=1) / D
         xc = tl.where(mask, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
@@ -159,8 +164,9 @@ if triton is not None:
         tl.store(rstd_ptr + rows, rstd, mask=i < RPM)
 
     @triton.jit
-    def _ln_bwd_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, RPM, TILES,
-                       D: tl.constexpr, HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _ln_bwd_kernel(x_ptr, dy_ptr, dh_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dres_ptr, dw_ptr, db_ptr, RPM, TILES,
+                       D: tl.constexpr, HAS_DH: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         j, m = tl.program_id(0), tl.program_id(1)
         d = tl.arange(0, BLOCK_D)
         wv = tl.load(w_ptr + m * D + d, mask=d < D, other=0.0).to(tl.float32)[None, :] if HAS_W else 1.0
@@ -178,7 +184,11 @@ if triton is not None:
             g = dy * wv
             mean_g, mean_gx = tl.sum(g, axis=1) / D, tl.sum(g * xhat, axis=1) / D
             dx = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
+            if HAS_DH:  # h's gradient from its other readers joins the norm's
+                dx += tl.load(dh_ptr + at, mask=mask, other=0.0).to(tl.float32)
             tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            if HAS_RES:
+                tl.store(dres_ptr + at, dx.to(dres_ptr.dtype.element_ty), mask=mask)
             acc_dw += dy * xhat
             acc_db += dy
         part = (m.to(tl.int64) * tl.num_programs(0) + j) * D + d
@@ -302,25 +312,29 @@ def _ln_blocks(d: int) -> tuple[int, int, int]:
 
 
 @torch.library.custom_op("symzoo::pop_layer_norm", mutates_args=())
-def _pop_layer_norm(x: Tensor, w: Tensor | None, b: Tensor | None, models: int, width: int, eps: float,
-                    out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _pop_layer_norm(x: Tensor, res: Tensor | None, w: Tensor | None, b: Tensor | None, models: int, width: int,
+                    eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x = x.contiguous()
     rows = x.numel() // width
     y = torch.empty_like(x, dtype=out_dtype)
+    h = torch.empty_like(x, dtype=torch.promote_types(x.dtype, res.dtype)) if res is not None else x.new_empty(0)
     mean, rstd = x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
     block_r, block_d, warps = _ln_blocks(width)
     rpm = rows // models
     if rows:
         _ln_fwd_kernel[(triton.cdiv(rpm, block_r), models)](
-            x, w if w is not None else x, b if b is not None else x, y, mean, rstd, rpm, eps, D=width,
-            HAS_W=w is not None, HAS_B=b is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
-    return y, mean, rstd
+            x, res.contiguous() if res is not None else x, h if res is not None else x, w if w is not None else x,
+            b if b is not None else x, y, mean, rstd, rpm, eps, D=width, HAS_RES=res is not None, HAS_W=w is not None,
+            HAS_B=b is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+    return y, h, mean, rstd
 
 
 @_pop_layer_norm.register_fake
-def _(x, w, b, models, width, eps, out_dtype):
+def _(x, res, w, b, models, width, eps, out_dtype):
     rows = x.numel() // width
-    return (torch.empty(x.shape, dtype=out_dtype, device=x.device), x.new_empty(rows, dtype=torch.float32),
+    h = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, res.dtype), device=x.device) if res is not None \
+        else x.new_empty(0)
+    return (torch.empty(x.shape, dtype=out_dtype, device=x.device), h, x.new_empty(rows, dtype=torch.float32),
             x.new_empty(rows, dtype=torch.float32))
 
 
@@ -333,50 +347,52 @@ def _ln_programs(models: int, tiles: int) -> tuple[int, int]:
 
 
 @torch.library.custom_op("symzoo::pop_layer_norm_backward", mutates_args=())
-def _pop_layer_norm_backward(x: Tensor, dy: Tensor, w: Tensor | None, mean: Tensor, rstd: Tensor, models: int,
-                             width: int) -> tuple[Tensor, Tensor, Tensor]:
+def _pop_layer_norm_backward(x: Tensor, dy: Tensor, dh: Tensor | None, w: Tensor | None, mean: Tensor, rstd: Tensor,
+                             models: int, width: int, dx_dtype: torch.dtype, dres_dtype: torch.dtype | None
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x, dy = x.contiguous(), dy.contiguous()
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x, dtype=dx_dtype)
+    dres = torch.empty_like(x, dtype=dres_dtype) if dres_dtype is not None else x.new_empty(0)
     block_r, block_d, warps = _ln_blocks(width)
     rpm = x.numel() // width // models
     programs, tiles = _ln_programs(models, max(1, triton.cdiv(rpm, block_r)))
     dw = x.new_zeros(models, programs, width, dtype=torch.float32)
     db = x.new_zeros(models, programs, width, dtype=torch.float32)
     if x.numel():
-        _ln_bwd_kernel[(programs, models)](x, dy, w if w is not None else x, mean, rstd, dx, dw, db, rpm, tiles,
-                                           D=width, HAS_W=w is not None, BLOCK_R=block_r, BLOCK_D=block_d,
-                                           num_warps=warps)
-    return dx, dw.sum(1), db.sum(1)
+        _ln_bwd_kernel[(programs, models)](
+            x, dy, dh.contiguous() if dh is not None else x, w if w is not None else x, mean, rstd, dx,
+            dres if dres_dtype is not None else x, dw, db, rpm, tiles, D=width, HAS_DH=dh is not None,
+            HAS_RES=dres_dtype is not None, HAS_W=w is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+    return dx, dres, dw.sum(1), db.sum(1)
 
 
 @_pop_layer_norm_backward.register_fake
-def _(x, dy, w, mean, rstd, models, width):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device), x.new_empty(models, width, dtype=torch.float32), \
-        x.new_empty(models, width, dtype=torch.float32)
+def _(x, dy, dh, w, mean, rstd, models, width, dx_dtype, dres_dtype):
+    dres = torch.empty(x.shape, dtype=dres_dtype, device=x.device) if dres_dtype is not None else x.new_empty(0)
+    return torch.empty(x.shape, dtype=dx_dtype, device=x.device), dres, \
+        x.new_empty(models, width, dtype=torch.float32), x.new_empty(models, width, dtype=torch.float32)
 
 
 def _ln_setup(ctx, inputs, output) -> None:
-    x, w, b, models, width, _, _ = inputs
-    ctx.save_for_backward(x, w, output[1], output[2])
-    ctx.meta = (models, width, b is not None, x.shape)
+    x, res, w, b, models, width, _, _ = inputs
+    ctx.save_for_backward(output[1] if res is not None else x, w, output[2], output[3])  # the normalised input
+    ctx.meta = (models, width, b is not None, x.shape, x.dtype, None if res is None else res.dtype)
 
 
-def _ln_backward(ctx, dy: Tensor, _dmean, _drstd):
+def _ln_backward(ctx, dy: Tensor, dh: Tensor | None, _dmean, _drstd):
     x, w, mean, rstd = ctx.saved_tensors
-    models, width, has_b, shape = ctx.meta
-    dx, dw, db = _pop_layer_norm_backward(x, dy, w, mean, rstd, models, width)
-    return (dx.view(shape), dw.to(w.dtype).view(w.shape) if w is not None else None, db if has_b else None,
-            None, None, None, None)
+    models, width, has_b, shape, x_dtype, res_dtype = ctx.meta
+    dx, dres, dw, db = _pop_layer_norm_backward(x, dy, dh if res_dtype is not None else None, w, mean, rstd, models,
+                                                width, x_dtype, res_dtype)
+    return (dx.view(shape), dres.view(shape) if res_dtype is not None else None,
+            dw.to(w.dtype).view(w.shape) if w is not None else None, db if has_b else None, None, None, None, None)
 
 
 _pop_layer_norm.register_autograd(_ln_backward, setup_context=_ln_setup)
 
 
-def layer_norm(x: Tensor, shape: Sequence[int], w: Tensor | None, b: Tensor | None, eps: float = 1e-5, *,
-               out_dtype: torch.dtype = torch.float32) -> Tensor:
-    """F.layer_norm(x, shape) of each sample with model m's affine (w, b [N, *shape]) on the population's
-    batch x [N*B, ..., *shape], in `out_dtype`; gradients to x, w and b. Statistics and the affine in float32,
-    as autocast runs norms; rows of width prod(shape) up to LAYER_NORM_MAX."""
+def _ln_args(x: Tensor, shape: Sequence[int], w: Tensor | None, b: Tensor | None):
+    """(w, b as [N, width], N, width) after checking the shapes."""
     v = w if w is not None else b
     if v is None:
         raise ValueError("layer_norm needs w or b (the population's affine) to know the population size")
@@ -388,9 +404,27 @@ def layer_norm(x: Tensor, shape: Sequence[int], w: Tensor | None, b: Tensor | No
     width = math.prod(shape)
     if width > LAYER_NORM_MAX:
         raise ValueError(f"layer_norm holds rows of up to {LAYER_NORM_MAX} elements, got {width}")
-    wf = w.reshape(w.shape[0], width) if w is not None else None
-    bf = b.reshape(b.shape[0], width) if b is not None else None
-    return _pop_layer_norm(x, wf, bf, v.shape[0], width, float(eps), out_dtype)[0]
+    return (w.reshape(w.shape[0], width) if w is not None else None,
+            b.reshape(b.shape[0], width) if b is not None else None, v.shape[0], width)
 
 
-__all__ = ["ACTS", "available", "group_norm1", "layer_norm", "LAYER_NORM_MAX"]
+def layer_norm(x: Tensor, shape: Sequence[int], w: Tensor | None, b: Tensor | None, eps: float = 1e-5, *,
+               out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """F.layer_norm(x, shape) of each sample with model m's affine (w, b [N, *shape]) on the population's
+    batch x [N*B, ..., *shape], in `out_dtype`; gradients to x, w and b. Statistics and the affine in float32,
+    as autocast runs norms; rows of width prod(shape) up to LAYER_NORM_MAX."""
+    wf, bf, models, width = _ln_args(x, shape, w, b)
+    return _pop_layer_norm(x, None, wf, bf, models, width, float(eps), out_dtype)[0]
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, shape: Sequence[int], w: Tensor | None, b: Tensor | None,
+                   eps: float = 1e-5, *, out_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """(h, layer_norm(h)) for h = x + residual (in the dtype the add gives, as a pre-LN transformer's stream
+    is): the add and the norm of the sum in one pass; gradients to x, residual, w and b, h's own readers' too."""
+    if residual.shape != x.shape:
+        raise ValueError(f"the residual {tuple(residual.shape)} is not shaped as x {tuple(x.shape)}")
+    wf, bf, models, width = _ln_args(x, shape, w, b)
+    y, h, _, _ = _pop_layer_norm(x, residual, wf, bf, models, width, float(eps), out_dtype)
+    return h, y
+
+__all__ = ["ACTS", "LAYER_NORM_MAX", "add_layer_norm", "available", "group_norm1", "layer_norm"]

@@ -97,9 +97,9 @@ def test_group_norm1_names_shapes_that_disagree():
 
 
 def per_model_layer_norm(x, shape, w, b, n, eps):
-    """Model i's F.layer_norm with its own affine, in float32, on its rows of x."""
+    """Model i's F.layer_norm with its own affine, in float32 (float64 for a float64 x), on its rows of x."""
     return torch.cat([F.layer_norm(xi, shape, None if w is None else w[i], None if b is None else b[i], eps)
-                      for i, xi in enumerate(x.float().chunk(n))])
+                      for i, xi in enumerate(x.to(torch.promote_types(x.dtype, torch.float32)).chunk(n))])
 
 
 @settings(max_examples=12, deadline=None)
@@ -117,17 +117,17 @@ def test_layer_norm_equals_per_model_layer_norm(n, batch, tokens, shape, affine,
     b = torch.randn(n, *shape, generator=g).to(DEVICE).requires_grad_() if affine != "weight" else None
     y = popnorm.layer_norm(x, shape, w, b, 1e-5, out_dtype=out_dtype)
     assert y.dtype == out_dtype and y.shape == x.shape
-    xf = x.detach().float().requires_grad_()
-    want = per_model_layer_norm(xf, list(shape), w, b, n, 1e-5)
+    # the reference in float64: a one-feature row's x - mean is 0, which float32 rounding times rstd = 316 is not
+    xd, wd, bd = (t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b))
+    want = per_model_layer_norm(xd, list(shape), wd, bd, n, 1e-5)
     torch.testing.assert_close(y, want.to(out_dtype), atol=1e-4, rtol=1e-4 if out_dtype == torch.float32 else 1e-2)
     dy = torch.randn(want.shape, generator=g).to(DEVICE).to(out_dtype)
-    wrt = [t for t in (w, b) if t is not None]
-    got = torch.autograd.grad(y, [x, *wrt], dy)
-    ref = torch.autograd.grad(want, [xf, *wrt], dy.float())
+    got = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], dy)
+    ref = torch.autograd.grad(want, [t for t in (xd, wd, bd) if t is not None], dy.double())
     assert got[0].dtype == dtype
     torch.testing.assert_close(got[0], ref[0].to(dtype), atol=1e-4, rtol=1e-3 if dtype == torch.float32 else 1e-2)
     for a, r in zip(got[1:], ref[1:]):
-        torch.testing.assert_close(a, r, atol=1e-4 * (1 + r.abs().max().item()), rtol=1e-3)
+        torch.testing.assert_close(a, r.float(), atol=1e-4 * (1 + r.abs().max().item()), rtol=1e-3)
 
 
 def test_layer_norm_names_shapes_that_disagree_and_rows_too_wide():
@@ -142,3 +142,44 @@ def test_layer_norm_names_shapes_that_disagree_and_rows_too_wide():
     wide = popnorm.LAYER_NORM_MAX + 1
     with pytest.raises(ValueError, match=f"rows of up to {popnorm.LAYER_NORM_MAX} elements, got {wide}"):
         popnorm.layer_norm(torch.zeros(2, wide, device=DEVICE), (wide,), torch.ones(2, wide, device=DEVICE), None)
+
+
+@settings(max_examples=8, deadline=None)
+@given(n=st.integers(1, 3), batch=st.integers(1, 3), tokens=st.sampled_from([(), (5,), (70,)]),
+       shape=st.sampled_from([(7,), (32,), (3, 5)]),
+       dtypes=st.sampled_from([(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                               (torch.bfloat16, torch.bfloat16)]),
+       h_read=st.booleans(), seed=st.integers(0, 99))
+def test_add_layer_norm_equals_the_add_then_the_norm(n, batch, tokens, shape, dtypes, h_read, seed):
+    """A pre-LN block's x + residual (the stream in the add's dtype: float32 + bf16 is float32) and the norm of
+    the sum, as stored: h bit for bit, the norm and the gradients of x, the residual, w and b (with and without
+    h read elsewhere, as the next block's residual add reads it) equal the unfused ops'."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n * batch, *tokens, *shape, generator=g) * 3 + 5).to(DEVICE).to(dtypes[0]).requires_grad_()
+    res = torch.randn(x.shape, generator=g).to(DEVICE).to(dtypes[1]).requires_grad_()
+    w, b = (torch.randn(n, *shape, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    h, y = popnorm.add_layer_norm(x, res, shape, w, b, 1e-5)
+    want_h = x + res
+    assert h.dtype == want_h.dtype
+    if DEVICE == "cuda" or h.dtype == torch.float32:
+        assert torch.equal(h, want_h)
+    else:  # Triton's interpreter rounds float32 to bf16 toward zero, the GPU (and torch) to nearest
+        torch.testing.assert_close(h, want_h, atol=0, rtol=2**-7)
+        want_h = h.detach() + (want_h - want_h.detach())  # the sum as stored, its gradient the add's
+    want = per_model_layer_norm(want_h, list(shape), w, b, n, 1e-5)
+    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+    dy = torch.randn(want.shape, generator=g).to(DEVICE)
+    dh = torch.randn(want.shape, generator=g).to(DEVICE).to(h.dtype)
+    outs, ref_outs, grads = ((y, h), (want, want_h), (dy, dh)) if h_read else ((y,), (want,), (dy,))
+    got = torch.autograd.grad(outs, (x, res, w, b), grads)
+    ref = torch.autograd.grad(ref_outs, (x, res, w, b), grads)
+    for a, r in zip(got, ref):
+        assert a.dtype == r.dtype
+        tol = 1e-4 if a.dtype == h.dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(a, r, atol=tol * (1 + r.abs().max().item()), rtol=tol)
+
+
+def test_add_layer_norm_names_a_residual_of_another_shape():
+    x = torch.randn(4, 3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"the residual \(4, 8\) is not shaped as x \(4, 3, 8\)"):
+        popnorm.add_layer_norm(x, x[:, 0], (8,), torch.ones(2, 8, device=DEVICE), None)
