@@ -302,6 +302,12 @@ def _bind(node: fx.Node) -> dict[str, Any]:
     return {**defaults, **dict(zip(names, node.args)), **node.kwargs}
 
 
+def _normalized_shape(node: fx.Node) -> tuple[Any, ...]:
+    """A layer_norm call's normalized_shape as a tuple (an int is one axis)."""
+    shape = _bind(node)["normalized_shape"]
+    return (shape,) if isinstance(shape, int) else tuple(shape)
+
+
 def _named_op(name: str, fn: Callable) -> Callable:
     fn.__name__ = fn.__qualname__ = name
     return fn
@@ -732,8 +738,7 @@ class _Emitter:
         if not (self.pop.kernels and node.op == "call_function" and node.target is F.layer_norm):
             return False
         kw = _bind(node)
-        shape = kw["normalized_shape"]
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        shape = _normalized_shape(node)
         return (self.kinds.get(kw["input"]) == DATA and (kw["weight"] is not None or kw["bias"] is not None)
                 and all(v is None or self.kinds.get(v) == WEIGHT for v in (kw["weight"], kw["bias"]))
                 and all(isinstance(s, int) for s in shape) and math.prod(shape) <= popnorm.LAYER_NORM_MAX)
@@ -760,8 +765,7 @@ class _Emitter:
     def _layer_norm(self, node: fx.Node, x: fx.Node, w: fx.Node | None, b: fx.Node | None, eps: float) -> fx.Node:
         """LayerNorm as popnorm, with the add before it folded in where `_adds_before_norms` found one; stored in
         the compute dtype where only linears read it."""
-        shape = _bind(node)["normalized_shape"]
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        shape = _normalized_shape(node)
         out_dtype = self.pop.dtype if self._read_by_weighted_only(node) else torch.float32
         add = self.pre_add.get(node)
         why = "" if out_dtype == torch.float32 else "stored in the compute dtype: only linears read it"
