@@ -51,6 +51,7 @@ class Program:
     layers: list[tuple[str, str, str]] = field(default_factory=list)
     reason: str | None = None
     graphs: bool = False  # the trainer's choice: steps replayed as CUDA graphs
+    optimizer: str = ""  # the trainer's choice: the update as popoptim's kernels, eager torch ops, or compiled
     step: FastStep | None = field(default=None, repr=False)
 
     def describe(self) -> str:
@@ -64,7 +65,8 @@ class Program:
 
     def as_dict(self) -> dict[str, Any]:
         return {"arch": self.arch, "device": self.device, "precision": self.precision, "fast": self.fast,
-                "kernels": self.kernels, "compile": self.compile, "graphs": self.graphs, "reason": self.reason,
+                "kernels": self.kernels, "compile": self.compile, "graphs": self.graphs,
+                "optimizer": self.optimizer, "reason": self.reason,
                 "layers": [list(layer) for layer in self.layers], "summary": self.describe()}
 
 

@@ -53,6 +53,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from tasks.base import Task
 from zoos.archs import ARCHS
+from zoos import popoptim
 from zoos.fastpop import dropout_active, prior_view
 from zoos.functional import population_forward, template
 from zoos.population import PopulationResult
@@ -133,7 +134,7 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
 
 def _all_finite(state: dict[str, Tensor]) -> Tensor:
     """[N] bool: every entry of model i's state is finite."""
-    return torch.stack([torch.isfinite(v).flatten(1).all(1) for v in state.values()]).all(0)
+    return torch.stack([torch.isfinite(v).reshape(len(v), -1).all(1) for v in state.values()]).all(0)
 
 
 class Augmenter:
@@ -184,7 +185,8 @@ def train_population(
 
     fast: run the population program (`zoos.program`: population layers, batched matmuls) where the architecture
         allows, instead of vmap; None = on CUDA.
-    kernels: in the population program, run stride-1 convs as `zoos.popconv`'s Triton kernels; None = where available.
+    kernels: run the population's Triton kernels (`zoos.popconv`'s stride-1 convs, popnorm's norms, popattn's
+        attention in the population program; `zoos.popoptim`'s optimizer update); None = on CUDA, where available.
     compile: torch.compile the population program's forward and the optimizer's update; None = no (steps replay
         as CUDA graphs instead; a compile costs tens of seconds up front and pays only in long runs of some
         families: benchmarks/README.md).
@@ -256,7 +258,9 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     schedule = pop.shared("lr_schedule")
     total_steps = epochs * data.n_steps
     lr_factors = None if schedule == "constant" else [lr_factor(schedule, i, total_steps) for i in range(total_steps)]
-    optimizer = Optimizer.of(pop, params, lr_factors, compiled=bool(compile))
+    fused = bool(kernels if kernels is not None else device.type == "cuda") and popoptim.available(device) and not compile
+    optimizer = Optimizer.of(pop, params, lr_factors, compiled=bool(compile), fused=fused)
+    program.choice.optimizer = "compiled" if compile else "popoptim" if fused else "eager"
     evaluation = _Evaluation(task, program, data, params, buffers)
     recorder = _Recorder(pop, task, data, evaluation, params, buffers)
     augmenter = Augmenter(task, pop.models, data.n_sub, device) if pop.shared("augmentation") else None
@@ -696,7 +700,7 @@ class Optimizer:
     parameters and the state in place; `lr_factors` are the schedule's multipliers, one per step."""
 
     def __init__(self, kind: str, params: dict[str, Tensor], lr: Tensor, weight_decay: Tensor, momentum: Tensor,
-                 lr_factors: list[float] | None = None, *, compiled: bool = False):
+                 lr_factors: list[float] | None = None, *, compiled: bool = False, fused: bool = False):
         device = lr.device
         self.kind, self.lr = kind, lr
         self.lr_factors = None if lr_factors is None else torch.tensor(lr_factors, device=device, dtype=lr.dtype)
@@ -706,15 +710,16 @@ class Optimizer:
             weight_decay=weight_decay, momentum=momentum,
             count=torch.zeros((), dtype=torch.float64, device=device),
             alive=torch.ones(len(lr), dtype=torch.bool, device=device))
-        self._apply = _compiled_update(kind) if compiled else functools.partial(_update_in_place, kind)
+        self._apply = (_compiled_update(kind) if compiled else functools.partial(_fused_update, kind) if fused
+                       else functools.partial(_update_in_place, kind))
 
     @classmethod
     def of(cls, pop: PopulationSpec, params: dict[str, Tensor], lr_factors: list[float] | None = None, *,
-           compiled: bool = False) -> Optimizer:
+           compiled: bool = False, fused: bool = False) -> Optimizer:
         """The population's optimizer, each model's hyperparameters from its factors."""
         device = next(iter(params.values())).device
         lr, wd, mom = (_per_model([m.factors[k] for m in pop.models], device) for k in ("lr", "weight_decay", "momentum"))
-        return cls(pop.shared("optimizer"), params, lr, wd, mom, lr_factors, compiled=compiled)
+        return cls(pop.shared("optimizer"), params, lr, wd, mom, lr_factors, compiled=compiled, fused=fused)
 
     def step(self, params: dict[str, Tensor], grads: dict[str, Tensor], total: Tensor) -> None:
         """One update of every model from its gradients; `total` [N] is the loss the gradients are of."""
@@ -751,6 +756,13 @@ def _update_in_place(kind: str, params: dict[str, Tensor], grads: dict[str, Tens
         for k, v in fresh.items():
             old[k].copy_(v)
     state.alive.copy_(new.alive)
+
+
+def _fused_update(kind: str, params: dict[str, Tensor], grads: dict[str, Tensor], state: OptimizerState,
+                  lr: Tensor, total: Tensor) -> None:
+    """`_update_in_place` as popoptim's two Triton passes a parameter tensor."""
+    popoptim.step_(kind, params, grads, state.first, state.second, lr, state.weight_decay, state.momentum,
+                   state.count, state.alive, total, beta2=ADAM_BETA2, eps=ADAM_EPS)
 
 
 _COMPILED_UPDATES: dict[str, Callable] = {}

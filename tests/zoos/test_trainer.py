@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import tasks
+from zoos import popoptim
 from zoos.init import init_model
 from zoos.spec import PopulationSpec, expand, parse_zoo, populations
 from zoos.trainer import (
@@ -261,6 +262,23 @@ def test_result_says_where_the_time_went():
     assert all(v >= 0 for v in phases.values())
     assert sum(phases.values()) <= wall
     assert phases["setup"] + phases["first_step"] <= res.timings["first_step_at"] <= wall
+
+
+@pytest.mark.skipif(not popoptim.available("cuda" if torch.cuda.is_available() else "cpu"),
+                    reason="needs Triton (GPU or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_optimizer_kernels_train_as_the_eager_update(optimizer):
+    """With the population kernels on, the update runs as popoptim's kernels and trains the models the eager
+    update trains, a diverging one frozen alike; the program records which update ran."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = zoo_models({"seed": [0, 1], "lr": [0.05, 1e30], "optimizer": [optimizer]})
+    pop = one_population(models[:3])
+    fused = train_population(pop, device=device, kernels=True)
+    eager = train_population(pop, device=device, kernels=False)
+    assert (fused.program["optimizer"], eager.program["optimizer"]) == ("popoptim", "eager")
+    assert [r["status"] for r in fused.models] == [r["status"] for r in eager.models] == ["ok", "diverged", "ok"]
+    for k in eager.weights:
+        np.testing.assert_allclose(fused.weights[k], eager.weights[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the update is compiled on CUDA only")
