@@ -46,7 +46,7 @@ class CliffordAlgebra:
         self.partner = [[self.index[a ^ b] for b in self.masks] for a in self.masks]
         self.sign = [[self.blade_sign(a, a ^ b) for b in self.masks] for a in self.masks]
         self.quad = [self.blade_sign(m, m) for m in self.masks]  # q(e_A) = e_A~ e_A = prod of the metric over A
-        self._tables: dict[tuple[int, int, int], tuple] = {}  # `_right_table`'s, by shape
+        self._tables: dict[tuple[int, int, int], list] = {}  # `_right_table`'s, by shape
 
     def blade_sign(self, a: int, b: int) -> float:
         """e_a e_b = s e_{a^b}: s = (-1)^(swaps to sort the axes) * the metric of every axis in both."""
@@ -82,20 +82,22 @@ class CliffordAlgebra:
         y [..., 1, C, b]: a set's context), so R(y) is built once per set and channel and the points are the
         rows of one [P, a] @ [a, k] product; otherwise a product per feature."""
         a, b, k = sizes or (self.n, self.n, self.n)
-        index, signs = self._right_table(a, b, k)
-        right = (y[..., torch.tensor(index, device=y.device)] * torch.tensor(signs, dtype=y.dtype, device=y.device))
-        right = right.unflatten(-1, (a, k))
+        right = (y @ torch.tensor(self._right_table(a, b, k), dtype=y.dtype, device=y.device)).unflatten(-1, (a, k))
         if shared:
             return (x.transpose(-3, -2) @ right.squeeze(-4)).transpose(-3, -2)
         return (x.unsqueeze(-2) @ right).squeeze(-2)
 
-    def _right_table(self, a: int, b: int, k: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
-        """R(y)'s entries as (index into y, sign) at row i * k + column: partner and sign, 0 where y's blade is zero."""
+    def _right_table(self, a: int, b: int, k: int) -> list[list[float]]:
+        """R as a linear map of y: the [b, a * k] matrix T with R(y)[i, c] = (y @ T)[i * k + c], one signed 1 a
+        column (none where y's blade is zero). A product, not a gather: its backward is a product too."""
         key = (a, b, k)
         if key not in self._tables:
-            pairs = [(self.partner[i][c], self.sign[i][c]) if self.partner[i][c] < b else (0, 0.0)
-                     for i in range(a) for c in range(k)]
-            self._tables[key] = tuple(p for p, _ in pairs), tuple(s for _, s in pairs)
+            table = [[0.0] * (a * k) for _ in range(b)]
+            for i in range(a):
+                for c in range(k):
+                    if self.partner[i][c] < b:
+                        table[self.partner[i][c]][i * k + c] = self.sign[i][c]
+            self._tables[key] = table
         return self._tables[key]
 
     def quadratic(self, x: Tensor, top: int | None = None) -> Tensor:
@@ -142,7 +144,8 @@ class MVNorm(nn.Module):
         q = self.algebra.quadratic(x, self.top)  # [..., C, top + 1]
         norm = (q * q + self.eps).pow(0.25)
         denom = torch.sigmoid(self.scale).T * (norm - 1) + 1
-        return x / (denom[..., self.algebra.grades[: self.algebra.n_blades[self.top]]] + self.eps)
+        grades = torch.tensor(self.algebra.grades[: self.algebra.n_blades[self.top]], device=x.device)
+        return x / (denom.index_select(-1, grades) + self.eps)  # a gather whose backward adds, not sorts
 
 
 class GPLayer(nn.Module):
