@@ -67,6 +67,7 @@ DATA_SEED = 0  # the seed of the task's data split, the same for every model of 
 ADAM_BETA2, ADAM_EPS = 0.999, 1e-8
 LIE_AUGMENT_POOL = 16  # group elements drawn per epoch to augment with, for continuous groups
 LEARNED = 0.95  # a model learned when its final training loss is below this fraction of its loss at init
+GRAPH_WARMUP = 3  # eager steps before a step is captured as a CUDA graph (the capture is the next)
 DIVERGED = 10.0  # a model diverged when its loss became non-finite, or ended above this multiple of its loss at init
 
 
@@ -274,6 +275,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     recorder.record(0)
     clock.lap("evaluation")
     bs = data.batch
+    capturing = isinstance(run_step, _StepGraph)  # until its first replay: eager warm-up steps, then the capture
     for epoch in range(1, epochs + 1):
         orders = data.orders(epoch, epochs)
         els, which = augmenter.epoch(epoch) if augmenter is not None else (None, None)
@@ -287,6 +289,9 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
             if epoch == 1 and s == 0:
                 clock.lap("first_step")
                 status("training")
+            elif capturing and run_step.graph is not None:
+                clock.lap("graph_warmup")  # the GRAPH_WARMUP steps after the first: once a population, not its steady state
+                capturing = False
         clock.lap("steps")
         recorder.record(epoch)
         clock.lap("evaluation")
@@ -779,14 +784,13 @@ def _compiled_update(kind: str) -> Callable:
 class _StepGraph:
     """A training step (`step(idx)`, which updates its tensors in place) replayed as one CUDA graph.
 
-    A step is ~100 kernel launches; a replay is one. The first WARMUP calls run eagerly
+    A step is ~100 kernel launches; a replay is one. The first GRAPH_WARMUP calls run eagerly
     on a side stream (compiles, autotuning, the window table: nothing that allocates or loads code may run
     inside a capture), the next is captured and every later one replays it after copying its indices into
     the captured index tensor. A batch of another shape (an epoch's short last batch) runs eagerly; the
     eager and replayed steps compute the same kernels on the same tensors, so either order is the same run.
     """
 
-    WARMUP = 3
 
     def __init__(self, step: Callable[[Tensor], None], idx_shape: tuple[int, int], device: torch.device,
                  before_capture: Callable[[], None] = lambda: None):
@@ -804,7 +808,7 @@ class _StepGraph:
             self.graph.replay()
             return
         with torch.cuda.device(self.device):  # the side and capture streams on the population's GPU
-            if self.eager_calls < self.WARMUP:
+            if self.eager_calls < GRAPH_WARMUP:
                 side, main = torch.cuda.Stream(), torch.cuda.current_stream()
                 side.wait_stream(main)
                 with torch.cuda.stream(side):

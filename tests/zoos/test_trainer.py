@@ -249,8 +249,9 @@ def test_augmentation_with_a_lie_group_keeps_input_and_target_paired():
 
 
 def test_result_says_where_the_time_went():
-    """timings: setup, first step (compile on a GPU), the other steps and evaluation, adding up to the wall;
-    first_step_at: when the first step ended, counted from the call."""
+    """timings: setup, first step (compile on a GPU), the other steps and evaluation, adding up to the wall
+    (on a GPU the steps before the first replay of the CUDA graph apart, as graph_warmup); first_step_at: when
+    the first step ended, counted from the call."""
     import time
 
     pop = one_population(zoo_models({"seed": [0, 1]}, epochs=2))
