@@ -100,7 +100,8 @@ def _four(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-PLAN = {"each": 16, "programs": 4096, "stages": 2, "warps": 4}  # the launch: attention_bench.py sweeps it
+PLAN = {"each": 16, "programs": 4096, "stages": 3}  # the launch: attention_bench.py sweeps it
+WARPS = {16: 2, 32: 2, 64: 4, 128: 8}  # by the [BT, BT] score tile: a warp for every 16 of its rows, at least 2
 
 
 def _plan(problems: int, tokens: int, head_dim: int) -> tuple[int, int, int, int, int]:
@@ -108,7 +109,7 @@ def _plan(problems: int, tokens: int, head_dim: int) -> tuple[int, int, int, int
     a program while at least its programs fill the card, the next problem's loads issued during this one's math."""
     bt, bd = max(16, triton.next_power_of_2(tokens)), max(16, triton.next_power_of_2(head_dim))
     each = max(1, min(PLAN["each"], problems // PLAN["programs"]))
-    return bt, bd, each, PLAN["warps"] if bt <= 64 else 2 * PLAN["warps"], PLAN["stages"]
+    return bt, bd, each, WARPS[bt], PLAN["stages"]
 
 
 def _precision(dtype: torch.dtype) -> str:
