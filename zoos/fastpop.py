@@ -842,8 +842,11 @@ class _Emitter:
 
     def _epilogue(self, conv: fx.Node) -> tuple[list[fx.Node], dict] | None:
         """The 2x2 max-pool and monotone activation (either order, each at most once) that alone consume
-        the kernel conv's output, as (their nodes, conv2d_pool_act's options); None when there are none."""
-        if not popconv.fuses(conv.meta["probe"].shape[1]):
+        the kernel conv's output, as (their nodes, conv2d_pool_act's options); None when there are none. A conv
+        whose outputs are too many for the pool's kernel folds a directly following activation alone."""
+        outputs = conv.meta["probe"].shape[1]
+        pools = popconv.fuses(outputs)
+        if not (pools or popconv.fuses(outputs, pool=1)):
             return None
         chain: list[fx.Node] = []
         # window_dx read now, at emit, and explicit in the program
@@ -855,7 +858,7 @@ class _Emitter:
                 break
             m = self.mods.get(user.target) if user.op == "call_module" else None
             act = _monotone_activation(m) if m is not None and user.args == (cur,) and not user.kwargs else None
-            if options["pool"] == 1 and self._plain_max_pool(user):
+            if options["pool"] == 1 and pools and self._plain_max_pool(user):
                 options["pool"] = 2
             elif act is not None and options["act"] == "identity":
                 options["act"], options["slope"] = act

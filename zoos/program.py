@@ -3,8 +3,8 @@ not a faster one. Made once, from (module, task, device, precision); the trainer
 records it, `symzoo archs` shows it, and one generic test holds every choice equal to vmap.
 
 The programs, fastest first:
-  popconv       stride-1 convolutions as Triton implicit-GEMM kernels (`zoos.popconv`), a following 2x2
-                max-pool and monotone activation folded in where the conv has few outputs
+  popconv       stride-1 convolutions as Triton implicit-GEMM kernels (`zoos.popconv`), a following monotone
+                activation folded in, and a 2x2 max-pool with it where the conv has few outputs
   popconv max-pool  any other 2x2 max-pool of a map, one pass in either memory format (`zoos.popconv`)
   popnorm       GroupNorm with one group: statistics and each model's affine in one Triton pass (`zoos.popnorm`)
   im2col + bmm  other convolutions: patches on a channels-last view, one batched matmul over the models
@@ -15,6 +15,8 @@ The programs, fastest first:
   vmap          the whole forward vmapped (`torch.func`): the fallback, for a module the population
                 program cannot run (the reason is recorded)
 Ops on data alone run on the population's [N*B, ...] batch as they are: a population is one large batch.
+The trainer's optimizer step runs as `zoos.popoptim`'s kernels wherever the population kernels run
+(`optimizer` in the record).
 """
 
 from __future__ import annotations

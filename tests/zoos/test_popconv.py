@@ -194,6 +194,39 @@ def test_conv_pool_act_equals_the_three_layers(act, pool, c, o, k, pad, size, bi
         close(a, r)
 
 
+@pytest.mark.parametrize("act", sorted(ACTS))
+@pytest.mark.parametrize("c,o,k,pad,x_in,channels_last", [(3, 20, 3, 1, "grad", True), (18, 33, 3, 0, "no grad", True),
+                                                         (2, 24, 3, 1, "rows", False), (17, 40, 1, 0, "grad", False)])
+def test_a_wide_conv_applies_its_activation_in_its_own_forward(tune, act, c, o, k, pad, x_in, channels_last):
+    """Past the pool kernel's 16 outputs, conv2d_pool_act without a pool is the plain forward with the activation
+    in its epilogue (in its output's memory format): the output and every gradient as the two layers give them,
+    the input read by row index or without a gradient included."""
+    tune(channels_last=channels_last)
+    torch.manual_seed(c * 100 + o)
+    n, batch, gather = 2, 3, x_in == "rows"
+    x = torch.randn(n * batch if not gather else 11, c, 7, 6, device=DEVICE, requires_grad=x_in == "grad")
+    rows = torch.randint(0, 11, (n, batch), device=DEVICE) if gather else None
+    w = torch.randn(n, o, c, k, k, device=DEVICE, requires_grad=True)
+    b = torch.randn(n, o, device=DEVICE, requires_grad=True)
+    assert popconv.fuses(o, pool=1) and not popconv.fuses(o)
+    got = popconv.conv2d_pool_act(x, w, b, (pad, pad), pool=1, act=act, slope=0.1, rows=rows)
+    want = ACTS[act](reference(x if rows is None else x[rows.reshape(-1)], w, b, pad))
+    g = torch.randn_like(want)
+    wrt = [t for t in (x, w, b) if t.requires_grad]
+    for a, r in zip((got, *torch.autograd.grad((got * g).sum(), wrt)), (want, *torch.autograd.grad((want * g).sum(), wrt))):
+        close(a, r)
+
+
+def test_conv_pool_act_passes_torch_library_opcheck():
+    """The fused conv's fake kernel matches what it returns (the plain forward's channels-last output past 16
+    outputs included), its autograd registration too."""
+    x = torch.randn(6, 4, 8, 8, device=DEVICE, requires_grad=True)
+    for o, pool in ((5, 2), (5, 1), (20, 1)):
+        w = torch.randn(2, o, 4, 3, 3, device=DEVICE, requires_grad=True)
+        b = torch.randn(2, o, device=DEVICE, requires_grad=True)
+        torch.library.opcheck(pooled._pop_conv2d_pool_act, (x, w, b, None, 3, 1, 1, pool, "relu", 0.0, torch.float32, False))
+
+
 def test_conv_pool_act_refuses_what_it_cannot_fold():
     w = torch.randn(2, 3, 1, 3, 3)
     with pytest.raises(ValueError, match="pool = 3, act = 'tanh': allowed pool 1 or 2"):
@@ -495,7 +528,7 @@ def test_wgrad_equals_cudnn_on_padded_multi_tile_images(tune, c, o, k, pad, size
     """The weight-gradient kernel (dy rebuilt in its tiles behind conv2d_pool_act, 16- to 128-tap tiles of 16 to
     64 pixels) equals per-model convs where each image spans several pixel tiles and the padding puts taps
     outside it; NaN around x and dy in memory, so a masked-off read that leaks shows."""
-    tune(wgrad_block_k=block_k, wgrad_block_m=block_m)
+    tune(wgrad_block_k=block_k, wgrad_block_m=block_m, forward="fma")  # the pool kernel's path at any width
     torch.manual_seed(c * 100 + o)
     n, batch = 2, 3
     ho = size + 2 * pad - k + 1

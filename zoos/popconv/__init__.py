@@ -40,7 +40,9 @@ output saying which position won. Its backward rebuilds the conv's output gradie
 is a sum of tensor-core products, a row per POOL x POOL block of input pixels: each pooled output whose
 window covers the block, its gradient placed at the position the pool chose, times the weights shifted
 to that block (`window_dx`; off, the rebuilt gradient is written once, for the padded input-gradient
-conv and the weight gradient to read).
+conv and the weight gradient to read). A conv with more outputs than that kernel holds (16) folds a following
+activation alone: `conv2d_pool_act(.., pool=1)` is then the plain forward with the activation in its
+epilogue, and its backward one pass of the activation's own backward before the conv's.
 
 A first layer that reads the data set by index can instead read its window table (`window_table`, built
 once per resident data set): row (s, q) is the whole (k + pool - 1)^2 input window of pooled output q,
@@ -73,7 +75,7 @@ or is not built, the others (and `forward` again) at each launch.
 Environment variables, read once when the package is imported:
   SYMZOO_POPCONV_FORWARD    auto (default), fma or dot: the conv forward on CUDA cores (fma) or tensor cores
                             (dot); auto takes fma for up to 16 outputs from fewer than 16 inputs. fma also folds
-                            the pool and activation into every conv, dot into none
+                            the pool and activation into every conv, dot only an activation without a pool
   SYMZOO_POPCONV_FUSE       1 (default) or 0: 0 keeps a following 2x2 max-pool and activation out of the conv
   SYMZOO_POPCONV_WINDOWS    pool (default), always or never: when a first layer reading the data set by index
                             reads its window table (pool: when a 2x2 max-pool follows), within 1/8 of the

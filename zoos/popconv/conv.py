@@ -31,11 +31,12 @@ if triton is not None:
 
     @triton.jit
     def _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS: tl.constexpr,
-                      CL: tl.constexpr = False):
-        """Add model m's bias to the [pixels, outputs] tile and store it into y [N*B, O, HO, WO] (CL: its
-        memory channels-last, [N*B, HO, WO, O])."""
+                      ACT: tl.constexpr, SLOPE: tl.constexpr, CL: tl.constexpr = False):
+        """Add model m's bias to the [pixels, outputs] tile, apply the activation and store it into
+        y [N*B, O, HO, WO] (CL: its memory channels-last, [N*B, HO, WO, O])."""
         if HAS_BIAS:
             acc += tl.load(b_ptr + m * O + o, mask=o < O, other=0.0).to(tl.float32)[None, :]
+        acc = _activate(acc, ACT, SLOPE)
         if CL:
             out = y_ptr + (sample.to(tl.int64) * (HO * WO) + r)[:, None] * O + o[None, :]
         else:
@@ -89,6 +90,7 @@ if triton is not None:
                          B, C, H, W, O, HO, WO, PH, PW,
                          K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                          GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, CL: tl.constexpr,
+                         ACT: tl.constexpr, SLOPE: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """The forward of a few-channel input read in NCHW (a first layer), into y channels-last when CL."""
         tile, ob, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -102,13 +104,13 @@ if triton is not None:
             a = _patch_tile(x_ptr, row, pmask, i, j, k, C, H, W, PH, PW, K, KH, KW)
             wk = tl.load(w_base + o[None, :] * K + k[:, None], mask=(k < K)[:, None] & (o < O)[None, :], other=0.0)
             acc += tl.dot(a.to(DOT), wk.to(DOT))
-        _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS, CL)
+        _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS, ACT, SLOPE, CL)
 
     @triton.jit
     def _conv_fwd_fma_kernel(x_ptr, rows_ptr, wt_ptr, b_ptr, y_ptr, B, O,
                              C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, HO: tl.constexpr, WO: tl.constexpr,
                              PH: tl.constexpr, PW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                             GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """The forward as outer products on CUDA cores: each thread owns pixels and all O outputs.
 
@@ -122,7 +124,7 @@ if triton is not None:
         o = tl.arange(0, BLOCK_N)
         w_base = wt_ptr + m.to(tl.int64) * (C * KH * KW * BLOCK_N) + o
         acc = _conv_tile(x_ptr, row, i, j, pmask, w_base, C, H, W, PH, PW, KH, KW, BLOCK_M, BLOCK_N)
-        _store_output(tl.trans(acc), b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS)
+        _store_output(tl.trans(acc), b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS, ACT, SLOPE)
 
     @triton.jit
     def _conv_tile(x_ptr, row, i, j, pmask, w_base, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
@@ -292,6 +294,7 @@ if triton is not None:
                             C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, HO: tl.constexpr, WO: tl.constexpr,
                             PH: tl.constexpr, PW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                             GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
+                            ACT: tl.constexpr, SLOPE: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
         """The forward of a wide layer, x [rows, H, W, C] and y [N*B, HO, WO, O] channels-last, w as
         [N, KH, KW, C, O]: one loop over (tap, channel block), each a [pixels, channels] @ [channels, outputs]
@@ -308,10 +311,7 @@ if triton is not None:
             a = _cl_patch(x_ptr, row, i, j, pmask, t, c, C, H, W, PH, PW, KW)
             wk = tl.load(w_base + (t * C + c)[:, None] * O + o[None, :], mask=(c < C)[:, None] & (o < O)[None, :], other=0.0)
             acc += tl.dot(a.to(DOT), wk.to(DOT))
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + m * O + o, mask=o < O, other=0.0).to(tl.float32)[None, :]
-        out = y_ptr + (sample.to(tl.int64) * (HO * WO) + r)[:, None] * O + o[None, :]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=pmask[:, None] & (o < O)[None, :])
+        _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS, ACT, SLOPE, True)
 
     @triton.jit
     def _conv_wgrad_cl_kernel(x_ptr, rows_ptr, dy_ptr, dw_ptr, db_ptr, B, SPLIT, PER_SPLIT,
@@ -384,7 +384,7 @@ def _cl_blocks(c: int, o: int) -> tuple[int, int, int]:
 
 
 def _launch_forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None, batch: int,
-                    padding: tuple[int, int], out_dtype: torch.dtype) -> Tensor:
+                    padding: tuple[int, int], out_dtype: torch.dtype, act: str = "identity", slope: float = 0.0) -> Tensor:
     n, o, c, kh, kw = w.shape
     h, wd = x.shape[2], x.shape[3]
     ho, wo = h + 2 * padding[0] - kh + 1, wd + 2 * padding[1] - kw + 1
@@ -397,7 +397,7 @@ def _launch_forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None,
         _conv_fwd_cl_kernel[(triton.cdiv(batch * ho * wo, block_m), triton.cdiv(o, block_n), n)](
             x, rows_arg, wt, b if b is not None else wt, y, batch, o, C=c, H=h, W=wd, HO=ho, WO=wo,
             PH=padding[0], PW=padding[1], KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=b is not None,
-            DOT=_dot_dtype(y), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=4,
+            DOT=_dot_dtype(y), ACT=act, SLOPE=slope, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=4,
         )
         return y
     x = x.contiguous()
@@ -409,14 +409,15 @@ def _launch_forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None,
         _conv_fwd_fma_kernel[(triton.cdiv(batch * ho * wo, block_m), n)](
             x, rows_arg, wt, b if b is not None else wt, y, batch, o, C=c, H=h, W=wd, HO=ho, WO=wo,
             PH=padding[0], PW=padding[1], KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=b is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=t.fma_warps,
+            ACT=act, SLOPE=slope, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=t.fma_warps,
         )
         return y
     block_m, block_k, block_n = _blocks(c * kh * kw, o)
     _conv_fwd_dot_kernel[(triton.cdiv(batch * ho * wo, block_m), triton.cdiv(o, block_n), n)](
         x, rows_arg, w, b if b is not None else w, y, batch, c, h, wd, o, ho, wo, padding[0], padding[1],
         K=c * kh * kw, KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=b is not None, DOT=_dot_dtype(y),
-        CL=_writes_channels_last(c, o), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
+        CL=_writes_channels_last(c, o), ACT=act, SLOPE=slope, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
+        num_warps=4,
     )
     return y
 
@@ -429,9 +430,19 @@ def _fma_weights(w: Tensor, block_n: int) -> Tensor:
     return wt
 
 
+def _pool_act_kernel(o: int) -> bool:
+    """Whether `conv2d_pool_act` runs the CUDA-core forward with the pool and activation folded in: up to 16
+    outputs (any number under the tuning's forward "fma"). A wider conv without a pool runs `_launch_forward`,
+    the activation in its epilogue."""
+    forward = tuning.forward(tuning.current())
+    return o <= 16 if forward == "auto" else forward == "fma"
+
+
 def _launch_pool_act(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None, batch: int, padding: tuple[int, int],
                      pool: int, act: str, slope: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     n, o, c, kh, kw = w.shape
+    if pool == 1 and not _pool_act_kernel(o):
+        return _launch_forward(x, rows, w, b, batch, padding, out_dtype, act, slope), x.new_empty(0, dtype=torch.int8)
     h, wd = x.shape[2], x.shape[3]
     hp, wp = (h + 2 * padding[0] - kh + 1) // pool, (wd + 2 * padding[1] - kw + 1) // pool
     a = torch.empty(n * batch, o, hp, wp, device=x.device, dtype=out_dtype)

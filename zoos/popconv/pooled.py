@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import tuning
 from .common import _dot_dtype, _programs_per_model, _tile_rows, _wgrad_fake, tl, triton
-from .conv import _checked, _conv_grads, _launch_pool_act, _launch_wgrad, _need_rows
+from .conv import _checked, _conv_grads, _launch_pool_act, _launch_wgrad, _need_rows, _output, _pool_act_kernel
 from .window import _window_conv
 
 
@@ -157,6 +157,8 @@ def _pop_conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, rows: Tensor | 
 def _(x, w, b, rows, batch, pad_h, pad_w, pool, act, slope, out_dtype, window_dx):
     n, o, _, kh, kw = w.shape
     shape = (n * batch, o, (x.shape[2] + 2 * pad_h - kh + 1) // pool, (x.shape[3] + 2 * pad_w - kw + 1) // pool)
+    if pool == 1 and not _pool_act_kernel(o):  # the plain forward's output, in its memory format
+        return _output(shape, x.shape[1], x, out_dtype), x.new_empty(0, dtype=torch.int8)
     return x.new_empty(shape, dtype=out_dtype), x.new_empty(shape if pool > 1 else (0,), dtype=torch.int8)
 
 
@@ -164,22 +166,26 @@ def _setup_pool_act(ctx, inputs, output) -> None:
     x, w, b, rows, batch, pad_h, pad_w, pool, act, slope, _, window_dx = inputs
     a, code = output
     ctx.save_for_backward(x, w, rows, a, code)
-    ctx.meta = (batch, pad_h, pad_w, b is not None, x.dtype, pool, act, slope, window_dx)
+    plain = pool == 1 and not _pool_act_kernel(w.shape[1])  # the plain forward ran, the activation in its epilogue
+    ctx.meta = (batch, pad_h, pad_w, b is not None, x.dtype, pool, act, slope, window_dx, plain)
     ctx.mark_non_differentiable(code)
 
 
-def _act_grad(a: Tensor, act: str, slope: float) -> Tensor:
-    """The activation's derivative from its output a (float32)."""
-    a = a.float()
-    if act == "tanh":
-        return 1.0 - a * a
-    if act == "sigmoid":
-        return a * (1.0 - a)
+def _act_backward(da: Tensor, a: Tensor, act: str, slope: float) -> Tensor:
+    """da * act'(z) read off the activation's output a = act(z): torch's own backward kernel of the activation
+    (one pass, in a's dtype)."""
+    aten = torch.ops.aten
     if act == "relu":
-        return (a > 0).float()
+        return aten.threshold_backward(da, a, 0)
+    if act == "leaky_relu" and slope >= 0:  # the sign of a is the sign of z
+        return aten.leaky_relu_backward(da, a, slope, True)
     if act == "leaky_relu":
-        return torch.where(a > 0, 1.0, slope)
-    return torch.ones_like(a)
+        return torch.where(a > 0, da, da * slope)
+    if act == "tanh":
+        return aten.tanh_backward(da, a)
+    if act == "sigmoid":
+        return aten.sigmoid_backward(da, a)
+    return da
 
 
 def _unpool(dz: Tensor, code: Tensor, pool: int, out_hw: tuple[int, int]) -> Tensor:
@@ -212,7 +218,7 @@ def _(da, a, code, w, x, pad_h, pad_w, pool, act, slope, bias, weights):
 
 def _backward_pool_act(ctx, da: Tensor, _dcode: Tensor | None):
     x, w, rows, a, code = ctx.saved_tensors
-    batch, pad_h, pad_w, has_bias, x_dtype, pool, act, slope, window_dx = ctx.meta
+    batch, pad_h, pad_w, has_bias, x_dtype, pool, act, slope, window_dx, plain = ctx.meta
     nothing = (None,) * 9
     window_dx = ctx.needs_input_grad[0] and pool > 1 and window_dx
     if window_dx and rows is None:  # dx per block of input pixels and dw, db in one op
@@ -220,12 +226,12 @@ def _backward_pool_act(ctx, da: Tensor, _dcode: Tensor | None):
         dx, dw, db = _pop_pooled_grads(da, a, code, w, x, pad_h, pad_w, pool, act, slope, has_bias, weights)
         dw = dw.to(w.dtype) if ctx.needs_input_grad[1] else None
         return dx, dw, (db if has_bias and ctx.needs_input_grad[2] else None), *nothing
-    if not ctx.needs_input_grad[0]:  # the weight-gradient kernel rebuilds the conv's dy itself
+    if not ctx.needs_input_grad[0] and not plain:  # the weight-gradient kernel rebuilds the conv's dy itself
         if not (ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2])):
             return None, None, None, *nothing
         dw, db = _pop_conv2d_pool_act_wgrad(x, rows, da, a, code, w, pad_h, pad_w, has_bias, pool, act, slope)
         return None, dw.to(w.dtype), (db if has_bias else None), *nothing
-    dz = (da.float() * _act_grad(a, act, slope)).to(a.dtype)
+    dz = _act_backward(da, a, act, slope)
     if pool > 1:
         out_hw = (x.shape[2] + 2 * pad_h - w.shape[3] + 1, x.shape[3] + 2 * pad_w - w.shape[4] + 1)
         dz = _unpool(dz, code, pool, out_hw)
@@ -235,12 +241,11 @@ def _backward_pool_act(ctx, da: Tensor, _dcode: Tensor | None):
 _pop_conv2d_pool_act.register_autograd(_backward_pool_act, setup_context=_setup_pool_act)
 
 
-def fuses(out_channels: int) -> bool:
-    """Whether `conv2d_pool_act` runs as one kernel for a conv with this many outputs: the CUDA-core forward
-    with the pool and activation folded in, for up to 16 outputs (from any number of inputs)."""
-    t = tuning.current()
-    forward = tuning.forward(t)
-    return t.fuse and (out_channels <= 16 if forward == "auto" else forward == "fma")
+def fuses(out_channels: int, pool: int = 2) -> bool:
+    """Whether `conv2d_pool_act` runs as one kernel for a conv with this many outputs and this pool: the
+    CUDA-core forward with the pool and activation folded in, for up to 16 outputs (from any number of
+    inputs); without a pool (1), any conv, a wider one with the activation in its own forward's epilogue."""
+    return tuning.current().fuse and (pool == 1 or _pool_act_kernel(out_channels))
 
 
 def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int] = (0, 0), *,
