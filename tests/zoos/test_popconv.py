@@ -199,12 +199,13 @@ def test_conv_pool_act_equals_the_three_layers(act, pool, c, o, k, pad, size, bi
                                                          (2, 24, 3, 1, "rows", False), (17, 40, 1, 0, "grad", False)])
 def test_a_wide_conv_applies_its_activation_in_its_own_forward(tune, act, c, o, k, pad, x_in, channels_last):
     """Past the pool kernel's 16 outputs, conv2d_pool_act without a pool is the plain forward with the activation
-    in its epilogue (in its output's memory format): the output and every gradient as the two layers give them,
-    the input read by row index or without a gradient included."""
+    in its epilogue (the input read in its own memory format, channels-last included): the output and every
+    gradient as the two layers give them, the input read by row index or without a gradient included."""
     tune(channels_last=channels_last)
     torch.manual_seed(c * 100 + o)
     n, batch, gather = 2, 3, x_in == "rows"
-    x = torch.randn(n * batch if not gather else 11, c, 7, 6, device=DEVICE, requires_grad=x_in == "grad")
+    x = torch.randn(n * batch if not gather else 11, c, 7, 6, device=DEVICE)
+    x = (x.contiguous(memory_format=torch.channels_last) if channels_last else x).requires_grad_(x_in == "grad")
     rows = torch.randint(0, 11, (n, batch), device=DEVICE) if gather else None
     w = torch.randn(n, o, c, k, k, device=DEVICE, requires_grad=True)
     b = torch.randn(n, o, device=DEVICE, requires_grad=True)

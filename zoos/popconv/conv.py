@@ -441,8 +441,9 @@ def _pool_act_kernel(o: int) -> bool:
 def _launch_pool_act(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None, batch: int, padding: tuple[int, int],
                      pool: int, act: str, slope: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     n, o, c, kh, kw = w.shape
-    if pool == 1 and not _pool_act_kernel(o):
+    if pool == 1 and not _pool_act_kernel(o):  # reads x in its own memory format
         return _launch_forward(x, rows, w, b, batch, padding, out_dtype, act, slope), x.new_empty(0, dtype=torch.int8)
+    x = x.contiguous()
     h, wd = x.shape[2], x.shape[3]
     hp, wp = (h + 2 * padding[0] - kh + 1) // pool, (wd + 2 * padding[1] - kw + 1) // pool
     a = torch.empty(n * batch, o, hp, wp, device=x.device, dtype=out_dtype)

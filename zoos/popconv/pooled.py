@@ -150,7 +150,7 @@ EPILOGUE_ACTIVATIONS = ("identity", "tanh", "sigmoid", "relu", "leaky_relu")  # 
 def _pop_conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, rows: Tensor | None, batch: int, pad_h: int,
                          pad_w: int, pool: int, act: str, slope: float, out_dtype: torch.dtype,
                          window_dx: bool) -> tuple[Tensor, Tensor]:
-    return _launch_pool_act(x.contiguous(), rows, w.contiguous(), b, batch, (pad_h, pad_w), pool, act, slope, out_dtype)
+    return _launch_pool_act(x, rows, w.contiguous(), b, batch, (pad_h, pad_w), pool, act, slope, out_dtype)
 
 
 @_pop_conv2d_pool_act.register_fake
