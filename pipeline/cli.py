@@ -101,6 +101,10 @@ def tasks_cmd() -> None:
     console.print(table)
 
 
+_UPDATES = {"popoptim": "two Triton passes a parameter tensor (zoos.popoptim)", "eager": "torch ops, ~20 a parameter tensor",
+            "compiled": "torch.compile of the update"}  # what `archs --programs` says of each optimizer step
+
+
 @command("archs")
 def archs_cmd(
     programs: bool = typer.Option(False, "--programs", help="also say which population program runs each layer on a GPU"),
@@ -124,6 +128,7 @@ def archs_cmd(
         console.print(f"\n[bold]{name}[/] ({program.describe()})")
         for layer, op, why in program.layers:
             console.print(f"  {layer:48s} {op:24s} {why}")
+        console.print(f"  {'the optimizer step':48s} {program.optimizer:24s} {_UPDATES[program.optimizer]}")
 
 
 def _gpu_program(arch: str):

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from zoos import popconv
+from zoos import popconv, popoptim
 from zoos.fastpop import FastStep, Unsupported
 
 PRECISIONS = ("float32", "bf16")
@@ -52,8 +52,8 @@ class Program:
     compile: bool = False
     layers: list[tuple[str, str, str]] = field(default_factory=list)
     reason: str | None = None
+    optimizer: str = "eager"  # the optimizer step: "popoptim" (its Triton kernels), "eager" torch ops or "compiled"
     graphs: bool = False  # the trainer's choice: steps replayed as CUDA graphs
-    optimizer: str = ""  # the trainer's choice: the update as popoptim's kernels, eager torch ops, or compiled
     step: FastStep | None = field(default=None, repr=False)
 
     def describe(self) -> str:
@@ -92,9 +92,11 @@ def choose_program(
     """The program for `module` (a template: no weights needed) on `task`'s data on `device`.
 
     fast: use the population program where the module allows (None: on CUDA; the CPU runs it too, and the
-    tests hold it equal to vmap there). kernels: popconv for stride-1 convs (None: where `popconv.available`).
-    compile: torch.compile the forward (None: no; the trainer replays eager steps as CUDA graphs, and a compile
-    pays only in long runs of some families: benchmarks/README.md). A vmap fallback on CUDA warns once per (arch, reason).
+    tests hold it equal to vmap there). kernels: the population's Triton kernels, popconv's convs and the others
+    in the program and popoptim's optimizer step (None: on CUDA, where available; the optimizer step runs on them
+    under vmap too). compile: torch.compile the forward and the optimizer step (None: no; the trainer replays
+    eager steps as CUDA graphs, and a compile pays only in long runs of some families: benchmarks/README.md).
+    A vmap fallback on CUDA warns once per (arch, reason).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not known; allowed: {', '.join(PRECISIONS)}")
@@ -102,10 +104,12 @@ def choose_program(
     cuda = device.type == "cuda"
     arch = arch or type(module).__name__
     want_fast = cuda if fast is None else fast
-    if not want_fast:
-        return Program(arch, str(device), precision, fast=False, reason="asked for" if fast is False else "not on CUDA")
     kernels = (cuda and popconv.available(device)) if kernels is None else kernels
     compile = bool(compile)
+    optimizer = "compiled" if compile else "popoptim" if kernels and popoptim.available(device) else "eager"
+    if not want_fast:
+        return Program(arch, str(device), precision, fast=False, optimizer=optimizer,
+                       reason="asked for" if fast is False else "not on CUDA")
     try:
         step = FastStep(module, task.loss, tuple(task.input_shape), dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
                         compile=compile, dropout=dropout, kernels=kernels, regulariser=regulariser)
@@ -115,8 +119,8 @@ def choose_program(
             _WARNED.add((arch, reason))
             warnings.warn(f"{arch}: the population program cannot run it ({reason}); it trains as plain vmap, "
                           "slower per model", FallbackWarning, stacklevel=2)
-        return Program(arch, str(device), precision, fast=False, reason=reason)
-    return Program(arch, str(device), precision, fast=True, kernels=kernels, compile=compile,
+        return Program(arch, str(device), precision, fast=False, optimizer=optimizer, reason=reason)
+    return Program(arch, str(device), precision, fast=True, kernels=kernels, compile=compile, optimizer=optimizer,
                    layers=list(step.pop.choices), step=step)
 
 

@@ -259,9 +259,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     schedule = pop.shared("lr_schedule")
     total_steps = epochs * data.n_steps
     lr_factors = None if schedule == "constant" else [lr_factor(schedule, i, total_steps) for i in range(total_steps)]
-    fused = bool(kernels if kernels is not None else device.type == "cuda") and popoptim.available(device) and not compile
-    optimizer = Optimizer.of(pop, params, lr_factors, compiled=bool(compile), fused=fused)
-    program.choice.optimizer = "compiled" if compile else "popoptim" if fused else "eager"
+    optimizer = Optimizer.of(pop, params, lr_factors, compiled=bool(compile), fused=program.choice.optimizer == "popoptim")
     evaluation = _Evaluation(task, program, data, params, buffers)
     recorder = _Recorder(pop, task, data, evaluation, params, buffers)
     augmenter = Augmenter(task, pop.models, data.n_sub, device) if pop.shared("augmentation") else None

@@ -25,19 +25,35 @@ def tiny_study(folder: Path, name: str) -> Path:
     return path
 
 
+def start_head(env: dict, log: Path) -> tuple[subprocess.Popen, int]:
+    """`ray start --head --block` on fresh ports, (the process, its dashboard port) once the dashboard listens.
+    A port taken by another process between `free_port` and the head binding it ends the head at start: then it
+    starts again on other ports; its output goes to `log` for the failure message."""
+    for _ in range(3):
+        gcs, dashboard = free_port(), free_port()
+        # Every port of its own: other Rays of the test session would hold the defaults (agent: 52365).
+        agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                       f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+        with log.open("ab") as out:  # the child keeps its own descriptor
+            head = subprocess.Popen(
+                [str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--num-cpus=2",
+                 "--include-dashboard=true", "--disable-usage-stats", *agent_ports, "--block"],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        try:  # a loaded 2-core machine (the rest of the suite beside it) has taken over 120 s
+            wait_for(lambda: head.poll() is not None or listening(dashboard), 300, "ray dashboard")
+        except TimeoutError:
+            stop(head)
+            raise TimeoutError("ray dashboard not up after 300 s; the head's output:\n" + log.read_text(errors="replace")[-3000:])
+        if head.poll() is None:
+            return head, dashboard
+    raise RuntimeError(f"ray start --head exited at start on 3 sets of ports; its output:\n{log.read_text(errors='replace')[-3000:]}")
+
+
 def test_ray_job_submit_to_a_started_head_logs_to_an_mlflow_server(tmp_path, mlflow_server):
-    gcs, dashboard = free_port(), free_port()
-    # Every port of its own: other Rays of the test session would hold the defaults (agent: 52365).
-    agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                   f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--num-cpus=2",
-         "--include-dashboard=true", "--disable-usage-stats", *agent_ports, "--block"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    head, dashboard = start_head(env, tmp_path / "ray-head.log")
     try:
-        wait_for(lambda: listening(dashboard), 120, "ray dashboard")
         work = tmp_path / "job"
         work.mkdir()
         tiny_study(work, "jobs")
