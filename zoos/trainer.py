@@ -52,8 +52,8 @@ from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
 from tasks.base import Task
-from zoos.archs import ARCHS
 from zoos import popoptim
+from zoos.archs import ARCHS
 from zoos.fastpop import dropout_active, prior_view
 from zoos.functional import population_forward, template
 from zoos.population import PopulationResult
@@ -700,7 +700,8 @@ class OptimizerState(NamedTuple):
 class Optimizer:
     """SGD or AdamW for every model of a population at once, with each model's own lr, weight decay and momentum
     (the semantics in the module docstring), and the divergence check. `step(params, grads, total)` updates the
-    parameters and the state in place; `lr_factors` are the schedule's multipliers, one per step."""
+    parameters and the state in place; `lr_factors` are the schedule's multipliers, one per step. The update runs
+    as eager torch ops, one compiled program (`compiled`) or `zoos.popoptim`'s Triton kernels (`fused`)."""
 
     def __init__(self, kind: str, params: dict[str, Tensor], lr: Tensor, weight_decay: Tensor, momentum: Tensor,
                  lr_factors: list[float] | None = None, *, compiled: bool = False, fused: bool = False):
