@@ -277,7 +277,7 @@ def run_steps(n_models: int, precision: str, data_dir: Path, device: str, steps:
     buffers = {k: v.to(device) for k, v in buffers.items()}
     lr = torch.full((n_models,), LR, device=device)
     optimizer = Optimizer("adam", params, lr, torch.zeros_like(lr), torch.full_like(lr, 0.9),
-                          compiled=device == "cuda" and "eager" not in flags)  # writes params and its state in place
+                          update="compiled" if device == "cuda" and "eager" not in flags else "eager")  # in place
     if precision == "bf16":
         x = x.to(torch.bfloat16)  # resident in the compute dtype, as the trainer keeps it
     now = popconv.tuning.current()

@@ -83,7 +83,7 @@ def step_(kind: str, params: dict[str, Tensor], grads: dict[str, Tensor], first:
         hyper = torch.stack([weight_decay, momentum, lr])
         bc2 = torch.ones(1, dtype=torch.float32, device=lr.device)
     flag = torch.ones(n, dtype=torch.int32, device=lr.device)
-    flat = {k: _flat(kind, params[k], grads[k], first[k], second.get(k), n) for k in params}
+    flat = {k: _flat(kind, k, params[k], grads[k], first[k], second.get(k), n) for k in params}
     for check in (True, False):
         for p, g, s1, s2 in flat.values():
             m = p.shape[1]
@@ -94,11 +94,12 @@ def step_(kind: str, params: dict[str, Tensor], grads: dict[str, Tensor], first:
             flag.copy_(alive)
 
 
-def _flat(kind: str, p: Tensor, g: Tensor, s1: Tensor, s2: Tensor | None, n: int) -> tuple[Tensor, ...]:
-    """[N, M] views of a parameter's tensors (the gradient copied only where its layout needs it)."""
-    for t in (p, s1) + ((s2,) if kind == "adam" else ()):
+def _flat(kind: str, key: str, p: Tensor, g: Tensor, s1: Tensor, s2: Tensor | None, n: int) -> tuple[Tensor, ...]:
+    """[N, M] views of parameter `key`'s tensors (the gradient copied only where its layout needs it)."""
+    for what, t in [("parameter", p), ("first state", s1)] + ([("second state", s2)] if kind == "adam" else []):
         if not t.is_contiguous() or t.dtype != torch.float32:
-            raise ValueError(f"parameters and optimizer state must be contiguous float32, got {t.dtype} {tuple(t.stride())}")
+            raise ValueError(f"{what} {key!r} is {t.dtype} with strides {tuple(t.stride())}; allowed: contiguous "
+                             "float32")
     s2 = s1 if s2 is None else s2
     return p.view(n, -1), g.reshape(n, -1), s1.view(n, -1), s2.view(n, -1)
 

@@ -259,7 +259,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     schedule = pop.shared("lr_schedule")
     total_steps = epochs * data.n_steps
     lr_factors = None if schedule == "constant" else [lr_factor(schedule, i, total_steps) for i in range(total_steps)]
-    optimizer = Optimizer.of(pop, params, lr_factors, compiled=bool(compile), fused=program.choice.optimizer == "popoptim")
+    optimizer = Optimizer.of(pop, params, lr_factors, update=program.choice.optimizer)
     evaluation = _Evaluation(task, program, data, params, buffers)
     recorder = _Recorder(pop, task, data, evaluation, params, buffers)
     augmenter = Augmenter(task, pop.models, data.n_sub, device) if pop.shared("augmentation") else None
@@ -700,11 +700,11 @@ class OptimizerState(NamedTuple):
 class Optimizer:
     """SGD or AdamW for every model of a population at once, with each model's own lr, weight decay and momentum
     (the semantics in the module docstring), and the divergence check. `step(params, grads, total)` updates the
-    parameters and the state in place; `lr_factors` are the schedule's multipliers, one per step. The update runs
-    as eager torch ops, one compiled program (`compiled`) or `zoos.popoptim`'s Triton kernels (`fused`)."""
+    parameters and the state in place; `lr_factors` are the schedule's multipliers, one per step. `update` is how
+    it runs (`zoos.program.Program.optimizer`): "eager" torch ops, one "compiled" program or "popoptim"'s kernels."""
 
     def __init__(self, kind: str, params: dict[str, Tensor], lr: Tensor, weight_decay: Tensor, momentum: Tensor,
-                 lr_factors: list[float] | None = None, *, compiled: bool = False, fused: bool = False):
+                 lr_factors: list[float] | None = None, *, update: str = "eager"):
         device = lr.device
         self.kind, self.lr = kind, lr
         self.lr_factors = None if lr_factors is None else torch.tensor(lr_factors, device=device, dtype=lr.dtype)
@@ -714,16 +714,16 @@ class Optimizer:
             weight_decay=weight_decay, momentum=momentum,
             count=torch.zeros((), dtype=torch.float64, device=device),
             alive=torch.ones(len(lr), dtype=torch.bool, device=device))
-        self._apply = (_compiled_update(kind) if compiled else functools.partial(_fused_update, kind) if fused
-                       else functools.partial(_update_in_place, kind))
+        updates = {"eager": _update_in_place, "popoptim": _fused_update}
+        self._apply = _compiled_update(kind) if update == "compiled" else functools.partial(updates[update], kind)
 
     @classmethod
     def of(cls, pop: PopulationSpec, params: dict[str, Tensor], lr_factors: list[float] | None = None, *,
-           compiled: bool = False, fused: bool = False) -> Optimizer:
+           update: str = "eager") -> Optimizer:
         """The population's optimizer, each model's hyperparameters from its factors."""
         device = next(iter(params.values())).device
         lr, wd, mom = (_per_model([m.factors[k] for m in pop.models], device) for k in ("lr", "weight_decay", "momentum"))
-        return cls(pop.shared("optimizer"), params, lr, wd, mom, lr_factors, compiled=compiled, fused=fused)
+        return cls(pop.shared("optimizer"), params, lr, wd, mom, lr_factors, update=update)
 
     def step(self, params: dict[str, Tensor], grads: dict[str, Tensor], total: Tensor) -> None:
         """One update of every model from its gradients; `total` [N] is the loss the gradients are of."""
