@@ -438,10 +438,16 @@ def _pool_act_kernel(o: int) -> bool:
     return o <= 16 if forward == "auto" else forward == "fma"
 
 
+def _plain(o: int, pool: int) -> bool:
+    """Whether `conv2d_pool_act` of o outputs runs the plain forward, the activation in its epilogue: no pool,
+    wider than the pool kernel."""
+    return pool == 1 and not _pool_act_kernel(o)
+
+
 def _launch_pool_act(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None, batch: int, padding: tuple[int, int],
                      pool: int, act: str, slope: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     n, o, c, kh, kw = w.shape
-    if pool == 1 and not _pool_act_kernel(o):  # reads x in its own memory format
+    if _plain(o, pool):  # reads x in its own memory format
         return _launch_forward(x, rows, w, b, batch, padding, out_dtype, act, slope), x.new_empty(0, dtype=torch.int8)
     x = x.contiguous()
     h, wd = x.shape[2], x.shape[3]

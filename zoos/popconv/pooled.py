@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import tuning
 from .common import _dot_dtype, _programs_per_model, _tile_rows, _wgrad_fake, tl, triton
-from .conv import _checked, _conv_grads, _launch_pool_act, _launch_wgrad, _need_rows, _output, _pool_act_kernel
+from .conv import _checked, _conv_grads, _launch_pool_act, _launch_wgrad, _need_rows, _output, _plain, _pool_act_kernel
 from .window import _window_conv
 
 
@@ -157,7 +157,7 @@ def _pop_conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, rows: Tensor | 
 def _(x, w, b, rows, batch, pad_h, pad_w, pool, act, slope, out_dtype, window_dx):
     n, o, _, kh, kw = w.shape
     shape = (n * batch, o, (x.shape[2] + 2 * pad_h - kh + 1) // pool, (x.shape[3] + 2 * pad_w - kw + 1) // pool)
-    if pool == 1 and not _pool_act_kernel(o):  # the plain forward's output, in its memory format
+    if _plain(o, pool):  # the plain forward's output, in its memory format
         return _output(shape, x.shape[1], x, out_dtype), x.new_empty(0, dtype=torch.int8)
     return x.new_empty(shape, dtype=out_dtype), x.new_empty(shape if pool > 1 else (0,), dtype=torch.int8)
 
@@ -166,8 +166,7 @@ def _setup_pool_act(ctx, inputs, output) -> None:
     x, w, b, rows, batch, pad_h, pad_w, pool, act, slope, _, window_dx = inputs
     a, code = output
     ctx.save_for_backward(x, w, rows, a, code)
-    plain = pool == 1 and not _pool_act_kernel(w.shape[1])  # the plain forward ran, the activation in its epilogue
-    ctx.meta = (batch, pad_h, pad_w, b is not None, x.dtype, pool, act, slope, window_dx, plain)
+    ctx.meta = (batch, pad_h, pad_w, b is not None, x.dtype, pool, act, slope, window_dx, _plain(w.shape[1], pool))
     ctx.mark_non_differentiable(code)
 
 
