@@ -58,7 +58,7 @@ def test_archs_say_which_population_program_runs_each_on_a_gpu():
     assert "vmap (" not in r.output
     sections = r.output.split("\n\n")
     p4 = next(s for s in sections if s.startswith("p4cnn ("))
-    assert "popconv" in p4 and "prologue" in p4 and "bmm" in p4
+    assert "popconv" in p4 and "prologue" in p4 and "poplinear" in p4
     assert "the optimizer step" in p4 and "popoptim" in p4  # on the population kernels, as a GPU runs it
     frames = next(s for s in sections if s.startswith("frame_avg ("))  # eigh reads its status on the host
     assert "steps not replayed as CUDA graphs (linalg_eigh" in frames.replace("\n", "")

@@ -28,7 +28,9 @@ followed by a 2x2 max-pool, by default), that first conv reads a window table of
 (`popconv.window_table`, built once per resident data set and kept while the data set lives): its
 forward and weight gradient become tensor-core products over contiguous whole-window rows. Wide kernel
 convs write channels-last maps, and any other plain 2x2 max-pool of a map runs as `popconv.max_pool2x2`
-(PyTorch's channels-last pooling is several times slower on these maps).
+(PyTorch's channels-last pooling is several times slower on these maps). A Linear (or F.linear) of up to
+`poplinear.MAX_FEATURES` inputs and outputs runs as `poplinear.linear`: the bias in the product's epilogue and
+its gradient in the weight gradient's pass, where a batched matmul spends two more passes on each.
 
 `FastPopulation.supports(module)` says whether a module can run this way and why not: only the layer
 types above carry parameters, buffers belong to `PopDropout` only, and the traced forward reads no
@@ -51,7 +53,7 @@ from torch import Tensor, fx, nn
 from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from zoos import popconv, popnorm
+from zoos import popconv, poplinear, popnorm
 from zoos.archs.base import ACTIVATIONS, PopDropout
 from zoos.archs.layers import FlatLinear
 
@@ -83,12 +85,6 @@ def pop_broadcast(op: str, x: Tensor, w: Tensor, data_first: bool, dtype: torch.
     if dtype is not None:
         xs, ws = xs.to(dtype), ws.to(dtype)
     return (fn(xs, ws) if data_first else fn(ws, xs)).flatten(0, 1)
-
-
-def pop_flat_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """FlatLinear per model: w [N, out, *in_shape] applied to the trailing len(in_shape) axes of x."""
-    k = w.dim() - 2
-    return pop_linear(x.flatten(-k), w.flatten(2), b)
 
 
 def pop_conv2d(x: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, int], padding: tuple[int, int]) -> Tensor:
@@ -637,11 +633,11 @@ class _Emitter:
             env[node] = g.call_function(pop_conv2d, (args[0], w, b, tuple(m.stride), _conv_padding(m)))
             self.choose(node, "im2col + bmm", self._no_kernels(m.stride))
         elif isinstance(m, FlatLinear):
-            env[node] = g.call_function(pop_flat_linear, (args[0], w, b))
-            self.choose(node, "bmm")
+            k = len(m.in_shape)
+            env[node] = self._linear(node, g.call_method("flatten", (args[0], -k)), g.call_method("flatten", (w, 2)), b,
+                                     math.prod(m.in_shape), m.weight.shape[0])
         elif isinstance(m, nn.Linear):
-            env[node] = g.call_function(pop_linear, (args[0], w, b))
-            self.choose(node, "bmm")
+            env[node] = self._linear(node, args[0], w, b, m.in_features, m.out_features)
         elif not pop.dropout:
             env[node] = args[0]
         else:
@@ -781,6 +777,17 @@ class _Emitter:
     def _op_name(self, node: fx.Node) -> str:
         return type(self.mods[node.target]).__name__ if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
 
+    def _linear(self, node: fx.Node, x: fx.Node, w: fx.Node, b: fx.Node | None, in_f: int, out_f: int) -> fx.Node:
+        """A linear layer of x (in the compute dtype) and w [N, out, in]: poplinear's kernels where they hold its
+        widths, else one batched matmul."""
+        if self.pop.kernels and poplinear.fits(in_f, out_f):
+            self.choose(node, "poplinear")
+            return self.g.call_function(poplinear.linear, (x, w, b))
+        why = "poplinear kernels off here (no CUDA, or not asked for)" if not self.pop.kernels else \
+            f"{in_f} -> {out_f} features: poplinear holds up to {poplinear.MAX_FEATURES}"
+        self.choose(node, "bmm", why)
+        return self.g.call_function(pop_linear, (x, w, b))
+
     def _compute(self, x: fx.Node) -> fx.Node:
         """x in the compute dtype, as autocast casts a conv's or linear's input (a no-op when it is already)."""
         return x if self.pop.dtype == torch.float32 else self.g.call_method("to", (x, self.pop.dtype))
@@ -799,8 +806,8 @@ class _Emitter:
             plain = (self.kinds.get(x) == DATA and self.kinds.get(w) == WEIGHT
                      and (b is None or self.kinds.get(b) == WEIGHT))
             if plain and node.target is F.linear:
-                self.choose(node, "bmm")
-                return g.call_function(pop_linear, (self._compute(value(x)), value(w), value(b)))
+                out_f, in_f = w.meta["probe"].shape[-2:]
+                return self._linear(node, self._compute(value(x)), value(w), value(b), in_f, out_f)
             stride, dilation, groups, padding = _pair(kw["stride"]), _pair(kw["dilation"]), kw["groups"], kw["padding"]
             if plain and not any(isinstance(v, fx.Node) for v in (stride, dilation, groups, padding)):
                 kernel = tuple(w.meta["probe"].shape[-2:])
@@ -1042,4 +1049,4 @@ class FastStep:
         return dict(zip(leaves, grads)), loss.detach(), total.detach(), pred.detach()
 
 
-__all__ = ["FastPopulation", "FastStep", "Unsupported", "prior_view", "pop_group_norm", "pop_layer_norm", "dropout_active", "pop_conv2d", "pop_linear", "pop_flat_linear", "pop_dropout"]
+__all__ = ["FastPopulation", "FastStep", "Unsupported", "prior_view", "pop_group_norm", "pop_layer_norm", "dropout_active", "pop_conv2d", "pop_linear", "pop_dropout"]

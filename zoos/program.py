@@ -8,7 +8,9 @@ The programs, fastest first:
   popconv max-pool  any other 2x2 max-pool of a map, one pass in either memory format (`zoos.popconv`)
   popnorm       GroupNorm with one group: statistics and each model's affine in one Triton pass (`zoos.popnorm`)
   im2col + bmm  other convolutions: patches on a channels-last view, one batched matmul over the models
-  bmm           Linear / FlatLinear / F.linear: one batched matmul over the models
+  poplinear     Linear / FlatLinear / F.linear of up to 128 inputs and outputs as Triton kernels (`zoos.poplinear`):
+                the bias in the product's epilogue, its gradient in the weight gradient's pass
+  bmm           any wider Linear / FlatLinear / F.linear: one batched matmul over the models
   population norm  GroupNorm / LayerNorm: per-sample statistics of the whole batch, per-model affine
   prologue      the ops on weights alone (a group CNN's kernel expansion): vmapped once a step
   vmap op       any other op that mixes data and weights, vmapped over the models on its own

@@ -1,0 +1,57 @@
+"""A population's narrow Linear layers (a small zoo's widths): autocast's batched matmul (`zoos.fastpop.pop_linear`,
+baddbmm where there is a bias) against zoos.poplinear.linear.
+
+    python benchmarks/linear_bench.py            # CUDA machine, ~20 s
+
+Each case is one layer of a registered family's population program at 256 models: bf16 rows (a bf16 program's
+stream), float32 master weights and bias, forward alone and forward + backward (gradients to x, w and b), CUDA
+events, median of 20 after a warm-up; ms, the ratio, the largest difference of the outputs, and poplinear's
+effective bandwidth (x and y forward; dy read twice, x once and dx written backward) against the card's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from popconv_bench import timed  # the script's folder is on the path: CUDA events, median of 20
+from zoos import poplinear
+from zoos.fastpop import pop_linear
+
+MODELS = 256
+# (family and layer, rows a model, in, out, bias)
+CASES = [("vit q/v/o (50 tokens x 128)", 6400, 32, 32, True), ("vit k", 6400, 32, 32, False),
+         ("vit fc1", 6400, 32, 64, True), ("vit fc2", 6400, 64, 32, True),
+         ("set_transformer (16 points x 128)", 2048, 32, 32, True), ("egnn edge (20 x 20 pairs x 128)", 51200, 32, 32, True),
+         ("deepsets phi (100 points x 128)", 12800, 2, 64, True), ("mlp hidden (128)", 128, 64, 64, True),
+         ("cnn head (128)", 128, 32, 10, True), ("widest (128 in, 128 out)", 4096, 128, 128, True)]
+
+
+def main() -> None:
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {MODELS} models, bf16 rows, float32 weights")
+    print(f"{'layer':36s} {'rows':>8} {'in':>4} {'out':>4} {'bmm fwd':>8} {'pop fwd':>8} {'ratio':>6} "
+          f"{'bmm f+b':>8} {'pop f+b':>8} {'ratio':>6} {'max diff':>9} {'pop GB/s':>9}")
+    for name, rows, in_f, out_f, bias in CASES:
+        x = torch.randn(MODELS * rows, in_f, device="cuda").bfloat16().requires_grad_()
+        w = (torch.randn(MODELS, out_f, in_f, device="cuda") / in_f**0.5).requires_grad_()
+        b = torch.randn(MODELS, out_f, device="cuda").requires_grad_() if bias else None
+        g = torch.randn(MODELS * rows, out_f, device="cuda").bfloat16()
+        wrt = [t for t in (x, w, b) if t is not None]
+
+        def eager():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return pop_linear(x, w, b)
+
+        def kernel():
+            return poplinear.linear(x, w, b)
+
+        with torch.no_grad():
+            diff = (eager().float() - kernel().float()).abs().max().item()
+        ef, kf = timed(eager), timed(kernel)
+        eb, kb = timed(lambda: torch.autograd.grad(eager(), wrt, g)), timed(lambda: torch.autograd.grad(kernel(), wrt, g))
+        moved = MODELS * rows * 2 * (in_f + out_f + 2 * out_f + in_f + in_f)  # bytes: x, y; dy twice, x, dx
+        print(f"{name:36s} {rows:8d} {in_f:4d} {out_f:4d} {ef:8.3f} {kf:8.3f} {ef / kf:6.2f} {eb:8.3f} {kb:8.3f} "
+              f"{eb / kb:6.2f} {diff:9.1e} {moved / kb / 1e6:9.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

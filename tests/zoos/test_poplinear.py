@@ -1,0 +1,88 @@
+"""zoos.poplinear: a population's narrow linear layers equal each model's F.linear, forward and backward
+(Triton's interpreter on the CPU, as tests/conftest.py sets it)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from zoos import poplinear
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not poplinear.available(DEVICE), reason="needs Triton (GPU or TRITON_INTERPRET=1)")
+
+
+def per_model(x, w, b):
+    """Model i's F.linear on its rows of x, in float64."""
+    n = w.shape[0]
+    xs = x.double().reshape(n, -1, x.shape[-1])
+    out = [F.linear(xi, w[i].double(), b[i].double() if b is not None else None) for i, xi in enumerate(xs)]
+    return torch.stack(out).reshape(*x.shape[:-1], w.shape[1])
+
+
+@settings(max_examples=12, deadline=None)
+@example(n=2, rows=130, tokens=3, in_f=32, out_f=20, bias=True, layout="strided rows", grads="all", seed=0)
+@example(n=3, rows=70, tokens=1, in_f=100, out_f=128, bias=True, layout="contiguous", grads="weights", seed=1)
+@given(n=st.integers(1, 3), rows=st.integers(0, 200), tokens=st.sampled_from([1, 3]), in_f=st.integers(1, 130),
+       out_f=st.integers(1, 130), bias=st.booleans(), layout=st.sampled_from(["contiguous", "strided rows"]),
+       grads=st.sampled_from(["all", "weights", "input"]), seed=st.integers(0, 99))
+def test_linear_equals_per_model_linear(n, rows, tokens, in_f, out_f, bias, layout, grads, seed):
+    """Output and the gradients of x, w and b (float32, any widths up to and past a tile's 16, 64 and 128 less
+    the refused, rows not a multiple of a tile, none at all, [rows, tokens, in] inputs and rows read with a stride,
+    as a transformer's class token is)."""
+    if not poplinear.fits(in_f, out_f):
+        with pytest.raises(ValueError, match=f"up to {poplinear.MAX_FEATURES} inputs and outputs, got {in_f} -> {out_f}"):
+            poplinear.linear(torch.zeros(n, in_f, device=DEVICE), torch.zeros(n, out_f, in_f, device=DEVICE), None)
+        return
+    g = torch.Generator().manual_seed(seed)
+    full = torch.randn(n * rows, tokens, in_f + 3, generator=g).to(DEVICE)
+    x = full[:, :, 1:in_f + 1] if layout == "strided rows" else full[:, :, :in_f].contiguous()
+    x = x[:, 0] if tokens == 1 else x
+    x.requires_grad_(grads in ("all", "input"))
+    w = torch.randn(n, out_f, in_f, generator=g).to(DEVICE).requires_grad_(grads != "input")
+    b = torch.randn(n, out_f, generator=g).to(DEVICE).requires_grad_(grads != "input") if bias else None
+    y = poplinear.linear(x, w, b)
+    want = per_model(x, w, b)
+    assert y.shape == want.shape and y.dtype == x.dtype
+    torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
+    wrt = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    dy = torch.randn(y.shape, generator=g).to(DEVICE)
+    for got, ref in zip(torch.autograd.grad(y, wrt, dy), torch.autograd.grad(want, wrt, dy.double())):
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), ref.double(), rtol=1e-4, atol=1e-4 * max(1, rows) ** 0.5)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="bf16 products on tensor cores (the interpreter computes them in float32)")
+def test_bf16_rows_match_autocasts_batched_matmul():
+    """bf16 rows and float32 master weights as a population program runs them: y within bf16 rounding of
+    autocast's baddbmm, the gradients within its rounding of float32 ones."""
+    torch.manual_seed(0)
+    n, rows, in_f, out_f = 4, 500, 32, 48
+    x = torch.randn(n * rows, in_f, device=DEVICE).to(torch.bfloat16).requires_grad_()
+    w = torch.randn(n, out_f, in_f, device=DEVICE, requires_grad=True)
+    b = torch.randn(n, out_f, device=DEVICE, requires_grad=True)
+    y = poplinear.linear(x, w, b)
+    want = per_model(x, w, b)
+    torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=5e-2)
+    dy = torch.randn(y.shape, device=DEVICE).to(torch.bfloat16)
+    for got, ref in zip(torch.autograd.grad(y, (x, w, b), dy), torch.autograd.grad(want, (x, w, b), dy.double())):
+        torch.testing.assert_close(got.double(), ref.double(), rtol=2e-2, atol=0.3)
+
+
+def test_linear_passes_torch_library_opcheck():
+    """The fake kernels match what the ops return, the autograd registration too (with and without a bias)."""
+    x = torch.randn(6, 5, device=DEVICE, requires_grad=True)
+    for b in (torch.randn(2, 7, device=DEVICE, requires_grad=True), None):
+        w = torch.randn(2, 7, 5, device=DEVICE, requires_grad=True)
+        torch.library.opcheck(poplinear._pop_linear, (x, w, b))
+
+
+def test_bad_shapes_are_named():
+    w = torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match="not a multiple of the population size 2"):
+        poplinear.linear(torch.randn(3, 3), w, None)
+    with pytest.raises(ValueError, match=r"x \[N\*R, ..., in\], w \[N, out, in\] and b \[N, out\] disagree"):
+        poplinear.linear(torch.randn(4, 5), w, None)
+    with pytest.raises(ValueError, match="disagree"):
+        poplinear.linear(torch.randn(4, 3), w, torch.randn(2, 3))
