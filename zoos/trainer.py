@@ -186,8 +186,9 @@ def train_population(
 
     fast: run the population program (`zoos.program`: population layers, batched matmuls) where the architecture
         allows, instead of vmap; None = on CUDA.
-    kernels: run the population's Triton kernels (`zoos.popconv`'s stride-1 convs, popnorm's norms, popattn's
-        attention in the population program; `zoos.popoptim`'s optimizer update); None = on CUDA, where available.
+    kernels: run the population's Triton kernels (`zoos.popconv`'s stride-1 convs, poplinear's narrow linears,
+        popnorm's norms, popattn's attention in the population program; `zoos.popoptim`'s optimizer update);
+        None = on CUDA, where available.
     compile: torch.compile the population program's forward and the optimizer's update; None = no (steps replay
         as CUDA graphs instead; a compile costs tens of seconds up front and pays only in long runs of some
         families: benchmarks/README.md).
