@@ -119,7 +119,7 @@ def _times(x: Tensor, w: Tensor, b: Tensor | None, models: int, k: int, n: int, 
 @torch.library.custom_op("symzoo::pop_linear", mutates_args=())
 def _pop_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     n, out_f, in_f = w.shape
-    return _times(x, w.contiguous(), b, n, in_f, out_f, (1, in_f))
+    return _times(x, w.contiguous(), b.contiguous() if b is not None else None, n, in_f, out_f, (1, in_f))
 
 
 @_pop_linear.register_fake

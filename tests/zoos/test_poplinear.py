@@ -78,6 +78,15 @@ def test_linear_passes_torch_library_opcheck():
         torch.library.opcheck(poplinear._pop_linear, (x, w, b))
 
 
+def test_a_bias_read_through_a_view_is_read_as_its_values():
+    """A bias that is a strided view (a column of a wider tensor) gives the bias it shows."""
+    torch.manual_seed(1)
+    x = torch.randn(6, 4, device=DEVICE)
+    w = torch.randn(2, 5, 4, device=DEVICE)
+    b = torch.randn(5, 2, device=DEVICE).T  # [2, 5], not contiguous
+    torch.testing.assert_close(poplinear.linear(x, w, b).double(), per_model(x, w, b), rtol=1e-4, atol=1e-4)
+
+
 def test_bad_shapes_are_named():
     w = torch.randn(2, 4, 3)
     with pytest.raises(ValueError, match="not a multiple of the population size 2"):
