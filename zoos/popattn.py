@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from zoos.popconv.common import available, triton
+from zoos.popconv.common import available, dot_precision, triton
 
 MAX_TOKENS = 128  # the longest sequence one program holds: [T, T] float32 scores in registers
 MAX_HEAD_DIM = 64
@@ -112,10 +112,6 @@ def _plan(problems: int, tokens: int, head_dim: int) -> tuple[int, int, int, int
     return bt, bd, each, WARPS[bt], PLAN["stages"]
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _strides(*ts: Tensor) -> list[int]:
     return [s for t in ts for s in t.stride()[:3]]
 
@@ -131,7 +127,7 @@ def _small_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Ten
     if o.numel():
         _attn_fwd_kernel[(triton.cdiv(b * h, each),)](q, k, v, o, lse, b * h, h, t, hd, scale, each,
                                                       *_strides(q, k, v, o), BT=bt, BD=bd,
-                                                      PREC=_precision(q.dtype), STAGES=stages, num_warps=warps)
+                                                      PREC=dot_precision(q.dtype), STAGES=stages, num_warps=warps)
     return o.reshape(shape) if o.shape != shape else o, lse
 
 
@@ -152,7 +148,7 @@ def _small_attention_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, do: Te
     if q.numel():
         _attn_bwd_kernel[(triton.cdiv(b * h, each),)](q, k, v, o, do, lse, dq, dk, dv, b * h, h, t, hd, scale, each,
                                                       *_strides(q, k, v, o, do, dq, dk, dv), BT=bt, BD=bd,
-                                                      PREC=_precision(q.dtype), STAGES=stages, num_warps=warps)
+                                                      PREC=dot_precision(q.dtype), STAGES=stages, num_warps=warps)
     return tuple(g.reshape(s) for g, s in zip((dq, dk, dv), shapes))
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from zoos.popconv.common import available, triton
+from zoos.popconv.common import available, dot_precision, triton
 
 MAX_FEATURES = 128  # the widest input or output a program holds whole: one [in, out] weight tile
 
@@ -98,10 +98,6 @@ def _programs(tiles: int, models: int, device: torch.device, least: int = 1) -> 
     return triton.cdiv(tiles, each), each
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _times(x: Tensor, w: Tensor, b: Tensor | None, models: int, k: int, n: int, strides: tuple[int, int]) -> Tensor:
     """x [models*R, k] (rows any stride, features unit-stride) times each model's [k, n] weight (+ b): y [models*R, n]."""
     y = x.new_empty(x.shape[0], n)
@@ -111,7 +107,7 @@ def _times(x: Tensor, w: Tensor, b: Tensor | None, models: int, k: int, n: int, 
     if y.numel():
         _rows_times_weight[(programs, models)](
             x, w, b if b is not None else w, y, rpm, each, x.stride(0), strides[0], strides[1], K=k, N=n,
-            HAS_BIAS=b is not None, PREC=_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
+            HAS_BIAS=b is not None, PREC=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
             num_warps=warps)
     return y
 
@@ -143,7 +139,7 @@ def _pop_linear_backward(x: Tensor, dy: Tensor, w: Tensor, input_grad: bool, wei
     db = x.new_empty(models, programs, out_f, dtype=torch.float32) if bias else dw
     if x.shape[0]:
         _weight_grad_kernel[(programs, models)](
-            x, dy, dw, db, rpm, each, programs, x.stride(0), K=in_f, N=out_f, HAS_BIAS=bias, PREC=_precision(dy.dtype),
+            x, dy, dw, db, rpm, each, programs, x.stride(0), K=in_f, N=out_f, HAS_BIAS=bias, PREC=dot_precision(dy.dtype),
             BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=warps)
     else:
         dw.zero_(), db.zero_()

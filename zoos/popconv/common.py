@@ -86,6 +86,11 @@ def _dot_dtype(x: Tensor):
     return tl.bfloat16 if tuning.current().dot == "bf16" and x.dtype == torch.bfloat16 else tl.float32
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for operands of `dtype`: float32 exactly ("ieee"); bf16 ignores it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def _tile_rows(width: int) -> tuple[int, dict]:
     """(BLOCK_M, launch options) for a window kernel whose tiles are `width` wide: the tuning's rows, warps and
     stages (0: Triton's pipelining) up to 64, else 64 rows and one stage, so a wide float32 tile's pipeline
