@@ -14,7 +14,8 @@ point tasks. Batches of 128 per model (the INR task: its 64 pixels, one full bat
            torch.optim.Adam (foreach) over the stacked parameters, bf16 autocast; eager (its compile
            is what the population program is measured against at first step, not here)
   symzoo   zoos.trainer.train_population as the pipeline runs it (bf16, on-disk compile and task-data caches), in a
-           fresh process: cold (empty caches) and warm (the same caches again)
+           fresh process: cold (empty caches) and warm (the same caches again); Python's bytecode of the packages
+           is cached as an install leaves it (`bytecode_cache`)
 
 ZOO_BENCH_PROFILE=1 also prints the costliest GPU kernels of a second symzoo run of each population.
 --tuning 'channels_last=0;forward=fma' adds a symzoo run under each popconv tuning set (`parse_tuning`),
@@ -113,13 +114,14 @@ def parse_arch(entry: str) -> tuple[str, dict[str, Any]]:
 def worker(entry: str, n: int, steps: int, data_dir: str, kinds: list[str], compile_: str) -> dict[str, Any]:
     import torch
 
+    marks = {"torch": time.perf_counter() - T_START}  # seconds from process start: where the time before the trainer goes
     from tasks import get_task
     from zoos.archs import ARCHS, build_arch
     from zoos.program import max_models
     from zoos.spec import expand, parse_zoo, populations
     from zoos.trainer import GRAPH_WARMUP, train_population
 
-    imported_at = time.perf_counter() - T_START  # the interpreter, torch and symzoo
+    imported_at = marks["symzoo"] = time.perf_counter() - T_START  # the interpreter, torch and symzoo
     device = "cuda" if torch.cuda.is_available() else "cpu"
     arch, config = parse_arch(entry)
     info = ARCHS[arch]
@@ -137,6 +139,7 @@ def worker(entry: str, n: int, steps: int, data_dir: str, kinds: list[str], comp
     pop = populations(expand(zoo, "bench"), max_size=n)[0]
     task = get_task(task_name, **options)
     fits = max_models(pop, task) if device == "cuda" else None
+    marks["max_models"] = time.perf_counter() - T_START  # the program's trace (with the data if the task reads it)
     if fits is not None and fits < n:  # one program's activations within 32-bit indexing: as the pipeline splits
         out["capped_from"], n = n, fits
         out["models"] = n
@@ -148,6 +151,7 @@ def worker(entry: str, n: int, steps: int, data_dir: str, kinds: list[str], comp
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t_call = time.perf_counter()
+        marks["cuda"] = t_call - T_START  # the CUDA context
         with popconv.tuned(tuning):  # the symzoo run and its profile
             result = train_population(pop, device=device, precision="bf16" if device == "cuda" else "float32",
                                       compile=COMPILE[compile_])
@@ -157,8 +161,9 @@ def worker(entry: str, n: int, steps: int, data_dir: str, kinds: list[str], comp
             step_s = t["steps"] / max(1, epochs * epoch_steps - 1 - warmup)
             out["symzoo"] = {"step_ms": 1e3 * step_s, "first_step_s": t_call - T_START + t["first_step_at"],
                              "called_at_s": t_call - T_START,  # process start, imports, CUDA, data: before the trainer
-                             "imported_at_s": imported_at,
+                             "imported_at_s": imported_at, "marks": marks,
                              "timings": t, "program": result.program["summary"], "fast": result.program["fast"],
+                             "compiled_ahead": result.program.get("compiled_ahead"),
                              "reason": result.program["reason"],
                              "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None}
             if os.environ.get("ZOO_BENCH_PROFILE") and device == "cuda":
@@ -298,6 +303,19 @@ def run(args: list[str], env: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def bytecode_cache(folder: Path) -> dict:
+    """The environment with Python's bytecode cache in `folder`, filled once by importing what a worker imports:
+    what pip writes when it installs the packages (an image with read-only, uncompiled site-packages would
+    otherwise compile torch's sources to bytecode in every process, seconds a process; so would
+    PYTHONDONTWRITEBYTECODE, which this leaves out)."""
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(folder),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    subprocess.run([sys.executable, "-c", "import sympy, torch, torch._dynamo, torch._inductor, tasks, zoos.archs, "
+                    "zoos.trainer"], env=env, check=True, timeout=600)
+    return env
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", default="", help="comma-separated architectures (default: every registered one)")
@@ -335,13 +353,14 @@ def main() -> None:
     steps = 3 if a.smoke else a.steps
     work = Path(tempfile.mkdtemp(prefix="zoo-bench-"))
     write_data(work / "data", steps * BATCH + 256)  # train + validation
+    base_env = bytecode_cache(work / "pycache")
     rows = []
     print(f"{'arch':20s} {'N':>5s} {'alone':>9s} {'vmap':>9s} {'symzoo':>9s} {'x vmap':>7s} {'x alone':>8s} "
           f"{'bound':>9s} {'1st cold':>8s} {'1st warm':>8s} {'peak GB':>7s}  program", flush=True)
     for arch in archs:
         for n in sizes:
             caches = work / f"cache-{arch}-{n}"
-            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton"),
+            env = {**base_env, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton"),
                    "SYMZOO_CACHE": str(caches / "symzoo"),  # generated task data: cold generates it, warm reads it
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
             cold = run([arch, str(n), str(steps), str(work / "data"), a.kinds, a.compile], env)

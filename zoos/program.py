@@ -56,6 +56,7 @@ class Program:
     reason: str | None = None
     optimizer: str = "eager"  # the optimizer step: "popoptim" (its Triton kernels), "eager" torch ops or "compiled"
     graphs: bool = False  # the trainer's choice: steps replayed as CUDA graphs
+    compiled_ahead: dict[str, int] | None = None  # the trainer's: Triton kernels compiled before the first step (precompile)
     step: FastStep | None = field(default=None, repr=False)
 
     def describe(self) -> str:
@@ -70,7 +71,7 @@ class Program:
     def as_dict(self) -> dict[str, Any]:
         return {"arch": self.arch, "device": self.device, "precision": self.precision, "fast": self.fast,
                 "kernels": self.kernels, "compile": self.compile, "graphs": self.graphs,
-                "optimizer": self.optimizer, "reason": self.reason,
+                "optimizer": self.optimizer, "reason": self.reason, "compiled_ahead": self.compiled_ahead,
                 "layers": [list(layer) for layer in self.layers], "summary": self.describe()}
 
 

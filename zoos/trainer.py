@@ -44,7 +44,7 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
 from tasks.base import Task
-from zoos import popoptim
+from zoos import popoptim, precompile
 from zoos.archs import ARCHS
 from zoos.fastpop import dropout_active, prior_view
 from zoos.functional import population_forward, template
@@ -197,6 +197,7 @@ def train_population(
     graphs: replay each training step as a CUDA graph (one launch instead of ~100; the same kernels, the
         same run); None = on CUDA with the fast program and no augmentation.
     """
+    called = time.perf_counter()
     if precision not in PRECISIONS:
         raise TrainError(f"precision {precision!r} is not known; allowed: {', '.join(PRECISIONS)}")
     device = torch.device(device)
@@ -213,14 +214,14 @@ def train_population(
             at = lambda e, n, done=done, k=len(part.models): progress((done * n + k * e) // len(pop.models), n)  # noqa: E731
         done += len(part.models)
         results.append(_train_threads(part, device, precision, at, status or (lambda _: None), data_dir, eval_batch,
-                                      fast, kernels, graphs, compile))
+                                      fast, kernels, graphs, compile, called if not results else None))
         if len(parts) > 1 and device.type == "cuda":
             torch.cuda.empty_cache()  # the next part sees the memory this one held as free
     return results[0] if len(parts) == 1 else PopulationResult.concat(results)
 
 
 def _train_threads(pop: PopulationSpec, device: torch.device, precision: str, progress, status, data_dir,
-                   eval_batch: int, fast, kernels, graphs, compile) -> PopulationResult:
+                   eval_batch: int, fast, kernels, graphs, compile, called: float | None) -> PopulationResult:
     """`_train` with its helper threads and the population's own dropout stream around it."""
     # helper threads: one reads the data and asks for the index streams in order, a few draw them
     streams = ThreadPoolExecutor(1, thread_name_prefix="symzoo-orders")
@@ -229,7 +230,7 @@ def _train_threads(pop: PopulationSpec, device: torch.device, precision: str, pr
         with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
             torch.manual_seed(int(pop.shard.removeprefix("pop-"), 16))  # dropout masks: one stream per population
             return _train(pop, device, precision, progress, status, data_dir, eval_batch, fast,
-                          kernels, graphs, compile, streams, draws)
+                          kernels, graphs, compile, streams, draws, called)
     finally:  # also on an error: no helper left reading or copying once this returns
         streams.shutdown(cancel_futures=True)
         draws.shutdown(cancel_futures=True)
@@ -246,9 +247,10 @@ def memory_limit(pop: PopulationSpec, device: torch.device, data_dir: str | None
 
 def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, status, data_dir, eval_batch: int,
            fast: bool | None, kernels: bool | None, graphs: bool | None, compile: bool | None,
-           streams: ThreadPoolExecutor, draws: ThreadPoolExecutor) -> PopulationResult:
-    """One population, top to bottom: data, models, program, optimizer, evaluation, step, then the epochs."""
-    clock = _Clock(device)
+           streams: ThreadPoolExecutor, draws: ThreadPoolExecutor, called: float | None = None) -> PopulationResult:
+    """One population, top to bottom: data, models, program, optimizer, evaluation, step, then the epochs.
+    `called`: when train_population was called (its planning before this: the population's first part)."""
+    clock = _Clock(device, called)
     status("building")
     first, epochs = pop.first, pop.first.epochs
     task = make_task(pop, data_dir)
@@ -269,6 +271,11 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
 
     # -- the epochs
     clock.lap("setup")
+    if precompile.supported(device) and not program.choice.compile:
+        status("compiling kernels")
+        ahead = _compile_ahead(program, data, optimizer, evaluation, params, buffers, augmenter)
+        program.choice.compiled_ahead = {"kernels": ahead.kernels, "threads": ahead.threads, "failed": ahead.failed}
+        clock.lap("compile")
     status("first step" + (" (compiling)" if program.choice.compile else ""))
     program.module.train()
     recorder.record(0)
@@ -519,19 +526,12 @@ class _Evaluation:
         self.metric = vmap(task.metric, in_dims=(0, 0))
         self.n_models = len(data.specs)
 
-    @torch.no_grad()
-    def __call__(self, split: str) -> tuple[Tensor, Tensor]:
-        """([N] loss, [N] metric): the train split over each model's own subset, the others over the whole split;
-        a per-model task's metric over all of a model's samples at once (exact for PSNR)."""
+    def _batches(self, split: str, starts: Sequence[int] | None = None) -> Iterator[tuple[Tensor, Tensor, Tensor | None, bool]]:
+        """(x, y, rows, x per model) of each evaluation batch of `split` (those starting at `starts`: all)."""
         data, program, batch = self.data, self.program, self.program.eval_batch
         x, y = data.splits[split]
         own = split == "train" and data.n_sub < len(x)
-        n = data.n_sub if own else len(x)
-        loss_sum = torch.zeros(self.n_models, device=x.device)
-        metric_sum = torch.zeros(self.n_models, device=x.device)
-        preds, ys = [], []
-        program.module.eval()
-        for i in range(0, n, batch):
+        for i in range(0, self.size(split), batch) if starts is None else starts:
             rows = None
             if own:
                 idx = data.subsets[:, i : i + batch]
@@ -545,6 +545,35 @@ class _Evaluation:
                     xb = x[i : i + batch]
             else:
                 xb, yb = x[i : i + batch], y[:, i : i + batch]
+            yield xb, yb, rows, own
+
+    def size(self, split: str) -> int:
+        """The samples a model is evaluated on in `split`: its own subset of the train split, else the whole split."""
+        n = len(self.data.splits[split][0])
+        return self.data.n_sub if split == "train" and self.data.n_sub < n else n
+
+    @torch.no_grad()
+    def dry_run(self) -> None:
+        """The forward of every split's first and last batch, outputs dropped: the batch shapes an evaluation
+        launches (`_compile_ahead`)."""
+        self.program.module.eval()
+        for split in {id(self.data.splits[s]): s for s in SPLITS}.values():
+            n, batch = self.size(split), self.program.eval_batch
+            for xb, _, rows, own in self._batches(split, sorted({0, max(0, n - 1) // batch * batch})):
+                self.program.forward(self.params, self.buffers, xb, rows=rows, x_per_model=own)
+        self.program.module.train()
+
+    @torch.no_grad()
+    def __call__(self, split: str) -> tuple[Tensor, Tensor]:
+        """([N] loss, [N] metric): the train split over each model's own subset, the others over the whole split;
+        a per-model task's metric over all of a model's samples at once (exact for PSNR)."""
+        data, program = self.data, self.program
+        n = self.size(split)
+        loss_sum = torch.zeros(self.n_models, device=data.device)
+        metric_sum = torch.zeros(self.n_models, device=data.device)
+        preds, ys = [], []
+        program.module.eval()
+        for xb, yb, rows, own in self._batches(split):
             pred = program.forward(self.params, self.buffers, xb, rows=rows, x_per_model=own)
             if data.per_model is not None:
                 preds.append(pred)
@@ -626,6 +655,30 @@ def _step(program: _Program, data: _Data, optimizer: Optimizer, recorder: _Recor
     return step
 
 
+def _compile_ahead(program: _Program, data: _Data, optimizer: Optimizer, evaluation: _Evaluation, params, buffers,
+                   augmenter: Augmenter | None) -> precompile.AheadRun:
+    """The population's Triton kernels compiled at once, on threads, before its first evaluation and step
+    (`zoos.precompile`): a dry run of the forward of each split's evaluation batch shapes, a training step's
+    forward and backward and the optimizer's update with every model marked diverged (so it writes nothing),
+    under a forked RNG. The population program's kernels only where it runs them; the optimizer's where it is
+    popoptim."""
+    device = data.device
+    kernels = program.fast is not None and program.fast.pop.kernels
+    with torch.random.fork_rng(devices=[device.index]), precompile.ahead(device) as run:
+        grads = total = None
+        if kernels:
+            evaluation.dry_run()
+            x_train, y_train = data.splits["train"]
+            idx = torch.zeros(len(data.specs), data.batch, dtype=torch.long, device=device)
+            x, rows = program.inputs(x_train, idx) if augmenter is None else (x_train[idx], None)
+            grads, total, _, _ = program.gradients(params, buffers, x, data.targets(y_train, idx), rows=rows)
+        if program.choice.optimizer == "popoptim":
+            if grads is None:
+                grads, total = {k: torch.zeros_like(v) for k, v in params.items()}, torch.zeros_like(optimizer.lr)
+            optimizer.dry_step(params, grads, total)
+    return run
+
+
 def _replayed(step: Callable[..., None], program: _Program, augmenter: Augmenter | None, graphs: bool | None,
               data: _Data, device: torch.device) -> Callable[..., None]:
     """`step` replayed as a CUDA graph where it can be (`graphs` None: wherever it can), else `step` itself."""
@@ -673,10 +726,11 @@ def _model_rows(pop: PopulationSpec, task: Task, n_params: int, curves: dict[str
 class _Clock:
     """Wall time by phase; on a GPU each lap first waits for the queued kernels (a few syncs a population)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, called: float | None = None):
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.t = self.start = time.perf_counter()
-        self.totals: dict[str, float] = {}
+        self.t = time.perf_counter()
+        self.start = self.t if called is None else called
+        self.totals: dict[str, float] = {} if called is None else {"plan": self.t - called}  # the memory plan, the split
 
     def lap(self, phase: str) -> None:
         self.sync()
@@ -731,6 +785,13 @@ class Optimizer:
         lr = self.lr if self.lr_factors is None else self.lr * self.lr_factors.index_select(0, self.state.count.long().view(1))
         self.state.count.add_(1)  # the schedule reads the count before the step, the bias corrections after
         self._apply(params, grads, self.state, lr, total)
+
+
+    def dry_step(self, params: dict[str, Tensor], grads: dict[str, Tensor], total: Tensor) -> None:
+        """The update's launches with every model marked diverged, so nothing is written and the state stays as it
+        was (`_compile_ahead`'s dry run)."""
+        state = self.state._replace(alive=torch.zeros_like(self.state.alive), count=self.state.count + 1)
+        self._apply(params, grads, state, self.lr, total)
 
 
 def _update(kind: str, params: dict[str, Tensor], grads: dict[str, Tensor], state: OptimizerState, lr: Tensor,

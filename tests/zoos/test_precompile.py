@@ -1,0 +1,138 @@
+"""Kernels compiled ahead (`zoos.precompile`): inside the block a launch of a kernel not yet compiled is skipped and
+recorded, leaving the block compiles what was recorded; the trainer's dry run leaves no trace in what it trains."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from zoos import popoptim, precompile
+from zoos.trainer import Optimizer
+
+ROOT = Path(__file__).resolve().parents[2]
+on_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and precompile.supported("cuda")),
+                             reason="kernels compile ahead on CUDA only")
+
+if precompile.triton is not None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _scaled(x_ptr, y_ptr, n, SCALE: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < n) * SCALE, mask=i < n)
+
+
+def _launch(x: torch.Tensor, y: torch.Tensor, scale: int) -> None:
+    _scaled[(triton.cdiv(x.numel(), 256),)](x, y, x.numel(), SCALE=scale, BLOCK=256)
+
+
+@on_cuda
+def test_a_new_kernel_is_skipped_inside_and_compiled_on_leaving():
+    from triton import knobs
+
+    scale = random.randrange(2, 1 << 20)  # a constexpr this process has not compiled
+    x = torch.arange(1000, dtype=torch.float32, device="cuda")
+    y = torch.zeros_like(x)
+    with precompile.ahead("cuda") as run:
+        _launch(x, y, scale)
+        torch.cuda.synchronize()
+        assert not y.any()  # neither compiled nor run
+    assert (run.kernels, run.failed) == (1, 0) and run.threads == 1 and run.seconds > 0
+    compiled: list = []
+    knobs.runtime.jit_post_compile_hook, previous = (lambda **kw: compiled.append(kw)), knobs.runtime.jit_post_compile_hook
+    try:
+        _launch(x, y, scale)
+    finally:
+        knobs.runtime.jit_post_compile_hook = previous
+    assert compiled == []  # found in the kernel's cache
+    torch.testing.assert_close(y, x * scale, rtol=0, atol=0)
+
+
+@on_cuda
+def test_a_kernel_compiled_before_runs_inside():
+    scale = random.randrange(2, 1 << 20)
+    x = torch.arange(300, dtype=torch.float32, device="cuda")
+    _launch(x, torch.empty_like(x), scale)
+    y = torch.zeros_like(x)
+    with precompile.ahead("cuda") as run:
+        _launch(x, y, scale)
+    assert run.kernels == 0
+    torch.testing.assert_close(y, x * scale, rtol=0, atol=0)
+
+
+def test_off_cuda_a_block_runs_its_code_and_compiles_nothing():
+    ran = []
+    with precompile.ahead("cpu") as run:
+        ran.append(1)
+    assert ran == [1] and (run.kernels, run.threads) == (0, 0)
+    assert not precompile.supported("cpu")
+
+
+def test_compile_ahead_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("SYMZOO_COMPILE_AHEAD", "0")
+    assert not precompile.supported("cuda")
+
+
+@pytest.mark.parametrize("update", ["eager", "popoptim"])
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_the_optimizers_dry_step_writes_nothing(kind, update):
+    """Every model marked diverged: the update's launches run (or are skipped, inside a block), and the parameters,
+    the moments, the step count and which models are alive stay as they were."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if update == "popoptim" and not popoptim.available(device):
+        pytest.skip("needs Triton (GPU or TRITON_INTERPRET=1)")
+    gen = torch.Generator().manual_seed(0)
+    params = {k: torch.randn(s, generator=gen).to(device) for k, s in {"w": (3, 4, 5), "b": (3, 4)}.items()}
+    lr = torch.full((3,), 0.1, device=device)
+    opt = Optimizer(kind, params, lr, torch.full((3,), 1e-2, device=device), torch.full((3,), 0.9, device=device),
+                    update=update)
+    grads = {k: torch.randn(v.shape, generator=gen).to(device) for k, v in params.items()}
+    opt.step(params, grads, torch.zeros(3, device=device))  # moments and a count not at their start
+    opt.state.alive[1] = False
+    before = [{k: v.clone() for k, v in d.items()} for d in (params, opt.state.first, opt.state.second)]
+    count, alive = opt.state.count.clone(), opt.state.alive.clone()
+    opt.dry_step(params, {k: torch.randn(v.shape, generator=gen).to(device) for k, v in params.items()},
+                 torch.zeros(3, device=device))
+    for was, now in zip(before, (params, opt.state.first, opt.state.second)):
+        for k in was:
+            torch.testing.assert_close(now[k], was[k], rtol=0, atol=0)
+    assert torch.equal(opt.state.count, count) and torch.equal(opt.state.alive, alive)
+
+
+_TRAIN_TWICE = """
+import json, os, sys
+import numpy as np
+sys.path.insert(0, os.getcwd())
+from tests.zoos.test_trainer import one_population, zoo_models
+from zoos.trainer import train_population
+
+pop = one_population(zoo_models({"seed": [0, 1, 2]}, arch={"name": "cnn", "config": {"width": 8, "depth": 2, "dropout": 0.3}},
+                                epochs=2))
+ahead = train_population(pop, device="cuda", precision="bf16")  # a fresh process: its kernels compile ahead
+os.environ["SYMZOO_COMPILE_AHEAD"] = "0"
+plain = train_population(pop, device="cuda", precision="bf16")  # the same kernels, now compiled: no dry run
+same = all(np.array_equal(ahead.weights[k], plain.weights[k]) for k in plain.weights) and all(
+    np.array_equal(ahead.curves[k], plain.curves[k], equal_nan=True) for k in plain.curves)
+print(json.dumps({"same": same, "ahead": ahead.program["compiled_ahead"], "plain": plain.program["compiled_ahead"],
+                  "phases": sorted(ahead.timings)}))
+"""
+
+
+@on_cuda
+def test_the_trainers_dry_run_leaves_no_trace(tmp_path):
+    """A population whose kernels compile ahead (a fresh process: every kernel new; dropout draws from the
+    population's generator) trains, to the bit, as one whose kernels were compiled before it started."""
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton"), "SYMZOO_COMPILE_AHEAD": "1"}
+    out = subprocess.run([sys.executable, "-c", _TRAIN_TWICE], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["same"]
+    assert got["ahead"]["kernels"] > 5 and got["ahead"]["failed"] == 0 and "compile" in got["phases"]
+    assert got["plain"] is None  # turned off: no dry run
