@@ -660,10 +660,11 @@ def _compile_ahead(program: _Program, data: _Data, optimizer: Optimizer, evaluat
     """The population's Triton kernels compiled at once, on threads, before its first evaluation and step
     (`zoos.precompile`): a dry run of the forward of each split's evaluation batch shapes, a training step's
     forward and backward and the optimizer's update with every model marked diverged (so it writes nothing),
-    under a forked RNG. The population program's kernels only where it runs them; the optimizer's where it is
-    popoptim."""
+    under a forked RNG. The population program's kernels only where it runs them and no op of it reads a result on
+    the host (the skipped kernels' outputs are whatever memory held: eigh may fail on them); the optimizer's where
+    it is popoptim."""
     device = data.device
-    kernels = program.fast is not None and program.fast.pop.kernels
+    kernels = program.fast is not None and program.fast.pop.kernels and program.not_capturable is None
     with torch.random.fork_rng(devices=[device.index]), precompile.ahead(device) as run:
         grads = total = None
         if kernels:
