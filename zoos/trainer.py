@@ -192,8 +192,8 @@ def train_population(
     compile: torch.compile the population program's forward and the optimizer's update; None = no (steps replay
         as CUDA graphs instead; a compile costs tens of seconds up front and pays only in long runs of some
         families: benchmarks/README.md).
-    progress(epoch, epochs) after every epoch; status(phase) when a phase starts: "building", "first step"
-        (compiling, on a GPU), "training".
+    progress(epoch, epochs) after every epoch; status(phase) when a phase starts: "building", "compiling kernels"
+        (on a GPU: the population's Triton kernels at once, `zoos.precompile`), "first step", "training".
     graphs: replay each training step as a CUDA graph (one launch instead of ~100; the same kernels, the
         same run); None = on CUDA with the fast program and no augmentation.
     """
