@@ -55,7 +55,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from zoos import popconv, poplinear, popnorm
 from zoos.archs.base import ACTIVATIONS, PopDropout
-from zoos.archs.layers import FlatLinear
+from zoos.archs.layers import FlatLinear, linalg_eigh
 
 _COMPILED: dict[tuple, Callable] = {}  # one compiled program per (code, modules, dtype), shared by later populations
 
@@ -333,7 +333,7 @@ def _per_model(node: fx.Node, target: Callable, spec: Any, leaf_kinds: list[str 
 
 
 # ops that read their result on the host (a solver's status, a data-dependent size): functions and methods
-_HOST_SYNC_FUNCTIONS = {torch.linalg.eigh, torch.linalg.eigvalsh, torch.linalg.eig, torch.linalg.svd,
+_HOST_SYNC_FUNCTIONS = {linalg_eigh, torch.linalg.eigh, torch.linalg.eigvalsh, torch.linalg.eig, torch.linalg.svd,
                         torch.linalg.svdvals, torch.linalg.inv, torch.linalg.solve, torch.linalg.cholesky,
                         torch.linalg.lstsq, torch.nonzero, torch.masked_select, torch.unique}
 _HOST_SYNC_METHODS = {"nonzero", "item", "tolist", "unique", "masked_select"}

@@ -349,3 +349,20 @@ def test_canon_cnn_prior_is_the_cross_entropy_against_the_identity():
     want = 2.0 * torch.nn.functional.cross_entropy(model.scores(x), torch.zeros(len(x), dtype=torch.long))
     torch.testing.assert_close(model.prior_loss(x), want)
     assert model.scores(x).shape == (len(x), 8)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_a_batched_eigh_of_any_size_decomposes_every_matrix(device):
+    """linalg_eigh (frame averaging's PCA) takes a population's batch whole: on a GPU more matrices than
+    cuSOLVER's batched solver takes in one call (it fails from ~32k) go in chunks, each matrix decomposed as alone."""
+    from zoos.archs.layers import EIGH_CHUNK, linalg_eigh
+
+    gen = torch.Generator().manual_seed(0)
+    n = 2 * EIGH_CHUNK + 5 if device == "cuda" else 300
+    v = torch.randn(n, 3, 3, generator=gen, dtype=torch.float64)
+    a = (v @ v.transpose(-1, -2)).float().to(device)
+    w, e = linalg_eigh(a)
+    assert w.shape == (n, 3) and e.shape == (n, 3, 3)
+    assert bool((w[:, :-1] <= w[:, 1:]).all())
+    torch.testing.assert_close(e @ torch.diag_embed(w) @ e.transpose(-1, -2), a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w.cpu(), torch.linalg.eigvalsh(a.cpu().double()).float(), rtol=1e-4, atol=1e-4)

@@ -23,9 +23,11 @@ from torch import Tensor, nn
 
 from tasks.base import Task
 from zoos.archs.base import ArchError, PopDropout, SymModule, make_activation, register_arch
-from zoos.archs.layers import MLPStack, check_choice, check_positive
+from zoos.archs.layers import MLPStack, check_choice, check_positive, linalg_eigh
 from zoos.archs.layout import PointLayout, point_layout
 from zoos.permspec import PermSpec
+
+torch.fx.wrap("linalg_eigh")  # one call of the population program on its stacked batch (chunked on a GPU)
 
 # ----------------------------------------------------------------------------------------------
 # Group CNNs on the square grid. An element (k, f) acts on a k x k kernel (or an image) by
@@ -367,7 +369,7 @@ class FrameAvg(SymModule):
         vs += [x[..., list(c)] for c in lay.vectors]
         v = torch.cat(vs, -2)
         gram = (v.unsqueeze(-1) * v.unsqueeze(-2)).sum(-3)  # v^T v as products, not a matmul: autocast keeps its float32 (eigh has no bf16)
-        _, e = torch.linalg.eigh(gram)  # [B, d, d]
+        _, e = linalg_eigh(gram)  # [B, d, d]
         centroid = x[..., list(lay.positions[0])].mean(-2) if lay.positions else None
         signs = torch.tensor(self.signs, dtype=x.dtype, device=x.device)
         return e[:, None] * signs[None, :, None, :], centroid

@@ -1,4 +1,5 @@
-"""Small building blocks shared by the architectures: a fibre-aware linear layer and an MLP stack.
+"""Small building blocks shared by the architectures: a fibre-aware linear layer, an MLP stack and a batched
+symmetric eigendecomposition of any batch size.
 
 `FlatLinear` keeps the structure of its input in its weight ([out, *in_shape]) instead of a flat
 [out, prod(in_shape)] matrix, so that a permutation of one input axis (channels before a flatten, a
@@ -79,3 +80,17 @@ def check_choice(arch: str, field: str, value: str, allowed: tuple[str, ...]) ->
     if value not in allowed:
         raise ArchError(f"architecture {arch!r}: {field} {value!r} is not allowed; choose one of {', '.join(allowed)}")
     return value
+
+
+EIGH_CHUNK = 16384  # matrices one CUDA eigh call takes: cuSOLVER's batched solver fails on batches of ~32k or more
+
+
+def linalg_eigh(a: Tensor) -> tuple[Tensor, Tensor]:
+    """torch.linalg.eigh of every symmetric matrix of a [B, d, d] (eigenvalues ascending), for any B: on a GPU in
+    calls of at most EIGH_CHUNK matrices (a population's batch of samples is many more). A module calling it
+    makes it a leaf of its torch.fx traces (`torch.fx.wrap("linalg_eigh")` there), so a population program
+    calls it on its stacked batch."""
+    if not a.is_cuda or a.dim() < 3 or a.shape[0] <= EIGH_CHUNK:
+        return torch.linalg.eigh(a)
+    parts = [torch.linalg.eigh(c) for c in a.split(EIGH_CHUNK)]
+    return torch.cat([w for w, _ in parts]), torch.cat([v for _, v in parts])
