@@ -62,8 +62,9 @@ class AheadRun:
 def supported(device: torch.device | str) -> bool:
     """Whether kernels are compiled ahead on `device`: CUDA, a Triton with the launch hooks this uses, and
     SYMZOO_COMPILE_AHEAD not 0."""
-    return (torch.device(device).type == "cuda" and os.environ.get("SYMZOO_COMPILE_AHEAD", "1") != "0" and _knobs is not None and hasattr(_knobs.runtime, "jit_cache_hook")
-            and hasattr(_JITFunction, "preload") and os.environ.get("TRITON_INTERPRET") != "1")
+    return (torch.device(device).type == "cuda" and os.environ.get("SYMZOO_COMPILE_AHEAD", "1") != "0"
+            and _knobs is not None and hasattr(_knobs.runtime, "jit_cache_hook") and hasattr(_JITFunction, "preload")
+            and os.environ.get("TRITON_INTERPRET") != "1")
 
 
 _LOCK = threading.Lock()  # one dry run a process at a time: the hook is process-wide

@@ -526,7 +526,8 @@ class _Evaluation:
         self.metric = vmap(task.metric, in_dims=(0, 0))
         self.n_models = len(data.specs)
 
-    def _batches(self, split: str, starts: Sequence[int] | None = None) -> Iterator[tuple[Tensor, Tensor, Tensor | None, bool]]:
+    def _batches(self, split: str, starts: Sequence[int] | None = None
+                 ) -> Iterator[tuple[Tensor, Tensor, Tensor | None, bool]]:
         """(x, y, rows, x per model) of each evaluation batch of `split` (those starting at `starts`: all)."""
         data, program, batch = self.data, self.program, self.program.eval_batch
         x, y = data.splits[split]
@@ -786,7 +787,6 @@ class Optimizer:
         lr = self.lr if self.lr_factors is None else self.lr * self.lr_factors.index_select(0, self.state.count.long().view(1))
         self.state.count.add_(1)  # the schedule reads the count before the step, the bias corrections after
         self._apply(params, grads, self.state, lr, total)
-
 
     def dry_step(self, params: dict[str, Tensor], grads: dict[str, Tensor], total: Tensor) -> None:
         """The update's launches with every model marked diverged, so nothing is written and the state stays as it
