@@ -17,9 +17,11 @@ kernel the process has already compiled runs as usual (a dry run must therefore 
 writes in place any state it cares about). Launches from the block's thread and from autograd's (which runs a
 CUDA backward) are the dry run's; one process runs one block at a time, and another thread's backward during
 it would be taken for the block's. Where Triton lacks the hooks this needs, or off CUDA, the block runs its
-code as it is and compiles nothing ahead.
+code as it is and compiles nothing ahead; so it does with SYMZOO_COMPILE_AHEAD=0 (each kernel then compiles at
+its first launch, one after another).
 
-What runs inside must not depend on the skipped kernels' results for anything but more kernel launches: the
+What runs inside must not depend on the skipped kernels' results for anything but more kernel launches (no
+host read of them, no indexing by them: a garbage index asserts on the device, which ends the process): the
 trainer's dry run (`zoos.trainer`) is the program's forward on evaluation batches, its forward and backward
 on a training batch and the optimizer's update with every model marked diverged, under a forked RNG.
 """
