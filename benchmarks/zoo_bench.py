@@ -361,8 +361,7 @@ def main() -> None:
         for n in sizes:
             caches = work / f"cache-{arch}-{n}"
             env = {**base_env, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton"),
-                   "SYMZOO_CACHE": str(caches / "symzoo"),  # generated task data: cold generates it, warm reads it
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+                   "SYMZOO_CACHE": str(caches / "symzoo")}  # generated task data: cold generates it, warm reads it
             cold = run([arch, str(n), str(steps), str(work / "data"), a.kinds, a.compile], env)
             warm = {} if a.no_warm or "error" in cold else run([arch, str(n), str(steps), str(work / "data"), "symzoo", a.compile], env)
             row = {**cold, "warm": warm.get("symzoo"), "warm_error": warm.get("error"), "tuned": {}}

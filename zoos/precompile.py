@@ -57,8 +57,7 @@ class AheadRun:
     threads: int = 0
     seconds: float = 0.0
     failed: int = 0
-    _specs: list[tuple[Any, str]] = field(default_factory=list, repr=False)
-    _seen: set = field(default_factory=set, repr=False)
+    _specs: dict[tuple[int, str], tuple[Any, str]] = field(default_factory=dict, repr=False)  # (kernel, key) -> spec
 
 
 def supported(device: torch.device | str) -> bool:
@@ -89,9 +88,7 @@ def ahead(device: torch.device | str, threads: int | None = None) -> Iterator[Ah
         spec = compile.get("specialization_data")
         if spec is None:
             return None  # a Triton that does not describe its specialisation: compile it now, as usual
-        if (id(fn.jit_function), str(key)) not in run._seen:
-            run._seen.add((id(fn.jit_function), str(key)))
-            run._specs.append((fn.jit_function, spec))
+        run._specs.setdefault((id(fn.jit_function), str(key)), (fn.jit_function, spec))  # a relaunch: recorded once
         return True  # skip: neither compile nor launch
 
     with _LOCK:
@@ -124,7 +121,7 @@ def _compile(run: AheadRun, device: torch.device, threads: int | None) -> None:
         return True
 
     with ThreadPoolExecutor(run.threads, thread_name_prefix="symzoo-compile") as pool:
-        done = list(pool.map(one, run._specs))
+        done = list(pool.map(one, run._specs.values()))
     run.kernels, run.failed = sum(done), len(done) - sum(done)
     run.seconds = time.perf_counter() - start
     run._specs.clear()
