@@ -394,14 +394,14 @@ def _check_arch(arch: ArchRef) -> tuple[set[str] | None, list[InitErrorDetails]]
 
 def _width_errors(arch: str, located: list[tuple[tuple, Any]]) -> list[InitErrorDetails]:
     """Widths that count units (an integer default: every architecture but the multiplier of resnet20) must be
-    integers >= 1; a multiplier may be any number > 0."""
+    integers >= 1; a multiplier may be any number > 0. A width <= 0 is the generic check's (one error a value)."""
     from zoos.archs import ARCHS
 
     default = ARCHS[arch].defaults.get("width") if arch in ARCHS else None
     if not isinstance(default, int):
         return []
     return [_err(loc, f"width = {v!r} is not allowed; architecture {arch!r} counts units: expected an integer >= 1", v)
-            for loc, v in located if _is_num(v) and not (_is_int(v) and v >= 1)]
+            for loc, v in located if _is_num(v) and v > 0 and not _is_int(v)]
 
 
 def format_spec_errors(err: ValidationError, prefix: str = "") -> str:

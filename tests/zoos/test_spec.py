@@ -199,3 +199,6 @@ def test_width_counts_units_except_where_it_is_a_multiplier():
         parse_zoo({**resnet, "arch": {"name": "cnn", "config": {"width": 0.5}}})
     with pytest.raises(SpecError, match=r"zoo.grid.width\[1\]: width = 2.5 .* 'mlp' counts units"):
         parse_zoo({**resnet, "arch": {"name": "mlp"}, "grid": {"width": [2, 2.5]}})
+    with pytest.raises(SpecError) as e:  # a width <= 0 is one error, not one a check
+        parse_zoo({**resnet, "arch": {"name": "cnn", "config": {"width": 0}}})
+    assert str(e.value).count("zoo.arch.config.width:") == 1
