@@ -1,4 +1,4 @@
-"""`symzoo report STORE --study NAME`: every result of a study as one self-contained HTML page.
+"""`symzoo report STUDY.yaml` (or `STORE --study NAME`): every result of a study as one self-contained HTML page.
 
 Reads the study's stored models and analysis rows and writes one page: the summary (a row per statistic,
 a column per zoo, each with its spread, and how many models never learned), a section per analysis stage
@@ -222,30 +222,59 @@ def log_report(tracking_uri: str, study: str, report: StudyReport) -> str:
     return run
 
 
+def _target(target: str, study: str | None, out: Path | None, tracking_uri: str | None) -> tuple[Any, str, Path, str | None]:
+    """(store, study, output folder, tracking URI) of the report: a study file gives all four (the options
+    override them); a store needs --study unless it holds one study."""
+    from pipeline.cmd_store import _open
+    from pipeline.phases import PhaseError, study_models
+    from pipeline.study import StudyError, load_study
+
+    if Path(target).suffix.lower() in (".yaml", ".yml"):
+        try:
+            spec = load_study(target)  # its zoos need not build again: the report reads the store
+        except StudyError as e:
+            fail(str(e))
+        study = study or spec.study
+        return _open(spec.store), study, out or spec.output_dir(), tracking_uri or spec.tracking_uri
+    store = _open(target)
+    if study is None:
+        names = sorted(store.models().select("study").unique().collect()["study"].to_list()) if store.zoos() else []
+        if len(names) != 1:
+            fail(f"store {target} holds {len(names)} studies ({', '.join(names) or 'none'}); name one with --study")
+        study = names[0]
+    try:
+        study_models(store, study)
+    except PhaseError as e:
+        fail(str(e))
+    return store, study, out or Path("runs") / study, tracking_uri
+
+
 @command("report")
 def report_cmd(
-    store: str = typer.Argument(..., help="store path or URI"),
-    study: str = typer.Option(..., "--study", help="the study whose models and analyses to report"),
-    out: Optional[Path] = typer.Option(None, "--out", help="output folder (default runs/<study>)"),
+    target: str = typer.Argument(..., metavar="STUDY_OR_STORE",
+                                 help="a study file (its store, study, output folder and MLflow), or a store path or URI"),
+    study: Optional[str] = typer.Option(None, "--study", help="the study to report (default: the study file's, or the "
+                                        "store's only one)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: the study's, runs/<study>)"),
     temperature: Optional[str] = typer.Option(None, "--temperature", help="temperature factor (default: batch_size or lr, whichever varies)"),
     load: Optional[str] = typer.Option(None, "--load", help="load factor (default: width, train_fraction or depth, whichever varies)"),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: sqlite:///symzoo.db here)"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: the study "
+                                               "file's, else sqlite:///symzoo.db here)"),
     no_log: bool = typer.Option(False, "--no-log", help="write the files only; log nothing to MLflow"),
 ) -> None:
     """Every result of a study (summary, each analysis stage, phase diagrams where it grids temperature x load)
     as one self-contained HTML page."""
-    from pipeline.cmd_store import _open
     from pipeline.phases import PhaseError
     from pipeline.tracking import TrackingError, default_tracking_uri
 
-    s = _open(store)
+    s, study_name, out_dir, uri = _target(target, study, out, tracking_uri)
     try:
-        report = write_report(s, study, out or Path("runs") / study, temperature, load)
+        report = write_report(s, study_name, out_dir, temperature, load)
     except PhaseError as e:
         fail(str(e))
     if not no_log:
         try:
-            log_report(tracking_uri or default_tracking_uri(), study, report)
+            log_report(uri or default_tracking_uri(), study_name, report)
         except TrackingError as e:
             fail(str(e))
     phases = f"{report.cells.height} phase cells" if report.cells is not None else "no phase diagram"

@@ -132,7 +132,8 @@ def run_cmd(
             raise
         fail(f"{e.where}: {type(e.cause).__name__}: {_first_line(e.cause)} (the traceback: symzoo run --debug)",
              code=2 if isinstance(e.cause, ValueError) else 1)  # a ValueError is an input the task refused
-    print_summary(console, study, report)
+    overridden = store is not None or tracking_uri is not None  # then the file alone would report elsewhere
+    print_summary(console, study, report, study_file=None if overridden else study_file)
     if report_json is not None:
         report_json.parent.mkdir(parents=True, exist_ok=True)
         report_json.write_text(json.dumps(report.as_dict(), indent=2))

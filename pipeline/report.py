@@ -151,7 +151,7 @@ def _spread(v: Any, sd: Any = None, q: tuple = (None, None), ci: tuple = (None, 
     return text
 
 
-def print_summary(console: Console, study: Study, report: Any) -> None:
+def print_summary(console: Console, study: Study, report: Any, study_file: Path | None = None) -> None:
     """The table a person reads at the end of `symzoo run` (a row per statistic, a column per zoo, split into
     tables that fit the terminal), then what to do next."""
     summary = report.summary
@@ -193,6 +193,12 @@ def print_summary(console: Console, study: Study, report: Any) -> None:
         console.print(f"                      then {experiment_url('http://127.0.0.1:5000', report.experiment_id)}",
                       soft_wrap=True)
     symzoo, python = _command("symzoo"), _command("python")
+    if study_file is not None:  # the file names the store, output folder and MLflow the run used
+        again = f"{symzoo} report {study_file}"
+    else:
+        again = f"{symzoo} report {study.store} --study {study.study} --out {out}" + (
+            f" --tracking-uri {study.tracking_uri}" if study.tracking_uri else "")
+    console.print(f"  the whole report:   {again}", soft_wrap=True, highlight=False)
     console.print(f"  query the zoo:      {symzoo} ls {study.store}", soft_wrap=True)
     console.print(
         f"""  in Python:          {python} -c "import polars as pl, zoos; """

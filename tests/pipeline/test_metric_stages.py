@@ -164,7 +164,8 @@ def test_report_of_a_study_without_a_phase_grid_has_every_stage(ray_local, tmp_p
     between architectures are matched sizes, not a load axis) has no phase
     diagram (said on the page), but the summary and a section per stage that ran."""
     path, study = metric_study(tmp_path)
-    assert CliRunner().invoke(app, ["run", str(path), "--plain"]).exit_code == 0
+    run = CliRunner().invoke(app, ["run", str(path), "--plain"])
+    assert run.exit_code == 0 and f"report {path}" in run.output  # the next steps name the report's command
     out = tmp_path / "report"
     r = CliRunner().invoke(app, ["report", study["store"], "--study", "metrics", "--out", str(out), "--no-log"])
     assert r.exit_code == 0, r.output
@@ -175,6 +176,13 @@ def test_report_of_a_study_without_a_phase_grid_has_every_stage(ray_local, tmp_p
         assert f"<small>({stage})</small></h2>" in page
     assert "not learned (left out)" in page and "(median)" in page and "median [first quartile, third quartile]" in page
     assert (out / "summary.csv").exists() and not list(out.glob("phase_*.png"))
+    # the study file alone names the store, the study and the output folder; a one-study store needs no --study
+    for args, where in (([str(path)], tmp_path / "out"), ([study["store"], "--out", str(tmp_path / "r2")], tmp_path / "r2")):
+        r = CliRunner().invoke(app, ["report", *args, "--no-log"])
+        assert r.exit_code == 0, r.output
+        assert (where / "report.html").read_text().count("<small>(landscape)</small>") == 1
+    r = CliRunner().invoke(app, ["report", study["store"], "--study", "nope", "--no-log"])
+    assert r.exit_code == 2 and "study 'nope' has no models in the store; studies there: metrics" in r.output
 
 
 def test_the_summary_table_fits_a_100_column_terminal():
@@ -204,3 +212,4 @@ def test_the_summary_table_fits_a_100_column_terminal():
     assert header
     assert "0.912 ± 0.021 (0.901–0.923)" in text and "8.7e-08 [6.1e-08, 9.9e-08]" in text and "Lie translate_x (rel.) (median)" in text
     assert "3 models never learned" in text
+    assert "report zoo-store --study s --out runs/s" in text  # the report's command, without a study file to name
