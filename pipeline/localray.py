@@ -4,7 +4,8 @@ A local Ray is symzoo's own: its services listen on 127.0.0.1 only (a laptop on 
 nothing), and nothing of it outlives the driver, even when the driver is SIGKILLed: Ray's gcs and raylet
 share the driver's fate through the kernel, but its dashboard and runtime-env agents can linger (seen with
 ray 2.60), so a small reaper process ends whatever of the session is left when the driver goes.
-A cluster (an address given, or RAY_ADDRESS) is configured by cluster.yaml and left as it is.
+A cluster (an address given, or RAY_ADDRESS) is configured by cluster.yaml and left as it is; `check_cluster`
+refuses in seconds an address where no head listens, which ray.init would retry for minutes.
 
 Run as `python -m pipeline.localray RAYLET_PID`, this module is that reaper.
 """
@@ -14,14 +15,54 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 # The value Ray reads at import to decide whether a node may join others; off, every service binds loopback.
 _CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 _reaper: subprocess.Popen | None = None  # holds the pipe whose end-of-file tells the reaper the driver is gone
+
+
+PROBE_TIMEOUT_S = 5.0  # ray.init retries an unreachable head for minutes; a TCP connect says it in seconds
+
+
+class ClusterUnreachable(ConnectionError):
+    """No Ray head answers at the address a run was told to join (or `auto` finds no cluster)."""
+
+
+def check_cluster(address: str | None = None) -> str | None:
+    """The head's host:port that `init_ray(address)` will join (None: a local Ray of our own), after a TCP
+    connect to it within PROBE_TIMEOUT_S; ClusterUnreachable naming the address and why otherwise."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address == "local":
+        return None
+    given = address
+    if address.startswith("ray://"):  # Ray Client: its server's host and port
+        parts = urlsplit(address)
+        host, port = parts.hostname, parts.port or 10001
+    else:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        try:
+            head = canonicalize_bootstrap_address(address)  # what ray.init joins: `auto` read, localhost resolved
+        except (ConnectionError, ValueError) as e:
+            raise ClusterUnreachable(f"Ray address {given!r}: {str(e).splitlines()[0]}") from None
+        if head is None:
+            raise ClusterUnreachable(f"Ray address {given!r}: no Ray cluster was started on this machine "
+                                     "(`ray start --head` starts one)")
+        host, _, port_text = head.rpartition(":")
+        port = int(port_text)
+    try:
+        socket.create_connection((host.strip("[]"), port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        why = f"no answer within {PROBE_TIMEOUT_S:g} s" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__).lower()
+        raise ClusterUnreachable(f"no Ray cluster at {given!r} ({host}:{port}: {why}); "
+                                 "start one with `ray start --head`, or check --address and RAY_ADDRESS") from None
+    return f"{host}:{port}"
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:

@@ -20,15 +20,16 @@ from typing import Any
 
 import polars as pl
 
-from pipeline.localray import init_ray
+from pipeline.localray import ClusterUnreachable, check_cluster, init_ray
 from pipeline.progress import Display, ProgressBoard
 from pipeline.study import Study
 from pipeline.tracking import Tracker, default_tracking_uri, model_run_name
 
 
 class RunRefused(RuntimeError):
-    """A run that cannot start: its output folder or store is not writable, a stored zoo it names is missing, or
-    another run holds the study's lock; the message names the path or the holder."""
+    """A run that cannot start: its output folder or store is not writable, a stored zoo it names is missing,
+    another run holds the study's lock, or no Ray cluster answers at its address; the message names the path,
+    the holder or the address."""
 
 
 class ResourceError(ValueError):
@@ -351,6 +352,10 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
     t_start = time.perf_counter()
     report = RunReport()
     display = display or Display()
+    try:
+        check_cluster(address)  # a head that does not answer: refused in seconds, before anything is written
+    except ClusterUnreachable as e:
+        raise RunRefused(str(e)) from None
     tracker = Tracker(tracking_uri or study.tracking_uri or default_tracking_uri(), study.study)
     tracker.connect()  # first: a refused run must leave the store untouched
     report.experiment_id = tracker.experiment_id

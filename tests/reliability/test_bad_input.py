@@ -150,3 +150,33 @@ def test_an_empty_store_path_is_refused(tmp_path, no_ray):
     path.write_text(yaml.safe_dump({**GOOD, "store": ""}))
     r = CliRunner().invoke(app, ["run", str(path), "--plain"])
     assert r.exit_code == 2 and "store is empty" in r.output
+
+
+def _closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("how", ["--address", "RAY_ADDRESS", "nonsense"])
+def test_a_cluster_address_with_no_ray_head_exits_2_in_seconds_and_writes_nothing(tmp_path, no_ray, monkeypatch, how):
+    """ray.init retries an unreachable head for minutes (a hang); the run refuses it at once, naming the address."""
+    import time
+
+    address = "no-port-here" if how == "nonsense" else f"127.0.0.1:{_closed_port()}"
+    args = ()
+    if how == "RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    else:
+        args = ("--address", address)
+    t = time.perf_counter()
+    r = run(tmp_path, GOOD, *args)
+    assert r.exit_code == 2, r.output
+    assert time.perf_counter() - t < 30, "refused in seconds, not after ray.init's retries"
+    assert f"'{address}'" in r.output and "Traceback" not in r.output and len(r.output.splitlines()) <= 3, r.output
+    if how != "nonsense":
+        assert "connection refused" in r.output and "ray start --head" in r.output
+    assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow.db").exists()
