@@ -52,6 +52,12 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of the exception's own message (at most 400 characters: a cloud client's can be pages)."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:400]
+
+
 def _user_errors() -> tuple[type, ...]:
     """The errors symzoo raises for bad input or a damaged store: each message says what and what to do."""
     from pipeline.phases import PhaseError
@@ -78,7 +84,7 @@ def command(name: str, **kwargs):
             except (typer.Exit, typer.Abort):
                 raise
             except OSError as e:  # a folder that does not exist, a full disk, no permission
-                fail(f"{e.strerror or type(e).__name__}: {e.filename or e}" if e.filename else f"{type(e).__name__}: {e}")
+                fail(f"{e.strerror or type(e).__name__}: {e.filename}" if e.filename else f"{type(e).__name__}: {first_line(e)}")
             except Exception as e:
                 if isinstance(e, _user_errors()):
                     fail(str(e))

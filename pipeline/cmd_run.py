@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli import command, console, fail
+from pipeline.cli import command, console, fail, first_line
 
 
 def _load(path: Path, **overrides):
@@ -65,12 +65,6 @@ def _check_fits(zoo: str, n_params: int, factors: dict) -> None:
         shown = ", ".join(f"{k}={v}" for k, v in factors.items() if k in ("width", "depth", "embed"))
         raise StudyError(f"zoo {zoo!r}: a model ({shown or 'its config'}) has {n_params:,} parameters: its training state "
                          f"alone is {need / 1e9:,.0f} GB, more than this machine's {ram / 1e9:,.0f} GB of memory")
-
-
-def _first_line(e: BaseException) -> str:
-    """The first line of the exception's own message (at most 400 characters)."""
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    return (lines[0] if lines else type(e).__name__)[:400]
 
 
 DATA_DIR_HELP = "folder with MNIST / Fashion-MNIST / CIFAR-10 files (overrides the study's data_dir; default: SYMZOO_DATA)"
@@ -130,7 +124,7 @@ def run_cmd(
     except TaskFailed as e:  # an error inside a Ray task: its own one-line message, the traceback with --debug
         if debug:
             raise
-        fail(f"{e.where}: {type(e.cause).__name__}: {_first_line(e.cause)} (the traceback: symzoo run --debug)",
+        fail(f"{e.where}: {type(e.cause).__name__}: {first_line(e.cause)} (the traceback: symzoo run --debug)",
              code=2 if isinstance(e.cause, ValueError) else 1)  # a ValueError is an input the task refused
     overridden = store is not None or tracking_uri is not None  # then the file alone would report elsewhere
     print_summary(console, study, report, study_file=None if overridden else study_file)

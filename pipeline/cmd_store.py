@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli import command, console, fail  # noqa: F401
+from pipeline.cli import command, console, fail, first_line  # noqa: F401
 
 QUERY_FORMATS = ("table", "csv", "json", "parquet")
 
@@ -21,7 +21,7 @@ def _open(store: str):
         s = Store(store)
         s._require()
     except (StoreError, OSError) as e:
-        fail(str(e))
+        fail(first_line(e))
     return s
 
 

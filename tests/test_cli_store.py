@@ -69,6 +69,8 @@ def test_errors_exit_2_with_one_line(tmp_path):
         (["query", s.root, "SELECT nope FROM models"], "bad SQL"),
         (["query", s.root, "SELECT 1", "--format", "xml"], "--format 'xml'"),
         (["import", "zip", str(tmp_path), s.root], "format 'zip'"),
+        (["ls", "foo://x"], "store 'foo://x': Unrecognized filesystem type"),  # pyarrow's ArrowInvalid, not a traceback
+        (["verify", "gs://bucket/x?no_such_option=1"], "store 'gs://bucket/x?no_such_option=1': Unexpected query parameter"),
     ]
     for args, msg in cases:
         r = runner.invoke(app, args)
@@ -106,3 +108,20 @@ def test_a_value_that_mentions_a_reader_is_fine(tmp_path):
     s, _ = _store(tmp_path)
     r = runner.invoke(app, ["query", s.root, "select count(*) as n from models where zoo != 'read_csv(x)'", "-f", "json"])
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("credentials", ["default", "a missing file"])
+def test_an_unreachable_cloud_store_fails_in_bounded_time_with_one_line(monkeypatch, credentials):
+    """Arrow's GCS client retries for 15 minutes by default (a hang, offline or without credentials); a gs://
+    store retries for GCS_RETRY_S, then `symzoo ls` exits 2 with one short line (so does a refused credential)."""
+    import time
+
+    import zoos.store
+
+    monkeypatch.setattr(zoos.store, "GCS_RETRY_S", 2)
+    if credentials == "a missing file":
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/symzoo-test-credentials.json")
+    t = time.perf_counter()
+    r = runner.invoke(app, ["ls", "gs://symzoo-no-such-bucket-for-tests/x"])
+    assert r.exit_code == 2, r.output
+    assert time.perf_counter() - t < 60 and len(r.output.strip().splitlines()) == 1 and len(r.output) < 500, r.output

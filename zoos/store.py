@@ -58,6 +58,27 @@ class DamagedShardWarning(UserWarning):
 
 
 MAX_NAME = 100  # characters of a zoo, stage, study or shard name
+GCS_RETRY_S = 30  # how long a gs:// store's requests retry (Arrow's default, 15 minutes, reads as a hang)
+
+
+def _from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's filesystem and path for a store URI; a gs:// one retries for GCS_RETRY_S unless the URI says."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme in ("gs", "gcs") and "retry_limit_seconds" not in parse_qs(parts.query):
+        uri += ("&" if parts.query else "?") + f"retry_limit_seconds={GCS_RETRY_S}"
+    return pafs.FileSystem.from_uri(uri)
+
+
+def _brief(e: BaseException, limit: int = 300) -> str:
+    """An error's first line, cut after its last whole sentence within `limit` characters (a cloud client's
+    message runs to pages)."""
+    line = next((text for text in str(e).splitlines() if text.strip()), type(e).__name__)
+    if len(line) <= limit:
+        return line
+    end = line.rfind(". ", 0, limit)
+    return line[: end + 1] if end > 0 else line[:limit] + " ..."
 
 
 def safe_name(kind: str, value: Any) -> str:
@@ -165,13 +186,20 @@ class Store:
         if filesystem is not None:
             self.fs, self.root = filesystem, root
         elif "://" in root:
-            self.fs, self.root = pafs.FileSystem.from_uri(root)
+            try:
+                self.fs, self.root = _from_uri(root)
+            except (pa.ArrowException, ValueError) as e:  # an unknown scheme or URI option
+                raise StoreError(f"store {root!r}: {e}; a store is a local path or a pyarrow filesystem URI "
+                                 "(file://, s3://, gs://, hdfs://)") from None
         else:
             self.fs, self.root = pafs.LocalFileSystem(), posixpath.abspath(root)
         self.uri = root
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.opened: list[str] = []  # relative path of every data file opened for reading, in order
-        info = self._info(MARKER)
+        try:
+            info = self._info(MARKER)
+        except (OSError, pa.ArrowException) as e:  # a cloud store unreachable, or refusing its credentials
+            raise StoreError(f"cannot read the store at {root!r}: {_brief(e)}") from None
         if info.type == pafs.FileType.File:
             self._check_marker()
 
