@@ -41,6 +41,9 @@ def check_cluster(address: str | None = None) -> str | None:
     if not address or address == "local":
         return None
     given = address
+    if address.startswith(("http://", "https://")):
+        raise ClusterUnreachable(f"Ray address {given!r} is a dashboard's (what `ray job submit --address` takes); a run "
+                                 "joins the cluster's head, host:6379 (or ray://host:10001), or runs as a submitted job")
     if address.startswith("ray://"):  # Ray Client: its server's host and port
         parts = urlsplit(address)
         host, port = parts.hostname, parts.port or 10001

@@ -161,12 +161,12 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("how", ["--address", "RAY_ADDRESS", "nonsense"])
+@pytest.mark.parametrize("how", ["--address", "RAY_ADDRESS", "nonsense", "a dashboard's"])
 def test_a_cluster_address_with_no_ray_head_exits_2_in_seconds_and_writes_nothing(tmp_path, no_ray, monkeypatch, how):
     """ray.init retries an unreachable head for minutes (a hang); the run refuses it at once, naming the address."""
     import time
 
-    address = "no-port-here" if how == "nonsense" else f"127.0.0.1:{_closed_port()}"
+    address = {"nonsense": "no-port-here", "a dashboard's": "http://127.0.0.1:8265"}.get(how, f"127.0.0.1:{_closed_port()}")
     args = ()
     if how == "RAY_ADDRESS":
         monkeypatch.setenv("RAY_ADDRESS", address)
@@ -177,6 +177,8 @@ def test_a_cluster_address_with_no_ray_head_exits_2_in_seconds_and_writes_nothin
     assert r.exit_code == 2, r.output
     assert time.perf_counter() - t < 30, "refused in seconds, not after ray.init's retries"
     assert f"'{address}'" in r.output and "Traceback" not in r.output and len(r.output.splitlines()) <= 3, r.output
-    if how != "nonsense":
+    if how in ("--address", "RAY_ADDRESS"):
         assert "connection refused" in r.output and "ray start --head" in r.output
+    if how == "a dashboard's":
+        assert "ray job submit --address" in r.output and "host:6379" in r.output
     assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow.db").exists()
