@@ -45,11 +45,18 @@ def check_cluster(address: str | None = None) -> str | None:
         raise ClusterUnreachable(f"Ray address {given!r} is a dashboard's (what `ray job submit --address` takes); a run "
                                  "joins the cluster's head, host:6379 (or ray://host:10001), or runs as a submitted job")
     if address.startswith("ray://"):  # Ray Client: its server's host and port
-        parts = urlsplit(address)
-        host, port = parts.hostname, parts.port or 10001
+        try:
+            parts = urlsplit(address)
+            host, port = parts.hostname, parts.port or 10001
+        except ValueError as e:  # a port that is not a number
+            raise ClusterUnreachable(f"Ray address {given!r}: {e}") from None
+        if not host:
+            raise ClusterUnreachable(f"Ray address {given!r} names no host (ray://host:10001)")
     else:
-        from ray._private.services import canonicalize_bootstrap_address
-
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+        except ImportError:  # a Ray that moved it: ray.init checks the address itself
+            return address
         try:
             head = canonicalize_bootstrap_address(address)  # what ray.init joins: `auto` read, localhost resolved
         except (ConnectionError, ValueError) as e:

@@ -182,3 +182,33 @@ def test_a_cluster_address_with_no_ray_head_exits_2_in_seconds_and_writes_nothin
     if how == "a dashboard's":
         assert "ray job submit --address" in r.output and "host:6379" in r.output
     assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("address, expected", [
+    ("ray://", "names no host"),
+    ("ray://h:x", "Port could not be cast"),
+    ("ray://127.0.0.1:{closed}", "(127.0.0.1:{closed}: connection refused)"),
+])
+def test_check_cluster_names_what_is_wrong_with_a_ray_client_address(address, expected):
+    from pipeline.localray import ClusterUnreachable, check_cluster
+
+    closed = str(_closed_port())
+    with pytest.raises(ClusterUnreachable) as e:
+        check_cluster(address.replace("{closed}", closed))
+    assert expected.replace("{closed}", closed) in str(e.value)
+
+
+def test_check_cluster_passes_an_address_where_a_head_listens(monkeypatch):
+    """A listener on every interface (as `ray start --head` binds): the check returns the host:port ray.init joins;
+    no address (and no RAY_ADDRESS) is a local Ray of our own, nothing to check."""
+    import socket
+
+    from pipeline.localray import check_cluster
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert check_cluster(None) is None and check_cluster("local") is None
+    with socket.socket() as s:
+        s.bind(("", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert check_cluster(f"127.0.0.1:{port}").endswith(f":{port}")
