@@ -17,7 +17,7 @@ import html
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import polars as pl
 import typer
@@ -120,13 +120,15 @@ def _pairs_html(store: Any, stage: str, zoos: list[str]) -> str:
             f"{html_table(table.sort(keys))}</details>")
 
 
-def write_report(store: Any, study: str, out_dir: Path, temperature: str | None = None, load: str | None = None) -> StudyReport:
-    """The study's page (report.html), its summary, stage plots and, where it has the grid, phase diagrams."""
+def write_report(store: Any, study: str, out_dir: Path, temperature: str | None = None, load: str | None = None,
+                 stored: Sequence[str] = ()) -> StudyReport:
+    """The study's page (report.html), its summary, stage plots and, where it has the grid, phase diagrams;
+    `stored`: the zoos it analyses as they are in the store (trained by another study, or imported)."""
     from analysis import plots
     from pipeline import phases
     from pipeline.report import summarise_zoos
 
-    models = phases.study_models(store, study)  # PhaseError naming the studies present when there is none
+    models = phases.study_models(store, study, stored)  # PhaseError naming the studies present when there is none
     zoos = sorted(models["zoo"].unique().to_list())
     stages = [st for st in store.stages() if store.analysis(st).filter(pl.col("zoo").is_in(zoos)).select(pl.len()).collect().item()]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,14 +139,14 @@ def write_report(store: Any, study: str, out_dir: Path, temperature: str | None 
 
     phase_parts: list[str] = []
     try:
-        cells = phases.cell_table(store, study, temperature, load)
+        cells = phases.cell_table(store, study, temperature, load, stored)
     except phases.PhaseError as e:
         if temperature or load:  # axes the user named must exist
             raise
         report.no_phases = str(e)
         phase_parts = [f"<p>No phase diagram: {html.escape(str(e))}.</p>"]
     else:
-        phase_models = phases.model_table(store, study, temperature, load)
+        phase_models = phases.model_table(store, study, temperature, load, stored)
         metrics = phases.metrics_present(cells)
         report.cells, report.matched = cells, phases.matched_table(cells, [m.name for m in metrics])
         t_name, l_name = cells["temperature_factor"][0], cells["load_factor"][0]
@@ -222,9 +224,10 @@ def log_report(tracking_uri: str, study: str, report: StudyReport) -> str:
     return run
 
 
-def _target(target: str, study: str | None, out: Path | None, tracking_uri: str | None) -> tuple[Any, str, Path, str | None]:
-    """(store, study, output folder, tracking URI) of the report: a study file gives all four (the options
-    override them); a store needs --study unless it holds one study."""
+def _target(target: str, study: str | None, out: Path | None, tracking_uri: str | None,
+            store_path: str | None = None) -> tuple[Any, str, list[str], Path, str | None]:
+    """(store, study, its stored zoos, output folder, tracking URI) of the report: a study file gives them all
+    (the options override them, --store its store); a store needs --study unless it holds one study."""
     from pipeline.cmd_store import _open
     from pipeline.phases import PhaseError, study_models
     from pipeline.study import StudyError, load_study
@@ -234,8 +237,11 @@ def _target(target: str, study: str | None, out: Path | None, tracking_uri: str 
             spec = load_study(target)  # its zoos need not build again: the report reads the store
         except StudyError as e:
             fail(str(e))
-        study = study or spec.study
-        return _open(spec.store), study, out or spec.output_dir(), tracking_uri or spec.tracking_uri
+        stored = [z.name for z in spec.zoos if getattr(z, "stored", False)]
+        return (_open(store_path or spec.store), study or spec.study, stored, out or spec.output_dir(),
+                tracking_uri or spec.tracking_uri)
+    if store_path is not None:
+        fail(f"--store {store_path} replaces a study file's store; {target} is a store already")
     store = _open(target)
     if study is None:
         names = sorted(store.models().select("study").unique().collect()["study"].to_list()) if store.zoos() else []
@@ -246,7 +252,7 @@ def _target(target: str, study: str | None, out: Path | None, tracking_uri: str 
         study_models(store, study)
     except PhaseError as e:
         fail(str(e))
-    return store, study, out or Path("runs") / study, tracking_uri
+    return store, study, [], out or Path("runs") / study, tracking_uri
 
 
 @command("report")
@@ -255,6 +261,8 @@ def report_cmd(
                                  help="a study file (its store, study, output folder and MLflow), or a store path or URI"),
     study: Optional[str] = typer.Option(None, "--study", help="the study to report (default: the study file's, or the "
                                         "store's only one)"),
+    store_path: Optional[str] = typer.Option(None, "--store", help="the store, in place of the study file's (as `symzoo "
+                                             "run --store` took it)"),
     out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: the study's, runs/<study>)"),
     temperature: Optional[str] = typer.Option(None, "--temperature", help="temperature factor (default: batch_size or lr, whichever varies)"),
     load: Optional[str] = typer.Option(None, "--load", help="load factor (default: width, train_fraction or depth, whichever varies)"),
@@ -267,9 +275,9 @@ def report_cmd(
     from pipeline.phases import PhaseError
     from pipeline.tracking import TrackingError, default_tracking_uri
 
-    s, study_name, out_dir, uri = _target(target, study, out, tracking_uri)
+    s, study_name, stored, out_dir, uri = _target(target, study, out, tracking_uri, store_path)
     try:
-        report = write_report(s, study_name, out_dir, temperature, load)
+        report = write_report(s, study_name, out_dir, temperature, load, stored)
     except PhaseError as e:
         fail(str(e))
     if not no_log:

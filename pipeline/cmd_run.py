@@ -126,8 +126,10 @@ def run_cmd(
             raise
         fail(f"{e.where}: {type(e.cause).__name__}: {first_line(e.cause)} (the traceback: symzoo run --debug)",
              code=2 if isinstance(e.cause, ValueError) else 1)  # a ValueError is an input the task refused
-    overridden = store is not None or tracking_uri is not None  # then the file alone would report elsewhere
-    print_summary(console, study, report, study_file=None if overridden else study_file)
+    # the report reads the zoos, output folder and MLflow from the study file, with this run's overrides
+    again = str(study_file) + (f" --store {store}" if store is not None else "") + (
+        f" --tracking-uri {tracking_uri}" if tracking_uri is not None else "")
+    print_summary(console, study, report, report_args=again)
     if report_json is not None:
         report_json.parent.mkdir(parents=True, exist_ok=True)
         report_json.write_text(json.dumps(report.as_dict(), indent=2))

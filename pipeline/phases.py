@@ -16,7 +16,7 @@ which is how a study with matched parameter counts (cnn width 2w vs p4cnn width 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import polars as pl
 
@@ -61,10 +61,12 @@ CELL = ["arch", "load", "temperature"]
 PER_MODEL = ("models", "landscape", "equivariance", "weightspace")  # sources of one value per model (the rest: pairs)
 
 
-def study_models(store: Any, study: str) -> pl.DataFrame:
-    """Every stored model of `study` (any status); PhaseError naming the studies present if there is none."""
+def study_models(store: Any, study: str, stored: Sequence[str] = ()) -> pl.DataFrame:
+    """Every stored model of `study` (any status), and of the zoos it analyses as they are in the store
+    (`stored`: its `stored: true` zoos, trained by another study or imported); PhaseError naming the studies
+    present if there is none."""
     models = store.models().collect() if store.zoos() else pl.DataFrame()
-    found = models.filter(pl.col("study") == study) if models.height else models
+    found = models.filter((pl.col("study") == study) | pl.col("zoo").is_in(list(stored))) if models.height else models
     if not found.height:
         have = sorted(models["study"].unique().to_list()) if models.height else []
         raise PhaseError(f"study {study!r} has no models in the store; studies there: {', '.join(have) or 'none'}")
@@ -113,9 +115,11 @@ def _with_cell(models: pl.DataFrame, temperature: str, load: str) -> pl.DataFram
                                pl.col(temperature).cast(pl.Float64).alias("temperature"))
 
 
-def model_table(store: Any, study: str, temperature: str | None = None, load: str | None = None) -> pl.DataFrame:
-    """One row per model of the study: its cell, status, final metrics, and per-model stage metrics (last epoch)."""
-    models = study_models(store, study)
+def model_table(store: Any, study: str, temperature: str | None = None, load: str | None = None,
+                stored: Sequence[str] = ()) -> pl.DataFrame:
+    """One row per model of the study (and its `stored` zoos): its cell, status, final metrics, and per-model
+    stage metrics (last epoch)."""
+    models = study_models(store, study, stored)
     t, l = grid_axes(models, temperature, load)
     models = _with_cell(models, t, l)
     keep = ["model_id", "zoo", *CELL, "seed", "n_params", "status"]
@@ -153,16 +157,17 @@ def pair_rows(store: Any, stage: str, models: pl.DataFrame) -> pl.DataFrame:
     return rows.filter(same & (pl.col("model_a") != pl.col("model_b"))).drop([f"{c}_b" for c in CELL])
 
 
-def cell_table(store: Any, study: str, temperature: str | None = None, load: str | None = None) -> pl.DataFrame:
+def cell_table(store: Any, study: str, temperature: str | None = None, load: str | None = None,
+               stored: Sequence[str] = ()) -> pl.DataFrame:
     """One row per (arch, load, temperature) cell: model counts, parameters, and the mean and standard deviation
     (`<metric>_sd`) of every metric present.
 
     Metrics of models average over the cell's ok models; pair metrics over the cell's pairs (counted
     in `<stage>_pairs`). A metric whose stage was not run is absent.
     """
-    models = study_models(store, study)
+    models = study_models(store, study, stored)
     t, l = grid_axes(models, temperature, load)
-    per_model = model_table(store, study, t, l)
+    per_model = model_table(store, study, t, l, stored)
     ok = pl.col("status") == "ok"
     aggs = [pl.len().alias("models"), ok.sum().alias("ok"), pl.col("n_params").first().alias("n_params"),
             pl.col("zoo").unique().sort().str.join(",").alias("zoos")]

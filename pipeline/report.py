@@ -151,9 +151,10 @@ def _spread(v: Any, sd: Any = None, q: tuple = (None, None), ci: tuple = (None, 
     return text
 
 
-def print_summary(console: Console, study: Study, report: Any, study_file: Path | None = None) -> None:
+def print_summary(console: Console, study: Study, report: Any, report_args: str | None = None) -> None:
     """The table a person reads at the end of `symzoo run` (a row per statistic, a column per zoo, split into
-    tables that fit the terminal), then what to do next."""
+    tables that fit the terminal), then what to do next. `report_args`: what `symzoo report` takes for this
+    study (its file and the run's overrides); default: the store and the study's name."""
     summary = report.summary
     if summary is not None and summary.height:
         rows = summary_rows(summary)
@@ -193,12 +194,10 @@ def print_summary(console: Console, study: Study, report: Any, study_file: Path 
         console.print(f"                      then {experiment_url('http://127.0.0.1:5000', report.experiment_id)}",
                       soft_wrap=True)
     symzoo, python = _command("symzoo"), _command("python")
-    if study_file is not None:  # the file names the store, output folder and MLflow the run used
-        again = f"{symzoo} report {study_file}"
-    else:
-        again = f"{symzoo} report {study.store} --study {study.study} --out {out}" + (
+    if report_args is None:
+        report_args = f"{study.store} --study {study.study} --out {out}" + (
             f" --tracking-uri {study.tracking_uri}" if study.tracking_uri else "")
-    console.print(f"  the whole report:   {again}", soft_wrap=True, highlight=False)
+    console.print(f"  the whole report:   {symzoo} report {report_args}", soft_wrap=True, highlight=False)
     console.print(f"  query the zoo:      {symzoo} ls {study.store}", soft_wrap=True)
     console.print(
         f"""  in Python:          {python} -c "import polars as pl, zoos; """

@@ -193,6 +193,11 @@ def test_a_study_analyses_zoos_already_in_the_store_without_training_them(ray_lo
     assert sorted(landscape.group_by("zoo").len().rows()) == [("mlp", 6), ("p4", 2)]
     interp = store.analysis("interpolation").collect()
     assert interp.filter(pl.col("zoo") == "mlp").height > 2, "the second study's own pairs, beside the first's"
+    assert f"report {path2}" in r.output
+    rep = CliRunner().invoke(app, ["report", str(path2), "--no-log"])  # the stored zoos are the study's to report
+    assert rep.exit_code == 0, rep.output
+    page = (tmp_path / "out2" / "report.html").read_text()
+    assert "2 zoos (mlp, p4)" in page and "<small>(landscape)</small>" in page
 
     missing = {**second, "zoos": [{"name": "nope", "stored": True}]}
     path3 = tmp_path / "missing.yaml"
