@@ -95,6 +95,7 @@ COLUMN_TITLES = {
     "line_barrier": "line barrier", "cross_barrier_naive": "cross-zoo barrier naive",
     "cross_barrier_aligned": "cross-zoo barrier aligned", "test_psnr": "test PSNR (dB)",
     "not_learned": "not learned (left out)", "ok": "ok (in the statistics)",
+    "similarity_pairs": "pairs (similarity)", "bezier_pairs": "pairs (Bezier)", "cross_pairs": "pairs (cross-zoo)",
 }
 
 
