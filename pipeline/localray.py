@@ -49,7 +49,7 @@ def check_cluster(address: str | None = None) -> str | None:
             parts = urlsplit(address)
             host, port = parts.hostname, parts.port or 10001
         except ValueError as e:  # a port that is not a number
-            raise ClusterUnreachable(f"Ray address {given!r}: {e}") from None
+            raise ClusterUnreachable(f"Ray address {given!r}: {e}; a Ray Client address is ray://host:port") from None
         if not host:
             raise ClusterUnreachable(f"Ray address {given!r} names no host (ray://host:10001)")
     else:
@@ -60,7 +60,8 @@ def check_cluster(address: str | None = None) -> str | None:
         try:
             head = canonicalize_bootstrap_address(address)  # what ray.init joins: `auto` read, localhost resolved
         except (ConnectionError, ValueError) as e:
-            raise ClusterUnreachable(f"Ray address {given!r}: {str(e).splitlines()[0]}") from None
+            raise ClusterUnreachable(f"Ray address {given!r}: {str(e).splitlines()[0]}; a Ray address is host:port, "
+                                     "auto, or ray://host:port (--address or RAY_ADDRESS)") from None
         if head is None:
             raise ClusterUnreachable(f"Ray address {given!r}: no Ray cluster was started on this machine "
                                      "(`ray start --head` starts one)")
