@@ -6,7 +6,9 @@ Here the model's forward is traced once with `torch.fx` and re-emitted with each
 replaced by a population version that keeps the model axis explicit:
 
   Conv2d      im2col on a channels-last view (x.unfold over H and W), then one bmm over models:
-              [N, B*Ho*Wo, C*k*k] @ [N, C*k*k, O] -> [N, B*Ho*Wo, O], which is already channels-last
+              [N, B*Ho*Wo, C*k*k] @ [N, C*k*k, O] -> [N, B*Ho*Wo, O], which is already channels-last;
+              on the CPU (`grouped_convs`) one convolution with a group per model, as vmap runs it, where
+              oneDNN's grouped kernels beat the patch matrix (all but the shortest patches)
   Linear      one bmm over models, [N, B, in] @ [N, in, out]
   FlatLinear  the same on the flattened trailing axes
 
@@ -98,6 +100,20 @@ def pop_conv2d(x: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, int], 
     wt = w.to(x.dtype).reshape(n, o, c * kh * kw).transpose(1, 2)
     y = torch.bmm(cols, wt) if b is None else torch.baddbmm(b.to(x.dtype).unsqueeze(1), cols, wt)
     return y.view(nb, ho, wo, o).permute(0, 3, 1, 2)  # logical NCHW, channels-last in memory
+
+
+def pop_conv2d_grouped(x: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, int], padding: tuple[int, int]) -> Tensor:
+    """`pop_conv2d` as one convolution with a group per model (what vmap makes of a conv): the CPU's program, where
+    oneDNN's grouped kernels beat a patch matrix and a batched matmul; x [N*B, C, H, W], w [N, O, C, kh, kw]."""
+    n, o, c, kh, kw = w.shape
+    b_, size = x.shape[0] // n, x.shape[2:]
+    xs = x.reshape(n, b_, c, *size).transpose(0, 1).reshape(b_, n * c, *size)
+    bias = None if b is None else b.to(x.dtype).reshape(n * o)
+    y = F.conv2d(xs, w.to(x.dtype).reshape(n * o, c, kh, kw), bias, stride, padding, groups=n)
+    return y.reshape(b_, n, o, *y.shape[2:]).transpose(0, 1).reshape(n * b_, o, *y.shape[2:])
+
+
+IM2COL_PATCH_MAX = 27  # where grouped convs run, a conv with patches this short (C * kh * kw) still runs as im2col + bmm
 
 
 def _affine(y: Tensor, w: Tensor | None, b: Tensor | None, trailing: int) -> Tensor:
@@ -630,8 +646,8 @@ class _Emitter:
         if not isinstance(m, PopDropout):
             args[0] = self._compute(args[0])
         if isinstance(m, nn.Conv2d):
-            env[node] = g.call_function(pop_conv2d, (args[0], w, b, tuple(m.stride), _conv_padding(m)))
-            self.choose(node, "im2col + bmm", self._no_kernels(m.stride))
+            env[node] = self._plain_conv(node, args[0], w, b, tuple(m.stride), _conv_padding(m),
+                                         m.in_channels * math.prod(m.kernel_size))
         elif isinstance(m, FlatLinear):
             k = len(m.in_shape)
             env[node] = self._linear(node, g.call_method("flatten", (args[0], -k)), g.call_method("flatten", (w, 2)), b,
@@ -792,6 +808,17 @@ class _Emitter:
         """x in the compute dtype, as autocast casts a conv's or linear's input (a no-op when it is already)."""
         return x if self.pop.dtype == torch.float32 else self.g.call_method("to", (x, self.pop.dtype))
 
+    def _plain_conv(self, node: fx.Node, x: fx.Node, w: fx.Node, b: fx.Node | None, stride: tuple[int, int],
+                    padding: tuple[int, int], patch: int) -> fx.Node:
+        """A conv off popconv's kernels (x in the compute dtype): a grouped convolution where `grouped_convs`
+        asks for them (unless its patches are short), else im2col + bmm."""
+        if self.pop.grouped_convs and patch > IM2COL_PATCH_MAX:
+            self.choose(node, "grouped conv", "one convolution with a group per model: the CPU's fastest")
+            return self.g.call_function(pop_conv2d_grouped, (x, w, b, stride, padding))
+        why = f"{patch}-long patches: a batched matmul beats a grouped conv" if self.pop.grouped_convs else self._no_kernels(stride)
+        self.choose(node, "im2col + bmm", why)
+        return self.g.call_function(pop_conv2d, (x, w, b, stride, padding))
+
     def _no_kernels(self, stride: Any) -> str:
         if not self.pop.kernels:
             return "popconv kernels off here (no CUDA, or not asked for)"
@@ -815,8 +842,8 @@ class _Emitter:
                 if pop.kernels and popconv.supports(stride, dilation, groups):
                     return self._popconv(node, value(x), value(w), value(b), kernel, pad)
                 if groups == 1 and dilation == (1, 1):
-                    self.choose(node, "im2col + bmm", self._no_kernels(stride))
-                    return g.call_function(pop_conv2d, (self._compute(value(x)), value(w), value(b), stride, pad))
+                    return self._plain_conv(node, self._compute(value(x)), value(w), value(b), stride, pad,
+                                            math.prod(w.meta["probe"].shape[-3:]))
         if node.op == "call_function" and node.target in (F.group_norm, F.layer_norm):
             kw = _bind(node)
             x, w, b = kw["input"], kw["weight"], kw["bias"]
@@ -885,9 +912,10 @@ class FastPopulation:
     to find which values carry the batch. `choices` lists what runs each layer: [(layer, program, why)]."""
 
     def __init__(self, module: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32,
-                 compile: bool = False, dropout: bool = True, kernels: bool = False):
+                 compile: bool = False, dropout: bool = True, kernels: bool = False, grouped_convs: bool = False):
         self.module, self.dtype, self.dropout = module, dtype, dropout  # dropout=False: every rate is 0, skip the masks
         self.kernels = kernels  # stride-1 convs as popconv's Triton kernels
+        self.grouped_convs = grouped_convs and not kernels  # the other convs as grouped convolutions (the CPU's choice)
         self.param_keys = [k for k, _ in module.named_parameters()]
         self.buffer_keys = [k for k, _ in module.named_buffers()]
         self.window_geometry: tuple[tuple[int, int], tuple[int, int], int] | None = None  # set by _emit
@@ -1019,14 +1047,14 @@ class FastStep:
 
     def __init__(self, module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], input_shape: Sequence[int], *,
                  dtype: torch.dtype = torch.float32, compile: bool = False, dropout: bool = True,
-                 kernels: bool = False, regulariser: Callable[[dict[str, Tensor]], Tensor] | None = None):
-        self.pop = FastPopulation(module, input_shape, dtype=dtype, compile=compile, dropout=dropout, kernels=kernels)
+                 kernels: bool = False, grouped_convs: bool = False,
+                 regulariser: Callable[[dict[str, Tensor]], Tensor] | None = None):
+        options = dict(dtype=dtype, compile=compile, dropout=dropout, kernels=kernels, grouped_convs=grouped_convs)
+        self.pop = FastPopulation(module, input_shape, **options)
         self.loss_per_model = vmap(loss_fn, in_dims=(0, 0))
         self.regulariser = regulariser
         view = prior_view(module)
-        self.prior = None if view is None else (
-            FastPopulation(view, input_shape, dtype=dtype, compile=compile, dropout=dropout, kernels=kernels),
-            float(module.prior_weight))
+        self.prior = None if view is None else (FastPopulation(view, input_shape, **options), float(module.prior_weight))
 
     def __call__(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, y: Tensor,
                  rows: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
@@ -1049,4 +1077,4 @@ class FastStep:
         return dict(zip(leaves, grads)), loss.detach(), total.detach(), pred.detach()
 
 
-__all__ = ["FastPopulation", "FastStep", "Unsupported", "prior_view", "pop_group_norm", "pop_layer_norm", "dropout_active", "pop_conv2d", "pop_linear", "pop_dropout"]
+__all__ = ["FastPopulation", "FastStep", "Unsupported", "prior_view", "pop_group_norm", "pop_layer_norm", "dropout_active", "pop_conv2d", "pop_conv2d_grouped", "pop_linear", "pop_dropout"]

@@ -8,6 +8,8 @@ The programs, fastest first:
   popconv max-pool  any other 2x2 max-pool of a map, one pass in either memory format (`zoos.popconv`)
   popnorm       GroupNorm with one group: statistics and each model's affine in one Triton pass (`zoos.popnorm`)
   im2col + bmm  other convolutions: patches on a channels-last view, one batched matmul over the models
+  grouped conv  on the CPU, other convolutions but those with the shortest patches: one convolution with a
+                group per model (oneDNN's grouped kernels beat the patch matrix there)
   poplinear     Linear / FlatLinear / F.linear of up to 128 inputs and outputs as Triton kernels (`zoos.poplinear`):
                 the bias in the product's epilogue, its gradient in the weight gradient's pass
   bmm           any wider Linear / FlatLinear / F.linear: one batched matmul over the models
@@ -94,8 +96,8 @@ def choose_program(
 ) -> Program:
     """The program for `module` (a template: no weights needed) on `task`'s data on `device`.
 
-    fast: use the population program where the module allows (None: on CUDA; the CPU runs it too, and the
-    tests hold it equal to vmap there). kernels: the population's Triton kernels, popconv's convs and the others
+    fast: use the population program where the module allows (None: yes; off CUDA its convs run as grouped
+    convolutions, and the tests hold it equal to vmap there). kernels: the population's Triton kernels, popconv's convs and the others
     in the program and popoptim's optimizer step (None: on CUDA, where available; the optimizer step runs on them
     under vmap too). compile: torch.compile the forward and the optimizer step (None: no; the trainer replays
     eager steps as CUDA graphs, and a compile pays only in long runs of some families: benchmarks/README.md).
@@ -106,16 +108,16 @@ def choose_program(
     device = torch.device(device)
     cuda = device.type == "cuda"
     arch = arch or type(module).__name__
-    want_fast = cuda if fast is None else fast
+    want_fast = fast is not False
     kernels = (cuda and popconv.available(device)) if kernels is None else kernels
     compile = bool(compile)
     optimizer = "compiled" if compile else "popoptim" if kernels and popoptim.available(device) else "eager"
     if not want_fast:
         return Program(arch, str(device), precision, fast=False, optimizer=optimizer,
-                       reason="asked for" if fast is False else "not on CUDA")
+                       reason="asked for")
     try:
         step = FastStep(module, task.loss, tuple(task.input_shape), dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-                        compile=compile, dropout=dropout, kernels=kernels, regulariser=regulariser)
+                        compile=compile, dropout=dropout, kernels=kernels, grouped_convs=not cuda, regulariser=regulariser)
     except Unsupported as e:
         reason = str(e).split(": ", 1)[-1]
         if warn and cuda and (arch, reason) not in _WARNED:

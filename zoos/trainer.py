@@ -185,7 +185,7 @@ def train_population(
     """Train every model of `pop` as one vectorised program; curves every epoch, weights at checkpoints.
 
     fast: run the population program (`zoos.program`: population layers, batched matmuls) where the architecture
-        allows, instead of vmap; None = on CUDA.
+        allows, instead of vmap; None = yes (on the CPU too, its convs as grouped convolutions).
     kernels: run the population's Triton kernels (`zoos.popconv`'s stride-1 convs, poplinear's narrow linears,
         popnorm's norms, popattn's attention in the population program; `zoos.popoptim`'s optimizer update);
         None = on CUDA, where available.

@@ -9,7 +9,7 @@ from torch.func import functional_call, grad, vmap
 
 from tasks.registry import get_task
 from zoos.archs.base import build_arch
-from zoos.fastpop import FastPopulation, FastStep, dropout_active, pop_conv2d, pop_dropout
+from zoos.fastpop import FastPopulation, FastStep, dropout_active, pop_conv2d, pop_conv2d_grouped, pop_dropout
 from zoos.functional import population_forward, stack_states, template
 from zoos.spec import PopulationSpec
 from zoos.trainer import train_population
@@ -65,10 +65,11 @@ def test_batches_padded_to_a_bucket_give_the_same_rows():
     torch.testing.assert_close(bucketed(params, buffers, x), plain(params, buffers, x), atol=1e-6, rtol=1e-5)
 
 
-def test_strided_padded_conv_equals_torch():
+@pytest.mark.parametrize("conv", [pop_conv2d, pop_conv2d_grouped])
+def test_strided_padded_conv_equals_torch(conv):
     w, b = torch.randn(4, 5, 3, 3, 3), torch.randn(4, 5)
     x = torch.randn(4 * 2, 3, 9, 10)
-    out = pop_conv2d(x, w, b, stride=(2, 1), padding=(1, 2))
+    out = conv(x, w, b, stride=(2, 1), padding=(1, 2))
     ref = torch.cat([torch.nn.functional.conv2d(x[2 * i : 2 * i + 2], w[i], b[i], stride=(2, 1), padding=(1, 2)) for i in range(4)])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 

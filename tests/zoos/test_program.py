@@ -61,11 +61,32 @@ def test_every_architecture_runs_the_population_program_and_equals_vmap(arch, ta
         return task.loss(functional_call(module, (p, b), (xb,)), yb)
 
     training_without_dropout(module)  # a training step's gradients, dropout off as the program was chosen
-    grads, loss = program.step(params, buffers, x, y)
     want = vmap(grad(one))(params, buffers, x, y)
-    for k in want:
-        scale = want[k].abs().max().item()
-        torch.testing.assert_close(grads[k], want[k], atol=1e-5 * (1 + scale), rtol=1e-3, msg=lambda m: f"{arch} {k}: {m}")
+    steps = [program.step]
+    if any(p == "grouped conv" for _, p, _ in program.layers):  # the CPU's grouped convs; im2col runs them elsewhere
+        steps.append(FastStep(module, task.loss, task.input_shape, dropout=False, grouped_convs=False))
+        assert not any(p == "grouped conv" for _, p, _ in steps[-1].pop.choices)
+        with torch.no_grad():
+            torch.testing.assert_close(steps[-1].pop(params, buffers, x), ref, atol=1e-5 * (1 + ref.abs().max().item()), rtol=1e-4)
+    for step in steps:
+        grads, loss = step(params, buffers, x, y)
+        for k in want:
+            scale = want[k].abs().max().item()
+            torch.testing.assert_close(grads[k], want[k], atol=1e-5 * (1 + scale), rtol=1e-3, msg=lambda m: f"{arch} {k}: {m}")
+
+
+def test_the_cpu_runs_the_population_program_by_default_with_grouped_convs():
+    """Off CUDA the choice is the population program too: a conv with a one-channel input (9-long patches) as
+    im2col + bmm, the wider ones as grouped convolutions, each with its reason; `fast=False` still gives vmap."""
+    task, module, _, _ = _population("cnn", "digits", {}, dict(width=8, depth=3))
+    program = choose_program(module, task, "cpu", arch="cnn")
+    assert program.fast and not program.kernels and program.device == "cpu"
+    convs = [(layer, p, why) for layer, p, why in program.layers if layer.startswith("convs.")]
+    assert [p for _, p, _ in convs] == ["im2col + bmm", "grouped conv", "grouped conv"], convs
+    assert "9-long patches" in convs[0][2]
+    assert program.describe().startswith("2 grouped conv, 1 im2col + bmm")
+    vm = choose_program(module, task, "cpu", fast=False)
+    assert not vm.fast and vm.reason == "asked for"
 
 
 def test_the_regulariser_enters_the_population_step_as_in_vmap():
@@ -140,8 +161,9 @@ def _cifar10_files(root) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,task_name,opts,config,which", CASES, ids=IDS)
 def test_two_epochs_on_the_population_program_equal_vmap_training(arch, task_name, opts, config, which, tmp_path):
-    """The trainer on the population program (im2col for convs: the kernels are held to vmap above and in
-    test_popconv) and on vmap: same init, data order and Adam; weights and curves agree after 2 epochs."""
+    """The trainer on the population program (the CPU's: grouped convs, im2col for the shortest patches; the
+    kernels are held to vmap above and in test_popconv) and on vmap: same init, data order and Adam; weights and
+    curves agree after 2 epochs."""
     pop = _case_population(arch, task_name, opts, config, tmp_path)
     fast = train_population(pop, fast=True, kernels=False)
     plain = train_population(pop, fast=False)
