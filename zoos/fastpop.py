@@ -113,7 +113,7 @@ def pop_conv2d_grouped(x: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int
     return y.reshape(b_, n, o, *y.shape[2:]).transpose(0, 1).reshape(n * b_, o, *y.shape[2:])
 
 
-IM2COL_PATCH_MAX = 27  # where grouped convs run, a conv with patches this short (C * kh * kw) still runs as im2col + bmm
+IM2COL_PATCH_MAX = 12  # where grouped convs run, a conv with patches this short (C * kh * kw; a 3x3 conv of one channel) runs as im2col + bmm
 
 
 def _affine(y: Tensor, w: Tensor | None, b: Tensor | None, trailing: int) -> Tensor:

@@ -169,6 +169,30 @@ def test_checkpoints_curves_rows_and_progress():
     np.testing.assert_array_equal(r.weights["net.drops.0.p"][:, 0], np.float32([0.0, 0.3, 0.0, 0.3]))
 
 
+def test_the_collector_spares_the_old_objects_while_epochs_run_and_only_then():
+    """The epochs run with the objects alive before them frozen out of the garbage collector's passes (a pass over
+    torch's modules costs tens of ms, started every few eager steps), and unfrozen after, also after an error."""
+    import gc
+
+    models = zoo_models({"seed": [0, 1]}, epochs=2)
+    frozen = []
+    gc.unfreeze()  # nothing frozen to begin with
+    train_population(one_population(models), progress=lambda e, n: frozen.append(gc.get_freeze_count()))
+    assert len(frozen) == 2 and min(frozen) > 10_000  # the imported modules' objects, at least
+    assert gc.get_freeze_count() == 0
+
+    def fail(e, n):
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        train_population(one_population(models), progress=fail)
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # somebody else's freeze is left as it was
+    train_population(one_population(models))
+    assert gc.get_freeze_count() > 10_000
+    gc.unfreeze()
+
+
 def test_same_spec_same_weights_with_dropout_and_augmentation():
     models = zoo_models({"seed": [0, 1], "dropout": [0.2], "augmentation": [True], "train_fraction": [0.5]})
     a = train_population(one_population(models))
