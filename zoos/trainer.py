@@ -228,7 +228,7 @@ def _train_threads(pop: PopulationSpec, device: torch.device, precision: str, pr
     streams = ThreadPoolExecutor(1, thread_name_prefix="symzoo-orders")
     draws = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="symzoo-draws")
     try:
-        with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []), _collector_spares_the_old():
             torch.manual_seed(int(pop.shard.removeprefix("pop-"), 16))  # dropout masks: one stream per population
             return _train(pop, device, precision, progress, status, data_dir, eval_batch, fast,
                           kernels, graphs, compile, streams, draws, called)
@@ -240,8 +240,9 @@ def _train_threads(pop: PopulationSpec, device: torch.device, precision: str, pr
 @contextlib.contextmanager
 def _collector_spares_the_old() -> Iterator[None]:
     """The objects alive on entry (torch's and the imported modules', hundreds of thousands) left out of the
-    garbage collector's passes until exit: a full pass walks them all (tens of ms), and a population's eager steps
-    make enough short-lived objects to start one every few steps. What was frozen before stays frozen."""
+    garbage collector's passes until exit: a full pass walks them all (tens of ms), and a population's setup (its
+    program's trace) and eager steps make enough short-lived objects to start one every few steps. What was frozen
+    before stays frozen (a nested use adds what has come since)."""
     frozen_before = gc.get_freeze_count()
     gc.freeze()
     try:
@@ -284,7 +285,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     step = _step(program, data, optimizer, recorder, params, buffers, augmenter)
     run_step = _replayed(step, program, augmenter, graphs, data, device)
 
-    # -- the epochs (what the setup made, the program and the modules it imported lazily, is old now)
+    # -- the epochs (what the setup made, the program and the modules it imported lazily, is old now too)
     with _collector_spares_the_old():
         clock.lap("setup")
         if precompile.supported(device) and not program.choice.compile:
