@@ -348,8 +348,7 @@ class _Data:
         self._streams, self._draws = streams, draws
         self._copies = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._splits = streams.submit(self._load)
-        self._subsets = streams.submit(
-            self._drawn, lambda m: train_subset(m.factors["seed"], self._n_train(), self.fraction))
+        self._subsets = streams.submit(self._subsets_of)
         self._orders = streams.submit(self._orders_of, 1)
         self._model_rows = torch.arange(len(self.specs), device=device).unsqueeze(1)
         self._arrived_subsets: Tensor | None = None
@@ -407,8 +406,15 @@ class _Data:
     def _n_train(self) -> int:
         return len(self._splits.result()["train"][0])
 
+    # the splits' size is read once, before the draws: a failed read then fails once, not in every draw (each
+    # re-raise of the one exception would add its frames to the traceback)
+    def _subsets_of(self) -> tuple[Tensor, torch.cuda.Event | None]:
+        n = self._n_train()
+        return self._drawn(lambda m: train_subset(m.factors["seed"], n, self.fraction))
+
     def _orders_of(self, epoch: int) -> tuple[Tensor, torch.cuda.Event | None]:
-        return self._drawn(lambda m: epoch_order(m.factors["seed"], epoch, subset_size(self._n_train(), self.fraction)))
+        size = subset_size(self._n_train(), self.fraction)
+        return self._drawn(lambda m: epoch_order(m.factors["seed"], epoch, size))
 
     def _drawn(self, draw: Callable[[ModelSpec], Tensor]) -> tuple[Tensor, torch.cuda.Event | None]:
         t = torch.stack(list(self._draws.map(draw, self.specs)))

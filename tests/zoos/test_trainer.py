@@ -193,6 +193,23 @@ def test_the_collector_spares_the_old_objects_while_epochs_run_and_only_then():
     gc.unfreeze()
 
 
+def test_a_split_that_cannot_be_read_fails_once_with_a_short_traceback(monkeypatch):
+    """The helper threads read the splits' size once before their draws: a failed read reaches the caller as
+    the task's own error with its frames a few times, not once for each model's draw."""
+    import traceback
+
+    from tasks.images import DigitsTask
+
+    def unreadable(self, split, seed=0):
+        raise OSError(f"{split}: unreadable")
+
+    monkeypatch.setattr(DigitsTask, "load", unreadable)
+    with pytest.raises(OSError, match="unreadable") as info:
+        train_population(one_population(zoo_models({"seed": list(range(12))}, epochs=1)))
+    frames = traceback.extract_tb(info.value.__traceback__)
+    assert sum(f.name == "unreadable" for f in frames) <= 3 and len(frames) < 40, len(frames)
+
+
 def test_same_spec_same_weights_with_dropout_and_augmentation():
     models = zoo_models({"seed": [0, 1], "dropout": [0.2], "augmentation": [True], "train_fraction": [0.5]})
     a = train_population(one_population(models))
