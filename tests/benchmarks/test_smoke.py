@@ -1,7 +1,7 @@
 """The GPU benchmarks' code paths at --smoke sizes on the CPU: train_bench.py's step-only loop and trainer
 variants (the step loop calls the trainer's in-place update on every device, so this run checks the API its
-GPU figures use: a loop that still expected the update's old return values failed on the GPU host only), and
-step_kernels_bench.py's launchers in Triton's interpreter."""
+GPU figures use: a loop that still expected the update's old return values failed on the GPU host only),
+step_kernels_bench.py's launchers in Triton's interpreter, and cpu_bench.py at tiny sizes."""
 
 import json
 import os
@@ -47,3 +47,18 @@ def test_step_kernels_refuses_an_unknown_tuning_entry(tmp_path):
     assert run.returncode == 2
     assert "'window_rows' is not a popconv tuning entry" in run.stderr and "window_block_m" in run.stderr
     assert not (tmp_path / "step_kernels_bench.json").exists()
+
+
+def test_cpu_bench_times_both_programs_of_each_family(tmp_path):
+    """cpu_bench.py at tiny sizes: each family trained by vmap and by the population program, in fresh processes,
+    with the CPU's program choice recorded (the cnn's convs grouped but its one-channel first conv)."""
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_bench.py"), "--archs", "mlp,cnn", "--models", "2",
+                          "--steps", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads((tmp_path / "cpu_bench.json").read_text())
+    assert [r["arch"] for r in rows] == ["mlp", "cnn"]
+    for r in rows:
+        assert r["vmap"]["program"] == "vmap (asked for)" and r["vmap"]["step_ms"] > 0 and r["program"]["step_ms"] > 0
+        assert r["step_ms_ratio"] == r["vmap"]["step_ms"] / r["program"]["step_ms"]
+    assert rows[1]["program"]["program"].startswith("3 grouped conv, 1 im2col + bmm")
+    assert "mlp" in run.stdout and "cnn" in run.stdout
