@@ -242,7 +242,7 @@ def _collector_spares_the_old() -> Iterator[None]:
     """The objects alive on entry (torch's and the imported modules', hundreds of thousands) left out of the
     garbage collector's passes until exit: a full pass walks them all (tens of ms), and a population's setup (its
     program's trace) and eager steps make enough short-lived objects to start one every few steps. What was frozen
-    before stays frozen (a nested use adds what has come since)."""
+    before stays frozen."""
     frozen_before = gc.get_freeze_count()
     gc.freeze()
     try:
@@ -285,41 +285,41 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     step = _step(program, data, optimizer, recorder, params, buffers, augmenter)
     run_step = _replayed(step, program, augmenter, graphs, data, device)
 
-    # -- the epochs (what the setup made, the program and the modules it imported lazily, is old now too)
-    with _collector_spares_the_old():
-        clock.lap("setup")
-        if precompile.supported(device) and not program.choice.compile:
-            status("compiling kernels")
-            ahead = _compile_ahead(program, data, optimizer, evaluation, params, buffers, augmenter)
-            program.choice.compiled_ahead = {"kernels": ahead.kernels, "threads": ahead.threads, "failed": ahead.failed}
-            clock.lap("compile")
-        status("first step" + (" (compiling)" if program.choice.compile else ""))
-        program.module.train()
-        recorder.record(0)
+    # -- the epochs
+    gc.freeze()  # what the setup made (the program, the modules its trace imported) is old now too; see _train_threads
+    clock.lap("setup")
+    if precompile.supported(device) and not program.choice.compile:
+        status("compiling kernels")
+        ahead = _compile_ahead(program, data, optimizer, evaluation, params, buffers, augmenter)
+        program.choice.compiled_ahead = {"kernels": ahead.kernels, "threads": ahead.threads, "failed": ahead.failed}
+        clock.lap("compile")
+    status("first step" + (" (compiling)" if program.choice.compile else ""))
+    program.module.train()
+    recorder.record(0)
+    clock.lap("evaluation")
+    bs = data.batch
+    capturing = isinstance(run_step, _StepGraph)  # until its first replay: eager warm-up steps, then the capture
+    for epoch in range(1, epochs + 1):
+        orders = data.orders(epoch, epochs)
+        els, which = augmenter.epoch(epoch) if augmenter is not None else (None, None)
+        recorder.begin_epoch()
+        for s in range(data.n_steps):
+            idx = orders[:, s * bs : (s + 1) * bs]
+            if augmenter is None:
+                run_step(idx)
+            else:
+                run_step(idx, (els, which[:, s * bs : (s + 1) * bs]))
+            if epoch == 1 and s == 0:
+                clock.lap("first_step")
+                status("training")
+            elif capturing and run_step.graph is not None:
+                clock.lap("graph_warmup")  # the GRAPH_WARMUP steps after the first: once a population, not its steady state
+                capturing = False
+        clock.lap("steps")
+        recorder.record(epoch)
         clock.lap("evaluation")
-        bs = data.batch
-        capturing = isinstance(run_step, _StepGraph)  # until its first replay: eager warm-up steps, then the capture
-        for epoch in range(1, epochs + 1):
-            orders = data.orders(epoch, epochs)
-            els, which = augmenter.epoch(epoch) if augmenter is not None else (None, None)
-            recorder.begin_epoch()
-            for s in range(data.n_steps):
-                idx = orders[:, s * bs : (s + 1) * bs]
-                if augmenter is None:
-                    run_step(idx)
-                else:
-                    run_step(idx, (els, which[:, s * bs : (s + 1) * bs]))
-                if epoch == 1 and s == 0:
-                    clock.lap("first_step")
-                    status("training")
-                elif capturing and run_step.graph is not None:
-                    clock.lap("graph_warmup")  # the GRAPH_WARMUP steps after the first: once a population, not its steady state
-                    capturing = False
-            clock.lap("steps")
-            recorder.record(epoch)
-            clock.lap("evaluation")
-            if progress is not None:
-                progress(epoch, epochs)
+        if progress is not None:
+            progress(epoch, epochs)
 
     rows = _model_rows(pop, task, first_model.num_params, recorder.curves, optimizer.state.alive.cpu().tolist())
     result = PopulationResult(models=rows, epochs=list(first.checkpoints), metrics=recorder.checkpoint_metrics,
