@@ -43,8 +43,13 @@ def test_attention_equals_the_plain_products(lead, tokens, h, hd, dtype, scale, 
     ref = (want, *torch.autograd.grad(want, (qf, kf, vf), dy))
     for name, a, b, x in zip(("output", "dq", "dk", "dv"), got, ref, (q, q, k, v)):
         assert name == "output" or all(n == 1 or sa == sx for n, sa, sx in zip(x.shape, a.stride(), x.stride()))
+        if name in ("dq", "dk") and tokens == 1:  # a softmax over one token is constant: dq and dk vanish, but for
+            # the rounding of dy.v - dy.o (hd products each), times the scale and the other operand
+            bound = tol * scale * hd * dy.abs().max() * vf.abs().max() * torch.maximum(qf.abs().max(), kf.abs().max())
+            assert b.abs().max() == 0 and a.float().abs().max() <= bound, f"{name}: {a.float().abs().max():.2e} > {bound:.2e}"
+            continue
         err = ((a.float() - b).norm() / b.norm().clamp_min(1e-12)).item()
-        assert err < tol or b.norm() < 1e-6 and a.float().norm() < 1e-5, f"{name}: relative error {err:.2e}"
+        assert err < tol, f"{name}: relative error {err:.2e}"
 
 
 def test_attention_names_what_it_does_not_take():
