@@ -13,8 +13,13 @@ if shutil.which("nvidia-smi") is None:  # no GPU: zoos.popconv's Triton kernels 
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 torch.set_num_threads(1)
+# CI (HYPOTHESIS_PROFILE=ci, set by .ci/run) draws the same examples every run, so a landing is judged on the code;
+# a local run draws new ones each time and keeps searching
+settings.register_profile("ci", derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(autouse=True)
