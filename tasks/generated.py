@@ -31,7 +31,13 @@ SIZE_OPTIONS = {"n_train": int, "n_val": int, "n_test": int}
 
 _MEMO: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()  # this process's splits, most recent last
 _MEMO_BYTES = 1 << 30  # the oldest splits are dropped beyond this (a long-lived Ray worker meets many tasks)
-_KEEP_ON_DISK_S = 0.5  # a split that took longer than this to generate is kept for other processes
+_READ_S, _READ_BYTES_PER_S = 0.02, 200e6  # what reading a kept split back costs, at the least: a file's open and load, its bytes
+
+
+def _slower_than_reading(seconds: float, nbytes: int) -> bool:
+    """Whether a split that took `seconds` to generate is kept on disk for other processes: it took longer than
+    reading it back would (a 1000-step n-body simulation of a few hundred samples is; a large Gaussian sample is not)."""
+    return seconds > _READ_S + nbytes / _READ_BYTES_PER_S
 
 
 def cache_dir() -> Path | None:
@@ -129,7 +135,7 @@ class GeneratedTask(Task):
         return ()
 
     def _generate(self, key: tuple, split: Split, seed: int) -> tuple[Tensor, Tensor]:
-        """A split's (x, y): from the disk cache when a process has kept it, else sampled (and kept if slow)."""
+        """A split's (x, y): from the disk cache when a process has kept it, else sampled (and kept if slower than a read)."""
         where = cache_dir() if type(self).__module__ == __name__ else None  # code elsewhere is not in the digest
         path = None
         if where is not None:
@@ -141,7 +147,7 @@ class GeneratedTask(Task):
         t0 = time.perf_counter()
         x = self.sample_x(self.sizes[split], seeded(seed, _SALT[split]))
         data = (x, self.target(x).to(torch.float32))
-        if path is not None and time.perf_counter() - t0 > _KEEP_ON_DISK_S:
+        if path is not None and _slower_than_reading(time.perf_counter() - t0, sum(t.nbytes for t in data)):
             _write_cached(path, data)
         return data
 

@@ -17,7 +17,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 def cache(tmp_path, monkeypatch):
     """An empty disk cache in tmp_path that keeps every split (however fast), and an empty process memo."""
     monkeypatch.setenv("SYMZOO_CACHE", str(tmp_path))
-    monkeypatch.setattr(generated, "_KEEP_ON_DISK_S", 0.0)
+    monkeypatch.setattr(generated, "_slower_than_reading", lambda seconds, nbytes: True)
     monkeypatch.setattr(generated, "_MEMO", type(generated._MEMO)())
     return tmp_path / "tasks"
 
@@ -63,6 +63,19 @@ def test_a_damaged_file_is_generated_again(cache, monkeypatch):
     assert torch.equal(torch.load(path, weights_only=True)[1], y)  # and written whole again
 
 
+def test_a_split_is_kept_when_generating_it_took_longer_than_reading_it_would(tmp_path, monkeypatch):
+    """The rule without the fixture's keep-all: a small split of a long simulation is kept, the same split is not
+    once reading is made dearer than its generation."""
+    monkeypatch.setenv("SYMZOO_CACHE", str(tmp_path))
+    monkeypatch.setattr(generated, "_MEMO", type(generated._MEMO)())
+    get_task("nbody", n_train=4, n_val=8, n_test=2, n_steps=3000).load("val", 0)  # 3000 steps: ~0.1 s, 560 bytes
+    assert len(list((tmp_path / "tasks").glob("nbody-val-0-*.pt"))) == 1
+    monkeypatch.setattr(generated, "_MEMO", type(generated._MEMO)())
+    monkeypatch.setattr(generated, "_READ_S", 60.0)
+    get_task("nbody", n_train=4, n_val=8, n_test=2, n_steps=3000).load("val", 1)
+    assert not list((tmp_path / "tasks").glob("nbody-val-1-*.pt"))
+
+
 def test_off_keeps_nothing_on_disk(cache, monkeypatch):
     monkeypatch.setenv("SYMZOO_CACHE", "off")
     get_task("nbody", n_train=4, n_val=2, n_test=2, n_steps=5).load("train", 0)
@@ -71,7 +84,7 @@ def test_off_keeps_nothing_on_disk(cache, monkeypatch):
 
 def test_a_fresh_process_reads_what_another_kept(tmp_path):
     """Two processes: the second finds the first's split on disk and never samples (its sampler raises)."""
-    script = ("import sys, torch; from tasks import generated, get_task; generated._KEEP_ON_DISK_S = 0.0\n"
+    script = ("import sys, torch; from tasks import generated, get_task; generated._slower_than_reading = lambda s, b: True\n"
               "if sys.argv[1] == 'second': generated.NBody.sample_x = None\n"
               "x, y = get_task('nbody', n_train=40, n_val=2, n_test=2, n_steps=50).load('train', 0); print(float(y.sum()))")
     env = {**__import__("os").environ, "SYMZOO_CACHE": str(tmp_path)}
