@@ -4,12 +4,13 @@
     .venv/bin/python benchmarks/cpu_bench.py --archs cnn,egnn --models 32 --out DIR
 
 Each architecture runs with its default config on its registry example task (generated data of the real
-shapes, as zoo_bench writes it), `--models` models, batches of 32, `--steps` steps an epoch for 2 epochs, Adam,
-float32, through `zoos.trainer.train_population` twice, each in a fresh process: `fast=False` (vmap of the
-single-model loss) and the default (the population program; on the CPU its convolutions run as grouped
-convolutions but the shortest patches, as im2col). Columns: ms a training step (the trainer's `steps` over the
-steps after the first), seconds of evaluation (every split at epoch 0 and after each epoch), seconds from the
-trainer's call to the end of its first step, the program, and each time's ratio vmap / program.
+shapes, as zoo_bench writes it; generated splits made and kept on disk before the pair), `--models` models,
+batches of 32, `--steps` steps an epoch for 2 epochs, Adam, float32, through `zoos.trainer.train_population`
+twice, each in a fresh process: `fast=False` (vmap of the single-model loss) and the default (the population
+program; on the CPU its convolutions run as grouped convolutions but the shortest patches, as im2col).
+Columns: ms a training step (the trainer's `steps` over the steps after the first), seconds of evaluation
+(every split at epoch 0 and after each epoch), seconds from the trainer's call to the end of its first step,
+the program, and each time's ratio vmap / program.
 Results go to <out>/cpu_bench.json.
 """
 
@@ -31,17 +32,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 BATCH, EPOCHS = 32, 2
 
 
-def worker(entry: str, kind: str, n: int, steps: int, data_dir: str) -> dict[str, Any]:
-    """One population of `entry` trained by `kind` (vmap | program): its times, in this fresh process."""
-    import torch
-
-    from tasks import get_task  # noqa: F401 - imported before the clock, as the pipeline's worker has it
+def population(entry: str, n: int, steps: int, data_dir: str) -> tuple[Any, int]:
+    """`n` models of `entry` on its example task as the benchmark trains them, and the steps timed (after the first)."""
     from zoo_bench import parse_arch, task_options
     from zoos.archs import ARCHS
     from zoos.spec import expand, parse_zoo, populations
-    from zoos.trainer import train_population
 
-    torch.set_num_threads(os.cpu_count() or 1)
     arch, config = parse_arch(entry)
     task_name, base = ARCHS[arch].example_task
     batch = 64 if task_name == "inr" else BATCH
@@ -54,11 +50,32 @@ def worker(entry: str, kind: str, n: int, steps: int, data_dir: str) -> dict[str
     zoo = parse_zoo({"name": arch, "task": {"name": task_name, "options": options}, "arch": {"name": arch, "config": config},
                      "grid": grid, "epochs": epochs, "checkpoints": [epochs], "train_metrics": "running"})
     pop = populations(expand(zoo, "bench"), max_size=n)[0]
+    return pop, epochs * steps - 1 if task_name != "inr" else epochs - 1
+
+
+def worker(entry: str, kind: str, n: int, steps: int, data_dir: str) -> dict[str, Any]:
+    """One population of `entry` trained by `kind` (vmap | program): its times, in this fresh process."""
+    import torch
+
+    from tasks import get_task  # noqa: F401 - imported before the clock, as the pipeline's worker has it
+    from zoos.trainer import train_population
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    pop, taken = population(entry, n, steps, data_dir)
     result = train_population(pop, device="cpu", precision="float32", fast=False if kind == "vmap" else None)
     t = result.timings
-    taken = epochs * steps - 1 if task_name != "inr" else epochs - 1  # the steps after the first
     return {"arch": entry, "kind": kind, "models": n, "step_ms": 1e3 * t["steps"] / taken,
             "evaluation_s": t["evaluation"], "first_step_s": t["first_step_at"], "program": result.program["summary"]}
+
+
+def generate_splits(entry: str, n: int, steps: int, data_dir: str) -> None:
+    """The task's splits made once before the pair, so that neither kind's first step pays their generation."""
+    from tasks.generated import GeneratedTask
+    from zoos.trainer import DATA_SEED, SPLITS, make_task
+
+    task = make_task(population(entry, n, steps, data_dir)[0])
+    for split in SPLITS if isinstance(task, GeneratedTask) else ():
+        task.load(split, seed=DATA_SEED)
 
 
 def main() -> None:
@@ -88,7 +105,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as data:
         write_data(Path(data), args.steps * BATCH + 256)  # the training set and a validation split of 256
         env = dict(os.environ, SYMZOO_CACHE=str(Path(data) / "cache"), PYTHONPATH=str(ROOT))
+        os.environ["SYMZOO_CACHE"] = env["SYMZOO_CACHE"]
         for entry in archs:
+            generate_splits(entry, args.models, args.steps, data)
             pair = {}
             for kind in ("vmap", "program"):
                 cmd = [sys.executable, __file__, "--out", args.out, "--steps", str(args.steps),
