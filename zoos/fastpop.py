@@ -18,9 +18,9 @@ gives the backward (unfold's backward is the col2im scatter), so it is exact for
 Weights stay float32 (the optimizer's master copy); `dtype` is the compute dtype of activations and
 matmuls (bf16 on a GPU), and the logits come back in float32.
 
-With `kernels=True` (the trainer's choice where `zoos.popconv.available`), every stride-1 Conv2d runs
-as popconv's Triton implicit-GEMM kernels instead of im2col + bmm: no patch matrix in memory, forward
-and backward. A first convolution that reads the input directly also takes the batch as row indices
+With `kernels=True` (the trainer's choice where `zoos.popconv.available`), every Conv2d runs as popconv's
+Triton implicit-GEMM kernels instead of im2col + bmm: no patch matrix in memory, forward and backward (a
+strided conv as the stride-1 conv of its input's stride x stride blocks, `popconv.space_to_depth`). A first convolution that reads the input directly also takes the batch as row indices
 into the resident data set (`forward(..., rows=idx)`), and a shared evaluation batch becomes the same
 indices for every model, so the input is never gathered or expanded per model in memory. A kernel conv
 (up to 16 output channels) whose output only feeds a 2x2 max-pool and/or a monotone activation (tanh,
@@ -603,13 +603,13 @@ class _Emitter:
         return get
 
     def _reads_input(self, node: fx.Node) -> bool:
-        """Whether a conv reading the raw input runs as popconv's kernels (which then index the data set)."""
+        """Whether a conv reading the raw input runs as popconv's kernels (which then index the data set): at stride 1."""
         if node.op == "call_module":
-            return self._kernel_conv(node)
+            return self._kernel_conv(node) and tuple(self.mods[node.target].stride) == (1, 1)
         if node.target in (F.conv2d, torch.conv2d) and self.pop.kernels:
             kw = _bind(node)
             weights = self.kinds.get(kw["weight"]) == WEIGHT and (kw["bias"] is None or self.kinds.get(kw["bias"]) == WEIGHT)
-            return weights and popconv.supports(_pair(kw["stride"]), _pair(kw["dilation"]), kw["groups"])
+            return weights and _pair(kw["stride"]) == (1, 1) and popconv.supports((1, 1), _pair(kw["dilation"]), kw["groups"])
         return False
 
     def _plain_max_pool(self, node: fx.Node) -> bool:
@@ -641,7 +641,7 @@ class _Emitter:
         args = [self.value(a) for a in node.args]
         w, b = state.get(f"{name}.weight"), state.get(f"{name}.bias")
         if self._kernel_conv(node):
-            self._popconv(node, args[0], w, b, tuple(m.kernel_size), _conv_padding(m))
+            self._popconv(node, args[0], w, b, tuple(m.kernel_size), _conv_padding(m), tuple(m.stride))
             return
         if not isinstance(m, PopDropout):
             args[0] = self._compute(args[0])
@@ -660,19 +660,31 @@ class _Emitter:
             env[node] = g.call_function(pop_dropout, (args[0], state[f"{name}.p"], self.training))
 
     def _popconv(self, node: fx.Node, x: fx.Node, w: fx.Node, b: fx.Node | None, kernel: tuple[int, int],
-                 pad: tuple[int, int]) -> fx.Node:
+                 pad: tuple[int, int], stride: tuple[int, int] = (1, 1)) -> fx.Node:
         """A conv on popconv's kernels, with the max-pool and activation that alone consume it folded in;
-        returns the node that stands for the traced conv (the chain's last node when one is folded)."""
+        returns the node that stands for the traced conv (the chain's last node when one is folded). A strided
+        conv runs as the stride-1 conv of its input's blocks (`popconv.strided`)."""
         g, pop, env = self.g, self.pop, self.env
         reads = node in self.reads_input
         options = {"rows": self.rows_in, "out_dtype": pop.dtype, "windows": self.windows_in} if reads else {}
+        why = "reads the data set's window table" if reads else ""
         if not reads:
             x = self._compute(x)
+        if stride != (1, 1):
+            source = node.args[0] if node.op == "call_module" else _bind(node)["input"]
+            channels = source.meta["probe"].shape[1] * (math.prod(stride) if kernel != (1, 1) else 1)
+            wide = popconv.reads_channels_last(channels, node.meta["probe"].shape[1])
+            x = g.call_function(popconv.space_to_depth, (x, stride, pad, kernel, wide))
+            w = g.call_function(popconv.strided_weight, (w, stride))
+            why = (f"stride {stride[0]}x{stride[1]}: " + ("a 1x1 conv of its subsampled input" if kernel == (1, 1) else
+                   f"the stride-1 conv of its {stride[0]}x{stride[1]} blocks, a {-(-kernel[0] // stride[0])}x"
+                   f"{-(-kernel[1] // stride[1])} kernel over {channels} channels"))
+            kernel, pad = tuple(-(-k // s) for k, s in zip(kernel, stride)), (0, 0)
         epilogue = self._epilogue(node)
         chain, pool = ([], 1) if epilogue is None else (epilogue[0], epilogue[1]["pool"])
         if reads:
             pop.window_geometry = (kernel, pad, pool)
-        why = "reads the data set's window table" if reads and chain else "reads the data set by row index" if reads else ""
+            why = why if chain else "reads the data set by row index"
         if not chain:
             self.choose(node, "popconv", why)
             env[node] = g.call_function(popconv.conv2d, (x, w, b, pad), options)
@@ -815,14 +827,11 @@ class _Emitter:
         if self.pop.grouped_convs and patch > IM2COL_PATCH_MAX:
             self.choose(node, "grouped conv", "one convolution with a group per model: the CPU's fastest")
             return self.g.call_function(pop_conv2d_grouped, (x, w, b, stride, padding))
-        why = f"{patch}-long patches: a batched matmul beats a grouped conv" if self.pop.grouped_convs else self._no_kernels(stride)
+        why = (f"{patch}-long patches: a batched matmul beats a grouped conv" if self.pop.grouped_convs
+               else "strided convs left to im2col (popconv's tuning: strided off)" if self.pop.kernels
+               else "popconv kernels off here (no CUDA, or not asked for)")
         self.choose(node, "im2col + bmm", why)
         return self.g.call_function(pop_conv2d, (x, w, b, stride, padding))
-
-    def _no_kernels(self, stride: Any) -> str:
-        if not self.pop.kernels:
-            return "popconv kernels off here (no CUDA, or not asked for)"
-        return f"stride {tuple(_pair(stride))}: popconv runs stride 1"
 
     def _mixed(self, node: fx.Node) -> fx.Node:
         """An op of data and weights: a population conv for F.conv2d, a batched matmul for F.linear, else vmap."""
@@ -840,7 +849,7 @@ class _Emitter:
                 kernel = tuple(w.meta["probe"].shape[-2:])
                 pad = _padding(padding, kernel)
                 if pop.kernels and popconv.supports(stride, dilation, groups):
-                    return self._popconv(node, value(x), value(w), value(b), kernel, pad)
+                    return self._popconv(node, value(x), value(w), value(b), kernel, pad, stride)
                 if groups == 1 and dilation == (1, 1):
                     return self._plain_conv(node, self._compute(value(x)), value(w), value(b), stride, pad,
                                             math.prod(w.meta["probe"].shape[-3:]))

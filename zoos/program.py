@@ -3,11 +3,12 @@ not a faster one. Made once, from (module, task, device, precision); the trainer
 records it, `symzoo archs` shows it, and one generic test holds every choice equal to vmap.
 
 The programs, fastest first:
-  popconv       stride-1 convolutions as Triton implicit-GEMM kernels (`zoos.popconv`), a following monotone
-                activation folded in, and a 2x2 max-pool with it where the conv has few outputs
+  popconv       convolutions as Triton implicit-GEMM kernels (`zoos.popconv`; a strided one as the stride-1
+                conv of its input's blocks), a following monotone activation folded in, and a 2x2 max-pool
+                with it where the conv has few outputs
   popconv max-pool  any other 2x2 max-pool of a map, one pass in either memory format (`zoos.popconv`)
   popnorm       GroupNorm with one group: statistics and each model's affine in one Triton pass (`zoos.popnorm`)
-  im2col + bmm  other convolutions: patches on a channels-last view, one batched matmul over the models
+  im2col + bmm  convolutions off the kernels: patches on a channels-last view, one batched matmul over the models
   grouped conv  on the CPU, other convolutions but those with the shortest patches: one convolution with a
                 group per model (oneDNN's grouped kernels beat the patch matrix there)
   poplinear     Linear / FlatLinear / F.linear of up to 128 inputs and outputs as Triton kernels (`zoos.poplinear`):

@@ -87,6 +87,53 @@ def test_forward_and_gradients_equal_per_model_conv(n, batch, c, o, k, pad, size
         close(a, r)
 
 
+@settings(max_examples=40, deadline=None)
+@given(c=st.integers(1, 3), kh=st.integers(1, 5), kw=st.integers(1, 5), sh=st.integers(1, 3), sw=st.integers(1, 3),
+       ph=st.integers(0, 2), pw=st.integers(0, 2), h=st.integers(5, 11), w=st.integers(5, 11), cl=st.booleans())
+def test_a_strided_conv_is_the_stride_1_conv_of_its_blocks(c, kh, kw, sh, sw, ph, pw, h, w, cl):
+    """`space_to_depth` and `strided_weight` (plain torch, float64): any kernel, stride and padding, the same output
+    exactly up to rounding, in the layout asked for."""
+    x = torch.randn(2, c, h, w, dtype=torch.float64)
+    wt = torch.randn(1, 3, c, kh, kw, dtype=torch.float64)
+    want = F.conv2d(x, wt[0], stride=(sh, sw), padding=(ph, pw))
+    blocks = popconv.space_to_depth(x, (sh, sw), (ph, pw), (kh, kw), channels_last=cl)
+    assert blocks.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    got = F.conv2d(blocks, popconv.strided_weight(wt, (sh, sw))[0])
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("c,o,k,stride,pad", [(3, 8, 3, 2, 1), (16, 32, 3, 2, 1), (8, 16, 1, 2, 0), (1, 5, 3, 2, 0),
+                                              (2, 4, 2, 2, 0), (4, 6, 5, 3, 2)])
+def test_strided_convs_run_on_the_kernels_and_equal_per_model_conv(c, o, k, stride, pad):
+    """A strided Conv2d in a population program runs on popconv (the stride-1 conv of its blocks, a wide one
+    channels-last): output and gradients of input, weights and bias as per-model convs."""
+    torch.manual_seed(c * 10 + k)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(c, o, k, stride=stride, padding=pad)
+
+        def forward(self, x):
+            return self.conv(x * 2.0)  # the conv reads an activation, not the data set
+
+    models = [Net() for _ in range(2)]
+    params, buffers = stack_states(models)
+    params = {key: v.to(DEVICE).requires_grad_() for key, v in params.items()}
+    with popconv.tuned({"strided": False}):  # the tuning that leaves it to im2col
+        assert [p for _, p, _ in FastPopulation(template(models[0]), (c, 9, 10), kernels=True).choices] == ["im2col + bmm"]
+    fast = FastPopulation(template(models[0]), (c, 9, 10), kernels=True)
+    assert [p for _, p, _ in fast.choices] == ["popconv"] and f"stride {stride}x{stride}" in fast.choices[0][2]
+    x = torch.randn(2, 3, c, 9, 10, device=DEVICE, requires_grad=True)
+    got = fast(params, buffers, x)
+    want = population_forward(template(models[0]), params, buffers, x, x_per_model=True)
+    g = torch.randn_like(want)
+    wrt = [x, params["conv.weight"], params["conv.bias"]]
+    for a, r in zip((got, *torch.autograd.grad((got * g).sum(), wrt)), (want, *torch.autograd.grad((want * g).sum(), wrt))):
+        close(a, r)
+
+
 @pytest.mark.parametrize("windows", [False, True])
 @pytest.mark.parametrize("c,size,k,pad", [(1, 28, 5, 0), (2, 12, 3, 1)])
 def test_rows_read_the_data_set_by_index(windows, c, size, k, pad):
@@ -597,12 +644,12 @@ def test_a_bad_tuning_is_refused_naming_the_variable_or_entry():
 
 
 def test_environment_variables_set_the_tuning_at_import():
-    """The four SYMZOO_POPCONV_* variables (each in the package docstring), and the defaults without them."""
+    """The five SYMZOO_POPCONV_* variables (each in the package docstring), and the defaults without them."""
     assert popconv.tuning._from_environment({}) == popconv.Tuning()
-    env = {"SYMZOO_POPCONV_FORWARD": "dot", "SYMZOO_POPCONV_FUSE": "0", "SYMZOO_POPCONV_WINDOWS": "never",
-           "SYMZOO_POPCONV_WINDOW_DX": "0"}
+    env = {"SYMZOO_POPCONV_FORWARD": "dot", "SYMZOO_POPCONV_FUSE": "0", "SYMZOO_POPCONV_STRIDED": "0",
+           "SYMZOO_POPCONV_WINDOWS": "never", "SYMZOO_POPCONV_WINDOW_DX": "0"}
     got = popconv.tuning._from_environment(env)
-    assert (got.forward, got.fuse, got.windows, got.window_dx) == ("dot", False, "never", False)
-    assert got == popconv.Tuning(forward="dot", fuse=False, windows="never", window_dx=False)
+    assert (got.forward, got.fuse, got.strided, got.windows, got.window_dx) == ("dot", False, False, "never", False)
+    assert got == popconv.Tuning(forward="dot", fuse=False, strided=False, windows="never", window_dx=False)
     for name in env:
         assert name in popconv.__doc__

@@ -12,7 +12,8 @@ registers straight from the input (no patch matrix in memory):
               db[m, o]    = sum_p  dy[m, p, o]                                 (same pass)
 
 with p running over (sample, output row, output column) and k over (in-channel, kernel row, kernel
-column). Any channel counts, kernel size and zero padding at stride 1 (what `supports` checks).
+column). Any channel counts, kernel size and zero padding at stride 1 (what `supports` checks); a larger stride
+runs as the stride-1 conv of the input's stride x stride blocks (`strided`), exactly.
 The forward of few-channel layers (O <= 16 from C < 16) runs on CUDA cores in float32, one tap at a
 time; other forwards and every weight gradient run as tensor-core tiles with float32 accumulation, their
 inputs in bf16 where the activations are bf16 (as autocast would) and TF32 otherwise
@@ -63,13 +64,14 @@ One module a kernel family, each with its kernels, launchers and custom ops:
   window   the first layer's window table, its forward and weight-gradient kernels (`window_table`,
            `window_table_bytes`, `windows_pay`)
   pool     the 2x2 max-pool in either memory format (`max_pool2x2`)
+  strided  a strided conv as the stride-1 conv of its input's blocks (`space_to_depth`, `strided_weight`)
   tuning   kernel choices and tile sizes (`Tuning`, `tuned`, `parse_tuning`)
   common   what several families share (`available`, `supports`, `stored_channels_last`)
 
 Tuning: `tuning.current()` is a frozen `Tuning`, built at import from the environment variables below;
 `with tuned({"window_block_m": 64}):` replaces it inside the block (the benchmarks' --tuning sets,
-`parse_tuning`). Each field is read where its choice is made: `fuse`, `forward` (through `fuses`) and
-`window_dx` when `zoos.fastpop` emits a program, `windows` and `window_max_fraction` when a window table is
+`parse_tuning`). Each field is read where its choice is made: `fuse`, `forward` (through `fuses`), `strided`
+(through `supports`) and `window_dx` when `zoos.fastpop` emits a program, `windows` and `window_max_fraction` when a window table is
 or is not built, the others (and `forward` again) at each launch.
 
 Environment variables, read once when the package is imported:
@@ -77,6 +79,7 @@ Environment variables, read once when the package is imported:
                             (dot); auto takes fma for up to 16 outputs from fewer than 16 inputs. fma also folds
                             the pool and activation into every conv, dot only an activation without a pool
   SYMZOO_POPCONV_FUSE       1 (default) or 0: 0 keeps a following 2x2 max-pool and activation out of the conv
+  SYMZOO_POPCONV_STRIDED    1 (default) or 0: 0 leaves strided convs to zoos.fastpop's im2col + bmm
   SYMZOO_POPCONV_WINDOWS    pool (default), always or never: when a first layer reading the data set by index
                             reads its window table (pool: when a 2x2 max-pool follows), within 1/8 of the
                             device's memory
@@ -86,12 +89,13 @@ Environment variables, read once when the package is imported:
 """
 
 from .common import available, stored_channels_last, supports
-from .conv import conv2d
+from .conv import conv2d, reads_channels_last
 from .pool import max_pool2x2
 from .pooled import EPILOGUE_ACTIVATIONS, conv2d_pool_act, fuses
+from .strided import space_to_depth, strided_weight
 from .tuning import Tuning, parse_tuning, tuned
 from .window import window_table, window_table_bytes, windows_pay
 
 __all__ = ["EPILOGUE_ACTIVATIONS", "Tuning", "available", "conv2d", "conv2d_pool_act", "fuses", "max_pool2x2",
-           "parse_tuning", "stored_channels_last", "supports", "tuned", "window_table", "window_table_bytes",
-           "windows_pay"]
+           "parse_tuning", "reads_channels_last", "space_to_depth", "stored_channels_last", "strided_weight", "supports",
+           "tuned", "window_table", "window_table_bytes", "windows_pay"]

@@ -26,8 +26,10 @@ def available(device: torch.device | str) -> bool:
 
 
 def supports(stride: tuple[int, int], dilation: tuple[int, int] = (1, 1), groups: int = 1) -> bool:
-    """Whether a Conv2d with these settings runs here (stride 1, no dilation, no groups; any padding)."""
-    return tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1
+    """Whether a Conv2d with these settings runs on popconv (no dilation, no groups; any padding): at stride 1
+    on the kernels directly, at a larger stride as the stride-1 conv of `space_to_depth` (unless the tuning's
+    `strided` is off)."""
+    return (tuple(stride) == (1, 1) or tuning.current().strided) and tuple(dilation) == (1, 1) and groups == 1
 
 
 def stored_channels_last(x: Tensor) -> bool:

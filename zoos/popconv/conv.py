@@ -360,12 +360,15 @@ def _writes_channels_last(c: int, o: int) -> bool:
     return tuning.current().channels_last and not _fma_forward(c, o)
 
 
+def reads_channels_last(c: int, o: int) -> bool:
+    """Whether the forward of a layer of c inputs and o outputs reads its input channels-last (copied so if it is
+    not): a tensor-core forward of 16 or more channels (a tap's channels fill a tile's reduction)."""
+    return _writes_channels_last(c, o) and c >= 16
+
+
 def _reads_channels_last(x: Tensor, rows: Tensor | None, o: int) -> bool:
-    """Whether a tensor-core kernel reads x channels-last: 16 or more channels (a tap's channels fill a
-    tile's reduction), and, when x is a data set read by index, only if it is stored so (never copied)."""
-    c = x.shape[1]
-    return (_writes_channels_last(c, o) and c >= 16
-            and (rows is None or x.is_contiguous(memory_format=torch.channels_last)))
+    """`reads_channels_last` for x, but a data set read by index only if it is stored so (never copied)."""
+    return reads_channels_last(x.shape[1], o) and (rows is None or x.is_contiguous(memory_format=torch.channels_last))
 
 
 def _output(shape: tuple[int, ...], c: int, like: Tensor, dtype: torch.dtype) -> Tensor:

@@ -35,6 +35,8 @@ class Tuning:
     dot: str = "bf16"
     # whether fastpop folds a following 2x2 max-pool and monotone activation into the conv (`fuses`)
     fuse: bool = True
+    # whether a strided conv runs here as the stride-1 conv of its blocks (`supports`; else fastpop's im2col + bmm)
+    strided: bool = True
     # when a first layer reads a window table (`windows_pay`): "pool" (a 2x2 max-pool follows), "always", "never"
     windows: str = "pool"
     # the largest share of the device's memory a window table may take
@@ -75,7 +77,8 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
 def _from_environment(env: Mapping[str, str] = os.environ) -> Tuning:
     """The defaults with the SYMZOO_POPCONV_* variables of `env` applied (see the package docstring)."""
     return Tuning(forward=env.get("SYMZOO_POPCONV_FORWARD", "auto"), fuse=_flag(env, "SYMZOO_POPCONV_FUSE"),
-                  windows=env.get("SYMZOO_POPCONV_WINDOWS", "pool"), window_dx=_flag(env, "SYMZOO_POPCONV_WINDOW_DX"))
+                  strided=_flag(env, "SYMZOO_POPCONV_STRIDED"), windows=env.get("SYMZOO_POPCONV_WINDOWS", "pool"),
+                  window_dx=_flag(env, "SYMZOO_POPCONV_WINDOW_DX"))
 
 
 _current = _from_environment()
