@@ -24,8 +24,10 @@ strided conv as the stride-1 conv of its input's stride x stride blocks, `popcon
 into the resident data set (`forward(..., rows=idx)`), and a shared evaluation batch becomes the same
 indices for every model, so the input is never gathered or expanded per model in memory. A kernel conv
 (up to 16 output channels) whose output only feeds a 2x2 max-pool and/or a monotone activation (tanh,
-sigmoid, relu, leaky_relu; a dropout that is off may sit between) becomes one `popconv.conv2d_pool_act`:
-the full-resolution conv output is never written. Where `popconv.windows_pay` says so (a first conv
+sigmoid, relu, leaky_relu, as modules or functions; a dropout that is off may sit between) becomes one
+`popconv.conv2d_pool_act`: the full-resolution conv output is never written. A scale and shift of one value per
+output channel right after any conv (an eval-mode batch norm, `fold_affine`) are folded into its stacked weights
+and bias, where that keeps every value's dtype (always in float32). Where `popconv.windows_pay` says so (a first conv
 followed by a 2x2 max-pool, by default), that first conv reads a window table of the data set instead
 (`popconv.window_table`, built once per resident data set and kept while the data set lives): its
 forward and weight gradient become tensor-core products over contiguous whole-window rows. Wide kernel
@@ -111,6 +113,17 @@ def pop_conv2d_grouped(x: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int
     bias = None if b is None else b.to(x.dtype).reshape(n * o)
     y = F.conv2d(xs, w.to(x.dtype).reshape(n * o, c, kh, kw), bias, stride, padding, groups=n)
     return y.reshape(b_, n, o, *y.shape[2:]).transpose(0, 1).reshape(n * b_, o, *y.shape[2:])
+
+
+def fold_affine(w: Tensor, b: Tensor | None, op: str, v: Tensor) -> tuple[Tensor, Tensor | None]:
+    """A conv's stacked filters w [N, O, ...] and bias b [N, O] (or None) with `y op v` after it folded in, for v
+    [N, ...] one value per model and output channel (or per model): mul scales both, add and sub shift the bias."""
+    n, o = w.shape[:2]
+    v = v.reshape(n, -1)  # [N, O] or [N, 1]
+    if op == "mul":
+        return w * v.reshape(n, -1, *[1] * (w.dim() - 2)), None if b is None else b * v
+    shift = v if op == "add" else -v
+    return w, shift.expand(n, o) if b is None else b + shift
 
 
 IM2COL_PATCH_MAX = 12  # where grouped convs run, a conv with patches this short (C * kh * kw; a 3x3 conv of one channel) runs as im2col + bmm
@@ -221,6 +234,27 @@ def _monotone_activation(m: nn.Module) -> tuple[str, float] | None:
     name = _MONOTONE.get(type(m))
     slope = float(getattr(m, "negative_slope", 0.0))
     return (name, slope) if name is not None and slope >= 0 else None
+
+
+_MONOTONE_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid",
+                       F.sigmoid: "sigmoid", F.leaky_relu: "leaky_relu", "relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
+
+
+def _activation_of(node: fx.Node, source: fx.Node, mods: Mapping[str, nn.Module]) -> tuple[str, float] | None:
+    """(name, slope) where `node` applies a monotone activation (`_monotone_activation`'s) to `source` alone: a
+    module, F.relu / torch.tanh / ... or the tensor method; else None. (In place or not: `source` feeds only it.)"""
+    if node.op == "call_module":
+        return _monotone_activation(mods[node.target]) if node.args == (source,) and not node.kwargs else None
+    if node.op not in ("call_function", "call_method") or node.target not in _MONOTONE_FUNCTIONS or node.args[:1] != (source,):
+        return None
+    name = _MONOTONE_FUNCTIONS[node.target]
+    positional = ("negative_slope", "inplace") if name == "leaky_relu" else ("inplace",)
+    if len(node.args) - 1 > len(positional):
+        return None
+    extra = {**dict(zip(positional, node.args[1:])), **node.kwargs}
+    slope = extra.pop("negative_slope", 0.01) if name == "leaky_relu" else 0.0
+    extra.pop("inplace", None)
+    return (name, float(slope)) if not extra and isinstance(slope, (int, float)) and slope >= 0 else None
 
 
 def _what(node: fx.Node) -> str:
@@ -640,15 +674,21 @@ class _Emitter:
             raise Unsupported(f"{name} is applied to something other than the per-sample activations")
         args = [self.value(a) for a in node.args]
         w, b = state.get(f"{name}.weight"), state.get(f"{name}.bias")
-        if self._kernel_conv(node):
-            self._popconv(node, args[0], w, b, tuple(m.kernel_size), _conv_padding(m), tuple(m.stride))
+        if isinstance(m, nn.Conv2d):
+            affine = self._foldable_affine(node)
+            for n, op, v in affine:  # y * scale + shift after the conv (an eval-mode batch norm): into its weights
+                folded = g.call_function(fold_affine, (w, b, op, self.value(v)))
+                w, b = g.call_function(operator.getitem, (folded, 0)), g.call_function(operator.getitem, (folded, 1))
+                self.fused.add(n)
+            if self._kernel_conv(node):
+                self._popconv(node, args[0], w, b, tuple(m.kernel_size), _conv_padding(m), tuple(m.stride), affine)
+                return
+            env[affine[-1][0] if affine else node] = self._plain_conv(
+                node, self._compute(args[0]), w, b, tuple(m.stride), _conv_padding(m), m.in_channels * math.prod(m.kernel_size), affine)
             return
         if not isinstance(m, PopDropout):
             args[0] = self._compute(args[0])
-        if isinstance(m, nn.Conv2d):
-            env[node] = self._plain_conv(node, args[0], w, b, tuple(m.stride), _conv_padding(m),
-                                         m.in_channels * math.prod(m.kernel_size))
-        elif isinstance(m, FlatLinear):
+        if isinstance(m, FlatLinear):
             k = len(m.in_shape)
             env[node] = self._linear(node, g.call_method("flatten", (args[0], -k)), g.call_method("flatten", (w, 2)), b,
                                      math.prod(m.in_shape), m.weight.shape[0])
@@ -660,10 +700,11 @@ class _Emitter:
             env[node] = g.call_function(pop_dropout, (args[0], state[f"{name}.p"], self.training))
 
     def _popconv(self, node: fx.Node, x: fx.Node, w: fx.Node, b: fx.Node | None, kernel: tuple[int, int],
-                 pad: tuple[int, int], stride: tuple[int, int] = (1, 1)) -> fx.Node:
+                 pad: tuple[int, int], stride: tuple[int, int] = (1, 1), affine: Sequence[tuple] = ()) -> fx.Node:
         """A conv on popconv's kernels, with the max-pool and activation that alone consume it folded in;
         returns the node that stands for the traced conv (the chain's last node when one is folded). A strided
-        conv runs as the stride-1 conv of its input's blocks (`popconv.strided`)."""
+        conv runs as the stride-1 conv of its input's blocks (`popconv.strided`). `affine`: the per-channel ops
+        after it already folded into w and b (`_foldable_affine`)."""
         g, pop, env = self.g, self.pop, self.env
         reads = node in self.reads_input
         options = {"rows": self.rows_in, "out_dtype": pop.dtype, "windows": self.windows_in} if reads else {}
@@ -680,19 +721,54 @@ class _Emitter:
                    f"the stride-1 conv of its {stride[0]}x{stride[1]} blocks, a {-(-kernel[0] // stride[0])}x"
                    f"{-(-kernel[1] // stride[1])} kernel over {channels} channels"))
             kernel, pad = tuple(-(-k // s) for k, s in zip(kernel, stride)), (0, 0)
-        epilogue = self._epilogue(node)
+        tail = affine[-1][0] if affine else node
+        epilogue = self._epilogue(node, tail)
         chain, pool = ([], 1) if epilogue is None else (epilogue[0], epilogue[1]["pool"])
         if reads:
             pop.window_geometry = (kernel, pad, pool)
             why = why if chain else "reads the data set by row index"
+        folded = [n for n, _, _ in affine] + chain
+        self.choose(node, "popconv" + "".join(f"{' conv' * (i == 0)}+{self._op_name(c)}" for i, c in enumerate(folded)), why)
         if not chain:
-            self.choose(node, "popconv", why)
-            env[node] = g.call_function(popconv.conv2d, (x, w, b, pad), options)
-            return env[node]
+            env[tail] = g.call_function(popconv.conv2d, (x, w, b, pad), options)
+            return env[tail]
         self.fused.update(chain)
-        self.choose(node, "popconv conv+" + "+".join(self._op_name(c) for c in chain), why)
         env[chain[-1]] = out = g.call_function(popconv.conv2d_pool_act, (x, w, b, pad), {**epilogue[1], **options})
         return out
+
+    def _foldable_affine(self, conv: fx.Node) -> list[tuple[fx.Node, str, fx.Node]]:
+        """`_affine_after`, where folding it keeps every value's dtype: in a float32 program, or where only convs and
+        linears read the result (after any activation the kernel folds too), which cast it to the compute dtype the
+        conv then writes; elsewhere the ops would promote the conv's output to float32."""
+        affine = self._affine_after(conv)
+        if not affine or self.pop.dtype == torch.float32:
+            return affine
+        end = affine[-1][0]
+        if self._kernel_conv(conv):
+            epilogue = self._epilogue(conv, end)
+            end = epilogue[0][-1] if epilogue else end
+        return affine if self._read_by_weighted_only(end) else []
+
+    def _affine_after(self, conv: fx.Node) -> list[tuple[fx.Node, str, fx.Node]]:
+        """The ops that alone consume the conv's output in a chain and multiply it by, add or subtract a weight of
+        one value per output channel or per model (an eval-mode batch norm's scale and shift): [(node, op, weight)]."""
+        out_c = conv.meta["probe"].shape[1]
+        chain, cur = [], conv
+        while len(cur.users) == 1:
+            (user,) = cur.users
+            op = self._BINARY_OPS.get(user.target) if user.op in ("call_function", "call_method") else None
+            if op not in ("mul", "add", "sub") or user.kwargs or len(user.args) != 2 or cur not in user.args:
+                break
+            v = user.args[1] if user.args[0] is cur else user.args[0]
+            probe = v.meta.get("probe") if isinstance(v, fx.Node) and self.kinds.get(v) == WEIGHT else None
+            if not isinstance(probe, Tensor) or probe.dim() > 4 or (op == "sub" and v is user.args[0]):
+                break
+            shape = (1,) * (4 - probe.dim()) + tuple(probe.shape)  # right-aligned against [B, O, H, W]
+            if shape[0] != 1 or shape[1] not in (1, out_c) or shape[2:] != (1, 1) or not probe.is_floating_point():
+                break
+            chain.append((user, op, v))
+            cur = user
+        return chain
 
     _BINARY_OPS = {operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "div",
                    torch.add: "add", torch.sub: "sub", torch.mul: "mul", torch.div: "div",
@@ -735,13 +811,12 @@ class _Emitter:
                     and isinstance(other.meta.get("probe"), Tensor) and other.meta["probe"].shape == probe.shape):
                 chain, residual, cur = [user], other, user
         user = next(iter(cur.users)) if len(cur.users) == 1 else None
-        m = self.mods.get(user.target) if user is not None and user.op == "call_module" else None
-        fold = _monotone_activation(m) if m is not None and user.args == (cur,) and not user.kwargs else None
+        fold = _activation_of(user, cur, self.mods) if user is not None else None
         if fold is not None and fold[0] in popnorm.ACTS:
             (act, slope), cur = fold, user
             chain.append(user)
         out_dtype = self.pop.dtype if self._read_by_weighted_only(cur) else torch.float32
-        name = "+".join(["popnorm", *(["add"] if residual is not None else []), *([type(m).__name__] if act != "identity" else [])])
+        name = "+".join(["popnorm", *(["add"] if residual is not None else []), *([self._op_name(cur)] if act != "identity" else [])])
         self.fused.update(chain)
 
         def emit() -> fx.Node:
@@ -821,16 +896,17 @@ class _Emitter:
         return x if self.pop.dtype == torch.float32 else self.g.call_method("to", (x, self.pop.dtype))
 
     def _plain_conv(self, node: fx.Node, x: fx.Node, w: fx.Node, b: fx.Node | None, stride: tuple[int, int],
-                    padding: tuple[int, int], patch: int) -> fx.Node:
+                    padding: tuple[int, int], patch: int, affine: Sequence[tuple] = ()) -> fx.Node:
         """A conv off popconv's kernels (x in the compute dtype): a grouped convolution where `grouped_convs`
-        asks for them (unless its patches are short), else im2col + bmm."""
+        asks for them (unless its patches are short), else im2col + bmm. `affine`: the ops folded into w and b."""
+        folded = f"; the {', '.join(self._op_name(n) for n, _, _ in affine)} after it folded into its weights" if affine else ""
         if self.pop.grouped_convs and patch > IM2COL_PATCH_MAX:
-            self.choose(node, "grouped conv", "one convolution with a group per model: the CPU's fastest")
+            self.choose(node, "grouped conv", "one convolution with a group per model: the CPU's fastest" + folded)
             return self.g.call_function(pop_conv2d_grouped, (x, w, b, stride, padding))
         why = (f"{patch}-long patches: a batched matmul beats a grouped conv" if self.pop.grouped_convs
                else "strided convs left to im2col (popconv's tuning: strided off)" if self.pop.kernels
                else "popconv kernels off here (no CUDA, or not asked for)")
-        self.choose(node, "im2col + bmm", why)
+        self.choose(node, "im2col + bmm", why + folded)
         return self.g.call_function(pop_conv2d, (x, w, b, stride, padding))
 
     def _mixed(self, node: fx.Node) -> fx.Node:
@@ -883,24 +959,26 @@ class _Emitter:
         self.choose(node, "vmap op", "no population op of its own: vmapped over the models")
         return g.call_function(_per_model(node, target, spec, leaf_kinds), tuple(value(leaf) for leaf in leaves))
 
-    def _epilogue(self, conv: fx.Node) -> tuple[list[fx.Node], dict] | None:
+    def _epilogue(self, conv: fx.Node, start: fx.Node | None = None) -> tuple[list[fx.Node], dict] | None:
         """The 2x2 max-pool and monotone activation (either order, each at most once) that alone consume
-        the kernel conv's output, as (their nodes, conv2d_pool_act's options); None when there are none. A conv
-        whose outputs are too many for the pool's kernel folds a directly following activation alone."""
+        the kernel conv's output (or `start`'s, the last op folded into it), as (their nodes, conv2d_pool_act's
+        options); None when there are none. A conv whose outputs are too many for the pool's kernel folds a
+        directly following activation alone."""
         outputs = conv.meta["probe"].shape[1]
+        start = start or conv
         pools = popconv.fuses(outputs)
         if not (pools or popconv.fuses(outputs, pool=1)):
             return None
         chain: list[fx.Node] = []
         # window_dx read now, at emit, and explicit in the program
         options: dict = {"pool": 1, "act": "identity", "window_dx": popconv.tuning.current().window_dx}
-        cur = conv
+        cur = start
         while len(cur.users) == 1:
             (user,) = cur.users
             if user.args[:1] != (cur,):
                 break
             m = self.mods.get(user.target) if user.op == "call_module" else None
-            act = _monotone_activation(m) if m is not None and user.args == (cur,) and not user.kwargs else None
+            act = _activation_of(user, cur, self.mods)
             if options["pool"] == 1 and pools and self._plain_max_pool(user):
                 options["pool"] = 2
             elif act is not None and options["act"] == "identity":

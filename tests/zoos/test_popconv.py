@@ -283,6 +283,83 @@ def test_conv_pool_act_refuses_what_it_cannot_fold():
         popconv.conv2d_pool_act(torch.randn(2, 1, 8, 8), w, None, act="gelu")
 
 
+class _ConvAffine(torch.nn.Module):
+    """conv -> `tail` ops with per-channel weights (an eval-mode batch norm's, and what must not fold) -> `act`."""
+
+    def __init__(self, tail: str, act: str, c: int = 3, o: int = 6):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c, o, 3, padding=1, bias=tail != "bn-no-bias")
+        self.scale, self.shift = torch.nn.Parameter(torch.randn(o)), torch.nn.Parameter(torch.randn(o))
+        self.register_buffer("mean", torch.randn(o))
+        self.map = torch.nn.Parameter(torch.randn(o, 8, 8))  # one value per pixel: no fold
+        self.tail, self.act = tail, act
+
+    def forward(self, x):
+        y = self.conv(x * 1.5)
+        if self.tail in ("bn", "bn-no-bias"):  # EvalBatchNorm2d's form
+            y = y * self.scale[:, None, None] + (self.shift - self.mean * self.scale)[:, None, None]
+        elif self.tail == "sub-scalar-mul":
+            y = 2.0 * self.scale.sum() * (y - self.shift.view(1, -1, 1, 1))
+        elif self.tail == "weight-minus-conv":
+            y = self.shift[:, None, None] - y
+        elif self.tail == "per-pixel":
+            y = y * self.map
+        return {"relu": F.relu, "tanh": torch.tanh, "sigmoid": lambda t: t.sigmoid(), "leaky": lambda t: F.leaky_relu(t, 0.2),
+                "gelu": F.gelu, "none": lambda t: t}[self.act](y).flatten(1)
+
+
+@pytest.mark.parametrize("tail,act,label", [
+    ("bn", "relu", "popconv conv+mul+add+relu"), ("bn-no-bias", "tanh", "popconv conv+mul+add+tanh"),
+    ("sub-scalar-mul", "sigmoid", "popconv conv+sub+mul+sigmoid"), ("bn", "leaky", "popconv conv+mul+add+leaky_relu"),
+    ("bn", "gelu", "popconv conv+mul+add"), ("weight-minus-conv", "relu", "popconv"), ("per-pixel", "none", "popconv"),
+    ("none", "relu", "popconv conv+relu")])
+@pytest.mark.parametrize("kernels", [True, False])
+def test_a_per_channel_affine_after_a_conv_folds_into_its_weights(tail, act, label, kernels):
+    """y * scale + shift after a conv (one value per output channel or per model) runs as the conv of folded
+    weights, a functional monotone activation after it in the kernel's epilogue; what is not per channel, or
+    not of this form, stays an op of its own. Output and every gradient as vmap's, on either program."""
+    torch.manual_seed(3)
+    models = [_ConvAffine(tail, act) for _ in range(2)]
+    params, buffers = stack_states(models)
+    params = {key: v.to(DEVICE).requires_grad_() for key, v in params.items()}
+    buffers = {key: v.to(DEVICE) for key, v in buffers.items()}
+    fast = FastPopulation(template(models[0]), (3, 8, 8), kernels=kernels, grouped_convs=True)
+    (conv,) = [(p, why) for layer, p, why in fast.choices if layer == "conv"]
+    if kernels:
+        assert conv[0] == label
+    else:
+        assert conv[0] == "grouped conv" and ("folded into its weights" in conv[1]) == ("+mul" in label or "+sub" in label)
+    x = torch.randn(2, 3, 3, 8, 8, device=DEVICE, requires_grad=True)
+    got = fast(params, buffers, x)
+    want = population_forward(template(models[0]), params, buffers, x, x_per_model=True)
+    g = torch.randn_like(want)
+    wrt = [x, *params.values()]
+    grads = [torch.autograd.grad((y * g).sum(), wrt, allow_unused=True, materialize_grads=True) for y in (got, want)]
+    for a, r in zip((got, *grads[0]), (want, *grads[1])):
+        close(a, r)
+
+
+def test_in_bf16_an_affine_folds_only_where_convs_alone_read_it():
+    """In a bf16 program the affine ops would promote the conv's output to float32: they fold only where a conv
+    or linear alone reads the result (it casts to bf16 again), so no value changes its dtype."""
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = _ConvAffine("bn", "relu"), torch.nn.Conv2d(6, 4, 3)
+
+        def forward(self, x):
+            h = self.a.conv(x)
+            h = F.relu(h * self.a.scale[:, None, None] + self.a.shift[:, None, None])  # read by conv b alone
+            y = self.b(h)
+            return (y * self.a.scale[:4, None, None]).flatten(1)  # read by the output: float32 stays
+
+    for dtype, labels in ((torch.bfloat16, ["popconv conv+mul+add+relu", "popconv"]),
+                          (torch.float32, ["popconv conv+mul+add+relu", "popconv conv+mul"])):
+        fast = FastPopulation(template(Two()), (3, 8, 8), dtype=dtype, kernels=True)
+        assert [p for layer, p, _ in fast.choices if layer in ("a.conv", "b")] == labels, (dtype, fast.choices)
+
+
 class _Branching(torch.nn.Module):
     """conv -> pool -> tanh, and a conv whose output is also read by a skip connection (not foldable)."""
 
