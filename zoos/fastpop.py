@@ -57,7 +57,7 @@ from torch import Tensor, fx, nn
 from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from zoos import collector, popconv, poplinear, popnorm
+from zoos import popconv, poplinear, popnorm
 from zoos.archs.base import ACTIVATIONS, PopDropout
 from zoos.archs.layers import FlatLinear, linalg_eigh
 
@@ -1008,9 +1008,8 @@ class FastPopulation:
         self.window_geometry: tuple[tuple[int, int], tuple[int, int], int] | None = None  # set by _emit
         self.constants = None if compile else _Constants()  # an eager program makes its constant tensors once
         try:
-            with collector.paused():  # a trace allocates by the hundred thousand: see zoos.collector
-                emitter = _Emitter(self, module, tuple(input_shape))
-                self.graph_module = emitter.emit()
+            emitter = _Emitter(self, module, tuple(input_shape))
+            self.graph_module = emitter.emit()
         except Unsupported as e:
             raise Unsupported(f"module {type(module).__name__} cannot run as a fast population: {e}") from None
         except Exception as e:  # noqa: BLE001 - the tracer's own errors (data-dependent control flow, ...)

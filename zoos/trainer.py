@@ -53,7 +53,7 @@ from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
 from tasks.base import Task
-from zoos import collector, popoptim, precompile
+from zoos import popoptim, precompile
 from zoos.archs import ARCHS
 from zoos.fastpop import dropout_active, prior_view
 from zoos.functional import population_forward, template
@@ -228,13 +228,28 @@ def _train_threads(pop: PopulationSpec, device: torch.device, precision: str, pr
     streams = ThreadPoolExecutor(1, thread_name_prefix="symzoo-orders")
     draws = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="symzoo-draws")
     try:
-        with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []), collector.spares_the_old():
+        with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []), _collector_spares_the_old():
             torch.manual_seed(int(pop.shard.removeprefix("pop-"), 16))  # dropout masks: one stream per population
             return _train(pop, device, precision, progress, status, data_dir, eval_batch, fast,
                           kernels, graphs, compile, streams, draws, called)
     finally:  # also on an error: no helper left reading or copying once this returns
         streams.shutdown(cancel_futures=True)
         draws.shutdown(cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _collector_spares_the_old() -> Iterator[None]:
+    """The objects alive on entry (torch's and the imported modules', hundreds of thousands) left out of the
+    garbage collector's passes until exit: a full pass walks them all (tens of ms), and a population's setup (its
+    program's trace) and eager steps make enough short-lived objects to start one every few steps. What was frozen
+    before stays frozen."""
+    frozen_before = gc.get_freeze_count()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if not frozen_before:  # the collector cannot unfreeze a part: another freeze's objects stay with it
+            gc.unfreeze()
 
 
 def memory_limit(pop: PopulationSpec, device: torch.device, data_dir: str | None = None) -> int | None:

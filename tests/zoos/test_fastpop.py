@@ -181,35 +181,3 @@ def test_data_and_weight_ops_broadcast_per_model_without_vmap():
         params, buffers, x, y)
     for k in ref:
         torch.testing.assert_close(grads[k], ref[k], atol=1e-5, rtol=1e-4)
-
-
-def test_a_trace_runs_with_the_collector_paused_and_leaves_it_as_it_found_it():
-    """No garbage collection while a program is traced (its bursts of objects would start full passes over all of
-    torch's), and the collector's state after it is the one before, also after a failed trace."""
-    import gc
-
-    seen = []
-
-    class Probe(torch.nn.Module):
-        def __init__(self, fail: bool = False):
-            super().__init__()
-            self.lin, self.fail = torch.nn.Linear(3, 2), fail
-
-        def forward(self, x):
-            seen.append(gc.isenabled())
-            if self.fail:
-                raise RuntimeError("no trace")
-            return self.lin(x)
-
-    assert gc.isenabled()
-    FastPopulation(Probe(), (3,))
-    assert seen and not any(seen) and gc.isenabled()
-    with pytest.raises(Exception, match="no trace"):
-        FastPopulation(Probe(fail=True), (3,))
-    assert gc.isenabled()
-    gc.disable()  # somebody else's pause stays on
-    try:
-        FastPopulation(Probe(), (3,))
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
