@@ -473,6 +473,7 @@ class _Emitter:
         self.mods = dict(module.named_modules())
         self.kinds = _kinds(self.src, input_shape, set(pop.param_keys) | set(pop.buffer_keys))
         self.choices: list[tuple[str, str, str]] = []  # (layer, program, why not a faster one)
+        self.added: list[int] = []  # elements a sample of each per-sample value the program adds (not in the trace)
 
     _SHAPE_ONLY = {"flatten", "reshape", "view", "unsqueeze", "squeeze", "permute", "transpose", "contiguous", "unflatten"}
 
@@ -503,16 +504,18 @@ class _Emitter:
 
     def activation_elements(self) -> int:
         """Elements of every per-sample value of one sample together (reshapes and views not counted), from the
-        shape probe: what a training step may keep for its backward, at most."""
+        shape probe, and of the values the program adds (a strided conv's blocks): what a training step may keep
+        for its backward, at most."""
         return sum(t.numel() // SHAPE_PROBES[0] for node, kind in self.kinds.items()
                    if kind == DATA and not (node.op == "call_method" and node.target in self._SHAPE_ONLY)  # views
-                   for t in tree_flatten(node.meta.get("probe"))[0] if isinstance(t, Tensor))
+                   for t in tree_flatten(node.meta.get("probe"))[0] if isinstance(t, Tensor)) + sum(self.added)
 
     def sample_elements(self) -> int:
-        """Elements of the largest per-sample value (an activation of one sample), from the shape probe."""
+        """Elements of the largest per-sample value (an activation of one sample, or a value the program adds
+        that a kernel reads), from the shape probe."""
         sizes = [t.numel() // SHAPE_PROBES[0] for node, kind in self.kinds.items() if kind == DATA
                  for t in tree_flatten(node.meta.get("probe"))[0] if isinstance(t, Tensor)]
-        return max(sizes, default=1)
+        return max(sizes + self.added, default=1)
 
     def choose(self, node: fx.Node, program: str, why: str = "") -> None:
         self.choices.append((_what(node), program, why))
@@ -717,6 +720,8 @@ class _Emitter:
             wide = popconv.reads_channels_last(channels, node.meta["probe"].shape[1])
             x = g.call_function(popconv.space_to_depth, (x, stride, pad, kernel, wide))
             w = g.call_function(popconv.strided_weight, (w, stride))
+            ho, wo = node.meta["probe"].shape[2:]
+            self.added.append(channels * (ho + -(-kernel[0] // stride[0]) - 1) * (wo + -(-kernel[1] // stride[1]) - 1))
             why = (f"stride {stride[0]}x{stride[1]}: " + ("a 1x1 conv of its subsampled input" if kernel == (1, 1) else
                    f"the stride-1 conv of its {stride[0]}x{stride[1]} blocks, a {-(-kernel[0] // stride[0])}x"
                    f"{-(-kernel[1] // stride[1])} kernel over {channels} channels"))

@@ -125,6 +125,8 @@ def test_strided_convs_run_on_the_kernels_and_equal_per_model_conv(c, o, k, stri
         assert [p for _, p, _ in FastPopulation(template(models[0]), (c, 9, 10), kernels=True).choices] == ["im2col + bmm"]
     fast = FastPopulation(template(models[0]), (c, 9, 10), kernels=True)
     assert [p for _, p, _ in fast.choices] == ["popconv"] and f"stride {stride}x{stride}" in fast.choices[0][2]
+    blocks = popconv.space_to_depth(torch.zeros(1, c, 9, 10), (stride, stride), (pad, pad), (k, k)).numel()
+    assert fast.sample_elements >= blocks  # the 32-bit indexing limit counts the blocks the kernel reads
     x = torch.randn(2, 3, c, 9, 10, device=DEVICE, requires_grad=True)
     got = fast(params, buffers, x)
     want = population_forward(template(models[0]), params, buffers, x, x_per_model=True)
