@@ -6,6 +6,8 @@ share the driver's fate through the kernel, but its dashboard and runtime-env ag
 ray 2.60), so a small reaper process ends whatever of the session is left when the driver goes.
 A cluster (an address given, or RAY_ADDRESS) is configured by cluster.yaml and left as it is; `check_cluster`
 refuses in seconds an address where no head listens, which ray.init would retry for minutes.
+A local Ray's workers start with WORKER_ENV (where the user has not set those variables), as cluster.yaml's
+nodes do.
 
 Run as `python -m pipeline.localray RAYLET_PID`, this module is that reaper.
 """
@@ -28,6 +30,18 @@ _reaper: subprocess.Popen | None = None  # holds the pipe whose end-of-file tell
 
 
 PROBE_TIMEOUT_S = 5.0  # ray.init retries an unreachable head for minutes; a TCP connect says it in seconds
+
+# torch's CPU tensors of 2 MiB and more on transparent huge pages (read once, at a process's first allocation): a
+# population on the CPU makes and frees activations of tens to hundreds of MiB every op, each page of them
+# faulting on first touch (benchmarks/README.md, cpu_bench.py)
+WORKER_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+
+
+def worker_environment() -> None:
+    """WORKER_ENV into this process's environment, which a local Ray it starts passes to its workers; a variable
+    the user set keeps their value."""
+    for name, value in WORKER_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 class ClusterUnreachable(ConnectionError):
@@ -89,6 +103,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, **kwargs)
         return
     # "local": a new Ray of our own, never one found through /tmp/ray/ray_current_cluster
+    worker_environment()
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
     start_reaper()
 

@@ -33,10 +33,11 @@ def ray_local():
     xdist group (`@pytest.mark.xdist_group("ray")`) so a single worker process owns it."""
     import ray
 
-    from pipeline.localray import loopback_only, start_reaper
+    from pipeline.localray import loopback_only, start_reaper, worker_environment
 
     if not ray.is_initialized():
         loopback_only(True)
+        worker_environment()
         ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
         start_reaper()  # a killed test session leaves no Ray process behind
     yield ray
