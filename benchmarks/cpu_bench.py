@@ -104,7 +104,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as data:
         write_data(Path(data), args.steps * BATCH + 256)  # the training set and a validation split of 256
-        env = dict(os.environ, SYMZOO_CACHE=str(Path(data) / "cache"), PYTHONPATH=str(ROOT))
+        from pipeline.localray import WORKER_ENV  # as the pipeline's workers run
+
+        env = {**WORKER_ENV, **os.environ, "SYMZOO_CACHE": str(Path(data) / "cache"), "PYTHONPATH": str(ROOT)}
         os.environ["SYMZOO_CACHE"] = env["SYMZOO_CACHE"]
         for entry in archs:
             generate_splits(entry, args.models, args.steps, data)

@@ -304,11 +304,14 @@ def run(args: list[str], env: dict) -> dict:
 
 
 def bytecode_cache(folder: Path) -> dict:
-    """The environment with Python's bytecode cache in `folder`, filled once by importing what a worker imports:
+    """A worker's environment: the pipeline workers' variables (`WORKER_ENV`) and Python's bytecode cache in
+    `folder`, filled once by importing what a worker imports:
     what pip writes when it installs the packages (an image with read-only, uncompiled site-packages would
     otherwise compile torch's sources to bytecode in every process, seconds a process; so would
     PYTHONDONTWRITEBYTECODE, which this leaves out)."""
-    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(folder),
+    from pipeline.localray import WORKER_ENV
+
+    env = {**WORKER_ENV, **os.environ, "PYTHONPYCACHEPREFIX": str(folder),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     subprocess.run([sys.executable, "-c", "import sympy, torch, torch._dynamo, torch._inductor, tasks, zoos.archs, "
