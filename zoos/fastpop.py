@@ -20,14 +20,15 @@ matmuls (bf16 on a GPU), and the logits come back in float32.
 
 With `kernels=True` (the trainer's choice where `zoos.popconv.available`), every Conv2d runs as popconv's
 Triton implicit-GEMM kernels instead of im2col + bmm: no patch matrix in memory, forward and backward (a
-strided conv as the stride-1 conv of its input's stride x stride blocks, `popconv.space_to_depth`). A first convolution that reads the input directly also takes the batch as row indices
-into the resident data set (`forward(..., rows=idx)`), and a shared evaluation batch becomes the same
-indices for every model, so the input is never gathered or expanded per model in memory. A kernel conv
-(up to 16 output channels) whose output only feeds a 2x2 max-pool and/or a monotone activation (tanh,
-sigmoid, relu, leaky_relu, as modules or functions; a dropout that is off may sit between) becomes one
-`popconv.conv2d_pool_act`: the full-resolution conv output is never written. A scale and shift of one value per
-output channel right after any conv (an eval-mode batch norm, `fold_affine`) are folded into its stacked weights
-and bias, where that keeps every value's dtype (always in float32). Where `popconv.windows_pay` says so (a first conv
+strided conv as the stride-1 conv of its input's stride x stride blocks, `popconv.space_to_depth`). A first
+convolution that reads the input directly also takes the batch as row indices into the resident data set
+(`forward(..., rows=idx)`), and a shared evaluation batch becomes the same indices for every model, so the
+input is never gathered or expanded per model in memory. A kernel conv (up to 16 output channels) whose
+output only feeds a 2x2 max-pool and/or a monotone activation (tanh, sigmoid, relu, leaky_relu, as modules or
+functions; a dropout that is off may sit between) becomes one `popconv.conv2d_pool_act`: the full-resolution
+conv output is never written. A scale and shift of one value per output channel right after any conv (an
+eval-mode batch norm, `fold_affine`) are folded into its stacked weights and bias, where that keeps every
+value's dtype (always in float32). Where `popconv.windows_pay` says so (a first conv
 followed by a 2x2 max-pool, by default), that first conv reads a window table of the data set instead
 (`popconv.window_table`, built once per resident data set and kept while the data set lives): its
 forward and weight gradient become tensor-core products over contiguous whole-window rows. Wide kernel
@@ -686,8 +687,9 @@ class _Emitter:
             if self._kernel_conv(node):
                 self._popconv(node, args[0], w, b, tuple(m.kernel_size), _conv_padding(m), tuple(m.stride), affine)
                 return
-            env[affine[-1][0] if affine else node] = self._plain_conv(
-                node, self._compute(args[0]), w, b, tuple(m.stride), _conv_padding(m), m.in_channels * math.prod(m.kernel_size), affine)
+            patch = m.in_channels * math.prod(m.kernel_size)
+            env[affine[-1][0] if affine else node] = self._plain_conv(node, self._compute(args[0]), w, b, tuple(m.stride),
+                                                                      _conv_padding(m), patch, affine)
             return
         if not isinstance(m, PopDropout):
             args[0] = self._compute(args[0])
