@@ -31,10 +31,10 @@ _reaper: subprocess.Popen | None = None  # holds the pipe whose end-of-file tell
 
 PROBE_TIMEOUT_S = 5.0  # ray.init retries an unreachable head for minutes; a TCP connect says it in seconds
 
-# torch's CPU tensors of 2 MiB and more on transparent huge pages (read once, at a process's first allocation): a
-# population on the CPU makes and frees activations of tens to hundreds of MiB every op, each page of them
-# faulting on first touch (benchmarks/README.md, cpu_bench.py)
-WORKER_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+# glibc's malloc on transparent huge pages (read at a process's start): a population on the CPU makes and frees
+# activations of tens to hundreds of MiB every op, each a fresh mapping whose every 4 KiB page faults on first
+# touch (benchmarks/README.md, cpu_bench.py)
+WORKER_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
 def worker_environment() -> None:

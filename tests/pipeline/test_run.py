@@ -239,16 +239,16 @@ def test_an_imported_zoo_is_analysed_end_to_end(ray_local, tmp_path):
 
 
 def test_a_local_rays_workers_put_large_cpu_tensors_on_huge_pages(ray_local, monkeypatch):
-    """A local Ray's workers start with THP_MEM_ALLOC_ENABLE=1 (a value the user set is kept): where the kernel
+    """A local Ray's workers start with glibc's malloc on huge pages (a value the user set is kept): where the kernel
     offers transparent huge pages, a 64 MiB tensor made in a worker faults in 2 MiB pages, not 4 KiB ones."""
     import os
     from pathlib import Path
 
-    from pipeline.localray import worker_environment
+    from pipeline.localray import WORKER_ENV, worker_environment
 
-    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.check=0")
     worker_environment()
-    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.check=0"
 
     @ray_local.remote
     def in_worker():
@@ -258,10 +258,10 @@ def test_a_local_rays_workers_put_large_cpu_tensors_on_huge_pages(ray_local, mon
 
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         torch.ones(16 << 20)  # 64 MiB
-        return os.environ.get("THP_MEM_ALLOC_ENABLE"), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        return os.environ.get("GLIBC_TUNABLES"), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
     env, faults = ray_local.get(in_worker.remote())
-    assert env == "1"
+    assert env == WORKER_ENV["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp.exists() and "[never]" not in thp.read_text():
         assert faults < (64 << 20) // 4096 // 4, faults  # 16,384 pages of 4 KiB; 32 of 2 MiB (and a few more)
