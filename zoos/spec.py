@@ -145,20 +145,29 @@ def _check_value(factor: str, value: Any, loc: tuple) -> list[InitErrorDetails]:
     return [_err(loc, f"{factor} = {value!r} is not allowed; expected {allowed()}", value)]
 
 
+def _bare_name(value: Any) -> Any:
+    """A reference given as its name alone (`task: digits`) as the mapping it stands for ({name: digits})."""
+    return {"name": value} if isinstance(value, str) else value
+
+
 class TaskRef(BaseModel):
-    """Which task to train on, with its options."""
+    """Which task to train on, with its options (`task: digits` is {name: digits})."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
 
+    _by_name = model_validator(mode="before")(staticmethod(_bare_name))
+
 
 class ArchRef(BaseModel):
-    """Which architecture to train, with the config shared by every model of the zoo."""
+    """Which architecture to train, with the config shared by every model of the zoo (`arch: cnn` is {name: cnn})."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
     config: dict[str, Any] = Field(default_factory=dict)
+
+    _by_name = model_validator(mode="before")(staticmethod(_bare_name))
 
 
 def parse_checkpoints(schedule: str | list[int], epochs: int) -> list[int]:

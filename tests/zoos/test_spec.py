@@ -202,3 +202,12 @@ def test_width_counts_units_except_where_it_is_a_multiplier():
     with pytest.raises(SpecError) as e:  # a width <= 0 is one error, not one a check
         parse_zoo({**resnet, "arch": {"name": "cnn", "config": {"width": 0}}})
     assert str(e.value).count("zoo.arch.config.width:") == 1
+
+
+def test_a_task_or_architecture_without_options_can_be_named_alone():
+    """`task: digits` and `arch: mlp` are {name: digits} and {name: mlp}; anything else than a name or a mapping
+    is refused at its path."""
+    short = parse_zoo(zoo(task="digits", arch="mlp"))
+    assert short == parse_zoo(zoo(task={"name": "digits"}, arch={"name": "mlp"}))
+    assert short.task.options == {} and short.arch.config == {}
+    assert "zoos[1].task" in errors_of(zoo(task=3))
