@@ -146,8 +146,13 @@ def _check_value(factor: str, value: Any, loc: tuple) -> list[InitErrorDetails]:
 
 
 def _bare_name(value: Any) -> Any:
-    """A reference given as its name alone (`task: digits`) as the mapping it stands for ({name: digits})."""
-    return {"name": value} if isinstance(value, str) else value
+    """A reference given as its name alone (`task: digits`) as the mapping it stands for ({name: digits}); refused
+    where it is neither a name nor a mapping."""
+    if isinstance(value, str):
+        return {"name": value}
+    if isinstance(value, (dict, BaseModel)):
+        return value
+    raise PydanticCustomError("reference", "expected a name, or a mapping with `name` and its options or config")
 
 
 class TaskRef(BaseModel):

@@ -210,4 +210,5 @@ def test_a_task_or_architecture_without_options_can_be_named_alone():
     short = parse_zoo(zoo(task="digits", arch="mlp"))
     assert short == parse_zoo(zoo(task={"name": "digits"}, arch={"name": "mlp"}))
     assert short.task.options == {} and short.arch.config == {}
-    assert "zoos[1].task" in errors_of(zoo(task=3))
+    assert "zoos[1].task: expected a name, or a mapping with `name` and its options or config" in errors_of(zoo(task=3))
+    assert "zoos[1].arch: expected a name" in errors_of(zoo(arch=["mlp"]))
