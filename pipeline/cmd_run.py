@@ -15,38 +15,62 @@ from pipeline.cli import command, console, fail, first_line
 
 def _load(path: Path, **overrides):
     from pipeline.study import StudyError, load_study
-    from tasks.base import TaskError
-    from zoos.archs.base import ArchError
 
     try:
         study = load_study(path, **overrides)
-        _check_buildable(study)
-        return study
-    except (StudyError, TaskError, ArchError) as e:
+    except StudyError as e:
         fail(str(e))
+    problems = _check_buildable(study)
+    if problems:
+        fail(f"{path} is not a valid study:\n" + "\n".join(problems))
+    return study
 
 
-def _check_buildable(study) -> None:
-    """Build every zoo's task and its first model, and find file-backed tasks' data files, so bad names,
-    configs and missing data fail before any work starts."""
+def _check_buildable(study) -> list[str]:
+    """Every problem found building each zoo's task and each of its architecture configs (on the meta device) and
+    finding file-backed tasks' data files, a line each naming the zoo: bad names, configs and missing data fail
+    before any work starts, all of them at once."""
+    from pipeline.study import StudyError
+    from tasks.base import TaskError
     from tasks.registry import task_with_data
-    from zoos.spec import build_model, expand
+    from zoos.archs.base import ArchError
+    from zoos.spec import ZooSpec, build_model, expand
 
     import torch
 
-    for zoo in study.trained_zoos:
-        task = task_with_data(zoo.task.name, zoo.task.options, study.data_dir)
-        if hasattr(task, "find_files"):
-            task.find_files()  # TaskError naming the missing files and where to get them
-            task.check_sizes()  # n_train / n_val / n_test against the files' image counts (read from their headers)
+    problems: list[str] = []
+    for i, zoo in enumerate(study.zoos):
+        if not isinstance(zoo, ZooSpec):  # a stored zoo: checked against the store (check_stored_zoos)
+            continue
+        where, named = f"zoos[{i}]", f" (zoo {zoo.name!r})"
+        try:
+            task = task_with_data(zoo.task.name, zoo.task.options, study.data_dir)
+            if hasattr(task, "find_files"):
+                task.find_files()  # TaskError naming the missing files and where to get them
+                task.check_sizes()  # n_train / n_val / n_test against the files' image counts (read from their headers)
+        except TaskError as e:
+            problems.append(f"{where}.task: {e}{named}")
+            continue
         largest: tuple[int, dict] = (0, {})
         configs = {json.dumps(m.arch_config, sort_keys=True, default=str): m for m in expand(zoo, study.study)}
+        seen: set[str] = set()
         for model in configs.values():  # each architecture config once, on the meta device: shapes, no memory
-            with torch.device("meta"):
-                n = sum(p.numel() for p in build_model(zoo, model.factors, task).parameters())
+            try:
+                with torch.device("meta"):
+                    n = sum(p.numel() for p in build_model(zoo, model.factors, task).parameters())
+            except ArchError as e:
+                if str(e) not in seen:  # a grid over other factors repeats a config's problem
+                    seen.add(str(e))
+                    problems.append(f"{where}.arch: {e}{named}")
+                continue
             if n > largest[0]:
                 largest = (n, model.factors)
-        _check_fits(zoo.name, *largest)
+        try:
+            if largest[0]:
+                _check_fits(zoo.name, *largest)
+        except StudyError as e:
+            problems.append(f"{where}: {e}")
+    return problems
 
 
 def _check_fits(zoo: str, n_params: int, factors: dict) -> None:
@@ -75,7 +99,7 @@ def validate_cmd(
     study_file: Path = typer.Argument(..., help="study YAML file"),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
 ) -> None:
-    """Check a study file: every key, value, task and architecture; exit code 2 on the first problems."""
+    """Check a study file: every key, value, task and architecture; exit code 2 listing the problems."""
     from zoos.spec import expand, populations
 
     from pipeline.runner import RunRefused, check_stored_zoos

@@ -75,6 +75,20 @@ def test_bad_input_exits_2_naming_the_problem(tmp_path, data, expected):
     assert expected in r.output
 
 
+def test_problems_found_building_the_zoos_are_all_reported_each_naming_its_zoo(tmp_path):
+    """A task option the task refuses and an architecture config too large for the task's images surface only when
+    the zoos are built: validate reports both at once (not the first alone), each with its zoo's key path and name;
+    a good zoo between them says nothing."""
+    bad_task = {**GOOD["zoos"][0], "name": "fivefold", "task": {"name": "digits", "options": {"group": "C5"}}}
+    too_deep = {**GOOD["zoos"][0], "name": "deep", "arch": {"name": "small_cnn_zoo", "config": {"depth": 3}}}
+    r = CliRunner().invoke(app, ["validate", str(write(tmp_path, {**GOOD, "zoos": [bad_task, GOOD["zoos"][0], too_deep]}))])
+    assert r.exit_code == 2, r.output
+    lines = r.output.splitlines()
+    assert len(lines) == 3 and "is not a valid study" in lines[0], r.output
+    assert lines[1].startswith("zoos[0].task: task 'digits': group='C5'; allowed") and lines[1].endswith("(zoo 'fivefold')")
+    assert lines[2].startswith("zoos[2].arch: architecture 'small_cnn_zoo'") and lines[2].endswith("(zoo 'deep')")
+
+
 def test_missing_file_exits_2(tmp_path):
     r = CliRunner().invoke(app, ["validate", str(tmp_path / "nope.yaml")])
     assert r.exit_code == 2 and "does not exist" in r.output
