@@ -8,7 +8,9 @@ replaced by a population version that keeps the model axis explicit:
   Conv2d      im2col on a channels-last view (x.unfold over H and W), then one bmm over models:
               [N, B*Ho*Wo, C*k*k] @ [N, C*k*k, O] -> [N, B*Ho*Wo, O], which is already channels-last;
               on the CPU (`grouped_convs`) one convolution with a group per model, as vmap runs it, where
-              oneDNN's grouped kernels beat the patch matrix (all but the shortest patches)
+              oneDNN's grouped kernels beat the patch matrix (all but the shortest patches); its input and
+              output are in the model-groups layout [B, N*C, H, W], kept while only plane ops (activations,
+              pools, dropout, a spatial mean) read them, so consecutive grouped convs transpose no maps
   Linear      one bmm over models, [N, B, in] @ [N, in, out]
   FlatLinear  the same on the flattened trailing axes
 
@@ -105,15 +107,30 @@ def pop_conv2d(x: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, int], 
     return y.view(nb, ho, wo, o).permute(0, 3, 1, 2)  # logical NCHW, channels-last in memory
 
 
+def to_model_groups(x: Tensor, w: Tensor) -> Tensor:
+    """[N*B, C, ...] -> [B, N*C, ...]: the models as channel groups (N = w.shape[0]), the layout of a grouped conv."""
+    n = w.shape[0]
+    return x.reshape(n, x.shape[0] // n, *x.shape[1:]).transpose(0, 1).reshape(x.shape[0] // n, -1, *x.shape[2:])
+
+
+def from_model_groups(y: Tensor, w: Tensor) -> Tensor:
+    """[B, N*C, ...] -> [N*B, C, ...], `to_model_groups` undone (N = w.shape[0])."""
+    n, b_ = w.shape[0], y.shape[0]
+    return y.reshape(b_, n, -1, *y.shape[2:]).transpose(0, 1).reshape(n * b_, -1, *y.shape[2:])
+
+
+def grouped_conv(xs: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, int], padding: tuple[int, int]) -> Tensor:
+    """Every model's conv as one convolution with a group per model, in the model-groups layout: xs [B, N*C, H, W],
+    w [N, O, C, kh, kw] -> [B, N*O, Ho, Wo]."""
+    n, o, c, kh, kw = w.shape
+    bias = None if b is None else b.to(xs.dtype).reshape(n * o)
+    return F.conv2d(xs, w.to(xs.dtype).reshape(n * o, c, kh, kw), bias, stride, padding, groups=n)
+
+
 def pop_conv2d_grouped(x: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, int], padding: tuple[int, int]) -> Tensor:
     """`pop_conv2d` as one convolution with a group per model (what vmap makes of a conv): the CPU's program, where
     oneDNN's grouped kernels beat a patch matrix and a batched matmul; x [N*B, C, H, W], w [N, O, C, kh, kw]."""
-    n, o, c, kh, kw = w.shape
-    b_, size = x.shape[0] // n, x.shape[2:]
-    xs = x.reshape(n, b_, c, *size).transpose(0, 1).reshape(b_, n * c, *size)
-    bias = None if b is None else b.to(x.dtype).reshape(n * o)
-    y = F.conv2d(xs, w.to(x.dtype).reshape(n * o, c, kh, kw), bias, stride, padding, groups=n)
-    return y.reshape(b_, n, o, *y.shape[2:]).transpose(0, 1).reshape(n * b_, o, *y.shape[2:])
+    return from_model_groups(grouped_conv(to_model_groups(x, w), w, b, stride, padding), w)
 
 
 def fold_affine(w: Tensor, b: Tensor | None, op: str, v: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -167,6 +184,15 @@ def pop_dropout(x: Tensor, p: Tensor, training: bool) -> Tensor:
         return x
     keep = (1.0 - p).to(x.dtype).view(-1, *([1] * x.dim()))
     xs = x.reshape(p.shape[0], -1, *x.shape[1:])
+    return (xs * (torch.rand_like(xs) < keep).to(x.dtype) / keep).reshape(x.shape)
+
+
+def pop_dropout_groups(x: Tensor, p: Tensor, training: bool) -> Tensor:
+    """`pop_dropout` on the model-groups layout [B, N*C, ...] (`to_model_groups`)."""
+    if not training:
+        return x
+    xs = x.reshape(x.shape[0], p.shape[0], -1)
+    keep = (1.0 - p).to(x.dtype).view(1, -1, 1)
     return (xs * (torch.rand_like(xs) < keep).to(x.dtype) / keep).reshape(x.shape)
 
 
@@ -462,6 +488,76 @@ def _method(name: str) -> Callable:
     return lambda self, *args, **kwargs: getattr(self, name)(*args, **kwargs)
 
 
+# ops that act on each (sample, channel) plane alike: they give the same values in the model-groups layout
+_PLANE_MODULES = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus,
+                  nn.Hardtanh, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+                  nn.Dropout)
+_PLANE_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.tanh, F.tanh, torch.sigmoid, F.sigmoid, F.gelu, F.silu,
+                    F.leaky_relu, F.elu, F.softplus, F.hardtanh, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+                    F.dropout}
+_PLANE_METHODS = {"relu", "tanh", "sigmoid"}
+_SPATIAL = ({-2, -1}, {2, 3})  # the dims of a [B, C, H, W] map's planes
+
+
+def _plane_op(node: fx.Node, x: fx.Node, mods: Mapping[str, nn.Module]) -> str | None:
+    """How `node` treats x, a [*, C, H, W] map, if it acts on each plane alike and reads no other tensor: "plane"
+    (the result is a map again), "reduce" (a mean or sum over the planes: [*, C]), else None."""
+    if not node.args or node.args[0] is not x or any(isinstance(a, fx.Node) for a in [*node.args[1:], *node.kwargs.values()]):
+        return None
+    if node.op == "call_module":
+        return "plane" if isinstance(mods.get(node.target), _PLANE_MODULES) else None
+    if node.op == "call_function":
+        return "plane" if node.target in _PLANE_FUNCTIONS else None
+    if node.op == "call_method" and node.target in _PLANE_METHODS:
+        return "plane"
+    if node.op == "call_method" and node.target in ("mean", "sum"):
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        dims = set(dims) if isinstance(dims, (tuple, list)) else None
+        if dims in _SPATIAL and len(node.args) <= 2 and set(node.kwargs) <= {"dim", "keepdim"}:
+            return "plane" if node.kwargs.get("keepdim") else "reduce"
+    return None
+
+
+def _model_group_chains(g: fx.Graph, mods: Mapping[str, nn.Module]) -> None:
+    """Keep grouped convs' outputs in the model-groups layout while only plane ops read them: each
+    `from_model_groups` moves past the single-user chain of plane ops after it (activations, pools, a dropout, a
+    spatial mean), and a grouped conv's `to_model_groups` of what the chain ends in reads the chain itself."""
+    for f in [n for n in g.nodes if n.op == "call_function" and n.target is from_model_groups]:
+        y, w = f.args
+        members: list[fx.Node] = []
+        end = f
+        while len(end.users) == 1:
+            (u,) = end.users
+            if u.op == "call_function" and u.target is pop_dropout and u.args[0] is end and end not in u.args[1:]:
+                how = "plane"
+            else:
+                how = _plane_op(u, end, mods)
+            if how is None:
+                break
+            members.append(u)
+            end = u
+            if how == "reduce":
+                break
+        grouped = members[-1] if members else y  # the chain's end in the model-groups layout
+        tos = [u for u in end.users if u.op == "call_function" and u.target is to_model_groups and u.args[0] is end]
+        if not members and not tos:
+            continue
+        if members:
+            for m in members:
+                if m.target is pop_dropout:
+                    m.target = pop_dropout_groups
+            members[0].replace_input_with(f, y)
+            if len(end.users) > len(tos):  # read elsewhere in the [N*B, ...] layout
+                with g.inserting_after(end):
+                    back = g.call_function(from_model_groups, (end, w))
+                end.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back and u not in tos)
+        for t in tos:
+            t.replace_all_uses_with(grouped)
+            g.erase_node(t)
+        if not f.users:
+            g.erase_node(f)
+
+
 class _Emitter:
     """Re-emits a traced forward as a population program: population layers for the layers and convs that
     have one, the weight-only ops as one vmapped prologue, ops of data alone on the [N*B, ...] batch as they
@@ -576,6 +672,7 @@ class _Emitter:
                 self.choose(node, "popconv max-pool")
             else:  # data alone (or constants): the [N*B, ...] batch is one big batch of samples
                 env[node] = g.node_copy(node, value)
+        _model_group_chains(g, self.mods)
         g.lint()
         return fx.GraphModule(self.src, g)
 
@@ -909,7 +1006,8 @@ class _Emitter:
         folded = f"; the {', '.join(self._op_name(n) for n, _, _ in affine)} after it folded into its weights" if affine else ""
         if self.pop.grouped_convs and patch > IM2COL_PATCH_MAX:
             self.choose(node, "grouped conv", "one convolution with a group per model: the CPU's fastest" + folded)
-            return self.g.call_function(pop_conv2d_grouped, (x, w, b, stride, padding))
+            groups = self.g.call_function(to_model_groups, (x, w))  # `_model_group_chains` drops what cancels
+            return self.g.call_function(from_model_groups, (self.g.call_function(grouped_conv, (groups, w, b, stride, padding)), w))
         why = (f"{patch}-long patches: a batched matmul beats a grouped conv" if self.pop.grouped_convs
                else "strided convs left to im2col (popconv's tuning: strided off)" if self.pop.kernels
                else "popconv kernels off here (no CUDA, or not asked for)")

@@ -9,7 +9,8 @@ from torch.func import functional_call, grad, vmap
 
 from tasks.registry import get_task
 from zoos.archs.base import build_arch
-from zoos.fastpop import FastPopulation, FastStep, dropout_active, pop_conv2d, pop_conv2d_grouped, pop_dropout
+from zoos.fastpop import (FastPopulation, FastStep, dropout_active, from_model_groups, pop_conv2d, pop_conv2d_grouped, pop_dropout,
+                          pop_dropout_groups, to_model_groups)
 from zoos.functional import population_forward, stack_states, template
 from zoos.spec import PopulationSpec
 from zoos.trainer import train_population
@@ -84,6 +85,50 @@ def test_dropout_uses_each_models_rate():
     assert dropout_active(models[0], buffers)
     _, models, _, buffers = population("cnn_s", "mnist", {}, n=2)
     assert not dropout_active(models[0], buffers)
+
+
+class _GroupChains(torch.nn.Module):
+    """Grouped convs with plane ops between them (relu, a pool, gelu, a spatial mean), one map read twice (a
+    residual add), and a dropout with each model's rate."""
+
+    def __init__(self):
+        super().__init__()
+        from zoos.archs.base import PopDropout
+
+        self.c1, self.c2, self.c3 = (torch.nn.Conv2d(i, o, 3, padding=1) for i, o in ((2, 6), (6, 6), (6, 6)))
+        self.pool, self.drop, self.head = torch.nn.MaxPool2d(2), PopDropout(0.3), torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.drop(self.pool(torch.relu(self.c1(x))))  # c1 -> c2: nothing between them needs [N*B, ...]
+        h = torch.nn.functional.gelu(self.c2(h))  # read by c3 and by the add: c3 reads it grouped, the add not
+        h = torch.relu(self.c3(h) + h)
+        return self.head(h.mean(dim=(-2, -1)))
+
+
+def test_grouped_convs_keep_the_model_groups_layout_between_them():
+    """The CPU's grouped convs: the transposes between two of them cancel through plane ops, a map read by more than
+    the next conv comes back once, and the program equals vmap, forward and every gradient; dropout keeps each
+    model's rate in the groups layout."""
+    models = [_GroupChains() for _ in range(3)]
+    params, buffers = stack_states(models)
+    module = template(models[0])
+    fast = FastPopulation(module.eval(), (2, 8, 8), grouped_convs=True)
+    code = fast.graph_module.code
+    assert code.count("to_model_groups(") == 1 and code.count("from_model_groups(") == 2, code  # 3 and 3 without
+    assert "pop_dropout_groups(" in code
+    x, y = torch.randn(3, 5, 2, 8, 8), torch.randint(0, 4, (3, 5))
+    ref = population_forward(module, params, buffers, x, x_per_model=True)
+    torch.testing.assert_close(fast(params, buffers, x), ref, atol=1e-5, rtol=1e-5)
+    loss = torch.nn.functional.cross_entropy
+    grads, _ = FastStep(module.train(), loss, (2, 8, 8), dropout=False, grouped_convs=True)(params, buffers, x, y)
+    ref = vmap(grad(lambda p, b, xb, yb: loss(functional_call(module.eval(), (p, b), (xb,)), yb)))(params, buffers, x, y)
+    for k in ref:
+        torch.testing.assert_close(grads[k], ref[k], atol=1e-6, rtol=1e-4)
+    two = torch.zeros(2, 1)  # stands for two models' weights: the layout reads N off them
+    ones = to_model_groups(torch.ones(2 * 2000, 8, 1, 1), two)  # [2000, 2 * 8, 1, 1]
+    out = from_model_groups(pop_dropout_groups(ones, torch.tensor([0.0, 0.5]), training=True), two).view(2, 2000, 8)
+    assert torch.equal(out[0], torch.ones(2000, 8))
+    assert 0.45 < (out[1] == 0).float().mean() < 0.55 and set(out[1].unique().tolist()) == {0.0, 2.0}
 
 
 @pytest.mark.parametrize("arch", [{"name": "cnn", "config": {"width": 6, "depth": 2}},
