@@ -191,8 +191,8 @@ def pop_dropout_groups(x: Tensor, p: Tensor, training: bool) -> Tensor:
     """`pop_dropout` on the model-groups layout [B, N*C, ...] (`to_model_groups`)."""
     if not training:
         return x
-    xs = x.reshape(x.shape[0], p.shape[0], -1)
     keep = (1.0 - p).to(x.dtype).view(1, -1, 1)
+    xs = x.reshape(x.shape[0], p.shape[0], -1)
     return (xs * (torch.rand_like(xs) < keep).to(x.dtype) / keep).reshape(x.shape)
 
 
@@ -505,9 +505,11 @@ def _plane_op(node: fx.Node, x: fx.Node, mods: Mapping[str, nn.Module]) -> str |
     if not node.args or node.args[0] is not x or any(isinstance(a, fx.Node) for a in [*node.args[1:], *node.kwargs.values()]):
         return None
     if node.op == "call_module":
-        return "plane" if isinstance(mods.get(node.target), _PLANE_MODULES) else None
+        m = mods.get(node.target)
+        return "plane" if isinstance(m, _PLANE_MODULES) and not getattr(m, "return_indices", False) else None
     if node.op == "call_function":
-        return "plane" if node.target in _PLANE_FUNCTIONS else None
+        indices = node.kwargs.get("return_indices") or node.target is F.max_pool2d and len(node.args) > 6 and node.args[6]
+        return "plane" if node.target in _PLANE_FUNCTIONS and not indices else None
     if node.op == "call_method" and node.target in _PLANE_METHODS:
         return "plane"
     if node.op == "call_method" and node.target in ("mean", "sum"):

@@ -131,6 +131,29 @@ def test_grouped_convs_keep_the_model_groups_layout_between_them():
     assert 0.45 < (out[1] == 0).float().mean() < 0.55 and set(out[1].unique().tolist()) == {0.0, 2.0}
 
 
+class _PoolIndices(torch.nn.Module):
+    """A pool that also returns its indices between two grouped convs: not a plane op (its result is a pair)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(2, 6, 3, padding=1), torch.nn.Conv2d(6, 5, 3, padding=1)
+        self.pool, self.head = torch.nn.MaxPool2d(2, return_indices=True), torch.nn.Linear(5, 4)
+
+    def forward(self, x):
+        h, _ = self.pool(torch.relu(self.c1(x)))
+        return self.head(torch.relu(self.c2(h)).mean(dim=(-2, -1)))
+
+
+def test_a_pool_returning_indices_ends_a_model_groups_chain():
+    models = [_PoolIndices() for _ in range(3)]
+    params, buffers = stack_states(models)
+    module = template(models[0]).eval()
+    fast = FastPopulation(module, (2, 8, 8), grouped_convs=True)
+    x = torch.randn(3, 5, 2, 8, 8)
+    ref = population_forward(module, params, buffers, x, x_per_model=True)
+    torch.testing.assert_close(fast(params, buffers, x), ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("arch", [{"name": "cnn", "config": {"width": 6, "depth": 2}},
                                   {"name": "mlp", "config": {"width": 16, "depth": 1, "dropout": 0.0}}])
 def test_training_fast_equals_vmap_trainer(arch):
