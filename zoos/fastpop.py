@@ -1009,7 +1009,8 @@ class _Emitter:
         if self.pop.grouped_convs and patch > IM2COL_PATCH_MAX:
             self.choose(node, "grouped conv", "one convolution with a group per model: the CPU's fastest" + folded)
             groups = self.g.call_function(to_model_groups, (x, w))  # `_model_group_chains` drops what cancels
-            return self.g.call_function(from_model_groups, (self.g.call_function(grouped_conv, (groups, w, b, stride, padding)), w))
+            y = self.g.call_function(grouped_conv, (groups, w, b, stride, padding))
+            return self.g.call_function(from_model_groups, (y, w))
         why = (f"{patch}-long patches: a batched matmul beats a grouped conv" if self.pop.grouped_convs
                else "strided convs left to im2col (popconv's tuning: strided off)" if self.pop.kernels
                else "popconv kernels off here (no CUDA, or not asked for)")
