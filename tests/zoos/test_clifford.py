@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zoos.archs.clifford import CliffordAlgebra
+from zoos.archs.clifford import CliffordAlgebra, MVLinear
 
 METRICS = [(1.0, 1.0, 1.0), (1.0, -1.0, -1.0, -1.0), (1.0, 1.0, 1.0, 1.0, 1.0), (1.0, -1.0, 0.0)]
 
@@ -66,6 +66,41 @@ def test_a_product_of_leading_blades_equals_the_full_product_truncated(metric, g
     y = torch.randn(2, 1 if shared else points, 3, b, generator=g, dtype=torch.float64)
     full = alg.geometric_product(F.pad(x, (0, alg.n - a)), F.pad(y, (0, alg.n - b)).expand(2, points, 3, alg.n))
     torch.testing.assert_close(alg.geometric_product(x, y, (a, b, k), shared=shared), full[..., :k])
+
+
+@settings(max_examples=25, deadline=None)
+@given(metric=st.sampled_from(METRICS), grades=st.tuples(st.integers(0, 5), st.integers(0, 5)),
+       points=st.integers(1, 4), shared=st.booleans(), scale=st.floats(0.1, 2.0), seed=st.integers(0, 2**16))
+def test_a_product_with_an_identity_block_adds_the_leading_features(metric, grades, points, shared, scale, seed):
+    """[z, x] @ right_multiplication(y, (a, a, k), m, s) = s (z padded to k blades + (x y)[:k]): a layer's sum of
+    its left map and its product as one product."""
+    alg = CliffordAlgebra(metric)
+    a, k = (alg.n_blades[min(g, alg.d)] for g in grades)
+    m = alg.n_blades[min(*grades, alg.d)]  # the left map's grades: those of both
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(2, points, 3, m, generator=g, dtype=torch.float64)
+    x = torch.randn(2, points, 3, a, generator=g, dtype=torch.float64)
+    y = torch.randn(2, 1 if shared else points, 3, a, generator=g, dtype=torch.float64)
+    right = alg.right_multiplication(y, (a, a, k), m, scale)
+    expected = scale * (F.pad(z, (0, k - m)) + alg.geometric_product(x, y, (a, a, k), shared=shared))
+    torch.testing.assert_close(alg.times(torch.cat([z, x], -1), right, shared), expected)
+
+
+@pytest.mark.parametrize("metric", METRICS[1:3])
+def test_a_grade_wise_linear_maps_each_grade_by_its_own_linear(metric):
+    """MVLinear (the grades split once, channels last) equals one nn.Linear per grade's slice of blades."""
+    alg = CliffordAlgebra(metric)
+    torch.manual_seed(0)
+    top = min(2, alg.d)
+    lin = MVLinear(alg, 3, 4, top).double()
+    x = torch.randn(5, 2, 3, alg.n_blades[top], dtype=torch.float64)
+    nb = alg.n_blades
+    expected = torch.cat([layer(x[..., nb[g - 1] if g else 0 : nb[g]].transpose(-1, -2)).transpose(-1, -2)
+                          for g, layer in enumerate(lin.grades)], -1)
+    torch.testing.assert_close(lin(x), expected)
+    parts = alg.grade_parts(x, top)
+    assert [p.shape[-2] for p in parts] == [nb[g] - (nb[g - 1] if g else 0) for g in range(top + 1)]
+    assert all(p.is_contiguous() for p in parts)
 
 
 def outermorphism(alg: CliffordAlgebra, m: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,7 @@ class CliffordAlgebra:
         self.partner = [[self.index[a ^ b] for b in self.masks] for a in self.masks]
         self.sign = [[self.blade_sign(a, a ^ b) for b in self.masks] for a in self.masks]
         self.quad = [self.blade_sign(m, m) for m in self.masks]  # q(e_A) = e_A~ e_A = prod of the metric over A
-        self._tables: dict[tuple[int, int, int], list] = {}  # `_right_table`'s, by shape
+        self._tables: dict[tuple, list] = {}  # `_right_table`'s, by its arguments
 
     def blade_sign(self, a: int, b: int) -> float:
         """e_a e_b = s e_{a^b}: s = (-1)^(swaps to sort the axes) * the metric of every axis in both."""
@@ -77,36 +77,61 @@ class CliffordAlgebra:
         """(x y)[..., :k] for multivectors given by their first blades, x [..., a] and y [..., b] (the rest zero),
         with (a, b, k) = `sizes` (None: every blade).
 
-        A matmul: x y = x @ R(y), R(y)[i, k] = sign[i][k] y_partner[i][k] (right multiplication by y), only the
-        a rows and k columns needed. `shared`: y is one multivector for all P points of x (x [..., P, C, a],
-        y [..., 1, C, b]: a set's context), so R(y) is built once per set and channel and the points are the
-        rows of one [P, a] @ [a, k] product; otherwise a product per feature."""
+        A matmul: x y = x @ R(y) (`right_multiplication`). `shared`: y is one multivector for all P points of x
+        (x [..., P, C, a], y [..., 1, C, b]: a set's context), so R(y) is built once per set and channel and the
+        points are the rows of one [P, a] @ [a, k] product; otherwise a product per feature."""
         a, b, k = sizes or (self.n, self.n, self.n)
-        right = (y @ torch.tensor(self._right_table(a, b, k), dtype=y.dtype, device=y.device)).unflatten(-1, (a, k))
+        return self.times(x, self.right_multiplication(y, (a, b, k)), shared)
+
+    def right_multiplication(self, y: Tensor, sizes: tuple[int, int, int], identity: int = 0,
+                             scale: float = 1.0) -> Tensor:
+        """scale * R(y) [..., a, k], (x y)[..., :k] = x @ R(y) for x [..., a], y [..., b]: R(y)[i, c] = sign[i][c]
+        y_partner[i][c], built as y @ T with a constant T (a product, not a gather: its backward is a product too).
+        `identity` = m > 0: scale * [I; R(y)] [..., m + a, k], so [z, x] @ it adds z [..., m] (its first m blades)
+        to x y in the same product: the constant rows come from a 1 appended to y."""
+        a, b, k = sizes
+        if identity:
+            y = torch.cat([y, torch.ones_like(y[..., :1])], -1)
+        table = torch.tensor(self._right_table(a, b, k, identity, scale), dtype=y.dtype, device=y.device)
+        return (y @ table).unflatten(-1, (identity + a, k))
+
+    @staticmethod
+    def times(x: Tensor, right: Tensor, shared: bool) -> Tensor:
+        """x @ right per feature, x [..., P, C, a], right [..., P or 1 (`shared`), C, a, k] -> [..., P, C, k]."""
         if shared:
             return (x.transpose(-3, -2) @ right.squeeze(-4)).transpose(-3, -2)
         return (x.unsqueeze(-2) @ right).squeeze(-2)
 
-    def _right_table(self, a: int, b: int, k: int) -> list[list[float]]:
-        """R as a linear map of y: the [b, a * k] matrix T with R(y)[i, c] = (y @ T)[i * k + c], one signed 1 a
-        column (none where y's blade is zero). A product, not a gather: its backward is a product too."""
-        key = (a, b, k)
+    def _right_table(self, a: int, b: int, k: int, identity: int = 0, scale: float = 1.0) -> list[list[float]]:
+        """`right_multiplication`'s T: [b (+ 1 with an identity), (identity + a) * k], R(y)[i, c] = (y @ T)[i * k + c],
+        one signed `scale` a column (none where y's blade is zero); the identity's entries in the extra last row."""
+        key = (a, b, k, identity, scale)
         if key not in self._tables:
-            table = [[0.0] * (a * k) for _ in range(b)]
+            table = [[0.0] * ((identity + a) * k) for _ in range(b + (identity > 0))]
+            for i in range(identity):
+                table[b][i * k + i] = scale
             for i in range(a):
                 for c in range(k):
                     if self.partner[i][c] < b:
-                        table[self.partner[i][c]][i * k + c] = self.sign[i][c]
+                        table[self.partner[i][c]][(identity + i) * k + c] = self.sign[i][c] * scale
             self._tables[key] = table
         return self._tables[key]
 
     def quadratic(self, x: Tensor, top: int | None = None) -> Tensor:
         """Per-grade quadratic form [..., top + 1] of x [..., n_blades[top]] (invariant under O(p,q))."""
         top = self.d if top is None else top
-        k = self.n_blades[top]
-        quad = torch.tensor(self.quad[:k], dtype=x.dtype, device=x.device)
-        sq = x * x * quad
-        return torch.stack([sq[..., self.n_blades[g - 1] if g else 0 : self.n_blades[g]].sum(-1) for g in range(top + 1)], -1)
+        return (x * x) @ torch.tensor(self._grade_sums(top), dtype=x.dtype, device=x.device)
+
+    def grade_parts(self, x: Tensor, top: int) -> list[Tensor]:
+        """x [..., C, n_blades[top]] as its grades, channels last: [[..., n_g, C] for g <= top], contiguous (a grade-wise
+        linear reads each as rows); one split, whose backward is one concatenation."""
+        nb = self.n_blades
+        split = x.split([nb[g] - (nb[g - 1] if g else 0) for g in range(top + 1)], -1)
+        return [split[g].transpose(-1, -2).contiguous() for g in range(top + 1)]
+
+    def _grade_sums(self, top: int) -> list[list[float]]:
+        """[n_blades[top], top + 1]: q(e_b) in row b, column grade(b), so (x * x) @ it sums q per grade in one product."""
+        return [[self.quad[b] if self.grades[b] == g else 0.0 for g in range(top + 1)] for b in range(self.n_blades[top])]
 
 
 class MVLinear(nn.Module):
@@ -118,9 +143,11 @@ class MVLinear(nn.Module):
         self.grades = nn.ModuleList(nn.Linear(c_in, c_out, bias=bias and g == 0) for g in range(top + 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        nb = self.algebra.n_blades
-        parts = [lin(x[..., nb[g - 1] if g else 0 : nb[g]].transpose(-1, -2)) for g, lin in enumerate(self.grades)]
-        return torch.cat(parts, -2).transpose(-1, -2)
+        return torch.cat(self.map(self.algebra.grade_parts(x, self.top)), -2).transpose(-1, -2)
+
+    def map(self, parts: list[Tensor]) -> list[Tensor]:
+        """Each grade's part [..., n_g, c_in] (`grade_parts`; parts above `top` unread) -> [..., n_g, c_out]."""
+        return [lin(part) for part, lin in zip(parts, self.grades)]
 
     def pairs(self, prefix: str, axis: int) -> list[tuple[str, int]]:
         """(key, axis) of every weight (and the bias, for the output axis) on the channel axis `axis`."""
@@ -163,11 +190,13 @@ class GPLayer(nn.Module):
 
     def forward(self, x: Tensor, ctx: Tensor) -> Tensor:
         alg = self.algebra
-        out = alg.n_blades[self.top_out]
-        left = F.pad(self.left(x), (0, out - alg.n_blades[self.left.top]))
-        sizes = (alg.n_blades[self.top_in], alg.n_blades[self.top_in], out)
-        product = alg.geometric_product(self.a(x), self.norm(self.b(ctx)), sizes, shared=self.set_context)
-        return (left + product) / math.sqrt(2)
+        out, n_left, a = alg.n_blades[self.top_out], alg.n_blades[self.left.top], alg.n_blades[self.top_in]
+        # (left(x) + a(x) R(y)) / sqrt(2) = [left(x), a(x)] @ [I; R(y)] / sqrt(2): one product over the points'
+        # features, its matrix built from ctx's rows alone
+        right = alg.right_multiplication(self.norm(self.b(ctx)), (a, a, out), n_left, 1 / math.sqrt(2))
+        parts = alg.grade_parts(x, self.top_in)  # read by both maps
+        features = torch.cat(self.left.map(parts) + self.a.map(parts), -2)  # [..., n_left + a, C]: channels last
+        return alg.times(features.transpose(-1, -2), right, self.set_context)
 
 
 @register_arch(
