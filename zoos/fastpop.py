@@ -822,11 +822,12 @@ class _Emitter:
             x = g.call_function(popconv.space_to_depth, (x, stride, pad, kernel, wide))
             w = g.call_function(popconv.strided_weight, (w, stride))
             ho, wo = node.meta["probe"].shape[2:]
-            self.added.append(channels * (ho + -(-kernel[0] // stride[0]) - 1) * (wo + -(-kernel[1] // stride[1]) - 1))
+            blocks = tuple(-(-k // s) for k, s in zip(kernel, stride))  # the kernel over the blocks: ceil(k / s)
+            self.added.append(channels * (ho + blocks[0] - 1) * (wo + blocks[1] - 1))
             why = (f"stride {stride[0]}x{stride[1]}: " + ("a 1x1 conv of its subsampled input" if kernel == (1, 1) else
-                   f"the stride-1 conv of its {stride[0]}x{stride[1]} blocks, a {-(-kernel[0] // stride[0])}x"
-                   f"{-(-kernel[1] // stride[1])} kernel over {channels} channels"))
-            kernel, pad = tuple(-(-k // s) for k, s in zip(kernel, stride)), (0, 0)
+                   f"the stride-1 conv of its {stride[0]}x{stride[1]} blocks, a {blocks[0]}x{blocks[1]} kernel over "
+                   f"{channels} channels"))
+            kernel, pad = blocks, (0, 0)
         tail = affine[-1][0] if affine else node
         epilogue = self._epilogue(node, tail)
         chain, pool = ([], 1) if epilogue is None else (epilogue[0], epilogue[1]["pool"])
