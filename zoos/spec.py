@@ -136,6 +136,18 @@ def _err(loc: tuple, message: str, value: Any) -> InitErrorDetails:
     return InitErrorDetails(type=PydanticCustomError("zoo_spec", message), loc=loc, input=value)
 
 
+def _as_details(err: ValidationError) -> list[InitErrorDetails]:
+    """`err`'s errors as details to raise again with more: pydantic's own types as they are, ours by message."""
+    out = []
+    for d in err.errors():
+        if d["type"] == "zoo_spec":
+            out.append(_err(tuple(d["loc"]), d["msg"], d["input"]))
+        else:
+            ctx = {"ctx": d["ctx"]} if "ctx" in d else {}
+            out.append(InitErrorDetails(type=d["type"], loc=tuple(d["loc"]), input=d["input"], **ctx))
+    return out
+
+
 def _check_value(factor: str, value: Any, loc: tuple) -> list[InitErrorDetails]:
     if factor not in CHECKS:
         return []
@@ -325,6 +337,31 @@ class ZooSpec(BaseModel):
         if errs:
             raise ValidationError.from_exception_data("random", errs)
         return rnd
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _names_with_field_errors(cls, data: Any, handler: Callable[[Any], "ZooSpec"]) -> "ZooSpec":
+        """A field's error stops pydantic before `_whole`; the task's and the architecture's names and keys are then
+        still checked from the raw data, so one pass reports them with it."""
+        try:
+            return handler(data)
+        except ValidationError as e:
+            if not isinstance(data, dict):
+                raise
+            extra: list[InitErrorDetails] = []
+            try:
+                extra += _check_task(TaskRef.model_validate(data.get("task")))
+            except ValidationError:
+                pass  # the task's own shape is among e's errors
+            try:
+                extra += _check_arch(ArchRef.model_validate(data.get("arch")))[1]
+            except ValidationError:
+                pass
+            have = {tuple(d["loc"]) for d in e.errors()}
+            extra = [d for d in extra if tuple(d["loc"]) not in have]
+            if not extra:
+                raise
+            raise ValidationError.from_exception_data("ZooSpec", [*_as_details(e), *extra]) from None
 
     @model_validator(mode="after")
     def _whole(self) -> "ZooSpec":

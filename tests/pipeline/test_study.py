@@ -75,6 +75,20 @@ def test_bad_input_exits_2_naming_the_problem(tmp_path, data, expected):
     assert expected in r.output
 
 
+def test_a_bad_field_does_not_hide_a_bad_task_or_architecture_in_the_same_zoo(tmp_path):
+    """pydantic stops at a field's error before the zoo's cross-field checks; the task's and architecture's names
+    and keys are still checked, so one pass names them all (and a task that parses is not reported twice)."""
+    zoo = {**GOOD["zoos"][0], "epochs": 0, "task": {"name": "digitz"}, "arch": {"name": "cnn", "config": {"widht": 4}}}
+    r = CliRunner().invoke(app, ["validate", str(write(tmp_path, {**GOOD, "zoos": [zoo]}))])
+    assert r.exit_code == 2, r.output
+    lines = r.output.splitlines()[1:]
+    assert [line.split(":")[0] for line in lines] == ["zoos[0].epochs", "zoos[0].task.name", "zoos[0].arch.config.widht"], r.output
+    assert "unknown task 'digitz'" in lines[1] and "no config field 'widht'" in lines[2]
+    good_task = {**zoo, "task": {"name": "digits"}}
+    r = CliRunner().invoke(app, ["validate", str(write(tmp_path, {**GOOD, "zoos": [good_task]}))])
+    assert [line.split(":")[0] for line in r.output.splitlines()[1:]] == ["zoos[0].epochs", "zoos[0].arch.config.widht"], r.output
+
+
 def test_problems_found_building_the_zoos_are_all_reported_each_naming_its_zoo(tmp_path):
     """A task option the task refuses and an architecture config too large for the task's images surface only when
     the zoos are built: validate reports both at once (not the first alone), each with its zoo's key path and name;
