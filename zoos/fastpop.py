@@ -35,7 +35,8 @@ followed by a 2x2 max-pool, by default), that first conv reads a window table of
 (`popconv.window_table`, built once per resident data set and kept while the data set lives): its
 forward and weight gradient become tensor-core products over contiguous whole-window rows. Wide kernel
 convs write channels-last maps, and any other plain 2x2 max-pool of a map runs as `popconv.max_pool2x2`
-(PyTorch's channels-last pooling is several times slower on these maps). A Linear (or F.linear) of up to
+(PyTorch's channels-last pooling is several times slower on these maps); where such a pool alone reads a
+wide conv's folded activation, the pool's backward applies the activation's derivative (`act_grad=False`). A Linear (or F.linear) of up to
 `poplinear.MAX_FEATURES` inputs and outputs runs as `poplinear.linear`: the bias in the product's epilogue and
 its gradient in the weight gradient's pass, where a batched matmul spends two more passes on each.
 
@@ -630,6 +631,7 @@ class _Emitter:
         self.reads_input = reads_input = set()  # kernel convs that read the raw input (by row index) themselves
         self.fused = fused = set()  # pool / activation / add nodes folded into the kernel op before them
         self.deferred: dict[fx.Node, Callable[[], None]] = {}  # node -> the folded op emitted in its place
+        self.pool_act: dict[fx.Node, tuple[str, float]] = {}  # max-pool -> the activation whose derivative it applies
         weights = self._prologue(state, env)  # weight node -> its value in the new graph (on first use)
         self.pre_add = self._adds_before_norms()  # LayerNorm -> the add it emits with itself
         fused.update(self.pre_add.values())
@@ -670,8 +672,10 @@ class _Emitter:
             elif kinds.get(node) == CONST and pop.constants is not None and _constant_tensor(node):
                 env[node] = g.call_function(pop.constants.op(node.name, node.target), value(node.args), value(node.kwargs))
             elif pop.kernels and kinds.get(node) == DATA and self._plain_max_pool(node):
-                env[node] = g.call_function(popconv.max_pool2x2, (value(node.args[0]),))
-                self.choose(node, "popconv max-pool")
+                act = self.pool_act.get(node)  # the derivative of the activation its conv folded, in its backward
+                options = {} if act is None else {"act": act[0], "slope": act[1]}
+                env[node] = g.call_function(popconv.max_pool2x2, (value(node.args[0]),), options)
+                self.choose(node, "popconv max-pool" + ("" if act is None else f" (+{act[0]}')"))
             else:  # data alone (or constants): the [N*B, ...] batch is one big batch of samples
                 env[node] = g.node_copy(node, value)
         _model_group_chains(g, self.mods)
@@ -840,8 +844,26 @@ class _Emitter:
             env[tail] = g.call_function(popconv.conv2d, (x, w, b, pad), options)
             return env[tail]
         self.fused.update(chain)
+        pool = self._pool_reading(chain[-1]) if pool == 1 and epilogue[1]["act"] != "identity" else None
+        if pool is not None:  # its backward applies the activation's derivative: no pass over the full map for it
+            self.pool_act[pool] = (epilogue[1]["act"], epilogue[1].get("slope", 0.0))
+            options["act_grad"] = False
         env[chain[-1]] = out = g.call_function(popconv.conv2d_pool_act, (x, w, b, pad), {**epilogue[1], **options})
         return out
+
+    def _pool_reading(self, node: fx.Node) -> fx.Node | None:
+        """The plain 2x2 max-pool that alone reads `node` (through dropouts this program skips), else None."""
+        cur = node
+        while len(cur.users) == 1:
+            (user,) = cur.users
+            if user.args[:1] != (cur,):
+                return None
+            if self._plain_max_pool(user):
+                return user
+            if not (user.op == "call_module" and isinstance(self.mods[user.target], PopDropout) and not self.pop.dropout):
+                return None
+            cur = user
+        return None
 
     def _foldable_affine(self, conv: fx.Node) -> list[tuple[fx.Node, str, fx.Node]]:
         """`_affine_after`, where folding it keeps every value's dtype: in a float32 program, or where only convs and

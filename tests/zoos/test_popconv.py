@@ -205,6 +205,84 @@ def test_max_pool2x2_equals_max_pool2d(r, c, h, w, cl, dtype, seed):
     torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(yr, xr, dy)[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("act,slope", [("relu", 0.0), ("tanh", 0.0), ("sigmoid", 0.0), ("leaky_relu", 0.1)])
+@pytest.mark.parametrize("o", [5, 20])  # the pool kernel with no pool, and the plain forward (the case it is for)
+def test_a_conv_leaves_its_activations_derivative_to_the_max_pool_reading_it(act, slope, o):
+    """conv2d_pool_act(pool=1, act, act_grad=False) -> max_pool2x2(act=act): the pool's backward applies act'
+    (read off its own output at the winner) and the conv's skips it: output and every gradient equal the
+    conv -> activation -> max-pool of torch, in both memory formats; with the input read by row index too."""
+    g = torch.Generator().manual_seed(o)
+    x = torch.randn(6, 3, 9, 8, generator=g).to(DEVICE).requires_grad_()
+    w = (0.5 * torch.randn(2, o, 3, 3, 3, generator=g)).to(DEVICE).requires_grad_()
+    b = torch.randn(2, o, generator=g).to(DEVICE).requires_grad_()
+    fn = {"relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+          "leaky_relu": lambda z: F.leaky_relu(z, slope)}[act]
+    want = F.max_pool2d(fn(reference(x, w, b, 1)), 2)
+    dy = torch.randn(want.shape, generator=g).to(DEVICE)
+    wants = torch.autograd.grad(want, (x, w, b), dy)
+    for cl in (False, True):
+        xs = x.contiguous(memory_format=torch.channels_last) if cl else x
+        a = popconv.conv2d_pool_act(xs, w, b, (1, 1), pool=1, act=act, slope=slope, act_grad=False)
+        got = popconv.max_pool2x2(a, act=act, slope=slope)
+        close(got, want)
+        for gr, wr in zip(torch.autograd.grad(got, (x, w, b), dy), wants):
+            close(gr, wr)
+    data = x.detach()
+    rows = torch.arange(6, device=DEVICE).flip(0)
+    a = popconv.conv2d_pool_act(data, w, b, (1, 1), pool=1, act=act, slope=slope, rows=rows, act_grad=False)
+    got = popconv.max_pool2x2(a, act=act, slope=slope)
+    want = F.max_pool2d(fn(reference(data[rows], w, b, 1)), 2)
+    close(got, want)
+    for gr, wr in zip(torch.autograd.grad(got, (w, b), dy), torch.autograd.grad(want, (w, b), dy)):
+        close(gr, wr)
+    with pytest.raises(ValueError, match="only without a pool"):
+        popconv.conv2d_pool_act(x, w, b, (1, 1), pool=2, act=act, act_grad=False)
+    with pytest.raises(ValueError, match="act = 'gelu' is not allowed"):
+        popconv.max_pool2x2(a, act="gelu")
+
+
+class _WideThenPool(torch.nn.Module):
+    """A 20-output conv (wider than the pool kernel) -> ReLU -> dropout -> 2x2 max-pool -> conv -> head."""
+
+    def __init__(self):
+        super().__init__()
+        from zoos.archs.base import PopDropout
+
+        self.conv1, self.act, self.drop = torch.nn.Conv2d(2, 20, 3, padding=1), torch.nn.ReLU(), PopDropout(0.0)
+        self.pool, self.conv2 = torch.nn.MaxPool2d(2), torch.nn.Conv2d(20, 3, 3)
+        self.head = torch.nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv2(self.pool(self.drop(self.act(self.conv1(x)))))).mean(dim=(-2, -1)))
+
+
+def test_the_program_leaves_a_wide_convs_activation_derivative_to_its_max_pool():
+    """Where a no-pool fused conv's only reader is a plain max-pool (a skipped dropout between), the program
+    emits the pair (the conv with act_grad=False, the pool with the activation) and its gradients equal vmap's;
+    with the dropout kept, the conv keeps its own activation pass."""
+    module = _WideThenPool()
+    params, buffers = stack_states([_WideThenPool().to(DEVICE) for _ in range(3)])
+    x = torch.randn(3, 4, 2, 8, 8, device=DEVICE)
+    y = torch.randint(0, 4, (3, 4), device=DEVICE)
+    step = FastStep(module, F.cross_entropy, (2, 8, 8), dropout=False, kernels=True)
+    calls = [(n.target.__name__, n.kwargs) for n in step.pop.graph_module.graph.nodes if n.op == "call_function"]
+    convs = [kw for name, kw in calls if name == "conv2d_pool_act"]
+    assert [(kw["act"], kw.get("act_grad")) for kw in convs] == [("relu", False), ("tanh", None)]
+    assert [kw for name, kw in calls if name == "max_pool2x2"] == [{"act": "relu", "slope": 0.0}]
+    assert ("pool", "popconv max-pool (+relu')", "") in step.pop.choices
+    kept = FastPopulation(module, (2, 8, 8), kernels=True)  # the dropout runs: the pool reads it, not the conv
+    assert all("act_grad" not in n.kwargs and "act" not in (n.kwargs if n.target is popconv.max_pool2x2 else {})
+               for n in kept.graph_module.graph.nodes if n.op == "call_function")
+
+    def one(p, b, xb, yb):
+        return F.cross_entropy(functional_call(module, (p, b), (xb,)), yb)
+
+    want = vmap(grad(one), randomness="different")(params, buffers, x, y)  # every dropout rate 0
+    grads, _ = step(params, buffers, x, y)
+    for k in want:
+        close(grads[k], want[k])
+
+
 def test_bad_shapes_are_named():
     w = torch.randn(2, 4, 3, 3, 3)
     with pytest.raises(ValueError, match="not a multiple of the population size 2"):
@@ -274,7 +352,9 @@ def test_conv_pool_act_passes_torch_library_opcheck():
     for o, pool in ((5, 2), (5, 1), (20, 1)):
         w = torch.randn(2, o, 4, 3, 3, device=DEVICE, requires_grad=True)
         b = torch.randn(2, o, device=DEVICE, requires_grad=True)
-        torch.library.opcheck(pooled._pop_conv2d_pool_act, (x, w, b, None, 3, 1, 1, pool, "relu", 0.0, torch.float32, False))
+        for act_grad in (True, False) if pool == 1 else (True,):
+            torch.library.opcheck(pooled._pop_conv2d_pool_act,
+                                  (x, w, b, None, 3, 1, 1, pool, "relu", 0.0, torch.float32, False, act_grad))
 
 
 def test_conv_pool_act_refuses_what_it_cannot_fold():
@@ -675,7 +755,7 @@ def test_window_ops_pass_torch_library_opcheck():
     w = torch.randn(2, 5, 2, 3, 3, device=DEVICE, requires_grad=True)
     b = torch.randn(2, 5, device=DEVICE, requires_grad=True)
     table = popconv.window_table(data, (3, 3), (1, 1), pool=2)
-    args = (table, w, b, rows, 3, 5, 5, 2, "tanh", 0.0, torch.float32)
+    args = (table, w, b, rows, 3, 5, 5, 2, "tanh", 0.0, torch.float32, True)
     torch.library.opcheck(window._pop_window_conv, args)
     a, code = window._pop_window_conv(*args)
     da = torch.randn_like(a)

@@ -43,7 +43,10 @@ window covers the block, its gradient placed at the position the pool chose, tim
 to that block (`window_dx`; off, the rebuilt gradient is written once, for the padded input-gradient
 conv and the weight gradient to read). A conv with more outputs than that kernel holds (16) folds a following
 activation alone: `conv2d_pool_act(.., pool=1)` is then the plain forward with the activation in its
-epilogue, and its backward one pass of the activation's own backward before the conv's.
+epilogue, and its backward one pass of the activation's own backward before the conv's; where a 2x2 max-pool
+alone reads it, that pass is the pool's instead (`act_grad=False`, `max_pool2x2(.., act=...)`: act' read off
+the pooled output at the winning position, while the pool's backward writes the map's gradient anyway), and
+the conv keeps no copy of its full-resolution output for its backward.
 
 A first layer that reads the data set by index can instead read its window table (`window_table`, built
 once per resident data set): row (s, q) is the whole (k + pool - 1)^2 input window of pooled output q,
@@ -88,10 +91,10 @@ Environment variables, read once when the package is imported:
   TRITON_INTERPRET          Triton's own: 1 runs the kernels in its interpreter on the CPU (`available("cpu")`)
 """
 
-from .common import available, stored_channels_last, supports
+from .common import EPILOGUE_ACTIVATIONS, available, stored_channels_last, supports
 from .conv import conv2d, reads_channels_last
 from .pool import max_pool2x2
-from .pooled import EPILOGUE_ACTIVATIONS, conv2d_pool_act, fuses
+from .pooled import conv2d_pool_act, fuses
 from .strided import space_to_depth, strided_weight
 from .tuning import Tuning, parse_tuning, tuned
 from .window import window_table, window_table_bytes, windows_pay

@@ -17,6 +17,9 @@ except ImportError:  # no Triton (a CPU-only torch): `available()` says so and t
     triton = tl = None
 
 
+EPILOGUE_ACTIVATIONS = ("identity", "tanh", "sigmoid", "relu", "leaky_relu")  # monotone: they commute with the max
+
+
 def available(device: torch.device | str) -> bool:
     """Whether the kernels can run on `device`: Triton on a CUDA device, or its interpreter on the CPU."""
     if triton is None:

@@ -221,12 +221,12 @@ def _fold_placed(placed: Tensor, w_shape: torch.Size, pool: int) -> Tensor:
 
 @torch.library.custom_op("symzoo::pop_window_conv", mutates_args=())
 def _pop_window_conv(table: Tensor, w: Tensor, b: Tensor | None, rows: Tensor, batch: int, hp: int, wp: int,
-                     pool: int, act: str, slope: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+                     pool: int, act: str, slope: float, out_dtype: torch.dtype, act_grad: bool) -> tuple[Tensor, Tensor]:
     return _launch_window(table, rows, w.contiguous(), b, batch, hp, wp, pool, act, slope, out_dtype)
 
 
 @_pop_window_conv.register_fake
-def _(table, w, b, rows, batch, hp, wp, pool, act, slope, out_dtype):
+def _(table, w, b, rows, batch, hp, wp, pool, act, slope, out_dtype, act_grad):
     shape = (w.shape[0] * batch, w.shape[1], hp, wp)
     return table.new_empty(shape, dtype=out_dtype), table.new_empty(shape if pool > 1 else (0,), dtype=torch.int8)
 
@@ -244,8 +244,10 @@ def _(table, rows, da, a, code, w, bias, pool, act, slope):
 
 
 def _setup_window(ctx, inputs, output) -> None:
-    table, w, b, rows, _, _, _, pool, act, slope, _ = inputs
+    table, w, b, rows, _, _, _, pool, act, slope, _, act_grad = inputs
     a, code = output
+    if not act_grad:  # the gradient arrives through the activation already (`conv2d_pool_act`)
+        a, act = a.new_empty(0), "identity"
     ctx.save_for_backward(table, w, rows, a, code)
     ctx.meta = (b is not None, pool, act, slope)
     ctx.mark_non_differentiable(code)
@@ -254,9 +256,10 @@ def _setup_window(ctx, inputs, output) -> None:
 def _backward_window(ctx, da: Tensor, _dcode: Tensor | None):
     table, w, rows, a, code = ctx.saved_tensors
     has_bias, pool, act, slope = ctx.meta
-    nothing = (None,) * 8
+    nothing = (None,) * 9
     if not (ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2])):
         return None, None, None, *nothing
+    a = a if a.numel() else da  # no activation left to undo: a is not read
     dw, db = _pop_window_conv_wgrad(table, rows, da, a, code if pool > 1 else a, w, has_bias, pool, act, slope)
     return None, dw.to(w.dtype), (db if has_bias else None), *nothing
 
@@ -283,7 +286,7 @@ def windows_pay(pool: int, table_bytes: int, device: torch.device | str) -> bool
 
 
 def _window_conv(table: Tensor, x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], rows: Tensor,
-                 batch: int, pool: int, act: str, slope: float, out_dtype: torch.dtype) -> Tensor:
+                 batch: int, pool: int, act: str, slope: float, out_dtype: torch.dtype, act_grad: bool = True) -> Tensor:
     """The first layer read from `table` (built by `window_table` from x with this layer's geometry), checked."""
     kh, kw = w.shape[3], w.shape[4]
     hp, wp, row = _window_shape(x.shape, (kh, kw), padding, pool)
@@ -291,5 +294,5 @@ def _window_conv(table: Tensor, x: Tensor, w: Tensor, b: Tensor | None, padding:
     if tuple(table.shape) != want:
         raise ValueError(f"window table of shape {tuple(table.shape)} does not match this layer: expected {want} "
                          f"(window_table(x, kernel=({kh}, {kw}), padding={tuple(padding)}, pool={pool}))")
-    a, _ = _pop_window_conv(table, w, b, rows, batch, hp, wp, pool, act, float(slope), out_dtype)
+    a, _ = _pop_window_conv(table, w, b, rows, batch, hp, wp, pool, act, float(slope), out_dtype, act_grad)
     return a
