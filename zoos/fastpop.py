@@ -36,7 +36,8 @@ followed by a 2x2 max-pool, by default), that first conv reads a window table of
 forward and weight gradient become tensor-core products over contiguous whole-window rows. Wide kernel
 convs write channels-last maps, and any other plain 2x2 max-pool of a map runs as `popconv.max_pool2x2`
 (PyTorch's channels-last pooling is several times slower on these maps); where such a pool alone reads a
-wide conv's folded activation, the pool's backward applies the activation's derivative (`act_grad=False`). A Linear (or F.linear) of up to
+wide conv's folded activation, the pool's backward applies the activation's derivative (`act_grad=False`), and
+where a stride-1 kernel conv alone reads it, that conv's input gradient does (`input_act`). A Linear (or F.linear) of up to
 `poplinear.MAX_FEATURES` inputs and outputs runs as `poplinear.linear`: the bias in the product's epilogue and
 its gradient in the weight gradient's pass, where a batched matmul spends two more passes on each.
 
@@ -632,6 +633,7 @@ class _Emitter:
         self.fused = fused = set()  # pool / activation / add nodes folded into the kernel op before them
         self.deferred: dict[fx.Node, Callable[[], None]] = {}  # node -> the folded op emitted in its place
         self.pool_act: dict[fx.Node, tuple[str, float]] = {}  # max-pool -> the activation whose derivative it applies
+        self.conv_act: dict[fx.Node, tuple[str, float]] = {}  # conv -> the same, in its input gradient
         weights = self._prologue(state, env)  # weight node -> its value in the new graph (on first use)
         self.pre_add = self._adds_before_norms()  # LayerNorm -> the add it emits with itself
         fused.update(self.pre_add.values())
@@ -839,31 +841,69 @@ class _Emitter:
             pop.window_geometry = (kernel, pad, pool)
             why = why if chain else "reads the data set by row index"
         folded = [n for n, _, _ in affine] + chain
+        through = self.conv_act.get(node)  # its input is an activation whose derivative its input gradient applies
+        if through is not None:
+            assert pool == 1 and stride == (1, 1) and not reads, "paired with a conv whose input gradient is not plain"
+            options["input_act"] = through
+            why = (why + "; " if why else "") + f"its input gradient times {through[0]}' of its input"
         self.choose(node, "popconv" + "".join(f"{' conv' * (i == 0)}+{self._op_name(c)}" for i, c in enumerate(folded)), why)
         if not chain:
             env[tail] = g.call_function(popconv.conv2d, (x, w, b, pad), options)
             return env[tail]
         self.fused.update(chain)
-        pool = self._pool_reading(chain[-1]) if pool == 1 and epilogue[1]["act"] != "identity" else None
-        if pool is not None:  # its backward applies the activation's derivative: no pass over the full map for it
-            self.pool_act[pool] = (epilogue[1]["act"], epilogue[1].get("slope", 0.0))
-            options["act_grad"] = False
+        act = (epilogue[1]["act"], epilogue[1].get("slope", 0.0))
+        if pool == 1 and act[0] != "identity":  # the one reader's backward applies act': no pass over the map for it
+            reader = self._pool_reading(chain[-1])
+            if reader is not None:
+                self.pool_act[reader] = act
+            elif (reader := self._conv_reading(chain[-1])) is not None:
+                self.conv_act[reader] = act
+            if reader is not None:
+                options["act_grad"] = False
         env[chain[-1]] = out = g.call_function(popconv.conv2d_pool_act, (x, w, b, pad), {**epilogue[1], **options})
         return out
 
-    def _pool_reading(self, node: fx.Node) -> fx.Node | None:
-        """The plain 2x2 max-pool that alone reads `node` (through dropouts this program skips), else None."""
+    def _sole_reader(self, node: fx.Node) -> fx.Node | None:
+        """The op that alone reads `node` as its first argument, past dropouts this program skips."""
         cur = node
         while len(cur.users) == 1:
             (user,) = cur.users
-            if user.args[:1] != (cur,):
+            if user.args[:1] != (cur,) and not (user.kwargs.get("input") is cur and not user.args):
                 return None
-            if self._plain_max_pool(user):
-                return user
             if not (user.op == "call_module" and isinstance(self.mods[user.target], PopDropout) and not self.pop.dropout):
-                return None
+                return user
             cur = user
         return None
+
+    def _pool_reading(self, node: fx.Node) -> fx.Node | None:
+        """The plain 2x2 max-pool that alone reads `node`, else None."""
+        reader = self._sole_reader(node)
+        return reader if reader is not None and self._plain_max_pool(reader) else None
+
+    def _conv_reading(self, node: fx.Node) -> fx.Node | None:
+        """The popconv conv that alone reads `node` as its input and whose backward takes the input gradient as the
+        plain transposed conv (stride 1, no pool folded in), else None."""
+        reader = self._sole_reader(node)
+        if reader is None or self._popconv_stride(reader) != (1, 1):
+            return None
+        affine = self._foldable_affine(reader)
+        epilogue = self._epilogue(reader, affine[-1][0] if affine else None)
+        return reader if epilogue is None or epilogue[1]["pool"] == 1 else None
+
+    def _popconv_stride(self, node: fx.Node) -> tuple[int, int] | None:
+        """The stride of a conv node that `_popconv` will emit, else None."""
+        if node.op == "call_module":
+            return tuple(self.mods[node.target].stride) if self._kernel_conv(node) else None
+        if node.op != "call_function" or node.target not in (F.conv2d, torch.conv2d) or not self.pop.kernels:
+            return None
+        kw = _bind(node)
+        weights = self.kinds.get(kw["weight"]) == WEIGHT and (kw["bias"] is None or self.kinds.get(kw["bias"]) == WEIGHT)
+        settings = (kw["stride"], kw["dilation"], kw["groups"], kw["padding"])
+        if not weights or self.kinds.get(kw["input"]) != DATA or any(isinstance(v, fx.Node) for v in settings):
+            return None
+        stride = _pair(kw["stride"])
+        return stride if popconv.supports(stride, _pair(kw["dilation"]), kw["groups"]) else None
+
 
     def _foldable_affine(self, conv: fx.Node) -> list[tuple[fx.Node, str, fx.Node]]:
         """`_affine_after`, where folding it keeps every value's dtype: in a float32 program, or where only convs and

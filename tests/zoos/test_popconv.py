@@ -241,6 +241,94 @@ def test_a_conv_leaves_its_activations_derivative_to_the_max_pool_reading_it(act
         popconv.max_pool2x2(a, act="gelu")
 
 
+@pytest.mark.parametrize("act,slope", [("relu", 0.0), ("tanh", 0.0), ("leaky_relu", 0.1)])
+@pytest.mark.parametrize("mid,out", [(20, 24), (20, 4), (5, 4), (5, 24)])  # the input gradient on each forward kernel
+def test_a_conv_leaves_its_activations_derivative_to_the_conv_reading_it(act, slope, mid, out):
+    """conv2d_pool_act(pool=1, act, act_grad=False) -> conv2d(.., input_act=(act, slope)): the second conv's input
+    gradient is stored times act'(its input), and the first conv's backward skips the activation pass; output and
+    every gradient equal torch's conv -> activation -> conv (a second conv with its own activation folded too),
+    in both memory formats."""
+    g = torch.Generator().manual_seed(mid + out)
+    x = torch.randn(6, 3, 7, 8, generator=g).to(DEVICE).requires_grad_()
+    w1 = (0.5 * torch.randn(2, mid, 3, 3, 3, generator=g)).to(DEVICE).requires_grad_()
+    b1 = torch.randn(2, mid, generator=g).to(DEVICE).requires_grad_()
+    w2 = (0.3 * torch.randn(2, out, mid, 3, 3, generator=g)).to(DEVICE).requires_grad_()
+    b2 = torch.randn(2, out, generator=g).to(DEVICE).requires_grad_()
+    fn = {"relu": F.relu, "tanh": torch.tanh, "leaky_relu": lambda z: F.leaky_relu(z, slope)}[act]
+    for second in ("conv2d", "tanh"):
+        z = reference(fn(reference(x, w1, b1, 1)), w2, b2, 1)
+        want = torch.tanh(z) if second == "tanh" else z
+        dy = torch.randn(want.shape, generator=g).to(DEVICE)
+        wants = torch.autograd.grad(want, (x, w1, b1, w2, b2), dy)
+        for cl in (False, True):
+            xs = x.contiguous(memory_format=torch.channels_last) if cl else x
+            a = popconv.conv2d_pool_act(xs, w1, b1, (1, 1), pool=1, act=act, slope=slope, act_grad=False)
+            if second == "tanh":
+                got = popconv.conv2d_pool_act(a, w2, b2, (1, 1), pool=1, act="tanh", input_act=(act, slope))
+            else:
+                got = popconv.conv2d(a, w2, b2, (1, 1), input_act=(act, slope))
+            close(got, want)
+            for gr, wr in zip(torch.autograd.grad(got, (x, w1, b1, w2, b2), dy), wants):
+                close(gr, wr)
+    with pytest.raises(ValueError, match="only without a pool"):
+        popconv.conv2d_pool_act(x, w1, b1, (1, 1), pool=2, act="tanh", input_act=(act, slope))
+    with pytest.raises(ValueError, match="must be one of"):
+        popconv.conv2d(x, w1, b1, (1, 1), input_act=("gelu", 0.0))
+    with pytest.raises(ValueError, match="has none"):
+        popconv.conv2d(x.detach(), w1, b1, (1, 1), rows=torch.arange(6, device=DEVICE), input_act=(act, slope))
+
+
+def test_the_input_gradient_ops_pass_torch_library_opcheck():
+    """The conv with an input activation and its input-gradient op: fake kernels match, autograd registered."""
+    from zoos.popconv import conv
+
+    x = torch.randn(6, 4, 8, 8, device=DEVICE, requires_grad=True)
+    for o in (5, 20):
+        w = torch.randn(2, o, 4, 3, 3, device=DEVICE, requires_grad=True)
+        b = torch.randn(2, o, device=DEVICE, requires_grad=True)
+        torch.library.opcheck(conv._pop_conv2d, (x, w, b, None, 3, 1, 1, torch.float32, "relu", 0.0))
+        dy = torch.randn(6, o, 8, 8, device=DEVICE)
+        w_t = w.detach().flip(3, 4).transpose(1, 2).contiguous()
+        torch.library.opcheck(conv._pop_conv2d_dx_through, (dy, w_t, x.detach(), 3, 1, 1, torch.float32, "tanh", 0.0))
+
+
+class _WideChain(torch.nn.Module):
+    """conv (20 outputs) -> tanh -> conv (20) -> ReLU -> dropout -> conv (3) -> head: two pairs to leave a derivative to."""
+
+    def __init__(self):
+        super().__init__()
+        from zoos.archs.base import PopDropout
+
+        self.conv1, self.conv2 = torch.nn.Conv2d(2, 20, 3, padding=1), torch.nn.Conv2d(20, 20, 3, padding=1)
+        self.drop, self.conv3, self.head = PopDropout(0.0), torch.nn.Conv2d(20, 3, 3), torch.nn.Linear(3, 4)
+
+    def forward(self, x):
+        h = F.relu(self.conv2(torch.tanh(self.conv1(x))))
+        return self.head(self.conv3(self.drop(h)).mean(dim=(-2, -1)))
+
+
+def test_the_program_leaves_an_activation_derivative_to_the_conv_reading_it():
+    """conv -> act -> conv pairs: the first with act_grad=False, the second with its input_act (past a skipped
+    dropout); gradients equal vmap's."""
+    module = _WideChain()
+    params, buffers = stack_states([_WideChain().to(DEVICE) for _ in range(3)])
+    x = torch.randn(3, 4, 2, 8, 8, device=DEVICE)
+    y = torch.randint(0, 4, (3, 4), device=DEVICE)
+    step = FastStep(module, F.cross_entropy, (2, 8, 8), dropout=False, kernels=True)
+    calls = [n.kwargs for n in step.pop.graph_module.graph.nodes
+             if n.op == "call_function" and n.target in (popconv.conv2d_pool_act, popconv.conv2d)]
+    assert [(kw.get("act"), kw.get("act_grad"), kw.get("input_act")) for kw in calls] == [
+        ("tanh", False, None), ("relu", False, ("tanh", 0.0)), (None, None, ("relu", 0.0))]
+
+    def one(p, b, xb, yb):
+        return F.cross_entropy(functional_call(module, (p, b), (xb,)), yb)
+
+    want = vmap(grad(one), randomness="different")(params, buffers, x, y)  # every dropout rate 0
+    grads, _ = step(params, buffers, x, y)
+    for k in want:
+        close(grads[k], want[k])
+
+
 class _WideThenPool(torch.nn.Module):
     """A 20-output conv (wider than the pool kernel) -> ReLU -> dropout -> 2x2 max-pool -> conv -> head."""
 
@@ -354,7 +442,8 @@ def test_conv_pool_act_passes_torch_library_opcheck():
         b = torch.randn(2, o, device=DEVICE, requires_grad=True)
         for act_grad in (True, False) if pool == 1 else (True,):
             torch.library.opcheck(pooled._pop_conv2d_pool_act,
-                                  (x, w, b, None, 3, 1, 1, pool, "relu", 0.0, torch.float32, False, act_grad))
+                                  (x, w, b, None, 3, 1, 1, pool, "relu", 0.0, torch.float32, False, act_grad,
+                                   "identity" if pool == 2 else "tanh", 0.0))
 
 
 def test_conv_pool_act_refuses_what_it_cannot_fold():

@@ -46,7 +46,8 @@ activation alone: `conv2d_pool_act(.., pool=1)` is then the plain forward with t
 epilogue, and its backward one pass of the activation's own backward before the conv's; where a 2x2 max-pool
 alone reads it, that pass is the pool's instead (`act_grad=False`, `max_pool2x2(.., act=...)`: act' read off
 the pooled output at the winning position, while the pool's backward writes the map's gradient anyway), and
-the conv keeps no copy of its full-resolution output for its backward.
+the conv keeps no copy of its full-resolution output for its backward; where a stride-1 conv without a pool
+alone reads it, that conv's input gradient is stored times act'(its input) (`input_act`), the same pass saved.
 
 A first layer that reads the data set by index can instead read its window table (`window_table`, built
 once per resident data set): row (s, q) is the whole (k + pool - 1)^2 input window of pooled output q,

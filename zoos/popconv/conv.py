@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import tuning
-from .common import _dot_dtype, _programs_per_model, _wgrad_fake, tl, triton
+from .common import EPILOGUE_ACTIVATIONS, _dot_dtype, _programs_per_model, _wgrad_fake, stored_channels_last, tl, triton
 from .window import _window_conv
 
 
@@ -30,18 +30,28 @@ if triton is not None:
         return p < end, r, r // WO, r % WO, m * B + p // (HO * WO)
 
     @triton.jit
+    def _at(O, HO, WO, o, r, sample, CL: tl.constexpr):
+        """Offsets of the [pixels, outputs] tile in a [N*B, O, HO, WO] map (CL: channels-last in memory)."""
+        if CL:
+            return (sample.to(tl.int64) * (HO * WO) + r)[:, None] * O + o[None, :]
+        return sample.to(tl.int64)[:, None] * (O * HO * WO) + (o * (HO * WO))[None, :] + r[:, None]
+
+    @triton.jit
     def _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS: tl.constexpr,
-                      ACT: tl.constexpr, SLOPE: tl.constexpr, CL: tl.constexpr = False):
+                      ACT: tl.constexpr, SLOPE: tl.constexpr, CL: tl.constexpr, g_ptr, GRAD: tl.constexpr,
+                      GRAD_SLOPE: tl.constexpr, G_CL: tl.constexpr):
         """Add model m's bias to the [pixels, outputs] tile, apply the activation and store it into
-        y [N*B, O, HO, WO] (CL: its memory channels-last, [N*B, HO, WO, O])."""
+        y [N*B, O, HO, WO] (CL: its memory channels-last, [N*B, HO, WO, O]). GRAD: the tile is an input gradient
+        through the activation GRAD whose output g (y's shape; G_CL its memory) was this conv's input, so it is
+        multiplied by act'(g) first: the gradient w.r.t. that activation's input."""
         if HAS_BIAS:
             acc += tl.load(b_ptr + m * O + o, mask=o < O, other=0.0).to(tl.float32)[None, :]
         acc = _activate(acc, ACT, SLOPE)
-        if CL:
-            out = y_ptr + (sample.to(tl.int64) * (HO * WO) + r)[:, None] * O + o[None, :]
-        else:
-            out = y_ptr + sample.to(tl.int64)[:, None] * (O * HO * WO) + (o * (HO * WO))[None, :] + r[:, None]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=pmask[:, None] & (o < O)[None, :])
+        mask = pmask[:, None] & (o < O)[None, :]
+        if GRAD != "identity":
+            g = tl.load(g_ptr + _at(O, HO, WO, o, r, sample, G_CL), mask=mask, other=0.0).to(tl.float32)
+            acc = acc * _act_grad_from_output(g, GRAD, GRAD_SLOPE)
+        tl.store(y_ptr + _at(O, HO, WO, o, r, sample, CL), acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _source_row(rows_ptr, sample, pmask, GATHER: tl.constexpr):
@@ -86,12 +96,12 @@ if triton is not None:
         return tl.load(x_ptr + row * (C * H * W) + offset[:, None] + (i * W + j)[None, :], mask=mask, other=0.0)
 
     @triton.jit
-    def _conv_fwd_dot_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, y_ptr,
+    def _conv_fwd_dot_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, y_ptr, g_ptr,
                          B, C, H, W, O, HO, WO, PH, PW,
                          K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                          GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, CL: tl.constexpr,
-                         ACT: tl.constexpr, SLOPE: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                         ACT: tl.constexpr, SLOPE: tl.constexpr, GRAD: tl.constexpr, GRAD_SLOPE: tl.constexpr,
+                         G_CL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """The forward of a few-channel input read in NCHW (a first layer), into y channels-last when CL."""
         tile, ob, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         pmask, r, i, j, sample = _pixels(tile * BLOCK_M + tl.arange(0, BLOCK_M), B * HO * WO, m, B, HO, WO)
@@ -104,13 +114,15 @@ if triton is not None:
             a = _patch_tile(x_ptr, row, pmask, i, j, k, C, H, W, PH, PW, K, KH, KW)
             wk = tl.load(w_base + o[None, :] * K + k[:, None], mask=(k < K)[:, None] & (o < O)[None, :], other=0.0)
             acc += tl.dot(a.to(DOT), wk.to(DOT))
-        _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS, ACT, SLOPE, CL)
+        _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS, ACT, SLOPE, CL, g_ptr, GRAD,
+                      GRAD_SLOPE, G_CL)
 
     @triton.jit
-    def _conv_fwd_fma_kernel(x_ptr, rows_ptr, wt_ptr, b_ptr, y_ptr, B, O,
+    def _conv_fwd_fma_kernel(x_ptr, rows_ptr, wt_ptr, b_ptr, y_ptr, g_ptr, B, O,
                              C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, HO: tl.constexpr, WO: tl.constexpr,
                              PH: tl.constexpr, PW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                              GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr,
+                             GRAD: tl.constexpr, GRAD_SLOPE: tl.constexpr, G_CL: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """The forward as outer products on CUDA cores: each thread owns pixels and all O outputs.
 
@@ -124,7 +136,8 @@ if triton is not None:
         o = tl.arange(0, BLOCK_N)
         w_base = wt_ptr + m.to(tl.int64) * (C * KH * KW * BLOCK_N) + o
         acc = _conv_tile(x_ptr, row, i, j, pmask, w_base, C, H, W, PH, PW, KH, KW, BLOCK_M, BLOCK_N)
-        _store_output(tl.trans(acc), b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS, ACT, SLOPE)
+        _store_output(tl.trans(acc), b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS, ACT, SLOPE, False,
+                      g_ptr, GRAD, GRAD_SLOPE, G_CL)
 
     @triton.jit
     def _conv_tile(x_ptr, row, i, j, pmask, w_base, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
@@ -290,12 +303,12 @@ if triton is not None:
         return tl.load(x_ptr + at[:, None] + c[None, :], mask=ok[:, None] & (c < C)[None, :], other=0.0)
 
     @triton.jit
-    def _conv_fwd_cl_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, y_ptr, B, O,
+    def _conv_fwd_cl_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, y_ptr, g_ptr, B, O,
                             C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, HO: tl.constexpr, WO: tl.constexpr,
                             PH: tl.constexpr, PW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                             GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
-                            ACT: tl.constexpr, SLOPE: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+                            ACT: tl.constexpr, SLOPE: tl.constexpr, GRAD: tl.constexpr, GRAD_SLOPE: tl.constexpr,
+                            G_CL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
         """The forward of a wide layer, x [rows, H, W, C] and y [N*B, HO, WO, O] channels-last, w as
         [N, KH, KW, C, O]: one loop over (tap, channel block), each a [pixels, channels] @ [channels, outputs]
         product whose loads are contiguous channel runs (the NCHW gather loads an element a lane)."""
@@ -311,7 +324,8 @@ if triton is not None:
             a = _cl_patch(x_ptr, row, i, j, pmask, t, c, C, H, W, PH, PW, KW)
             wk = tl.load(w_base + (t * C + c)[:, None] * O + o[None, :], mask=(c < C)[:, None] & (o < O)[None, :], other=0.0)
             acc += tl.dot(a.to(DOT), wk.to(DOT))
-        _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS, ACT, SLOPE, True)
+        _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS, ACT, SLOPE, True, g_ptr, GRAD,
+                      GRAD_SLOPE, G_CL)
 
     @triton.jit
     def _conv_wgrad_cl_kernel(x_ptr, rows_ptr, dy_ptr, dw_ptr, db_ptr, B, SPLIT, PER_SPLIT,
@@ -387,20 +401,27 @@ def _cl_blocks(c: int, o: int) -> tuple[int, int, int]:
 
 
 def _launch_forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None, batch: int,
-                    padding: tuple[int, int], out_dtype: torch.dtype, act: str = "identity", slope: float = 0.0) -> Tensor:
+                    padding: tuple[int, int], out_dtype: torch.dtype, act: str = "identity", slope: float = 0.0,
+                    through: tuple[Tensor, str, float] | None = None) -> Tensor:
+    """The forward's launch. `through` = (g, act, slope): the output (an input gradient, y's shape) times act'(g)."""
     n, o, c, kh, kw = w.shape
     h, wd = x.shape[2], x.shape[3]
     ho, wo = h + 2 * padding[0] - kh + 1, wd + 2 * padding[1] - kw + 1
     y = _output((n * batch, o, ho, wo), c, x, out_dtype)
     rows_arg = rows if rows is not None else x  # any pointer when GATHER is off
+    g, grad, grad_slope = through if through is not None else (y, "identity", 0.0)
+    g_cl = stored_channels_last(g)
+    g = g if g_cl else g.contiguous()
+    epilogue = dict(GRAD=grad, GRAD_SLOPE=float(grad_slope), G_CL=g_cl)
     if _reads_channels_last(x, rows, o):
         x = x.contiguous(memory_format=torch.channels_last)
         block_m, block_c, block_n = _cl_blocks(c, o)
         wt = w.permute(0, 3, 4, 2, 1).contiguous()  # [N, kh, kw, C, O]: a tap's channels are rows of outputs
         _conv_fwd_cl_kernel[(triton.cdiv(batch * ho * wo, block_m), triton.cdiv(o, block_n), n)](
-            x, rows_arg, wt, b if b is not None else wt, y, batch, o, C=c, H=h, W=wd, HO=ho, WO=wo,
+            x, rows_arg, wt, b if b is not None else wt, y, g, batch, o, C=c, H=h, W=wd, HO=ho, WO=wo,
             PH=padding[0], PW=padding[1], KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=b is not None,
-            DOT=_dot_dtype(y), ACT=act, SLOPE=slope, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=4,
+            DOT=_dot_dtype(y), ACT=act, SLOPE=slope, **epilogue, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_N=block_n,
+            num_warps=4,
         )
         return y
     x = x.contiguous()
@@ -410,17 +431,17 @@ def _launch_forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None,
         block_m = t.fma_block_m or min(1024, 8192 // block_n)  # 8 outputs x 8 pixels a thread (4 warps)
         wt = _fma_weights(w, block_n)
         _conv_fwd_fma_kernel[(triton.cdiv(batch * ho * wo, block_m), n)](
-            x, rows_arg, wt, b if b is not None else wt, y, batch, o, C=c, H=h, W=wd, HO=ho, WO=wo,
+            x, rows_arg, wt, b if b is not None else wt, y, g, batch, o, C=c, H=h, W=wd, HO=ho, WO=wo,
             PH=padding[0], PW=padding[1], KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=b is not None,
-            ACT=act, SLOPE=slope, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=t.fma_warps,
+            ACT=act, SLOPE=slope, **epilogue, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=t.fma_warps,
         )
         return y
     block_m, block_k, block_n = _blocks(c * kh * kw, o)
     _conv_fwd_dot_kernel[(triton.cdiv(batch * ho * wo, block_m), triton.cdiv(o, block_n), n)](
-        x, rows_arg, w, b if b is not None else w, y, batch, c, h, wd, o, ho, wo, padding[0], padding[1],
+        x, rows_arg, w, b if b is not None else w, y, g, batch, c, h, wd, o, ho, wo, padding[0], padding[1],
         K=c * kh * kw, KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=b is not None, DOT=_dot_dtype(y),
-        CL=_writes_channels_last(c, o), ACT=act, SLOPE=slope, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
-        num_warps=4,
+        CL=_writes_channels_last(c, o), ACT=act, SLOPE=slope, **epilogue, BLOCK_M=block_m, BLOCK_K=block_k,
+        BLOCK_N=block_n, num_warps=4,
     )
     return y
 
@@ -528,14 +549,29 @@ def _launch_wgrad_cl(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.
 
 @torch.library.custom_op("symzoo::pop_conv2d", mutates_args=())
 def _pop_conv2d(x: Tensor, w: Tensor, b: Tensor | None, rows: Tensor | None, batch: int,
-                pad_h: int, pad_w: int, out_dtype: torch.dtype) -> Tensor:
+                pad_h: int, pad_w: int, out_dtype: torch.dtype, input_act: str, input_slope: float) -> Tensor:
     return _launch_forward(x, rows, w.contiguous(), b, batch, (pad_h, pad_w), out_dtype)
 
 
 @_pop_conv2d.register_fake
-def _(x, w, b, rows, batch, pad_h, pad_w, out_dtype):
+def _(x, w, b, rows, batch, pad_h, pad_w, out_dtype, input_act, input_slope):
     n, o, _, kh, kw = w.shape
     return _output((n * batch, o, x.shape[2] + 2 * pad_h - kh + 1, x.shape[3] + 2 * pad_w - kw + 1), x.shape[1], x, out_dtype)
+
+
+@torch.library.custom_op("symzoo::pop_conv2d_dx_through", mutates_args=())
+def _pop_conv2d_dx_through(dy: Tensor, w_t: Tensor, g: Tensor, batch: int, pad_h: int, pad_w: int,
+                           out_dtype: torch.dtype, act: str, slope: float) -> Tensor:
+    """The input gradient (the forward of dy with the flipped, transposed weights w_t) times act'(g), g the
+    conv's input and the output of `act`: the gradient w.r.t. that activation's input, in one pass."""
+    return _launch_forward(dy, None, w_t.contiguous(), None, batch, (pad_h, pad_w), out_dtype, through=(g, act, slope))
+
+
+@_pop_conv2d_dx_through.register_fake
+def _(dy, w_t, g, batch, pad_h, pad_w, out_dtype, act, slope):
+    n, o, _, kh, kw = w_t.shape
+    return _output((n * batch, o, dy.shape[2] + 2 * pad_h - kh + 1, dy.shape[3] + 2 * pad_w - kw + 1), dy.shape[1], dy,
+                   out_dtype)
 
 
 @torch.library.custom_op("symzoo::pop_conv2d_wgrad", mutates_args=())
@@ -551,28 +587,33 @@ def _(x, rows, dy, w, pad_h, pad_w, bias):
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, w, b, rows, batch, pad_h, pad_w, _ = inputs
+    x, w, b, rows, batch, pad_h, pad_w, _, input_act, input_slope = inputs
     ctx.save_for_backward(x, w, rows)
-    ctx.meta = (batch, pad_h, pad_w, b is not None, x.dtype)
+    ctx.meta = (batch, pad_h, pad_w, b is not None, x.dtype, (input_act, input_slope))
 
 
 def _backward(ctx, dy: Tensor):
     x, w, rows = ctx.saved_tensors
-    batch, pad_h, pad_w, has_bias, x_dtype = ctx.meta
-    return (*_conv_grads(ctx.needs_input_grad, dy, x, w, rows, batch, pad_h, pad_w, has_bias, x_dtype),
-            None, None, None, None, None)
+    batch, pad_h, pad_w, has_bias, x_dtype, through = ctx.meta
+    return (*_conv_grads(ctx.needs_input_grad, dy, x, w, rows, batch, pad_h, pad_w, has_bias, x_dtype, through),
+            *(None,) * 7)
 
 
 def _conv_grads(needs: tuple[bool, ...], dy: Tensor, x: Tensor, w: Tensor, rows: Tensor | None, batch: int,
-                pad_h: int, pad_w: int, has_bias: bool, x_dtype: torch.dtype):
-    """(dx, dw, db) of the convolution for its output gradient dy; None where `needs` says not needed."""
+                pad_h: int, pad_w: int, has_bias: bool, x_dtype: torch.dtype,
+                through: tuple[str, float] = ("identity", 0.0)):
+    """(dx, dw, db) of the convolution for its output gradient dy; None where `needs` says not needed.
+    `through` = (act, slope): x is that activation's output, and dx is w.r.t. the activation's input."""
     dx = dw = db = None
     if needs[0]:
         if rows is not None:
             raise NotImplementedError("the input gradient of a row-indexed (data-reading) convolution")
         kh, kw = w.shape[3], w.shape[4]
         w_t = w.flip(3, 4).transpose(1, 2).contiguous()  # [N, C, O, kh, kw]: the input grad is a forward conv
-        dx = _pop_conv2d(dy, w_t, None, None, batch, kh - 1 - pad_h, kw - 1 - pad_w, x_dtype)
+        if through[0] == "identity":
+            dx = _pop_conv2d(dy, w_t, None, None, batch, kh - 1 - pad_h, kw - 1 - pad_w, x_dtype, "identity", 0.0)
+        else:
+            dx = _pop_conv2d_dx_through(dy, w_t, x, batch, kh - 1 - pad_h, kw - 1 - pad_w, x_dtype, *through)
     if needs[1] or (has_bias and needs[2]):
         dw, db = _pop_conv2d_wgrad(x, rows, dy, w, pad_h, pad_w, has_bias)
         dw, db = dw.to(w.dtype), (db if has_bias else None)
@@ -583,18 +624,35 @@ _pop_conv2d.register_autograd(_backward, setup_context=_setup)
 
 
 def conv2d(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int] = (0, 0), *,
-           rows: Tensor | None = None, out_dtype: torch.dtype | None = None, windows: Tensor | None = None) -> Tensor:
+           rows: Tensor | None = None, out_dtype: torch.dtype | None = None, windows: Tensor | None = None,
+           input_act: tuple[str, float] | None = None) -> Tensor:
     """Model n's Conv2d (stride 1) on its own samples: w [N, O, C, kh, kw], b [N, O] -> y [N*B, O, Ho, Wo].
 
     x is [N*B, C, H, W] (model n's batch in rows n*B..(n+1)*B-1), or, with `rows` [N, B] (or [N*B])
     of indices, the data set [S, C, H, W] that those indices read. The output has x's dtype unless
     `out_dtype` is given; gradients flow to x (when not row-indexed), w and b. With `rows`, `windows` may
     be x's `window_table(x, (kh, kw), padding, pool=1)`: the same result from tensor-core products.
+    `input_act` = (act, slope): x is the output of that activation, folded into the conv that wrote it with
+    `act_grad=False`, and the gradient this op returns for x is w.r.t. the activation's input (act' applied in
+    the input gradient's store, so the producer's backward has no pass of its own over x for it).
     """
     x, w, rows, batch = _checked(x, w, rows)
+    act, slope = _input_act(input_act, rows, windows)
     if windows is not None:
         return _window_conv(windows, x, w, b, padding, _need_rows(rows), batch, 1, "identity", 0.0, out_dtype or x.dtype)
-    return _pop_conv2d(x, w, b, rows, batch, int(padding[0]), int(padding[1]), out_dtype or x.dtype)
+    return _pop_conv2d(x, w, b, rows, batch, int(padding[0]), int(padding[1]), out_dtype or x.dtype, act, slope)
+
+
+def _input_act(input_act: tuple[str, float] | None, rows: Tensor | None, windows: Tensor | None) -> tuple[str, float]:
+    """`input_act` checked: (act, slope), ("identity", 0.0) for None; a data-reading conv has no input gradient."""
+    if input_act is None:
+        return "identity", 0.0
+    act, slope = input_act
+    if act not in EPILOGUE_ACTIVATIONS:
+        raise ValueError(f"input_act = {input_act!r}: the activation must be one of {', '.join(EPILOGUE_ACTIVATIONS)}")
+    if rows is not None or windows is not None:
+        raise ValueError("input_act applies to an input gradient: a conv reading the data set by row index has none")
+    return act, float(slope)
 
 
 def _need_rows(rows: Tensor | None) -> Tensor:

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import tuning
 from .common import EPILOGUE_ACTIVATIONS, _dot_dtype, _programs_per_model, _tile_rows, _wgrad_fake, tl, triton
-from .conv import _checked, _conv_grads, _launch_pool_act, _launch_wgrad, _need_rows, _output, _plain, _pool_act_kernel
+from .conv import _checked, _conv_grads, _input_act, _launch_pool_act, _launch_wgrad, _need_rows, _output, _plain, _pool_act_kernel
 from .window import _window_conv
 
 
@@ -147,12 +147,12 @@ def _(x, rows, da, a, code, w, pad_h, pad_w, bias, pool, act, slope):
 @torch.library.custom_op("symzoo::pop_conv2d_pool_act", mutates_args=())
 def _pop_conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, rows: Tensor | None, batch: int, pad_h: int,
                          pad_w: int, pool: int, act: str, slope: float, out_dtype: torch.dtype,
-                         window_dx: bool, act_grad: bool) -> tuple[Tensor, Tensor]:
+                         window_dx: bool, act_grad: bool, input_act: str, input_slope: float) -> tuple[Tensor, Tensor]:
     return _launch_pool_act(x, rows, w.contiguous(), b, batch, (pad_h, pad_w), pool, act, slope, out_dtype)
 
 
 @_pop_conv2d_pool_act.register_fake
-def _(x, w, b, rows, batch, pad_h, pad_w, pool, act, slope, out_dtype, window_dx, act_grad):
+def _(x, w, b, rows, batch, pad_h, pad_w, pool, act, slope, out_dtype, window_dx, act_grad, input_act, input_slope):
     n, o, _, kh, kw = w.shape
     shape = (n * batch, o, (x.shape[2] + 2 * pad_h - kh + 1) // pool, (x.shape[3] + 2 * pad_w - kw + 1) // pool)
     if _plain(o, pool):  # the plain forward's output, in its memory format
@@ -161,12 +161,13 @@ def _(x, w, b, rows, batch, pad_h, pad_w, pool, act, slope, out_dtype, window_dx
 
 
 def _setup_pool_act(ctx, inputs, output) -> None:
-    x, w, b, rows, batch, pad_h, pad_w, pool, act, slope, _, window_dx, act_grad = inputs
+    x, w, b, rows, batch, pad_h, pad_w, pool, act, slope, _, window_dx, act_grad, input_act, input_slope = inputs
     a, code = output
     if not act_grad:  # the gradient arrives through the activation already: the output is not read again
         a, act = a.new_empty(0), "identity"
     ctx.save_for_backward(x, w, rows, a, code)
-    ctx.meta = (batch, pad_h, pad_w, b is not None, x.dtype, pool, act, slope, window_dx, _plain(w.shape[1], pool))
+    ctx.meta = (batch, pad_h, pad_w, b is not None, x.dtype, pool, act, slope, window_dx, _plain(w.shape[1], pool),
+                (input_act, input_slope))
     ctx.mark_non_differentiable(code)
 
 
@@ -217,8 +218,8 @@ def _(da, a, code, w, x, pad_h, pad_w, pool, act, slope, bias, weights):
 
 def _backward_pool_act(ctx, da: Tensor, _dcode: Tensor | None):
     x, w, rows, a, code = ctx.saved_tensors
-    batch, pad_h, pad_w, has_bias, x_dtype, pool, act, slope, window_dx, plain = ctx.meta
-    nothing = (None,) * 10
+    batch, pad_h, pad_w, has_bias, x_dtype, pool, act, slope, window_dx, plain, through = ctx.meta
+    nothing = (None,) * 12
     window_dx = ctx.needs_input_grad[0] and pool > 1 and window_dx
     if window_dx and rows is None:  # dx per block of input pixels and dw, db in one op
         weights = ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2])
@@ -235,7 +236,8 @@ def _backward_pool_act(ctx, da: Tensor, _dcode: Tensor | None):
     if pool > 1:
         out_hw = (x.shape[2] + 2 * pad_h - w.shape[3] + 1, x.shape[3] + 2 * pad_w - w.shape[4] + 1)
         dz = _unpool(dz, code, pool, out_hw)
-    return (*_conv_grads(ctx.needs_input_grad, dz, x, w, rows, batch, pad_h, pad_w, has_bias, x_dtype), *nothing)
+    return (*_conv_grads(ctx.needs_input_grad, dz, x, w, rows, batch, pad_h, pad_w, has_bias, x_dtype, through),
+            *nothing)
 
 
 _pop_conv2d_pool_act.register_autograd(_backward_pool_act, setup_context=_setup_pool_act)
@@ -251,7 +253,8 @@ def fuses(out_channels: int, pool: int = 2) -> bool:
 def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int] = (0, 0), *,
                     pool: int = 2, act: str = "identity", slope: float = 0.0, rows: Tensor | None = None,
                     out_dtype: torch.dtype | None = None, windows: Tensor | None = None,
-                    window_dx: bool | None = None, act_grad: bool = True) -> Tensor:
+                    window_dx: bool | None = None, act_grad: bool = True,
+                    input_act: tuple[str, float] | None = None) -> Tensor:
     """act(max_pool2d(conv2d(x, w, b), pool)) per model in one kernel (pool 1: no pool), as `conv2d`'s arguments.
 
     `act` is one of EPILOGUE_ACTIVATIONS (`slope`: leaky_relu's negative slope); the max is taken before the
@@ -262,17 +265,21 @@ def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, 
     the tuning's window_dx) picks how a pooled layer's input gradient is computed (both exact; the choice is an
     argument so a compiled program records it). `act_grad=False` (no pool only): the output's one reader applies
     the activation's derivative in its own backward (`max_pool2x2(.., act=act)`), so the gradient arriving here
-    is w.r.t. the activation's input and the full output's activation pass is not run.
+    is w.r.t. the activation's input and the full output's activation pass is not run. `input_act` (no pool
+    only) as `conv2d`'s: x is the output of an activation whose derivative this conv's input gradient applies.
     """
     if pool not in (1, 2) or act not in EPILOGUE_ACTIVATIONS:
         raise ValueError(f"pool = {pool!r}, act = {act!r}: allowed pool 1 or 2 and act one of {', '.join(EPILOGUE_ACTIVATIONS)}")
     if not act_grad and pool != 1:
         raise ValueError("act_grad=False leaves the activation's derivative to the output's reader: only without a pool (pool=1)")
+    if input_act is not None and pool != 1:
+        raise ValueError("input_act applies the input activation's derivative in the plain input gradient: only without a pool (pool=1)")
     x, w, rows, batch = _checked(x, w, rows)
+    through = _input_act(input_act, rows, windows)
     if windows is not None:
         return _window_conv(windows, x, w, b, padding, _need_rows(rows), batch, pool, act, slope, out_dtype or x.dtype,
                             act_grad)
     window_dx = tuning.current().window_dx if window_dx is None else bool(window_dx)
     a, _ = _pop_conv2d_pool_act(x, w, b, rows, batch, int(padding[0]), int(padding[1]), pool, act, float(slope),
-                                out_dtype or x.dtype, window_dx, bool(act_grad))
+                                out_dtype or x.dtype, window_dx, bool(act_grad), *through)
     return a
