@@ -34,7 +34,8 @@ def space_to_depth(x: Tensor, stride: tuple[int, int], padding: tuple[int, int],
     ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
     if (kh, kw) == (1, 1):
         layout = torch.channels_last if channels_last else torch.contiguous_format
-        return F.pad(x, (pw, pw, ph, ph))[:, :, ::sh, ::sw][:, :, :ho, :wo].contiguous(memory_format=layout)
+        x = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x  # a zero pad would still copy the map, and again backward
+        return x[:, :, ::sh, ::sw][:, :, :ho, :wo].contiguous(memory_format=layout)
     bh, bw = ho + _blocks(kh, sh) - 1, wo + _blocks(kw, sw) - 1  # the blocks the stride-1 conv reads
     x = F.pad(x, (pw, sw * bw - w - pw, ph, sh * bh - h - ph))  # zeros as the conv pads, and cut or filled to whole blocks
     x = x.reshape(r, c, bh, sh, bw, sw)
