@@ -674,12 +674,14 @@ class _Emitter:
             elif kinds.get(node) == CONST and pop.constants is not None and _constant_tensor(node):
                 env[node] = g.call_function(pop.constants.op(node.name, node.target), value(node.args), value(node.kwargs))
             elif pop.kernels and kinds.get(node) == DATA and self._plain_max_pool(node):
-                act = self.pool_act.get(node)  # the derivative of the activation its conv folded, in its backward
+                act = self.pool_act.pop(node, None)  # the derivative of the activation its conv folded, in its backward
                 options = {} if act is None else {"act": act[0], "slope": act[1]}
                 env[node] = g.call_function(popconv.max_pool2x2, (value(node.args[0]),), options)
                 self.choose(node, "popconv max-pool" + ("" if act is None else f" (+{act[0]}')"))
             else:  # data alone (or constants): the [N*B, ...] batch is one big batch of samples
                 env[node] = g.node_copy(node, value)
+        if self.pool_act or self.conv_act:  # a conv left its activation's derivative to a reader that did not take it
+            raise AssertionError(f"unpaired activation derivatives: {[_what(n) for n in [*self.pool_act, *self.conv_act]]}")
         _model_group_chains(g, self.mods)
         g.lint()
         return fx.GraphModule(self.src, g)
@@ -841,7 +843,7 @@ class _Emitter:
             pop.window_geometry = (kernel, pad, pool)
             why = why if chain else "reads the data set by row index"
         folded = [n for n, _, _ in affine] + chain
-        through = self.conv_act.get(node)  # its input is an activation whose derivative its input gradient applies
+        through = self.conv_act.pop(node, None)  # its input is an activation whose derivative its input gradient applies
         if through is not None:
             assert pool == 1 and stride == (1, 1) and not reads, "paired with a conv whose input gradient is not plain"
             options["input_act"] = through
