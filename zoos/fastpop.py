@@ -854,7 +854,8 @@ class _Emitter:
             return env[tail]
         self.fused.update(chain)
         act = (epilogue[1]["act"], epilogue[1].get("slope", 0.0))
-        if pool == 1 and act[0] != "identity":  # the one reader's backward applies act': no pass over the map for it
+        # the one reader's backward applies act': no pass over the map for it
+        if pool == 1 and act[0] != "identity" and popconv.tuning.current().act_in_reader:
             reader = self._pool_reading(chain[-1])
             if reader is not None:
                 self.pool_act[reader] = act

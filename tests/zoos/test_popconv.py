@@ -327,6 +327,10 @@ def test_the_program_leaves_an_activation_derivative_to_the_conv_reading_it():
     grads, _ = step(params, buffers, x, y)
     for k in want:
         close(grads[k], want[k])
+    with popconv.tuned({"act_in_reader": False}):  # the tuning's switch: each conv's backward runs its own pass
+        off = FastPopulation(module, (2, 8, 8), kernels=True, dropout=False)
+    kwargs = [n.kwargs for n in off.graph_module.graph.nodes if n.op == "call_function"]
+    assert not any({"act_grad", "input_act"} & set(kw) for kw in kwargs), kwargs
 
 
 class _WideThenPool(torch.nn.Module):
@@ -892,12 +896,14 @@ def test_a_bad_tuning_is_refused_naming_the_variable_or_entry():
 
 
 def test_environment_variables_set_the_tuning_at_import():
-    """The five SYMZOO_POPCONV_* variables (each in the package docstring), and the defaults without them."""
+    """The six SYMZOO_POPCONV_* variables (each in the package docstring), and the defaults without them."""
     assert popconv.tuning._from_environment({}) == popconv.Tuning()
     env = {"SYMZOO_POPCONV_FORWARD": "dot", "SYMZOO_POPCONV_FUSE": "0", "SYMZOO_POPCONV_STRIDED": "0",
-           "SYMZOO_POPCONV_WINDOWS": "never", "SYMZOO_POPCONV_WINDOW_DX": "0"}
+           "SYMZOO_POPCONV_WINDOWS": "never", "SYMZOO_POPCONV_WINDOW_DX": "0", "SYMZOO_POPCONV_ACT_IN_READER": "0"}
     got = popconv.tuning._from_environment(env)
-    assert (got.forward, got.fuse, got.strided, got.windows, got.window_dx) == ("dot", False, False, "never", False)
-    assert got == popconv.Tuning(forward="dot", fuse=False, strided=False, windows="never", window_dx=False)
+    assert (got.forward, got.fuse, got.strided, got.windows, got.window_dx, got.act_in_reader) == (
+        "dot", False, False, "never", False, False)
+    assert got == popconv.Tuning(forward="dot", fuse=False, strided=False, windows="never", window_dx=False,
+                                 act_in_reader=False)
     for name in env:
         assert name in popconv.__doc__

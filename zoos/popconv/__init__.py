@@ -75,7 +75,7 @@ One module a kernel family, each with its kernels, launchers and custom ops:
 Tuning: `tuning.current()` is a frozen `Tuning`, built at import from the environment variables below;
 `with tuned({"window_block_m": 64}):` replaces it inside the block (the benchmarks' --tuning sets,
 `parse_tuning`). Each field is read where its choice is made: `fuse`, `forward` (through `fuses`), `strided`
-(through `supports`) and `window_dx` when `zoos.fastpop` emits a program, `windows` and `window_max_fraction`
+(through `supports`), `window_dx` and `act_in_reader` when `zoos.fastpop` emits a program, `windows` and `window_max_fraction`
 when a window table is or is not built, the others (and `forward` again) at each launch.
 
 Environment variables, read once when the package is imported:
@@ -84,6 +84,8 @@ Environment variables, read once when the package is imported:
                             the pool and activation into every conv, dot only an activation without a pool
   SYMZOO_POPCONV_FUSE       1 (default) or 0: 0 keeps a following 2x2 max-pool and activation out of the conv
   SYMZOO_POPCONV_STRIDED    1 (default) or 0: 0 leaves strided convs to zoos.fastpop's im2col + bmm
+  SYMZOO_POPCONV_ACT_IN_READER  1 (default) or 0: 0 keeps a folded activation's derivative in its conv's backward
+                            (a pass of its own) instead of the max-pool's or conv's that alone reads it
   SYMZOO_POPCONV_WINDOWS    pool (default), always or never: when a first layer reading the data set by index
                             reads its window table (pool: when a 2x2 max-pool follows), within 1/8 of the
                             device's memory

@@ -37,6 +37,9 @@ class Tuning:
     fuse: bool = True
     # whether a strided conv runs here as the stride-1 conv of its blocks (`supports`; else fastpop's im2col + bmm)
     strided: bool = True
+    # whether a conv's folded activation leaves its derivative to the max-pool or stride-1 conv that alone reads it
+    # (fastpop's pairing: `act_grad=False`, `input_act`; else the conv's backward runs it as a pass of its own)
+    act_in_reader: bool = True
     # when a first layer reads a window table (`windows_pay`): "pool" (a 2x2 max-pool follows), "always", "never"
     windows: str = "pool"
     # the largest share of the device's memory a window table may take
@@ -78,7 +81,8 @@ def _from_environment(env: Mapping[str, str] = os.environ) -> Tuning:
     """The defaults with the SYMZOO_POPCONV_* variables of `env` applied (see the package docstring)."""
     return Tuning(forward=env.get("SYMZOO_POPCONV_FORWARD", "auto"), fuse=_flag(env, "SYMZOO_POPCONV_FUSE"),
                   strided=_flag(env, "SYMZOO_POPCONV_STRIDED"), windows=env.get("SYMZOO_POPCONV_WINDOWS", "pool"),
-                  window_dx=_flag(env, "SYMZOO_POPCONV_WINDOW_DX"))
+                  window_dx=_flag(env, "SYMZOO_POPCONV_WINDOW_DX"),
+                  act_in_reader=_flag(env, "SYMZOO_POPCONV_ACT_IN_READER"))
 
 
 _current = _from_environment()
