@@ -37,8 +37,8 @@ forward and weight gradient become tensor-core products over contiguous whole-wi
 convs write channels-last maps, and any other plain 2x2 max-pool of a map runs as `popconv.max_pool2x2`
 (PyTorch's channels-last pooling is several times slower on these maps); where such a pool alone reads a
 wide conv's folded activation, the pool's backward applies the activation's derivative (`act_grad=False`), and
-where a stride-1 kernel conv alone reads it, that conv's input gradient does (`input_act`). A Linear (or F.linear) of up to
-`poplinear.MAX_FEATURES` inputs and outputs runs as `poplinear.linear`: the bias in the product's epilogue and
+where a stride-1 kernel conv alone reads it, that conv's input gradient does (`input_act`). A Linear (or F.linear)
+of up to `poplinear.MAX_FEATURES` inputs and outputs runs as `poplinear.linear`: the bias in the product's epilogue and
 its gradient in the weight gradient's pass, where a batched matmul spends two more passes on each.
 
 `FastPopulation.supports(module)` says whether a module can run this way and why not: only the layer

@@ -307,28 +307,35 @@ class _WideChain(torch.nn.Module):
         return self.head(self.conv3(self.drop(h)).mean(dim=(-2, -1)))
 
 
-def test_the_program_leaves_an_activation_derivative_to_the_conv_reading_it():
-    """conv -> act -> conv pairs: the first with act_grad=False, the second with its input_act (past a skipped
-    dropout); gradients equal vmap's."""
-    module = _WideChain()
-    params, buffers = stack_states([_WideChain().to(DEVICE) for _ in range(3)])
+def _step_equal_to_vmap(cls) -> FastStep:
+    """A 3-model population of `cls` ([2, 8, 8] inputs, 4 classes, every dropout rate 0): its kernel program's
+    training step, checked to give vmap's gradients."""
+    module = cls()
+    params, buffers = stack_states([cls().to(DEVICE) for _ in range(3)])
     x = torch.randn(3, 4, 2, 8, 8, device=DEVICE)
     y = torch.randint(0, 4, (3, 4), device=DEVICE)
     step = FastStep(module, F.cross_entropy, (2, 8, 8), dropout=False, kernels=True)
-    calls = [n.kwargs for n in step.pop.graph_module.graph.nodes
-             if n.op == "call_function" and n.target in (popconv.conv2d_pool_act, popconv.conv2d)]
-    assert [(kw.get("act"), kw.get("act_grad"), kw.get("input_act")) for kw in calls] == [
-        ("tanh", False, None), ("relu", False, ("tanh", 0.0)), (None, None, ("relu", 0.0))]
 
     def one(p, b, xb, yb):
         return F.cross_entropy(functional_call(module, (p, b), (xb,)), yb)
 
-    want = vmap(grad(one), randomness="different")(params, buffers, x, y)  # every dropout rate 0
+    want = vmap(grad(one), randomness="different")(params, buffers, x, y)
     grads, _ = step(params, buffers, x, y)
     for k in want:
         close(grads[k], want[k])
-    with popconv.tuned({"act_in_reader": False}):  # the tuning's switch: each conv's backward runs its own pass
-        off = FastPopulation(module, (2, 8, 8), kernels=True, dropout=False)
+    return step
+
+
+def test_the_program_leaves_an_activation_derivative_to_the_conv_reading_it():
+    """conv -> act -> conv pairs: the first with act_grad=False, the second with its input_act (past a skipped
+    dropout); gradients equal vmap's. The tuning's act_in_reader=0 leaves each conv its own pass."""
+    step = _step_equal_to_vmap(_WideChain)
+    calls = [n.kwargs for n in step.pop.graph_module.graph.nodes
+             if n.op == "call_function" and n.target in (popconv.conv2d_pool_act, popconv.conv2d)]
+    assert [(kw.get("act"), kw.get("act_grad"), kw.get("input_act")) for kw in calls] == [
+        ("tanh", False, None), ("relu", False, ("tanh", 0.0)), (None, None, ("relu", 0.0))]
+    with popconv.tuned({"act_in_reader": False}):
+        off = FastPopulation(_WideChain(), (2, 8, 8), kernels=True, dropout=False)
     kwargs = [n.kwargs for n in off.graph_module.graph.nodes if n.op == "call_function"]
     assert not any({"act_grad", "input_act"} & set(kw) for kw in kwargs), kwargs
 
@@ -352,27 +359,15 @@ def test_the_program_leaves_a_wide_convs_activation_derivative_to_its_max_pool()
     """Where a no-pool fused conv's only reader is a plain max-pool (a skipped dropout between), the program
     emits the pair (the conv with act_grad=False, the pool with the activation) and its gradients equal vmap's;
     with the dropout kept, the conv keeps its own activation pass."""
-    module = _WideThenPool()
-    params, buffers = stack_states([_WideThenPool().to(DEVICE) for _ in range(3)])
-    x = torch.randn(3, 4, 2, 8, 8, device=DEVICE)
-    y = torch.randint(0, 4, (3, 4), device=DEVICE)
-    step = FastStep(module, F.cross_entropy, (2, 8, 8), dropout=False, kernels=True)
+    step = _step_equal_to_vmap(_WideThenPool)
     calls = [(n.target.__name__, n.kwargs) for n in step.pop.graph_module.graph.nodes if n.op == "call_function"]
     convs = [kw for name, kw in calls if name == "conv2d_pool_act"]
     assert [(kw["act"], kw.get("act_grad")) for kw in convs] == [("relu", False), ("tanh", None)]
     assert [kw for name, kw in calls if name == "max_pool2x2"] == [{"act": "relu", "slope": 0.0}]
     assert ("pool", "popconv max-pool (+relu')", "") in step.pop.choices
-    kept = FastPopulation(module, (2, 8, 8), kernels=True)  # the dropout runs: the pool reads it, not the conv
+    kept = FastPopulation(_WideThenPool(), (2, 8, 8), kernels=True)  # the dropout runs: the pool reads it, not the conv
     assert all("act_grad" not in n.kwargs and "act" not in (n.kwargs if n.target is popconv.max_pool2x2 else {})
                for n in kept.graph_module.graph.nodes if n.op == "call_function")
-
-    def one(p, b, xb, yb):
-        return F.cross_entropy(functional_call(module, (p, b), (xb,)), yb)
-
-    want = vmap(grad(one), randomness="different")(params, buffers, x, y)  # every dropout rate 0
-    grads, _ = step(params, buffers, x, y)
-    for k in want:
-        close(grads[k], want[k])
 
 
 def test_bad_shapes_are_named():

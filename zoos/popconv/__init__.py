@@ -75,8 +75,8 @@ One module a kernel family, each with its kernels, launchers and custom ops:
 Tuning: `tuning.current()` is a frozen `Tuning`, built at import from the environment variables below;
 `with tuned({"window_block_m": 64}):` replaces it inside the block (the benchmarks' --tuning sets,
 `parse_tuning`). Each field is read where its choice is made: `fuse`, `forward` (through `fuses`), `strided`
-(through `supports`), `window_dx` and `act_in_reader` when `zoos.fastpop` emits a program, `windows` and `window_max_fraction`
-when a window table is or is not built, the others (and `forward` again) at each launch.
+(through `supports`), `window_dx` and `act_in_reader` when `zoos.fastpop` emits a program, `windows` and
+`window_max_fraction` when a window table is or is not built, the others (and `forward` again) at each launch.
 
 Environment variables, read once when the package is imported:
   SYMZOO_POPCONV_FORWARD    auto (default), fma or dot: the conv forward on CUDA cores (fma) or tensor cores
