@@ -36,8 +36,9 @@ followed by a 2x2 max-pool, by default), that first conv reads a window table of
 forward and weight gradient become tensor-core products over contiguous whole-window rows. Wide kernel
 convs write channels-last maps, and any other plain 2x2 max-pool of a map runs as `popconv.max_pool2x2`
 (PyTorch's channels-last pooling is several times slower on these maps); where such a pool alone reads a
-wide conv's folded activation, the pool's backward applies the activation's derivative (`act_grad=False`), and
-where a stride-1 kernel conv alone reads it, that conv's input gradient does (`input_act`). A Linear (or F.linear)
+wide conv's folded activation, the pool's backward applies the activation's derivative (`act_grad=False`),
+where a stride-1 kernel conv alone reads it, that conv's input gradient does (`input_act`), and where a mean over
+the map does, its backward (`popconv.spatial_mean`). A Linear (or F.linear)
 of up to `poplinear.MAX_FEATURES` inputs and outputs runs as `poplinear.linear`: the bias in the product's epilogue and
 its gradient in the weight gradient's pass, where a batched matmul spends two more passes on each.
 
@@ -634,6 +635,7 @@ class _Emitter:
         self.deferred: dict[fx.Node, Callable[[], None]] = {}  # node -> the folded op emitted in its place
         self.pool_act: dict[fx.Node, tuple[str, float]] = {}  # max-pool -> the activation whose derivative it applies
         self.conv_act: dict[fx.Node, tuple[str, float]] = {}  # conv -> the same, in its input gradient
+        self.mean_act: dict[fx.Node, tuple[tuple[str, float], bool]] = {}  # spatial mean -> the same, and its keepdim
         weights = self._prologue(state, env)  # weight node -> its value in the new graph (on first use)
         self.pre_add = self._adds_before_norms()  # LayerNorm -> the add it emits with itself
         fused.update(self.pre_add.values())
@@ -678,10 +680,16 @@ class _Emitter:
                 options = {} if act is None else {"act": act[0], "slope": act[1]}
                 env[node] = g.call_function(popconv.max_pool2x2, (value(node.args[0]),), options)
                 self.choose(node, "popconv max-pool" + ("" if act is None else f" (+{act[0]}')"))
+            elif node in self.mean_act:
+                act, keepdim = self.mean_act.pop(node)
+                env[node] = g.call_function(popconv.spatial_mean, (value(node.args[0]),),
+                                            {"act": act[0], "slope": act[1], "keepdim": keepdim})
+                self.choose(node, f"spatial mean (+{act[0]}')")
             else:  # data alone (or constants): the [N*B, ...] batch is one big batch of samples
                 env[node] = g.node_copy(node, value)
-        if self.pool_act or self.conv_act:  # a conv left its activation's derivative to a reader that did not take it
-            raise AssertionError(f"unpaired activation derivatives: {[_what(n) for n in [*self.pool_act, *self.conv_act]]}")
+        unpaired = [*self.pool_act, *self.conv_act, *self.mean_act]  # derivatives left to readers that did not take them
+        if unpaired:
+            raise AssertionError(f"unpaired activation derivatives: {[_what(n) for n in unpaired]}")
         _model_group_chains(g, self.mods)
         g.lint()
         return fx.GraphModule(self.src, g)
@@ -861,6 +869,9 @@ class _Emitter:
                 self.pool_act[reader] = act
             elif (reader := self._conv_reading(chain[-1])) is not None:
                 self.conv_act[reader] = act
+            elif (mean := self._spatial_mean(self._sole_reader(chain[-1]))) is not None:
+                reader = mean[0]
+                self.mean_act[reader] = (act, mean[1])
             if reader is not None:
                 options["act_grad"] = False
         env[chain[-1]] = out = g.call_function(popconv.conv2d_pool_act, (x, w, b, pad), {**epilogue[1], **options})
@@ -882,6 +893,21 @@ class _Emitter:
         """The plain 2x2 max-pool that alone reads `node`, else None."""
         reader = self._sole_reader(node)
         return reader if reader is not None and self._plain_max_pool(reader) else None
+
+    @staticmethod
+    def _spatial_mean(node: fx.Node | None) -> tuple[fx.Node, bool] | None:
+        """(node, keepdim) where `node` is a mean of a [R, C, H, W] map over its last two axes, else None."""
+        if node is None or not (node.op == "call_method" and node.target == "mean"
+                                or node.op == "call_function" and node.target is torch.mean):
+            return None
+        probe = node.args[0].meta.get("probe") if isinstance(node.args[0], fx.Node) else None
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if not isinstance(probe, Tensor) or probe.dim() != 4 or set(node.kwargs) - {"dim", "keepdim"}:
+            return None
+        if not isinstance(dims, (tuple, list)) or sorted(d % 4 for d in dims) != [2, 3] or not isinstance(keepdim, bool):
+            return None
+        return node, keepdim
 
     def _conv_reading(self, node: fx.Node) -> fx.Node | None:
         """The popconv conv that alone reads `node` as its input and whose backward takes the input gradient as the

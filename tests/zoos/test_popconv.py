@@ -362,12 +362,45 @@ def test_the_program_leaves_a_wide_convs_activation_derivative_to_its_max_pool()
     step = _step_equal_to_vmap(_WideThenPool)
     calls = [(n.target.__name__, n.kwargs) for n in step.pop.graph_module.graph.nodes if n.op == "call_function"]
     convs = [kw for name, kw in calls if name == "conv2d_pool_act"]
-    assert [(kw["act"], kw.get("act_grad")) for kw in convs] == [("relu", False), ("tanh", None)]
+    assert [(kw["act"], kw.get("act_grad")) for kw in convs] == [("relu", False), ("tanh", False)]  # tanh: the mean's
     assert [kw for name, kw in calls if name == "max_pool2x2"] == [{"act": "relu", "slope": 0.0}]
     assert ("pool", "popconv max-pool (+relu')", "") in step.pop.choices
     kept = FastPopulation(_WideThenPool(), (2, 8, 8), kernels=True)  # the dropout runs: the pool reads it, not the conv
-    assert all("act_grad" not in n.kwargs and "act" not in (n.kwargs if n.target is popconv.max_pool2x2 else {})
-               for n in kept.graph_module.graph.nodes if n.op == "call_function")
+    calls = [(n.target.__name__, n.kwargs) for n in kept.graph_module.graph.nodes if n.op == "call_function"]
+    assert [kw.get("act_grad") for name, kw in calls if name == "conv2d_pool_act"] == [None, False]
+    assert [kw for name, kw in calls if name == "max_pool2x2"] == [{}]
+
+
+class _WideThenMean(torch.nn.Module):
+    """A 20-output conv -> leaky ReLU -> mean over the map (keepdim) -> head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = torch.nn.Conv2d(2, 20, 3, padding=1), torch.nn.Linear(20, 4)
+
+    def forward(self, x):
+        return self.head(F.leaky_relu(self.conv(x), 0.2).mean((2, 3), keepdim=True).flatten(1))
+
+
+@pytest.mark.parametrize("act,slope", [("relu", 0.0), ("tanh", 0.0), ("sigmoid", 0.0), ("leaky_relu", 0.1)])
+def test_a_spatial_mean_applies_the_derivative_of_the_activation_it_reads(act, slope):
+    """spatial_mean(act(z), act): the mean, and a backward that is w.r.t. z; in a program, paired with the conv
+    that folded the activation (act_grad=False), gradients equal vmap's."""
+    z = torch.randn(3, 5, 4, 6, device=DEVICE, requires_grad=True)
+    fn = {"relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "leaky_relu": lambda t: F.leaky_relu(t, slope)}[act]
+    for keepdim in (False, True):
+        want = fn(z).mean((-2, -1), keepdim=keepdim)
+        got = popconv.spatial_mean(fn(z).detach().requires_grad_(), act, slope, keepdim)
+        close(got, want)
+        dy = torch.randn_like(want)
+        a = fn(z).detach().requires_grad_()
+        (dz,) = torch.autograd.grad(popconv.spatial_mean(a, act, slope, keepdim), a, dy)
+        close(dz, torch.autograd.grad(want, z, dy)[0])
+    if act == "relu":
+        step = _step_equal_to_vmap(_WideThenMean)
+        calls = [(n.target.__name__, n.kwargs) for n in step.pop.graph_module.graph.nodes if n.op == "call_function"]
+        assert ("spatial_mean", {"act": "leaky_relu", "slope": 0.2, "keepdim": True}) in calls
+        assert [kw.get("act_grad") for name, kw in calls if name == "conv2d_pool_act"] == [False]
 
 
 def test_bad_shapes_are_named():

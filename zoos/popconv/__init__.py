@@ -47,7 +47,8 @@ epilogue, and its backward one pass of the activation's own backward before the 
 alone reads it, that pass is the pool's instead (`act_grad=False`, `max_pool2x2(.., act=...)`: act' read off
 the pooled output at the winning position, while the pool's backward writes the map's gradient anyway), and
 the conv keeps no copy of its full-resolution output for its backward; where a stride-1 conv without a pool
-alone reads it, that conv's input gradient is stored times act'(its input) (`input_act`), the same pass saved.
+alone reads it, that conv's input gradient is stored times act'(its input) (`input_act`), the same pass saved;
+where a spatial mean alone reads it, the mean's backward does (`spatial_mean`).
 
 A first layer that reads the data set by index can instead read its window table (`window_table`, built
 once per resident data set): row (s, q) is the whole (k + pool - 1)^2 input window of pooled output q,
@@ -97,11 +98,11 @@ Environment variables, read once when the package is imported:
 from .common import EPILOGUE_ACTIVATIONS, available, stored_channels_last, supports
 from .conv import conv2d, reads_channels_last
 from .pool import max_pool2x2
-from .pooled import conv2d_pool_act, fuses
+from .pooled import conv2d_pool_act, fuses, spatial_mean
 from .strided import space_to_depth, strided_weight
 from .tuning import Tuning, parse_tuning, tuned
 from .window import window_table, window_table_bytes, windows_pay
 
 __all__ = ["EPILOGUE_ACTIVATIONS", "Tuning", "available", "conv2d", "conv2d_pool_act", "fuses", "max_pool2x2",
-           "parse_tuning", "reads_channels_last", "space_to_depth", "stored_channels_last", "strided_weight", "supports",
-           "tuned", "window_table", "window_table_bytes", "windows_pay"]
+           "parse_tuning", "reads_channels_last", "space_to_depth", "spatial_mean", "stored_channels_last",
+           "strided_weight", "supports", "tuned", "window_table", "window_table_bytes", "windows_pay"]

@@ -243,6 +243,33 @@ def _backward_pool_act(ctx, da: Tensor, _dcode: Tensor | None):
 _pop_conv2d_pool_act.register_autograd(_backward_pool_act, setup_context=_setup_pool_act)
 
 
+class _SpatialMean(torch.autograd.Function):
+    """a.mean over (H, W), whose backward returns the gradient w.r.t. the input of the activation that wrote a:
+    (dy / HW) broadcast times act'(a), one pass where the mean's own backward and the activation's were two."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, act: str, slope: float, keepdim: bool) -> Tensor:
+        ctx.save_for_backward(a)
+        ctx.meta = (act, slope, keepdim)
+        return a.mean(dim=(-2, -1), keepdim=keepdim)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        (a,), (act, slope, keepdim) = ctx.saved_tensors, ctx.meta
+        g = dy / (a.shape[-2] * a.shape[-1])
+        g = (g if keepdim else g[..., None, None]).expand_as(a)
+        return _act_backward(g, a, act, slope), None, None, None
+
+
+def spatial_mean(a: Tensor, act: str = "identity", slope: float = 0.0, keepdim: bool = False) -> Tensor:
+    """a.mean(dim=(-2, -1)) of a [R, C, H, W] map; `act` (one of EPILOGUE_ACTIVATIONS, `slope` leaky_relu's): a is
+    that activation's output, written by a conv that leaves the derivative to this mean (`conv2d_pool_act(..,
+    act_grad=False)`), and the backward returns the gradient w.r.t. the activation's input."""
+    if act not in EPILOGUE_ACTIVATIONS:
+        raise ValueError(f"act = {act!r} is not allowed; expected one of {', '.join(EPILOGUE_ACTIVATIONS)}")
+    return _SpatialMean.apply(a, act, float(slope), bool(keepdim))
+
+
 def fuses(out_channels: int, pool: int = 2) -> bool:
     """Whether `conv2d_pool_act` runs as one kernel for a conv with this many outputs and this pool: the
     CUDA-core forward with the pool and activation folded in, for up to 16 outputs (from any number of
@@ -264,7 +291,8 @@ def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, 
     first layer as tensor-core products over whole-window rows, the same result. `window_dx` (default
     the tuning's window_dx) picks how a pooled layer's input gradient is computed (both exact; the choice is an
     argument so a compiled program records it). `act_grad=False` (no pool only): the output's one reader applies
-    the activation's derivative in its own backward (`max_pool2x2(.., act=act)`), so the gradient arriving here
+    the activation's derivative in its own backward (`max_pool2x2(.., act=act)`, `spatial_mean`, a conv's
+    `input_act`), so the gradient arriving here
     is w.r.t. the activation's input and the full output's activation pass is not run. `input_act` (no pool
     only) as `conv2d`'s: x is the output of an activation whose derivative this conv's input gradient applies.
     """
