@@ -20,27 +20,26 @@ gives the backward (unfold's backward is the col2im scatter), so it is exact for
 Weights stay float32 (the optimizer's master copy); `dtype` is the compute dtype of activations and
 matmuls (bf16 on a GPU), and the logits come back in float32.
 
-With `kernels=True` (the trainer's choice where `zoos.popconv.available`), every Conv2d runs as popconv's
-Triton implicit-GEMM kernels instead of im2col + bmm: no patch matrix in memory, forward and backward (a
-strided conv as the stride-1 conv of its input's stride x stride blocks, `popconv.space_to_depth`). A first
-convolution that reads the input directly also takes the batch as row indices into the resident data set
-(`forward(..., rows=idx)`), and a shared evaluation batch becomes the same indices for every model, so the
-input is never gathered or expanded per model in memory. A kernel conv (up to 16 output channels) whose
-output only feeds a 2x2 max-pool and/or a monotone activation (tanh, sigmoid, relu, leaky_relu, as modules or
-functions; a dropout that is off may sit between) becomes one `popconv.conv2d_pool_act`: the full-resolution
-conv output is never written. A scale and shift of one value per output channel right after any conv (an
-eval-mode batch norm, `fold_affine`) are folded into its stacked weights and bias, where that keeps every
-value's dtype (always in float32). Where `popconv.windows_pay` says so (a first conv
-followed by a 2x2 max-pool, by default), that first conv reads a window table of the data set instead
-(`popconv.window_table`, built once per resident data set and kept while the data set lives): its
-forward and weight gradient become tensor-core products over contiguous whole-window rows. Wide kernel
-convs write channels-last maps, and any other plain 2x2 max-pool of a map runs as `popconv.max_pool2x2`
-(PyTorch's channels-last pooling is several times slower on these maps); where such a pool alone reads a
-wide conv's folded activation, the pool's backward applies the activation's derivative (`act_grad=False`),
-where a stride-1 kernel conv alone reads it, that conv's input gradient does (`input_act`), and where a mean over
-the map does, its backward (`popconv.spatial_mean`). A Linear (or F.linear)
-of up to `poplinear.MAX_FEATURES` inputs and outputs runs as `poplinear.linear`: the bias in the product's epilogue and
-its gradient in the weight gradient's pass, where a batched matmul spends two more passes on each.
+With `kernels=True` (the trainer's choice where `zoos.popconv.available`), every Conv2d runs as popconv's Triton
+implicit-GEMM kernels instead of im2col + bmm: no patch matrix in memory, forward and backward (a strided conv as
+the stride-1 conv of its input's stride x stride blocks, `popconv.space_to_depth`). A first convolution that reads
+the input directly also takes the batch as row indices into the resident data set (`forward(..., rows=idx)`), and
+a shared evaluation batch becomes the same indices for every model, so the input is never gathered or expanded per
+model in memory. A kernel conv (up to 16 output channels) whose output only feeds a 2x2 max-pool and/or a monotone
+activation (tanh, sigmoid, relu, leaky_relu, as modules or functions; a dropout that is off may sit between)
+becomes one `popconv.conv2d_pool_act`: the full-resolution conv output is never written. A scale and shift of one
+value per output channel right after any conv (an eval-mode batch norm, `fold_affine`) are folded into its stacked
+weights and bias, where that keeps every value's dtype (always in float32). Where `popconv.windows_pay` says so (a
+first conv followed by a 2x2 max-pool, by default), that first conv reads a window table of the data set instead
+(`popconv.window_table`, built once per resident data set and kept while the data set lives): its forward and
+weight gradient become tensor-core products over contiguous whole-window rows. Wide kernel convs write channels-
+last maps, and any other plain 2x2 max-pool of a map runs as `popconv.max_pool2x2` (PyTorch's channels-last
+pooling is several times slower on these maps); where such a pool alone reads a wide conv's folded activation, the
+pool's backward applies the activation's derivative (`act_grad=False`), where a stride-1 kernel conv alone reads
+it, that conv's input gradient does (`input_act`), and where a mean over the map does, its backward
+(`popconv.spatial_mean`). A Linear (or F.linear) of up to `poplinear.MAX_FEATURES` inputs and outputs runs as
+`poplinear.linear`: the bias in the product's epilogue and its gradient in the weight gradient's pass, where a
+batched matmul spends two more passes on each.
 
 `FastPopulation.supports(module)` says whether a module can run this way and why not: only the layer
 types above carry parameters, buffers belong to `PopDropout` only, and the traced forward reads no
@@ -932,7 +931,6 @@ class _Emitter:
             return None
         stride = _pair(kw["stride"])
         return stride if popconv.supports(stride, _pair(kw["dilation"]), kw["groups"]) else None
-
 
     def _foldable_affine(self, conv: fx.Node) -> list[tuple[fx.Node, str, fx.Node]]:
         """`_affine_after`, where folding it keeps every value's dtype: in a float32 program, or where only convs and
