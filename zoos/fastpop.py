@@ -32,14 +32,14 @@ value per output channel right after any conv (an eval-mode batch norm, `fold_af
 weights and bias, where that keeps every value's dtype (always in float32). Where `popconv.windows_pay` says so (a
 first conv followed by a 2x2 max-pool, by default), that first conv reads a window table of the data set instead
 (`popconv.window_table`, built once per resident data set and kept while the data set lives): its forward and
-weight gradient become tensor-core products over contiguous whole-window rows. Wide kernel convs write channels-
-last maps, and any other plain 2x2 max-pool of a map runs as `popconv.max_pool2x2` (PyTorch's channels-last
-pooling is several times slower on these maps); where such a pool alone reads a wide conv's folded activation, the
-pool's backward applies the activation's derivative (`act_grad=False`), where a stride-1 kernel conv alone reads
-it, that conv's input gradient does (`input_act`), and where a mean over the map does, its backward
-(`popconv.spatial_mean`). A Linear (or F.linear) of up to `poplinear.MAX_FEATURES` inputs and outputs runs as
-`poplinear.linear`: the bias in the product's epilogue and its gradient in the weight gradient's pass, where a
-batched matmul spends two more passes on each.
+weight gradient become tensor-core products over contiguous whole-window rows. Wide kernel convs write
+channels-last maps, and any other plain 2x2 max-pool of a map runs as `popconv.max_pool2x2` (PyTorch's
+channels-last pooling is several times slower on these maps); where such a pool alone reads a wide conv's folded
+activation, the pool's backward applies the activation's derivative (`act_grad=False`), where a stride-1 kernel
+conv alone reads it, that conv's input gradient does (`input_act`), and where a mean over the map does, its
+backward (`popconv.spatial_mean`). A Linear (or F.linear) of up to `poplinear.MAX_FEATURES` inputs and outputs
+runs as `poplinear.linear`: the bias in the product's epilogue and its gradient in the weight gradient's pass,
+where a batched matmul spends two more passes on each.
 
 `FastPopulation.supports(module)` says whether a module can run this way and why not: only the layer
 types above carry parameters, buffers belong to `PopDropout` only, and the traced forward reads no
