@@ -598,10 +598,12 @@ class _Emitter:
                 todo += [(u, n) for u in n.users]
             else:
                 ends.append((n, via))
-        weighted = [(n.op == "call_module" and isinstance(self.mods[n.target], (nn.Conv2d, nn.Linear, FlatLinear))
-                     or n.op == "call_function" and n.target in (F.conv2d, torch.conv2d, F.linear)) and n.args[0] is via
-                    for n, via in ends]
-        return bool(ends) and all(weighted)
+        return bool(ends) and all(self._weighted_reader(n, via) for n, via in ends)
+
+    def _weighted_reader(self, n: fx.Node, via: fx.Node) -> bool:
+        """Whether n is a conv or linear reading `via` as its input (which it casts to the compute dtype)."""
+        return (n.op == "call_module" and isinstance(self.mods[n.target], (nn.Conv2d, nn.Linear, FlatLinear))
+                or n.op == "call_function" and n.target in (F.conv2d, torch.conv2d, F.linear)) and n.args[0] is via
 
     def activation_elements(self) -> int:
         """Elements of every per-sample value of one sample together (reshapes and views not counted), from the
@@ -635,6 +637,7 @@ class _Emitter:
         self.pool_act: dict[fx.Node, tuple[str, float]] = {}  # max-pool -> the activation whose derivative it applies
         self.conv_act: dict[fx.Node, tuple[str, float]] = {}  # conv -> the same, in its input gradient
         self.mean_act: dict[fx.Node, tuple[tuple[str, float], bool]] = {}  # spatial mean -> the same, and its keepdim
+        self.copies: dict[fx.Node, fx.Node] = {}  # emitted value -> its copy in the compute dtype, written with it
         weights = self._prologue(state, env)  # weight node -> its value in the new graph (on first use)
         self.pre_add = self._adds_before_norms()  # LayerNorm -> the add it emits with itself
         fused.update(self.pre_add.values())
@@ -1012,15 +1015,23 @@ class _Emitter:
             (act, slope), cur = fold, user
             chain.append(user)
         out_dtype = self.pop.dtype if self._read_by_weighted_only(cur) else torch.float32
+        # float32 for some readers, and a conv or linear among them: the cast it would make, written in the same pass
+        copy = out_dtype != self.pop.dtype and any(self._weighted_reader(u, cur) for u in cur.users)
         name = "+".join(["popnorm", *(["add"] if residual is not None else []), *([self._op_name(cur)] if act != "identity" else [])])
         self.fused.update(chain)
 
         def emit() -> fx.Node:
-            self.choose(node, name, "" if out_dtype == torch.float32 else "stored in the compute dtype: only convs read it")
-            self.env[cur] = self.g.call_function(popnorm.group_norm1, (self.value(x), self.value(w), self.value(b), eps),
-                                                 {"residual": self.value(residual), "act": act, "slope": slope,
-                                                  "out_dtype": out_dtype})
-            return self.env[cur]
+            why = ("stored in the compute dtype: only convs read it" if out_dtype != torch.float32 else
+                   "stored in float32 and, for the convs reading it, in the compute dtype too" if copy else "")
+            self.choose(node, name, why)
+            out = self.g.call_function(popnorm.group_norm1, (self.value(x), self.value(w), self.value(b), eps),
+                                       {"residual": self.value(residual), "act": act, "slope": slope,
+                                        "out_dtype": out_dtype, **({"copy_dtype": self.pop.dtype} if copy else {})})
+            if copy:  # (the output, its copy in the compute dtype)
+                pair, out = out, self.g.call_function(operator.getitem, (out, 0))
+                self.copies[out] = self.g.call_function(operator.getitem, (pair, 1))
+            self.env[cur] = out
+            return out
 
         if residual is None:
             return emit()
@@ -1088,7 +1099,10 @@ class _Emitter:
         return self.g.call_function(pop_linear, (x, w, b))
 
     def _compute(self, x: fx.Node) -> fx.Node:
-        """x in the compute dtype, as autocast casts a conv's or linear's input (a no-op when it is already)."""
+        """x in the compute dtype, as autocast casts a conv's or linear's input (a no-op when it is already; the
+        copy an op wrote in that dtype, where it did)."""
+        if x in self.copies:
+            return self.copies[x]
         return x if self.pop.dtype == torch.float32 else self.g.call_method("to", (x, self.pop.dtype))
 
     def _plain_conv(self, node: fx.Node, x: fx.Node, w: fx.Node, b: fx.Node | None, stride: tuple[int, int],

@@ -60,9 +60,9 @@ if triton is not None:
         return tl.where(y > 0, 1.0, slope)
 
     @triton.jit
-    def _norm1_fwd_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, B, eps, slope,
+    def _norm1_fwd_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, y2_ptr, mean_ptr, rstd_ptr, B, eps, slope,
                           C: tl.constexpr, P: tl.constexpr, CL: tl.constexpr, HAS_W: tl.constexpr,
-                          HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+                          HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, HAS_Y2: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         r = tl.program_id(0)
         m = r // B
@@ -95,11 +95,14 @@ if triton is not None:
             if ACT != "identity":
                 z = tl.where(z > 0, z, z * slope)
             tl.store(y_ptr + at, z.to(y_ptr.dtype.element_ty), mask=mask)
+            if HAS_Y2:  # the same output in a second dtype (a conv's compute dtype): y rounded as a cast would
+                tl.store(y2_ptr + at, z.to(y_ptr.dtype.element_ty).to(y2_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _norm1_bwd_kernel(x_ptr, dy_ptr, y_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dres_ptr, dw_ptr, db_ptr, B, slope,
-                          C: tl.constexpr, P: tl.constexpr, CL: tl.constexpr, HAS_W: tl.constexpr,
-                          HAS_RES: tl.constexpr, ACT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _norm1_bwd_kernel(x_ptr, dy_ptr, dy2_ptr, y_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dres_ptr, dw_ptr, db_ptr, B,
+                          slope, C: tl.constexpr, P: tl.constexpr, CL: tl.constexpr, HAS_W: tl.constexpr,
+                          HAS_RES: tl.constexpr, ACT: tl.constexpr, HAS_DY2: tl.constexpr, BLOCK_P: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
         r = tl.program_id(0)
         m = r // B
         row = r.to(tl.int64) * (C * P)
@@ -114,6 +117,8 @@ if triton is not None:
             at = row + _offsets(p, c, C, P, CL)
             xhat = tl.where(mask, (tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
             dz = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            if HAS_DY2:  # the second output's gradient (its readers') joins the first's
+                dz += tl.load(dy2_ptr + at, mask=mask, other=0.0).to(tl.float32)
             if ACT != "identity":
                 dz *= _act_slope(tl.load(y_ptr + at, mask=mask, other=0.0), ACT, slope)
             if HAS_RES:
@@ -130,6 +135,8 @@ if triton is not None:
             at = row + _offsets(p, c, C, P, CL)
             xhat = (tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
             dz = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            if HAS_DY2:  # the second output's gradient (its readers') joins the first's
+                dz += tl.load(dy2_ptr + at, mask=mask, other=0.0).to(tl.float32)
             if ACT != "identity":
                 dz *= _act_slope(tl.load(y_ptr + at, mask=mask, other=0.0), ACT, slope)
             g = dz * wv
@@ -215,45 +222,52 @@ def _like(t: Tensor, cl: bool) -> Tensor:
 
 @torch.library.custom_op("symzoo::pop_norm1", mutates_args=())
 def _pop_norm1(x: Tensor, w: Tensor | None, b: Tensor | None, res: Tensor | None, batch: int, eps: float,
-               act: str, slope: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+               act: str, slope: float, out_dtype: torch.dtype,
+               copy_dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x, cl = _layout(x)
     r, c = x.shape[:2]
     y = torch.empty_like(x, dtype=out_dtype)
+    y2 = torch.empty_like(x, dtype=copy_dtype) if copy_dtype is not None else x.new_empty(0)
     mean, rstd = x.new_empty(r, dtype=torch.float32), x.new_empty(r, dtype=torch.float32)
     block_p, block_c = _blocks(c)
     _norm1_fwd_kernel[(r,)](x, w if w is not None else x, b if b is not None else x,
-                            _like(res, cl) if res is not None else x, y, mean, rstd, batch, eps, slope,
-                            C=c, P=x[0, 0].numel(), CL=cl, HAS_W=w is not None, HAS_B=b is not None,
-                            HAS_RES=res is not None, ACT=act, BLOCK_P=block_p, BLOCK_C=block_c)
-    return y, mean, rstd
+                            _like(res, cl) if res is not None else x, y, y2 if copy_dtype is not None else y, mean, rstd,
+                            batch, eps, slope, C=c, P=x[0, 0].numel(), CL=cl, HAS_W=w is not None,
+                            HAS_B=b is not None, HAS_RES=res is not None, ACT=act, HAS_Y2=copy_dtype is not None,
+                            BLOCK_P=block_p, BLOCK_C=block_c)
+    return y, mean, rstd, y2
 
 
 @_pop_norm1.register_fake
-def _(x, w, b, res, batch, eps, act, slope, out_dtype):
+def _(x, w, b, res, batch, eps, act, slope, out_dtype, copy_dtype):
     x, _ = _layout(x)
+    y2 = torch.empty_like(x, dtype=copy_dtype) if copy_dtype is not None else x.new_empty(0)
     return torch.empty_like(x, dtype=out_dtype), x.new_empty(x.shape[0], dtype=torch.float32), \
-        x.new_empty(x.shape[0], dtype=torch.float32)
+        x.new_empty(x.shape[0], dtype=torch.float32), y2
 
 
 @torch.library.custom_op("symzoo::pop_norm1_backward", mutates_args=())
-def _pop_norm1_backward(x: Tensor, dy: Tensor, y: Tensor, w: Tensor | None, mean: Tensor, rstd: Tensor, batch: int,
-                        act: str, slope: float, res_dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _pop_norm1_backward(x: Tensor, dy: Tensor, dy2: Tensor | None, y: Tensor, w: Tensor | None, mean: Tensor,
+                        rstd: Tensor, batch: int, act: str, slope: float,
+                        res_dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x, cl = _layout(x)
     dy, y = _like(dy, cl), _like(y, cl)
+    dy2 = _like(dy2, cl) if dy2 is not None else None
     r, c = x.shape[:2]
     dx = torch.empty_like(x)
     dres = torch.empty_like(x, dtype=res_dtype) if res_dtype is not None else x.new_empty(0)
     dw, db = x.new_empty(r, c, dtype=torch.float32), x.new_empty(r, c, dtype=torch.float32)
     block_p, block_c = _blocks(c)
-    _norm1_bwd_kernel[(r,)](x, dy, y, w if w is not None else x, mean, rstd, dx, dres if res_dtype is not None else x,
-                            dw, db, batch, slope, C=c, P=x[0, 0].numel(), CL=cl, HAS_W=w is not None,
-                            HAS_RES=res_dtype is not None, ACT=act, BLOCK_P=block_p, BLOCK_C=block_c)
+    _norm1_bwd_kernel[(r,)](x, dy, dy2 if dy2 is not None else dy, y, w if w is not None else x, mean, rstd, dx,
+                            dres if res_dtype is not None else x, dw, db, batch, slope, C=c, P=x[0, 0].numel(), CL=cl,
+                            HAS_W=w is not None, HAS_RES=res_dtype is not None, ACT=act, HAS_DY2=dy2 is not None,
+                            BLOCK_P=block_p, BLOCK_C=block_c)
     n = r // batch
     return dx, dw.view(n, batch, c).sum(1), db.view(n, batch, c).sum(1), dres
 
 
 @_pop_norm1_backward.register_fake
-def _(x, dy, y, w, mean, rstd, batch, act, slope, res_dtype):
+def _(x, dy, dy2, y, w, mean, rstd, batch, act, slope, res_dtype):
     x, _ = _layout(x)
     n = x.shape[0] // batch
     dres = torch.empty_like(x, dtype=res_dtype) if res_dtype is not None else x.new_empty(0)
@@ -262,27 +276,34 @@ def _(x, dy, y, w, mean, rstd, batch, act, slope, res_dtype):
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, w, b, res, batch, _, act, slope, _ = inputs
+    x, w, b, res, batch, _, act, slope, _, copy_dtype = inputs
     ctx.save_for_backward(x, w, output[1], output[2], output[0] if act != "identity" else None)
-    ctx.meta = (batch, act, slope, b is not None, None if res is None else res.dtype)
+    ctx.meta = (batch, act, slope, b is not None, None if res is None else res.dtype, copy_dtype is not None)
 
 
-def _backward(ctx, dy: Tensor, _dmean, _drstd):
+def _backward(ctx, dy: Tensor, _dmean, _drstd, dy2: Tensor | None):
     x, w, mean, rstd, y = ctx.saved_tensors
-    batch, act, slope, has_b, res_dtype = ctx.meta
-    dx, dw, db, dres = _pop_norm1_backward(x, dy, y if y is not None else dy, w, mean, rstd, batch, act, slope, res_dtype)
+    batch, act, slope, has_b, res_dtype, copied = ctx.meta
+    dy2 = dy2 if copied else None
+    if dy is None:  # only the copy was read
+        dy, dy2 = dy2, None
+    dx, dw, db, dres = _pop_norm1_backward(x, dy, dy2, y if y is not None else dy, w, mean, rstd, batch, act, slope,
+                                           res_dtype)
     return (dx, dw.to(w.dtype) if w is not None else None, db if has_b else None,
-            dres if res_dtype is not None else None, None, None, None, None, None)
+            dres if res_dtype is not None else None, None, None, None, None, None, None)
 
 
 _pop_norm1.register_autograd(_backward, setup_context=_setup)
 
 
 def group_norm1(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float = 1e-5, *, residual: Tensor | None = None,
-                act: str = "identity", slope: float = 0.01, out_dtype: torch.dtype = torch.float32) -> Tensor:
+                act: str = "identity", slope: float = 0.01, out_dtype: torch.dtype = torch.float32,
+                copy_dtype: torch.dtype | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """act(F.group_norm(x, 1) of each sample with model m's affine (w, b [N, C]) + residual) on the population's
     batch x [N*B, C, ...] (either memory format), in x's layout and `out_dtype`; gradients to x, w, b and the
-    residual. `act` is "identity", "relu" or "leaky_relu" (with `slope`)."""
+    residual. `act` is "identity", "relu" or "leaky_relu" (with `slope`). With `copy_dtype`, (y, y in copy_dtype):
+    the cast a conv reading y would make, written in the same pass, and its gradient summed into the norm's
+    backward (no cast back and no add of the two readers' gradients)."""
     v = w if w is not None else b
     if v is None:
         raise ValueError("group_norm1 needs w or b (the population's affine) to know the population size")
@@ -295,7 +316,8 @@ def group_norm1(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float = 1e-5
     if act == "leaky_relu" and not slope >= 0:
         raise ValueError(f"leaky_relu's slope must be >= 0 (its derivative is read off the output's sign), got {slope}")
     slope = float(slope if ACTS[act] is None else ACTS[act])
-    return _pop_norm1(x, w, b, residual, x.shape[0] // v.shape[0], float(eps), act, slope, out_dtype)[0]
+    y, _, _, y2 = _pop_norm1(x, w, b, residual, x.shape[0] // v.shape[0], float(eps), act, slope, out_dtype, copy_dtype)
+    return y if copy_dtype is None else (y, y2)
 
 
 LAYER_NORM_MAX = 16384  # the widest row layer_norm holds in one tile; a wider one runs F.layer_norm

@@ -69,6 +69,82 @@ def test_group_norm1_with_residual_and_activation_folded_in(n, batch, c, hw, cl,
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
 
 
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(1, 3), batch=st.integers(1, 3), c=st.integers(1, 20), hw=st.integers(2, 12), cl=st.booleans(),
+       act=st.sampled_from(["identity", "relu", "leaky_relu"]), read=st.sampled_from(["both", "y", "copy"]),
+       seed=st.integers(0, 99))
+def test_group_norm1_writes_a_copy_in_the_compute_dtype_and_sums_both_gradients(n, batch, c, hw, cl, act, read, seed):
+    """copy_dtype=bf16: (y, y.to(bf16)) from one pass, equal to the float32 output and its cast; the gradients of x,
+    w, b and the residual equal those of the output and the cast read by two readers (either alone too)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n * batch, c, hw, 3, generator=g) * 3 + 5).to(DEVICE)
+    x = (x.contiguous(memory_format=torch.channels_last) if cl else x).requires_grad_()
+    w, b = (torch.randn(n, c, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    res = torch.randn(x.shape, generator=g).to(DEVICE).requires_grad_()
+    slope = 0.1 if act == "leaky_relu" else 0.0
+    y, y2 = popnorm.group_norm1(x, w, b, 1e-5, residual=res, act=act, slope=slope, copy_dtype=torch.bfloat16)
+    ref = popnorm.group_norm1(x, w, b, 1e-5, residual=res, act=act, slope=slope)
+    ref2 = ref.to(torch.bfloat16)
+    assert y2.dtype == torch.bfloat16 and y2.stride() == torch.empty_like(x).stride()
+    torch.testing.assert_close(y, ref, atol=0, rtol=0)
+    torch.testing.assert_close(y2, ref2, atol=0, rtol=0 if DEVICE == "cuda" else 1e-2)  # the interpreter truncates to bf16
+    d1 = torch.randn(y.shape, generator=g).to(DEVICE)
+    d2 = torch.randn(y.shape, generator=g).to(DEVICE).to(torch.bfloat16)
+    outs, refs, grads = {"both": ([y, y2], [ref, ref2], [d1, d2]), "y": ([y], [ref], [d1]),
+                         "copy": ([y2], [ref2], [d2])}[read]
+    wrt = (x, w, b, res)
+    for got, want in zip(torch.autograd.grad(outs, wrt, grads), torch.autograd.grad(refs, wrt, grads)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+
+
+class _Block(torch.nn.Module):
+    """A residual block's end: h = relu(norm(conv(x))) read by a conv and by the next norm's residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.norm1, self.norm2 = torch.nn.GroupNorm(1, 4), torch.nn.GroupNorm(1, 4)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = F.relu(self.norm1(self.conv1(x)))
+        return self.head(F.relu(self.norm2(self.conv2(h)) + h).mean(dim=(-2, -1)))
+
+
+def test_a_bf16_program_reads_the_norms_copy_where_a_conv_and_an_add_read_it():
+    """In a bf16 program a norm read by a conv and by an add is stored in float32 with a bf16 copy the conv reads
+    (no cast of its own); float32 programs make no copy; on a GPU the bf16 program's gradients follow vmap's under
+    autocast."""
+    from torch.func import functional_call, grad, vmap
+
+    from zoos.fastpop import FastPopulation, FastStep
+    from zoos.functional import stack_states, template
+
+    module = template(_Block())
+    calls = lambda pop: [(n.target.__name__, n.kwargs) for n in pop.graph_module.graph.nodes if n.op == "call_function"]
+    bf16 = FastPopulation(module, (3, 6, 6), kernels=True, dtype=torch.bfloat16, dropout=False)
+    norms = [kw for name, kw in calls(bf16) if name == "group_norm1"]
+    assert [(kw["out_dtype"], kw.get("copy_dtype")) for kw in norms] == [(torch.float32, torch.bfloat16), (torch.float32, None)]
+    assert not [n for n in bf16.graph_module.graph.nodes if n.op == "call_method" and n.target == "to"
+                and n.args[0].target is __import__("operator").getitem]
+    f32 = FastPopulation(module, (3, 6, 6), kernels=True, dropout=False)
+    assert all("copy_dtype" not in kw for name, kw in calls(f32) if name == "group_norm1")
+    if DEVICE != "cuda":  # the interpreter's bf16 products are not a GPU's (the op's own test checks the copy here)
+        return
+    params, buffers = stack_states([_Block().to(DEVICE) for _ in range(2)])
+    x, y = torch.randn(2, 3, 3, 6, 6, device=DEVICE), torch.randint(0, 2, (2, 3), device=DEVICE)
+    grads, _ = FastStep(module, F.cross_entropy, (3, 6, 6), dtype=torch.bfloat16, dropout=False, kernels=True)(
+        params, buffers, x, y)
+
+    def one(p, b, xb, yb):
+        return F.cross_entropy(functional_call(module, (p, b), (xb,)).float(), yb)
+
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        want = vmap(grad(one))(params, buffers, x, y)
+    for k in want:  # bf16 products (the interpreter's are not a GPU's): to a few percent of each gradient's norm
+        assert (grads[k] - want[k]).norm() <= 0.05 * want[k].norm() + 1e-6, k
+
+
 def test_group_norm1_refuses_an_activation_it_cannot_fold_and_a_residual_of_another_shape():
     x, w = torch.randn(4, 3, 2, 2, device=DEVICE), torch.ones(2, 3, device=DEVICE)
     with pytest.raises(ValueError, match="act 'tanh' does not fold into the norm; allowed: identity, relu, leaky_relu"):
