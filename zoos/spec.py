@@ -361,7 +361,11 @@ class ZooSpec(BaseModel):
             extra = [d for d in extra if tuple(d["loc"]) not in have]
             if not extra:
                 raise
-            raise ValidationError.from_exception_data("ZooSpec", [*_as_details(e), *extra]) from None
+            try:
+                merged = ValidationError.from_exception_data("ZooSpec", [*_as_details(e), *extra])
+            except Exception:  # noqa: BLE001 - an error type pydantic will not rebuild: its own errors as they were
+                raise e from None
+            raise merged from None
 
     @model_validator(mode="after")
     def _whole(self) -> "ZooSpec":
