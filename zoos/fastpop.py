@@ -585,8 +585,11 @@ class _Emitter:
 
     def _transparent(self, n: fx.Node) -> bool:
         """Whether n passes its input on as it is: a reshape or view, or a dropout this program skips."""
-        return (n.op == "call_method" and n.target in self._SHAPE_ONLY
-                or n.op == "call_module" and isinstance(self.mods[n.target], PopDropout) and not self.pop.dropout)
+        return n.op == "call_method" and n.target in self._SHAPE_ONLY or self._skipped_dropout(n)
+
+    def _skipped_dropout(self, n: fx.Node) -> bool:
+        """Whether n is a dropout this program skips (every rate 0: the identity)."""
+        return n.op == "call_module" and isinstance(self.mods[n.target], PopDropout) and not self.pop.dropout
 
     def _read_by_weighted_only(self, node: fx.Node) -> bool:
         """Whether only convs and linears read `node`'s value (through reshapes and skipped dropouts) as their
@@ -865,15 +868,16 @@ class _Emitter:
         self.fused.update(chain)
         act = (epilogue[1]["act"], epilogue[1].get("slope", 0.0))
         # the one reader's backward applies act': no pass over the map for it
-        if pool == 1 and act[0] != "identity" and popconv.tuning.current().act_in_reader:
-            reader = self._pool_reading(chain[-1])
-            if reader is not None:
+        reader = self._sole_reader(chain[-1])
+        if reader is not None and pool == 1 and act[0] != "identity" and popconv.tuning.current().act_in_reader:
+            if self._plain_max_pool(reader):
                 self.pool_act[reader] = act
-            elif (reader := self._conv_reading(chain[-1])) is not None:
+            elif self._plain_input_grad(reader):
                 self.conv_act[reader] = act
-            elif (mean := self._spatial_mean(self._sole_reader(chain[-1]))) is not None:
-                reader = mean[0]
-                self.mean_act[reader] = (act, mean[1])
+            elif (keepdim := self._spatial_mean(reader)) is not None:
+                self.mean_act[reader] = (act, keepdim)
+            else:
+                reader = None
             if reader is not None:
                 options["act_grad"] = False
         env[chain[-1]] = out = g.call_function(popconv.conv2d_pool_act, (x, w, b, pad), {**epilogue[1], **options})
@@ -886,21 +890,15 @@ class _Emitter:
             (user,) = cur.users
             if user.args[:1] != (cur,) and not (user.kwargs.get("input") is cur and not user.args):
                 return None
-            if not (user.op == "call_module" and isinstance(self.mods[user.target], PopDropout) and not self.pop.dropout):
+            if not self._skipped_dropout(user):
                 return user
             cur = user
         return None
 
-    def _pool_reading(self, node: fx.Node) -> fx.Node | None:
-        """The plain 2x2 max-pool that alone reads `node`, else None."""
-        reader = self._sole_reader(node)
-        return reader if reader is not None and self._plain_max_pool(reader) else None
-
     @staticmethod
-    def _spatial_mean(node: fx.Node | None) -> tuple[fx.Node, bool] | None:
-        """(node, keepdim) where `node` is a mean of a [R, C, H, W] map over its last two axes, else None."""
-        if node is None or not (node.op == "call_method" and node.target == "mean"
-                                or node.op == "call_function" and node.target is torch.mean):
+    def _spatial_mean(node: fx.Node) -> bool | None:
+        """Its keepdim where `node` is a mean of a [R, C, H, W] map over its last two axes, else None."""
+        if not (node.op == "call_method" and node.target == "mean" or node.op == "call_function" and node.target is torch.mean):
             return None
         probe = node.args[0].meta.get("probe") if isinstance(node.args[0], fx.Node) else None
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
@@ -909,17 +907,16 @@ class _Emitter:
             return None
         if not isinstance(dims, (tuple, list)) or sorted(d % 4 for d in dims) != [2, 3] or not isinstance(keepdim, bool):
             return None
-        return node, keepdim
+        return keepdim
 
-    def _conv_reading(self, node: fx.Node) -> fx.Node | None:
-        """The popconv conv that alone reads `node` as its input and whose backward takes the input gradient as the
-        plain transposed conv (stride 1, no pool folded in), else None."""
-        reader = self._sole_reader(node)
-        if reader is None or self._popconv_stride(reader) != (1, 1):
-            return None
-        affine = self._foldable_affine(reader)
-        epilogue = self._epilogue(reader, affine[-1][0] if affine else None)
-        return reader if epilogue is None or epilogue[1]["pool"] == 1 else None
+    def _plain_input_grad(self, node: fx.Node) -> bool:
+        """Whether `node` is a popconv conv whose backward takes its input gradient as the plain transposed conv
+        (stride 1, no pool folded in)."""
+        if self._popconv_stride(node) != (1, 1):
+            return False
+        affine = self._foldable_affine(node)
+        epilogue = self._epilogue(node, affine[-1][0] if affine else None)
+        return epilogue is None or epilogue[1]["pool"] == 1
 
     def _popconv_stride(self, node: fx.Node) -> tuple[int, int] | None:
         """The stride of a conv node that `_popconv` will emit, else None."""
@@ -1189,13 +1186,12 @@ class _Emitter:
             (user,) = cur.users
             if user.args[:1] != (cur,):
                 break
-            m = self.mods.get(user.target) if user.op == "call_module" else None
             act = _activation_of(user, cur, self.mods)
             if options["pool"] == 1 and pools and self._plain_max_pool(user):
                 options["pool"] = 2
             elif act is not None and options["act"] == "identity":
                 options["act"], options["slope"] = act
-            elif not (isinstance(m, PopDropout) and not self.pop.dropout):  # a skipped dropout is the identity
+            elif not self._skipped_dropout(user):  # a skipped dropout is the identity
                 break
             chain.append(user)
             cur = user

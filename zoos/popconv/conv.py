@@ -651,7 +651,8 @@ def _input_act(input_act: tuple[str, float] | None, rows: Tensor | None, windows
     if act not in EPILOGUE_ACTIVATIONS:
         raise ValueError(f"input_act = {input_act!r}: the activation must be one of {', '.join(EPILOGUE_ACTIVATIONS)}")
     if rows is not None or windows is not None:
-        raise ValueError("input_act applies to an input gradient: a conv reading the data set by row index has none")
+        raise ValueError(f"input_act = {input_act!r} with rows or windows is not allowed: input_act applies to an input "
+                         "gradient, and a conv reading the data set by row index has none")
     return act, float(slope)
 
 

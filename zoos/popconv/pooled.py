@@ -299,9 +299,11 @@ def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, 
     if pool not in (1, 2) or act not in EPILOGUE_ACTIVATIONS:
         raise ValueError(f"pool = {pool!r}, act = {act!r}: allowed pool 1 or 2 and act one of {', '.join(EPILOGUE_ACTIVATIONS)}")
     if not act_grad and pool != 1:
-        raise ValueError("act_grad=False leaves the activation's derivative to the output's reader: only without a pool (pool=1)")
+        raise ValueError(f"act_grad=False with pool = {pool!r} is not allowed: the activation's derivative is left to the "
+                         "output's reader only without a pool (pool=1)")
     if input_act is not None and pool != 1:
-        raise ValueError("input_act applies the input activation's derivative in the plain input gradient: only without a pool (pool=1)")
+        raise ValueError(f"input_act = {input_act!r} with pool = {pool!r} is not allowed: the input activation's "
+                         "derivative is applied in the plain input gradient, only without a pool (pool=1)")
     x, w, rows, batch = _checked(x, w, rows)
     through = _input_act(input_act, rows, windows)
     if windows is not None:
