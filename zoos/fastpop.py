@@ -905,7 +905,7 @@ class _Emitter:
         keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
         if not isinstance(probe, Tensor) or probe.dim() != 4 or set(node.kwargs) - {"dim", "keepdim"}:
             return None
-        if not isinstance(dims, (tuple, list)) or sorted(d % 4 for d in dims) != [2, 3] or not isinstance(keepdim, bool):
+        if not isinstance(dims, (tuple, list)) or set(dims) not in _SPATIAL or not isinstance(keepdim, bool):
             return None
         return keepdim
 
