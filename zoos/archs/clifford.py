@@ -11,6 +11,9 @@ MVNorm           x_g / (sigmoid(a_g) (|x_g| - 1) + 1), |x_g| = sqrt|q(x_g)| smoo
 GPLayer          (left(x) + a(x) * norm(b(ctx))) / sqrt(2), * the geometric product; ctx = x, or the sum over points
 cgenn            embed columns as grade-0/1 channels, `depth` GP layers with scalar gates, a scalar or vector readout
 
+On a GPU a layer's product (its left map added) is one pass of `zoos.popbilinear` over the Cayley table's terms
+(`product_rows`); elsewhere, and under torch.func's transforms, a matmul by the right-multiplication matrix.
+
 Only the grades a layer can hold get weights (vectors generate grades <= 2, their products <= 4, ...), and an
 invariant readout's last layer keeps only scalars: every weight reaches the output, so every pair of the
 permutation spec matters.
@@ -18,6 +21,7 @@ permutation spec matters.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tasks.base import Task
+from zoos import popbilinear
 from zoos.archs.base import ArchError, SymModule, register_arch
 from zoos.archs.layers import check_positive
 from zoos.archs.layout import point_layout
@@ -46,7 +51,7 @@ class CliffordAlgebra:
         self.partner = [[self.index[a ^ b] for b in self.masks] for a in self.masks]
         self.sign = [[self.blade_sign(a, a ^ b) for b in self.masks] for a in self.masks]
         self.quad = [self.blade_sign(m, m) for m in self.masks]  # q(e_A) = e_A~ e_A = prod of the metric over A
-        self._tables: dict[tuple, list] = {}  # `_right_table`'s, by its arguments
+        self._tables: dict[tuple, object] = {}  # `_right_table`'s and `product_table`'s, by their arguments
 
     def blade_sign(self, a: int, b: int) -> float:
         """e_a e_b = s e_{a^b}: s = (-1)^(swaps to sort the axes) * the metric of every axis in both."""
@@ -117,6 +122,19 @@ class CliffordAlgebra:
             self._tables[key] = table
         return self._tables[key]
 
+    def product_table(self, sizes: tuple[int, int, int], identity: int = 0, scale: float = 1.0) -> popbilinear.Table:
+        """`right_multiplication`'s product as `zoos.popbilinear`'s terms: z = [w, x] @ (scale * [I; R(y)]) for
+        w [.., identity], x [.., a], y [.., b], z [.., k]: (m, b, m, scale) for m < identity (y's index b is a
+        constant 1), and (identity + i, partner[i][c], c, scale * sign[i][c]) for each blade pair in range."""
+        a, b, k = sizes
+        key = ("product", a, b, k, identity, scale)
+        if key not in self._tables:
+            terms = [(m, b, m, scale) for m in range(identity)]
+            terms += [(identity + i, self.partner[i][c], c, self.sign[i][c] * scale)
+                      for i in range(a) for c in range(k) if self.partner[i][c] < b]
+            self._tables[key] = popbilinear.Table(identity + a, b, k, tuple(terms))
+        return self._tables[key]
+
     def quadratic(self, x: Tensor, top: int | None = None) -> Tensor:
         """Per-grade quadratic form [..., top + 1] of x [..., n_blades[top]] (invariant under O(p,q))."""
         top = self.d if top is None else top
@@ -132,6 +150,32 @@ class CliffordAlgebra:
     def _grade_sums(self, top: int) -> list[list[float]]:
         """[n_blades[top], top + 1]: q(e_b) in row b, column grade(b), so (x * x) @ it sums q per grade in one product."""
         return [[self.quad[b] if self.grades[b] == g else 0.0 for g in range(top + 1)] for b in range(self.n_blades[top])]
+
+
+@functools.lru_cache(maxsize=None)
+def algebra_of(metric: tuple[float, ...]) -> CliffordAlgebra:
+    """One algebra a metric, its tables built once."""
+    return CliffordAlgebra(metric)
+
+
+def product_rows(metric: tuple[float, ...], x: Tensor, y: Tensor, sizes: tuple[int, int, int], identity: int,
+                 scale: float, shared: bool) -> Tensor:
+    """x @ (scale * [I; R(y)]) per feature in Cl(`metric`) (`CliffordAlgebra.right_multiplication`, `times`): x [...,
+    P, C, identity + a], y [..., P or 1 (`shared`), C, b] -> [..., P, C, k]. On a GPU (outside torch.func's transforms, which it has
+    no rule for; up to float32, where it accumulates) one `zoos.popbilinear` product over the terms, else R(y) and a
+    matmul per feature. A leaf of torch.fx traces (fx.wrap), so a population program runs it on its stacked batch of
+    samples."""
+    algebra = algebra_of(metric)
+    if (x.is_cuda and popbilinear.available(x.device) and x.dtype != torch.float64
+            and not torch._C._are_functorch_transforms_active()):
+        lead = x.shape[:-3]
+        z = popbilinear.product(x.reshape(-1, *x.shape[-3:]), y.reshape(-1, *y.shape[-3:]),
+                                algebra.product_table(sizes, identity, scale))
+        return z.reshape(*lead, *z.shape[-3:])
+    return algebra.times(x, algebra.right_multiplication(y, sizes, identity, scale), shared)
+
+
+torch.fx.wrap("product_rows")
 
 
 class MVLinear(nn.Module):
@@ -191,12 +235,11 @@ class GPLayer(nn.Module):
     def forward(self, x: Tensor, ctx: Tensor) -> Tensor:
         alg = self.algebra
         out, n_left, a = alg.n_blades[self.top_out], alg.n_blades[self.left.top], alg.n_blades[self.top_in]
-        # (left(x) + a(x) R(y)) / sqrt(2) = [left(x), a(x)] @ [I; R(y)] / sqrt(2): one product over the points'
-        # features, its matrix built from ctx's rows alone
-        right = alg.right_multiplication(self.norm(self.b(ctx)), (a, a, out), n_left, 1 / math.sqrt(2))
+        # (left(x) + a(x) y) / sqrt(2) = [left(x), a(x)] @ [I; R(y)] / sqrt(2): one product over the points' features
+        y = self.norm(self.b(ctx))
         parts = alg.grade_parts(x, self.top_in)  # read by both maps
         features = torch.cat(self.left.map(parts) + self.a.map(parts), -2)  # [..., n_left + a, C]: channels last
-        return alg.times(features.transpose(-1, -2), right, self.set_context)
+        return product_rows(alg.metric, features.transpose(-1, -2), y, (a, a, out), n_left, 1 / math.sqrt(2), self.set_context)
 
 
 @register_arch(
@@ -222,7 +265,7 @@ class CGENN(SymModule):
         check_positive("cgenn", "width", width)
         check_positive("cgenn", "depth", depth)
         self.layout = lay = point_layout(task, "cgenn")
-        self.algebra = alg = CliffordAlgebra(lay.metric)
+        self.algebra = alg = algebra_of(tuple(float(m) for m in lay.metric))
         self.is_set = getattr(task.group, "n_perm", None) is not None
         self.out_shape = tuple(task.output_shape)
         self.points_out = lay.output == "points"

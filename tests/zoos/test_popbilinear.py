@@ -1,0 +1,90 @@
+"""zoos.popbilinear: a product over a constant table of terms equals the dense product it stands for (a Clifford
+algebra's x @ [I; R(y)]), forward and both gradients (Triton's interpreter on the CPU, as tests/conftest.py sets it)."""
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from zoos import popbilinear
+from zoos.archs.clifford import CliffordAlgebra
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not popbilinear.available(DEVICE), reason="needs Triton (GPU or TRITON_INTERPRET=1)")
+
+METRICS = [(1.0, 1.0, 1.0), (1.0, -1.0, -1.0, -1.0), (1.0, 1.0, 1.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0,)]
+
+
+def operands(alg, sets, points, channels, sizes, identity, shared, transposed, seed, dtype=torch.float64):
+    """x [S, G, C, identity + a] (a transposed view of [.., a, C] rows, as a layer's linears write it, or
+    contiguous) and y [S, G or 1, C, b], both requiring grad."""
+    a, b, _ = sizes
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(sets, points, identity + a, channels, generator=g, dtype=dtype).to(DEVICE)
+    x = x.transpose(-1, -2) if transposed else x.transpose(-1, -2).contiguous()
+    y = torch.randn(sets, 1 if shared else points, channels, b, generator=g, dtype=dtype).to(DEVICE)
+    return x.requires_grad_(), y.requires_grad_()
+
+
+@settings(max_examples=10, deadline=None)
+@example(metric=4, top_in=2, top_out=4, identity=True, sets=3, points=16, channels=16, shared=True, transposed=True, seed=0)
+@example(metric=1, top_in=1, top_out=0, identity=False, sets=5, points=1, channels=3, shared=False, transposed=False, seed=1)
+@given(metric=st.integers(0, len(METRICS) - 1), top_in=st.integers(0, 2), top_out=st.integers(0, 4),
+       identity=st.booleans(), sets=st.integers(0, 6), points=st.integers(1, 9), channels=st.integers(1, 20),
+       shared=st.booleans(), transposed=st.booleans(), seed=st.integers(0, 99))
+def test_product_equals_the_dense_right_multiplication(metric, top_in, top_out, identity, sets, points, channels,
+                                                       shared, transposed, seed):
+    """Every metric (Euclidean, Lorentzian, degenerate), grades in and out, a left map added or not, a y shared by a
+    set's points (its gradient summed over them) or one a point, points and channels not powers of two, no sets."""
+    alg = CliffordAlgebra(METRICS[metric])
+    top_in, top_out = min(top_in, alg.d), min(top_out, alg.d)
+    a, k = alg.n_blades[top_in], alg.n_blades[top_out]
+    sizes, m = (a, a, k), (alg.n_blades[min(top_in, top_out)] if identity else 0)
+    x, y = operands(alg, sets, points, channels, sizes, m, shared, transposed, seed)
+    ref = alg.times(x, alg.right_multiplication(y, sizes, m, 0.7), shared)
+    z = popbilinear.product(x, y, alg.product_table(sizes, m, 0.7))
+    assert z.shape == ref.shape and z.dtype == x.dtype
+    torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-5)
+    dz = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(z, (x, y), dz), torch.autograd.grad(ref, (x, y), dz)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_features_give_bf16_products_and_gradients_in_each_input_dtype():
+    """bf16 features and a float32 context (as autocast leaves a layer's): z and dx bf16, dy float32, all within
+    bf16's rounding of the float64 product."""
+    alg = CliffordAlgebra((1.0, 1.0, 1.0))
+    sizes = (4, 4, 8)
+    x, y = operands(alg, 4, 6, 16, sizes, 4, True, True, 3)
+    xb = x.detach().bfloat16().requires_grad_()
+    yf = y.detach().float().requires_grad_()
+    z = popbilinear.product(xb, yf, alg.product_table(sizes, 4, 0.5))
+    ref = alg.times(x, alg.right_multiplication(y, sizes, 4, 0.5), True)
+    assert z.dtype == torch.bfloat16
+    torch.testing.assert_close(z.double(), ref, rtol=2e-2, atol=5e-2)
+    dz = torch.randn_like(ref)
+    dx, dy = torch.autograd.grad(z, (xb, yf), dz.bfloat16())
+    rx, ry = torch.autograd.grad(ref, (x, y), dz)
+    assert dx.dtype == torch.bfloat16 and dy.dtype == torch.float32
+    torch.testing.assert_close(dx.double(), rx, rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(dy.double(), ry, rtol=2e-2, atol=0.3)
+
+
+def test_product_passes_torch_library_opcheck():
+    """The fake kernels match what the ops return, the autograd registration too (a shared y and one a point)."""
+    alg = CliffordAlgebra((1.0, -1.0, 1.0))
+    table = alg.product_table((4, 4, 8), 1, 1.0)
+    for shared in (True, False):
+        x, y = operands(alg, 3, 5, 6, (4, 4, 8), 1, shared, True, 0, dtype=torch.float32)
+        torch.library.opcheck(popbilinear._pop_bilinear, (x, y, *table.on(x.device), table.k_out))
+
+
+def test_refused_operands_and_terms_name_what_disagrees():
+    alg = CliffordAlgebra((1.0, 1.0))
+    table = alg.product_table((3, 3, 4))
+    x = torch.zeros(2, 3, 5, 3, device=DEVICE)
+    with pytest.raises(ValueError, match=r"x \[S, G, C, 3\] and y \[S, G or 1, C, 3\] disagree: x \(2, 3, 5, 3\), y \(2, 2, 5, 3\)"):
+        popbilinear.product(x, torch.zeros(2, 2, 5, 3, device=DEVICE), table)
+    with pytest.raises(ValueError, match=r"term \(0, 4, 0\) is outside x \[.., 3\], y \[.., 3\]"):
+        popbilinear.Table(3, 3, 4, ((0, 4, 0, 1.0),))
