@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zoos.archs.clifford import CliffordAlgebra, MVLinear
+from zoos.archs.clifford import CliffordAlgebra, MVLinear, scalar_gate
 
 METRICS = [(1.0, 1.0, 1.0), (1.0, -1.0, -1.0, -1.0), (1.0, 1.0, 1.0, 1.0, 1.0), (1.0, -1.0, 0.0)]
 
@@ -137,3 +137,17 @@ def test_geometric_product_is_equivariant_under_the_outermorphism(metric):
         rho = outermorphism(alg, m)
         torch.testing.assert_close(gp(x @ rho.T, y @ rho.T), gp(x, y) @ rho.T)
         torch.testing.assert_close(alg.quadratic(x @ rho.T), alg.quadratic(x))
+
+
+def test_the_scalar_gate_equals_its_expression_and_its_gradient():
+    """`scalar_gate`'s one-pass backward is autograd's (gradcheck in float64), and under vmap it is the plain
+    expression (torch.func has no rule for its autograd.Function)."""
+    torch.manual_seed(0)
+    h = torch.randn(3, 4, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(scalar_gate, (h,))
+    ref = h * torch.sigmoid(h[..., :1])
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(scalar_gate(h), ref, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(scalar_gate(h), h, g)[0], torch.autograd.grad(ref, h, g)[0])
+    per_row = torch.func.vmap(torch.func.grad(lambda x: (scalar_gate(x) * x).sum()))(h.detach())
+    torch.testing.assert_close(per_row, torch.func.vmap(torch.func.grad(lambda x: (x * torch.sigmoid(x[..., :1]) * x).sum()))(h.detach()))

@@ -178,6 +178,35 @@ def product_rows(metric: tuple[float, ...], x: Tensor, y: Tensor, sizes: tuple[i
 torch.fx.wrap("product_rows")
 
 
+class _ScalarGate(torch.autograd.Function):
+    """h * sigmoid(h_0) with a backward of one pass over h: g * s, its scalar column plus <g, h> s (1 - s)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor) -> Tensor:
+        ctx.save_for_backward(h)
+        return h * torch.sigmoid(h[..., :1])
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        (h,) = ctx.saved_tensors
+        s = torch.sigmoid(h[..., :1])
+        dh = g * s
+        dh[..., :1] += (g * h).sum(-1, keepdim=True) * s * (1 - s)
+        return dh
+
+
+def scalar_gate(h: Tensor) -> Tensor:
+    """h * sigmoid(h[..., :1]): every blade of a channel gated by its (invariant) scalar part. Outside torch.func's
+    transforms its backward is one pass (`_ScalarGate`), where autograd's would add the scalar's path through a
+    zero-filled slice gradient. A leaf of torch.fx traces."""
+    if torch._C._are_functorch_transforms_active():
+        return h * torch.sigmoid(h[..., :1])
+    return _ScalarGate.apply(h)
+
+
+torch.fx.wrap("scalar_gate")
+
+
 class MVLinear(nn.Module):
     """Grade-wise linear map of multivectors [..., c_in, n_blades[top]]: one nn.Linear per grade mixing channels."""
 
@@ -310,7 +339,7 @@ class CGENN(SymModule):
         for layer in self.layers:
             ctx = h.sum(-3, keepdim=True) if self.is_set else h
             h = layer(h, ctx)
-            h = h * torch.sigmoid(h[..., :1])
+            h = scalar_gate(h)
         if not self.points_out:
             return self.head(h[..., 0].mean(-2)).reshape(-1, *self.out_shape)
         vec = self.head(h[..., 1 : 1 + self.algebra.d].transpose(-1, -2))  # [B, n, d, groups]
