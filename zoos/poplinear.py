@@ -20,6 +20,8 @@ x's dtype, as autocast's batched matmul stores them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -31,11 +33,17 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _rows_times_weight(x_ptr, w_ptr, b_ptr, y_ptr, RPM, EACH, X_STRIDE, W_K, W_N,
+    def _row_at(row, INNER, OUTER_STRIDE, INNER_STRIDE):
+        """Where row `row` of a two-level row layout starts (`_row_layout`)."""
+        return (row // INNER) * OUTER_STRIDE + (row % INNER) * INNER_STRIDE
+
+    @triton.jit
+    def _rows_times_weight(x_ptr, w_ptr, b_ptr, y_ptr, RPM, EACH, X_INNER, X_OUTER_STRIDE, X_INNER_STRIDE, W_K, W_N,
                            K: tl.constexpr, N: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """y[rows] = x[rows] @ W_m (+ b_m) over EACH tiles of model m's rows: W_m [K, N] read with strides (W_K, W_N)
-        from m's weight (the forward: w^T; the input gradient: w itself); x rows X_STRIDE apart, y contiguous."""
+        from m's weight (the forward: w^T; the input gradient: w itself); x's rows in a two-level layout, y
+        contiguous."""
         prog, m = tl.program_id(0), tl.program_id(1)
         k, n = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_N)
         w = tl.load(w_ptr + m.to(tl.int64) * (K * N) + k[:, None] * W_K + n[None, :] * W_N,
@@ -45,7 +53,8 @@ if triton is not None:
         for t in range(prog * EACH, tl.minimum(prog * EACH + EACH, tl.cdiv(RPM, BLOCK_M))):
             r = t * BLOCK_M + tl.arange(0, BLOCK_M)
             row = m.to(tl.int64) * RPM + r
-            x = tl.load(x_ptr + row[:, None] * X_STRIDE + k[None, :], mask=(r < RPM)[:, None] & (k < K)[None, :], other=0.0)
+            x_at = _row_at(row, X_INNER, X_OUTER_STRIDE, X_INNER_STRIDE)
+            x = tl.load(x_ptr + x_at[:, None] + k[None, :], mask=(r < RPM)[:, None] & (k < K)[None, :], other=0.0)
             acc = tl.dot(x, w, input_precision=PREC)
             if HAS_BIAS:
                 acc += bias[None, :]
@@ -53,11 +62,13 @@ if triton is not None:
                      mask=(r < RPM)[:, None] & (n < N)[None, :])
 
     @triton.jit
-    def _weight_grad_kernel(x_ptr, dy_ptr, dw_ptr, db_ptr, RPM, EACH, PROGRAMS, X_STRIDE,
+    def _weight_grad_kernel(x_ptr, dy_ptr, dw_ptr, db_ptr, RPM, EACH, PROGRAMS, X_INNER, X_OUTER_STRIDE,
+                            X_INNER_STRIDE, DY_INNER, DY_OUTER_STRIDE, DY_INNER_STRIDE,
                             K: tl.constexpr, N: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """dw partial [N, K] = sum over EACH tiles of model m's rows of dy^T x (and db partial: dy's column sums),
-        stored at [m, program] of dw [models, PROGRAMS, N, K] and db [models, PROGRAMS, N]."""
+        stored at [m, program] of dw [models, PROGRAMS, N, K] and db [models, PROGRAMS, N]; x's and dy's rows
+        in two-level layouts."""
         prog, m = tl.program_id(0), tl.program_id(1)
         k, n = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -65,8 +76,10 @@ if triton is not None:
         for t in range(prog * EACH, tl.minimum(prog * EACH + EACH, tl.cdiv(RPM, BLOCK_M))):
             r = t * BLOCK_M + tl.arange(0, BLOCK_M)
             row = m.to(tl.int64) * RPM + r
-            x = tl.load(x_ptr + row[:, None] * X_STRIDE + k[None, :], mask=(r < RPM)[:, None] & (k < K)[None, :], other=0.0)
-            g = tl.load(dy_ptr + row[:, None] * N + n[None, :], mask=(r < RPM)[:, None] & (n < N)[None, :], other=0.0)
+            x_at = _row_at(row, X_INNER, X_OUTER_STRIDE, X_INNER_STRIDE)
+            dy_at = _row_at(row, DY_INNER, DY_OUTER_STRIDE, DY_INNER_STRIDE)
+            x = tl.load(x_ptr + x_at[:, None] + k[None, :], mask=(r < RPM)[:, None] & (k < K)[None, :], other=0.0)
+            g = tl.load(dy_ptr + dy_at[:, None] + n[None, :], mask=(r < RPM)[:, None] & (n < N)[None, :], other=0.0)
             acc += tl.dot(tl.trans(g), x.to(g.dtype), input_precision=PREC)
             if HAS_BIAS:
                 acc_b += g.to(tl.float32)
@@ -98,15 +111,38 @@ def _programs(tiles: int, models: int, device: torch.device, least: int = 1) -> 
     return triton.cdiv(tiles, each), each
 
 
+def _row_layout(x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+    """x [..., features] (features unit-stride) as rows in at most two levels: (x, (inner, outer stride, inner
+    stride)), row r at (r // inner) * outer stride + (r % inner) * inner stride, so a slice of a wider tensor's
+    middle axis (a Clifford layer's grade of [.., points, blades, channels]) is read where it lies; x made
+    contiguous where its rows need more levels."""
+    if x.stride(-1) == 1:
+        merged: list[tuple[int, int]] = []  # (size, stride) of the row axes, outermost first
+        for n, st in zip(x.shape[:-1], x.stride()[:-1]):
+            if n == 1:
+                continue
+            if merged and merged[-1][1] == n * st:
+                merged[-1] = (merged[-1][0] * n, st)
+            else:
+                merged.append((n, st))
+        if len(merged) <= 1:
+            return x, (1, merged[0][1] if merged else 0, 0)
+        if len(merged) == 2:
+            return x, (merged[1][0], merged[0][1], merged[1][1])
+    x = x.contiguous()
+    return x, (1, x.shape[-1], 0)
+
+
 def _times(x: Tensor, w: Tensor, b: Tensor | None, models: int, k: int, n: int, strides: tuple[int, int]) -> Tensor:
-    """x [models*R, k] (rows any stride, features unit-stride) times each model's [k, n] weight (+ b): y [models*R, n]."""
-    y = x.new_empty(x.shape[0], n)
-    rpm = x.shape[0] // models
+    """x [models*R rows (`_row_layout`), k] times each model's [k, n] weight (+ b): y [*x.shape[:-1], n] contiguous."""
+    x, layout = _row_layout(x)
+    y = x.new_empty(*x.shape[:-1], n)
+    rpm = y.numel() // n // models
     block_m, block_k, block_n, warps = _blocks(k, n)
     programs, each = _programs(triton.cdiv(rpm, block_m), models, x.device)
     if y.numel():
         _rows_times_weight[(programs, models)](
-            x, w, b if b is not None else w, y, rpm, each, x.stride(0), strides[0], strides[1], K=k, N=n,
+            x, w, b if b is not None else w, y, rpm, each, *layout, strides[0], strides[1], K=k, N=n,
             HAS_BIAS=b is not None, PREC=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
             num_warps=warps)
     return y
@@ -120,27 +156,29 @@ def _pop_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 @_pop_linear.register_fake
 def _(x, w, b):
-    return x.new_empty(x.shape[0], w.shape[1])
+    return x.new_empty(*x.shape[:-1], w.shape[1])
 
 
 @torch.library.custom_op("symzoo::pop_linear_backward", mutates_args=())
 def _pop_linear_backward(x: Tensor, dy: Tensor, w: Tensor, input_grad: bool, weight_grad: bool, bias: bool
                          ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx or empty, dw or empty, db or empty): dx in x's dtype, dw and db float32."""
+    """(dx or empty, dw or empty, db or empty): dx in x's dtype, dw and db float32; x's and dy's rows read where
+    they lie (`_row_layout`)."""
     models, out_f, in_f = w.shape
-    dy = dy.contiguous()
     dx = _times(dy, w.contiguous(), None, models, out_f, in_f, (in_f, 1)).to(x.dtype) if input_grad else x.new_empty(0)
     if not weight_grad:
         return dx, w.new_empty(0, dtype=torch.float32), w.new_empty(0, dtype=torch.float32)
-    rpm = x.shape[0] // models
+    x, x_layout = _row_layout(x)
+    dy, dy_layout = _row_layout(dy)
+    rpm = dy.numel() // out_f // models
     block_m, block_k, block_n, warps = _blocks(in_f, out_f)
     programs, each = _programs(triton.cdiv(rpm, block_m), models, x.device, least=8)
     dw = x.new_empty(models, programs, out_f, in_f, dtype=torch.float32)
     db = x.new_empty(models, programs, out_f, dtype=torch.float32) if bias else dw
-    if x.shape[0]:
+    if rpm:
         _weight_grad_kernel[(programs, models)](
-            x, dy, dw, db, rpm, each, programs, x.stride(0), K=in_f, N=out_f, HAS_BIAS=bias, PREC=dot_precision(dy.dtype),
-            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=warps)
+            x, dy, dw, db, rpm, each, programs, *x_layout, *dy_layout, K=in_f, N=out_f, HAS_BIAS=bias,
+            PREC=dot_precision(dy.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=warps)
     else:
         dw.zero_(), db.zero_()
     return dx, dw.sum(1), db.sum(1) if bias else w.new_empty(0, dtype=torch.float32)
@@ -182,12 +220,10 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     models, out_f, in_f = w.shape
     if not fits(in_f, out_f):
         raise ValueError(f"linear here takes up to {MAX_FEATURES} inputs and outputs, got {in_f} -> {out_f}")
-    rows = x.reshape(-1, in_f)  # a view wherever the rows have one stride
-    if rows.shape[0] % models:
-        raise ValueError(f"x has {rows.shape[0]} rows, not a multiple of the population size {models}")
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    return _pop_linear(rows, w, b).view(*x.shape[:-1], out_f)
+    rows = math.prod(x.shape[:-1])
+    if rows % models:
+        raise ValueError(f"x has {rows} rows, not a multiple of the population size {models}")
+    return _pop_linear(x, w, b)  # x's rows read where they lie (`_row_layout`)
 
 
 __all__ = ["MAX_FEATURES", "available", "fits", "linear"]

@@ -24,21 +24,30 @@ def per_model(x, w, b):
 @settings(max_examples=12, deadline=None)
 @example(n=2, rows=130, tokens=3, in_f=32, out_f=20, bias=True, layout="strided rows", grads="all", seed=0)
 @example(n=3, rows=70, tokens=1, in_f=100, out_f=128, bias=True, layout="contiguous", grads="weights", seed=1)
+@example(n=2, rows=40, tokens=3, in_f=16, out_f=16, bias=False, layout="two-level rows", grads="all", seed=2)
+@example(n=2, rows=9, tokens=3, in_f=5, out_f=7, bias=True, layout="three-level rows", grads="all", seed=3)
 @given(n=st.integers(1, 3), rows=st.integers(0, 200), tokens=st.sampled_from([1, 3]), in_f=st.integers(1, 130),
-       out_f=st.integers(1, 130), bias=st.booleans(), layout=st.sampled_from(["contiguous", "strided rows"]),
+       out_f=st.integers(1, 130), bias=st.booleans(),
+       layout=st.sampled_from(["contiguous", "strided rows", "two-level rows", "three-level rows"]),
        grads=st.sampled_from(["all", "weights", "input"]), seed=st.integers(0, 99))
 def test_linear_equals_per_model_linear(n, rows, tokens, in_f, out_f, bias, layout, grads, seed):
     """Output and the gradients of x, w and b (float32, any widths up to and past a tile's 16, 64 and 128 less
     the refused, rows not a multiple of a tile, none at all, [rows, tokens, in] inputs and rows read with a stride,
-    as a transformer's class token is)."""
+    as a transformer's class token is, or in two levels, as a slice of a wider tensor's middle axis is (read where
+    they lie), or more (copied first); the output's gradient strided the same way)."""
     if not poplinear.fits(in_f, out_f):
         with pytest.raises(ValueError, match=f"up to {poplinear.MAX_FEATURES} inputs and outputs, got {in_f} -> {out_f}"):
             poplinear.linear(torch.zeros(n, in_f, device=DEVICE), torch.zeros(n, out_f, in_f, device=DEVICE), None)
         return
     g = torch.Generator().manual_seed(seed)
-    full = torch.randn(n * rows, tokens, in_f + 3, generator=g).to(DEVICE)
-    x = full[:, :, 1:in_f + 1] if layout == "strided rows" else full[:, :, :in_f].contiguous()
-    x = x[:, 0] if tokens == 1 else x
+    if layout == "two-level rows":
+        x = torch.randn(n * rows, tokens + 2, in_f, generator=g).to(DEVICE)[:, 1:tokens + 1]
+    elif layout == "three-level rows":
+        x = torch.randn(n * rows, 3, tokens + 2, in_f, generator=g).to(DEVICE)[:, :2, 1:tokens + 1]
+    else:
+        full = torch.randn(n * rows, tokens, in_f + 3, generator=g).to(DEVICE)
+        x = full[:, :, 1:in_f + 1] if layout == "strided rows" else full[:, :, :in_f].contiguous()
+    x = x[:, 0] if tokens == 1 and layout != "three-level rows" else x
     x.requires_grad_(grads in ("all", "input"))
     w = torch.randn(n, out_f, in_f, generator=g).to(DEVICE).requires_grad_(grads != "input")
     b = torch.randn(n, out_f, generator=g).to(DEVICE).requires_grad_(grads != "input") if bias else None
@@ -47,7 +56,12 @@ def test_linear_equals_per_model_linear(n, rows, tokens, in_f, out_f, bias, layo
     assert y.shape == want.shape and y.dtype == x.dtype
     torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
     wrt = [t for t in (x, w, b) if t is not None and t.requires_grad]
-    dy = torch.randn(y.shape, generator=g).to(DEVICE)
+    if layout == "contiguous":
+        dy = torch.randn(y.shape, generator=g).to(DEVICE)
+    else:  # a slice of a wider gradient: its middle axis where it has one, else its features
+        wider = (*y.shape[:-2], y.shape[-2] + 1, out_f) if y.dim() > 2 else (*y.shape[:-1], out_f + 1)
+        full = torch.randn(wider, generator=g).to(DEVICE)
+        dy = full[..., 1:, :] if y.dim() > 2 else full[..., 1:]
     for got, ref in zip(torch.autograd.grad(y, wrt, dy), torch.autograd.grad(want, wrt, dy.double())):
         assert got.shape == ref.shape and got.dtype == torch.float32
         torch.testing.assert_close(got.double(), ref.double(), rtol=1e-4, atol=1e-4 * max(1, rows) ** 0.5)
