@@ -36,6 +36,15 @@ from zoos.archs.layout import point_layout
 from zoos.permspec import PermSpec
 
 
+def unit_stride_rows(x: Tensor) -> Tensor:
+    """x itself where its last axis is unit-stride, else a contiguous copy. A leaf of torch.fx traces: it reads
+    strides, which a trace does not know."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+torch.fx.wrap("unit_stride_rows")
+
+
 class CliffordAlgebra:
     """Cl(p,q,r) of a diagonal metric (+1/-1/0 per axis). Blade k has bit mask `masks[k]` (bit i: axis i), sorted
     by grade. Plain Python data, so a model holding one builds on any device and traces with torch.fx."""
@@ -141,11 +150,13 @@ class CliffordAlgebra:
         return (x * x) @ torch.tensor(self._grade_sums(top), dtype=x.dtype, device=x.device)
 
     def grade_parts(self, x: Tensor, top: int) -> list[Tensor]:
-        """x [..., C, n_blades[top]] as its grades, channels last: [[..., n_g, C] for g <= top], contiguous (a grade-wise
-        linear reads each as rows); one split, whose backward is one concatenation."""
+        """x [..., C, n_blades[top]] as its grades, channels last: [[..., n_g, C] for g <= top] (a grade-wise linear
+        reads each as rows), views where x's channels are unit-stride ([.., blades, C] in memory, as
+        `zoos.popbilinear` writes them: poplinear reads such rows where they lie), else copies; one split, whose
+        backward is one concatenation."""
         nb = self.n_blades
         split = x.split([nb[g] - (nb[g - 1] if g else 0) for g in range(top + 1)], -1)
-        return [split[g].transpose(-1, -2).contiguous() for g in range(top + 1)]
+        return [unit_stride_rows(split[g].transpose(-1, -2)) for g in range(top + 1)]
 
     def _grade_sums(self, top: int) -> list[list[float]]:
         """[n_blades[top], top + 1]: q(e_b) in row b, column grade(b), so (x * x) @ it sums q per grade in one product."""
