@@ -833,7 +833,7 @@ class _Emitter:
         g, pop, env = self.g, self.pop, self.env
         reads = node in self.reads_input
         options = {"rows": self.rows_in, "out_dtype": pop.dtype, "windows": self.windows_in} if reads else {}
-        why = "reads the data set's window table" if reads else ""
+        why = ""
         if not reads:
             x = self._compute(x)
         if stride != (1, 1):
@@ -854,7 +854,8 @@ class _Emitter:
         chain, pool = ([], 1) if epilogue is None else (epilogue[0], epilogue[1]["pool"])
         if reads:
             pop.window_geometry = (kernel, pad, pool)
-            why = why if chain else "reads the data set by row index"
+            why = ("reads the data set's window table where it fits in memory" if popconv.windows_wanted(pool)
+                   else "reads the data set by row index")
         folded = [n for n, _, _ in affine] + chain
         through = self.conv_act.pop(node, None)  # its input is an activation whose derivative its input gradient applies
         if through is not None:

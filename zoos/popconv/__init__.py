@@ -67,7 +67,7 @@ One module a kernel family, each with its kernels, launchers and custom ops:
   pooled   conv + max-pool + activation as one op and its backward, the block input gradient
            (`conv2d_pool_act`, `fuses`, `EPILOGUE_ACTIVATIONS`)
   window   the first layer's window table, its forward and weight-gradient kernels (`window_table`,
-           `window_table_bytes`, `windows_pay`)
+           `window_table_bytes`, `windows_pay`, `windows_wanted`)
   pool     the 2x2 max-pool in either memory format (`max_pool2x2`)
   strided  a strided conv as the stride-1 conv of its input's blocks (`space_to_depth`, `strided_weight`)
   tuning   kernel choices and tile sizes (`Tuning`, `tuned`, `parse_tuning`)
@@ -101,8 +101,8 @@ from .pool import max_pool2x2
 from .pooled import conv2d_pool_act, fuses, spatial_mean
 from .strided import space_to_depth, strided_weight
 from .tuning import Tuning, parse_tuning, tuned
-from .window import window_table, window_table_bytes, windows_pay
+from .window import window_table, window_table_bytes, windows_pay, windows_wanted
 
 __all__ = ["EPILOGUE_ACTIVATIONS", "Tuning", "available", "conv2d", "conv2d_pool_act", "fuses", "max_pool2x2",
            "parse_tuning", "reads_channels_last", "space_to_depth", "spatial_mean", "stored_channels_last",
-           "strided_weight", "supports", "tuned", "window_table", "window_table_bytes", "windows_pay"]
+           "strided_weight", "supports", "tuned", "window_table", "window_table_bytes", "windows_pay", "windows_wanted"]

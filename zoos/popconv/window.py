@@ -273,16 +273,20 @@ def windows_pay(pool: int, table_bytes: int, device: torch.device | str) -> bool
     The tuning's `windows`: "pool" (the default) for layers followed by a 2x2 max-pool, where one table row
     feeds all four window positions; "always"; "never". Either way the table must fit in its
     `window_max_fraction` of the device's memory (any size in the interpreter)."""
-    t = tuning.current()
-    mode = t.windows
-    if mode not in ("pool", "always", "never"):
-        raise ValueError(f"SYMZOO_POPCONV_WINDOWS = {mode!r} is not allowed; expected pool, always or never")
-    if mode == "never" or (mode == "pool" and pool == 1):
+    if not windows_wanted(pool):
         return False
     device = torch.device(device)
     if device.type != "cuda":
         return True
-    return table_bytes <= t.window_max_fraction * torch.cuda.get_device_properties(device).total_memory
+    return table_bytes <= tuning.current().window_max_fraction * torch.cuda.get_device_properties(device).total_memory
+
+
+def windows_wanted(pool: int) -> bool:
+    """The tuning's part of `windows_pay`: whether a first layer with this pool reads a window table where it fits."""
+    mode = tuning.current().windows
+    if mode not in ("pool", "always", "never"):
+        raise ValueError(f"SYMZOO_POPCONV_WINDOWS = {mode!r} is not allowed; expected pool, always or never")
+    return mode == "always" or (mode == "pool" and pool != 1)
 
 
 def _window_conv(table: Tensor, x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], rows: Tensor,
