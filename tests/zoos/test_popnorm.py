@@ -74,8 +74,9 @@ def test_group_norm1_with_residual_and_activation_folded_in(n, batch, c, hw, cl,
        act=st.sampled_from(["identity", "relu", "leaky_relu"]), read=st.sampled_from(["both", "y", "copy"]),
        seed=st.integers(0, 99))
 def test_group_norm1_writes_a_copy_in_the_compute_dtype_and_sums_both_gradients(n, batch, c, hw, cl, act, read, seed):
-    """copy_dtype=bf16: (y, y.to(bf16)) from one pass, equal to the float32 output and its cast; the gradients of x,
-    w, b and the residual equal those of the output and the cast read by two readers (either alone too)."""
+    """copy_dtype=bf16: (y, y.to(bf16)) from one pass, y equal to the float32 output without a copy (to float32
+    rounding: the two are compiled apart) and the copy y's cast; the gradients of x, w, b and the residual equal
+    those of the output and the cast read by two readers (either alone too)."""
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(n * batch, c, hw, 3, generator=g) * 3 + 5).to(DEVICE)
     x = (x.contiguous(memory_format=torch.channels_last) if cl else x).requires_grad_()
@@ -86,8 +87,8 @@ def test_group_norm1_writes_a_copy_in_the_compute_dtype_and_sums_both_gradients(
     ref = popnorm.group_norm1(x, w, b, 1e-5, residual=res, act=act, slope=slope)
     ref2 = ref.to(torch.bfloat16)
     assert y2.dtype == torch.bfloat16 and y2.stride() == torch.empty_like(x).stride()
-    torch.testing.assert_close(y, ref, atol=0, rtol=0)
-    torch.testing.assert_close(y2, ref2, atol=0, rtol=0 if DEVICE == "cuda" else 1e-2)  # the interpreter truncates to bf16
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y2, y.to(torch.bfloat16), atol=0, rtol=0 if DEVICE == "cuda" else 1e-2)  # the interpreter truncates
     d1 = torch.randn(y.shape, generator=g).to(DEVICE)
     d2 = torch.randn(y.shape, generator=g).to(DEVICE).to(torch.bfloat16)
     outs, refs, grads = {"both": ([y, y2], [ref, ref2], [d1, d2]), "y": ([y], [ref], [d1]),
