@@ -29,21 +29,24 @@ from torch import Tensor
 
 from zoos.popconv.common import available, triton
 
-TILE = 1024  # (sets x points x channels) elements a program holds, the points and channels padded to powers of two
+TILE = 256  # (sets x points x channels) elements a program holds, the points and channels padded to powers of two
+GATHER = 2048  # elements of one gathered [tile, terms] block: TILE x TERMS terms read at once
 
 if triton is not None:
     import triton.language as tl
 
     @triton.jit
     def _sum_of_products(p_ptr, q_ptr, out_ptr, idx_ptr, coef_ptr, S, G, C, N_OUT, N_Q, T,
-                         sps, spg, spc, spa, sqs, sqg, sqc, sqa, sos, sog, soc, soa,
-                         REDUCE_G: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr, BC: tl.constexpr):
+                         sps, spg, spc, spa, sqs, sqg, sqc, sqa, sos, sog, soc, soa, REDUCE_G: tl.constexpr,
+                         BS: tl.constexpr, BG: tl.constexpr, BC: tl.constexpr, TERMS: tl.constexpr):
         """out[s, g, c, o] = sum over terms t of output o of coef[t] p[s, g, c, pi[t]] q[s, g, c, qi[t]] (q = 1 where
         qi[t] == N_Q), summed over g into out[s, 0, c, o] with REDUCE_G. idx: the terms' offsets by output [N_OUT + 1],
-        then pi [T], then qi [T]."""
-        s = tl.program_id(0) * BS + tl.arange(0, BS)[:, None, None]
-        g = tl.arange(0, BG)[None, :, None]
-        c = tl.arange(0, BC)[None, None, :]
+        then pi [T], then qi [T]. An output's terms are read TERMS at a time: their indices as one vector load, the
+        components they name as one gather each over the tile's [BS * BG * BC] elements."""
+        r = tl.arange(0, BS * BG * BC)
+        s = tl.program_id(0) * BS + r // (BG * BC)
+        g = (r // BC) % BG
+        c = r % BC
         mask = (s < S) & (g < G) & (c < C)
         p_at = s.to(tl.int64) * sps + g * spg + c * spc
         q_at = s.to(tl.int64) * sqs + g * sqg + c * sqc
@@ -55,17 +58,24 @@ if triton is not None:
         else:
             o_at = s.to(tl.int64) * sos + g * sog + c * soc
             o_mask = mask
+        k = tl.arange(0, TERMS)
         for o in range(N_OUT):
-            acc = tl.zeros((BS, BG, BC), dtype=tl.float32)
-            for t in range(tl.load(idx_ptr + o), tl.load(idx_ptr + o + 1)):
-                pi = tl.load(idx_ptr + N_OUT + 1 + t)
-                qi = tl.load(idx_ptr + N_OUT + 1 + T + t)
-                w = tl.load(coef_ptr + t)
-                pv = tl.load(p_ptr + p_at + pi * spa, mask=mask, other=0.0).to(tl.float32)
-                qv = tl.load(q_ptr + q_at + qi * sqa, mask=mask & (qi < N_Q), other=1.0).to(tl.float32)
-                acc += w * pv * qv
+            acc = tl.zeros((BS * BG * BC,), dtype=tl.float32)
+            end = tl.load(idx_ptr + o + 1)
+            for t0 in range(tl.load(idx_ptr + o), end, TERMS):
+                t = t0 + k
+                live = t < end
+                pi = tl.load(idx_ptr + N_OUT + 1 + t, mask=live, other=0)
+                qi = tl.load(idx_ptr + N_OUT + 1 + T + t, mask=live, other=N_Q)
+                w = tl.load(coef_ptr + t, mask=live, other=0.0)
+                both = mask[:, None] & live[None, :]
+                pv = tl.load(p_ptr + p_at[:, None] + pi[None, :] * spa, mask=both, other=0.0).to(tl.float32)
+                qv = tl.load(q_ptr + q_at[:, None] + qi[None, :] * sqa, mask=both & (qi < N_Q)[None, :],
+                             other=1.0).to(tl.float32)
+                acc += tl.sum(pv * qv * w[None, :], axis=1)
             if REDUCE_G:
-                tl.store(out_ptr + o_at + o * soa, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=o_mask)
+                total = tl.sum(tl.reshape(acc, (BS, BG, BC)), axis=1)
+                tl.store(out_ptr + o_at + o * soa, total.to(out_ptr.dtype.element_ty), mask=o_mask)
             else:
                 tl.store(out_ptr + o_at + o * soa, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
@@ -110,9 +120,11 @@ def _grouped(terms: list[tuple[int, int, int, float]], n_out: int) -> tuple[list
     return offsets + [t[1] for t in terms] + [t[2] for t in terms], [float(t[3]) for t in terms]
 
 
-def _blocks(g: int, c: int) -> tuple[int, int, int]:
+def _blocks(g: int, c: int) -> tuple[int, int, int, int]:
+    """(sets, points, channels, terms) a program: a tile of about TILE elements, gathers of about GATHER."""
     bg, bc = triton.next_power_of_2(g), triton.next_power_of_2(c)
-    return max(1, TILE // (bg * bc)), bg, bc
+    bs = max(1, TILE // (bg * bc))
+    return bs, bg, bc, max(1, min(16, GATHER // (bs * bg * bc)))
 
 
 def _launch(p: Tensor, q: Tensor, out: Tensor, idx: Tensor, coef: Tensor, n_q: int, reduce_g: bool) -> None:
@@ -120,13 +132,13 @@ def _launch(p: Tensor, q: Tensor, out: Tensor, idx: Tensor, coef: Tensor, n_q: i
     s, g, c, n_out = p.shape[0], p.shape[1], p.shape[2], out.shape[3]
     if not out.numel():
         return
-    bs, bg, bc = _blocks(g, c)
+    bs, bg, bc, terms = _blocks(g, c)
     sq = list(q.stride())
     if q.shape[1] == 1:
         sq[1] = 0
     _sum_of_products[(triton.cdiv(s, bs),)](
         p, q, out, idx, coef, s, g, c, n_out, n_q, coef.numel(), *p.stride(), *sq, *out.stride(),
-        REDUCE_G=reduce_g, BS=bs, BG=bg, BC=bc, num_warps=4)
+        REDUCE_G=reduce_g, BS=bs, BG=bg, BC=bc, TERMS=terms, num_warps=4)
 
 
 def _check(x: Tensor, y: Tensor, a: int, b: int) -> None:
