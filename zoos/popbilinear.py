@@ -18,16 +18,47 @@ kernel on two more tables,
 
 the latter summed over a set's points where y is shared. Products accumulate in float32; z and dx take x's dtype,
 dy y's.
+
+Models route their products here only where `enabled()` (SYMZOO_POPBILINEAR=1, or inside `using()`): off by
+default until it is timed against the dense product on a GPU (benchmarks/README.md says where that stands).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from zoos.popconv.common import available, triton
+
+def _from_environment() -> bool:
+    value = os.environ.get("SYMZOO_POPBILINEAR", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"SYMZOO_POPBILINEAR = {value!r} is not allowed; expected 0 or 1")
+    return value == "1"
+
+
+_enabled = [_from_environment()]
+
+
+def enabled() -> bool:
+    """Whether models run their bilinear products here (SYMZOO_POPBILINEAR=1, or inside `using`)."""
+    return _enabled[-1]
+
+
+@contextlib.contextmanager
+def using(on: bool = True) -> Iterator[None]:
+    """`enabled()` is `on` inside the block (a population program reads it each step: keep the block around it)."""
+    _enabled.append(bool(on))
+    try:
+        yield
+    finally:
+        _enabled.pop()
+
 
 TILE = 256  # (sets x points x channels) elements a program holds, the points and channels padded to powers of two
 GATHER = 2048  # elements of one gathered [tile, terms] block: TILE x TERMS terms read at once
@@ -202,4 +233,4 @@ def product(x: Tensor, y: Tensor, table: Table) -> Tensor:
     return _pop_bilinear(x, y, *table.on(x.device), table.k_out)
 
 
-__all__ = ["Table", "available", "product"]
+__all__ = ["Table", "available", "enabled", "product", "using"]

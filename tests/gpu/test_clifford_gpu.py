@@ -1,6 +1,7 @@
-"""cgenn's GPU path: its geometric products on `zoos.popbilinear` (one pass over the Cayley table's terms) and its
-grade-wise linears reading the products' grades where they lie (poplinear's two-level rows), in population programs
-against vmap (under torch.func: the dense right-multiplication matmuls). Skipped without CUDA."""
+"""cgenn's GPU path: its geometric products as the dense right-multiplication matmuls or, enabled, on
+`zoos.popbilinear` (one pass over the Cayley table's terms), whose grades the next layer's linears read where they
+lie (poplinear's two-level rows), in population programs against vmap (under torch.func: the dense products).
+Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.zoos.test_program import _population, _targets
+from zoos import popbilinear
 from zoos.program import choose_program
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -33,12 +35,18 @@ class _Ops(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("bilinear", [False, True])
 @pytest.mark.parametrize("task_name,config", [("convex_hull", dict(width=8, depth=3)), ("nbody", dict(width=8, depth=2)),
                                               ("lorentz", dict(width=8, depth=2))])
-def test_cgenn_population_program_on_the_kernels_equals_vmap(task_name, config):
+def test_cgenn_population_program_on_the_kernels_equals_vmap(task_name, config, bilinear):
     """A set with a shared context (convex hull, O(5): grades up to 4), per-point vector outputs (n-body), the points
-    as one multivector's channels (Lorentz, O(1,3)): every layer's product runs as one popbilinear op, the grades
-    reach the linears without a copy, and the gradients equal vmap's."""
+    as one multivector's channels (Lorentz, O(1,3)): the gradients equal vmap's; with popbilinear every layer's
+    product runs as one of its ops and the grades reach the linears without a copy."""
+    with popbilinear.using(bilinear):
+        _program_equals_vmap(task_name, config, bilinear)
+
+
+def _program_equals_vmap(task_name, config, bilinear):
     task, module, params, buffers = _population("cgenn", task_name, {}, config)
     params, buffers = {k: v.cuda() for k, v in params.items()}, {k: v.cuda() for k, v in buffers.items()}
     program = choose_program(module, task, "cuda", fast=True, kernels=True, compile=False, dropout=False, arch="cgenn")
@@ -51,10 +59,11 @@ def test_cgenn_population_program_on_the_kernels_equals_vmap(task_name, config):
 
     with _Ops() as seen:
         grads, _ = program.step(params, buffers, x, y)
-    assert seen.ops["symzoo.pop_bilinear"] == config["depth"] and seen.ops["symzoo.pop_bilinear_backward"] == config["depth"]
-    c_in = module.layers[0].left.grades[0].in_features  # the embedding's grades are copied once, later layers' not
-    per_point = [shape for shape in seen.copies if len(shape) == 4 and shape[1] > 1 and shape[-1] != c_in]
-    assert not per_point, f"points' features copied: {per_point}"
+    assert seen.ops["symzoo.pop_bilinear"] == seen.ops["symzoo.pop_bilinear_backward"] == (config["depth"] if bilinear else 0)
+    if bilinear:
+        c_in = module.layers[0].left.grades[0].in_features  # the embedding's grades are copied once, later layers' not
+        per_point = [shape for shape in seen.copies if len(shape) == 4 and shape[1] > 1 and shape[-1] != c_in]
+        assert not per_point, f"points' features copied: {per_point}"
     want = vmap(grad(one))(params, buffers, x, y)
     for k in want:
         scale = want[k].abs().max().item()

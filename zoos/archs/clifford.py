@@ -11,8 +11,8 @@ MVNorm           x_g / (sigmoid(a_g) (|x_g| - 1) + 1), |x_g| = sqrt|q(x_g)| smoo
 GPLayer          (left(x) + a(x) * norm(b(ctx))) / sqrt(2), * the geometric product; ctx = x, or the sum over points
 cgenn            embed columns as grade-0/1 channels, `depth` GP layers with scalar gates, a scalar or vector readout
 
-On a GPU a layer's product (its left map added) is one pass of `zoos.popbilinear` over the Cayley table's terms
-(`product_rows`); elsewhere, and under torch.func's transforms, a matmul by the right-multiplication matrix.
+A layer's product (its left map added) is a matmul by the right-multiplication matrix (`product_rows`), or with
+`zoos.popbilinear` enabled (opt-in, SYMZOO_POPBILINEAR=1) one pass over the Cayley table's terms on a GPU.
 
 Only the grades a layer can hold get weights (vectors generate grades <= 2, their products <= 4, ...), and an
 invariant readout's last layer keeps only scalars: every weight reaches the output, so every pair of the
@@ -172,12 +172,12 @@ def algebra_of(metric: tuple[float, ...]) -> CliffordAlgebra:
 def product_rows(metric: tuple[float, ...], x: Tensor, y: Tensor, sizes: tuple[int, int, int], identity: int,
                  scale: float, shared: bool) -> Tensor:
     """x @ (scale * [I; R(y)]) per feature in Cl(`metric`) (`CliffordAlgebra.right_multiplication`, `times`): x [...,
-    P, C, identity + a], y [..., P or 1 (`shared`), C, b] -> [..., P, C, k]. On a GPU (outside torch.func's transforms, which it has
-    no rule for; up to float32, where it accumulates) one `zoos.popbilinear` product over the terms, else R(y) and a
-    matmul per feature. A leaf of torch.fx traces (fx.wrap), so a population program runs it on its stacked batch of
-    samples."""
+    P, C, identity + a], y [..., P or 1 (`shared`), C, b] -> [..., P, C, k]. R(y) and a matmul per feature; where
+    `zoos.popbilinear` is enabled (opt-in), on a GPU outside torch.func's transforms (which it has no rule for) and
+    up to float32 (where it accumulates), one product over the terms instead. A leaf of torch.fx traces (fx.wrap), so
+    a population program runs it on its stacked batch of samples."""
     algebra = algebra_of(metric)
-    if (x.is_cuda and popbilinear.available(x.device) and x.dtype != torch.float64
+    if (popbilinear.enabled() and x.is_cuda and popbilinear.available(x.device) and x.dtype != torch.float64
             and not torch._C._are_functorch_transforms_active()):
         lead = x.shape[:-3]
         z = popbilinear.product(x.reshape(-1, *x.shape[-3:]), y.reshape(-1, *y.shape[-3:]),
