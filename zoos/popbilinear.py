@@ -10,9 +10,9 @@ A Clifford algebra's geometric product x y is such a table (k = the blade of e_i
 j = B stands for a constant 1, so x's first components can be added to the product in the same pass (a layer's
 left map). As dense products the same z is x @ R(y), with R(y) [.., A, K] built from y per set and channel and a
 batched matmul per feature: R, its gradient and the layout copies around a product of tiny matrices are each a
-pass over memory as large as the features. Here one program holds a tile of sets, points and channels and loops
-over the terms, reading each component of x and y where the term needs it (from cache); the backward is the same
-kernel on two more tables,
+pass over memory as large as the features. Here one program holds a tile of sets, points and channels and, for each
+output component, reads the components its terms name (a few terms at a time, one gather each, from cache); the
+backward is the same kernel on two more tables,
 
   dx[.., i] = sum over (i, j, k, c) of c * dz[.., k] * y[.., j]      dy[.., j] = sum of c * dz[.., k] * x[.., i]
 
@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from zoos.popconv.common import available, triton
+
 
 def _from_environment() -> bool:
     value = os.environ.get("SYMZOO_POPBILINEAR", "0")

@@ -140,11 +140,12 @@ def test_geometric_product_is_equivariant_under_the_outermorphism(metric):
 
 
 def test_the_scalar_gate_equals_its_expression_and_its_gradient():
-    """`scalar_gate`'s one-pass backward is autograd's (gradcheck in float64), and under vmap it is the plain
-    expression (torch.func has no rule for its autograd.Function)."""
+    """`scalar_gate`'s one-pass backward is autograd's (gradcheck in float64; differentiable again, for a Hessian),
+    and under vmap it is the plain expression (torch.func has no rule for its autograd.Function)."""
     torch.manual_seed(0)
     h = torch.randn(3, 4, 5, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(scalar_gate, (h,))
+    assert torch.autograd.gradgradcheck(scalar_gate, (h,))
     ref = h * torch.sigmoid(h[..., :1])
     g = torch.randn_like(ref)
     torch.testing.assert_close(scalar_gate(h), ref, rtol=0, atol=0)
