@@ -308,7 +308,7 @@ class _WideChain(torch.nn.Module):
         return self.head(self.conv3(self.drop(h)).mean(dim=(-2, -1)))
 
 
-def _step_equal_to_vmap(cls) -> FastStep:
+def _paired_step_checked(cls) -> FastStep:
     """A 3-model population of `cls` ([2, 8, 8] inputs, 4 classes, every dropout rate 0): its kernel program's
     training step, checked to give vmap's gradients and the program's without the pairing (`act_in_reader=0`:
     the same forward kernels, so on a GPU, whose conv products are TF32, the same points for the derivatives)."""
@@ -337,7 +337,7 @@ def _step_equal_to_vmap(cls) -> FastStep:
 def test_the_program_leaves_an_activation_derivative_to_the_conv_reading_it():
     """conv -> act -> conv pairs: the first with act_grad=False, the second with its input_act (past a skipped
     dropout); gradients equal vmap's. The tuning's act_in_reader=0 leaves each conv its own pass."""
-    step = _step_equal_to_vmap(_WideChain)
+    step = _paired_step_checked(_WideChain)
     calls = [n.kwargs for n in step.pop.graph_module.graph.nodes
              if n.op == "call_function" and n.target in (popconv.conv2d_pool_act, popconv.conv2d)]
     assert [(kw.get("act"), kw.get("act_grad"), kw.get("input_act")) for kw in calls] == [
@@ -367,7 +367,7 @@ def test_the_program_leaves_a_wide_convs_activation_derivative_to_its_max_pool()
     """Where a no-pool fused conv's only reader is a plain max-pool (a skipped dropout between), the program
     emits the pair (the conv with act_grad=False, the pool with the activation) and its gradients equal vmap's;
     with the dropout kept, the conv keeps its own activation pass."""
-    step = _step_equal_to_vmap(_WideThenPool)
+    step = _paired_step_checked(_WideThenPool)
     calls = [(n.target.__name__, n.kwargs) for n in step.pop.graph_module.graph.nodes if n.op == "call_function"]
     convs = [kw for name, kw in calls if name == "conv2d_pool_act"]
     assert [(kw["act"], kw.get("act_grad")) for kw in convs] == [("relu", False), ("tanh", False)]  # tanh: the mean's
@@ -405,7 +405,7 @@ def test_a_spatial_mean_applies_the_derivative_of_the_activation_it_reads(act, s
         (dz,) = torch.autograd.grad(popconv.spatial_mean(a, act, slope, keepdim), a, dy)
         close(dz, torch.autograd.grad(want, z, dy)[0])
     if act == "relu":
-        step = _step_equal_to_vmap(_WideThenMean)
+        step = _paired_step_checked(_WideThenMean)
         calls = [(n.target.__name__, n.kwargs) for n in step.pop.graph_module.graph.nodes if n.op == "call_function"]
         assert ("spatial_mean", {"act": "leaky_relu", "slope": 0.2, "keepdim": True}) in calls
         assert [kw.get("act_grad") for name, kw in calls if name == "conv2d_pool_act"] == [False]
