@@ -34,13 +34,11 @@ import torch
 from torch import Tensor
 
 from zoos.popconv.common import available, triton
+from zoos.popconv.tuning import env_flag
 
 
 def _from_environment() -> bool:
-    value = os.environ.get("SYMZOO_POPBILINEAR", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"SYMZOO_POPBILINEAR = {value!r} is not allowed; expected 0 or 1")
-    return value == "1"
+    return env_flag(os.environ, "SYMZOO_POPBILINEAR", default="0")
 
 
 _enabled = [_from_environment()]

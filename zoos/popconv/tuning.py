@@ -70,8 +70,9 @@ def forward(t: Tuning) -> str:
     return t.forward
 
 
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    value = env.get(name, "1")
+def env_flag(env: Mapping[str, str], name: str, default: str = "1") -> bool:
+    """The 0/1 environment variable `name` (unset: `default`), refused by name and value where it is neither."""
+    value = env.get(name, default)
     if value not in ("0", "1"):
         raise ValueError(f"{name} = {value!r} is not allowed; expected 0 or 1")
     return value == "1"
@@ -79,10 +80,10 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
 
 def _from_environment(env: Mapping[str, str] = os.environ) -> Tuning:
     """The defaults with the SYMZOO_POPCONV_* variables of `env` applied (see the package docstring)."""
-    return Tuning(forward=env.get("SYMZOO_POPCONV_FORWARD", "auto"), fuse=_flag(env, "SYMZOO_POPCONV_FUSE"),
-                  strided=_flag(env, "SYMZOO_POPCONV_STRIDED"), windows=env.get("SYMZOO_POPCONV_WINDOWS", "pool"),
-                  window_dx=_flag(env, "SYMZOO_POPCONV_WINDOW_DX"),
-                  act_in_reader=_flag(env, "SYMZOO_POPCONV_ACT_IN_READER"))
+    return Tuning(forward=env.get("SYMZOO_POPCONV_FORWARD", "auto"), fuse=env_flag(env, "SYMZOO_POPCONV_FUSE"),
+                  strided=env_flag(env, "SYMZOO_POPCONV_STRIDED"), windows=env.get("SYMZOO_POPCONV_WINDOWS", "pool"),
+                  window_dx=env_flag(env, "SYMZOO_POPCONV_WINDOW_DX"),
+                  act_in_reader=env_flag(env, "SYMZOO_POPCONV_ACT_IN_READER"))
 
 
 _current = _from_environment()
