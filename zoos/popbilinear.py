@@ -10,14 +10,17 @@ A Clifford algebra's geometric product x y is such a table (k = the blade of e_i
 j = B stands for a constant 1, so x's first components can be added to the product in the same pass (a layer's
 left map). As dense products the same z is x @ R(y), with R(y) [.., A, K] built from y per set and channel and a
 batched matmul per feature: R, its gradient and the layout copies around a product of tiny matrices are each a
-pass over memory as large as the features. Here one program holds a tile of sets, points and channels and, for each
-output component, reads the components its terms name (a few terms at a time, one gather each, from cache); the
-backward is the same kernel on two more tables,
+pass over memory as large as the features. Here the table is written into a kernel's code (generated once per
+table and process, compiled and cached by Triton like any kernel): one program holds a tile of sets, points and
+channels, loads each component its terms name once and computes every output as one sum of products in
+registers. The backward is the same kind of kernel on two more tables,
 
   dx[.., i] = sum over (i, j, k, c) of c * dz[.., k] * y[.., j]      dy[.., j] = sum of c * dz[.., k] * x[.., i]
 
-the latter summed over a set's points where y is shared. Products accumulate in float32; z and dx take x's dtype,
-dy y's.
+the latter summed over a set's points where y is shared. With `gate`, the output is gated by its first component
+(z * sigmoid(z[.., 0]), an equivariant network's scalar gate) in the same pass, and the backward reads the gated
+output and the gate to form dz in registers. Products accumulate in float32; z and dx take x's dtype, dy y's. A
+backward differentiated again (a Hessian-vector product) runs as dense torch products.
 
 Models route their products here only where `enabled()` (SYMZOO_POPBILINEAR=1, or inside `using()`): off by
 default until it is timed against the dense product on a GPU (benchmarks/README.md says where that stands).
@@ -26,11 +29,14 @@ default until it is timed against the dense product on a GPU (benchmarks/README.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import linecache
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from zoos.popconv.common import available, triton
@@ -60,66 +66,97 @@ def using(on: bool = True) -> Iterator[None]:
 
 
 TILE = 256  # (sets x points x channels) elements a program holds, the points and channels padded to powers of two
-GATHER = 2048  # elements of one gathered [tile, terms] block: TILE x TERMS terms read at once
 
 if triton is not None:
     import triton.language as tl
 
-    @triton.jit
-    def _sum_of_products(p_ptr, q_ptr, out_ptr, idx_ptr, coef_ptr, S, G, C, N_OUT, N_Q, T,
-                         sps, spg, spc, spa, sqs, sqg, sqc, sqa, sos, sog, soc, soa, REDUCE_G: tl.constexpr,
-                         BS: tl.constexpr, BG: tl.constexpr, BC: tl.constexpr, TERMS: tl.constexpr):
-        """out[s, g, c, o] = sum over terms t of output o of coef[t] p[s, g, c, pi[t]] q[s, g, c, qi[t]] (q = 1 where
-        qi[t] == N_Q), summed over g into out[s, 0, c, o] with REDUCE_G. idx: the terms' offsets by output [N_OUT + 1],
-        then pi [T], then qi [T]. An output's terms are read TERMS at a time: their indices as one vector load, the
-        components they name as one gather each over the tile's [BS * BG * BC] elements."""
-        r = tl.arange(0, BS * BG * BC)
-        s = tl.program_id(0) * BS + r // (BG * BC)
-        g = (r // BC) % BG
-        c = r % BC
-        mask = (s < S) & (g < G) & (c < C)
-        p_at = s.to(tl.int64) * sps + g * spg + c * spc
-        q_at = s.to(tl.int64) * sqs + g * sqg + c * sqc
-        if REDUCE_G:  # [BS, BC]: a set's sum over its points
-            s2 = tl.program_id(0) * BS + tl.arange(0, BS)[:, None]
-            c2 = tl.arange(0, BC)[None, :]
-            o_at = s2.to(tl.int64) * sos + c2 * soc
-            o_mask = (s2 < S) & (c2 < C)
-        else:
-            o_at = s.to(tl.int64) * sos + g * sog + c * soc
-            o_mask = mask
-        k = tl.arange(0, TERMS)
-        for o in range(N_OUT):
-            acc = tl.zeros((BS * BG * BC,), dtype=tl.float32)
-            end = tl.load(idx_ptr + o + 1)
-            for t0 in range(tl.load(idx_ptr + o), end, TERMS):
-                t = t0 + k
-                live = t < end
-                pi = tl.load(idx_ptr + N_OUT + 1 + t, mask=live, other=0)
-                qi = tl.load(idx_ptr + N_OUT + 1 + T + t, mask=live, other=N_Q)
-                w = tl.load(coef_ptr + t, mask=live, other=0.0)
-                both = mask[:, None] & live[None, :]
-                pv = tl.load(p_ptr + p_at[:, None] + pi[None, :] * spa, mask=both, other=0.0).to(tl.float32)
-                qv = tl.load(q_ptr + q_at[:, None] + qi[None, :] * sqa, mask=both & (qi < N_Q)[None, :],
-                             other=1.0).to(tl.float32)
-                acc += tl.sum(pv * qv * w[None, :], axis=1)
-            if REDUCE_G:
-                total = tl.sum(tl.reshape(acc, (BS, BG, BC)), axis=1)
-                tl.store(out_ptr + o_at + o * soa, total.to(out_ptr.dtype.element_ty), mask=o_mask)
-            else:
-                tl.store(out_ptr + o_at + o * soa, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+_KERNEL_HEAD = """
+@triton.jit
+def {name}(p_ptr, q_ptr, out_ptr, h_ptr, gate_ptr, S, G, C, sps, spg, spc, spa, sqs, sqg, sqc, sqa,
+           sos, sog, soc, soa, shs, shg, shc, sha, sgs, sgg, sgc, BS: tl.constexpr, BG: tl.constexpr, BC: tl.constexpr):
+    r = tl.arange(0, BS * BG * BC)
+    s = tl.program_id(0) * BS + r // (BG * BC)
+    g = (r // BC) % BG
+    c = r % BC
+    mask = (s < S) & (g < G) & (c < C)
+    p_at = s.to(tl.int64) * sps + g * spg + c * spc
+    q_at = s.to(tl.int64) * sqs + g * sqg + c * sqc
+"""
+_OUT_POINTS = """    o_at = s.to(tl.int64) * sos + g * sog + c * soc
+"""
+_OUT_SETS = """    s2 = tl.program_id(0) * BS + tl.arange(0, BS)[:, None]
+    c2 = tl.arange(0, BC)[None, :]
+    o_at = s2.to(tl.int64) * sos + c2 * soc
+    o_mask = (s2 < S) & (c2 < C)
+"""
+_LOAD = "    {v}{i} = tl.load({v}_ptr + {v}_at + {i} * s{v}a, mask=mask, other=0.0).to(tl.float32)\n"
+_GATE_AT = "    gate_at = s.to(tl.int64) * sgs + g * sgg + c * sgc\n"
+
+
+def _kernel(outputs: tuple[tuple[tuple[int, int, float], ...], ...], n_q: int, reduce_g: bool, gate: str,
+            n_p: int = 0):
+    """A Triton kernel with a table's terms written into its code: out[s, g, c, o] = sum over outputs[o]'s terms
+    (pi, qi, coef) of coef p[s, g, c, pi] q[s, g, c, qi] (q = 1 where qi == n_q), summed over g into out[s, 0, c, o]
+    with `reduce_g`. Every component a term names is loaded once (channels innermost: coalesced), every output is
+    one straight sum of products in registers and one store: no index is read at run time.
+
+    `gate` "forward": out = z * sigmoid(z[.., 0]) for the products z (output 0 first), the gate stored at gate_ptr
+    [S, G, C] (float32). "backward": p is the gradient of such a gated output h (at h_ptr, `n_p` components) and
+    the products read the product's gradient, p * gate plus (1 - gate) <p, h> in component 0."""
+    lines = [_OUT_SETS if reduce_g else _OUT_POINTS]
+    if gate == "backward":
+        lines.append(_GATE_AT + "    h_at = s.to(tl.int64) * shs + g * shg + c * shc\n"
+                     "    gate = tl.load(gate_ptr + gate_at, mask=mask, other=0.0)\n")
+        lines += [_LOAD.format(v="p", i=i) + _LOAD.format(v="h", i=i) for i in range(n_p)]
+        inner = " + ".join(f"p{i} * h{i}" for i in range(n_p))
+        lines.append(f"    inner = {inner}\n")
+        lines += [f"    p{i} = p{i} * gate\n" for i in range(n_p)]
+        lines.append("    p0 += (1.0 - gate) * inner\n")
+    else:
+        lines += [_LOAD.format(v="p", i=i) for i in sorted({t[0] for terms in outputs for t in terms})]
+    lines += [_LOAD.format(v="q", i=j) for j in sorted({t[1] for terms in outputs for t in terms if t[1] < n_q})]
+    for o, terms in enumerate(outputs):
+        total = " + ".join(f"p{i}" + (f" * q{j}" if j < n_q else "") + f" * {float(c)!r}" for i, j, c in terms)
+        lines.append(f"    acc = {total or 'tl.zeros((BS * BG * BC,), dtype=tl.float32)'}\n")
+        if gate == "forward":
+            if o == 0:
+                lines.append(_GATE_AT + "    gate = tl.sigmoid(acc)\n"
+                             "    tl.store(gate_ptr + gate_at, gate, mask=mask)\n")
+            lines.append("    acc = acc * gate\n")
+        if reduce_g:
+            lines.append("    acc = tl.sum(tl.reshape(acc, (BS, BG, BC)), axis=1)\n")
+        lines.append(f"    tl.store(out_ptr + o_at + {o} * soa, acc.to(out_ptr.dtype.element_ty), "
+                     f"mask={'o_mask' if reduce_g else 'mask'})\n")
+    body = "".join(lines)
+    name = f"_products_{hashlib.sha1(body.encode()).hexdigest()[:16]}"
+    if name not in _KERNELS:
+        _KERNELS[name] = _compiled(name, _KERNEL_HEAD.format(name=name) + body)
+    return _KERNELS[name]
+
+
+_KERNELS: dict[str, object] = {}  # by name: a hash of the kernel's code
+
+
+def _compiled(name: str, source: str):
+    """`source`'s kernel `name`, its text registered with linecache under a file name of its own (Triton reads a
+    kernel's source to compile it, and keys its on-disk cache by it)."""
+    filename = f"<symzoo.popbilinear {name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    scope = {"triton": triton, "tl": tl}
+    exec(compile(source, filename, "exec"), scope)
+    return scope[name]
 
 
 @dataclass(frozen=True)
 class Table:
     """The terms (i, j, k, coef) of z[k] = sum coef x[i] y[j] for x [.., a], y [.., b] (j == b: a constant 1),
-    z [.., k_out]. Built once per product (a layer's), its device copies made once per device."""
+    z [.., k_out]. Built once per product (a layer's); its three kernels (the product and its two gradients) are
+    generated once per process."""
 
     a: int
     b: int
     k_out: int
     terms: tuple[tuple[int, int, int, float], ...]
-    _device: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
         for i, j, k, _ in self.terms:
@@ -127,48 +164,64 @@ class Table:
                 raise ValueError(f"term ({i}, {j}, {k}) is outside x [.., {self.a}], y [.., {self.b}] (+ the constant "
                                  f"{self.b}) and z [.., {self.k_out}]")
 
-    def on(self, device: torch.device) -> tuple[Tensor, ...]:
-        """(idx, coef) of the forward, the x gradient and the y gradient (`_sum_of_products`' layout) on `device`."""
-        key = str(device)
-        if key not in self._device:
-            forward = _grouped([(k, i, j, c) for i, j, k, c in self.terms], self.k_out)
-            dx = _grouped([(i, k, j, c) for i, j, k, c in self.terms], self.a)
-            dy = _grouped([(j, k, i, c) for i, j, k, c in self.terms if j < self.b], self.b)
-            self._device[key] = tuple(torch.tensor(t, dtype=d, device=device)
-                                      for idx, coef in (forward, dx, dy) for t, d in ((idx, torch.int32), (coef, torch.float32)))
-        return self._device[key]
+    def dense(self, like: Tensor) -> Tensor:
+        """The terms as a dense coefficient tensor [a, b + 1, k_out] in `like`'s dtype and device."""
+        t = torch.zeros(self.a, self.b + 1, self.k_out, dtype=torch.float64)
+        for i, j, k, c in self.terms:
+            t[i, j, k] += c
+        return t.to(like)
+
+    def grouped(self, part: str) -> tuple[tuple[tuple[int, int, float], ...], ...]:
+        """The terms of `part`'s outputs: "z" (p = x, q = y), "dx" (p = dz, q = y) or "dy" (p = dz, q = x)."""
+        if part == "z":
+            return _grouped([(k, i, j, c) for i, j, k, c in self.terms], self.k_out)
+        if part == "dx":
+            return _grouped([(i, k, j, c) for i, j, k, c in self.terms], self.a)
+        return _grouped([(j, k, i, c) for i, j, k, c in self.terms if j < self.b], self.b)
 
 
-def _grouped(terms: list[tuple[int, int, int, float]], n_out: int) -> tuple[list[int], list[float]]:
-    """(out, p index, q index, coef) terms -> (offsets by out [n_out + 1] + p indices + q indices, coefs), by out."""
-    terms = sorted(terms, key=lambda t: t[0])
-    offsets = [0] * (n_out + 1)
-    for out, *_ in terms:
-        offsets[out + 1] += 1
-    for o in range(n_out):
-        offsets[o + 1] += offsets[o]
-    return offsets + [t[1] for t in terms] + [t[2] for t in terms], [float(t[3]) for t in terms]
+_TABLES: list[Table] = []  # a custom op's tables, by the index it is called with
 
 
-def _blocks(g: int, c: int) -> tuple[int, int, int, int]:
-    """(sets, points, channels, terms) a program: a tile of about TILE elements, gathers of about GATHER."""
+def _table_id(table: Table) -> int:
+    for n, known in enumerate(_TABLES):
+        if known == table:
+            return n
+    _TABLES.append(table)
+    return len(_TABLES) - 1
+
+
+def _grouped(terms: list[tuple[int, int, int, float]], n_out: int) -> tuple[tuple[tuple[int, int, float], ...], ...]:
+    """(out, p index, q index, coef) terms -> each output's (p index, q index, coef), in the given order."""
+    out: list[list[tuple[int, int, float]]] = [[] for _ in range(n_out)]
+    for o, pi, qi, c in terms:
+        out[o].append((pi, qi, float(c)))
+    return tuple(tuple(t) for t in out)
+
+
+def _blocks(g: int, c: int) -> tuple[int, int, int]:
+    """(sets, points, channels) a program: a tile of about TILE elements."""
     bg, bc = triton.next_power_of_2(g), triton.next_power_of_2(c)
-    bs = max(1, TILE // (bg * bc))
-    return bs, bg, bc, max(1, min(16, GATHER // (bs * bg * bc)))
+    return max(1, TILE // (bg * bc)), bg, bc
 
 
-def _launch(p: Tensor, q: Tensor, out: Tensor, idx: Tensor, coef: Tensor, n_q: int, reduce_g: bool) -> None:
-    """`_sum_of_products` over p [S, G, C, *], q [S, G or 1, C, *] into out [S, G or 1, C, n_out]."""
-    s, g, c, n_out = p.shape[0], p.shape[1], p.shape[2], out.shape[3]
+def _launch(p: Tensor, q: Tensor, out: Tensor, outputs, n_q: int, reduce_g: bool, gate: str = "",
+            h: Tensor | None = None, gate_t: Tensor | None = None) -> None:
+    """A generated kernel (`_kernel`) over p [S, G, C, *], q [S, G or 1, C, *] into out [S, G or 1, C, n_out]; with
+    `gate`, the gate gate_t [S, G, C] (and for the backward the gated output h [S, G, C, *])."""
+    s, g, c = p.shape[0], p.shape[1], p.shape[2]
     if not out.numel():
         return
-    bs, bg, bc, terms = _blocks(g, c)
+    bs, bg, bc = _blocks(g, c)
     sq = list(q.stride())
     if q.shape[1] == 1:
         sq[1] = 0
-    _sum_of_products[(triton.cdiv(s, bs),)](
-        p, q, out, idx, coef, s, g, c, n_out, n_q, coef.numel(), *p.stride(), *sq, *out.stride(),
-        REDUCE_G=reduce_g, BS=bs, BG=bg, BC=bc, TERMS=terms, num_warps=4)
+    hs = h.stride() if h is not None else (0,) * 4
+    gs = gate_t.stride() if gate_t is not None else (0,) * 3
+    kernel = _kernel(outputs, n_q, reduce_g, gate, h.shape[-1] if h is not None else 0)
+    kernel[(triton.cdiv(s, bs),)](
+        p, q, out, h if h is not None else p, gate_t if gate_t is not None else p, s, g, c, *p.stride(), *sq,
+        *out.stride(), *hs, *gs, BS=bs, BG=bg, BC=bc, num_warps=4)
 
 
 def _check(x: Tensor, y: Tensor, a: int, b: int) -> None:
@@ -178,58 +231,86 @@ def _check(x: Tensor, y: Tensor, a: int, b: int) -> None:
 
 
 @torch.library.custom_op("symzoo::pop_bilinear", mutates_args=())
-def _pop_bilinear(x: Tensor, y: Tensor, idx: Tensor, coef: Tensor, dx_idx: Tensor, dx_coef: Tensor, dy_idx: Tensor,
-                  dy_coef: Tensor, k_out: int) -> Tensor:
+def _pop_bilinear(x: Tensor, y: Tensor, table: int, gate: bool) -> tuple[Tensor, Tensor]:
+    """(z, the gate [S, G, C] float32 or empty)."""
+    t = _TABLES[table]
     s, g, c, _ = x.shape
-    z = x.new_empty(s, g, k_out, c).transpose(-1, -2)  # channels innermost, as x's components are read
-    _launch(x, y, z, idx, coef, y.shape[-1], reduce_g=False)
-    return z
+    z = x.new_empty(s, g, t.k_out, c).transpose(-1, -2)  # channels innermost, as x's components are read
+    gate_t = x.new_empty((s, g, c) if gate else (0,), dtype=torch.float32)
+    _launch(x, y, z, t.grouped("z"), t.b, False, "forward" if gate else "", gate_t=gate_t if gate else None)
+    return z, gate_t
 
 
 @_pop_bilinear.register_fake
-def _(x, y, idx, coef, dx_idx, dx_coef, dy_idx, dy_coef, k_out):
-    return x.new_empty(x.shape[0], x.shape[1], k_out, x.shape[2]).transpose(-1, -2)
+def _(x, y, table, gate):
+    s, g, c, _ = x.shape
+    return (x.new_empty(s, g, _TABLES[table].k_out, c).transpose(-1, -2),
+            x.new_empty((s, g, c) if gate else (0,), dtype=torch.float32))
 
 
 @torch.library.custom_op("symzoo::pop_bilinear_backward", mutates_args=())
-def _pop_bilinear_backward(x: Tensor, y: Tensor, dz: Tensor, dx_idx: Tensor, dx_coef: Tensor, dy_idx: Tensor,
-                           dy_coef: Tensor, x_grad: bool, y_grad: bool) -> tuple[Tensor, Tensor]:
-    """(dx or empty, dy or empty), in x's and y's dtypes."""
+def _pop_bilinear_backward(x: Tensor, y: Tensor, dz: Tensor, z: Tensor, gate_t: Tensor, table: int, gate: bool,
+                           x_grad: bool, y_grad: bool) -> tuple[Tensor, Tensor]:
+    """(dx or empty, dy or empty), in x's and y's dtypes; dz the gradient of the (gated, with `gate`) output z."""
+    t = _TABLES[table]
     dx, dy = x.new_empty(0), y.new_empty(0)
+    gated = {"gate": "backward", "h": z, "gate_t": gate_t} if gate else {}
     if x_grad:
         dx = torch.empty_like(x)
-        _launch(dz, y, dx, dx_idx, dx_coef, y.shape[-1], reduce_g=False)
+        _launch(dz, y, dx, t.grouped("dx"), t.b, False, **gated)
     if y_grad:
         dy = torch.empty_like(y)
-        _launch(dz, x, dy, dy_idx, dy_coef, x.shape[-1], reduce_g=y.shape[1] == 1 and x.shape[1] > 1)
+        _launch(dz, x, dy, t.grouped("dy"), t.a, y.shape[1] == 1 and x.shape[1] > 1, **gated)
     return dx, dy
 
 
 @_pop_bilinear_backward.register_fake
-def _(x, y, dz, dx_idx, dx_coef, dy_idx, dy_coef, x_grad, y_grad):
+def _(x, y, dz, z, gate_t, table, gate, x_grad, y_grad):
     return (torch.empty_like(x) if x_grad else x.new_empty(0)), (torch.empty_like(y) if y_grad else y.new_empty(0))
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, y, _, _, dx_idx, dx_coef, dy_idx, dy_coef, _ = inputs
-    ctx.save_for_backward(x, y, dx_idx, dx_coef, dy_idx, dy_coef)
+    x, y, table, gate = inputs
+    z, gate_t = output
+    ctx.save_for_backward(x, y, z if gate else x.new_empty(0), gate_t)
+    ctx.table, ctx.gate = table, gate
 
 
-def _backward(ctx, dz: Tensor):
-    x, y, *tables = ctx.saved_tensors
-    dx, dy = _pop_bilinear_backward(x, y, dz, *tables, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-    return (dx if ctx.needs_input_grad[0] else None, dy if ctx.needs_input_grad[1] else None) + (None,) * 7
+def _backward(ctx, dz: Tensor, _dgate: Tensor):
+    x, y, z, gate_t = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # a backward that is differentiated again (create_graph: a Hessian-vector product)
+        dx, dy = _dense_backward(x, y, dz, _TABLES[ctx.table], ctx.gate)
+    else:
+        dx, dy = _pop_bilinear_backward(x, y, dz, z, gate_t, ctx.table, ctx.gate, needs[0], needs[1])
+    return dx if needs[0] else None, dy if needs[1] else None, None, None
+
+
+def _dense_backward(x: Tensor, y: Tensor, dz: Tensor, table: Table, gate: bool) -> tuple[Tensor, Tensor]:
+    """The gradients as dense torch products (differentiable again), from x, y and the output's gradient dz."""
+    coef = table.dense(torch.empty(0, dtype=torch.float32, device=x.device))
+    xf, yf, dz = x.float(), torch.cat([y.float(), torch.ones_like(y[..., :1], dtype=torch.float32)], -1), dz.float()
+    if gate:
+        z = torch.einsum("sgci,sgcj,ijk->sgck", xf, yf.expand(*xf.shape[:-1], -1), coef)
+        gate_t = torch.sigmoid(z[..., :1])
+        dz = dz * gate_t + F.pad((1 - gate_t) * (dz * z * gate_t).sum(-1, keepdim=True), (0, dz.shape[-1] - 1))
+    dx = torch.einsum("sgck,sgcj,ijk->sgci", dz, yf.expand(*xf.shape[:-1], -1), coef)
+    dy = torch.einsum("sgck,sgci,ijk->sgcj", dz, xf, coef)[..., :-1]
+    if y.shape[1] == 1:
+        dy = dy.sum(1, keepdim=True)
+    return dx.to(x.dtype), dy.to(y.dtype)
 
 
 _pop_bilinear.register_autograd(_backward, setup_context=_setup)
 
 
-def product(x: Tensor, y: Tensor, table: Table) -> Tensor:
+def product(x: Tensor, y: Tensor, table: Table, gate: bool = False) -> Tensor:
     """z [S, G, C, table.k_out] of x [S, G, C, table.a] and y [S, G or 1, C, table.b] (any strides; a y of one
     point is every point's): z[.., k] = sum over the table's terms (i, j, k, coef) of coef x[.., i] y[.., j], with
-    y[.., table.b] = 1. Gradients to x and y."""
+    y[.., table.b] = 1; `gate`: z * sigmoid(z[.., :1]) (every component gated by the first, as an equivariant
+    network's scalar gate), in the same pass. Gradients to x and y."""
     _check(x, y, table.a, table.b)
-    return _pop_bilinear(x, y, *table.on(x.device), table.k_out)
+    return _pop_bilinear(x, y, _table_id(table), bool(gate))[0]
 
 
 __all__ = ["Table", "available", "enabled", "product", "using"]

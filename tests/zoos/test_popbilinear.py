@@ -27,22 +27,27 @@ def operands(alg, sets, points, channels, sizes, identity, shared, transposed, s
 
 
 @settings(max_examples=10, deadline=None)
-@example(metric=4, top_in=2, top_out=4, identity=True, sets=3, points=16, channels=16, shared=True, transposed=True, seed=0)
-@example(metric=1, top_in=1, top_out=0, identity=False, sets=5, points=1, channels=3, shared=False, transposed=False, seed=1)
+@example(metric=4, top_in=2, top_out=4, identity=True, sets=3, points=16, channels=16, shared=True, transposed=True,
+         gate=True, seed=0)
+@example(metric=1, top_in=1, top_out=0, identity=False, sets=5, points=1, channels=3, shared=False, transposed=False,
+         gate=False, seed=1)
 @given(metric=st.integers(0, len(METRICS) - 1), top_in=st.integers(0, 2), top_out=st.integers(0, 4),
        identity=st.booleans(), sets=st.integers(0, 6), points=st.integers(1, 9), channels=st.integers(1, 20),
-       shared=st.booleans(), transposed=st.booleans(), seed=st.integers(0, 99))
+       shared=st.booleans(), transposed=st.booleans(), gate=st.booleans(), seed=st.integers(0, 99))
 def test_product_equals_the_dense_right_multiplication(metric, top_in, top_out, identity, sets, points, channels,
-                                                       shared, transposed, seed):
+                                                       shared, transposed, gate, seed):
     """Every metric (Euclidean, Lorentzian, degenerate), grades in and out, a left map added or not, a y shared by a
-    set's points (its gradient summed over them) or one a point, points and channels not powers of two, no sets."""
+    set's points (its gradient summed over them) or one a point, points and channels not powers of two, no sets,
+    the scalar gate applied in the same pass or not."""
     alg = CliffordAlgebra(METRICS[metric])
     top_in, top_out = min(top_in, alg.d), min(top_out, alg.d)
     a, k = alg.n_blades[top_in], alg.n_blades[top_out]
     sizes, m = (a, a, k), (alg.n_blades[min(top_in, top_out)] if identity else 0)
     x, y = operands(alg, sets, points, channels, sizes, m, shared, transposed, seed)
     ref = alg.times(x, alg.right_multiplication(y, sizes, m, 0.7), shared)
-    z = popbilinear.product(x, y, alg.product_table(sizes, m, 0.7))
+    if gate:
+        ref = ref * torch.sigmoid(ref[..., :1])
+    z = popbilinear.product(x, y, alg.product_table(sizes, m, 0.7), gate=gate)
     assert z.shape == ref.shape and z.dtype == x.dtype
     torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-5)
     dz = torch.randn_like(ref)
@@ -75,9 +80,32 @@ def test_product_passes_torch_library_opcheck():
     """The fake kernels match what the ops return, the autograd registration too (a shared y and one a point)."""
     alg = CliffordAlgebra((1.0, -1.0, 1.0))
     table = alg.product_table((4, 4, 8), 1, 1.0)
-    for shared in (True, False):
+    for shared, gate in ((True, False), (False, True)):
         x, y = operands(alg, 3, 5, 6, (4, 4, 8), 1, shared, True, 0, dtype=torch.float32)
-        torch.library.opcheck(popbilinear._pop_bilinear, (x, y, *table.on(x.device), table.k_out))
+        torch.library.opcheck(popbilinear._pop_bilinear, (x, y, popbilinear._table_id(table), gate))
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_a_backward_differentiated_again_equals_the_dense_products(gate):
+    """With create_graph (a Hessian-vector product), the gradients are dense torch products, so their own gradients
+    exist and equal the dense reference's."""
+    alg = CliffordAlgebra((1.0, -1.0, 1.0))
+    sizes = (4, 4, 8)
+    x, y = operands(alg, 3, 5, 6, sizes, 4, True, True, 2)
+
+    def second(product):
+        z = product(x, y)
+        v = torch.linspace(-1, 1, z.numel(), dtype=z.dtype, device=z.device).reshape(z.shape)
+        dx, dy = torch.autograd.grad(z, (x, y), v, create_graph=True)
+        return torch.autograd.grad((dx * dx).sum() + (dy * dy).sum(), (x, y))
+
+    def dense(x, y):
+        z = alg.times(x, alg.right_multiplication(y, sizes, 4, 0.5), True)
+        return z * torch.sigmoid(z[..., :1]) if gate else z
+
+    got = second(lambda x, y: popbilinear.product(x, y, alg.product_table(sizes, 4, 0.5), gate=gate))
+    for g, w in zip(got, second(dense)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_refused_operands_and_terms_name_what_disagrees():

@@ -8,11 +8,13 @@ normalisation and gates by the (invariant) scalar part are all equivariant, and 
 CliffordAlgebra  blades, the geometric product from a Cayley table (bit operations on blade masks), quadratic form
 MVLinear         one nn.Linear per grade mixing channels (bias on the scalar part only)
 MVNorm           x_g / (sigmoid(a_g) (|x_g| - 1) + 1), |x_g| = sqrt|q(x_g)| smoothed (non-Euclidean q can be < 0)
-GPLayer          (left(x) + a(x) * norm(b(ctx))) / sqrt(2), * the geometric product; ctx = x, or the sum over points
+GPLayer          (left(x) + a(x) * norm(b(ctx))) / sqrt(2), * the geometric product, gated by its scalar part;
+                 ctx = x, or the sum over points
 cgenn            embed columns as grade-0/1 channels, `depth` GP layers with scalar gates, a scalar or vector readout
 
-A layer's product (its left map added) is a matmul by the right-multiplication matrix (`product_rows`), or with
-`zoos.popbilinear` enabled (opt-in, SYMZOO_POPBILINEAR=1) one pass over the Cayley table's terms on a GPU.
+A layer's product (its left map added, then its gate) is a matmul by the right-multiplication matrix
+(`product_rows`), or with `zoos.popbilinear` enabled (opt-in, SYMZOO_POPBILINEAR=1) one pass over the Cayley
+table's terms on a GPU, the gate in it.
 
 Only the grades a layer can hold get weights (vectors generate grades <= 2, their products <= 4, ...), and an
 invariant readout's last layer keeps only scalars: every weight reaches the output, so every pair of the
@@ -169,26 +171,6 @@ def algebra_of(metric: tuple[float, ...]) -> CliffordAlgebra:
     return CliffordAlgebra(metric)
 
 
-def product_rows(metric: tuple[float, ...], x: Tensor, y: Tensor, sizes: tuple[int, int, int], identity: int,
-                 scale: float, shared: bool) -> Tensor:
-    """x @ (scale * [I; R(y)]) per feature in Cl(`metric`) (`CliffordAlgebra.right_multiplication`, `times`): x [...,
-    P, C, identity + a], y [..., P or 1 (`shared`), C, b] -> [..., P, C, k]. R(y) and a matmul per feature; where
-    `zoos.popbilinear` is enabled (opt-in), on a GPU outside torch.func's transforms (which it has no rule for) and
-    up to float32 (where it accumulates), one product over the terms instead. A leaf of torch.fx traces (fx.wrap), so
-    a population program runs it on its stacked batch of samples."""
-    algebra = algebra_of(metric)
-    if (popbilinear.enabled() and x.is_cuda and popbilinear.available(x.device) and x.dtype != torch.float64
-            and not torch._C._are_functorch_transforms_active()):
-        lead = x.shape[:-3]
-        z = popbilinear.product(x.reshape(-1, *x.shape[-3:]), y.reshape(-1, *y.shape[-3:]),
-                                algebra.product_table(sizes, identity, scale))
-        return z.reshape(*lead, *z.shape[-3:])
-    return algebra.times(x, algebra.right_multiplication(y, sizes, identity, scale), shared)
-
-
-torch.fx.wrap("product_rows")
-
-
 class _ScalarGate(torch.autograd.Function):
     """h * sigmoid(h_0) with a backward of one pass over h: g * s, its scalar column plus <g, h> s (1 - s)."""
 
@@ -216,6 +198,30 @@ def scalar_gate(h: Tensor) -> Tensor:
 
 
 torch.fx.wrap("scalar_gate")
+
+
+def product_rows(metric: tuple[float, ...], x: Tensor, y: Tensor, sizes: tuple[int, int, int], identity: int,
+                 scale: float, shared: bool, gate: bool = False) -> Tensor:
+    """x @ (scale * [I; R(y)]) per feature in Cl(`metric`) (`CliffordAlgebra.right_multiplication`, `times`): x [...,
+    P, C, identity + a], y [..., P or 1 (`shared`), C, b] -> [..., P, C, k], gated by its scalar part with `gate`
+    (`scalar_gate`). R(y) and a matmul per feature; where `zoos.popbilinear` is enabled (opt-in), on a GPU outside
+    torch.func's transforms (which it has no rule for) and up to float32 (where it accumulates), one pass over the
+    terms with the gate in it instead. A leaf of torch.fx traces (fx.wrap), so a population program runs it on its
+    stacked batch of samples."""
+    algebra = algebra_of(metric)
+    if (popbilinear.enabled() and x.is_cuda and popbilinear.available(x.device) and x.dtype != torch.float64
+            and not torch._C._are_functorch_transforms_active()):
+        lead = x.shape[:-3]
+        z = popbilinear.product(x.reshape(-1, *x.shape[-3:]), y.reshape(-1, *y.shape[-3:]),
+                                algebra.product_table(sizes, identity, scale), gate=gate)
+        return z.reshape(*lead, *z.shape[-3:])
+    z = algebra.times(x, algebra.right_multiplication(y, sizes, identity, scale), shared)
+    return scalar_gate(z) if gate else z
+
+
+torch.fx.wrap("product_rows")
+
+
 
 
 class MVLinear(nn.Module):
@@ -260,7 +266,8 @@ class MVNorm(nn.Module):
 
 
 class GPLayer(nn.Module):
-    """(left(x) + a(x) norm(b(ctx))) / sqrt(2) truncated to grades <= top_out; ctx is x or its sum over points."""
+    """(left(x) + a(x) norm(b(ctx))) / sqrt(2) truncated to grades <= top_out, gated by its scalar part
+    (`scalar_gate`); ctx is x or its sum over points."""
 
     def __init__(self, algebra: CliffordAlgebra, c_in: int, c_out: int, top_in: int, top_out: int,
                  set_context: bool = False):
@@ -279,7 +286,8 @@ class GPLayer(nn.Module):
         y = self.norm(self.b(ctx))
         parts = alg.grade_parts(x, self.top_in)  # read by both maps
         features = torch.cat(self.left.map(parts) + self.a.map(parts), -2)  # [..., n_left + a, C]: channels last
-        return product_rows(alg.metric, features.transpose(-1, -2), y, (a, a, out), n_left, 1 / math.sqrt(2), self.set_context)
+        return product_rows(alg.metric, features.transpose(-1, -2), y, (a, a, out), n_left, 1 / math.sqrt(2),
+                            self.set_context, gate=True)
 
 
 @register_arch(
@@ -296,7 +304,7 @@ class CGENN(SymModule):
     """Columns become multivector channels: every vector group a grade-1 channel (positions centred on their
     centroid), every scalar and a constant 1 a grade-0 channel. On a set (the group permutes points) every
     layer runs per point with ctx = the sum over points, so it is S_n-equivariant; otherwise the points
-    are channels of one multivector. Each layer is a GPLayer and the gate x * sigmoid(x_0) per channel.
+    are channels of one multivector. Each layer is a GPLayer (its gate x * sigmoid(x_0) per channel).
     Invariant outputs: a linear of the scalar parts (averaged over points on a set). Per-point outputs
     (nbody): a linear of the grade-1 parts, plus the input positions for position outputs."""
 
@@ -350,7 +358,6 @@ class CGENN(SymModule):
         for layer in self.layers:
             ctx = h.sum(-3, keepdim=True) if self.is_set else h
             h = layer(h, ctx)
-            h = scalar_gate(h)
         if not self.points_out:
             return self.head(h[..., 0].mean(-2)).reshape(-1, *self.out_shape)
         vec = self.head(h[..., 1 : 1 + self.algebra.d].transpose(-1, -2))  # [B, n, d, groups]
