@@ -142,7 +142,7 @@ def _compiled(name: str, source: str):
     kernel's source to compile it, and keys its on-disk cache by it)."""
     filename = f"<symzoo.popbilinear {name}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    scope = {"triton": triton, "tl": tl}
+    scope = {"triton": triton, "tl": tl, "__name__": __name__}
     exec(compile(source, filename, "exec"), scope)
     return scope[name]
 
