@@ -72,49 +72,63 @@ if triton is not None:
 
 _KERNEL_HEAD = """
 @triton.jit
-def {name}(p_ptr, q_ptr, out_ptr, h_ptr, gate_ptr, S, G, C, sps, spg, spc, spa, sqs, sqg, sqc, sqa,
-           sos, sog, soc, soa, shs, shg, shc, sha, sgs, sgg, sgc, BS: tl.constexpr, BG: tl.constexpr, BC: tl.constexpr):
+def {name}({operands}h_ptr, gate_ptr, S, G, C, {strides}shs, shg, shc, sha, sgs, sgg, sgc,
+           BS: tl.constexpr, BG: tl.constexpr, BC: tl.constexpr):
     r = tl.arange(0, BS * BG * BC)
     s = tl.program_id(0) * BS + r // (BG * BC)
     g = (r // BC) % BG
     c = r % BC
     mask = (s < S) & (g < G) & (c < C)
-    p_at = s.to(tl.int64) * sps + g * spg + c * spc
-    q_at = s.to(tl.int64) * sqs + g * sqg + c * sqc
 """
-_OUT_POINTS = """    o_at = s.to(tl.int64) * sos + g * sog + c * soc
-"""
-_OUT_SETS = """    s2 = tl.program_id(0) * BS + tl.arange(0, BS)[:, None]
+_AT = "    {v}{b}_at = s.to(tl.int64) * s{v}{b}s + g * s{v}{b}g + c * s{v}{b}c\n"
+_AT_SETS = """    s2 = tl.program_id(0) * BS + tl.arange(0, BS)[:, None]
     c2 = tl.arange(0, BC)[None, :]
-    o_at = s2.to(tl.int64) * sos + c2 * soc
     o_mask = (s2 < S) & (c2 < C)
 """
-_LOAD = "    {v}{i} = tl.load({v}_ptr + {v}_at + {i} * s{v}a, mask=mask, other=0.0).to(tl.float32)\n"
 _GATE_AT = "    gate_at = s.to(tl.int64) * sgs + g * sgg + c * sgc\n"
 
 
-def _kernel(outputs: tuple[tuple[tuple[int, int, float], ...], ...], n_q: int, reduce_g: bool, gate: str,
-            n_p: int = 0):
+def _place(blocks: tuple[int, ...], i: int) -> tuple[int, int]:
+    """(block, index in it) of component i of an operand given in blocks of these sizes."""
+    for b, n in enumerate(blocks):
+        if i < n:
+            return b, i
+        i -= n
+    raise IndexError(i)
+
+
+def _kernel(outputs: tuple[tuple[tuple[int, int, float], ...], ...], blocks: tuple[tuple[int, ...], ...], n_q: int,
+            reduce_g: bool, gate: str, n_p: int = 0):
     """A Triton kernel with a table's terms written into its code: out[s, g, c, o] = sum over outputs[o]'s terms
     (pi, qi, coef) of coef p[s, g, c, pi] q[s, g, c, qi] (q = 1 where qi == n_q), summed over g into out[s, 0, c, o]
     with `reduce_g`. Every component a term names is loaded once (channels innermost: coalesced), every output is
-    one straight sum of products in registers and one store: no index is read at run time.
+    one straight sum of products in registers and one store: no index is read at run time. p, q and out each come
+    in blocks (`blocks`: their sizes, for p, q, out), a tensor and four strides a block (`_launch`'s order).
 
     `gate` "forward": out = z * sigmoid(z[.., 0]) for the products z (output 0 first), the gate stored at gate_ptr
     [S, G, C] (float32). "backward": p is the gradient of such a gated output h (at h_ptr, `n_p` components) and
     the products read the product's gradient, p * gate plus (1 - gate) <p, h> in component 0."""
-    lines = [_OUT_SETS if reduce_g else _OUT_POINTS]
+    names = [(v, b) for v, sizes in zip("pqo", blocks) for b in range(len(sizes))]
+    lines = [_AT.format(v=v, b=b) for v, b in names if v != "o" or not reduce_g]
+    if reduce_g:
+        lines.append(_AT_SETS + "".join(f"    o{b}_at = s2.to(tl.int64) * so{b}s + c2 * so{b}c\n"
+                                        for b in range(len(blocks[2]))))
+
+    def load(v: str, i: int) -> str:
+        b, at = _place(blocks["pq".index(v)], i) if v in "pq" else (0, i)
+        ptr = f"{v}{b}_ptr + {v}{b}_at + {at} * s{v}{b}a" if v in "pq" else f"h_ptr + h_at + {i} * sha"
+        return f"    {v}{i} = tl.load({ptr}, mask=mask, other=0.0).to(tl.float32)\n"
+
     if gate == "backward":
         lines.append(_GATE_AT + "    h_at = s.to(tl.int64) * shs + g * shg + c * shc\n"
                      "    gate = tl.load(gate_ptr + gate_at, mask=mask, other=0.0)\n")
-        lines += [_LOAD.format(v="p", i=i) + _LOAD.format(v="h", i=i) for i in range(n_p)]
-        inner = " + ".join(f"p{i} * h{i}" for i in range(n_p))
-        lines.append(f"    inner = {inner}\n")
+        lines += [load("p", i) + load("h", i) for i in range(n_p)]
+        lines.append(f"    inner = {' + '.join(f'p{i} * h{i}' for i in range(n_p))}\n")
         lines += [f"    p{i} = p{i} * gate\n" for i in range(n_p)]
         lines.append("    p0 += (1.0 - gate) * inner\n")
     else:
-        lines += [_LOAD.format(v="p", i=i) for i in sorted({t[0] for terms in outputs for t in terms})]
-    lines += [_LOAD.format(v="q", i=j) for j in sorted({t[1] for terms in outputs for t in terms if t[1] < n_q})]
+        lines += [load("p", i) for i in sorted({t[0] for terms in outputs for t in terms})]
+    lines += [load("q", j) for j in sorted({t[1] for terms in outputs for t in terms if t[1] < n_q})]
     for o, terms in enumerate(outputs):
         total = " + ".join(f"p{i}" + (f" * q{j}" if j < n_q else "") + f" * {float(c)!r}" for i, j, c in terms)
         lines.append(f"    acc = {total or 'tl.zeros((BS * BG * BC,), dtype=tl.float32)'}\n")
@@ -125,12 +139,15 @@ def _kernel(outputs: tuple[tuple[tuple[int, int, float], ...], ...], n_q: int, r
             lines.append("    acc = acc * gate\n")
         if reduce_g:
             lines.append("    acc = tl.sum(tl.reshape(acc, (BS, BG, BC)), axis=1)\n")
-        lines.append(f"    tl.store(out_ptr + o_at + {o} * soa, acc.to(out_ptr.dtype.element_ty), "
+        b, at = _place(blocks[2], o)
+        lines.append(f"    tl.store(o{b}_ptr + o{b}_at + {at} * so{b}a, acc.to(o{b}_ptr.dtype.element_ty), "
                      f"mask={'o_mask' if reduce_g else 'mask'})\n")
-    body = "".join(lines)
-    name = f"_products_{hashlib.sha1(body.encode()).hexdigest()[:16]}"
+    head = _KERNEL_HEAD.format(name="{name}", operands="".join(f"{v}{b}_ptr, " for v, b in names),
+                               strides="".join(f"s{v}{b}s, s{v}{b}g, s{v}{b}c, s{v}{b}a, " for v, b in names))
+    source = head + "".join(lines)
+    name = f"_products_{hashlib.sha1(source.encode()).hexdigest()[:16]}"
     if name not in _KERNELS:
-        _KERNELS[name] = _compiled(name, _KERNEL_HEAD.format(name=name) + body)
+        _KERNELS[name] = _compiled(name, source.replace("{name}", name, 1))
     return _KERNELS[name]
 
 
@@ -205,112 +222,126 @@ def _blocks(g: int, c: int) -> tuple[int, int, int]:
     return max(1, TILE // (bg * bc)), bg, bc
 
 
-def _launch(p: Tensor, q: Tensor, out: Tensor, outputs, n_q: int, reduce_g: bool, gate: str = "",
+def _launch(p: list[Tensor], q: list[Tensor], out: list[Tensor], outputs, n_q: int, reduce_g: bool, gate: str = "",
             h: Tensor | None = None, gate_t: Tensor | None = None) -> None:
-    """A generated kernel (`_kernel`) over p [S, G, C, *], q [S, G or 1, C, *] into out [S, G or 1, C, n_out]; with
-    `gate`, the gate gate_t [S, G, C] (and for the backward the gated output h [S, G, C, *])."""
-    s, g, c = p.shape[0], p.shape[1], p.shape[2]
-    if not out.numel():
+    """A generated kernel (`_kernel`) over p's blocks [S, G, C, *], q's [S, G or 1, C, *] into out's [S, G or 1, C, *];
+    with `gate`, the gate gate_t [S, G, C] (and for the backward the gated output h [S, G, C, *])."""
+    s, g, c = p[0].shape[0], p[0].shape[1], p[0].shape[2]
+    if not sum(t.numel() for t in out):
         return
     bs, bg, bc = _blocks(g, c)
-    sq = list(q.stride())
-    if q.shape[1] == 1:
-        sq[1] = 0
-    hs = h.stride() if h is not None else (0,) * 4
-    gs = gate_t.stride() if gate_t is not None else (0,) * 3
-    kernel = _kernel(outputs, n_q, reduce_g, gate, h.shape[-1] if h is not None else 0)
+    strides = []
+    for t in p + q + out:
+        st = list(t.stride())
+        if t.shape[1] == 1:  # one point for every point of a set
+            st[1] = 0
+        strides += st
+    blocks = tuple(tuple(t.shape[-1] for t in ts) for ts in (p, q, out))
+    kernel = _kernel(outputs, blocks, n_q, reduce_g, gate, h.shape[-1] if h is not None else 0)
     kernel[(triton.cdiv(s, bs),)](
-        p, q, out, h if h is not None else p, gate_t if gate_t is not None else p, s, g, c, *p.stride(), *sq,
-        *out.stride(), *hs, *gs, BS=bs, BG=bg, BC=bc, num_warps=4)
+        *p, *q, *out, h if h is not None else p[0], gate_t if gate_t is not None else p[0], s, g, c, *strides,
+        *(h.stride() if h is not None else (0,) * 4), *(gate_t.stride() if gate_t is not None else (0,) * 3),
+        BS=bs, BG=bg, BC=bc, num_warps=4)
 
 
-def _check(x: Tensor, y: Tensor, a: int, b: int) -> None:
-    if x.dim() != 4 or y.dim() != 4 or x.shape[-1] != a or y.shape[-1] != b or y.shape[0] != x.shape[0] \
+def _check(xs: list[Tensor], y: Tensor, a: int, b: int) -> None:
+    x = xs[0]
+    if any(t.dim() != 4 or t.shape[:3] != x.shape[:3] for t in xs) or y.dim() != 4 \
+            or sum(t.shape[-1] for t in xs) != a or y.shape[-1] != b or y.shape[0] != x.shape[0] \
             or y.shape[2] != x.shape[2] or y.shape[1] not in (1, x.shape[1]):
-        raise ValueError(f"x [S, G, C, {a}] and y [S, G or 1, C, {b}] disagree: x {tuple(x.shape)}, y {tuple(y.shape)}")
+        shapes = ", ".join(str(tuple(t.shape)) for t in xs)
+        raise ValueError(f"x [S, G, C, {a}] (or blocks of it) and y [S, G or 1, C, {b}] disagree: x {shapes}, "
+                         f"y {tuple(y.shape)}")
 
 
 @torch.library.custom_op("symzoo::pop_bilinear", mutates_args=())
-def _pop_bilinear(x: Tensor, y: Tensor, table: int, gate: bool) -> tuple[Tensor, Tensor]:
-    """(z, the gate [S, G, C] float32 or empty)."""
+def _pop_bilinear(xs: list[Tensor], y: Tensor, table: int, gate: bool) -> tuple[Tensor, Tensor]:
+    """(z, the gate [S, G, C] float32 or empty); x in blocks of components."""
     t = _TABLES[table]
-    s, g, c, _ = x.shape
-    z = x.new_empty(s, g, t.k_out, c).transpose(-1, -2)  # channels innermost, as x's components are read
-    gate_t = x.new_empty((s, g, c) if gate else (0,), dtype=torch.float32)
-    _launch(x, y, z, t.grouped("z"), t.b, False, "forward" if gate else "", gate_t=gate_t if gate else None)
+    s, g, c, _ = xs[0].shape
+    z = xs[0].new_empty(s, g, t.k_out, c).transpose(-1, -2)  # channels innermost, as x's components are read
+    gate_t = xs[0].new_empty((s, g, c) if gate else (0,), dtype=torch.float32)
+    _launch(list(xs), [y], [z], t.grouped("z"), t.b, False, "forward" if gate else "",
+            gate_t=gate_t if gate else None)
     return z, gate_t
 
 
 @_pop_bilinear.register_fake
-def _(x, y, table, gate):
-    s, g, c, _ = x.shape
-    return (x.new_empty(s, g, _TABLES[table].k_out, c).transpose(-1, -2),
-            x.new_empty((s, g, c) if gate else (0,), dtype=torch.float32))
+def _(xs, y, table, gate):
+    s, g, c, _ = xs[0].shape
+    return (xs[0].new_empty(s, g, _TABLES[table].k_out, c).transpose(-1, -2),
+            xs[0].new_empty((s, g, c) if gate else (0,), dtype=torch.float32))
 
 
 @torch.library.custom_op("symzoo::pop_bilinear_backward", mutates_args=())
-def _pop_bilinear_backward(x: Tensor, y: Tensor, dz: Tensor, z: Tensor, gate_t: Tensor, table: int, gate: bool,
-                           x_grad: bool, y_grad: bool) -> tuple[Tensor, Tensor]:
-    """(dx or empty, dy or empty), in x's and y's dtypes; dz the gradient of the (gated, with `gate`) output z."""
+def _pop_bilinear_backward(xs: list[Tensor], y: Tensor, dz: Tensor, z: Tensor, gate_t: Tensor, table: int,
+                           gate: bool, x_grad: bool, y_grad: bool) -> list[Tensor]:
+    """[dx block for each x block, dy] (empty where not asked for), in x's and y's dtypes; dz the gradient of the
+    (gated, with `gate`) output z."""
     t = _TABLES[table]
-    dx, dy = x.new_empty(0), y.new_empty(0)
+    dxs, dy = [x.new_empty(0) for x in xs], y.new_empty(0)
     gated = {"gate": "backward", "h": z, "gate_t": gate_t} if gate else {}
     if x_grad:
-        dx = torch.empty_like(x)
-        _launch(dz, y, dx, t.grouped("dx"), t.b, False, **gated)
+        dxs = [torch.empty_like(x) for x in xs]
+        _launch([dz], [y], dxs, t.grouped("dx"), t.b, False, **gated)
     if y_grad:
         dy = torch.empty_like(y)
-        _launch(dz, x, dy, t.grouped("dy"), t.a, y.shape[1] == 1 and x.shape[1] > 1, **gated)
-    return dx, dy
+        _launch([dz], list(xs), [dy], t.grouped("dy"), t.a, y.shape[1] == 1 and xs[0].shape[1] > 1, **gated)
+    return dxs + [dy]
 
 
 @_pop_bilinear_backward.register_fake
-def _(x, y, dz, z, gate_t, table, gate, x_grad, y_grad):
-    return (torch.empty_like(x) if x_grad else x.new_empty(0)), (torch.empty_like(y) if y_grad else y.new_empty(0))
+def _(xs, y, dz, z, gate_t, table, gate, x_grad, y_grad):
+    return ([torch.empty_like(x) if x_grad else x.new_empty(0) for x in xs]
+            + [torch.empty_like(y) if y_grad else y.new_empty(0)])
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, y, table, gate = inputs
+    xs, y, table, gate = inputs
     z, gate_t = output
-    ctx.save_for_backward(x, y, z if gate else x.new_empty(0), gate_t)
+    ctx.save_for_backward(y, z if gate else y.new_empty(0), gate_t, *xs)
     ctx.table, ctx.gate = table, gate
 
 
 def _backward(ctx, dz: Tensor, _dgate: Tensor):
-    x, y, z, gate_t = ctx.saved_tensors
-    needs = ctx.needs_input_grad
+    y, z, gate_t, *xs = ctx.saved_tensors
+    x_needs, y_needs = ctx.needs_input_grad[:2]  # x's: one flag a block
     if torch.is_grad_enabled():  # a backward that is differentiated again (create_graph: a Hessian-vector product)
-        dx, dy = _dense_backward(x, y, dz, _TABLES[ctx.table], ctx.gate)
+        dx, dy = _dense_backward(torch.cat(xs, -1), y, dz, _TABLES[ctx.table], ctx.gate)
+        dxs = list(dx.split([x.shape[-1] for x in xs], -1))
     else:
-        dx, dy = _pop_bilinear_backward(x, y, dz, z, gate_t, ctx.table, ctx.gate, needs[0], needs[1])
-    return dx if needs[0] else None, dy if needs[1] else None, None, None
+        *dxs, dy = _pop_bilinear_backward(xs, y, dz, z, gate_t, ctx.table, ctx.gate, any(x_needs), y_needs)
+    return [dx if need else None for dx, need in zip(dxs, x_needs)], dy if y_needs else None, None, None
+
+
+_pop_bilinear.register_autograd(_backward, setup_context=_setup)
 
 
 def _dense_backward(x: Tensor, y: Tensor, dz: Tensor, table: Table, gate: bool) -> tuple[Tensor, Tensor]:
     """The gradients as dense torch products (differentiable again), from x, y and the output's gradient dz."""
     coef = table.dense(torch.empty(0, dtype=torch.float32, device=x.device))
-    xf, yf, dz = x.float(), torch.cat([y.float(), torch.ones_like(y[..., :1], dtype=torch.float32)], -1), dz.float()
+    xf, dz = x.float(), dz.float()
+    yf = torch.cat([y.float(), torch.ones_like(y[..., :1], dtype=torch.float32)], -1).expand(*xf.shape[:-1], -1)
     if gate:
-        z = torch.einsum("sgci,sgcj,ijk->sgck", xf, yf.expand(*xf.shape[:-1], -1), coef)
+        z = torch.einsum("sgci,sgcj,ijk->sgck", xf, yf, coef)
         gate_t = torch.sigmoid(z[..., :1])
         dz = dz * gate_t + F.pad((1 - gate_t) * (dz * z * gate_t).sum(-1, keepdim=True), (0, dz.shape[-1] - 1))
-    dx = torch.einsum("sgck,sgcj,ijk->sgci", dz, yf.expand(*xf.shape[:-1], -1), coef)
+    dx = torch.einsum("sgck,sgcj,ijk->sgci", dz, yf, coef)
     dy = torch.einsum("sgck,sgci,ijk->sgcj", dz, xf, coef)[..., :-1]
     if y.shape[1] == 1:
         dy = dy.sum(1, keepdim=True)
     return dx.to(x.dtype), dy.to(y.dtype)
 
 
-_pop_bilinear.register_autograd(_backward, setup_context=_setup)
-
-
-def product(x: Tensor, y: Tensor, table: Table, gate: bool = False) -> Tensor:
+def product(x: Tensor | list[Tensor], y: Tensor, table: Table, gate: bool = False) -> Tensor:
     """z [S, G, C, table.k_out] of x [S, G, C, table.a] and y [S, G or 1, C, table.b] (any strides; a y of one
     point is every point's): z[.., k] = sum over the table's terms (i, j, k, coef) of coef x[.., i] y[.., j], with
     y[.., table.b] = 1; `gate`: z * sigmoid(z[.., :1]) (every component gated by the first, as an equivariant
-    network's scalar gate), in the same pass. Gradients to x and y."""
-    _check(x, y, table.a, table.b)
-    return _pop_bilinear(x, y, _table_id(table), bool(gate))[0]
+    network's scalar gate), in the same pass. x may come in blocks of its components (a list of [S, G, C, *]
+    tensors, read where they lie: no concatenation). Gradients to x (each block) and y."""
+    xs = [x] if isinstance(x, Tensor) else list(x)
+    _check(xs, y, table.a, table.b)
+    return _pop_bilinear(xs, y, _table_id(table), bool(gate))[0]
 
 
 __all__ = ["Table", "available", "enabled", "product", "using"]

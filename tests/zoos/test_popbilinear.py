@@ -28,17 +28,18 @@ def operands(alg, sets, points, channels, sizes, identity, shared, transposed, s
 
 @settings(max_examples=10, deadline=None)
 @example(metric=4, top_in=2, top_out=4, identity=True, sets=3, points=16, channels=16, shared=True, transposed=True,
-         gate=True, seed=0)
+         gate=True, blocks=3, seed=0)
 @example(metric=1, top_in=1, top_out=0, identity=False, sets=5, points=1, channels=3, shared=False, transposed=False,
-         gate=False, seed=1)
+         gate=False, blocks=1, seed=1)
 @given(metric=st.integers(0, len(METRICS) - 1), top_in=st.integers(0, 2), top_out=st.integers(0, 4),
        identity=st.booleans(), sets=st.integers(0, 6), points=st.integers(1, 9), channels=st.integers(1, 20),
-       shared=st.booleans(), transposed=st.booleans(), gate=st.booleans(), seed=st.integers(0, 99))
+       shared=st.booleans(), transposed=st.booleans(), gate=st.booleans(), blocks=st.integers(1, 4),
+       seed=st.integers(0, 99))
 def test_product_equals_the_dense_right_multiplication(metric, top_in, top_out, identity, sets, points, channels,
-                                                       shared, transposed, gate, seed):
+                                                       shared, transposed, gate, blocks, seed):
     """Every metric (Euclidean, Lorentzian, degenerate), grades in and out, a left map added or not, a y shared by a
     set's points (its gradient summed over them) or one a point, points and channels not powers of two, no sets,
-    the scalar gate applied in the same pass or not."""
+    the scalar gate applied in the same pass or not, x whole or in blocks (slices of it, read where they lie)."""
     alg = CliffordAlgebra(METRICS[metric])
     top_in, top_out = min(top_in, alg.d), min(top_out, alg.d)
     a, k = alg.n_blades[top_in], alg.n_blades[top_out]
@@ -47,7 +48,9 @@ def test_product_equals_the_dense_right_multiplication(metric, top_in, top_out, 
     ref = alg.times(x, alg.right_multiplication(y, sizes, m, 0.7), shared)
     if gate:
         ref = ref * torch.sigmoid(ref[..., :1])
-    z = popbilinear.product(x, y, alg.product_table(sizes, m, 0.7), gate=gate)
+    cuts = sorted(torch.randint(0, m + a + 1, (blocks - 1,), generator=torch.Generator().manual_seed(seed)).tolist())
+    parts = [x[..., lo:hi] for lo, hi in zip([0] + cuts, cuts + [m + a])] if blocks > 1 else x
+    z = popbilinear.product(parts, y, alg.product_table(sizes, m, 0.7), gate=gate)
     assert z.shape == ref.shape and z.dtype == x.dtype
     torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-5)
     dz = torch.randn_like(ref)
@@ -82,7 +85,8 @@ def test_product_passes_torch_library_opcheck():
     table = alg.product_table((4, 4, 8), 1, 1.0)
     for shared, gate in ((True, False), (False, True)):
         x, y = operands(alg, 3, 5, 6, (4, 4, 8), 1, shared, True, 0, dtype=torch.float32)
-        torch.library.opcheck(popbilinear._pop_bilinear, (x, y, popbilinear._table_id(table), gate))
+        for xs in ([x], [x[..., :2], x[..., 2:]]):
+            torch.library.opcheck(popbilinear._pop_bilinear, (xs, y, popbilinear._table_id(table), gate))
 
 
 @pytest.mark.parametrize("gate", [False, True])
@@ -112,7 +116,7 @@ def test_refused_operands_and_terms_name_what_disagrees():
     alg = CliffordAlgebra((1.0, 1.0))
     table = alg.product_table((3, 3, 4))
     x = torch.zeros(2, 3, 5, 3, device=DEVICE)
-    with pytest.raises(ValueError, match=r"x \[S, G, C, 3\] and y \[S, G or 1, C, 3\] disagree: x \(2, 3, 5, 3\), y \(2, 2, 5, 3\)"):
+    with pytest.raises(ValueError, match=r"x \[S, G, C, 3\] \(or blocks of it\) and y \[S, G or 1, C, 3\] disagree: x \(2, 3, 5, 3\), y \(2, 2, 5, 3\)"):
         popbilinear.product(x, torch.zeros(2, 2, 5, 3, device=DEVICE), table)
     with pytest.raises(ValueError, match=r"term \(0, 4, 0\) is outside x \[.., 3\], y \[.., 3\]"):
         popbilinear.Table(3, 3, 4, ((0, 4, 0, 1.0),))

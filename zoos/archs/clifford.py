@@ -200,21 +200,24 @@ def scalar_gate(h: Tensor) -> Tensor:
 torch.fx.wrap("scalar_gate")
 
 
-def product_rows(metric: tuple[float, ...], x: Tensor, y: Tensor, sizes: tuple[int, int, int], identity: int,
-                 scale: float, shared: bool, gate: bool = False) -> Tensor:
-    """x @ (scale * [I; R(y)]) per feature in Cl(`metric`) (`CliffordAlgebra.right_multiplication`, `times`): x [...,
-    P, C, identity + a], y [..., P or 1 (`shared`), C, b] -> [..., P, C, k], gated by its scalar part with `gate`
+def product_rows(metric: tuple[float, ...], maps: list[Tensor], y: Tensor, sizes: tuple[int, int, int],
+                 identity: int, scale: float, shared: bool, gate: bool = False) -> Tensor:
+    """x @ (scale * [I; R(y)]) per feature in Cl(`metric`) (`CliffordAlgebra.right_multiplication`, `times`), x the
+    concatenation of `maps` [..., P, n, C] (blades before channels, as the grade-wise linears write them; identity +
+    a blades in all), y [..., P or 1 (`shared`), C, b] -> [..., P, C, k], gated by its scalar part with `gate`
     (`scalar_gate`). R(y) and a matmul per feature; where `zoos.popbilinear` is enabled (opt-in), on a GPU outside
     torch.func's transforms (which it has no rule for) and up to float32 (where it accumulates), one pass over the
-    terms with the gate in it instead. A leaf of torch.fx traces (fx.wrap), so a population program runs it on its
-    stacked batch of samples."""
+    terms that reads the maps where they lie, with the gate in it. A leaf of torch.fx traces (fx.wrap), so a
+    population program runs it on its stacked batch of samples."""
     algebra = algebra_of(metric)
-    if (popbilinear.enabled() and x.is_cuda and popbilinear.available(x.device) and x.dtype != torch.float64
+    x0 = maps[0]
+    if (popbilinear.enabled() and x0.is_cuda and popbilinear.available(x0.device) and x0.dtype != torch.float64
             and not torch._C._are_functorch_transforms_active()):
-        lead = x.shape[:-3]
-        z = popbilinear.product(x.reshape(-1, *x.shape[-3:]), y.reshape(-1, *y.shape[-3:]),
-                                algebra.product_table(sizes, identity, scale), gate=gate)
-        return z.reshape(*lead, *z.shape[-3:])
+        blocks = [m.reshape(-1, *m.shape[-3:]).transpose(-1, -2) for m in maps]
+        z = popbilinear.product(blocks, y.reshape(-1, *y.shape[-3:]), algebra.product_table(sizes, identity, scale),
+                                gate=gate)
+        return z.reshape(*x0.shape[:-3], *z.shape[-3:])
+    x = torch.cat(maps, -2).transpose(-1, -2)
     z = algebra.times(x, algebra.right_multiplication(y, sizes, identity, scale), shared)
     return scalar_gate(z) if gate else z
 
@@ -285,9 +288,8 @@ class GPLayer(nn.Module):
         # (left(x) + a(x) y) / sqrt(2) = [left(x), a(x)] @ [I; R(y)] / sqrt(2): one product over the points' features
         y = self.norm(self.b(ctx))
         parts = alg.grade_parts(x, self.top_in)  # read by both maps
-        features = torch.cat(self.left.map(parts) + self.a.map(parts), -2)  # [..., n_left + a, C]: channels last
-        return product_rows(alg.metric, features.transpose(-1, -2), y, (a, a, out), n_left, 1 / math.sqrt(2),
-                            self.set_context, gate=True)
+        maps = self.left.map(parts) + self.a.map(parts)  # [..., n_g, C] each: n_left + a blades, channels last
+        return product_rows(alg.metric, maps, y, (a, a, out), n_left, 1 / math.sqrt(2), self.set_context, gate=True)
 
 
 @register_arch(
