@@ -108,8 +108,18 @@ class CliffordAlgebra:
         a, b, k = sizes
         if identity:
             y = torch.cat([y, torch.ones_like(y[..., :1])], -1)
-        table = torch.tensor(self._right_table(a, b, k, identity, scale), dtype=y.dtype, device=y.device)
+        table = self._constant(("right", a, b, k, identity, scale), self._right_table, y)
         return (y @ table).unflatten(-1, (identity + a, k))
+
+    def _constant(self, key: tuple, values, like: Tensor) -> Tensor:
+        """The tensor of `values(*key[1:])` in `like`'s dtype and device, made once (a step replayed as a CUDA graph
+        may copy nothing from the host); inside torch.func's transforms made anew (what they make is theirs)."""
+        full = (*key, like.dtype, str(like.device))
+        if torch._C._are_functorch_transforms_active():
+            return torch.tensor(values(*key[1:]), dtype=like.dtype, device=like.device)
+        if full not in self._tables:
+            self._tables[full] = torch.tensor(values(*key[1:]), dtype=like.dtype, device=like.device)
+        return self._tables[full]
 
     @staticmethod
     def times(x: Tensor, right: Tensor, shared: bool) -> Tensor:
