@@ -44,7 +44,7 @@ from zoos.popconv.tuning import env_flag
 
 
 def _from_environment() -> bool:
-    return env_flag(os.environ, "SYMZOO_POPBILINEAR", default="0")
+    return env_flag(os.environ, "SYMZOO_POPBILINEAR", default="1")
 
 
 _enabled = [_from_environment()]

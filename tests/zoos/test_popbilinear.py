@@ -122,20 +122,20 @@ def test_refused_operands_and_terms_name_what_disagrees():
         popbilinear.Table(3, 3, 4, ((0, 4, 0, 1.0),))
 
 
-def test_models_use_it_only_where_enabled(monkeypatch):
-    """Off by default (SYMZOO_POPBILINEAR unset), on inside `using`, the outer setting back after it; the variable
-    takes 0 or 1 and names any other value."""
+def test_models_use_it_unless_turned_off(monkeypatch):
+    """On by default (SYMZOO_POPBILINEAR unset), off with 0 or inside `using(False)`, the outer setting back after
+    it; the variable takes 0 or 1 and names any other value."""
     monkeypatch.delenv("SYMZOO_POPBILINEAR", raising=False)
-    assert popbilinear._from_environment() is False
-    before = popbilinear.enabled()
-    with popbilinear.using():
-        assert popbilinear.enabled()
-        with popbilinear.using(False):
-            assert not popbilinear.enabled()
-        assert popbilinear.enabled()
-    assert popbilinear.enabled() == before
-    monkeypatch.setenv("SYMZOO_POPBILINEAR", "1")
     assert popbilinear._from_environment() is True
+    before = popbilinear.enabled()
+    with popbilinear.using(False):
+        assert not popbilinear.enabled()
+        with popbilinear.using():
+            assert popbilinear.enabled()
+        assert not popbilinear.enabled()
+    assert popbilinear.enabled() == before
+    monkeypatch.setenv("SYMZOO_POPBILINEAR", "0")
+    assert popbilinear._from_environment() is False
     monkeypatch.setenv("SYMZOO_POPBILINEAR", "yes")
     with pytest.raises(ValueError, match="SYMZOO_POPBILINEAR = 'yes' is not allowed; expected 0 or 1"):
         popbilinear._from_environment()
