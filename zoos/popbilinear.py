@@ -33,7 +33,7 @@ import hashlib
 import linecache
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -167,13 +167,14 @@ def _compiled(name: str, source: str):
 @dataclass(frozen=True)
 class Table:
     """The terms (i, j, k, coef) of z[k] = sum coef x[i] y[j] for x [.., a], y [.., b] (j == b: a constant 1),
-    z [.., k_out]. Built once per product (a layer's); its three kernels (the product and its two gradients) are
-    generated once per process."""
+    z [.., k_out]. Built once per product (a layer's); its kernels (the product and its two gradients, for each
+    layout of blocks) are generated once per process."""
 
     a: int
     b: int
     k_out: int
     terms: tuple[tuple[int, int, int, float], ...]
+    _kernels: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
         for i, j, k, _ in self.terms:
@@ -195,6 +196,14 @@ class Table:
         if part == "dx":
             return _grouped([(i, k, j, c) for i, j, k, c in self.terms], self.a)
         return _grouped([(j, k, i, c) for i, j, k, c in self.terms if j < self.b], self.b)
+
+    def kernel(self, part: str, blocks: tuple[tuple[int, ...], ...], reduce_g: bool, gate: str, n_p: int):
+        """`part`'s generated kernel (`_kernel`) for operands in these blocks, made at its first use."""
+        key = (part, blocks, reduce_g, gate, n_p)
+        if key not in self._kernels:
+            n_q = self.a if part == "dy" else self.b
+            self._kernels[key] = _kernel(self.grouped(part), blocks, n_q, reduce_g, gate, n_p)
+        return self._kernels[key]
 
 
 _TABLES: list[Table] = []  # a custom op's tables, by the index it is called with
@@ -222,10 +231,10 @@ def _blocks(g: int, c: int) -> tuple[int, int, int]:
     return max(1, TILE // (bg * bc)), bg, bc
 
 
-def _launch(p: list[Tensor], q: list[Tensor], out: list[Tensor], outputs, n_q: int, reduce_g: bool, gate: str = "",
-            h: Tensor | None = None, gate_t: Tensor | None = None) -> None:
-    """A generated kernel (`_kernel`) over p's blocks [S, G, C, *], q's [S, G or 1, C, *] into out's [S, G or 1, C, *];
-    with `gate`, the gate gate_t [S, G, C] (and for the backward the gated output h [S, G, C, *])."""
+def _launch(table: Table, part: str, p: list[Tensor], q: list[Tensor], out: list[Tensor], reduce_g: bool,
+            gate: str = "", h: Tensor | None = None, gate_t: Tensor | None = None) -> None:
+    """`table`'s kernel for `part` (`Table.kernel`) over p's blocks [S, G, C, *], q's [S, G or 1, C, *] into out's
+    [S, G or 1, C, *]; with `gate`, the gate gate_t [S, G, C] (and for the backward the gated output h [S, G, C, *])."""
     s, g, c = p[0].shape[0], p[0].shape[1], p[0].shape[2]
     if not sum(t.numel() for t in out):
         return
@@ -237,7 +246,7 @@ def _launch(p: list[Tensor], q: list[Tensor], out: list[Tensor], outputs, n_q: i
             st[1] = 0
         strides += st
     blocks = tuple(tuple(t.shape[-1] for t in ts) for ts in (p, q, out))
-    kernel = _kernel(outputs, blocks, n_q, reduce_g, gate, h.shape[-1] if h is not None else 0)
+    kernel = table.kernel(part, blocks, reduce_g, gate, h.shape[-1] if h is not None else 0)
     kernel[(triton.cdiv(s, bs),)](
         *p, *q, *out, h if h is not None else p[0], gate_t if gate_t is not None else p[0], s, g, c, *strides,
         *(h.stride() if h is not None else (0,) * 4), *(gate_t.stride() if gate_t is not None else (0,) * 3),
@@ -261,7 +270,7 @@ def _pop_bilinear(xs: list[Tensor], y: Tensor, table: int, gate: bool) -> tuple[
     s, g, c, _ = xs[0].shape
     z = xs[0].new_empty(s, g, t.k_out, c).transpose(-1, -2)  # channels innermost, as x's components are read
     gate_t = xs[0].new_empty((s, g, c) if gate else (0,), dtype=torch.float32)
-    _launch(list(xs), [y], [z], t.grouped("z"), t.b, False, "forward" if gate else "",
+    _launch(t, "z", list(xs), [y], [z], False, "forward" if gate else "",
             gate_t=gate_t if gate else None)
     return z, gate_t
 
@@ -283,10 +292,10 @@ def _pop_bilinear_backward(xs: list[Tensor], y: Tensor, dz: Tensor, z: Tensor, g
     gated = {"gate": "backward", "h": z, "gate_t": gate_t} if gate else {}
     if x_grad:
         dxs = [torch.empty_like(x) for x in xs]
-        _launch([dz], [y], dxs, t.grouped("dx"), t.b, False, **gated)
+        _launch(t, "dx", [dz], [y], dxs, False, **gated)
     if y_grad:
         dy = torch.empty_like(y)
-        _launch([dz], list(xs), [dy], t.grouped("dy"), t.a, y.shape[1] == 1 and xs[0].shape[1] > 1, **gated)
+        _launch(t, "dy", [dz], list(xs), [dy], y.shape[1] == 1 and xs[0].shape[1] > 1, **gated)
     return dxs + [dy]
 
 
