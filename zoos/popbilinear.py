@@ -209,12 +209,14 @@ class Table:
 _TABLES: list[Table] = []  # a custom op's tables, by the index it is called with
 
 
+_TABLE_IDS: dict[int, int] = {}  # id(table) -> its index (_TABLES keeps every table alive, so ids stay theirs)
+
+
 def _table_id(table: Table) -> int:
-    for n, known in enumerate(_TABLES):
-        if known == table:
-            return n
-    _TABLES.append(table)
-    return len(_TABLES) - 1
+    if id(table) not in _TABLE_IDS:
+        _TABLES.append(table)
+        _TABLE_IDS[id(table)] = len(_TABLES) - 1
+    return _TABLE_IDS[id(table)]
 
 
 def _grouped(terms: list[tuple[int, int, int, float]], n_out: int) -> tuple[tuple[tuple[int, int, float], ...], ...]:
