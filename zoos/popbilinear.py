@@ -97,6 +97,20 @@ def _place(blocks: tuple[int, ...], i: int) -> tuple[int, int]:
     raise IndexError(i)
 
 
+def _sum_of_terms(terms: tuple[tuple[int, int, float], ...], n_q: int) -> str:
+    """An output's terms as code, one multiply by each distinct coefficient magnitude (a Clifford product's are all
+    +-scale): (p1 * q2 - p3 * q4 + ..) * 0.707.."""
+    by_size: dict[float, list[str]] = {}
+    for i, j, c in terms:
+        by_size.setdefault(abs(float(c)), []).append(("-" if c < 0 else "+") + f" p{i}" + (f" * q{j}" if j < n_q else ""))
+    sums = []
+    for size, parts in by_size.items():
+        text = " ".join(parts)
+        text = text[2:] if text.startswith("+ ") else "-" + text[2:]
+        sums.append(f"({text}) * {size!r}" if size != 1.0 else f"({text})")
+    return " + ".join(sums)
+
+
 def _kernel(outputs: tuple[tuple[tuple[int, int, float], ...], ...], blocks: tuple[tuple[int, ...], ...], n_q: int,
             reduce_g: bool, gate: str, n_p: int = 0):
     """A Triton kernel with a table's terms written into its code: out[s, g, c, o] = sum over outputs[o]'s terms
@@ -130,8 +144,7 @@ def _kernel(outputs: tuple[tuple[tuple[int, int, float], ...], ...], blocks: tup
         lines += [load("p", i) for i in sorted({t[0] for terms in outputs for t in terms})]
     lines += [load("q", j) for j in sorted({t[1] for terms in outputs for t in terms if t[1] < n_q})]
     for o, terms in enumerate(outputs):
-        total = " + ".join(f"p{i}" + (f" * q{j}" if j < n_q else "") + f" * {float(c)!r}" for i, j, c in terms)
-        lines.append(f"    acc = {total or 'tl.zeros((BS * BG * BC,), dtype=tl.float32)'}\n")
+        lines.append(f"    acc = {_sum_of_terms(terms, n_q) or 'tl.zeros((BS * BG * BC,), dtype=tl.float32)'}\n")
         if gate == "forward":
             if o == 0:
                 lines.append(_GATE_AT + "    gate = tl.sigmoid(acc)\n"
