@@ -22,8 +22,8 @@ the latter summed over a set's points where y is shared. With `gate`, the output
 output and the gate to form dz in registers. Products accumulate in float32; z and dx take x's dtype, dy y's. A
 backward differentiated again (a Hessian-vector product) runs as dense torch products.
 
-Models route their products here only where `enabled()` (SYMZOO_POPBILINEAR=1, or inside `using()`): off by
-default until it is timed against the dense product on a GPU (benchmarks/README.md says where that stands).
+Models route their products here where `enabled()`: on by default, off with SYMZOO_POPBILINEAR=0 or inside
+`using(False)` (benchmarks/bilinear_bench.py times it against the dense product).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ _enabled = [_from_environment()]
 
 
 def enabled() -> bool:
-    """Whether models run their bilinear products here (SYMZOO_POPBILINEAR=1, or inside `using`)."""
+    """Whether models run their bilinear products here (unless SYMZOO_POPBILINEAR=0, or inside `using(False)`)."""
     return _enabled[-1]
 
 

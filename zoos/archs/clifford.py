@@ -13,8 +13,8 @@ GPLayer          (left(x) + a(x) * norm(b(ctx))) / sqrt(2), * the geometric prod
 cgenn            embed columns as grade-0/1 channels, `depth` GP layers with scalar gates, a scalar or vector readout
 
 A layer's product (its left map added, then its gate) is a matmul by the right-multiplication matrix
-(`product_rows`), or with `zoos.popbilinear` enabled (opt-in, SYMZOO_POPBILINEAR=1) one pass over the Cayley
-table's terms on a GPU, the gate in it.
+(`product_rows`), or on a GPU one pass over the Cayley table's terms (`zoos.popbilinear`, the default; off with
+SYMZOO_POPBILINEAR=0), the gate in it.
 
 Only the grades a layer can hold get weights (vectors generate grades <= 2, their products <= 4, ...), and an
 invariant readout's last layer keeps only scalars: every weight reaches the output, so every pair of the
@@ -215,7 +215,7 @@ def product_rows(metric: tuple[float, ...], maps: list[Tensor], y: Tensor, sizes
     """x @ (scale * [I; R(y)]) per feature in Cl(`metric`) (`CliffordAlgebra.right_multiplication`, `times`), x the
     concatenation of `maps` [..., P, n, C] (blades before channels, as the grade-wise linears write them; identity +
     a blades in all), y [..., P or 1 (`shared`), C, b] -> [..., P, C, k], gated by its scalar part with `gate`
-    (`scalar_gate`). R(y) and a matmul per feature; where `zoos.popbilinear` is enabled (opt-in), on a GPU outside
+    (`scalar_gate`). R(y) and a matmul per feature; where `zoos.popbilinear` is enabled (the default), on a GPU outside
     torch.func's transforms (which it has no rule for) and up to float32 (where it accumulates), one pass over the
     terms that reads the maps where they lie, with the gate in it. A leaf of torch.fx traces (fx.wrap), so a
     population program runs it on its stacked batch of samples."""
