@@ -29,6 +29,7 @@ Models route their products here where `enabled()`: on by default, off with SYMZ
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import linecache
 import os
@@ -219,17 +220,26 @@ class Table:
         return self._kernels[key]
 
 
-_TABLES: list[Table] = []  # a custom op's tables, by the index it is called with
+    @functools.cached_property
+    def code(self) -> str:
+        """The table as text, which the ops take (`of_code` reads it back): a traced or compiled program that calls
+        them names the table itself, valid in any process."""
+        text = f"{self.a} {self.b} {self.k_out}|" + ";".join(f"{i},{j},{k},{float(c)!r}" for i, j, k, c in self.terms)
+        _BY_CODE.setdefault(text, self)
+        return text
+
+    @staticmethod
+    def of_code(code: str) -> Table:
+        """The table `code` names (`Table.code`), built once per process."""
+        if code not in _BY_CODE:
+            sizes, terms = code.split("|")
+            rows = [t.split(",") for t in terms.split(";")] if terms else []
+            table = Table(*map(int, sizes.split()), tuple((int(i), int(j), int(k), float(c)) for i, j, k, c in rows))
+            _BY_CODE[code] = table
+        return _BY_CODE[code]
 
 
-_TABLE_IDS: dict[int, int] = {}  # id(table) -> its index (_TABLES keeps every table alive, so ids stay theirs)
-
-
-def _table_id(table: Table) -> int:
-    if id(table) not in _TABLE_IDS:
-        _TABLES.append(table)
-        _TABLE_IDS[id(table)] = len(_TABLES) - 1
-    return _TABLE_IDS[id(table)]
+_BY_CODE: dict[str, Table] = {}
 
 
 def _grouped(terms: list[tuple[int, int, int, float]], n_out: int) -> tuple[tuple[tuple[int, int, float], ...], ...]:
@@ -279,9 +289,9 @@ def _check(xs: list[Tensor], y: Tensor, a: int, b: int) -> None:
 
 
 @torch.library.custom_op("symzoo::pop_bilinear", mutates_args=())
-def _pop_bilinear(xs: list[Tensor], y: Tensor, table: int, gate: bool) -> tuple[Tensor, Tensor]:
-    """(z, the gate [S, G, C] float32 or empty); x in blocks of components."""
-    t = _TABLES[table]
+def _pop_bilinear(xs: list[Tensor], y: Tensor, table: str, gate: bool) -> tuple[Tensor, Tensor]:
+    """(z, the gate [S, G, C] float32 or empty); x in blocks of components, `table` a `Table.code`."""
+    t = Table.of_code(table)
     s, g, c, _ = xs[0].shape
     z = xs[0].new_empty(s, g, t.k_out, c).transpose(-1, -2)  # channels innermost, as x's components are read
     gate_t = xs[0].new_empty((s, g, c) if gate else (0,), dtype=torch.float32)
@@ -293,16 +303,16 @@ def _pop_bilinear(xs: list[Tensor], y: Tensor, table: int, gate: bool) -> tuple[
 @_pop_bilinear.register_fake
 def _(xs, y, table, gate):
     s, g, c, _ = xs[0].shape
-    return (xs[0].new_empty(s, g, _TABLES[table].k_out, c).transpose(-1, -2),
+    return (xs[0].new_empty(s, g, Table.of_code(table).k_out, c).transpose(-1, -2),
             xs[0].new_empty((s, g, c) if gate else (0,), dtype=torch.float32))
 
 
 @torch.library.custom_op("symzoo::pop_bilinear_backward", mutates_args=())
-def _pop_bilinear_backward(xs: list[Tensor], y: Tensor, dz: Tensor, z: Tensor, gate_t: Tensor, table: int,
+def _pop_bilinear_backward(xs: list[Tensor], y: Tensor, dz: Tensor, z: Tensor, gate_t: Tensor, table: str,
                            gate: bool, x_grad: bool, y_grad: bool) -> list[Tensor]:
     """[dx block for each x block, dy] (empty where not asked for), in x's and y's dtypes; dz the gradient of the
     (gated, with `gate`) output z."""
-    t = _TABLES[table]
+    t = Table.of_code(table)
     dxs, dy = [x.new_empty(0) for x in xs], y.new_empty(0)
     gated = {"gate": "backward", "h": z, "gate_t": gate_t} if gate else {}
     if x_grad:
@@ -331,7 +341,7 @@ def _backward(ctx, dz: Tensor, _dgate: Tensor):
     y, z, gate_t, *xs = ctx.saved_tensors
     x_needs, y_needs = ctx.needs_input_grad[:2]  # x's: one flag a block
     if torch.is_grad_enabled():  # a backward that is differentiated again (create_graph: a Hessian-vector product)
-        dx, dy = _dense_backward(torch.cat(xs, -1), y, dz, _TABLES[ctx.table], ctx.gate)
+        dx, dy = _dense_backward(torch.cat(xs, -1), y, dz, Table.of_code(ctx.table), ctx.gate)
         dxs = list(dx.split([x.shape[-1] for x in xs], -1))
     else:
         *dxs, dy = _pop_bilinear_backward(xs, y, dz, z, gate_t, ctx.table, ctx.gate, any(x_needs), y_needs)
@@ -365,7 +375,7 @@ def product(x: Tensor | list[Tensor], y: Tensor, table: Table, gate: bool = Fals
     tensors, read where they lie: no concatenation). Gradients to x (each block) and y."""
     xs = [x] if isinstance(x, Tensor) else list(x)
     _check(xs, y, table.a, table.b)
-    return _pop_bilinear(xs, y, _table_id(table), bool(gate))[0]
+    return _pop_bilinear(xs, y, table.code, bool(gate))[0]
 
 
 __all__ = ["Table", "available", "enabled", "product", "using"]

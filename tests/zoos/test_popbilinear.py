@@ -86,7 +86,7 @@ def test_product_passes_torch_library_opcheck():
     for shared, gate in ((True, False), (False, True)):
         x, y = operands(alg, 3, 5, 6, (4, 4, 8), 1, shared, True, 0, dtype=torch.float32)
         for xs in ([x], [x[..., :2], x[..., 2:]]):
-            torch.library.opcheck(popbilinear._pop_bilinear, (xs, y, popbilinear._table_id(table), gate))
+            torch.library.opcheck(popbilinear._pop_bilinear, (xs, y, table.code, gate))
 
 
 @pytest.mark.parametrize("gate", [False, True])
@@ -110,6 +110,16 @@ def test_a_backward_differentiated_again_equals_the_dense_products(gate):
     got = second(lambda x, y: popbilinear.product(x, y, alg.product_table(sizes, 4, 0.5), gate=gate))
     for g, w in zip(got, second(dense)):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_a_table_is_named_by_its_text_in_any_process():
+    """The ops take the table as text (a compiled program that calls them names it, whatever else the process
+    made): the text reads back as an equal table, made once."""
+    for table in (CliffordAlgebra((1.0, -1.0, 0.0)).product_table((4, 4, 8), 2, 0.25), popbilinear.Table(2, 1, 1, ())):
+        code = table.code
+        popbilinear._BY_CODE.pop(code)  # as a process that never built the table sees it
+        back = popbilinear.Table.of_code(code)
+        assert back == table and back is not table and popbilinear.Table.of_code(code) is back
 
 
 def test_refused_operands_and_terms_name_what_disagrees():

@@ -235,8 +235,6 @@ def product_rows(metric: tuple[float, ...], maps: list[Tensor], y: Tensor, sizes
 torch.fx.wrap("product_rows")
 
 
-
-
 class MVLinear(nn.Module):
     """Grade-wise linear map of multivectors [..., c_in, n_blades[top]]: one nn.Linear per grade mixing channels."""
 
