@@ -2,8 +2,9 @@
 
 symzoo's population kernels (popconv, poplinear, popnorm, popattn, popoptim) are Triton kernels specialised
 to their layer's shapes, so a population compiles tens of them, each at its first launch, one after another,
-before its first step; Triton's compiler spends most of a compile outside the GIL (its MLIR passes and ptxas), so
-they compile in parallel on the host's cores. `ahead(device)` makes that possible without knowing the kernels
+before its first step; here they compile on threads, in parallel where Triton's compiler leaves the GIL (ptxas
+runs as a process of its own; its MLIR passes hold the GIL, so kernels whose compile is mostly those passes, such
+as popbilinear's generated ones, compile one after another). `ahead(device)` makes that possible without knowing the kernels
 in advance:
 
     with ahead(device) as run:        # a dry run: kernel launches record what they would compile, and return
