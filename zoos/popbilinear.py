@@ -13,7 +13,8 @@ batched matmul per feature: R, its gradient and the layout copies around a produ
 pass over memory as large as the features. Here the table is written into a kernel's code (generated once per
 table and process, compiled and cached by Triton like any kernel): one program holds a tile of sets, points and
 channels, loads each component its terms name once and computes every output as one sum of products in
-registers. The backward is the same kind of kernel on two more tables,
+registers. x may come in blocks of its components (a layer's maps, read where its linears wrote them). The
+backward is the same kind of kernel on two more tables,
 
   dx[.., i] = sum over (i, j, k, c) of c * dz[.., k] * y[.., j]      dy[.., j] = sum of c * dz[.., k] * x[.., i]
 
