@@ -152,3 +152,22 @@ def test_the_scalar_gate_equals_its_expression_and_its_gradient():
     torch.testing.assert_close(torch.autograd.grad(scalar_gate(h), h, g)[0], torch.autograd.grad(ref, h, g)[0])
     per_row = torch.func.vmap(torch.func.grad(lambda x: (scalar_gate(x) * x).sum()))(h.detach())
     torch.testing.assert_close(per_row, torch.func.vmap(torch.func.grad(lambda x: (x * torch.sigmoid(x[..., :1]) * x).sum()))(h.detach()))
+
+
+def test_the_right_multiplication_table_is_made_once_and_not_kept_from_inside_torch_func():
+    """R's constant table is one tensor per dtype and device, reused by every call (a step replayed as a CUDA graph
+    may not copy from the host), and a table made inside torch.func's transforms is not kept (it is theirs): a
+    product after a vmapped gradient still runs, on a table made outside."""
+    alg = CliffordAlgebra((1.0, -1.0, 1.0))
+    y = torch.randn(4, 2, 3, dtype=torch.float64)
+    p = torch.randn(4, 2, 3, dtype=torch.float64)
+    torch.func.vmap(torch.func.grad(lambda p, y: alg.right_multiplication(y * p, (4, 3, 8), 4, 0.5).sum()))(p, y)
+    assert not [k for k in alg._tables if k[0] == "right"]
+    alg.right_multiplication(y, (4, 3, 8), 4, 0.5)
+    made = [v for k, v in alg._tables.items() if k[0] == "right"]
+    assert len(made) == 1
+    q = p.clone().requires_grad_()
+    alg.right_multiplication(y * q, (4, 3, 8), 4, 0.5).sum().backward()
+    assert q.grad is not None and [v for k, v in alg._tables.items() if k[0] == "right"] == made
+    alg.right_multiplication(y.float(), (4, 3, 8), 4, 0.5)
+    assert len([k for k in alg._tables if k[0] == "right"]) == 2  # one a dtype
