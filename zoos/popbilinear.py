@@ -67,7 +67,7 @@ def using(on: bool = True) -> Iterator[None]:
         _enabled.pop()
 
 
-TILE = 256  # (sets x points x channels) elements a program holds, the points and channels padded to powers of two
+TILE = 256  # (sets x points x channels) elements a program holds, padded to powers of two (more: sets of > 256 points)
 
 if triton is not None:
     import triton.language as tl
@@ -79,12 +79,12 @@ def {name}({operands}h_ptr, gate_ptr, S, G, C, {strides}shs, shg, shc, sha, sgs,
     r = tl.arange(0, BS * BG * BC)
     s = tl.program_id(0) * BS + r // (BG * BC)
     g = (r // BC) % BG
-    c = r % BC
+    c = tl.program_id(1) * BC + r % BC
     mask = (s < S) & (g < G) & (c < C)
 """
 _AT = "    {v}{b}_at = s.to(tl.int64) * s{v}{b}s + g * s{v}{b}g + c * s{v}{b}c\n"
 _AT_SETS = """    s2 = tl.program_id(0) * BS + tl.arange(0, BS)[:, None]
-    c2 = tl.arange(0, BC)[None, :]
+    c2 = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]
     o_mask = (s2 < S) & (c2 < C)
 """
 _GATE_AT = "    gate_at = s.to(tl.int64) * sgs + g * sgg + c * sgc\n"
@@ -104,7 +104,8 @@ def _sum_of_terms(terms: tuple[tuple[int, int, float], ...], n_q: int) -> str:
     +-scale): (p1 * q2 - p3 * q4 + ..) * 0.707.."""
     by_size: dict[float, list[str]] = {}
     for i, j, c in terms:
-        by_size.setdefault(abs(float(c)), []).append(("-" if c < 0 else "+") + f" p{i}" + (f" * q{j}" if j < n_q else ""))
+        term = f"p{i}" + (f" * q{j}" if j < n_q else "")
+        by_size.setdefault(abs(float(c)), []).append(("- " if c < 0 else "+ ") + term)
     sums = []
     for size, parts in by_size.items():
         text = " ".join(parts)
@@ -252,8 +253,10 @@ def _grouped(terms: list[tuple[int, int, int, float]], n_out: int) -> tuple[tupl
 
 
 def _blocks(g: int, c: int) -> tuple[int, int, int]:
-    """(sets, points, channels) a program: a tile of about TILE elements."""
-    bg, bc = triton.next_power_of_2(g), triton.next_power_of_2(c)
+    """(sets, points, channels) a program: a tile of about TILE elements, all of a set's points (a shared y's
+    gradient sums over them), its channels split over programs where a set's points and channels are more."""
+    bg = triton.next_power_of_2(g)
+    bc = min(triton.next_power_of_2(c), max(1, TILE // bg))
     return max(1, TILE // (bg * bc)), bg, bc
 
 
@@ -273,7 +276,7 @@ def _launch(table: Table, part: str, p: list[Tensor], q: list[Tensor], out: list
         strides += st
     blocks = tuple(tuple(t.shape[-1] for t in ts) for ts in (p, q, out))
     kernel = table.kernel(part, blocks, reduce_g, gate, h.shape[-1] if h is not None else 0)
-    kernel[(triton.cdiv(s, bs),)](
+    kernel[(triton.cdiv(s, bs), triton.cdiv(c, bc))](
         *p, *q, *out, h if h is not None else p[0], gate_t if gate_t is not None else p[0], s, g, c, *strides,
         *(h.stride() if h is not None else (0,) * 4), *(gate_t.stride() if gate_t is not None else (0,) * 3),
         BS=bs, BG=bg, BC=bc, num_warps=4)

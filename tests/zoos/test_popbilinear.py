@@ -31,6 +31,8 @@ def operands(alg, sets, points, channels, sizes, identity, shared, transposed, s
          gate=True, blocks=3, seed=0)
 @example(metric=1, top_in=1, top_out=0, identity=False, sets=5, points=1, channels=3, shared=False, transposed=False,
          gate=False, blocks=1, seed=1)
+@example(metric=0, top_in=1, top_out=2, identity=True, sets=3, points=9, channels=20, shared=True, transposed=True,
+         gate=True, blocks=2, seed=2)  # a set's 16 padded points leave 16 channels a program: two channel blocks
 @given(metric=st.integers(0, len(METRICS) - 1), top_in=st.integers(0, 2), top_out=st.integers(0, 4),
        identity=st.booleans(), sets=st.integers(0, 6), points=st.integers(1, 9), channels=st.integers(1, 20),
        shared=st.booleans(), transposed=st.booleans(), gate=st.booleans(), blocks=st.integers(1, 4),
