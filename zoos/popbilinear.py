@@ -198,6 +198,10 @@ class Table:
                 raise ValueError(f"term ({i}, {j}, {k}) is outside x [.., {self.a}], y [.., {self.b}] (+ the constant "
                                  f"{self.b}) and z [.., {self.k_out}]")
 
+    def __reduce__(self):
+        """Pickled as its text (`code`): the receiving process makes its own kernels."""
+        return Table.of_code, (self.code,)
+
     def dense(self, like: Tensor) -> Tensor:
         """The terms as a dense coefficient tensor [a, b + 1, k_out] in `like`'s dtype and device."""
         t = torch.zeros(self.a, self.b + 1, self.k_out, dtype=torch.float64)

@@ -151,3 +151,26 @@ def test_models_use_it_unless_turned_off(monkeypatch):
     monkeypatch.setenv("SYMZOO_POPBILINEAR", "yes")
     with pytest.raises(ValueError, match="SYMZOO_POPBILINEAR = 'yes' is not allowed; expected 0 or 1"):
         popbilinear._from_environment()
+
+
+def test_a_model_pickles_and_copies_after_its_products_made_kernels():
+    """An algebra pickles and deep-copies as its metric (the receiving process's own algebra of that metric), a
+    table as its text: a cgenn whose algebra holds generated kernels and cached tensors still pickles, and the copy
+    computes the same function."""
+    import copy
+    import pickle
+
+    from tasks import get_task
+    from zoos.archs import build_arch
+
+    task = get_task("convex_hull", n_train=8, n_val=4, n_test=4)
+    model = build_arch("cgenn", task).double()
+    x = task.load("train", 0)[0][:3].double()
+    want = model(x)  # the dense products cache their tables
+    table = model.algebra.product_table((6, 6, 16), 6, 0.5)
+    table.kernel("z", ((12,), (6,), (16,)), False, "forward", 0)  # a generated kernel on a table the algebra keeps
+    back = pickle.loads(pickle.dumps(model))
+    assert back.algebra is model.algebra  # this process's algebra of the metric
+    torch.testing.assert_close(back(x), want, rtol=0, atol=0)
+    assert copy.deepcopy(model).algebra is model.algebra
+    assert pickle.loads(pickle.dumps(table)) == table

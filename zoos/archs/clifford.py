@@ -64,6 +64,11 @@ class CliffordAlgebra:
         self.quad = [self.blade_sign(m, m) for m in self.masks]  # q(e_A) = e_A~ e_A = prod of the metric over A
         self._tables: dict[tuple, object] = {}  # `_right_table`'s and `product_table`'s, by their arguments
 
+    def __reduce__(self):
+        """Pickled (and deep-copied) as its metric: the one algebra of that metric in the receiving process, without
+        the tables, tensors and kernels this one has cached."""
+        return algebra_of, (self.metric,)
+
     def blade_sign(self, a: int, b: int) -> float:
         """e_a e_b = s e_{a^b}: s = (-1)^(swaps to sort the axes) * the metric of every axis in both."""
         swaps, x = 0, a >> 1
