@@ -225,7 +225,6 @@ class Table:
             self._kernels[key] = _kernel(self.grouped(part), blocks, n_q, reduce_g, gate, n_p)
         return self._kernels[key]
 
-
     @functools.cached_property
     def code(self) -> str:
         """The table as text, which the ops take (`of_code` reads it back): a traced or compiled program that calls
