@@ -370,11 +370,6 @@ def main() -> None:
             row = {**cold, "warm": warm.get("symzoo"), "warm_error": warm.get("error"), "tuned": {}}
             rows.append(row)
             print(line(arch, n, row), flush=True)
-            for name, r in (("cold", row.get("symzoo")), ("warm", row.get("warm"))):
-                if r and r.get("compiled_ahead"):
-                    c = r["compiled_ahead"]
-                    print(f"      {name}: {c['kernels']} kernels compiled ahead in {r['timings'].get('compile', 0):.1f} s, "
-                          f"{c.get('in_workers', 0)} by compile workers", flush=True)
             for t in tunings if "error" not in cold else []:
                 tuned = run([arch, str(n), str(steps), str(work / "data"), "symzoo", a.compile], {**env, "ZOO_BENCH_TUNING": t})
                 row["tuned"][t] = tuned.get("symzoo") or {"error": tuned.get("error")}

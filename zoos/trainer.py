@@ -194,7 +194,7 @@ def train_population(
         as CUDA graphs instead; a compile costs tens of seconds up front and pays only in long runs of some
         families: benchmarks/README.md).
     progress(epoch, epochs) after every epoch; status(phase) when a phase starts: "building", "compiling kernels"
-        (on a GPU: the population's Triton kernels at once, on threads and compile workers, `zoos.precompile`), "first step", "training".
+        (on a GPU: the population's Triton kernels at once, `zoos.precompile`), "first step", "training".
     graphs: replay each training step as a CUDA graph (one launch instead of ~100; the same kernels, the
         same run); None = on CUDA with the fast program and no augmentation.
     """
@@ -204,8 +204,6 @@ def train_population(
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:  # helper threads copy to this device, not their own current one
         device = torch.device("cuda", torch.cuda.current_device())
-    if not compile:
-        precompile.start_workers(device)  # compile workers importing while the population is built
     limit = memory_limit(pop, device, data_dir) if fast is not False else None
     parts = split_evenly(pop, limit) if limit is not None and limit < len(pop.models) else [pop]
     if len(parts) > 1 and status is not None:  # more models than the device holds: in parts, one after another
@@ -293,8 +291,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     if precompile.supported(device) and not program.choice.compile:
         status("compiling kernels")
         ahead = _compile_ahead(program, data, optimizer, evaluation, params, buffers, augmenter)
-        program.choice.compiled_ahead = {"kernels": ahead.kernels, "threads": ahead.threads, "failed": ahead.failed,
-                                         "in_workers": ahead.in_workers}
+        program.choice.compiled_ahead = {"kernels": ahead.kernels, "threads": ahead.threads, "failed": ahead.failed}
         clock.lap("compile")
     status("first step" + (" (compiling)" if program.choice.compile else ""))
     program.module.train()
