@@ -370,6 +370,10 @@ def main() -> None:
             row = {**cold, "warm": warm.get("symzoo"), "warm_error": warm.get("error"), "tuned": {}}
             rows.append(row)
             print(line(arch, n, row), flush=True)
+            for name, r in (("cold", row.get("symzoo")), ("warm", row.get("warm"))):
+                if r and r.get("compiled_ahead"):
+                    print(f"      {name}: {r['compiled_ahead']['kernels']} kernels compiled ahead in "
+                          f"{r['timings'].get('compile', 0):.1f} s", flush=True)
             for t in tunings if "error" not in cold else []:
                 tuned = run([arch, str(n), str(steps), str(work / "data"), "symzoo", a.compile], {**env, "ZOO_BENCH_TUNING": t})
                 row["tuned"][t] = tuned.get("symzoo") or {"error": tuned.get("error")}
