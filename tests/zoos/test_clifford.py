@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zoos.archs.clifford import CliffordAlgebra, MVLinear, scalar_gate
+from zoos.archs.clifford import CliffordAlgebra, MVLinear, grade_rows, scalar_gate
 
 METRICS = [(1.0, 1.0, 1.0), (1.0, -1.0, -1.0, -1.0), (1.0, 1.0, 1.0, 1.0, 1.0), (1.0, -1.0, 0.0)]
 
@@ -171,3 +171,28 @@ def test_the_right_multiplication_table_is_made_once_and_not_kept_from_inside_to
     assert q.grad is not None and [v for k, v in alg._tables.items() if k[0] == "right"] == made
     alg.right_multiplication(y.float(), (4, 3, 8), 4, 0.5)
     assert len([k for k in alg._tables if k[0] == "right"]) == 2  # one a dtype
+
+
+@pytest.mark.parametrize("channels_inner", [True, False])
+def test_grade_rows_equal_the_split_and_its_gradient_comes_blades_major(channels_inner):
+    """The grades' rows of x [.., C, blades] are the split's parts, transposed; their gradients (one part unread)
+    equal autograd's for the split, in x's [.., blades, C] memory layout, and differentiate again."""
+    gen = torch.Generator().manual_seed(0)
+    sizes = (1, 3, 3, 1)
+    memory = torch.randn(2, 5, 8, 6, dtype=torch.float64, generator=gen)  # [.., blades, C]
+    x = (memory.transpose(-1, -2) if channels_inner else memory.transpose(-1, -2).contiguous()).requires_grad_()
+    weights = [torch.randn(n, 6, dtype=torch.float64, generator=gen) for n in sizes]
+
+    def loss(parts):
+        return sum((p * w).pow(2).sum() for p, w in zip(parts[:3], weights))  # the top grade unread
+
+    rows = grade_rows(x, sizes)
+    plain = [part.transpose(-1, -2) for part in x.split(sizes, -1)]
+    assert all(torch.equal(r, p) for r, p in zip(rows, plain))
+    (dx,) = torch.autograd.grad(loss(rows), x, create_graph=True)
+    (want,) = torch.autograd.grad(loss(plain), x, create_graph=True)
+    torch.testing.assert_close(dx, want, rtol=0, atol=0)
+    assert dx.stride(-2) == 1  # channels innermost
+    (d2,) = torch.autograd.grad(dx.pow(2).sum(), x)
+    (want2,) = torch.autograd.grad(want.pow(2).sum(), x)
+    torch.testing.assert_close(d2, want2)

@@ -47,6 +47,36 @@ def unit_stride_rows(x: Tensor) -> Tensor:
 torch.fx.wrap("unit_stride_rows")
 
 
+class _GradeRows(torch.autograd.Function):
+    """x [..., C, blades] split into its grades' rows [..., n_g, C]; the backward concatenates the parts' gradients
+    along the blades of a [..., blades, C] buffer (contiguous blocks: one plain copy) and returns it transposed, in the
+    layout the products write x, where autograd's split would concatenate along x's strided last axis."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
+        ctx.sizes, ctx.channels = sizes, x.shape[-2]
+        return tuple(unit_stride_rows(part.transpose(-1, -2)) for part in x.split(sizes, -1))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor, None]:
+        like = next(g for g in grads if g is not None)
+        parts = [g if g is not None else like.new_zeros(*like.shape[:-2], n, ctx.channels)
+                 for g, n in zip(grads, ctx.sizes)]
+        return torch.cat(parts, -2).transpose(-1, -2), None
+
+
+def grade_rows(x: Tensor, sizes: tuple[int, ...]) -> list[Tensor]:
+    """x [..., C, sum(sizes)] split along its blades into parts [..., n, C] for n in `sizes` (channels last: rows a
+    linear reads). Outside torch.func's transforms its backward writes x's gradient blades-major (`_GradeRows`). A leaf
+    of torch.fx traces."""
+    if torch._C._are_functorch_transforms_active():
+        return [unit_stride_rows(part.transpose(-1, -2)) for part in x.split(sizes, -1)]
+    return list(_GradeRows.apply(x, sizes))
+
+
+torch.fx.wrap("grade_rows")
+
+
 class CliffordAlgebra:
     """Cl(p,q,r) of a diagonal metric (+1/-1/0 per axis). Blade k has bit mask `masks[k]` (bit i: axis i), sorted
     by grade. Plain Python data, so a model holding one builds on any device and traces with torch.fx."""
@@ -169,11 +199,10 @@ class CliffordAlgebra:
     def grade_parts(self, x: Tensor, top: int) -> list[Tensor]:
         """x [..., C, n_blades[top]] as its grades, channels last: [[..., n_g, C] for g <= top] (a grade-wise linear
         reads each as rows), views where x's channels are unit-stride ([.., blades, C] in memory, as
-        `zoos.popbilinear` writes them: poplinear reads such rows where they lie), else copies; one split, whose
-        backward is one concatenation."""
+        `zoos.popbilinear` writes them: poplinear reads such rows where they lie), else copies (`grade_rows`)."""
         nb = self.n_blades
-        split = x.split([nb[g] - (nb[g - 1] if g else 0) for g in range(top + 1)], -1)
-        return [unit_stride_rows(split[g].transpose(-1, -2)) for g in range(top + 1)]
+        rows = grade_rows(x, tuple(nb[g] - (nb[g - 1] if g else 0) for g in range(top + 1)))
+        return [rows[g] for g in range(top + 1)]  # indexed, not iterated: a trace's proxy has no length
 
     def _grade_sums(self, top: int) -> list[list[float]]:
         """[n_blades[top], top + 1]: q(e_b) in row b, column grade(b), so (x * x) @ it sums q per grade in one product."""
