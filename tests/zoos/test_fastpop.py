@@ -131,6 +131,24 @@ def test_grouped_convs_keep_the_model_groups_layout_between_them():
     assert 0.45 < (out[1] == 0).float().mean() < 0.55 and set(out[1].unique().tolist()) == {0.0, 2.0}
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "strided"])
+def test_the_model_groups_layout_hands_the_gradient_back_in_the_inputs_layout(layout):
+    """to_model_groups' gradient equals the plain reshapes' and comes back in x's memory layout (an im2col conv's
+    output is channels-last: the activation before it then reads both alike), contiguous where x is not dense;
+    differentiable again."""
+    n = torch.zeros(3, 1)
+    base = torch.randn(3 * 4, 5, 6, 7, dtype=torch.float64)
+    x = {"channels_last": base.contiguous(memory_format=torch.channels_last), "contiguous": base,
+         "strided": torch.randn(3 * 4, 5, 6, 14, dtype=torch.float64)[..., ::2]}[layout].requires_grad_()
+    v = torch.randn(4, 3 * 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    (got,) = torch.autograd.grad((to_model_groups(x, n) * v * v).sum(), x, create_graph=True)
+    plain = x.reshape(3, 4, 5, 6, 7).transpose(0, 1).reshape(4, 15, 6, 7)
+    (want,) = torch.autograd.grad((plain * v * v).sum(), x, create_graph=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got.stride() == (x.stride() if layout != "strided" else base.stride())
+    torch.testing.assert_close(torch.autograd.grad((got * x).sum(), v)[0], torch.autograd.grad((want * x).sum(), v)[0])
+
+
 class _PoolIndices(torch.nn.Module):
     """A pool that also returns its indices between two grouped convs: not a plane op (its result is a pair)."""
 
