@@ -110,13 +110,14 @@ def pop_conv2d(x: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, int], 
 
 
 def _to_groups(x: Tensor, n: int) -> Tensor:
+    """[N*B, C, ...] -> [B, N*C, ...] for n models, as reshapes and a transpose."""
     return x.reshape(n, x.shape[0] // n, *x.shape[1:]).transpose(0, 1).reshape(x.shape[0] // n, -1, *x.shape[2:])
 
 
 class _ToModelGroups(torch.autograd.Function):
     """`to_model_groups` whose backward hands x's gradient back in x's own memory layout (an im2col conv's
     channels-last output): an activation's backward before it then reads its gradient and its saved output alike,
-    where mixed layouts cost a strided pass 10x as slow as a plain one."""
+    where operands of mixed layouts run a strided loop instead of a vectorised one."""
 
     @staticmethod
     def forward(ctx, x: Tensor, n: int) -> Tensor:
