@@ -127,7 +127,7 @@ class _ToModelGroups(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor, None]:
-        dx = from_model_groups(g, ctx.n)
+        dx = _from_groups(g, ctx.n)
         if ctx.stride is None:
             return dx.contiguous(), None
         return torch.empty_strided(ctx.shape, ctx.stride, dtype=g.dtype, device=g.device).copy_(dx), None
@@ -141,10 +141,15 @@ def to_model_groups(x: Tensor, w: Tensor) -> Tensor:
     return _ToModelGroups.apply(x, w.shape[0])
 
 
-def from_model_groups(y: Tensor, w: Tensor | int) -> Tensor:
-    """[B, N*C, ...] -> [N*B, C, ...], `to_model_groups` undone (N = w.shape[0], or w itself)."""
-    n, b_ = (w if isinstance(w, int) else w.shape[0]), y.shape[0]
+def _from_groups(y: Tensor, n: int) -> Tensor:
+    """[B, N*C, ...] -> [N*B, C, ...] for n models, `_to_groups` undone."""
+    b_ = y.shape[0]
     return y.reshape(b_, n, -1, *y.shape[2:]).transpose(0, 1).reshape(n * b_, -1, *y.shape[2:])
+
+
+def from_model_groups(y: Tensor, w: Tensor) -> Tensor:
+    """[B, N*C, ...] -> [N*B, C, ...], `to_model_groups` undone (N = w.shape[0])."""
+    return _from_groups(y, w.shape[0])
 
 
 def grouped_conv(xs: Tensor, w: Tensor, b: Tensor | None, stride: tuple[int, int], padding: tuple[int, int]) -> Tensor:

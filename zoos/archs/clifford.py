@@ -47,6 +47,11 @@ def unit_stride_rows(x: Tensor) -> Tensor:
 torch.fx.wrap("unit_stride_rows")
 
 
+def _split_rows(x: Tensor, sizes: tuple[int, ...]) -> list[Tensor]:
+    """x [..., C, sum(sizes)] split along its last axis, each part transposed to rows [..., n, C]."""
+    return [unit_stride_rows(part.transpose(-1, -2)) for part in x.split(sizes, -1)]
+
+
 class _GradeRows(torch.autograd.Function):
     """x [..., C, blades] split into its grades' rows [..., n_g, C]; the backward concatenates the parts' gradients
     along the blades of a [..., blades, C] buffer (contiguous blocks: one plain copy) and returns it transposed, in the
@@ -55,7 +60,7 @@ class _GradeRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
         ctx.sizes, ctx.channels = sizes, x.shape[-2]
-        return tuple(unit_stride_rows(part.transpose(-1, -2)) for part in x.split(sizes, -1))
+        return tuple(_split_rows(x, sizes))
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None) -> tuple[Tensor, None]:
@@ -70,7 +75,7 @@ def grade_rows(x: Tensor, sizes: tuple[int, ...]) -> list[Tensor]:
     linear reads). Outside torch.func's transforms its backward writes x's gradient blades-major (`_GradeRows`). A leaf
     of torch.fx traces."""
     if torch._C._are_functorch_transforms_active():
-        return [unit_stride_rows(part.transpose(-1, -2)) for part in x.split(sizes, -1)]
+        return _split_rows(x, sizes)
     return list(_GradeRows.apply(x, sizes))
 
 
