@@ -74,7 +74,7 @@ if triton is not None:
 
 _KERNEL_HEAD = """
 @triton.jit
-def {name}({operands}h_ptr, gate_ptr, S, G, C, {strides}shs, shg, shc, sha, sgs, sgg, sgc,
+def {name}({operands}h_ptr, gate_ptr, u_ptr, S, G, C, {strides}shs, shg, shc, sha, sgs, sgg, sgc, sus, suc, sua,
            BS: tl.constexpr, BG: tl.constexpr, BC: tl.constexpr):
     r = tl.arange(0, BS * BG * BC)
     s = tl.program_id(0) * BS + r // (BG * BC)
@@ -115,7 +115,7 @@ def _sum_of_terms(terms: tuple[tuple[int, int, float], ...], n_q: int) -> str:
 
 
 def _kernel(outputs: tuple[tuple[tuple[int, int, float], ...], ...], blocks: tuple[tuple[int, ...], ...], n_q: int,
-            reduce_g: bool, gate: str, n_p: int = 0):
+            reduce_g: bool, gate: str, n_p: int = 0, sums: str = ""):
     """A Triton kernel with a table's terms written into its code: out[s, g, c, o] = sum over outputs[o]'s terms
     (pi, qi, coef) of coef p[s, g, c, pi] q[s, g, c, qi] (q = 1 where qi == n_q), summed over g into out[s, 0, c, o]
     with `reduce_g`. Every component a term names is loaded once (channels innermost: coalesced), every output is
@@ -124,17 +124,25 @@ def _kernel(outputs: tuple[tuple[tuple[int, int, float], ...], ...], blocks: tup
 
     `gate` "forward": out = z * sigmoid(z[.., 0]) for the products z (output 0 first), the gate stored at gate_ptr
     [S, G, C] (float32). "backward": p is the gradient of such a gated output h (at h_ptr, `n_p` components) and
-    the products read the product's gradient, p * gate plus (1 - gate) <p, h> in component 0."""
+    the products read the product's gradient, p * gate plus (1 - gate) <p, h> in component 0.
+
+    `sums` "write": each output (gated) also summed over a set's points into u [S, C, k] (u_ptr: the set's sums);
+    "read": p is an output's gradient, plus that of its sums u [S, C, k], every point of a set reading its set's."""
     names = [(v, b) for v, sizes in zip("pqo", blocks) for b in range(len(sizes))]
     lines = [_AT.format(v=v, b=b) for v, b in names if v != "o" or not reduce_g]
-    if reduce_g:
+    if reduce_g or sums == "write":
         lines.append(_AT_SETS + "".join(f"    o{b}_at = s2.to(tl.int64) * so{b}s + c2 * so{b}c\n"
-                                        for b in range(len(blocks[2]))))
+                                        for b in range(len(blocks[2])) if reduce_g))
+    if sums:
+        lines.append(f"    u_at = {'s2' if sums == 'write' else 's'}.to(tl.int64) * sus + {'c2' if sums == 'write' else 'c'} * suc\n")
 
     def load(v: str, i: int) -> str:
         b, at = _place(blocks["pq".index(v)], i) if v in "pq" else (0, i)
         ptr = f"{v}{b}_ptr + {v}{b}_at + {at} * s{v}{b}a" if v in "pq" else f"h_ptr + h_at + {i} * sha"
-        return f"    {v}{i} = tl.load({ptr}, mask=mask, other=0.0).to(tl.float32)\n"
+        line = f"    {v}{i} = tl.load({ptr}, mask=mask, other=0.0).to(tl.float32)\n"
+        if v == "p" and sums == "read":
+            line += f"    {v}{i} += tl.load(u_ptr + u_at + {i} * sua, mask=mask, other=0.0).to(tl.float32)\n"
+        return line
 
     if gate == "backward":
         lines.append(_GATE_AT + "    h_at = s.to(tl.int64) * shs + g * shg + c * shc\n"
@@ -153,6 +161,9 @@ def _kernel(outputs: tuple[tuple[tuple[int, int, float], ...], ...], blocks: tup
                 lines.append(_GATE_AT + "    gate = tl.sigmoid(acc)\n"
                              "    tl.store(gate_ptr + gate_at, gate, mask=mask)\n")
             lines.append("    acc = acc * gate\n")
+        if sums == "write":
+            lines.append("    tl.store(u_ptr + u_at + {o} * sua, tl.sum(tl.reshape(acc, (BS, BG, BC)), axis=1)"
+                         ".to(u_ptr.dtype.element_ty), mask=o_mask)\n".format(o=o))
         if reduce_g:
             lines.append("    acc = tl.sum(tl.reshape(acc, (BS, BG, BC)), axis=1)\n")
         b, at = _place(blocks[2], o)
@@ -217,12 +228,13 @@ class Table:
             return _grouped([(i, k, j, c) for i, j, k, c in self.terms], self.a)
         return _grouped([(j, k, i, c) for i, j, k, c in self.terms if j < self.b], self.b)
 
-    def kernel(self, part: str, blocks: tuple[tuple[int, ...], ...], reduce_g: bool, gate: str, n_p: int):
+    def kernel(self, part: str, blocks: tuple[tuple[int, ...], ...], reduce_g: bool, gate: str, n_p: int,
+               sums: str = ""):
         """`part`'s generated kernel (`_kernel`) for operands in these blocks, made at its first use."""
-        key = (part, blocks, reduce_g, gate, n_p)
+        key = (part, blocks, reduce_g, gate, n_p, sums)
         if key not in self._kernels:
             n_q = self.a if part == "dy" else self.b
-            self._kernels[key] = _kernel(self.grouped(part), blocks, n_q, reduce_g, gate, n_p)
+            self._kernels[key] = _kernel(self.grouped(part), blocks, n_q, reduce_g, gate, n_p, sums)
         return self._kernels[key]
 
     @functools.cached_property
@@ -264,9 +276,11 @@ def _blocks(g: int, c: int) -> tuple[int, int, int]:
 
 
 def _launch(table: Table, part: str, p: list[Tensor], q: list[Tensor], out: list[Tensor], reduce_g: bool,
-            gate: str = "", h: Tensor | None = None, gate_t: Tensor | None = None) -> None:
+            gate: str = "", h: Tensor | None = None, gate_t: Tensor | None = None, sums: str = "",
+            u: Tensor | None = None) -> None:
     """`table`'s kernel for `part` (`Table.kernel`) over p's blocks [S, G, C, *], q's [S, G or 1, C, *] into out's
-    [S, G or 1, C, *]; with `gate`, the gate gate_t [S, G, C] (and for the backward the gated output h [S, G, C, *])."""
+    [S, G or 1, C, *]; with `gate`, the gate gate_t [S, G, C] (and for the backward the gated output h [S, G, C, *]);
+    with `sums`, the sets' sums u [S, 1, C, *] (written, or read as the sums' gradient)."""
     s, g, c = p[0].shape[0], p[0].shape[1], p[0].shape[2]
     if not sum(t.numel() for t in out):
         return
@@ -278,10 +292,12 @@ def _launch(table: Table, part: str, p: list[Tensor], q: list[Tensor], out: list
             st[1] = 0
         strides += st
     blocks = tuple(tuple(t.shape[-1] for t in ts) for ts in (p, q, out))
-    kernel = table.kernel(part, blocks, reduce_g, gate, h.shape[-1] if h is not None else 0)
+    kernel = table.kernel(part, blocks, reduce_g, gate, h.shape[-1] if h is not None else 0, sums)
     kernel[(triton.cdiv(s, bs), triton.cdiv(c, bc))](
-        *p, *q, *out, h if h is not None else p[0], gate_t if gate_t is not None else p[0], s, g, c, *strides,
+        *p, *q, *out, h if h is not None else p[0], gate_t if gate_t is not None else p[0],
+        u if u is not None else p[0], s, g, c, *strides,
         *(h.stride() if h is not None else (0,) * 4), *(gate_t.stride() if gate_t is not None else (0,) * 3),
+        *((u.stride(0), u.stride(2), u.stride(3)) if u is not None else (0,) * 3),
         BS=bs, BG=bg, BC=bc, num_warps=4)
 
 
@@ -296,32 +312,38 @@ def _check(xs: list[Tensor], y: Tensor, a: int, b: int) -> None:
 
 
 @torch.library.custom_op("symzoo::pop_bilinear", mutates_args=())
-def _pop_bilinear(xs: list[Tensor], y: Tensor, table: str, gate: bool) -> tuple[Tensor, Tensor]:
-    """(z, the gate [S, G, C] float32 or empty); x in blocks of components, `table` a `Table.code`."""
+def _pop_bilinear(xs: list[Tensor], y: Tensor, table: str, gate: bool, sums: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(z, the gate [S, G, C] float32 or empty, z summed over each set's points [S, 1, C, k] or empty); x in blocks
+    of components, `table` a `Table.code`."""
     t = Table.of_code(table)
-    s, g, c, _ = xs[0].shape
-    z = xs[0].new_empty(s, g, t.k_out, c).transpose(-1, -2)  # channels innermost, as x's components are read
-    gate_t = xs[0].new_empty((s, g, c) if gate else (0,), dtype=torch.float32)
+    z, gate_t, z_sum = _outputs(xs[0], t.k_out, gate, sums)
     _launch(t, "z", list(xs), [y], [z], False, "forward" if gate else "",
-            gate_t=gate_t if gate else None)
-    return z, gate_t
+            gate_t=gate_t if gate else None, sums="write" if sums else "", u=z_sum if sums else None)
+    return z, gate_t, z_sum
+
+
+def _outputs(x: Tensor, k: int, gate: bool, sums: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward's outputs, allocated: z and its sums channels innermost, as x's components are read."""
+    s, g, c, _ = x.shape
+    return (x.new_empty(s, g, k, c).transpose(-1, -2), x.new_empty((s, g, c) if gate else (0,), dtype=torch.float32),
+            x.new_empty(s, 1, k, c).transpose(-1, -2) if sums else x.new_empty(0))
 
 
 @_pop_bilinear.register_fake
-def _(xs, y, table, gate):
-    s, g, c, _ = xs[0].shape
-    return (xs[0].new_empty(s, g, Table.of_code(table).k_out, c).transpose(-1, -2),
-            xs[0].new_empty((s, g, c) if gate else (0,), dtype=torch.float32))
+def _(xs, y, table, gate, sums):
+    return _outputs(xs[0], Table.of_code(table).k_out, gate, sums)
 
 
 @torch.library.custom_op("symzoo::pop_bilinear_backward", mutates_args=())
-def _pop_bilinear_backward(xs: list[Tensor], y: Tensor, dz: Tensor, z: Tensor, gate_t: Tensor, table: str,
-                           gate: bool, x_grad: bool, y_grad: bool) -> list[Tensor]:
+def _pop_bilinear_backward(xs: list[Tensor], y: Tensor, dz: Tensor, dz_sum: Tensor, z: Tensor, gate_t: Tensor,
+                           table: str, gate: bool, x_grad: bool, y_grad: bool) -> list[Tensor]:
     """[dx block for each x block, dy] (empty where not asked for), in x's and y's dtypes; dz the gradient of the
-    (gated, with `gate`) output z."""
+    (gated, with `gate`) output z, dz_sum that of its sets' sums (or empty)."""
     t = Table.of_code(table)
     dxs, dy = [x.new_empty(0) for x in xs], y.new_empty(0)
     gated = {"gate": "backward", "h": z, "gate_t": gate_t} if gate else {}
+    if dz_sum.numel():
+        gated.update(sums="read", u=dz_sum)
     if x_grad:
         dxs = [torch.empty_like(x) for x in xs]
         _launch(t, "dx", [dz], [y], dxs, False, **gated)
@@ -332,27 +354,32 @@ def _pop_bilinear_backward(xs: list[Tensor], y: Tensor, dz: Tensor, z: Tensor, g
 
 
 @_pop_bilinear_backward.register_fake
-def _(xs, y, dz, z, gate_t, table, gate, x_grad, y_grad):
+def _(xs, y, dz, dz_sum, z, gate_t, table, gate, x_grad, y_grad):
     return ([torch.empty_like(x) if x_grad else x.new_empty(0) for x in xs]
             + [torch.empty_like(y) if y_grad else y.new_empty(0)])
 
 
 def _setup(ctx, inputs, output) -> None:
-    xs, y, table, gate = inputs
-    z, gate_t = output
+    xs, y, table, gate, _ = inputs
+    z, gate_t, _ = output
     ctx.save_for_backward(y, z if gate else y.new_empty(0), gate_t, *xs)
-    ctx.table, ctx.gate = table, gate
+    ctx.table, ctx.gate, ctx.z_shape = table, gate, z.shape
 
 
-def _backward(ctx, dz: Tensor, _dgate: Tensor):
+def _backward(ctx, dz: Tensor | None, _dgate: Tensor, dz_sum: Tensor | None):
     y, z, gate_t, *xs = ctx.saved_tensors
     x_needs, y_needs = ctx.needs_input_grad[:2]  # x's: one flag a block
+    if dz is None:  # only the sums were read
+        dz = xs[0].new_zeros(ctx.z_shape)
+    if dz_sum is None:
+        dz_sum = dz.new_empty(0)
     if torch.is_grad_enabled():  # a backward that is differentiated again (create_graph: a Hessian-vector product)
+        dz = dz + dz_sum if dz_sum.numel() else dz
         dx, dy = _dense_backward(torch.cat(xs, -1), y, dz, Table.of_code(ctx.table), ctx.gate)
         dxs = list(dx.split([x.shape[-1] for x in xs], -1))
     else:
-        *dxs, dy = _pop_bilinear_backward(xs, y, dz, z, gate_t, ctx.table, ctx.gate, any(x_needs), y_needs)
-    return [dx if need else None for dx, need in zip(dxs, x_needs)], dy if y_needs else None, None, None
+        *dxs, dy = _pop_bilinear_backward(xs, y, dz, dz_sum, z, gate_t, ctx.table, ctx.gate, any(x_needs), y_needs)
+    return [dx if need else None for dx, need in zip(dxs, x_needs)], dy if y_needs else None, None, None, None
 
 
 _pop_bilinear.register_autograd(_backward, setup_context=_setup)
@@ -374,15 +401,19 @@ def _dense_backward(x: Tensor, y: Tensor, dz: Tensor, table: Table, gate: bool) 
     return dx.to(x.dtype), dy.to(y.dtype)
 
 
-def product(x: Tensor | list[Tensor], y: Tensor, table: Table, gate: bool = False) -> Tensor:
+def product(x: Tensor | list[Tensor], y: Tensor, table: Table, gate: bool = False,
+            sums: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """z [S, G, C, table.k_out] of x [S, G, C, table.a] and y [S, G or 1, C, table.b] (any strides; a y of one
     point is every point's): z[.., k] = sum over the table's terms (i, j, k, coef) of coef x[.., i] y[.., j], with
     y[.., table.b] = 1; `gate`: z * sigmoid(z[.., :1]) (every component gated by the first, as an equivariant
     network's scalar gate), in the same pass. x may come in blocks of its components (a list of [S, G, C, *]
-    tensors, read where they lie: no concatenation). Gradients to x (each block) and y."""
+    tensors, read where they lie: no concatenation). `sums`: (z, z summed over each set's points [S, 1, C, k]), the
+    sum in the same pass (a set's context for the next layer) and its gradient added where z's is read. Gradients to
+    x (each block) and y."""
     xs = [x] if isinstance(x, Tensor) else list(x)
     _check(xs, y, table.a, table.b)
-    return _pop_bilinear(xs, y, table.code, bool(gate))[0]
+    z, _, z_sum = _pop_bilinear(xs, y, table.code, bool(gate), bool(sums))
+    return (z, z_sum) if sums else z
 
 
 __all__ = ["Table", "available", "enabled", "product", "using"]

@@ -28,20 +28,21 @@ def operands(alg, sets, points, channels, sizes, identity, shared, transposed, s
 
 @settings(max_examples=10, deadline=None)
 @example(metric=4, top_in=2, top_out=4, identity=True, sets=3, points=16, channels=16, shared=True, transposed=True,
-         gate=True, blocks=3, seed=0)
+         gate=True, blocks=3, sums=True, seed=0)
 @example(metric=1, top_in=1, top_out=0, identity=False, sets=5, points=1, channels=3, shared=False, transposed=False,
-         gate=False, blocks=1, seed=1)
+         gate=False, blocks=1, sums=False, seed=1)
 @example(metric=0, top_in=1, top_out=2, identity=True, sets=3, points=9, channels=20, shared=True, transposed=True,
-         gate=True, blocks=2, seed=2)  # a set's 16 padded points leave 16 channels a program: two channel blocks
+         gate=True, blocks=2, sums=True, seed=2)  # a set's 16 padded points leave 16 channels a program: two channel blocks
 @given(metric=st.integers(0, len(METRICS) - 1), top_in=st.integers(0, 2), top_out=st.integers(0, 4),
        identity=st.booleans(), sets=st.integers(0, 6), points=st.integers(1, 9), channels=st.integers(1, 20),
        shared=st.booleans(), transposed=st.booleans(), gate=st.booleans(), blocks=st.integers(1, 4),
-       seed=st.integers(0, 99))
+       sums=st.booleans(), seed=st.integers(0, 99))
 def test_product_equals_the_dense_right_multiplication(metric, top_in, top_out, identity, sets, points, channels,
-                                                       shared, transposed, gate, blocks, seed):
+                                                       shared, transposed, gate, blocks, sums, seed):
     """Every metric (Euclidean, Lorentzian, degenerate), grades in and out, a left map added or not, a y shared by a
     set's points (its gradient summed over them) or one a point, points and channels not powers of two, no sets,
-    the scalar gate applied in the same pass or not, x whole or in blocks (slices of it, read where they lie)."""
+    the scalar gate applied in the same pass or not, x whole or in blocks (slices of it, read where they lie), the
+    output's sums over each set's points made in the same pass or not (their gradient added to the output's)."""
     alg = CliffordAlgebra(METRICS[metric])
     top_in, top_out = min(top_in, alg.d), min(top_out, alg.d)
     a, k = alg.n_blades[top_in], alg.n_blades[top_out]
@@ -52,11 +53,17 @@ def test_product_equals_the_dense_right_multiplication(metric, top_in, top_out, 
         ref = ref * torch.sigmoid(ref[..., :1])
     cuts = sorted(torch.randint(0, m + a + 1, (blocks - 1,), generator=torch.Generator().manual_seed(seed)).tolist())
     parts = [x[..., lo:hi] for lo, hi in zip([0] + cuts, cuts + [m + a])] if blocks > 1 else x
-    z = popbilinear.product(parts, y, alg.product_table(sizes, m, 0.7), gate=gate)
+    out = popbilinear.product(parts, y, alg.product_table(sizes, m, 0.7), gate=gate, sums=sums)
+    z, z_sum = out if sums else (out, None)
     assert z.shape == ref.shape and z.dtype == x.dtype
     torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-5)
-    dz = torch.randn_like(ref)
-    for got, want in zip(torch.autograd.grad(z, (x, y), dz), torch.autograd.grad(ref, (x, y), dz)):
+    outs, refs, grads = [z], [ref], [torch.randn_like(ref)]
+    if sums:
+        ref_sum = ref.sum(1, keepdim=True)
+        assert z_sum.shape == ref_sum.shape and z_sum.dtype == x.dtype
+        torch.testing.assert_close(z_sum, ref_sum, rtol=1e-5, atol=1e-5)
+        outs, refs, grads = outs + [z_sum], refs + [ref_sum], grads + [torch.randn_like(ref_sum)]
+    for got, want in zip(torch.autograd.grad(outs, (x, y), grads), torch.autograd.grad(refs, (x, y), grads)):
         assert got.shape == want.shape and got.dtype == want.dtype
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -85,31 +92,33 @@ def test_product_passes_torch_library_opcheck():
     """The fake kernels match what the ops return, the autograd registration too (a shared y and one a point)."""
     alg = CliffordAlgebra((1.0, -1.0, 1.0))
     table = alg.product_table((4, 4, 8), 1, 1.0)
-    for shared, gate in ((True, False), (False, True)):
+    for shared, gate, sums in ((True, False, True), (False, True, False), (True, True, True)):
         x, y = operands(alg, 3, 5, 6, (4, 4, 8), 1, shared, True, 0, dtype=torch.float32)
         for xs in ([x], [x[..., :2], x[..., 2:]]):
-            torch.library.opcheck(popbilinear._pop_bilinear, (xs, y, table.code, gate))
+            torch.library.opcheck(popbilinear._pop_bilinear, (xs, y, table.code, gate, sums))
 
 
-@pytest.mark.parametrize("gate", [False, True])
-def test_a_backward_differentiated_again_equals_the_dense_products(gate):
+@pytest.mark.parametrize("gate, sums", [(False, False), (True, False), (True, True)])
+def test_a_backward_differentiated_again_equals_the_dense_products(gate, sums):
     """With create_graph (a Hessian-vector product), the gradients are dense torch products, so their own gradients
-    exist and equal the dense reference's."""
+    exist and equal the dense reference's (with the sets' sums, their gradient too)."""
     alg = CliffordAlgebra((1.0, -1.0, 1.0))
     sizes = (4, 4, 8)
     x, y = operands(alg, 3, 5, 6, sizes, 4, True, True, 2)
 
     def second(product):
-        z = product(x, y)
-        v = torch.linspace(-1, 1, z.numel(), dtype=z.dtype, device=z.device).reshape(z.shape)
-        dx, dy = torch.autograd.grad(z, (x, y), v, create_graph=True)
+        outs = product(x, y)
+        outs = list(outs) if isinstance(outs, tuple) else [outs]
+        vs = [torch.linspace(-1, 1, z.numel(), dtype=z.dtype, device=z.device).reshape(z.shape) for z in outs]
+        dx, dy = torch.autograd.grad(outs, (x, y), vs, create_graph=True)
         return torch.autograd.grad((dx * dx).sum() + (dy * dy).sum(), (x, y))
 
     def dense(x, y):
         z = alg.times(x, alg.right_multiplication(y, sizes, 4, 0.5), True)
-        return z * torch.sigmoid(z[..., :1]) if gate else z
+        z = z * torch.sigmoid(z[..., :1]) if gate else z
+        return (z, z.sum(1, keepdim=True)) if sums else z
 
-    got = second(lambda x, y: popbilinear.product(x, y, alg.product_table(sizes, 4, 0.5), gate=gate))
+    got = second(lambda x, y: popbilinear.product(x, y, alg.product_table(sizes, 4, 0.5), gate=gate, sums=sums))
     for g, w in zip(got, second(dense)):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 

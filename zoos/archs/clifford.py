@@ -250,25 +250,28 @@ torch.fx.wrap("scalar_gate")
 
 
 def product_rows(metric: tuple[float, ...], maps: list[Tensor], y: Tensor, sizes: tuple[int, int, int],
-                 identity: int, scale: float, shared: bool, gate: bool = False) -> Tensor:
+                 identity: int, scale: float, shared: bool, gate: bool = False,
+                 sums: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """x @ (scale * [I; R(y)]) per feature in Cl(`metric`) (`CliffordAlgebra.right_multiplication`, `times`), x the
     concatenation of `maps` [..., P, n, C] (blades before channels, as the grade-wise linears write them; identity +
-    a blades in all), y [..., P or 1 (`shared`), C, b] -> [..., P, C, k], gated by its scalar part with `gate`
-    (`scalar_gate`). R(y) and a matmul per feature; where `zoos.popbilinear` is enabled (the default), on a GPU outside
+    a blades in all), y [..., P or 1 (`shared`), C, b] -> z [..., P, C, k], gated by its scalar part with `gate`
+    (`scalar_gate`); with `sums`, (z, z summed over the points [..., 1, C, k]). R(y) and a matmul per feature; where `zoos.popbilinear` is enabled (the default), on a GPU outside
     torch.func's transforms (which it has no rule for) and up to float32 (where it accumulates), one pass over the
-    terms that reads the maps where they lie, with the gate in it. A leaf of torch.fx traces (fx.wrap), so a
-    population program runs it on its stacked batch of samples."""
+    terms that reads the maps where they lie, with the gate and the sums in it. A leaf of torch.fx traces (fx.wrap),
+    so a population program runs it on its stacked batch of samples."""
     algebra = algebra_of(metric)
     x0 = maps[0]
     if (popbilinear.enabled() and x0.is_cuda and popbilinear.available(x0.device) and x0.dtype != torch.float64
             and not torch._C._are_functorch_transforms_active()):
         blocks = [m.reshape(-1, *m.shape[-3:]).transpose(-1, -2) for m in maps]
-        z = popbilinear.product(blocks, y.reshape(-1, *y.shape[-3:]), algebra.product_table(sizes, identity, scale),
-                                gate=gate)
-        return z.reshape(*x0.shape[:-3], *z.shape[-3:])
+        out = popbilinear.product(blocks, y.reshape(-1, *y.shape[-3:]),
+                                  algebra.product_table(sizes, identity, scale), gate=gate, sums=sums)
+        lead = x0.shape[:-3]
+        return tuple(t.reshape(*lead, *t.shape[-3:]) for t in out) if sums else out.reshape(*lead, *out.shape[-3:])
     x = torch.cat(maps, -2).transpose(-1, -2)
     z = algebra.times(x, algebra.right_multiplication(y, sizes, identity, scale), shared)
-    return scalar_gate(z) if gate else z
+    z = scalar_gate(z) if gate else z
+    return (z, z.sum(-3, keepdim=True)) if sums else z
 
 
 torch.fx.wrap("product_rows")
@@ -329,14 +332,17 @@ class GPLayer(nn.Module):
         self.b = MVLinear(algebra, c_in, c_out, top_in, bias=False)
         self.norm = MVNorm(algebra, c_out, top_in)
 
-    def forward(self, x: Tensor, ctx: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ctx: Tensor, sums: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The layer's output h [..., P, C, blades]; with `sums`, (h, h summed over the points: the next layer's
+        ctx on a set), the sum made with h."""
         alg = self.algebra
         out, n_left, a = alg.n_blades[self.top_out], alg.n_blades[self.left.top], alg.n_blades[self.top_in]
         # (left(x) + a(x) y) / sqrt(2) = [left(x), a(x)] @ [I; R(y)] / sqrt(2): one product over the points' features
         y = self.norm(self.b(ctx))
         parts = alg.grade_parts(x, self.top_in)  # read by both maps
         maps = self.left.map(parts) + self.a.map(parts)  # [..., n_g, C] each: n_left + a blades, channels last
-        return product_rows(alg.metric, maps, y, (a, a, out), n_left, 1 / math.sqrt(2), self.set_context, gate=True)
+        return product_rows(alg.metric, maps, y, (a, a, out), n_left, 1 / math.sqrt(2), self.set_context, gate=True,
+                            sums=sums)
 
 
 @register_arch(
@@ -404,9 +410,12 @@ class CGENN(SymModule):
         h = self.embed(x)
         if not self.is_set:
             h = h.flatten(-3, -2).unsqueeze(-3)  # the points as channels of one multivector
-        for layer in self.layers:
-            ctx = h.sum(-3, keepdim=True) if self.is_set else h
-            h = layer(h, ctx)
+        ctx = h.sum(-3, keepdim=True) if self.is_set else h
+        for i, layer in enumerate(self.layers):
+            if self.is_set and i + 1 < len(self.layers):
+                h, ctx = layer(h, ctx, sums=True)  # the next layer's context made with h
+            else:
+                h = ctx = layer(h, ctx)
         if not self.points_out:
             return self.head(h[..., 0].mean(-2)).reshape(-1, *self.out_shape)
         vec = self.head(h[..., 1 : 1 + self.algebra.d].transpose(-1, -2))  # [B, n, d, groups]
