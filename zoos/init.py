@@ -9,7 +9,8 @@ would, replaying the layers' draws on one copy where the architecture allows it 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Sequence
 
 from tasks.base import MODEL_STRIDE, mix_seed
 
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
 # Salts of the per-model random streams: init, training subset, data order and augmentation per epoch.
 INIT_STREAM, SUBSET_STREAM, ORDER_STREAM, AUGMENT_STREAM = 1, 2, 1_000, 1_000_000
+DRAWS_A_THREAD = 1 << 24  # a population's init replays on one more thread for every this many weights it draws
 
 
 def stream_seed(seed: int, salt: int) -> int:
@@ -28,23 +30,16 @@ def stream_seed(seed: int, salt: int) -> int:
 
 def init_model(arch: str, arch_config: dict[str, Any], factors: dict[str, Any], task: Any) -> Any:
     """Build and initialise one model from its own seed: the same factors always give the same weights."""
-    from zoos.archs.base import build_arch
-
-    return _seeded_init(factors, lambda: build_arch(arch, task, **arch_config))
-
-
-def _seeded_init(factors: dict[str, Any], draw: Callable[[], Any]) -> Any:
-    """draw() (a model it builds or redraws) from the model's init stream, then `reinit` with factors["init"]."""
     import torch
 
-    from zoos.archs.base import reinit
+    from zoos.archs.base import build_arch, reinit
 
     s = stream_seed(factors["seed"], INIT_STREAM)
     with torch.random.fork_rng(devices=[]):
         # layers' own default init draws from the CPU generator: seed that one alone (torch.manual_seed would
         # also reseed every CUDA generator, which fork_rng(devices=[]) does not restore, and is slower)
         torch.default_generator.manual_seed(s)
-        model = draw()
+        model = build_arch(arch, task, **arch_config)
     reinit(model, factors["init"], generator=torch.Generator().manual_seed(s))
     return model
 
@@ -56,47 +51,93 @@ def init_population(models: Sequence[ModelSpec], task: Any) -> tuple[Any, dict, 
     weights are only the draws of its `reset_parameters()` (`archs.base.init_resets`), in order, from the
     model's seeded generator, then `reinit`. Where that holds for this architecture (checked: the first two
     models are built and a replay of their draws on a copy must give both, parameters and buffers, to the bit)
-    and every model has the same arch config, the other models are replays on that copy. Elsewhere (an
-    architecture drawing outside its resets; per-model configs such as dropout) every model is built."""
+    and every model has the same arch config, the other models are replays, on one copy a thread, each drawing
+    from its own generator (`_draws_from`). Elsewhere (an architecture drawing outside its resets, or with a
+    draw that takes no generator; per-model configs such as dropout) every model is built."""
     import torch
 
-    from zoos.archs.base import init_resets
     from zoos.functional import stack_states
 
     built = [init_model(m.arch, m.arch_config, m.factors, task) for m in models[:2]]
-    replay = copy.deepcopy(built[0])
     same_config = all(m.arch_config == models[0].arch_config for m in models)
-    resets = init_resets(replay)
-
-    def tensors(model: Any) -> dict:
-        return {**dict(model.named_parameters()), **dict(model.named_buffers())}
-
-    live = tensors(replay)  # the replay's own tensors: every draw is in place
-
-    def redraw() -> Any:
-        with torch.no_grad():
-            for reset in resets:
-                reset()
-        return replay
-
-    def replayed(m: ModelSpec) -> dict:
-        _seeded_init(m.factors, redraw)
-        return live
-
-    def same(state: dict, model: Any) -> bool:
-        ref = tensors(model)
-        return state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
-
-    if len(models) <= 2 or not same_config or not all(same(replayed(m), b) for m, b in zip(models, built)):
+    replay = _Replay(built[0])
+    if len(models) <= 2 or not same_config or not all(replay.same(replay.draw(m), b) for m, b in zip(models, built)):
         rest = [init_model(m.arch, m.arch_config, m.factors, task) for m in models[2:]]
         params, buffers = stack_states(built + rest)
         return built[0], params, buffers
-    params, buffers = stack_states(built)
-    params, buffers = ({k: torch.cat([v, v.new_empty((len(models) - 2, *v.shape[1:]))]) for k, v in d.items()}
-                       for d in (params, buffers))
-    with torch.no_grad():  # the replay's parameters require grad: copies of them must not join a graph
-        for i, m in enumerate(models[2:], 2):
-            state = replayed(m)
-            for k, v in (*params.items(), *buffers.items()):
-                v[i] = state[k]
+    params, buffers = ({k: v.new_empty((len(models), *v.shape)) for k, v in d.items()}
+                       for d in (dict(built[0].named_parameters()), dict(built[0].named_buffers())))
+    rows = {**params, **buffers}
+
+    def fill(replay: _Replay, indices: range) -> None:
+        with torch.no_grad():  # the replay's parameters require grad: copies of them must not join a graph
+            for i in indices:
+                for k, v in (_tensors(built[i]) if i < 2 else replay.draw(models[i])).items():
+                    rows[k][i] = v
+
+    draws = len(models) * sum(v.numel() for v in rows.values())
+    workers = max(1, min(torch.get_num_threads(), draws // DRAWS_A_THREAD, 16))
+    if workers == 1:
+        fill(replay, range(len(models)))
+    else:  # the draws release the GIL: one replay a thread, each model's draws from its own generator
+        chunks = [range(len(models))[w::workers] for w in range(workers)]
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(fill, [replay] + [_Replay(built[0]) for _ in chunks[1:]], chunks))
     return built[0], params, buffers
+
+
+def _draws_from(generator: Any) -> Any:
+    """A mode within which this thread's random ops that would draw from the default CPU generator draw from
+    `generator`: seeded alike, the two give the same draws, and threads with one each draw at once. An op that
+    takes no generator still draws from the default one, which `init_population`'s check of the replay catches."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def takes_generator(op: Any) -> bool:
+        return any(a.name == "generator" for a in op._schema.arguments)
+
+    class DrawsFrom(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if torch.Tag.nondeterministic_seeded in func.tags and kwargs.get("generator") is None:
+                if not takes_generator(func):  # randn(size) and the like: their overload that takes one
+                    func = getattr(func.overloadpacket, "generator", func)
+                if takes_generator(func):
+                    kwargs = {**kwargs, "generator": generator}
+            return func(*args, **kwargs)
+
+    return DrawsFrom()
+
+
+class _Replay:
+    """A copy of a built model whose weights are redrawn in place for another model's seed (its layers' resets)."""
+
+    def __init__(self, model: Any):
+        from zoos.archs.base import init_resets
+
+        self.model = copy.deepcopy(model)
+        self.resets = init_resets(self.model)
+        self.live = _tensors(self.model)  # the copy's own tensors: every draw is in place
+
+    def draw(self, m: ModelSpec) -> dict:
+        """The copy's tensors, redrawn as `init_model` draws them for m."""
+        import torch
+
+        from zoos.archs.base import reinit
+
+        s = stream_seed(m.factors["seed"], INIT_STREAM)
+        with _draws_from(torch.Generator().manual_seed(s)), torch.no_grad():
+            for reset in self.resets:
+                reset()
+        reinit(self.model, m.factors["init"], generator=torch.Generator().manual_seed(s))
+        return self.live
+
+    def same(self, state: dict, model: Any) -> bool:
+        import torch
+
+        ref = _tensors(model)
+        return state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
+
+
+def _tensors(model: Any) -> dict:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}

@@ -253,11 +253,14 @@ def test_bad_configurations_are_refused_with_the_field(arch, task_name, config, 
 @pytest.mark.parametrize("arch,task_name,opts,config,which", CASES, ids=IDS)
 def test_population_init_equals_each_model_built_alone(arch, task_name, opts, config, which, init, monkeypatch):
     """`init_population` gives every model exactly the weights `init_model` builds for it, and every
-    architecture's init replays (its resets draw what its construction draws, in the same order)."""
+    architecture's init replays (its resets draw what its construction draws, in the same order), here on three
+    threads at once, each replaying its models from its own generators."""
     from types import SimpleNamespace
 
     import zoos.init
 
+    monkeypatch.setattr(zoos.init, "DRAWS_A_THREAD", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     task = get_task(task_name, **opts)
     models = [SimpleNamespace(arch=arch, arch_config=config, factors={"seed": s, "init": init}) for s in (4, 0, 9, 2, 7)]
     calls = []
