@@ -134,7 +134,8 @@ def _kernel(outputs: tuple[tuple[tuple[int, int, float], ...], ...], blocks: tup
         lines.append(_AT_SETS + "".join(f"    o{b}_at = s2.to(tl.int64) * so{b}s + c2 * so{b}c\n"
                                         for b in range(len(blocks[2])) if reduce_g))
     if sums:
-        lines.append(f"    u_at = {'s2' if sums == 'write' else 's'}.to(tl.int64) * sus + {'c2' if sums == 'write' else 'c'} * suc\n")
+        s_at, c_at = ("s2", "c2") if sums == "write" else ("s", "c")
+        lines.append(f"    u_at = {s_at}.to(tl.int64) * sus + {c_at} * suc\n")
 
     def load(v: str, i: int) -> str:
         b, at = _place(blocks["pq".index(v)], i) if v in "pq" else (0, i)

@@ -255,10 +255,11 @@ def product_rows(metric: tuple[float, ...], maps: list[Tensor], y: Tensor, sizes
     """x @ (scale * [I; R(y)]) per feature in Cl(`metric`) (`CliffordAlgebra.right_multiplication`, `times`), x the
     concatenation of `maps` [..., P, n, C] (blades before channels, as the grade-wise linears write them; identity +
     a blades in all), y [..., P or 1 (`shared`), C, b] -> z [..., P, C, k], gated by its scalar part with `gate`
-    (`scalar_gate`); with `sums`, (z, z summed over the points [..., 1, C, k]). R(y) and a matmul per feature; where `zoos.popbilinear` is enabled (the default), on a GPU outside
-    torch.func's transforms (which it has no rule for) and up to float32 (where it accumulates), one pass over the
-    terms that reads the maps where they lie, with the gate and the sums in it. A leaf of torch.fx traces (fx.wrap),
-    so a population program runs it on its stacked batch of samples."""
+    (`scalar_gate`); with `sums`, (z, z summed over the points [..., 1, C, k]). R(y) and a matmul per feature;
+    where `zoos.popbilinear` is enabled (the default), on a GPU outside torch.func's transforms (which it has no
+    rule for) and up to float32 (where it accumulates), one pass over the terms that reads the maps where they lie,
+    with the gate and the sums in it. A leaf of torch.fx traces (fx.wrap), so a population program runs it on its
+    stacked batch of samples."""
     algebra = algebra_of(metric)
     x0 = maps[0]
     if (popbilinear.enabled() and x0.is_cuda and popbilinear.available(x0.device) and x0.dtype != torch.float64
