@@ -8,6 +8,7 @@ would, replaying the layers' draws on one copy where the architecture allows it 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Sequence
@@ -51,16 +52,19 @@ def init_population(models: Sequence[ModelSpec], task: Any) -> tuple[Any, dict, 
     weights are only the draws of its `reset_parameters()` (`archs.base.init_resets`), in order, from the
     model's seeded generator, then `reinit`. Where that holds for this architecture (checked: the first two
     models are built and a replay of their draws on a copy must give both, parameters and buffers, to the bit)
-    and every model has the same arch config, the other models are replays, on one copy a thread, each drawing
-    from its own generator (`_draws_from`). Elsewhere (an architecture drawing outside its resets, or with a
-    draw that takes no generator; per-model configs such as dropout) every model is built."""
+    and every model has the same arch config, the other models are replays; a population with many weights to
+    draw replays on several threads, a copy each, each model drawing from its own generator (`_draws_from`).
+    Elsewhere (an architecture drawing outside its resets, or there with a draw that takes no generator;
+    per-model configs such as dropout) every model is built."""
     import torch
 
     from zoos.functional import stack_states
 
     built = [init_model(m.arch, m.arch_config, m.factors, task) for m in models[:2]]
     same_config = all(m.arch_config == models[0].arch_config for m in models)
-    replay = _Replay(built[0])
+    draws = len(models) * sum(v.numel() for v in _tensors(built[0]).values())
+    workers = max(1, min(torch.get_num_threads(), draws // DRAWS_A_THREAD, 16))
+    replay = _Replay(built[0], own_generator=workers > 1)
     if len(models) <= 2 or not same_config or not all(replay.same(replay.draw(m), b) for m, b in zip(models, built)):
         rest = [init_model(m.arch, m.arch_config, m.factors, task) for m in models[2:]]
         params, buffers = stack_states(built + rest)
@@ -75,14 +79,12 @@ def init_population(models: Sequence[ModelSpec], task: Any) -> tuple[Any, dict, 
                 for k, v in (_tensors(built[i]) if i < 2 else replay.draw(models[i])).items():
                     rows[k][i] = v
 
-    draws = len(models) * sum(v.numel() for v in rows.values())
-    workers = max(1, min(torch.get_num_threads(), draws // DRAWS_A_THREAD, 16))
     if workers == 1:
         fill(replay, range(len(models)))
     else:  # the draws release the GIL: one replay a thread, each model's draws from its own generator
         chunks = [range(len(models))[w::workers] for w in range(workers)]
         with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(fill, [replay] + [_Replay(built[0]) for _ in chunks[1:]], chunks))
+            list(pool.map(fill, [replay] + [_Replay(built[0], own_generator=True) for _ in chunks[1:]], chunks))
     return built[0], params, buffers
 
 
@@ -110,14 +112,16 @@ def _draws_from(generator: Any) -> Any:
 
 
 class _Replay:
-    """A copy of a built model whose weights are redrawn in place for another model's seed (its layers' resets)."""
+    """A copy of a built model whose weights are redrawn in place for another model's seed (its layers' resets),
+    from the default CPU generator, or with `own_generator` from one of its own (`_draws_from`: a thread's)."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, own_generator: bool):
         from zoos.archs.base import init_resets
 
         self.model = copy.deepcopy(model)
         self.resets = init_resets(self.model)
         self.live = _tensors(self.model)  # the copy's own tensors: every draw is in place
+        self.own_generator = own_generator
 
     def draw(self, m: ModelSpec) -> dict:
         """The copy's tensors, redrawn as `init_model` draws them for m."""
@@ -126,7 +130,12 @@ class _Replay:
         from zoos.archs.base import reinit
 
         s = stream_seed(m.factors["seed"], INIT_STREAM)
-        with _draws_from(torch.Generator().manual_seed(s)), torch.no_grad():
+        with contextlib.ExitStack() as scope, torch.no_grad():
+            if self.own_generator:
+                scope.enter_context(_draws_from(torch.Generator().manual_seed(s)))
+            else:  # as init_model seeds it (a mode's Python dispatch of every op costs more than a small model's draws)
+                scope.enter_context(torch.random.fork_rng(devices=[]))
+                torch.default_generator.manual_seed(s)
             for reset in self.resets:
                 reset()
         reinit(self.model, m.factors["init"], generator=torch.Generator().manual_seed(s))
