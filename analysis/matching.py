@@ -26,10 +26,10 @@ A permutation with several sites (a residual stream) sums their statistics.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
@@ -233,16 +233,16 @@ def _cost_plan(spec: PermSpec, a: State, b: State) -> dict[str, tuple[Tensor | N
 
 def _descend(spec: PermSpec, a: State, b: State, inits: list[Perms], max_sweeps: int,
              generator: torch.Generator | None) -> list[tuple[Perms, list[float], int]]:
-    """Coordinate descent from each of `inits` in lockstep: (perms, objective trace, sweeps) per start.
+    """Coordinate descent from each of `inits`: (perms, objective trace, sweeps) per start.
 
-    Every sweep draws one random order of the units (one `randperm` from `generator`; a unit is a permutation,
-    or a block group solved as one), shared by the starts still descending, so start 0 draws exactly as a lone
-    run. Each start keeps its cost matrices between steps (`_Costs`: updated by the positions that moved) and
-    skips a step whose cost has not changed since the unit was last solved (the solver would return what it
-    returned then, which is already in place). The starts' steps (and their objectives after each sweep) run in
-    parallel threads once a permutation has `_THREADED_FROM` entries (torch's matmuls and scipy's solver release
-    the GIL; below that the GIL-bound rest of a step costs more than they gain). A start stops after a sweep
-    that changes nothing.
+    Sweep s visits the units (a permutation, or a block group solved as one) in one random order, the s-th
+    `randperm` drawn from `generator`, the same for every start (drawn in sweep order by the first start to
+    reach it), so start 0 draws exactly as a lone run and `generator` ends where the longest descent leaves it.
+    Each start keeps its cost matrices between steps (`_Costs`: updated by the positions that moved) and skips a
+    step whose cost has not changed since the unit was last solved (the solver would return what it returned
+    then, which is already in place). A start stops after a sweep that changes nothing. The starts descend on
+    parallel threads, each at its own pace, once a permutation has `_THREADED_FROM` entries (torch's matmuls
+    and scipy's solver release the GIL; below that the GIL-bound rest of a step costs more than they gain).
     """
     names, units = list(spec.perms), _units(spec)
     dev = next(iter(a.values())).device
@@ -251,7 +251,6 @@ def _descend(spec: PermSpec, a: State, b: State, inits: list[Perms], max_sweeps:
     costs = [_Costs(plan) for _ in inits]
     traces = [[matching_objective(spec, a, b, perms[r])] for r in range(len(inits))]
     sweeps = [0] * len(inits)
-    active = list(range(len(inits)))
 
     def step(r: int, unit: list[str], n_blocks: int | None) -> bool:
         mine = perms[r]
@@ -268,28 +267,36 @@ def _descend(spec: PermSpec, a: State, b: State, inits: list[Perms], max_sweeps:
             return True
         return False
 
+    orders: list[list[int]] = []  # sweep s's order of the units: orders[s - 1], drawn by the first start to reach it
+    drawing = threading.Lock()
+
+    def order(sweep: int) -> list[int]:
+        with drawing:
+            while len(orders) < sweep:
+                orders.append(torch.randperm(len(units), generator=generator).tolist())
+            return orders[sweep - 1]
+
+    def descend(r: int) -> None:
+        for sweep in range(1, max_sweeps + 1):
+            changed = False
+            for i in order(sweep):
+                unit = units[i]
+                changed |= step(r, unit, spec.blocks[unit[0]][1] if unit[0] in spec.blocks else None)
+            traces[r].append(matching_objective(spec, a, b, perms[r]) if changed else traces[r][-1])
+            sweeps[r] = sweep
+            if not changed:
+                return
+
     # threads pay once the assignments are large: at 128 units the GIL-bound rest of a step made 4 restarts 20%
     # slower in 2 threads than in one (2-core CPU), at 256 they were even, at 512 faster
     big = bool(names) and max(len(v) for v in perms[0].values()) >= _THREADED_FROM
     workers = min(len(inits), os.cpu_count() or 1) if big else 1
-    with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
-        for sweep in range(1, max_sweeps + 1):
-            if not active:
-                break
-            changed = dict.fromkeys(active, False)
-            for i in torch.randperm(len(units), generator=generator).tolist():
-                unit = units[i]
-                n_blocks = spec.blocks[unit[0]][1] if unit[0] in spec.blocks else None
-                done = (pool.map if pool and len(active) > 1 else map)(lambda r: step(r, unit, n_blocks), active)
-                for r, did in zip(active, list(done)):
-                    changed[r] |= did
-            moved = [r for r in active if changed[r]]  # only these have a new objective
-            objectives = dict(zip(moved, (pool.map if pool and len(moved) > 1 else map)(
-                lambda r: matching_objective(spec, a, b, perms[r]), moved)))
-            for r in active:
-                traces[r].append(objectives.get(r, traces[r][-1]))
-                sweeps[r] = sweep
-            active = [r for r in active if changed[r]]
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(descend, range(len(inits))))
+    else:
+        for r in range(len(inits)):
+            descend(r)
     return [({p: perms[r][p].cpu().clone() for p in names}, traces[r], sweeps[r]) for r in range(len(inits))]
 
 
