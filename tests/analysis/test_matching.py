@@ -424,6 +424,28 @@ def test_restart_0_is_the_single_run_and_the_result_never_below_it(weights, seed
         assert all(torch.equal(many.perms[k], one.perms[k]) for k in one.perms)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_restarts_on_threads_descend_as_one_after_another(seed, monkeypatch):
+    """Each restart descends on a thread of its own, at its own pace, through the shared sweep orders: the same
+    descents as one after another (every restart's objective, the kept permutations), and the caller's
+    generator left where the longest descent leaves it."""
+    import analysis.matching as matching
+
+    torch.manual_seed(seed)
+    a, b = TinyMLP(16).state_dict(), TinyMLP(16).state_dict()
+    spec = TinyMLP(16).perm_spec()
+    runs = {}
+    for threaded_from in (10**9, 1):  # one after another; then on threads (os.cpu_count() of them, at most 5)
+        monkeypatch.setattr(matching, "_THREADED_FROM", threaded_from)
+        g = torch.Generator().manual_seed(seed)
+        res = weight_matching(spec, a, b, generator=g, restarts=5)
+        runs[threaded_from] = (res, torch.randint(0, 2**30, (4,), generator=g))
+    (alone, after_alone), (threads, after_threads) = runs.values()
+    assert threads.restart_objectives == alone.restart_objectives and threads.objective == alone.objective
+    assert all(torch.equal(threads.perms[k], alone.perms[k]) for k in alone.perms)
+    assert torch.equal(after_threads, after_alone)
+
+
 @settings(max_examples=15, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1), st.sampled_from([1, 2, 4]))
 def test_planted_permutation_of_random_weights_is_recovered(weights, planted_seed, restarts):
