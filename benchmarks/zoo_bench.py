@@ -17,7 +17,7 @@ point tasks. Batches of 128 per model (the INR task: its 64 pixels, one full bat
            fresh process: cold (empty caches) and warm (the same caches again); Python's bytecode of the packages
            is cached as an install leaves it (`bytecode_cache`)
 
-ZOO_BENCH_PROFILE=1 also prints the costliest GPU kernels of a second symzoo run of each population.
+ZOO_BENCH_PROFILE=N (N >= 1) also prints the N costliest GPU kernels (1: 12) of a second symzoo run of each population.
 --tuning 'channels_last=0;forward=fma' adds a symzoo run under each popconv tuning set (`parse_tuning`),
 in the same call, printed under the row with the default's speed over its own.
 
@@ -167,7 +167,8 @@ def worker(entry: str, n: int, steps: int, data_dir: str, kinds: list[str], comp
                              "reason": result.program["reason"],
                              "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None}
             if os.environ.get("ZOO_BENCH_PROFILE") and device == "cuda":
-                out["symzoo"]["profile"] = profile(pop, compile_)
+                top = int(os.environ["ZOO_BENCH_PROFILE"])
+                out["symzoo"]["profile"] = profile(pop, compile_, 12 if top == 1 else top)
     model = build_arch(arch, task, **config)
     out["params"] = model.num_params
     if "alone" in kinds:
