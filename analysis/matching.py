@@ -287,8 +287,7 @@ def _descend(spec: PermSpec, a: State, b: State, inits: list[Perms], max_sweeps:
             if not changed:
                 return
 
-    # threads pay once the assignments are large: at 128 units the GIL-bound rest of a step made 4 restarts 20%
-    # slower in 2 threads than in one (2-core CPU), at 256 they were even, at 512 faster
+    # threads pay once the assignments are large (below, a step's GIL-bound rest outweighs the parallel solves)
     big = bool(names) and max(len(v) for v in perms[0].values()) >= _THREADED_FROM
     workers = min(len(inits), os.cpu_count() or 1) if big else 1
     if workers > 1:
