@@ -327,8 +327,9 @@ def weight_matching(
     The descent is local, so it runs `restarts` times and keeps the best: restart 0 starts from
     `init` (identity if None) and draws from `generator` exactly as `restarts=1` does (its result is
     the single run's); restarts 1.. start from uniformly random permutations (from a generator seeded
-    by `generator`'s state) and all run in lockstep, sharing each sweep's order, their steps solved in
-    parallel threads. The result's objective is never below restart 0's.
+    by `generator`'s state); every restart follows the same random sweep orders, and from
+    `_THREADED_FROM`-unit permutations each descends on a thread of its own. The result's objective is
+    never below restart 0's.
 
     Cost. Each descent keeps its cost matrices between steps and updates them by the positions of the
     other permutations that moved (`_Costs`), and skips a step whose cost has not changed since its unit
