@@ -39,7 +39,8 @@ activation, the pool's backward applies the activation's derivative (`act_grad=F
 conv alone reads it, that conv's input gradient does (`input_act`), and where a mean over the map does, its
 backward (`popconv.spatial_mean`). A Linear (or F.linear) of up to `poplinear.MAX_FEATURES` inputs and outputs
 runs as `poplinear.linear`: the bias in the product's epilogue and its gradient in the weight gradient's pass,
-where a batched matmul spends two more passes on each.
+where a batched matmul spends two more passes on each; Linears that read one value run as one `poplinear.linears`
+(`_linears_of_one_input`).
 
 `FastPopulation.supports(module)` says whether a module can run this way and why not: only the layer
 types above carry parameters, buffers belong to `PopDropout` only, and the traced forward reads no
@@ -675,6 +676,8 @@ class _Emitter:
         weights = self._prologue(state, env)  # weight node -> its value in the new graph (on first use)
         self.pre_add = self._adds_before_norms()  # LayerNorm -> the add it emits with itself
         fused.update(self.pre_add.values())
+        self.siblings = self._linears_of_one_input()  # Linear -> the linears of its input emitted as one op with it
+        self.sibling_out: dict[fx.Node, fx.Node] = {}  # a Linear emitted with the first of its group -> its output
 
         def value(a: Any) -> Any:
             return fx.node.map_arg(a, lambda n: weights(n) if kinds.get(n) == WEIGHT else env[n])
@@ -842,9 +845,14 @@ class _Emitter:
             env[affine[-1][0] if affine else node] = self._plain_conv(node, self._compute(args[0]), w, b, tuple(m.stride),
                                                                       _conv_padding(m), patch, affine)
             return
+        if node in self.siblings and node is not self.siblings[node][0]:
+            env[node] = self._sibling_linear(node, None)  # emitted with the first of its group
+            return
         if not isinstance(m, PopDropout):
             args[0] = self._compute(args[0])
-        if isinstance(m, FlatLinear):
+        if node in self.siblings:
+            env[node] = self._sibling_linear(node, args[0])
+        elif isinstance(m, FlatLinear):
             k = len(m.in_shape)
             env[node] = self._linear(node, g.call_method("flatten", (args[0], -k)), g.call_method("flatten", (w, 2)), b,
                                      math.prod(m.in_shape), m.weight.shape[0])
@@ -1096,6 +1104,46 @@ class _Emitter:
                     and all(order[u] > order[node] for u in add.users if u is not node)):
                 folds[node] = add
         return folds
+
+    def _linears_of_one_input(self) -> dict[fx.Node, tuple[fx.Node, ...]]:
+        """{Linear module node: its group} for the Linears that read one per-sample value and run together as one
+        `poplinear.linears` (a transformer's query, key and value maps; a Clifford layer's two grade-wise maps):
+        up to poplinear.MAX_PARTS of them a group, their outputs together within poplinear.MAX_FEATURES, in
+        graph order."""
+        if not self.pop.kernels:
+            return {}
+        readers: dict[fx.Node, list[fx.Node]] = {}
+        for node in self.src.graph.nodes:
+            m = self.mods.get(node.target) if node.op == "call_module" else None
+            if (type(m) is nn.Linear and poplinear.fits(m.in_features, m.out_features)
+                    and self.kinds.get(node.args[0]) == DATA):
+                readers.setdefault(node.args[0], []).append(node)
+        groups: dict[fx.Node, tuple[fx.Node, ...]] = {}
+        for nodes in readers.values():
+            group: list[fx.Node] = []
+            for node in nodes + [None]:  # None: the end, closing the last group
+                width = sum(self.mods[n.target].out_features for n in group)
+                if node is not None and len(group) < poplinear.MAX_PARTS and (
+                        width + self.mods[node.target].out_features <= poplinear.MAX_FEATURES):
+                    group.append(node)
+                    continue
+                if len(group) > 1:
+                    groups.update(dict.fromkeys(group, tuple(group)))
+                group = [node]
+        return groups
+
+    def _sibling_linear(self, node: fx.Node, x: fx.Node | None) -> fx.Node:
+        """A Linear of a `_linears_of_one_input` group: the first emits the group's one op (x: its input in the
+        compute dtype); every member's output is its part."""
+        group = self.siblings[node]
+        if node is group[0]:
+            ws = tuple(self.state[f"{n.target}.weight"] for n in group)
+            bs = tuple(self.state.get(f"{n.target}.bias") for n in group)
+            both = self.g.call_function(poplinear.linears, (x, ws, bs))
+            for i, n in enumerate(group):
+                self.sibling_out[n] = self.g.call_function(operator.getitem, (both, i))
+        self.choose(node, "poplinear (input shared)", f"one op with {len(group) - 1} more linear(s) of its input")
+        return self.sibling_out.pop(node)
 
     def _layer_norm(self, node: fx.Node, x: fx.Node, w: fx.Node | None, b: fx.Node | None, eps: float) -> fx.Node:
         """LayerNorm as popnorm, with the add before it folded in where `_adds_before_norms` found one; stored in

@@ -14,6 +14,10 @@ and writes y once, the bias added to the float32 product; the input gradient is 
 transpose; the weight gradient sums dy^T x over a program's tiles with db as the column sums of the dy tiles it
 already holds, one float32 partial a program, which torch sums over each model's programs.
 
+Linears of one input (`linears`: a transformer's query, key and value maps) run as one, their weights side by
+side: the forward reads x once and writes each output, and the backward's input gradient reads every output's
+gradient in one product, dx = sum_i dy_i @ w_i[m], where autograd would write each term and add them.
+
 Products take x's dtype (bf16 on tensor cores; float32 exactly), accumulate in float32; y and dx are stored in
 x's dtype, as autocast's batched matmul stores them.
 """
@@ -21,6 +25,7 @@ x's dtype, as autocast's batched matmul stores them.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -28,6 +33,7 @@ from torch import Tensor
 from zoos.popconv.common import available, dot_precision, triton
 
 MAX_FEATURES = 128  # the widest input or output a program holds whole: one [in, out] weight tile
+MAX_PARTS = 3  # the most linears of one input (`linears`) a program runs together
 
 if triton is not None:
     import triton.language as tl
@@ -38,6 +44,20 @@ if triton is not None:
         return (row // INNER) * OUTER_STRIDE + (row % INNER) * INNER_STRIDE
 
     @triton.jit
+    def _rows(ptr, row, r_ok, c, WIDTH, INNER, OUTER_STRIDE, INNER_STRIDE):
+        """The [rows, BLOCK] tile of rows `row`, columns c < WIDTH, of a [rows, WIDTH] tensor whose rows lie in a
+        two-level layout (zero past them)."""
+        at = _row_at(row, INNER, OUTER_STRIDE, INNER_STRIDE)
+        return tl.load(ptr + at[:, None] + c[None, :], mask=r_ok[:, None] & (c < WIDTH)[None, :], other=0.0)
+
+    @triton.jit
+    def _block(ptr, offset, r, c, ROWS, COLS, R_STRIDE, C_STRIDE, dtype: tl.constexpr):
+        """The [r, c] tile (r < ROWS, c < COLS; zero elsewhere) at ptr + offset + r * R_STRIDE + c * C_STRIDE, cast
+        to dtype: a model's weight, or a part of it, either way round."""
+        return tl.load(ptr + offset + r[:, None] * R_STRIDE + c[None, :] * C_STRIDE,
+                       mask=(r < ROWS)[:, None] & (c < COLS)[None, :], other=0.0).to(dtype)
+
+    @triton.jit
     def _rows_times_weight(x_ptr, w_ptr, b_ptr, y_ptr, RPM, EACH, X_INNER, X_OUTER_STRIDE, X_INNER_STRIDE, W_K, W_N,
                            K: tl.constexpr, N: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -46,47 +66,111 @@ if triton is not None:
         contiguous."""
         prog, m = tl.program_id(0), tl.program_id(1)
         k, n = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_N)
-        w = tl.load(w_ptr + m.to(tl.int64) * (K * N) + k[:, None] * W_K + n[None, :] * W_N,
-                    mask=(k < K)[:, None] & (n < N)[None, :], other=0.0).to(x_ptr.dtype.element_ty)
+        w = _block(w_ptr, m.to(tl.int64) * (K * N), k, n, K, N, W_K, W_N, x_ptr.dtype.element_ty)
         if HAS_BIAS:
             bias = tl.load(b_ptr + m * N + n, mask=n < N, other=0.0).to(tl.float32)
         for t in range(prog * EACH, tl.minimum(prog * EACH + EACH, tl.cdiv(RPM, BLOCK_M))):
             r = t * BLOCK_M + tl.arange(0, BLOCK_M)
-            row = m.to(tl.int64) * RPM + r
-            x_at = _row_at(row, X_INNER, X_OUTER_STRIDE, X_INNER_STRIDE)
-            x = tl.load(x_ptr + x_at[:, None] + k[None, :], mask=(r < RPM)[:, None] & (k < K)[None, :], other=0.0)
-            acc = tl.dot(x, w, input_precision=PREC)
+            row, r_ok = m.to(tl.int64) * RPM + r, r < RPM
+            acc = tl.dot(_rows(x_ptr, row, r_ok, k, K, X_INNER, X_OUTER_STRIDE, X_INNER_STRIDE), w, input_precision=PREC)
             if HAS_BIAS:
                 acc += bias[None, :]
             tl.store(y_ptr + row[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty),
-                     mask=(r < RPM)[:, None] & (n < N)[None, :])
+                     mask=r_ok[:, None] & (n < N)[None, :])
+
+    @triton.jit
+    def _rows_times_weights(x_ptr, w_ptr, b_ptr, y0, y1, y2, RPM, EACH, X_INNER, X_OUTER_STRIDE, X_INNER_STRIDE,
+                            K: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
+                            PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_K: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr, BN2: tl.constexpr):
+        """y_j[rows] = x[rows] @ w_m[rows of part j]^T (+ b_m's) for 2 or 3 parts j of model m's weight w [N0 + N1
+        + N2, K] (`linears`): each x tile read once, a product a part, each part's output contiguous."""
+        prog, m = tl.program_id(0), tl.program_id(1)
+        k = tl.arange(0, BLOCK_K)
+        n0, n1, n2 = tl.arange(0, BN0), tl.arange(0, BN1), tl.arange(0, BN2)
+        base = m.to(tl.int64) * ((N0 + N1 + N2) * K)
+        dtype = x_ptr.dtype.element_ty
+        w0 = _block(w_ptr, base, k, n0, K, N0, 1, K, dtype)  # [K, part's outputs]: its rows of w, transposed
+        w1 = _block(w_ptr, base + N0 * K, k, n1, K, N1, 1, K, dtype)
+        if PARTS > 2:
+            w2 = _block(w_ptr, base + (N0 + N1) * K, k, n2, K, N2, 1, K, dtype)
+        if HAS_BIAS:
+            b_at = b_ptr + m * (N0 + N1 + N2)
+            b0 = tl.load(b_at + n0, mask=n0 < N0, other=0.0).to(tl.float32)
+            b1 = tl.load(b_at + N0 + n1, mask=n1 < N1, other=0.0).to(tl.float32)
+            if PARTS > 2:
+                b2 = tl.load(b_at + N0 + N1 + n2, mask=n2 < N2, other=0.0).to(tl.float32)
+        for t in range(prog * EACH, tl.minimum(prog * EACH + EACH, tl.cdiv(RPM, BLOCK_M))):
+            r = t * BLOCK_M + tl.arange(0, BLOCK_M)
+            row, r_ok = m.to(tl.int64) * RPM + r, r < RPM
+            x = _rows(x_ptr, row, r_ok, k, K, X_INNER, X_OUTER_STRIDE, X_INNER_STRIDE)
+            acc = tl.dot(x, w0, input_precision=PREC)
+            if HAS_BIAS:
+                acc += b0[None, :]
+            tl.store(y0 + row[:, None] * N0 + n0[None, :], acc.to(y0.dtype.element_ty), mask=r_ok[:, None] & (n0 < N0)[None, :])
+            acc = tl.dot(x, w1, input_precision=PREC)
+            if HAS_BIAS:
+                acc += b1[None, :]
+            tl.store(y1 + row[:, None] * N1 + n1[None, :], acc.to(y1.dtype.element_ty), mask=r_ok[:, None] & (n1 < N1)[None, :])
+            if PARTS > 2:
+                acc = tl.dot(x, w2, input_precision=PREC)
+                if HAS_BIAS:
+                    acc += b2[None, :]
+                tl.store(y2 + row[:, None] * N2 + n2[None, :], acc.to(y2.dtype.element_ty),
+                         mask=r_ok[:, None] & (n2 < N2)[None, :])
+
+    @triton.jit
+    def _parts_times_weights(d0, d1, d2, w_ptr, dx_ptr, RPM, EACH, D0_INNER, D0_OUTER, D0_STRIDE, D1_INNER, D1_OUTER,
+                             D1_STRIDE, D2_INNER, D2_OUTER, D2_STRIDE, K: tl.constexpr, N0: tl.constexpr,
+                             N1: tl.constexpr, N2: tl.constexpr, PARTS: tl.constexpr, PREC: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
+                             BN2: tl.constexpr):
+        """dx[rows] = sum_j dy_j[rows] @ w_m[rows of part j] for 2 or 3 parts (`linears`' input gradient): each
+        dy_j's rows in a two-level layout, a product a part summed in registers, dx contiguous."""
+        prog, m = tl.program_id(0), tl.program_id(1)
+        k = tl.arange(0, BLOCK_K)
+        n0, n1, n2 = tl.arange(0, BN0), tl.arange(0, BN1), tl.arange(0, BN2)
+        base = m.to(tl.int64) * ((N0 + N1 + N2) * K)
+        dtype = d0.dtype.element_ty
+        w0 = _block(w_ptr, base, n0, k, N0, K, K, 1, dtype)  # [part's outputs, K]: its rows of w
+        w1 = _block(w_ptr, base + N0 * K, n1, k, N1, K, K, 1, dtype)
+        if PARTS > 2:
+            w2 = _block(w_ptr, base + (N0 + N1) * K, n2, k, N2, K, K, 1, dtype)
+        for t in range(prog * EACH, tl.minimum(prog * EACH + EACH, tl.cdiv(RPM, BLOCK_M))):
+            r = t * BLOCK_M + tl.arange(0, BLOCK_M)
+            row, r_ok = m.to(tl.int64) * RPM + r, r < RPM
+            acc = tl.dot(_rows(d0, row, r_ok, n0, N0, D0_INNER, D0_OUTER, D0_STRIDE), w0, input_precision=PREC)
+            acc += tl.dot(_rows(d1, row, r_ok, n1, N1, D1_INNER, D1_OUTER, D1_STRIDE), w1, input_precision=PREC)
+            if PARTS > 2:
+                acc += tl.dot(_rows(d2, row, r_ok, n2, N2, D2_INNER, D2_OUTER, D2_STRIDE), w2, input_precision=PREC)
+            tl.store(dx_ptr + row[:, None] * K + k[None, :], acc.to(dx_ptr.dtype.element_ty),
+                     mask=r_ok[:, None] & (k < K)[None, :])
 
     @triton.jit
     def _weight_grad_kernel(x_ptr, dy_ptr, dw_ptr, db_ptr, RPM, EACH, PROGRAMS, X_INNER, X_OUTER_STRIDE,
-                            X_INNER_STRIDE, DY_INNER, DY_OUTER_STRIDE, DY_INNER_STRIDE,
+                            X_INNER_STRIDE, DY_INNER, DY_OUTER_STRIDE, DY_INNER_STRIDE, N_ALL, N_AT,
                             K: tl.constexpr, N: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """dw partial [N, K] = sum over EACH tiles of model m's rows of dy^T x (and db partial: dy's column sums),
-        stored at [m, program] of dw [models, PROGRAMS, N, K] and db [models, PROGRAMS, N]; x's and dy's rows
-        in two-level layouts."""
+        stored at rows N_AT.. of [m, program] of dw [models, PROGRAMS, N_ALL, K] and db [models, PROGRAMS, N_ALL]
+        (a part of `linears`' weight, or all of it); x's and dy's rows in two-level layouts."""
         prog, m = tl.program_id(0), tl.program_id(1)
         k, n = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # summed over rows once, after the loop
         for t in range(prog * EACH, tl.minimum(prog * EACH + EACH, tl.cdiv(RPM, BLOCK_M))):
             r = t * BLOCK_M + tl.arange(0, BLOCK_M)
-            row = m.to(tl.int64) * RPM + r
-            x_at = _row_at(row, X_INNER, X_OUTER_STRIDE, X_INNER_STRIDE)
-            dy_at = _row_at(row, DY_INNER, DY_OUTER_STRIDE, DY_INNER_STRIDE)
-            x = tl.load(x_ptr + x_at[:, None] + k[None, :], mask=(r < RPM)[:, None] & (k < K)[None, :], other=0.0)
-            g = tl.load(dy_ptr + dy_at[:, None] + n[None, :], mask=(r < RPM)[:, None] & (n < N)[None, :], other=0.0)
+            row, r_ok = m.to(tl.int64) * RPM + r, r < RPM
+            x = _rows(x_ptr, row, r_ok, k, K, X_INNER, X_OUTER_STRIDE, X_INNER_STRIDE)
+            g = _rows(dy_ptr, row, r_ok, n, N, DY_INNER, DY_OUTER_STRIDE, DY_INNER_STRIDE)
             acc += tl.dot(tl.trans(g), x.to(g.dtype), input_precision=PREC)
             if HAS_BIAS:
                 acc_b += g.to(tl.float32)
         part = m.to(tl.int64) * PROGRAMS + prog
-        tl.store(dw_ptr + part * (N * K) + n[:, None] * K + k[None, :], acc, mask=(n < N)[:, None] & (k < K)[None, :])
+        tl.store(dw_ptr + (part * N_ALL + N_AT) * K + n[:, None] * K + k[None, :], acc,
+                 mask=(n < N)[:, None] & (k < K)[None, :])
         if HAS_BIAS:
-            tl.store(db_ptr + part * N + n, tl.sum(acc_b, axis=0), mask=n < N)
+            tl.store(db_ptr + part * N_ALL + N_AT + n, tl.sum(acc_b, axis=0), mask=n < N)
 
 
 def fits(in_features: int, out_features: int) -> bool:
@@ -148,44 +232,105 @@ def _times(x: Tensor, w: Tensor, b: Tensor | None, models: int, k: int, n: int, 
     return y
 
 
+def _part_blocks(k: int, widths: list[int]) -> tuple[dict, int, int]:
+    """(the parts' constexprs N0..N2, BN0..BN2 and PARTS, BLOCK_M, warps) of a `linears` kernel: a part's block its
+    width padded to a power of two of at least 16 (a missing third part: 0 wide, 16), the rows and warps as
+    `_blocks` takes them for the whole weight."""
+    padded = widths + [0] * (MAX_PARTS - len(widths))
+    sizes = {f"N{j}": v for j, v in enumerate(padded)}
+    sizes.update({f"BN{j}": max(16, triton.next_power_of_2(max(v, 1))) for j, v in enumerate(padded)})
+    block_m, _, _, warps = _blocks(k, sum(widths))
+    return {**sizes, "PARTS": len(widths)}, block_m, warps
+
+
+def _times_parts(x: Tensor, w: Tensor, b: Tensor | None, models: int, widths: list[int]) -> list[Tensor]:
+    """`linears`' forward: x [models*R rows (`_row_layout`), k] times each part j of each model's weight [sum of
+    widths, k] (+ b's part): one contiguous output a part."""
+    x, layout = _row_layout(x)
+    k = x.shape[-1]
+    ys = [x.new_empty(*x.shape[:-1], width) for width in widths]
+    rpm = math.prod(x.shape[:-1]) // models
+    sizes, block_m, warps = _part_blocks(k, widths)
+    programs, each = _programs(triton.cdiv(rpm, block_m), models, x.device)
+    if rpm:
+        _rows_times_weights[(programs, models)](
+            x, w, b if b is not None else w, *ys, *[ys[0]] * (MAX_PARTS - len(ys)), rpm, each, *layout, K=k,
+            HAS_BIAS=b is not None, PREC=dot_precision(x.dtype), BLOCK_M=block_m,
+            BLOCK_K=max(16, triton.next_power_of_2(k)), num_warps=warps, **sizes)
+    return ys
+
+
+def _parts_times(dys: list[Tensor], w: Tensor, models: int, widths: list[int], dtype: torch.dtype) -> Tensor:
+    """`linears`' input gradient: sum_j dy_j @ (part j of each model's weight [sum of widths, k]), each dy_j's rows
+    read where they lie (`_row_layout`): dx [*rows shape, k] contiguous, in `dtype`."""
+    laid = [_row_layout(t.to(dys[0].dtype)) for t in dys]
+    k = w.shape[2]
+    dx = dys[0].new_empty(*dys[0].shape[:-1], k)
+    rpm = math.prod(dys[0].shape[:-1]) // models
+    sizes, block_m, warps = _part_blocks(k, widths)
+    programs, each = _programs(triton.cdiv(rpm, block_m), models, dx.device)
+    if rpm:
+        tensors = [t for t, _ in laid]
+        layouts = [v for _, layout in laid for v in layout] + [1, 0, 0] * (MAX_PARTS - len(laid))
+        _parts_times_weights[(programs, models)](
+            *tensors, *[tensors[0]] * (MAX_PARTS - len(tensors)), w, dx, rpm, each, *layouts, K=k,
+            PREC=dot_precision(dx.dtype), BLOCK_M=block_m, BLOCK_K=max(16, triton.next_power_of_2(k)), num_warps=warps,
+            **sizes)
+    return dx.to(dtype)
+
+
 @torch.library.custom_op("symzoo::pop_linear", mutates_args=())
-def _pop_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+def _pop_linear(x: Tensor, w: Tensor, b: Tensor | None, widths: list[int]) -> list[Tensor]:
     n, out_f, in_f = w.shape
-    return _times(x, w.contiguous(), b.contiguous() if b is not None else None, n, in_f, out_f, (1, in_f))
+    w, b = w.contiguous(), b.contiguous() if b is not None else None
+    if len(widths) == 1:
+        return [_times(x, w, b, n, in_f, out_f, (1, in_f))]
+    return _times_parts(x, w, b, n, widths)
 
 
 @_pop_linear.register_fake
-def _(x, w, b):
-    return x.new_empty(*x.shape[:-1], w.shape[1])
+def _(x, w, b, widths):
+    return [x.new_empty(*x.shape[:-1], width) for width in widths]
 
 
 @torch.library.custom_op("symzoo::pop_linear_backward", mutates_args=())
-def _pop_linear_backward(x: Tensor, dy: Tensor, w: Tensor, input_grad: bool, weight_grad: bool, bias: bool
+def _pop_linear_backward(x: Tensor, dys: list[Tensor], w: Tensor, input_grad: bool, weight_grad: bool, bias: bool
                          ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx or empty, dw or empty, db or empty): dx in x's dtype, dw and db float32; x's and dy's rows read where
-    they lie (`_row_layout`)."""
+    """(dx or empty, dw or empty, db or empty) from the outputs' gradients dys (one a part of w's rows): dx in x's
+    dtype, dw and db float32; x's and each dy's rows read where they lie (`_row_layout`)."""
     models, out_f, in_f = w.shape
-    dx = _times(dy, w.contiguous(), None, models, out_f, in_f, (in_f, 1)).to(x.dtype) if input_grad else x.new_empty(0)
+    w = w.contiguous()
+    widths = [t.shape[-1] for t in dys]
+    if not input_grad:
+        dx = x.new_empty(0)
+    elif len(dys) == 1:
+        dx = _times(dys[0], w, None, models, out_f, in_f, (in_f, 1)).to(x.dtype)
+    else:
+        dx = _parts_times(dys, w, models, widths, x.dtype)
     if not weight_grad:
-        return dx, w.new_empty(0, dtype=torch.float32), w.new_empty(0, dtype=torch.float32)
+        return dx, w.new_empty(0, dtype=torch.float32), w.new_empty(0, dtype=torch.float32)  # outputs never alias
     x, x_layout = _row_layout(x)
-    dy, dy_layout = _row_layout(dy)
-    rpm = dy.numel() // out_f // models
-    block_m, block_k, block_n, warps = _blocks(in_f, out_f)
+    rpm = math.prod(dys[0].shape[:-1]) // models
+    block_m, block_k, _, warps = _blocks(in_f, out_f)
     programs, each = _programs(triton.cdiv(rpm, block_m), models, x.device, least=8)
     dw = x.new_empty(models, programs, out_f, in_f, dtype=torch.float32)
     db = x.new_empty(models, programs, out_f, dtype=torch.float32) if bias else dw
-    if rpm:
-        _weight_grad_kernel[(programs, models)](
-            x, dy, dw, db, rpm, each, programs, *x_layout, *dy_layout, K=in_f, N=out_f, HAS_BIAS=bias,
-            PREC=dot_precision(dy.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=warps)
-    else:
+    if not rpm:
         dw.zero_(), db.zero_()
+    at = 0
+    for dy in dys if rpm else []:  # a pass a part: each reads x and its own dy
+        dy, dy_layout = _row_layout(dy)
+        width = dy.shape[-1]
+        _weight_grad_kernel[(programs, models)](
+            x, dy, dw, db, rpm, each, programs, *x_layout, *dy_layout, out_f, at, K=in_f, N=width, HAS_BIAS=bias,
+            PREC=dot_precision(dy.dtype), BLOCK_M=block_m, BLOCK_K=block_k,
+            BLOCK_N=max(16, triton.next_power_of_2(width)), num_warps=warps)
+        at += width
     return dx, dw.sum(1), db.sum(1) if bias else w.new_empty(0, dtype=torch.float32)
 
 
 @_pop_linear_backward.register_fake
-def _(x, dy, w, input_grad, weight_grad, bias):
+def _(x, dys, w, input_grad, weight_grad, bias):
     empty = w.new_empty(0, dtype=torch.float32)
     return (x.new_empty(x.shape) if input_grad else x.new_empty(0),
             w.new_empty(w.shape, dtype=torch.float32) if weight_grad else empty,
@@ -193,27 +338,25 @@ def _(x, dy, w, input_grad, weight_grad, bias):
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, w, b = inputs
+    x, w, b, _ = inputs
     ctx.save_for_backward(x, w)
     ctx.bias = b is not None
 
 
-def _backward(ctx, dy: Tensor):
+def _backward(ctx, dys: list[Tensor]):
     x, w = ctx.saved_tensors
     needs = ctx.needs_input_grad
     weights = needs[1] or (ctx.bias and needs[2])
-    dx, dw, db = _pop_linear_backward(x, dy, w, needs[0], weights, ctx.bias)
+    dx, dw, db = _pop_linear_backward(x, list(dys), w, needs[0], weights, ctx.bias)
     return (dx if needs[0] else None, dw.to(w.dtype) if needs[1] else None,
-            db.to(w.dtype) if ctx.bias and needs[2] else None)
+            db.to(w.dtype) if ctx.bias and needs[2] else None, None)
 
 
 _pop_linear.register_autograd(_backward, setup_context=_setup)
 
 
-def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """nn.Linear of model m on rows m*R..(m+1)*R-1 of x [N*R, ..., in] (any leading shape: its rows in order),
-    w [N, out, in], b [N, out] or None, in and out up to MAX_FEATURES: y [N*R, ..., out] in x's dtype, the
-    weights cast to it as they are read (autocast's linear). Gradients to x, w and b."""
+def _check(x: Tensor, w: Tensor, b: Tensor | None) -> None:
+    """x [N*R, ..., in], w [N, out, in] and b [N, out] or None agree, within MAX_FEATURES; else ValueError."""
     if w.dim() != 3 or (b is not None and tuple(b.shape) != tuple(w.shape[:2])) or x.shape[-1] != w.shape[2]:
         raise ValueError(f"x [N*R, ..., in], w [N, out, in] and b [N, out] disagree: x {tuple(x.shape)}, "
                          f"w {tuple(w.shape)}, b {None if b is None else tuple(b.shape)}")
@@ -223,7 +366,35 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     rows = math.prod(x.shape[:-1])
     if rows % models:
         raise ValueError(f"x has {rows} rows, not a multiple of the population size {models}")
-    return _pop_linear(x, w, b)  # x's rows read where they lie (`_row_layout`)
 
 
-__all__ = ["MAX_FEATURES", "available", "fits", "linear"]
+def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """nn.Linear of model m on rows m*R..(m+1)*R-1 of x [N*R, ..., in] (any leading shape: its rows in order),
+    w [N, out, in], b [N, out] or None, in and out up to MAX_FEATURES: y [N*R, ..., out] in x's dtype, the
+    weights cast to it as they are read (autocast's linear). Gradients to x, w and b."""
+    _check(x, w, b)
+    return _pop_linear(x, w, b, [w.shape[1]])[0]  # x's rows read where they lie (`_row_layout`)
+
+
+def linears(x: Tensor, ws: Sequence[Tensor], bs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+    """`linear(x, w, b)` for each (w, b) of ws and bs (up to MAX_PARTS, their outputs together up to MAX_FEATURES)
+    as one: x read once in the forward, and in the backward its gradient the sum of theirs in one pass (where
+    autograd would write each and add them). Each output contiguous."""
+    if not 1 <= len(ws) <= MAX_PARTS or len(bs) != len(ws):
+        raise ValueError(f"linears takes 1 to {MAX_PARTS} weights and as many biases, got {len(ws)} and {len(bs)}")
+    for w, b in zip(ws, bs):
+        if w.dim() != 3 or w.shape[0] != ws[0].shape[0]:
+            raise ValueError(f"every weight is [N, out, in] of one population: got {[tuple(v.shape) for v in ws]}")
+        _check(x, w, b)
+    widths = [w.shape[1] for w in ws]
+    if sum(widths) > MAX_FEATURES:
+        raise ValueError(f"linears here take up to {MAX_FEATURES} outputs together, got {' + '.join(map(str, widths))}")
+    w = torch.cat(list(ws), 1) if len(ws) > 1 else ws[0]
+    if all(b is None for b in bs):
+        b = None
+    else:
+        b = torch.cat([v if v is not None else w.new_zeros(w.shape[0], width) for v, width in zip(bs, widths)], 1)
+    return tuple(_pop_linear(x, w, b, widths))
+
+
+__all__ = ["MAX_FEATURES", "MAX_PARTS", "available", "fits", "linear", "linears"]

@@ -11,6 +11,7 @@ from tasks.registry import get_task
 from zoos.archs.base import build_arch
 from zoos.fastpop import (FastPopulation, FastStep, dropout_active, from_model_groups, pop_conv2d, pop_conv2d_grouped, pop_dropout,
                           pop_dropout_groups, to_model_groups)
+from zoos import popconv
 from zoos.functional import population_forward, stack_states, template
 from zoos.spec import PopulationSpec
 from zoos.trainer import train_population
@@ -267,3 +268,43 @@ def test_data_and_weight_ops_broadcast_per_model_without_vmap():
         params, buffers, x, y)
     for k in ref:
         torch.testing.assert_close(grads[k], ref[k], atol=1e-5, rtol=1e-4)
+
+
+class _Siblings(torch.nn.Module):
+    """Four Linears of one input (64 + 64 + 8 + 8 outputs) and one of another value."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(6, 64), torch.nn.Linear(6, 64, bias=False)
+        self.c, self.d = torch.nn.Linear(6, 8), torch.nn.Linear(6, 8)
+        self.e = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x)) * self.b(x)
+        return self.e(torch.relu(self.c(x) + self.d(x))) + h[..., :3]
+
+
+@pytest.mark.skipif(not popconv.available("cuda" if torch.cuda.is_available() else "cpu"),
+                    reason="needs Triton (GPU or TRITON_INTERPRET=1)")
+def test_linears_of_one_input_run_as_one_op_and_equal_vmap():
+    """Linears reading one value group in graph order, up to 128 outputs and three linears a group (a and b;
+    c and d), the Linear of another value alone; forward and gradients equal vmap's."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    models = [_Siblings() for _ in range(3)]
+    params, buffers = stack_states(models)
+    params = {k: v.to(device) for k, v in params.items()}
+    module = template(models[0])
+    step = FastStep(module, torch.nn.functional.mse_loss, (6,), dropout=False, kernels=True)
+    assert [(layer, p) for layer, p, _ in step.pop.choices] == [
+        ("a", "poplinear (input shared)"), ("b", "poplinear (input shared)"), ("c", "poplinear (input shared)"),
+        ("d", "poplinear (input shared)"), ("e", "poplinear")], step.pop.choices
+    x, y = torch.randn(3, 5, 6, device=device), torch.randn(3, 5, 3, device=device)
+    with torch.no_grad():
+        torch.testing.assert_close(step.pop(params, {}, x, x_per_model=True),
+                                   population_forward(module, params, {}, x, x_per_model=True),
+                                   atol=1e-5, rtol=1e-4)
+    grads, _ = step(params, {}, x, y)
+    ref = vmap(grad(lambda p, xb, yb: torch.nn.functional.mse_loss(functional_call(module, p, (xb,)), yb)))(params, x, y)
+    for k in ref:
+        torch.testing.assert_close(grads[k], ref[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")

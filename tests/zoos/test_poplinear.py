@@ -84,12 +84,49 @@ def test_bf16_rows_match_autocasts_batched_matmul():
         torch.testing.assert_close(got.double(), ref.double(), rtol=2e-2, atol=0.3)
 
 
+@settings(max_examples=10, deadline=None)
+@example(n=2, rows=130, in_f=32, widths=[32, 32, 32], biases=[True, False, True], layout="two-level rows",
+         unused=-1, seed=0)
+@example(n=1, rows=0, in_f=5, widths=[3, 4], biases=[False, False], layout="contiguous", unused=-1, seed=1)
+@given(n=st.integers(1, 3), rows=st.integers(0, 150), in_f=st.integers(1, 70),
+       widths=st.lists(st.integers(1, 42), min_size=1, max_size=poplinear.MAX_PARTS),
+       biases=st.lists(st.booleans(), min_size=poplinear.MAX_PARTS, max_size=poplinear.MAX_PARTS),
+       layout=st.sampled_from(["contiguous", "two-level rows"]), unused=st.integers(-1, 2), seed=st.integers(0, 99))
+def test_linears_of_one_input_equal_each_linear(n, rows, in_f, widths, biases, layout, unused, seed):
+    """Up to three linears of one input as one op (with and without biases, x's rows in two levels, each
+    output's gradient a slice of a wider tensor, one output unused): each output and the gradients of x and
+    of every weight and bias equal each model's F.linear's, float64 reference."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n * rows, 3, in_f, generator=g)[:, 1] if layout == "two-level rows"
+         else torch.randn(n * rows, in_f, generator=g)).to(DEVICE).requires_grad_()
+    ws = [torch.randn(n, width, in_f, generator=g).to(DEVICE).requires_grad_() for width in widths]
+    bs = [torch.randn(n, width, generator=g).to(DEVICE).requires_grad_() if bias else None
+          for width, bias in zip(widths, biases)]
+    ys = poplinear.linears(x, ws, bs)
+    wants = [per_model(x, w, b) for w, b in zip(ws, bs)]
+    for y, want in zip(ys, wants):
+        assert y.shape == want.shape and y.dtype == x.dtype and y.is_contiguous()
+        torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
+    dys = [torch.randn(n * rows, width + 2, generator=g).to(DEVICE)[:, 1:-1] for width in widths]
+    used = [i for i in range(len(ys)) if i != unused] or [0]
+    wrt = [x, *ws, *[b for b in bs if b is not None]]
+    got = torch.autograd.grad([ys[i] for i in used], wrt, [dys[i] for i in used], allow_unused=True)
+    ref = torch.autograd.grad([wants[i] for i in used], wrt, [dys[i].double() for i in used], allow_unused=True)
+    for a, r in zip(got, ref):
+        if r is None:  # an unused output's weights: no gradient, or a zero one
+            assert a is None or not a.any()
+            continue
+        torch.testing.assert_close(a.double(), r.double(), rtol=1e-4, atol=1e-4 * max(1, rows) ** 0.5)
+
+
 def test_linear_passes_torch_library_opcheck():
-    """The fake kernels match what the ops return, the autograd registration too (with and without a bias)."""
+    """The fake kernels match what the ops return, the autograd registration too (with and without a bias, one
+    output and three side by side)."""
     x = torch.randn(6, 5, device=DEVICE, requires_grad=True)
     for b in (torch.randn(2, 7, device=DEVICE, requires_grad=True), None):
         w = torch.randn(2, 7, 5, device=DEVICE, requires_grad=True)
-        torch.library.opcheck(poplinear._pop_linear, (x, w, b))
+        torch.library.opcheck(poplinear._pop_linear, (x, w, b, [7]))
+        torch.library.opcheck(poplinear._pop_linear, (x, w, b, [2, 4, 1]))
 
 
 def test_a_bias_read_through_a_view_is_read_as_its_values():
@@ -109,3 +146,9 @@ def test_bad_shapes_are_named():
         poplinear.linear(torch.randn(4, 5), w, None)
     with pytest.raises(ValueError, match="disagree"):
         poplinear.linear(torch.randn(4, 3), w, torch.randn(2, 3))
+    with pytest.raises(ValueError, match="1 to 3 weights and as many biases, got 4 and 4"):
+        poplinear.linears(torch.randn(4, 3), [w] * 4, [None] * 4)
+    with pytest.raises(ValueError, match="up to 128 outputs together, got 64 \\+ 65"):
+        poplinear.linears(torch.randn(4, 3), [torch.randn(2, 64, 3), torch.randn(2, 65, 3)], [None, None])
+    with pytest.raises(ValueError, match="every weight is \\[N, out, in\\] of one population"):
+        poplinear.linears(torch.randn(4, 3), [w, torch.randn(4, 4, 3)], [None, None])
