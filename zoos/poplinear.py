@@ -15,8 +15,9 @@ transpose; the weight gradient sums dy^T x over a program's tiles with db as the
 already holds, one float32 partial a program, which torch sums over each model's programs.
 
 Linears of one input (`linears`: a transformer's query, key and value maps) run as one, their weights side by
-side: the forward reads x once and writes each output, and the backward's input gradient reads every output's
-gradient in one product, dx = sum_i dy_i @ w_i[m], where autograd would write each term and add them.
+side: the forward reads each tile of x once and runs a product a part, each part's output contiguous; the input
+gradient sums the parts' products dy_j @ w_j[m] in registers and writes dx once, where autograd would write each
+term and add them; the weight gradient runs a pass a part into the one weight's gradient.
 
 Products take x's dtype (bf16 on tensor cores; float32 exactly), accumulate in float32; y and dx are stored in
 x's dtype, as autocast's batched matmul stores them.
