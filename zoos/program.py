@@ -60,7 +60,7 @@ class Program:
     reason: str | None = None
     optimizer: str = "eager"  # the optimizer step: "popoptim" (its Triton kernels), "eager" torch ops or "compiled"
     graphs: bool = False  # the trainer's choice: steps replayed as CUDA graphs
-    compiled_ahead: dict[str, int] | None = None  # the trainer's: Triton kernels compiled before the first step (precompile)
+    compiled_ahead: dict[str, float] | None = None  # the trainer's: Triton kernels compiled before the first step (precompile)
     step: FastStep | None = field(default=None, repr=False)
 
     def describe(self) -> str:

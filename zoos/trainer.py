@@ -291,7 +291,8 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     if precompile.supported(device) and not program.choice.compile:
         status("compiling kernels")
         ahead = _compile_ahead(program, data, optimizer, evaluation, params, buffers, augmenter)
-        program.choice.compiled_ahead = {"kernels": ahead.kernels, "threads": ahead.threads, "failed": ahead.failed}
+        program.choice.compiled_ahead = {"kernels": ahead.kernels, "threads": ahead.threads, "failed": ahead.failed,
+                                         "seconds": round(ahead.seconds, 3)}  # the compile; the lap: the dry run too
         clock.lap("compile")
     status("first step" + (" (compiling)" if program.choice.compile else ""))
     program.module.train()

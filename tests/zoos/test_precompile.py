@@ -125,7 +125,7 @@ same = all(np.array_equal(ahead.weights[k], plain.weights[k]) for k in plain.wei
     np.array_equal(ahead.curves[k], plain.curves[k], equal_nan=True) for k in plain.curves)
 print(json.dumps({"same": same, "ahead": ahead.program["compiled_ahead"], "plain": plain.program["compiled_ahead"],
                   "eager": eager.program["compiled_ahead"], "eager_finite": bool(np.isfinite(eager.curves["test_loss"]).all()),
-                  "phases": sorted(ahead.timings)}))
+                  "phases": sorted(ahead.timings), "compile_lap": ahead.timings.get("compile")}))
 """
 
 
@@ -141,5 +141,6 @@ def test_the_trainers_dry_run_leaves_no_trace(tmp_path):
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["same"]
     assert got["ahead"]["kernels"] > 5 and got["ahead"]["failed"] == 0 and "compile" in got["phases"]
+    assert 0 < got["ahead"]["seconds"] <= got["compile_lap"]  # the compile, within the lap that holds the dry run too
     assert got["plain"] is None  # turned off: no dry run
     assert got["eager_finite"] and got["eager"]["kernels"] > 0  # the optimizer's kernels
