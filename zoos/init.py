@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from tasks.base import MODEL_STRIDE, mix_seed
 
@@ -31,16 +31,28 @@ def stream_seed(seed: int, salt: int) -> int:
 
 def init_model(arch: str, arch_config: dict[str, Any], factors: dict[str, Any], task: Any) -> Any:
     """Build and initialise one model from its own seed: the same factors always give the same weights."""
+    from zoos.archs.base import build_arch
+
+    return _seeded_init(factors, lambda: build_arch(arch, task, **arch_config))
+
+
+def _seeded_init(factors: dict[str, Any], draw: Callable[[], Any], own_generator: bool = False) -> Any:
+    """draw() (a model it builds or redraws) from the model's init stream, then `reinit` with factors["init"]: the
+    stream seeds the default CPU generator, or with `own_generator` one of draw's own (`_draws_from`)."""
     import torch
 
-    from zoos.archs.base import build_arch, reinit
+    from zoos.archs.base import reinit
 
     s = stream_seed(factors["seed"], INIT_STREAM)
-    with torch.random.fork_rng(devices=[]):
-        # layers' own default init draws from the CPU generator: seed that one alone (torch.manual_seed would
-        # also reseed every CUDA generator, which fork_rng(devices=[]) does not restore, and is slower)
-        torch.default_generator.manual_seed(s)
-        model = build_arch(arch, task, **arch_config)
+    with contextlib.ExitStack() as scope:
+        if own_generator:
+            scope.enter_context(_draws_from(torch.Generator().manual_seed(s)))
+        else:
+            # layers' own default init draws from the CPU generator: seed that one alone (torch.manual_seed would
+            # also reseed every CUDA generator, which fork_rng(devices=[]) does not restore, and is slower)
+            scope.enter_context(torch.random.fork_rng(devices=[]))
+            torch.default_generator.manual_seed(s)
+        model = draw()
     reinit(model, factors["init"], generator=torch.Generator().manual_seed(s))
     return model
 
@@ -125,21 +137,16 @@ class _Replay:
 
     def draw(self, m: ModelSpec) -> dict:
         """The copy's tensors, redrawn as `init_model` draws them for m."""
+        _seeded_init(m.factors, self._reset, self.own_generator)
+        return self.live
+
+    def _reset(self) -> Any:
         import torch
 
-        from zoos.archs.base import reinit
-
-        s = stream_seed(m.factors["seed"], INIT_STREAM)
-        with contextlib.ExitStack() as scope, torch.no_grad():
-            if self.own_generator:
-                scope.enter_context(_draws_from(torch.Generator().manual_seed(s)))
-            else:  # as init_model seeds it (a mode's Python dispatch of every op costs more than a small model's draws)
-                scope.enter_context(torch.random.fork_rng(devices=[]))
-                torch.default_generator.manual_seed(s)
+        with torch.no_grad():
             for reset in self.resets:
                 reset()
-        reinit(self.model, m.factors["init"], generator=torch.Generator().manual_seed(s))
-        return self.live
+        return self.model
 
     def same(self, state: dict, model: Any) -> bool:
         import torch
