@@ -26,6 +26,7 @@ A permutation with several sites (a residual stream) sums their statistics.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
@@ -231,6 +232,18 @@ def _cost_plan(spec: PermSpec, a: State, b: State) -> dict[str, tuple[Tensor | N
     return plan
 
 
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    """torch's intra-op threads set to n while the block runs (the restarts' threads share the cores: each matmul
+    asking for all of them oversubscribes the machine), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _descend(spec: PermSpec, a: State, b: State, inits: list[Perms], max_sweeps: int,
              generator: torch.Generator | None) -> list[tuple[Perms, list[float], int]]:
     """Coordinate descent from each of `inits`: (perms, objective trace, sweeps) per start.
@@ -242,7 +255,8 @@ def _descend(spec: PermSpec, a: State, b: State, inits: list[Perms], max_sweeps:
     step whose cost has not changed since the unit was last solved (the solver would return what it returned
     then, which is already in place). A start stops after a sweep that changes nothing. The starts descend on
     parallel threads, each at its own pace, once a permutation has `_THREADED_FROM` entries (torch's matmuls
-    and scipy's solver release the GIL; below that the GIL-bound rest of a step costs more than they gain).
+    and scipy's solver release the GIL; below that the GIL-bound rest of a step costs more than they gain),
+    the cores shared among them: each thread's matmuls get torch's intra-op threads // threads.
     """
     names, units = list(spec.perms), _units(spec)
     dev = next(iter(a.values())).device
@@ -291,7 +305,7 @@ def _descend(spec: PermSpec, a: State, b: State, inits: list[Perms], max_sweeps:
     big = bool(names) and max(len(v) for v in perms[0].values()) >= _THREADED_FROM
     workers = min(len(inits), os.cpu_count() or 1) if big else 1
     if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
+        with _intra_op_threads(max(1, torch.get_num_threads() // workers)), ThreadPoolExecutor(workers) as pool:
             list(pool.map(descend, range(len(inits))))
     else:
         for r in range(len(inits)):

@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/matching_restarts_bench.py            # CPU, ~1 min on 2 cores (a third of it training)
 
 `weight_matching(restarts=K)` runs restart 0 from the identity exactly as `restarts=1` does and K-1 descents
-from random permutations in lockstep (one random order per sweep, shared); each descent keeps its cost
-matrices between steps, updated by the positions that moved, and skips a step whose cost has not changed
-since the unit was last solved; the restarts' steps run in parallel threads.
+from random permutations, all following one random order per sweep; each descent keeps its cost matrices
+between steps, updated by the positions that moved, and skips a step whose cost has not changed since the
+unit was last solved; from width 256 the restarts descend on parallel threads, sharing torch's intra-op threads.
 
 1. Spread. `--pairs` pairs of registry `mlp` models (width `--width`, depth `--depth`) trained with
    `--steps` Adam steps on the digits task. For every K in `--ks`, `--seeds` independent runs of
