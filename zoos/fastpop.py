@@ -25,17 +25,15 @@ implicit-GEMM kernels instead of im2col + bmm: no patch matrix in memory, forwar
 the stride-1 conv of its input's stride x stride blocks, `popconv.space_to_depth`). A first convolution that reads
 the input directly also takes the batch as row indices into the resident data set (`forward(..., rows=idx)`), and
 a shared evaluation batch becomes the same indices for every model, so the input is never gathered or expanded per
-model in memory. A kernel conv whose output only feeds a 2x2 max-pool and/or a monotone activation (tanh, sigmoid,
-relu, leaky_relu, as modules or functions; a dropout that is off may sit between) becomes one
-`popconv.conv2d_pool_act`: the full-resolution conv output is never written (up to 16 outputs on CUDA cores, wider
-ones on tensor cores, the four window positions side by side). A scale and shift of one
+model in memory. A kernel conv (up to 16 output channels) whose output only feeds a 2x2 max-pool and/or a monotone
+activation (tanh, sigmoid, relu, leaky_relu, as modules or functions; a dropout that is off may sit between)
+becomes one `popconv.conv2d_pool_act`: the full-resolution conv output is never written. A scale and shift of one
 value per output channel right after any conv (an eval-mode batch norm, `fold_affine`) are folded into its stacked
 weights and bias, where that keeps every value's dtype (always in float32). Where `popconv.windows_pay` says so (a
 first conv followed by a 2x2 max-pool, by default), that first conv reads a window table of the data set instead
 (`popconv.window_table`, built once per resident data set and kept while the data set lives): its forward and
 weight gradient become tensor-core products over contiguous whole-window rows. Wide kernel convs write
-channels-last maps, and any other plain 2x2 max-pool of a map (or one the tuning's pool_dot keeps out of a wide
-conv) runs as `popconv.max_pool2x2` (PyTorch's
+channels-last maps, and any other plain 2x2 max-pool of a map runs as `popconv.max_pool2x2` (PyTorch's
 channels-last pooling is several times slower on these maps); where such a pool alone reads a wide conv's folded
 activation, the pool's backward applies the activation's derivative (`act_grad=False`), where a stride-1 kernel
 conv alone reads it, that conv's input gradient does (`input_act`), and where a mean over the map does, its

@@ -363,30 +363,20 @@ class _WideThenPool(torch.nn.Module):
         return self.head(torch.tanh(self.conv2(self.pool(self.drop(self.act(self.conv1(x)))))).mean(dim=(-2, -1)))
 
 
-def _calls(graph_module) -> list[tuple[str, dict]]:
-    return [(n.target.__name__, n.kwargs) for n in graph_module.graph.nodes if n.op == "call_function"]
-
-
 def test_the_program_leaves_a_wide_convs_activation_derivative_to_its_max_pool():
-    """Where a wide conv does not fold its pool (tuning pool_dot=0) and its only reader is a plain max-pool (a
-    skipped dropout between), the program emits the pair (the conv with act_grad=False, the pool with the
-    activation) and its gradients equal vmap's; with the dropout kept, the conv keeps its own activation pass.
-    By default the wide conv folds the pool and the activation itself (the tensor-core forward): one op, the
-    same gradients."""
-    with popconv.tuned({"pool_dot": False}):
-        step = _paired_step_checked(_WideThenPool)
-        kept = FastPopulation(_WideThenPool(), (2, 8, 8), kernels=True)  # the dropout runs: the pool reads it
-    calls = _calls(step.pop.graph_module)
+    """Where a no-pool fused conv's only reader is a plain max-pool (a skipped dropout between), the program
+    emits the pair (the conv with act_grad=False, the pool with the activation) and its gradients equal vmap's;
+    with the dropout kept, the conv keeps its own activation pass."""
+    step = _paired_step_checked(_WideThenPool)
+    calls = [(n.target.__name__, n.kwargs) for n in step.pop.graph_module.graph.nodes if n.op == "call_function"]
     convs = [kw for name, kw in calls if name == "conv2d_pool_act"]
     assert [(kw["act"], kw.get("act_grad")) for kw in convs] == [("relu", False), ("tanh", False)]  # tanh: the mean's
     assert [kw for name, kw in calls if name == "max_pool2x2"] == [{"act": "relu", "slope": 0.0}]
     assert ("pool", "popconv max-pool (+relu')", "") in step.pop.choices
-    calls = _calls(kept.graph_module)
+    kept = FastPopulation(_WideThenPool(), (2, 8, 8), kernels=True)  # the dropout runs: the pool reads it, not the conv
+    calls = [(n.target.__name__, n.kwargs) for n in kept.graph_module.graph.nodes if n.op == "call_function"]
     assert [kw.get("act_grad") for name, kw in calls if name == "conv2d_pool_act"] == [None, False]
     assert [kw for name, kw in calls if name == "max_pool2x2"] == [{}]
-    calls = _calls(_paired_step_checked(_WideThenPool).pop.graph_module)
-    assert [(kw["pool"], kw["act"]) for name, kw in calls if name == "conv2d_pool_act"] == [(2, "relu"), (1, "tanh")]
-    assert not [name for name, _ in calls if name == "max_pool2x2"]
 
 
 class _WideThenMean(torch.nn.Module):
@@ -460,16 +450,12 @@ def test_conv_pool_act_equals_the_three_layers(act, pool, c, o, k, pad, size, bi
 
 
 @pytest.mark.parametrize("act", sorted(ACTS))
-@pytest.mark.parametrize("pool", [1, 2])
 @pytest.mark.parametrize("c,o,k,pad,x_in,channels_last", [(3, 20, 3, 1, "grad", True), (18, 33, 3, 0, "no grad", True),
-                                                         (2, 24, 3, 1, "rows", False), (17, 40, 1, 0, "grad", False),
-                                                         (20, 17, 2, 1, "rows", True)])
-def test_a_wide_conv_applies_its_activation_and_pool_in_its_own_forward(tune, act, pool, c, o, k, pad, x_in,
-                                                                         channels_last):
-    """Past the pool kernel's 16 outputs, conv2d_pool_act is the tensor-core forward (NCHW for a few input
-    channels, channels-last from 16) with the activation in its epilogue and a 2x2 max-pool folded in (the four
-    window positions side by side, the odd last row and column dropped): the output and every gradient as the
-    layers give them, the input read in its own memory format, by row index or without a gradient included."""
+                                                         (2, 24, 3, 1, "rows", False), (17, 40, 1, 0, "grad", False)])
+def test_a_wide_conv_applies_its_activation_in_its_own_forward(tune, act, c, o, k, pad, x_in, channels_last):
+    """Past the pool kernel's 16 outputs, conv2d_pool_act without a pool is the plain forward with the activation
+    in its epilogue (the input read in its own memory format, channels-last included): the output and every
+    gradient as the two layers give them, the input read by row index or without a gradient included."""
     tune(channels_last=channels_last)
     torch.manual_seed(c * 100 + o)
     n, batch, gather = 2, 3, x_in == "rows"
@@ -478,10 +464,9 @@ def test_a_wide_conv_applies_its_activation_and_pool_in_its_own_forward(tune, ac
     rows = torch.randint(0, 11, (n, batch), device=DEVICE) if gather else None
     w = torch.randn(n, o, c, k, k, device=DEVICE, requires_grad=True)
     b = torch.randn(n, o, device=DEVICE, requires_grad=True)
-    assert popconv.fuses(o, pool=pool)
-    got = popconv.conv2d_pool_act(x, w, b, (pad, pad), pool=pool, act=act, slope=0.1, rows=rows)
-    y = reference(x if rows is None else x[rows.reshape(-1)], w, b, pad)
-    want = ACTS[act](F.max_pool2d(y, 2) if pool == 2 else y)
+    assert popconv.fuses(o, pool=1) and not popconv.fuses(o)
+    got = popconv.conv2d_pool_act(x, w, b, (pad, pad), pool=1, act=act, slope=0.1, rows=rows)
+    want = ACTS[act](reference(x if rows is None else x[rows.reshape(-1)], w, b, pad))
     g = torch.randn_like(want)
     wrt = [t for t in (x, w, b) if t.requires_grad]
     for a, r in zip((got, *torch.autograd.grad((got * g).sum(), wrt)), (want, *torch.autograd.grad((want * g).sum(), wrt))):
@@ -489,10 +474,10 @@ def test_a_wide_conv_applies_its_activation_and_pool_in_its_own_forward(tune, ac
 
 
 def test_conv_pool_act_passes_torch_library_opcheck():
-    """The fused conv's fake kernel matches what it returns (the tensor-core forward's channels-last output and
-    pool choices past 16 outputs included), its autograd registration too."""
+    """The fused conv's fake kernel matches what it returns (the plain forward's channels-last output past 16
+    outputs included), its autograd registration too."""
     x = torch.randn(6, 4, 8, 8, device=DEVICE, requires_grad=True)
-    for o, pool in ((5, 2), (5, 1), (20, 1), (20, 2)):
+    for o, pool in ((5, 2), (5, 1), (20, 1)):
         w = torch.randn(2, o, 4, 3, 3, device=DEVICE, requires_grad=True)
         b = torch.randn(2, o, device=DEVICE, requires_grad=True)
         for act_grad in (True, False) if pool == 1 else (True,):

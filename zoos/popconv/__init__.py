@@ -76,14 +76,13 @@ One module a kernel family, each with its kernels, launchers and custom ops:
 Tuning: `tuning.current()` is a frozen `Tuning`, built at import from the environment variables below;
 `with tuned({"window_block_m": 64}):` replaces it inside the block (the benchmarks' --tuning sets,
 `parse_tuning`). Each field is read where its choice is made: `fuse`, `forward` (through `fuses`), `strided`
-(through `supports`), `pool_dot` (through `fuses`, and at the launch), `window_dx` and `act_in_reader` when
-`zoos.fastpop` emits a program, `windows` and
+(through `supports`), `window_dx` and `act_in_reader` when `zoos.fastpop` emits a program, `windows` and
 `window_max_fraction` when a window table is or is not built, the others (and `forward` again) at each launch.
 
 Environment variables, read once when the package is imported:
   SYMZOO_POPCONV_FORWARD    auto (default), fma or dot: the conv forward on CUDA cores (fma) or tensor cores
-                            (dot); auto takes fma for up to 16 outputs from fewer than 16 inputs. Both fold a
-                            following 2x2 max-pool and activation into the conv (dot: where `pool_dot`, the default)
+                            (dot); auto takes fma for up to 16 outputs from fewer than 16 inputs. fma also folds
+                            the pool and activation into every conv, dot only an activation without a pool
   SYMZOO_POPCONV_FUSE       1 (default) or 0: 0 keeps a following 2x2 max-pool and activation out of the conv
   SYMZOO_POPCONV_STRIDED    1 (default) or 0: 0 leaves strided convs to zoos.fastpop's im2col + bmm
   SYMZOO_POPCONV_ACT_IN_READER  1 (default) or 0: 0 keeps a folded activation's derivative in its conv's backward

@@ -96,55 +96,26 @@ if triton is not None:
         return tl.load(x_ptr + row * (C * H * W) + offset[:, None] + (i * W + j)[None, :], mask=mask, other=0.0)
 
     @triton.jit
-    def _store_pooled(acc0, acc1, acc2, acc3, b_ptr, y_ptr, code_ptr, m, O, HO, WO, o, r, sample, pmask,
-                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr, CL: tl.constexpr):
-        """The max of a 2x2 window's four [pixels, outputs] tiles (positions row-major) through `_store_output`
-        into y [N*B, O, HO, WO] (the pooled map), and which position gave it into code (y's layout, a byte each)."""
-        best, code = acc0, tl.zeros(acc0.shape, dtype=tl.int32)
-        best, code = _keep_max(best, code, acc1, 1)
-        best, code = _keep_max(best, code, acc2, 2)
-        best, code = _keep_max(best, code, acc3, 3)
-        _store_output(best, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS, ACT, SLOPE, CL, y_ptr,
-                      "identity", 0.0, CL)
-        tl.store(code_ptr + _at(O, HO, WO, o, r, sample, CL), code.to(tl.int8), mask=pmask[:, None] & (o < O)[None, :])
-
-    @triton.jit
-    def _conv_fwd_dot_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, y_ptr, g_ptr, code_ptr,
+    def _conv_fwd_dot_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, y_ptr, g_ptr,
                          B, C, H, W, O, HO, WO, PH, PW,
                          K: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                          GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, CL: tl.constexpr,
                          ACT: tl.constexpr, SLOPE: tl.constexpr, GRAD: tl.constexpr, GRAD_SLOPE: tl.constexpr,
-                         G_CL: tl.constexpr, POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
-        """The forward of a few-channel input read in NCHW (a first layer), into y channels-last when CL.
-        POOL 2: y is the 2x2 max-pool of the conv ([.., HO, WO] the pooled size), the four window positions' tiles
-        computed side by side from one weight tile a step, and code which position won (`_store_pooled`)."""
+                         G_CL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The forward of a few-channel input read in NCHW (a first layer), into y channels-last when CL."""
         tile, ob, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         pmask, r, i, j, sample = _pixels(tile * BLOCK_M + tl.arange(0, BLOCK_M), B * HO * WO, m, B, HO, WO)
         row = _source_row(rows_ptr, sample, pmask, GATHER)
         o = ob * BLOCK_N + tl.arange(0, BLOCK_N)
         w_base = w_ptr + m.to(tl.int64) * (O * K)
-        i, j = i * POOL, j * POOL
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if POOL == 2:
-            acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            wk = tl.load(w_base + o[None, :] * K + k[:, None], mask=(k < K)[:, None] & (o < O)[None, :],
-                         other=0.0).to(DOT)
-            acc += tl.dot(_patch_tile(x_ptr, row, pmask, i, j, k, C, H, W, PH, PW, K, KH, KW).to(DOT), wk)
-            if POOL == 2:
-                acc1 += tl.dot(_patch_tile(x_ptr, row, pmask, i, j + 1, k, C, H, W, PH, PW, K, KH, KW).to(DOT), wk)
-                acc2 += tl.dot(_patch_tile(x_ptr, row, pmask, i + 1, j, k, C, H, W, PH, PW, K, KH, KW).to(DOT), wk)
-                acc3 += tl.dot(_patch_tile(x_ptr, row, pmask, i + 1, j + 1, k, C, H, W, PH, PW, K, KH, KW).to(DOT), wk)
-        if POOL == 2:
-            _store_pooled(acc, acc1, acc2, acc3, b_ptr, y_ptr, code_ptr, m, O, HO, WO, o, r, sample, pmask,
-                          HAS_BIAS, ACT, SLOPE, CL)
-        else:
-            _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS, ACT, SLOPE, CL, g_ptr, GRAD,
-                          GRAD_SLOPE, G_CL)
+            a = _patch_tile(x_ptr, row, pmask, i, j, k, C, H, W, PH, PW, K, KH, KW)
+            wk = tl.load(w_base + o[None, :] * K + k[:, None], mask=(k < K)[:, None] & (o < O)[None, :], other=0.0)
+            acc += tl.dot(a.to(DOT), wk.to(DOT))
+        _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS, ACT, SLOPE, CL, g_ptr, GRAD,
+                      GRAD_SLOPE, G_CL)
 
     @triton.jit
     def _conv_fwd_fma_kernel(x_ptr, rows_ptr, wt_ptr, b_ptr, y_ptr, g_ptr, B, O,
@@ -332,44 +303,29 @@ if triton is not None:
         return tl.load(x_ptr + at[:, None] + c[None, :], mask=ok[:, None] & (c < C)[None, :], other=0.0)
 
     @triton.jit
-    def _conv_fwd_cl_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, y_ptr, g_ptr, code_ptr, B, O,
+    def _conv_fwd_cl_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, y_ptr, g_ptr, B, O,
                             C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, HO: tl.constexpr, WO: tl.constexpr,
                             PH: tl.constexpr, PW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                             GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
                             ACT: tl.constexpr, SLOPE: tl.constexpr, GRAD: tl.constexpr, GRAD_SLOPE: tl.constexpr,
-                            G_CL: tl.constexpr, POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                            BLOCK_N: tl.constexpr):
+                            G_CL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
         """The forward of a wide layer, x [rows, H, W, C] and y [N*B, HO, WO, O] channels-last, w as
         [N, KH, KW, C, O]: one loop over (tap, channel block), each a [pixels, channels] @ [channels, outputs]
-        product whose loads are contiguous channel runs (the NCHW gather loads an element a lane).
-        POOL 2: y (and code) the 2x2 max-pool as `_conv_fwd_dot_kernel`'s."""
+        product whose loads are contiguous channel runs (the NCHW gather loads an element a lane)."""
         tile, ob, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         pmask, r, i, j, sample = _pixels(tile * BLOCK_M + tl.arange(0, BLOCK_M), B * HO * WO, m, B, HO, WO)
         row = _source_row(rows_ptr, sample, pmask, GATHER)
         o = ob * BLOCK_N + tl.arange(0, BLOCK_N)
         w_base = w_ptr + m.to(tl.int64) * (KH * KW * C * O)
         CB: tl.constexpr = (C + BLOCK_C - 1) // BLOCK_C
-        i, j = i * POOL, j * POOL
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if POOL == 2:
-            acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for step in range(KH * KW * CB):
             t, c = step // CB, (step % CB) * BLOCK_C + tl.arange(0, BLOCK_C)
-            wk = tl.load(w_base + (t * C + c)[:, None] * O + o[None, :], mask=(c < C)[:, None] & (o < O)[None, :],
-                         other=0.0).to(DOT)
-            acc += tl.dot(_cl_patch(x_ptr, row, i, j, pmask, t, c, C, H, W, PH, PW, KW).to(DOT), wk)
-            if POOL == 2:
-                acc1 += tl.dot(_cl_patch(x_ptr, row, i, j + 1, pmask, t, c, C, H, W, PH, PW, KW).to(DOT), wk)
-                acc2 += tl.dot(_cl_patch(x_ptr, row, i + 1, j, pmask, t, c, C, H, W, PH, PW, KW).to(DOT), wk)
-                acc3 += tl.dot(_cl_patch(x_ptr, row, i + 1, j + 1, pmask, t, c, C, H, W, PH, PW, KW).to(DOT), wk)
-        if POOL == 2:
-            _store_pooled(acc, acc1, acc2, acc3, b_ptr, y_ptr, code_ptr, m, O, HO, WO, o, r, sample, pmask,
-                          HAS_BIAS, ACT, SLOPE, True)
-        else:
-            _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS, ACT, SLOPE, True, g_ptr,
-                          GRAD, GRAD_SLOPE, G_CL)
+            a = _cl_patch(x_ptr, row, i, j, pmask, t, c, C, H, W, PH, PW, KW)
+            wk = tl.load(w_base + (t * C + c)[:, None] * O + o[None, :], mask=(c < C)[:, None] & (o < O)[None, :], other=0.0)
+            acc += tl.dot(a.to(DOT), wk.to(DOT))
+        _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS, ACT, SLOPE, True, g_ptr, GRAD,
+                      GRAD_SLOPE, G_CL)
 
     @triton.jit
     def _conv_wgrad_cl_kernel(x_ptr, rows_ptr, dy_ptr, dw_ptr, db_ptr, B, SPLIT, PER_SPLIT,
@@ -448,40 +404,28 @@ def _launch_forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None,
                     padding: tuple[int, int], out_dtype: torch.dtype, act: str = "identity", slope: float = 0.0,
                     through: tuple[Tensor, str, float] | None = None) -> Tensor:
     """The forward's launch. `through` = (g, act, slope): the output (an input gradient, y's shape) times act'(g)."""
-    return _forward(x, rows, w, b, batch, padding, out_dtype, act, slope, through)[0]
-
-
-def _forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None, batch: int, padding: tuple[int, int],
-             out_dtype: torch.dtype, act: str = "identity", slope: float = 0.0,
-             through: tuple[Tensor, str, float] | None = None, pool: int = 1) -> tuple[Tensor, Tensor]:
-    """`_launch_forward`, and with pool 2 (the tensor-core kernels only) the 2x2 max-pool folded in: (the pooled
-    output, the byte a pooled output saying which window position won, in the output's layout); pool 1: (y, empty)."""
     n, o, c, kh, kw = w.shape
     h, wd = x.shape[2], x.shape[3]
-    ho, wo = (h + 2 * padding[0] - kh + 1) // pool, (wd + 2 * padding[1] - kw + 1) // pool
+    ho, wo = h + 2 * padding[0] - kh + 1, wd + 2 * padding[1] - kw + 1
     y = _output((n * batch, o, ho, wo), c, x, out_dtype)
-    code = torch.empty_like(y, dtype=torch.int8) if pool > 1 else y.new_empty(0, dtype=torch.int8)
     rows_arg = rows if rows is not None else x  # any pointer when GATHER is off
     g, grad, grad_slope = through if through is not None else (y, "identity", 0.0)
     g_cl = stored_channels_last(g)
     g = g if g_cl else g.contiguous()
     epilogue = dict(GRAD=grad, GRAD_SLOPE=float(grad_slope), G_CL=g_cl)
-    code_arg = code if pool > 1 else y
     if _reads_channels_last(x, rows, o):
         x = x.contiguous(memory_format=torch.channels_last)
         block_m, block_c, block_n = _cl_blocks(c, o)
-        block_m = max(16, block_m // (pool * pool))  # a program's conv pixels as many as unpooled
         wt = w.permute(0, 3, 4, 2, 1).contiguous()  # [N, kh, kw, C, O]: a tap's channels are rows of outputs
         _conv_fwd_cl_kernel[(triton.cdiv(batch * ho * wo, block_m), triton.cdiv(o, block_n), n)](
-            x, rows_arg, wt, b if b is not None else wt, y, g, code_arg, batch, o, C=c, H=h, W=wd, HO=ho, WO=wo,
+            x, rows_arg, wt, b if b is not None else wt, y, g, batch, o, C=c, H=h, W=wd, HO=ho, WO=wo,
             PH=padding[0], PW=padding[1], KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=b is not None,
-            DOT=_dot_dtype(y), ACT=act, SLOPE=slope, **epilogue, POOL=pool, BLOCK_M=block_m, BLOCK_C=block_c,
-            BLOCK_N=block_n, num_warps=4,
+            DOT=_dot_dtype(y), ACT=act, SLOPE=slope, **epilogue, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_N=block_n,
+            num_warps=4,
         )
-        return y, code
+        return y
     x = x.contiguous()
     if _fma_forward(c, o):
-        assert pool == 1, "the CUDA-core forward folds a pool in `_launch_pool_act` only"
         block_n = triton.next_power_of_2(o)
         t = tuning.current()
         block_m = t.fma_block_m or min(1024, 8192 // block_n)  # 8 outputs x 8 pixels a thread (4 warps)
@@ -491,16 +435,15 @@ def _forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None, batch:
             PH=padding[0], PW=padding[1], KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=b is not None,
             ACT=act, SLOPE=slope, **epilogue, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=t.fma_warps,
         )
-        return y, code
+        return y
     block_m, block_k, block_n = _blocks(c * kh * kw, o)
-    block_m = max(16, block_m // (pool * pool))
     _conv_fwd_dot_kernel[(triton.cdiv(batch * ho * wo, block_m), triton.cdiv(o, block_n), n)](
-        x, rows_arg, w, b if b is not None else w, y, g, code_arg, batch, c, h, wd, o, ho, wo, padding[0], padding[1],
+        x, rows_arg, w, b if b is not None else w, y, g, batch, c, h, wd, o, ho, wo, padding[0], padding[1],
         K=c * kh * kw, KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=b is not None, DOT=_dot_dtype(y),
-        CL=_writes_channels_last(c, o), ACT=act, SLOPE=slope, **epilogue, POOL=pool, BLOCK_M=block_m,
-        BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
+        CL=_writes_channels_last(c, o), ACT=act, SLOPE=slope, **epilogue, BLOCK_M=block_m, BLOCK_K=block_k,
+        BLOCK_N=block_n, num_warps=4,
     )
-    return y, code
+    return y
 
 
 def _fma_weights(w: Tensor, block_n: int) -> Tensor:
@@ -513,23 +456,23 @@ def _fma_weights(w: Tensor, block_n: int) -> Tensor:
 
 def _pool_act_kernel(o: int) -> bool:
     """Whether `conv2d_pool_act` runs the CUDA-core forward with the pool and activation folded in: up to 16
-    outputs (any number under the tuning's forward "fma"). A wider conv runs the tensor-core forward
-    (`_forward`), the activation in its epilogue and a 2x2 pool folded in where the tuning's pool_dot says."""
+    outputs (any number under the tuning's forward "fma"). A wider conv without a pool runs `_launch_forward`,
+    the activation in its epilogue."""
     forward = tuning.forward(tuning.current())
     return o <= 16 if forward == "auto" else forward == "fma"
 
 
 def _plain(o: int, pool: int) -> bool:
-    """Whether `conv2d_pool_act` of o outputs runs a tensor-core forward (`_forward`), its outputs in that
-    forward's layout: wider than the CUDA-core pool kernel, with no pool or with the pool folded in."""
-    return not _pool_act_kernel(o) and (pool == 1 or tuning.current().pool_dot)
+    """Whether `conv2d_pool_act` of o outputs runs the plain forward, the activation in its epilogue: no pool,
+    wider than the pool kernel."""
+    return pool == 1 and not _pool_act_kernel(o)
 
 
 def _launch_pool_act(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None, batch: int, padding: tuple[int, int],
                      pool: int, act: str, slope: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     n, o, c, kh, kw = w.shape
     if _plain(o, pool):  # reads x in its own memory format
-        return _forward(x, rows, w, b, batch, padding, out_dtype, act, slope, pool=pool)
+        return _launch_forward(x, rows, w, b, batch, padding, out_dtype, act, slope), x.new_empty(0, dtype=torch.int8)
     x = x.contiguous()
     h, wd = x.shape[2], x.shape[3]
     hp, wp = (h + 2 * padding[0] - kh + 1) // pool, (wd + 2 * padding[1] - kw + 1) // pool

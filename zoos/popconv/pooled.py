@@ -7,10 +7,8 @@ import torch
 from torch import Tensor
 
 from . import tuning
-from .common import (EPILOGUE_ACTIVATIONS, _dot_dtype, _programs_per_model, _tile_rows, _wgrad_fake, stored_channels_last,
-                     tl, triton)
+from .common import EPILOGUE_ACTIVATIONS, _dot_dtype, _programs_per_model, _tile_rows, _wgrad_fake, tl, triton
 from .conv import _checked, _conv_grads, _input_act, _launch_pool_act, _launch_wgrad, _need_rows, _output, _plain, _pool_act_kernel
-from .pool import _pop_max_unpool2x2
 from .window import _window_conv
 
 
@@ -157,8 +155,9 @@ def _pop_conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, rows: Tensor | 
 def _(x, w, b, rows, batch, pad_h, pad_w, pool, act, slope, out_dtype, window_dx, act_grad, input_act, input_slope):
     n, o, _, kh, kw = w.shape
     shape = (n * batch, o, (x.shape[2] + 2 * pad_h - kh + 1) // pool, (x.shape[3] + 2 * pad_w - kw + 1) // pool)
-    a = _output(shape, x.shape[1], x, out_dtype) if _plain(o, pool) else x.new_empty(shape, dtype=out_dtype)
-    return a, torch.empty_like(a, dtype=torch.int8) if pool > 1 else x.new_empty(0, dtype=torch.int8)
+    if _plain(o, pool):  # the plain forward's output, in its memory format
+        return _output(shape, x.shape[1], x, out_dtype), x.new_empty(0, dtype=torch.int8)
+    return x.new_empty(shape, dtype=out_dtype), x.new_empty(shape if pool > 1 else (0,), dtype=torch.int8)
 
 
 def _setup_pool_act(ctx, inputs, output) -> None:
@@ -189,6 +188,16 @@ def _act_backward(da: Tensor, a: Tensor, act: str, slope: float) -> Tensor:
     return da
 
 
+def _unpool(dz: Tensor, code: Tensor, pool: int, out_hw: tuple[int, int]) -> Tensor:
+    """max_pool2d's backward: each pooled gradient to the window position `code` chose, zeros elsewhere."""
+    nb, o, hp, wp = dz.shape
+    hit = code.unsqueeze(-1) == torch.arange(pool * pool, device=code.device, dtype=code.dtype)  # [..., hp, wp, k*k]
+    dy = (dz.unsqueeze(-1) * hit).view(nb, o, hp, wp, pool, pool).permute(0, 1, 2, 4, 3, 5).reshape(nb, o, hp * pool, wp * pool)
+    if (hp * pool, wp * pool) != out_hw:  # rows/columns the pool's floor dropped get no gradient
+        dy = torch.nn.functional.pad(dy, (0, out_hw[1] - wp * pool, 0, out_hw[0] - hp * pool))
+    return dy
+
+
 @torch.library.custom_op("symzoo::pop_pooled_grads", mutates_args=())
 def _pop_pooled_grads(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x: Tensor, pad_h: int, pad_w: int, pool: int,
                       act: str, slope: float, bias: bool, weights: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -211,7 +220,7 @@ def _backward_pool_act(ctx, da: Tensor, _dcode: Tensor | None):
     x, w, rows, a, code = ctx.saved_tensors
     batch, pad_h, pad_w, has_bias, x_dtype, pool, act, slope, window_dx, plain, through = ctx.meta
     nothing = (None,) * 12
-    window_dx = ctx.needs_input_grad[0] and pool > 1 and window_dx and not plain
+    window_dx = ctx.needs_input_grad[0] and pool > 1 and window_dx
     if window_dx and rows is None:  # dx per block of input pixels and dw, db in one op
         weights = ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2])
         dx, dw, db = _pop_pooled_grads(da, a, code, w, x, pad_h, pad_w, pool, act, slope, has_bias, weights)
@@ -223,11 +232,10 @@ def _backward_pool_act(ctx, da: Tensor, _dcode: Tensor | None):
         a = a if a.numel() else da  # no activation left to undo (act_grad off): a is not read
         dw, db = _pop_conv2d_pool_act_wgrad(x, rows, da, a, code, w, pad_h, pad_w, has_bias, pool, act, slope)
         return None, dw.to(w.dtype), (db if has_bias else None), *nothing
-    if pool > 1:  # max_pool2d's backward through the activation: the conv's output gradient, in a's layout
-        out = [a.shape[0], a.shape[1], x.shape[2] + 2 * pad_h - w.shape[3] + 1, x.shape[3] + 2 * pad_w - w.shape[4] + 1]
-        dz = _pop_max_unpool2x2(da, code, a, out, stored_channels_last(a), act, slope)
-    else:
-        dz = _act_backward(da, a, act, slope)
+    dz = _act_backward(da, a, act, slope)
+    if pool > 1:
+        out_hw = (x.shape[2] + 2 * pad_h - w.shape[3] + 1, x.shape[3] + 2 * pad_w - w.shape[4] + 1)
+        dz = _unpool(dz, code, pool, out_hw)
     return (*_conv_grads(ctx.needs_input_grad, dz, x, w, rows, batch, pad_h, pad_w, has_bias, x_dtype, through),
             *nothing)
 
@@ -265,10 +273,8 @@ def spatial_mean(a: Tensor, act: str = "identity", slope: float = 0.0, keepdim: 
 def fuses(out_channels: int, pool: int = 2) -> bool:
     """Whether `conv2d_pool_act` runs as one kernel for a conv with this many outputs and this pool: the
     CUDA-core forward with the pool and activation folded in, for up to 16 outputs (from any number of
-    inputs); a wider conv the tensor-core forward, the activation in its epilogue and the pool folded in
-    (the tuning's pool_dot); without a pool (1), any conv."""
-    t = tuning.current()
-    return t.fuse and (pool == 1 or _pool_act_kernel(out_channels) or t.pool_dot)
+    inputs); without a pool (1), any conv, a wider one with the activation in its own forward's epilogue."""
+    return tuning.current().fuse and (pool == 1 or _pool_act_kernel(out_channels))
 
 
 def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int] = (0, 0), *,

@@ -35,8 +35,6 @@ class Tuning:
     dot: str = "bf16"
     # whether fastpop folds a following 2x2 max-pool and monotone activation into the conv (`fuses`)
     fuse: bool = True
-    # whether a conv too wide for the CUDA-core pooled forward folds its 2x2 max-pool into the tensor-core forward
-    pool_dot: bool = True
     # whether a strided conv runs here as the stride-1 conv of its blocks (`supports`; else fastpop's im2col + bmm)
     strided: bool = True
     # whether a conv's folded activation leaves its derivative to the max-pool or stride-1 conv that alone reads it
