@@ -232,16 +232,27 @@ def _cost_plan(spec: PermSpec, a: State, b: State) -> dict[str, tuple[Tensor | N
     return plan
 
 
+_sharing = threading.Lock()
+_sharers = [0, 0]  # [blocks inside `_intra_op_threads` now, torch's thread count before the first of them]
+
+
 @contextlib.contextmanager
 def _intra_op_threads(n: int):
     """torch's intra-op threads set to n while the block runs (the restarts' threads share the cores: each matmul
-    asking for all of them oversubscribes the machine), restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    asking for all of them oversubscribes the machine), restored after. torch's count is process-wide, so where
+    blocks overlap (matchings on threads of a caller's own) the first sets it and the last restores it."""
+    with _sharing:
+        if _sharers[0] == 0:
+            _sharers[1] = torch.get_num_threads()
+            torch.set_num_threads(n)
+        _sharers[0] += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _sharing:
+            _sharers[0] -= 1
+            if _sharers[0] == 0:
+                torch.set_num_threads(_sharers[1])
 
 
 def _descend(spec: PermSpec, a: State, b: State, inits: list[Perms], max_sweeps: int,

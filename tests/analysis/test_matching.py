@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -444,6 +446,35 @@ def test_restarts_on_threads_descend_as_one_after_another(seed, monkeypatch):
     assert threads.restart_objectives == alone.restart_objectives and threads.objective == alone.objective
     assert all(torch.equal(threads.perms[k], alone.perms[k]) for k in alone.perms)
     assert torch.equal(after_threads, after_alone)
+
+
+def test_restarts_on_threads_share_torchs_threads_and_give_them_back(monkeypatch):
+    """While restarts descend on threads, each step's work gets torch's intra-op threads // restarts (not all of
+    them each); afterwards torch's count is what it was, also where matchings run at once on threads of the
+    caller's own (the count is process-wide: the first sets it, the last restores it), their results unchanged."""
+    import analysis.matching as matching
+
+    monkeypatch.setattr(matching, "_THREADED_FROM", 1)
+    seen, solve = [], matching._solve
+    monkeypatch.setattr(matching, "_solve", lambda costs, n: (seen.append(torch.get_num_threads()), solve(costs, n))[1])
+    torch.manual_seed(0)
+    a, b = TinyMLP(16).state_dict(), TinyMLP(16).state_dict()
+    spec = TinyMLP(16).perm_spec()
+
+    def match(_=None):
+        return weight_matching(spec, a, b, generator=torch.Generator().manual_seed(0), restarts=2)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        alone = match()
+        assert set(seen) == {4 // min(2, os.cpu_count() or 1)} and torch.get_num_threads() == 4
+        with ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(match, range(3)))
+        assert torch.get_num_threads() == 4
+        assert all(r.restart_objectives == alone.restart_objectives for r in results)
+    finally:
+        torch.set_num_threads(before)
 
 
 @settings(max_examples=15, deadline=None)
