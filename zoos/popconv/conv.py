@@ -289,18 +289,21 @@ if triton is not None:
             tl.store(db_ptr + (m.to(tl.int64) * SPLIT + split) * O + o, tl.sum(acc_b, axis=0), mask=(o < O) & (kb == 0))
 
 
-    # ---- wide layers channels-last: every tap a [pixels, channels] tile of contiguous rows ----------------
+    # ---- wide layers channels-last: im2col columns (tap, channel) as runs of contiguous channels ---------
 
     @triton.jit
-    def _cl_patch(x_ptr, row, i, j, pmask, t, c, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
-                  PH: tl.constexpr, PW: tl.constexpr, KW: tl.constexpr):
-        """Tap t's input channels c at output pixels (i, j) of x [rows, H, W, C] as a [pixels, channels] tile."""
-        ii, jj = i + t // KW - PH, j + t % KW - PW
-        ok = pmask
+    def _cl_patch(x_ptr, row, i, j, pmask, k, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                  PH: tl.constexpr, PW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr):
+        """Columns k, flat over (tap, channel), of the im2col rows at output pixels (i, j) of x [rows, H, W, C]:
+        a [pixels, len(k)] tile whose columns run over several taps where C is narrower than the tile."""
+        t, c = k // C, k % C
+        di, dj = t // KW - PH, t % KW - PW
+        ok = pmask[:, None] & (k < KH * KW * C)[None, :]
         if (PH > 0) | (PW > 0):  # zero padding: taps outside the image read 0
+            ii, jj = i[:, None] + di[None, :], j[:, None] + dj[None, :]
             ok = ok & (ii >= 0) & (ii < H) & (jj >= 0) & (jj < W)
-        at = row * (H * W * C) + (ii * W + jj) * C
-        return tl.load(x_ptr + at[:, None] + c[None, :], mask=ok[:, None] & (c < C)[None, :], other=0.0)
+        at = (row * (H * W * C) + (i * W + j) * C)[:, None] + ((di * W + dj) * C + c)[None, :]
+        return tl.load(x_ptr + at, mask=ok, other=0.0)
 
     @triton.jit
     def _conv_fwd_cl_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, y_ptr, g_ptr, B, O,
@@ -308,21 +311,21 @@ if triton is not None:
                             PH: tl.constexpr, PW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                             GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
                             ACT: tl.constexpr, SLOPE: tl.constexpr, GRAD: tl.constexpr, GRAD_SLOPE: tl.constexpr,
-                            G_CL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+                            G_CL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """The forward of a wide layer, x [rows, H, W, C] and y [N*B, HO, WO, O] channels-last, w as
-        [N, KH, KW, C, O]: one loop over (tap, channel block), each a [pixels, channels] @ [channels, outputs]
-        product whose loads are contiguous channel runs (the NCHW gather loads an element a lane)."""
+        [N, KH*KW*C, O]: one loop over blocks of im2col columns (tap, channel), each a [pixels, columns] @
+        [columns, outputs] product whose loads are contiguous channel runs (the NCHW gather loads an element a lane)."""
         tile, ob, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         pmask, r, i, j, sample = _pixels(tile * BLOCK_M + tl.arange(0, BLOCK_M), B * HO * WO, m, B, HO, WO)
         row = _source_row(rows_ptr, sample, pmask, GATHER)
         o = ob * BLOCK_N + tl.arange(0, BLOCK_N)
         w_base = w_ptr + m.to(tl.int64) * (KH * KW * C * O)
-        CB: tl.constexpr = (C + BLOCK_C - 1) // BLOCK_C
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for step in range(KH * KW * CB):
-            t, c = step // CB, (step % CB) * BLOCK_C + tl.arange(0, BLOCK_C)
-            a = _cl_patch(x_ptr, row, i, j, pmask, t, c, C, H, W, PH, PW, KW)
-            wk = tl.load(w_base + (t * C + c)[:, None] * O + o[None, :], mask=(c < C)[:, None] & (o < O)[None, :], other=0.0)
+        for k0 in range(0, KH * KW * C, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            a = _cl_patch(x_ptr, row, i, j, pmask, k, C, H, W, PH, PW, KH, KW)
+            wk = tl.load(w_base + k[:, None] * O + o[None, :], mask=(k < KH * KW * C)[:, None] & (o < O)[None, :],
+                         other=0.0)
             acc += tl.dot(a.to(DOT), wk.to(DOT))
         _store_output(acc, b_ptr, y_ptr, m, O, HO, WO, o, r, sample, pmask, HAS_BIAS, ACT, SLOPE, True, g_ptr, GRAD,
                       GRAD_SLOPE, G_CL)
@@ -332,34 +335,32 @@ if triton is not None:
                               C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr,
                               HO: tl.constexpr, WO: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                               KH: tl.constexpr, KW: tl.constexpr, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                              DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
-        """dw (and db) of a wide layer, channels-last: program (tap, channel block and output block; split;
-        model) sums [channels, pixels] @ [pixels, outputs] over its pixel tiles [split * PER_SPLIT, ...) of
-        model m, pixels flat over (sample, row, column), so the dy [N*B, HO, WO, O] rows of a tile are one run.
-        dw is [N, SPLIT, KH, KW, C, O], db [N, SPLIT, O]."""
+                              DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """dw (and db) of a wide layer, channels-last: program (block of im2col columns (tap, channel) and of
+        outputs; split; model) sums [columns, pixels] @ [pixels, outputs] over its pixel tiles [split * PER_SPLIT,
+        ...) of model m, pixels flat over (sample, row, column), so the dy [N*B, HO, WO, O] rows of a tile are one
+        run. dw is [N, SPLIT, KH*KW*C, O], db [N, SPLIT, O]."""
         kb, split, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        CB: tl.constexpr = (C + BLOCK_C - 1) // BLOCK_C
         OB: tl.constexpr = (O + BLOCK_N - 1) // BLOCK_N
-        t, cb, ob = kb // (CB * OB), (kb // OB) % CB, kb % OB
-        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        o = ob * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
+        k = (kb // OB) * BLOCK_K + tl.arange(0, BLOCK_K)
+        o = (kb % OB) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # summed over pixels once, after the loop
         start = split * PER_SPLIT
         for tile in range(start, tl.minimum(start + PER_SPLIT, tl.cdiv(B * HO * WO, BLOCK_M))):
             pmask, r, i, j, sample = _pixels(tile * BLOCK_M + tl.arange(0, BLOCK_M), B * HO * WO, m, B, HO, WO)
             row = _source_row(rows_ptr, sample, pmask, GATHER)
-            a = _cl_patch(x_ptr, row, i, j, pmask, t, c, C, H, W, PH, PW, KW)
+            a = _cl_patch(x_ptr, row, i, j, pmask, k, C, H, W, PH, PW, KH, KW)
             g_at = dy_ptr + (sample.to(tl.int64) * (HO * WO) + r)[:, None] * O + o[None, :]
             g = tl.load(g_at, mask=pmask[:, None] & (o < O)[None, :], other=0.0)
             acc += tl.dot(tl.trans(a.to(DOT)), g.to(DOT))
             if HAS_BIAS:
                 acc_b += g.to(tl.float32)
         part = m.to(tl.int64) * SPLIT + split
-        at = dw_ptr + part * (KH * KW * C * O) + (t * C + c)[:, None] * O + o[None, :]
-        tl.store(at, acc, mask=(c < C)[:, None] & (o < O)[None, :])
+        at = dw_ptr + part * (KH * KW * C * O) + k[:, None] * O + o[None, :]
+        tl.store(at, acc, mask=(k < KH * KW * C)[:, None] & (o < O)[None, :])
         if HAS_BIAS:
-            tl.store(db_ptr + part * O + o, tl.sum(acc_b, axis=0), mask=(o < O) & (t == 0) & (cb == 0))
+            tl.store(db_ptr + part * O + o, tl.sum(acc_b, axis=0), mask=(o < O) & (kb < OB))
 
 
 def _fma_forward(c: int, o: int) -> bool:
@@ -392,12 +393,18 @@ def _output(shape: tuple[int, ...], c: int, like: Tensor, dtype: torch.dtype) ->
                        memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
-def _cl_blocks(c: int, o: int) -> tuple[int, int, int]:
-    """Tile sizes (pixels, channels, outputs) of the channels-last kernels: a tap's channels per step (at
-    least 16, tl.dot's least reduction), the outputs up to 128 a program."""
-    block_c = 16 if c <= 16 else 32 if c <= 32 else 64
+def _cl_blocks(c: int, o: int, taps: int, wgrad: bool = False) -> tuple[int, int, int]:
+    """Tile sizes (pixels, im2col columns, outputs) of the channels-last kernels. Columns run flat over (tap,
+    channel), at least 16 a step (tl.dot's least reduction): the forward's a tap's channels (16, 32 or 64), the
+    weight gradient's 64 (a narrow layer's step spans several taps: fewer passes over dy). Outputs up to 128."""
+    t = tuning.current()
+    if wgrad:
+        block_k = t.cl_wgrad_block_k or min(64, max(16, triton.next_power_of_2(c * taps)))
+    else:
+        block_k = t.cl_block_k or (16 if c <= 16 else 32 if c <= 32 else 64)
     block_n = min(128, max(16, triton.next_power_of_2(o)))
-    return (128 if block_n <= 64 else 64), block_c, block_n
+    block_m = (t.cl_wgrad_block_m if wgrad else 0) or t.cl_block_m or (128 if block_n <= 64 else 64)
+    return block_m, block_k, block_n
 
 
 def _launch_forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None, batch: int,
@@ -415,13 +422,13 @@ def _launch_forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None,
     epilogue = dict(GRAD=grad, GRAD_SLOPE=float(grad_slope), G_CL=g_cl)
     if _reads_channels_last(x, rows, o):
         x = x.contiguous(memory_format=torch.channels_last)
-        block_m, block_c, block_n = _cl_blocks(c, o)
-        wt = w.permute(0, 3, 4, 2, 1).contiguous()  # [N, kh, kw, C, O]: a tap's channels are rows of outputs
+        block_m, block_k, block_n = _cl_blocks(c, o, kh * kw)
+        wt = w.permute(0, 3, 4, 2, 1).contiguous()  # [N, kh, kw, C, O]: im2col column (tap, channel) a row of outputs
         _conv_fwd_cl_kernel[(triton.cdiv(batch * ho * wo, block_m), triton.cdiv(o, block_n), n)](
             x, rows_arg, wt, b if b is not None else wt, y, g, batch, o, C=c, H=h, W=wd, HO=ho, WO=wo,
             PH=padding[0], PW=padding[1], KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=b is not None,
-            DOT=_dot_dtype(y), ACT=act, SLOPE=slope, **epilogue, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_N=block_n,
-            num_warps=4,
+            DOT=_dot_dtype(y), ACT=act, SLOPE=slope, **epilogue, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
+            num_warps=tuning.current().cl_warps,
         )
         return y
     x = x.contiguous()
@@ -531,8 +538,8 @@ def _launch_wgrad_cl(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.
     """dw, db of a wide layer from x and dy channels-last (`_conv_wgrad_cl_kernel`)."""
     n, o, c, kh, kw = w_shape
     x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
-    block_m, block_c, block_n = _cl_blocks(c, o)
-    blocks = kh * kw * triton.cdiv(c, block_c) * triton.cdiv(o, block_n)
+    block_m, block_k, block_n = _cl_blocks(c, o, kh * kw, wgrad=True)
+    blocks = triton.cdiv(kh * kw * c, block_k) * triton.cdiv(o, block_n)
     split, per_split = _programs_per_model(triton.cdiv(batch * ho * wo, block_m), n * blocks, dy.device)
     dw = torch.empty(n, split, kh, kw, c, o, device=dy.device, dtype=torch.float32)
     db = torch.empty(n, split, o, device=dy.device, dtype=torch.float32) if bias else None
@@ -540,7 +547,7 @@ def _launch_wgrad_cl(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.
         x, rows if rows is not None else x, dy, dw, db if db is not None else dw, batch, split, per_split,
         C=c, H=x.shape[2], W=x.shape[3], O=o, HO=ho, WO=wo, PH=padding[0], PW=padding[1], KH=kh, KW=kw,
         GATHER=rows is not None, HAS_BIAS=bias, DOT=_dot_dtype(dy),
-        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=4,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=tuning.current().cl_warps,
     )
     return dw.sum(1).permute(0, 4, 3, 1, 2).contiguous(), (db.sum(1) if db is not None else None)
 

@@ -58,7 +58,16 @@ class Tuning:
     window_stages: int = 2
     # whether a tensor-core forward writes its output channels-last (False: every tensor NCHW)
     channels_last: bool = True
-
+    # im2col columns (tap, channel) a step of the channels-last forward (0: a tap's channels, 16, 32 or 64)
+    cl_block_k: int = 0
+    # im2col columns a step of the channels-last weight gradient (0: 64, spanning taps of a narrow layer)
+    cl_wgrad_block_k: int = 0
+    # output pixels a tile of the channels-last kernels (0: 128 up to 64 outputs, else 64)
+    cl_block_m: int = 0
+    # output pixels a tile of the channels-last weight gradient (0: cl_block_m's)
+    cl_wgrad_block_m: int = 0
+    # warps a program of the channels-last kernels
+    cl_warps: int = 4
 
 FORWARDS = ("auto", "fma", "dot")
 
