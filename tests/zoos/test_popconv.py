@@ -452,11 +452,13 @@ def test_conv_pool_act_equals_the_three_layers(act, pool, c, o, k, pad, size, bi
 
 @pytest.mark.parametrize("act", sorted(ACTS))
 @pytest.mark.parametrize("c,o,k,pad,x_in,channels_last", [(3, 20, 3, 1, "grad", True), (18, 33, 3, 0, "no grad", True),
-                                                         (2, 24, 3, 1, "rows", False), (17, 40, 1, 0, "grad", False)])
+                                                         (2, 24, 3, 1, "rows", False), (17, 40, 1, 0, "grad", False),
+                                                         (16, 12, 3, 1, "grad", True)])
 def test_a_wide_conv_applies_its_activation_in_its_own_forward(tune, act, c, o, k, pad, x_in, channels_last):
-    """Past the pool kernel's 16 outputs, conv2d_pool_act without a pool is the plain forward with the activation
-    in its epilogue (the input read in its own memory format, channels-last included): the output and every
-    gradient as the two layers give them, the input read by row index or without a gradient included."""
+    """Past the pool kernel's 16 outputs, or from 16 inputs, conv2d_pool_act without a pool is the plain forward
+    with the activation in its epilogue (the input read in its own memory format, channels-last included): the
+    output and every gradient as the two layers give them, the input read by row index or without a gradient
+    included."""
     tune(channels_last=channels_last)
     torch.manual_seed(c * 100 + o)
     n, batch, gather = 2, 3, x_in == "rows"
@@ -465,8 +467,9 @@ def test_a_wide_conv_applies_its_activation_in_its_own_forward(tune, act, c, o, 
     rows = torch.randint(0, 11, (n, batch), device=DEVICE) if gather else None
     w = torch.randn(n, o, c, k, k, device=DEVICE, requires_grad=True)
     b = torch.randn(n, o, device=DEVICE, requires_grad=True)
-    assert popconv.fuses(o, pool=1) and not popconv.fuses(o)
+    assert popconv.fuses(o, pool=1) and popconv.fuses(o) == (o <= 16)
     got = popconv.conv2d_pool_act(x, w, b, (pad, pad), pool=1, act=act, slope=0.1, rows=rows)
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last  # the plain forward's output
     want = ACTS[act](reference(x if rows is None else x[rows.reshape(-1)], w, b, pad))
     g = torch.randn_like(want)
     wrt = [t for t in (x, w, b) if t.requires_grad]

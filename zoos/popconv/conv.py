@@ -462,23 +462,23 @@ def _fma_weights(w: Tensor, block_n: int) -> Tensor:
 
 
 def _pool_act_kernel(o: int) -> bool:
-    """Whether `conv2d_pool_act` runs the CUDA-core forward with the pool and activation folded in: up to 16
-    outputs (any number under the tuning's forward "fma"). A wider conv without a pool runs `_launch_forward`,
-    the activation in its epilogue."""
+    """Whether `conv2d_pool_act` with a pool runs the CUDA-core forward with the pool and activation folded in: up
+    to 16 outputs (any number under the tuning's forward "fma"). Without a pool, `_plain` decides."""
     forward = tuning.forward(tuning.current())
     return o <= 16 if forward == "auto" else forward == "fma"
 
 
-def _plain(o: int, pool: int) -> bool:
-    """Whether `conv2d_pool_act` of o outputs runs the plain forward, the activation in its epilogue: no pool,
-    wider than the pool kernel."""
-    return pool == 1 and not _pool_act_kernel(o)
+def _plain(c: int, o: int, pool: int) -> bool:
+    """Whether `conv2d_pool_act` of c inputs and o outputs runs the plain forward, the activation in its epilogue:
+    no pool, and a layer `_fma_forward` leaves to tensor cores (the CUDA-core kernel, reading a tap's channels
+    one at a time, pays only for fewer than 16 inputs)."""
+    return pool == 1 and not _fma_forward(c, o)
 
 
 def _launch_pool_act(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None, batch: int, padding: tuple[int, int],
                      pool: int, act: str, slope: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     n, o, c, kh, kw = w.shape
-    if _plain(o, pool):  # reads x in its own memory format
+    if _plain(c, o, pool):  # reads x in its own memory format
         return _launch_forward(x, rows, w, b, batch, padding, out_dtype, act, slope), x.new_empty(0, dtype=torch.int8)
     x = x.contiguous()
     h, wd = x.shape[2], x.shape[3]

@@ -155,7 +155,7 @@ def _pop_conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, rows: Tensor | 
 def _(x, w, b, rows, batch, pad_h, pad_w, pool, act, slope, out_dtype, window_dx, act_grad, input_act, input_slope):
     n, o, _, kh, kw = w.shape
     shape = (n * batch, o, (x.shape[2] + 2 * pad_h - kh + 1) // pool, (x.shape[3] + 2 * pad_w - kw + 1) // pool)
-    if _plain(o, pool):  # the plain forward's output, in its memory format
+    if _plain(x.shape[1], o, pool):  # the plain forward's output, in its memory format
         return _output(shape, x.shape[1], x, out_dtype), x.new_empty(0, dtype=torch.int8)
     return x.new_empty(shape, dtype=out_dtype), x.new_empty(shape if pool > 1 else (0,), dtype=torch.int8)
 
@@ -166,8 +166,8 @@ def _setup_pool_act(ctx, inputs, output) -> None:
     if not act_grad:  # the gradient arrives through the activation already: the output is not read again
         a, act = a.new_empty(0), "identity"
     ctx.save_for_backward(x, w, rows, a, code)
-    ctx.meta = (batch, pad_h, pad_w, b is not None, x.dtype, pool, act, slope, window_dx, _plain(w.shape[1], pool),
-                (input_act, input_slope))
+    plain = _plain(w.shape[2], w.shape[1], pool)
+    ctx.meta = (batch, pad_h, pad_w, b is not None, x.dtype, pool, act, slope, window_dx, plain, (input_act, input_slope))
     ctx.mark_non_differentiable(code)
 
 
