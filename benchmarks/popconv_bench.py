@@ -1,6 +1,7 @@
 """Per-layer times of the population convolutions: im2col + bmm vs popconv's Triton kernels.
 
     python benchmarks/popconv_bench.py --models 1024            # CUDA machine, ~1 min
+    python benchmarks/popconv_bench.py --wide --models 256 --before /tmp/before/zoos/popconv   # the wide layers
 
 For each convolution of CNN-s on 28x28x1 (batch 128 per model, bf16 activations, float32 weights)
 and its two backward products, times (CUDA events, median of 20 after a warm-up):
@@ -16,6 +17,11 @@ and its two backward products, times (CUDA events, median of 20 after a warm-up)
            too), timed in the same run, so a kernel change is measured side by side (ratio = before / auto)
 The first layer reads the resident data set by row index, as in training. Output: a table and
 <out>/popconv_bench.json.
+
+--wide times instead the wide (tensor-core, channels-last) layers of cnn and resnet20, 3x3 with padding 1, bf16:
+the forward alone and a training step's three products (forward, input gradient, weight gradient), at the
+defaults and (--before) another version's, each as the families call it (`conv2d_pool_act` with a ReLU, or the
+plain `conv2d` ahead of a norm). Output: <out>/popconv_wide.json.
 """
 
 from __future__ import annotations
@@ -39,6 +45,12 @@ from zoos.fastpop import pop_conv2d  # noqa: E402
 # (name, C, O, k, input size, padding): CNN-s's convs and the input-gradient convs of conv2 and conv3
 LAYERS = [("conv1", 1, 8, 5, 28, 0), ("conv2", 8, 6, 5, 12, 0), ("conv3", 6, 4, 2, 4, 0),
           ("conv2 dgrad", 6, 8, 5, 8, 4), ("conv3 dgrad", 4, 6, 2, 3, 1)]
+
+
+# (name, C, O, input size, how the family calls it): cnn's and resnet20's wide 3x3 convs, and a no-pool layer
+# of 16 outputs from 16 inputs
+WIDE = [("cnn conv2", 32, 32, 28, "relu"), ("cnn conv1>2", 16, 32, 28, "relu"), ("resnet20 s1", 16, 16, 32, "plain"),
+        ("resnet20 s2", 32, 32, 16, "plain"), ("resnet20 s3", 64, 64, 8, "plain"), ("16>16 relu", 16, 16, 32, "relu")]
 
 
 def timed(fn, reps: int = 20) -> float:
@@ -81,6 +93,43 @@ def before_wgrad(before):
     return before.conv._pop_conv2d_wgrad if hasattr(before, "conv") else before._pop_conv2d_wgrad
 
 
+def wide(models: int, batch: int, before, out: Path) -> None:
+    """The --wide table: forward and training-step milliseconds of the WIDE layers, at the defaults and `before`."""
+    versions = {"auto": popconv} | ({"before": before} if before is not None else {})
+    results = []
+    print(f"{'layer':14s}{'fwd':>9s}{'step':>9s}" + ("".join(f"{h:>9s}" for h in ("bef fwd", "bef step", "fwd x", "step x"))
+                                                     if before is not None else "") + f"   ms, N={models}, B={batch}")
+    for name, c, o, size, call in WIDE:
+        x = torch.randn(models * batch, c, size, size, device="cuda", dtype=torch.bfloat16)
+        x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+        w = (torch.randn(models, o, c, 3, 3, device="cuda") * 0.1).requires_grad_()
+        b = torch.zeros(models, o, device="cuda", requires_grad=True)
+        row = {"layer": name, "C": c, "O": o, "size": size, "call": call, "models": models, "batch": batch}
+        for label, pc in versions.items():
+            def conv(pc=pc):
+                if call == "plain":
+                    return pc.conv2d(x, w, b, (1, 1))
+                return pc.conv2d_pool_act(x, w, b, (1, 1), pool=1, act="relu")
+
+            with torch.no_grad():
+                dy = torch.randn_like(conv())
+
+            def step(conv=conv):
+                torch.autograd.grad(conv(), [x, w, b], dy)
+
+            with torch.no_grad():
+                row[f"{label}_fwd_ms"] = timed(conv)
+            row[f"{label}_step_ms"] = timed(step)
+        results.append(row)
+        line = f"{name:14s}{row['auto_fwd_ms']:9.3f}{row['auto_step_ms']:9.3f}"
+        if before is not None:
+            line += (f"{row['before_fwd_ms']:9.3f}{row['before_step_ms']:9.3f}"
+                     f"{row['before_fwd_ms'] / row['auto_fwd_ms']:8.2f}x{row['before_step_ms'] / row['auto_step_ms']:8.2f}x")
+        print(line, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "popconv_wide.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "layers": results}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", type=int, default=1024)
@@ -88,8 +137,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     ap.add_argument("--before", type=Path, help="a zoos/popconv folder (or popconv.py) to time side by side at its defaults")
     ap.add_argument("--no-sweep", action="store_true", help="defaults only (and --before): no tile-size sweeps")
+    ap.add_argument("--wide", action="store_true", help="the wide layers of cnn and resnet20 instead (see above)")
     a = ap.parse_args()
     before = load_before(a.before) if a.before else None
+    if a.wide:
+        return wide(a.models, a.batch, before, a.out)
     n, batch, dev = a.models, a.batch, "cuda"
     data = torch.randn(60000, 1, 28, 28, device=dev)
     rows = torch.randint(0, 60000, (n, batch), device=dev)
