@@ -69,6 +69,7 @@ class Tuning:
     # warps a program of the channels-last kernels
     cl_warps: int = 4
 
+
 FORWARDS = ("auto", "fma", "dot")
 
 
