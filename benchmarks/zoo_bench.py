@@ -18,6 +18,7 @@ point tasks. Batches of 128 per model (the INR task: its 64 pixels, one full bat
            is cached as an install leaves it (`bytecode_cache`)
 
 ZOO_BENCH_PROFILE=N (N >= 1) also prints the N costliest GPU kernels (1: 12) of a second symzoo run of each population.
+A warm run that compiles kernels the cold run's Triton cache should have held prints their names.
 --tuning 'channels_last=0;forward=fma' adds a symzoo run under each popconv tuning set (`parse_tuning`),
 in the same call, printed under the row with the default's speed over its own.
 
@@ -367,10 +368,15 @@ def main() -> None:
             env = {**base_env, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton"),
                    "SYMZOO_CACHE": str(caches / "symzoo")}  # generated task data: cold generates it, warm reads it
             cold = run([arch, str(n), str(steps), str(work / "data"), a.kinds, a.compile], env)
+            cached = triton_entries(caches / "triton")
             warm = {} if a.no_warm or "error" in cold else run([arch, str(n), str(steps), str(work / "data"), "symzoo", a.compile], env)
-            row = {**cold, "warm": warm.get("symzoo"), "warm_error": warm.get("error"), "tuned": {}}
+            missed = kernel_names(caches / "triton", triton_entries(caches / "triton") - cached) if warm else {}
+            row = {**cold, "warm": warm.get("symzoo"), "warm_error": warm.get("error"), "warm_compiled": missed, "tuned": {}}
             rows.append(row)
             print(line(arch, n, row), flush=True)
+            if missed:  # kernels the warm run did not find in the cold run's cache
+                print(f"      warm: {sum(missed.values())} kernels compiled again: "
+                      + ", ".join(f"{k} x{v}" for k, v in sorted(missed.items(), key=lambda kv: -kv[1])), flush=True)
             for name, r in (("cold", row.get("symzoo")), ("warm", row.get("warm"))):
                 if r and r.get("compiled_ahead"):
                     ahead = r["compiled_ahead"]
@@ -386,6 +392,21 @@ def main() -> None:
                 print("      " + kernel, flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "zoo_bench.json").write_text(json.dumps({"rows": rows, "steps": steps, "batch": BATCH}, indent=1))
+
+
+def triton_entries(root: Path) -> set[str]:
+    """The entries (one a compiled kernel specialisation) of a Triton cache directory."""
+    return {p.name for p in root.iterdir()} if root.is_dir() else set()
+
+
+def kernel_names(root: Path, entries: set[str]) -> dict[str, int]:
+    """How many of `entries` each kernel has: the names of their compiled binaries (Triton names them after the kernel)."""
+    names: dict[str, int] = {}
+    for entry in entries:
+        for f in (root / entry).glob("*.json"):
+            if not f.name.startswith("__grp__"):
+                names[f.stem] = names.get(f.stem, 0) + 1
+    return names
 
 
 def line(arch: str, n: int, row: dict) -> str:
