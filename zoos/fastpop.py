@@ -868,7 +868,7 @@ class _Emitter:
                  pad: tuple[int, int], stride: tuple[int, int] = (1, 1), affine: Sequence[tuple] = ()) -> fx.Node:
         """A conv on popconv's kernels, with the max-pool and activation that alone consume it folded in;
         returns the node that stands for the traced conv (the chain's last node when one is folded). A strided
-        conv with nothing folded into it runs at its stride where `popconv.strided_reads_directly`, any other as
+        conv with no pool folded into it runs at its stride where `popconv.strided_reads_directly`, any other as
         the stride-1 conv of its input's blocks (`popconv.strided`). `affine`: the per-channel ops after it already
         folded into w and b (`_foldable_affine`)."""
         g, pop, env = self.g, self.pop, self.env
@@ -881,7 +881,7 @@ class _Emitter:
         epilogue = self._epilogue(node, tail)
         source = node.args[0] if node.op == "call_module" else _bind(node)["input"]
         outputs = node.meta["probe"].shape[1]
-        direct = (stride != (1, 1) and epilogue is None and not reads
+        direct = (stride != (1, 1) and (epilogue is None or epilogue[1]["pool"] == 1) and not reads
                   and popconv.strided_reads_directly(source.meta["probe"].shape[1], outputs))
         if direct:
             why = f"stride {stride[0]}x{stride[1]}: read at its stride by the channels-last kernels"
@@ -927,6 +927,7 @@ class _Emitter:
                 reader = None
             if reader is not None:
                 options["act_grad"] = False
+        options = {**options, "stride": stride} if direct else options
         env[chain[-1]] = out = g.call_function(popconv.conv2d_pool_act, (x, w, b, pad), {**epilogue[1], **options})
         return out
 

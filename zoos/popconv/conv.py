@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from . import tuning
-from .common import EPILOGUE_ACTIVATIONS, _dot_dtype, _programs_per_model, _wgrad_fake, stored_channels_last, tl, triton
+from .common import (EPILOGUE_ACTIVATIONS, _act_backward, _dot_dtype, _programs_per_model, _wgrad_fake, stored_channels_last,
+                     tl, triton)
 from .strided import space_to_depth, strided_weight
 from .window import _window_conv
 
@@ -664,12 +665,14 @@ _pop_conv2d.register_autograd(_backward, setup_context=_setup)
 
 @torch.library.custom_op("symzoo::pop_conv2d_strided", mutates_args=())
 def _pop_conv2d_strided(x: Tensor, w: Tensor, b: Tensor | None, batch: int, stride_h: int, stride_w: int,
-                        pad_h: int, pad_w: int, out_dtype: torch.dtype) -> Tensor:
-    return _launch_forward(x, None, w.contiguous(), b, batch, (pad_h, pad_w), out_dtype, stride=(stride_h, stride_w))
+                        pad_h: int, pad_w: int, act: str, slope: float, act_grad: bool, out_dtype: torch.dtype) -> Tensor:
+    """act(conv(x, w, b)) at the stride, the activation in the forward's epilogue; act_grad as `conv2d_pool_act`'s."""
+    return _launch_forward(x, None, w.contiguous(), b, batch, (pad_h, pad_w), out_dtype, act, slope,
+                           stride=(stride_h, stride_w))
 
 
 @_pop_conv2d_strided.register_fake
-def _(x, w, b, batch, stride_h, stride_w, pad_h, pad_w, out_dtype):
+def _(x, w, b, batch, stride_h, stride_w, pad_h, pad_w, act, slope, act_grad, out_dtype):
     n, o, c, kh, kw = w.shape
     ho, wo = _out_size((x.shape[2], x.shape[3]), (kh, kw), (pad_h, pad_w), (stride_h, stride_w))
     return _output((n * batch, o, ho, wo), c, x, out_dtype)
@@ -705,14 +708,17 @@ def _(x, dy, w, stride_h, stride_w, pad_h, pad_w, bias):
 
 
 def _setup_strided(ctx, inputs, output) -> None:
-    x, w, b, batch, stride_h, stride_w, pad_h, pad_w, _ = inputs
-    ctx.save_for_backward(x, w)
-    ctx.meta = (batch, (stride_h, stride_w), (pad_h, pad_w), b is not None, x.dtype, (x.shape[2], x.shape[3]))
+    x, w, b, batch, stride_h, stride_w, pad_h, pad_w, act, slope, act_grad, _ = inputs
+    act = act if act_grad else "identity"  # else the output's reader applies act' (the gradient arrives past it)
+    ctx.save_for_backward(x, w, output if act != "identity" else None)
+    ctx.meta = (batch, (stride_h, stride_w), (pad_h, pad_w), b is not None, x.dtype, (x.shape[2], x.shape[3]),
+                act, slope)
 
 
-def _backward_strided(ctx, dy: Tensor):
-    x, w = ctx.saved_tensors
-    batch, stride, pad, has_bias, x_dtype, size = ctx.meta
+def _backward_strided(ctx, da: Tensor):
+    x, w, a = ctx.saved_tensors
+    batch, stride, pad, has_bias, x_dtype, size, act, slope = ctx.meta
+    dy = da if act == "identity" else _act_backward(da, a, act, slope)
     needs = ctx.needs_input_grad
     dx = dw = db = None
     if needs[0]:
@@ -721,7 +727,7 @@ def _backward_strided(ctx, dy: Tensor):
     if needs[1] or (has_bias and needs[2]):
         dw, db = _pop_conv2d_strided_wgrad(x, dy, w, *stride, *pad, has_bias)
         dw, db = dw.to(w.dtype), (db if has_bias else None)
-    return dx, dw, db, *(None,) * 6
+    return dx, dw, db, *(None,) * 9
 
 
 _pop_conv2d_strided.register_autograd(_backward_strided, setup_context=_setup_strided)
@@ -747,7 +753,7 @@ def conv2d(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int] = (0
     if stride != (1, 1):
         padding = (int(padding[0]), int(padding[1]))
         if strided_reads_directly(x.shape[1], w.shape[1]):
-            return _pop_conv2d_strided(x, w, b, batch, *stride, *padding, out_dtype or x.dtype)
+            return _pop_conv2d_strided(x, w, b, batch, *stride, *padding, "identity", 0.0, True, out_dtype or x.dtype)
         kernel = (w.shape[3], w.shape[4])
         blocks = space_to_depth(x, stride, padding, kernel, channels_last=reads_channels_last(x.shape[1], w.shape[1]))
         return conv2d(blocks, strided_weight(w, stride), b, out_dtype=out_dtype)
