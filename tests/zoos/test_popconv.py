@@ -44,6 +44,14 @@ def close(got, want):
         assert err < 1e-2, f"relative error {err:.2e}"
 
 
+def sign_agreeing(g, got, want):
+    """g where got and want lie on the same side of 0, else 0: the gradient of a ReLU read off the output, where a
+    TF32 forward and the float32 reference can round a pre-activation near 0 to opposite sides (at most 1% of it)."""
+    same = (got > 0) == (want > 0)
+    assert same.float().mean() > 0.99
+    return g * same
+
+
 def nan_fenced(t, channels_last=False):
     """t's values in a view whose storage has NaN before and after it (channels-last memory if asked), so a
     kernel's masked-off load that reads outside the tensor shows in its result."""
@@ -139,7 +147,7 @@ def test_strided_convs_run_on_the_kernels_and_equal_per_model_conv(c, o, k, stri
     x = torch.randn(2, 3, c, 9, 10, device=DEVICE, requires_grad=True)
     got = fast(params, buffers, x)
     want = population_forward(template(models[0]), params, buffers, x, x_per_model=True)
-    g = torch.randn_like(want)
+    g = sign_agreeing(torch.randn_like(want), got, want) if act else torch.randn_like(want)
     wrt = [x, params["conv.weight"], params["conv.bias"]]
     for a, r in zip((got, *torch.autograd.grad((got * g).sum(), wrt)), (want, *torch.autograd.grad((want * g).sum(), wrt))):
         close(a, r)
@@ -195,7 +203,7 @@ def test_conv2d_pool_act_at_a_stride_equals_the_layers(c, o, pool, act_grad):
         z = torch.cat([F.conv2d(x[i * batch:(i + 1) * batch], w[i], b[i], stride=2, padding=1) for i in range(n)])
     z = F.max_pool2d(z, pool) if pool > 1 else z
     want = torch.relu(z)
-    g = torch.randn_like(want)
+    g = sign_agreeing(torch.randn_like(want), got, z)
     close(got, want)
     for a, r in zip(torch.autograd.grad((got * g).sum(), [x, w, b]),
                     torch.autograd.grad(((want if act_grad else z) * g).sum(), [x, w, b])):
