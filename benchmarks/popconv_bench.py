@@ -20,14 +20,16 @@ The first layer reads the resident data set by row index, as in training. Output
 
 --wide times instead the wide (tensor-core, channels-last) layers of cnn and resnet20, 3x3 with padding 1, bf16:
 the forward alone and a training step's three products (forward, input gradient, weight gradient), at the
-defaults and (--before) another version's, each as the families call it (`conv2d_pool_act` with a ReLU, or the
-plain `conv2d` ahead of a norm). Output: <out>/popconv_wide.json.
+defaults and (--before) another version's, each as the families call it (`conv2d_pool_act` with a ReLU, the
+plain `conv2d` ahead of a norm, resnet20's and resnet18_width's stride-2 convs: on a version without a stride
+argument, the stride-1 conv of the input's blocks as zoos.fastpop ran it). Output: <out>/popconv_wide.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import sys
 import tempfile
@@ -47,10 +49,12 @@ LAYERS = [("conv1", 1, 8, 5, 28, 0), ("conv2", 8, 6, 5, 12, 0), ("conv3", 6, 4, 
           ("conv2 dgrad", 6, 8, 5, 8, 4), ("conv3 dgrad", 4, 6, 2, 3, 1)]
 
 
-# (name, C, O, input size, how the family calls it): cnn's and resnet20's wide 3x3 convs, and a no-pool layer
-# of 16 outputs from 16 inputs
+# (name, C, O, input size, how the family calls it): cnn's and resnet20's wide 3x3 convs, resnet20's stride-2 ones,
+# and a no-pool layer of 16 outputs from 16 inputs
 WIDE = [("cnn conv2", 32, 32, 28, "relu"), ("cnn conv1>2", 16, 32, 28, "relu"), ("resnet20 s1", 16, 16, 32, "plain"),
-        ("resnet20 s2", 32, 32, 16, "plain"), ("resnet20 s3", 64, 64, 8, "plain"), ("16>16 relu", 16, 16, 32, "relu")]
+        ("resnet20 s2", 32, 32, 16, "plain"), ("resnet20 s3", 64, 64, 8, "plain"), ("16>16 relu", 16, 16, 32, "relu"),
+        ("resnet20 s1>2", 16, 32, 32, "stride 2"), ("resnet20 s2>3", 32, 64, 16, "stride 2"),
+        ("resnet18 l1>2", 64, 128, 32, "stride 2 relu")]
 
 
 def timed(fn, reps: int = 20) -> float:
@@ -109,6 +113,13 @@ def wide(models: int, batch: int, before, out: Path) -> None:
             def conv(pc=pc):
                 if call == "plain":
                     return pc.conv2d(x, w, b, (1, 1))
+                if call.startswith("stride 2"):  # a version without a stride: the stride-1 conv of the blocks
+                    op = pc.conv2d_pool_act if call.endswith("relu") else pc.conv2d
+                    extra = {"pool": 1, "act": "relu"} if call.endswith("relu") else {}
+                    if "stride" in inspect.signature(op).parameters:
+                        return op(x, w, b, (1, 1), stride=(2, 2), **extra)
+                    blocks = pc.space_to_depth(x, (2, 2), (1, 1), (3, 3), pc.reads_channels_last(4 * c, o))
+                    return op(blocks, pc.strided_weight(w, (2, 2)), b, **extra)
                 return pc.conv2d_pool_act(x, w, b, (1, 1), pool=1, act="relu")
 
             with torch.no_grad():

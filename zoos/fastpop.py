@@ -21,8 +21,9 @@ Weights stay float32 (the optimizer's master copy); `dtype` is the compute dtype
 matmuls (bf16 on a GPU), and the logits come back in float32.
 
 With `kernels=True` (the trainer's choice where `zoos.popconv.available`), every Conv2d runs as popconv's Triton
-implicit-GEMM kernels instead of im2col + bmm: no patch matrix in memory, forward and backward (a strided conv as
-the stride-1 conv of its input's stride x stride blocks, `popconv.space_to_depth`). A first convolution that reads
+implicit-GEMM kernels instead of im2col + bmm: no patch matrix in memory, forward and backward (a strided conv at
+its stride where it reads channels-last, else as the stride-1 conv of its input's stride x stride blocks,
+`popconv.space_to_depth`). A first convolution that reads
 the input directly also takes the batch as row indices into the resident data set (`forward(..., rows=idx)`), and
 a shared evaluation batch becomes the same indices for every model, so the input is never gathered or expanded per
 model in memory. A kernel conv (up to 16 output channels) whose output only feeds a 2x2 max-pool and/or a monotone
@@ -867,18 +868,26 @@ class _Emitter:
                  pad: tuple[int, int], stride: tuple[int, int] = (1, 1), affine: Sequence[tuple] = ()) -> fx.Node:
         """A conv on popconv's kernels, with the max-pool and activation that alone consume it folded in;
         returns the node that stands for the traced conv (the chain's last node when one is folded). A strided
-        conv runs as the stride-1 conv of its input's blocks (`popconv.strided`). `affine`: the per-channel ops
-        after it already folded into w and b (`_foldable_affine`)."""
+        conv with no pool folded into it runs at its stride where `popconv.strided_reads_directly`, any other as
+        the stride-1 conv of its input's blocks (`popconv.strided`). `affine`: the per-channel ops after it already
+        folded into w and b (`_foldable_affine`)."""
         g, pop, env = self.g, self.pop, self.env
         reads = node in self.reads_input
         options = {"rows": self.rows_in, "out_dtype": pop.dtype, "windows": self.windows_in} if reads else {}
         why = ""
         if not reads:
             x = self._compute(x)
-        if stride != (1, 1):
-            source = node.args[0] if node.op == "call_module" else _bind(node)["input"]
+        tail = affine[-1][0] if affine else node
+        epilogue = self._epilogue(node, tail)
+        source = node.args[0] if node.op == "call_module" else _bind(node)["input"]
+        outputs = node.meta["probe"].shape[1]
+        direct = (stride != (1, 1) and (epilogue is None or epilogue[1]["pool"] == 1) and not reads
+                  and popconv.strided_reads_directly(source.meta["probe"].shape[1], outputs))
+        if direct:
+            why = f"stride {stride[0]}x{stride[1]}: read at its stride by the channels-last kernels"
+        elif stride != (1, 1):
             channels = source.meta["probe"].shape[1] * (math.prod(stride) if kernel != (1, 1) else 1)
-            wide = popconv.reads_channels_last(channels, node.meta["probe"].shape[1])
+            wide = popconv.reads_channels_last(channels, outputs)
             x = g.call_function(popconv.space_to_depth, (x, stride, pad, kernel, wide))
             w = g.call_function(popconv.strided_weight, (w, stride))
             ho, wo = node.meta["probe"].shape[2:]
@@ -887,9 +896,7 @@ class _Emitter:
             why = (f"stride {stride[0]}x{stride[1]}: " + ("a 1x1 conv of its subsampled input" if kernel == (1, 1) else
                    f"the stride-1 conv of its {stride[0]}x{stride[1]} blocks, a {blocks[0]}x{blocks[1]} kernel over "
                    f"{channels} channels"))
-            kernel, pad = blocks, (0, 0)
-        tail = affine[-1][0] if affine else node
-        epilogue = self._epilogue(node, tail)
+            kernel, pad, stride = blocks, (0, 0), (1, 1)
         chain, pool = ([], 1) if epilogue is None else (epilogue[0], epilogue[1]["pool"])
         if reads:
             pop.window_geometry = (kernel, pad, pool)
@@ -903,7 +910,7 @@ class _Emitter:
             why = (why + "; " if why else "") + f"its input gradient times {through[0]}' of its input"
         self.choose(node, "popconv" + "".join(f"{' conv' * (i == 0)}+{self._op_name(c)}" for i, c in enumerate(folded)), why)
         if not chain:
-            env[tail] = g.call_function(popconv.conv2d, (x, w, b, pad), options)
+            env[tail] = g.call_function(popconv.conv2d, (x, w, b, pad), {**options, "stride": stride} if direct else options)
             return env[tail]
         self.fused.update(chain)
         act = (epilogue[1]["act"], epilogue[1].get("slope", 0.0))
@@ -920,6 +927,7 @@ class _Emitter:
                 reader = None
             if reader is not None:
                 options["act_grad"] = False
+        options = {**options, "stride": stride} if direct else options
         env[chain[-1]] = out = g.call_function(popconv.conv2d_pool_act, (x, w, b, pad), {**epilogue[1], **options})
         return out
 

@@ -44,6 +44,14 @@ def close(got, want):
         assert err < 1e-2, f"relative error {err:.2e}"
 
 
+def sign_agreeing(g, got, want):
+    """g where got and want lie on the same side of 0, else 0: the gradient of a ReLU read off the output, where a
+    TF32 forward and the float32 reference can round a pre-activation near 0 to opposite sides (at most 1% of it)."""
+    same = (got > 0) == (want > 0)
+    assert same.float().mean() > 0.99
+    return g * same
+
+
 def nan_fenced(t, channels_last=False):
     """t's values in a view whose storage has NaN before and after it (channels-last memory if asked), so a
     kernel's masked-off load that reads outside the tensor shows in its result."""
@@ -103,11 +111,14 @@ def test_a_strided_conv_is_the_stride_1_conv_of_its_blocks(c, kh, kw, sh, sw, ph
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("c,o,k,stride,pad", [(3, 8, 3, 2, 1), (16, 32, 3, 2, 1), (8, 16, 1, 2, 0), (1, 5, 3, 2, 0),
-                                              (2, 4, 2, 2, 0), (4, 6, 5, 3, 2)])
-def test_strided_convs_run_on_the_kernels_and_equal_per_model_conv(c, o, k, stride, pad):
-    """A strided Conv2d in a population program runs on popconv (the stride-1 conv of its blocks, a wide one
-    channels-last): output and gradients of input, weights and bias as per-model convs."""
+@pytest.mark.parametrize("c,o,k,stride,pad,act", [(3, 8, 3, 2, 1, None), (16, 32, 3, 2, 1, None), (8, 16, 1, 2, 0, None),
+                                                  (1, 5, 3, 2, 0, None), (2, 4, 2, 2, 0, None), (4, 6, 5, 3, 2, None),
+                                                  (16, 16, 1, 2, 0, None), (20, 24, 3, 3, 0, None),
+                                                  (16, 24, 3, 2, 1, "relu"), (4, 20, 3, 2, 1, "relu")])
+def test_strided_convs_run_on_the_kernels_and_equal_per_model_conv(c, o, k, stride, pad, act):
+    """A strided Conv2d in a population program runs on popconv (a wide one at its stride on the channels-last
+    kernels, a following ReLU in its epilogue; any other as the stride-1 conv of its blocks): output and gradients
+    of input, weights and bias as per-model convs."""
     torch.manual_seed(c * 10 + k)
 
     class Net(torch.nn.Module):
@@ -116,7 +127,8 @@ def test_strided_convs_run_on_the_kernels_and_equal_per_model_conv(c, o, k, stri
             self.conv = torch.nn.Conv2d(c, o, k, stride=stride, padding=pad)
 
         def forward(self, x):
-            return self.conv(x * 2.0)  # the conv reads an activation, not the data set
+            y = self.conv(x * 2.0)  # the conv reads an activation, not the data set
+            return torch.relu(y) if act else y
 
     models = [Net() for _ in range(2)]
     params, buffers = stack_states(models)
@@ -124,15 +136,77 @@ def test_strided_convs_run_on_the_kernels_and_equal_per_model_conv(c, o, k, stri
     with popconv.tuned({"strided": False}):  # the tuning that leaves it to im2col
         assert [p for _, p, _ in FastPopulation(template(models[0]), (c, 9, 10), kernels=True).choices] == ["im2col + bmm"]
     fast = FastPopulation(template(models[0]), (c, 9, 10), kernels=True)
-    assert [p for _, p, _ in fast.choices] == ["popconv"] and f"stride {stride}x{stride}" in fast.choices[0][2]
+    program = "popconv conv+relu" if act else "popconv"
+    assert [p for _, p, _ in fast.choices] == [program] and f"stride {stride}x{stride}" in fast.choices[0][2]
+    direct = popconv.strided_reads_directly(c, o)
+    assert ("read at its stride" in fast.choices[0][2]) == direct == (c >= 16)
+    with popconv.tuned({"strided_direct": False}):  # the tuning that runs every strided conv as its blocks' conv
+        assert "read at its stride" not in FastPopulation(template(models[0]), (c, 9, 10), kernels=True).choices[0][2]
     blocks = popconv.space_to_depth(torch.zeros(1, c, 9, 10), (stride, stride), (pad, pad), (k, k)).numel()
-    assert fast.sample_elements >= blocks  # the 32-bit indexing limit counts the blocks the kernel reads
+    assert direct or fast.sample_elements >= blocks  # the 32-bit indexing limit counts the blocks the kernel reads
     x = torch.randn(2, 3, c, 9, 10, device=DEVICE, requires_grad=True)
     got = fast(params, buffers, x)
     want = population_forward(template(models[0]), params, buffers, x, x_per_model=True)
-    g = torch.randn_like(want)
+    g = sign_agreeing(torch.randn_like(want), got, want) if act else torch.randn_like(want)
     wrt = [x, params["conv.weight"], params["conv.bias"]]
     for a, r in zip((got, *torch.autograd.grad((got * g).sum(), wrt)), (want, *torch.autograd.grad((want * g).sum(), wrt))):
+        close(a, r)
+
+
+@pytest.mark.parametrize("c,o,k,stride,pad,size,cl_in", [(16, 20, 3, (2, 2), 1, (7, 8), True),
+                                                        (16, 32, 1, (2, 2), 0, (8, 8), False),
+                                                        (20, 16, 3, (2, 2), 0, (9, 6), True),
+                                                        (17, 24, 2, (2, 1), 0, (6, 7), True),
+                                                        (16, 18, 3, (3, 3), 1, (10, 11), False),
+                                                        (3, 20, 3, (2, 2), 1, (7, 7), False)])
+def test_conv2d_at_a_stride_equals_per_model_conv(c, o, k, stride, pad, size, cl_in):
+    """conv2d's stride: a wide conv (and its input gradient) read channels-last at its stride, its input gradient
+    over the dilated output gradient (odd sizes: input rows no output reads get 0), a narrow one as the stride-1
+    conv of its blocks; output and gradients as per-model F.conv2d, the input in either memory format."""
+    torch.manual_seed(c * 100 + o)
+    n, batch = 2, 3
+    x = torch.randn(n * batch, c, *size, device=DEVICE)
+    x = (x.contiguous(memory_format=torch.channels_last) if cl_in else x).requires_grad_()
+    w = torch.randn(n, o, c, k, k, device=DEVICE, requires_grad=True)
+    b = torch.randn(n, o, device=DEVICE, requires_grad=True)
+    assert popconv.strided_reads_directly(c, o) == (c >= 16)
+    got = popconv.conv2d(x, w, b, (pad, pad), stride=stride)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        want = torch.cat([F.conv2d(x[i * batch:(i + 1) * batch], w[i], b[i], stride=stride, padding=pad) for i in range(n)])
+    g = torch.randn_like(want)
+    for a, r in zip((got, *torch.autograd.grad((got * g).sum(), [x, w, b])),
+                    (want, *torch.autograd.grad((want * g).sum(), [x, w, b]))):
+        close(a, r)
+
+
+def test_conv2d_refuses_a_stride_it_cannot_run():
+    """A stride that is not two positive integers, or a stride with a data-reading conv, is refused by name."""
+    x, w = torch.randn(2, 16, 6, 6), torch.randn(2, 16, 16, 3, 3)
+    with pytest.raises(ValueError, match=r"stride = \(0, 2\)"):
+        popconv.conv2d(x, w, None, stride=(0, 2))
+    with pytest.raises(ValueError, match="with rows, windows or input_act is not allowed"):
+        popconv.conv2d(x, w, None, rows=torch.zeros(2, 1, dtype=torch.long), stride=(2, 2))
+
+
+@pytest.mark.parametrize("c,o,pool,act_grad", [(16, 20, 1, True), (16, 20, 1, False), (3, 20, 1, True), (16, 12, 2, True)])
+def test_conv2d_pool_act_at_a_stride_equals_the_layers(c, o, pool, act_grad):
+    """conv2d_pool_act's stride: a wide conv without a pool at its stride, its ReLU in the epilogue; a narrow one or
+    one with a pool as the stride-1 conv of its blocks; output and gradients as per-model F.conv2d, ReLU and
+    max-pool. act_grad=False: the gradient arriving is w.r.t. the ReLU's input (its reader applied relu')."""
+    torch.manual_seed(c + o + pool)
+    n, batch = 2, 3
+    x = torch.randn(n * batch, c, 9, 8, device=DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(n, o, c, 3, 3, device=DEVICE, requires_grad=True)
+    b = torch.randn(n, o, device=DEVICE, requires_grad=True)
+    got = popconv.conv2d_pool_act(x, w, b, (1, 1), pool=pool, act="relu", act_grad=act_grad, stride=(2, 2))
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        z = torch.cat([F.conv2d(x[i * batch:(i + 1) * batch], w[i], b[i], stride=2, padding=1) for i in range(n)])
+    z = F.max_pool2d(z, pool) if pool > 1 else z
+    want = torch.relu(z)
+    g = sign_agreeing(torch.randn_like(want), got, z)
+    close(got, want)
+    for a, r in zip(torch.autograd.grad((got * g).sum(), [x, w, b]),
+                    torch.autograd.grad(((want if act_grad else z) * g).sum(), [x, w, b])):
         close(a, r)
 
 

@@ -13,7 +13,9 @@ registers straight from the input (no patch matrix in memory):
 
 with p running over (sample, output row, output column) and k over (in-channel, kernel row, kernel
 column). Any channel counts, kernel size and zero padding at stride 1 (what `supports` checks); a larger stride
-runs as the stride-1 conv of the input's stride x stride blocks (`strided`), exactly.
+runs at that stride on the channels-last kernels where the layer and its input gradient read channels-last
+(`strided_reads_directly`: the input gradient the forward over dy dilated by the stride), else as the stride-1
+conv of the input's stride x stride blocks (`strided`), exactly.
 The forward of few-channel layers (O <= 16 from C < 16) runs on CUDA cores in float32, one tap at a
 time; other forwards and every weight gradient run as tensor-core tiles with float32 accumulation, their
 inputs in bf16 where the activations are bf16 (as autocast would) and TF32 otherwise
@@ -76,8 +78,9 @@ One module a kernel family, each with its kernels, launchers and custom ops:
 Tuning: `tuning.current()` is a frozen `Tuning`, built at import from the environment variables below;
 `with tuned({"window_block_m": 64}):` replaces it inside the block (the benchmarks' --tuning sets,
 `parse_tuning`). Each field is read where its choice is made: `fuse`, `forward` (through `fuses`), `strided`
-(through `supports`), `window_dx` and `act_in_reader` when `zoos.fastpop` emits a program, `windows` and
-`window_max_fraction` when a window table is or is not built, the others (and `forward` again) at each launch.
+(through `supports`), `strided_direct` (through `strided_reads_directly`, again at each call of `conv2d`),
+`window_dx` and `act_in_reader` when `zoos.fastpop` emits a program, `windows` and `window_max_fraction` when a
+window table is or is not built, the others (and `forward` again) at each launch.
 
 Environment variables, read once when the package is imported:
   SYMZOO_POPCONV_FORWARD    auto (default), fma or dot: the conv forward on CUDA cores (fma) or tensor cores
@@ -96,7 +99,7 @@ Environment variables, read once when the package is imported:
 """
 
 from .common import EPILOGUE_ACTIVATIONS, available, stored_channels_last, supports
-from .conv import conv2d, reads_channels_last
+from .conv import conv2d, reads_channels_last, strided_reads_directly
 from .pool import max_pool2x2
 from .pooled import conv2d_pool_act, fuses, spatial_mean
 from .strided import space_to_depth, strided_weight
@@ -105,4 +108,5 @@ from .window import window_table, window_table_bytes, windows_pay, windows_wante
 
 __all__ = ["EPILOGUE_ACTIVATIONS", "Tuning", "available", "conv2d", "conv2d_pool_act", "fuses", "max_pool2x2",
            "parse_tuning", "reads_channels_last", "space_to_depth", "spatial_mean", "stored_channels_last",
-           "strided_weight", "supports", "tuned", "window_table", "window_table_bytes", "windows_pay", "windows_wanted"]
+           "strided_reads_directly", "strided_weight", "supports", "tuned", "window_table", "window_table_bytes",
+           "windows_pay", "windows_wanted"]

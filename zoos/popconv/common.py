@@ -35,6 +35,23 @@ def supports(stride: tuple[int, int], dilation: tuple[int, int] = (1, 1), groups
     return (tuple(stride) == (1, 1) or tuning.current().strided) and tuple(dilation) == (1, 1) and groups == 1
 
 
+def _act_backward(da: Tensor, a: Tensor, act: str, slope: float) -> Tensor:
+    """da * act'(z) read off the activation's output a = act(z): torch's own backward kernel of the activation
+    (one pass, in a's dtype)."""
+    aten = torch.ops.aten
+    if act == "relu":
+        return aten.threshold_backward(da, a, 0)
+    if act == "leaky_relu" and slope >= 0:  # the sign of a is the sign of z
+        return aten.leaky_relu_backward(da, a, slope, True)
+    if act == "leaky_relu":
+        return torch.where(a > 0, da, da * slope)
+    if act == "tanh":
+        return aten.tanh_backward(da, a)
+    if act == "sigmoid":
+        return aten.sigmoid_backward(da, a)
+    return da
+
+
 def stored_channels_last(x: Tensor) -> bool:
     """Whether x [R, C, H, W] is channels-last in memory and not also NCHW (C = 1 or H = W = 1 are both):
     the kernels that take either layout read it so, else they make it contiguous NCHW."""

@@ -7,7 +7,9 @@ import torch
 from torch import Tensor
 
 from . import tuning
-from .common import EPILOGUE_ACTIVATIONS, _dot_dtype, _programs_per_model, _wgrad_fake, stored_channels_last, tl, triton
+from .common import (EPILOGUE_ACTIVATIONS, _act_backward, _dot_dtype, _programs_per_model, _wgrad_fake, stored_channels_last,
+                     tl, triton)
+from .strided import space_to_depth, strided_weight
 from .window import _window_conv
 
 
@@ -293,16 +295,24 @@ if triton is not None:
 
     @triton.jit
     def _cl_patch(x_ptr, row, i, j, pmask, k, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
-                  PH: tl.constexpr, PW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr):
+                  PH: tl.constexpr, PW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                  SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
         """Columns k, flat over (tap, channel), of the im2col rows at output pixels (i, j) of x [rows, H, W, C]:
-        a [pixels, len(k)] tile whose columns run over several taps where C is narrower than the tile."""
+        a [pixels, len(k)] tile whose columns run over several taps where C is narrower than the tile. The
+        output grid has stride (SH, SW) over the padded input; with (DH, DW) the input is dilated by it (a
+        strided conv's input gradient: the rows and columns between its pixels read 0)."""
         t, c = k // C, k % C
         di, dj = t // KW - PH, t % KW - PW
         ok = pmask[:, None] & (k < KH * KW * C)[None, :]
+        if (DH > 1) | (DW > 1):
+            ri, rj = (i * SH)[:, None] + di[None, :], (j * SW)[:, None] + dj[None, :]
+            ok = ok & (ri >= 0) & (rj >= 0) & (ri % DH == 0) & (rj % DW == 0) & (ri < H * DH) & (rj < W * DW)
+            at = row[:, None] * (H * W * C) + ((ri // DH) * W + rj // DW) * C + c[None, :]
+            return tl.load(x_ptr + at, mask=ok, other=0.0)
         if (PH > 0) | (PW > 0):  # zero padding: taps outside the image read 0
-            ii, jj = i[:, None] + di[None, :], j[:, None] + dj[None, :]
+            ii, jj = (i * SH)[:, None] + di[None, :], (j * SW)[:, None] + dj[None, :]
             ok = ok & (ii >= 0) & (ii < H) & (jj >= 0) & (jj < W)
-        at = (row * (H * W * C) + (i * W + j) * C)[:, None] + ((di * W + dj) * C + c)[None, :]
+        at = (row * (H * W * C) + (i * SH * W + j * SW) * C)[:, None] + ((di * W + dj) * C + c)[None, :]
         return tl.load(x_ptr + at, mask=ok, other=0.0)
 
     @triton.jit
@@ -311,10 +321,12 @@ if triton is not None:
                             PH: tl.constexpr, PW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                             GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
                             ACT: tl.constexpr, SLOPE: tl.constexpr, GRAD: tl.constexpr, GRAD_SLOPE: tl.constexpr,
-                            G_CL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                            G_CL: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
+                            DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """The forward of a wide layer, x [rows, H, W, C] and y [N*B, HO, WO, O] channels-last, w as
         [N, KH*KW*C, O]: one loop over blocks of im2col columns (tap, channel), each a [pixels, columns] @
-        [columns, outputs] product whose loads are contiguous channel runs (the NCHW gather loads an element a lane)."""
+        [columns, outputs] product whose loads are contiguous channel runs (the NCHW gather loads an element a lane).
+        Stride (SH, SW); the input dilated by (DH, DW) (`_cl_patch`)."""
         tile, ob, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         pmask, r, i, j, sample = _pixels(tile * BLOCK_M + tl.arange(0, BLOCK_M), B * HO * WO, m, B, HO, WO)
         row = _source_row(rows_ptr, sample, pmask, GATHER)
@@ -323,7 +335,7 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, KH * KW * C, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            a = _cl_patch(x_ptr, row, i, j, pmask, k, C, H, W, PH, PW, KH, KW)
+            a = _cl_patch(x_ptr, row, i, j, pmask, k, C, H, W, PH, PW, KH, KW, SH, SW, DH, DW)
             wk = tl.load(w_base + k[:, None] * O + o[None, :], mask=(k < KH * KW * C)[:, None] & (o < O)[None, :],
                          other=0.0)
             acc += tl.dot(a.to(DOT), wk.to(DOT))
@@ -335,11 +347,12 @@ if triton is not None:
                               C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr,
                               HO: tl.constexpr, WO: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                               KH: tl.constexpr, KW: tl.constexpr, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                              DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                              DOT: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """dw (and db) of a wide layer, channels-last: program (block of im2col columns (tap, channel) and of
         outputs; split; model) sums [columns, pixels] @ [pixels, outputs] over its pixel tiles [split * PER_SPLIT,
         ...) of model m, pixels flat over (sample, row, column), so the dy [N*B, HO, WO, O] rows of a tile are one
-        run. dw is [N, SPLIT, KH*KW*C, O], db [N, SPLIT, O]."""
+        run. dw is [N, SPLIT, KH*KW*C, O], db [N, SPLIT, O]. Stride (SH, SW)."""
         kb, split, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         OB: tl.constexpr = (O + BLOCK_N - 1) // BLOCK_N
         k = (kb // OB) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -350,7 +363,7 @@ if triton is not None:
         for tile in range(start, tl.minimum(start + PER_SPLIT, tl.cdiv(B * HO * WO, BLOCK_M))):
             pmask, r, i, j, sample = _pixels(tile * BLOCK_M + tl.arange(0, BLOCK_M), B * HO * WO, m, B, HO, WO)
             row = _source_row(rows_ptr, sample, pmask, GATHER)
-            a = _cl_patch(x_ptr, row, i, j, pmask, k, C, H, W, PH, PW, KH, KW)
+            a = _cl_patch(x_ptr, row, i, j, pmask, k, C, H, W, PH, PW, KH, KW, SH, SW, 1, 1)
             g_at = dy_ptr + (sample.to(tl.int64) * (HO * WO) + r)[:, None] * O + o[None, :]
             g = tl.load(g_at, mask=pmask[:, None] & (o < O)[None, :], other=0.0)
             acc += tl.dot(tl.trans(a.to(DOT)), g.to(DOT))
@@ -407,13 +420,29 @@ def _cl_blocks(c: int, o: int, taps: int, wgrad: bool = False) -> tuple[int, int
     return block_m, block_k, block_n
 
 
+def _out_size(size: tuple[int, int], kernel: tuple[int, int], padding: tuple[int, int],
+              stride: tuple[int, int] = (1, 1), dilation: tuple[int, int] = (1, 1)) -> tuple[int, int]:
+    """A conv's output rows and columns: its input `size` dilated by `dilation`, zero-padded, at `stride`."""
+    return tuple((d * (s - 1) + 1 + 2 * p - k) // st + 1 for s, k, p, st, d in zip(size, kernel, padding, stride, dilation))
+
+
+def strided_reads_directly(c: int, o: int) -> bool:
+    """Whether a strided conv of c inputs and o outputs runs on the channels-last kernels as it is (forward and
+    weight gradient at its stride, input gradient over the dilated output gradient), not as the stride-1 conv of
+    its input's blocks: both it and its input gradient read channels-last (and the tuning's strided_direct)."""
+    return tuning.current().strided_direct and reads_channels_last(c, o) and reads_channels_last(o, c)
+
+
 def _launch_forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None, batch: int,
                     padding: tuple[int, int], out_dtype: torch.dtype, act: str = "identity", slope: float = 0.0,
-                    through: tuple[Tensor, str, float] | None = None) -> Tensor:
-    """The forward's launch. `through` = (g, act, slope): the output (an input gradient, y's shape) times act'(g)."""
+                    through: tuple[Tensor, str, float] | None = None, stride: tuple[int, int] = (1, 1),
+                    dilation: tuple[int, int] = (1, 1), size: tuple[int, int] | None = None) -> Tensor:
+    """The forward's launch. `through` = (g, act, slope): the output (an input gradient, y's shape) times act'(g).
+    A `stride`, an input `dilation` (a strided conv's input gradient) and an output `size` other than the conv's
+    own (None) run on the channels-last kernel only (`strided_reads_directly`)."""
     n, o, c, kh, kw = w.shape
     h, wd = x.shape[2], x.shape[3]
-    ho, wo = h + 2 * padding[0] - kh + 1, wd + 2 * padding[1] - kw + 1
+    ho, wo = size or _out_size((h, wd), (kh, kw), padding, stride, dilation)
     y = _output((n * batch, o, ho, wo), c, x, out_dtype)
     rows_arg = rows if rows is not None else x  # any pointer when GATHER is off
     g, grad, grad_slope = through if through is not None else (y, "identity", 0.0)
@@ -427,10 +456,11 @@ def _launch_forward(x: Tensor, rows: Tensor | None, w: Tensor, b: Tensor | None,
         _conv_fwd_cl_kernel[(triton.cdiv(batch * ho * wo, block_m), triton.cdiv(o, block_n), n)](
             x, rows_arg, wt, b if b is not None else wt, y, g, batch, o, C=c, H=h, W=wd, HO=ho, WO=wo,
             PH=padding[0], PW=padding[1], KH=kh, KW=kw, GATHER=rows is not None, HAS_BIAS=b is not None,
-            DOT=_dot_dtype(y), ACT=act, SLOPE=slope, **epilogue, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
-            num_warps=tuning.current().cl_warps,
+            DOT=_dot_dtype(y), ACT=act, SLOPE=slope, **epilogue, SH=stride[0], SW=stride[1], DH=dilation[0],
+            DW=dilation[1], BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=tuning.current().cl_warps,
         )
         return y
+    assert stride == dilation == (1, 1) and size is None, "a strided conv on the NCHW kernels: run its blocks' conv"
     x = x.contiguous()
     if _fma_forward(c, o):
         block_n = triton.next_power_of_2(o)
@@ -534,8 +564,9 @@ def _launch_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Siz
 
 
 def _launch_wgrad_cl(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.Size, padding: tuple[int, int],
-                     bias: bool, batch: int, ho: int, wo: int) -> tuple[Tensor, Tensor | None]:
-    """dw, db of a wide layer from x and dy channels-last (`_conv_wgrad_cl_kernel`)."""
+                     bias: bool, batch: int, ho: int, wo: int,
+                     stride: tuple[int, int] = (1, 1)) -> tuple[Tensor, Tensor | None]:
+    """dw, db of a wide layer from x and dy channels-last (`_conv_wgrad_cl_kernel`), the conv at `stride`."""
     n, o, c, kh, kw = w_shape
     x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
     block_m, block_k, block_n = _cl_blocks(c, o, kh * kw, wgrad=True)
@@ -546,7 +577,7 @@ def _launch_wgrad_cl(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.
     _conv_wgrad_cl_kernel[(blocks, split, n)](
         x, rows if rows is not None else x, dy, dw, db if db is not None else dw, batch, split, per_split,
         C=c, H=x.shape[2], W=x.shape[3], O=o, HO=ho, WO=wo, PH=padding[0], PW=padding[1], KH=kh, KW=kw,
-        GATHER=rows is not None, HAS_BIAS=bias, DOT=_dot_dtype(dy),
+        GATHER=rows is not None, HAS_BIAS=bias, DOT=_dot_dtype(dy), SH=stride[0], SW=stride[1],
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=tuning.current().cl_warps,
     )
     return dw.sum(1).permute(0, 4, 3, 1, 2).contiguous(), (db.sum(1) if db is not None else None)
@@ -630,10 +661,82 @@ def _conv_grads(needs: tuple[bool, ...], dy: Tensor, x: Tensor, w: Tensor, rows:
 _pop_conv2d.register_autograd(_backward, setup_context=_setup)
 
 
+# ---- a strided conv read as it is: the channels-last kernels at its stride -----------------------------
+
+@torch.library.custom_op("symzoo::pop_conv2d_strided", mutates_args=())
+def _pop_conv2d_strided(x: Tensor, w: Tensor, b: Tensor | None, batch: int, stride_h: int, stride_w: int,
+                        pad_h: int, pad_w: int, act: str, slope: float, act_grad: bool, out_dtype: torch.dtype) -> Tensor:
+    """act(conv(x, w, b)) at the stride, the activation in the forward's epilogue; act_grad as `conv2d_pool_act`'s."""
+    return _launch_forward(x, None, w.contiguous(), b, batch, (pad_h, pad_w), out_dtype, act, slope,
+                           stride=(stride_h, stride_w))
+
+
+@_pop_conv2d_strided.register_fake
+def _(x, w, b, batch, stride_h, stride_w, pad_h, pad_w, act, slope, act_grad, out_dtype):
+    n, o, c, kh, kw = w.shape
+    ho, wo = _out_size((x.shape[2], x.shape[3]), (kh, kw), (pad_h, pad_w), (stride_h, stride_w))
+    return _output((n * batch, o, ho, wo), c, x, out_dtype)
+
+
+@torch.library.custom_op("symzoo::pop_conv2d_strided_dx", mutates_args=())
+def _pop_conv2d_strided_dx(dy: Tensor, w_t: Tensor, batch: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
+                           h: int, w: int, out_dtype: torch.dtype) -> Tensor:
+    """A strided conv's input gradient [N*B, C, h, w]: the stride-1 conv, with the flipped, transposed weights w_t
+    [N, C, O, kh, kw], of dy dilated by the stride and padded by kernel - 1 - pad (rows past dy's reach get 0)."""
+    kh, kw = w_t.shape[3], w_t.shape[4]
+    return _launch_forward(dy, None, w_t.contiguous(), None, batch, (kh - 1 - pad_h, kw - 1 - pad_w), out_dtype,
+                           dilation=(stride_h, stride_w), size=(h, w))
+
+
+@_pop_conv2d_strided_dx.register_fake
+def _(dy, w_t, batch, stride_h, stride_w, pad_h, pad_w, h, w, out_dtype):
+    return _output((w_t.shape[0] * batch, w_t.shape[1], h, w), dy.shape[1], dy, out_dtype)
+
+
+@torch.library.custom_op("symzoo::pop_conv2d_strided_wgrad", mutates_args=())
+def _pop_conv2d_strided_wgrad(x: Tensor, dy: Tensor, w: Tensor, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
+                              bias: bool) -> tuple[Tensor, Tensor]:
+    batch = dy.shape[0] // w.shape[0]
+    dw, db = _launch_wgrad_cl(x, None, dy, w.shape, (pad_h, pad_w), bias, batch, dy.shape[2], dy.shape[3],
+                              (stride_h, stride_w))
+    return dw, db if db is not None else dw.new_zeros(0)
+
+
+@_pop_conv2d_strided_wgrad.register_fake
+def _(x, dy, w, stride_h, stride_w, pad_h, pad_w, bias):
+    return _wgrad_fake(w, bias)
+
+
+def _setup_strided(ctx, inputs, output) -> None:
+    x, w, b, batch, stride_h, stride_w, pad_h, pad_w, act, slope, act_grad, _ = inputs
+    act = act if act_grad else "identity"  # else the output's reader applies act' (the gradient arrives past it)
+    ctx.save_for_backward(x, w, output if act != "identity" else None)
+    ctx.meta = (batch, (stride_h, stride_w), (pad_h, pad_w), b is not None, x.dtype, (x.shape[2], x.shape[3]),
+                act, slope)
+
+
+def _backward_strided(ctx, da: Tensor):
+    x, w, a = ctx.saved_tensors
+    batch, stride, pad, has_bias, x_dtype, size, act, slope = ctx.meta
+    dy = da if act == "identity" else _act_backward(da, a, act, slope)
+    needs = ctx.needs_input_grad
+    dx = dw = db = None
+    if needs[0]:
+        w_t = w.flip(3, 4).transpose(1, 2).contiguous()  # [N, C, O, kh, kw]
+        dx = _pop_conv2d_strided_dx(dy, w_t, batch, *stride, *pad, *size, x_dtype)
+    if needs[1] or (has_bias and needs[2]):
+        dw, db = _pop_conv2d_strided_wgrad(x, dy, w, *stride, *pad, has_bias)
+        dw, db = dw.to(w.dtype), (db if has_bias else None)
+    return dx, dw, db, *(None,) * 9
+
+
+_pop_conv2d_strided.register_autograd(_backward_strided, setup_context=_setup_strided)
+
+
 def conv2d(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int] = (0, 0), *,
            rows: Tensor | None = None, out_dtype: torch.dtype | None = None, windows: Tensor | None = None,
-           input_act: tuple[str, float] | None = None) -> Tensor:
-    """Model n's Conv2d (stride 1) on its own samples: w [N, O, C, kh, kw], b [N, O] -> y [N*B, O, Ho, Wo].
+           input_act: tuple[str, float] | None = None, stride: tuple[int, int] = (1, 1)) -> Tensor:
+    """Model n's Conv2d on its own samples: w [N, O, C, kh, kw], b [N, O] -> y [N*B, O, Ho, Wo].
 
     x is [N*B, C, H, W] (model n's batch in rows n*B..(n+1)*B-1), or, with `rows` [N, B] (or [N*B])
     of indices, the data set [S, C, H, W] that those indices read. The output has x's dtype unless
@@ -642,12 +745,33 @@ def conv2d(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int] = (0
     `input_act` = (act, slope): x is the output of that activation, folded into the conv that wrote it with
     `act_grad=False`, and the gradient this op returns for x is w.r.t. the activation's input (act' applied in
     the input gradient's store, so the producer's backward has no pass of its own over x for it).
+    A `stride` other than 1 (not with rows, windows or input_act) runs on the channels-last kernels at that stride
+    where `strided_reads_directly`, else as the stride-1 conv of the input's blocks (`space_to_depth`).
     """
     x, w, rows, batch = _checked(x, w, rows)
+    stride = _stride(stride, rows, windows, input_act)
+    if stride != (1, 1):
+        padding = (int(padding[0]), int(padding[1]))
+        if strided_reads_directly(x.shape[1], w.shape[1]):
+            return _pop_conv2d_strided(x, w, b, batch, *stride, *padding, "identity", 0.0, True, out_dtype or x.dtype)
+        kernel = (w.shape[3], w.shape[4])
+        blocks = space_to_depth(x, stride, padding, kernel, channels_last=reads_channels_last(x.shape[1], w.shape[1]))
+        return conv2d(blocks, strided_weight(w, stride), b, out_dtype=out_dtype)
     act, slope = _input_act(input_act, rows, windows)
     if windows is not None:
         return _window_conv(windows, x, w, b, padding, _need_rows(rows), batch, 1, "identity", 0.0, out_dtype or x.dtype)
     return _pop_conv2d(x, w, b, rows, batch, int(padding[0]), int(padding[1]), out_dtype or x.dtype, act, slope)
+
+
+def _stride(stride: tuple[int, int], rows: Tensor | None, windows: Tensor | None,
+            input_act: tuple[str, float] | None) -> tuple[int, int]:
+    """`stride` checked: two positive integers, and 1 where the conv reads the data set or an activation's output."""
+    if len(stride) != 2 or any(int(s) != s or s < 1 for s in stride):
+        raise ValueError(f"stride = {stride!r}: expected two positive integers (rows, columns)")
+    stride = (int(stride[0]), int(stride[1]))
+    if stride != (1, 1) and (rows is not None or windows is not None or input_act is not None):
+        raise ValueError(f"stride = {stride} with rows, windows or input_act is not allowed: those run at stride 1")
+    return stride
 
 
 def _input_act(input_act: tuple[str, float] | None, rows: Tensor | None, windows: Tensor | None) -> tuple[str, float]:

@@ -7,8 +7,10 @@ import torch
 from torch import Tensor
 
 from . import tuning
-from .common import EPILOGUE_ACTIVATIONS, _dot_dtype, _programs_per_model, _tile_rows, _wgrad_fake, tl, triton
-from .conv import _checked, _conv_grads, _input_act, _launch_pool_act, _launch_wgrad, _need_rows, _output, _plain, _pool_act_kernel
+from .common import EPILOGUE_ACTIVATIONS, _act_backward, _dot_dtype, _programs_per_model, _tile_rows, _wgrad_fake, tl, triton
+from .conv import (_checked, _conv_grads, _input_act, _launch_pool_act, _launch_wgrad, _need_rows, _output, _plain,
+                   _pool_act_kernel, _pop_conv2d_strided, _stride, reads_channels_last, strided_reads_directly)
+from .strided import space_to_depth, strided_weight
 from .window import _window_conv
 
 
@@ -171,23 +173,6 @@ def _setup_pool_act(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(code)
 
 
-def _act_backward(da: Tensor, a: Tensor, act: str, slope: float) -> Tensor:
-    """da * act'(z) read off the activation's output a = act(z): torch's own backward kernel of the activation
-    (one pass, in a's dtype)."""
-    aten = torch.ops.aten
-    if act == "relu":
-        return aten.threshold_backward(da, a, 0)
-    if act == "leaky_relu" and slope >= 0:  # the sign of a is the sign of z
-        return aten.leaky_relu_backward(da, a, slope, True)
-    if act == "leaky_relu":
-        return torch.where(a > 0, da, da * slope)
-    if act == "tanh":
-        return aten.tanh_backward(da, a)
-    if act == "sigmoid":
-        return aten.sigmoid_backward(da, a)
-    return da
-
-
 def _unpool(dz: Tensor, code: Tensor, pool: int, out_hw: tuple[int, int]) -> Tensor:
     """max_pool2d's backward: each pooled gradient to the window position `code` chose, zeros elsewhere."""
     nb, o, hp, wp = dz.shape
@@ -281,7 +266,7 @@ def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, 
                     pool: int = 2, act: str = "identity", slope: float = 0.0, rows: Tensor | None = None,
                     out_dtype: torch.dtype | None = None, windows: Tensor | None = None,
                     window_dx: bool | None = None, act_grad: bool = True,
-                    input_act: tuple[str, float] | None = None) -> Tensor:
+                    input_act: tuple[str, float] | None = None, stride: tuple[int, int] = (1, 1)) -> Tensor:
     """act(max_pool2d(conv2d(x, w, b), pool)) per model in one kernel (pool 1: no pool), as `conv2d`'s arguments.
 
     `act` is one of EPILOGUE_ACTIVATIONS (`slope`: leaky_relu's negative slope); the max is taken before the
@@ -295,6 +280,8 @@ def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, 
     `input_act`), so the gradient arriving here
     is w.r.t. the activation's input and the full output's activation pass is not run. `input_act` (no pool
     only) as `conv2d`'s: x is the output of an activation whose derivative this conv's input gradient applies.
+    A `stride` as `conv2d`'s: without a pool, at that stride with the activation in the epilogue where
+    `strided_reads_directly`; else the stride-1 conv of the input's blocks, pooled and activated as asked.
     """
     if pool not in (1, 2) or act not in EPILOGUE_ACTIVATIONS:
         raise ValueError(f"pool = {pool!r}, act = {act!r}: allowed pool 1 or 2 and act one of {', '.join(EPILOGUE_ACTIVATIONS)}")
@@ -305,6 +292,16 @@ def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, 
         raise ValueError(f"input_act = {input_act!r} with pool = {pool!r} is not allowed: the input activation's "
                          "derivative is applied in the plain input gradient, only without a pool (pool=1)")
     x, w, rows, batch = _checked(x, w, rows)
+    stride = _stride(stride, rows, windows, input_act)
+    if stride != (1, 1):
+        padding = (int(padding[0]), int(padding[1]))
+        if pool == 1 and strided_reads_directly(x.shape[1], w.shape[1]):
+            return _pop_conv2d_strided(x, w, b, batch, *stride, *padding, act, float(slope), bool(act_grad),
+                                       out_dtype or x.dtype)
+        kernel = (w.shape[3], w.shape[4])
+        blocks = space_to_depth(x, stride, padding, kernel, channels_last=reads_channels_last(x.shape[1], w.shape[1]))
+        return conv2d_pool_act(blocks, strided_weight(w, stride), b, pool=pool, act=act, slope=slope,
+                               out_dtype=out_dtype, window_dx=window_dx, act_grad=act_grad)
     through = _input_act(input_act, rows, windows)
     if windows is not None:
         return _window_conv(windows, x, w, b, padding, _need_rows(rows), batch, pool, act, slope, out_dtype or x.dtype,

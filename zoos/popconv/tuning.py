@@ -37,6 +37,9 @@ class Tuning:
     fuse: bool = True
     # whether a strided conv runs here as the stride-1 conv of its blocks (`supports`; else fastpop's im2col + bmm)
     strided: bool = True
+    # whether a wide strided conv runs at its stride on the channels-last kernels (`strided_reads_directly`; else as
+    # the stride-1 conv of its blocks)
+    strided_direct: bool = True
     # whether a conv's folded activation leaves its derivative to the max-pool or stride-1 conv that alone reads it
     # (fastpop's pairing: `act_grad=False`, `input_act`; else the conv's backward runs it as a pass of its own)
     act_in_reader: bool = True
