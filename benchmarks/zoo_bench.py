@@ -224,7 +224,7 @@ def time_alone(model: Any, task: Any, device: str, steps: int, batch: int) -> di
         loss.backward()
         opt.step()
 
-    return {"step_ms": 1e3 * timed(step, device, max(5, min(steps, 30)))}
+    return timed(step, device, max(5, min(steps, 30)))
 
 
 def time_vmap(arch: str, config: dict[str, Any], task: Any, n: int, device: str, batch: int) -> dict[str, Any]:
@@ -258,25 +258,32 @@ def time_vmap(arch: str, config: dict[str, Any], task: Any, n: int, device: str,
         opt.step()
 
     try:
-        ms = 1e3 * timed(step, device, 5)
+        times = timed(step, device, 5)
     except torch.OutOfMemoryError:
         return {"step_ms": None, "error": "out of memory"}
-    return {"step_ms": ms, "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None}
+    return {**times, "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None}
 
 
-def timed(fn, device: str, iters: int, warmup: int = 3) -> float:
-    """Seconds per call after `warmup` calls, timed with a device sync at both ends."""
+WINDOWS = 5  # a peer's step time is the median of this many timed windows; their range is its spread
+
+
+def timed(fn, device: str, iters: int, warmup: int = 3) -> dict[str, Any]:
+    """ms per call after `warmup` calls: {"step_ms": the median of WINDOWS windows of `iters` calls, each timed
+    with a device sync at both ends, "step_ms_range": [the fastest window's, the slowest's]}."""
     import torch
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / iters
+    windows = []
+    for _ in range(WINDOWS):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync()
+        windows.append(1e3 * (time.perf_counter() - t0) / iters)
+    return {"step_ms": float(np.median(windows)), "step_ms_range": [min(windows), max(windows)]}
 
 
 def bound(model: Any, task: Any, batch: int, device: str) -> dict[str, float]:
@@ -377,6 +384,11 @@ def main() -> None:
             if missed:  # kernels the warm run did not find in the cold run's cache
                 print(f"      warm: {sum(missed.values())} kernels compiled again: "
                       + ", ".join(f"{k} x{v}" for k, v in sorted(missed.items(), key=lambda kv: -kv[1])), flush=True)
+            for peer in ("alone", "vmap"):
+                low, high = (row.get(peer) or {}).get("step_ms_range") or (0, 0)
+                if low and high > 1.1 * low:  # a peer whose windows disagree: its ratio is only as good as this
+                    print(f"      {peer}: {low:.3g}-{high:.3g} ms a step over {WINDOWS} windows "
+                          f"(median {row[peer]['step_ms']:.3g})", flush=True)
             for name, r in (("cold", row.get("symzoo")), ("warm", row.get("warm"))):
                 if r and r.get("compiled_ahead"):
                     ahead = r["compiled_ahead"]

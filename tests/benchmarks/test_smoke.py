@@ -62,3 +62,17 @@ def test_cpu_bench_times_both_programs_of_each_family(tmp_path):
         assert r["step_ms_ratio"] == r["vmap"]["step_ms"] / r["program"]["step_ms"]
     assert rows[1]["program"]["program"].startswith("3 grouped conv, 1 im2col + bmm")
     assert "mlp" in run.stdout and "cnn" in run.stdout
+
+
+def test_zoo_bench_gives_each_peer_its_spread(tmp_path):
+    """zoo_bench.py at --smoke sizes: the three ways side by side, each peer's step time the median of its timed
+    windows with their range, and the rows the table prints."""
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "zoo_bench.py"), "--smoke", "--archs", "mlp", "--no-warm",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "zoo_bench.json").read_text())["rows"]
+    assert row["arch"] == "mlp" and row["models"] == 2 and row["symzoo"]["step_ms"] > 0 and row["symzoo"]["fast"]
+    for peer in ("alone", "vmap"):
+        low, high = row[peer]["step_ms_range"]
+        assert 0 < low <= row[peer]["step_ms"] <= high
+    assert run.stdout.splitlines()[1].startswith("mlp ")
