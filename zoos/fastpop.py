@@ -64,7 +64,7 @@ from torch import Tensor, fx, nn
 from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from zoos import popconv, poplinear, popnorm
+from zoos import popconv, popgather, poplinear, popnorm
 from zoos.archs.base import ACTIVATIONS, PopDropout
 from zoos.archs.layers import FlatLinear, linalg_eigh
 
@@ -475,6 +475,13 @@ def _index_tensors(graph: fx.Graph) -> None:
         node.args = (node.args[0], parts if isinstance(index, tuple) else parts[0])
 
 
+def _literal_tensor(node: fx.Node) -> Tensor | None:
+    """The value of a `torch.tensor(list, dtype=...)` node (on the CPU; its device argument is left out), else None."""
+    if node.op != "call_function" or node.target is not torch.tensor or not _int_list(node.args[0]) or len(node.args) != 1:
+        return None
+    return torch.tensor(node.args[0], dtype=node.kwargs.get("dtype"))
+
+
 def _int_list(v: Any) -> bool:
     return isinstance(v, list) and bool(v) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
 
@@ -773,12 +780,18 @@ class _Emitter:
             n_ops += 1
         sub.output(tuple(inner[n] for n in needed))
         prologue = fx.GraphModule(self.src, sub)
+        shapes = {**dict(self.src.named_parameters()), **dict(self.src.named_buffers())}
+        literal = [_literal_tensor(c) for c in consts]  # index tensors made from lists (`_index_tensors`)
+        gather = None if None in literal else popgather.plan(prologue, [shapes[k].shape for k in keys], literal)
         dims = (0,) * len(keys)
 
         def weights_of(*args: Any) -> tuple[Tensor, ...]:
             return vmap(prologue, in_dims=dims + (None,) * (len(args) - len(dims)))(*args)
 
-        op = _named_op("weight_prologue", weights_of)
+        op = _named_op("weight_gather" if gather else "weight_prologue", gather or weights_of)
+        how = (f"{n_ops} ops that only move the weights (kernel expansions, repeated biases), as one gather a step"
+               if gather else f"{n_ops} ops on the weights alone (kernel expansions, reshapes), vmapped over the models "
+               "once a step")
         call: list[fx.Node] = []
 
         def get(n: fx.Node) -> fx.Node:
@@ -787,8 +800,7 @@ class _Emitter:
                 if missing:
                     raise Unsupported(f"{_what(missing[0])}: a weight computation reads a value computed later in the forward")
                 call.append(self.g.call_function(op, (*(state[k] for k in keys), *(env[c] for c in consts))))
-                self.choices.append(("weights", "prologue", f"{n_ops} ops on the weights alone (kernel expansions, "
-                                                            "reshapes), vmapped over the models once a step"))
+                self.choices.append(("weights", "prologue", how))
                 for i, m in enumerate(needed):
                     produced[m] = self.g.call_function(operator.getitem, (call[0], i))
             return produced[n]
