@@ -782,7 +782,9 @@ class _Emitter:
         prologue = fx.GraphModule(self.src, sub)
         shapes = {**dict(self.src.named_parameters()), **dict(self.src.named_buffers())}
         literal = [_literal_tensor(c) for c in consts]  # index tensors made from lists (`_index_tensors`)
-        gather = None if None in literal else popgather.plan(prologue, [shapes[k].shape for k in keys], literal)
+        dtypes = {shapes[k].dtype for k in keys}  # one floating dtype: the gathers concatenate the weights' rows
+        alike = len(dtypes) == 1 and next(iter(dtypes)).is_floating_point
+        gather = popgather.plan(prologue, [shapes[k].shape for k in keys], literal) if alike and None not in literal else None
         dims = (0,) * len(keys)
 
         def weights_of(*args: Any) -> tuple[Tensor, ...]:

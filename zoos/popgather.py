@@ -97,7 +97,7 @@ def plan(prologue: fx.GraphModule, shapes: Sequence[Sequence[int]], consts: Sequ
     # input value shifted by `total` shifts every output value by it
     if index is None or shifted is None or not torch.equal(shifted, index + total):
         return None
-    if not torch.equal(index, index.round()) or index.min() < 0 or index.max() >= total:
+    if not index.numel() or not torch.equal(index, index.round()) or index.min() < 0 or index.max() >= total:
         return None
     return Gather(index.long(), out_shapes[0], len(shapes), total)
 
