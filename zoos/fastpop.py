@@ -604,8 +604,9 @@ def _model_group_chains(g: fx.Graph, mods: Mapping[str, nn.Module]) -> None:
 
 class _Emitter:
     """Re-emits a traced forward as a population program: population layers for the layers and convs that
-    have one, the weight-only ops as one vmapped prologue, ops of data alone on the [N*B, ...] batch as they
-    are, and any other op that mixes data and weights as a per-op vmap over the models."""
+    have one, the weight-only ops as one prologue (gathers where they only move values, `zoos.popgather`, else
+    vmapped), ops of data alone on the [N*B, ...] batch as they are, and any other op that mixes data and
+    weights as a per-op vmap over the models."""
 
     def __init__(self, pop: "FastPopulation", module: nn.Module, input_shape: tuple[int, ...]):
         self.pop = pop
@@ -743,7 +744,8 @@ class _Emitter:
 
     def _prologue(self, state: Mapping[str, fx.Node], env: Mapping[fx.Node, Any]) -> Callable[[fx.Node], fx.Node]:
         """The weight-only ops (kernel expansions, reshaped biases, ...) as one function of the stacked
-        state, vmapped over the models and called once per forward; returns node -> its output node."""
+        state called once per forward: an index_select an output where they only move the weights'
+        values (`popgather.plan`), else vmapped over the models; returns node -> its output node."""
         kinds, needed = self.kinds, []
         produced: dict[fx.Node, fx.Node] = {}
         for node in self.src.graph.nodes:
