@@ -46,6 +46,13 @@ def vmapped():
         _enabled[0] = was
 
 
+class _Computes(Exception):
+    """An op of a prologue that computes from a tensor's values."""
+
+    def __init__(self, node: fx.Node):
+        super().__init__(f"{node.op} {node.target}")
+
+
 class _MovesOnly(fx.Interpreter):
     """Runs a prologue, raising `_Computes` at the first op that computes from a tensor's values."""
 
@@ -66,11 +73,6 @@ class _MovesOnly(fx.Interpreter):
         return super().run_node(n)
 
 
-class _Computes(Exception):
-    def __init__(self, node: fx.Node):
-        super().__init__(f"{node.op} {node.target}")
-
-
 def plan(prologue: fx.GraphModule, shapes: Sequence[Sequence[int]], consts: Sequence[Any] = ()) -> Gather | None:
     """The `Gather` that computes `prologue` for a population, or None where one of its ops computes (arithmetic, a
     reduction, a new tensor) rather than moves. The prologue's inputs are one model's weights (of `shapes`), then
@@ -79,6 +81,7 @@ def plan(prologue: fx.GraphModule, shapes: Sequence[Sequence[int]], consts: Sequ
     total = sum(sizes)
     if not _enabled[0] or not sizes or total >= _ID_LIMIT:
         return None
+
     def positions(offset: int) -> Tensor | None:
         """The outputs' values, flat, with the inputs' positions (plus `offset`) as the inputs' values."""
         ids = (torch.arange(total, dtype=torch.float64) + offset).split(sizes)
