@@ -8,7 +8,8 @@ map from positions of its outputs to positions of its inputs. `plan` finds it by
 the inputs' positions (float64 ids, exact) and returns a `Gather`: the prologue's outputs for N models as an
 `index_select` each of the weights' concatenated rows, and in the backward each input position's gradient as the
 sum of its output positions' (a fixed table and a sum in a fixed order: the same bits every run, unlike
-index_add's atomics). `with vmapped():` leaves every prologue planned inside it to vmap (the benchmark's baseline).
+index_add's atomics). `with vmapped():` leaves every prologue planned inside it to vmap (the benchmark's baseline);
+so does SYMZOO_POPGATHER=0 for the whole process (read at import).
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from __future__ import annotations
 import builtins
 import contextlib
 import operator
+import os
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, fx
 from torch.utils._pytree import tree_flatten
+
+from zoos.popconv.tuning import env_flag
 
 # ops that move a tensor's values (or repeat them) without computing any: by function and by method name
 _MOVES: set[Any] = {torch.rot90, torch.flip, torch.stack, torch.cat, torch.concat, torch.flatten, torch.unflatten,
@@ -33,17 +37,17 @@ _METHOD_MOVES = {"rot90", "flip", "flatten", "unflatten", "reshape", "view", "pe
 _METADATA = {"shape", "ndim", "dtype", "device"}  # attributes read off a tensor that say nothing of its values
 _METADATA_METHODS = {"size", "dim", "numel"}
 _ID_LIMIT = 1 << 53  # float64 holds every integer below this exactly
-_enabled = [True]
+_enabled = [env_flag(os.environ, "SYMZOO_POPGATHER", default="1")]
 
 
 @contextlib.contextmanager
 def vmapped():
     """Inside the block `plan` plans nothing: a population program built there runs its prologue as vmap."""
-    was, _enabled[0] = _enabled[0], False
+    _enabled.append(False)
     try:
         yield
     finally:
-        _enabled[0] = was
+        _enabled.pop()
 
 
 class _Computes(Exception):
@@ -79,7 +83,7 @@ def plan(prologue: fx.GraphModule, shapes: Sequence[Sequence[int]], consts: Sequ
     `consts` (values shared by every model, such as index tensors); its output a tuple of tensors."""
     sizes = [int(torch.Size(s).numel()) for s in shapes]
     total = sum(sizes)
-    if not _enabled[0] or not sizes or total >= _ID_LIMIT:
+    if not _enabled[-1] or not sizes or total >= _ID_LIMIT:
         return None
 
     def positions(offset: int) -> Tensor | None:

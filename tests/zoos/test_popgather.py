@@ -1,5 +1,10 @@
 """popgather: a weight prologue that only moves values, as gathers; one that computes, refused."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import fx
@@ -11,6 +16,7 @@ from zoos.archs import build_arch
 from zoos.fastpop import FastPopulation
 from zoos.functional import population_forward, stack_states, template
 
+ROOT = Path(__file__).resolve().parents[2]
 C4 = torch.tensor([1, 2, 3, 0])
 
 MOVES = {
@@ -98,3 +104,13 @@ def test_group_cnns_gather_their_kernels_and_equal_vmap(arch, prologue_ops):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         for a, r in zip(torch.autograd.grad((got * g).sum(), list(params.values())), expected):
             torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("value,gathers", [("0", False), ("1", True)])
+def test_the_environment_turns_the_gathers_off_for_a_process(value, gathers):
+    code = ("import torch; from torch import fx; from zoos import popgather; "
+            "g = fx.symbolic_trace(lambda w: (w.flip(0),)); print(popgather.plan(g, [(3, 2)]) is not None)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "SYMZOO_POPGATHER": value}, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == str(gathers)
