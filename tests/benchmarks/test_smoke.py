@@ -1,7 +1,8 @@
 """The GPU benchmarks' code paths at --smoke sizes on the CPU: train_bench.py's step-only loop and trainer
 variants (the step loop calls the trainer's in-place update on every device, so this run checks the API its
 GPU figures use: a loop that still expected the update's old return values failed on the GPU host only),
-step_kernels_bench.py's launchers in Triton's interpreter, and cpu_bench.py at tiny sizes."""
+step_kernels_bench.py's launchers in Triton's interpreter, and cpu_bench.py, zoo_bench.py and prologue_bench.py at
+tiny sizes."""
 
 import json
 import os
@@ -76,3 +77,16 @@ def test_zoo_bench_gives_each_peer_its_spread(tmp_path):
         low, high = row[peer]["step_ms_range"]
         assert 0 < low <= row[peer]["step_ms"] <= high
     assert run.stdout.splitlines()[1].startswith("mlp ")
+
+
+def test_prologue_bench_counts_fewer_ops_with_the_gathers(tmp_path):
+    """prologue_bench.py at tiny sizes on the CPU: p4cnn's step with its kernel expansions as gathers dispatches
+    fewer ops than with them vmapped, and both programs say which they run."""
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prologue_bench.py"), "--archs", "p4cnn", "--models", "2",
+                          "--batch", "4", "--steps", "1", "--repeats", "2", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "prologue_bench.json").read_text())
+    assert row["arch"] == "p4cnn" and row["gather"]["ops"] < row["vmap"]["ops"]
+    assert "as one gather" in row["gather"]["prologue"] and "vmapped" in row["vmap"]["prologue"]
+    assert all(len(row[k]["windows"]) == 2 and row[k]["step_ms"] > 0 for k in ("gather", "vmap"))
