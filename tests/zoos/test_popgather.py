@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import fx
 from torch.func import vmap
 
@@ -114,3 +116,36 @@ def test_the_environment_turns_the_gathers_off_for_a_process(value, gathers):
                          env={**os.environ, "SYMZOO_POPGATHER": value}, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == str(gathers)
+
+
+# one movement a step, on a 3-d weight [a, b, c]: each keeps three axes (so any order of them applies)
+STEPS = {
+    "rot90": lambda t, k: torch.rot90(t, k % 4, (1, 2)),
+    "flip": lambda t, k: t.flip(k % 3),
+    "transpose": lambda t, k: t.transpose(k % 3, (k + 1) % 3),
+    "roll": lambda t, k: t.roll(k - 2, k % 3),
+    "repeat": lambda t, k: t.repeat_interleave(1 + k % 2, k % 3),
+    "slice": lambda t, k: t[:, ::1 + k % 2],
+    "stack": lambda t, k: torch.stack([t, t.flip(-1)], 0).flatten(0, 1),
+    "expand": lambda t, k: t[:1].expand(1 + k % 3, -1, -1),
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(sorted(STEPS)), st.integers(0, 5)), min_size=1, max_size=5))
+def test_any_chain_of_movements_gathers_as_vmap(chain):
+    """A prologue of any chain of movements is planned, and its gathers give vmap's outputs and gradients."""
+    def fn(w, b):
+        for name, k in chain:
+            w = STEPS[name](w, k)
+        return w, b.flip(0)
+
+    shapes = [(3, 4, 4), (5,)]
+    gather = popgather.plan(fx.symbolic_trace(fn), shapes)
+    assert gather is not None
+    w, b = (torch.randn(2, *s, dtype=torch.float64, requires_grad=True) for s in shapes)
+    got, want = gather(w, b), vmap(fn)(w, b)
+    grads = [torch.randn_like(t) for t in want]
+    assert all(torch.equal(g, r) for g, r in zip(got, want))
+    for g, r in zip(torch.autograd.grad(got, (w, b), grads), torch.autograd.grad(want, (w, b), grads)):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
