@@ -477,7 +477,7 @@ def _index_tensors(graph: fx.Graph) -> None:
 
 def _literal_tensor(node: fx.Node) -> Tensor | None:
     """The value of a `torch.tensor(list, dtype=...)` node (on the CPU; its device argument is left out), else None."""
-    if node.op != "call_function" or node.target is not torch.tensor or not _int_list(node.args[0]) or len(node.args) != 1:
+    if node.op != "call_function" or node.target is not torch.tensor or len(node.args) != 1 or not _int_list(node.args[0]):
         return None
     return torch.tensor(node.args[0], dtype=node.kwargs.get("dtype"))
 
@@ -782,11 +782,10 @@ class _Emitter:
             n_ops += 1
         sub.output(tuple(inner[n] for n in needed))
         prologue = fx.GraphModule(self.src, sub)
-        shapes = {**dict(self.src.named_parameters()), **dict(self.src.named_buffers())}
+        tensors = {**dict(self.src.named_parameters()), **dict(self.src.named_buffers())}
         literal = [_literal_tensor(c) for c in consts]  # index tensors made from lists (`_index_tensors`)
-        dtypes = {shapes[k].dtype for k in keys}  # one floating dtype: the gathers concatenate the weights' rows
-        alike = len(dtypes) == 1 and next(iter(dtypes)).is_floating_point
-        gather = popgather.plan(prologue, [shapes[k].shape for k in keys], literal) if alike and None not in literal else None
+        gather = None if None in literal else popgather.plan(prologue, [tensors[k].shape for k in keys], literal,
+                                                               dtypes=[tensors[k].dtype for k in keys])
         dims = (0,) * len(keys)
 
         def weights_of(*args: Any) -> tuple[Tensor, ...]:

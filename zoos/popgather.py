@@ -77,36 +77,39 @@ class _MovesOnly(fx.Interpreter):
         return super().run_node(n)
 
 
-def plan(prologue: fx.GraphModule, shapes: Sequence[Sequence[int]], consts: Sequence[Any] = ()) -> Gather | None:
+def plan(prologue: fx.GraphModule, shapes: Sequence[Sequence[int]], consts: Sequence[Any] = (),
+         dtypes: Sequence[torch.dtype] = ()) -> Gather | None:
     """The `Gather` that computes `prologue` for a population, or None where one of its ops computes (arithmetic, a
-    reduction, a new tensor) rather than moves. The prologue's inputs are one model's weights (of `shapes`), then
+    reduction, a new tensor) rather than moves. The prologue's inputs are one model's weights (of `shapes` and, if
+    given, `dtypes`: the gathers concatenate the weights' rows, so they must share one floating dtype), then
     `consts` (values shared by every model, such as index tensors); its output a tuple of tensors."""
     sizes = [int(torch.Size(s).numel()) for s in shapes]
     total = sum(sizes)
     if not _enabled[-1] or not sizes or total >= _ID_LIMIT:
         return None
+    if dtypes and (len(set(dtypes)) != 1 or not dtypes[0].is_floating_point):
+        return None
 
-    def positions(offset: int) -> Tensor | None:
-        """The outputs' values, flat, with the inputs' positions (plus `offset`) as the inputs' values."""
+    def outputs(offset: int) -> list[Tensor] | None:
+        """The prologue's outputs with the inputs' positions (plus `offset`) as the inputs' values."""
         ids = (torch.arange(total, dtype=torch.float64) + offset).split(sizes)
         try:
-            outputs = _MovesOnly(prologue).run(*(i.reshape(s) for i, s in zip(ids, shapes)), *consts)
+            out = _MovesOnly(prologue).run(*(i.reshape(s) for i, s in zip(ids, shapes)), *consts)
         except Exception:  # noqa: BLE001 - an op that computes (`_Computes`), or one that fails on float64 ids
             return None
-        if not all(isinstance(o, Tensor) and o.dtype == torch.float64 for o in outputs):
-            return None
-        out_shapes.append([tuple(o.shape) for o in outputs])
-        return torch.cat([o.reshape(-1) for o in outputs])
+        return list(out) if all(isinstance(o, Tensor) and o.dtype == torch.float64 for o in out) else None
 
-    out_shapes: list[list[tuple[int, ...]]] = []
-    index, shifted = positions(0), positions(total)
+    first, second = outputs(0), outputs(total)
+    if first is None or second is None:
+        return None
+    index, shifted = (torch.cat([o.reshape(-1) for o in out]) for out in (first, second))
     # every output value one of an input's, moving with it (not a constant, not computed): a second run with every
     # input value shifted by `total` shifts every output value by it
-    if index is None or shifted is None or not torch.equal(shifted, index + total):
+    if not torch.equal(shifted, index + total):
         return None
     if not index.numel() or not torch.equal(index, index.round()) or index.min() < 0 or index.max() >= total:
         return None
-    return Gather(index.long(), out_shapes[0], len(shapes), total)
+    return Gather(index.long(), [tuple(o.shape) for o in first], len(shapes), total)
 
 
 class _GatherRows(torch.autograd.Function):

@@ -637,6 +637,12 @@ def _backward(ctx, dy: Tensor):
             *(None,) * 7)
 
 
+def _flipped_transposed(w: Tensor) -> Tensor:
+    """w [N, O, C, kh, kw] flipped in space with inputs and outputs swapped, [N, C, O, kh, kw]: the weights of the
+    forward conv that is a conv's input gradient."""
+    return w.flip(3, 4).transpose(1, 2).contiguous()
+
+
 def _conv_grads(needs: tuple[bool, ...], dy: Tensor, x: Tensor, w: Tensor, rows: Tensor | None, batch: int,
                 pad_h: int, pad_w: int, has_bias: bool, x_dtype: torch.dtype,
                 through: tuple[str, float] = ("identity", 0.0)):
@@ -647,7 +653,7 @@ def _conv_grads(needs: tuple[bool, ...], dy: Tensor, x: Tensor, w: Tensor, rows:
         if rows is not None:
             raise NotImplementedError("the input gradient of a row-indexed (data-reading) convolution")
         kh, kw = w.shape[3], w.shape[4]
-        w_t = w.flip(3, 4).transpose(1, 2).contiguous()  # [N, C, O, kh, kw]: the input grad is a forward conv
+        w_t = _flipped_transposed(w)
         if through[0] == "identity":
             dx = _pop_conv2d(dy, w_t, None, None, batch, kh - 1 - pad_h, kw - 1 - pad_w, x_dtype, "identity", 0.0)
         else:
@@ -722,7 +728,7 @@ def _backward_strided(ctx, da: Tensor):
     needs = ctx.needs_input_grad
     dx = dw = db = None
     if needs[0]:
-        w_t = w.flip(3, 4).transpose(1, 2).contiguous()  # [N, C, O, kh, kw]
+        w_t = _flipped_transposed(w)
         dx = _pop_conv2d_strided_dx(dy, w_t, batch, *stride, *pad, *size, x_dtype)
     if needs[1] or (has_bias and needs[2]):
         dw, db = _pop_conv2d_strided_wgrad(x, dy, w, *stride, *pad, has_bias)
@@ -754,13 +760,18 @@ def conv2d(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int] = (0
         padding = (int(padding[0]), int(padding[1]))
         if strided_reads_directly(x.shape[1], w.shape[1]):
             return _pop_conv2d_strided(x, w, b, batch, *stride, *padding, "identity", 0.0, True, out_dtype or x.dtype)
-        kernel = (w.shape[3], w.shape[4])
-        blocks = space_to_depth(x, stride, padding, kernel, channels_last=reads_channels_last(x.shape[1], w.shape[1]))
-        return conv2d(blocks, strided_weight(w, stride), b, out_dtype=out_dtype)
+        return conv2d(*_as_blocks(x, w, stride, padding), b, out_dtype=out_dtype)
     act, slope = _input_act(input_act, rows, windows)
     if windows is not None:
         return _window_conv(windows, x, w, b, padding, _need_rows(rows), batch, 1, "identity", 0.0, out_dtype or x.dtype)
     return _pop_conv2d(x, w, b, rows, batch, int(padding[0]), int(padding[1]), out_dtype or x.dtype, act, slope)
+
+
+def _as_blocks(x: Tensor, w: Tensor, stride: tuple[int, int], padding: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """A strided conv's input and weights as those of the stride-1 conv of the input's blocks (`space_to_depth`)."""
+    kernel = (w.shape[3], w.shape[4])
+    blocks = space_to_depth(x, stride, padding, kernel, channels_last=reads_channels_last(x.shape[1], w.shape[1]))
+    return blocks, strided_weight(w, stride)
 
 
 def _stride(stride: tuple[int, int], rows: Tensor | None, windows: Tensor | None,

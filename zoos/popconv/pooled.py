@@ -8,9 +8,8 @@ from torch import Tensor
 
 from . import tuning
 from .common import EPILOGUE_ACTIVATIONS, _act_backward, _dot_dtype, _programs_per_model, _tile_rows, _wgrad_fake, tl, triton
-from .conv import (_checked, _conv_grads, _input_act, _launch_pool_act, _launch_wgrad, _need_rows, _output, _plain,
-                   _pool_act_kernel, _pop_conv2d_strided, _stride, reads_channels_last, strided_reads_directly)
-from .strided import space_to_depth, strided_weight
+from .conv import (_as_blocks, _checked, _conv_grads, _input_act, _launch_pool_act, _launch_wgrad, _need_rows, _output,
+                   _plain, _pool_act_kernel, _pop_conv2d_strided, _stride, strided_reads_directly)
 from .window import _window_conv
 
 
@@ -298,9 +297,7 @@ def conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, 
         if pool == 1 and strided_reads_directly(x.shape[1], w.shape[1]):
             return _pop_conv2d_strided(x, w, b, batch, *stride, *padding, act, float(slope), bool(act_grad),
                                        out_dtype or x.dtype)
-        kernel = (w.shape[3], w.shape[4])
-        blocks = space_to_depth(x, stride, padding, kernel, channels_last=reads_channels_last(x.shape[1], w.shape[1]))
-        return conv2d_pool_act(blocks, strided_weight(w, stride), b, pool=pool, act=act, slope=slope,
+        return conv2d_pool_act(*_as_blocks(x, w, stride, padding), b, pool=pool, act=act, slope=slope,
                                out_dtype=out_dtype, window_dx=window_dx, act_grad=act_grad)
     through = _input_act(input_act, rows, windows)
     if windows is not None:
