@@ -40,20 +40,13 @@ def _slower_than_reading(seconds: float, nbytes: int) -> bool:
     return seconds > _READ_S + nbytes / _READ_BYTES_PER_S
 
 
-def cache_root() -> Path | None:
-    """Where symzoo keeps what a later process can reuse (generated splits, `zoos.precompile`'s kernel lists):
-    $SYMZOO_CACHE, by default ~/.cache/symzoo; None for SYMZOO_CACHE=off."""
+def cache_dir() -> Path | None:
+    """Where slow generated splits are kept between processes (a Ray worker's next task, the next study):
+    $SYMZOO_CACHE/tasks, by default ~/.cache/symzoo/tasks; SYMZOO_CACHE=off keeps none."""
     root = os.environ.get("SYMZOO_CACHE", "")
     if root.strip().lower() == "off":
         return None
-    return Path(root or Path.home() / ".cache" / "symzoo").expanduser()
-
-
-def cache_dir() -> Path | None:
-    """Where slow generated splits are kept between processes (a Ray worker's next task, the next study):
-    cache_root()/tasks; None for SYMZOO_CACHE=off."""
-    root = cache_root()
-    return None if root is None else root / "tasks"
+    return Path(root or Path.home() / ".cache" / "symzoo").expanduser() / "tasks"
 
 
 @functools.lru_cache(maxsize=1)

@@ -21,13 +21,6 @@ it would be taken for the block's. Where Triton lacks the hooks this needs, or o
 code as it is and compiles nothing ahead; so it does with SYMZOO_COMPILE_AHEAD=0 (each kernel then compiles at
 its first launch, one after another).
 
-A dry run's kernels can be kept for the next process that trains the same population (`ahead(..., remember=path)`,
-`list_path`): a JSON list of each kernel's name and specialisation under $SYMZOO_CACHE/kernels. `from_list`
-compiles such a list (from Triton's own on-disk cache, when warm) with no dry run, so a worker can load its
-kernels on a thread while it builds the models. A list records what its dry run compiled; a kernel the process
-had compiled before it, or one a list misses because the code changed under the same key, compiles at its first
-launch as usual: a list only ever saves time.
-
 What runs inside must not depend on the skipped kernels' results for anything but more kernel launches (no
 host read of them, no indexing by them: a garbage index asserts on the device, which ends the process): the
 trainer's dry run (`zoos.trainer`) is the program's forward on evaluation batches, its forward and backward
@@ -37,16 +30,11 @@ on a training batch and the optimizer's update with every model marked diverged,
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
-import importlib
-import json
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -54,11 +42,9 @@ import torch
 try:
     import triton
     from triton import knobs as _knobs
-    from triton.runtime.interpreter import InterpretedFunction as _Interpreted
     from triton.runtime.jit import JITFunction as _JITFunction
 except ImportError:  # no Triton, or one without the hooks: nothing compiles ahead
-    triton = _knobs = _JITFunction = _Interpreted = None
-_KERNEL_TYPES = tuple(t for t in (_JITFunction, _Interpreted) if t is not None)  # a kernel: under TRITON_INTERPRET=1 the latter
+    triton = _knobs = _JITFunction = None
 
 MAX_THREADS = 32  # the most compiles at once
 
@@ -72,7 +58,6 @@ class AheadRun:
     threads: int = 0
     seconds: float = 0.0
     failed: int = 0
-    source: str = "dry run"  # or "list": read from a list an earlier dry run kept (`from_list`)
     _specs: dict[tuple[int, str], tuple[Any, str]] = field(default_factory=dict, repr=False)  # (kernel, key) -> spec
 
 
@@ -88,10 +73,9 @@ _LOCK = threading.Lock()  # one dry run a process at a time: the hook is process
 
 
 @contextlib.contextmanager
-def ahead(device: torch.device | str, threads: int | None = None, remember: Path | None = None) -> Iterator[AheadRun]:
+def ahead(device: torch.device | str, threads: int | None = None) -> Iterator[AheadRun]:
     """Record the kernels the block would compile, skipping their launches; compile them on leaving, on
-    `threads` threads (None: one a core this process may use, at most MAX_THREADS); with `remember`, first
-    keep their list there for `from_list`."""
+    `threads` threads (None: one a core this process may use, at most MAX_THREADS)."""
     run = AheadRun()
     if not supported(device):
         yield run
@@ -115,93 +99,7 @@ def ahead(device: torch.device | str, threads: int | None = None, remember: Path
             yield run
         finally:
             _knobs.runtime.jit_cache_hook = previous
-        if remember is not None:
-            _keep(remember, list(run._specs.values()))
         _compile(run, device, threads)
-
-
-def list_path(identity: dict[str, Any], device: torch.device | str) -> Path | None:
-    """Where the kernel list of a population with this `identity` (what decides its kernels: architecture, shapes,
-    precision, options) is kept for `device`; None where SYMZOO_CACHE=off. The key also holds the device's name,
-    torch's and Triton's versions and the digest of symzoo's own code, so a list is read only by the code that
-    wrote it."""
-    from tasks.generated import cache_root
-
-    root = cache_root()
-    if root is None:
-        return None
-    device = torch.device(device)
-    key = {**identity, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-           "torch": torch.__version__, "triton": getattr(triton, "__version__", None), "code": _code_digest(),
-           "env": {k: v for k, v in os.environ.items() if k.startswith("SYMZOO_") and k != "SYMZOO_CACHE"}}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    return root / "kernels" / f"{digest}.json"
-
-
-def from_list(device: torch.device | str, path: Path | None, threads: int | None = None) -> AheadRun | None:
-    """The kernels of the list kept at `path` (`ahead(.., remember=path)`) compiled as `ahead` compiles them, with
-    no dry run; None where there is no readable list or one of its kernels is not found by its name (the caller
-    then runs the dry run)."""
-    specs = _read(path) if path is not None and supported(device) else None
-    if specs is None:
-        return None
-    run = AheadRun(source="list", _specs=specs)
-    _compile(run, torch.device(device), threads)
-    return run
-
-
-def _read(path: Path) -> dict[tuple[int, str], tuple[Any, str]] | None:
-    """A kept list as `AheadRun._specs`; None where it is absent, unreadable or names a kernel not found."""
-    try:
-        specs = {}
-        for item in json.loads(Path(path).read_text()):
-            fn = _by_name(item["kernel"])
-            if fn is None:
-                return None
-            specs[(id(fn), str(json.loads(item["spec"])["key"]))] = (fn, item["spec"])
-        return specs
-    except (OSError, ValueError, KeyError, TypeError):  # absent, half-written or of another format: a dry run
-        return None
-
-
-def _name(fn: Any) -> str:
-    return f"{fn.fn.__module__}:{fn.fn.__qualname__}"
-
-
-def _by_name(name: str) -> Any:
-    """The JIT function `module:qualname` names, or None where it is not a module's attribute (a generated kernel)."""
-    module, _, qualname = name.partition(":")
-    try:
-        obj: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError, ValueError):
-        return None
-    return obj if _KERNEL_TYPES and isinstance(obj, _KERNEL_TYPES) else None
-
-
-def _keep(path: Path, specs: list[tuple[Any, str]]) -> None:
-    """The list of `specs` at `path`, whole or not at all; none where a kernel cannot be found again by its name."""
-    if not specs or any(_by_name(_name(fn)) is not fn for fn, _ in specs):
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-        tmp.write_text(json.dumps([{"kernel": _name(fn), "spec": spec} for fn, spec in specs]))
-        os.replace(tmp, path)  # readers never see a partial list
-    except OSError:  # a read-only or full disk: the next process runs its own dry run
-        pass
-
-
-@functools.lru_cache(maxsize=1)
-def _code_digest() -> str:
-    """symzoo's code (zoos/, tasks/): a kept list is read only by the code that wrote it."""
-    h = hashlib.sha256()
-    root = Path(__file__).resolve().parents[1]
-    for path in sorted([*(root / "zoos").rglob("*.py"), *(root / "tasks").rglob("*.py")]):
-        h.update(path.relative_to(root).as_posix().encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def _compile(run: AheadRun, device: torch.device, threads: int | None) -> None:
@@ -230,4 +128,4 @@ def _compile(run: AheadRun, device: torch.device, threads: int | None) -> None:
     run._specs.clear()
 
 
-__all__ = ["AheadRun", "MAX_THREADS", "ahead", "from_list", "list_path", "supported"]
+__all__ = ["AheadRun", "MAX_THREADS", "ahead", "supported"]

@@ -44,8 +44,7 @@ import json
 import math
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -228,32 +227,14 @@ def _train_threads(pop: PopulationSpec, device: torch.device, precision: str, pr
     # helper threads: one reads the data and asks for the index streams in order, a few draw them
     streams = ThreadPoolExecutor(1, thread_name_prefix="symzoo-orders")
     draws = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="symzoo-draws")
-    # and one loads the kernels an earlier process's dry run listed, while the models are built
-    kept = _kernel_list(pop, device, precision, eval_batch, fast, kernels, graphs) if not compile else None
-    loads = ThreadPoolExecutor(1, thread_name_prefix="symzoo-kernels")
-    loaded = loads.submit(precompile.from_list, device, kept) if kept is not None else None
     try:
         with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []), _collector_spares_the_old():
             torch.manual_seed(int(pop.shard.removeprefix("pop-"), 16))  # dropout masks: one stream per population
             return _train(pop, device, precision, progress, status, data_dir, eval_batch, fast,
-                          kernels, graphs, compile, streams, draws, called, (kept, loaded))
+                          kernels, graphs, compile, streams, draws, called)
     finally:  # also on an error: no helper left reading or copying once this returns
         streams.shutdown(cancel_futures=True)
         draws.shutdown(cancel_futures=True)
-        loads.shutdown(cancel_futures=True)
-
-
-def _kernel_list(pop: PopulationSpec, device: torch.device, precision: str, eval_batch: int, *options) -> Path | None:
-    """Where the dry run's kernel list of a population like `pop` is kept (`precompile.list_path`): the same
-    architecture, task, shapes, population size, precision, options and kernel tuning; None off CUDA."""
-    if not precompile.supported(device):
-        return None
-    from zoos.popconv import tuning
-
-    shape = {k: v for k, v in json.loads(pop.first.group_key()).items() if k not in ("study", "zoo")}
-    return precompile.list_path({"population": shape, "models": len(pop.models), "precision": precision,
-                                 "eval_batch": eval_batch, "options": options, "tuning": repr(tuning.current())},
-                                device)
 
 
 @contextlib.contextmanager
@@ -282,11 +263,9 @@ def memory_limit(pop: PopulationSpec, device: torch.device, data_dir: str | None
 
 def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, status, data_dir, eval_batch: int,
            fast: bool | None, kernels: bool | None, graphs: bool | None, compile: bool | None,
-           streams: ThreadPoolExecutor, draws: ThreadPoolExecutor, called: float | None = None,
-           kept: tuple[Path | None, Future | None] = (None, None)) -> PopulationResult:
+           streams: ThreadPoolExecutor, draws: ThreadPoolExecutor, called: float | None = None) -> PopulationResult:
     """One population, top to bottom: data, models, program, optimizer, evaluation, step, then the epochs.
-    `called`: when train_population was called (its planning before this: the population's first part);
-    `kept`: (where its kernel list is kept, the load of that list under way) for the kernels compiled ahead."""
+    `called`: when train_population was called (its planning before this: the population's first part)."""
     clock = _Clock(device, called)
     status("building")
     first, epochs = pop.first, pop.first.epochs
@@ -311,12 +290,9 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     clock.lap("setup")
     if precompile.supported(device) and not program.choice.compile:
         status("compiling kernels")
-        ahead = kept[1].result() if kept[1] is not None else None  # an earlier dry run's list, loaded meanwhile
-        if ahead is None:
-            ahead = _compile_ahead(program, data, optimizer, evaluation, params, buffers, augmenter, kept[0])
+        ahead = _compile_ahead(program, data, optimizer, evaluation, params, buffers, augmenter)
         program.choice.compiled_ahead = {"kernels": ahead.kernels, "threads": ahead.threads, "failed": ahead.failed,
-                                         "seconds": round(ahead.seconds, 3),  # the compile; the lap: the dry run too
-                                         "source": ahead.source}
+                                         "seconds": round(ahead.seconds, 3)}  # the compile; the lap: the dry run too
         clock.lap("compile")
     status("first step" + (" (compiling)" if program.choice.compile else ""))
     program.module.train()
@@ -705,16 +681,16 @@ def _step(program: _Program, data: _Data, optimizer: Optimizer, recorder: _Recor
 
 
 def _compile_ahead(program: _Program, data: _Data, optimizer: Optimizer, evaluation: _Evaluation, params, buffers,
-                   augmenter: Augmenter | None, remember: Path | None = None) -> precompile.AheadRun:
+                   augmenter: Augmenter | None) -> precompile.AheadRun:
     """The population's Triton kernels compiled at once, on threads, before its first evaluation and step
     (`zoos.precompile`): a dry run of the forward of each split's evaluation batch shapes, a training step's
     forward and backward and the optimizer's update with every model marked diverged (so it writes nothing),
     under a forked RNG. The population program's kernels only where it runs them and no op of it reads a result on
     the host (the skipped kernels' outputs are whatever memory held: eigh may fail on them); the optimizer's where
-    it is popoptim. Their list is kept at `remember` for the next process (`precompile.from_list`)."""
+    it is popoptim."""
     device = data.device
     kernels = program.fast is not None and program.fast.pop.kernels and program.not_capturable is None
-    with torch.random.fork_rng(devices=[device.index]), precompile.ahead(device, remember=remember) as run:
+    with torch.random.fork_rng(devices=[device.index]), precompile.ahead(device) as run:
         grads = total = None
         if kernels:
             evaluation.dry_run()

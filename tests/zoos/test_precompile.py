@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -145,99 +144,3 @@ def test_the_trainers_dry_run_leaves_no_trace(tmp_path):
     assert 0 < got["ahead"]["seconds"] <= got["compile_lap"]  # the compile, within the lap that holds the dry run too
     assert got["plain"] is None  # turned off: no dry run
     assert got["eager_finite"] and got["eager"]["kernels"] > 0  # the optimizer's kernels
-
-
-# ---- the kernel list a dry run keeps for the next process --------------------------------------------------
-
-needs_triton = pytest.mark.skipif(precompile.triton is None, reason="needs Triton")
-
-
-@needs_triton
-def test_a_kept_list_names_its_kernels_and_reads_back_as_recorded(tmp_path):
-    from zoos import popnorm, poplinear
-
-    specs = [(popnorm._norm1_fwd_kernel, json.dumps({"key": "a", "name": "_norm1_fwd_kernel"})),
-             (popnorm._norm1_bwd_kernel, json.dumps({"key": "b", "name": "_norm1_bwd_kernel"}))]
-    path = tmp_path / "kernels" / "k.json"
-    precompile._keep(path, specs)
-    assert [item["kernel"] for item in json.loads(path.read_text())] == [
-        "zoos.popnorm:_norm1_fwd_kernel", "zoos.popnorm:_norm1_bwd_kernel"]
-    assert list(precompile._read(path).values()) == specs
-    assert [p.name for p in path.parent.iterdir()] == ["k.json"]  # no temporary file left beside it
-    assert precompile._by_name("zoos.popnorm:_no_such_kernel") is None
-    assert precompile._by_name("zoos.no_such_module:_norm1_fwd_kernel") is None
-    assert precompile._by_name("zoos.popnorm:group_norm1") is None  # a function, not a kernel
-    assert precompile._by_name(precompile._name(poplinear._rows_times_weight)) is poplinear._rows_times_weight
-
-
-@needs_triton
-def test_a_list_is_kept_only_whole_and_read_only_whole(tmp_path):
-    """A list with a kernel that cannot be found again by its name (generated in a function) is not kept; a list
-    that is half-written, of another format or names a kernel not found reads as none (the dry run runs)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _local(x_ptr, BLOCK: tl.constexpr):
-        tl.store(x_ptr + tl.arange(0, BLOCK), 0.0)
-
-    from zoos import popnorm
-
-    path = tmp_path / "k.json"
-    precompile._keep(path, [(popnorm._norm1_fwd_kernel, '{"key": "a"}'), (_local, '{"key": "b"}')])
-    assert not path.exists()
-    precompile._keep(path, [])
-    assert not path.exists()
-    for text in ('[{"kernel": "zoos.popnorm:_norm1_fwd_kernel", "spec": "{\\"key\\": ', '{"a": 1}', '[1]',
-                 '[{"kernel": "zoos.popnorm:_nope", "spec": "{\\"key\\": \\"a\\"}"}]'):
-        path.write_text(text)
-        assert precompile._read(path) is None, text
-    assert precompile._read(tmp_path / "absent.json") is None
-    assert precompile.from_list("cpu", path) is None  # off CUDA: nothing compiles ahead
-
-
-def test_a_lists_place_follows_the_population_and_the_cache_setting(monkeypatch, tmp_path):
-    monkeypatch.setenv("SYMZOO_CACHE", str(tmp_path))
-    one = precompile.list_path({"arch": "cnn", "models": 8}, "cpu")
-    assert one.parent == tmp_path / "kernels" and one.suffix == ".json"
-    assert precompile.list_path({"arch": "cnn", "models": 8}, "cpu") == one
-    assert precompile.list_path({"arch": "cnn", "models": 9}, "cpu") != one
-    monkeypatch.setenv("SYMZOO_POPCONV_FUSE", "0")  # a kernel choice from the environment
-    assert precompile.list_path({"arch": "cnn", "models": 8}, "cpu") != one
-    monkeypatch.setenv("SYMZOO_CACHE", "off")
-    assert precompile.list_path({"arch": "cnn", "models": 8}, "cpu") is None
-
-
-_TRAIN_ONCE = """
-import json, os, sys
-import numpy as np
-sys.path.insert(0, os.getcwd())
-from tests.zoos.test_trainer import one_population, zoo_models
-from zoos.trainer import train_population
-
-pop = one_population(zoo_models({"seed": [0, 1, 2]}, arch={"name": "cnn", "config": {"width": 8, "depth": 2, "dropout": 0.3}},
-                                epochs=2))
-result = train_population(pop, device="cuda", precision="bf16")
-np.savez(sys.argv[1], **{f"w:{k}": v for k, v in result.weights.items()}, **{f"c:{k}": v for k, v in result.curves.items()})
-print(json.dumps(result.program["compiled_ahead"]))
-"""
-
-
-@on_cuda
-def test_the_next_process_loads_the_kept_list_and_trains_the_same(tmp_path):
-    """A fresh process's dry run keeps its kernel list under SYMZOO_CACHE; the next fresh process training the same
-    population compiles that list instead (no dry run) and trains, to the bit, as the first."""
-    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton"), "SYMZOO_CACHE": str(tmp_path / "cache"),
-           "SYMZOO_COMPILE_AHEAD": "1"}
-    runs = []
-    for i in range(2):
-        out = subprocess.run([sys.executable, "-c", _TRAIN_ONCE, str(tmp_path / f"run{i}.npz")], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    first, second = runs
-    assert first["source"] == "dry run" and first["kernels"] > 5 and first["failed"] == 0
-    assert second["source"] == "list" and (second["kernels"], second["failed"]) == (first["kernels"], 0)
-    assert len(list((tmp_path / "cache" / "kernels").glob("*.json"))) == 1
-    a, b = np.load(tmp_path / "run0.npz"), np.load(tmp_path / "run1.npz")
-    assert sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k], equal_nan=True) for k in a.files)
