@@ -1,7 +1,8 @@
 """Plots of zoos and analysis results: each function takes polars frames and writes one PNG.
 
 Training curves across a zoo, the distribution of a final metric per zoo, interpolation curves (naive
-vs aligned), a heatmap of pairwise barriers, and a per-zoo equivariance error. matplotlib's Agg
+vs aligned), each pair's barrier before and after matching, a heatmap of pairwise barriers, and a per-zoo
+equivariance error. matplotlib's Agg
 backend: no display needed.
 """
 
@@ -115,6 +116,44 @@ def pair_heatmap(rows: pl.DataFrame, column: str, path: Path, *, diagonal: float
 def barrier_heatmap(rows: pl.DataFrame, column: str, path: Path) -> Path:
     """Pairwise barrier matrix per zoo."""
     return pair_heatmap(rows, column, path)
+
+
+def dense_pairs(rows: pl.DataFrame, share: float = 0.5) -> bool:
+    """Whether every zoo's pairs cover at least `share` of the pairs among the models they touch: a matrix of them
+    (`pair_heatmap`) is then mostly filled; sampled disjoint pairs leave it nearly blank."""
+    for _, sub in rows.group_by("zoo"):
+        n = len(set(sub["model_a"].to_list()) | set(sub["model_b"].to_list()))
+        if sub.select("model_a", "model_b").unique().height < share * n * (n - 1) / 2:
+            return False
+    return True
+
+
+def pair_slopes(rows: pl.DataFrame, before: str, after: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{zoo: (before [P], after [P])}: each pair's two values, the pairs in (model_a, model_b) order."""
+    return {zoo: (sub[before].to_numpy(), sub[after].to_numpy())
+            for (zoo,), sub in sorted(rows.sort("model_a", "model_b").group_by("zoo", maintain_order=True))}
+
+
+def barrier_slopes(rows: pl.DataFrame, path: Path, value: str = "loss") -> Path:
+    """Each pair's barrier naive and after weight matching joined by a line, a panel per zoo: red where matching
+    raised it, blue where it lowered it, the means (black) with their 95% intervals (Student's t)."""
+    from scipy import stats
+
+    slopes = pair_slopes(rows, f"barrier_{value}_naive", f"barrier_{value}_aligned")
+    fig, axes = _panels(len(slopes), width=3.4, height=3.4)
+    for ax, (zoo, (naive, aligned)) in zip(axes, slopes.items()):
+        worse = aligned > naive
+        for a, b, w in zip(naive, aligned, worse):
+            ax.plot([0, 1], [a, b], color="tab:red" if w else "tab:blue", alpha=0.6, lw=0.9, marker="o", ms=3)
+        for x, v in ((0, naive), (1, aligned)):
+            v = v[np.isfinite(v)]
+            if len(v) > 1:
+                half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+                ax.errorbar(x, v.mean(), yerr=half, color="k", capsize=4, marker="s", ms=5, zorder=3)
+        ax.set_xticks([0, 1], ["naive", "weight-matched"])
+        ax.set_xlim(-0.3, 1.3)
+        ax.set(title=f"{zoo}: {len(naive)} pairs, {int(worse.sum())} worse", ylabel=f"{value} barrier")
+    return _save(fig, path)
 
 
 def equivariance_by_zoo(rows: pl.DataFrame, column: str, path: Path) -> Path:

@@ -177,7 +177,8 @@ def print_summary(console: Console, study: Study, report: Any, report_args: str 
         console.print(Text(LEGEND, "dim"))
         left_out = int(summary["not_learned"].fill_null(0).sum()) if "not_learned" in summary.columns else 0
         if left_out:
-            console.print(f"{left_out} models never learned (final training loss >= {LEARNED:.0%} of its initial value): "
+            console.print(f"{left_out} model{'s' * (left_out != 1)} never learned (final training loss >= {LEARNED:.0%} "
+                          "of its initial value): "
                           "counted, left out of the statistics; the models table's `learned` column marks them")
     console.print(
         f"trained {report.trained_models} models ({report.skipped_models} already stored) in {report.wall_s:.1f}s; "

@@ -353,7 +353,9 @@ class Interpolation(Stage):
     def plots(self, rows: pl.DataFrame, out_dir: Path) -> list[Path]:
         last = last_epoch_rows(rows, ["zoo", "model_a", "model_b"])
         out = [plots.interpolation_curves(last, "test_loss", out_dir / "interpolation_loss.png"),
-               plots.barrier_heatmap(last, "barrier_loss_aligned", out_dir / "barriers_aligned.png")]
+               plots.barrier_slopes(last, out_dir / "barriers_naive_aligned.png")]
+        if plots.dense_pairs(last):  # all pairs of a group: their matrix; sampled pairs would leave it nearly blank
+            out.append(plots.barrier_heatmap(last, "barrier_loss_aligned", out_dir / "barriers_aligned.png"))
         if rows["epoch"].n_unique() > 1:
             out.append(plots.barrier_vs_epoch(rows, ["barrier_loss_naive", "barrier_loss_aligned"],
                                               out_dir / "barrier_vs_epoch.png"))

@@ -77,7 +77,8 @@ def test_connectivity_stages_store_one_row_per_pair_and_epoch(ray_local, tmp_pat
     assert row["barrier_loss_bezier"] < row["barrier_loss_linear"]
 
     out = tmp_path / "out"
-    for png in ("barrier_vs_epoch.png", "cross_barriers_aligned.png", "bezier_loss.png"):
+    for png in ("barrier_vs_epoch.png", "barriers_naive_aligned.png", "barriers_aligned.png", "cross_barriers_aligned.png",
+                "bezier_loss.png"):  # 2 pairs of 3 models: dense enough for their matrix too
         assert (out / png).stat().st_size > 0, png
     client = MlflowClient(study["tracking_uri"])
     exp = client.get_experiment_by_name("connect")

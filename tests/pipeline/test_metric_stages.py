@@ -212,4 +212,7 @@ def test_the_summary_table_fits_a_100_column_terminal():
     assert header
     assert "0.912 ± 0.021 (0.901–0.923)" in text and "8.7e-08 [6.1e-08, 9.9e-08]" in text and "Lie translate_x (rel.) (median)" in text
     assert "3 models never learned" in text
+    out = io.StringIO()
+    print_summary(Console(file=out, width=100), study, RunReport(summary=summary.with_columns(pl.Series("not_learned", [1, 0]))))
+    assert "1 model never learned" in out.getvalue()
     assert "report zoo-store --study s --out runs/s" in text  # the report's command, without a study file to name
