@@ -2,8 +2,7 @@
 
 Training curves across a zoo, the distribution of a final metric per zoo, interpolation curves (naive
 vs aligned), each pair's barrier before and after matching, a heatmap of pairwise barriers, and a per-zoo
-equivariance error. matplotlib's Agg
-backend: no display needed.
+equivariance error. matplotlib's Agg backend: no display needed.
 """
 
 from __future__ import annotations
@@ -130,8 +129,12 @@ def dense_pairs(rows: pl.DataFrame, share: float = 0.5) -> bool:
 
 def pair_slopes(rows: pl.DataFrame, before: str, after: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{zoo: (before [P], after [P])}: each pair's two values, the pairs in (model_a, model_b) order."""
-    return {zoo: (sub[before].to_numpy(), sub[after].to_numpy())
-            for (zoo,), sub in sorted(rows.sort("model_a", "model_b").group_by("zoo", maintain_order=True))}
+    ordered = rows.sort("model_a", "model_b")
+    out = {}
+    for zoo in sorted(ordered["zoo"].unique().to_list()):
+        sub = ordered.filter(pl.col("zoo") == zoo)
+        out[zoo] = (sub[before].to_numpy(), sub[after].to_numpy())
+    return out
 
 
 def barrier_slopes(rows: pl.DataFrame, path: Path, value: str = "loss") -> Path:

@@ -33,7 +33,7 @@ def test_each_pair_keeps_its_own_two_barriers(values, rng):
     np.testing.assert_array_equal(aligned, [a for _, a in values])
 
 
-def test_the_slope_plot_is_written_a_panel_a_zoo(tmp_path):
+def test_the_slope_plot_is_written_for_every_zoo(tmp_path):
     frame = pl.concat([_pairs("cnn", [("a", "b"), ("c", "d"), ("e", "f")], [2.0, 1.0, 3.0], [1.0, 1.5, 0.5]),
                        _pairs("p4cnn", [("g", "h")], [0.4], [0.2])])
     assert set(plots.pair_slopes(frame, "barrier_loss_naive", "barrier_loss_aligned")) == {"cnn", "p4cnn"}
