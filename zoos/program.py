@@ -5,8 +5,8 @@ records it, `symzoo archs` shows it, and one generic test holds every choice equ
 The programs, fastest first:
   popconv       convolutions as Triton implicit-GEMM kernels (`zoos.popconv`; a strided one at its stride
                 channels-last, or as the stride-1 conv of its input's blocks), a per-channel scale and shift
-                after it (an eval-mode batch norm) folded into its weights, a following monotone activation into its epilogue, and a 2x2 max-pool
-                with it where the conv has few outputs
+                after it (an eval-mode batch norm) folded into its weights, a following monotone activation
+                into its epilogue, and a 2x2 max-pool with it where the conv has few outputs
   popconv max-pool  any other 2x2 max-pool of a map, one pass in either memory format (`zoos.popconv`)
   popnorm       GroupNorm with one group: statistics and each model's affine in one Triton pass (`zoos.popnorm`)
   im2col + bmm  convolutions off the kernels: patches on a channels-last view, one batched matmul over the models
