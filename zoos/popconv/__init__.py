@@ -84,7 +84,7 @@ window table is or is not built, the others (and `forward` again) at each launch
 
 Environment variables, read once when the package is imported:
   SYMZOO_POPCONV_FORWARD    auto (default), fma or dot: the conv forward on CUDA cores (fma) or tensor cores
-                            (dot); auto takes fma for up to 16 outputs from fewer than 16 inputs. fma also folds
+                            (dot); auto takes fma for fewer than 16 outputs from fewer than 16 inputs. fma also folds
                             the pool and activation into every conv, dot only an activation without a pool
   SYMZOO_POPCONV_FUSE       1 (default) or 0: 0 keeps a following 2x2 max-pool and activation out of the conv
   SYMZOO_POPCONV_STRIDED    1 (default) or 0: 0 leaves strided convs to zoos.fastpop's im2col + bmm

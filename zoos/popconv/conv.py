@@ -377,10 +377,11 @@ if triton is not None:
 
 
 def _fma_forward(c: int, o: int) -> bool:
-    """Whether the forward runs on CUDA cores (auto: up to 16 outputs from fewer than 16 inputs; a wider
-    input fills tensor-core tiles a tap at a time)."""
+    """Whether the forward runs on CUDA cores (auto: fewer than 16 outputs from fewer than 16 inputs; a wider
+    input fills tensor-core tiles a tap at a time). The CUDA-core forward writes NCHW, so auto keeps it to outputs
+    that the next conv also reads NCHW (`reads_channels_last`: under 16 channels): no layout copy between them."""
     forward = tuning.forward(tuning.current())
-    return o <= 16 and c < 16 if forward == "auto" else forward == "fma"
+    return o < 16 and c < 16 if forward == "auto" else forward == "fma"
 
 
 def _writes_channels_last(c: int, o: int) -> bool:

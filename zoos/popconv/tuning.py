@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 class Tuning:
     """Kernel choices and tile sizes; a size of 0 takes the layer shape's default."""
 
-    # the conv forward: "fma" CUDA cores, "dot" tensor cores, "auto" fma for <= 16 outputs from < 16 inputs
+    # the conv forward: "fma" CUDA cores, "dot" tensor cores, "auto" fma for < 16 outputs from < 16 inputs
     forward: str = "auto"
     # output pixels a program of the CUDA-core forward (0: 8,192 / the outputs' power of 2, at most 1,024)
     fma_block_m: int = 0
