@@ -3,13 +3,44 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import sys
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
 
+
+class _OneLineUsageErrors(typer.core.TyperGroup):
+    """The command group, whose usage errors (an unknown option or command, a missing or extra argument) end in
+    one line on stderr naming the command's --help, exit code 2, as symzoo's own errors do (`fail`)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        click = getattr(typer.core, "_click", None) or importlib.import_module("click")  # typer >= 0.29 vendors click
+        no_args_help = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2 raises it for a bare command
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except no_args_help as e:  # bare `symzoo`: the help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        except click.exceptions.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "symzoo"
+            _print_error(f"{e.format_message()} (see {where} --help)")
+            sys.exit(e.exit_code)
+        except click.exceptions.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)  # without standalone mode, click returns an Exit's code
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     name="symzoo",
     help=(
         "Train model zoos of equivariant and baseline networks, store every weight in Arrow/Parquet, "
@@ -46,10 +77,14 @@ def main_options(
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line error to stderr and exit (2: bad input, 1: a check failed). The message is printed as it is
     (no Rich markup: a study named `[/x]` or an example such as `{choice: [relu, gelu]}` stays literal)."""
+    _print_error(message)
+    raise typer.Exit(code)
+
+
+def _print_error(message: str) -> None:
     from rich.text import Text
 
     Console(stderr=True, soft_wrap=True).print(Text.assemble(("error:", "bold red"), " ", str(message)), highlight=False)
-    raise typer.Exit(code)
 
 
 def first_line(e: BaseException) -> str:
