@@ -14,15 +14,16 @@ from pipeline.cli import command, console, fail, first_line
 
 
 def _load(path: Path, **overrides):
+    """The validated study, or exit 2 with one `error: <file>: <key path>: <problem>` line a problem."""
     from pipeline.study import StudyError, load_study
 
     try:
         study = load_study(path, **overrides)
     except StudyError as e:
-        fail(str(e))
+        fail("\nerror: ".join(str(e).splitlines()))  # fail prefixes the first line only
     problems = _check_buildable(study)
     if problems:
-        fail(f"{path} is not a valid study:\n" + "\n".join(problems))
+        fail("\nerror: ".join(f"{path}: {p}" for p in problems))
     return study
 
 
