@@ -75,16 +75,20 @@ def main_options(
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print a one-line error to stderr and exit (2: bad input, 1: a check failed). The message is printed as it is
-    (no Rich markup: a study named `[/x]` or an example such as `{choice: [relu, gelu]}` stays literal)."""
+    """Print a one-line error to stderr (a line each where the message lists several problems) and exit (2: bad
+    input, 1: a check failed). The message is printed as it is (no Rich markup: a study named `[/x]` or an example
+    such as `{choice: [relu, gelu]}` stays literal)."""
     _print_error(message)
     raise typer.Exit(code)
 
 
 def _print_error(message: str) -> None:
+    """`error: message` on stderr; a message of several problems, a line each, gets `error:` on each line."""
     from rich.text import Text
 
-    Console(stderr=True, soft_wrap=True).print(Text.assemble(("error:", "bold red"), " ", str(message)), highlight=False)
+    console = Console(stderr=True, soft_wrap=True)
+    for line in str(message).splitlines() or [""]:
+        console.print(Text.assemble(("error:", "bold red"), " ", line), highlight=False)
 
 
 def first_line(e: BaseException) -> str:
