@@ -8,6 +8,11 @@ the phase diagrams (`pipeline.phases`: a heatmap per metric, each cell with the 
 it averages) with their tables as CSV. Plots are embedded as base64 PNG and tables as HTML, so the page can
 be mailed or archived alone. The page, plots and tables are logged to the study's MLflow experiment as a
 `report` stage run (unless --no-log).
+
+Every option (the study, the phase axes, the tracking URI) is checked before anything is written; the files are
+written into a hidden folder beside the output folder and moved into it at the end, so a refused or failed
+report leaves no partial output (and no empty folder). What the store lacks for the study's zoos (an imported
+zoo's training curves, a stage's results) is named in one line, not an error.
 """
 
 from __future__ import annotations
@@ -36,6 +41,20 @@ class StudyReport:
     summary: pl.DataFrame | None = None
     cells: pl.DataFrame | None = None
     matched: pl.DataFrame | None = None
+    no_phases: str = ""
+    absent: str = ""  # one line: what the store lacks for the study's zoos (curves, a stage's results)
+
+
+@dataclass
+class ReportPlan:
+    """What a report reads before it writes anything: the study's models and zoos, the stages with results for
+    them, and its phase cells (else `no_phases` says why there are none)."""
+
+    models: pl.DataFrame
+    zoos: list[str]
+    stages: list[str]
+    cells: pl.DataFrame | None = None
+    phase_models: pl.DataFrame | None = None
     no_phases: str = ""
 
 
@@ -104,7 +123,9 @@ def with_pair_counts(cells: pl.DataFrame) -> pl.DataFrame:
 
 def _pairs_html(store: Any, stage: str, zoos: list[str]) -> str:
     """Every pair of a pair stage at its last epoch, with its numbers (collapsed: a study may hold many)."""
-    rows = store.analysis(stage).filter(pl.col("zoo").is_in(zoos)).collect()
+    from pipeline.report import zoo_rows
+
+    rows = zoo_rows(store, store.analysis(stage), zoos).collect()
     if "model_a" not in rows.columns or not rows.height:
         return ""
     keys = [c for c in ("zoo", "zoo_b", "model_a", "model_b") if c in rows.columns]
@@ -120,33 +141,93 @@ def _pairs_html(store: Any, stage: str, zoos: list[str]) -> str:
             f"{html_table(table.sort(keys))}</details>")
 
 
-def write_report(store: Any, study: str, out_dir: Path, temperature: str | None = None, load: str | None = None,
-                 stored: Sequence[str] = ()) -> StudyReport:
-    """The study's page (report.html), its summary, stage plots and, where it has the grid, phase diagrams;
-    `stored`: the zoos it analyses as they are in the store (trained by another study, or imported)."""
-    from analysis import plots
+def plan_report(store: Any, study: str, temperature: str | None = None, load: str | None = None,
+                stored: Sequence[str] = ()) -> ReportPlan:
+    """Read what the report shows, writing nothing. PhaseError for a study with no models, a named temperature or
+    load factor that is not a column, or a temperature and load that are one column."""
     from pipeline import phases
-    from pipeline.report import summarise_zoos
+    from pipeline.report import zoo_rows
 
+    if temperature is not None and temperature == load:
+        raise phases.PhaseError(_same_axis(temperature, load))
     models = phases.study_models(store, study, stored)  # PhaseError naming the studies present when there is none
     zoos = sorted(models["zoo"].unique().to_list())
-    stages = [st for st in store.stages() if store.analysis(st).filter(pl.col("zoo").is_in(zoos)).select(pl.len()).collect().item()]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report = StudyReport(page=out_dir / "report.html")
-    report.summary, study_plots, stage_plots = summarise_zoos(store, zoos, stages, out_dir)
-    report.tables.append(out_dir / "summary.csv")
-    report.plots += study_plots
-
-    phase_parts: list[str] = []
+    stages = [st for st in store.stages()
+              if zoo_rows(store, store.analysis(st), zoos).select(pl.len()).collect().item()]
+    plan = ReportPlan(models=models, zoos=zoos, stages=stages)
     try:
         cells = phases.cell_table(store, study, temperature, load, stored)
     except phases.PhaseError as e:
         if temperature or load:  # axes the user named must exist
             raise
-        report.no_phases = str(e)
-        phase_parts = [f"<p>No phase diagram: {html.escape(str(e))}.</p>"]
+        plan.no_phases = str(e)
+        return plan
+    t_name, l_name = cells["temperature_factor"][0], cells["load_factor"][0]
+    if t_name == l_name:  # one named, the other its default
+        raise phases.PhaseError(_same_axis(t_name, l_name, defaulted="load" if load is None else "temperature"))
+    plan.cells, plan.phase_models = cells, phases.model_table(store, study, temperature, load, stored)
+    return plan
+
+
+def _same_axis(temperature: str, load: str, defaulted: str = "") -> str:
+    note = f" (--{defaulted} not given: its default)" if defaulted else ""
+    return (f"--temperature {temperature!r} and --load {load!r} name the same column{note}; a phase diagram draws "
+            "one factor against another: name two different columns")
+
+
+def write_report(store: Any, study: str, out_dir: Path, temperature: str | None = None, load: str | None = None,
+                 stored: Sequence[str] = (), plan: ReportPlan | None = None) -> StudyReport:
+    """The study's page (report.html), its summary, stage plots and, where it has the grid, phase diagrams;
+    `stored`: the zoos it analyses as they are in the store (trained by another study, or imported).
+    Everything is checked (`plan_report`) and written into a hidden folder beside `out_dir` first, then moved
+    into it: a failure leaves `out_dir` as it was (and creates no folder)."""
+    import os
+    import shutil
+    import tempfile
+
+    plan = plan or plan_report(store, study, temperature, load, stored)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} is a file, not a folder")
+    anchor = out_dir.absolute().parent
+    while not anchor.exists():  # the nearest existing folder: nothing is created above out_dir until the end
+        anchor = anchor.parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.report-", dir=anchor))
+    try:
+        report = _write_into(store, study, tmp, plan)
+        moved = lambda p: out_dir / p.relative_to(tmp)  # noqa: E731
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        taken = [moved(f) for f in files if moved(f).is_dir()]
+        if taken:
+            raise IsADirectoryError(f"{taken[0]} is a folder; the report writes a file of that name")
+        out_dir.mkdir(parents=True, exist_ok=True)  # the study's folder may hold the run's files: they stay
+        for f in files:
+            moved(f).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, moved(f))  # each file whole, old or new
+        report.page = moved(report.page)
+        report.tables, report.plots = [moved(p) for p in report.tables], [moved(p) for p in report.plots]
+        return report
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_into(store: Any, study: str, out_dir: Path, plan: ReportPlan) -> StudyReport:
+    """Write the report's files into `out_dir` (an empty folder)."""
+    from analysis import plots
+    from pipeline import phases
+    from pipeline.report import absent, summarise_zoos
+
+    models, zoos, stages = plan.models, plan.zoos, plan.stages
+    report = StudyReport(page=out_dir / "report.html", no_phases=plan.no_phases)
+    report.summary, study_plots, stage_plots = summarise_zoos(store, zoos, stages, out_dir)
+    report.tables.append(out_dir / "summary.csv")
+    report.plots += study_plots
+    report.absent = absent(store, zoos, stages)
+
+    if plan.cells is None:
+        phase_parts = [f"<p>No phase diagram: {html.escape(plan.no_phases)}.</p>"]
     else:
-        phase_models = phases.model_table(store, study, temperature, load, stored)
+        cells, phase_models = plan.cells, plan.phase_models
         metrics = phases.metrics_present(cells)
         report.cells, report.matched = cells, phases.matched_table(cells, [m.name for m in metrics])
         t_name, l_name = cells["temperature_factor"][0], cells["load_factor"][0]
@@ -184,6 +265,7 @@ def write_report(store: Any, study: str, out_dir: Path, temperature: str | None 
         f"<p>{models.height} models in {len(zoos)} zoos ({html.escape(', '.join(zoos))}); architectures: "
         f"{html.escape(archs)}; analysis stages: {html.escape(', '.join(stages) or 'none')}. Generated "
         f"{time.strftime('%Y-%m-%d %H:%M')} from store <code>{html.escape(str(store.root))}</code>.</p>",
+        f"<p>{html.escape(report.absent[:1].upper() + report.absent[1:])}.</p>" if report.absent else "",
         "<h2>Summary</h2>",
         "<p>Zoo statistics leave out models that diverged and models that never learned (final training loss at "
         "least 95% of its initial value), counted in their own rows. (mean): mean ± standard deviation over the "
@@ -202,14 +284,16 @@ def write_report(store: Any, study: str, out_dir: Path, temperature: str | None 
     return report
 
 
-def log_report(tracking_uri: str, study: str, report: StudyReport) -> str:
-    """Log the page, tables and plots to the study's experiment as its `report` stage run; returns the run id."""
+def log_report(tracking_uri: str, study: str, report: StudyReport, tracker: Any = None) -> str:
+    """Log the page, tables and plots to the study's experiment as its `report` stage run; returns the run id.
+    `tracker`: one already connected to `tracking_uri` (as `report` checks it before writing)."""
     from pipeline.phases import metrics_present
     from pipeline.runner import _summary_metrics
     from pipeline.tracking import Tracker
 
-    tracker = Tracker(tracking_uri, study)
-    tracker.connect()
+    if tracker is None:
+        tracker = Tracker(tracking_uri, study)
+        tracker.connect()
     metrics = _summary_metrics(report.summary)
     params: dict[str, Any] = {"zoos": report.summary.height if report.summary is not None else 0}
     if report.cells is not None:
@@ -250,6 +334,48 @@ def _target(target: str, study: str | None, out: Path | None, tracking_uri: str 
     return store, study, [], out or Path("runs") / study, tracking_uri  # an unknown study: write_report's PhaseError
 
 
+# URI schemes MLflow's own tracking stores take ('': a folder path); any other is refused by name
+MLFLOW_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc",
+                  "uc")
+
+
+def _tracker(uri: str, study: str, source: str) -> Any:
+    """A Tracker connected to `uri` (`source`: where the URI came from, for the message), or a one-line failure
+    naming it, its value and the schemes MLflow takes; called before anything is written."""
+    from urllib.parse import urlsplit
+
+    from pipeline.tracking import Tracker, TrackingError
+
+    allowed = ("sqlite:///FILE.db, http(s)://HOST:PORT, file:///FOLDER or a folder path "
+               "(MLflow also takes postgresql://, mysql://, mssql://, databricks)")
+    try:
+        tracker = Tracker(uri, study)
+    except TrackingError as e:
+        scheme = urlsplit(uri).scheme
+        if scheme.split("+")[0].lower() not in MLFLOW_SCHEMES:
+            fail(f"{source} {uri!r}: MLflow has no tracking store for the scheme {scheme!r}; use {allowed}")
+        fail(f"{source} {uri!r} is not usable: {_cause(e)}; use {allowed}")
+    try:
+        tracker.connect()
+    except TrackingError as e:
+        fail(f"{source} {uri!r} cannot be reached or written: {_cause(e)}; start the server or fix the URI")
+    return tracker
+
+
+def _cause(e: BaseException, limit: int = 200) -> str:
+    """MLflow's own error under a TrackingError (whose message wraps it and cuts it short): its type and first
+    line, at most `limit` characters, cut between words."""
+    from pipeline.cli import first_line
+    from pipeline.tracking import TrackingError
+
+    while isinstance(e, TrackingError) and e.__context__ is not None:
+        e = e.__context__
+    text = first_line(e) if isinstance(e, TrackingError) else f"{type(e).__name__}: {first_line(e)}"
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:([{'\"") + " ..."
+
+
 @command("report")
 def report_cmd(
     target: str = typer.Argument(..., metavar="STUDY_OR_STORE",
@@ -267,20 +393,32 @@ def report_cmd(
 ) -> None:
     """Every result of a study (summary, each analysis stage, phase diagrams where it grids temperature x load)
     as one self-contained HTML page."""
+    from pipeline.cli import first_line
     from pipeline.phases import PhaseError
     from pipeline.tracking import TrackingError, default_tracking_uri
 
     s, study_name, stored, out_dir, uri = _target(target, study, out, tracking_uri, store_path)
-    try:
-        report = write_report(s, study_name, out_dir, temperature, load, stored)
+    try:  # every option is checked before anything is written
+        plan = plan_report(s, study_name, temperature, load, stored)
     except PhaseError as e:
         fail(str(e))
+    tracker = None
     if not no_log:
+        source = "--tracking-uri" if tracking_uri else f"{target}'s tracking_uri" if uri else "the default tracking URI"
+        uri = uri or default_tracking_uri()
+        tracker = _tracker(uri, study_name, source)
+    try:
+        report = write_report(s, study_name, out_dir, temperature, load, stored, plan=plan)
+    except OSError as e:
+        fail(f"the report to {out_dir} failed, nothing written there: {first_line(e)}")
+    if tracker is not None:
         try:
-            log_report(uri or default_tracking_uri(), study_name, report)
+            log_report(uri, study_name, report, tracker)
         except TrackingError as e:
-            fail(str(e))
+            fail(f"{e} (the report itself is written: {report.page})")
     phases = f"{report.cells.height} phase cells" if report.cells is not None else "no phase diagram"
     console.print(f"[green]report[/]: {report.page} ({report.summary.height} zoos, {len(report.plots)} plots, {phases})")
+    if report.absent:
+        console.print(f"  {report.absent}", highlight=False, markup=False)
     for p in report.tables:
         console.print(f"  table: {p}")

@@ -40,23 +40,73 @@ def summarise(store: Any, study: Study, out_dir: Path) -> tuple[pl.DataFrame, li
     return summarise_zoos(store, [z.name for z in study.zoos], [s.stage for s in study.analysis], out_dir)
 
 
+def zoo_rows(store: Any, frame: pl.LazyFrame, names: list[str]) -> pl.LazyFrame:
+    """The rows of `frame` (a store table) that belong to these zoos. A row without a zoo (a shard or table
+    without the column) takes its model's zoo from the models table, by `model_id`, else `model_a`; a table with
+    neither column has no rows of theirs (the store answers a table with no file, such as an imported zoo's
+    curves, with a `model_id` column alone)."""
+    cols = frame.collect_schema().names()
+    key = next((c for c in ("model_id", "model_a") if c in cols), None)
+    models = store.models()
+    if key is not None and "zoo" in models.collect_schema().names():
+        owners = dict(models.select("model_id", "zoo").collect().iter_rows())
+        owner = pl.col(key).replace_strict(owners, default=None, return_dtype=pl.String)
+        frame = frame.with_columns((pl.coalesce("zoo", owner) if "zoo" in cols else owner).alias("zoo"))
+    elif "zoo" not in cols:
+        return frame.head(0).with_columns(pl.lit(None, dtype=pl.String).alias("zoo"))
+    return frame.filter(pl.col("zoo").is_in(names))
+
+
+def _models(store: Any, names: list[str]) -> pl.DataFrame:
+    """The models of these zoos (none where the store has no models table)."""
+    models = store.models()
+    if "zoo" not in models.collect_schema().names():
+        return models.head(0).with_columns(pl.lit(None, dtype=pl.String).alias("zoo")).collect()
+    return models.filter(pl.col("zoo").is_in(names)).collect()
+
+
+def absent(store: Any, names: list[str], stages: list[str]) -> str:
+    """One line naming what the store lacks for these zoos (empty if nothing): training curves (an imported
+    zoo has none), and each of `stages`' results per zoo, or any analysis at all."""
+    def zoos_in(frame: pl.LazyFrame) -> set[str]:
+        cols = [c for c in ("zoo", "zoo_b") if c in frame.collect_schema().names()]
+        return {z for c in cols for z in frame.select(c).unique().collect()[c].to_list()}
+
+    parts = []
+    no_curves = [z for z in names if z not in zoos_in(zoo_rows(store, store.curves(), names))]
+    if no_curves:
+        parts.append(f"training curves of {', '.join(no_curves)}")
+    present = set(store.stages())
+    missing = {st: [z for z in names if z not in zoos_in(zoo_rows(store, store.analysis(st), names))]
+               for st in stages if st in present}
+    if not any(len(m) < len(names) for m in missing.values()):
+        parts.append(f"analysis results (no stage has run on {', '.join(names)})")
+    else:
+        parts += [f"{st} results of {', '.join(m)}" for st, m in missing.items() if m]
+    return f"absent from the store: {'; '.join(parts)}" if parts else ""
+
+
 def summarise_zoos(store: Any, names: list[str], stages: list[str], out_dir: Path
                    ) -> tuple[pl.DataFrame, list[Path], dict[str, list[Path]]]:
-    """`summarise` for these zoos and analysis stages (what `symzoo report` reads from a store alone)."""
+    """`summarise` for these zoos and analysis stages (what `symzoo report` reads from a store alone). What the
+    store lacks (curves, a stage's rows for some zoos) is left out of the summary and plots, not an error."""
     from pipeline.stages import STAGES
     from pipeline.stages.common import mean_sd
 
-    models = store.models().filter(pl.col("zoo").is_in(names)).collect()
+    models = _models(store, names)
+    if "status" not in models.columns:
+        models = models.with_columns(pl.lit(None, dtype=pl.String).alias("status"))
     metric_cols = _final_metric_columns(models)
     good = _learned(models)
     aggs = [pl.len().alias("models"), good.sum().alias("ok"), (pl.col("status") == "diverged").sum().alias("diverged"),
-            ((pl.col("status") == "ok") & ~good).sum().alias("not_learned"), pl.col("n_params").first().alias("params")]
+            ((pl.col("status") == "ok") & ~good).sum().alias("not_learned")]
+    aggs += [pl.col("n_params").first().alias("params")] if "n_params" in models.columns else []
     aggs += [e for c in metric_cols for e in mean_sd(pl.col(c).filter(good), c)]
     summary = models.group_by("zoo").agg(aggs).sort("zoo")
     unlearned = set(models.filter((pl.col("status") == "ok") & ~good)["model_id"].to_list())
 
     plot_paths: list[Path] = []
-    curves = store.curves().filter(pl.col("zoo").is_in(names)).collect()
+    curves = zoo_rows(store, store.curves(), names).collect()
     curve_metric = next((c for c in ("test_acc", "test_rel_mse", "test_loss") if c in curves.columns), None)
     if curve_metric and curves.height:
         plot_paths.append(plots.training_curves(curves, curve_metric, out_dir / "training_curves.png"))
@@ -68,7 +118,7 @@ def summarise_zoos(store: Any, names: list[str], stages: list[str], out_dir: Pat
     for stage in stages:
         if stage not in present or stage not in STAGES:
             continue
-        rows = store.analysis(stage).filter(pl.col("zoo").is_in(names)).collect()
+        rows = zoo_rows(store, store.analysis(stage), names).collect()
         if not rows.height:
             continue
         impl = STAGES[stage]
