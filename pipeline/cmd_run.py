@@ -138,11 +138,13 @@ def run_cmd(
     """Train the study's zoos (only what is missing), run its analysis stages, log to MLflow, summarise."""
     from pipeline.progress import Display
     from pipeline.report import print_summary
-    from pipeline.runner import ResourceError, RunRefused, StageConfigError, TaskFailed, run_study
+    from pipeline.runner import ResourceError, RunRefused, StageConfigError, TaskFailed, check_report_path, run_study
     from pipeline.tracking import TrackingError
 
     study = _load(study_file, store=store, tracking_uri=tracking_uri, data_dir=data_dir)
     try:
+        if report_json is not None:  # before any work: a report that cannot be written fails now, not after it
+            check_report_path(report_json)
         report = run_study(study, address=address, display=Display(plain=plain or None))
     except (RunRefused, TrackingError, StageConfigError, ResourceError) as e:
         fail(str(e))
@@ -155,6 +157,12 @@ def run_cmd(
     again = str(study_file) + (f" --store {store}" if store is not None else "") + (
         f" --tracking-uri {tracking_uri}" if tracking_uri is not None else "")
     print_summary(console, study, report, report_args=again)
-    if report_json is not None:
-        report_json.parent.mkdir(parents=True, exist_ok=True)
-        report_json.write_text(json.dumps(report.as_dict(), indent=2))
+    if report_json is not None:  # whole or not at all: written beside it, then renamed into place
+        part = report_json.with_name(f".{report_json.name}.part")
+        try:
+            report_json.parent.mkdir(parents=True, exist_ok=True)
+            part.write_text(json.dumps(report.as_dict(), indent=2))
+            part.replace(report_json)
+        except OSError as e:
+            part.unlink(missing_ok=True)
+            fail(f"--report {str(report_json)!r} cannot be written: {e.strerror or e}")

@@ -124,16 +124,64 @@ class RunReport:
         return self.tracking_wait_s / self.wall_s if self.wall_s else 0.0
 
 
-def check_output_writable(folder: Path) -> None:
-    """Prove the output folder (plots, summary.csv) writable before any work, not after all the training."""
+def path_problem(path: Path | str, folder: bool = True) -> str | None:
+    """Why `path` cannot be made and written as a folder (or, `folder=False`, a file), creating nothing: it is a file
+    (a folder), a path above it is a file, or the nearest existing folder at or above it takes no new file (a probe
+    file is written there and removed); None when it can."""
+    import uuid
+
+    path = Path(os.path.abspath(path))
+    if path.exists():
+        if folder != path.is_dir():
+            return "it is a file, not a folder" if folder else "it is a folder, not a file"
+        if not folder:
+            return None if os.access(path, os.W_OK) else "it is read-only"
+    above = path if path.exists() else path.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        return f"{str(above)!r} is a file, not a folder"
+    probe = above / f".symzoo-probe-{uuid.uuid4().hex[:8]}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-probe"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
-        raise RunRefused(f"cannot write the output folder {str(folder)!r}: {e.strerror or e}. Set output: in the study "
-                         "to a folder you can write") from None
+        return f"{str(above)!r} cannot be written ({e.strerror or e})"
+    return None
+
+
+def missing_folders(path: Path | str) -> list[Path]:
+    """The folders that making `path` (a folder) would create, deepest first: what a failed run removes again if empty."""
+    path, made = Path(os.path.abspath(path)), []
+    while not path.exists() and path != path.parent:
+        made.append(path)
+        path = path.parent
+    return made
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove each of `folders` (deepest first) that is empty; a folder something was written into stays."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def check_output_writable(folder: Path) -> None:
+    """Prove the output folder (plots, summary.csv) can be made and written before any work, creating nothing."""
+    why = path_problem(folder)
+    if why:
+        raise RunRefused(f"cannot write the output folder {str(folder)!r}: {why}. Set output: in the study to a folder "
+                         "you can write")
+
+
+def check_report_path(path: Path) -> None:
+    """RunRefused naming --report when the run's JSON report could not be written there: a folder, a file above it,
+    a folder that cannot be written. Checked before any work; nothing is created."""
+    why = path_problem(path, folder=False)
+    if why:
+        raise RunRefused(f"--report {str(path)!r} cannot be written: {why}; give a file path in a folder you can write")
 
 
 def check_stored_zoos(study: Study) -> dict[str, dict[str, Any]]:
@@ -144,6 +192,9 @@ def check_stored_zoos(study: Study) -> dict[str, dict[str, Any]]:
     if not study.stored_zoos:
         return {}
     store = Store(study.store)
+    if not store.exists:
+        raise RunRefused(f"zoo {study.stored_zoos[0].name!r} is named stored: true, but there is no symzoo store at "
+                         f"{study.store!r} (--store, or store: in the study); give the store that holds it")
     held = store.zoos()
     found = {}
     for zoo in study.stored_zoos:
@@ -158,22 +209,35 @@ def check_stored_zoos(study: Study) -> dict[str, dict[str, Any]]:
 
 
 def check_store_writable(root: str) -> None:
-    """Prove the store root writable before any work starts, so a bad path fails with nothing half-written."""
+    """Prove the store usable and its root writable before any work starts, leaving nothing behind: a local path is
+    probed without being made; a remote root is made, probed, and removed again if this check made it."""
     import uuid
+
+    import pyarrow.fs as pafs
 
     from zoos.store import Store, StoreError
 
+    hint = "Choose another --store (or store: in the study)"
     try:
         store = Store(root)
+    except StoreError as e:
+        raise RunRefused(f"{e}. {hint}") from None
+    if store.local:
+        why = path_problem(store.root)
+        if why:
+            raise RunRefused(f"cannot write the store at {root!r}: {why}. {hint}")
+        return
+    try:
+        made = store.fs.get_file_info(store.root).type == pafs.FileType.NotFound
         store.fs.create_dir(store.root, recursive=True)
         probe = f"{store.root}/.write-probe-{uuid.uuid4().hex[:8]}"
         with store.fs.open_output_stream(probe) as f:
             f.write(b"ok")
         store.fs.delete_file(probe)
-    except StoreError as e:
-        raise RunRefused(str(e)) from None
+        if made:
+            store.fs.delete_dir(store.root)
     except OSError as e:
-        raise RunRefused(f"cannot write the store at {root!r}: {e.strerror or e}. Choose another --store path.") from None
+        raise RunRefused(f"cannot write the store at {root!r}: {e.strerror or e}. {hint}") from None
 
 
 class StudyLock:
@@ -213,17 +277,26 @@ class StudyLock:
             try:
                 os.kill(int(holder["pid"]), 0)
                 return True
+            except PermissionError:  # it exists, run by another user
+                return True
             except (OSError, ValueError, KeyError):
                 return False
         return time.time() - float(holder.get("heartbeat", 0)) < self.STALE_S
 
-    def acquire(self) -> str | None:
-        """Take the lock (None), or return why not: a line naming the run that holds it."""
+    def held(self) -> str | None:
+        """A line naming the live run that holds the lock, else None; reads only."""
         holder = self._read()
         if holder and holder.get("pid") != self.me["pid"] and self._alive(holder):
             since = time.strftime("%H:%M:%S", time.localtime(float(holder.get("started", 0))))
-            return (f"study {self.study!r} is being run on this store by process {holder.get('pid')} on "
+            return (f"study {self.study!r} is being run on store {self.store.uri!r} by process {holder.get('pid')} on "
                     f"{holder.get('host')} (since {since}); wait for it to finish, or stop it")
+        return None
+
+    def acquire(self) -> str | None:
+        """Take the lock (None), or return why not: a line naming the run that holds it."""
+        busy = self.held()
+        if busy:
+            return busy
         self._write()
         self._thread = threading.Thread(target=self._beat, name="symzoo-lock", daemon=True)
         self._thread.start()
@@ -352,31 +425,50 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
     t_start = time.perf_counter()
     report = RunReport()
     display = display or Display()
+    # Everything that can refuse the run is checked before anything is created (MLflow file, experiment or run,
+    # store, lock, output folder): the cluster address, the tracking store, the store, the output folder, the
+    # stored zoos, the study's lock and the resources (a local Ray's before it starts; a cluster's once joined).
     try:
-        check_cluster(address)  # a head that does not answer: refused in seconds, before anything is written
+        check_cluster(address)  # a head that does not answer: refused in seconds
     except ClusterUnreachable as e:
         raise RunRefused(str(e)) from None
     tracker = Tracker(tracking_uri or study.tracking_uri or default_tracking_uri(), study.study)
-    tracker.connect()  # first: a refused run must leave the store untouched
-    report.experiment_id = tracker.experiment_id
+    tracker.preflight()
     check_store_writable(study.store)
+    check_output_writable(study.output_dir())
+    stored_zoos = check_stored_zoos(study)
     lock = StudyLock(study.store, study.study)
-    held = lock.acquire()
+    held = lock.held()
     if held:
         raise RunRefused(held)
+    _start_ray(study, address, display)
+    # what this run creates from here on, and removes again (where left empty) if it fails
+    made = missing_folders(study.output_dir())
+    if lock.store.local:
+        made = missing_folders(f"{lock.store.root}/.locks") + made
+    ok = False
     try:
-        return _run_study(study, address, display, tracker, report, t_start)
+        held = lock.acquire()  # before MLflow: connecting marks a live run's RUNNING study run KILLED
+        if held:  # another run took it since
+            raise RunRefused(held)
+        tracker.connect()
+        report.experiment_id = tracker.experiment_id
+        report = _run_study(study, display, tracker, report, stored_zoos, t_start)
+        ok = True
+        return report
     except BaseException as e:  # the runs this invocation opened end FAILED (KILLED on Ctrl-C), not RUNNING
         tracker.abort("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     finally:
         lock.release()
+        if not ok:
+            remove_empty(made)
 
 
-def _run_study(study: Study, address: str | None, display: Display, tracker: Tracker, report: RunReport,
-               t_start: float) -> RunReport:
+def _run_study(study: Study, display: Display, tracker: Tracker, report: RunReport,
+               stored_zoos: dict[str, dict[str, Any]], t_start: float) -> RunReport:
     """The phases of a run, in order: start, plan, recover, train, analyse, drain the logging, summarise."""
-    store = _start(study, address, display, tracker)
+    store = _start(study, tracker, stored_zoos)
     plan = _plan(study, store, tracker, report)
     logged = _recover(study, store, tracker, plan)
     with display:
@@ -390,20 +482,48 @@ def _run_study(study: Study, address: str | None, display: Display, tracker: Tra
     return report
 
 
-def _start(study: Study, address: str | None, display: Display, tracker: Tracker) -> Any:
-    """Check the store, output folder, stored zoos and resources before any work; start Ray; open the store."""
-    from zoos.store import Store
+def local_resources() -> tuple[float, float] | None:
+    """(CPUs, GPUs) a local Ray started by `init_ray` would have (all CPUs; the GPUs Ray detects, capped by
+    CUDA_VISIBLE_DEVICES as Ray caps them); None when Ray's detection cannot be asked."""
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
 
-    check_store_writable(study.store)
-    check_output_writable(study.output_dir())
-    stored_zoos = check_stored_zoos(study)
-    tracker.log_study({"store": study.store, "zoos": [z.name for z in study.zoos],
-                       "stages": [s.stage for s in study.analysis], **study.resources.model_dump()})
+        manager = get_accelerator_manager_for_resource("GPU")
+        gpus = manager.get_current_node_num_accelerators()
+        visible = manager.get_current_process_visible_accelerator_ids()
+    except Exception:  # noqa: BLE001 - a Ray without this private API: checked once Ray is up
+        return None
+    if visible is not None:
+        gpus = min(gpus, len(visible))
+    return float(os.cpu_count() or 1), float(gpus)
+
+
+def _start_ray(study: Study, address: str | None, display: Display) -> None:
+    """Start (or join) Ray and check the resources can be had. A local Ray's resources are known before it starts:
+    a study asking more is refused before Ray starts; a cluster's are asked of it (its autoscaler given time)."""
+    import ray
+
+    res = study.resources
+    cluster = bool(address or os.environ.get("RAY_ADDRESS")) and (address or os.environ.get("RAY_ADDRESS")) != "local"
+    here = None if cluster or ray.is_initialized() else local_resources()
+    if here is not None and not (res.num_cpus <= here[0] and res.num_gpus <= here[1]):
+        raise ResourceError(f"resources ask each task for num_cpus={res.num_cpus:g}, num_gpus={res.num_gpus:g}; this "
+                            f"machine, where a local Ray would start, has {here[0]:g} CPUs and {here[1]:g} GPUs: no task "
+                            "could start. Lower resources in the study, or run it on a cluster (--address) that has "
+                            "such nodes")
     t_ray = time.perf_counter()
     display.log(f"starting Ray ({address or os.environ.get('RAY_ADDRESS') or 'a local instance'}) ...")
     init_ray(address)
     display.log(f"Ray up in {time.perf_counter() - t_ray:.1f}s; planning populations")
-    check_resources(study.resources, cluster=bool(address or os.environ.get("RAY_ADDRESS")), log=display.log)
+    check_resources(res, cluster=cluster, log=display.log)
+
+
+def _start(study: Study, tracker: Tracker, stored_zoos: dict[str, dict[str, Any]]) -> Any:
+    """Log the study's configuration and its stored zoos' runs; open the store."""
+    from zoos.store import Store
+
+    tracker.log_study({"store": study.store, "zoos": [z.name for z in study.zoos],
+                       "stages": [s.stage for s in study.analysis], **study.resources.model_dump()})
     store = Store(study.store)
     for name, found in stored_zoos.items():
         tracker.zoo_run(name, config={"stored": True, **found})

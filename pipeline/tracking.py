@@ -108,6 +108,12 @@ class Tracker:
             _fast_sqlite_commits()
         if self.uri.startswith("file:") or "://" not in self.uri:  # a folder the user named (MLflow 3 refuses it unasked)
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        if self._local_path() is None:  # a server or a database elsewhere: an unknown scheme is refused here
+            self._make_client()
+        # a sqlite file or a folder: MLflow creates it with its client, so the client waits for connect()
+
+    def _make_client(self) -> None:
+        """The MlflowClient (creating a sqlite file or folder store); TrackingError for an unknown or malformed URI."""
         from mlflow.tracking import MlflowClient
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # after import, which sets it: no "creating tables" chatter
@@ -119,6 +125,44 @@ class Tracker:
                 f"cannot use the MLflow tracking URI {self.uri!r}: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}. "
                 "Fix the URI (--tracking-uri or the study's tracking_uri): sqlite:///file.db, http://host:port or a folder."
             ) from None
+
+    def _local_path(self) -> Path | None:
+        """The sqlite file or the folder of a local tracking store; None for a server or another database."""
+        if self.uri.startswith("sqlite:///"):
+            return Path(self.uri.removeprefix("sqlite:///").split("?")[0])
+        if self.uri.startswith("file:"):
+            from urllib.parse import urlsplit
+
+            return Path(urlsplit(self.uri).path)
+        return None if "://" in self.uri or self.uri.startswith("sqlite:") else Path(self.uri)
+
+    def preflight(self) -> None:
+        """Prove the tracking store usable before a run creates anything: a sqlite file or folder store that can be
+        made and written (nothing is created), a server that answers a read; TrackingError naming the URI otherwise."""
+        path = self._local_path()
+        if path is None:
+            try:
+                self._client.get_experiment_by_name(self.study)
+            except Exception as e:  # noqa: BLE001 - MLflow raises many types (connection, HTTP, permission)
+                raise TrackingError(
+                    f"cannot use the MLflow tracking URI {self.uri!r}: {type(e).__name__}: {first_line(e)}. Start the "
+                    "server, fix the URI (--tracking-uri or the study's tracking_uri), or use a sqlite file.") from None
+            return
+        what = "MLflow database" if self._sqlite_path() is not None else "MLflow tracking folder"
+        path = Path(os.path.abspath(path))
+        if path.exists():
+            bad = ("it is a folder, not a file" if what == "MLflow database" and path.is_dir() else
+                   "it is a file, not a folder" if what != "MLflow database" and not path.is_dir() else
+                   None if os.access(path, os.W_OK) else "it is read-only")
+        else:
+            above = path.parent
+            while not above.exists() and above != above.parent:
+                above = above.parent
+            bad = (f"{str(above)!r} is a file, not a folder" if not above.is_dir() else
+                   None if os.access(above, os.W_OK | os.X_OK) else f"its folder {str(above)!r} is read-only")
+        if bad:
+            raise TrackingError(f"cannot use the {what} {str(path)!r} (tracking URI {self.uri!r}): {bad}; choose "
+                                "another --tracking-uri (or the study's tracking_uri)")
 
     @contextmanager
     def _timed(self) -> Iterator[None]:
@@ -148,6 +192,8 @@ class Tracker:
         """Create or find the study's experiment and parent run; TrackingError if the store is unusable.
         Study, zoo and stage runs that an earlier driver left RUNNING (it died) are marked KILLED."""
         self._check_sqlite_file()
+        if self._client is None:
+            self._make_client()
         try:
             with self._timed():
                 exp = self._client.get_experiment_by_name(self.study)
@@ -423,6 +469,12 @@ class Tracker:
         if status:
             with self._timed():
                 self._client.set_terminated(run_id, status=status)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (200 characters at most), else its type's name."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(e).__name__
 
 
 def _param_value(v: Any) -> str:

@@ -60,11 +60,16 @@ TASKS = {"mnist": "mnist", "fashion_mnist": "fashion_mnist", "cifar10": "cifar10
 
 
 def import_zoo(fmt: str, src: str, store: Store, zoo: str | None = None, shard_size: int = 1000) -> int:
-    """Import a published zoo of format `fmt` from directory `src` into `store`; return the models written."""
+    """Import a published zoo of format `fmt` from directory `src` into `store`; return the models written. Refused
+    before anything is written: an empty zoo name, a store path that is a file, a zoo of the store that holds another
+    architecture or task."""
     if fmt not in FORMATS:
         raise StoreError(f"import format {fmt!r} is not known; allowed: {', '.join(FORMATS)}")
+    if zoo is not None and not zoo.strip():
+        raise StoreError(f"zoo name {zoo!r} (--zoo) is empty: give a name, or leave --zoo out for the source's own")
     if not os.path.isdir(src):
         raise StoreError(f"import source {src!r} is not a directory; {fmt} expects {FORMAT_HELP[fmt]}")
+    _check_store_folder(store)
     if fmt == "small-cnn-zoo":
         return import_small_cnn_zoo(src, store, zoo=zoo, shard_size=shard_size)
     return import_model_zoos(src, store, zoo=zoo, shard_size=shard_size)
@@ -90,8 +95,37 @@ def _check_fits(arch: str, arch_config: dict, task: str, weights: dict[str, np.n
             raise StoreError(f"{where}: {k!r} has shape {got.get(k)} but {arch} {arch_config} on {task} needs {want.get(k)}")
 
 
+def _check_store_folder(store: Store) -> None:
+    """StoreError when a local store's path, or a path above it, is a file: a store is a folder."""
+    if not store.local:
+        return
+    path = os.path.abspath(store.root)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        where = "is a file" if path == os.path.abspath(store.root) else f"is under {path!r}, a file"
+        raise StoreError(f"store {store.uri!r} {where}, not a folder: give a store folder (a new or an existing one)")
+
+
+def _check_same_kind(store: Store, models: list[dict]) -> None:
+    """StoreError when the zoo the models are imported into already holds models of another architecture or task:
+    a zoo is one architecture on one task, so its analyses compare like with like."""
+    zoo = models[0]["row"]["zoo"]
+    if not store.exists or zoo not in store.zoos():
+        return
+    held = {(r["arch"], r["task"]) for r in store.models(zoo).select("arch", "task").unique().collect().to_dicts()}
+    new = {(m["row"]["arch"], m["row"]["task"]) for m in models}
+    if not new <= held:
+        shown = lambda pairs: ", ".join(f"{a} on {t}" for a, t in sorted(pairs))  # noqa: E731
+        raise StoreError(f"zoo {zoo!r} of store {store.uri!r} holds {shown(held)} models; these are {shown(new - held)}: "
+                         "import them under another zoo name (--zoo)")
+
+
 def _write_groups(store: Store, models: list[dict], shard_size: int) -> int:
-    """Group imported models (row, epochs, metrics, curves, weights) by (epochs, layout) and write shards."""
+    """Group imported models (row, epochs, metrics, curves, weights) by (epochs, layout) and write shards, after
+    checking the zoo they go into holds the same architecture and task."""
+    if models:
+        _check_same_kind(store, models)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for m in models:
         layout = tuple((k, v.shape[1:]) for k, v in m["weights"].items())

@@ -514,3 +514,38 @@ def test_cli_import_of_a_malformed_folder_exits_2_with_one_line(tmp_path):
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert r.exit_code == 2 and len(lines) == 1 and "checkpoint_000001: no 'checkpoints' file" in lines[0], r.output
     assert not os.path.exists(tmp_path / "store" / "manifest")
+
+
+def _tree(root) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_cli_import_refuses_a_zoo_of_another_arch_an_empty_name_and_a_file_as_store(tmp_path):
+    """Each refused in one stderr line naming the value, exit 2, the store left as it was: a zoo already holding
+    another architecture / task (a Model Zoos CNN on MNIST beside Small CNN Zoo models would mix in one zoo), an
+    empty --zoo (not quietly the default name), a store path that is a file or lies under one."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from zoos.store import Store
+
+    write_trial(tmp_path / "published" / "trial_0", 0, [0, 1])
+    write_small_cnn_zoo(tmp_path / "scz", gz=False)
+    store = tmp_path / "store"
+    r = CliRunner().invoke(app, ["import", "model-zoos", str(tmp_path / "published"), str(store), "--zoo", "zA"])
+    assert r.exit_code == 0, r.output
+    (tmp_path / "afile").write_text("the user's")
+    before = _tree(tmp_path)
+    for zoo_args, store_arg, says in [
+        (["--zoo", "zA"], str(store), ["zoo 'zA'", "holds model_zoos_cnn on mnist", "small_cnn_zoo on mnist", "--zoo"]),
+        (["--zoo", ""], str(store), ["zoo name '' (--zoo) is empty"]),
+        ([], str(tmp_path / "afile"), [f"store '{tmp_path / 'afile'}' is a file, not a folder"]),
+        ([], str(tmp_path / "afile" / "s"), [f"is under '{tmp_path / 'afile'}', a file, not a folder"]),
+    ]:
+        r = CliRunner().invoke(app, ["import", "small-cnn-zoo", str(tmp_path / "scz"), store_arg, *zoo_args])
+        assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1, (zoo_args, store_arg, r.output)
+        assert all(s in r.stderr for s in says) and "Errno" not in r.stderr, (says, r.stderr)
+        assert _tree(tmp_path) == before, "nothing written"
+    assert Store(str(store)).zoos() == ["zA"]
+    r = CliRunner().invoke(app, ["import", "small-cnn-zoo", str(tmp_path / "scz"), str(store), "--zoo", "zB"])
+    assert r.exit_code == 0 and Store(str(store)).zoos() == ["zA", "zB"], r.output
