@@ -20,10 +20,10 @@ def _load(path: Path, **overrides):
     try:
         study = load_study(path, **overrides)
     except StudyError as e:
-        fail("\nerror: ".join(str(e).splitlines()))  # fail prefixes the first line only
+        fail(str(e))
     problems = _check_buildable(study)
     if problems:
-        fail("\nerror: ".join(f"{path}: {p}" for p in problems))
+        fail("\n".join(f"{path}: {p}" for p in problems))
     return study
 
 
