@@ -141,6 +141,8 @@ class Tracker:
         made and written (nothing is created), a server that answers a read; TrackingError naming the URI otherwise."""
         path = self._local_path()
         if path is None:
+            from pipeline.cli import first_line
+
             try:
                 self._client.get_experiment_by_name(self.study)
             except Exception as e:  # noqa: BLE001 - MLflow raises many types (connection, HTTP, permission)
@@ -471,10 +473,6 @@ class Tracker:
                 self._client.set_terminated(run_id, status=status)
 
 
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (200 characters at most), else its type's name."""
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    return lines[0][:200] if lines else type(e).__name__
 
 
 def _param_value(v: Any) -> str:
