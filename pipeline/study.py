@@ -411,7 +411,8 @@ def _message(e: dict) -> str:
     if t == "string_too_short":
         return f"must not be empty{_got(got)}"
     msg = e["msg"].removeprefix("Value error, ")
-    return msg if isinstance(got, dict) else msg + _got(got)
+    shown = isinstance(got, dict) or f"= {_short_repr(got)} " in msg  # zoos.spec's `name = value is not allowed`
+    return msg if shown else msg + _got(got)
 
 
 def _problems(err: ValidationError) -> list[tuple[tuple, str]]:
