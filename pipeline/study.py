@@ -215,6 +215,21 @@ def _zoo_problems(i: int, zoo: dict[str, Any]) -> list[InitErrorDetails]:
     return errs
 
 
+def _pairing_problems(i: int, stage: StageSpec, zoos: list) -> list[InitErrorDetails]:
+    """A pair stage that could pair nothing: one across zoos given fewer than two, one within a zoo given only trained
+    zoos of fewer than two models (a stored zoo's count is known when the run opens the store)."""
+    from pipeline.stages import STAGES
+
+    kind, names = STAGES[stage.stage].pairs, ", ".join(repr(z.name) for z in zoos)
+    if kind == "across" and len(zoos) < 2:
+        return [_err(("analysis", i, "zoos"), f"stage {stage.stage!r} pairs a model of one zoo with one of another; it "
+                     f"analyses {len(zoos)} zoo ({names}): give it two or more")]
+    if kind == "within" and zoos and all(isinstance(z, ZooSpec) and z.model_count() < 2 for z in zoos):
+        return [_err(("analysis", i, "zoos"), f"stage {stage.stage!r} pairs models of a zoo; every zoo it analyses "
+                     f"({names}) trains one model: give a zoo two or more (e.g. seeds in its grid)")]
+    return []
+
+
 class Study(BaseModel):
     """A whole study: zoos to train (or, `stored: true`, found in the store), stages to run, where results go."""
 
@@ -315,6 +330,7 @@ class Study(BaseModel):
                     errs.append(_err(("analysis", i, "zoos"), f"names unknown zoo {unknown[0]!r}; zoos of this study: "
                                      f"{names}"))
                     continue
+            errs += _pairing_problems(i, st, self.stage_zoos(st))
             wanted = getattr(st.settings, "epochs", None)
             if STAGES[st.stage].every_epoch_stored and isinstance(wanted, list):  # zoos already stored: when it runs
                 for z in self.stage_zoos(st):

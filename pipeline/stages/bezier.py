@@ -31,6 +31,7 @@ class BezierSettings(Settings):
 class Bezier(Stage):
     name = "bezier"
     Settings = BezierSettings
+    pairs = "within"
 
     def plan(self, store: Any, zoos: list, settings: BezierSettings) -> list[Item]:
         done = done_keys(store, self.name, ["zoo", "model_a", "model_b"])

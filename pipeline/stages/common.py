@@ -70,6 +70,7 @@ class Stage(ABC):
     name: ClassVar[str]
     Settings: ClassVar[type[Settings]] = Settings
     every_epoch_stored: ClassVar[bool] = False  # an `epochs` list must be stored by every zoo (pairs meet at each)
+    pairs: ClassVar[str] = ""  # "within": it pairs models of a zoo; "across": a model of one zoo with one of another
 
     @abstractmethod
     def plan(self, store: Any, zoos: list, settings: Settings) -> list[Item]:

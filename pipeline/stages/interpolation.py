@@ -308,6 +308,7 @@ class Interpolation(Stage):
     name = "interpolation"
     Settings = InterpolationSettings
     every_epoch_stored = True
+    pairs = "within"
     keys = ["zoo", "model_a", "model_b", "epoch"]
 
     def plan(self, store: Any, zoos: list, settings: InterpolationSettings) -> list[Item]:
@@ -372,6 +373,7 @@ class InterpolationCross(Interpolation):
 
     name = "interpolation_cross"
     Settings = InterpolationCrossSettings
+    pairs = "across"
     keys = ["zoo", "zoo_b", "model_a", "model_b", "epoch"]
 
     def plan(self, store: Any, zoos: list, settings: InterpolationSettings) -> list[Item]:

@@ -87,6 +87,7 @@ class Similarity(Stage):
     name = "similarity"
     Settings = SimilaritySettings
     every_epoch_stored = True
+    pairs = "within"
     keys = ["zoo", "model_a", "model_b", "epoch"]
 
     def plan(self, store: Any, zoos: list, settings: SimilaritySettings) -> list[Item]:

@@ -170,7 +170,7 @@ def test_similarity_and_funcdim_store_values_that_must_hold(ray_local, tmp_path)
 
 
 def test_similarity_settings_are_validated():
-    base = {"study": "s", "zoos": [{"name": "z", "task": DIGITS, "arch": {"name": "mlp"}, "grid": {"seed": [0]}}]}
+    base = {"study": "s", "zoos": [{"name": "z", "task": DIGITS, "arch": {"name": "mlp"}, "grid": {"seed": [0, 1]}}]}
     for settings, fragment in (({"within": "width"}, "within"), ({"samples": 2}, "samples"), ({"pairs": -1}, "pairs")):
         with pytest.raises(StudyError, match=fragment):
             parse_study({**base, "analysis": [{"stage": "similarity", **settings}]})

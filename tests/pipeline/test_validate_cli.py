@@ -58,6 +58,11 @@ CASES = [  # (edits, key path, fragment of the message)
     ([(("analysis", 0, "repair"), "yes")], "analysis[0].repair", "must be true or false (got 'yes')"),
     ([(("analysis", 1, "flows"), ["rotation", "rotation"])], "analysis[1].flows", "lists 'rotation' twice"),
     ([(("zoos", 0, "checkpoints"), [3, 3, 1])], "zoos[0].checkpoints", "lists epoch 3 twice"),
+    # a pair stage that could pair nothing
+    ([(("zoos", 0, "grid", "seed"), [0])], "analysis[0].zoos", "stage 'interpolation' pairs models of a zoo; every zoo it "
+     "analyses ('cnn') trains one model"),
+    ([(("analysis", 0), {"stage": "interpolation_cross"})], "analysis[0].zoos", "stage 'interpolation_cross' pairs a "
+     "model of one zoo with one of another; it analyses 1 zoo ('cnn'): give it two or more"),
     ([(("analysis", 0, "epochs"), [])], "analysis[0].epochs", "the list is empty"),
     ([(("analysis", 0, "zoos"), [])], "analysis[0].zoos", "the list is empty: nothing to analyse"),
     ([(("analysis", 0, "seed"), -5)], "analysis[0].seed", "must be >= 0"),
@@ -102,7 +107,7 @@ def test_a_duplicate_yaml_key_is_refused_naming_it_and_its_lines(tmp_path):
 
 def test_merge_keys_may_still_be_overridden(tmp_path):
     text = yaml.safe_dump({k: v for k, v in STUDY.items() if k != "zoos"}) + (
-        "zoos:\n  - &z {name: x, task: digits, arch: {name: cnn, config: {width: 4, depth: 2}}, grid: {seed: [0]}, epochs: 2}\n"
+        "zoos:\n  - &z {name: x, task: digits, arch: {name: cnn, config: {width: 4, depth: 2}}, grid: {seed: [0, 1]}, epochs: 2}\n"
         "  - {<<: *z, name: y}\n")
     p = tmp_path / "m.yaml"
     p.write_text(text)
