@@ -386,12 +386,12 @@ def _got(value: Any) -> str:
 def _fields_at(loc: tuple) -> list[str] | None:
     """The keys the model at `loc` of a study takes (for an unknown key's message), or None where not a model."""
     def model_in(annotation: Any) -> Any:  # the first model in list[...], X | None, Annotated[...]
-        todo = [annotation]
-        while todo:
-            a = todo.pop(0)
+        queue = [annotation]
+        while queue:
+            a = queue.pop(0)
             if isinstance(a, type) and issubclass(a, BaseModel):
                 return a
-            todo += list(get_args(a))
+            queue += list(get_args(a))
         return None
 
     node: Any = Study
