@@ -18,7 +18,7 @@ from pipeline.stages.interpolation import factor_cells, sample_pairs
 
 class BezierSettings(Settings):
     pairs: int = Field(2, ge=0, description="model pairs per zoo and architecture config, drawn as the interpolation stage draws them; 0 = all pairs")
-    lambdas: int = Field(25, ge=3, description="points on each path, ends included")
+    lambdas: int = Field(25, ge=3, le=1001, description="points on each path, ends included")
     align: bool = Field(True, description="weight-match model_b to model_a before fitting the curve")
     bends: int = Field(1, ge=1, description="control points between the endpoints (degree = bends + 1)")
     steps: int = Field(200, ge=0, description="Adam steps of curve training")

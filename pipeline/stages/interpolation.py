@@ -35,7 +35,7 @@ from zoos.spec import FACTORS
 
 class InterpolationSettings(Settings):
     pairs: int = Field(8, ge=0, description="model pairs sampled per zoo and architecture config, spread evenly over the cells of its varied factors with no model reused while one is unused; 0 = all pairs")
-    lambdas: int = Field(25, ge=3, description="points on the path, ends included (odd: the midpoint is one)")
+    lambdas: int = Field(25, ge=3, le=1001, description="points on the path, ends included (odd: the midpoint is one)")
     epochs: Literal["last", "all"] | list[int] = Field(
         "last", description="checkpoints to interpolate at: 'last', 'all' stored, or a list of epochs")
     restarts: int = Field(4, ge=1, description="weight-matching restarts per pair (the best objective is kept); "

@@ -58,6 +58,7 @@ CASES = [  # (edits, key path, fragment of the message)
     ([(("analysis", 0, "repair"), "yes")], "analysis[0].repair", "must be true or false (got 'yes')"),
     ([(("analysis", 1, "flows"), ["rotation", "rotation"])], "analysis[1].flows", "lists 'rotation' twice"),
     ([(("zoos", 0, "checkpoints"), [3, 3, 1])], "zoos[0].checkpoints", "lists epoch 3 twice"),
+    ([(("analysis", 0, "lambdas"), 10**9)], "analysis[0].lambdas", "must be <= 1001 (got 1000000000)"),
     # a pair stage that could pair nothing
     ([(("zoos", 0, "grid", "seed"), [0])], "analysis[0].zoos", "stage 'interpolation' pairs models of a zoo; every zoo it "
      "analyses ('cnn') trains one model"),
