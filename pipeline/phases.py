@@ -80,7 +80,7 @@ def grid_axes(models: pl.DataFrame, temperature: str | None = None, load: str | 
     def pick(given: str | None, candidates: tuple[str, ...], what: str) -> str:
         if given is not None:
             if given not in models.columns:
-                raise PhaseError(f"{what} = {given!r} is not a column of the models table; factors there: "
+                raise PhaseError(f"--{what} {given!r} is not a column of the models table; factors there: "
                                  f"{', '.join(c for c in models.columns if c in TEMPERATURES + LOADS + ('seed',))}")
             return given
         varying = [c for c in candidates if c in models.columns and _varies(models, c)]

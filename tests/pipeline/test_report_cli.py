@@ -102,8 +102,8 @@ def test_analysis_rows_for_some_zoos_or_without_a_zoo_column(trained, tmp_path):
 
 
 REFUSED = [
-    (["--temperature", "bogus", "--no-log"], ["temperature", "'bogus'"]),
-    (["--load", "bogus", "--no-log"], ["load", "'bogus'"]),
+    (["--temperature", "bogus", "--no-log"], ["--temperature 'bogus' is not a column"]),
+    (["--load", "bogus", "--no-log"], ["--load 'bogus' is not a column"]),
     (["--load", "seed", "--temperature", "seed", "--no-log"], ["--temperature 'seed'", "--load 'seed'"]),
     (["--load", "lr", "--no-log"], ["--temperature 'lr'", "--load 'lr'"]),  # lr is also the default temperature
     (["--tracking-uri", "notascheme:///x"], ["--tracking-uri 'notascheme:///x'", "'notascheme'", "sqlite:///",
