@@ -65,9 +65,10 @@ def _models(store: Any, names: list[str]) -> pl.DataFrame:
     return models.filter(pl.col("zoo").is_in(names)).collect()
 
 
-def absent(store: Any, names: list[str], stages: list[str]) -> str:
+def absent(store: Any, names: list[str], stages: list[str], analysis: bool = True) -> str:
     """One line naming what the store lacks for these zoos (empty if nothing): training curves (an imported
-    zoo has none), and each of `stages`' results per zoo, or any analysis at all."""
+    zoo has none), and each of `stages`' results per zoo, or any analysis at all (unless `analysis` is False: a
+    study that asks for none)."""
     def zoos_in(frame: pl.LazyFrame) -> set[str]:
         cols = [c for c in ("zoo", "zoo_b") if c in frame.collect_schema().names()]
         return {z for c in cols for z in frame.select(c).unique().collect()[c].to_list()}
@@ -79,7 +80,7 @@ def absent(store: Any, names: list[str], stages: list[str]) -> str:
     present = set(store.stages())
     missing = {st: [z for z in names if z not in zoos_in(zoo_rows(store, store.analysis(st), names))]
                for st in stages if st in present}
-    if not any(len(m) < len(names) for m in missing.values()):
+    if analysis and not any(len(m) < len(names) for m in missing.values()):
         parts.append(f"analysis results (no stage has run on {', '.join(names)})")
     else:
         parts += [f"{st} results of {', '.join(m)}" for st, m in missing.items() if m]
@@ -225,6 +226,8 @@ def print_summary(console: Console, study: Study, report: Any, report_args: str 
         from rich.text import Text
 
         console.print(Text(LEGEND, "dim"))
+        if report.absent:
+            console.print(report.absent[:1].upper() + report.absent[1:], highlight=False, markup=False)
         left_out = int(summary["not_learned"].fill_null(0).sum()) if "not_learned" in summary.columns else 0
         if left_out:
             console.print(f"{left_out} model{'s' * (left_out != 1)} never learned (final training loss >= {LEARNED:.0%} "

@@ -112,6 +112,7 @@ class RunReport:
     driver_result_s: float = 0.0  # driver time spent taking in finished populations (ray.get + bookkeeping)
     plots: list[Path] = field(default_factory=list)
     summary: pl.DataFrame | None = None
+    absent: str = ""  # one line: what the store lacks for the study's zoos (an imported zoo's curves, a stage's rows)
 
     def as_dict(self) -> dict[str, Any]:
         """The report as plain data (JSON): everything but the summary table and plot paths."""
@@ -718,12 +719,13 @@ def _analyse(study: Study, store: Any, display: Display, tracker: Tracker, repor
 
 def _summarise(study: Study, store: Any, tracker: Tracker, report: RunReport, t_start: float) -> None:
     """Plots and summary.csv; each stage's and the study's MLflow run; the report's wall and tracking times."""
-    from pipeline.report import summarise
+    from pipeline.report import absent, summarise
     from pipeline.stages import STAGES
 
     out_dir = study.output_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     report.summary, report.plots, stage_plots = summarise(store, study, out_dir)
+    report.absent = absent(store, [z.name for z in study.zoos], [s.stage for s in study.analysis], bool(study.analysis))
     for stage in study.analysis:  # a stage run for each stage that computed something now (a re-run adds a step)
         if not report.analysis_items.get(stage.stage):
             continue

@@ -144,3 +144,20 @@ def test_an_existing_output_folder_keeps_its_files_and_a_late_failure_leaves_it_
     blocker.write_text("")
     r = CliRunner().invoke(app, ["report", str(trained.root), "--no-log", "--out", str(blocker / "o")])
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and str(blocker) in r.stderr, r.output
+
+
+def test_symzoo_run_on_an_imported_zoo_names_what_is_absent(imported, tmp_path, ray_local):
+    """`symzoo run` of a study reading the imported zoo (stored: true) runs its stage and says, under its summary,
+    that the store has no training curves of it."""
+    from tests.zoos.test_importers import write_mnist
+
+    write_mnist(tmp_path / "data" / "mnist", n_test=64)
+    study = {"study": "reader", "store": str(imported), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+             "output": str(tmp_path / "out"), "data_dir": str(tmp_path / "data"),
+             "zoos": [{"name": "sc", "stored": True}], "analysis": [{"stage": "equivariance", "samples": 16}]}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    r = CliRunner().invoke(app, ["run", str(path), "--plain"])
+    assert r.exit_code == 0, r.output
+    assert "Absent from the store: training curves of sc\n" in r.output, r.output
+    assert zoos.open(str(imported)).analysis("equivariance").collect().height == 2
