@@ -505,7 +505,8 @@ def _start_ray(study: Study, address: str | None, display: Display) -> None:
     import ray
 
     res = study.resources
-    cluster = bool(address or os.environ.get("RAY_ADDRESS")) and (address or os.environ.get("RAY_ADDRESS")) != "local"
+    target = address or os.environ.get("RAY_ADDRESS")
+    cluster = bool(target) and target != "local"
     here = None if cluster or ray.is_initialized() else local_resources()
     if here is not None and not (res.num_cpus <= here[0] and res.num_gpus <= here[1]):
         raise ResourceError(f"resources ask each task for num_cpus={res.num_cpus:g}, num_gpus={res.num_gpus:g}; this "
@@ -513,7 +514,7 @@ def _start_ray(study: Study, address: str | None, display: Display) -> None:
                             "could start. Lower resources in the study, or run it on a cluster (--address) that has "
                             "such nodes")
     t_ray = time.perf_counter()
-    display.log(f"starting Ray ({address or os.environ.get('RAY_ADDRESS') or 'a local instance'}) ...")
+    display.log(f"starting Ray ({target or 'a local instance'}) ...")
     init_ray(address)
     display.log(f"Ray up in {time.perf_counter() - t_ray:.1f}s; planning populations")
     check_resources(res, cluster=cluster, log=display.log)

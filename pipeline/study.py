@@ -76,7 +76,8 @@ def _setting_problems(settings: type[BaseModel], given: dict[str, Any]) -> list[
         if ann is bool and not isinstance(v, bool):
             errs.append(_err((key,), f"must be true or false {got}"))
         elif not _allows_bool(ann) and (isinstance(v, bool) or (isinstance(v, list) and any(isinstance(x, bool) for x in v))):
-            errs.append(_err((key,), f"must be {'an integer' if ann is int else 'a value'}, not true or false {got}"))
+            kind = _ACCEPTS.get(key) or {int: "an integer", float: "a number", str: "a name"}.get(ann, "a value")
+            errs.append(_err((key,), f"must be {kind}, not true or false {got}"))
         elif key == "seed" and _is_int(v) and v < 0:
             errs.append(_err((key,), f"must be >= 0, as a zoo's seeds are {got}"))
         elif isinstance(v, list) and not v:

@@ -150,18 +150,11 @@ class Tracker:
                     f"cannot use the MLflow tracking URI {self.uri!r}: {type(e).__name__}: {first_line(e)}. Start the "
                     "server, fix the URI (--tracking-uri or the study's tracking_uri), or use a sqlite file.") from None
             return
-        what = "MLflow database" if self._sqlite_path() is not None else "MLflow tracking folder"
-        path = Path(os.path.abspath(path))
-        if path.exists():
-            bad = ("it is a folder, not a file" if what == "MLflow database" and path.is_dir() else
-                   "it is a file, not a folder" if what != "MLflow database" and not path.is_dir() else
-                   None if os.access(path, os.W_OK) else "it is read-only")
-        else:
-            above = path.parent
-            while not above.exists() and above != above.parent:
-                above = above.parent
-            bad = (f"{str(above)!r} is a file, not a folder" if not above.is_dir() else
-                   None if os.access(above, os.W_OK | os.X_OK) else f"its folder {str(above)!r} is read-only")
+        from pipeline.runner import path_problem
+
+        database = self._sqlite_path() is not None
+        what, path = ("MLflow database" if database else "MLflow tracking folder"), Path(os.path.abspath(path))
+        bad = path_problem(path, folder=not database)
         if bad:
             raise TrackingError(f"cannot use the {what} {str(path)!r} (tracking URI {self.uri!r}): {bad}; choose "
                                 "another --tracking-uri (or the study's tracking_uri)")
