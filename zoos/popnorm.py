@@ -13,9 +13,10 @@ backward needs no copy of z, and the output may be stored in bf16 (where only a 
 cast it so) without changing a bit of what autocast computes. A residual add (ResNet's skip) and the
 activation after it fold in, so a block's end is one pass instead of three.
 
-One program a row: the forward reads the row three times (mean, centred variance, output) and writes the
-output once; the backward reads x, dy (and y) twice and writes dx and a row's per-channel dw and db partials,
-which torch sums over each model's rows. mean_r(g) and mean_r(g * xhat) are those per-channel sums dotted
+One program a row. A row of up to NORM_ROW_TILE elements (a sample of ResNet-20's, 16 x 32 x 32 at most) is one
+tile held in registers: the forward reads it once and writes the output once, the backward reads x, dy (and y)
+once and writes dx and the row's per-channel dw and db partials, which torch sums over each model's rows. A
+larger row is read in tiles, in passes: three forward (mean, centred variance, output), two backward. mean_r(g) and mean_r(g * xhat) are those per-channel sums dotted
 with w. The row is a sample's whole map, contiguous in either memory format, so a tile is [pixels, channels]
 addressed channels-last or NCHW as x is stored (the output, dx and dres keep x's layout). Statistics are
 float32; the output is float32 (as autocast runs norms) unless asked otherwise.
@@ -60,88 +61,114 @@ if triton is not None:
         return tl.where(y > 0, 1.0, slope)
 
     @triton.jit
+    def _tile(p0, P: tl.constexpr, C: tl.constexpr, CL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """(offsets within the row, mask) of the [BLOCK_P, BLOCK_C] tile of pixels from p0."""
+        p, c = p0 + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_C)
+        return _offsets(p, c, C, P, CL), (p < P)[:, None] & (c < C)[None, :]
+
+    @triton.jit
+    def _norm1_store(z, at, mask, res_ptr, y_ptr, y2_ptr, slope, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+                     HAS_Y2: tl.constexpr):
+        """act(z + res) stored in y's dtype (and y2's, rounded as a cast of y would be)."""
+        if HAS_RES:
+            z += tl.load(res_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        if ACT != "identity":
+            z = tl.where(z > 0, z, z * slope)
+        tl.store(y_ptr + at, z.to(y_ptr.dtype.element_ty), mask=mask)
+        if HAS_Y2:  # the same output in a second dtype (a conv's compute dtype): y rounded as a cast would
+            tl.store(y2_ptr + at, z.to(y_ptr.dtype.element_ty).to(y2_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _norm1_fwd_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, y2_ptr, mean_ptr, rstd_ptr, B, eps, slope,
                           C: tl.constexpr, P: tl.constexpr, CL: tl.constexpr, HAS_W: tl.constexpr,
                           HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, HAS_Y2: tl.constexpr,
-                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                          ONE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         r = tl.program_id(0)
         m = r // B
         row = r.to(tl.int64) * (C * P)
         c = tl.arange(0, BLOCK_C)
-        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        for p0 in range(0, P, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            mask = (p < P)[:, None] & (c < C)[None, :]
-            acc += tl.load(x_ptr + row + _offsets(p, c, C, P, CL), mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(acc) / (C * P)
-        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        for p0 in range(0, P, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            mask = (p < P)[:, None] & (c < C)[None, :]
-            d = tl.load(x_ptr + row + _offsets(p, c, C, P, CL), mask=mask, other=0.0).to(tl.float32) - mean
-            acc += tl.where(mask, d * d, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(acc) / (C * P) + eps)
+        if ONE:  # the row is one tile, read once and held
+            at, mask = _tile(0, P, C, CL, BLOCK_P, BLOCK_C)
+            xv = tl.load(x_ptr + row + at, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.sum(xv) / (C * P)
+            d = tl.where(mask, xv - mean, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(d * d) / (C * P) + eps)
+        else:  # three passes over the row: mean, centred variance, output
+            acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+            for p0 in range(0, P, BLOCK_P):
+                at, mask = _tile(p0, P, C, CL, BLOCK_P, BLOCK_C)
+                acc += tl.load(x_ptr + row + at, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.sum(acc) / (C * P)
+            acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+            for p0 in range(0, P, BLOCK_P):
+                at, mask = _tile(p0, P, C, CL, BLOCK_P, BLOCK_C)
+                d = tl.load(x_ptr + row + at, mask=mask, other=0.0).to(tl.float32) - mean
+                acc += tl.where(mask, d * d, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(acc) / (C * P) + eps)
         tl.store(mean_ptr + r, mean)
         tl.store(rstd_ptr + r, rstd)
         scale = rstd * (tl.load(w_ptr + m * C + c, mask=c < C, other=0.0).to(tl.float32) if HAS_W else 1.0)
         shift = tl.load(b_ptr + m * C + c, mask=c < C, other=0.0).to(tl.float32) if HAS_B else 0.0
-        for p0 in range(0, P, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            mask = (p < P)[:, None] & (c < C)[None, :]
-            at = row + _offsets(p, c, C, P, CL)
-            z = (tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean) * scale + shift
-            if HAS_RES:
-                z += tl.load(res_ptr + at, mask=mask, other=0.0).to(tl.float32)
-            if ACT != "identity":
-                z = tl.where(z > 0, z, z * slope)
-            tl.store(y_ptr + at, z.to(y_ptr.dtype.element_ty), mask=mask)
-            if HAS_Y2:  # the same output in a second dtype (a conv's compute dtype): y rounded as a cast would
-                tl.store(y2_ptr + at, z.to(y_ptr.dtype.element_ty).to(y2_ptr.dtype.element_ty), mask=mask)
+        if ONE:
+            _norm1_store(d * scale + shift, row + at, mask, res_ptr, y_ptr, y2_ptr, slope, HAS_RES, ACT, HAS_Y2)
+        else:
+            for p0 in range(0, P, BLOCK_P):
+                at, mask = _tile(p0, P, C, CL, BLOCK_P, BLOCK_C)
+                d = tl.load(x_ptr + row + at, mask=mask, other=0.0).to(tl.float32) - mean
+                _norm1_store(d * scale + shift, row + at, mask, res_ptr, y_ptr, y2_ptr, slope, HAS_RES, ACT, HAS_Y2)
+
+    @triton.jit
+    def _norm1_dz(at, mask, dy_ptr, dy2_ptr, y_ptr, dres_ptr, slope, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+                  HAS_DY2: tl.constexpr, STORE_DRES: tl.constexpr):
+        """The gradient at z: dy (+ dy2, the copy's readers') times act'(z), read off the stored output."""
+        dz = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DY2:  # the second output's gradient (its readers') joins the first's
+            dz += tl.load(dy2_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        if ACT != "identity":
+            dz *= _act_slope(tl.load(y_ptr + at, mask=mask, other=0.0), ACT, slope)
+        if HAS_RES and STORE_DRES:
+            tl.store(dres_ptr + at, dz.to(dres_ptr.dtype.element_ty), mask=mask)
+        return dz
 
     @triton.jit
     def _norm1_bwd_kernel(x_ptr, dy_ptr, dy2_ptr, y_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dres_ptr, dw_ptr, db_ptr, B,
                           slope, C: tl.constexpr, P: tl.constexpr, CL: tl.constexpr, HAS_W: tl.constexpr,
-                          HAS_RES: tl.constexpr, ACT: tl.constexpr, HAS_DY2: tl.constexpr, BLOCK_P: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
+                          HAS_RES: tl.constexpr, ACT: tl.constexpr, HAS_DY2: tl.constexpr, ONE: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         r = tl.program_id(0)
         m = r // B
         row = r.to(tl.int64) * (C * P)
         c = tl.arange(0, BLOCK_C)
         mean, rstd = tl.load(mean_ptr + r), tl.load(rstd_ptr + r)
         wv = tl.load(w_ptr + m * C + c, mask=c < C, other=0.0).to(tl.float32) if HAS_W else 1.0
-        sum_dzx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        sum_dz = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        for p0 in range(0, P, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            mask = (p < P)[:, None] & (c < C)[None, :]
-            at = row + _offsets(p, c, C, P, CL)
-            xhat = tl.where(mask, (tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
-            dz = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
-            if HAS_DY2:  # the second output's gradient (its readers') joins the first's
-                dz += tl.load(dy2_ptr + at, mask=mask, other=0.0).to(tl.float32)
-            if ACT != "identity":
-                dz *= _act_slope(tl.load(y_ptr + at, mask=mask, other=0.0), ACT, slope)
-            if HAS_RES:
-                tl.store(dres_ptr + at, dz.to(dres_ptr.dtype.element_ty), mask=mask)
-            sum_dzx += dz * xhat
-            sum_dz += dz
-        dw_c, db_c = tl.sum(sum_dzx, axis=0), tl.sum(sum_dz, axis=0)
+        if ONE:  # the row is one tile: x, dy (and y) read once and held for dx
+            at, mask = _tile(0, P, C, CL, BLOCK_P, BLOCK_C)
+            xhat = tl.where(mask, (tl.load(x_ptr + row + at, mask=mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
+            dz = _norm1_dz(row + at, mask, dy_ptr, dy2_ptr, y_ptr, dres_ptr, slope, HAS_RES, ACT, HAS_DY2, True)
+            dw_c, db_c = tl.sum(dz * xhat, axis=0), tl.sum(dz, axis=0)
+        else:  # two passes: the per-channel sums, then dx
+            sum_dzx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+            sum_dz = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+            for p0 in range(0, P, BLOCK_P):
+                at, mask = _tile(p0, P, C, CL, BLOCK_P, BLOCK_C)
+                xhat = tl.where(mask, (tl.load(x_ptr + row + at, mask=mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
+                dz = _norm1_dz(row + at, mask, dy_ptr, dy2_ptr, y_ptr, dres_ptr, slope, HAS_RES, ACT, HAS_DY2, True)
+                sum_dzx += dz * xhat
+                sum_dz += dz
+            dw_c, db_c = tl.sum(sum_dzx, axis=0), tl.sum(sum_dz, axis=0)
         tl.store(dw_ptr + r.to(tl.int64) * C + c, dw_c, mask=c < C)
         tl.store(db_ptr + r.to(tl.int64) * C + c, db_c, mask=c < C)
         mean_g, mean_gx = tl.sum(db_c * wv) / (C * P), tl.sum(dw_c * wv) / (C * P)
-        for p0 in range(0, P, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            mask = (p < P)[:, None] & (c < C)[None, :]
-            at = row + _offsets(p, c, C, P, CL)
-            xhat = (tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
-            dz = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
-            if HAS_DY2:  # the second output's gradient (its readers') joins the first's
-                dz += tl.load(dy2_ptr + at, mask=mask, other=0.0).to(tl.float32)
-            if ACT != "identity":
-                dz *= _act_slope(tl.load(y_ptr + at, mask=mask, other=0.0), ACT, slope)
-            g = dz * wv
-            tl.store(dx_ptr + at, (rstd * (g - mean_g - xhat * mean_gx)).to(dx_ptr.dtype.element_ty), mask=mask)
-
+        if ONE:
+            tl.store(dx_ptr + row + at, (rstd * (dz * wv - mean_g - xhat * mean_gx)).to(dx_ptr.dtype.element_ty),
+                     mask=mask)
+        else:
+            for p0 in range(0, P, BLOCK_P):
+                at, mask = _tile(p0, P, C, CL, BLOCK_P, BLOCK_C)
+                xhat = (tl.load(x_ptr + row + at, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+                dz = _norm1_dz(row + at, mask, dy_ptr, dy2_ptr, y_ptr, dres_ptr, slope, HAS_RES, ACT, HAS_DY2, False)
+                tl.store(dx_ptr + row + at, (rstd * (dz * wv - mean_g - xhat * mean_gx)).to(dx_ptr.dtype.element_ty),
+                         mask=mask)
 
     @triton.jit
     def _ln_fwd_kernel(x_ptr, res_ptr, h_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, RPM, eps, D: tl.constexpr,
@@ -208,9 +235,18 @@ def _layout(x: Tensor) -> tuple[Tensor, bool]:
     return (x, True) if stored_channels_last(x) else (x.contiguous(), False)
 
 
-def _blocks(c: int) -> tuple[int, int]:
+NORM_ROW_TILE = 16384  # the largest row (padded pixels x channels) a GroupNorm program holds as one tile
+NORM_TILE = 2048  # elements of a tile where the row is larger, the row then read in passes
+
+
+def _blocks(c: int, p: int) -> tuple[int, int, bool, int]:
+    """(pixels, channels, one tile, warps) of a GroupNorm program's tile: the whole row where it fits
+    NORM_ROW_TILE (read once forward and backward), else NORM_TILE elements of it."""
     block_c = triton.next_power_of_2(c)
-    return max(1, 2048 // block_c), block_c
+    if block_c * triton.next_power_of_2(p) <= NORM_ROW_TILE:
+        block_p = triton.next_power_of_2(p)
+        return block_p, block_c, True, min(16, max(4, block_p * block_c // 1024))
+    return max(1, NORM_TILE // block_c), block_c, False, 4
 
 
 ACTS = {"identity": 1.0, "relu": 0.0, "leaky_relu": None}  # the activations that fold in: their slope below 0
@@ -229,12 +265,12 @@ def _pop_norm1(x: Tensor, w: Tensor | None, b: Tensor | None, res: Tensor | None
     y = torch.empty_like(x, dtype=out_dtype)
     y2 = torch.empty_like(x, dtype=copy_dtype) if copy_dtype is not None else x.new_empty(0)
     mean, rstd = x.new_empty(r, dtype=torch.float32), x.new_empty(r, dtype=torch.float32)
-    block_p, block_c = _blocks(c)
+    block_p, block_c, one, warps = _blocks(c, x[0, 0].numel())
     _norm1_fwd_kernel[(r,)](x, w if w is not None else x, b if b is not None else x,
                             _like(res, cl) if res is not None else x, y, y2 if copy_dtype is not None else y, mean, rstd,
                             batch, eps, slope, C=c, P=x[0, 0].numel(), CL=cl, HAS_W=w is not None,
                             HAS_B=b is not None, HAS_RES=res is not None, ACT=act, HAS_Y2=copy_dtype is not None,
-                            BLOCK_P=block_p, BLOCK_C=block_c)
+                            ONE=one, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
     return y, mean, rstd, y2
 
 
@@ -257,11 +293,11 @@ def _pop_norm1_backward(x: Tensor, dy: Tensor, dy2: Tensor | None, y: Tensor, w:
     dx = torch.empty_like(x)
     dres = torch.empty_like(x, dtype=res_dtype) if res_dtype is not None else x.new_empty(0)
     dw, db = x.new_empty(r, c, dtype=torch.float32), x.new_empty(r, c, dtype=torch.float32)
-    block_p, block_c = _blocks(c)
+    block_p, block_c, one, warps = _blocks(c, x[0, 0].numel())
     _norm1_bwd_kernel[(r,)](x, dy, dy2 if dy2 is not None else dy, y, w if w is not None else x, mean, rstd, dx,
                             dres if res_dtype is not None else x, dw, db, batch, slope, C=c, P=x[0, 0].numel(), CL=cl,
                             HAS_W=w is not None, HAS_RES=res_dtype is not None, ACT=act, HAS_DY2=dy2 is not None,
-                            BLOCK_P=block_p, BLOCK_C=block_c)
+                            ONE=one, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
     n = r // batch
     return dx, dw.view(n, batch, c).sum(1), db.view(n, batch, c).sum(1), dres
 
@@ -277,7 +313,9 @@ def _(x, dy, dy2, y, w, mean, rstd, batch, act, slope, res_dtype):
 
 def _setup(ctx, inputs, output) -> None:
     x, w, b, res, batch, _, act, slope, _, copy_dtype = inputs
-    ctx.save_for_backward(x, w, output[1], output[2], output[0] if act != "identity" else None)
+    # act' is read off the output's sign, which its copy (kept anyway by the conv reading it) has too
+    sign = (output[3] if copy_dtype is not None else output[0]) if act != "identity" else None
+    ctx.save_for_backward(x, w, output[1], output[2], sign)
     ctx.meta = (batch, act, slope, b is not None, None if res is None else res.dtype, copy_dtype is not None)
 
 

@@ -1,6 +1,8 @@
 """zoos.popnorm: GroupNorm with one group and each model's affine equals per-model F.group_norm, forward and
 backward, in either memory format (Triton's interpreter on the CPU, as tests/conftest.py sets it)."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,22 @@ from zoos import popnorm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not popnorm.available(DEVICE), reason="needs Triton (GPU or TRITON_INTERPRET=1)")
+
+
+ROWS = ["one tile", "in passes"]
+
+
+@contextlib.contextmanager
+def rows_read(how: str, c: int, pixels: int):
+    """GroupNorm's rows as one tile each (the default for these shapes, checked) or "in passes" of 32-element tiles."""
+    saved = popnorm.NORM_ROW_TILE, popnorm.NORM_TILE
+    if how == "in passes":
+        popnorm.NORM_ROW_TILE, popnorm.NORM_TILE = 0, 32
+    try:
+        assert popnorm._blocks(c, pixels)[2] == (how == "one tile")
+        yield
+    finally:
+        popnorm.NORM_ROW_TILE, popnorm.NORM_TILE = saved
 
 
 def per_model(x, w, b, n, eps):
@@ -25,77 +43,83 @@ def per_model(x, w, b, n, eps):
     return torch.cat(out)
 
 
+@pytest.mark.parametrize("rows", ROWS)
 @settings(max_examples=10, deadline=None)
 @given(n=st.integers(1, 3), batch=st.integers(1, 3), c=st.integers(1, 20), h=st.integers(2, 6), w_=st.integers(1, 6),
        cl=st.booleans(), affine=st.sampled_from(["both", "weight", "bias"]), seed=st.integers(0, 99))
-def test_group_norm1_equals_per_model_group_norm(n, batch, c, h, w_, cl, affine, seed):
+def test_group_norm1_equals_per_model_group_norm(rows, n, batch, c, h, w_, cl, affine, seed):
     """Output (float32, in x's layout) and the gradients of x, w and b; shifted inputs (a mean far from 0)."""
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(n * batch, c, h, w_, generator=g) * 3 + 5).to(DEVICE)
-    x = (x.contiguous(memory_format=torch.channels_last) if cl else x).requires_grad_()
-    w = torch.randn(n, c, generator=g).to(DEVICE).requires_grad_() if affine != "bias" else None
-    b = torch.randn(n, c, generator=g).to(DEVICE).requires_grad_() if affine != "weight" else None
-    y = popnorm.group_norm1(x, w, b, 1e-5)
-    assert y.dtype == torch.float32 and y.stride() == torch.empty_like(x).stride()
-    want = per_model(x, w, b, n, 1e-5)
-    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
-    dy = torch.randn(want.shape, generator=g).to(DEVICE)
-    wrt = [t for t in (x, w, b) if t is not None]
-    for got, ref in zip(torch.autograd.grad(y, wrt, dy), torch.autograd.grad(want, wrt, dy)):
-        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
+    with rows_read(rows, c, h * w_):
+        g = torch.Generator().manual_seed(seed)
+        x = (torch.randn(n * batch, c, h, w_, generator=g) * 3 + 5).to(DEVICE)
+        x = (x.contiguous(memory_format=torch.channels_last) if cl else x).requires_grad_()
+        w = torch.randn(n, c, generator=g).to(DEVICE).requires_grad_() if affine != "bias" else None
+        b = torch.randn(n, c, generator=g).to(DEVICE).requires_grad_() if affine != "weight" else None
+        y = popnorm.group_norm1(x, w, b, 1e-5)
+        assert y.dtype == torch.float32 and y.stride() == torch.empty_like(x).stride()
+        want = per_model(x, w, b, n, 1e-5)
+        torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+        dy = torch.randn(want.shape, generator=g).to(DEVICE)
+        wrt = [t for t in (x, w, b) if t is not None]
+        for got, ref in zip(torch.autograd.grad(y, wrt, dy), torch.autograd.grad(want, wrt, dy)):
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("rows", ROWS)
 @settings(max_examples=10, deadline=None)
 @given(n=st.integers(1, 3), batch=st.integers(1, 3), c=st.integers(1, 20), hw=st.integers(2, 30), cl=st.booleans(),
        act=st.sampled_from(["identity", "relu", "leaky_relu"]), residual=st.booleans(),
        out_dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 99))
-def test_group_norm1_with_residual_and_activation_folded_in(n, batch, c, hw, cl, act, residual, out_dtype, seed):
+def test_group_norm1_with_residual_and_activation_folded_in(rows, n, batch, c, hw, cl, act, residual, out_dtype, seed):
     """act(norm(x) + residual), stored in float32 or bf16, equals the unfused ops computed in float32 and cast
     (what autocast gives a conv reading it); the gradients of x, w, b and the residual equal theirs."""
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(n * batch, c, hw, 2, generator=g) * 3 + 5).to(DEVICE)
-    x = (x.contiguous(memory_format=torch.channels_last) if cl else x).requires_grad_()
-    w, b = (torch.randn(n, c, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
-    res = torch.randn(x.shape, generator=g).to(DEVICE).requires_grad_() if residual else None
-    slope = 0.1 if act == "leaky_relu" else 0.0
-    y = popnorm.group_norm1(x, w, b, 1e-5, residual=res, act=act, slope=slope, out_dtype=out_dtype)
-    assert y.dtype == out_dtype and y.stride() == torch.empty_like(x).stride()
-    z = per_model(x, w, b, n, 1e-5) + (res if residual else 0)
-    want = (z if act == "identity" else F.leaky_relu(z, slope)).to(out_dtype)
-    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4 if out_dtype == torch.float32 else 1e-2)
-    dy = torch.randn(want.shape, generator=g).to(DEVICE).to(out_dtype)
-    wrt = [t for t in (x, w, b, res) if t is not None]
-    for got, ref in zip(torch.autograd.grad(y, wrt, dy), torch.autograd.grad(want, wrt, dy)):
-        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
+    with rows_read(rows, c, hw * 2):
+        g = torch.Generator().manual_seed(seed)
+        x = (torch.randn(n * batch, c, hw, 2, generator=g) * 3 + 5).to(DEVICE)
+        x = (x.contiguous(memory_format=torch.channels_last) if cl else x).requires_grad_()
+        w, b = (torch.randn(n, c, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+        res = torch.randn(x.shape, generator=g).to(DEVICE).requires_grad_() if residual else None
+        slope = 0.1 if act == "leaky_relu" else 0.0
+        y = popnorm.group_norm1(x, w, b, 1e-5, residual=res, act=act, slope=slope, out_dtype=out_dtype)
+        assert y.dtype == out_dtype and y.stride() == torch.empty_like(x).stride()
+        z = per_model(x, w, b, n, 1e-5) + (res if residual else 0)
+        want = (z if act == "identity" else F.leaky_relu(z, slope)).to(out_dtype)
+        torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4 if out_dtype == torch.float32 else 1e-2)
+        dy = torch.randn(want.shape, generator=g).to(DEVICE).to(out_dtype)
+        wrt = [t for t in (x, w, b, res) if t is not None]
+        for got, ref in zip(torch.autograd.grad(y, wrt, dy), torch.autograd.grad(want, wrt, dy)):
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("rows", ROWS)
 @settings(max_examples=10, deadline=None)
 @given(n=st.integers(1, 3), batch=st.integers(1, 3), c=st.integers(1, 20), hw=st.integers(2, 12), cl=st.booleans(),
        act=st.sampled_from(["identity", "relu", "leaky_relu"]), read=st.sampled_from(["both", "y", "copy"]),
        seed=st.integers(0, 99))
-def test_group_norm1_writes_a_copy_in_the_compute_dtype_and_sums_both_gradients(n, batch, c, hw, cl, act, read, seed):
+def test_group_norm1_writes_a_copy_in_the_compute_dtype_and_sums_both_gradients(rows, n, batch, c, hw, cl, act, read, seed):
     """copy_dtype=bf16: (y, y.to(bf16)) from one pass, y equal to the float32 output without a copy (to float32
     rounding: the two are compiled apart) and the copy y's cast; the gradients of x, w, b and the residual equal
     those of the output and the cast read by two readers (either alone too)."""
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(n * batch, c, hw, 3, generator=g) * 3 + 5).to(DEVICE)
-    x = (x.contiguous(memory_format=torch.channels_last) if cl else x).requires_grad_()
-    w, b = (torch.randn(n, c, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
-    res = torch.randn(x.shape, generator=g).to(DEVICE).requires_grad_()
-    slope = 0.1 if act == "leaky_relu" else 0.0
-    y, y2 = popnorm.group_norm1(x, w, b, 1e-5, residual=res, act=act, slope=slope, copy_dtype=torch.bfloat16)
-    ref = popnorm.group_norm1(x, w, b, 1e-5, residual=res, act=act, slope=slope)
-    ref2 = ref.to(torch.bfloat16)
-    assert y2.dtype == torch.bfloat16 and y2.stride() == torch.empty_like(x).stride()
-    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(y2, y.to(torch.bfloat16), atol=0, rtol=0 if DEVICE == "cuda" else 1e-2)  # the interpreter truncates
-    d1 = torch.randn(y.shape, generator=g).to(DEVICE)
-    d2 = torch.randn(y.shape, generator=g).to(DEVICE).to(torch.bfloat16)
-    outs, refs, grads = {"both": ([y, y2], [ref, ref2], [d1, d2]), "y": ([y], [ref], [d1]),
-                         "copy": ([y2], [ref2], [d2])}[read]
-    wrt = (x, w, b, res)
-    for got, want in zip(torch.autograd.grad(outs, wrt, grads), torch.autograd.grad(refs, wrt, grads)):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+    with rows_read(rows, c, hw * 3):
+        g = torch.Generator().manual_seed(seed)
+        x = (torch.randn(n * batch, c, hw, 3, generator=g) * 3 + 5).to(DEVICE)
+        x = (x.contiguous(memory_format=torch.channels_last) if cl else x).requires_grad_()
+        w, b = (torch.randn(n, c, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+        res = torch.randn(x.shape, generator=g).to(DEVICE).requires_grad_()
+        slope = 0.1 if act == "leaky_relu" else 0.0
+        y, y2 = popnorm.group_norm1(x, w, b, 1e-5, residual=res, act=act, slope=slope, copy_dtype=torch.bfloat16)
+        ref = popnorm.group_norm1(x, w, b, 1e-5, residual=res, act=act, slope=slope)
+        ref2 = ref.to(torch.bfloat16)
+        assert y2.dtype == torch.bfloat16 and y2.stride() == torch.empty_like(x).stride()
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y2, y.to(torch.bfloat16), atol=0, rtol=0 if DEVICE == "cuda" else 1e-2)  # the interpreter truncates
+        d1 = torch.randn(y.shape, generator=g).to(DEVICE)
+        d2 = torch.randn(y.shape, generator=g).to(DEVICE).to(torch.bfloat16)
+        outs, refs, grads = {"both": ([y, y2], [ref, ref2], [d1, d2]), "y": ([y], [ref], [d1]),
+                             "copy": ([y2], [ref2], [d2])}[read]
+        wrt = (x, w, b, res)
+        for got, want in zip(torch.autograd.grad(outs, wrt, grads), torch.autograd.grad(refs, wrt, grads)):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
 
 
 class _Block(torch.nn.Module):
