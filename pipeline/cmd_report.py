@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 import polars as pl
 import typer
 
-from pipeline.cli import command, console, fail
+from pipeline.cli import command, console, fail, first_line
 
 
 @dataclass
@@ -354,26 +354,12 @@ def _tracker(uri: str, study: str, source: str) -> Any:
         scheme = urlsplit(uri).scheme
         if scheme.split("+")[0].lower() not in MLFLOW_SCHEMES:
             fail(f"{source} {uri!r}: MLflow has no tracking store for the scheme {scheme!r}; use {allowed}")
-        fail(f"{source} {uri!r} is not usable: {_cause(e)}; use {allowed}")
+        fail(f"{source} {uri!r} is not usable: {e.cause or first_line(e)}; use {allowed}")
     try:
         tracker.connect()
     except TrackingError as e:
-        fail(f"{source} {uri!r} cannot be reached or written: {_cause(e)}; start the server or fix the URI")
+        fail(f"{source} {uri!r} cannot be reached or written: {e.cause or first_line(e)}; start the server or fix the URI")
     return tracker
-
-
-def _cause(e: BaseException, limit: int = 200) -> str:
-    """MLflow's own error under a TrackingError (whose message wraps it and cuts it short): its type and first
-    line, at most `limit` characters, cut between words."""
-    from pipeline.cli import first_line
-    from pipeline.tracking import TrackingError
-
-    while isinstance(e, TrackingError) and e.__context__ is not None:
-        e = e.__context__
-    text = first_line(e) if isinstance(e, TrackingError) else f"{type(e).__name__}: {first_line(e)}"
-    if len(text) <= limit:
-        return text
-    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:([{'\"") + " ..."
 
 
 @command("report")
@@ -393,7 +379,6 @@ def report_cmd(
 ) -> None:
     """Every result of a study (summary, each analysis stage, phase diagrams where it grids temperature x load)
     as one self-contained HTML page."""
-    from pipeline.cli import first_line
     from pipeline.phases import PhaseError
     from pipeline.tracking import TrackingError, default_tracking_uri
 

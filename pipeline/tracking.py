@@ -71,7 +71,22 @@ def _fast_sqlite_commits() -> None:
 
 
 class TrackingError(RuntimeError):
-    """The tracking server or database cannot be reached or written; the message says which URI."""
+    """The tracking server or database cannot be reached or written; the message says which URI, `cause` what
+    MLflow said (one line)."""
+
+    def __init__(self, message: str, cause: str = ""):
+        super().__init__(message)
+        self.cause = cause
+
+
+def mlflow_cause(e: BaseException, limit: int = 200) -> str:
+    """MLflow's error in one line: its type and its message's first line, at most `limit` characters, cut between
+    words (a server's reply can be a page of HTML)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:([{'\"") + " ..."
 
 
 def default_tracking_uri(workdir: str | Path = ".") -> str:
@@ -121,10 +136,11 @@ class Tracker:
         try:
             self._client = MlflowClient(tracking_uri=self.uri)
         except Exception as e:  # an unknown scheme or a malformed URI
+            cause = mlflow_cause(e)
             raise TrackingError(
-                f"cannot use the MLflow tracking URI {self.uri!r}: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}. "
-                "Fix the URI (--tracking-uri or the study's tracking_uri): sqlite:///file.db, http://host:port or a folder."
-            ) from None
+                f"cannot use the MLflow tracking URI {self.uri!r}: {cause}. "
+                "Fix the URI (--tracking-uri or the study's tracking_uri): sqlite:///file.db, http://host:port or a folder.",
+                cause) from None
 
     def _local_path(self) -> Path | None:
         """The sqlite file or the folder of a local tracking store; None for a server or another database."""
@@ -170,10 +186,10 @@ class Tracker:
             raise
         except Exception as e:  # noqa: BLE001 - MLflow raises many types (sqlite, HTTP, permission)
             self._check_sqlite_file()
-            raise TrackingError(f"MLflow at {self.uri!r} failed during the run: {type(e).__name__}: "
-                                f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}. The store holds "
-                                "everything trained; fix the tracking store and run the study again to log what is "
-                                "missing") from None
+            cause = mlflow_cause(e)
+            raise TrackingError(f"MLflow at {self.uri!r} failed during the run: {cause}. The store holds everything "
+                                "trained; fix the tracking store and run the study again to log what is missing",
+                                cause) from None
         finally:
             dt = time.perf_counter() - t0
             self.seconds += dt
@@ -197,10 +213,11 @@ class Tracker:
                 if exp is None or exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
                     self._client.set_experiment_tag(self._experiment_id, *EXPERIMENT_KIND)
         except Exception as e:  # MLflow raises many types (connection, sqlite, permission)
+            cause = mlflow_cause(e)
             raise TrackingError(
-                f"cannot use the MLflow tracking URI {self.uri!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}. "
-                "Start the server, fix the URI (--tracking-uri or the study's tracking_uri), or use a sqlite file."
-            ) from None
+                f"cannot use the MLflow tracking URI {self.uri!r}: {cause}. "
+                "Start the server, fix the URI (--tracking-uri or the study's tracking_uri), or use a sqlite file.",
+                cause) from None
         self._db_existed = self._sqlite_path() is not None and self._sqlite_path().exists()
         for kind in ("study", "zoo", "stage"):
             for r in self._find({KIND: kind, STUDY: self.study}):

@@ -5,7 +5,7 @@ import socket
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import MODEL_ID, Tracker, TrackingError
+from pipeline.tracking import MODEL_ID, Tracker, TrackingError, mlflow_cause
 
 
 def _rows(n):
@@ -55,8 +55,18 @@ def test_unreachable_server_is_a_clear_error():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t = Tracker(f"http://127.0.0.1:{port}", "s")
-    with pytest.raises(TrackingError, match=f"127.0.0.1:{port}"):
+    with pytest.raises(TrackingError, match=f"127.0.0.1:{port}") as e:
         t.connect()
+    assert e.value.cause and "\n" not in e.value.cause and e.value.cause in str(e.value)  # MLflow's own words, one line
+
+
+def test_mlflow_cause_is_one_line_cut_between_words():
+    page = "<html><body>" + " ".join(f"word{i}" for i in range(100)) + "</body>\n<p>more</p></html>"
+    cut = mlflow_cause(ConnectionError(page), limit=60)
+    assert cut.startswith("ConnectionError: <html><body>word0 ") and cut.endswith(" ...") and len(cut) <= 64
+    assert cut[:-4].split()[-1] in page.split()  # no word cut in two
+    assert mlflow_cause(OSError("\n  disk I/O error  \nat line 3")) == "OSError: disk I/O error"
+    assert mlflow_cause(TimeoutError()) == "TimeoutError"
 
 
 def test_changed_study_and_stage_settings_can_be_logged_again(tmp_path):
