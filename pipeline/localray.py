@@ -14,6 +14,7 @@ Run as `python -m pipeline.localray RAYLET_PID`, this module is that reaper.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import signal
@@ -104,7 +105,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     # "local": a new Ray of our own, never one found through /tmp/ray/ray_current_cluster
     worker_environment()
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
+    # Ray's notice that a new local Ray has token authentication (its default, kept) is no news in symzoo's output
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = notice.level
+    notice.setLevel(logging.ERROR)
+    try:
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
+    finally:
+        notice.setLevel(level)
     start_reaper()
 
 

@@ -265,3 +265,24 @@ def test_a_local_rays_workers_put_large_cpu_tensors_on_huge_pages(ray_local, mon
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp.exists() and "[never]" not in thp.read_text():
         assert faults < (64 << 20) // 4096 // 4, faults  # 16,384 pages of 4 KiB; 32 of 2 MiB (and a few more)
+
+
+def test_a_local_ray_keeps_token_authentication_without_saying_so(tmp_path):
+    """Ray printed "Token authentication is enabled for this Ray cluster ..." into every local run's progress; a
+    local Ray still starts with token authentication (Ray's default for a new cluster, its token under $HOME)."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("from pipeline.localray import init_ray; init_ray(num_cpus=1)\n"
+              "from ray._raylet import AuthenticationMode, get_authentication_mode\n"
+              "print('token mode:', get_authentication_mode() == AuthenticationMode.TOKEN)\n"
+              "import ray; ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env["HOME"] = str(tmp_path)  # the token Ray makes goes here
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "token mode: True" in done.stdout
+    assert "Token authentication" not in done.stdout + done.stderr, done.stderr[-2000:]
+    assert (tmp_path / ".ray" / "auth_token").is_file()
