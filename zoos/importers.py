@@ -11,7 +11,8 @@ as its format is refused with one line naming the file and what is wrong, before
   `metrics.csv[.gz]` (or `all_metrics.csv`) with one row per weights row: the checkpoint path as first
   column, `config.*` hyperparameters, `modeldir`, `step`, accuracies and losses. Arch `small_cnn_zoo`
   (Keras kernels converted: conv [kh, kw, in, out] -> [out, in, kh, kw], dense [in, out] -> [out, in]);
-  the stored `epoch` is the metrics' `step` column.
+  the stored `epoch` is the metrics' `step` column, and the curves hold each metric at its checkpoints' epochs
+  (NaN between them).
 - model-zoos (Schürholt et al. 2022 "Model Zoos", the 2025 Phase-Transition model zoo and the zoos
   that share their folder-per-model layout): a folder holding, at any depth, one folder per model (a Ray
   Tune trial) with `params.json` (or `config.json`: the `model::`, `optim::`, `training::`, `dataset::`
@@ -281,6 +282,9 @@ def import_small_cnn_zoo(src: str, store: Store, zoo: str | None = None, shard_s
     for r, row in enumerate(table):
         with _reading(f"{metrics_path} row {r + 2}", "metrics row (a number in 'step')"):
             steps[r] = int(float(row[col["step"]]))
+        if steps[r] < 0:
+            raise StoreError(f"{metrics_path} row {r + 2}: step {steps[r]} is negative; a checkpoint's step is its epoch, "
+                             "0 or more")
     key_col = col.get("modeldir")
     by_model: dict[str, list[int]] = defaultdict(list)
     for r, row in enumerate(table):
@@ -310,6 +314,10 @@ def import_small_cnn_zoo(src: str, store: Store, zoo: str | None = None, shard_s
         w = {key: _batch_tf(name, flat[:, start:end], shape) for name, start, end, shape, key in mapped}
         _check_fits("small_cnn_zoo", arch_config, task, w, f"{layout_path} (model {modeldir})", cache)
         metrics = {ours: np.array([_float(table[r][i]) for r in rows]) for _, ours, i in metric_cols}
+        # the curves as far as the checkpoints tell them: each metric at its checkpoints' epochs, NaN between
+        curves = {k: np.full(int(steps[rows[-1]]) + 1, np.nan) for k in metrics}
+        for k, v in metrics.items():
+            curves[k][steps[rows]] = v
         finite = all(np.isfinite(v).all() for v in w.values())
         row = {
             "model_id": model_id("small-cnn-zoo", zoo, factors),
@@ -325,7 +333,8 @@ def import_small_cnn_zoo(src: str, store: Store, zoo: str | None = None, shard_s
             "n_params": int(sum(math.prod(s) for _, _, _, s, _ in mapped)),
             "epochs": int(steps[rows[-1]]),
         }
-        models.append({"row": row, "epochs": [int(steps[r]) for r in rows], "metrics": metrics, "curves": {}, "weights": w})
+        models.append({"row": row, "epochs": [int(steps[r]) for r in rows], "metrics": metrics, "curves": curves,
+                       "weights": w})
     return _write_groups(store, models, shard_size)
 
 

@@ -1,6 +1,7 @@
-"""`symzoo report` and the run's summary on real stores: a store holding only an imported zoo (no curves, no
-analysis) or analysis rows for some zoos is reported as it is, with what is absent named in one line; a refused
-option ends in one line on stderr (exit 2) before anything is written."""
+"""`symzoo report` and the run's summary on real stores: a store holding only an imported zoo (no analysis; its
+curves from its checkpoints, or none where its table records no metrics) or analysis rows for some zoos is
+reported as it is, with what is absent named in one line; a refused option ends in one line on stderr (exit 2)
+before anything is written."""
 
 import polars as pl
 import pytest
@@ -14,14 +15,25 @@ from tests.zoos.test_store import make_pop
 from zoos.store import Store
 
 
-@pytest.fixture
-def imported(tmp_path):
-    """A store holding one imported Small CNN Zoo (`sc`, two models): models and checkpoints, no curves."""
-    write_small_cnn_zoo(tmp_path / "src", gz=False)
-    store = tmp_path / "store"
-    r = CliRunner().invoke(app, ["import", "small-cnn-zoo", str(tmp_path / "src"), str(store), "--zoo", "sc"])
+def import_small_cnn_zoo(root, metrics: bool = True):
+    write_small_cnn_zoo(root / "src", gz=False, metrics=metrics)
+    store = root / "store"
+    r = CliRunner().invoke(app, ["import", "small-cnn-zoo", str(root / "src"), str(store), "--zoo", "sc"])
     assert r.exit_code == 0, r.output
     return store
+
+
+@pytest.fixture
+def imported(tmp_path):
+    """A store holding one imported Small CNN Zoo (`sc`, two models): models, checkpoints and the curves they
+    give (their metrics at epochs 0 and 100), no analysis."""
+    return import_small_cnn_zoo(tmp_path)
+
+
+@pytest.fixture
+def imported_bare(tmp_path):
+    """The same zoo from a table without accuracy or loss columns: no metrics, so no curves."""
+    return import_small_cnn_zoo(tmp_path, metrics=False)
 
 
 @pytest.fixture
@@ -42,13 +54,25 @@ def test_a_store_of_an_imported_zoo_alone_is_reported_with_what_is_absent(import
     out = tmp_path / "o8"
     r = CliRunner().invoke(app, ["report", str(imported), "--no-log", "--out", str(out)])
     assert r.exit_code == 0, r.output
-    assert "absent from the store: training curves of sc; analysis results (no stage has run on sc)" in r.stdout
+    assert "absent from the store: analysis results (no stage has run on sc)" in r.stdout
     page = (out / "report.html").read_text()
-    assert "2 models in 1 zoos (sc)" in page and "Absent from the store: training curves of sc" in page
+    assert "2 models in 1 zoos (sc)" in page and "Absent from the store: analysis results" in page
     summary = pl.read_csv(out / "summary.csv")
     assert summary["zoo"].to_list() == ["sc"] and summary["models"].to_list() == [2] and "test_acc" in summary.columns
-    assert (out / "final_metrics.png").exists() and not (out / "training_curves.png").exists()
+    assert (out / "final_metrics.png").exists() and (out / "training_curves.png").exists()  # drawn from checkpoints
     assert leftovers(tmp_path) == []
+
+
+def test_an_imported_zoo_without_metrics_has_no_curves_and_the_report_says_so(imported_bare, tmp_path):
+    from pipeline.report import absent
+
+    out = tmp_path / "o9"
+    r = CliRunner().invoke(app, ["report", str(imported_bare), "--no-log", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "absent from the store: training curves of sc; analysis results (no stage has run on sc)" in r.stdout
+    assert not (out / "training_curves.png").exists()
+    assert absent(zoos.open(str(imported_bare)), ["sc"], [], analysis=False) == \
+        "absent from the store: training curves of sc"
 
 
 def test_the_run_summary_of_a_stored_imported_zoo_with_a_stage_not_yet_run(imported, tmp_path):
@@ -65,10 +89,9 @@ def test_the_run_summary_of_a_stored_imported_zoo_with_a_stage_not_yet_run(impor
     store = zoos.open(str(imported))
     summary, plot_paths, stage_plots = summarise(store, study, out)
     assert summary["zoo"].to_list() == ["sc"] and summary["ok"].to_list() == [2]
-    assert [p.name for p in plot_paths] == ["final_metrics.png"] and stage_plots == {}
+    assert sorted(p.name for p in plot_paths) == ["final_metrics.png", "training_curves.png"] and stage_plots == {}
     assert pl.read_csv(out / "summary.csv")["models"].to_list() == [2]
-    assert absent(store, ["sc"], ["equivariance"]) == (
-        "absent from the store: training curves of sc; analysis results (no stage has run on sc)")
+    assert absent(store, ["sc"], ["equivariance"]) == "absent from the store: analysis results (no stage has run on sc)"
 
 
 def test_analysis_rows_for_some_zoos_or_without_a_zoo_column(trained, tmp_path):
@@ -146,13 +169,13 @@ def test_an_existing_output_folder_keeps_its_files_and_a_late_failure_leaves_it_
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and str(blocker) in r.stderr, r.output
 
 
-def test_symzoo_run_on_an_imported_zoo_names_what_is_absent(imported, tmp_path, ray_local):
-    """`symzoo run` of a study reading the imported zoo (stored: true) runs its stage and says, under its summary,
-    that the store has no training curves of it."""
+def test_symzoo_run_on_an_imported_zoo_names_what_is_absent(imported_bare, tmp_path, ray_local):
+    """`symzoo run` of a study reading an imported zoo without metrics (stored: true) runs its stage and says,
+    under its summary, that the store has no training curves of it."""
     from tests.zoos.test_importers import write_mnist
 
     write_mnist(tmp_path / "data" / "mnist", n_test=64)
-    study = {"study": "reader", "store": str(imported), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    study = {"study": "reader", "store": str(imported_bare), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
              "output": str(tmp_path / "out"), "data_dir": str(tmp_path / "data"),
              "zoos": [{"name": "sc", "stored": True}], "analysis": [{"stage": "equivariance", "samples": 16}]}
     path = tmp_path / "study.yaml"
@@ -160,4 +183,4 @@ def test_symzoo_run_on_an_imported_zoo_names_what_is_absent(imported, tmp_path, 
     r = CliRunner().invoke(app, ["run", str(path), "--plain"])
     assert r.exit_code == 0, r.output
     assert "Absent from the store: training curves of sc\n" in r.output, r.output
-    assert zoos.open(str(imported)).analysis("equivariance").collect().height == 2
+    assert zoos.open(str(imported_bare)).analysis("equivariance").collect().height == 2

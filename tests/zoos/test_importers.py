@@ -58,9 +58,10 @@ def keras_cnn_forward(flat: np.ndarray, x: np.ndarray, activation: str) -> np.nd
 
 
 def write_small_cnn_zoo(root, gz: bool, dataset: str = "mnist", steps: tuple[int, ...] = (0, 100),
-                        x_test: np.ndarray | None = None, y_test: np.ndarray | None = None):
+                        x_test: np.ndarray | None = None, y_test: np.ndarray | None = None, metrics: bool = True):
     """Two models x `steps` checkpoints (rows shuffled) in weights.npy / layout.csv / metrics.csv[.gz].
-    With test data, the stored test_accuracy is the reference network's accuracy on it."""
+    With test data, the stored test_accuracy is the reference network's accuracy on it; without `metrics`, the
+    table has no accuracy or loss columns."""
     os.makedirs(root, exist_ok=True)
     d = sum(int(np.prod(s)) for _, s in KERAS_LAYOUT)
     plan = [(m, act, lr, step) for step in steps for m, act, lr in (("a", "relu", "0.01"), ("b", "tanh", "0.001"))]
@@ -85,8 +86,9 @@ def write_small_cnn_zoo(root, gz: bool, dataset: str = "mnist", steps: tuple[int
     path = os.path.join(root, "metrics.csv.gz" if gz else "metrics.csv")
     with (gzip.open(path, "wt", newline="") if gz else open(path, "w", newline="")) as f:
         w = csv.writer(f)
-        w.writerow(SMALL_CNN_HEADER)
-        w.writerows(rows)
+        keep = len(SMALL_CNN_HEADER) if metrics else SMALL_CNN_HEADER.index("step") + 1
+        w.writerow(SMALL_CNN_HEADER[:keep])
+        w.writerows(row[:keep] for row in rows)
     return weights, plan
 
 
@@ -126,6 +128,12 @@ def test_small_cnn_zoo_loads_as_the_keras_network_and_reproduces_accuracy(tmp_pa
             np.testing.assert_allclose(model(torch.from_numpy(x_test[:8])).detach().numpy(), want, rtol=1e-4, atol=1e-5)
             assert ck.filter(pl.col("epoch") == step)["test_acc"][0] == pytest.approx(
                 float((keras_cnn_forward(flat[r], x_test, act).argmax(1) == y_test).mean()))
+        # the curves: each metric at the checkpoints' epochs (the checkpoints' values), NaN between them
+        curve = store.curves().filter(pl.col("model_id") == mid).sort("epoch").collect()
+        assert curve["epoch"].to_list() == list(range(201))
+        at = curve.filter(pl.col("test_acc").is_not_nan())
+        assert at["epoch"].to_list() == [0, 100, 200] and at["test_acc"].to_list() == ck["test_acc"].to_list()
+        assert at["train_loss"].to_list() == ck["train_loss"].to_list()
         # load_model + the recorded task's test data reproduce the stored final accuracy
         task = store.load_task(mid, data_dir=str(tmp_path / "data"))
         x, y = task.load("test")
@@ -454,6 +462,9 @@ def test_malformed_small_cnn_zoo_is_refused(tmp_path):
     lines = (src / "metrics.csv").read_text().splitlines()
     (src / "metrics.csv").write_text("\n".join(lines[:3]) + "\n")
     with pytest.raises(StoreError, match=r"metrics\.csv has 2 rows but .*weights\.npy has 6"):
+        import_zoo("small-cnn-zoo", str(src), store)
+    write_small_cnn_zoo(src, gz=False, steps=(-1, 100))
+    with pytest.raises(StoreError, match=r"metrics\.csv row \d: step -1 is negative; a checkpoint's step is its epoch"):
         import_zoo("small-cnn-zoo", str(src), store)
     assert not os.path.exists(tmp_path / "store") or store.models().collect().height == 0
 
