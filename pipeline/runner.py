@@ -112,7 +112,7 @@ class RunReport:
     driver_result_s: float = 0.0  # driver time spent taking in finished populations (ray.get + bookkeeping)
     plots: list[Path] = field(default_factory=list)
     summary: pl.DataFrame | None = None
-    absent: str = ""  # one line: what the store lacks for the study's zoos (an imported zoo's curves, a stage's rows)
+    absent: str = ""  # one line: what the store lacks for the study's zoos (curves an import lacks, a stage's rows)
 
     def as_dict(self) -> dict[str, Any]:
         """The report as plain data (JSON): everything but the summary table and plot paths."""
