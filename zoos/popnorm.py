@@ -14,10 +14,11 @@ cast it so) without changing a bit of what autocast computes. A residual add (Re
 activation after it fold in, so a block's end is one pass instead of three.
 
 One program a row. A row of up to NORM_ROW_TILE elements (a sample of ResNet-20's, 16 x 32 x 32 at most) is one
-tile held in registers: the forward reads it once and writes the output once, the backward reads x, dy (and y)
-once and writes dx and the row's per-channel dw and db partials, which torch sums over each model's rows. A
-larger row is read in tiles, in passes: three forward (mean, centred variance, output), two backward. mean_r(g) and mean_r(g * xhat) are those per-channel sums dotted
-with w. The row is a sample's whole map, contiguous in either memory format, so a tile is [pixels, channels]
+tile held in registers: the forward reads it once and writes the output once, the backward reads x, dy (and the
+output's sign, from its bf16 copy where there is one) once and writes dx and the row's per-channel dw and db
+partials, which torch sums over each model's rows. A larger row is read in tiles, in passes: three forward (mean,
+centred variance, output), two backward. mean_r(g) and mean_r(g * xhat) are those per-channel sums dotted with w.
+The row is a sample's whole map, contiguous in either memory format, so a tile is [pixels, channels]
 addressed channels-last or NCHW as x is stored (the output, dx and dres keep x's layout). Statistics are
 float32; the output is float32 (as autocast runs norms) unless asked otherwise.
 
