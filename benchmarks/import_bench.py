@@ -1,7 +1,8 @@
 """Import benchmark: a Small CNN Zoo fixture of 10,000 weights rows in the published layout, imported into a store.
 
 The fixture is the published format (Keras variable names in layout.csv, 4,970 columns per row, the README's
-metrics.csv.gz columns, 9 checkpoints per model at epochs 0, 1, 2, 3, 20, 40, 60, 80, 86, rows in shuffled order).
+metrics.csv.gz columns, 9 checkpoints per model at epochs 0, 1, 2, 3, 20, 40, 60, 80, 86, each row's `step` the
+training step (1,875 an epoch), rows in shuffled order).
 Prints, measured in one run on this machine: the fixture's size, the import's wall time and throughput
 (models/s, rows/s, MB/s of weights), the time to list the models and to `load_model` one of them.
 
@@ -62,7 +63,8 @@ def write_fixture(root: str, rows: int) -> float:
             act = ("relu", "tanh")[m % 2]
             config = [act, "zeros", "mnist", "cnn", "0.0", "86", "20", "0.1", "0.0", f"{10 ** -(m % 4 + 1)}", "3", "16",
                       "adam", "42", ("0.1", "0.25", "0.5", "1.0")[m % 4], "he_normal"]  # fmt: skip
-            w.writerow([f"/w/{m}/permanent_ckpt-{EPOCHS[e]}", *config, f"/w/{m}", EPOCHS[e],
+            step = EPOCHS[e] * 1875  # 60,000 images in batches of 32
+            w.writerow([f"/w/{m}/permanent_ckpt-{step}", *config, f"/w/{m}", step,
                         *(f"{v:.4f}" for v in rng.random(4))])  # fmt: skip
     return weights.nbytes / 1e6
 

@@ -11,8 +11,9 @@ as its format is refused with one line naming the file and what is wrong, before
   `metrics.csv[.gz]` (or `all_metrics.csv`) with one row per weights row: the checkpoint path as first
   column, `config.*` hyperparameters, `modeldir`, `step`, accuracies and losses. Arch `small_cnn_zoo`
   (Keras kernels converted: conv [kh, kw, in, out] -> [out, in, kh, kw], dense [in, out] -> [out, in]);
-  the stored `epoch` is the metrics' `step` column, and the curves hold each metric at its checkpoints' epochs
-  (NaN between them).
+  `step` is the training step of a checkpoint, and a model's checkpoints in step order are at the published
+  schedule's epochs (0, 1, 2, 3, 20, 40, 60, 80, 86: `SMALL_CNN_EPOCHS`), the stored `epoch`; the curves hold
+  each metric at those epochs (NaN between them).
 - model-zoos (Schürholt et al. 2022 "Model Zoos", the 2025 Phase-Transition model zoo and the zoos
   that share their folder-per-model layout): a folder holding, at any depth, one folder per model (a Ray
   Tune trial) with `params.json` (or `config.json`: the `model::`, `optim::`, `training::`, `dataset::`
@@ -185,6 +186,22 @@ def _reading(path: str, what: str) -> Iterator[None]:
 # Small CNN Zoo
 
 
+# The published zoo's checkpoints (its README): epochs 0 (initialisation), 1, 2, 3, 20, 40, 60, 80 and 86 of training,
+# each row's `step` the training step it was taken at; a run that crashed lost its last checkpoints
+SMALL_CNN_EPOCHS = (0, 1, 2, 3, 20, 40, 60, 80, 86)
+
+
+def _small_cnn_epochs(steps: list[int], where: str) -> list[int]:
+    """The epochs of one model's checkpoints, given their training steps in ascending order: the k-th is at the
+    published schedule's k-th epoch. StoreError for two checkpoints at one step or more than the schedule holds."""
+    if len(set(steps)) < len(steps):
+        raise StoreError(f"{where}: two checkpoints at one training step ({', '.join(map(str, steps))})")
+    if len(steps) > len(SMALL_CNN_EPOCHS):
+        raise StoreError(f"{where}: {len(steps)} checkpoints, but the published zoo keeps {len(SMALL_CNN_EPOCHS)} a model "
+                         f"(epochs {', '.join(map(str, SMALL_CNN_EPOCHS))})")
+    return list(SMALL_CNN_EPOCHS[: len(steps)])
+
+
 def _find(src: str, names: Iterable[str]) -> str:
     for name in names:
         if os.path.exists(os.path.join(src, name)):
@@ -283,7 +300,7 @@ def import_small_cnn_zoo(src: str, store: Store, zoo: str | None = None, shard_s
         with _reading(f"{metrics_path} row {r + 2}", "metrics row (a number in 'step')"):
             steps[r] = int(float(row[col["step"]]))
         if steps[r] < 0:
-            raise StoreError(f"{metrics_path} row {r + 2}: step {steps[r]} is negative; a checkpoint's step is its epoch, "
+            raise StoreError(f"{metrics_path} row {r + 2}: step {steps[r]} is negative; a checkpoint's training step is "
                              "0 or more")
     key_col = col.get("modeldir")
     by_model: dict[str, list[int]] = defaultdict(list)
@@ -303,6 +320,7 @@ def import_small_cnn_zoo(src: str, store: Store, zoo: str | None = None, shard_s
     models = []
     for modeldir, rows in by_model.items():
         rows = sorted(rows, key=lambda r: steps[r])
+        epochs = _small_cnn_epochs([int(steps[r]) for r in rows], f"{metrics_path} (model {modeldir})")
         first = table[rows[0]]
         factors = {k: _number(first[i]) for k, i in config_cols}
         factors["modeldir"] = modeldir
@@ -315,9 +333,9 @@ def import_small_cnn_zoo(src: str, store: Store, zoo: str | None = None, shard_s
         _check_fits("small_cnn_zoo", arch_config, task, w, f"{layout_path} (model {modeldir})", cache)
         metrics = {ours: np.array([_float(table[r][i]) for r in rows]) for _, ours, i in metric_cols}
         # the curves as far as the checkpoints tell them: each metric at its checkpoints' epochs, NaN between
-        curves = {k: np.full(int(steps[rows[-1]]) + 1, np.nan) for k in metrics}
+        curves = {k: np.full(epochs[-1] + 1, np.nan) for k in metrics}
         for k, v in metrics.items():
-            curves[k][steps[rows]] = v
+            curves[k][epochs] = v
         finite = all(np.isfinite(v).all() for v in w.values())
         row = {
             "model_id": model_id("small-cnn-zoo", zoo, factors),
@@ -331,9 +349,9 @@ def import_small_cnn_zoo(src: str, store: Store, zoo: str | None = None, shard_s
             "status": "ok" if finite else "diverged",
             **{ours: _number(table[rows[-1]][i]) for _, ours, i in metric_cols},
             "n_params": int(sum(math.prod(s) for _, _, _, s, _ in mapped)),
-            "epochs": int(steps[rows[-1]]),
+            "epochs": epochs[-1],
         }
-        models.append({"row": row, "epochs": [int(steps[r]) for r in rows], "metrics": metrics, "curves": curves,
+        models.append({"row": row, "epochs": epochs, "metrics": metrics, "curves": curves,
                        "weights": w})
     return _write_groups(store, models, shard_size)
 

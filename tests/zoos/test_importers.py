@@ -108,7 +108,8 @@ def write_mnist(root, n_train: int = 5001, n_test: int = 64) -> tuple[np.ndarray
 @pytest.mark.parametrize("gz", [False, True])
 def test_small_cnn_zoo_loads_as_the_keras_network_and_reproduces_accuracy(tmp_path, gz):
     x_test, y_test = write_mnist(tmp_path / "data")
-    flat, plan = write_small_cnn_zoo(tmp_path / "src", gz, "mnist", (0, 100, 200), x_test, y_test)
+    epoch_of = {0: 0, 1875: 1, 3750: 2, 5625: 3, 37500: 20}  # training steps (1,875 an epoch) -> the schedule's epochs
+    flat, plan = write_small_cnn_zoo(tmp_path / "src", gz, "mnist", tuple(epoch_of), x_test, y_test)
     store = Store(str(tmp_path / "store"))
     assert import_zoo("small-cnn-zoo", str(tmp_path / "src"), store) == 2
     models = store.models().sort("learning_rate").collect()
@@ -120,19 +121,20 @@ def test_small_cnn_zoo_loads_as_the_keras_network_and_reproduces_accuracy(tmp_pa
 
     for mid, name, act in [(models["model_id"][1], "a", "relu"), (models["model_id"][0], "b", "tanh")]:
         ck = store.checkpoints().filter(pl.col("model_id") == mid).sort("epoch").collect()
-        assert ck["epoch"].to_list() == [0, 100, 200]
-        for step in (0, 100, 200):
+        assert ck["epoch"].to_list() == [0, 1, 2, 3, 20]
+        for step, epoch in epoch_of.items():
             r = plan.index(next(p for p in plan if p[0] == name and p[3] == step))
-            model = store.load_model(mid, epoch=step)
+            model = store.load_model(mid, epoch=epoch)
             want = keras_cnn_forward(flat[r], x_test[:8], act)
             np.testing.assert_allclose(model(torch.from_numpy(x_test[:8])).detach().numpy(), want, rtol=1e-4, atol=1e-5)
-            assert ck.filter(pl.col("epoch") == step)["test_acc"][0] == pytest.approx(
+            assert ck.filter(pl.col("epoch") == epoch)["test_acc"][0] == pytest.approx(
                 float((keras_cnn_forward(flat[r], x_test, act).argmax(1) == y_test).mean()))
+        assert store.models().filter(pl.col("model_id") == mid).collect()["epochs"][0] == 20
         # the curves: each metric at the checkpoints' epochs (the checkpoints' values), NaN between them
         curve = store.curves().filter(pl.col("model_id") == mid).sort("epoch").collect()
-        assert curve["epoch"].to_list() == list(range(201))
+        assert curve["epoch"].to_list() == list(range(21))
         at = curve.filter(pl.col("test_acc").is_not_nan())
-        assert at["epoch"].to_list() == [0, 100, 200] and at["test_acc"].to_list() == ck["test_acc"].to_list()
+        assert at["epoch"].to_list() == [0, 1, 2, 3, 20] and at["test_acc"].to_list() == ck["test_acc"].to_list()
         assert at["train_loss"].to_list() == ck["train_loss"].to_list()
         # load_model + the recorded task's test data reproduce the stored final accuracy
         task = store.load_task(mid, data_dir=str(tmp_path / "data"))
@@ -145,6 +147,26 @@ def test_small_cnn_zoo_loads_as_the_keras_network_and_reproduces_accuracy(tmp_pa
     assert [tuple(w.shape) for w in weights] == [(2, 16, 1, 3, 3), (2, 16, 16, 3, 3), (2, 16, 16, 3, 3), (2, 10, 16)]
 
 
+def test_small_cnn_zoo_run_that_crashed_keeps_the_epochs_of_the_checkpoints_it_has(tmp_path):
+    """The published zoo lacks the last checkpoints of runs that crashed: model b here stops after epoch 1."""
+    src = tmp_path / "src"
+    flat, plan = write_small_cnn_zoo(src, gz=False, steps=(0, 1875, 3750))
+    keep = [r for r, p in enumerate(plan) if not (p[0] == "b" and p[3] == 3750)]
+    np.save(src / "weights.npy", flat[keep])
+    lines = (src / "metrics.csv").read_text().splitlines()
+    (src / "metrics.csv").write_text("\n".join([lines[0]] + [lines[r + 1] for r in keep]) + "\n")
+    store = Store(str(tmp_path / "store"))
+    assert import_zoo("small-cnn-zoo", str(src), store) == 2
+    models = store.models().sort("activation").collect()  # relu: a, tanh: b
+    assert models["epochs"].to_list() == [2, 1]
+    for mid, epochs in zip(models["model_id"], ([0, 1, 2], [0, 1])):
+        ck = store.checkpoints().filter(pl.col("model_id") == mid).sort("epoch").collect()
+        assert ck["epoch"].to_list() == epochs
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    want = keras_cnn_forward(flat[plan.index(("b", "tanh", "0.001", 1875))], x.numpy(), "tanh")
+    np.testing.assert_allclose(store.load_model(models["model_id"][1])(x).detach().numpy(), want, rtol=1e-4, atol=1e-5)
+
+
 def test_small_cnn_zoo_cifar10_averages_colour_channels(tmp_path):
     flat, plan = write_small_cnn_zoo(tmp_path / "src", True, "cifar10", (0, 100, 200))
     store = Store(str(tmp_path / "store"))
@@ -153,7 +175,7 @@ def test_small_cnn_zoo_cifar10_averages_colour_channels(tmp_path):
     assert row["task"] == "cifar10" and row["zoo"] == "small-cnn-zoo-cifar10"
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     want = keras_cnn_forward(flat[plan.index(("b", "tanh", "0.001", 200))], x.numpy(), "tanh")
-    got = store.load_model(row["model_id"], epoch=200)(x).detach().numpy()
+    got = store.load_model(row["model_id"], epoch=2)(x).detach().numpy()  # the third checkpoint: epoch 2
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -464,7 +486,15 @@ def test_malformed_small_cnn_zoo_is_refused(tmp_path):
     with pytest.raises(StoreError, match=r"metrics\.csv has 2 rows but .*weights\.npy has 6"):
         import_zoo("small-cnn-zoo", str(src), store)
     write_small_cnn_zoo(src, gz=False, steps=(-1, 100))
-    with pytest.raises(StoreError, match=r"metrics\.csv row \d: step -1 is negative; a checkpoint's step is its epoch"):
+    with pytest.raises(StoreError, match=r"metrics\.csv row \d: step -1 is negative; a checkpoint's training step"):
+        import_zoo("small-cnn-zoo", str(src), store)
+    write_small_cnn_zoo(src, gz=False, steps=(0, 100, 100))
+    with pytest.raises(StoreError, match=r"metrics\.csv \(model run/[ab]\): two checkpoints at one training step "
+                                         r"\(0, 100, 100\)"):
+        import_zoo("small-cnn-zoo", str(src), store)
+    write_small_cnn_zoo(src, gz=False, steps=tuple(range(0, 1000, 100)))
+    with pytest.raises(StoreError, match=r"10 checkpoints, but the published zoo keeps 9 a model \(epochs 0, 1, 2, 3, "
+                                         r"20, 40, 60, 80, 86\)"):
         import_zoo("small-cnn-zoo", str(src), store)
     assert not os.path.exists(tmp_path / "store") or store.models().collect().height == 0
 
