@@ -66,9 +66,9 @@ def _models(store: Any, names: list[str]) -> pl.DataFrame:
 
 
 def absent(store: Any, names: list[str], stages: list[str], analysis: bool = True) -> str:
-    """One line naming what the store lacks for these zoos (empty if nothing): training curves (an imported
-    zoo whose table records no metrics has none), and each of `stages`' results per zoo, or any analysis at all (unless `analysis` is False: a
-    study that asks for none)."""
+    """One line naming what the store lacks for these zoos (empty if nothing): training curves (an imported zoo
+    whose table records no metrics has none), and each of `stages`' results per zoo, or any analysis at all
+    (unless `analysis` is False: a study that asks for none)."""
     def zoos_in(frame: pl.LazyFrame) -> set[str]:
         cols = [c for c in ("zoo", "zoo_b") if c in frame.collect_schema().names()]
         return {z for c in cols for z in frame.select(c).unique().collect()[c].to_list()}
