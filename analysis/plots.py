@@ -32,9 +32,9 @@ def _panels(n: int, width: float = 4.2, height: float = 3.2) -> tuple[plt.Figure
 
 
 def training_curves(curves: pl.DataFrame, metric: str, path: Path, max_models: int = 64) -> Path:
-    """`metric` against epoch, one thin line per model (up to `max_models` per zoo), a panel per zoo. Epochs
-    without a value (an imported zoo's curves are known at its checkpoints only) are left out, so a line joins
-    the epochs that have one, each marked where they are few."""
+    """`metric` against epoch, one thin line per model (up to `max_models` per zoo), the median and quartiles of
+    all of them, a panel per zoo. Epochs without a value (an imported zoo's curves are known at its checkpoints
+    only) are left out, so a line joins the epochs that have one, each marked where they are few."""
     zoos = sorted(curves["zoo"].unique().to_list())
     fig, axes = _panels(len(zoos))
     known = curves.filter(pl.col(metric).is_not_null() & pl.col(metric).is_finite())
@@ -45,8 +45,11 @@ def training_curves(curves: pl.DataFrame, metric: str, path: Path, max_models: i
         for mid in ids:
             m = sub.filter(pl.col("model_id") == mid).sort("epoch")
             ax.plot(m["epoch"].to_numpy(), m[metric].to_numpy(), lw=0.7, alpha=0.5, marker=marker, ms=2)
-        med = sub.group_by("epoch").agg(pl.col(metric).median()).sort("epoch")
-        ax.plot(med["epoch"].to_numpy(), med[metric].to_numpy(), color="k", lw=2, marker=marker, ms=4, label="median")
+        med = sub.group_by("epoch").agg(pl.col(metric).median().alias("mid"), pl.col(metric).quantile(0.25).alias("lo"),
+                                        pl.col(metric).quantile(0.75).alias("hi")).sort("epoch")
+        ax.fill_between(med["epoch"].to_numpy(), med["lo"].to_numpy(), med["hi"].to_numpy(), color="k", alpha=0.12,
+                        lw=0, label="quartiles")
+        ax.plot(med["epoch"].to_numpy(), med["mid"].to_numpy(), color="k", lw=2, marker=marker, ms=4, label="median")
         ax.set(title=f"{zoo} ({len(ids)} models)", xlabel="epoch", ylabel=metric)
         ax.legend(loc="best", fontsize=8)
     return _save(fig, path)
