@@ -155,7 +155,8 @@ def import_cmd(
     """Import a published model zoo into a store; every model then loads with its architecture and task.
 
     small-cnn-zoo: one dataset's folder of the Small CNN Zoo (Unterthiner et al. 2020), e.g. mnist/ from
-    mnist.tar.xz, holding weights.npy, layout.csv and metrics.csv.gz.
+    mnist.tar.xz, holding weights.npy, layout.csv and metrics.csv.gz (checkpoints stored at their epochs 0, 1,
+    2, 3, 20, 40, 60, 80 and 86; curves from their metrics).
 
     model-zoos: a folder of the Model Zoos (Schürholt et al. 2022), the Phase-Transition model zoo, or a zoo
     with their layout: one folder per model (Ray Tune trial, at any depth) holding params.json or config.json,
@@ -167,10 +168,14 @@ def import_cmd(
     from zoos.store import Store, StoreError
 
     try:
-        n = import_zoo(fmt, src, Store(store), zoo=zoo)
+        target = Store(store)
+        before = target.stored_ids()
+        n = import_zoo(fmt, src, target, zoo=zoo)
+        again = n - len(target.stored_ids() - before)
     except (StoreError, OSError) as e:
         fail(str(e))
-    console.print(f"imported {n} models from {src} into {store}")
+    console.print(f"imported {n} models from {src} into {store}"
+                  + (f" ({again} of them already there: rewritten)" if again else ""), soft_wrap=True)
 
 
 @command("verify")

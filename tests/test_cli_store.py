@@ -82,8 +82,14 @@ def test_import_then_query(tmp_path):
     write_small_cnn_zoo(tmp_path / "src", gz=True)
     r = runner.invoke(app, ["import", "small-cnn-zoo", str(tmp_path / "src"), str(tmp_path / "st"), "--zoo", "sc"])
     assert r.exit_code == 0, r.output
+    assert " ".join(r.output.split()) == f"imported 2 models from {tmp_path / 'src'} into {tmp_path / 'st'}"
     r = runner.invoke(app, ["query", str(tmp_path / "st"), "SELECT count(*) AS n FROM checkpoints", "-f", "json"])
     assert json.loads(r.output) == [{"n": 4}]
+    # the same folder again: the same models, rewritten, said so; the store still holds each once
+    r = runner.invoke(app, ["import", "small-cnn-zoo", str(tmp_path / "src"), str(tmp_path / "st"), "--zoo", "sc"])
+    assert r.exit_code == 0 and " ".join(r.output.split()).endswith("(2 of them already there: rewritten)"), r.output
+    r = runner.invoke(app, ["query", str(tmp_path / "st"), "SELECT count(*) AS n FROM models", "-f", "json"])
+    assert json.loads(r.output) == [{"n": 2}]
 
 
 def test_csv_of_a_table_with_list_columns_holds_them_as_json(tmp_path):
