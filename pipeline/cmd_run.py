@@ -29,8 +29,8 @@ def _load(path: Path, **overrides):
 
 def _check_buildable(study) -> list[str]:
     """Every problem found building each zoo's task and each of its architecture configs (on the meta device) and
-    finding file-backed tasks' data files, a line each naming the zoo: bad names, configs and missing data fail
-    before any work starts, all of them at once."""
+    finding file-backed tasks' data files, a line each naming its zoo (one line for zoos sharing a task's problem,
+    such as a missing data folder): bad names, configs and missing data fail before any work starts, all at once."""
     from pipeline.study import StudyError
     from tasks.base import TaskError
     from tasks.registry import task_with_data
@@ -40,6 +40,7 @@ def _check_buildable(study) -> list[str]:
     import torch
 
     problems: list[str] = []
+    task_problems: dict[str, list[tuple[int, str]]] = {}  # a message -> the zoos it is about (one data folder, many zoos)
     for i, zoo in enumerate(study.zoos):
         if not isinstance(zoo, ZooSpec):  # a stored zoo: checked against the store (check_stored_zoos)
             continue
@@ -50,7 +51,9 @@ def _check_buildable(study) -> list[str]:
                 task.find_files()  # TaskError naming the missing files and where to get them
                 task.check_sizes()  # n_train / n_val / n_test against the files' image counts (read from their headers)
         except TaskError as e:
-            problems.append(f"{where}.task: {e}{named}")
+            if str(e) not in task_problems:
+                problems.append(str(e))  # its line, written below once every zoo it is about is known
+            task_problems.setdefault(str(e), []).append((i, zoo.name))
             continue
         largest: tuple[int, dict] = (0, {})
         configs = {json.dumps(m.arch_config, sort_keys=True, default=str): m for m in expand(zoo, study.study)}
@@ -71,6 +74,9 @@ def _check_buildable(study) -> list[str]:
                 _check_fits(zoo.name, *largest)
         except StudyError as e:
             problems.append(f"{where}: {e}")
+    for message, zoos in task_problems.items():
+        at, names = ", ".join(str(i) for i, _ in zoos), ", ".join(repr(name) for _, name in zoos)
+        problems[problems.index(message)] = f"zoos[{at}].task: {message} (zoo{'s' if len(zoos) > 1 else ''} {names})"
     return problems
 
 

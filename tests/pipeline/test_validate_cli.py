@@ -100,6 +100,22 @@ def test_several_problems_are_a_line_each_with_no_header(tmp_path):
         ["error", str(p), "zoos[0].epochs"], ["error", str(p), "zoos[0].checkpoints"], ["error", str(p), "analysis[0].repair"]]
 
 
+def test_zoos_missing_the_same_data_are_one_line_naming_them_all(tmp_path, monkeypatch):
+    """Eight MNIST zoos and no data folder were eight copies of one long line; now one line names the eight zoos
+    (a zoo with another problem keeps its own line)."""
+    monkeypatch.delenv("SYMZOO_DATA", raising=False)
+    mnist = {**STUDY["zoos"][0], "task": {"name": "mnist"}}
+    fivefold = {**STUDY["zoos"][0], "name": "c5", "task": {"name": "digits", "options": {"group": "C5"}}}
+    r, p = validate(tmp_path, {**STUDY, "zoos": [{**mnist, "name": "m1"}, fivefold, {**mnist, "name": "m2"}],
+                               "analysis": []})
+    assert r.exit_code == 2
+    lines = r.stderr.splitlines()
+    assert len(lines) == 2, r.stderr
+    assert lines[0].startswith(f"error: {p}: zoos[0, 2].task: task 'mnist': no data directory")
+    assert lines[0].endswith("(zoos 'm1', 'm2')")
+    assert lines[1].startswith(f"error: {p}: zoos[1].task: task 'digits': group='C5'") and lines[1].endswith("(zoo 'c5')")
+
+
 def test_a_duplicate_yaml_key_is_refused_naming_it_and_its_lines(tmp_path):
     r, p = validate(tmp_path, "study: a\nstudy: b\n" + yaml.safe_dump({k: v for k, v in STUDY.items() if k != "study"}))
     assert r.exit_code == 2 and r.stderr.splitlines() == [
