@@ -81,12 +81,12 @@ class TrackingError(RuntimeError):
 
 def mlflow_cause(e: BaseException, limit: int = 200) -> str:
     """MLflow's error in one line: its type and its message's first line, at most `limit` characters, cut between
-    words (a server's reply can be a page of HTML)."""
+    words and marked " [...]" (a server's reply can be a page of HTML)."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
     if len(text) <= limit:
         return text
-    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:([{'\"") + " ..."
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:([{'\"") + " [...]"
 
 
 def default_tracking_uri(workdir: str | Path = ".") -> str:
@@ -157,14 +157,13 @@ class Tracker:
         made and written (nothing is created), a server that answers a read; TrackingError naming the URI otherwise."""
         path = self._local_path()
         if path is None:
-            from pipeline.cli import first_line
-
             try:
                 self._client.get_experiment_by_name(self.study)
             except Exception as e:  # noqa: BLE001 - MLflow raises many types (connection, HTTP, permission)
+                cause = mlflow_cause(e)
                 raise TrackingError(
-                    f"cannot use the MLflow tracking URI {self.uri!r}: {type(e).__name__}: {first_line(e)}. Start the "
-                    "server, fix the URI (--tracking-uri or the study's tracking_uri), or use a sqlite file.") from None
+                    f"cannot use the MLflow tracking URI {self.uri!r}: {cause}. Start the server, fix the URI "
+                    "(--tracking-uri or the study's tracking_uri), or use a sqlite file.", cause) from None
             return
         from pipeline.runner import path_problem
 
@@ -212,8 +211,10 @@ class Tracker:
                     self.study, artifact_location=self._artifact_location())
                 if exp is None or exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
                     self._client.set_experiment_tag(self._experiment_id, *EXPERIMENT_KIND)
-        except Exception as e:  # MLflow raises many types (connection, sqlite, permission)
-            cause = mlflow_cause(e)
+        except Exception as e:  # MLflow raises many types (connection, sqlite, permission), which _timed wraps
+            if isinstance(e, TrackingError) and not e.cause:
+                raise  # symzoo's own words on a sqlite file (deleted, read-only), naming it
+            cause = e.cause if isinstance(e, TrackingError) else mlflow_cause(e)
             raise TrackingError(
                 f"cannot use the MLflow tracking URI {self.uri!r}: {cause}. "
                 "Start the server, fix the URI (--tracking-uri or the study's tracking_uri), or use a sqlite file.",

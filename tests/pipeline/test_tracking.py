@@ -58,13 +58,15 @@ def test_unreachable_server_is_a_clear_error():
     with pytest.raises(TrackingError, match=f"127.0.0.1:{port}") as e:
         t.connect()
     assert e.value.cause and "\n" not in e.value.cause and e.value.cause in str(e.value)  # MLflow's own words, one line
+    assert e.value.cause.startswith("MlflowException: ") and "TrackingError" not in str(e.value)  # not wrapped twice
+    assert str(e.value).startswith(f"cannot use the MLflow tracking URI 'http://127.0.0.1:{port}': MlflowException")
 
 
 def test_mlflow_cause_is_one_line_cut_between_words():
     page = "<html><body>" + " ".join(f"word{i}" for i in range(100)) + "</body>\n<p>more</p></html>"
     cut = mlflow_cause(ConnectionError(page), limit=60)
-    assert cut.startswith("ConnectionError: <html><body>word0 ") and cut.endswith(" ...") and len(cut) <= 64
-    assert cut[:-4].split()[-1] in page.split()  # no word cut in two
+    assert cut.startswith("ConnectionError: <html><body>word0 ") and cut.endswith(" [...]") and len(cut) <= 66
+    assert cut[:-6].split()[-1] in page.split()  # no word cut in two
     assert mlflow_cause(OSError("\n  disk I/O error  \nat line 3")) == "OSError: disk I/O error"
     assert mlflow_cause(TimeoutError()) == "TimeoutError"
 
