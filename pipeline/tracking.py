@@ -160,10 +160,7 @@ class Tracker:
             try:
                 self._client.get_experiment_by_name(self.study)
             except Exception as e:  # noqa: BLE001 - MLflow raises many types (connection, HTTP, permission)
-                cause = mlflow_cause(e)
-                raise TrackingError(
-                    f"cannot use the MLflow tracking URI {self.uri!r}: {cause}. Start the server, fix the URI "
-                    "(--tracking-uri or the study's tracking_uri), or use a sqlite file.", cause) from None
+                raise self._unusable(mlflow_cause(e)) from None
             return
         from pipeline.runner import path_problem
 
@@ -173,6 +170,11 @@ class Tracker:
         if bad:
             raise TrackingError(f"cannot use the {what} {str(path)!r} (tracking URI {self.uri!r}): {bad}; choose "
                                 "another --tracking-uri (or the study's tracking_uri)")
+
+    def _unusable(self, cause: str) -> TrackingError:
+        """The store did not answer (MLflow's `cause`, one line): what to do about it."""
+        return TrackingError(f"cannot use the MLflow tracking URI {self.uri!r}: {cause}. Start the server, fix the URI "
+                             "(--tracking-uri or the study's tracking_uri), or use a sqlite file.", cause)
 
     @contextmanager
     def _timed(self) -> Iterator[None]:
@@ -214,11 +216,7 @@ class Tracker:
         except Exception as e:  # MLflow raises many types (connection, sqlite, permission), which _timed wraps
             if isinstance(e, TrackingError) and not e.cause:
                 raise  # symzoo's own words on a sqlite file (deleted, read-only), naming it
-            cause = e.cause if isinstance(e, TrackingError) else mlflow_cause(e)
-            raise TrackingError(
-                f"cannot use the MLflow tracking URI {self.uri!r}: {cause}. "
-                "Start the server, fix the URI (--tracking-uri or the study's tracking_uri), or use a sqlite file.",
-                cause) from None
+            raise self._unusable(e.cause if isinstance(e, TrackingError) else mlflow_cause(e)) from None
         self._db_existed = self._sqlite_path() is not None and self._sqlite_path().exists()
         for kind in ("study", "zoo", "stage"):
             for r in self._find({KIND: kind, STUDY: self.study}):
@@ -482,8 +480,6 @@ class Tracker:
         if status:
             with self._timed():
                 self._client.set_terminated(run_id, status=status)
-
-
 
 
 def _param_value(v: Any) -> str:
