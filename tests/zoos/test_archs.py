@@ -354,29 +354,6 @@ def test_canon_cnn_prior_is_the_cross_entropy_against_the_identity():
     assert model.scores(x).shape == (len(x), 8)
 
 
-@pytest.mark.parametrize("group", ["C4", "D4"])
-def test_the_orbit_gather_is_every_transformed_copy_and_the_canonical_image_the_chosen_one(group):
-    """`orbit` moves each sample to all |G| poses by one gather: T_g x exactly, for any channels and square side;
-    canon_cnn's canonical image is the copy its argmax picks, exactly, in training (straight-through) as in eval."""
-    from zoos.archs.canonical import _ELEMENTS
-    from zoos.archs.equivariant import _transform, orbit
-
-    elements, gen = _ELEMENTS[group], torch.Generator().manual_seed(0)
-    for c, side in [(1, 5), (3, 4), (2, 7)]:
-        x = torch.randn(6, c, side, side, generator=gen)
-        want = torch.stack([_transform(g, x) for g in elements], 1).flatten(2)
-        assert torch.equal(orbit(elements, x), want)
-    task = get_task("digits", group=group)
-    torch.manual_seed(0)
-    model = build_arch("canon_cnn", task, width=3, backbone_config=dict(width=4, depth=2))
-    x = _inputs(task, torch.float32)
-    for training in (True, False):
-        model.train(training)
-        chosen = model.scores(x).argmax(-1)
-        want = torch.stack([_transform(elements[model.inverse[int(g)]], xi) for g, xi in zip(chosen, x)])
-        assert torch.equal(model.canonicalize(x), want)
-
-
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_a_batched_eigh_of_any_size_decomposes_every_matrix(device):
     """linalg_eigh (frame averaging's PCA) takes a population's batch whole: on a GPU more matrices than

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from tasks.base import Task
 from zoos.archs.base import ARCHS, ArchError, SymModule, build_arch, register_arch
-from zoos.archs.equivariant import FrameAvg, GroupConvNet, _group_tables, orbit
+from zoos.archs.equivariant import FrameAvg, GroupConvNet, _group_tables, _transform
 from zoos.archs.layers import MLPStack, check_positive
 from zoos.permspec import PermSpec
 
@@ -118,8 +118,8 @@ class CanonCNN(SymModule):
         soft = s.softmax(-1)
         hard = (torch.arange(s.shape[-1], device=s.device) == s.argmax(-1, keepdim=True)).to(x.dtype)  # one-hot (vmap-safe)
         w = hard + (soft - soft.detach()) if self.training else hard  # exactly the one-hot; in training softmax's gradient
-        copies = orbit([self.elements[i] for i in self.inverse], x)  # [B, G, C*H*W]
-        return (w[:, None, :] @ copies).view_as(x)  # the weighted sum as a product: no [B, G, C*H*W] product made
+        copies = torch.stack([_transform(self.elements[i], x) for i in self.inverse], 1)  # [B, G, C, H, W]
+        return (w[:, :, None, None, None] * copies).sum(1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(self.canonicalize(x))
@@ -165,7 +165,7 @@ class FrameAvgCNN(SymModule):
         self.backbone = build_arch(backbone, task, **dict(backbone_config))
 
     def forward(self, x: Tensor) -> Tensor:
-        copies = orbit(self.elements, x).unflatten(-1, x.shape[1:])  # [B, G, C, H, W]
+        copies = torch.stack([_transform(g, x) for g in self.elements], 1)  # [B, G, C, H, W]
         y = self.backbone(copies.flatten(0, 1))
         return y.unflatten(0, (x.shape[0], len(self.elements))).mean(1)
 

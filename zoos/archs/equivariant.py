@@ -41,14 +41,6 @@ def _transform(g: tuple[int, int], a: Tensor) -> Tensor:
     return torch.rot90(a, k, dims=(-2, -1)) if k else a
 
 
-def orbit(elements: list[tuple[int, int]], x: Tensor) -> Tensor:
-    """[B, |G|, C*H*W]: T_g x for each element g, flattened, as one gather of x [B, C, H, W] by a constant table
-    (where each value of T_g x[b] sits in x[b]): one kernel instead of a flip or rotation and a copy per element."""
-    ids = torch.arange(x.shape[1:].numel(), device=x.device).view(x.shape[1:])
-    table = torch.stack([_transform(g, ids).flatten() for g in elements])  # [|G|, C*H*W]
-    return x.flatten(1)[:, table]
-
-
 def _group_tables(elements: list[tuple[int, int]]) -> tuple[list[list[int]], list[int]]:
     """Multiplication table (index of g*h) and inverses, found by acting on a generic array."""
     probe = torch.arange(9.0, device="cpu").reshape(3, 3)  # plain data, also when built on the meta device
