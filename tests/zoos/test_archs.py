@@ -354,6 +354,24 @@ def test_canon_cnn_prior_is_the_cross_entropy_against_the_identity():
     assert model.scores(x).shape == (len(x), 8)
 
 
+@pytest.mark.parametrize("group", ["C4", "D4"])
+def test_the_canonical_image_is_exactly_the_copy_the_argmax_picks(group):
+    """canon_cnn's canonical image is T_{g*}^-1 x for the argmax g* of its scores, to the bit, in training (the
+    straight-through one-hot) as in eval."""
+    from zoos.archs.canonical import _ELEMENTS
+    from zoos.archs.equivariant import _transform
+
+    task = get_task("digits", group=group)
+    torch.manual_seed(0)
+    model = build_arch("canon_cnn", task, width=3, backbone_config=dict(width=4, depth=2))
+    x = _inputs(task, torch.float32)
+    for training in (True, False):
+        model.train(training)
+        chosen = model.scores(x).argmax(-1)
+        want = torch.stack([_transform(_ELEMENTS[group][model.inverse[int(g)]], xi) for g, xi in zip(chosen, x)])
+        assert torch.equal(model.canonicalize(x), want)
+
+
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_a_batched_eigh_of_any_size_decomposes_every_matrix(device):
     """linalg_eigh (frame averaging's PCA) takes a population's batch whole: on a GPU more matrices than
