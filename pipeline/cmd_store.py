@@ -163,6 +163,7 @@ def import_cmd(
     result.json and checkpoint_<n>/checkpoints (epoch n = training_iteration n).
 
     A folder that does not read as its format is refused (exit 2) with the file and what is wrong; nothing is written.
+    Models the zoo already holds (a folder imported again, grown) replace their earlier copies: each is stored once.
     """
     from zoos.importers import import_zoo
     from zoos.store import Store, StoreError

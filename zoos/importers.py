@@ -125,14 +125,16 @@ def _check_same_kind(store: Store, models: list[dict]) -> None:
 
 def _write_groups(store: Store, models: list[dict], shard_size: int) -> int:
     """Group imported models (row, epochs, metrics, curves, weights) by (epochs, layout) and write shards, after
-    checking the zoo they go into holds the same architecture and task."""
-    if models:
-        _check_same_kind(store, models)
+    checking the zoo they go into holds the same architecture and task; then the zoo's earlier copies of these
+    models (an import before, grouped otherwise) are removed, so each model is stored once."""
+    if not models:
+        return 0
+    _check_same_kind(store, models)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for m in models:
         layout = tuple((k, v.shape[1:]) for k, v in m["weights"].items())
         groups[(tuple(m["epochs"]), layout)].append(m)
-    written = 0
+    shards = []
     for (epochs, layout), members in groups.items():
         for start in range(0, len(members), shard_size):
             chunk = members[start : start + shard_size]
@@ -146,9 +148,9 @@ def _write_groups(store: Store, models: list[dict], shard_size: int) -> int:
                 weights={k: np.stack([m["weights"][k] for m in chunk]).astype(np.float32) for k, _ in layout},
                 curves={k: np.stack([_pad(m["curves"].get(k), n_curve) for m in chunk]) for k in curve_names},
             )
-            store.write_population(result)
-            written += len(chunk)
-    return written
+            shards.append(store.write_population(result))
+    store.remove_models(models[0]["row"]["zoo"], {m["row"]["model_id"] for m in models}, keep=shards)
+    return len(models)
 
 
 def _pad(values: Any, n: int) -> np.ndarray:

@@ -36,12 +36,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import torch
 
-from zoos.population import PopulationResult
+from zoos.population import PopulationResult, population_id
 
 SCHEMA_VERSION = 1
 MARKER = "symzoo-store.json"
@@ -394,6 +395,59 @@ class Store:
         self._write_bytes(manifest_rel, json.dumps(manifest, indent=1).encode())
         return shard
 
+    def remove_models(self, zoo: str, ids: set[str], keep: Sequence[str] = ()) -> int:
+        """Remove the copies of the models `ids` that the zoo's complete shards hold, but the shards named in `keep`
+        (a re-import's own): a shard holding only such models is dropped; one holding others too is first written
+        again without them (under its remaining models' shard name), then dropped, so a writer dying part-way
+        leaves a model twice at worst, never lost. Returns the copies removed."""
+        hit = [(m, {i for i in m["model_ids"] if i in ids}) for m in self.manifests(zoo) if m["shard"] not in keep]
+        hit = [(m, held) for m, held in hit if held]
+        for m, held in hit:  # a shard written again is read whole: refused before anything changes if damaged
+            if len(held) < len(m["model_ids"]):
+                for rel in m["files"]:
+                    if self._usable(m, rel) is False:
+                        raise StoreError(f"{self.uri}/{rel} is damaged: `symzoo repair {self.uri}` drops its shard first")
+        for m, held in hit:
+            if len(held) < len(m["model_ids"]):
+                self._write_without(m, held)
+            self._drop_shard(f"manifest/{m['zoo']}/{m['shard']}.json", list(m["files"]))
+        return sum(len(held) for _, held in hit)
+
+    def _write_without(self, manifest: dict, ids: set[str]) -> str:
+        """Write the shard of `manifest` again without the models `ids`, as a new complete shard; return its name."""
+        zoo = manifest["zoo"]
+        keep = [i for i in manifest["model_ids"] if i not in ids]
+        shard = population_id(keep)
+        manifest_rel = f"manifest/{zoo}/{shard}.json"
+        self._delete(manifest_rel)
+        dropped = pa.array(sorted(ids), type=pa.string())
+        files: dict[str, dict] = {}
+        for rel in manifest["files"]:
+            new_rel = f"{posixpath.dirname(rel)}/{shard}{rel[rel.rindex('.'):]}"
+            if rel.endswith(".arrow"):  # one record batch an epoch, as written
+                reader = self._open_ipc(rel)
+                sink = pa.BufferOutputStream()
+                with ipc.new_file(sink, reader.schema) as writer:
+                    for j in range(reader.num_record_batches):
+                        batch = reader.get_batch(j)
+                        writer.write_batch(batch.filter(pc.invert(pc.is_in(batch["model_id"], dropped))))
+                files[new_rel] = self._write_bytes(new_rel, sink.getvalue())
+            else:
+                table = pq.read_table(self._path(rel), filesystem=self.fs)
+                table = table.filter(pc.invert(pc.is_in(table["model_id"], dropped)))
+                if "shard" in table.column_names:  # the models table names each row's shard
+                    table = table.set_column(table.column_names.index("shard"), "shard", pa.array([shard] * table.num_rows))
+                files[new_rel] = self._write_parquet(new_rel, table)
+        new = {**manifest, "shard": shard, "model_ids": keep, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
+        self._write_bytes(manifest_rel, json.dumps(new, indent=1).encode())
+        return shard
+
+    def _drop_shard(self, manifest_rel: str, files: Sequence[str]) -> None:
+        """Delete a shard: its manifest first (the shard is then invisible to readers), then its files."""
+        self._delete(manifest_rel)
+        for rel in files:
+            self._delete(rel)
+
     def _write_parquet(self, rel: str, table: pa.Table) -> dict[str, Any]:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd", row_group_size=64 * 1024)
@@ -700,10 +754,7 @@ class Store:
                 files = list(self._read_json(rel)["files"])
             except (ValueError, KeyError, OSError):
                 files = []
-            self.fs.delete_file(self._path(rel))
-            for frel in files:
-                if self._info(frel).type == pafs.FileType.File:
-                    self.fs.delete_file(self._path(frel))
+            self._drop_shard(rel, files)
         for p in problems:
             if p["manifest"] is None and self._info(p["file"]).type == pafs.FileType.File:
                 self.fs.delete_file(self._path(p["file"]))

@@ -590,3 +590,40 @@ def test_cli_import_refuses_a_zoo_of_another_arch_an_empty_name_and_a_file_as_st
     assert Store(str(store)).zoos() == ["zA"]
     r = CliRunner().invoke(app, ["import", "small-cnn-zoo", str(tmp_path / "scz"), str(store), "--zoo", "zB"])
     assert r.exit_code == 0 and Store(str(store)).zoos() == ["zA", "zB"], r.output
+
+
+
+def test_importing_a_grown_folder_again_stores_each_model_once(tmp_path):
+    """A folder re-imported after trials were added (its models grouped into other shards than before) replaces the
+    zoo's earlier copies: each model stored once. A second folder holding another copy of one trial (the same
+    config, so the same model id; other weights) replaces that model's copy; the first import's others stay."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    src = tmp_path / "tune_zoo_mnist"
+    nets = {s: write_trial(src / f"trial_{s}", s, [0, 1]) for s in range(3)}
+    store = str(tmp_path / "store")
+    assert import_zoo("model-zoos", str(src), Store(store), zoo="z") == 3
+    nets[3] = write_trial(src / "trial_3", 3, [0, 1])
+    r = CliRunner().invoke(app, ["import", "model-zoos", str(src), store, "--zoo", "z"])
+    assert r.exit_code == 0 and " ".join(r.output.split()).endswith("(3 of them already there: rewritten)"), r.output
+    s = Store(store)
+    models = s.models().collect()
+    assert models.height == 4 and models["model_id"].n_unique() == 4 and len(s.manifests()) == 1
+    assert s.checkpoints().collect().height == 4 * 2 and s.verify() == []
+
+    other = tmp_path / "more"
+    nets[4] = write_trial(other / "trial_4", 4, [0, 1])
+    torch.manual_seed(99)
+    nets[2] = [PublishedCNN("CNN", 1, "tanh", 0.0).eval() for _ in range(2)]
+    write_published_trial(other / "trial_2", mz_config("CNN", 1, "tanh", 0.0, "/data/MNIST/dataset.pt", 2), nets[2])
+    assert import_zoo("model-zoos", str(other), s, zoo="z") == 2
+    models = s.models().collect()
+    assert models.height == 5 and models["model_id"].n_unique() == 5 and len(s.manifests()) == 2 and s.verify() == []
+    x = torch.rand(4, 1, 28, 28)
+    for seed, model_id in zip(models["seed"], models["model_id"]):
+        for epoch in (0, 1):
+            with torch.no_grad():
+                torch.testing.assert_close(s.load_model(model_id, epoch=epoch)(x),
+                                           nets[seed][epoch](reference_input("mnist", "CNN", x)), rtol=1e-5, atol=1e-5)

@@ -178,6 +178,49 @@ def test_rewriting_a_shard_replaces_it(tmp_path):
     assert not [f for _, _, fs in os.walk(tmp_path) for f in fs if ".tmp-" in f]
 
 
+def test_removing_models_drops_their_shards_and_writes_the_others_again_unchanged(store):
+    """A shard holding only removed models is dropped; one holding others too is written again without them (its
+    remaining models' weights, checkpoint metrics and curves to the bit, under their own shard name); the shards
+    kept and the other zoos are not touched."""
+    from zoos.population import population_id
+
+    s, pops = store
+    before = {mid: {ep: s.state_dict(mid, epoch=ep) for ep in (0, 2, 5)} for mid in pops[0].ids}
+    curves = s.curves(zoo="zA").collect()
+    gone = {pops[0].ids[1], pops[1].ids[0], pops[1].ids[1], pops[2].ids[0]}  # zB's is another zoo's: kept
+    assert s.remove_models("zA", gone) == 3
+    kept = [pops[0].ids[0], pops[0].ids[2]]
+    assert [m["shard"] for m in s.manifests("zA")] == [population_id(kept)]
+    assert s.stored_ids() == set(kept) | set(pops[2].ids) and s.verify() == []
+    models = s.models(zoo="zA").collect()
+    assert sorted(models["model_id"]) == sorted(kept) and set(models["shard"]) == {population_id(kept)}
+    for mid in kept:
+        for ep, sd in before[mid].items():
+            got = s.state_dict(mid, epoch=ep)
+            assert all(torch.equal(got[k], v) for k, v in sd.items())
+    ck = s.checkpoints(zoo="zA").collect()
+    assert ck.height == 2 * 3 and ck["epoch"].to_list() == [0, 0, 2, 2, 5, 5]
+    got = ck.filter((pl.col("model_id") == kept[1]) & (pl.col("epoch") == 2))["train_loss"].item()
+    assert got == pops[0].metrics["train_loss"][2, 1]
+    assert s.curves(zoo="zA").collect().sort("model_id", "epoch").equals(
+        curves.filter(pl.col("model_id").is_in(kept)).sort("model_id", "epoch"))
+    assert s.remove_models("zA", set(kept), keep=[population_id(kept)]) == 0  # a kept shard is left as it is
+    leftovers = {f.split(".")[0] for _, _, fs in os.walk(s.root) for f in fs} - {"symzoo-store"}
+    assert leftovers == {population_id(kept), pops[2].shard}  # no file of a dropped shard stays
+
+
+def test_removing_models_from_a_damaged_shard_is_refused_before_anything_changes(store):
+    s, pops = store
+    q = pops[0]
+    with open(os.path.join(s.root, f"checkpoints/zA/{q.shard}.arrow"), "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02\x03")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(s.root) for f in fs)
+    with pytest.raises(StoreError, match="damaged file .*symzoo repair"):
+        s.remove_models("zA", {q.ids[0], pops[1].ids[0]})
+    assert sorted(os.path.join(d, f) for d, _, fs in os.walk(s.root) for f in fs) == files
+
+
 def test_file_uri_and_analysis(tmp_path):
     s = Store("file://" + str(tmp_path / "uri-store"))
     p = make_pop("zU", [0, 1, 2])
