@@ -199,20 +199,28 @@ def verify_cmd(store: str = typer.Argument(..., help="store path or URI")) -> No
         table.add_row(p["file"], p["problem"], shown)
     console.print(table)
     fail(f"{len(problems)} damaged or stray files in {store}; `symzoo repair {store}` drops the damaged shards (their "
-         "models then count as missing) and stray files, and a re-run of the study rewrites them; or read around them "
-         "with zoos.open(..., skip_damaged=True)", code=1)
+         "models then count as missing), stray files and the older copies of models stored twice, and a re-run of the "
+         "study rewrites what it dropped; or read around the damage with zoos.open(..., skip_damaged=True)", code=1)
 
 
 @command("repair")
 def repair_cmd(store: str = typer.Argument(..., help="store path or URI")) -> None:
-    """Drop the shards `verify` finds damaged, and stray or unfinished files, so a re-run of the study rewrites them."""
+    """Drop the shards `verify` finds damaged, stray or unfinished files, and the older copies of models stored twice,
+    so a re-run of the study rewrites what was dropped."""
     s = _open(store)
-    dropped = s.repair()
+    mended = s.repair()
+    dropped = [p for p in mended if not p.get("duplicates")]
     shards = sorted({p["shard"] for p in dropped if p["manifest"]})
     models = sorted({m for p in dropped for m in p["model_ids"]})
     strays = [p["file"] for p in dropped if not p["manifest"]]
-    if not dropped:
+    twice = sorted({m for p in mended for m in p.get("duplicates", [])})
+    if not mended:
         console.print(f"[green]ok[/]: {store}: nothing damaged")
         return
-    console.print(f"dropped {len(shards)} damaged shards ({len(models)} models) and {len(strays)} stray or unfinished "
-                  f"files from {store}; re-run the study to rewrite them", highlight=False)
+    said = []
+    if dropped:
+        said.append(f"dropped {len(shards)} damaged shards ({len(models)} models) and {len(strays)} stray or unfinished "
+                    f"files from {store}; re-run the study to rewrite them")
+    if twice:
+        said.append(f"{len(twice)} models of {store} stored twice are stored once now (their newest copy)")
+    console.print("; ".join(said), highlight=False)

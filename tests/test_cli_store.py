@@ -131,3 +131,35 @@ def test_an_unreachable_cloud_store_fails_in_bounded_time_with_one_line(monkeypa
     r = runner.invoke(app, ["ls", "gs://symzoo-no-such-bucket-for-tests/x"])
     assert r.exit_code == 2, r.output
     assert time.perf_counter() - t < 60 and len(r.output.strip().splitlines()) == 1 and len(r.output) < 500, r.output
+
+
+def test_models_stored_twice_are_reported_by_verify_and_stored_once_by_repair(tmp_path):
+    """A store an import before symzoo kept one copy left with a model in two shards of a zoo (the older written
+    first): `verify` exits 1 naming the older shard and the models; `repair` keeps each model's newest copy, the older
+    shard's other models to the bit, and leaves an intact store; the other zoo is not touched."""
+    import os
+
+    import numpy as np
+
+    s = Store(str(tmp_path / "store"))
+    old, new, other = make_pop("z", [0, 1, 2], seed=1), make_pop("z", [2, 3], seed=2), make_pop("y", [0, 1], seed=3)
+    for p in (old, new, other):
+        s.write_population(p)
+    rel = os.path.join(s.root, f"manifest/z/{old.shard}.json")
+    with open(rel) as f:
+        manifest = json.load(f)
+    with open(rel, "w") as f:  # written a day before the re-import
+        json.dump({**manifest, "written": "2026-12-05T10:00:00+0000"}, f)
+    r = runner.invoke(app, ["verify", s.root])
+    assert r.exit_code == 1 and f"manifest/z/{old.shard}.json" in r.output and "newer shard" in r.output, r.output
+    assert old.ids[2] in r.output and "symzoo repair" in r.output
+    r = runner.invoke(app, ["repair", s.root])
+    assert r.exit_code == 0 and " ".join(r.output.split()) == f"1 models of {s.root} stored twice are stored once now (their newest copy)", r.output
+    assert runner.invoke(app, ["verify", s.root]).exit_code == 0
+    s = Store(s.root)
+    models = s.models().collect()
+    assert sorted(models["model_id"]) == sorted(old.ids[:2] + new.ids + other.ids)
+    for p, kept in ((old, [0, 1]), (new, [0, 1]), (other, [0, 1])):
+        for i in kept:
+            np.testing.assert_array_equal(s.state_dict(p.ids[i], epoch=5)["fc.weight"].numpy(), p.weights["fc.weight"][i, -1])
+    assert s.checkpoints(zoo="z").collect().height == 4 * 3

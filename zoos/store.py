@@ -408,10 +408,14 @@ class Store:
                     if self._usable(m, rel) is False:
                         raise StoreError(f"{self.uri}/{rel} is damaged: `symzoo repair {self.uri}` drops its shard first")
         for m, held in hit:
-            if len(held) < len(m["model_ids"]):
-                self._write_without(m, held)
-            self._drop_shard(f"manifest/{m['zoo']}/{m['shard']}.json", list(m["files"]))
+            self._remove_from_shard(m, held)
         return sum(len(held) for _, held in hit)
+
+    def _remove_from_shard(self, manifest: dict, ids: set[str]) -> None:
+        """Drop a shard, first written again without the models `ids` where it holds others too."""
+        if len(ids) < len(manifest["model_ids"]):
+            self._write_without(manifest, ids)
+        self._drop_shard(f"manifest/{manifest['zoo']}/{manifest['shard']}.json", list(manifest["files"]))
 
     def _write_without(self, manifest: dict, ids: set[str]) -> str:
         """Write the shard of `manifest` again without the models `ids`, as a new complete shard; return its name."""
@@ -710,11 +714,13 @@ class Store:
     def verify(self) -> list[dict[str, Any]]:
         """Check every manifest's files (present, size, sha256); list problems with the affected model ids.
 
-        Also reports data files that belong to no complete shard (left by an interrupted write).
+        Also reports data files that belong to no complete shard (left by an interrupted write), and each shard
+        holding models that a newer shard of its zoo holds too (`duplicates`: their ids).
         """
         self._require()
         problems: list[dict[str, Any]] = []
         listed: set[str] = set()
+        holders: dict[tuple[str, str], list[tuple[str, str, str]]] = {}  # (zoo, model) -> [(written, shard, manifest)]
         manifest_rels = self._list("manifest", ".json")
         for rel in manifest_rels:
             try:
@@ -725,11 +731,22 @@ class Store:
                                  "problem": f"unreadable manifest: {e}"})
                 continue
             ids = m.get("model_ids", [])
+            if not rel.startswith(ANALYSIS_MANIFESTS + "/"):
+                for i in ids:
+                    holders.setdefault((m["zoo"], i), []).append((m.get("written", ""), m["shard"], rel))
             for frel, rec in files.items():
                 listed.add(frel)
                 problem = _check_file(self.fs, self._path(frel), rec)
                 if problem:
                     problems.append({"file": frel, "shard": m["shard"], "model_ids": ids, "manifest": rel, "problem": problem})
+        older: dict[str, list[str]] = {}  # a shard's manifest -> its models a newer shard of the zoo holds too
+        for (_, i), held in holders.items():
+            for _, _, rel in sorted(held)[:-1]:
+                older.setdefault(rel, []).append(i)
+        for rel, ids in sorted(older.items()):
+            problems.append({"file": rel, "shard": posixpath.basename(rel)[:-5], "model_ids": ids, "manifest": None,
+                             "duplicates": ids, "problem": f"{len(ids)} of its models are held by a newer shard of the "
+                             "zoo too (imported twice before symzoo kept one copy): the older copies"})
         for kind in ("models", "curves", "checkpoints", "analysis"):
             for frel in self._list(kind, ""):
                 if frel not in listed:
@@ -746,8 +763,9 @@ class Store:
     def repair(self) -> list[dict[str, Any]]:
         """Drop what `verify` finds damaged so that re-running the study rewrites it: a damaged shard's manifest
         first (the shard is then invisible: its models count as missing), then its files; stray and unfinished
-        files. Returns the problems it dropped. Undamaged shards are not touched."""
-        problems = self.verify()
+        files; then the older copies of models stored twice (a shard of only those dropped, one holding others
+        too written again without them). Returns the problems it mended. Other shards are not touched."""
+        problems = [p for p in self.verify() if not p.get("duplicates")]
         manifests = {p["manifest"] for p in problems if p["manifest"]}
         for rel in sorted(manifests):
             try:
@@ -759,7 +777,11 @@ class Store:
             if p["manifest"] is None and self._info(p["file"]).type == pafs.FileType.File:
                 self.fs.delete_file(self._path(p["file"]))
         self._checked = {}  # what was checked is gone
-        return problems
+        twice = [p for p in self.verify() if p.get("duplicates")]  # the newest intact copy is the one kept
+        for p in twice:
+            self._remove_from_shard(self._read_json(p["file"]), set(p["duplicates"]))
+        self._checked = {}
+        return problems + twice
 
     def size_on_disk(self, zoo: str | None = None) -> int:
         """Bytes of all files of complete shards (optionally of one zoo), from their manifests."""

@@ -221,6 +221,27 @@ def test_removing_models_from_a_damaged_shard_is_refused_before_anything_changes
     assert sorted(os.path.join(d, f) for d, _, fs in os.walk(s.root) for f in fs) == files
 
 
+def test_repair_keeps_the_older_copy_of_a_model_whose_newer_shard_is_damaged(tmp_path):
+    """Repair drops damaged shards before it picks the copies to keep: a model whose newer copy was damaged keeps
+    its older one (still held once), not none."""
+    s = Store(str(tmp_path / "store"))
+    old, new = make_pop("z", [0, 1, 2], seed=1), make_pop("z", [2, 3], seed=2)
+    for p in (old, new):
+        s.write_population(p)
+    rel = os.path.join(s.root, f"manifest/z/{old.shard}.json")
+    with open(rel) as f:
+        manifest = json.load(f)
+    with open(rel, "w") as f:
+        json.dump({**manifest, "written": "2026-12-05T10:00:00+0000"}, f)
+    assert [p["duplicates"] for p in s.verify()] == [[old.ids[2]]]
+    with open(os.path.join(s.root, f"checkpoints/z/{new.shard}.arrow"), "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01")
+    mended = s.repair()
+    assert [p["shard"] for p in mended if p["manifest"]] == [new.shard] and not any(p.get("duplicates") for p in mended)
+    assert sorted(s.stored_ids()) == sorted(old.ids) and s.verify() == []
+
+
 def test_file_uri_and_analysis(tmp_path):
     s = Store("file://" + str(tmp_path / "uri-store"))
     p = make_pop("zU", [0, 1, 2])
