@@ -198,9 +198,10 @@ def verify_cmd(store: str = typer.Argument(..., help="store path or URI")) -> No
         shown = "-" if not ids else f"{len(ids)}: " + ", ".join(ids[:4]) + (", ..." if len(ids) > 4 else "")
         table.add_row(p["file"], p["problem"], shown)
     console.print(table)
-    fail(f"{len(problems)} damaged or stray files in {store}; `symzoo repair {store}` drops the damaged shards (their "
-         "models then count as missing), stray files and the older copies of models stored twice, and a re-run of the "
-         "study rewrites what it dropped; or read around the damage with zoos.open(..., skip_damaged=True)", code=1)
+    fail(f"{len(problems)} problems (damaged or stray files, models stored twice) in {store}; `symzoo repair {store}` "
+         "drops the damaged shards (their models then count as missing), stray files and the older copies of models "
+         "stored twice, and a re-run of the study rewrites what it dropped; or read around the damage with "
+         "zoos.open(..., skip_damaged=True)", code=1)
 
 
 @command("repair")
