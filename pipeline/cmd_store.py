@@ -54,8 +54,10 @@ def ls_cmd(store: str = typer.Argument(..., help="store path or URI")) -> None:
         return
     table = Table("zoo", "models", "ok/diverged", "checkpoints", "epochs", "params", "metric", "best", "median",
                   "size", box=None, header_style="bold")  # fmt: skip
+    twice = 0
     for zoo in zoos:
         models = s.models(zoo).collect()
+        twice += models.height - models["model_id"].n_unique()
         ck = s.checkpoints(zoo=zoo).select("epoch").collect()
         status = models["status"] if "status" in models.columns else pl.Series([None] * models.height)
         ok, div = int((status == "ok").sum()), int((status == "diverged").sum())
@@ -74,6 +76,9 @@ def ls_cmd(store: str = typer.Argument(..., help="store path or URI")) -> None:
         table.add_row(zoo, str(models.height), f"{ok}/{div}", str(ck.height), ep, par, metric or "-", best, median,
                       _human(s.size_on_disk(zoo)))  # fmt: skip
     console.print(table)
+    if twice:
+        console.print(f"[yellow]warning[/]: {twice} models are stored twice (imported again before symzoo kept one "
+                      f"copy) and counted twice above; `symzoo repair {store}` keeps each one's newest copy")
 
 
 @command("query")

@@ -135,7 +135,7 @@ def test_an_unreachable_cloud_store_fails_in_bounded_time_with_one_line(monkeypa
 
 def test_models_stored_twice_are_reported_by_verify_and_stored_once_by_repair(tmp_path):
     """A store an import before symzoo kept one copy left with a model in two shards of a zoo (the older written
-    first): `verify` exits 1 naming the older shard and the models; `repair` keeps each model's newest copy, the older
+    first): `ls` warns, `verify` exits 1 naming the older shard and the models; `repair` keeps each model's newest copy, the older
     shard's other models to the bit, and leaves an intact store; the other zoo is not touched."""
     import os
 
@@ -150,12 +150,15 @@ def test_models_stored_twice_are_reported_by_verify_and_stored_once_by_repair(tm
         manifest = json.load(f)
     with open(rel, "w") as f:  # written a day before the re-import
         json.dump({**manifest, "written": "2026-12-05T10:00:00+0000"}, f)
+    r = runner.invoke(app, ["ls", s.root])
+    assert r.exit_code == 0 and "1 models are stored twice" in " ".join(r.output.split()), r.output
     r = runner.invoke(app, ["verify", s.root])
     assert r.exit_code == 1 and f"manifest/z/{old.shard}.json" in r.output and "newer shard" in r.output, r.output
     assert old.ids[2] in r.output and "symzoo repair" in r.output
     r = runner.invoke(app, ["repair", s.root])
     assert r.exit_code == 0 and " ".join(r.output.split()) == f"1 models of {s.root} stored twice are stored once now (their newest copy)", r.output
     assert runner.invoke(app, ["verify", s.root]).exit_code == 0
+    assert "stored twice" not in runner.invoke(app, ["ls", s.root]).output
     s = Store(s.root)
     models = s.models().collect()
     assert sorted(models["model_id"]) == sorted(old.ids[:2] + new.ids + other.ids)
