@@ -405,7 +405,7 @@ class Store:
         for m, held in hit:  # a shard written again is read whole: refused before anything changes if damaged
             if len(held) < len(m["model_ids"]):
                 for rel in m["files"]:
-                    if self._usable(m, rel) is False:
+                    if not self._usable(m, rel):
                         raise StoreError(f"{self.uri}/{rel} is damaged: `symzoo repair {self.uri}` drops its shard first")
         for m, held in hit:
             self._remove_from_shard(m, held)
@@ -720,7 +720,7 @@ class Store:
         self._require()
         problems: list[dict[str, Any]] = []
         listed: set[str] = set()
-        holders: dict[tuple[str, str], list[tuple[str, str, str]]] = {}  # (zoo, model) -> [(written, shard, manifest)]
+        shards: list[dict] = []  # the population shards' manifests
         manifest_rels = self._list("manifest", ".json")
         for rel in manifest_rels:
             try:
@@ -732,21 +732,13 @@ class Store:
                 continue
             ids = m.get("model_ids", [])
             if not rel.startswith(ANALYSIS_MANIFESTS + "/"):
-                for i in ids:
-                    holders.setdefault((m["zoo"], i), []).append((m.get("written", ""), m["shard"], rel))
+                shards.append(m)
             for frel, rec in files.items():
                 listed.add(frel)
                 problem = _check_file(self.fs, self._path(frel), rec)
                 if problem:
                     problems.append({"file": frel, "shard": m["shard"], "model_ids": ids, "manifest": rel, "problem": problem})
-        older: dict[str, list[str]] = {}  # a shard's manifest -> its models a newer shard of the zoo holds too
-        for (_, i), held in holders.items():
-            for _, _, rel in sorted(held)[:-1]:
-                older.setdefault(rel, []).append(i)
-        for rel, ids in sorted(older.items()):
-            problems.append({"file": rel, "shard": posixpath.basename(rel)[:-5], "model_ids": ids, "manifest": None,
-                             "duplicates": ids, "problem": f"{len(ids)} of its models are held by a newer shard of the "
-                             "zoo too (imported twice before symzoo kept one copy): the older copies"})
+        problems += self._older_copies(shards)
         for kind in ("models", "curves", "checkpoints", "analysis"):
             for frel in self._list(kind, ""):
                 if frel not in listed:
@@ -777,11 +769,25 @@ class Store:
             if p["manifest"] is None and self._info(p["file"]).type == pafs.FileType.File:
                 self.fs.delete_file(self._path(p["file"]))
         self._checked = {}  # what was checked is gone
-        twice = [p for p in self.verify() if p.get("duplicates")]  # the newest intact copy is the one kept
+        twice = self._older_copies(self.manifests())  # the damaged gone: the newest intact copy is the one kept
         for p in twice:
             self._remove_from_shard(self._read_json(p["file"]), set(p["duplicates"]))
-        self._checked = {}
         return problems + twice
+
+    @staticmethod
+    def _older_copies(manifests: Sequence[dict]) -> list[dict[str, Any]]:
+        """A problem for each shard holding models that a newer shard of its zoo holds too (`duplicates`: their ids)."""
+        holders: dict[tuple[str, str], list[tuple[str, str]]] = {}  # (zoo, model) -> [(written, shard)]
+        for m in manifests:
+            for i in m.get("model_ids", []):
+                holders.setdefault((m["zoo"], i), []).append((m.get("written", ""), m["shard"]))
+        older: dict[tuple[str, str], list[str]] = {}  # (zoo, shard) -> its models held by a newer shard too
+        for (zoo, i), held in holders.items():
+            for _, shard in sorted(held)[:-1]:
+                older.setdefault((zoo, shard), []).append(i)
+        return [{"file": f"manifest/{zoo}/{shard}.json", "shard": shard, "model_ids": ids, "manifest": None, "duplicates": ids,
+                 "problem": f"{len(ids)} of its models are held by a newer shard of the zoo too (imported twice before "
+                            "symzoo kept one copy): the older copies"} for (zoo, shard), ids in sorted(older.items())]
 
     def size_on_disk(self, zoo: str | None = None) -> int:
         """Bytes of all files of complete shards (optionally of one zoo), from their manifests."""
