@@ -169,6 +169,21 @@ def plan_report(store: Any, study: str, temperature: str | None = None, load: st
     return plan
 
 
+def _mixed_settings(store: Any, stages: list[str], zoos: list[str]) -> str:
+    """One line naming the stages whose results for these zoos come from several settings (a report from a store
+    alone shows them all; a study file picks its own), else empty."""
+    from pipeline.report import zoo_rows
+
+    counts = {}
+    for stage in stages:
+        rows = zoo_rows(store, store.analysis(stage), zoos)
+        if "settings_id" in rows.collect_schema().names():
+            counts[stage] = rows.select(pl.col("settings_id").n_unique()).collect().item()
+    several = [f"{stage} ({n})" for stage, n in counts.items() if n > 1]
+    return (f"Results under several settings are shown together for {', '.join(several)}: report the study file "
+            "to see one study's own") if several else ""
+
+
 def _same_axis(temperature: str, load: str, defaulted: str = "") -> str:
     note = f" (--{defaulted} not given: its default)" if defaulted else ""
     return (f"--temperature {temperature!r} and --load {load!r} name the same column{note}; a phase diagram draws "
@@ -215,10 +230,11 @@ def _write_into(store: Any, study: str, out_dir: Path, plan: ReportPlan) -> Stud
     """Write the report's files into `out_dir` (an empty folder)."""
     from analysis import plots
     from pipeline import phases
-    from pipeline.report import absent, summarise_zoos
+    from pipeline.report import StudyStore, absent, summarise_zoos
 
     models, zoos, stages = plan.models, plan.zoos, plan.stages
     report = StudyReport(page=out_dir / "report.html", no_phases=plan.no_phases)
+    mixed = [] if isinstance(store, StudyStore) else _mixed_settings(store, stages, zoos)
     report.summary, study_plots, stage_plots = summarise_zoos(store, zoos, stages, out_dir)
     report.tables.append(out_dir / "summary.csv")
     report.plots += study_plots
@@ -266,9 +282,11 @@ def _write_into(store: Any, study: str, out_dir: Path, plan: ReportPlan) -> Stud
         f"{html.escape(archs)}; analysis stages: {html.escape(', '.join(stages) or 'none')}. Generated "
         f"{time.strftime('%Y-%m-%d %H:%M')} from store <code>{html.escape(str(store.root))}</code>.</p>",
         f"<p>{html.escape(report.absent[:1].upper() + report.absent[1:])}.</p>" if report.absent else "",
+        f"<p>{html.escape(mixed)}.</p>" if mixed else "",
         "<h2>Summary</h2>",
         "<p>Zoo statistics leave out models that diverged and models that never learned (final training loss at "
-        "least 95% of its initial value), counted in their own rows. (mean): mean ± standard deviation over the "
+        "least 95% of its initial value, and a training metric such as accuracy not doubled), counted in their own "
+        "rows. (mean): mean ± standard deviation over the "
         "zoo's models or pairs; (median): median [first quartile, third quartile]; (lo–hi): the 95% interval of "
         "the mean (Student's t) or of the median (order statistics).</p>",
         _summary_html(report.summary), *[_img(p) for p in study_plots],
@@ -311,8 +329,10 @@ def log_report(tracking_uri: str, study: str, report: StudyReport, tracker: Any 
 def _target(target: str, study: str | None, out: Path | None, tracking_uri: str | None,
             store_path: str | None = None) -> tuple[Any, str, list[str], Path, str | None]:
     """(store, study, its stored zoos, output folder, tracking URI) of the report: a study file gives them all
-    (the options override them, --store its store); a store needs --study unless it holds one study."""
+    (the options override them, --store its store) and the store as the study sees it (its own analysis results,
+    `study_store`); a store needs --study unless it holds one study, and shows every result of its zoos."""
     from pipeline.cmd_store import _open
+    from pipeline.report import study_store
     from pipeline.study import StudyError, load_study
 
     if Path(target).suffix.lower() in (".yaml", ".yml"):
@@ -321,8 +341,13 @@ def _target(target: str, study: str | None, out: Path | None, tracking_uri: str 
         except StudyError as e:
             fail(str(e))
         stored = [z.name for z in spec.zoos if getattr(z, "stored", False)]
-        return (_open(store_path or spec.store), study or spec.study, stored, out or spec.output_dir(),
-                tracking_uri or spec.tracking_uri)
+        store = _open(store_path or spec.store)
+        if study is None or study == spec.study:
+            try:
+                store = study_store(store, spec)
+            except ValueError as e:  # a stage's settings ask for what the store lacks (as `symzoo run` would say)
+                fail(f"{target}: {e}")
+        return store, study or spec.study, stored, out or spec.output_dir(), tracking_uri or spec.tracking_uri
     if store_path is not None:
         fail(f"--store {store_path} replaces a study file's store; {target} is a store already")
     store = _open(target)

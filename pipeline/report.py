@@ -34,10 +34,57 @@ def _without_unlearned(rows: pl.DataFrame, unlearned: set[str]) -> pl.DataFrame:
     return rows
 
 
+class StudyStore:
+    """A store as one study sees it: each of the study's analysis stages answers with the study's own results
+    (`Stage.rows`: the items its settings want, computed under those settings), in the study's order; results
+    other studies stored for other settings or other items are not there. Every other call goes to the store."""
+
+    def __init__(self, store: Any, results: dict[str, pl.DataFrame]):
+        self.store, self.results = store, results
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def stages(self) -> list[str]:
+        return [stage for stage, rows in self.results.items() if rows.height]
+
+    def analysis(self, stage: str) -> pl.LazyFrame:
+        rows = self.results.get(stage)
+        return rows.lazy() if rows is not None else pl.LazyFrame({"model_id": pl.Series([], dtype=pl.String)})
+
+
+def study_store(store: Any, study: Study) -> StudyStore:
+    """`store` as `study` sees it (`StudyStore`). ValueError where a stage's settings ask for what the store
+    lacks (an epoch no model stored), as planning the stage would."""
+    from pipeline.stages import STAGES
+
+    results: dict[str, pl.DataFrame] = {}
+    for stage in study.analysis:
+        rows = STAGES[stage.stage].rows(store, study.stage_zoos(stage), stage.settings)
+        before = results.get(stage.stage)  # a stage listed twice (other settings): both its results
+        results[stage.stage] = rows if before is None else pl.concat([before, rows], how="diagonal_relaxed").unique()
+    return StudyStore(store, results)
+
+
 def summarise(store: Any, study: Study, out_dir: Path) -> tuple[pl.DataFrame, list[Path], dict[str, list[Path]]]:
     """Per-zoo summary (also written as CSV: every statistic with its spread in sibling columns), study plots, and
-    plots per analysis stage. Zoo statistics leave out models that diverged or never learned (counted apart)."""
+    plots per analysis stage. Zoo statistics leave out models that diverged or never learned (counted apart).
+    `store`: as the study sees it (`study_store`)."""
     return summarise_zoos(store, [z.name for z in study.zoos], [s.stage for s in study.analysis], out_dir)
+
+
+def unlearned_models(store: Any, names: list[str]) -> set[str]:
+    """The ids of these zoos' ok models that never learned (left out of every zoo statistic)."""
+    models = _models(store, names)
+    if "status" not in models.columns:
+        return set()
+    return set(models.filter((pl.col("status") == "ok") & ~_learned(models))["model_id"].to_list())
+
+
+def statistics_rows(store: Any, names: list[str], stage: str) -> pl.DataFrame:
+    """A stage's rows of these zoos that their statistics count: none of a model that never learned (a pair: of
+    either model)."""
+    return _without_unlearned(zoo_rows(store, store.analysis(stage), names).collect(), unlearned_models(store, names))
 
 
 def zoo_rows(store: Any, frame: pl.LazyFrame, names: list[str]) -> pl.LazyFrame:
@@ -104,7 +151,6 @@ def summarise_zoos(store: Any, names: list[str], stages: list[str], out_dir: Pat
     aggs += [pl.col("n_params").first().alias("params")] if "n_params" in models.columns else []
     aggs += [e for c in metric_cols for e in mean_sd(pl.col(c).filter(good), c)]
     summary = models.group_by("zoo").agg(aggs).sort("zoo")
-    unlearned = set(models.filter((pl.col("status") == "ok") & ~good)["model_id"].to_list())
 
     plot_paths: list[Path] = []
     curves = zoo_rows(store, store.curves(), names).collect()
@@ -123,7 +169,7 @@ def summarise_zoos(store: Any, names: list[str], stages: list[str], out_dir: Pat
         if not rows.height:
             continue
         impl = STAGES[stage]
-        summary = summary.join(impl.summary_columns(_without_unlearned(rows, unlearned)), on="zoo", how="left")
+        summary = summary.join(impl.summary_columns(statistics_rows(store, names, stage)), on="zoo", how="left")
         stage_plots[stage] = impl.plots(rows, out_dir)  # the plots show every model, the statistics the learned
         plot_paths += stage_plots[stage]
     summary.write_csv(out_dir / "summary.csv")
@@ -231,7 +277,7 @@ def print_summary(console: Console, study: Study, report: Any, report_args: str 
         left_out = int(summary["not_learned"].fill_null(0).sum()) if "not_learned" in summary.columns else 0
         if left_out:
             console.print(f"{left_out} model{'s' * (left_out != 1)} never learned (final training loss >= {LEARNED:.0%} "
-                          "of its initial value): "
+                          "of its initial value, and its metric not doubled): "
                           "counted, left out of the statistics; the models table's `learned` column marks them")
     console.print(
         f"trained {report.trained_models} models ({report.skipped_models} already stored) in {report.wall_s:.1f}s; "

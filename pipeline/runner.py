@@ -720,18 +720,20 @@ def _analyse(study: Study, store: Any, display: Display, tracker: Tracker, repor
 
 def _summarise(study: Study, store: Any, tracker: Tracker, report: RunReport, t_start: float) -> None:
     """Plots and summary.csv; each stage's and the study's MLflow run; the report's wall and tracking times."""
-    from pipeline.report import absent, summarise
+    from pipeline.report import absent, statistics_rows, study_store, summarise
     from pipeline.stages import STAGES
 
     out_dir = study.output_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
+    store = study_store(store, study)  # the study's own results: its items, under its settings
+    names = [z.name for z in study.zoos]
     report.summary, report.plots, stage_plots = summarise(store, study, out_dir)
-    report.absent = absent(store, [z.name for z in study.zoos], [s.stage for s in study.analysis], bool(study.analysis))
+    report.absent = absent(store, names, [s.stage for s in study.analysis], bool(study.analysis))
     for stage in study.analysis:  # a stage run for each stage that computed something now (a re-run adds a step)
         if not report.analysis_items.get(stage.stage):
             continue
-        df = store.analysis(stage.stage).collect() if stage.stage in store.stages() else None
-        metrics = STAGES[stage.stage].summary_metrics(df) if df is not None else {}
+        rows = statistics_rows(store, names, stage.stage)  # the numbers the summary shows
+        metrics = STAGES[stage.stage].summary_metrics(rows) if rows.height else {}
         tracker.log_stage(stage.stage, metrics, params=stage.settings.model_dump(), artifacts=stage_plots.get(stage.stage, []))
     if tracker.working:  # a run with nothing to do rewrites nothing
         in_stages = {p for paths in stage_plots.values() for p in paths}

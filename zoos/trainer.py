@@ -67,7 +67,8 @@ SPLITS = ("train", "val", "test")
 DATA_SEED = 0  # the seed of the task's data split, the same for every model of a zoo
 ADAM_BETA2, ADAM_EPS = 0.999, 1e-8
 LIE_AUGMENT_POOL = 16  # group elements drawn per epoch to augment with, for continuous groups
-LEARNED = 0.95  # a model learned when its final training loss is below this fraction of its loss at init
+LEARNED = 0.95  # a model learned when its final training loss is below this fraction of its loss at init, or
+LEARNED_METRIC = 0.1  # its training metric (higher is better: accuracy) at least doubled, by this much or more
 GRAPH_WARMUP = 3  # eager steps before a step is captured as a CUDA graph (the capture is the next)
 DIVERGED = 10.0  # a model diverged when its loss became non-finite, or ended above this multiple of its loss at init
 
@@ -718,11 +719,26 @@ def _replayed(step: Callable[..., None], program: _Program, augmenter: Augmenter
     return _StepGraph(step, (len(data.specs), data.batch), device, before_capture=data.settle) if use else step
 
 
+def learned_models(task: Task, curves: dict[str, np.ndarray]) -> np.ndarray:
+    """[N] whether each model learned: its final training loss below LEARNED x its loss at init, or, for a metric
+    where higher is better, its final training metric at least twice its initial one and LEARNED_METRIC above it
+    (a classifier's cross-entropy falls slowly while its accuracy rises from chance: one short epoch can take
+    accuracy from 0.1 to 0.5 with the loss down 4%)."""
+    start, end = curves["train_loss"][:, 0], curves["train_loss"][:, -1]
+    learned = end < LEARNED * start
+    metric = curves.get(f"train_{task.metric_name}")
+    if metric is not None and task.higher_is_better:
+        first, last = metric[:, 0], metric[:, -1]
+        learned |= last >= first + np.maximum(LEARNED_METRIC, first)
+    return learned
+
+
 def _model_rows(pop: PopulationSpec, task: Task, n_params: int, curves: dict[str, np.ndarray], alive: list[bool]) -> list[dict]:
     """Every model's row of the zoo's model table: its spec, status, final metrics and size."""
     per_model = task.per_model
     start, end = curves["train_loss"][:, 0], curves["train_loss"][:, -1]
     exploded = (end > DIVERGED * np.maximum(start, 1e-12)).tolist()  # finite, but far above where it began
+    learned = np.asarray(alive, dtype=bool) & learned_models(task, curves)
     # per-model data: each row's task_config names its own data, plus the task's columns (inr: split, label)
     specs = pop.models
     own_option = [{per_model: m.factors[per_model]} if per_model else {} for m in specs]
@@ -740,7 +756,7 @@ def _model_rows(pop: PopulationSpec, task: Task, n_params: int, curves: dict[str
             **m.factors,
             **own_columns[i],
             "status": "ok" if alive[i] and not exploded[i] else "diverged",
-            "learned": bool(alive[i] and end[i] < LEARNED * start[i]),
+            "learned": bool(learned[i]),
             **{name: float(values[i, -1]) for name, values in curves.items()},
             "n_params": n_params,
             "epochs": m.epochs,

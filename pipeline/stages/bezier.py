@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 
 from analysis import plots
-from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, mean_sd, ok_models, pair_population, register_stage, shard_name
+from pipeline.stages.common import Item, Settings, Stage, by_context, mean_sd, ok_models, pair_pool, pair_population, register_stage
 from pipeline.stages.interpolation import factor_cells, sample_pairs
 
 
@@ -32,16 +32,15 @@ class Bezier(Stage):
     name = "bezier"
     Settings = BezierSettings
     pairs = "within"
+    keys = ["zoo", "model_a", "model_b"]
 
-    def plan(self, store: Any, zoos: list, settings: BezierSettings) -> list[Item]:
-        done = done_keys(store, self.name, ["zoo", "model_a", "model_b"])
+    def wanted(self, store: Any, zoos: list, settings: BezierSettings) -> list[Item]:
         items: list[Item] = []
         for zoo in zoos:
             cells = factor_cells(store, zoo.name)
             for (config,), group in ok_models(store, zoo.name).group_by("context", maintain_order=True):
                 items += [{"zoo": zoo.name, "model_a": a, "model_b": b, "context": config}
-                          for a, b in sample_pairs(group["model_id"].to_list(), settings.pairs, f"{settings.seed}:{zoo.name}", cells)
-                          if (zoo.name, a, b) not in done]
+                          for a, b in sample_pairs(pair_pool(group), settings.pairs, f"{settings.seed}:{zoo.name}", cells)]
         return items
 
     def run(self, store_root: str, items: list[Item], settings: dict[str, Any], data_dir: str | None, device: str) -> list[dict]:
@@ -82,8 +81,7 @@ class Bezier(Stage):
                     "barrier_err_linear": float(barrier(err_l, lam)), "barrier_err_bezier": float(barrier(err_c, lam)),
                     "curve_train_loss": float(sum(curve.train_loss[-20:]) / max(1, len(curve.train_loss[-20:]))),
                 })
-        store.write_analysis(self.name, shard_name(self.name, items), rows)
-        return rows
+        return self.write(store, items, rows, settings)
 
     def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
         return rows.group_by("zoo").agg(pl.len().alias("bezier_pairs"), *mean_sd("barrier_loss_linear", "line_barrier"),

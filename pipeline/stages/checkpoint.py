@@ -17,7 +17,7 @@ import polars as pl
 import torch
 from pydantic import field_validator
 
-from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, model_context, ok_models, shard_name, stacked
+from pipeline.stages.common import Item, Settings, Stage, by_context, model_context, ok_models, stacked
 
 Epochs = Literal["last", "all"] | list[int]
 
@@ -54,8 +54,9 @@ class CheckpointStage(Stage):
 
     Settings = CheckpointSettings
 
-    def plan(self, store: Any, zoos: list, settings: CheckpointSettings) -> list[Item]:
-        done = done_keys(store, self.name, ["model_id", "epoch"])
+    keys = ["model_id", "epoch"]
+
+    def wanted(self, store: Any, zoos: list, settings: CheckpointSettings) -> list[Item]:
         items: list[Item] = []
         for zoo in zoos:
             models = ok_models(store, zoo.name)
@@ -63,7 +64,7 @@ class CheckpointStage(Stage):
                 continue
             ck = chosen_checkpoints(store, zoo.name, settings.epochs).join(models, on="model_id")
             items += [{"zoo": zoo.name, "model_id": m, "epoch": int(e), "context": c}
-                      for m, e, c in ck.select("model_id", "epoch", "context").iter_rows() if (m, e) not in done]
+                      for m, e, c in ck.select("model_id", "epoch", "context").iter_rows()]
         return items
 
     def run(self, store_root: str, items: list[Item], settings: dict[str, Any], data_dir: str | None, device: str) -> list[dict]:
@@ -80,8 +81,7 @@ class CheckpointStage(Stage):
             values = self.measure(module, task, params, buffers, settings, device)
             for i, mid in enumerate(weights.model_ids):
                 rows.append({"zoo": zoo, "model_id": mid, "epoch": epoch, **{k: _cell(v, i) for k, v in values.items()}})
-        store.write_analysis(self.name, shard_name(self.name, items), rows)
-        return rows
+        return self.write(store, items, rows, settings)
 
     @abstractmethod
     def measure(self, module: torch.nn.Module, task: Any, params: dict, buffers: dict, settings: dict[str, Any],

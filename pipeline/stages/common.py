@@ -1,9 +1,12 @@
 """What every analysis stage shares: the `Stage` interface, its settings base, and store helpers.
 
-A stage plans its items on the driver (models or model pairs), leaving out those already in the store;
-a Ray task computes a chunk of items with the pure functions of `analysis/` and writes the chunk as one
-shard of `analysis/<stage>` (a deterministic name, so a retried task overwrites its own shard). The
-driver then takes per-zoo summary columns, plots and MLflow metrics from the stored rows.
+A stage lists the items its settings ask for on the driver (`wanted`: models or model pairs) and plans
+those whose results under these settings are not in the store yet; a Ray task computes a chunk of items with
+the pure functions of `analysis/` and writes the chunk as one shard of `analysis/<stage>`, each row with the
+`settings_id` of the settings that produced it (a deterministic shard name, so a retried task overwrites its
+own shard). A study's results are its wanted items' rows under its settings (`Stage.rows`): the driver takes
+per-zoo summary columns, plots and MLflow metrics from those, never from results another study computed for
+other settings or other items.
 """
 
 from __future__ import annotations
@@ -56,6 +59,18 @@ def median_iqr(column: str | pl.Expr, name: str) -> list[pl.Expr]:
             pl.when(n > 1).then(ordered.get(hi, null_on_oob=True)).alias(name + HI)]
 
 
+# Settings that choose which items a study computes, not what an item's result is: left out of `settings_id`,
+# so a study asking for more pairs or other epochs reuses the results it shares with another.
+SELECTING = frozenset({"pairs", "epochs", "within"})
+
+
+def settings_id(settings: dict[str, Any]) -> str:
+    """The id a result's row carries for the settings that produced it: 16 hex digits of the canonical JSON of
+    every setting but the selecting ones."""
+    kept = {k: v for k, v in settings.items() if k not in SELECTING}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 class Settings(BaseModel):
     """Settings every stage takes; a stage subclasses this with its own fields and defaults."""
 
@@ -69,16 +84,49 @@ class Stage(ABC):
 
     name: ClassVar[str]
     Settings: ClassVar[type[Settings]] = Settings
+    keys: ClassVar[list[str]] = ["model_id", "epoch"]  # the columns naming one item's result
     every_epoch_stored: ClassVar[bool] = False  # an `epochs` list must be stored by every zoo (pairs meet at each)
     pairs: ClassVar[str] = ""  # "within": it pairs models of a zoo; "across": a model of one zoo with one of another
 
     @abstractmethod
+    def wanted(self, store: Any, zoos: list, settings: Settings) -> list[Item]:
+        """Every item these settings ask for of these zoos, stored or not (each with the `keys` columns)."""
+
     def plan(self, store: Any, zoos: list, settings: Settings) -> list[Item]:
-        """The items still to compute (their results are not in the store yet)."""
+        """The wanted items still to compute: no result of theirs under these settings is in the store yet."""
+        done = set(self._stored(store, settings).select(self.keys).iter_rows())
+        return [it for it in self.wanted(store, zoos, settings) if tuple(it[k] for k in self.keys) not in done]
+
+    def rows(self, store: Any, zoos: list, settings: Settings) -> pl.DataFrame:
+        """A study's results: the stored rows of the items its settings want, under those settings."""
+        stored = self._stored(store, settings)
+        wanted = self.wanted(store, zoos, settings)
+        if not wanted or not stored.height:
+            return stored.head(0)
+        keys = pl.DataFrame([{k: it[k] for k in self.keys} for it in wanted]).unique()
+        keys = keys.with_columns(pl.col(k).cast(stored.schema[k]) for k in self.keys)
+        return stored.join(keys, on=self.keys, how="semi")
+
+    def _stored(self, store: Any, settings: Settings) -> pl.DataFrame:
+        """The stage's stored rows under these settings (none from a store written before rows carried them)."""
+        if self.name not in store.stages():
+            return pl.DataFrame(schema={k: pl.String for k in [*self.keys, "settings_id"]})
+        frame = store.analysis(self.name)
+        if "settings_id" not in frame.collect_schema().names():
+            return frame.head(0).with_columns(pl.lit(None, dtype=pl.String).alias("settings_id")).collect()
+        return frame.filter(pl.col("settings_id") == settings_id(settings.model_dump())).collect()
 
     @abstractmethod
     def run(self, store_root: str, items: list[Item], settings: dict[str, Any], data_dir: str | None, device: str) -> list[dict]:
-        """Compute a chunk of items inside a Ray task; write them as one shard; return the rows."""
+        """Compute a chunk of items inside a Ray task; write them as one shard (`write`); return the rows."""
+
+    def write(self, store: Any, items: list[Item], rows: list[dict], settings: dict[str, Any]) -> list[dict]:
+        """A chunk's rows as one shard of analysis/<stage>, each with its `settings_id`: a retried task overwrites
+        its own shard, the same items under other settings write another."""
+        sid = settings_id(settings)
+        rows = [{**r, "settings_id": sid} for r in rows]
+        store.write_analysis(self.name, shard_name(self.name, items, sid), rows)
+        return rows
 
     def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
         """Per-zoo columns for the study's summary table (a `zoo` column plus the stage's own)."""
@@ -103,9 +151,9 @@ def register_stage(cls: type[Stage]) -> type[Stage]:
     return cls
 
 
-def shard_name(stage: str, items: list[Item]) -> str:
-    """Deterministic shard name of a chunk of items."""
-    blob = json.dumps(sorted(json.dumps(i, sort_keys=True) for i in items))
+def shard_name(stage: str, items: list[Item], sid: str = "") -> str:
+    """Deterministic shard name of a chunk of items (and the `settings_id` of their results)."""
+    blob = json.dumps(sorted(json.dumps(i, sort_keys=True) for i in items)) + sid
     return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
@@ -116,18 +164,23 @@ CONTEXT = pl.concat_str(pl.col("arch_config"), pl.lit("|"), pl.col("task_config"
 
 
 def ok_models(store: Any, zoo: str) -> pl.DataFrame:
-    """(model_id, context, arch_config) of a zoo's models that trained without diverging, in id order."""
+    """(model_id, context, arch_config, learned) of a zoo's models that trained without diverging, in id order
+    (`learned` true where the store predates the column)."""
     if zoo not in store.zoos():
-        return pl.DataFrame(schema={"model_id": pl.String, "context": pl.String, "arch_config": pl.String})
-    return (store.models(zoo).filter(pl.col("status") == "ok").select("model_id", CONTEXT, "arch_config")
+        return pl.DataFrame(schema={"model_id": pl.String, "context": pl.String, "arch_config": pl.String,
+                                    "learned": pl.Boolean})
+    models = store.models(zoo)
+    learned = pl.col("learned").fill_null(True) if "learned" in models.collect_schema().names() else pl.lit(True)
+    return (models.filter(pl.col("status") == "ok").select("model_id", CONTEXT, "arch_config", learned.alias("learned"))
             .collect().sort("model_id"))
 
 
-def done_keys(store: Any, stage: str, keys: list[str]) -> set[tuple]:
-    """Key tuples of the results a stage already stored."""
-    if stage not in store.stages():
-        return set()
-    return set(store.analysis(stage).select(keys).collect().iter_rows())
+def pair_pool(group: pl.DataFrame) -> list[str]:
+    """The models of one group (ok models with a `learned` column) that its pairs are drawn among: those that
+    learned, where two did (a pair with a model that never learned is left out of the zoo's statistics), else all
+    of them (a phase study's untrained cell: its pairs are that phase's)."""
+    learned = group.filter(pl.col("learned"))["model_id"].to_list() if "learned" in group.columns else []
+    return learned if len(learned) >= 2 else group["model_id"].to_list()
 
 
 def model_context(store: Any, model_id: str, data_dir: str | None) -> tuple[torch.nn.Module, Any]:

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 
 from analysis import plots
-from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, mean_sd, median_iqr, model_context, ok_models, register_stage, shard_name, stacked, test_batch
+from pipeline.stages.common import Item, Settings, Stage, by_context, mean_sd, median_iqr, model_context, ok_models, register_stage, stacked, test_batch
 
 
 class EquivarianceSettings(Settings):
@@ -24,11 +24,11 @@ class Equivariance(Stage):
     name = "equivariance"
     Settings = EquivarianceSettings
 
-    def plan(self, store: Any, zoos: list, settings: EquivarianceSettings) -> list[Item]:
-        done = done_keys(store, self.name, ["model_id"])
+    keys = ["model_id"]
+
+    def wanted(self, store: Any, zoos: list, settings: EquivarianceSettings) -> list[Item]:
         return [{"zoo": zoo.name, "model_id": m, "context": c}
-                for zoo in zoos for m, c in ok_models(store, zoo.name).select("model_id", "context").iter_rows()
-                if (m,) not in done]
+                for zoo in zoos for m, c in ok_models(store, zoo.name).select("model_id", "context").iter_rows()]
 
     def run(self, store_root: str, items: list[Item], settings: dict[str, Any], data_dir: str | None, device: str) -> list[dict]:
         from analysis.symmetry import orbit_error
@@ -60,8 +60,7 @@ class Equivariance(Stage):
                     "equivariance_error": float(err.mean[i]), "equivariance_ci": float(err.ci[i]),
                     f"orbit_{name}": float(per_g[i].mean()), f"orbit_{name}_worst": float(worst[i]),
                 })
-        store.write_analysis(self.name, shard_name(self.name, items), rows)
-        return rows
+        return self.write(store, items, rows, settings)
 
     def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
         orbit = [c for c in rows.columns if c.startswith("orbit_") and not c.endswith("_worst")]

@@ -29,7 +29,7 @@ import torch
 from pydantic import Field
 
 from analysis import plots
-from pipeline.stages.common import Item, Settings, Stage, by_context, done_keys, mean_sd, ok_models, pair_population, register_stage, shard_name
+from pipeline.stages.common import Item, Settings, Stage, by_context, mean_sd, ok_models, pair_pool, pair_population, register_stage
 from zoos.spec import FACTORS
 
 
@@ -311,18 +311,16 @@ class Interpolation(Stage):
     pairs = "within"
     keys = ["zoo", "model_a", "model_b", "epoch"]
 
-    def plan(self, store: Any, zoos: list, settings: InterpolationSettings) -> list[Item]:
-        done = done_keys(store, self.name, self.keys)
+    def wanted(self, store: Any, zoos: list, settings: InterpolationSettings) -> list[Item]:
         items: list[Item] = []
         for zoo in zoos:
             epochs = stored_epochs(store, zoo.name) if zoo.name in store.zoos() else {}
             cells = factor_cells(store, zoo.name)
             for (config,), group in ok_models(store, zoo.name).group_by("context", maintain_order=True):
-                for a, b in sample_pairs(group["model_id"].to_list(), settings.pairs, f"{settings.seed}:{zoo.name}", cells):
+                for a, b in sample_pairs(pair_pool(group), settings.pairs, f"{settings.seed}:{zoo.name}", cells):
                     common = sorted(set(epochs[a]) & set(epochs[b]))
                     items += [{"zoo": zoo.name, "model_a": a, "model_b": b, "context": config, "epoch": e}
-                              for e in pick_epochs(common, settings.epochs, f"zoo {zoo.name!r}")
-                              if (zoo.name, a, b, e) not in done]
+                              for e in pick_epochs(common, settings.epochs, f"zoo {zoo.name!r}")]
         return items
 
     def run(self, store_root: str, items: list[Item], settings: dict[str, Any], data_dir: str | None, device: str) -> list[dict]:
@@ -339,8 +337,7 @@ class Interpolation(Stage):
             for it, res in zip(group, results):
                 ids = {k: v for k, v in it.items() if k != "context"}
                 rows.append({**ids, "epoch": int(weights.epochs[index[it["model_a"]]]), **res})
-        store.write_analysis(self.name, shard_name(self.name, items), rows)
-        return rows
+        return self.write(store, items, rows, settings)
 
     def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
         last = last_epoch_rows(rows, ["zoo", "model_a", "model_b"])
@@ -376,8 +373,7 @@ class InterpolationCross(Interpolation):
     pairs = "across"
     keys = ["zoo", "zoo_b", "model_a", "model_b", "epoch"]
 
-    def plan(self, store: Any, zoos: list, settings: InterpolationSettings) -> list[Item]:
-        done = done_keys(store, self.name, self.keys)
+    def wanted(self, store: Any, zoos: list, settings: InterpolationSettings) -> list[Item]:
         models = {z.name: ok_models(store, z.name) for z in zoos}
         epochs = {z.name: stored_epochs(store, z.name) if z.name in store.zoos() else {} for z in zoos}
         items: list[Item] = []
@@ -386,18 +382,17 @@ class InterpolationCross(Interpolation):
                 continue
             # zoos may differ in task options (e.g. augmented training): match on the architecture config;
             # the path is evaluated on zoo a's task (the items carry zoo a's context)
-            by_config = {c: g["model_id"].to_list() for (c,), g in models[zb].group_by("arch_config")}
+            by_config = {c: pair_pool(g) for (c,), g in models[zb].group_by("arch_config")}
             arch_a, arch_b = (store.models(z).select("arch").head(1).collect()["arch"].to_list() for z in (za, zb))
             if arch_a != arch_b:
                 continue
             for (config, arch_config), group in models[za].group_by("context", "arch_config", maintain_order=True):
-                cross = sample_cross(group["model_id"].to_list(), by_config.get(arch_config, []), settings.pairs,
+                cross = sample_cross(pair_pool(group), by_config.get(arch_config, []), settings.pairs,
                                      f"{settings.seed}:{za}:{zb}")
                 for a, b in cross:
                     common = sorted(set(epochs[za][a]) & set(epochs[zb][b]))
                     items += [{"zoo": za, "zoo_b": zb, "model_a": a, "model_b": b, "context": config, "epoch": e}
-                              for e in pick_epochs(common, settings.epochs, f"zoos {za!r} and {zb!r}")
-                              if (za, zb, a, b, e) not in done]
+                              for e in pick_epochs(common, settings.epochs, f"zoos {za!r} and {zb!r}")]
         return items
 
     def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:

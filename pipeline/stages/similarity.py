@@ -33,7 +33,7 @@ from torch import nn
 
 from analysis import plots
 from pipeline.stages.checkpoint import CheckpointSettings, CheckpointStage
-from pipeline.stages.common import CONTEXT, Item, Settings, Stage, by_context, done_keys, mean_sd, median_iqr, pair_population, register_stage, shard_name, test_batch
+from pipeline.stages.common import CONTEXT, Item, Settings, Stage, by_context, mean_sd, median_iqr, ok_models, pair_pool, pair_population, register_stage, test_batch
 from pipeline.stages.interpolation import last_epoch_rows, pick_epochs, sample_pairs, stored_epochs
 from zoos.archs.base import ACTIVATIONS
 from zoos.spec import FACTORS
@@ -64,7 +64,7 @@ def pairs_of_zoo(models: pl.DataFrame, k: int, within: str, key: str) -> list[tu
     out: list[tuple[str, str, str]] = []
     for _, group in models.group_by(by, maintain_order=True):
         config = group["context"][0]
-        out += [(a, b, config) for a, b in sample_pairs(group["model_id"].to_list(), 0, key)]
+        out += [(a, b, config) for a, b in sample_pairs(pair_pool(group), 0, key)]
     if k and len(out) > k:
         out = sorted(random.Random(key).sample(out, k))
     return out
@@ -90,18 +90,18 @@ class Similarity(Stage):
     pairs = "within"
     keys = ["zoo", "model_a", "model_b", "epoch"]
 
-    def plan(self, store: Any, zoos: list, settings: SimilaritySettings) -> list[Item]:
-        done = done_keys(store, self.name, self.keys)
+    def wanted(self, store: Any, zoos: list, settings: SimilaritySettings) -> list[Item]:
         items: list[Item] = []
         for zoo in zoos:
             if zoo.name not in store.zoos():
                 continue
-            models = store.models(zoo.name).filter(pl.col("status") == "ok").with_columns(CONTEXT).collect().sort("model_id")
+            models = store.models(zoo.name).with_columns(CONTEXT).drop("learned", strict=False).collect().join(
+                ok_models(store, zoo.name).select("model_id", "learned"), on="model_id").sort("model_id")
             epochs = stored_epochs(store, zoo.name)
             for a, b, config in pairs_of_zoo(models, settings.pairs, settings.within, f"{settings.seed}:{zoo.name}"):
                 common = sorted(set(epochs[a]) & set(epochs[b]))
                 items += [{"zoo": zoo.name, "model_a": a, "model_b": b, "context": config, "epoch": e}
-                          for e in pick_epochs(common, settings.epochs, f"zoo {zoo.name!r}") if (zoo.name, a, b, e) not in done]
+                          for e in pick_epochs(common, settings.epochs, f"zoo {zoo.name!r}")]
         return items
 
     def run(self, store_root: str, items: list[Item], settings: dict[str, Any], data_dir: str | None, device: str) -> list[dict]:
@@ -117,8 +117,7 @@ class Similarity(Stage):
                 a, b = index[it["model_a"]], index[it["model_b"]]
                 rows.append({"zoo": zoo, "model_a": it["model_a"], "model_b": it["model_b"], "epoch": int(epoch),
                              **pair_row(result, a, b)})
-        store.write_analysis(self.name, shard_name(self.name, items), rows)
-        return rows
+        return self.write(store, items, rows, settings)
 
     def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
         last = last_epoch_rows(rows, ["zoo", "model_a", "model_b"])

@@ -112,17 +112,33 @@ def test_metric_stages_store_values_that_must_hold(ray_local, tmp_path):
     exp = client.get_experiment_by_name("metrics")
     runs = client.search_runs([exp.experiment_id], "tags.`symzoo.kind` = 'stage'")
     assert {r.data.tags["symzoo.stage"] for r in runs} == {"weightspace", "landscape", "lie"}
-    assert any("cnn.wdist_last" in r.data.metrics for r in runs)
+    # each stage run's metrics are the summary's numbers: the study's zoos, the models that learned
+    shown = {f"{row['zoo']}.{c}": v for row in summary.iter_rows(named=True) for c, v in row.items()
+             if c != "zoo" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    logged = {k: v for r in runs for k, v in r.data.metrics.items()}
+    assert "mlp.hessian_top" in logged and "o5_inv.lie_generator_0" in logged
+    assert all(v == pytest.approx(shown[k]) for k, v in logged.items()), (logged, shown)
 
-    # a second run asking for all epochs computes only the checkpoints not stored yet (a fresh MLflow
-    # file: the study's MLflow runs refuse changed stage params)
-    study["analysis"] = [{"stage": "landscape", "zoos": ["mlp", "p4"], "samples": 64, "iters": 5, "probes": 2, "epochs": "all"}]
+    # a second run asking for all epochs computes only the checkpoints not stored yet under these settings (a
+    # fresh MLflow file: the study's MLflow runs refuse changed stage params)
+    landscape = {"stage": "landscape", "zoos": ["mlp", "p4"], "samples": 64, "iters": 200, "tol": 1e-6, "probes": 64}
+    study["analysis"] = [{**landscape, "epochs": "all"}]
     path.write_text(yaml.safe_dump(study))
     again = CliRunner().invoke(app, ["run", str(path), "--plain", "--tracking-uri", f"sqlite:///{tmp_path / 'again.db'}"])
     assert again.exit_code == 0, again.output
     after = store.analysis("landscape").collect()
     new = after.join(ls.select("model_id", "epoch"), on=["model_id", "epoch"], how="anti")
     assert after.height == 10 and new.select("zoo", "epoch").unique().rows() == [("p4", 2)]  # p4 stored 0, 1, 2
+
+    # other settings of a result (fewer probes, fewer iterations) compute every checkpoint anew, stored beside the
+    # first results under their own settings id; the summary shows the study's own
+    study["analysis"] = [{**landscape, "epochs": "all", "iters": 5, "probes": 2}]
+    path.write_text(yaml.safe_dump(study))
+    third = CliRunner().invoke(app, ["run", str(path), "--plain", "--tracking-uri", f"sqlite:///{tmp_path / 'third.db'}"])
+    assert third.exit_code == 0, third.output
+    rows = store.analysis("landscape").collect()
+    assert rows.height == 20 and rows["settings_id"].n_unique() == 2
+    assert rows.filter(~pl.col("settings_id").is_in(after["settings_id"].unique().to_list())).height == 10
 
 
 def exact_hessian(store, model_id, epoch, samples):

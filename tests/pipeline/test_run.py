@@ -49,6 +49,7 @@ def test_run_trains_analyses_logs_and_a_second_run_does_nothing(ray_local, tmp_p
 
     interp = store.analysis("interpolation").collect()
     assert interp.group_by("zoo").len().sort("zoo").rows() == [("mlp", 2), ("p4", 1)]
+    assert interp["settings_id"].n_unique() == 1
     equi = store.analysis("equivariance").collect()
     assert equi.height == 8
     p4_err = equi.filter(pl.col("zoo") == "p4")["equivariance_error"].max()

@@ -460,6 +460,21 @@ def test_a_model_whose_loss_stays_at_its_start_is_marked_not_learned():
     assert result.curves["train_loss"][i, -1] < LEARNED * result.curves["train_loss"][i, 0]
 
 
+def test_a_classifier_whose_accuracy_left_chance_learned_though_its_loss_fell_little():
+    """One short epoch can take accuracy from chance (0.1) to 0.5 with the cross-entropy down 4%: learned. A model
+    stuck near chance is not, nor is one whose lower-is-better metric moved (the loss says it for those)."""
+    from tasks import get_task
+    from zoos.trainer import learned_models
+
+    curves = {"train_loss": np.array([[2.306, 2.206], [2.31, 2.30], [2.3, 1.2], [2.3, 2.29]]),
+              "train_acc": np.array([[0.10, 0.52], [0.08, 0.103], [0.1, 0.1], [0.3, 0.62]])}
+    assert learned_models(get_task("digits"), curves).tolist() == [True, False, True, True]
+    regression = get_task("o5_regression")
+    name = f"train_{regression.metric_name}"
+    assert not regression.higher_is_better
+    assert learned_models(regression, {"train_loss": np.array([[1.0, 0.99]]), name: np.array([[1.0, 0.1]])}).tolist() == [False]
+
+
 def test_a_finite_loss_far_above_its_start_is_diverged():
     """lr 1e4: losses in the thousands and huge weights, all finite: diverged, as a user would say."""
     models = zoo_models({"seed": [0], "lr": [1e4, 1e-2], "optimizer": ["sgd"]}, epochs=2)
