@@ -12,7 +12,7 @@ product is about that of two backward passes for the whole population.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,20 +41,31 @@ def _dot(a: State, b: State) -> Tensor:
     return sum((a[k] * b[k]).flatten(1).sum(1) for k in a)
 
 
-def _rademacher(params: Mapping[str, Tensor], generator: torch.Generator | None) -> State:
-    return {
-        k: (torch.randint(0, 2, p.shape, generator=generator).to(p) * 2 - 1) for k, p in params.items()
-    }
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _draw(params: Mapping[str, Tensor], generator: Generators, draw: Callable[..., Tensor]) -> State:
+    """A random tensor like each stacked parameter, `draw(shape, generator=...)`: all from one generator, or model
+    i's slice from generator[i] (a model's draws then do not depend on the models stacked beside it)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return {k: draw(p.shape, generator=generator).to(p) for k, p in params.items()}
+    per_model = [{k: draw(p.shape[1:], generator=g) for k, p in params.items()} for g in generator]
+    return {k: torch.stack([d[k] for d in per_model]).to(p) for k, p in params.items()}
+
+
+def _rademacher(params: Mapping[str, Tensor], generator: Generators) -> State:
+    return {k: v * 2 - 1 for k, v in _draw(params, generator, lambda s, generator: torch.randint(0, 2, s, generator=generator)).items()}
 
 
 @dataclass
 class TopEigenvalue:
-    """Per model: the dominant Hessian eigenvalue, its unit eigenvector, and the last relative change."""
+    """Per model: the dominant Hessian eigenvalue, its unit eigenvector, the last relative change, and the
+    iterations it took."""
 
     value: Tensor  # [N]
     vector: State  # {key: [N, *shape]}
-    rel_change: Tensor  # [N] |λ_k - λ_{k-1}| / |λ_k| at the last iteration
-    iterations: int
+    rel_change: Tensor  # [N] |λ_k - λ_{k-1}| / |λ_k| at the model's last iteration
+    iterations: Tensor  # [N]
 
 
 def hessian_top_eigenvalue(
@@ -67,28 +78,35 @@ def hessian_top_eigenvalue(
     *,
     iters: int = 100,
     tol: float = 1e-4,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> TopEigenvalue:
-    """Power iteration on every model's Hessian at once; stops when all models change by < tol (relative)."""
+    """Power iteration on every model's Hessian at once; a model stops (its value and vector kept) once it changes
+    by < tol (relative), so its result does not depend on the models beside it. `generator`: one for every
+    model's start, or one a model."""
     params, buffers = dict(params), dict(buffers)
     hvp = vmap(_hvp(module, x, y, loss_fn))
-    v = {k: torch.randn(p.shape, generator=generator).to(p) for k, p in params.items()}
+    v = _draw(params, generator, torch.randn)
     value = torch.zeros(next(iter(params.values())).shape[0], dtype=x.dtype, device=x.device)
     rel = torch.full_like(value, float("inf"))
-    k = 0
+    active = torch.ones_like(value, dtype=torch.bool)
+    taken = torch.zeros_like(value, dtype=torch.long)
     with evaluating(module):
         for k in range(1, iters + 1):
             norm = _dot(v, v).sqrt().clamp_min(1e-30)
-            v = {key: t / norm.view(-1, *[1] * (t.dim() - 1)) for key, t in v.items()}
-            hv = hvp(params, buffers, v)
-            new = _dot(v, hv).detach()
-            rel = (new - value).abs() / new.abs().clamp_min(1e-30)
-            value, v = new, {key: t.detach() for key, t in hv.items()}
-            if k > 1 and bool((rel < tol).all()):
-                break
+            unit = {key: t / norm.view(-1, *[1] * (t.dim() - 1)) for key, t in v.items()}
+            hv = hvp(params, buffers, unit)
+            new = _dot(unit, hv).detach()
+            rel = torch.where(active, (new - value).abs() / new.abs().clamp_min(1e-30), rel)
+            value = torch.where(active, new, value)
+            v = {key: torch.where(active.view(-1, *[1] * (t.dim() - 1)), hv[key].detach(), t) for key, t in v.items()}
+            taken += active
+            if k > 1:
+                active &= ~(rel < tol)
+                if not bool(active.any()):
+                    break
     norm = _dot(v, v).sqrt().clamp_min(1e-30)
     vector = {key: t / norm.view(-1, *[1] * (t.dim() - 1)) for key, t in v.items()}
-    return TopEigenvalue(value, vector, rel, k)
+    return TopEigenvalue(value, vector, rel, taken)
 
 
 @dataclass
@@ -119,9 +137,10 @@ def hessian_trace(
     n_samples: int = 64,
     rel_se: float | None = None,
     min_samples: int = 8,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Trace:
-    """tr H ≈ mean over Rademacher z of z^T H z, every model with its own probes.
+    """tr H ≈ mean over Rademacher z of z^T H z, every model with its own probes (`generator`: one for all
+    models' probes, or one a model).
 
     With `rel_se`, probes are added until the standard error is at most `rel_se` times |mean|: a model stops at
     the first count n >= min(min_samples, n_samples) where that holds, or at `n_samples`, whichever comes first.

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 
 from analysis import plots
-from pipeline.stages.common import Item, Settings, Stage, by_context, mean_sd, ok_models, pair_pool, pair_population, register_stage
+from pipeline.stages.common import Item, Settings, Stage, by_context, item_generator, mean_sd, ok_models, pair_pool, pair_population, register_stage
 from pipeline.stages.interpolation import factor_cells, sample_pairs
 
 
@@ -57,11 +57,11 @@ class Bezier(Stage):
         for (zoo, _), group in by_context(items).items():
             module, task, weights, index = pair_population(store, group, data_dir, device)
             module = module.to(device)
-            gen = torch.Generator().manual_seed(settings["seed"])
             for it in group:
                 a = {k: v[index[it["model_a"]]].clone() for k, v in weights.tensors.items()}
                 b = {k: v[index[it["model_b"]]].clone() for k, v in weights.tensors.items()}
                 if settings["align"]:
+                    gen = item_generator(settings["seed"], it["model_a"], it["model_b"])  # the pair's own draws
                     b = apply_permutation(module.perm_spec(), b, weight_matching(module.perm_spec(), a, b, generator=gen).perms)
                 torch.manual_seed(settings["seed"])
                 curve = bezier_curve(module, a, b, task, bends=settings["bends"], steps=settings["steps"], lr=settings["lr"],

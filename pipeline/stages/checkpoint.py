@@ -78,15 +78,16 @@ class CheckpointStage(Stage):
             module = module.to(device)
             weights = stacked(store, [i["model_id"] for i in group], device, epoch=epoch)
             params, buffers = split_state(module, weights.tensors)
-            values = self.measure(module, task, params, buffers, settings, device)
+            values = self.measure(module, task, params, buffers, settings, device, model_ids=weights.model_ids)
             for i, mid in enumerate(weights.model_ids):
                 rows.append({"zoo": zoo, "model_id": mid, "epoch": epoch, **{k: _cell(v, i) for k, v in values.items()}})
         return self.write(store, items, rows, settings)
 
     @abstractmethod
     def measure(self, module: torch.nn.Module, task: Any, params: dict, buffers: dict, settings: dict[str, Any],
-                device: str) -> dict[str, Any]:
-        """Columns for N stacked models: a tensor [N, ...] holds one entry per model; any other value is shared by all."""
+                device: str, model_ids: list[str]) -> dict[str, Any]:
+        """Columns for N stacked models (`model_ids`, for draws of their own: `item_generator`): a tensor [N, ...]
+        holds one entry per model; any other value is shared by all."""
 
 
 def _cell(value: Any, i: int) -> Any:

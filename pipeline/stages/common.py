@@ -183,6 +183,13 @@ def pair_pool(group: pl.DataFrame) -> list[str]:
     return learned if len(learned) >= 2 else group["model_id"].to_list()
 
 
+def item_generator(seed: int, *item: Any) -> torch.Generator:
+    """A generator for one item's random draws, seeded by the stage's seed and the item (its model ids): the item's
+    result does not depend on which items share its Ray task or in what order, so a resumed run reproduces it."""
+    digest = hashlib.sha256(json.dumps([seed, *item], default=str).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 def model_context(store: Any, model_id: str, data_dir: str | None) -> tuple[torch.nn.Module, Any]:
     """(template module in eval mode, task) of a stored model, rebuilt from its row."""
     from tasks import task_with_data

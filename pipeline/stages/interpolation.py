@@ -22,14 +22,14 @@ from __future__ import annotations
 import itertools
 import random
 from pathlib import Path
-from typing import Any, Hashable, Literal, Mapping
+from typing import Any, Hashable, Literal, Mapping, Sequence
 
 import polars as pl
 import torch
 from pydantic import Field
 
 from analysis import plots
-from pipeline.stages.common import Item, Settings, Stage, by_context, mean_sd, ok_models, pair_pool, pair_population, register_stage
+from pipeline.stages.common import Item, Settings, Stage, by_context, item_generator, mean_sd, ok_models, pair_pool, pair_population, register_stage
 from zoos.spec import FACTORS
 
 
@@ -196,9 +196,9 @@ def _train_inputs(task: Any, count: int) -> list[torch.Tensor]:
 
 
 def _align(module: torch.nn.Module, task: Any, spec: Any, a: dict, b: dict, settings: dict[str, Any],
-           gen: torch.Generator) -> tuple[dict, list]:
-    """b's stacked pairs matched to a's under `spec` (by weights or by activations, as `settings` say):
-    (aligned stacked b, one MatchResult per pair)."""
+           gens: list[torch.Generator]) -> tuple[dict, list]:
+    """b's stacked pairs matched to a's under `spec` (by weights or by activations, as `settings` say), pair p's
+    weight matching drawing from gens[p]: (aligned stacked b, one MatchResult per pair)."""
     from analysis.matching import RESTARTS, activation_matching, weight_matching
     from zoos.permspec import apply_permutation
 
@@ -210,7 +210,7 @@ def _align(module: torch.nn.Module, task: Any, spec: Any, a: dict, b: dict, sett
         if by_activations:
             match = activation_matching(module, spec, ap, bp, batches, device=next(iter(ap.values())).device)
         else:
-            match = weight_matching(spec, ap, bp, generator=gen, restarts=settings.get("restarts", RESTARTS))
+            match = weight_matching(spec, ap, bp, generator=gens[p], restarts=settings.get("restarts", RESTARTS))
         for k, v in apply_permutation(spec, bp, match.perms).items():
             aligned[k][p] = v
         matches.append(match)
@@ -227,16 +227,19 @@ def _barrier_between(values: torch.Tensor, lam: torch.Tensor, ends: torch.Tensor
     return values[:, mid] - line[:, mid]
 
 
-def connect_pairs(module: torch.nn.Module, task: Any, a: dict, b: dict, settings: dict[str, Any], device: str) -> list[dict]:
+def connect_pairs(module: torch.nn.Module, task: Any, a: dict, b: dict, settings: dict[str, Any], device: str,
+                  pairs: Sequence[tuple[str, str]] | None = None) -> list[dict]:
     """Per stacked pair (a[p], b[p]): weight-match b to a, then loss and error along both linear paths (and the
-    head-unaware and REPAIRed paths where the settings ask)."""
+    head-unaware and REPAIRed paths where the settings ask). `pairs`: the pairs' model ids, which seed each pair's
+    matching (`item_generator`) so that its result does not depend on the pairs beside it (default: its index)."""
     from analysis.connectivity import barrier, barrier_reduction, evaluate_path, linear_path, repair_path
     from zoos.trainer import DATA_SEED
 
     spec, n = module.perm_spec(), next(iter(a.values())).shape[0]
     heads = settings.get("heads", "aware")
-    gen = torch.Generator().manual_seed(settings["seed"])
-    aligned, matches = _align(module, task, spec if heads != "unaware" else spec.unstructured(), a, b, settings, gen)
+    pairs = list(pairs) if pairs is not None else [(str(p), "") for p in range(n)]
+    gens = [item_generator(settings["seed"], *pair) for pair in pairs]
+    aligned, matches = _align(module, task, spec if heads != "unaware" else spec.unstructured(), a, b, settings, gens)
     kw = dict(lambdas=settings["lambdas"], pairs=True, splits=("test",), seed=DATA_SEED,
               max_examples=settings["samples"], device=device)
     naive, matched = linear_path(module, a, b, task, **kw), linear_path(module, a, aligned, task, **kw)
@@ -270,7 +273,8 @@ def connect_pairs(module: torch.nn.Module, task: Any, a: dict, b: dict, settings
         for p, row in enumerate(rows):
             row["unaware_endpoint_loss"] = float(loss_a[p, -1] - loss_n[p, -1])
     if heads == "both":
-        flat, _ = _align(module, task, spec.unstructured(), a, b, settings, gen)
+        flat, _ = _align(module, task, spec.unstructured(), a, b, settings,
+                         [item_generator(settings["seed"], *pair, "unaware") for pair in pairs])
         path = linear_path(module, a, flat, task, **kw)
         loss_u, err_u = path.loss["test"], path.error("test")
         b_u = _barrier_between(loss_u, lam, ends_loss)
@@ -333,7 +337,8 @@ class Interpolation(Stage):
             module, task, weights, index = pair_population(store, group, data_dir, device, epoch)
             a = {k: v[torch.tensor([index[i["model_a"]] for i in group])] for k, v in weights.tensors.items()}
             b = {k: v[torch.tensor([index[i["model_b"]] for i in group])] for k, v in weights.tensors.items()}
-            results = connect_pairs(module.to(device), task, a, b, settings, device)
+            results = connect_pairs(module.to(device), task, a, b, settings, device,
+                                    pairs=[(i["model_a"], i["model_b"]) for i in group])
             for it, res in zip(group, results):
                 ids = {k: v for k, v in it.items() if k != "context"}
                 rows.append({**ids, "epoch": int(weights.epochs[index[it["model_a"]]]), **res})

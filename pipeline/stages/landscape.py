@@ -18,7 +18,7 @@ from pydantic import Field
 
 from analysis import plots
 from pipeline.stages.checkpoint import CheckpointSettings, CheckpointStage
-from pipeline.stages.common import median_iqr, register_stage, test_batch
+from pipeline.stages.common import item_generator, median_iqr, register_stage, test_batch
 
 
 class LandscapeSettings(CheckpointSettings):
@@ -36,15 +36,15 @@ class Landscape(CheckpointStage):
     Settings = LandscapeSettings
 
     def measure(self, module: torch.nn.Module, task: Any, params: dict, buffers: dict, settings: dict[str, Any],
-                device: str) -> dict[str, Any]:
+                device: str, model_ids: list[str]) -> dict[str, Any]:
         from analysis.landscape import hessian_top_eigenvalue, hessian_trace
 
         x, y = test_batch(task, settings["samples"], settings["seed"], device)
-        gen = torch.Generator().manual_seed(settings["seed"])
+        gens = [item_generator(settings["seed"], m) for m in model_ids]  # each model's draws its own
         top = hessian_top_eigenvalue(module, params, buffers, x, y, task.loss, iters=settings["iters"],
-                                     tol=settings["tol"], generator=gen)
+                                     tol=settings["tol"], generator=gens)
         trace = hessian_trace(module, params, buffers, x, y, task.loss, n_samples=settings["probes"],
-                              rel_se=settings["trace_rel_se"], generator=gen)
+                              rel_se=settings["trace_rel_se"], generator=gens)
         n_params = sum(p[0].numel() for p in params.values())
         return {"hessian_top": top.value, "hessian_top_rel_change": top.rel_change, "power_iters": top.iterations,
                 "hessian_trace": trace.mean, "hessian_trace_se": trace.se, "trace_per_param": trace.mean / n_params,

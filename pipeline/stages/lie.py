@@ -45,7 +45,7 @@ class Lie(CheckpointStage):
     Settings = LieSettings
 
     def measure(self, module: torch.nn.Module, task: Any, params: dict, buffers: dict, settings: dict[str, Any],
-                device: str) -> dict[str, Any]:
+                device: str, model_ids: list[str]) -> dict[str, Any]:
         from analysis.lie import group_lie_derivatives, image_flow, lie_derivative, lie_norm
         from analysis.symmetry import evaluating
         from tasks.groups import LieGroup

@@ -189,7 +189,7 @@ class Funcdim(CheckpointStage):
     Settings = FuncdimSettings
 
     def measure(self, module: torch.nn.Module, task: Any, params: dict, buffers: dict, settings: dict[str, Any],
-                device: str) -> dict[str, Any]:
+                device: str, model_ids: list[str]) -> dict[str, Any]:
         from analysis.representation import functional_dimension, relu_mlp_bound
 
         n_params = sum(p[0].numel() for p in params.values())

@@ -33,7 +33,7 @@ class Weightspace(CheckpointStage):
     Settings = WeightspaceSettings
 
     def measure(self, module: torch.nn.Module, task: Any, params: dict, buffers: dict, settings: dict[str, Any],
-                device: str) -> dict[str, Any]:
+                device: str, model_ids: list[str]) -> dict[str, Any]:
         from tasks.groups import FiniteGroup
         from zoos.equivariance import distance, projections, total_distance
 

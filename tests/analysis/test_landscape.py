@@ -172,3 +172,22 @@ def test_regression_task_loss_takes_hessian_vector_products():
     ours = hessian_top_eigenvalue(*population(nets), x, y, task.loss, iters=50, tol=0, generator=gen())
     ref = hessian_top_eigenvalue(*population(nets), x, y, mse, iters=50, tol=0, generator=gen())
     torch.testing.assert_close(ours.value, ref.value)
+
+
+def test_a_models_estimates_with_its_own_generator_do_not_depend_on_the_models_beside_it():
+    """With one generator a model, each model's power iteration (stopping at its own convergence) and its trace
+    probes are its own: model 1 alone, or stacked after two others, gives the same numbers."""
+    nets = [nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double() for _ in range(3)]
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    mse = lambda p, t: ((p - t) ** 2).mean()  # noqa: E731
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    alone = population([nets[1]])
+    stacked = population([nets[2], nets[0], nets[1]])
+    top1 = hessian_top_eigenvalue(*alone, x, y, mse, iters=300, tol=1e-6, generator=gens(11))
+    top3 = hessian_top_eigenvalue(*stacked, x, y, mse, iters=300, tol=1e-6, generator=gens(12, 10, 11))
+    assert top1.iterations[0] == top3.iterations[2] and top3.iterations.unique().numel() > 1
+    torch.testing.assert_close(top3.value[2], top1.value[0], rtol=1e-12, atol=0)
+    tr1 = hessian_trace(*alone, x, y, mse, n_samples=40, rel_se=0.05, generator=gens(11))
+    tr3 = hessian_trace(*stacked, x, y, mse, n_samples=40, rel_se=0.05, generator=gens(12, 10, 11))
+    assert tr1.n_samples[0] == tr3.n_samples[2]
+    torch.testing.assert_close(tr3.mean[2], tr1.mean[0], rtol=1e-12, atol=0)

@@ -71,3 +71,18 @@ def test_activation_matching_undoes_a_planted_head_permutation_and_keeps_b_its_f
     assert same["matching_restart_spread"] is None  # activation matching has no restarts
     with pytest.raises(ValidationError, match=r"matching\n.*'weight' or 'activation'"):
         InterpolationSettings(matching="gradients")
+
+
+def test_a_pairs_matching_does_not_depend_on_the_pairs_beside_it():
+    """Each pair's weight matching draws from a generator of its own (the stage's seed and the pair's ids): the
+    pair alone, or second in a stack, gets the same permutations and barriers (a resumed run reproduces it)."""
+    model, a = _vit(0)
+    _, b = _vit(1)
+    _, c = _vit(2)
+    stack = lambda *states: {k: torch.stack([s[k] for s in states]) for k in a}  # noqa: E731
+    settings = InterpolationSettings(lambdas=5, samples=64, restarts=2).model_dump()
+    task = get_task("digits")
+    alone = connect_pairs(model, task, stack(a), stack(b), settings, "cpu", pairs=[("a", "b")])[0]
+    both = connect_pairs(model, task, stack(a, a), stack(c, b), settings, "cpu", pairs=[("a", "c"), ("a", "b")])[1]
+    for key in ("matching_objective", "matching_restart_spread", "barrier_loss_aligned", "test_loss_aligned"):
+        assert both[key] == pytest.approx(alone[key], rel=1e-9, abs=1e-12), key

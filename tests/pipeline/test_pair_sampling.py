@@ -155,3 +155,17 @@ def test_report_cells_show_the_pair_count_beside_each_pair_metric():
     shown = with_pair_counts(cells)
     assert shown["barrier_aligned"].to_list() == ["0.125 (n=3)", "(n=0)"]
     assert shown["interpolation_pairs"].to_list() == [3, 0] and shown["test_loss"].to_list() == [0.5, 0.25]
+
+
+def test_pairs_are_drawn_among_the_models_that_learned_where_two_did():
+    """A pair with a model that never learned is left out of the zoo's statistics, so a group's pairs are drawn
+    among its learned models; a group with fewer than two (a phase study's untrained cell) pairs all of them."""
+    import polars as pl
+
+    from pipeline.stages.common import pair_pool
+
+    mixed = pl.DataFrame({"model_id": ["a", "b", "c", "d"], "learned": [True, False, True, True]})
+    assert pair_pool(mixed) == ["a", "c", "d"]
+    untrained = pl.DataFrame({"model_id": ["a", "b", "c"], "learned": [True, False, False]})
+    assert pair_pool(untrained) == ["a", "b", "c"]
+    assert pair_pool(pl.DataFrame({"model_id": ["a", "b"]})) == ["a", "b"]  # a store from before `learned`
