@@ -40,6 +40,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
@@ -432,10 +433,15 @@ def _dataset(config: dict, texts: list[str], where: str) -> str:
 def _load_tensors(path: str) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors through torch's weights-only unpickler; anything else (code, objects) is refused."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        raise StoreError(f"refusing checkpoint {path}: it is not a plain tensor state dict, and symzoo never unpickles "
-                         f"arbitrary objects ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
+        with warnings.catch_warnings():  # a damaged header reads as an odd pickle protocol: torch warns, then fails
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - damaged bytes raise anything from the zip, pickle or text decoding
+        why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
+            raise StoreError(f"refusing checkpoint {path}: it is not a plain tensor state dict (it holds objects, which "
+                             f"symzoo never unpickles, or it is damaged): {why}") from None
+        raise StoreError(f"checkpoint {path} is damaged or not a torch checkpoint: {type(e).__name__}: {why}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise StoreError(f"refusing checkpoint {path}: it is not a state dict of tensors (got {type(state).__name__})")
     return state

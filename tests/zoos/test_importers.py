@@ -445,6 +445,18 @@ def _break_pickle(trial):
     torch.save({"w": torch.zeros(2), "code": print}, trial / "checkpoint_000001" / "checkpoints")
 
 
+def _truncate_checkpoint(trial):
+    path = trial / "checkpoint_000001" / "checkpoints"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garble_checkpoint(trial):
+    path = trial / "checkpoint_000001" / "checkpoints"
+    data = bytearray(path.read_bytes())
+    data[100:300] = np.random.default_rng(3).integers(0, 256, 200, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+
+
 def _break_type(trial):
     cfg = json.loads((trial / "params.json").read_text())
     (trial / "params.json").write_text(json.dumps({**cfg, "model::type": "MLP"}))
@@ -457,6 +469,8 @@ def _break_type(trial):
         (_break_checkpoint, r"checkpoint_000001: no 'checkpoints' file"),
         (_break_dropout_indices, r"checkpoints: keys .* are not a CNN with dropout 0.5 .*0, 4, 8, 11, 14"),
         (_break_pickle, r"refusing checkpoint .*checkpoint_000001/checkpoints: it is not a plain tensor state dict"),
+        (_truncate_checkpoint, r"checkpoint .*checkpoint_000001/checkpoints is damaged or not a torch checkpoint: "),
+        (_garble_checkpoint, r"checkpoint .*checkpoint_000001/checkpoints is damaged or not a torch checkpoint: "),
         (_break_type, r"params\.json: model::type 'MLP'"),
     ],
 )
