@@ -223,6 +223,9 @@ def check_store_writable(root: str) -> None:
         store = Store(root)
     except StoreError as e:
         raise RunRefused(f"{e}. {hint}") from None
+    if not store.exists and _holds_files(store):  # a run would write a store in among someone's files
+        raise RunRefused(f"{root!r} is a folder of other files, not a symzoo store (no symzoo-store.json); a store is "
+                         f"a new or empty folder, or one symzoo wrote. {hint}")
     if store.local:
         why = path_problem(store.root)
         if why:
@@ -239,6 +242,16 @@ def check_store_writable(root: str) -> None:
             store.fs.delete_dir(store.root)
     except OSError as e:
         raise RunRefused(f"cannot write the store at {root!r}: {e.strerror or e}. {hint}") from None
+
+
+def _holds_files(store: Any) -> bool:
+    """Whether a store root without a marker already holds something not hidden (a run's own `.locks` is)."""
+    import pyarrow.fs as pafs
+
+    if store.fs.get_file_info(store.root).type != pafs.FileType.Directory:
+        return False
+    entries = store.fs.get_file_info(pafs.FileSelector(store.root, allow_not_found=True))
+    return any(not e.base_name.startswith(".") for e in entries)
 
 
 class StudyLock:

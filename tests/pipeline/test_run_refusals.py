@@ -67,6 +67,7 @@ def test_a_report_path_that_cannot_be_written_is_refused_before_any_work(here, r
     ("foo://x", "Unrecognized filesystem type"),
     ("afile", "it is a file, not a folder"),
     ("afile/store", "afile' is a file, not a folder"),
+    ("adir", "is a folder of other files, not a symzoo store (no symzoo-store.json)"),
 ])
 def test_an_unusable_store_is_refused_before_mlflow_and_the_store_are_touched(here, store, says):
     refused(here, [str(study_file(here)), "--store", store], f"'{store}'", "--store", says)
