@@ -179,7 +179,8 @@ def pair_row(result: dict[str, Any], a: int, b: int) -> dict[str, Any]:
 
 
 class FuncdimSettings(CheckpointSettings):
-    samples: int = Field(128, ge=1, description="test inputs in the Jacobian (rows = samples x outputs)")
+    samples: int = Field(1024, ge=1, description="test inputs in the Jacobian at most (rows = samples x outputs; a rank "
+                                                 "reaching the rows is only a lower bound: `rank_capped`)")
     max_entries: int = Field(20_000_000, ge=1, description="Jacobian entries at most (float64); fewer samples are used above it")
 
 
@@ -207,12 +208,14 @@ class Funcdim(CheckpointStage):
         bound = relu_mlp_bound(module) if applicable else None
         return {"rank": rank, "n_params": n_params, "bound": bound, "bound_applicable": applicable,
                 "rank_over_bound": rank / bound if applicable else None, "rank_over_params": rank / n_params,
-                "jacobian_rows": int(x.shape[0]) * n_out, "samples": int(x.shape[0])}
+                "jacobian_rows": int(x.shape[0]) * n_out, "samples": int(x.shape[0]),
+                "rank_capped": rank >= int(x.shape[0]) * n_out}  # full row rank: more rows could show more
 
     def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
         last = rows.filter(pl.col("epoch") == pl.col("epoch").max().over("model_id"))
+        capped = [pl.col("rank_capped").sum().alias("fdim_capped")] if "rank_capped" in last.columns else []
         return last.group_by("zoo").agg(*median_iqr("rank_over_params", "fdim_over_params"),
-                                        *median_iqr("rank_over_bound", "fdim_over_bound"))
+                                        *median_iqr("rank_over_bound", "fdim_over_bound"), *capped)
 
     def plots(self, rows: pl.DataFrame, out_dir: Path) -> list[Path]:
         last = rows.filter(pl.col("epoch") == pl.col("epoch").max().over("model_id"))

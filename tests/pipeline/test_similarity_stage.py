@@ -152,6 +152,7 @@ def test_similarity_and_funcdim_store_values_that_must_hold(ray_local, tmp_path)
     assert not th["bound_applicable"].any() and th["bound"].null_count() == 3 and (th["rank"] > 89).all()
     for mid, rank in fd.select("model_id", "rank").iter_rows():
         assert jacobian_rank(store, mid, 128) == (int(rank), 97)
+    assert not fd["rank_capped"].any()  # 128 rows for 97 parameters: every rank below the rows
 
     # summary, plots, MLflow
     summary = pl.read_csv(tmp_path / "out" / "summary.csv")
@@ -178,3 +179,27 @@ def test_similarity_settings_are_validated():
         parse_study({**base, "analysis": [{"stage": "funcdim", "epochs": []}]})
     ok = parse_study({**base, "analysis": [{"stage": "similarity", "layers": ["net.acts.0", "output"]}]})
     assert ok.analysis[0].settings.layers == ["net.acts.0", "output"]
+
+
+def test_a_functional_dimension_that_reaches_the_jacobians_rows_is_marked_capped():
+    """With fewer Jacobian rows than the network has dimensions the rank is the row count, a lower bound only:
+    `rank_capped` says so (and the summary counts it); with enough rows it is the network's own."""
+    from pipeline.stages.similarity import Funcdim, FuncdimSettings
+    from tasks import get_task
+    from zoos.archs import build_arch
+    from zoos.functional import stack_states, template
+
+    task = get_task("digits")
+    torch.manual_seed(0)
+    models = [build_arch("mlp", task, width=4, depth=1, activation="tanh") for _ in range(2)]  # 310 params
+    params, buffers = stack_states(models)
+    stage = Funcdim()
+    few = stage.measure(template(models[0]), task, params, buffers, FuncdimSettings(samples=3).model_dump(), "cpu",
+                        model_ids=["a", "b"])
+    assert few["jacobian_rows"] == 30 and (few["rank"] == 30).all() and few["rank_capped"].all()
+    many = stage.measure(template(models[0]), task, params, buffers, FuncdimSettings(samples=64).model_dump(), "cpu",
+                         model_ids=["a", "b"])
+    assert many["jacobian_rows"] == 640 and (many["rank"] < 310).all() and not many["rank_capped"].any()
+    rows = pl.DataFrame({"zoo": ["z", "z"], "model_id": ["a", "b"], "epoch": [1, 1], "rank_over_params": [0.1, 0.1],
+                         "rank_over_bound": [0.1, 0.1], "rank_capped": [True, False]})
+    assert stage.summary_columns(rows)["fdim_capped"].to_list() == [1]
