@@ -144,7 +144,8 @@ def run_cmd(
     """Train the study's zoos (only what is missing), run its analysis stages, log to MLflow, summarise."""
     from pipeline.progress import Display
     from pipeline.report import print_summary
-    from pipeline.runner import ResourceError, RunRefused, StageConfigError, TaskFailed, check_report_path, run_study
+    from pipeline.runner import (TERMINATED, ResourceError, RunRefused, StageConfigError, TaskFailed, check_report_path,
+                                 ignore_interrupts, run_study)
     from pipeline.tracking import TrackingError
 
     study = _load(study_file, store=store, tracking_uri=tracking_uri, data_dir=data_dir)
@@ -154,6 +155,13 @@ def run_cmd(
         report = run_study(study, address=address, display=Display(plain=plain or None))
     except (RunRefused, TrackingError, StageConfigError, ResourceError) as e:
         fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: one line, and what to do next
+        ignore_interrupts()  # Ray's shutdown at exit must not be cut short by another
+        what = "terminated (SIGTERM)" if TERMINATED.is_set() else "interrupted"
+        console.print(f"[yellow]{what}[/]: every finished population and analysis chunk is stored and its MLflow run "
+                      f"ended KILLED; `symzoo run {study_file}` again trains and analyses only what is missing",
+                      highlight=False)
+        raise typer.Exit(143 if TERMINATED.is_set() else 130) from None
     except TaskFailed as e:  # an error inside a Ray task: its own one-line message, the traceback with --debug
         if debug:
             raise

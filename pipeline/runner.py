@@ -9,8 +9,10 @@ only what is missing, and a task retried after a worker death overwrites its own
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -30,6 +32,47 @@ class RunRefused(RuntimeError):
     """A run that cannot start: its output folder or store is not writable, a stored zoo it names is missing,
     another run holds the study's lock, or no Ray cluster answers at its address; the message names the path,
     the holder or the address."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler's stop) taken as Ctrl-C is: the run ends its MLflow runs KILLED and stops."""
+
+
+TERMINATED = threading.Event()  # set by SIGTERM: Ray's waits re-raise the interrupt as a plain KeyboardInterrupt
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    TERMINATED.set()
+    raise Terminated()
+
+
+def ignore_interrupts() -> None:
+    """Ctrl-C and SIGTERM ignored from here on (main thread only): once a run is stopping, a second one would cut
+    short the ending of its MLflow runs and Ray's shutdown (a traceback, then a crash)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM raises `Terminated` in the block (installed after Ray's start, whose handler would dump and abort);
+    the handlers before it are restored after, unless the block was interrupted (the caller is stopping: they stay
+    ignored, `ignore_interrupts`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _terminate), signal.getsignal(signal.SIGINT)
+    stopping = False
+    try:
+        yield
+    except KeyboardInterrupt:
+        stopping = True
+        raise
+    finally:
+        if not stopping:
+            signal.signal(signal.SIGTERM, before[0])
+            signal.signal(signal.SIGINT, before[1])
 
 
 class ResourceError(ValueError):
@@ -461,22 +504,25 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
     if lock.store.local:
         made = missing_folders(f"{lock.store.root}/.locks") + made
     ok = False
-    try:
-        held = lock.acquire()  # before MLflow: connecting marks a live run's RUNNING study run KILLED
-        if held:  # another run took it since
-            raise RunRefused(held)
-        tracker.connect()
-        report.experiment_id = tracker.experiment_id
-        report = _run_study(study, display, tracker, report, stored_zoos, t_start)
-        ok = True
-        return report
-    except BaseException as e:  # the runs this invocation opened end FAILED (KILLED on Ctrl-C), not RUNNING
-        tracker.abort("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
-    finally:
-        lock.release()
-        if not ok:
-            remove_empty(made)
+    with _terminate_as_interrupt():
+        try:
+            held = lock.acquire()  # before MLflow: connecting marks a live run's RUNNING study run KILLED
+            if held:  # another run took it since
+                raise RunRefused(held)
+            tracker.connect()
+            report.experiment_id = tracker.experiment_id
+            report = _run_study(study, display, tracker, report, stored_zoos, t_start)
+            ok = True
+            return report
+        except BaseException as e:  # the runs this invocation opened end FAILED (KILLED on Ctrl-C), not RUNNING
+            if isinstance(e, KeyboardInterrupt):
+                ignore_interrupts()
+            tracker.abort("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+        finally:
+            lock.release()
+            if not ok:
+                remove_empty(made)
 
 
 def _run_study(study: Study, display: Display, tracker: Tracker, report: RunReport,
@@ -742,17 +788,19 @@ def _summarise(study: Study, store: Any, tracker: Tracker, report: RunReport, t_
     names = [z.name for z in study.zoos]
     report.summary, report.plots, stage_plots = summarise(store, study, out_dir)
     report.absent = absent(store, names, [s.stage for s in study.analysis], bool(study.analysis))
-    for stage in study.analysis:  # a stage run for each stage that computed something now (a re-run adds a step)
-        if not report.analysis_items.get(stage.stage):
+    for stage in study.analysis:  # a stage run for each stage that computed something now (a re-run adds a step), or
+        params = stage.settings.model_dump()  # whose results an interrupted run computed but did not log
+        if not report.analysis_items.get(stage.stage) and tracker.stage_logged(stage.stage, params):
             continue
         rows = statistics_rows(store, names, stage.stage)  # the numbers the summary shows
         metrics = STAGES[stage.stage].summary_metrics(rows) if rows.height else {}
-        tracker.log_stage(stage.stage, metrics, params=stage.settings.model_dump(), artifacts=stage_plots.get(stage.stage, []))
+        tracker.log_stage(stage.stage, metrics, params=params, artifacts=stage_plots.get(stage.stage, []))
     if tracker.working:  # a run with nothing to do rewrites nothing
         in_stages = {p for paths in stage_plots.values() for p in paths}
         tracker.log_summary({"wall_s": time.perf_counter() - t_start, "tracking_s": tracker.seconds,
                              "trained_models": report.trained_models, **_summary_metrics(report.summary)},
                             artifacts=[out_dir / "summary.csv", *(p for p in report.plots if p not in in_stages)])
+    tracker.settle_zoos(z.name for z in study.zoos)  # every model is stored now: an interrupted run's zoo runs end
     tracker.finish()
     report.wall_s = time.perf_counter() - t_start
     report.tracking_s = tracker.seconds

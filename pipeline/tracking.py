@@ -412,8 +412,7 @@ class Tracker:
 
         Other settings make another run (params are immutable); the same settings find the same run again.
         """
-        digest = hashlib.sha256(json.dumps(params or {}, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        tags = {KIND: "stage", STUDY: self.study, STAGE: stage, SETTINGS: digest}
+        tags = self._stage_tags(stage, params)
         found = self._find(tags)
         run = found[0].info.run_id if found else self._find_or_create(tags, run_name=stage, parent=self._study_run)
         if found:
@@ -425,6 +424,25 @@ class Tracker:
         with self._timed():
             self._client.set_terminated(run, status="FINISHED")
         return run
+
+    def stage_logged(self, stage: str, params: dict[str, Any] | None = None) -> bool:
+        """Whether the stage has a FINISHED run for these settings (an interrupted run may have computed its
+        results and stopped before logging them)."""
+        return any(r.info.status == "FINISHED" for r in self._find(self._stage_tags(stage, params)))
+
+    def _stage_tags(self, stage: str, params: dict[str, Any] | None) -> dict[str, str]:
+        """The tags that find a stage's run for these settings."""
+        digest = hashlib.sha256(json.dumps(params or {}, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return {KIND: "stage", STUDY: self.study, STAGE: stage, SETTINGS: digest}
+
+    def settle_zoos(self, zoos: Iterable[str]) -> None:
+        """After a run that completed: the runs of these zoos (all their models now stored) that an interrupted or
+        failed run left KILLED or FAILED are FINISHED."""
+        for zoo in zoos:
+            for r in self._find({KIND: "zoo", STUDY: self.study, ZOO: zoo}):
+                if r.info.status in ("KILLED", "FAILED"):
+                    with self._timed():
+                        self._client.set_terminated(r.info.run_id, status="FINISHED")
 
     def log_zoo_metrics(self, zoo: str, metrics: dict[str, float]) -> None:
         """Summary metrics of the models a run trained in `zoo`, on the zoo's run (queued on the logging

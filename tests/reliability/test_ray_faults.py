@@ -116,6 +116,53 @@ def test_killed_driver_resumes_without_duplicates_and_logs_what_it_stored(ray_lo
     assert not leftover, f"Ray processes outlived their killed driver: {leftover}"
 
 
+@pytest.mark.parametrize("sig, times, code, says", [(signal.SIGINT, 1, 130, "interrupted: "),
+                                                   (signal.SIGINT, 2, 130, "interrupted: "),
+                                                   (signal.SIGTERM, 1, 143, "terminated (SIGTERM): ")])
+def test_a_stopped_run_says_so_ends_its_runs_killed_and_the_next_run_finishes_them(ray_local, tmp_path, sig, times,
+                                                                                      code, says):
+    """Ctrl-C (once, or again while it stops) or SIGTERM during training: one line saying so and how to go on (no
+    traceback, no Ray crash dump), exit 130 / 143, no MLflow run left RUNNING; the same command again trains what is
+    missing and ends every zoo run FINISHED, with a run for the analysis stage."""
+    from mlflow.tracking import MlflowClient
+
+    path, study = write_study(tmp_path, "stopped", [
+        mlp_zoo("fast", [0, 1], [0.01], epochs=1),
+        mlp_zoo("slow", [0, 1, 2, 3], [0.01], epochs=80, population_size=2)],
+        analysis=[{"stage": "equivariance", "samples": 32}])
+    manifests = tmp_path / "store" / "manifest"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "symzoo"), "run", str(path), "--plain"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: any(manifests.rglob("*.json")) or proc.poll() is not None, timeout=90, every=0.01,
+                   what="the first shard")
+        assert proc.poll() is None, "symzoo run ended before the signal"
+        started = descendants(proc.pid)
+        for _ in range(times):
+            proc.send_signal(sig)
+            time.sleep(0.7)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    out, err = out.decode(), err.decode()
+    assert proc.returncode == code, (proc.returncode, out[-2000:], err[-2000:])
+    assert says in out and "symzoo run" in out.split(says)[1].splitlines()[0], out[-1500:]
+    assert "Traceback" not in out + err and "*** SIGTERM received" not in err and "Segmentation" not in err, err[-2000:]
+    client = MlflowClient(study["tracking_uri"])
+    exp = client.get_experiment_by_name("stopped")
+    statuses = {r.data.tags["symzoo.kind"] + ":" + r.info.status for r in client.search_runs([exp.experiment_id])}
+    assert "study:KILLED" in statuses and not any(s.endswith(":RUNNING") for s in statuses), statuses
+    assert not outlivers(started), "Ray processes outlived the stopped run"
+
+    r = CliRunner().invoke(app, ["run", str(path), "--plain"])
+    assert r.exit_code == 0, r.output
+    runs = client.search_runs([exp.experiment_id], "tags.`symzoo.kind` != 'model'")
+    kinds = sorted((r.data.tags["symzoo.kind"], r.info.status) for r in runs)
+    assert kinds == [("stage", "FINISHED"), ("study", "FINISHED"), ("zoo", "FINISHED"), ("zoo", "FINISHED")], kinds
+    assert_store_whole(study["store"], expected_models(load_study(path)))
+
+
 def test_a_local_run_listens_on_loopback_only_and_dies_with_its_driver(tmp_path):
     """A local `symzoo run` left Ray's gcs, raylet, workers and dashboard agent listening on all interfaces, and a
     SIGKILLed driver left the dashboard and runtime-env agents running under PID 1, still listening."""
