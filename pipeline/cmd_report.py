@@ -289,7 +289,8 @@ def _write_into(store: Any, study: str, out_dir: Path, plan: ReportPlan) -> Stud
         "rows. (mean): mean ± standard deviation over the "
         "zoo's models or pairs; (median): median [first quartile, third quartile]; (lo–hi): the 95% interval of "
         "the mean (Student's t) or of the median (order statistics).</p>",
-        _summary_html(report.summary), *[_img(p) for p in study_plots],
+        _summary_html(report.summary),
+        *[_img(p) for p in study_plots if not any(p in paths for paths in stage_plots.values())],  # once, in its stage
     ]
     for stage in stages:
         parts += [f"<h2>{html.escape(STAGE_TITLES.get(stage, stage))} <small>({html.escape(stage)})</small></h2>",

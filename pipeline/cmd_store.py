@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
 from pipeline.cli import command, console, fail, first_line  # noqa: F401
+from pipeline.progress import counted
 
 QUERY_FORMATS = ("table", "csv", "json", "parquet")
 
@@ -95,6 +97,12 @@ def query_cmd(
         fail(f"--format {format!r} is not known; allowed: {', '.join(QUERY_FORMATS)}")
     if format == "parquet" and output is None:
         fail("--format parquet needs --output FILE")
+    if output is not None:  # before the query runs: where its result goes
+        folder = Path(output).absolute().parent
+        if Path(output).is_dir():
+            fail(f"--output {output!r} is a folder; name a file to write")
+        if not folder.is_dir():
+            fail(f"--output {output!r}: the folder {str(folder)!r} {'is a file' if folder.exists() else 'does not exist'}")
     reader = _file_reader(sql)
     if reader:
         fail(f"{reader}(...) reads files outside the store (and around its checksums); a query sees the store's tables "
@@ -120,7 +128,7 @@ def query_cmd(
         for row in df.iter_rows():
             table.add_row(*("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
         console.print(table)
-        console.print(f"[dim]{df.height} rows[/]")
+        console.print(f"[dim]{counted(df.height, 'row')}[/]")
 
 
 def _file_reader(sql: str) -> str | None:
@@ -203,7 +211,7 @@ def verify_cmd(store: str = typer.Argument(..., help="store path or URI")) -> No
         shown = "-" if not ids else f"{len(ids)}: " + ", ".join(ids[:4]) + (", ..." if len(ids) > 4 else "")
         table.add_row(p["file"], p["problem"], shown)
     console.print(table)
-    fail(f"{len(problems)} problems (damaged or stray files, models stored twice) in {store}; `symzoo repair {store}` "
+    fail(f"{counted(len(problems), 'problem')} (damaged or stray files, models stored twice) in {store}; `symzoo repair {store}` "
          "drops the damaged shards (their models then count as missing), stray files and the older copies of models "
          "stored twice, and a re-run of the study rewrites what it dropped; or read around the damage with "
          "zoos.open(..., skip_damaged=True)", code=1)

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from analysis import plots
+from pipeline.progress import counted
 from pipeline.tracking import experiment_url
 from zoos.trainer import LEARNED
 from pipeline.study import Study
@@ -192,7 +193,7 @@ COLUMN_TITLES = {
     "fdim_capped": "fdim capped by the Jacobian's rows (a lower bound)", "bezier_barrier": "Bezier barrier",
     "line_barrier": "line barrier", "cross_barrier_naive": "cross-zoo barrier naive",
     "cross_barrier_aligned": "cross-zoo barrier aligned", "test_psnr": "test PSNR (dB)",
-    "not_learned": "not learned (left out)", "ok": "ok (in the statistics)",
+    "not_learned": "not learned (left out)", "ok": "learned (in the statistics)",
     "similarity_pairs": "pairs (similarity)", "bezier_pairs": "pairs (Bezier)", "cross_pairs": "pairs (cross-zoo)",
 }
 
@@ -281,7 +282,7 @@ def print_summary(console: Console, study: Study, report: Any, report_args: str 
                           "of its initial value, and its metric not doubled): "
                           "counted, left out of the statistics; the models table's `learned` column marks them")
     console.print(
-        f"trained {report.trained_models} models ({report.skipped_models} already stored) in {report.wall_s:.1f}s; "
+        f"trained {counted(report.trained_models, 'model')} ({report.skipped_models:,} already stored) in {report.wall_s:.1f}s; "
         f"MLflow: {report.tracking_s:.1f}s of logging, {report.tracking_wait_s:.1f}s of it waited for "
         f"({100 * report.tracking_share:.1f}% of the run)"
     )

@@ -23,7 +23,7 @@ from typing import Any
 import polars as pl
 
 from pipeline.localray import ClusterUnreachable, check_cluster, init_ray
-from pipeline.progress import Display, ProgressBoard
+from pipeline.progress import Display, ProgressBoard, counted
 from pipeline.study import Study
 from pipeline.tracking import Tracker, default_tracking_uri, model_run_name
 
@@ -236,15 +236,17 @@ def check_stored_zoos(study: Study) -> dict[str, dict[str, Any]]:
     if not study.stored_zoos:
         return {}
     store = Store(study.store)
+    where = {id(z): f"zoos[{i}].name: " for i, z in enumerate(study.zoos)}  # the key the message is about
     if not store.exists:
-        raise RunRefused(f"zoo {study.stored_zoos[0].name!r} is named stored: true, but there is no symzoo store at "
+        first = study.stored_zoos[0]
+        raise RunRefused(f"{where[id(first)]}zoo {first.name!r} is named stored: true, but there is no symzoo store at "
                          f"{study.store!r} (--store, or store: in the study); give the store that holds it")
     held = store.zoos()
     found = {}
     for zoo in study.stored_zoos:
         if zoo.name not in held:
             have = ", ".join(held[:12]) + (", ..." if len(held) > 12 else "") if held else "no zoo"
-            raise RunRefused(f"zoo {zoo.name!r} is named stored: true, but store {study.store!r} holds {have}; "
+            raise RunRefused(f"{where[id(zoo)]}zoo {zoo.name!r} is named stored: true, but store {study.store!r} holds {have}; "
                               "import it (symzoo import) or train it in another study first")
         models = store.models(zoo.name).select("arch", "task", "status").collect()
         found[zoo.name] = {"models": models.height, "ok": int((models["status"] == "ok").sum()),
@@ -655,8 +657,10 @@ def _train(study: Study, plan: _Plan, logged: set[str], display: Display, tracke
 
     todo, res, per_model = plan.todo, study.resources, study.model_runs == "all"
     n_models = sum(len(p.model_ids) for p in todo)
-    display.log(f"study {study.study}: {n_models} models to train in {len(todo)} populations, "
-                f"{report.skipped_models} already stored")
+    analysed = sum(bool(getattr(z, "stored", False)) for z in study.zoos)  # zoos found in the store, not trained
+    display.log(f"study {study.study}: {counted(n_models, 'model')} to train in {counted(len(todo), 'population')}, "
+                f"{report.skipped_models:,} already stored" + (f"; {counted(analysed, 'zoo')} analysed as stored"
+                                                               if analysed else ""))
     for zoo_name, size in report.population_sizes.items():
         display.log(f"zoo {zoo_name}: population_size auto -> {size} ({plan.slots} training slots)")
     for zoo_name, limit in plan.fitted.items():

@@ -473,8 +473,12 @@ def format_study_errors(err: ValidationError) -> list[str]:
 
 def parse_study(data: Any, source: str = "study") -> Study:
     """Validate a parsed YAML document; StudyError has a line per problem: `source: key.path: message`."""
+    if data is None:
+        raise StudyError(f"{source}: the file is empty; a study is a YAML mapping with keys study, zoos, analysis, ...")
     if not isinstance(data, dict):
-        raise StudyError(f"{source}: expected a mapping with keys study, zoos, analysis, ...; got {type(data).__name__}")
+        got = {list: "a list", str: "a single value", int: "a number", float: "a number", bool: "true/false"}
+        raise StudyError(f"{source}: expected a mapping with keys study, zoos, analysis, ...; got "
+                         f"{got.get(type(data), type(data).__name__)}")
     try:
         return Study.model_validate(data)
     except ValidationError as e:

@@ -58,7 +58,7 @@ def test_query_formats(tmp_path):
     r = runner.invoke(app, ["query", s.root, "SELECT * FROM analysis_barrier", "-f", "parquet", "-o", str(out)])
     assert r.exit_code == 0 and pl.read_parquet(out)["barrier"].to_list() == [0.5]
     r = runner.invoke(app, ["query", s.root, "SELECT max(epoch) AS e FROM curves"])
-    assert r.exit_code == 0 and "5" in r.output and "1 rows" in r.output
+    assert r.exit_code == 0 and "5" in r.output and "1 row" in r.output
 
 
 def test_errors_exit_2_with_one_line(tmp_path):
@@ -68,6 +68,8 @@ def test_errors_exit_2_with_one_line(tmp_path):
         (["query", s.root, "SELEC nonsense"], "bad SQL"),
         (["query", s.root, "SELECT nope FROM models"], "bad SQL"),
         (["query", s.root, "SELECT 1", "--format", "xml"], "--format 'xml'"),
+        (["query", s.root, "SELECT 1", "-f", "csv", "-o", str(tmp_path / "no" / "x.csv")], "/no' does not exist"),
+        (["query", s.root, "SELECT 1", "-f", "csv", "-o", str(tmp_path)], "is a folder; name a file to write"),
         (["import", "zip", str(tmp_path), s.root], "format 'zip'"),
         (["ls", "foo://x"], "store 'foo://x': Unrecognized filesystem type"),  # pyarrow's ArrowInvalid, not a traceback
         (["verify", "gs://bucket/x?no_such_option=1"], "store 'gs://bucket/x?no_such_option=1': Unexpected query parameter"),

@@ -38,8 +38,8 @@ MNIST = {"name": "m", "task": {"name": "mnist"}, "arch": {"name": "mlp", "config
          "grid": {"seed": [0]}, "epochs": 1}
 
 CASES = {
-    "empty file": ("", "expected a mapping"),
-    "a list, not a mapping": ("- study: x\n", "expected a mapping"),
+    "empty file": ("", "the file is empty; a study is a YAML mapping with keys study, zoos, analysis"),
+    "a list, not a mapping": ("- study: x\n", "expected a mapping with keys study, zoos, analysis, ...; got a list"),
     "misspelt top-level key": ({**GOOD, "zoo": GOOD["zoos"]}, "zoo: unknown key 'zoo'; allowed: study, store"),
     "no zoos": (variant(("zoos",), KeyError), "zoos: is required"),
     "empty zoo list": (variant(("zoos",), []), "zoos: the list is empty"),
