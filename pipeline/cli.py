@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 import sys
+from typing import Optional
 
 import typer
 import typer.core
@@ -134,16 +135,54 @@ def command(name: str, **kwargs):
     return deco
 
 
+def _unknown(what: str, name: str, names: list[str]) -> None:
+    fail(f"unknown {what} {name!r}; {what}s: {', '.join(sorted(names))}")
+
+
+def _task_defaults(info) -> dict:
+    """A task's option defaults: its factory's keyword defaults, then those of the task class it returns."""
+    import inspect
+    import typing
+
+    def keyword_defaults(fn) -> dict:
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            return {}
+        return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+    try:
+        made = typing.get_type_hints(info.factory).get("return")
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: the factory's own defaults only
+        made = None
+    return {**(keyword_defaults(made) if inspect.isclass(made) else {}), **keyword_defaults(info.factory)}
+
+
 @command("tasks")
-def tasks_cmd() -> None:
-    """List the tasks, each with its symmetry group."""
+def tasks_cmd(name: Optional[str] = typer.Argument(None, help="a task: its options, what each allows, defaults")) -> None:
+    """List the tasks, each with its symmetry group; with a NAME, that task's options."""
     from tasks import TASKS
 
-    table = Table("task", "group", "description", box=None, header_style="bold")
-    for name in sorted(TASKS):
+    if name is not None:
+        if name not in TASKS:
+            _unknown("task", name, list(TASKS))
         info = TASKS[name]
-        table.add_row(name, info.group, info.description)
+        defaults = _task_defaults(info)
+        console.print(f"[bold]{name}[/] (group {info.group}): {info.description}", highlight=False)
+        table = Table("option", "allowed", "default", box=None, header_style="bold")
+        for option, allowed in info.options.items():
+            shown = ", ".join(map(str, allowed)) if isinstance(allowed, (tuple, list)) else getattr(allowed, "__name__", str(allowed))
+            table.add_row(option, shown, "-" if defaults.get(option) is None else str(defaults[option]))
+        console.print(table if info.options else "no options")
+        if info.options and any(defaults.get(o) is None for o in info.options):
+            console.print("[dim]-: none to show here (the task's own: its data's sizes, no data folder)[/]")
+        return
+    table = Table("task", "group", "description", box=None, header_style="bold")
+    for task in sorted(TASKS):
+        info = TASKS[task]
+        table.add_row(task, info.group, info.description)
     console.print(table)
+    console.print("[dim]symzoo tasks NAME: a task's options[/]")
 
 
 _UPDATES = {"popoptim": "two Triton passes a parameter tensor (zoos.popoptim)", "eager": "torch ops, ~20 a parameter tensor",
@@ -152,23 +191,49 @@ _UPDATES = {"popoptim": "two Triton passes a parameter tensor (zoos.popoptim)", 
 
 @command("archs")
 def archs_cmd(
+    name: Optional[str] = typer.Argument(None, help="an architecture: its config fields and defaults, its program"),
     programs: bool = typer.Option(False, "--programs", help="also say which population program runs each layer on a GPU"),
 ) -> None:
     """List the architectures: equivariant or baseline, the symmetry respected, inputs taken, and how a
-    population of each trains on a GPU (its default config on its example task)."""
+    population of each trains on a GPU (its default config on its example task); with a NAME, that architecture's
+    config fields, defaults and program, layer by layer."""
     from zoos.archs import ARCHS
 
+    if name is not None:
+        if name not in ARCHS:
+            _unknown("architecture", name, list(ARCHS))
+        info = ARCHS[name]
+        kind = "equivariant" if info.equivariant else "baseline"
+        console.print(f"[bold]{name}[/] ({kind}; symmetry {info.symmetry}; inputs {'/'.join(info.input_kinds)}): "
+                      f"{info.description}", highlight=False)
+        table = Table("config", "default", box=None, header_style="bold")
+        for field, default in info.defaults.items():
+            table.add_row(field, repr(default) if isinstance(default, str) else str(default))
+        console.print(table if info.defaults else "no config fields")
+        task, options = info.example_task
+        console.print(f"example task: {task} {options or ''}".rstrip(), highlight=False)
+        program = _gpu_program(name)
+        if isinstance(program, str):
+            console.print(f"on a GPU: {program}", highlight=False)
+            return
+        console.print(f"on a GPU: {program.describe()}", highlight=False)
+        for layer, op, why in program.layers:
+            console.print(f"  {layer:48s} {op:24s} {why}", highlight=False)
+        console.print(f"  {'the optimizer step':48s} {program.optimizer:24s} {_UPDATES[program.optimizer]}")
+        return
     table = Table("architecture", "kind", "symmetry", "inputs", "on a GPU", "description", box=None, header_style="bold")
     details = []
-    for name in sorted(ARCHS, key=lambda n: (not ARCHS[n].equivariant, n)):
-        info = ARCHS[name]
+    for arch in sorted(ARCHS, key=lambda n: (not ARCHS[n].equivariant, n)):
+        info = ARCHS[arch]
         kind = "[green]equivariant[/]" if info.equivariant else "baseline"
-        program = _gpu_program(name)
+        program = _gpu_program(arch)
         path = program if isinstance(program, str) else program.describe()
-        table.add_row(name, kind, info.symmetry, "/".join(info.input_kinds), path, info.description)
+        table.add_row(arch, kind, info.symmetry, "/".join(info.input_kinds), path, info.description)
         if programs and not isinstance(program, str):
-            details.append((name, program))
+            details.append((arch, program))
     console.print(table)
+    if not programs:
+        console.print("[dim]symzoo archs NAME: an architecture's config fields, defaults and program[/]")
     for name, program in details:
         console.print(f"\n[bold]{name}[/] ({program.describe()})")
         for layer, op, why in program.layers:

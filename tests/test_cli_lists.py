@@ -63,3 +63,21 @@ def test_archs_say_which_population_program_runs_each_on_a_gpu():
     frames = next(s for s in sections if s.startswith("frame_avg ("))  # eigh reads its status on the host
     assert "steps not replayed as CUDA graphs (linalg_eigh" in frames.replace("\n", "")
     assert all(any(s.startswith(f"{name} (") for s in sections) for name in REGISTRY)
+
+
+def test_one_task_or_architecture_shows_what_a_study_may_set():
+    """`symzoo tasks NAME` lists the task's options, what each allows and its default; `symzoo archs NAME` the
+    architecture's config fields with their defaults and its program layer by layer; an unknown name is one line."""
+    r = CliRunner().invoke(app, ["tasks", "digits"])
+    assert r.exit_code == 0, r.output
+    rows = {line.split()[0]: line.split() for line in r.output.splitlines()[1:] if line.strip()}
+    assert rows["group"][1:] == ["C4,", "D4", "C4"] and rows["variant"][-1] == "upright" and rows["n_train"][-1] == "1197"
+    r = CliRunner().invoke(app, ["archs", "cnn"])
+    assert r.exit_code == 0, r.output
+    rows = {line.split()[0]: line.split() for line in r.output.splitlines()[1:] if line.strip()}
+    assert rows["width"][1] == "32" and rows["depth"][1] == "4" and rows["activation"][1] == "'relu'"
+    assert "example task: mnist" in r.output and "popconv" in r.output and "the optimizer step" in r.output
+    for args, says in ((["tasks", "nope"], "unknown task 'nope'; tasks: cifar10, "),
+                       (["archs", "nope"], "unknown architecture 'nope'; architectures: canon_cnn, ")):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output, r.output
