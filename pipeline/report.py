@@ -40,8 +40,9 @@ class StudyStore:
     (`Stage.rows`: the items its settings want, computed under those settings), in the study's order; results
     other studies stored for other settings or other items are not there. Every other call goes to the store."""
 
-    def __init__(self, store: Any, results: dict[str, pl.DataFrame]):
+    def __init__(self, store: Any, results: dict[str, pl.DataFrame], asked: dict[str, dict[str, int]] | None = None):
         self.store, self.results = store, results
+        self.asked = asked or {}  # stage -> {zoo it runs on: the items its settings want there}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)
@@ -60,11 +61,18 @@ def study_store(store: Any, study: Study) -> StudyStore:
     from pipeline.stages import STAGES
 
     results: dict[str, pl.DataFrame] = {}
+    asked: dict[str, dict[str, int]] = {}
     for stage in study.analysis:
-        rows = STAGES[stage.stage].rows(store, study.stage_zoos(stage), stage.settings)
+        zoos = study.stage_zoos(stage)
+        impl = STAGES[stage.stage]
+        wanted = impl.wanted(store, zoos, stage.settings)
+        counts = asked.setdefault(stage.stage, {})
+        for zoo in zoos:
+            counts[zoo.name] = counts.get(zoo.name, 0) + sum(it["zoo"] == zoo.name for it in wanted)
+        rows = impl.rows(store, zoos, stage.settings)
         before = results.get(stage.stage)  # a stage listed twice (other settings): both its results
         results[stage.stage] = rows if before is None else pl.concat([before, rows], how="diagonal_relaxed").unique()
-    return StudyStore(store, results)
+    return StudyStore(store, results, asked)
 
 
 def summarise(store: Any, study: Study, out_dir: Path) -> tuple[pl.DataFrame, list[Path], dict[str, list[Path]]]:
@@ -121,18 +129,36 @@ def absent(store: Any, names: list[str], stages: list[str], analysis: bool = Tru
         cols = [c for c in ("zoo", "zoo_b") if c in frame.collect_schema().names()]
         return {z for c in cols for z in frame.select(c).unique().collect()[c].to_list()}
 
+    from pipeline.stages import STAGES
+
     parts = []
     no_curves = [z for z in names if z not in zoos_in(zoo_rows(store, store.curves(), names))]
     if no_curves:
         parts.append(f"training curves of {', '.join(no_curves)}")
+    asked = getattr(store, "asked", {})  # a study's view: which zoos each stage runs on, and what it wants there
+    idle = {st: [z for z, n in asked[st].items() if not n and z in names] for st in stages if st in asked}
     present = set(store.stages())
-    missing = {st: [z for z in names if z not in zoos_in(zoo_rows(store, store.analysis(st), names))]
-               for st in stages if st in present}
-    if analysis and not any(len(m) < len(names) for m in missing.values()):
+    missing = {st: [z for z in (asked[st] if st in asked else names) if z in names and z not in idle.get(st, [])
+                    and z not in zoos_in(zoo_rows(store, store.analysis(st), names))]
+               for st in stages if st in present or st in asked}
+    if analysis and not asked and not any(len(m) < len(names) for m in missing.values()):
         parts.append(f"analysis results (no stage has run on {', '.join(names)})")
     else:
         parts += [f"{st} results of {', '.join(m)}" for st, m in missing.items() if m]
-    return f"absent from the store: {'; '.join(parts)}" if parts else ""
+    nothing = [f"{st} in {', '.join(zs)} ({_why_idle(STAGES[st])})" for st, zs in idle.items() if zs and st in STAGES]
+    line = f"absent from the store: {'; '.join(parts)}" if parts else ""
+    if nothing:
+        line += ("; " if line else "") + f"nothing to compute for {'; '.join(nothing)}"
+    return line
+
+
+def _why_idle(stage: Any) -> str:
+    """Why a stage's settings want nothing of a zoo."""
+    if stage.pairs == "within":
+        return "no two of its models that trained share an architecture and task config"
+    if stage.pairs == "across":
+        return "no model of another zoo of the stage shares its architecture config"
+    return "no model trained without diverging, or none stored the checkpoints asked for"
 
 
 def summarise_zoos(store: Any, names: list[str], stages: list[str], out_dir: Path

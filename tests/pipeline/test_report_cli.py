@@ -94,6 +94,25 @@ def test_the_run_summary_of_a_stored_imported_zoo_with_a_stage_not_yet_run(impor
     assert absent(store, ["sc"], ["equivariance"]) == "absent from the store: analysis results (no stage has run on sc)"
 
 
+def test_a_stage_with_nothing_to_compute_for_a_zoo_says_why(imported, tmp_path):
+    """The imported zoo's two models differ in their activation: no pair shares an architecture config, so the
+    study's interpolation has nothing to compute there, which its summary line says (not 'absent')."""
+    from pipeline.report import absent, study_store
+    from pipeline.study import load_study
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"study": "reader", "store": str(imported), "output": str(tmp_path / "out"),
+                                    "zoos": [{"name": "sc", "stored": True}],
+                                    "analysis": [{"stage": "interpolation"}, {"stage": "equivariance"}]}))
+    study = load_study(str(path))
+    store = zoos.open(str(imported))
+    assert store.models().collect()["activation"].n_unique() == 2
+    view = study_store(store, study)
+    assert absent(view, ["sc"], ["interpolation", "equivariance"]) == (
+        "absent from the store: equivariance results of sc; nothing to compute for interpolation in sc (no two of its "
+        "models that trained share an architecture and task config)")
+
+
 def test_analysis_rows_for_some_zoos_or_without_a_zoo_column(trained, tmp_path):
     """A stage's rows for zA only leave zB's cells empty and name zB absent; rows that carry model ids but no
     `zoo` column are given their models' zoos."""
