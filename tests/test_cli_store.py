@@ -12,6 +12,7 @@ import pytest
 from pipeline.cli import app, console
 from tests.zoos.test_importers import write_small_cnn_zoo
 from tests.zoos.test_store import make_pop
+import zoos
 from zoos.store import Store
 
 runner = CliRunner()
@@ -168,3 +169,23 @@ def test_models_stored_twice_are_reported_by_verify_and_stored_once_by_repair(tm
         for i in kept:
             np.testing.assert_array_equal(s.state_dict(p.ids[i], epoch=5)["fc.weight"].numpy(), p.weights["fc.weight"][i, -1])
     assert s.checkpoints(zoo="z").collect().height == 4 * 3
+
+
+def test_imported_zoos_answer_to_symzoos_factor_names(tmp_path):
+    """A Small CNN Zoo's `learning_rate` and a Model Zoos trial's `optim_lr`, `optim_optimizer`, `model_nlin` are
+    stored under their published names and as symzoo's `lr`, `optimizer`, `activation`: one query compares them."""
+    from tests.zoos.test_importers import write_trial
+
+    write_small_cnn_zoo(tmp_path / "scz", gz=False)
+    write_trial(tmp_path / "mz" / "tune_zoo_mnist" / "NN_tune_trainable_1", 1, [0, 1])
+    st = str(tmp_path / "st")
+    for fmt, src, zoo in (("small-cnn-zoo", "scz", "sc"), ("model-zoos", "mz", "mz")):
+        r = runner.invoke(app, ["import", fmt, str(tmp_path / src), st, "--zoo", zoo])
+        assert r.exit_code == 0, r.output
+    models = zoos.open(st).models().collect()
+    published = models.select(pl.coalesce("learning_rate", "optim_lr"))[:, 0]
+    assert models["lr"].null_count() == 0 and models["lr"].to_list() == published.to_list()
+    mz = models.filter(pl.col("zoo") == "mz").row(0, named=True)
+    assert (mz["optimizer"], mz["activation"], mz["weight_decay"]) == (mz["optim_optimizer"], mz["model_nlin"], mz["optim_wd"])
+    r = runner.invoke(app, ["query", st, "SELECT zoo, avg(lr) AS lr FROM models GROUP BY zoo ORDER BY zoo", "-f", "json"])
+    assert r.exit_code == 0 and [row["zoo"] for row in json.loads(r.output)] == ["mz", "sc"], r.output

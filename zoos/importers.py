@@ -59,6 +59,18 @@ FORMAT_HELP = {
     "or config.json, result.json and checkpoint_<n>/checkpoints",
 }
 # symzoo task of each published dataset name; datasets not listed keep their own name as task (no loader yet).
+# Published hyperparameter columns -> symzoo's factor names (`zoos.spec.FACTORS`), added beside the published ones
+# (which stay, and alone name a model's id), so one query compares e.g. learning rates of trained and imported zoos
+FACTOR_ALIASES = {"learning_rate": "lr", "optim_lr": "lr", "optim_optimizer": "optimizer", "optim_wd": "weight_decay",
+                  "model_nlin": "activation", "model_dropout": "dropout", "training_batchsize": "batch_size",
+                  "model_width": "width"}
+
+
+def _aliases(factors: dict[str, Any]) -> dict[str, Any]:
+    """The published factors under symzoo's names too, where a factor of that name is not published already."""
+    return {ours: factors[theirs] for theirs, ours in FACTOR_ALIASES.items() if theirs in factors and ours not in factors}
+
+
 TASKS = {"mnist": "mnist", "fashion_mnist": "fashion_mnist", "cifar10": "cifar10", "svhn": "svhn"}
 
 
@@ -349,6 +361,7 @@ def import_small_cnn_zoo(src: str, store: Store, zoo: str | None = None, shard_s
             "arch": "small_cnn_zoo",
             "arch_config": json.dumps(arch_config),
             **factors,
+            **_aliases(factors),
             "status": "ok" if finite else "diverged",
             **{ours: _number(table[rows[-1]][i]) for _, ours, i in metric_cols},
             "n_params": int(sum(math.prod(s) for _, _, _, s, _ in mapped)),
@@ -560,6 +573,7 @@ def import_model_zoos(src: str, store: Store, zoo: str | None = None, shard_size
             "arch": arch,
             "arch_config": json.dumps(arch_config),
             **factors,
+            **_aliases(factors),
             "dataset": dataset,
             "trial": rel,
             "status": "ok" if finite else "diverged",
