@@ -69,7 +69,7 @@ def study_store(store: Any, study: Study) -> StudyStore:
         counts = asked.setdefault(stage.stage, {})
         for zoo in zoos:
             counts[zoo.name] = counts.get(zoo.name, 0) + sum(it["zoo"] == zoo.name for it in wanted)
-        rows = impl.rows(store, zoos, stage.settings)
+        rows = impl.rows(store, zoos, stage.settings, wanted)
         before = results.get(stage.stage)  # a stage listed twice (other settings): both its results
         results[stage.stage] = rows if before is None else pl.concat([before, rows], how="diagonal_relaxed").unique()
     return StudyStore(store, results, asked)

@@ -140,11 +140,13 @@ def _get(ref: Any, where: str) -> Any:
 class RunReport:
     """What a study run did, for the summary and the benchmarks."""
 
+    study: str = ""
+    store: str = ""
     trained_models: int = 0
     skipped_models: int = 0
     populations: int = 0
     analysis_items: dict[str, int] = field(default_factory=dict)
-    placements: list[dict[str, Any]] = field(default_factory=list)  # per population: node, GPU ids, start/finish
+    placements: list[dict[str, Any]] = field(default_factory=list)  # per population: node, host, GPU ids, start/finish
     population_sizes: dict[str, int] = field(default_factory=dict)  # zoo -> size chosen by population_size: auto
     phase_s: dict[str, float] = field(default_factory=dict)  # driver wall time of "train" and of each stage
     wall_s: float = 0.0
@@ -158,9 +160,11 @@ class RunReport:
     absent: str = ""  # one line: what the store lacks for the study's zoos (curves an import lacks, a stage's rows)
 
     def as_dict(self) -> dict[str, Any]:
-        """The report as plain data (JSON): everything but the summary table and plot paths."""
+        """The report as plain data (JSON): everything but the summary table and plot paths, and when it was written
+        (times in a placement, `started` and `finished`, are Unix seconds)."""
         skip = {"summary", "plots"}
-        return {k: v for k, v in self.__dict__.items() if k not in skip}
+        return {**{k: v for k, v in self.__dict__.items() if k not in skip},
+                "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     @property
     def tracking_share(self) -> float:
@@ -405,8 +409,9 @@ def _train_task(pop: Any, store_root: str, precision: str, compile_: bool, data_
               for i, m in enumerate(result.models)}  # every epoch's metrics, epoch 0 = at init
     return {"zoo": pop.zoo, "rows": result.models, "curves": curves, "train_s": t1 - t0,
             "write_s": t2 - t1, "weight_bytes": int(sum(v.nbytes for v in result.weights.values())),
-            "timings": result.timings, "program": result.program, "device": device, "gpu_ids": [str(g) for g in gpus], "node": ray.get_runtime_context().get_node_id(),
-            "started": started, "finished": time.time()}
+            "timings": result.timings, "program": result.program, "device": device, "gpu_ids": [str(g) for g in gpus],
+            "node": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+            "started": started, "finished": time.time()}  # Unix seconds
 
 
 def _stage_task(stage: str, store_root: str, items: list[Any], settings: dict[str, Any], data_dir: str | None) -> int:
@@ -482,7 +487,7 @@ def run_study(study: Study, *, address: str | None = None, display: Display | No
               tracking_uri: str | None = None) -> RunReport:
     """Train what is missing, run the analysis stages, log everything; returns what was done."""
     t_start = time.perf_counter()
-    report = RunReport()
+    report = RunReport(study=study.study, store=study.store)
     display = display or Display()
     # Everything that can refuse the run is checked before anything is created (MLflow file, experiment or run,
     # store, lock, output folder): the cluster address, the tracking store, the store, the output folder, the
@@ -730,7 +735,7 @@ def _take_population(pop: Any, out: dict[str, Any], plan: _Plan, logged: set[str
     report.train_task_s += out["train_s"] + out["write_s"]
     report.placements.append({"population": pop.shard, "zoo": pop.zoo, "models": len(pop.model_ids),
                               "epochs": pop.epochs,
-                              **{k: out[k] for k in ("node", "gpu_ids", "device", "started", "finished",
+                              **{k: out[k] for k in ("node", "host", "gpu_ids", "device", "started", "finished",
                                                       "train_s", "write_s", "weight_bytes", "timings",
                                                       "program")}})
     program = out["program"]

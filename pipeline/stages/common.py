@@ -97,10 +97,11 @@ class Stage(ABC):
         done = set(self._stored(store, settings).select(self.keys).iter_rows())
         return [it for it in self.wanted(store, zoos, settings) if tuple(it[k] for k in self.keys) not in done]
 
-    def rows(self, store: Any, zoos: list, settings: Settings) -> pl.DataFrame:
-        """A study's results: the stored rows of the items its settings want, under those settings."""
+    def rows(self, store: Any, zoos: list, settings: Settings, wanted: list[Item] | None = None) -> pl.DataFrame:
+        """A study's results: the stored rows of the items its settings want (`wanted`, if known), under those
+        settings."""
         stored = self._stored(store, settings)
-        wanted = self.wanted(store, zoos, settings)
+        wanted = self.wanted(store, zoos, settings) if wanted is None else wanted
         if not wanted or not stored.height:
             return stored.head(0)
         keys = pl.DataFrame([{k: it[k] for k in self.keys} for it in wanted]).unique()

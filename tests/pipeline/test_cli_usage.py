@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
     (["validate"], "Missing argument 'study_file'. (see symzoo validate --help)"),
     (["validate", "study.yaml", "--bogus"], "No such option: --bogus (see symzoo validate --help)"),
     (["ls", "a", "b"], "Got unexpected extra argument(s) (b) (see symzoo ls --help)"),
-    (["tasks", "foo"], "Got unexpected extra argument(s) (foo) (see symzoo tasks --help)"),
+    (["tasks", "digits", "foo"], "Got unexpected extra argument(s) (foo) (see symzoo tasks --help)"),
     (["valdiate"], "No such command 'valdiate'. Did you mean 'validate'? (see symzoo --help)"),
     (["report", "store", "--out"], "Option '--out' requires an argument. (see symzoo --help)"),
 ])

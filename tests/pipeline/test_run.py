@@ -1,5 +1,7 @@
 """`symzoo run` end to end through the CLI, with a real local Ray, a real store and a real MLflow sqlite file."""
 
+import json
+
 import polars as pl
 import pytest
 import yaml
@@ -37,8 +39,14 @@ def tiny_study(tmp_path, name="e2e"):
 
 def test_run_trains_analyses_logs_and_a_second_run_does_nothing(ray_local, tmp_path):
     path, study = tiny_study(tmp_path)
-    r = CliRunner().invoke(app, ["run", str(path), "--plain"])
+    r = CliRunner().invoke(app, ["run", str(path), "--plain", "--report", str(tmp_path / "run.json")])
     assert r.exit_code == 0, r.output
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert (run["study"], run["store"], run["trained_models"]) == ("e2e", study["store"], 8) and run["written"]
+    assert {p["zoo"] for p in run["placements"]} == {"mlp", "p4"}
+    for p in run["placements"]:  # where and when each population ran, and the program that trained it
+        assert p["host"] and p["node"] and p["finished"] >= p["started"] and p["program"]["summary"]
+    assert set(run["phase_s"]) == {"train", "interpolation", "equivariance"}
 
     store = zoos.open(study["store"])
     models = store.models().collect()
