@@ -166,7 +166,7 @@ def summarise_zoos(store: Any, names: list[str], stages: list[str], out_dir: Pat
     """`summarise` for these zoos and analysis stages (what `symzoo report` reads from a store alone). What the
     store lacks (curves, a stage's rows for some zoos) is left out of the summary and plots, not an error."""
     from pipeline.stages import STAGES
-    from pipeline.stages.common import mean_sd
+    from pipeline.stages.common import mean_sd, value_range
 
     models = _models(store, names)
     if "status" not in models.columns:
@@ -176,7 +176,7 @@ def summarise_zoos(store: Any, names: list[str], stages: list[str], out_dir: Pat
     aggs = [pl.len().alias("models"), good.sum().alias("ok"), (pl.col("status") == "diverged").sum().alias("diverged"),
             ((pl.col("status") == "ok") & ~good).sum().alias("not_learned")]
     aggs += [pl.col("n_params").first().alias("params")] if "n_params" in models.columns else []
-    aggs += [e for c in metric_cols for e in mean_sd(pl.col(c).filter(good), c)]
+    aggs += [e for c in metric_cols for e in mean_sd(pl.col(c).filter(good), c, *value_range(c))]
     summary = models.group_by("zoo").agg(aggs).sort("zoo")
 
     plot_paths: list[Path] = []
@@ -209,7 +209,8 @@ LEGEND = ("(mean): mean ± standard deviation over models or pairs; (median): me
 # Row titles of the summary table, where the column name alone says too little.
 COLUMN_TITLES = {
     "test_acc": "test acc", "orbit_acc": "acc over orbit", "equiv_error": "equiv. error",
-    "barrier_naive": "barrier naive", "barrier_aligned": "barrier aligned", "test_rel_mse": "test rel. MSE",
+    "barrier_naive": "loss barrier naive", "barrier_aligned": "loss barrier aligned",
+    "err_barrier_naive": "error barrier naive", "err_barrier_aligned": "error barrier aligned", "test_rel_mse": "test rel. MSE",
     "orbit_rel_mse": "rel. MSE over orbit", "pairs": "pairs", "matching_worse": "pairs matching made worse",
     "wdist_first": "w-dist to equiv. first", "wdist_last": "w-dist to equiv. last", "hessian_top": "Hessian top eig.",
     "hessian_trace": "Hessian trace", "trace_rel_se": "trace s.e. / |trace|",

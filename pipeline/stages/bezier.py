@@ -84,8 +84,8 @@ class Bezier(Stage):
         return self.write(store, items, rows, settings)
 
     def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
-        return rows.group_by("zoo").agg(pl.len().alias("bezier_pairs"), *mean_sd("barrier_loss_linear", "line_barrier"),
-                                        *mean_sd("barrier_loss_bezier", "bezier_barrier"))
+        return rows.group_by("zoo").agg(pl.len().alias("bezier_pairs"), *mean_sd("barrier_loss_linear", "line_barrier", 0),
+                                        *mean_sd("barrier_loss_bezier", "bezier_barrier", 0))
 
     def plots(self, rows: pl.DataFrame, out_dir: Path) -> list[Path]:
         return [plots.path_curves(rows, "test_loss", {"linear": "straight line", "bezier": "Bezier curve"},

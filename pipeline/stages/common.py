@@ -38,12 +38,20 @@ def _t975(n: pl.Expr) -> pl.Expr:
     return n.map_elements(lambda k: float(stats.t.ppf(0.975, k - 1)) if k > 1 else None, return_dtype=pl.Float64)
 
 
-def mean_sd(column: str | pl.Expr, name: str) -> list[pl.Expr]:
-    """A summary column as the mean, with the standard deviation and the mean's 95% t interval beside it."""
+def mean_sd(column: str | pl.Expr, name: str, low: float | None = None, high: float | None = None) -> list[pl.Expr]:
+    """A summary column as the mean, with the standard deviation and the mean's 95% t interval beside it, the
+    interval clipped to the values the quantity can take (`low`, `high`: a barrier >= 0, an accuracy in [0, 1])."""
     e = pl.col(column) if isinstance(column, str) else column
     half = _t975(e.count()) * e.std() / e.count().sqrt()
-    return [e.mean().alias(name), e.std().alias(name + SD), (e.mean() - half).alias(name + LO),
-            (e.mean() + half).alias(name + HI)]
+    return [e.mean().alias(name), e.std().alias(name + SD), (e.mean() - half).clip(low, high).alias(name + LO),
+            (e.mean() + half).clip(low, high).alias(name + HI)]
+
+
+def value_range(column: str) -> tuple[float | None, float | None]:
+    """The values a metric column can take, by its name: an accuracy in [0, 1], a loss or squared error >= 0."""
+    if column.endswith("_acc"):
+        return 0.0, 1.0
+    return (0.0, None) if column.endswith(("_loss", "_mse")) else (None, None)
 
 
 def median_iqr(column: str | pl.Expr, name: str) -> list[pl.Expr]:

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 
 from analysis import plots
-from pipeline.stages.common import Item, Settings, Stage, by_context, mean_sd, median_iqr, model_context, ok_models, register_stage, stacked, test_batch
+from pipeline.stages.common import Item, Settings, Stage, by_context, mean_sd, median_iqr, model_context, ok_models, register_stage, stacked, test_batch, value_range
 
 
 class EquivarianceSettings(Settings):
@@ -65,7 +65,7 @@ class Equivariance(Stage):
     def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
         orbit = [c for c in rows.columns if c.startswith("orbit_") and not c.endswith("_worst")]
         return rows.group_by("zoo").agg(*median_iqr("equivariance_error", "equiv_error"),
-                                        *[e for c in orbit for e in mean_sd(c, c)])
+                                        *[e for c in orbit for e in mean_sd(c, c, *value_range(c))])
 
     def plots(self, rows: pl.DataFrame, out_dir: Path) -> list[Path]:
         return [plots.equivariance_by_zoo(rows, "equivariance_error", out_dir / "equivariance_error.png")]

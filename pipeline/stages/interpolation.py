@@ -34,7 +34,7 @@ from zoos.spec import FACTORS
 
 
 class InterpolationSettings(Settings):
-    pairs: int = Field(8, ge=0, description="model pairs sampled per zoo and architecture config, spread evenly over the cells of its varied factors with no model reused while one is unused; 0 = all pairs")
+    pairs: int = Field(8, ge=0, description="model pairs sampled per zoo and architecture config, spread evenly over the cells of its varied factors with no model reused while one is unused; 0 = every pair within each cell (models equal in all factors but seed)")
     lambdas: int = Field(25, ge=3, le=1001, description="points on the path, ends included (odd: the midpoint is one)")
     epochs: Literal["last", "all"] | list[int] = Field(
         "last", description="checkpoints to interpolate at: 'last', 'all' stored, or a list of epochs")
@@ -55,8 +55,8 @@ class InterpolationSettings(Settings):
 
 
 def sample_pairs(ids: list[str], k: int, key: str, cells: Mapping[str, Hashable] | None = None) -> list[tuple[str, str]]:
-    """`k` unordered pairs of `ids` drawn reproducibly from `key`, sorted (k = 0, or k at least the number of
-    pairs: all pairs).
+    """`k` unordered pairs of `ids` drawn reproducibly from `key`, sorted (k = 0: every pair within each cell; k
+    at least the number of pairs: all pairs).
 
     Rules, in order: (1) pairs join two models of one cell (`cells`: model -> cell, the combination of
     non-seed factors a phase report averages over; None: one cell), since a report only counts pairs
@@ -66,13 +66,15 @@ def sample_pairs(ids: list[str], k: int, key: str, cells: Mapping[str, Hashable]
     when every within-cell pair is taken do the rest join cells, spreading over the least-used models.
     """
     everything = list(itertools.combinations(sorted(ids), 2))
-    if not k or k >= len(everything):
-        return everything
-    rng = random.Random(key)
     members: dict[Hashable, list[str]] = {}
     for m in sorted(ids):
         members.setdefault(cells.get(m) if cells is not None else None, []).append(m)
     groups = [members[c] for c in sorted(members, key=repr) if len(members[c]) >= 2]
+    if not k:
+        return sorted(p for g in groups for p in itertools.combinations(g, 2))
+    if k >= len(everything):
+        return everything
+    rng = random.Random(key)
     quotas = _split(k, [len(g) * (len(g) - 1) // 2 for g in groups], rng)
     pairs = [p for g, q in zip(groups, quotas) for p in _balanced(g, q, rng)]
     if len(pairs) < k:
@@ -349,9 +351,11 @@ class Interpolation(Stage):
         worse = (pl.col("barrier_loss_aligned") > pl.col("barrier_loss_naive")).sum()
         extra = [c for c in ("unaware", "repair") if f"barrier_loss_{c}" in last.columns]
         return last.group_by("zoo").agg(pl.len().alias("pairs"), worse.alias("matching_worse"),
-                                        *mean_sd("barrier_loss_naive", "barrier_naive"),
-                                        *mean_sd("barrier_loss_aligned", "barrier_aligned"),
-                                        *[e for c in extra for e in mean_sd(f"barrier_loss_{c}", f"barrier_{c}")])
+                                        *mean_sd("barrier_loss_naive", "barrier_naive", 0),
+                                        *mean_sd("barrier_loss_aligned", "barrier_aligned", 0),
+                                        *mean_sd("barrier_err_naive", "err_barrier_naive", 0, 1),
+                                        *mean_sd("barrier_err_aligned", "err_barrier_aligned", 0, 1),
+                                        *[e for c in extra for e in mean_sd(f"barrier_loss_{c}", f"barrier_{c}", 0)])
 
     def plots(self, rows: pl.DataFrame, out_dir: Path) -> list[Path]:
         last = last_epoch_rows(rows, ["zoo", "model_a", "model_b"])
@@ -402,8 +406,8 @@ class InterpolationCross(Interpolation):
 
     def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
         last = last_epoch_rows(rows, ["zoo", "zoo_b", "model_a", "model_b"])
-        return last.group_by("zoo").agg(pl.len().alias("cross_pairs"), *mean_sd("barrier_loss_naive", "cross_barrier_naive"),
-                                        *mean_sd("barrier_loss_aligned", "cross_barrier_aligned"))
+        return last.group_by("zoo").agg(pl.len().alias("cross_pairs"), *mean_sd("barrier_loss_naive", "cross_barrier_naive", 0),
+                                        *mean_sd("barrier_loss_aligned", "cross_barrier_aligned", 0))
 
     def plots(self, rows: pl.DataFrame, out_dir: Path) -> list[Path]:
         last = last_epoch_rows(rows, ["zoo", "zoo_b", "model_a", "model_b"])

@@ -121,8 +121,8 @@ class Similarity(Stage):
 
     def summary_columns(self, rows: pl.DataFrame) -> pl.DataFrame:
         last = last_epoch_rows(rows, ["zoo", "model_a", "model_b"])
-        return last.group_by("zoo").agg(pl.len().alias("similarity_pairs"), *mean_sd("cka_output", "cka_output"),
-                                        *mean_sd("cka_penultimate", "cka_penult"), *median_iqr("l2_distance", "l2_dist"),
+        return last.group_by("zoo").agg(pl.len().alias("similarity_pairs"), *mean_sd("cka_output", "cka_output", 0, 1),
+                                        *mean_sd("cka_penultimate", "cka_penult", 0, 1), *median_iqr("l2_distance", "l2_dist"),
                                         *median_iqr("canonical_distance", "canon_dist"))
 
     def plots(self, rows: pl.DataFrame, out_dir: Path) -> list[Path]:

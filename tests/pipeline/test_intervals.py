@@ -46,3 +46,17 @@ def test_no_interval_from_one_value_or_none():
     out = pl.DataFrame({"g": [0, 1], "x": [1.5, None]}).group_by("g").agg(*mean_sd("x", "m"), *median_iqr("x", "md")).sort("g")
     assert out["m" + LO].to_list() == [None, None] and out["md" + LO].to_list() == [None, None]
     assert out["md"].to_list() == [1.5, None]
+
+
+def test_an_interval_stays_within_what_the_quantity_can_take():
+    """Two barriers (>= 0 by construction) or two accuracies give a wide t interval: it is clipped to the values
+    the quantity can take, the mean and sd unchanged."""
+    from pipeline.stages.common import HI, LO, SD, mean_sd, value_range
+
+    rows = pl.DataFrame({"b": [0.0, 0.1], "acc": [0.9, 1.0]})
+    out = rows.select(*mean_sd("b", "b", 0), *mean_sd("acc", "acc", *value_range("test_acc"))).row(0, named=True)
+    assert out["b" + LO] == 0.0 and out["b" + HI] > 0.1 and out["b"] == pytest.approx(0.05)
+    assert out["acc" + HI] == 1.0 and out["acc" + LO] < 0.9 and out["acc" + SD] == pytest.approx(0.0707, abs=1e-4)
+    free = rows.select(*mean_sd("b", "b")).row(0, named=True)
+    assert free["b" + LO] < 0  # unclipped without bounds
+    assert value_range("test_loss") == (0.0, None) and value_range("test_psnr") == (None, None)

@@ -43,7 +43,8 @@ def test_deterministic_distinct_and_exactly_min_k_all(case):
     pairs = sample_pairs(list(reversed(ids)), k, key, cells)
     assert pairs == sample_pairs(ids, k, key, cells)  # a function of the set of ids, k and key
     everything = list(itertools.combinations(ids, 2))
-    assert len(pairs) == len(set(pairs)) == (len(everything) if k == 0 else min(k, len(everything)))
+    within = [(a, b) for a, b in everything if cells is None or cells[a] == cells[b]]
+    assert len(pairs) == len(set(pairs)) == (len(within) if k == 0 else min(k, len(everything)))
     assert set(pairs) <= set(everything) and pairs == sorted(pairs)
 
 
@@ -169,3 +170,13 @@ def test_pairs_are_drawn_among_the_models_that_learned_where_two_did():
     untrained = pl.DataFrame({"model_id": ["a", "b", "c"], "learned": [True, False, False]})
     assert pair_pool(untrained) == ["a", "b", "c"]
     assert pair_pool(pl.DataFrame({"model_id": ["a", "b"]})) == ["a", "b"]  # a store from before `learned`
+
+
+def test_every_pair_means_every_pair_within_a_cell():
+    """pairs: 0 asks for every pair a report counts: two seeds of one cell (a data-efficiency zoo's 10% and 100%
+    models are never paired); without cells, every pair."""
+    ids = ids_of(9)
+    cells = {m: (fraction,) for m, fraction in zip(ids, [0.1, 0.3, 1.0] * 3)}
+    pairs = sample_pairs(ids, 0, "0:z", cells)
+    assert len(pairs) == 3 * 3 and all(cells[a] == cells[b] for a, b in pairs)
+    assert sample_pairs(ids, 0, "0:z") == list(itertools.combinations(sorted(ids), 2))

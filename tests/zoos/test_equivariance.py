@@ -156,3 +156,26 @@ def test_real_architectures_projected_become_invariant_and_group_cnns_are_alread
         model = build_arch(name, digits)
         d = distance(model.state_dict(), projections(model, digits.group))
         assert d and all(v == 0 for v in d.values())
+
+
+@pytest.mark.parametrize("arch", ["canon_cnn", "fa_cnn"])
+def test_a_wrapper_invariant_by_construction_is_measured_by_its_backbones_weights(arch):
+    """canon_cnn and fa_cnn are invariant whatever their backbone's weights, so their distance to the equivariant
+    subspace is their backbone's against its own (not a 0 by definition): the backbone's layers, prefixed, the
+    backbone's own distance, and 0 once the backbone is projected."""
+    from tasks import get_task
+    from zoos.archs import build_arch
+
+    task = get_task("digits", variant="rotated")
+    torch.manual_seed(0)
+    model = build_arch(arch, task).double()
+    projs = projections(model, task.group)
+    own = projections(model.backbone, task.group)
+    assert set(projs) == {f"backbone.{k}" for k in own}
+    state = {k: v[None] for k, v in model.state_dict().items()}
+    inner = {k: v[None] for k, v in model.backbone.state_dict().items()}
+    total = total_distance(state, projs, batch_dims=1)
+    torch.testing.assert_close(total, total_distance(inner, own, batch_dims=1))
+    assert (total > 0.3).all()
+    projected = {k: projs[k](v) if k in projs else v for k, v in state.items()}
+    assert (total_distance(projected, projs, batch_dims=1) < 1e-12).all()

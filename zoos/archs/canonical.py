@@ -46,6 +46,15 @@ def _check_backbone(arch: str, backbone: str) -> None:
         raise ArchError(f"architecture {arch!r}: backbone {backbone!r} is not allowed; choose one of {allowed}")
 
 
+def _backbone_projections(model: SymModule, group) -> dict:
+    """A wrapper's weights the group constrains: its backbone's, against the backbone's own equivariant subspace.
+    The wrapper is invariant by construction whatever its backbone's weights; this is how equivariant the
+    backbone's learned weights are (a canonicalizer's group convolutions are equivariant for any weights)."""
+    from zoos.equivariance import projections
+
+    return {f"backbone.{k}": p for k, p in projections(model.backbone, group).items()}
+
+
 def _joined(**parts: PermSpec) -> PermSpec:
     """The sub-modules' specs as one: each part's state-dict prefix (its keyword) on every key, permutation and
     block-group name, so a transformer backbone keeps its heads."""
@@ -136,6 +145,9 @@ class CanonCNN(SymModule):
     def perm_spec(self) -> PermSpec:
         return _joined(canon=self.canon.perm_spec(), backbone=self.backbone.perm_spec())
 
+    def equivariance_projections(self, group) -> dict:
+        return _backbone_projections(self, group)
+
 
 @register_arch(
     "fa_cnn",
@@ -171,6 +183,9 @@ class FrameAvgCNN(SymModule):
 
     def perm_spec(self) -> PermSpec:
         return _joined(backbone=self.backbone.perm_spec())
+
+    def equivariance_projections(self, group) -> dict:
+        return _backbone_projections(self, group)
 
 
 @register_arch(
