@@ -82,6 +82,20 @@ def summarise(store: Any, study: Study, out_dir: Path) -> tuple[pl.DataFrame, li
     return summarise_zoos(store, [z.name for z in study.zoos], [s.stage for s in study.analysis], out_dir)
 
 
+def pooled_factors(store: Any, names: list[str]) -> dict[str, list[str]]:
+    """{zoo: the factors other than seed that vary among its models} for zoos whose summary column pools levels
+    of a factor (a data-efficiency zoo's train fractions, a width sweep's widths)."""
+    from zoos.spec import FACTORS
+
+    models = _models(store, names)
+    out = {}
+    for (zoo,), group in models.group_by("zoo", maintain_order=True):
+        varied = [f for f in FACTORS if f != "seed" and f in group.columns and group[f].n_unique() > 1]
+        if varied:
+            out[zoo] = varied
+    return dict(sorted(out.items()))
+
+
 def unlearned_models(store: Any, names: list[str]) -> set[str]:
     """The ids of these zoos' ok models that never learned (left out of every zoo statistic)."""
     models = _models(store, names)
@@ -301,6 +315,9 @@ def print_summary(console: Console, study: Study, report: Any, report_args: str 
         from rich.text import Text
 
         console.print(Text(LEGEND, "dim"))
+        for zoo, factors in getattr(report, "pooled", {}).items():
+            console.print(f"zoo {zoo} varies {', '.join(factors)}: its column pools every level; `symzoo report` draws "
+                          "each metric per level (and per cell where it grids two factors)", highlight=False, markup=False)
         if report.absent:
             console.print(report.absent[:1].upper() + report.absent[1:], highlight=False, markup=False)
         left_out = int(summary["not_learned"].fill_null(0).sum()) if "not_learned" in summary.columns else 0

@@ -158,6 +158,7 @@ class RunReport:
     plots: list[Path] = field(default_factory=list)
     summary: pl.DataFrame | None = None
     absent: str = ""  # one line: what the store lacks for the study's zoos (curves an import lacks, a stage's rows)
+    pooled: dict[str, list[str]] = field(default_factory=dict)  # zoo -> the factors its summary column pools
 
     def as_dict(self) -> dict[str, Any]:
         """The report as plain data (JSON): everything but the summary table and plot paths, and when it was written
@@ -788,7 +789,7 @@ def _analyse(study: Study, store: Any, display: Display, tracker: Tracker, repor
 
 def _summarise(study: Study, store: Any, tracker: Tracker, report: RunReport, t_start: float) -> None:
     """Plots and summary.csv; each stage's and the study's MLflow run; the report's wall and tracking times."""
-    from pipeline.report import absent, statistics_rows, study_store, summarise
+    from pipeline.report import absent, pooled_factors, statistics_rows, study_store, summarise
     from pipeline.stages import STAGES
 
     out_dir = study.output_dir()
@@ -797,6 +798,7 @@ def _summarise(study: Study, store: Any, tracker: Tracker, report: RunReport, t_
     names = [z.name for z in study.zoos]
     report.summary, report.plots, stage_plots = summarise(store, study, out_dir)
     report.absent = absent(store, names, [s.stage for s in study.analysis], bool(study.analysis))
+    report.pooled = pooled_factors(store, names)
     for stage in study.analysis:  # a stage run for each stage that computed something now (a re-run adds a step), or
         params = stage.settings.model_dump()  # whose results an interrupted run computed but did not log
         if not report.analysis_items.get(stage.stage) and tracker.stage_logged(stage.stage, params):
