@@ -45,11 +45,14 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def _draw(params: Mapping[str, Tensor], generator: Generators, draw: Callable[..., Tensor]) -> State:
-    """A random tensor like each stacked parameter, `draw(shape, generator=...)`: all from one generator, or model
-    i's slice from generator[i] (a model's draws then do not depend on the models stacked beside it)."""
+    """A random tensor like each stacked parameter, `draw(shape, generator=...)`, drawn in the parameters' sorted
+    order (not the mapping's, which may differ between processes): all from one generator, or model i's slice from
+    generator[i] (a model's draws then do not depend on the models stacked beside it)."""
+    keys = sorted(params)
     if generator is None or isinstance(generator, torch.Generator):
-        return {k: draw(p.shape, generator=generator).to(p) for k, p in params.items()}
-    per_model = [{k: draw(p.shape[1:], generator=g) for k, p in params.items()} for g in generator]
+        drawn = {k: draw(params[k].shape, generator=generator) for k in keys}
+        return {k: drawn[k].to(p) for k, p in params.items()}
+    per_model = [{k: draw(params[k].shape[1:], generator=g) for k in keys} for g in generator]
     return {k: torch.stack([d[k] for d in per_model]).to(p) for k, p in params.items()}
 
 

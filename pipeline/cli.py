@@ -140,7 +140,8 @@ def _unknown(what: str, name: str, names: list[str]) -> None:
 
 
 def _task_defaults(info) -> dict:
-    """A task's option defaults: its factory's keyword defaults, then those of the task class it returns."""
+    """A task's option defaults: its factory's keyword defaults, then those of the task class it builds (built
+    with no options where that works, else the class its factory names) and of that class's bases."""
     import inspect
     import typing
 
@@ -152,10 +153,17 @@ def _task_defaults(info) -> dict:
         return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
     try:
-        made = typing.get_type_hints(info.factory).get("return")
-    except Exception:  # noqa: BLE001 - an annotation that does not resolve: the factory's own defaults only
-        made = None
-    return {**(keyword_defaults(made) if inspect.isclass(made) else {}), **keyword_defaults(info.factory)}
+        made = type(info.factory())
+    except Exception:  # noqa: BLE001 - a task that needs its data files: the class its factory names
+        try:
+            made = typing.get_type_hints(info.factory).get("return")
+        except Exception:  # noqa: BLE001 - an annotation that does not resolve: the factory's own defaults only
+            made = None
+    defaults = keyword_defaults(info.factory)
+    for cls in made.__mro__ if inspect.isclass(made) else ():
+        for k, v in keyword_defaults(cls.__init__).items():
+            defaults.setdefault(k, v)
+    return defaults
 
 
 @command("tasks")

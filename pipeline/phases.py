@@ -69,7 +69,8 @@ def study_models(store: Any, study: str, stored: Sequence[str] = ()) -> pl.DataF
     found = models.filter((pl.col("study") == study) | pl.col("zoo").is_in(list(stored))) if models.height else models
     if not found.height:
         have = sorted(models["study"].unique().to_list()) if models.height else []
-        raise PhaseError(f"study {study!r} has no models in the store; studies there: {', '.join(have) or 'none'}")
+        raise PhaseError(f"study {study!r} has no models in the store; studies there: {', '.join(have) or 'none'} (a "
+                         "study that only analyses stored zoos is reported from its file: symzoo report STUDY.yaml)")
     return found
 
 

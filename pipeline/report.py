@@ -62,16 +62,12 @@ def study_store(store: Any, study: Study) -> StudyStore:
 
     results: dict[str, pl.DataFrame] = {}
     asked: dict[str, dict[str, int]] = {}
-    for stage in study.analysis:
+    for stage in study.analysis:  # each stage once (`Study` refuses one listed twice)
         zoos = study.stage_zoos(stage)
         impl = STAGES[stage.stage]
         wanted = impl.wanted(store, zoos, stage.settings)
-        counts = asked.setdefault(stage.stage, {})
-        for zoo in zoos:
-            counts[zoo.name] = counts.get(zoo.name, 0) + sum(it["zoo"] == zoo.name for it in wanted)
-        rows = impl.rows(store, zoos, stage.settings, wanted)
-        before = results.get(stage.stage)  # a stage listed twice (other settings): both its results
-        results[stage.stage] = rows if before is None else pl.concat([before, rows], how="diagonal_relaxed").unique()
+        asked[stage.stage] = {z.name: sum(z.name in (it["zoo"], it.get("zoo_b")) for it in wanted) for z in zoos}
+        results[stage.stage] = impl.rows(store, zoos, stage.settings, wanted)
     return StudyStore(store, results, asked)
 
 

@@ -256,7 +256,26 @@ def check_stored_zoos(study: Study) -> dict[str, dict[str, Any]]:
         models = store.models(zoo.name).select("arch", "task", "status").collect()
         found[zoo.name] = {"models": models.height, "ok": int((models["status"] == "ok").sum()),
                            "arch": ", ".join(sorted(set(models["arch"]))), "task": ", ".join(sorted(set(models["task"])))}
+    _check_stored_epochs(study, store)
     return found
+
+
+def _check_stored_epochs(study: Study, store: Any) -> None:
+    """RunRefused, before any work, where a stage asks a stored zoo for checkpoint epochs it does not hold (a
+    trained zoo's are checked against its `checkpoints` when the study is read)."""
+    from pipeline.stages import STAGES
+    from pipeline.study import StoredZoo
+
+    for i, stage in enumerate(study.analysis):
+        wanted = getattr(stage.settings, "epochs", None)
+        if not (STAGES[stage.stage].every_epoch_stored and isinstance(wanted, list)):
+            continue
+        for zoo in study.stage_zoos(stage):
+            if isinstance(zoo, StoredZoo):
+                held = set(store.checkpoints(zoo=zoo.name).select("epoch").unique().collect()["epoch"].to_list())
+                if missing := sorted(set(wanted) - held):
+                    raise RunRefused(f"analysis[{i}].epochs: {missing} not stored for zoo {zoo.name!r}; its checkpoints "
+                                     f"are at epochs {sorted(held)} (ask for some of those, or 'last' or 'all')")
 
 
 def check_store_writable(root: str) -> None:

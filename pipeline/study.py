@@ -324,7 +324,13 @@ class Study(BaseModel):
                              f"{sum(counts.values())} to allow it"))
         from pipeline.stages import STAGES
 
+        stages = [st.stage for st in self.analysis]
         for i, st in enumerate(self.analysis):
+            if st.stage in stages[:i]:  # the summary, the report and MLflow hold one result set a stage
+                errs.append(_err(("analysis", i, "stage"), f"stage {st.stage!r} is listed twice (analysis"
+                                 f"[{stages.index(st.stage)}]); a study runs each stage once: put its other settings in "
+                                 "another study on the same store (results both ask for are computed once)"))
+                continue
             if st.zoos != "all":
                 unknown = [z for z in st.zoos if z not in names]
                 if unknown:

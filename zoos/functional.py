@@ -29,10 +29,11 @@ def template(module: nn.Module) -> nn.Module:
 
 
 def split_state(module: nn.Module, state: Mapping[str, Tensor]) -> tuple[State, State]:
-    """Split a flat state dict into (params, buffers) by the module's own names."""
-    pnames = {k for k, _ in module.named_parameters()}
-    bnames = {k for k, _ in module.named_buffers()}
-    missing = (pnames | bnames) - set(state)
+    """Split a flat state dict into (params, buffers) by the module's own names, in the module's order (so whatever
+    iterates them, such as per-parameter random draws, does so alike in every process)."""
+    pnames = [k for k, _ in module.named_parameters()]
+    bnames = [k for k, _ in module.named_buffers()]
+    missing = set(pnames + bnames) - set(state)
     if missing:
         raise KeyError(f"state has no entry for {sorted(missing)[:3]}")
     return {k: state[k] for k in pnames}, {k: state[k] for k in bnames}

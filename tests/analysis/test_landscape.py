@@ -191,3 +191,21 @@ def test_a_models_estimates_with_its_own_generator_do_not_depend_on_the_models_b
     tr3 = hessian_trace(*stacked, x, y, mse, n_samples=40, rel_se=0.05, generator=gens(12, 10, 11))
     assert tr1.n_samples[0] == tr3.n_samples[2]
     torch.testing.assert_close(tr3.mean[2], tr1.mean[0], rtol=1e-12, atol=0)
+
+
+def test_the_probes_do_not_depend_on_the_order_the_parameters_come_in():
+    """Parameters reach the estimators in whatever order a mapping was built in (a set's order varies with
+    Python's hash seed from process to process): the draws follow the sorted names, so a model gets the same
+    probes in every process; and split_state keeps the module's own order."""
+    from analysis.landscape import _draw, _rademacher
+    from zoos.functional import split_state
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    params = {k: v.detach()[None].expand(2, *v.shape) for k, v in net.named_parameters()}
+    backwards = dict(reversed(list(params.items())))
+    for draw in (lambda p, g: _draw(p, g, torch.randn), _rademacher):
+        for gens in (lambda: torch.Generator().manual_seed(3), lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]):
+            a, b = draw(params, gens()), draw(backwards, gens())
+            assert all(torch.equal(a[k], b[k]) for k in params)
+    split, _ = split_state(net, dict(reversed(list(net.state_dict().items()))))
+    assert list(split) == [k for k, _ in net.named_parameters()]

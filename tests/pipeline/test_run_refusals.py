@@ -132,3 +132,18 @@ def test_a_run_failing_after_it_started_ends_its_mlflow_runs_failed_and_removes_
     client = MlflowClient(f"sqlite:///{here / 'symzoo.db'}")
     exp = client.get_experiment_by_name("raises")
     assert {run.info.status for run in client.search_runs([exp.experiment_id])} == {"FAILED"}
+
+
+def test_epochs_a_stored_zoo_does_not_hold_are_refused_before_anything(here):
+    """`symzoo validate` and `symzoo run` check a stage's epochs against a stored zoo's checkpoints before anything
+    is created (the run used to fail after opening its MLflow runs)."""
+    from tests.zoos.test_store import make_pop
+    from zoos.store import Store
+
+    Store(str(here / "st")).write_population(make_pop("zA", [0, 2, 3], seed=1))
+    path = study_file(here, store="st", zoos=[{"name": "zA", "stored": True}],
+                      analysis=[{"stage": "interpolation", "epochs": [4]}])
+    says = "analysis[0].epochs: [4] not stored for zoo 'zA'; its checkpoints are at epochs ["
+    refused(here, [str(path)], says)
+    r = CliRunner().invoke(app, ["validate", str(path)])
+    assert r.exit_code == 2 and says in r.output, r.output

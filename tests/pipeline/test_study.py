@@ -66,6 +66,8 @@ def test_good_study_loads_and_validate_prints_the_zoos(tmp_path):
         (with_(("zoos", 0, "population_size"), "big"), "zoos[0].population_size"),
         (with_(("zoos", 0, "population_size"), 0), "zoos[0].population_size"),
         (with_(("model_runs",), "some"), "model_runs"),
+        (with_(("analysis",), [{"stage": "equivariance"}, {"stage": "equivariance", "samples": 64}]),
+         "analysis[1].stage: stage 'equivariance' is listed twice (analysis[0]); a study runs each stage once"),
     ],
 )
 def test_bad_input_exits_2_naming_the_problem(tmp_path, data, expected):
