@@ -158,9 +158,8 @@ def run_cmd(
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: one line, and what to do next
         ignore_interrupts()  # Ray's shutdown at exit must not be cut short by another
         what = "terminated (SIGTERM)" if TERMINATED.is_set() else "interrupted"
-        console.print(f"[yellow]{what}[/]: every finished population and analysis chunk is stored and its MLflow run "
-                      f"ended KILLED; `symzoo run {study_file}` again trains and analyses only what is missing",
-                      highlight=False)
+        typer.echo(f"{what}: every finished population and analysis chunk is stored and its MLflow run ended KILLED; "
+                   f"`symzoo run {study_file}` again trains and analyses only what is missing", err=True)
         raise typer.Exit(143 if TERMINATED.is_set() else 130) from None
     except TaskFailed as e:  # an error inside a Ray task: its own one-line message, the traceback with --debug
         if debug:

@@ -82,7 +82,8 @@ class Display:
             self._stop.set()
             if self._ticker is not None:
                 self._ticker.join()
-            self._print_lines(force=True)
+            if self._held:  # the last state, unless its line is out already
+                self._print_lines(force=True)
 
     def _tick(self) -> None:
         """Plain lines: a held-back update once `every_s` is up, and the state every `quiet_s` while nothing moves."""

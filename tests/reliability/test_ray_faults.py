@@ -147,7 +147,7 @@ def test_a_stopped_run_says_so_ends_its_runs_killed_and_the_next_run_finishes_th
         proc.kill()
     out, err = out.decode(), err.decode()
     assert proc.returncode == code, (proc.returncode, out[-2000:], err[-2000:])
-    assert says in out and "symzoo run" in out.split(says)[1].splitlines()[0], out[-1500:]
+    assert says in err and "symzoo run" in err.split(says)[1].splitlines()[0], err[-1500:]  # one line, on stderr
     assert "Traceback" not in out + err and "*** SIGTERM received" not in err and "Segmentation" not in err, err[-2000:]
     client = MlflowClient(study["tracking_uri"])
     exp = client.get_experiment_by_name("stopped")
