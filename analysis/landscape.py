@@ -57,7 +57,8 @@ def _draw(params: Mapping[str, Tensor], generator: Generators, draw: Callable[..
 
 
 def _rademacher(params: Mapping[str, Tensor], generator: Generators) -> State:
-    return {k: v * 2 - 1 for k, v in _draw(params, generator, lambda s, generator: torch.randint(0, 2, s, generator=generator)).items()}
+    bits = _draw(params, generator, lambda shape, generator: torch.randint(0, 2, shape, generator=generator))
+    return {k: v * 2 - 1 for k, v in bits.items()}
 
 
 @dataclass

@@ -251,8 +251,8 @@ def check_stored_zoos(study: Study) -> dict[str, dict[str, Any]]:
     for zoo in study.stored_zoos:
         if zoo.name not in held:
             have = ", ".join(held[:12]) + (", ..." if len(held) > 12 else "") if held else "no zoo"
-            raise RunRefused(f"{where[id(zoo)]}zoo {zoo.name!r} is named stored: true, but store {study.store!r} holds {have}; "
-                              "import it (symzoo import) or train it in another study first")
+            raise RunRefused(f"{where[id(zoo)]}zoo {zoo.name!r} is named stored: true, but store {study.store!r} holds "
+                             f"{have}; import it (symzoo import) or train it in another study first")
         models = store.models(zoo.name).select("arch", "task", "status").collect()
         found[zoo.name] = {"models": models.height, "ok": int((models["status"] == "ok").sum()),
                            "arch": ", ".join(sorted(set(models["arch"]))), "task": ", ".join(sorted(set(models["task"])))}
