@@ -311,9 +311,13 @@ def print_summary(console: Console, study: Study, report: Any, report_args: str 
         from rich.text import Text
 
         console.print(Text(LEGEND, "dim"))
+        from pipeline.phases import LOADS
+
         for zoo, factors in getattr(report, "pooled", {}).items():
-            console.print(f"zoo {zoo} varies {', '.join(factors)}: its column pools every level; `symzoo report` draws "
-                          "each metric per level (and per cell where it grids two factors)", highlight=False, markup=False)
+            where = ("`symzoo report` draws each metric per level" if any(f in LOADS for f in factors) else
+                     "each model's numbers are in the models table (symzoo query)")
+            console.print(f"zoo {zoo} varies {', '.join(factors)}: its column pools every level; {where}",
+                          highlight=False, markup=False)
         if report.absent:
             console.print(report.absent[:1].upper() + report.absent[1:], highlight=False, markup=False)
         left_out = int(summary["not_learned"].fill_null(0).sum()) if "not_learned" in summary.columns else 0
