@@ -28,6 +28,7 @@ from typing import Any, Iterable, Iterator, Sequence
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100
 KIND, STUDY, ZOO, MODEL_ID, STAGE = "symzoo.kind", "symzoo.study", "symzoo.zoo", "symzoo.model_id", "symzoo.stage"
 SETTINGS = "symzoo.settings"  # hash of a stage run's settings
+CURRENT = "symzoo.current"  # "true" on a stage's run for the settings the study asked for last, "false" on the others
 INVOCATIONS = "symzoo.invocations"  # on the study run: how many `symzoo run`s did work; their metrics' step
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3's UI: open on the runs, not traces
 
@@ -423,6 +424,8 @@ class Tracker:
         self.log_artifacts(run, artifacts)
         with self._timed():
             self._client.set_terminated(run, status="FINISHED")
+            for other in self._find({KIND: "stage", STUDY: self.study, STAGE: stage}):  # runs of earlier settings
+                self._client.set_tag(other.info.run_id, CURRENT, str(other.info.run_id == run).lower())
         return run
 
     def stage_logged(self, stage: str, params: dict[str, Any] | None = None) -> bool:

@@ -87,6 +87,8 @@ def test_changed_study_and_stage_settings_can_be_logged_again(tmp_path):
     stages = client.search_runs([exp.experiment_id], "tags.`symzoo.kind` = 'stage'")
     assert sorted(r.data.params["interpolation.pairs"] for r in stages) == ["4", "8"]  # a stage's own columns
     assert {r.info.status for r in stages} == {"FINISHED"}
+    # the run of the settings the study asked for last is the current one; the earlier settings' is marked so
+    assert {r.data.params["interpolation.pairs"]: r.data.tags["symzoo.current"] for r in stages} == {"4": "false", "8": "true"}
 
 
 def _runs(uri, study, kind):
