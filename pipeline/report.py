@@ -100,10 +100,11 @@ def unlearned_models(store: Any, names: list[str]) -> set[str]:
     return set(models.filter((pl.col("status") == "ok") & ~_learned(models))["model_id"].to_list())
 
 
-def statistics_rows(store: Any, names: list[str], stage: str) -> pl.DataFrame:
+def statistics_rows(store: Any, names: list[str], stage: str, unlearned: set[str] | None = None) -> pl.DataFrame:
     """A stage's rows of these zoos that their statistics count: none of a model that never learned (a pair: of
-    either model)."""
-    return _without_unlearned(zoo_rows(store, store.analysis(stage), names).collect(), unlearned_models(store, names))
+    either model; `unlearned`: those models, if known)."""
+    unlearned = unlearned_models(store, names) if unlearned is None else unlearned
+    return _without_unlearned(zoo_rows(store, store.analysis(stage), names).collect(), unlearned)
 
 
 def zoo_rows(store: Any, frame: pl.LazyFrame, names: list[str]) -> pl.LazyFrame:
@@ -198,6 +199,7 @@ def summarise_zoos(store: Any, names: list[str], stages: list[str], out_dir: Pat
         plot_paths.append(plots.metric_distribution(models.filter(good), metric_cols[:3], out_dir / "final_metrics.png"))
 
     stage_plots: dict[str, list[Path]] = {}
+    unlearned = set(models.filter((pl.col("status") == "ok") & ~good)["model_id"].to_list())
     present = store.stages()
     for stage in stages:
         if stage not in present or stage not in STAGES:
@@ -206,7 +208,7 @@ def summarise_zoos(store: Any, names: list[str], stages: list[str], out_dir: Pat
         if not rows.height:
             continue
         impl = STAGES[stage]
-        summary = summary.join(impl.summary_columns(statistics_rows(store, names, stage)), on="zoo", how="left")
+        summary = summary.join(impl.summary_columns(_without_unlearned(rows, unlearned)), on="zoo", how="left")
         stage_plots[stage] = impl.plots(rows, out_dir)  # the plots show every model, the statistics the learned
         plot_paths += stage_plots[stage]
     summary.write_csv(out_dir / "summary.csv")

@@ -808,7 +808,7 @@ def _analyse(study: Study, store: Any, display: Display, tracker: Tracker, repor
 
 def _summarise(study: Study, store: Any, tracker: Tracker, report: RunReport, t_start: float) -> None:
     """Plots and summary.csv; each stage's and the study's MLflow run; the report's wall and tracking times."""
-    from pipeline.report import absent, pooled_factors, statistics_rows, study_store, summarise
+    from pipeline.report import absent, pooled_factors, statistics_rows, study_store, summarise, unlearned_models
     from pipeline.stages import STAGES
 
     out_dir = study.output_dir()
@@ -818,11 +818,12 @@ def _summarise(study: Study, store: Any, tracker: Tracker, report: RunReport, t_
     report.summary, report.plots, stage_plots = summarise(store, study, out_dir)
     report.absent = absent(store, names, [s.stage for s in study.analysis], bool(study.analysis))
     report.pooled = pooled_factors(store, names)
+    unlearned = unlearned_models(store, names)  # left out of the stage runs' numbers, as of the summary's
     for stage in study.analysis:  # a stage run for each stage that computed something now (a re-run adds a step), or
         params = stage.settings.model_dump()  # whose results an interrupted run computed but did not log
         if not report.analysis_items.get(stage.stage) and tracker.stage_logged(stage.stage, params):
             continue
-        rows = statistics_rows(store, names, stage.stage)  # the numbers the summary shows
+        rows = statistics_rows(store, names, stage.stage, unlearned)  # the numbers the summary shows
         metrics = STAGES[stage.stage].summary_metrics(rows) if rows.height else {}
         tracker.log_stage(stage.stage, metrics, params=params, artifacts=stage_plots.get(stage.stage, []))
     if tracker.working:  # a run with nothing to do rewrites nothing
