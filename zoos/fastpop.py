@@ -55,6 +55,7 @@ import math
 import operator
 import os
 import re
+import sys
 import weakref
 from typing import Any, Callable, Mapping, Sequence
 
@@ -259,12 +260,32 @@ class _Tracer(fx.Tracer):
     so a layer with weights of another type (GroupNorm, LayerNorm, a custom layer) becomes functional ops."""
 
     proxy_buffer_attributes = True
-    record_stack_traces = True  # a node names the line of the forward it came from
+
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        """A node that names the line of the forward it came from (`_what`): set here, as torch's
+        record_stack_traces would, whose capture imports torch._dynamo (a second at a process's first trace)."""
+        node = super().create_node(*args, **kwargs)
+        node.stack_trace = _calling_line()
+        return node
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if _layer(m):
             return True
         return not any(True for _ in m.parameters()) and not any(True for _ in m.buffers()) and super().is_leaf_module(m, qualname)
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
+def _calling_line() -> str | None:
+    """The innermost frame of the caller's stack outside torch and this module, as a traceback prints it."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        file = frame.f_code.co_filename
+        if not file.startswith(_TORCH_DIR) and file != __file__:
+            return f'File "{file}", line {frame.f_lineno}, in {frame.f_code.co_name}'
+        frame = frame.f_back
+    return None
 
 
 def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:

@@ -57,8 +57,9 @@ def _seeded_init(factors: dict[str, Any], draw: Callable[[], Any], own_generator
     return model
 
 
-def init_population(models: Sequence[ModelSpec], task: Any) -> tuple[Any, dict, dict]:
-    """Every model of a population as `init_model` builds it: (the first model, stacked params, stacked buffers).
+def init_population(models: Sequence[ModelSpec], task: Any, device: Any = "cpu") -> tuple[Any, dict, dict]:
+    """Every model of a population as `init_model` builds it: (the first model, on the CPU; stacked params and
+    stacked buffers, on `device`).
 
     Building a module per model is most of a large population's setup on a GPU (benchmarks/HISTORY.md), but its
     weights are only the draws of its `reset_parameters()` (`archs.base.init_resets`), in order, from the
@@ -66,12 +67,14 @@ def init_population(models: Sequence[ModelSpec], task: Any) -> tuple[Any, dict, 
     models are built and a replay of their draws on a copy must give both, parameters and buffers, to the bit)
     and every model has the same arch config, the other models are replays; a population with many weights to
     draw replays on several threads, a copy each, each model drawing from its own generator (`_draws_from`).
+    On a GPU each model's draws go to the device's rows as they are made (`_Rows`), never stacked on the host.
     Elsewhere (an architecture drawing outside its resets, or there with a draw that takes no generator;
     per-model configs such as dropout) every model is built."""
     import torch
 
     from zoos.functional import stack_states
 
+    device = torch.device(device)
     built = [init_model(m.arch, m.arch_config, m.factors, task) for m in models[:2]]
     same_config = all(m.arch_config == models[0].arch_config for m in models)
     draws = len(models) * sum(v.numel() for v in _tensors(built[0]).values())
@@ -80,24 +83,54 @@ def init_population(models: Sequence[ModelSpec], task: Any) -> tuple[Any, dict, 
     if len(models) <= 2 or not same_config or not all(replay.same(replay.draw(m), b) for m, b in zip(models, built)):
         rest = [init_model(m.arch, m.arch_config, m.factors, task) for m in models[2:]]
         params, buffers = stack_states(built + rest)
-        return built[0], params, buffers
-    params, buffers = ({k: v.new_empty((len(models), *v.shape)) for k, v in d.items()}
+        return built[0], *({k: v.to(device) for k, v in d.items()} for d in (params, buffers))
+    params, buffers = ({k: v.new_empty((len(models), *v.shape), device=device) for k, v in d.items()}
                        for d in (dict(built[0].named_parameters()), dict(built[0].named_buffers())))
-    rows = {**params, **buffers}
+    rows = _Rows({**params, **buffers})
 
-    def fill(replay: _Replay, indices: range) -> None:
-        with torch.no_grad():  # the replay's parameters require grad: copies of them must not join a graph
+    def fill(replay: _Replay | None, indices: range) -> None:
+        replay = replay or _Replay(built[0], own_generator=True)  # a thread's own copy, made on that thread
+        with torch.no_grad(), rows.writer(replay.live) as write:  # no grad: copies of the replay must not join a graph
             for i in indices:
-                for k, v in (_tensors(built[i]) if i < 2 else replay.draw(models[i])).items():
-                    rows[k][i] = v
+                write(i, _tensors(built[i]) if i < 2 else replay.draw(models[i]))
 
     if workers == 1:
         fill(replay, range(len(models)))
     else:  # the draws release the GIL: one replay a thread, each model's draws from its own generator
         chunks = [range(len(models))[w::workers] for w in range(workers)]
         with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(fill, [replay] + [_Replay(built[0], own_generator=True) for _ in chunks[1:]], chunks))
+            list(pool.map(fill, [replay] + [None] * (workers - 1), chunks))
     return built[0], params, buffers
+
+
+class _Rows:
+    """A population's stacked tensors, written a model (a row of each) at a time by one or more threads. On a
+    CUDA device a writer pins its replay's tensors, so that each model's rows are copied to the device as soon
+    as they are drawn, on the writer's own stream, while the other writers draw."""
+
+    def __init__(self, rows: dict):
+        self.rows = rows
+        self.device = next(iter(rows.values())).device if rows else None
+
+    @contextlib.contextmanager
+    def writer(self, live: dict) -> Any:
+        """write(i, tensors): model i's rows from `tensors` (`live`, the replay's own, or a built model's)."""
+        import torch
+
+        if self.device is None or self.device.type != "cuda":
+            yield lambda i, tensors: [self.rows[k][i].copy_(v) for k, v in tensors.items()]
+            return
+        for v in live.values():  # the replay draws in place: into page-locked memory, copied from without a stage
+            v.data = v.data.pin_memory()
+        stream = torch.cuda.Stream(self.device)
+
+        def write(i: int, tensors: dict) -> None:
+            with torch.cuda.stream(stream):
+                for k, v in tensors.items():
+                    self.rows[k][i].copy_(v, non_blocking=v.is_pinned())
+            stream.synchronize()  # the next draw overwrites the live tensors these copies read
+
+        yield write
 
 
 def _draws_from(generator: Any) -> Any:

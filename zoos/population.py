@@ -37,9 +37,10 @@ class PopulationResult:
     metrics      name -> float array [N, len(epochs)]: metrics at the stored checkpoints
     weights      state_dict key -> float32 array [N, len(epochs), *shape] (parameters and buffers)
     curves       name -> float array [N, n_epochs + 1]: every epoch's metrics, epoch 0 = at init
-    timings      where the wall time went, seconds: plan (the memory plan), setup (data, models), compile (the
-                 kernels compiled ahead), evaluation, first_step, graph_warmup, steps (the rest); first_step_at
-                 from the call to the end of the first step (not stored; the pipeline reports them per population)
+    timings      where the wall time went, seconds: plan (the memory plan), init (the models' initial weights, on
+                 the device), setup (the data, the program), compile (the kernels compiled ahead), evaluation,
+                 first_step, graph_warmup, steps (the rest); first_step_at from the call to the end of the first
+                 step (not stored; the pipeline reports them per population)
     program      the population program that trained it, as `zoos.program.Program.as_dict()` (reported, not stored)
     """
 

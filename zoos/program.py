@@ -30,13 +30,13 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from zoos import popconv, popoptim
-from zoos.fastpop import FastStep, Unsupported
+from zoos import fastpop, popconv, popoptim
+from zoos.fastpop import FastPopulation, FastStep, Unsupported
 
 PRECISIONS = ("float32", "bf16")
 
@@ -131,28 +131,44 @@ def choose_program(
                    layers=list(step.pop.choices), step=step)
 
 
-def _fast_population(pop: Any, task: Any) -> tuple[nn.Module, Any]:
-    """(`pop`'s architecture as a template, its population program or None where it runs as vmap)."""
+class _Plan(NamedTuple):
+    """What a population's memory plan reads of its program's trace: per-sample elements of its largest
+    activation and of every activation together, and a model's parameters."""
+
+    sample_elements: int
+    activation_elements: int
+    params: int
+
+
+_PLANS: dict[tuple, _Plan | None] = {}  # (group key, input shape) -> its plan: traced once a process
+
+
+def _plan(pop: Any, task: Any) -> _Plan | None:
+    """`pop`'s `_Plan`, or None where it runs as vmap."""
     from zoos.archs import build_arch
-    from zoos.fastpop import FastPopulation
     from zoos.functional import template
 
-    first = pop.first
-    module = template(build_arch(first.arch, task, **first.arch_config))
-    try:
-        return module, FastPopulation(module, tuple(task.input_shape))
-    except Unsupported:
-        return module, None
+    key = (pop.first.group_key(), tuple(task.input_shape))
+    if key not in _PLANS:
+        first = pop.first
+        module = template(build_arch(first.arch, task, **first.arch_config))
+        try:
+            fast = FastPopulation(module, tuple(task.input_shape))
+        except Unsupported:
+            _PLANS[key] = None
+        else:
+            _PLANS[key] = _Plan(fast.sample_elements, fast.activation_elements, sum(p.numel() for p in module.parameters()))
+    return _PLANS[key]
 
 
 def max_models(pop: Any, task: Any) -> int | None:
     """The most models of `pop`'s architecture one population program holds at its batch size (its largest
     activation of all models' samples must stay within 32-bit indexing), or None where it runs as vmap."""
-    _, fast = _fast_population(pop, task)
-    if fast is None:
+    plan = _plan(pop, task)
+    if plan is None:
         return None
     batch = pop.first.factors["batch_size"]
-    return max(1, fast.max_rows // (1 << (batch - 1).bit_length()))
+    return max(1, fastpop.INDEX_LIMIT // max(1, plan.sample_elements) // (1 << (batch - 1).bit_length()))
 
 
 MEMORY_SHARE = 0.8  # of the device's free memory that one population's training plans for
@@ -162,10 +178,10 @@ def models_in_memory(pop: Any, task: Any, free_bytes: int) -> int | None:
     """The most models of `pop` one population program trains within `free_bytes` of device memory: each model
     keeps at most every activation of its batch for the backward (4 bytes a value, an upper bound for bf16 and
     float32 alike) and its weights, gradients and two optimizer moments; None where it runs as vmap."""
-    module, fast = _fast_population(pop, task)
-    if fast is None:
+    plan = _plan(pop, task)
+    if plan is None:
         return None
-    per_model = 4 * (pop.first.factors["batch_size"] * fast.activation_elements + 4 * sum(p.numel() for p in module.parameters()))
+    per_model = 4 * (pop.first.factors["batch_size"] * plan.activation_elements + 4 * plan.params)
     return max(1, int(MEMORY_SHARE * free_bytes) // per_model)
 
 

@@ -266,13 +266,18 @@ class _Branchy(nn.Module):
 
 
 @pytest.mark.parametrize("module,shape,reason", [
-    (_BatchMean(), (4,), "mean .* reduces over the batch"),
-    (_Transposed(), (4, 3), "transpose .* moves the batch axis off the front"),
+    (_BatchMean(), (4,), r"mean \(test_program\.py:{line}\) reduces over the batch"),
+    (_Transposed(), (4, 3), r"transpose \(test_program\.py:{line}\) moves the batch axis off the front"),
     (_Branchy(), (4,), "torch.fx cannot trace its forward .*control flow"),
 ])
 def test_what_the_population_program_cannot_run_is_named(module, shape, reason):
+    """The op, the line of the forward it is on (its body's first line here), and why."""
+    import inspect
+    import re
+
+    line = inspect.getsourcelines(type(module).forward)[1] + 1
     assert FastPopulation.why_not(module, shape) is not None
-    assert __import__("re").search(reason, FastPopulation.why_not(module, shape))
+    assert re.search(reason.format(line=line), FastPopulation.why_not(module, shape))
 
 
 def test_a_fallback_trains_by_vmap_and_warns_once_on_cuda_only():
@@ -315,6 +320,22 @@ def test_a_population_beyond_32_bit_indexing_is_split_or_refused(monkeypatch):
         train_population(pop, fast=True, kernels=False)
     result = train_population(populations(models, 4)[0], fast=True, kernels=False, eval_batch=512)
     assert result.program["fast"] and np.isfinite(result.curves["test_loss"]).all()
+
+
+def test_the_memory_plan_traces_a_group_of_models_once_a_process(monkeypatch):
+    """The runner's split, the trainer's memory plan and its 32-bit check read one trace of the group's program."""
+    from zoos import program
+    from zoos.program import max_models, models_in_memory
+
+    traced = []
+    monkeypatch.setattr(program, "_PLANS", {})
+    monkeypatch.setattr(program, "FastPopulation", lambda *a: traced.append(a) or FastPopulation(*a))
+    pop = one_population(zoo_models({"seed": [0, 1], "batch_size": [16]}, arch={"name": "mlp", "config": {"width": 32, "depth": 1}}))
+    task = get_task("digits")
+    limits = [max_models(pop, task), models_in_memory(pop, task, 1 << 30), max_models(pop, task)]
+    assert len(traced) == 1 and limits[0] == limits[2] == (2**31 - 1) // 64 // 16
+    other = one_population(zoo_models({"seed": [0], "batch_size": [16]}, arch={"name": "mlp", "config": {"width": 8, "depth": 1}}))
+    assert max_models(other, task) == limits[0] and len(traced) == 2  # another config: its own trace
 
 
 BF16_CASES = [  # (arch, task, options, config, also compiled, on popconv's and popnorm's kernels on a GPU)

@@ -300,10 +300,10 @@ def test_result_says_where_the_time_went():
     res = train_population(pop)
     wall = time.perf_counter() - t0
     phases = {k: v for k, v in res.timings.items() if k != "first_step_at"}
-    assert set(phases) == {"plan", "setup", "evaluation", "first_step", "steps"}
+    assert set(phases) == {"plan", "init", "setup", "evaluation", "first_step", "steps"}
     assert all(v >= 0 for v in phases.values())
     assert sum(phases.values()) <= wall
-    before = phases["plan"] + phases["setup"] + phases["first_step"]  # and the first evaluation, but not the last
+    before = phases["plan"] + phases["init"] + phases["setup"] + phases["first_step"]  # and the first evaluation, but not the last
     assert before <= res.timings["first_step_at"] <= wall
 
 
