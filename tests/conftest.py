@@ -1,12 +1,16 @@
 """Shared test set-up: deterministic, single-threaded torch (CI has 2 cores and runs 2 workers)."""
 
 import os
+import secrets
 import shutil
 import tempfile
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 if "PYTEST_XDIST_WORKER" not in os.environ:  # the controller: its workers, Ray and subprocesses inherit the folder
     os.environ["SYMZOO_CACHE"] = tempfile.mkdtemp(prefix="symzoo-test-cache-")  # not ~/.cache: removed at the end
+    # the session's Rays (local ones, a started head, job clients) share one token: none writes ~/.ray/auth_token,
+    # and a head started before any local Ray made that file finds its token
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 os.environ.setdefault("MPLBACKEND", "Agg")
 if shutil.which("nvidia-smi") is None:  # no GPU: zoos.popconv's Triton kernels run (and are tested) in the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")

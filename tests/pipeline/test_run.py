@@ -289,7 +289,7 @@ def test_a_local_ray_keeps_token_authentication_without_saying_so(tmp_path):
               "from ray._raylet import AuthenticationMode, get_authentication_mode\n"
               "print('token mode:', get_authentication_mode() == AuthenticationMode.TOKEN)\n"
               "import ray; ray.shutdown()\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     env["HOME"] = str(tmp_path)  # the token Ray makes goes here
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
