@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from tasks.base import MODEL_STRIDE, mix_seed
 
@@ -57,93 +57,47 @@ def _seeded_init(factors: dict[str, Any], draw: Callable[[], Any], own_generator
     return model
 
 
-def init_population(models: Sequence[ModelSpec], task: Any, device: Any = "cpu") -> tuple[Any, dict, dict]:
-    """Every model of a population as `init_model` builds it: (the first model, on the CPU; stacked params,
-    float32, and stacked buffers, on `device`). `begin_population_init` and its wait."""
-    init = begin_population_init(models, task, device)
-    init.wait()
-    return init.first, init.params, init.buffers
-
-
-class PopulationInit(NamedTuple):
-    """A population's init under way: the first model built (on the CPU), the stacked params (float32) and buffers
-    allocated on the device and written on threads until `wait()` returns (it raises what a thread raised)."""
-
-    first: Any
-    params: dict
-    buffers: dict
-    wait: Callable[[], None]
-
-
-def begin_population_init(models: Sequence[ModelSpec], task: Any, device: Any = "cpu") -> PopulationInit:
-    """Every model of a population as `init_model` builds it, written on threads while the caller goes on.
+def init_population(models: Sequence[ModelSpec], task: Any) -> tuple[Any, dict, dict]:
+    """Every model of a population as `init_model` builds it: (the first model, stacked params, stacked buffers).
 
     Building a module per model is most of a large population's setup on a GPU (benchmarks/HISTORY.md), but its
     weights are only the draws of its `reset_parameters()` (`archs.base.init_resets`), in order, from the
     model's seeded generator, then `reinit`. Where that holds for this architecture (checked: the first two
     models are built and a replay of their draws on a copy must give both, parameters and buffers, to the bit)
-    and every model has the same arch config, the other models are replays, on threads, a copy each, each model
-    drawing from its own generator (`_draws_from`); a population with many weights to draw on several. On a GPU
-    each model's draws go to the device's rows as they are made (`_row_writer`), never stacked on the host. Elsewhere
-    (an architecture drawing outside its resets, or there with a draw that takes no generator; per-model configs
-    such as dropout) every model is built before this returns."""
+    and every model has the same arch config, the other models are replays; a population with many weights to
+    draw replays on several threads, a copy each, each model drawing from its own generator (`_draws_from`).
+    Elsewhere (an architecture drawing outside its resets, or there with a draw that takes no generator;
+    per-model configs such as dropout) every model is built."""
     import torch
 
     from zoos.functional import stack_states
 
-    device = torch.device(device)
     built = [init_model(m.arch, m.arch_config, m.factors, task) for m in models[:2]]
     same_config = all(m.arch_config == models[0].arch_config for m in models)
-    replay = _Replay(built[0], own_generator=True)
+    draws = len(models) * sum(v.numel() for v in _tensors(built[0]).values())
+    workers = max(1, min(torch.get_num_threads(), draws // DRAWS_A_THREAD, 16))
+    replay = _Replay(built[0], own_generator=workers > 1)
     if len(models) <= 2 or not same_config or not all(replay.same(replay.draw(m), b) for m, b in zip(models, built)):
         rest = [init_model(m.arch, m.arch_config, m.factors, task) for m in models[2:]]
         params, buffers = stack_states(built + rest)
-        params = {k: v.to(device, torch.float32) for k, v in params.items()}
-        return PopulationInit(built[0], params, {k: v.to(device) for k, v in buffers.items()}, lambda: None)
-    params = {k: v.new_empty((len(models), *v.shape), device=device, dtype=torch.float32)
-              for k, v in built[0].named_parameters()}
-    buffers = {k: v.new_empty((len(models), *v.shape), device=device) for k, v in built[0].named_buffers()}
-    def fill(replay: _Replay | None, indices: range) -> None:
-        replay = replay or _Replay(built[0], own_generator=True)  # a thread's own copy, made on that thread
-        write = _row_writer({**params, **buffers}, replay.live)
+        return built[0], params, buffers
+    params, buffers = ({k: v.new_empty((len(models), *v.shape)) for k, v in d.items()}
+                       for d in (dict(built[0].named_parameters()), dict(built[0].named_buffers())))
+    rows = {**params, **buffers}
+
+    def fill(replay: _Replay, indices: range) -> None:
         with torch.no_grad():  # the replay's parameters require grad: copies of them must not join a graph
             for i in indices:
-                write(i, _tensors(built[i]) if i < 2 else replay.draw(models[i]))
+                for k, v in (_tensors(built[i]) if i < 2 else replay.draw(models[i])).items():
+                    rows[k][i] = v
 
-    draws = len(models) * sum(v.numel() for v in _tensors(built[0]).values())
-    workers = max(1, min(torch.get_num_threads(), draws // DRAWS_A_THREAD, 16))
-    chunks = [range(len(models))[w::workers] for w in range(workers)]
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="symzoo-init")  # the draws release the GIL
-    futures = [pool.submit(fill, r, c) for r, c in zip([replay] + [None] * (workers - 1), chunks)]
-    pool.shutdown(wait=False)  # its threads end with their last model
-
-    def wait() -> None:
-        for f in futures:
-            f.result()
-
-    return PopulationInit(built[0], params, buffers, wait)
-
-
-def _row_writer(rows: dict, live: dict) -> Callable[[int, dict], None]:
-    """write(i, tensors): model i's row of each of `rows` from `tensors` (`live`, the replay's own tensors, which it
-    redraws in place, or a built model's). On a CUDA device `live` moves to page-locked memory and each model's
-    rows are copied from it as soon as they are drawn, on the writer's own stream, while the other threads draw."""
-    import torch
-
-    device = next(iter(rows.values())).device if rows else torch.device("cpu")
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    if stream is not None:
-        for v in live.values():
-            v.data = v.data.pin_memory()
-
-    def write(i: int, tensors: dict) -> None:
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            for k, v in tensors.items():
-                rows[k][i].copy_(v, non_blocking=v.is_pinned())
-        if stream is not None:
-            stream.synchronize()  # the next draw overwrites the live tensors these copies read
-
-    return write
+    if workers == 1:
+        fill(replay, range(len(models)))
+    else:  # the draws release the GIL: one replay a thread, each model's draws from its own generator
+        chunks = [range(len(models))[w::workers] for w in range(workers)]
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(fill, [replay] + [_Replay(built[0], own_generator=True) for _ in chunks[1:]], chunks))
+    return built[0], params, buffers
 
 
 def _draws_from(generator: Any) -> Any:

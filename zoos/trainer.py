@@ -7,8 +7,7 @@ draws its own mask per model), and updates all models at once with an optimizer 
 tensors, whose hyperparameters (lr, weight decay, momentum) are [N] tensors broadcast over each
 parameter. There is no Python loop over models inside a step. On a GPU a step updates its tensors in
 place and replays as one CUDA graph (`_StepGraph`), and a population's models are initialised by
-replaying their layers' draws on threads while the program is built (`zoos.init.begin_population_init`): the
-same weights as building each.
+replaying their layers' draws (`zoos.init.init_population`): the same weights as building each.
 
 Optimizer semantics, so a single-model run equals a `torch.optim` loop on the same data order:
   sgd   torch.optim.SGD(momentum=m, weight_decay=wd): L2 decay added to the gradient, dampening 0.
@@ -46,7 +45,6 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Mapping
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -61,7 +59,7 @@ from zoos.fastpop import dropout_active, prior_view
 from zoos.functional import population_forward, template
 from zoos.population import PopulationResult
 from zoos.program import choose_program, models_in_memory, split_evenly
-from zoos.init import AUGMENT_STREAM, ORDER_STREAM, SUBSET_STREAM, begin_population_init, stream_seed
+from zoos.init import AUGMENT_STREAM, ORDER_STREAM, SUBSET_STREAM, init_population, stream_seed
 from zoos.spec import ModelSpec, PopulationSpec
 
 PRECISIONS = ("float32", "bf16")
@@ -274,11 +272,11 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     first, epochs = pop.first, pop.first.epochs
     task = make_task(pop, data_dir)
     data = _Data(pop, task, device, streams, draws)  # read and drawn on helper threads while the models are built
-    init = begin_population_init(pop.models, task, device)  # the weights written while the program is built
-    first_model, params, buffers = init.first, init.params, init.buffers
+    first_model, params, buffers = init_population(pop.models, task)
+    params = {k: v.detach().to(device=device, dtype=torch.float32) for k, v in params.items()}  # plain tensors: no graph
+    buffers = {k: v.to(device) for k, v in buffers.items()}
     clock.lap("init")
-    program = _Program(pop, task, first_model, _Written(buffers, init.wait), data, device, precision, fast, kernels,
-                       compile, eval_batch)
+    program = _Program(pop, task, first_model, buffers, data, device, precision, fast, kernels, compile, eval_batch)
     schedule = pop.shared("lr_schedule")
     total_steps = epochs * data.n_steps
     lr_factors = None if schedule == "constant" else [lr_factor(schedule, i, total_steps) for i in range(total_steps)]
@@ -299,8 +297,6 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
                                          "seconds": round(ahead.seconds, 3)}  # the compile; the lap: the dry run too
         clock.lap("compile")
     status("first step" + (" (compiling)" if program.choice.compile else ""))
-    init.wait()  # the dry run above read whatever the weights' memory held; they are written now
-    clock.lap("init")
     program.module.train()
     recorder.record(0)
     clock.lap("evaluation")
@@ -334,23 +330,6 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
                               program=program.choice.as_dict())
     result.validate()
     return result
-
-
-class _Written(Mapping):
-    """Tensors being written on other threads: reading one waits until `wait()` says all are written."""
-
-    def __init__(self, values: dict[str, Tensor], wait: Callable[[], None]):
-        self.values, self.wait = values, wait
-
-    def __getitem__(self, key: str) -> Tensor:
-        self.wait()
-        return self.values[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.values)
-
-    def __len__(self) -> int:
-        return len(self.values)
 
 
 class _Data:
