@@ -262,8 +262,8 @@ class _Tracer(fx.Tracer):
     proxy_buffer_attributes = True
 
     def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
-        """A node that names the line of the forward it came from (`_what`): set here, as torch's
-        record_stack_traces would, whose capture imports torch._dynamo (a second at a process's first trace)."""
+        """A node that names the line of the forward it came from (`_what`): read off the caller's frames, not by
+        torch's record_stack_traces, which captures and symbolises the whole stack for every node."""
         node = super().create_node(*args, **kwargs)
         node.stack_trace = _calling_line()
         return node
