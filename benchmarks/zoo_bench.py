@@ -323,8 +323,10 @@ def bytecode_cache(folder: Path) -> dict:
     env = {**WORKER_ENV, **os.environ, "PYTHONPYCACHEPREFIX": str(folder),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    subprocess.run([sys.executable, "-c", "import sympy, torch, torch._dynamo, torch._inductor, tasks, zoos.archs, "
-                    "zoos.trainer"], env=env, check=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", "import sympy, torch, torch._dynamo, torch._inductor, tasks, zoos.archs, "
+                           "zoos.trainer"], env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode:
+        sys.exit(f"zoo_bench: a worker's imports failed:\n{done.stderr[-2000:]}")
     return env
 
 
