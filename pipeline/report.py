@@ -94,7 +94,10 @@ def pooled_factors(store: Any, names: list[str]) -> dict[str, list[str]]:
 
 def unlearned_models(store: Any, names: list[str]) -> set[str]:
     """The ids of these zoos' ok models that never learned (left out of every zoo statistic)."""
-    models = _models(store, names)
+    return _unlearned_ids(_models(store, names))
+
+
+def _unlearned_ids(models: pl.DataFrame) -> set[str]:
     if "status" not in models.columns:
         return set()
     return set(models.filter((pl.col("status") == "ok") & ~_learned(models))["model_id"].to_list())
@@ -199,7 +202,7 @@ def summarise_zoos(store: Any, names: list[str], stages: list[str], out_dir: Pat
         plot_paths.append(plots.metric_distribution(models.filter(good), metric_cols[:3], out_dir / "final_metrics.png"))
 
     stage_plots: dict[str, list[Path]] = {}
-    unlearned = set(models.filter((pl.col("status") == "ok") & ~good)["model_id"].to_list())
+    unlearned = _unlearned_ids(models)
     present = store.stages()
     for stage in stages:
         if stage not in present or stage not in STAGES:
