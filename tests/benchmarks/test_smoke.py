@@ -1,8 +1,8 @@
 """The GPU benchmarks' code paths at --smoke sizes on the CPU: train_bench.py's step-only loop and trainer
 variants (the step loop calls the trainer's in-place update on every device, so this run checks the API its
 GPU figures use: a loop that still expected the update's old return values failed on the GPU host only),
-step_kernels_bench.py's launchers in Triton's interpreter, and cpu_bench.py, zoo_bench.py and prologue_bench.py at
-tiny sizes."""
+step_kernels_bench.py's launchers and optimizer_bench.py's updates in Triton's interpreter, and cpu_bench.py,
+zoo_bench.py and prologue_bench.py at tiny sizes."""
 
 import json
 import os
@@ -90,3 +90,15 @@ def test_prologue_bench_counts_fewer_ops_with_the_gathers(tmp_path):
     assert row["arch"] == "p4cnn" and row["gather"]["ops"] < row["vmap"]["ops"]
     assert "as one gather" in row["gather"]["prologue"] and "vmapped" in row["vmap"]["prologue"]
     assert all(len(row[k]["windows"]) == 2 and row[k]["step_ms"] > 0 for k in ("gather", "vmap"))
+
+
+def test_optimizer_bench_times_both_updates_of_each_family(tmp_path):
+    """optimizer_bench.py at --smoke sizes: each family's parameter tensors, both updates timed, and the bound."""
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "optimizer_bench.py"), "--smoke", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads((tmp_path / "optimizer_bench.json").read_text())
+    assert [(r["arch"], r["models"]) for r in rows] == [("mlp", 2), ("egnn", 2)]
+    assert rows[1]["tensors"] > 48  # egnn's update spans two popoptim launches
+    assert all(r["eager_us"] > 0 and r["popoptim_us"] > 0 and r["bound_us"] > 0 and r["params"] > 0 for r in rows)
+    assert [line.split()[0] for line in run.stdout.splitlines()[1:]] == ["mlp", "egnn"]

@@ -1,0 +1,132 @@
+"""A population's optimizer step on its own: popoptim's kernels against the eager update, per family.
+
+    python benchmarks/optimizer_bench.py                                   # CUDA machine, ~30 s
+    python benchmarks/optimizer_bench.py --archs canon_cnn,egnn --models 1024
+    python benchmarks/optimizer_bench.py --smoke                           # CPU (Triton's interpreter), tiny sizes
+
+Each architecture's parameter tensors (its default config on its registry example task) stacked for N models,
+float32, random gradients and a mid-run Adam state, and `zoos.trainer.Optimizer.step` timed as the trainer runs
+it: captured in a CUDA graph and replayed (median over rounds of replays, CUDA events), for
+
+  eager     the update as torch ops (`zoos.trainer._update_in_place`)
+  popoptim  the update as `zoos.popoptim`'s kernels (what the trainer runs wherever the population kernels do)
+
+and, for scale, the bytes bound: the update reads p, g and the two moments twice (the check, then the write)
+and writes p and the moments once, 11 float32 words a parameter, at the card's copy bandwidth. Columns: the
+parameter tensors, parameters a model, microseconds a step of each, eager / popoptim, popoptim / bound.
+Results go to <out>/optimizer_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from zoo_bench import PEAK_BYTES, parse_arch, task_options, write_data  # noqa: E402
+
+DEFAULT_ARCHS = "mlp,cnn,p4cnn,canon_cnn,resnet20,egnn,cgenn,vit"
+WORDS = 11  # float32 words the update moves a parameter: p, g, m, v read twice; p, m, v written
+
+
+def shapes(entry: str, data_dir: Path) -> list[tuple[int, ...]]:
+    """One model's parameter shapes: the architecture's default config (or `entry`'s) on its example task."""
+    from tasks import get_task
+    from zoos.archs import ARCHS, build_arch
+
+    arch, config = parse_arch(entry)
+    task_name, base = ARCHS[arch].example_task
+    task = get_task(task_name, **task_options(task_name, base, data_dir, 4, 16))
+    return [tuple(p.shape) for p in build_arch(arch, task, **config).parameters()]
+
+
+def time_update(update: str, shapes_: list[tuple[int, ...]], n: int, device: str, rounds: int, replays: int) -> float:
+    """Median microseconds of one `Optimizer.step` of n models (a CUDA graph replayed; on the CPU, called)."""
+    import torch
+
+    from zoos.trainer import Optimizer
+
+    g = torch.Generator(device=device).manual_seed(0)
+    params = {f"p{i}": torch.randn(n, *s, generator=g, device=device) for i, s in enumerate(shapes_)}
+    grads = {k: torch.randn(v.shape, generator=g, device=device) for k, v in params.items()}
+    total = torch.rand(n, generator=g, device=device)
+    full = lambda v: torch.full((n,), v, device=device)  # noqa: E731
+    opt = Optimizer("adam", params, full(1e-3), full(1e-4), full(0.9), update=update)
+    step = lambda: opt.step(params, grads, total)  # noqa: E731
+    if device != "cuda":
+        import time
+
+        times = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            step()
+            times.append(1e6 * (time.perf_counter() - t))
+        return sorted(times)[len(times) // 2]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles and the first allocations, outside the capture
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(rounds):
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(1e3 * start.elapsed_time(end) / replays)
+    if not bool(opt.state.alive.all()):
+        raise RuntimeError(f"{update}: a model diverged on random gradients; the timing is of a frozen update")
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", default=DEFAULT_ARCHS, help="comma-separated architectures (name or name:key=value)")
+    parser.add_argument("--models", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--replays", type=int, default=50, help="graph replays a timed round")
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (Triton's interpreter)")
+    args = parser.parse_args()
+    if args.smoke:
+        import os
+
+        os.environ["TRITON_INTERPRET"] = "1"
+        args.archs, args.models, args.rounds = "mlp,egnn", 2, 2
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    rows: list[dict[str, Any]] = []
+    print(f"{'arch':12s} {'tensors':>7s} {'params':>9s} {'eager us':>9s} {'popoptim us':>11s} {'eager/pop':>9s} "
+          f"{'pop/bound':>9s}")
+    with tempfile.TemporaryDirectory() as tmp:
+        write_data(Path(tmp), 64)
+        for entry in args.archs.split(","):
+            s = shapes(entry, Path(tmp))
+            per_model = sum(int(torch.Size(x).numel()) for x in s)
+            row = {"arch": entry, "tensors": len(s), "params": per_model, "models": args.models, "device": device,
+                   "bound_us": 1e6 * WORDS * 4 * per_model * args.models / PEAK_BYTES}
+            for update in ("eager", "popoptim"):
+                row[f"{update}_us"] = time_update(update, s, args.models, device, args.rounds, args.replays)
+            rows.append(row)
+            print(f"{entry:12s} {len(s):7d} {per_model:9,d} {row['eager_us']:9.1f} {row['popoptim_us']:11.1f} "
+                  f"{row['eager_us'] / row['popoptim_us']:8.1f}x {row['popoptim_us'] / row['bound_us']:8.1f}x")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "optimizer_bench.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
