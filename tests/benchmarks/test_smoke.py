@@ -99,6 +99,6 @@ def test_optimizer_bench_times_both_updates_of_each_family(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads((tmp_path / "optimizer_bench.json").read_text())
     assert [(r["arch"], r["models"]) for r in rows] == [("mlp", 2), ("egnn", 2)]
-    assert rows[1]["tensors"] > 48  # egnn's update spans two popoptim launches
+    assert rows[1]["tensors"] == 51  # egnn: many small tensors, where an update is mostly launches
     assert all(r["eager_us"] > 0 and r["popoptim_us"] > 0 and r["bound_us"] > 0 and r["params"] > 0 for r in rows)
     assert [line.split()[0] for line in run.stdout.splitlines()[1:]] == ["mlp", "egnn"]
