@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ DEFAULT_ARCHS = "mlp,cnn,p4cnn,canon_cnn,resnet20,egnn,cgenn,vit"
 WORDS = 11  # float32 words the update moves a parameter: p, g, m, v read twice; p, m, v written
 
 
-def shapes(entry: str, data_dir: Path) -> list[tuple[int, ...]]:
+def param_shapes(entry: str, data_dir: Path) -> list[tuple[int, ...]]:
     """One model's parameter shapes: the architecture's default config (or `entry`'s) on its example task."""
     from tasks import get_task
     from zoos.archs import ARCHS, build_arch
@@ -47,22 +48,20 @@ def shapes(entry: str, data_dir: Path) -> list[tuple[int, ...]]:
     return [tuple(p.shape) for p in build_arch(arch, task, **config).parameters()]
 
 
-def time_update(update: str, shapes_: list[tuple[int, ...]], n: int, device: str, rounds: int, replays: int) -> float:
+def time_update(update: str, shapes: list[tuple[int, ...]], n: int, device: str, rounds: int, replays: int) -> float:
     """Median microseconds of one `Optimizer.step` of n models (a CUDA graph replayed; on the CPU, called)."""
     import torch
 
     from zoos.trainer import Optimizer
 
     g = torch.Generator(device=device).manual_seed(0)
-    params = {f"p{i}": torch.randn(n, *s, generator=g, device=device) for i, s in enumerate(shapes_)}
+    params = {f"p{i}": torch.randn(n, *s, generator=g, device=device) for i, s in enumerate(shapes)}
     grads = {k: torch.randn(v.shape, generator=g, device=device) for k, v in params.items()}
     total = torch.rand(n, generator=g, device=device)
     full = lambda v: torch.full((n,), v, device=device)  # noqa: E731
     opt = Optimizer("adam", params, full(1e-3), full(1e-4), full(0.9), update=update)
     step = lambda: opt.step(params, grads, total)  # noqa: E731
     if device != "cuda":
-        import time
-
         times = []
         for _ in range(rounds):
             t = time.perf_counter()
@@ -115,7 +114,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_data(Path(tmp), 64)
         for entry in args.archs.split(","):
-            s = shapes(entry, Path(tmp))
+            s = param_shapes(entry, Path(tmp))
             per_model = sum(int(torch.Size(x).numel()) for x in s)
             row = {"arch": entry, "tensors": len(s), "params": per_model, "models": args.models, "device": device,
                    "bound_us": 1e6 * WORDS * 4 * per_model * args.models / PEAK_BYTES}
