@@ -13,7 +13,8 @@ it: captured in a CUDA graph and replayed (median over rounds of replays, CUDA e
 
 and, for scale, the bytes bound: the update reads p, g and the two moments twice (the check, then the write)
 and writes p and the moments once, 11 float32 words a parameter, at the card's copy bandwidth. Columns: the
-parameter tensors, parameters a model, microseconds a step of each, eager / popoptim, popoptim / bound.
+parameter tensors, parameters a model, microseconds a step of each (the median round, with the fastest and slowest),
+eager / popoptim, popoptim / bound.
 Results go to <out>/optimizer_bench.json.
 """
 
@@ -48,8 +49,10 @@ def param_shapes(entry: str, data_dir: Path) -> list[tuple[int, ...]]:
     return [tuple(p.shape) for p in build_arch(arch, task, **config).parameters()]
 
 
-def time_update(update: str, shapes: list[tuple[int, ...]], n: int, device: str, rounds: int, replays: int) -> float:
-    """Median microseconds of one `Optimizer.step` of n models (a CUDA graph replayed; on the CPU, called)."""
+def time_update(update: str, shapes: list[tuple[int, ...]], n: int, device: str, rounds: int,
+                replays: int) -> list[float]:
+    """Microseconds of one `Optimizer.step` of n models in each round (a CUDA graph replayed; on the CPU, called),
+    sorted."""
     import torch
 
     from zoos.trainer import Optimizer
@@ -67,7 +70,7 @@ def time_update(update: str, shapes: list[tuple[int, ...]], n: int, device: str,
             t = time.perf_counter()
             step()
             times.append(1e6 * (time.perf_counter() - t))
-        return sorted(times)[len(times) // 2]
+        return sorted(times)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # compiles and the first allocations, outside the capture
@@ -88,7 +91,7 @@ def time_update(update: str, shapes: list[tuple[int, ...]], n: int, device: str,
         times.append(1e3 * start.elapsed_time(end) / replays)
     if not bool(opt.state.alive.all()):
         raise RuntimeError(f"{update}: a model diverged on random gradients; the timing is of a frozen update")
-    return sorted(times)[len(times) // 2]
+    return sorted(times)
 
 
 def main() -> None:
@@ -109,8 +112,9 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     rows: list[dict[str, Any]] = []
-    print(f"{'arch':12s} {'tensors':>7s} {'params':>9s} {'eager us':>9s} {'popoptim us':>11s} {'eager/pop':>9s} "
-          f"{'pop/bound':>9s}")
+    print(f"{'arch':12s} {'tensors':>7s} {'params':>9s} {'eager us (range)':>24s} {'popoptim us (range)':>24s} "
+          f"{'eager/pop':>9s} {'pop/bound':>9s}")
+    span = lambda row, k: f"{row[k + '_us']:.1f} ({row[k + '_us_range'][0]:.1f}-{row[k + '_us_range'][1]:.1f})"  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
         write_data(Path(tmp), 64)
         for entry in args.archs.split(","):
@@ -119,9 +123,10 @@ def main() -> None:
             row = {"arch": entry, "tensors": len(s), "params": per_model, "models": args.models, "device": device,
                    "bound_us": 1e6 * WORDS * 4 * per_model * args.models / PEAK_BYTES}
             for update in ("eager", "popoptim"):
-                row[f"{update}_us"] = time_update(update, s, args.models, device, args.rounds, args.replays)
+                times = time_update(update, s, args.models, device, args.rounds, args.replays)
+                row[f"{update}_us"], row[f"{update}_us_range"] = times[len(times) // 2], [times[0], times[-1]]
             rows.append(row)
-            print(f"{entry:12s} {len(s):7d} {per_model:9,d} {row['eager_us']:9.1f} {row['popoptim_us']:11.1f} "
+            print(f"{entry:12s} {len(s):7d} {per_model:9,d} {span(row, 'eager'):>24s} {span(row, 'popoptim'):>24s} "
                   f"{row['eager_us'] / row['popoptim_us']:8.1f}x {row['popoptim_us'] / row['bound_us']:8.1f}x")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "optimizer_bench.json").write_text(json.dumps(rows, indent=1))

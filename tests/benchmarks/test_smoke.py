@@ -93,12 +93,17 @@ def test_prologue_bench_counts_fewer_ops_with_the_gathers(tmp_path):
 
 
 def test_optimizer_bench_times_both_updates_of_each_family(tmp_path):
-    """optimizer_bench.py at --smoke sizes: each family's parameter tensors, both updates timed, and the bound."""
+    """optimizer_bench.py at --smoke sizes: each family's parameter tensors, both updates timed with their spread,
+    and the bound."""
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "optimizer_bench.py"), "--smoke", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads((tmp_path / "optimizer_bench.json").read_text())
     assert [(r["arch"], r["models"]) for r in rows] == [("mlp", 2), ("egnn", 2)]
     assert rows[1]["tensors"] == 51  # egnn: many small tensors, where an update is mostly launches
-    assert all(r["eager_us"] > 0 and r["popoptim_us"] > 0 and r["bound_us"] > 0 and r["params"] > 0 for r in rows)
+    assert all(r["bound_us"] > 0 and r["params"] > 0 for r in rows)
+    for r in rows:
+        for update in ("eager", "popoptim"):
+            low, high = r[f"{update}_us_range"]
+            assert 0 < low <= r[f"{update}_us"] <= high
     assert [line.split()[0] for line in run.stdout.splitlines()[1:]] == ["mlp", "egnn"]
