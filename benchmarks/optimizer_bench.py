@@ -5,7 +5,7 @@
     python benchmarks/optimizer_bench.py --smoke                           # CPU (Triton's interpreter), tiny sizes
 
 Each architecture's parameter tensors (its default config on its registry example task) stacked for N models,
-float32, random gradients and a mid-run Adam state, and `zoos.trainer.Optimizer.step` timed as the trainer runs
+float32, random gradients, Adam (its state that of the warm-up steps before the capture), and `zoos.trainer.Optimizer.step` timed as the trainer runs
 it: captured in a CUDA graph and replayed (median over rounds of replays, CUDA events), for
 
   eager     the update as torch ops (`zoos.trainer._update_in_place`)
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from zoo_bench import PEAK_BYTES, parse_arch, task_options, write_data  # noqa: E402
+from zoo_bench import PEAK_BYTES, archs_problem, parse_arch, task_options, write_data  # noqa: E402
 
 DEFAULT_ARCHS = "mlp,cnn,p4cnn,canon_cnn,resnet20,egnn,cgenn,vit"
 WORDS = 11  # float32 words the update moves a parameter: p, g, m, v read twice; p, m, v written
@@ -108,6 +108,11 @@ def main() -> None:
 
         os.environ["TRITON_INTERPRET"] = "1"
         args.archs, args.models, args.rounds = "mlp,egnn", 2, 2
+    small = [f"--{k} {v}" for k, v in [("models", args.models), ("rounds", args.rounds), ("replays", args.replays)] if v < 1]
+    problem = archs_problem(args.archs.split(",")) or (f"{small[0]}: allowed: an integer >= 1" if small else None)
+    if problem:
+        print(f"optimizer_bench: {problem}", file=sys.stderr)
+        sys.exit(2)
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"

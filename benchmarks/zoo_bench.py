@@ -112,6 +112,17 @@ def parse_arch(entry: str) -> tuple[str, dict[str, Any]]:
     return name, config
 
 
+def archs_problem(entries: list[str]) -> str | None:
+    """What is wrong with the --archs entries, in a line (a malformed config field, an unregistered name), or None."""
+    from zoos.archs import ARCHS
+
+    try:
+        unknown = [x for x in entries if parse_arch(x)[0] not in ARCHS]
+    except ValueError as e:
+        return f"--archs {e}"
+    return f"unknown architecture {unknown[0]!r}; registered: {', '.join(sorted(ARCHS))}" if unknown else None
+
+
 def worker(entry: str, n: int, steps: int, data_dir: str, kinds: list[str], compile_: str) -> dict[str, Any]:
     import torch
 
@@ -357,12 +368,9 @@ def main() -> None:
             parse_tuning(t)
     except ValueError as e:
         sys.exit(f"zoo_bench: --tuning {e}")
-    try:
-        unknown = [x for x in archs if parse_arch(x)[0] not in ARCHS]
-    except ValueError as e:
-        sys.exit(f"zoo_bench: --archs {e}")
-    if unknown:
-        sys.exit(f"zoo_bench: unknown architecture {unknown[0]!r}; registered: {', '.join(sorted(ARCHS))}")
+    problem = archs_problem(archs)
+    if problem:
+        sys.exit(f"zoo_bench: {problem}")
     sizes = [2] if a.smoke else [int(m) for m in a.models.split(",")]
     steps = 3 if a.smoke else a.steps
     work = Path(tempfile.mkdtemp(prefix="zoo-bench-"))

@@ -107,3 +107,12 @@ def test_optimizer_bench_times_both_updates_of_each_family(tmp_path):
             low, high = r[f"{update}_us_range"]
             assert 0 < low <= r[f"{update}_us"] <= high
     assert [line.split()[0] for line in run.stdout.splitlines()[1:]] == ["mlp", "egnn"]
+
+
+def test_optimizer_bench_refuses_an_unknown_architecture(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "optimizer_bench.py"), "--archs", "mlp,resnet21",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.strip().splitlines() == [run.stderr.strip()]  # one line, no traceback
+    assert "unknown architecture 'resnet21'; registered: " in run.stderr and "resnet20" in run.stderr
+    assert not (tmp_path / "optimizer_bench.json").exists()
