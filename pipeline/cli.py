@@ -262,7 +262,7 @@ def _gpu_program(arch: str):
         module = template(build_arch(arch, task))
     except Exception as e:  # noqa: BLE001 - a task that cannot be built here says so in its cell
         return f"(not checked: {e})"
-    # the program's structure is decided on meta tensors: no GPU needed to say what a GPU would run
+    # the program's structure is decided on a template: no GPU needed to say what a GPU would run
     return choose_program(module, task, "cuda", "bf16", arch=arch, kernels=True, compile=False, dropout=False, warn=False)
 
 

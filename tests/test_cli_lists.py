@@ -49,7 +49,7 @@ def test_version_and_help_that_reads_plainly():
 
 
 def test_archs_say_which_population_program_runs_each_on_a_gpu():
-    """Decided on meta tensors, so a CPU machine says what a GPU would run: every family has a population
+    """Decided on a template, so a CPU machine says what a GPU would run: every family has a population
     program (no vmap fallback), the group CNNs on popconv with their kernel expansion as a prologue."""
     from zoos.archs import ARCHS as REGISTRY
 

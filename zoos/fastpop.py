@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.func import vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from zoos import popconv, popgather, poplinear, popnorm
 from zoos.archs.base import ACTIVATIONS, PopDropout
@@ -352,33 +352,55 @@ def _what(node: fx.Node) -> str:
     return f"{inside[-1] if inside else name} ({where})" if where else str(name)
 
 
+class _Recorder(fx.Interpreter):
+    """Runs a graph, keeping every node's value in `seen`."""
+
+    def __init__(self, module: nn.Module, graph: fx.Graph):
+        super().__init__(module, graph=graph)
+        self.extra_traceback = False  # a forward that fails here is a finding (Unsupported): no structured log of it
+        self.seen: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.seen[n] = out = super().run_node(n)
+        return out
+
+
+def _probe_runs(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> list[dict[fx.Node, Any]]:
+    """Every node's value at each batch size of SHAPE_PROBES, on the weights' device. A template's (weights on the
+    meta device) run on the CPU with zero weights, since the meta device's kernels import torch._dynamo and sympy
+    (~1 s of a first population), and on the meta device only where zeros fail (a solve with a singular matrix)."""
+    where = next((t.device for t in [*gm.parameters(), *gm.buffers()]), torch.device("cpu"))
+    tries = [(gm, where)]
+    if where.type == "meta":
+        tries.insert(0, (copy.deepcopy(gm)._apply(lambda t: torch.zeros(t.shape, dtype=t.dtype)), torch.device("cpu")))
+    for runner, device in tries:
+        runs = []
+        try:
+            with torch.no_grad():
+                for b in SHAPE_PROBES:
+                    recorder = _Recorder(runner, gm.graph)
+                    recorder.run(torch.zeros(b, *input_shape, device=device))
+                    runs.append(recorder.seen)
+        except Exception as e:  # noqa: BLE001 - an op without a meta kernel, or a shape the forward refuses
+            failed = f"its forward does not run on a batch of shape {(b, *input_shape)} " \
+                     f"({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        else:
+            return runs
+    raise Unsupported(failed)
+
+
 def _kinds(gm: fx.GraphModule, input_shape: tuple[int, ...], state: set[str]) -> dict[fx.Node, str]:
-    """The kind of every node's value, from two shape propagations (on the meta device for a template) at batch sizes
-    SHAPE_PROBES: DATA (a tensor whose leading axis is the batch: per sample), WEIGHT (computed from the
-    parameters and buffers alone: per model), CONST (neither), SIZE (a number or shape that grows with the
-    batch). Unsupported where the batch axis moves off the front or a value sums over the batch."""
-    runs: list[dict[fx.Node, Any]] = []
-    where = next((t.device for t in [*gm.parameters(), *gm.buffers()]), torch.device("meta"))  # meta for a template
-    for b in SHAPE_PROBES:
-        seen: dict[fx.Node, Any] = {}
-
-        class Recorder(fx.Interpreter):
-            def run_node(self, n: fx.Node) -> Any:
-                seen[n] = out = super().run_node(n)
-                return out
-
-        with torch.no_grad():
-            try:
-                Recorder(gm).run(torch.zeros(b, *input_shape, device=where))
-            except Exception as e:  # noqa: BLE001 - an op without a meta kernel, or a shape the forward refuses
-                raise Unsupported(f"its forward does not run on a batch of shape {(b, *input_shape)} on {where} "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-        runs.append(seen)
+    """The kind of every node's value, from two shape propagations (`_probe_runs`): DATA (a tensor whose leading axis
+    is the batch: per sample), WEIGHT (computed from the parameters and buffers alone: per model), CONST (neither),
+    SIZE (a number or shape that grows with the batch). Unsupported where the batch axis moves off the front or a
+    value sums over the batch."""
+    runs = _probe_runs(gm, input_shape)
     kinds: dict[fx.Node, str] = {}
     for node in gm.graph.nodes:
         if node.op == "output":
             continue
-        node.meta["probe"] = runs[0][node]  # one model's (or sample batch's) value on the meta device
+        # one model's (or sample batch's) value, shape and dtype only
+        node.meta["probe"] = tree_map(lambda v: v.to("meta") if isinstance(v, Tensor) else v, runs[0][node])
         inputs = [kinds[n] for n in node.all_input_nodes]
         small, large = runs[0][node], runs[1][node]
         tensors = [(a, b) for a, b in zip(tree_flatten(small)[0], tree_flatten(large)[0]) if isinstance(a, Tensor)]

@@ -60,6 +60,10 @@ class _Computes(Exception):
 class _MovesOnly(fx.Interpreter):
     """Runs a prologue, raising `_Computes` at the first op that computes from a tensor's values."""
 
+    def __init__(self, prologue: fx.GraphModule):
+        super().__init__(prologue)
+        self.extra_traceback = False  # `_Computes` is expected: no structured log of it (its logger imports torch._dynamo)
+
     def run_node(self, n: fx.Node) -> Any:
         if n.op in ("placeholder", "output"):
             return super().run_node(n)

@@ -270,6 +270,32 @@ def test_data_and_weight_ops_broadcast_per_model_without_vmap():
         torch.testing.assert_close(grads[k], ref[k], atol=1e-5, rtol=1e-4)
 
 
+class _Whitened(torch.nn.Module):
+    """A linear layer through a Cholesky factor of its own weights' Gram matrix: a forward that fails with zero
+    weights (the factor of a singular matrix)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 4) + 4 * torch.eye(4))
+        self.out = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(x @ torch.linalg.cholesky(self.w @ self.w.T))
+
+
+def test_a_template_whose_forward_fails_with_zero_weights_is_still_probed():
+    """The shape probes run a template on the CPU with zero weights; where that fails they run on the meta device,
+    so the program is the same one, and equals vmap."""
+    models = [_Whitened() for _ in range(3)]
+    params, buffers = stack_states(models)
+    module = template(models[0])
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.func.functional_call(module, {k: torch.zeros(v.shape[1:]) for k, v in params.items()}, (torch.zeros(2, 4),))
+    x = torch.randn(3, 5, 4)
+    torch.testing.assert_close(FastPopulation(module, (4,))(params, buffers, x, x_per_model=True),
+                               population_forward(module, params, buffers, x, x_per_model=True), atol=1e-5, rtol=1e-5)
+
+
 class _Siblings(torch.nn.Module):
     """Four Linears of one input (64 + 64 + 8 + 8 outputs) and one of another value."""
 
