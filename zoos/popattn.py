@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from zoos.popconv.common import available, dot_precision, triton
+from zoos.popconv.common import available, dot_precision, population_op, triton
 
 MAX_TOKENS = 128  # the longest sequence one program holds: [T, T] float32 scores in registers
 MAX_HEAD_DIM = 64
@@ -116,7 +116,7 @@ def _strides(*ts: Tensor) -> list[int]:
     return [s for t in ts for s in t.stride()[:3]]
 
 
-@torch.library.custom_op("symzoo::small_attention", mutates_args=())
+@population_op("small_attention")
 def _small_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     shape = q.shape
     q, k, v = _four(q), _four(k), _four(v)
@@ -137,7 +137,7 @@ def _(q, k, v, scale):
         q.new_empty(q.shape[:-3].numel() * q.shape[-3], q.shape[-2], dtype=torch.float32)
 
 
-@torch.library.custom_op("symzoo::small_attention_backward", mutates_args=())
+@population_op("small_attention_backward")
 def _small_attention_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, do: Tensor, lse: Tensor,
                               scale: float) -> tuple[Tensor, Tensor, Tensor]:
     shapes = q.shape, k.shape, v.shape

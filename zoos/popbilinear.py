@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zoos.popconv.common import available, triton
+from zoos.popconv.common import available, population_op, triton
 from zoos.popconv.tuning import env_flag
 
 
@@ -312,7 +312,7 @@ def _check(xs: list[Tensor], y: Tensor, a: int, b: int) -> None:
                          f"y {tuple(y.shape)}")
 
 
-@torch.library.custom_op("symzoo::pop_bilinear", mutates_args=())
+@population_op("pop_bilinear")
 def _pop_bilinear(xs: list[Tensor], y: Tensor, table: str, gate: bool, sums: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(z, the gate [S, G, C] float32 or empty, z summed over each set's points [S, 1, C, k] or empty); x in blocks
     of components, `table` a `Table.code`."""
@@ -335,7 +335,7 @@ def _(xs, y, table, gate, sums):
     return _outputs(xs[0], Table.of_code(table).k_out, gate, sums)
 
 
-@torch.library.custom_op("symzoo::pop_bilinear_backward", mutates_args=())
+@population_op("pop_bilinear_backward")
 def _pop_bilinear_backward(xs: list[Tensor], y: Tensor, dz: Tensor, dz_sum: Tensor, z: Tensor, gate_t: Tensor,
                            table: str, gate: bool, x_grad: bool, y_grad: bool) -> list[Tensor]:
     """[dx block for each x block, dy] (empty where not asked for), in x's and y's dtypes; dz the gradient of the

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from zoos.popconv.common import available, dot_precision, triton
+from zoos.popconv.common import available, dot_precision, population_op, triton
 
 MAX_FEATURES = 128  # the widest input or output a program holds whole: one [in, out] weight tile
 MAX_PARTS = 3  # the most linears of one input (`linears`) a program runs together
@@ -280,7 +280,7 @@ def _parts_times(dys: list[Tensor], w: Tensor, models: int, widths: list[int], d
     return dx.to(dtype)
 
 
-@torch.library.custom_op("symzoo::pop_linear", mutates_args=())
+@population_op("pop_linear")
 def _pop_linear(x: Tensor, w: Tensor, b: Tensor | None, widths: list[int]) -> list[Tensor]:
     n, out_f, in_f = w.shape
     w, b = w.contiguous(), b.contiguous() if b is not None else None
@@ -294,7 +294,7 @@ def _(x, w, b, widths):
     return [x.new_empty(*x.shape[:-1], width) for width in widths]
 
 
-@torch.library.custom_op("symzoo::pop_linear_backward", mutates_args=())
+@population_op("pop_linear_backward")
 def _pop_linear_backward(x: Tensor, dys: list[Tensor], w: Tensor, input_grad: bool, weight_grad: bool, bias: bool
                          ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx or empty, dw or empty, db or empty) from the outputs' gradients dys (one a part of w's rows): dx in x's

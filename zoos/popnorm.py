@@ -42,7 +42,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from zoos.popconv.common import available, stored_channels_last, triton
+from zoos.popconv.common import available, population_op, stored_channels_last, triton
 
 if triton is not None:
     import triton.language as tl
@@ -257,7 +257,7 @@ def _like(t: Tensor, cl: bool) -> Tensor:
     return t.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
-@torch.library.custom_op("symzoo::pop_norm1", mutates_args=())
+@population_op("pop_norm1")
 def _pop_norm1(x: Tensor, w: Tensor | None, b: Tensor | None, res: Tensor | None, batch: int, eps: float,
                act: str, slope: float, out_dtype: torch.dtype,
                copy_dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -283,7 +283,7 @@ def _(x, w, b, res, batch, eps, act, slope, out_dtype, copy_dtype):
         x.new_empty(x.shape[0], dtype=torch.float32), y2
 
 
-@torch.library.custom_op("symzoo::pop_norm1_backward", mutates_args=())
+@population_op("pop_norm1_backward")
 def _pop_norm1_backward(x: Tensor, dy: Tensor, dy2: Tensor | None, y: Tensor, w: Tensor | None, mean: Tensor,
                         rstd: Tensor, batch: int, act: str, slope: float,
                         res_dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -372,7 +372,7 @@ def _ln_blocks(d: int) -> tuple[int, int, int]:
     return block_r, block_d, min(16, max(4, block_r * block_d // 1024))
 
 
-@torch.library.custom_op("symzoo::pop_layer_norm", mutates_args=())
+@population_op("pop_layer_norm")
 def _pop_layer_norm(x: Tensor, res: Tensor | None, w: Tensor | None, b: Tensor | None, models: int, width: int,
                     eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x = x.contiguous()
@@ -407,7 +407,7 @@ def _ln_programs(models: int, tiles: int) -> tuple[int, int]:
     return triton.cdiv(tiles, each), each
 
 
-@torch.library.custom_op("symzoo::pop_layer_norm_backward", mutates_args=())
+@population_op("pop_layer_norm_backward")
 def _pop_layer_norm_backward(x: Tensor, dy: Tensor, dh: Tensor | None, w: Tensor | None, mean: Tensor, rstd: Tensor,
                              models: int, width: int, dx_dtype: torch.dtype, dres_dtype: torch.dtype | None
                              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

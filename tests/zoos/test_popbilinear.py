@@ -95,7 +95,7 @@ def test_product_passes_torch_library_opcheck():
     for shared, gate, sums in ((True, False, True), (False, True, False), (True, True, True)):
         x, y = operands(alg, 3, 5, 6, (4, 4, 8), 1, shared, True, 0, dtype=torch.float32)
         for xs in ([x], [x[..., :2], x[..., 2:]]):
-            torch.library.opcheck(popbilinear._pop_bilinear, (xs, y, table.code, gate, sums))
+            torch.library.opcheck(popbilinear._pop_bilinear.op, (xs, y, table.code, gate, sums))
 
 
 @pytest.mark.parametrize("gate, sums", [(False, False), (True, False), (True, True)])

@@ -362,10 +362,10 @@ def test_the_input_gradient_ops_pass_torch_library_opcheck():
     for o in (5, 20):
         w = torch.randn(2, o, 4, 3, 3, device=DEVICE, requires_grad=True)
         b = torch.randn(2, o, device=DEVICE, requires_grad=True)
-        torch.library.opcheck(conv._pop_conv2d, (x, w, b, None, 3, 1, 1, torch.float32, "relu", 0.0))
+        torch.library.opcheck(conv._pop_conv2d.op, (x, w, b, None, 3, 1, 1, torch.float32, "relu", 0.0))
         dy = torch.randn(6, o, 8, 8, device=DEVICE)
         w_t = w.detach().flip(3, 4).transpose(1, 2).contiguous()
-        torch.library.opcheck(conv._pop_conv2d_dx_through, (dy, w_t, x.detach(), 3, 1, 1, torch.float32, "tanh", 0.0))
+        torch.library.opcheck(conv._pop_conv2d_dx_through.op, (dy, w_t, x.detach(), 3, 1, 1, torch.float32, "tanh", 0.0))
 
 
 class _WideChain(torch.nn.Module):
@@ -559,7 +559,7 @@ def test_conv_pool_act_passes_torch_library_opcheck():
         w = torch.randn(2, o, 4, 3, 3, device=DEVICE, requires_grad=True)
         b = torch.randn(2, o, device=DEVICE, requires_grad=True)
         for act_grad in (True, False) if pool == 1 else (True,):
-            torch.library.opcheck(pooled._pop_conv2d_pool_act,
+            torch.library.opcheck(pooled._pop_conv2d_pool_act.op,
                                   (x, w, b, None, 3, 1, 1, pool, "relu", 0.0, torch.float32, False, act_grad,
                                    "identity" if pool == 2 else "tanh", 0.0))
 
@@ -963,14 +963,14 @@ def test_window_ops_pass_torch_library_opcheck():
     b = torch.randn(2, 5, device=DEVICE, requires_grad=True)
     table = popconv.window_table(data, (3, 3), (1, 1), pool=2)
     args = (table, w, b, rows, 3, 5, 5, 2, "tanh", 0.0, torch.float32, True)
-    torch.library.opcheck(window._pop_window_conv, args)
+    torch.library.opcheck(window._pop_window_conv.op, args)
     a, code = window._pop_window_conv(*args)
     da = torch.randn_like(a)
-    torch.library.opcheck(window._pop_window_conv_wgrad, (table, rows, da, a.detach(), code, w.detach(), True, 2, "tanh", 0.0))
+    torch.library.opcheck(window._pop_window_conv_wgrad.op, (table, rows, da, a.detach(), code, w.detach(), True, 2, "tanh", 0.0))
     x = torch.randn(6, 2, 10, 10, device=DEVICE)
     for bias, weights in ((True, True), (False, True), (True, False)):
         args = (da, a.detach(), code, w.detach(), x, 1, 1, 2, "tanh", 0.0, bias, weights)
-        torch.library.opcheck(pooled._pop_pooled_grads, args)
+        torch.library.opcheck(pooled._pop_pooled_grads.op, args)
 
 
 def test_parse_tuning_casts_each_entry_and_names_bad_pairs():

@@ -125,8 +125,8 @@ def test_linear_passes_torch_library_opcheck():
     x = torch.randn(6, 5, device=DEVICE, requires_grad=True)
     for b in (torch.randn(2, 7, device=DEVICE, requires_grad=True), None):
         w = torch.randn(2, 7, 5, device=DEVICE, requires_grad=True)
-        torch.library.opcheck(poplinear._pop_linear, (x, w, b, [7]))
-        torch.library.opcheck(poplinear._pop_linear, (x, w, b, [2, 4, 1]))
+        torch.library.opcheck(poplinear._pop_linear.op, (x, w, b, [7]))
+        torch.library.opcheck(poplinear._pop_linear.op, (x, w, b, [2, 4, 1]))
 
 
 def test_a_bias_read_through_a_view_is_read_as_its_values():

@@ -59,11 +59,11 @@ weights placed at that position; max, code, bias and activation after) and the w
 [(window position, output), pooled outputs] @ [pooled outputs, window] product (each output's gradient
 placed at the position the pool chose), with contiguous rows instead of per-pixel gathers.
 
-`conv2d(x, w, b, padding, rows)` is a `torch.library` custom op with its backward registered, so
+`conv2d(x, w, b, padding, rows)` is a `torch.library` operator with its backward registered (`PopulationOp`), so
 `torch.compile` fuses everything around it and autograd differentiates through it. Without a GPU the
 kernels run in Triton's interpreter (`TRITON_INTERPRET=1`), which the tests use to check them.
 
-One module a kernel family, each with its kernels, launchers and custom ops:
+One module a kernel family, each with its kernels, launchers and operators:
   conv     the direct conv: CUDA-core and tensor-core forwards (NCHW and channels-last), the conv + pool +
            activation forward, weight gradients (`conv2d`)
   pooled   conv + max-pool + activation as one op and its backward, the block input gradient

@@ -3,7 +3,9 @@ helpers several families call."""
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -18,6 +20,36 @@ except ImportError:  # no Triton (a CPU-only torch): `available()` says so and t
 
 
 EPILOGUE_ACTIVATIONS = ("identity", "tanh", "sigmoid", "relu", "leaky_relu")  # monotone: they commute with the max
+
+
+_LIBRARY = torch.library.Library("symzoo", "FRAGMENT")  # every population kernel's operator
+
+
+class PopulationOp:
+    """A `symzoo::` operator as `torch.library.custom_op` makes one (its schema from the function's annotations, no
+    argument mutated; `register_fake`, `register_autograd`), registered through `torch.library.Library` so that its
+    kernel is called as it is: custom_op's wrapper imports torch._dynamo (~1 s) at an operator's first call."""
+
+    def __init__(self, name: str, kernel: Callable):
+        _LIBRARY.define(name + torch.library.infer_schema(kernel, mutates_args=()))
+        _LIBRARY.impl(name, kernel, "CompositeExplicitAutograd")
+        self.op = getattr(torch.ops.symzoo, name).default  # the OpOverload (torch.library.opcheck takes it)
+        functools.update_wrapper(self, kernel)
+
+    def __call__(self, *args, **kwargs):
+        return self.op(*args, **kwargs)
+
+    def register_fake(self, fake: Callable) -> Callable:
+        torch.library.register_fake(self.op, fake, lib=_LIBRARY)
+        return fake
+
+    def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
+        torch.library.register_autograd(self.op, backward, setup_context=setup_context, lib=_LIBRARY)
+
+
+def population_op(name: str) -> Callable[[Callable], PopulationOp]:
+    """Decorator: the function, annotated, as the operator `symzoo::name` (`PopulationOp`)."""
+    return lambda kernel: PopulationOp(name, kernel)
 
 
 def available(device: torch.device | str) -> bool:

@@ -7,8 +7,8 @@ import torch
 from torch import Tensor
 
 from . import tuning
-from .common import (EPILOGUE_ACTIVATIONS, _act_backward, _dot_dtype, _programs_per_model, _wgrad_fake, stored_channels_last,
-                     tl, triton)
+from .common import (EPILOGUE_ACTIVATIONS, _act_backward, _dot_dtype, _programs_per_model, _wgrad_fake, population_op,
+                     stored_channels_last, tl, triton)
 from .strided import space_to_depth, strided_weight
 from .window import _window_conv
 
@@ -586,7 +586,7 @@ def _launch_wgrad_cl(x: Tensor, rows: Tensor | None, dy: Tensor, w_shape: torch.
 
 # ---- the custom ops: forward, and the two backward products --------------------------------------------
 
-@torch.library.custom_op("symzoo::pop_conv2d", mutates_args=())
+@population_op("pop_conv2d")
 def _pop_conv2d(x: Tensor, w: Tensor, b: Tensor | None, rows: Tensor | None, batch: int,
                 pad_h: int, pad_w: int, out_dtype: torch.dtype, input_act: str, input_slope: float) -> Tensor:
     return _launch_forward(x, rows, w.contiguous(), b, batch, (pad_h, pad_w), out_dtype)
@@ -598,7 +598,7 @@ def _(x, w, b, rows, batch, pad_h, pad_w, out_dtype, input_act, input_slope):
     return _output((n * batch, o, x.shape[2] + 2 * pad_h - kh + 1, x.shape[3] + 2 * pad_w - kw + 1), x.shape[1], x, out_dtype)
 
 
-@torch.library.custom_op("symzoo::pop_conv2d_dx_through", mutates_args=())
+@population_op("pop_conv2d_dx_through")
 def _pop_conv2d_dx_through(dy: Tensor, w_t: Tensor, g: Tensor, batch: int, pad_h: int, pad_w: int,
                            out_dtype: torch.dtype, act: str, slope: float) -> Tensor:
     """The input gradient (the forward of dy with the flipped, transposed weights w_t) times act'(g), g the
@@ -613,7 +613,7 @@ def _(dy, w_t, g, batch, pad_h, pad_w, out_dtype, act, slope):
                    out_dtype)
 
 
-@torch.library.custom_op("symzoo::pop_conv2d_wgrad", mutates_args=())
+@population_op("pop_conv2d_wgrad")
 def _pop_conv2d_wgrad(x: Tensor, rows: Tensor | None, dy: Tensor, w: Tensor, pad_h: int, pad_w: int,
                       bias: bool) -> tuple[Tensor, Tensor]:
     dw, db = _launch_wgrad(x, rows, dy, w.shape, (pad_h, pad_w), bias)
@@ -670,7 +670,7 @@ _pop_conv2d.register_autograd(_backward, setup_context=_setup)
 
 # ---- a strided conv read as it is: the channels-last kernels at its stride -----------------------------
 
-@torch.library.custom_op("symzoo::pop_conv2d_strided", mutates_args=())
+@population_op("pop_conv2d_strided")
 def _pop_conv2d_strided(x: Tensor, w: Tensor, b: Tensor | None, batch: int, stride_h: int, stride_w: int,
                         pad_h: int, pad_w: int, act: str, slope: float, act_grad: bool, out_dtype: torch.dtype) -> Tensor:
     """act(conv(x, w, b)) at the stride, the activation in the forward's epilogue; act_grad as `conv2d_pool_act`'s."""
@@ -685,7 +685,7 @@ def _(x, w, b, batch, stride_h, stride_w, pad_h, pad_w, act, slope, act_grad, ou
     return _output((n * batch, o, ho, wo), c, x, out_dtype)
 
 
-@torch.library.custom_op("symzoo::pop_conv2d_strided_dx", mutates_args=())
+@population_op("pop_conv2d_strided_dx")
 def _pop_conv2d_strided_dx(dy: Tensor, w_t: Tensor, batch: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
                            h: int, w: int, out_dtype: torch.dtype) -> Tensor:
     """A strided conv's input gradient [N*B, C, h, w]: the stride-1 conv, with the flipped, transposed weights w_t
@@ -700,7 +700,7 @@ def _(dy, w_t, batch, stride_h, stride_w, pad_h, pad_w, h, w, out_dtype):
     return _output((w_t.shape[0] * batch, w_t.shape[1], h, w), dy.shape[1], dy, out_dtype)
 
 
-@torch.library.custom_op("symzoo::pop_conv2d_strided_wgrad", mutates_args=())
+@population_op("pop_conv2d_strided_wgrad")
 def _pop_conv2d_strided_wgrad(x: Tensor, dy: Tensor, w: Tensor, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
                               bias: bool) -> tuple[Tensor, Tensor]:
     batch = dy.shape[0] // w.shape[0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import EPILOGUE_ACTIVATIONS, stored_channels_last, tl, triton
+from .common import EPILOGUE_ACTIVATIONS, population_op, stored_channels_last, tl, triton
 
 
 if triton is not None:
@@ -70,7 +70,7 @@ def _pool_outputs(x: Tensor) -> tuple[Tensor, Tensor]:
     return y, torch.empty(y.shape, device=x.device, dtype=torch.int8, memory_format=fmt)
 
 
-@torch.library.custom_op("symzoo::pop_max_pool2x2", mutates_args=())
+@population_op("pop_max_pool2x2")
 def _pop_max_pool2x2(x: Tensor, act: str, slope: float) -> tuple[Tensor, Tensor]:
     cl = stored_channels_last(x)
     x = x if cl else x.contiguous()
@@ -87,7 +87,7 @@ def _(x, act, slope):
     return _pool_outputs(x)
 
 
-@torch.library.custom_op("symzoo::pop_max_unpool2x2", mutates_args=())
+@population_op("pop_max_unpool2x2")
 def _pop_max_unpool2x2(dy: Tensor, code: Tensor, y: Tensor, x_shape: list[int], channels_last: bool, act: str,
                        slope: float) -> Tensor:
     fmt = torch.channels_last if channels_last else torch.contiguous_format

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from . import tuning
-from .common import EPILOGUE_ACTIVATIONS, _act_backward, _dot_dtype, _programs_per_model, _tile_rows, _wgrad_fake, tl, triton
+from .common import (EPILOGUE_ACTIVATIONS, _act_backward, _dot_dtype, _programs_per_model, _tile_rows, _wgrad_fake,
+                     population_op, tl, triton)
 from .conv import (_as_blocks, _checked, _conv_grads, _input_act, _launch_pool_act, _launch_wgrad, _need_rows, _output,
                    _plain, _pool_act_kernel, _pop_conv2d_strided, _stride, strided_reads_directly)
 from .window import _window_conv
@@ -129,7 +130,7 @@ def _shifted_weights(w: Tensor, pool: int, block_k: int) -> Tensor:
     return torch.cat([w.reshape(n, -1), w.new_zeros(n, 1)], 1).index_select(1, _SHIFTS[key])
 
 
-@torch.library.custom_op("symzoo::pop_conv2d_pool_act_wgrad", mutates_args=())
+@population_op("pop_conv2d_pool_act_wgrad")
 def _pop_conv2d_pool_act_wgrad(x: Tensor, rows: Tensor | None, da: Tensor, a: Tensor, code: Tensor, w: Tensor,
                                pad_h: int, pad_w: int, bias: bool, pool: int, act: str, slope: float) -> tuple[Tensor, Tensor]:
     dw, db = _launch_wgrad(x, rows, da.contiguous(), w.shape, (pad_h, pad_w), bias,
@@ -145,7 +146,7 @@ def _(x, rows, da, a, code, w, pad_h, pad_w, bias, pool, act, slope):
 # ---- the fused op: act(maxpool(conv)) with the pool's choice kept for the backward ----------------------
 
 
-@torch.library.custom_op("symzoo::pop_conv2d_pool_act", mutates_args=())
+@population_op("pop_conv2d_pool_act")
 def _pop_conv2d_pool_act(x: Tensor, w: Tensor, b: Tensor | None, rows: Tensor | None, batch: int, pad_h: int,
                          pad_w: int, pool: int, act: str, slope: float, out_dtype: torch.dtype,
                          window_dx: bool, act_grad: bool, input_act: str, input_slope: float) -> tuple[Tensor, Tensor]:
@@ -182,7 +183,7 @@ def _unpool(dz: Tensor, code: Tensor, pool: int, out_hw: tuple[int, int]) -> Ten
     return dy
 
 
-@torch.library.custom_op("symzoo::pop_pooled_grads", mutates_args=())
+@population_op("pop_pooled_grads")
 def _pop_pooled_grads(da: Tensor, a: Tensor, code: Tensor, w: Tensor, x: Tensor, pad_h: int, pad_w: int, pool: int,
                       act: str, slope: float, bias: bool, weights: bool) -> tuple[Tensor, Tensor, Tensor]:
     """dx, and dw, db where `weights` (else empty: an input gradient through frozen weights)."""

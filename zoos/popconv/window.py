@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import tuning
-from .common import _dot_dtype, _programs_per_model, _tile_rows, _wgrad_fake, tl, triton
+from .common import _dot_dtype, _programs_per_model, _tile_rows, _wgrad_fake, population_op, tl, triton
 
 
 if triton is not None:
@@ -219,7 +219,7 @@ def _fold_placed(placed: Tensor, w_shape: torch.Size, pool: int) -> Tensor:
     return dw.transpose(1, 2).contiguous().view(w_shape)
 
 
-@torch.library.custom_op("symzoo::pop_window_conv", mutates_args=())
+@population_op("pop_window_conv")
 def _pop_window_conv(table: Tensor, w: Tensor, b: Tensor | None, rows: Tensor, batch: int, hp: int, wp: int,
                      pool: int, act: str, slope: float, out_dtype: torch.dtype, act_grad: bool) -> tuple[Tensor, Tensor]:
     return _launch_window(table, rows, w.contiguous(), b, batch, hp, wp, pool, act, slope, out_dtype)
@@ -231,7 +231,7 @@ def _(table, w, b, rows, batch, hp, wp, pool, act, slope, out_dtype, act_grad):
     return table.new_empty(shape, dtype=out_dtype), table.new_empty(shape if pool > 1 else (0,), dtype=torch.int8)
 
 
-@torch.library.custom_op("symzoo::pop_window_conv_wgrad", mutates_args=())
+@population_op("pop_window_conv_wgrad")
 def _pop_window_conv_wgrad(table: Tensor, rows: Tensor, da: Tensor, a: Tensor, code: Tensor, w: Tensor, bias: bool,
                            pool: int, act: str, slope: float) -> tuple[Tensor, Tensor]:
     dw, db = _launch_window_wgrad(table, rows, da.contiguous(), a, code, w.shape, bias, pool, act, slope)
