@@ -1,5 +1,9 @@
 """The population trainer: N models as one program equal N separate runs and plain torch.optim loops."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +25,7 @@ from zoos.trainer import (
 )
 
 N_TRAIN = 200
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def zoo_models(grid, *, arch=None, epochs=2, task_options=None, task="digits", **over):
@@ -514,3 +519,24 @@ def test_models_in_memory_counts_activations_and_optimizer_state():
     per_model = 4 * 32 * (64 + 16 + 16 + 16 + 10) + 16 * n_params  # input, hidden, activation, dropout, output
     assert models_in_memory(pop, task, int(per_model * 10 / 0.8)) == 10
     assert models_in_memory(pop, task, 1) == 1
+
+
+def test_a_fresh_processs_first_population_imports_neither_dynamo_nor_sympy():
+    """A worker's first population (its program traced from a template, the population kernels forward and
+    backward, the optimizer's update) imports neither torch._dynamo nor sympy, which would add ~1.5 s to its
+    first step."""
+    code = """
+import sys
+import torch
+from tests.zoos.test_trainer import one_population, zoo_models
+from zoos.trainer import train_population
+models = zoo_models({"seed": [0, 1], "batch_size": [16]}, arch={"name": "cnn", "config": {"width": 4, "depth": 2}},
+                    epochs=1)
+result = train_population(one_population(models), device="cuda" if torch.cuda.is_available() else "cpu",
+                          kernels=True)
+assert result.program["fast"] and result.program["optimizer"] == "popoptim", result.program
+print(sorted(m for m in ("torch._dynamo", "sympy") if m in sys.modules))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]"
