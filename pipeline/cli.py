@@ -193,7 +193,7 @@ def tasks_cmd(name: Optional[str] = typer.Argument(None, help="a task: its optio
     console.print("[dim]symzoo tasks NAME: a task's options[/]")
 
 
-_UPDATES = {"popoptim": "two Triton passes a parameter tensor (zoos.popoptim)", "eager": "torch ops, ~20 a parameter tensor",
+_UPDATES = {"popoptim": "two Triton launches for all parameter tensors (zoos.popoptim)", "eager": "torch ops, ~20 a parameter tensor",
             "compiled": "torch.compile of the update"}  # what `archs --programs` says of each optimizer step
 
 

@@ -868,7 +868,7 @@ def _update_in_place(kind: str, params: dict[str, Tensor], grads: dict[str, Tens
 
 def _fused_update(kind: str, params: dict[str, Tensor], grads: dict[str, Tensor], state: OptimizerState,
                   lr: Tensor, total: Tensor) -> None:
-    """`_update_in_place` as popoptim's two Triton passes a parameter tensor."""
+    """`_update_in_place` as popoptim's two Triton launches over all the parameter tensors."""
     popoptim.step_(kind, params, grads, state.first, state.second, lr, state.weight_decay, state.momentum,
                    state.count, state.alive, total, beta2=ADAM_BETA2, eps=ADAM_EPS)
 

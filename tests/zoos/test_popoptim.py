@@ -104,3 +104,22 @@ def test_unknown_kind_and_wrong_state_dtype_are_refused():
     params["p0"] = params["p0"].double()
     with pytest.raises(ValueError, match="parameter 'p0' is torch.float64 with strides .*; allowed: contiguous float32"):
         popoptim.step_("adam", *args, beta2=ADAM_BETA2, eps=ADAM_EPS)
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_more_tensors_than_a_launch_takes(kind):
+    """A population with more parameter tensors than one launch updates (popoptim.GROUP): a NaN gradient in the
+    last launch's tensors freezes the model in the first launch's too; the others match the eager update."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [SHAPES[i % len(SHAPES)] for i in range(popoptim.GROUP + 3)]
+    params, grads, lr, state = population(g, 3, shapes, kind, 7)
+    grads[f"p{len(shapes) - 1}"][2].view(-1)[-1] = float("nan")
+    total = torch.rand(3, generator=g)
+    want_p, want_state = _update(kind, params, grads, state, lr, total)
+    assert want_state.alive.tolist() == [True, True, False]
+    got_p, got_state = fused(kind, *to(DEVICE, params, grads, lr, state), total.to(DEVICE))
+    assert got_state.alive.cpu().tolist() == [True, True, False]
+    for k in want_p:
+        torch.testing.assert_close(got_p[k].cpu(), want_p[k], rtol=2e-6, atol=1e-7, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(got_state.first[k].cpu(), want_state.first[k], rtol=2e-6, atol=1e-7)
+        assert torch.equal(got_p[k].cpu()[2], params[k][2]), f"{k} of the frozen model was written"
