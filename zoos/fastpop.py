@@ -309,35 +309,49 @@ def _pool2(m: nn.MaxPool2d) -> bool:
             and _pair(m.dilation) == (1, 1) and not m.ceil_mode and not m.return_indices)
 
 
-_MONOTONE = {a.module: name for name, a in ACTIVATIONS.items() if a.monotone}  # what a kernel's epilogue may apply
+_ACTIVATION_MODULES = {a.module: name for name, a in ACTIVATIONS.items()}
+_ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid",
+                         F.sigmoid: "sigmoid", F.leaky_relu: "leaky_relu", F.silu: "silu", F.gelu: "gelu", "relu": "relu",
+                         "tanh": "tanh", "sigmoid": "sigmoid"}
+_ACTIVATION_ARGS = {"leaky_relu": ("negative_slope", "inplace"), "gelu": ("approximate",)}  # after the input
+_GELU = {"none": "gelu", "tanh": "gelu_tanh"}
 
 
-def _monotone_activation(m: nn.Module) -> tuple[str, float] | None:
-    """(name, slope) for the non-decreasing activations popconv and popnorm apply in their epilogue, else None."""
-    name = _MONOTONE.get(type(m))
-    slope = float(getattr(m, "negative_slope", 0.0))
-    return (name, slope) if name is not None and slope >= 0 else None
-
-
-_MONOTONE_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid",
-                       F.sigmoid: "sigmoid", F.leaky_relu: "leaky_relu", "relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
-
-
-def _activation_of(node: fx.Node, source: fx.Node, mods: Mapping[str, nn.Module]) -> tuple[str, float] | None:
-    """(name, slope) where `node` applies a monotone activation (`_monotone_activation`'s) to `source` alone: a
-    module, F.relu / torch.tanh / ... or the tensor method; else None. (In place or not: `source` feeds only it.)"""
+def _activation(node: fx.Node, mods: Mapping[str, nn.Module]) -> tuple[str, float, bool] | None:
+    """(name, slope, in place) where `node` applies a pointwise activation (a name of poplinear.INPUT_ACTIVATIONS;
+    leaky_relu's slope, else 0) to its first argument alone: a module, F.silu / torch.tanh / ... or the tensor
+    method; else None."""
     if node.op == "call_module":
-        return _monotone_activation(mods[node.target]) if node.args == (source,) and not node.kwargs else None
-    if node.op not in ("call_function", "call_method") or node.target not in _MONOTONE_FUNCTIONS or node.args[:1] != (source,):
+        m = mods[node.target]
+        name = _ACTIVATION_MODULES.get(type(m))
+        if name is None or len(node.args) != 1 or node.kwargs:
+            return None
+        if name == "gelu":
+            name = _GELU.get(m.approximate)
+        return (name, float(getattr(m, "negative_slope", 0.0)), bool(getattr(m, "inplace", False))) if name else None
+    if node.op not in ("call_function", "call_method") or node.target not in _ACTIVATION_FUNCTIONS or not node.args:
         return None
-    name = _MONOTONE_FUNCTIONS[node.target]
-    positional = ("negative_slope", "inplace") if name == "leaky_relu" else ("inplace",)
+    name = _ACTIVATION_FUNCTIONS[node.target]
+    positional = _ACTIVATION_ARGS.get(name, ("inplace",))
     if len(node.args) - 1 > len(positional):
         return None
     extra = {**dict(zip(positional, node.args[1:])), **node.kwargs}
     slope = extra.pop("negative_slope", 0.01) if name == "leaky_relu" else 0.0
-    extra.pop("inplace", None)
-    return (name, float(slope)) if not extra and isinstance(slope, (int, float)) and slope >= 0 else None
+    if name == "gelu":
+        name = _GELU.get(extra.pop("approximate", "none"))
+    inplace = extra.pop("inplace", False)
+    if extra or name is None or not isinstance(slope, (int, float)) or not isinstance(inplace, bool):
+        return None
+    return name, float(slope), inplace
+
+
+def _activation_of(node: fx.Node, source: fx.Node, mods: Mapping[str, nn.Module]) -> tuple[str, float] | None:
+    """(name, slope) where `node` applies a non-decreasing activation (one popconv and popnorm apply in their
+    epilogue) to `source` alone; else None. (In place or not: `source` feeds only it.)"""
+    act = _activation(node, mods)
+    if act is None or node.args[:1] != (source,) or act[0] not in popconv.EPILOGUE_ACTIVATIONS or act[1] < 0:
+        return None
+    return act[:2]
 
 
 def _what(node: fx.Node) -> str:
@@ -725,6 +739,8 @@ class _Emitter:
         self.conv_act: dict[fx.Node, tuple[str, float]] = {}  # conv -> the same, in its input gradient
         self.mean_act: dict[fx.Node, tuple[tuple[str, float], bool]] = {}  # spatial mean -> the same, and its keepdim
         self.copies: dict[fx.Node, fx.Node] = {}  # emitted value -> its copy in the compute dtype, written with it
+        self.linear_act: dict[fx.Node, tuple[str, float]] = {}  # activation -> itself, applied by the linears reading it
+        self.applied: set[fx.Node] = set()  # those that a linear applied
         weights = self._prologue(state, env)  # weight node -> its value in the new graph (on first use)
         self.pre_add = self._adds_before_norms()  # LayerNorm -> the add it emits with itself
         fused.update(self.pre_add.values())
@@ -771,6 +787,9 @@ class _Emitter:
                 options = {} if act is None else {"act": act[0], "slope": act[1]}
                 env[node] = g.call_function(popconv.max_pool2x2, (value(node.args[0]),), options)
                 self.choose(node, "popconv max-pool" + ("" if act is None else f" (+{act[0]}')"))
+            elif (act := self._activation_into_linears(node)) is not None:
+                env[node] = value(node.args[0])  # its readers apply it to this as they load it
+                self.linear_act[node] = act
             elif node in self.mean_act:
                 act, keepdim = self.mean_act.pop(node)
                 env[node] = g.call_function(popconv.spatial_mean, (value(node.args[0]),),
@@ -778,7 +797,8 @@ class _Emitter:
                 self.choose(node, f"spatial mean (+{act[0]}')")
             else:  # data alone (or constants): the [N*B, ...] batch is one big batch of samples
                 env[node] = g.node_copy(node, value)
-        unpaired = [*self.pool_act, *self.conv_act, *self.mean_act]  # derivatives left to readers that did not take them
+        # derivatives (activations) left to readers that did not take them
+        unpaired = [*self.pool_act, *self.conv_act, *self.mean_act, *(n for n in self.linear_act if n not in self.applied)]
         if unpaired:
             raise AssertionError(f"unpaired activation derivatives: {[_what(n) for n in unpaired]}")
         _model_group_chains(g, self.mods)
@@ -1202,13 +1222,15 @@ class _Emitter:
         """A Linear of a `_linears_of_one_input` group: the first emits the group's one op (x: its input in the
         compute dtype); every member's output is its part."""
         group = self.siblings[node]
+        act = self._input_act(group[0])
         if node is group[0]:
             ws = tuple(self.state[f"{n.target}.weight"] for n in group)
             bs = tuple(self.state.get(f"{n.target}.bias") for n in group)
-            both = self.g.call_function(poplinear.linears, (x, ws, bs))
+            both = self.g.call_function(poplinear.linears, (x, ws, bs), act)
             for i, n in enumerate(group):
                 self.sibling_out[n] = self.g.call_function(operator.getitem, (both, i))
-        self.choose(node, "poplinear (input shared)", f"one op with {len(group) - 1} more linear(s) of its input")
+        self.choose(node, f"{act['input_act'][0]}+poplinear (input shared)" if act else "poplinear (input shared)",
+                    f"one op with {len(group) - 1} more linear(s) of its input")
         return self.sibling_out.pop(node)
 
     def _layer_norm(self, node: fx.Node, x: fx.Node, w: fx.Node | None, b: fx.Node | None, eps: float) -> fx.Node:
@@ -1230,12 +1252,56 @@ class _Emitter:
     def _op_name(self, node: fx.Node) -> str:
         return type(self.mods[node.target]).__name__ if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
 
+    def _input_act(self, node: fx.Node) -> dict:
+        """poplinear's `input_act` option for a linear whose input is an activation it applies
+        (`_activation_into_linears`), else none; the program's name for it."""
+        source = node.args[0] if node.op == "call_module" else _bind(node)["input"]
+        while self._skipped_dropout(source):
+            source = source.args[0]
+        act = self.linear_act.get(source)
+        if act is None:
+            return {}
+        self.applied.add(source)
+        return {"input_act": act}
+
+    def _activation_into_linears(self, node: fx.Node) -> tuple[str, float] | None:
+        """(name, slope) where `node` is a pointwise activation of per-sample values that only linears on
+        poplinear's kernels read, as their input: they apply it to each tile as they load it (`input_act`), and
+        its derivative in their input gradient, so it is never written; else None."""
+        act = _activation(node, self.mods) if self.pop.kernels and self.kinds.get(node) == DATA else None
+        source = node.args[0] if act is not None else None
+        if act is None or not isinstance(source, fx.Node) or self.kinds.get(source) != DATA:
+            return None
+        name, slope, inplace = act
+        if inplace and len(source.users) > 1:  # the others read the activated value
+            return None
+        return (name, slope) if self._only_poplinears_read(node) else None
+
+    def _only_poplinears_read(self, node: fx.Node) -> bool:
+        """Whether `node` has readers, past the dropouts this program skips, and each is a linear of it alone on
+        poplinear's kernels (an nn.Linear or F.linear)."""
+        return bool(node.users) and all(self._only_poplinears_read(u) if self._skipped_dropout(u) else
+                                        self._poplinear_reading(u, node) for u in node.users)
+
+    def _poplinear_reading(self, node: fx.Node, x: fx.Node) -> bool:
+        """Whether `node` is a linear of x alone that runs on poplinear's kernels (an nn.Linear or F.linear)."""
+        if node.op == "call_module":
+            m = self.mods[node.target]
+            return type(m) is nn.Linear and node.args == (x,) and not node.kwargs and poplinear.fits(m.in_features, m.out_features)
+        if node.op != "call_function" or node.target is not F.linear:
+            return False
+        kw = _bind(node)
+        w, b = kw["weight"], kw["bias"]
+        return (kw["input"] is x and x not in (w, b) and self.kinds.get(w) == WEIGHT
+                and (b is None or self.kinds.get(b) == WEIGHT) and poplinear.fits(*w.meta["probe"].shape[-2:][::-1]))
+
     def _linear(self, node: fx.Node, x: fx.Node, w: fx.Node, b: fx.Node | None, in_f: int, out_f: int) -> fx.Node:
         """A linear layer of x (in the compute dtype) and w [N, out, in]: poplinear's kernels where they hold its
-        widths, else one batched matmul."""
+        widths (applying the activation that x is, where it is one only linears read), else one batched matmul."""
         if self.pop.kernels and poplinear.fits(in_f, out_f):
-            self.choose(node, "poplinear")
-            return self.g.call_function(poplinear.linear, (x, w, b))
+            act = self._input_act(node)
+            self.choose(node, f"{act['input_act'][0]}+poplinear" if act else "poplinear")
+            return self.g.call_function(poplinear.linear, (x, w, b), act)
         why = "poplinear kernels off here (no CUDA, or not asked for)" if not self.pop.kernels else \
             f"{in_f} -> {out_f} features: poplinear holds up to {poplinear.MAX_FEATURES}"
         self.choose(node, "bmm", why)

@@ -19,6 +19,11 @@ side: the forward reads each tile of x once and runs a product a part, each part
 gradient sums the parts' products dy_j @ w_j[m] in registers and writes dx once, where autograd would write each
 term and add them; the weight gradient runs a pass a part into the one weight's gradient.
 
+A linear reading an activation of its input (`input_act`: an MLP's hidden layer, any pointwise activation) applies
+it to each tile of x as it loads it, in the forward and in the weight gradient, and multiplies its input gradient
+by the activation's derivative at x before storing it: the activation's output and its gradient are never written,
+where the activation alone would read and write the layer's input twice (its forward and its backward).
+
 Products take x's dtype (bf16 on tensor cores; float32 exactly), accumulate in float32; y and dx are stored in
 x's dtype, as autocast's batched matmul stores them.
 """
@@ -31,13 +36,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from zoos.popconv.common import available, dot_precision, population_op, triton
+from zoos.popconv.common import INPUT_ACTIVATIONS, available, dot_precision, population_op, triton
 
 MAX_FEATURES = 128  # the widest input or output a program holds whole: one [in, out] weight tile
 MAX_PARTS = 3  # the most linears of one input (`linears`) a program runs together
 
 if triton is not None:
     import triton.language as tl
+
+    from zoos.popconv.common import _act_grad_from_input, _activate_any
 
     @triton.jit
     def _row_at(row, INNER, OUTER_STRIDE, INNER_STRIDE):
@@ -52,6 +59,25 @@ if triton is not None:
         return tl.load(ptr + at[:, None] + c[None, :], mask=r_ok[:, None] & (c < WIDTH)[None, :], other=0.0)
 
     @triton.jit
+    def _input_rows(ptr, row, r_ok, c, WIDTH, INNER, OUTER_STRIDE, INNER_STRIDE, ACT: tl.constexpr, SLOPE: tl.constexpr):
+        """`_rows` of the layer's input with the activation the layer reads it through (`input_act`) applied in
+        float32 and rounded to the input's dtype, as the activation's own output would be. (Padding's act(0) is
+        harmless: the weight's padding and a padded row's gradient are zero.)"""
+        x = _rows(ptr, row, r_ok, c, WIDTH, INNER, OUTER_STRIDE, INNER_STRIDE)
+        if ACT != "identity":
+            x = _activate_any(x.to(tl.float32), ACT, SLOPE).to(ptr.dtype.element_ty)
+        return x
+
+    @triton.jit
+    def _times_act_grad(acc, z_ptr, row, r_ok, c, WIDTH, INNER, OUTER_STRIDE, INNER_STRIDE, ACT: tl.constexpr,
+                        SLOPE: tl.constexpr):
+        """acc, the gradient of act(z) for a tile of rows of z, times act'(z): the gradient of z itself."""
+        if ACT != "identity":
+            z = _rows(z_ptr, row, r_ok, c, WIDTH, INNER, OUTER_STRIDE, INNER_STRIDE).to(tl.float32)
+            acc = acc * _act_grad_from_input(z, ACT, SLOPE)
+        return acc
+
+    @triton.jit
     def _block(ptr, offset, r, c, ROWS, COLS, R_STRIDE, C_STRIDE, dtype: tl.constexpr):
         """The [r, c] tile (r < ROWS, c < COLS; zero elsewhere) at ptr + offset + r * R_STRIDE + c * C_STRIDE, cast
         to dtype: a model's weight, or a part of it, either way round."""
@@ -59,12 +85,14 @@ if triton is not None:
                        mask=(r < ROWS)[:, None] & (c < COLS)[None, :], other=0.0).to(dtype)
 
     @triton.jit
-    def _rows_times_weight(x_ptr, w_ptr, b_ptr, y_ptr, RPM, EACH, X_INNER, X_OUTER_STRIDE, X_INNER_STRIDE, W_K, W_N,
-                           K: tl.constexpr, N: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        """y[rows] = x[rows] @ W_m (+ b_m) over EACH tiles of model m's rows: W_m [K, N] read with strides (W_K, W_N)
-        from m's weight (the forward: w^T; the input gradient: w itself); x's rows in a two-level layout, y
-        contiguous."""
+    def _rows_times_weight(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, RPM, EACH, X_INNER, X_OUTER_STRIDE, X_INNER_STRIDE,
+                           Z_INNER, Z_OUTER_STRIDE, Z_INNER_STRIDE, W_K, W_N, K: tl.constexpr, N: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, PREC: tl.constexpr, ACT_IN: tl.constexpr, ACT_GRAD: tl.constexpr,
+                           SLOPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """y[rows] = act(x[rows]) @ W_m (+ b_m) [* act'(z[rows])] over EACH tiles of model m's rows: W_m [K, N] read
+        with strides (W_K, W_N) from m's weight (the forward: w^T, ACT_IN the input's activation; the input gradient:
+        w itself, ACT_GRAD the activation whose derivative at the layer's input z it applies); x's and z's rows in
+        two-level layouts, y contiguous."""
         prog, m = tl.program_id(0), tl.program_id(1)
         k, n = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_N)
         w = _block(w_ptr, m.to(tl.int64) * (K * N), k, n, K, N, W_K, W_N, x_ptr.dtype.element_ty)
@@ -73,19 +101,22 @@ if triton is not None:
         for t in range(prog * EACH, tl.minimum(prog * EACH + EACH, tl.cdiv(RPM, BLOCK_M))):
             r = t * BLOCK_M + tl.arange(0, BLOCK_M)
             row, r_ok = m.to(tl.int64) * RPM + r, r < RPM
-            acc = tl.dot(_rows(x_ptr, row, r_ok, k, K, X_INNER, X_OUTER_STRIDE, X_INNER_STRIDE), w, input_precision=PREC)
+            x = _input_rows(x_ptr, row, r_ok, k, K, X_INNER, X_OUTER_STRIDE, X_INNER_STRIDE, ACT_IN, SLOPE)
+            acc = tl.dot(x, w, input_precision=PREC)
             if HAS_BIAS:
                 acc += bias[None, :]
+            acc = _times_act_grad(acc, z_ptr, row, r_ok, n, N, Z_INNER, Z_OUTER_STRIDE, Z_INNER_STRIDE, ACT_GRAD, SLOPE)
             tl.store(y_ptr + row[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty),
                      mask=r_ok[:, None] & (n < N)[None, :])
 
     @triton.jit
     def _rows_times_weights(x_ptr, w_ptr, b_ptr, y0, y1, y2, RPM, EACH, X_INNER, X_OUTER_STRIDE, X_INNER_STRIDE,
                             K: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
-                            PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_K: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr, BN2: tl.constexpr):
-        """y_j[rows] = x[rows] @ w_m[rows of part j]^T (+ b_m's) for 2 or 3 parts j of model m's weight w [N0 + N1
-        + N2, K] (`linears`): each x tile read once, a product a part, each part's output contiguous."""
+                            PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, ACT: tl.constexpr,
+                            SLOPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BN0: tl.constexpr,
+                            BN1: tl.constexpr, BN2: tl.constexpr):
+        """y_j[rows] = act(x[rows]) @ w_m[rows of part j]^T (+ b_m's) for 2 or 3 parts j of model m's weight w [N0
+        + N1 + N2, K] (`linears`): each x tile read once, a product a part, each part's output contiguous."""
         prog, m = tl.program_id(0), tl.program_id(1)
         k = tl.arange(0, BLOCK_K)
         n0, n1, n2 = tl.arange(0, BN0), tl.arange(0, BN1), tl.arange(0, BN2)
@@ -104,7 +135,7 @@ if triton is not None:
         for t in range(prog * EACH, tl.minimum(prog * EACH + EACH, tl.cdiv(RPM, BLOCK_M))):
             r = t * BLOCK_M + tl.arange(0, BLOCK_M)
             row, r_ok = m.to(tl.int64) * RPM + r, r < RPM
-            x = _rows(x_ptr, row, r_ok, k, K, X_INNER, X_OUTER_STRIDE, X_INNER_STRIDE)
+            x = _input_rows(x_ptr, row, r_ok, k, K, X_INNER, X_OUTER_STRIDE, X_INNER_STRIDE, ACT, SLOPE)
             acc = tl.dot(x, w0, input_precision=PREC)
             if HAS_BIAS:
                 acc += b0[None, :]
@@ -121,13 +152,14 @@ if triton is not None:
                          mask=r_ok[:, None] & (n2 < N2)[None, :])
 
     @triton.jit
-    def _parts_times_weights(d0, d1, d2, w_ptr, dx_ptr, RPM, EACH, D0_INNER, D0_OUTER, D0_STRIDE, D1_INNER, D1_OUTER,
-                             D1_STRIDE, D2_INNER, D2_OUTER, D2_STRIDE, K: tl.constexpr, N0: tl.constexpr,
-                             N1: tl.constexpr, N2: tl.constexpr, PARTS: tl.constexpr, PREC: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr,
-                             BN2: tl.constexpr):
-        """dx[rows] = sum_j dy_j[rows] @ w_m[rows of part j] for 2 or 3 parts (`linears`' input gradient): each
-        dy_j's rows in a two-level layout, a product a part summed in registers, dx contiguous."""
+    def _parts_times_weights(d0, d1, d2, w_ptr, dx_ptr, z_ptr, RPM, EACH, D0_INNER, D0_OUTER, D0_STRIDE, D1_INNER,
+                             D1_OUTER, D1_STRIDE, D2_INNER, D2_OUTER, D2_STRIDE, Z_INNER, Z_OUTER, Z_STRIDE,
+                             K: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, PARTS: tl.constexpr,
+                             PREC: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_K: tl.constexpr, BN0: tl.constexpr, BN1: tl.constexpr, BN2: tl.constexpr):
+        """dx[rows] = sum_j dy_j[rows] @ w_m[rows of part j] (* act'(z[rows])) for 2 or 3 parts (`linears`' input
+        gradient): each dy_j's and z's rows in a two-level layout, a product a part summed in registers, dx
+        contiguous."""
         prog, m = tl.program_id(0), tl.program_id(1)
         k = tl.arange(0, BLOCK_K)
         n0, n1, n2 = tl.arange(0, BN0), tl.arange(0, BN1), tl.arange(0, BN2)
@@ -144,6 +176,7 @@ if triton is not None:
             acc += tl.dot(_rows(d1, row, r_ok, n1, N1, D1_INNER, D1_OUTER, D1_STRIDE), w1, input_precision=PREC)
             if PARTS > 2:
                 acc += tl.dot(_rows(d2, row, r_ok, n2, N2, D2_INNER, D2_OUTER, D2_STRIDE), w2, input_precision=PREC)
+            acc = _times_act_grad(acc, z_ptr, row, r_ok, k, K, Z_INNER, Z_OUTER, Z_STRIDE, ACT, SLOPE)
             tl.store(dx_ptr + row[:, None] * K + k[None, :], acc.to(dx_ptr.dtype.element_ty),
                      mask=r_ok[:, None] & (k < K)[None, :])
 
@@ -151,8 +184,9 @@ if triton is not None:
     def _weight_grad_kernel(x_ptr, dy_ptr, dw_ptr, db_ptr, RPM, EACH, PROGRAMS, X_INNER, X_OUTER_STRIDE,
                             X_INNER_STRIDE, DY_INNER, DY_OUTER_STRIDE, DY_INNER_STRIDE, N_ALL, N_AT,
                             K: tl.constexpr, N: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        """dw partial [N, K] = sum over EACH tiles of model m's rows of dy^T x (and db partial: dy's column sums),
+                            ACT: tl.constexpr, SLOPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+        """dw partial [N, K] = sum over EACH tiles of model m's rows of dy^T act(x) (and db partial: dy's column sums),
         stored at rows N_AT.. of [m, program] of dw [models, PROGRAMS, N_ALL, K] and db [models, PROGRAMS, N_ALL]
         (a part of `linears`' weight, or all of it); x's and dy's rows in two-level layouts."""
         prog, m = tl.program_id(0), tl.program_id(1)
@@ -162,7 +196,7 @@ if triton is not None:
         for t in range(prog * EACH, tl.minimum(prog * EACH + EACH, tl.cdiv(RPM, BLOCK_M))):
             r = t * BLOCK_M + tl.arange(0, BLOCK_M)
             row, r_ok = m.to(tl.int64) * RPM + r, r < RPM
-            x = _rows(x_ptr, row, r_ok, k, K, X_INNER, X_OUTER_STRIDE, X_INNER_STRIDE)
+            x = _input_rows(x_ptr, row, r_ok, k, K, X_INNER, X_OUTER_STRIDE, X_INNER_STRIDE, ACT, SLOPE)
             g = _rows(dy_ptr, row, r_ok, n, N, DY_INNER, DY_OUTER_STRIDE, DY_INNER_STRIDE)
             acc += tl.dot(tl.trans(g), x.to(g.dtype), input_precision=PREC)
             if HAS_BIAS:
@@ -218,17 +252,24 @@ def _row_layout(x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
     return x, (1, x.shape[-1], 0)
 
 
-def _times(x: Tensor, w: Tensor, b: Tensor | None, models: int, k: int, n: int, strides: tuple[int, int]) -> Tensor:
-    """x [models*R rows (`_row_layout`), k] times each model's [k, n] weight (+ b): y [*x.shape[:-1], n] contiguous."""
+def _times(x: Tensor, w: Tensor, b: Tensor | None, models: int, k: int, n: int, strides: tuple[int, int],
+           act: tuple[str, float] = ("identity", 0.0), z: Tensor | None = None) -> Tensor:
+    """x [models*R rows (`_row_layout`), k] times each model's [k, n] weight (+ b): y [*x.shape[:-1], n] contiguous.
+    `act`: applied to x as it is read (the forward), or, given the layer's input z [*x.shape[:-1], n], its
+    derivative at z multiplies y (the input gradient)."""
+    grad = z is not None
     x, layout = _row_layout(x)
+    z, z_layout = _row_layout(z) if grad else (x, layout)
     y = x.new_empty(*x.shape[:-1], n)
     rpm = y.numel() // n // models
     block_m, block_k, block_n, warps = _blocks(k, n)
     programs, each = _programs(triton.cdiv(rpm, block_m), models, x.device)
+    name, slope = act
     if y.numel():
         _rows_times_weight[(programs, models)](
-            x, w, b if b is not None else w, y, rpm, each, *layout, strides[0], strides[1], K=k, N=n,
-            HAS_BIAS=b is not None, PREC=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
+            x, w, b if b is not None else w, y, z, rpm, each, *layout, *z_layout, strides[0], strides[1], K=k, N=n,
+            HAS_BIAS=b is not None, PREC=dot_precision(x.dtype), ACT_IN="identity" if grad else name,
+            ACT_GRAD=name if grad else "identity", SLOPE=slope, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
             num_warps=warps)
     return y
 
@@ -244,9 +285,10 @@ def _part_blocks(k: int, widths: list[int]) -> tuple[dict, int, int]:
     return {**sizes, "PARTS": len(widths)}, block_m, warps
 
 
-def _times_parts(x: Tensor, w: Tensor, b: Tensor | None, models: int, widths: list[int]) -> list[Tensor]:
-    """`linears`' forward: x [models*R rows (`_row_layout`), k] times each part j of each model's weight [sum of
-    widths, k] (+ b's part): one contiguous output a part."""
+def _times_parts(x: Tensor, w: Tensor, b: Tensor | None, models: int, widths: list[int], act: tuple[str, float]
+                 ) -> list[Tensor]:
+    """`linears`' forward: act(x [models*R rows (`_row_layout`), k]) times each part j of each model's weight [sum
+    of widths, k] (+ b's part): one contiguous output a part."""
     x, layout = _row_layout(x)
     k = x.shape[-1]
     ys = [x.new_empty(*x.shape[:-1], width) for width in widths]
@@ -256,15 +298,18 @@ def _times_parts(x: Tensor, w: Tensor, b: Tensor | None, models: int, widths: li
     if rpm:
         _rows_times_weights[(programs, models)](
             x, w, b if b is not None else w, *ys, *[ys[0]] * (MAX_PARTS - len(ys)), rpm, each, *layout, K=k,
-            HAS_BIAS=b is not None, PREC=dot_precision(x.dtype), BLOCK_M=block_m,
+            HAS_BIAS=b is not None, PREC=dot_precision(x.dtype), ACT=act[0], SLOPE=act[1], BLOCK_M=block_m,
             BLOCK_K=max(16, triton.next_power_of_2(k)), num_warps=warps, **sizes)
     return ys
 
 
-def _parts_times(dys: list[Tensor], w: Tensor, models: int, widths: list[int], dtype: torch.dtype) -> Tensor:
-    """`linears`' input gradient: sum_j dy_j @ (part j of each model's weight [sum of widths, k]), each dy_j's rows
-    read where they lie (`_row_layout`): dx [*rows shape, k] contiguous, in `dtype`."""
+def _parts_times(dys: list[Tensor], w: Tensor, models: int, widths: list[int], z: Tensor, act: tuple[str, float]
+                 ) -> Tensor:
+    """`linears`' input gradient: sum_j dy_j @ (part j of each model's weight [sum of widths, k]) times act'(z),
+    z the layer's input, each dy_j's and z's rows read where they lie (`_row_layout`): dx [*rows shape, k]
+    contiguous, in z's dtype."""
     laid = [_row_layout(t.to(dys[0].dtype)) for t in dys]
+    z, z_layout = _row_layout(z)
     k = w.shape[2]
     dx = dys[0].new_empty(*dys[0].shape[:-1], k)
     rpm = math.prod(dys[0].shape[:-1]) // models
@@ -274,40 +319,40 @@ def _parts_times(dys: list[Tensor], w: Tensor, models: int, widths: list[int], d
         tensors = [t for t, _ in laid]
         layouts = [v for _, layout in laid for v in layout] + [1, 0, 0] * (MAX_PARTS - len(laid))
         _parts_times_weights[(programs, models)](
-            *tensors, *[tensors[0]] * (MAX_PARTS - len(tensors)), w, dx, rpm, each, *layouts, K=k,
-            PREC=dot_precision(dx.dtype), BLOCK_M=block_m, BLOCK_K=max(16, triton.next_power_of_2(k)), num_warps=warps,
-            **sizes)
-    return dx.to(dtype)
+            *tensors, *[tensors[0]] * (MAX_PARTS - len(tensors)), w, dx, z, rpm, each, *layouts, *z_layout, K=k,
+            PREC=dot_precision(dx.dtype), ACT=act[0], SLOPE=act[1], BLOCK_M=block_m,
+            BLOCK_K=max(16, triton.next_power_of_2(k)), num_warps=warps, **sizes)
+    return dx.to(z.dtype)
 
 
 @population_op("pop_linear")
-def _pop_linear(x: Tensor, w: Tensor, b: Tensor | None, widths: list[int]) -> list[Tensor]:
+def _pop_linear(x: Tensor, w: Tensor, b: Tensor | None, widths: list[int], act: str, slope: float) -> list[Tensor]:
     n, out_f, in_f = w.shape
     w, b = w.contiguous(), b.contiguous() if b is not None else None
     if len(widths) == 1:
-        return [_times(x, w, b, n, in_f, out_f, (1, in_f))]
-    return _times_parts(x, w, b, n, widths)
+        return [_times(x, w, b, n, in_f, out_f, (1, in_f), (act, slope))]
+    return _times_parts(x, w, b, n, widths, (act, slope))
 
 
 @_pop_linear.register_fake
-def _(x, w, b, widths):
+def _(x, w, b, widths, act, slope):
     return [x.new_empty(*x.shape[:-1], width) for width in widths]
 
 
 @population_op("pop_linear_backward")
-def _pop_linear_backward(x: Tensor, dys: list[Tensor], w: Tensor, input_grad: bool, weight_grad: bool, bias: bool
-                         ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx or empty, dw or empty, db or empty) from the outputs' gradients dys (one a part of w's rows): dx in x's
-    dtype, dw and db float32; x's and each dy's rows read where they lie (`_row_layout`)."""
+def _pop_linear_backward(x: Tensor, dys: list[Tensor], w: Tensor, input_grad: bool, weight_grad: bool, bias: bool,
+                         act: str, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx or empty, dw or empty, db or empty) from the outputs' gradients dys (one a part of w's rows), the layer
+    reading act(x): dx in x's dtype, dw and db float32; x's and each dy's rows read where they lie (`_row_layout`)."""
     models, out_f, in_f = w.shape
     w = w.contiguous()
     widths = [t.shape[-1] for t in dys]
     if not input_grad:
         dx = x.new_empty(0)
     elif len(dys) == 1:
-        dx = _times(dys[0], w, None, models, out_f, in_f, (in_f, 1)).to(x.dtype)
+        dx = _times(dys[0], w, None, models, out_f, in_f, (in_f, 1), (act, slope), z=x).to(x.dtype)
     else:
-        dx = _parts_times(dys, w, models, widths, x.dtype)
+        dx = _parts_times(dys, w, models, widths, x, (act, slope))
     if not weight_grad:
         return dx, w.new_empty(0, dtype=torch.float32), w.new_empty(0, dtype=torch.float32)  # outputs never alias
     x, x_layout = _row_layout(x)
@@ -324,14 +369,14 @@ def _pop_linear_backward(x: Tensor, dys: list[Tensor], w: Tensor, input_grad: bo
         width = dy.shape[-1]
         _weight_grad_kernel[(programs, models)](
             x, dy, dw, db, rpm, each, programs, *x_layout, *dy_layout, out_f, at, K=in_f, N=width, HAS_BIAS=bias,
-            PREC=dot_precision(dy.dtype), BLOCK_M=block_m, BLOCK_K=block_k,
+            PREC=dot_precision(dy.dtype), ACT=act, SLOPE=slope, BLOCK_M=block_m, BLOCK_K=block_k,
             BLOCK_N=max(16, triton.next_power_of_2(width)), num_warps=warps)
         at += width
     return dx, dw.sum(1), db.sum(1) if bias else w.new_empty(0, dtype=torch.float32)
 
 
 @_pop_linear_backward.register_fake
-def _(x, dys, w, input_grad, weight_grad, bias):
+def _(x, dys, w, input_grad, weight_grad, bias, act, slope):
     empty = w.new_empty(0, dtype=torch.float32)
     return (x.new_empty(x.shape) if input_grad else x.new_empty(0),
             w.new_empty(w.shape, dtype=torch.float32) if weight_grad else empty,
@@ -339,18 +384,18 @@ def _(x, dys, w, input_grad, weight_grad, bias):
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, w, b, _ = inputs
+    x, w, b, _, act, slope = inputs
     ctx.save_for_backward(x, w)
-    ctx.bias = b is not None
+    ctx.bias, ctx.act = b is not None, (act, slope)
 
 
 def _backward(ctx, dys: list[Tensor]):
     x, w = ctx.saved_tensors
     needs = ctx.needs_input_grad
     weights = needs[1] or (ctx.bias and needs[2])
-    dx, dw, db = _pop_linear_backward(x, list(dys), w, needs[0], weights, ctx.bias)
+    dx, dw, db = _pop_linear_backward(x, list(dys), w, needs[0], weights, ctx.bias, *ctx.act)
     return (dx if needs[0] else None, dw.to(w.dtype) if needs[1] else None,
-            db.to(w.dtype) if ctx.bias and needs[2] else None, None)
+            db.to(w.dtype) if ctx.bias and needs[2] else None, None, None, None)
 
 
 _pop_linear.register_autograd(_backward, setup_context=_setup)
@@ -369,18 +414,33 @@ def _check(x: Tensor, w: Tensor, b: Tensor | None) -> None:
         raise ValueError(f"x has {rows} rows, not a multiple of the population size {models}")
 
 
-def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+def _input_act(input_act: tuple[str, float] | None) -> tuple[str, float]:
+    """`input_act` checked: (name, slope), ("identity", 0.0) for None; else ValueError."""
+    if input_act is None:
+        return "identity", 0.0
+    name, slope = input_act
+    if name not in INPUT_ACTIVATIONS or not isinstance(slope, (int, float)):
+        raise ValueError(f"input_act = {input_act!r}: (name, slope) with a name of {', '.join(INPUT_ACTIVATIONS)}")
+    return name, float(slope)
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None, input_act: tuple[str, float] | None = None) -> Tensor:
     """nn.Linear of model m on rows m*R..(m+1)*R-1 of x [N*R, ..., in] (any leading shape: its rows in order),
     w [N, out, in], b [N, out] or None, in and out up to MAX_FEATURES: y [N*R, ..., out] in x's dtype, the
-    weights cast to it as they are read (autocast's linear). Gradients to x, w and b."""
+    weights cast to it as they are read (autocast's linear). Gradients to x, w and b.
+
+    `input_act` = (name, slope) (leaky_relu's slope; else ignored): the layer reads act(x), the activation
+    (INPUT_ACTIVATIONS) applied to each tile of x as it is loaded, so act(x) is never written; x's gradient is then
+    the activation's input's, (dy @ w) * act'(x), in the same pass."""
     _check(x, w, b)
-    return _pop_linear(x, w, b, [w.shape[1]])[0]  # x's rows read where they lie (`_row_layout`)
+    return _pop_linear(x, w, b, [w.shape[1]], *_input_act(input_act))[0]  # x's rows read where they lie
 
 
-def linears(x: Tensor, ws: Sequence[Tensor], bs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
-    """`linear(x, w, b)` for each (w, b) of ws and bs (up to MAX_PARTS, their outputs together up to MAX_FEATURES)
-    as one: x read once in the forward, and in the backward its gradient the sum of theirs in one pass (where
-    autograd would write each and add them). Each output contiguous."""
+def linears(x: Tensor, ws: Sequence[Tensor], bs: Sequence[Tensor | None], input_act: tuple[str, float] | None = None
+            ) -> tuple[Tensor, ...]:
+    """`linear(x, w, b, input_act)` for each (w, b) of ws and bs (up to MAX_PARTS, their outputs together up to
+    MAX_FEATURES) as one: x read once in the forward, and in the backward its gradient the sum of theirs in one
+    pass (where autograd would write each and add them). Each output contiguous."""
     if not 1 <= len(ws) <= MAX_PARTS or len(bs) != len(ws):
         raise ValueError(f"linears takes 1 to {MAX_PARTS} weights and as many biases, got {len(ws)} and {len(bs)}")
     for w, b in zip(ws, bs):
@@ -395,7 +455,7 @@ def linears(x: Tensor, ws: Sequence[Tensor], bs: Sequence[Tensor | None]) -> tup
         b = None
     else:
         b = torch.cat([v if v is not None else w.new_zeros(w.shape[0], width) for v, width in zip(bs, widths)], 1)
-    return tuple(_pop_linear(x, w, b, widths))
+    return tuple(_pop_linear(x, w, b, widths, *_input_act(input_act)))
 
 
-__all__ = ["MAX_FEATURES", "MAX_PARTS", "available", "fits", "linear", "linears"]
+__all__ = ["INPUT_ACTIVATIONS", "MAX_FEATURES", "MAX_PARTS", "available", "fits", "linear", "linears"]

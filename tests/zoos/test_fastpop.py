@@ -324,7 +324,7 @@ def test_linears_of_one_input_run_as_one_op_and_equal_vmap():
     step = FastStep(module, torch.nn.functional.mse_loss, (6,), dropout=False, kernels=True)
     assert [(layer, p) for layer, p, _ in step.pop.choices] == [
         ("a", "poplinear (input shared)"), ("b", "poplinear (input shared)"), ("c", "poplinear (input shared)"),
-        ("d", "poplinear (input shared)"), ("e", "poplinear")], step.pop.choices
+        ("d", "poplinear (input shared)"), ("e", "relu+poplinear")], step.pop.choices
     x, y = torch.randn(3, 5, 6, device=device), torch.randn(3, 5, 3, device=device)
     with torch.no_grad():
         torch.testing.assert_close(step.pop(params, {}, x, x_per_model=True),

@@ -119,14 +119,56 @@ def test_linears_of_one_input_equal_each_linear(n, rows, in_f, widths, biases, l
         torch.testing.assert_close(a.double(), r.double(), rtol=1e-4, atol=1e-4 * max(1, rows) ** 0.5)
 
 
+ACTIVATION = {"relu": F.relu, "leaky_relu": F.leaky_relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "silu": F.silu,
+              "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh")}
+
+
+@settings(max_examples=12, deadline=None)
+@example(n=2, rows=130, in_f=32, widths=[32], act="silu", slope=0.0, layout="two-level rows", seed=0)
+@example(n=2, rows=70, in_f=20, widths=[8, 24, 3], act="gelu", slope=0.0, layout="contiguous", seed=1)
+@example(n=1, rows=9, in_f=5, widths=[7], act="leaky_relu", slope=-0.3, layout="contiguous", seed=2)
+@given(n=st.integers(1, 3), rows=st.integers(0, 150), in_f=st.integers(1, 70),
+       widths=st.lists(st.integers(1, 42), min_size=1, max_size=poplinear.MAX_PARTS),
+       act=st.sampled_from(sorted(ACTIVATION)), slope=st.sampled_from([0.0, 0.1, -0.3]),
+       layout=st.sampled_from(["contiguous", "two-level rows"]), seed=st.integers(0, 99))
+def test_a_linear_reading_an_activation_equals_the_activation_then_the_linear(n, rows, in_f, widths, act, slope,
+                                                                            layout, seed):
+    """`input_act`: one linear or several of one input reading act(x) give each model's F.linear of act(x) and the
+    gradients of x (through the activation, at 0 as torch takes relu's and leaky_relu's there), of the weights and
+    of the biases, for every activation; float64 reference."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n * rows, 3, in_f, generator=g)[:, 1] if layout == "two-level rows"
+         else torch.randn(n * rows, in_f, generator=g))
+    x[::3, 0] = 0.0  # on relu's kink
+    x = x.to(DEVICE).requires_grad_()
+    ws = [torch.randn(n, width, in_f, generator=g).to(DEVICE).requires_grad_() for width in widths]
+    bs = [torch.randn(n, width, generator=g).to(DEVICE).requires_grad_() for width in widths]
+    input_act = (act, slope if act == "leaky_relu" else 0.0)
+    fn = (lambda z: F.leaky_relu(z, slope)) if act == "leaky_relu" else ACTIVATION[act]
+    ys = ([poplinear.linear(x, ws[0], bs[0], input_act=input_act)] if len(widths) == 1
+          else poplinear.linears(x, ws, bs, input_act=input_act))
+    wants = [per_model(fn(x.double()), w, b) for w, b in zip(ws, bs)]
+    for y, want in zip(ys, wants):
+        assert y.shape == want.shape and y.dtype == x.dtype
+        torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
+    dys = [torch.randn(y.shape, generator=g).to(DEVICE) for y in ys]
+    wrt = [x, *ws, *bs]
+    got = torch.autograd.grad(ys, wrt, dys)
+    ref = torch.autograd.grad(wants, wrt, [dy.double() for dy in dys])
+    for a, r, name in zip(got, ref, ["x"] + ["w"] * len(ws) + ["b"] * len(bs)):
+        torch.testing.assert_close(a.double(), r.double(), rtol=1e-4, atol=1e-4 * max(1, rows) ** 0.5,
+                                   msg=lambda m: f"{name}: {m}")
+
+
 def test_linear_passes_torch_library_opcheck():
     """The fake kernels match what the ops return, the autograd registration too (with and without a bias, one
-    output and three side by side)."""
+    output and three side by side, reading the input through an activation or not)."""
     x = torch.randn(6, 5, device=DEVICE, requires_grad=True)
     for b in (torch.randn(2, 7, device=DEVICE, requires_grad=True), None):
         w = torch.randn(2, 7, 5, device=DEVICE, requires_grad=True)
-        torch.library.opcheck(poplinear._pop_linear.op, (x, w, b, [7]))
-        torch.library.opcheck(poplinear._pop_linear.op, (x, w, b, [2, 4, 1]))
+        for act in (("identity", 0.0), ("silu", 0.0), ("leaky_relu", 0.2)):
+            torch.library.opcheck(poplinear._pop_linear.op, (x, w, b, [7], *act))
+            torch.library.opcheck(poplinear._pop_linear.op, (x, w, b, [2, 4, 1], *act))
 
 
 def test_a_bias_read_through_a_view_is_read_as_its_values():
@@ -152,3 +194,5 @@ def test_bad_shapes_are_named():
         poplinear.linears(torch.randn(4, 3), [torch.randn(2, 64, 3), torch.randn(2, 65, 3)], [None, None])
     with pytest.raises(ValueError, match="every weight is \\[N, out, in\\] of one population"):
         poplinear.linears(torch.randn(4, 3), [w, torch.randn(4, 4, 3)], [None, None])
+    with pytest.raises(ValueError, match=r"input_act = \('swish', 0.0\): \(name, slope\) with a name of identity, .*silu"):
+        poplinear.linear(torch.randn(4, 3), w, None, input_act=("swish", 0.0))

@@ -20,6 +20,8 @@ except ImportError:  # no Triton (a CPU-only torch): `available()` says so and t
 
 
 EPILOGUE_ACTIVATIONS = ("identity", "tanh", "sigmoid", "relu", "leaky_relu")  # monotone: they commute with the max
+# what a kernel may apply to an input it loads (any pointwise activation: its derivative read off its input)
+INPUT_ACTIVATIONS = EPILOGUE_ACTIVATIONS + ("silu", "gelu", "gelu_tanh")
 
 
 _LIBRARY = torch.library.Library("symzoo", "FRAGMENT")  # every population kernel's operator
@@ -93,19 +95,56 @@ def stored_channels_last(x: Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _tanh(z):
+        """tanh in float32 from exp(-2|z|): no overflow at either end."""
+        e = tl.exp(-2.0 * tl.abs(z))
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(z < 0, -t, t)
+
+    @triton.jit
+    def _sigmoid(z):
+        """The logistic function in float32 from exp(-|z|): no overflow at either end."""
+        e = tl.exp(-tl.abs(z))
+        return tl.where(z < 0, e, 1.0) / (1.0 + e)
+
+    @triton.jit
     def _activate(z, ACT: tl.constexpr, SLOPE: tl.constexpr):
         """A monotone pointwise activation in float32 (it commutes with the max of a pool)."""
         if ACT == "tanh":
-            e = tl.exp(-2.0 * tl.abs(z))
-            t = (1.0 - e) / (1.0 + e)
-            return tl.where(z < 0, -t, t)
+            return _tanh(z)
         if ACT == "sigmoid":
-            return 1.0 / (1.0 + tl.exp(-z))
+            return _sigmoid(z)
         if ACT == "relu":
             return tl.maximum(z, 0.0)
         if ACT == "leaky_relu":
             return tl.where(z > 0, z, z * SLOPE)
         return z
+
+    @triton.jit
+    def _activate_any(z, ACT: tl.constexpr, SLOPE: tl.constexpr):
+        """Any of INPUT_ACTIVATIONS in float32 (gelu: the exact, erf form; gelu_tanh: its tanh approximation)."""
+        if ACT == "silu":
+            return z * _sigmoid(z)
+        if ACT == "gelu":
+            return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        if ACT == "gelu_tanh":
+            return 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+        return _activate(z, ACT, SLOPE)
+
+    @triton.jit
+    def _act_grad_from_input(z, ACT: tl.constexpr, SLOPE: tl.constexpr):
+        """The derivative of `_activate_any` at z (float32); relu's and leaky_relu's at 0 as torch's backward takes it."""
+        if ACT == "silu":
+            s = _sigmoid(z)
+            return s * (1.0 + z * (1.0 - s))
+        if ACT == "gelu":
+            return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+        if ACT == "gelu_tanh":
+            t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+            return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+        if ACT == "leaky_relu":
+            return tl.where(z > 0, 1.0, SLOPE)
+        return _act_grad_from_output(_activate(z, ACT, SLOPE), ACT, SLOPE)
 
     @triton.jit
     def _keep_max(best, code, acc, d):
