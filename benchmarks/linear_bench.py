@@ -9,7 +9,9 @@ stream), float32 master weights and bias, forward alone and forward + backward (
 events, median of 20 after a warm-up; ms, the ratio, the largest difference of the outputs, and poplinear's
 effective bandwidth (x and y forward; dy read twice, x once and dx written backward) against the card's. The
 second table times the linears of one value (a transformer's query, key and value maps) as separate
-`poplinear.linear` calls, whose input gradients autograd adds, against one `poplinear.linears`.
+`poplinear.linear` calls, whose input gradients autograd adds, against one `poplinear.linears`. The third times a
+linear reading an activation of its input (an MLP's hidden layer): torch's activation then `poplinear.linear`
+against `poplinear.linear(..., input_act=...)`, which applies it as it loads the input.
 """
 
 from __future__ import annotations
@@ -60,6 +62,39 @@ def shared_inputs() -> None:
               flush=True)
 
 
+# (family and layer, rows a model, in, out, activation): a linear reading an activation of its input
+ACTIVATED = [("egnn edge_out: silu (20 x 20 pairs x 128)", 51200, 32, 32, "silu"),
+             ("vit fc2: gelu (50 tokens x 128)", 6400, 64, 32, "gelu"),
+             ("deepsets rho: relu (100 points x 128)", 12800, 64, 64, "relu"),
+             ("mlp hidden: relu (128)", 128, 64, 64, "relu")]
+TORCH_ACT = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "relu": torch.relu}
+
+
+def input_activations() -> None:
+    """A linear of act(x): torch's activation, then the linear, against the linear applying it as it loads x."""
+    print(f"\n{'linear of an activation':44s} {'rows':>6} {'act+lin fwd':>11} {'fused fwd':>9} {'ratio':>6} "
+          f"{'act+lin f+b':>11} {'fused f+b':>9} {'ratio':>6} {'max diff':>9}")
+    for name, rows, in_f, out_f, act in ACTIVATED:
+        x = torch.randn(MODELS * rows, in_f, device="cuda").bfloat16().requires_grad_()
+        w = (torch.randn(MODELS, out_f, in_f, device="cuda") / in_f**0.5).requires_grad_()
+        b = torch.randn(MODELS, out_f, device="cuda").requires_grad_()
+        g = torch.randn(MODELS * rows, out_f, device="cuda").bfloat16()
+
+        def apart():
+            return poplinear.linear(TORCH_ACT[act](x), w, b)
+
+        def fused():
+            return poplinear.linear(x, w, b, input_act=(act, 0.0))
+
+        with torch.no_grad():
+            diff = (apart().float() - fused().float()).abs().max().item()
+        af, ff = timed(apart), timed(fused)
+        ab = timed(lambda: torch.autograd.grad(apart(), [x, w, b], g))
+        fb = timed(lambda: torch.autograd.grad(fused(), [x, w, b], g))
+        print(f"{name:44s} {rows:6d} {af:11.3f} {ff:9.3f} {af / ff:6.2f} {ab:11.3f} {fb:9.3f} {ab / fb:6.2f} {diff:9.1e}",
+              flush=True)
+
+
 def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {MODELS} models, bf16 rows, float32 weights")
     print(f"{'layer':36s} {'rows':>8} {'in':>4} {'out':>4} {'bmm fwd':>8} {'pop fwd':>8} {'ratio':>6} "
@@ -86,6 +121,7 @@ def main() -> None:
         print(f"{name:36s} {rows:8d} {in_f:4d} {out_f:4d} {ef:8.3f} {kf:8.3f} {ef / kf:6.2f} {eb:8.3f} {kb:8.3f} "
               f"{eb / kb:6.2f} {diff:9.1e} {moved / kb / 1e6:9.0f}", flush=True)
     shared_inputs()
+    input_activations()
 
 
 if __name__ == "__main__":

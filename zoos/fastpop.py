@@ -41,7 +41,10 @@ conv alone reads it, that conv's input gradient does (`input_act`), and where a 
 backward (`popconv.spatial_mean`). A Linear (or F.linear) of up to `poplinear.MAX_FEATURES` inputs and outputs
 runs as `poplinear.linear`: the bias in the product's epilogue and its gradient in the weight gradient's pass,
 where a batched matmul spends two more passes on each; Linears that read one value run as one `poplinear.linears`
-(`_linears_of_one_input`).
+(`_linears_of_one_input`). A pointwise activation (any of poplinear.INPUT_ACTIVATIONS: an MLP's ReLU, EGNN's SiLU,
+a transformer's GELU) that only such linears read, past reshapes and skipped dropouts, is applied by them as they
+load their input, its derivative in their input gradient (`input_act`): it is never written
+(`_activation_into_linears`).
 
 `FastPopulation.supports(module)` says whether a module can run this way and why not: only the layer
 types above carry parameters, buffers belong to `PopDropout` only, and the traced forward reads no
@@ -1256,7 +1259,7 @@ class _Emitter:
         """poplinear's `input_act` option for a linear whose input is an activation it applies
         (`_activation_into_linears`), else none; the program's name for it."""
         source = node.args[0] if node.op == "call_module" else _bind(node)["input"]
-        while self._skipped_dropout(source):
+        while self._transparent(source):
             source = source.args[0]
         act = self.linear_act.get(source)
         if act is None:
@@ -1278,16 +1281,19 @@ class _Emitter:
         return (name, slope) if self._only_poplinears_read(node) else None
 
     def _only_poplinears_read(self, node: fx.Node) -> bool:
-        """Whether `node` has readers, past the dropouts this program skips, and each is a linear of it alone on
-        poplinear's kernels (an nn.Linear or F.linear)."""
-        return bool(node.users) and all(self._only_poplinears_read(u) if self._skipped_dropout(u) else
+        """Whether `node` has readers, past reshapes and the dropouts this program skips (which an activation
+        commutes with), and each is a linear of it alone on poplinear's kernels (`_poplinear_reading`)."""
+        return bool(node.users) and all(self._only_poplinears_read(u) if self._transparent(u) else
                                         self._poplinear_reading(u, node) for u in node.users)
 
     def _poplinear_reading(self, node: fx.Node, x: fx.Node) -> bool:
-        """Whether `node` is a linear of x alone that runs on poplinear's kernels (an nn.Linear or F.linear)."""
+        """Whether `node` is a linear of x alone that runs on poplinear's kernels (an nn.Linear, FlatLinear or
+        F.linear)."""
         if node.op == "call_module":
             m = self.mods[node.target]
-            return type(m) is nn.Linear and node.args == (x,) and not node.kwargs and poplinear.fits(m.in_features, m.out_features)
+            widths = ((m.in_features, m.out_features) if type(m) is nn.Linear else
+                      (math.prod(m.in_shape), m.weight.shape[0]) if isinstance(m, FlatLinear) else None)
+            return widths is not None and node.args == (x,) and not node.kwargs and poplinear.fits(*widths)
         if node.op != "call_function" or node.target is not F.linear:
             return False
         kw = _bind(node)

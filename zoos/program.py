@@ -13,7 +13,9 @@ The programs, fastest first:
   grouped conv  on the CPU, other convolutions but those with the shortest patches: one convolution with a
                 group per model (oneDNN's grouped kernels beat the patch matrix there)
   poplinear     Linear / FlatLinear / F.linear of up to 128 inputs and outputs as Triton kernels (`zoos.poplinear`):
-                the bias in the product's epilogue, its gradient in the weight gradient's pass
+                the bias in the product's epilogue, its gradient in the weight gradient's pass; "act+poplinear"
+                (relu+poplinear, silu+poplinear, ...): a pointwise activation that only linears read, applied
+                as they load their input, its derivative in their input gradient
   bmm           any wider Linear / FlatLinear / F.linear: one batched matmul over the models
   population norm  GroupNorm / LayerNorm: per-sample statistics of the whole batch, per-model affine
   prologue      the ops on weights alone (a group CNN's kernel expansion): vmapped once a step

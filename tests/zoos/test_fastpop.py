@@ -8,7 +8,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from tasks.registry import get_task
-from zoos.archs.base import build_arch
+from zoos.archs.base import PopDropout, build_arch
 from zoos.fastpop import (FastPopulation, FastStep, dropout_active, from_model_groups, pop_conv2d, pop_conv2d_grouped, pop_dropout,
                           pop_dropout_groups, to_model_groups)
 from zoos import popconv
@@ -264,8 +264,8 @@ def test_data_and_weight_ops_broadcast_per_model_without_vmap():
                                population_forward(module, params, buffers, x, x_per_model=True), atol=1e-5, rtol=1e-5)
     y = torch.randn(3, 5, 4)
     grads, _ = FastStep(module, torch.nn.functional.mse_loss, (4, 6), dropout=False)(params, buffers, x, y)
-    ref = vmap(grad(lambda p, b, xb, yb: torch.nn.functional.mse_loss(functional_call(module, (p, b), (xb,)), yb)))(
-        params, buffers, x, y)
+    ref = vmap(grad(lambda p, b, xb, yb: torch.nn.functional.mse_loss(functional_call(module, (p, b), (xb,)), yb)),
+               randomness="different")(params, buffers, x, y)  # the dropout's rate is 0: its draw changes nothing
     for k in ref:
         torch.testing.assert_close(grads[k], ref[k], atol=1e-5, rtol=1e-4)
 
@@ -332,5 +332,56 @@ def test_linears_of_one_input_run_as_one_op_and_equal_vmap():
                                    atol=1e-5, rtol=1e-4)
     grads, _ = step(params, {}, x, y)
     ref = vmap(grad(lambda p, xb, yb: torch.nn.functional.mse_loss(functional_call(module, p, (xb,)), yb)))(params, x, y)
+    for k in ref:
+        torch.testing.assert_close(grads[k], ref[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+class _Activations(torch.nn.Module):
+    """Activations read by linears alone (directly, past a skipped dropout and a reshape, as an F.linear, by two
+    linears of one input) and ones that are not: read by a non-linear too, or in place on a value others read."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(6, 8), torch.nn.Linear(8, 8)
+        self.c, self.d = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4, bias=False)
+        self.e, self.f, self.g = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4), torch.nn.Linear(4, 3)
+        self.act, self.drop = torch.nn.SiLU(), PopDropout(0.0)
+        self.w = torch.nn.Parameter(torch.randn(8, 8) / 3)
+
+    def forward(self, x):
+        h = self.b(self.drop(self.act(self.a(x))))  # silu, past a skipped dropout
+        h = torch.nn.functional.linear(torch.nn.functional.gelu(h, approximate="tanh").unsqueeze(-2), self.w).squeeze(-2)
+        u, v = self.c(torch.tanh(h)), self.d(torch.tanh(h))  # one tanh node each, read by a linear alone
+        s = torch.sigmoid(u + v)
+        h = self.e(s) * s.sum(-1, keepdim=True)  # s read by a sum too: not folded
+        z = self.f(h)
+        r = torch.nn.functional.relu(z, inplace=True)  # in place on z, which leaky_relu reads too: not folded
+        return self.g(r) + torch.nn.functional.leaky_relu(z, 0.2).sum(-1, keepdim=True)
+
+
+@pytest.mark.skipif(not popconv.available("cuda" if torch.cuda.is_available() else "cpu"),
+                    reason="needs Triton (GPU or TRITON_INTERPRET=1)")
+def test_activations_only_linears_read_are_applied_by_them_and_equal_vmap():
+    """Each activation that only poplinear linears read (past skipped dropouts and reshapes) is applied by them as
+    they load their input (`input_act`), the others run as they are; forward and gradients equal vmap's."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    models = [_Activations() for _ in range(3)]
+    params, buffers = stack_states(models)
+    params = {k: v.to(device) for k, v in params.items()}
+    buffers = {k: v.to(device) for k, v in buffers.items()}
+    module = template(models[0])
+    step = FastStep(module, torch.nn.functional.mse_loss, (6,), dropout=False, kernels=True)
+    assert Counter(p for _, p, _ in step.pop.choices) == Counter({
+        "poplinear": 4, "silu+poplinear": 1, "gelu_tanh+poplinear": 1, "tanh+poplinear": 2}), \
+        step.pop.choices
+    x, y = torch.randn(3, 5, 6, device=device), torch.randn(3, 5, 3, device=device)
+    with torch.no_grad():
+        torch.testing.assert_close(step.pop(params, buffers, x, x_per_model=True),
+                                   population_forward(module, params, buffers, x, x_per_model=True),
+                                   atol=1e-5, rtol=1e-4)
+    grads, _ = step(params, buffers, x, y)
+    ref = vmap(grad(lambda p, b, xb, yb: torch.nn.functional.mse_loss(functional_call(module, (p, b), (xb,)), yb)),
+               randomness="different")(params, buffers, x, y)  # the dropout's rate is 0: its draw changes nothing
     for k in ref:
         torch.testing.assert_close(grads[k], ref[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
