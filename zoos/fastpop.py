@@ -41,10 +41,10 @@ conv alone reads it, that conv's input gradient does (`input_act`), and where a 
 backward (`popconv.spatial_mean`). A Linear (or F.linear) of up to `poplinear.MAX_FEATURES` inputs and outputs
 runs as `poplinear.linear`: the bias in the product's epilogue and its gradient in the weight gradient's pass,
 where a batched matmul spends two more passes on each; Linears that read one value run as one `poplinear.linears`
-(`_linears_of_one_input`). A pointwise activation (any of poplinear.INPUT_ACTIVATIONS: an MLP's ReLU, EGNN's SiLU,
-a transformer's GELU) that only such linears read, past reshapes and skipped dropouts, is applied by them as they
-load their input, its derivative in their input gradient (`input_act`): it is never written
-(`_activation_into_linears`).
+(`_linears_of_one_input`). A pointwise activation (of poplinear.INPUT_ACTIVATIONS: an MLP's ReLU, EGNN's SiLU; not
+the exact GELU, whose erf costs the kernels more than they save) that only such linears read, past reshapes and
+skipped dropouts, is applied by them as they load their input, its derivative in their input gradient
+(`input_act`): it is never written (`_activation_into_linears`).
 
 `FastPopulation.supports(module)` says whether a module can run this way and why not: only the layer
 types above carry parameters, buffers belong to `PopDropout` only, and the traced forward reads no
@@ -318,6 +318,7 @@ _ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.tanh: "tanh",
                          "tanh": "tanh", "sigmoid": "sigmoid"}
 _ACTIVATION_ARGS = {"leaky_relu": ("negative_slope", "inplace"), "gelu": ("approximate",)}  # after the input
 _GELU = {"none": "gelu", "tanh": "gelu_tanh"}
+_KEPT_APART = {"gelu"}  # erf costs a linear's kernels more than the pass over its input that folding it saves
 
 
 def _activation(node: fx.Node, mods: Mapping[str, nn.Module]) -> tuple[str, float, bool] | None:
@@ -1276,7 +1277,7 @@ class _Emitter:
         if act is None or not isinstance(source, fx.Node) or self.kinds.get(source) != DATA:
             return None
         name, slope, inplace = act
-        if inplace and len(source.users) > 1:  # the others read the activated value
+        if name in _KEPT_APART or inplace and len(source.users) > 1:  # in place: the others read the activated value
             return None
         return (name, slope) if self._only_poplinears_read(node) else None
 

@@ -338,7 +338,8 @@ def test_linears_of_one_input_run_as_one_op_and_equal_vmap():
 
 class _Activations(torch.nn.Module):
     """Activations read by linears alone (directly, past a skipped dropout and a reshape, as an F.linear, by two
-    linears of one input) and ones that are not: read by a non-linear too, or in place on a value others read."""
+    linears of one input) and ones that are not folded: read by a non-linear too, in place on a value others read,
+    the exact gelu."""
 
     def __init__(self):
         super().__init__()
@@ -354,7 +355,7 @@ class _Activations(torch.nn.Module):
         u, v = self.c(torch.tanh(h)), self.d(torch.tanh(h))  # one tanh node each, read by a linear alone
         s = torch.sigmoid(u + v)
         h = self.e(s) * s.sum(-1, keepdim=True)  # s read by a sum too: not folded
-        z = self.f(h)
+        z = self.f(torch.nn.functional.gelu(h))  # the exact gelu: kept apart
         r = torch.nn.functional.relu(z, inplace=True)  # in place on z, which leaky_relu reads too: not folded
         return self.g(r) + torch.nn.functional.leaky_relu(z, 0.2).sum(-1, keepdim=True)
 
