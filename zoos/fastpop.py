@@ -1257,8 +1257,8 @@ class _Emitter:
         return type(self.mods[node.target]).__name__ if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
 
     def _input_act(self, node: fx.Node) -> dict:
-        """poplinear's `input_act` option for a linear whose input is an activation it applies
-        (`_activation_into_linears`), else none; the program's name for it."""
+        """poplinear's `input_act` option for a linear whose input (past reshapes and skipped dropouts) is an
+        activation it applies (`_activation_into_linears`), else no option."""
         source = node.args[0] if node.op == "call_module" else _bind(node)["input"]
         while self._transparent(source):
             source = source.args[0]
