@@ -207,8 +207,16 @@ def profile(pop: Any, compile_: str, top: int = 12) -> list[str]:
         train_population(pop, device="cuda", precision="bf16", compile=COMPILE[compile_])
     events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
     total = sum(e.self_device_time_total for e in events) or 1
-    return [f"{100 * e.self_device_time_total / total:5.1f}% {e.self_device_time_total / 1e3:8.1f} ms {e.count:6d}x  {e.key[:90]}"
-            for e in events[:top]]
+    return [f"{100 * e.self_device_time_total / total:5.1f}% {e.self_device_time_total / 1e3:8.1f} ms {e.count:6d}x  "
+            f"{_short(e.key)}" for e in events[:top]]
+
+
+def _short(kernel: str, width: int = 150) -> str:
+    """A kernel's name without its argument list and the namespaces every ATen kernel repeats, so that an
+    elementwise kernel's functor (deep in its template arguments) shows."""
+    for noise in ("void ", "at::native::", "(anonymous namespace)::", "c10::"):
+        kernel = kernel.replace(noise, "")
+    return kernel.split("(", 1)[0][:width]
 
 
 def _batch(task: Any, device: str, batch: int):
