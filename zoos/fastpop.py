@@ -44,9 +44,7 @@ where a batched matmul spends two more passes on each; Linears that read one val
 (`_linears_of_one_input`). A pointwise activation (of poplinear.INPUT_ACTIVATIONS: an MLP's ReLU, EGNN's SiLU; not
 the exact GELU, whose erf costs the kernels more than they save) that only such linears read, past reshapes and
 skipped dropouts, is applied by them as they load their input, its derivative in their input gradient
-(`input_act`): it is never written (`_activation_into_linears`). An add, sub, mul or div of two per-sample values
-(or constants) of different shapes runs as `popelementwise.binary` (PyTorch's generic kernel computes every
-element's offsets on its own).
+(`input_act`): it is never written (`_activation_into_linears`).
 
 `FastPopulation.supports(module)` says whether a module can run this way and why not: only the layer
 types above carry parameters, buffers belong to `PopDropout` only, and the traced forward reads no
@@ -70,7 +68,7 @@ from torch import Tensor, fx, nn
 from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from zoos import popconv, popelementwise, popgather, poplinear, popnorm
+from zoos import popconv, popgather, poplinear, popnorm
 from zoos.archs.base import ACTIVATIONS, PopDropout
 from zoos.archs.layers import FlatLinear, linalg_eigh
 
@@ -358,23 +356,6 @@ def _activation_of(node: fx.Node, source: fx.Node, mods: Mapping[str, nn.Module]
     if act is None or node.args[:1] != (source,) or act[0] not in popconv.EPILOGUE_ACTIVATIONS or act[1] < 0:
         return None
     return act[:2]
-
-
-_BINARY = {operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub", operator.mul: "mul",
-           torch.mul: "mul", operator.truediv: "div", torch.div: "div", torch.true_divide: "div", "add": "add", "sub": "sub",
-           "mul": "mul", "div": "div"}
-
-
-def _broadcast_binary(node: fx.Node) -> str | None:
-    """The op (popelementwise.OPS) where `node` adds, subtracts, multiplies or divides two floating tensors of
-    different shapes (one broadcast against the other), else None."""
-    if node.op not in ("call_function", "call_method") or node.kwargs or len(node.args) != 2:
-        return None
-    op, (a, b) = _BINARY.get(node.target), node.args
-    probes = [v.meta.get("probe") if isinstance(v, fx.Node) else None for v in (a, b)]
-    if op is None or not all(isinstance(p, Tensor) and p.is_floating_point() and p.dim() for p in probes):
-        return None
-    return op if probes[0].shape != probes[1].shape else None
 
 
 def _what(node: fx.Node) -> str:
@@ -813,10 +794,6 @@ class _Emitter:
             elif (act := self._activation_into_linears(node)) is not None:
                 env[node] = value(node.args[0])  # its readers apply it to this as they load it
                 self.linear_act[node] = act
-            elif pop.kernels and kinds.get(node) == DATA and (op := _broadcast_binary(node)) is not None:
-                env[node] = g.call_function(popelementwise.binary, (op, *value(node.args)))
-                self.choose(node, "popelementwise", "broadcasting: each row's offsets computed once, its elements "
-                            f"read together (PyTorch's op below {popelementwise.LEAST_ELEMENTS:,} elements)")
             elif node in self.mean_act:
                 act, keepdim = self.mean_act.pop(node)
                 env[node] = g.call_function(popconv.spatial_mean, (value(node.args[0]),),

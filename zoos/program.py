@@ -17,8 +17,6 @@ The programs, fastest first:
                 (relu+poplinear, silu+poplinear, ...): a pointwise activation that only linears read, applied
                 as they load their input, its derivative in their input gradient
   bmm           any wider Linear / FlatLinear / F.linear: one batched matmul over the models
-  popelementwise  an add, sub, mul or div of per-sample tensors (or constants) that broadcast against each other
-                (EGNN's pair sums and masks): one Triton pass, each row's offsets computed once (`zoos.popelementwise`)
   population norm  GroupNorm / LayerNorm: per-sample statistics of the whole batch, per-model affine
   prologue      the ops on weights alone (a group CNN's kernel expansion): vmapped once a step
   vmap op       any other op that mixes data and weights, vmapped over the models on its own
