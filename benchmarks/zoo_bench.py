@@ -410,8 +410,9 @@ def main() -> None:
             for name, r in (("cold", row.get("symzoo")), ("warm", row.get("warm"))):
                 if r and r.get("compiled_ahead"):
                     ahead = r["compiled_ahead"]
+                    workers = f", {ahead['processes']} in worker processes" if ahead.get("processes") else ""
                     print(f"      {name}: {ahead['kernels']} kernels compiled ahead in {r['timings'].get('compile', 0):.1f} s "
-                          f"(the dry run, then {ahead.get('seconds', float('nan')):.1f} s compiling)", flush=True)
+                          f"(the dry run, then {ahead.get('seconds', float('nan')):.1f} s compiling{workers})", flush=True)
             for t in tunings if "error" not in cold else []:
                 tuned = run([arch, str(n), str(steps), str(work / "data"), "symzoo", a.compile], {**env, "ZOO_BENCH_TUNING": t})
                 row["tuned"][t] = tuned.get("symzoo") or {"error": tuned.get("error")}

@@ -1,16 +1,17 @@
-"""A population's Triton kernels compiled ahead of its first step, all at once on threads.
+"""A population's Triton kernels compiled ahead of its first step, all at once on threads and processes.
 
 symzoo's population kernels (popconv, poplinear, popnorm, popattn, popoptim) are Triton kernels specialised
 to their layer's shapes, so a population compiles tens of them, each at its first launch, one after another,
 before its first step; here they compile on threads, in parallel where Triton's compiler leaves the GIL (ptxas
-runs as a process of its own; its MLIR passes hold the GIL, so kernels whose compile is mostly those passes, such
-as popbilinear's generated ones, compile one after another). `ahead(device)` makes that possible without knowing the kernels
+runs as a process of its own; its MLIR passes hold the GIL). A kernel generated as text (popbilinear's products,
+whose compile is mostly those passes) compiles in a worker process of its own (`zoos.tritonc`) into Triton's
+on-disk cache, which its thread then reads. `ahead(device)` makes that possible without knowing the kernels
 in advance:
 
     with ahead(device) as run:        # a dry run: kernel launches record what they would compile, and return
         ...the first evaluation and training step, their outputs ignored...
     # on leaving, the recorded kernels compile on a thread pool into the kernels' own caches
-    run.kernels, run.seconds          # how many, and how long the compile took
+    run.kernels, run.seconds          # how many, and how long the compile took (run.processes: how many in workers)
 
 Inside the block a launch of a kernel the process has not compiled yet is skipped: nothing compiles and
 nothing runs, so its outputs keep whatever their memory held and nothing it would write in place changes. A
@@ -30,35 +31,56 @@ on a training batch and the optimizer's update with every model marked diverged,
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import pickle
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from zoos import tritonc
+
 try:
     import triton
     from triton import knobs as _knobs
+    from triton.runtime.driver import driver as _driver
     from triton.runtime.jit import JITFunction as _JITFunction
 except ImportError:  # no Triton, or one without the hooks: nothing compiles ahead
-    triton = _knobs = _JITFunction = None
+    triton = _knobs = _driver = _JITFunction = None
 
 MAX_THREADS = 32  # the most compiles at once
 
 
+@dataclass(frozen=True, eq=False)  # a key by identity
+class _Spec:
+    """A skipped launch: the kernel, Triton's serialised specialisation (`preload`'s) and the hook's own."""
+
+    fn: Any
+    data: str
+    signature: dict
+    constants: dict
+    attrs: dict
+
+
 @dataclass
 class AheadRun:
-    """What an `ahead` block compiled: `kernels` compiled on `threads` threads in `seconds`; `failed` the ones
-    whose compile raised (their first real launch compiles them again and reports the error there)."""
+    """What an `ahead` block compiled: `kernels` compiled on `threads` threads in `seconds`, `processes` of them
+    in worker processes; `failed` the ones whose compile raised (their first real launch compiles them again and
+    reports the error there)."""
 
     kernels: int = 0
     threads: int = 0
     seconds: float = 0.0
     failed: int = 0
-    _specs: dict[tuple[int, str], tuple[Any, str]] = field(default_factory=dict, repr=False)  # (kernel, key) -> spec
+    processes: int = 0
+    _specs: dict[tuple[int, str], _Spec] = field(default_factory=dict, repr=False)  # (kernel, key) -> its launch
 
 
 def supported(device: torch.device | str) -> bool:
@@ -86,10 +108,11 @@ def ahead(device: torch.device | str, threads: int | None = None) -> Iterator[Ah
     def hook(*, key, fn, compile, **_) -> bool | None:
         if threading.get_ident() != owner and torch._C._current_autograd_node() is None:
             return None  # another thread's launch, not a backward's (autograd runs a CUDA backward on its own thread)
-        spec = compile.get("specialization_data")
-        if spec is None:
+        data = compile.get("specialization_data")
+        if data is None:
             return None  # a Triton that does not describe its specialisation: compile it now, as usual
-        run._specs.setdefault((id(fn.jit_function), str(key)), (fn.jit_function, spec))  # a relaunch: recorded once
+        spec = _Spec(fn.jit_function, data, compile["signature"], compile["constants"], compile["configs"][0])
+        run._specs.setdefault((id(fn.jit_function), str(key)), spec)  # a relaunch: recorded once
         return True  # skip: neither compile nor launch
 
     with _LOCK:
@@ -110,22 +133,58 @@ def _compile(run: AheadRun, device: torch.device, threads: int | None) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     run.threads = max(1, min(len(run._specs), threads or cores, MAX_THREADS))
 
-    def one(item: tuple[Any, str]) -> bool:
-        fn, spec = item
+    jobs = _jobs(list(run._specs.values()), device)
+
+    def one(spec: _Spec) -> bool:
+        job = jobs.get(spec)
+        if job is not None:
+            _compile_in_process(job)  # into Triton's cache; where it fails, preload compiles it here
         try:
             with torch.cuda.device(device):  # preload compiles for the thread's current device
-                kernel = fn.preload(spec)
+                kernel = spec.fn.preload(spec.data)
                 if hasattr(kernel, "_init_handles"):
                     kernel._init_handles()  # its launcher and the binary loaded on the device: else at its first launch
         except Exception:  # noqa: BLE001 - the kernel's first real launch compiles it again and raises there
             return False
         return True
 
+    order = sorted(run._specs.values(), key=lambda spec: spec not in jobs)  # the workers' first: the longest compiles
     with ThreadPoolExecutor(run.threads, thread_name_prefix="symzoo-compile") as pool:
-        done = list(pool.map(one, run._specs.values()))
-    run.kernels, run.failed = sum(done), len(done) - sum(done)
+        done = list(pool.map(one, order))
+    run.kernels, run.failed, run.processes = sum(done), len(done) - sum(done), len(jobs)
     run.seconds = time.perf_counter() - start
     run._specs.clear()
+
+
+def _jobs(specs: list[_Spec], device: torch.device) -> dict[_Spec, tritonc.Job]:
+    """The specialisations of generated kernels, as jobs for worker processes (none where Triton's cache is not
+    its file cache: a worker's compile would not reach the parent)."""
+    if _knobs.cache.manager_class is not None or os.environ.get("SYMZOO_COMPILE_PROCESSES", "1") == "0":
+        return {}
+    with torch.cuda.device(device):
+        target = _driver.active.get_current_target()
+    jobs = {}
+    for spec in specs:
+        options = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(spec.data)["options"].items()}
+        job = tritonc.job(spec.fn, spec.signature, spec.constants, spec.attrs, options, target)
+        if job is not None:
+            jobs[spec] = job
+    return jobs
+
+
+_ROOT = str(Path(tritonc.__file__).resolve().parents[1])  # where `zoos` is imported from: the workers' path
+
+
+def _compile_in_process(job: tritonc.Job) -> bool:
+    """`job` compiled by `python -m zoos.tritonc` into the cache this process reads; whether it was."""
+    path = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_CACHE_DIR": _knobs.cache.dir, "PYTHONPATH": path}
+    try:
+        done = subprocess.run([sys.executable, "-m", "zoos.tritonc"], input=pickle.dumps(job), env=env,
+                              capture_output=True, check=False)
+    except OSError:
+        return False
+    return done.returncode == 0
 
 
 __all__ = ["AheadRun", "MAX_THREADS", "ahead", "supported"]

@@ -294,6 +294,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
         status("compiling kernels")
         ahead = _compile_ahead(program, data, optimizer, evaluation, params, buffers, augmenter)
         program.choice.compiled_ahead = {"kernels": ahead.kernels, "threads": ahead.threads, "failed": ahead.failed,
+                                         "processes": ahead.processes,
                                          "seconds": round(ahead.seconds, 3)}  # the compile; the lap: the dry run too
         clock.lap("compile")
     status("first step" + (" (compiling)" if program.choice.compile else ""))
