@@ -4,8 +4,8 @@ symzoo's population kernels (popconv, poplinear, popnorm, popattn, popoptim) are
 to their layer's shapes, so a population compiles tens of them, each at its first launch, one after another,
 before its first step; here they compile on threads, in parallel where Triton's compiler leaves the GIL (ptxas
 runs as a process of its own; its MLIR passes hold the GIL). A kernel generated as text (popbilinear's products,
-whose compile is mostly those passes) compiles in a worker process of its own (`zoos.tritonc`) into Triton's
-on-disk cache, which its thread then reads. `ahead(device)` makes that possible without knowing the kernels
+whose compile is mostly those passes) compiles in a worker process of its own (`zoos.tritonc`), started as the
+dry run below records it, into Triton's on-disk cache, which its thread then reads. `ahead(device)` makes that possible without knowing the kernels
 in advance:
 
     with ahead(device) as run:        # a dry run: kernel launches record what they would compile, and return
@@ -96,14 +96,18 @@ _LOCK = threading.Lock()  # one dry run a process at a time: the hook is process
 
 @contextlib.contextmanager
 def ahead(device: torch.device | str, threads: int | None = None) -> Iterator[AheadRun]:
-    """Record the kernels the block would compile, skipping their launches; compile them on leaving, on
-    `threads` threads (None: one a core this process may use, at most MAX_THREADS)."""
+    """Record the kernels the block would compile, skipping their launches (a generated kernel starts compiling
+    in a worker process at once); compile them on leaving, on `threads` threads (None: one a core this process
+    may use, at most MAX_THREADS)."""
     run = AheadRun()
     if not supported(device):
         yield run
         return
     device = torch.device(device)
     owner = threading.get_ident()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    run.threads = max(1, min(threads or cores, MAX_THREADS))
+    workers = _Workers(device, run.threads)
 
     def hook(*, key, fn, compile, **_) -> bool | None:
         if threading.get_ident() != owner and torch._C._current_autograd_node() is None:
@@ -112,33 +116,71 @@ def ahead(device: torch.device | str, threads: int | None = None) -> Iterator[Ah
         if data is None:
             return None  # a Triton that does not describe its specialisation: compile it now, as usual
         spec = _Spec(fn.jit_function, data, compile["signature"], compile["constants"], compile["configs"][0])
-        run._specs.setdefault((id(fn.jit_function), str(key)), spec)  # a relaunch: recorded once
+        if run._specs.setdefault((id(fn.jit_function), str(key)), spec) is spec:  # a relaunch: recorded once
+            workers.submit(spec)
         return True  # skip: neither compile nor launch
 
-    with _LOCK:
+    with _LOCK, workers:
         previous = _knobs.runtime.jit_cache_hook
         _knobs.runtime.jit_cache_hook = hook
         try:
             yield run
         finally:
             _knobs.runtime.jit_cache_hook = previous
-        _compile(run, device, threads)
+        _compile(run, device, workers)
 
 
-def _compile(run: AheadRun, device: torch.device, threads: int | None) -> None:
+class _Workers:
+    """Generated kernels' specialisations compiled in worker processes (`zoos.tritonc`), each started as the dry
+    run records it, at most `most` at once; none where Triton's cache is not its file cache (a worker's compile
+    would not reach this process) or with SYMZOO_COMPILE_PROCESSES=0."""
+
+    def __init__(self, device: torch.device, most: int):
+        self.device, self.most, self.started = device, most, {}
+        self.on = _knobs.cache.manager_class is None and os.environ.get("SYMZOO_COMPILE_PROCESSES", "1") != "0"
+        self._pool: ThreadPoolExecutor | None = None
+        self._target = None
+
+    def submit(self, spec: _Spec) -> None:
+        if not self.on:
+            return
+        try:
+            if self._target is None:
+                with torch.cuda.device(self.device):
+                    self._target = _driver.active.get_current_target()
+            options = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(spec.data)["options"].items()}
+            job = tritonc.job(spec.fn, spec.signature, spec.constants, spec.attrs, options, self._target)
+        except Exception:  # noqa: BLE001 - a specialisation this cannot describe compiles on a thread, as any other
+            return
+        if job is not None:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.most, thread_name_prefix="symzoo-worker")
+            self.started[spec] = self._pool.submit(_compile_in_process, job)
+
+    def wait(self, spec: _Spec) -> None:
+        """Until `spec`'s worker (if it has one) is done: its kernel in Triton's cache, or a failure that leaves
+        the compile to this process."""
+        if spec in self.started:
+            self.started[spec].result()
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)  # a block that raised: what runs finishes
+
+
+def _compile(run: AheadRun, device: torch.device, workers: _Workers) -> None:
     """Every recorded specialisation compiled (or read from Triton's on-disk cache) into its kernel's cache."""
     if not run._specs:
+        run.threads = 0
         return
     start = time.perf_counter()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    run.threads = max(1, min(len(run._specs), threads or cores, MAX_THREADS))
-
-    jobs = _jobs(list(run._specs.values()), device)
+    run.threads = min(run.threads, len(run._specs))
 
     def one(spec: _Spec) -> bool:
-        job = jobs.get(spec)
-        if job is not None:
-            _compile_in_process(job)  # into Triton's cache; where it fails, preload compiles it here
+        workers.wait(spec)  # a generated kernel: in Triton's cache now, or compiled here where its worker failed
         try:
             with torch.cuda.device(device):  # preload compiles for the thread's current device
                 kernel = spec.fn.preload(spec.data)
@@ -148,28 +190,12 @@ def _compile(run: AheadRun, device: torch.device, threads: int | None) -> None:
             return False
         return True
 
-    order = sorted(run._specs.values(), key=lambda spec: spec not in jobs)  # the workers' first: the longest compiles
+    order = sorted(run._specs.values(), key=lambda spec: spec in workers.started)  # the workers' last: still running
     with ThreadPoolExecutor(run.threads, thread_name_prefix="symzoo-compile") as pool:
         done = list(pool.map(one, order))
-    run.kernels, run.failed, run.processes = sum(done), len(done) - sum(done), len(jobs)
+    run.kernels, run.failed, run.processes = sum(done), len(done) - sum(done), len(workers.started)
     run.seconds = time.perf_counter() - start
     run._specs.clear()
-
-
-def _jobs(specs: list[_Spec], device: torch.device) -> dict[_Spec, tritonc.Job]:
-    """The specialisations of generated kernels, as jobs for worker processes (none where Triton's cache is not
-    its file cache: a worker's compile would not reach the parent)."""
-    if _knobs.cache.manager_class is not None or os.environ.get("SYMZOO_COMPILE_PROCESSES", "1") == "0":
-        return {}
-    with torch.cuda.device(device):
-        target = _driver.active.get_current_target()
-    jobs = {}
-    for spec in specs:
-        options = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(spec.data)["options"].items()}
-        job = tritonc.job(spec.fn, spec.signature, spec.constants, spec.attrs, options, target)
-        if job is not None:
-            jobs[spec] = job
-    return jobs
 
 
 _ROOT = str(Path(tritonc.__file__).resolve().parents[1])  # where `zoos` is imported from: the workers' path
