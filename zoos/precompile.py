@@ -133,11 +133,12 @@ def ahead(device: torch.device | str, threads: int | None = None) -> Iterator[Ah
 class _Workers:
     """Generated kernels' specialisations compiled in worker processes (`zoos.tritonc`), each started as the dry
     run records it, at most `most` at once; none where Triton's cache is not its file cache (a worker's compile
-    would not reach this process) or with SYMZOO_COMPILE_PROCESSES=0."""
+    would not reach this process), without a Python executable to start, or with SYMZOO_COMPILE_PROCESSES=0."""
 
     def __init__(self, device: torch.device, most: int):
         self.device, self.most, self.started = device, most, {}
-        self.on = _knobs.cache.manager_class is None and os.environ.get("SYMZOO_COMPILE_PROCESSES", "1") != "0"
+        self.on = (_knobs.cache.manager_class is None and os.environ.get("SYMZOO_COMPILE_PROCESSES", "1") != "0"
+                   and bool(sys.executable))  # an embedded interpreter may not name one
         self._pool: ThreadPoolExecutor | None = None
         self._target = None
 

@@ -154,6 +154,17 @@ def test_only_kernels_generated_from_text_alone_go_to_workers():
     assert job is not None and job.name == product.fn.__name__ and job.module == "zoos.popbilinear"
 
 
+@needs_triton
+def test_workers_can_be_turned_off(monkeypatch):
+    """SYMZOO_COMPILE_PROCESSES=0: a generated kernel's specialisation starts no worker (it compiles on a thread)."""
+    monkeypatch.setenv("SYMZOO_COMPILE_PROCESSES", "0")
+    workers = precompile._Workers(torch.device("cuda"), 2)
+    product = popbilinear._kernel((((0, 0, 1.0),),), ((1,), (1,), (1,)), 1, False, "")
+    with workers:
+        workers.submit(precompile._Spec(product, "{}", {}, {}, {}))
+    assert not workers.on and workers.started == {}
+
+
 def test_compile_ahead_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("SYMZOO_COMPILE_AHEAD", "0")
     assert not precompile.supported("cuda")
