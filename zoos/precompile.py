@@ -4,9 +4,9 @@ symzoo's population kernels (popconv, poplinear, popnorm, popattn, popoptim) are
 to their layer's shapes, so a population compiles tens of them, each at its first launch, one after another,
 before its first step; here they compile on threads, in parallel where Triton's compiler leaves the GIL (ptxas
 runs as a process of its own; its MLIR passes hold the GIL). A kernel generated as text (popbilinear's products,
-whose compile is mostly those passes) compiles in a worker process of its own (`zoos.tritonc`), started as the
-dry run below records it, into Triton's on-disk cache, which its thread then reads. `ahead(device)` makes that possible without knowing the kernels
-in advance:
+whose compile is mostly those passes, seconds of them for the largest) compiles in a worker process of its own
+(`zoos.tritonc`), started as the dry run below records it, into Triton's on-disk cache, which its thread then
+reads. `ahead(device)` makes that possible without knowing the kernels in advance:
 
     with ahead(device) as run:        # a dry run: kernel launches record what they would compile, and return
         ...the first evaluation and training step, their outputs ignored...
