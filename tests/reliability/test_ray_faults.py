@@ -116,6 +116,10 @@ def test_killed_driver_resumes_without_duplicates_and_logs_what_it_stored(ray_lo
     assert not leftover, f"Ray processes outlived their killed driver: {leftover}"
 
 
+_SIGINT_AT_DEFAULT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                      "os.execv(sys.argv[1], sys.argv[1:])")  # then the command in argv, Ctrl-C at its default
+
+
 @pytest.mark.parametrize("sig, times, code, says", [(signal.SIGINT, 1, 130, "interrupted: "),
                                                    (signal.SIGINT, 2, 130, "interrupted: "),
                                                    (signal.SIGTERM, 1, 143, "terminated (SIGTERM): ")])
@@ -132,8 +136,11 @@ def test_a_stopped_run_says_so_ends_its_runs_killed_and_the_next_run_finishes_th
         analysis=[{"stage": "equivariance", "samples": 32}])
     manifests = tmp_path / "store" / "manifest"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "symzoo"), "run", str(path), "--plain"], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # started as a terminal starts a foreground job, Ctrl-C at its default: an ignored SIGINT is inherited (the
+    # suite run as a shell's background job), and Python then raises no KeyboardInterrupt
+    proc = subprocess.Popen([sys.executable, "-c", _SIGINT_AT_DEFAULT, str(Path(sys.executable).parent / "symzoo"),
+                             "run", str(path), "--plain"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     try:
         wait_until(lambda: any(manifests.rglob("*.json")) or proc.poll() is not None, timeout=90, every=0.01,
                    what="the first shard")
