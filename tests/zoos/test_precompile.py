@@ -231,8 +231,8 @@ print(json.dumps({"same": same, "ahead": ahead.program["compiled_ahead"], "plain
 def test_the_trainers_dry_run_leaves_no_trace(tmp_path):
     """A population whose kernels compile ahead (a fresh process: every kernel new; dropout draws from the
     population's generator; cgenn's generated products in worker processes) trains, to the bit, as one whose
-    kernels were compiled before it started; a program
-    that reads a result on the host (frame averaging's eigh) compiles only its optimizer's kernels ahead."""
+    kernels were compiled before it started; a program that reads a result on the host (frame averaging's eigh)
+    compiles only its optimizer's kernels ahead."""
     env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton"), "SYMZOO_COMPILE_AHEAD": "1"}
     out = subprocess.run([sys.executable, "-c", _TRAIN_TWICE], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
