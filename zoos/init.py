@@ -57,7 +57,7 @@ def _seeded_init(factors: dict[str, Any], draw: Callable[[], Any], own_generator
     return model
 
 
-def init_population(models: Sequence[ModelSpec], task: Any) -> tuple[Any, dict, dict]:
+def init_population(models: Sequence[ModelSpec], task: Any, device: Any = None) -> tuple[Any, dict, dict]:
     """Every model of a population as `init_model` builds it: (the first model, stacked params, stacked buffers).
 
     Building a module per model is most of a large population's setup on a GPU (benchmarks/HISTORY.md), but its
@@ -67,7 +67,11 @@ def init_population(models: Sequence[ModelSpec], task: Any) -> tuple[Any, dict, 
     and every model has the same arch config, the other models are replays; a population with many weights to
     draw replays on several threads, a copy each, each model drawing from its own generator (`_draws_from`).
     Elsewhere (an architecture drawing outside its resets, or there with a draw that takes no generator;
-    per-model configs such as dropout) every model is built."""
+    per-model configs such as dropout) every model is built.
+
+    device: where the replays' stacked tensors are made (None: the CPU). On a CUDA device each replay draws into
+    pinned memory and copies its model to its rows there as the other threads draw: no stacked copy on the host
+    (a ResNet-18 population's is gigabytes) and no second pass to move it. Built models stay on the CPU."""
     import torch
 
     from zoos.functional import stack_states
@@ -76,27 +80,29 @@ def init_population(models: Sequence[ModelSpec], task: Any) -> tuple[Any, dict, 
     same_config = all(m.arch_config == models[0].arch_config for m in models)
     draws = len(models) * sum(v.numel() for v in _tensors(built[0]).values())
     workers = max(1, min(torch.get_num_threads(), draws // DRAWS_A_THREAD, 16))
-    replay = _Replay(built[0], own_generator=workers > 1)
+    pinned = device is not None and torch.device(device).type == "cuda"
+    replay = _Replay(built[0], own_generator=workers > 1, pinned=pinned)
     if len(models) <= 2 or not same_config or not all(replay.same(replay.draw(m), b) for m, b in zip(models, built)):
         rest = [init_model(m.arch, m.arch_config, m.factors, task) for m in models[2:]]
         params, buffers = stack_states(built + rest)
         return built[0], params, buffers
-    params, buffers = ({k: v.new_empty((len(models), *v.shape)) for k, v in d.items()}
+    params, buffers = ({k: v.new_empty((len(models), *v.shape), device=device) for k, v in d.items()}
                        for d in (dict(built[0].named_parameters()), dict(built[0].named_buffers())))
     rows = {**params, **buffers}
 
-    def fill(replay: _Replay, indices: range) -> None:
+    def fill(replay: _Replay | None, indices: range) -> None:
+        replay = replay or _Replay(built[0], own_generator=True, pinned=pinned)  # a thread's own, made there
         with torch.no_grad():  # the replay's parameters require grad: copies of them must not join a graph
             for i in indices:
                 for k, v in (_tensors(built[i]) if i < 2 else replay.draw(models[i])).items():
-                    rows[k][i] = v
+                    rows[k][i].copy_(v)  # to a device: from pinned memory, done before the next draw overwrites it
 
     if workers == 1:
         fill(replay, range(len(models)))
     else:  # the draws release the GIL: one replay a thread, each model's draws from its own generator
         chunks = [range(len(models))[w::workers] for w in range(workers)]
         with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(fill, [replay] + [_Replay(built[0], own_generator=True) for _ in chunks[1:]], chunks))
+            list(pool.map(fill, [replay] + [None] * (len(chunks) - 1), chunks))
     return built[0], params, buffers
 
 
@@ -125,12 +131,16 @@ def _draws_from(generator: Any) -> Any:
 
 class _Replay:
     """A copy of a built model whose weights are redrawn in place for another model's seed (its layers' resets),
-    from the default CPU generator, or with `own_generator` from one of its own (`_draws_from`: a thread's)."""
+    from the default CPU generator, or with `own_generator` from one of its own (`_draws_from`: a thread's); with
+    `pinned`, its tensors in page-locked memory (copies from there to a GPU run at the link's speed)."""
 
-    def __init__(self, model: Any, own_generator: bool):
+    def __init__(self, model: Any, own_generator: bool, pinned: bool = False):
         from zoos.archs.base import init_resets
 
         self.model = copy.deepcopy(model)
+        if pinned:
+            for t in _tensors(self.model).values():
+                t.data = t.data.pin_memory()
         self.resets = init_resets(self.model)
         self.live = _tensors(self.model)  # the copy's own tensors: every draw is in place
         self.own_generator = own_generator

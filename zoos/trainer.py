@@ -272,7 +272,7 @@ def _train(pop: PopulationSpec, device: torch.device, precision: str, progress, 
     first, epochs = pop.first, pop.first.epochs
     task = make_task(pop, data_dir)
     data = _Data(pop, task, device, streams, draws)  # read and drawn on helper threads while the models are built
-    first_model, params, buffers = init_population(pop.models, task)
+    first_model, params, buffers = init_population(pop.models, task, device)
     params = {k: v.detach().to(device=device, dtype=torch.float32) for k, v in params.items()}  # plain tensors: no graph
     buffers = {k: v.to(device) for k, v in buffers.items()}
     clock.lap("init")

@@ -249,12 +249,14 @@ def test_bad_configurations_are_refused_with_the_field(arch, task_name, config, 
         build_arch(arch, get_task(task_name), **config)
 
 
-@pytest.mark.parametrize("init", ["default", "orthogonal"])
+@pytest.mark.parametrize("device,init", [("cpu", "default"), ("cpu", "orthogonal")]
+                         + ([("cuda", "default")] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("arch,task_name,opts,config,which", CASES, ids=IDS)
-def test_population_init_equals_each_model_built_alone(arch, task_name, opts, config, which, init, monkeypatch):
+def test_population_init_equals_each_model_built_alone(arch, task_name, opts, config, which, device, init, monkeypatch):
     """`init_population` gives every model exactly the weights `init_model` builds for it, and every
     architecture's init replays (its resets draw what its construction draws, in the same order), here on three
-    threads at once, each replaying its models from its own generators."""
+    threads at once, each replaying its models from its own generators (on a GPU: into pinned memory, copied to
+    the device's rows as they are drawn)."""
     from types import SimpleNamespace
 
     import zoos.init
@@ -266,7 +268,9 @@ def test_population_init_equals_each_model_built_alone(arch, task_name, opts, co
     calls = []
     build = zoos.init.init_model
     monkeypatch.setattr(zoos.init, "init_model", lambda *a: (calls.append(a), build(*a))[1])
-    first, params, buffers = zoos.init.init_population(models, task)
+    first, params, buffers = zoos.init.init_population(models, task, device)
+    assert {v.device.type for v in (*params.values(), *buffers.values())} == {device}
+    params, buffers = ({k: v.cpu() for k, v in d.items()} for d in (params, buffers))
     # plain tensors: a copy that joined the replay's autograd graph grew a graph across every training step
     assert not any(v.requires_grad or v.grad_fn is not None for v in (*params.values(), *buffers.values()))
     alone = [build(m.arch, m.arch_config, m.factors, task) for m in models]
