@@ -31,6 +31,7 @@ on a training batch and the optimizer's update with every model marked diverged,
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -132,7 +133,8 @@ def ahead(device: torch.device | str, threads: int | None = None) -> Iterator[Ah
 
 class _Workers:
     """Generated kernels' specialisations compiled in worker processes (`zoos.tritonc`), each started as the dry
-    run records it, at most `most` at once; none where Triton's cache is not its file cache (a worker's compile
+    run records it, at most `most` at once (not one a worker compiled into this cache before: a warm run's thread
+    reads it from there); none where Triton's cache is not its file cache (a worker's compile
     would not reach this process), without a Python executable to start, or with SYMZOO_COMPILE_PROCESSES=0."""
 
     def __init__(self, device: torch.device, most: int):
@@ -153,7 +155,7 @@ class _Workers:
             job = tritonc.job(spec.fn, spec.signature, spec.constants, spec.attrs, options, self._target)
         except Exception:  # noqa: BLE001 - a specialisation this cannot describe compiles on a thread, as any other
             return
-        if job is not None:
+        if job is not None and not _compiled_before(job):  # else its thread reads it from Triton's cache
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.most, thread_name_prefix="symzoo-worker")
             self.started[spec] = self._pool.submit(_compile_in_process, job)
@@ -211,7 +213,27 @@ def _compile_in_process(job: tritonc.Job) -> bool:
                               capture_output=True, check=False)
     except OSError:
         return False
-    return done.returncode == 0
+    if done.returncode != 0:
+        return False
+    with contextlib.suppress(OSError):  # no note: the next run's worker compiles it again, finding it cached
+        marker = _marker(job)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    return True
+
+
+def _marker(job: tritonc.Job) -> Path:
+    """A note in Triton's cache directory that a worker compiled `job` there (cleared with the cache)."""
+    key = hashlib.sha256(pickle.dumps((triton.__version__, job))).hexdigest()
+    return Path(_knobs.cache.dir) / "symzoo-workers" / key
+
+
+def _compiled_before(job: tritonc.Job) -> bool:
+    """Whether a worker compiled `job` into this cache before: a warm run starts no worker for it."""
+    try:
+        return _marker(job).exists()
+    except Exception:  # noqa: BLE001 - a job that does not pickle alike: compiled in a worker, as new
+        return False
 
 
 __all__ = ["AheadRun", "MAX_THREADS", "ahead", "supported"]

@@ -118,27 +118,32 @@ from zoos import precompile, tritonc
 fn = _generated({"OFFSET": tl.constexpr(3)})
 target = GPUTarget("cuda", 90, 32)
 job = tritonc.job(fn, *_specialisation(fn, {"SCALE": 2, "BLOCK": 128}), {"num_warps": 4}, target)
+before = precompile._compiled_before(job)
 compiled = precompile._compile_in_process(job)
+again = precompile._compiled_before(tritonc.job(fn, *_specialisation(fn, {"SCALE": 2, "BLOCK": 128}), {"num_warps": 4}, target))
+other = precompile._compiled_before(tritonc.job(fn, *_specialisation(fn, {"SCALE": 5, "BLOCK": 128}), {"num_warps": 4}, target))
 hits = []
 triton.knobs.compilation.listener = lambda **kw: hits.append(kw["cache_hit"])
 options = make_backend(target).parse_options({"num_warps": 4}).__dict__
 for scale in (2, 5):
     triton.compile(ASTSource(fn, *_specialisation(fn, {"SCALE": scale, "BLOCK": 128})), target=target, options=options)
-print(json.dumps({"compiled": compiled, "hits": hits, "modules": job.modules, "values": list(job.values)}))
+print(json.dumps({"compiled": compiled, "hits": hits, "modules": job.modules, "values": list(job.values),
+                  "noted": [before, again, other]}))
 """
 
 
 @needs_triton
 def test_a_generated_kernel_compiled_in_a_worker_is_read_from_the_cache(tmp_path):
     """A worker process rebuilds a generated kernel from its text and compiles a specialisation (for an H100, on
-    any host: Triton ships ptxas) into the cache the parent then reads; another specialisation is not there."""
+    any host: Triton ships ptxas) into the cache the parent then reads; another specialisation is not there. The
+    compile is noted in the cache, so a later run's identical job starts no worker."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, as on a GPU
     out = subprocess.run([sys.executable, "-c", _WORKER_THEN_HERE], cwd=ROOT, capture_output=True, text=True,
                          env={**env, "TRITON_CACHE_DIR": str(tmp_path)}, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {"compiled": True, "hits": [True, False], "modules": {"triton": "triton", "tl": "triton.language"},
-                   "values": ["OFFSET"]}
+                   "values": ["OFFSET"], "noted": [False, True, False]}
 
 
 @needs_triton
