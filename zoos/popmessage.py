@@ -1,0 +1,326 @@
+"""Messages of an edge MLP on fully connected graphs, summed at each node, as Triton kernels: a population's EGNN
+layers (Satorras et al. 2021, eqs. 3-5) without their edge tensors.
+
+For each graph of n nodes (every ordered pair i != j an edge) and the model's weights:
+
+  pre_ij = s_i + d_j + geo_ij @ wg^T          s, d [n, H]: the edge MLP's first linear of h_i and of h_j
+  m_ij   = act(act(pre_ij) @ w2^T + b2)       zero for i == j (no self-messages)
+  msum_i = sum_j m_ij
+  c_ij   = act(m_ij @ wc^T + bc) @ wo^T       each edge's coordinate weight (optional; its diagonal is the caller's)
+
+Written as torch ops (`reference`, the architecture's own forward) each [graphs, n, n, H] edge tensor is written and
+read back: the pre-activation's sums, each linear's output, each activation, the mask's product, and as many again
+in the backward; a population's EGNN steps at the memory's speed over those n x node-sized tensors. Here a program
+holds a block of whole graphs' edges in registers, rows (graph, i, j) with i and j padded to a power of two, runs
+the edge MLP's products on tensor cores, and writes only msum and c; the backward recomputes the edges from s, d
+and geo and writes the gradients of s and d (their sums over j and over i, in registers), of geo, and each model's
+weight gradients as float32 partials a program. Products take s's dtype (bf16 on tensor cores; float32 exactly),
+everything else float32; msum and c are stored in s's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from zoos.popconv.common import INPUT_ACTIVATIONS, available, dot_precision, population_op, triton
+from zoos.poplinear import _programs
+
+MAX_NODES = 16  # the most nodes a graph may have here: a program holds a graph's padded n x n edges
+MAX_HIDDEN = 64  # the widest hidden layer: [rows, H] float32 tiles in registers
+MAX_EDGE_FEATURES = 16
+
+if triton is not None:
+    import triton.language as tl
+
+    from zoos.popconv.common import _act_grad_from_input, _activate_any
+
+    @triton.jit
+    def _weight(ptr, m, r, c, R, C, ROW_STRIDE, COL_STRIDE):
+        """Model m's [R, C] weight block (zero past it) of a [models, R * C] tensor, element (r, c) at
+        r * ROW_STRIDE + c * COL_STRIDE: a transposed view by the strides."""
+        at = m.to(tl.int64) * R * C + r[:, None] * ROW_STRIDE + c[None, :] * COL_STRIDE
+        return tl.load(ptr + at, mask=(r < R)[:, None] & (c < C)[None, :], other=0.0)
+
+    @triton.jit
+    def _edges(s_ptr, d_ptr, geo_ptr, wg_ptr, w2_ptr, b2_ptr, m, graph, i, j, ok, h, B, n, H, G,
+               BG: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr, PREC: tl.constexpr):
+        """A tile's edges: (pre, act(pre), e = act(pre) @ w2^T + b2, m = act(e) masked, geo [rows, BG]) in float32
+        (geo in its dtype); rows (graph, i, j), `ok` the real edges and self-pairs of real graphs."""
+        dt = s_ptr.dtype.element_ty
+        node = (m.to(tl.int64) * B + graph) * n
+        hm = h < H
+        s = tl.load(s_ptr + (node + i)[:, None] * H + h[None, :], mask=ok[:, None] & hm[None, :], other=0.0)
+        d = tl.load(d_ptr + (node + j)[:, None] * H + h[None, :], mask=ok[:, None] & hm[None, :], other=0.0)
+        q = tl.arange(0, BG)
+        edge = (node + i) * n + j
+        geo = tl.load(geo_ptr + edge[:, None] * G + q[None, :], mask=ok[:, None] & (q < G)[None, :], other=0.0)
+        wgt = _weight(wg_ptr, m, q, h, G, H, 1, G)  # [BG, BH]: wg^T
+        pre = s.to(tl.float32) + d.to(tl.float32) + tl.dot(geo.to(dt), wgt.to(dt), input_precision=PREC)
+        a = _activate_any(pre, ACT, SLOPE)
+        w2t = _weight(w2_ptr, m, h, h, H, H, 1, H)  # [in, out]: w2^T
+        b2 = tl.load(b2_ptr + m.to(tl.int64) * H + h, mask=hm, other=0.0).to(tl.float32)
+        e = tl.dot(a.to(dt), w2t.to(dt), input_precision=PREC) + b2[None, :]
+        msg = _activate_any(e, ACT, SLOPE) * (ok & (i != j)).to(tl.float32)[:, None]
+        return pre, a, e, msg, geo
+
+    @triton.jit
+    def _forward_kernel(s_ptr, d_ptr, geo_ptr, wg_ptr, w2_ptr, b2_ptr, wc_ptr, bc_ptr, wo_ptr, msum_ptr, c_ptr,
+                        B, n, H, G, COORD: tl.constexpr, NP: tl.constexpr, GB: tl.constexpr, BH: tl.constexpr,
+                        BG: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr, PREC: tl.constexpr):
+        t, m = tl.program_id(0), tl.program_id(1)
+        dt = s_ptr.dtype.element_ty
+        r = tl.arange(0, GB * NP * NP)
+        graph, i, j = t * GB + r // (NP * NP), (r // NP) % NP, r % NP
+        ok = (graph < B) & (i < n) & (j < n)
+        h = tl.arange(0, BH)
+        hm = h < H
+        _, _, _, msg, _ = _edges(s_ptr, d_ptr, geo_ptr, wg_ptr, w2_ptr, b2_ptr, m, graph, i, j, ok, h, B, n, H, G,
+                                 BG, ACT, SLOPE, PREC)
+        total = tl.sum(tl.reshape(msg, (GB * NP, NP, BH)), axis=1)  # rows (graph, i)
+        gi = tl.arange(0, GB * NP)
+        graph_i, node_i = t * GB + gi // NP, gi % NP
+        row = (m.to(tl.int64) * B + graph_i) * n + node_i
+        tl.store(msum_ptr + row[:, None] * H + h[None, :], total.to(dt),
+                 mask=((graph_i < B) & (node_i < n))[:, None] & hm[None, :])
+        if COORD:
+            wct = _weight(wc_ptr, m, h, h, H, H, 1, H)
+            bc = tl.load(bc_ptr + m.to(tl.int64) * H + h, mask=hm, other=0.0).to(tl.float32)
+            wo = tl.load(wo_ptr + m.to(tl.int64) * H + h, mask=hm, other=0.0).to(tl.float32)
+            u = tl.dot(msg.to(dt), wct.to(dt), input_precision=PREC) + bc[None, :]
+            c = tl.sum(_activate_any(u, ACT, SLOPE) * wo[None, :], axis=1)
+            edge = ((m.to(tl.int64) * B + graph) * n + i) * n + j
+            tl.store(c_ptr + edge, c.to(dt), mask=ok)
+
+    @triton.jit
+    def _backward_kernel(s_ptr, d_ptr, geo_ptr, wg_ptr, w2_ptr, b2_ptr, wc_ptr, bc_ptr, wo_ptr, gm_ptr, gc_ptr,
+                         ds_ptr, dd_ptr, dgeo_ptr, dwg_ptr, dw2_ptr, db2_ptr, dwc_ptr, dbc_ptr, dwo_ptr,
+                         B, n, H, G, EACH, PROGRAMS, COORD: tl.constexpr, NP: tl.constexpr, GB: tl.constexpr,
+                         BH: tl.constexpr, BG: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr,
+                         PREC: tl.constexpr):
+        """Tiles prog * EACH .. of model m: the edges recomputed, the gradients of s, d and geo stored, the weights'
+        summed into float32 partials [models, PROGRAMS, ...]."""
+        prog, m = tl.program_id(0), tl.program_id(1)
+        dt = s_ptr.dtype.element_ty
+        r = tl.arange(0, GB * NP * NP)
+        h = tl.arange(0, BH)
+        hm = h < H
+        q = tl.arange(0, BG)
+        gi = tl.arange(0, GB * NP)
+        w2 = _weight(w2_ptr, m, h, h, H, H, H, 1).to(dt)  # [out, in]
+        wg = _weight(wg_ptr, m, h, q, H, G, G, 1).to(dt)  # [H, BG]
+        acc_w2 = tl.zeros((BH, BH), dtype=tl.float32)
+        acc_b2 = tl.zeros((BH,), dtype=tl.float32)
+        acc_wg = tl.zeros((BH, BG), dtype=tl.float32)
+        acc_wc = tl.zeros((BH, BH), dtype=tl.float32)
+        acc_bc = tl.zeros((BH,), dtype=tl.float32)
+        acc_wo = tl.zeros((BH,), dtype=tl.float32)
+        for t in range(prog * EACH, tl.minimum(prog * EACH + EACH, tl.cdiv(B, GB))):
+            graph, i, j = t * GB + r // (NP * NP), (r // NP) % NP, r % NP
+            ok = (graph < B) & (i < n) & (j < n)
+            pre, a, e, msg, geo = _edges(s_ptr, d_ptr, geo_ptr, wg_ptr, w2_ptr, b2_ptr, m, graph, i, j, ok, h, B, n,
+                                         H, G, BG, ACT, SLOPE, PREC)
+            node = (m.to(tl.int64) * B + graph) * n
+            dm = tl.load(gm_ptr + (node + i)[:, None] * H + h[None, :], mask=ok[:, None] & hm[None, :],
+                         other=0.0).to(tl.float32)
+            if COORD:
+                wc = _weight(wc_ptr, m, h, h, H, H, H, 1).to(dt)  # [out, in]
+                bc = tl.load(bc_ptr + m.to(tl.int64) * H + h, mask=hm, other=0.0).to(tl.float32)
+                wo = tl.load(wo_ptr + m.to(tl.int64) * H + h, mask=hm, other=0.0).to(tl.float32)
+                gc = tl.load(gc_ptr + (node + i) * n + j, mask=ok, other=0.0).to(tl.float32)
+                u = tl.dot(msg.to(dt), tl.trans(wc), input_precision=PREC) + bc[None, :]
+                acc_wo += tl.sum(gc[:, None] * _activate_any(u, ACT, SLOPE), axis=0)
+                du = gc[:, None] * wo[None, :] * _act_grad_from_input(u, ACT, SLOPE)
+                acc_bc += tl.sum(du, axis=0)
+                acc_wc += tl.dot(tl.trans(du.to(dt)), msg.to(dt), input_precision=PREC)
+                dm += tl.dot(du.to(dt), wc, input_precision=PREC)
+            de = dm * (ok & (i != j)).to(tl.float32)[:, None] * _act_grad_from_input(e, ACT, SLOPE)
+            acc_b2 += tl.sum(de, axis=0)
+            acc_w2 += tl.dot(tl.trans(de.to(dt)), a.to(dt), input_precision=PREC)
+            dpre = tl.dot(de.to(dt), w2, input_precision=PREC) * _act_grad_from_input(pre, ACT, SLOPE)
+            dpre = dpre * ok.to(tl.float32)[:, None]  # a padded row's act'(pre) times nothing, kept out of the sums
+            acc_wg += tl.dot(tl.trans(dpre.to(dt)), geo.to(dt), input_precision=PREC)
+            dgeo = tl.dot(dpre.to(dt), wg, input_precision=PREC)
+            edge = (node + i) * n + j
+            tl.store(dgeo_ptr + edge[:, None] * G + q[None, :], dgeo.to(dgeo_ptr.dtype.element_ty),
+                     mask=ok[:, None] & (q < G)[None, :])
+            graph_k, k = t * GB + gi // NP, gi % NP
+            row = (m.to(tl.int64) * B + graph_k) * n + k
+            k_ok = ((graph_k < B) & (k < n))[:, None] & hm[None, :]
+            ds = tl.sum(tl.reshape(dpre, (GB * NP, NP, BH)), axis=1)  # over j: rows (graph, i)
+            tl.store(ds_ptr + row[:, None] * H + h[None, :], ds.to(dt), mask=k_ok)
+            dd = tl.reshape(tl.sum(tl.reshape(dpre, (GB, NP, NP, BH)), axis=1), (GB * NP, BH))  # over i: (graph, j)
+            tl.store(dd_ptr + row[:, None] * H + h[None, :], dd.to(dt), mask=k_ok)
+        part = m.to(tl.int64) * PROGRAMS + prog
+        hh = h[:, None] * H + h[None, :]
+        both = hm[:, None] & hm[None, :]
+        tl.store(dw2_ptr + part * H * H + hh, acc_w2, mask=both)
+        tl.store(db2_ptr + part * H + h, acc_b2, mask=hm)
+        tl.store(dwg_ptr + part * H * G + h[:, None] * G + q[None, :], acc_wg, mask=hm[:, None] & (q < G)[None, :])
+        if COORD:
+            tl.store(dwc_ptr + part * H * H + hh, acc_wc, mask=both)
+            tl.store(dbc_ptr + part * H + h, acc_bc, mask=hm)
+            tl.store(dwo_ptr + part * H + h, acc_wo, mask=hm)
+
+
+def fits(nodes: int, hidden: int, edge_features: int, activation: str) -> bool:
+    """Whether layers of these sizes run here."""
+    return (2 <= nodes <= MAX_NODES and 1 <= hidden <= MAX_HIDDEN and 1 <= edge_features <= MAX_EDGE_FEATURES
+            and activation in INPUT_ACTIVATIONS)
+
+
+def _sizes(nodes: int, hidden: int, edge_features: int) -> dict:
+    """The kernels' block constexprs: NP (nodes padded), GB (whole graphs a tile: 128 rows, or one graph's more),
+    BH and BG (widths padded to tl.dot's least, 16)."""
+    np_ = triton.next_power_of_2(nodes)
+    return {"NP": np_, "GB": max(1, 128 // (np_ * np_)), "BH": max(16, triton.next_power_of_2(hidden)),
+            "BG": max(16, triton.next_power_of_2(edge_features))}
+
+
+def _warps(sizes: dict, backward: bool = False) -> int:
+    """Warps a program: 8 where its [rows, BH] float32 tiles would not fit 4 warps' registers (the backward holds
+    twice the forward's)."""
+    return 8 if sizes["GB"] * sizes["NP"] ** 2 * sizes["BH"] > (64 if backward else 128) * 32 else 4
+
+
+@population_op("edge_messages")
+def _messages(s: Tensor, d: Tensor, geo: Tensor, wg: Tensor, w2: Tensor, b2: Tensor, wc: Tensor | None,
+              bc: Tensor | None, wo: Tensor | None, act: str, slope: float) -> list[Tensor]:
+    models, hidden, edge_features = wg.shape
+    nodes = s.shape[-2]
+    graphs = s.numel() // (hidden * nodes * models)
+    sizes = _sizes(nodes, hidden, edge_features)
+    s, d, geo = s.contiguous(), d.contiguous(), geo.contiguous()
+    msum = torch.empty_like(s)
+    c = s.new_empty(*s.shape[:-1], nodes, 1)
+    coord = wc is not None
+    w = [t.contiguous() if t is not None else wg for t in (wg, w2, b2, wc, bc, wo)]
+    if msum.numel():
+        _forward_kernel[(triton.cdiv(graphs, sizes["GB"]), models)](
+            s, d, geo, *w, msum, c, graphs, nodes, hidden, edge_features, COORD=coord, ACT=act, SLOPE=slope,
+            PREC=dot_precision(s.dtype), num_warps=_warps(sizes), **sizes)
+    return [msum, c]
+
+
+@_messages.register_fake
+def _(s, d, geo, wg, w2, b2, wc, bc, wo, act, slope):
+    return [torch.empty_like(s), s.new_empty(*s.shape[:-1], s.shape[-2], 1)]
+
+
+@population_op("edge_messages_backward")
+def _messages_backward(s: Tensor, d: Tensor, geo: Tensor, wg: Tensor, w2: Tensor, b2: Tensor, wc: Tensor | None,
+                       bc: Tensor | None, wo: Tensor | None, gm: Tensor, gc: Tensor, act: str,
+                       slope: float) -> list[Tensor]:
+    """[ds, dd, dgeo, dwg, dw2, db2] (+ [dwc, dbc, dwo] with the coordinate weights): the inputs' gradients in their
+    dtypes, the weights' float32."""
+    models, hidden, edge_features = wg.shape
+    nodes = s.shape[-2]
+    graphs = s.numel() // (hidden * nodes * models)
+    sizes = _sizes(nodes, hidden, edge_features)
+    s, d, geo, gm, gc = (t.contiguous() for t in (s, d, geo, gm, gc))
+    programs, each = _programs(triton.cdiv(graphs, sizes["GB"]), models, s.device, least=8)
+    ds, dd, dgeo = torch.empty_like(s), torch.empty_like(d), torch.empty_like(geo)
+    f32 = dict(dtype=torch.float32, device=s.device)
+    dwg = torch.zeros(models, programs, hidden, edge_features, **f32)
+    dw2 = torch.zeros(models, programs, hidden, hidden, **f32)
+    db2 = torch.zeros(models, programs, hidden, **f32)
+    coord = wc is not None
+    dwc = torch.zeros(models, programs, hidden, hidden, **f32) if coord else dw2
+    dbc = torch.zeros(models, programs, hidden, **f32) if coord else db2
+    dwo = torch.zeros(models, programs, hidden, **f32) if coord else db2
+    w = [t.contiguous() if t is not None else wg for t in (wg, w2, b2, wc, bc, wo)]
+    if s.numel():
+        _backward_kernel[(programs, models)](
+            s, d, geo, *w, gm, gc, ds, dd, dgeo, dwg, dw2, db2, dwc, dbc, dwo, graphs, nodes, hidden, edge_features,
+            each, programs, COORD=coord, ACT=act, SLOPE=slope, PREC=dot_precision(s.dtype),
+            num_warps=_warps(sizes, backward=True),
+            **sizes)
+    else:
+        ds.zero_(), dd.zero_(), dgeo.zero_()
+    out = [ds, dd, dgeo, dwg.sum(1), dw2.sum(1), db2.sum(1)]
+    return out + ([dwc.sum(1), dbc.sum(1), dwo.sum(1).unsqueeze(1)] if coord else [])
+
+
+@_messages_backward.register_fake
+def _(s, d, geo, wg, w2, b2, wc, bc, wo, gm, gc, act, slope):
+    f32 = dict(dtype=torch.float32)
+    out = [torch.empty_like(s), torch.empty_like(d), torch.empty_like(geo), wg.new_empty(wg.shape, **f32),
+           w2.new_empty(w2.shape, **f32), b2.new_empty(b2.shape, **f32)]
+    if wc is None:
+        return out
+    return out + [wc.new_empty(wc.shape, **f32), bc.new_empty(bc.shape, **f32), wo.new_empty(wo.shape, **f32)]
+
+
+def _setup(ctx, inputs, output) -> None:
+    s, d, geo, wg, w2, b2, wc, bc, wo, act, slope = inputs
+    ctx.save_for_backward(s, d, geo, wg, w2, b2, wc, bc, wo)
+    ctx.act = (act, slope)
+
+
+def _backward(ctx, grads: list[Tensor | None]):
+    s, d, geo, wg, w2, b2, wc, bc, wo = ctx.saved_tensors
+    gm, gc = grads
+    gm = torch.zeros_like(s) if gm is None else gm
+    gc = torch.zeros(*s.shape[:-1], s.shape[-2], 1, dtype=s.dtype, device=s.device) if gc is None else gc
+    grads = _messages_backward(s, d, geo, wg, w2, b2, wc, bc, wo, gm.to(s.dtype), gc.to(s.dtype), *ctx.act)
+    ds, dd, dgeo, dwg, dw2, db2 = grads[:6]
+    weights = [dwg.to(wg.dtype), dw2.to(w2.dtype), db2.to(b2.dtype)]
+    weights += [g.to(t.dtype) for g, t in zip(grads[6:], (wc, bc, wo))] if wc is not None else [None] * 3
+    return (ds, dd, dgeo.to(geo.dtype), *weights, None, None)
+
+
+_messages.register_autograd(_backward, setup_context=_setup)
+
+
+@functools.cache
+def _torch_activation(act: str, slope: float) -> Callable[[Tensor], Tensor]:
+    return {"identity": lambda x: x, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": F.relu, "silu": F.silu,
+            "leaky_relu": lambda x: F.leaky_relu(x, slope), "gelu": F.gelu,
+            "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[act]
+
+
+def reference(s: Tensor, d: Tensor, geo: Tensor, wg: Tensor, w2: Tensor, b2: Tensor | None, wc: Tensor | None,
+              bc: Tensor | None, wo: Tensor | None, act: str, slope: float = 0.0,
+              linear: Callable = F.linear) -> tuple[Tensor, Tensor | None]:
+    """(msum, c) as torch ops: one model's layer (`linear` F.linear, weights [out, in]), or a population's
+    (`fastpop.pop_linear`, weights [N, out, in], the data's rows N*B)."""
+    f = _torch_activation(act, slope)
+    n = s.shape[-2]
+    off = 1.0 - torch.eye(n, dtype=s.dtype, device=s.device)[..., None]  # no self-messages
+    pre = s[..., :, None, :] + d[..., None, :, :] + linear(geo, wg, None)
+    msg = f(linear(f(pre), w2, b2)) * off
+    c = linear(f(linear(msg, wc, bc)), wo, None) if wc is not None else None
+    return msg.sum(-2), c
+
+
+def messages(s: Tensor, d: Tensor, geo: Tensor, wg: Tensor, w2: Tensor, b2: Tensor, wc: Tensor | None,
+             bc: Tensor | None, wo: Tensor | None, act: str, slope: float = 0.0) -> tuple[Tensor, Tensor | None]:
+    """A population's (msum, c) on the kernels: s, d [N*B, n, H], geo [N*B, n, n, G] (the data's rows, model by
+    model), wg [N, H, G], w2 [N, H, H], b2 [N, H]; the coordinate weights wc [N, H, H], bc [N, H], wo [N, 1, H], or
+    all three None (no c). msum [N*B, n, H] and c [N*B, n, n, 1] in s's dtype (the weights cast to it as they are
+    read); gradients to every tensor."""
+    models, hidden, features = wg.shape
+    n = s.shape[-2]
+    if (d.shape != s.shape or s.shape[-1] != hidden or tuple(geo.shape) != (*s.shape[:-1], n, features)
+            or w2.shape != (models, hidden, hidden) or b2.shape != (models, hidden)):
+        raise ValueError(f"s, d [N*B, n, H], geo [N*B, n, n, G], wg [N, H, G], w2 [N, H, H], b2 [N, H] disagree: "
+                         f"s {tuple(s.shape)}, d {tuple(d.shape)}, geo {tuple(geo.shape)}, wg {tuple(wg.shape)}, "
+                         f"w2 {tuple(w2.shape)}, b2 {tuple(b2.shape)}")
+    if (wc is None) != (bc is None) or (wc is None) != (wo is None) or (
+            wc is not None and (wc.shape != w2.shape or bc.shape != b2.shape or wo.shape != (models, 1, hidden))):
+        raise ValueError("the coordinate weights wc [N, H, H], bc [N, H], wo [N, 1, H] come together or not at all")
+    if not fits(n, hidden, features, act):
+        raise ValueError(f"messages here take 2 to {MAX_NODES} nodes, up to {MAX_HIDDEN} hidden and "
+                         f"{MAX_EDGE_FEATURES} edge features, an activation of {', '.join(INPUT_ACTIVATIONS)}: got "
+                         f"{n} nodes, {hidden} hidden, {features} edge features, {act!r}")
+    if s.numel() % (models * n * hidden):
+        raise ValueError(f"s has {s.numel() // (n * hidden)} graphs, not a multiple of the population size {models}")
+    msum, c = _messages(s, d.to(s.dtype), geo, wg, w2, b2, wc, bc, wo, act, float(slope))
+    return msum, (c if wc is not None else None)
+
+
+__all__ = ["MAX_EDGE_FEATURES", "MAX_HIDDEN", "MAX_NODES", "available", "fits", "messages", "reference"]
