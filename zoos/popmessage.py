@@ -11,10 +11,11 @@ For each graph of n nodes (every ordered pair i != j an edge) and the model's we
 Written as torch ops (`reference`, the architecture's own forward) each [graphs, n, n, H] edge tensor is written and
 read back: the pre-activation's sums, each linear's output, each activation, the mask's product, and as many again
 in the backward; a population's EGNN steps at the memory's speed over those n x node-sized tensors. Here a program
-holds a block of whole graphs' edges in registers, rows (graph, i, j) with i and j padded to a power of two, runs
-the edge MLP's products on tensor cores, and writes only msum and c; the backward recomputes the edges from s, d
-and geo and writes the gradients of s and d (their sums over j and over i, in registers), of geo, and each model's
-weight gradients as float32 partials a program. Products take s's dtype (bf16 on tensor cores; float32 exactly),
+holds a tile of whole graphs' edges in registers (128 rows (graph, i, j), j innermost), runs the edge MLP's products
+on tensor cores, sums the rows at their nodes as a product with a one-hot [nodes, rows] matrix (the segments are n
+rows, which no reshape of a power-of-two tile cuts), and writes only msum and c; the backward recomputes the edges
+from s, d and geo and writes the gradients of s and d (their sums over j and over i, the same products), of geo,
+and each model's weight gradients as float32 partials a program. Products take s's dtype (bf16 on tensor cores; float32 exactly),
 everything else float32; msum and c are stored in s's dtype.
 """
 
@@ -47,10 +48,19 @@ if triton is not None:
         return tl.load(ptr + at, mask=(r < R)[:, None] & (c < C)[None, :], other=0.0)
 
     @triton.jit
+    def _tile_rows(t, n, GB, B, R: tl.constexpr):
+        """Tile t's rows: (r, graph, i, j, ok), row r the edge (graph, i, j) of the tile's GB whole graphs, j
+        innermost; `ok` the rows of real graphs (self-pairs included)."""
+        r = tl.arange(0, R)
+        nn = n * n
+        graph, i, j = t * GB + r // nn, (r // n) % n, r % n
+        return r, graph, i, j, (r < GB * nn) & (graph < B)
+
+    @triton.jit
     def _edges(s_ptr, d_ptr, geo_ptr, wg_ptr, w2_ptr, b2_ptr, m, graph, i, j, ok, h, B, n, H, G,
                BG: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr, PREC: tl.constexpr):
         """A tile's edges: (pre, act(pre), e = act(pre) @ w2^T + b2, m = act(e) masked, geo [rows, BG]) in float32
-        (geo in its dtype); rows (graph, i, j), `ok` the real edges and self-pairs of real graphs."""
+        (geo in its dtype)."""
         dt = s_ptr.dtype.element_ty
         node = (m.to(tl.int64) * B + graph) * n
         hm = h < H
@@ -69,24 +79,28 @@ if triton is not None:
         return pre, a, e, msg, geo
 
     @triton.jit
+    def _node_sums(x, group, k, dt: tl.constexpr, PREC: tl.constexpr):
+        """[KP, BH]: row k the sum of x's rows r (a tile's edges) with group[r] == k, as a product with the one-hot
+        [KP, rows] (the groups are nodes: a row's (graph, i) or (graph, j), segments tl.reshape cannot cut)."""
+        onehot = (group[None, :] == k[:, None]).to(dt)
+        return tl.dot(onehot, x.to(dt), input_precision=PREC)
+
+    @triton.jit
     def _forward_kernel(s_ptr, d_ptr, geo_ptr, wg_ptr, w2_ptr, b2_ptr, wc_ptr, bc_ptr, wo_ptr, msum_ptr, c_ptr,
-                        B, n, H, G, COORD: tl.constexpr, NP: tl.constexpr, GB: tl.constexpr, BH: tl.constexpr,
+                        B, n, H, G, GB, COORD: tl.constexpr, R: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr,
                         BG: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr, PREC: tl.constexpr):
         t, m = tl.program_id(0), tl.program_id(1)
         dt = s_ptr.dtype.element_ty
-        r = tl.arange(0, GB * NP * NP)
-        graph, i, j = t * GB + r // (NP * NP), (r // NP) % NP, r % NP
-        ok = (graph < B) & (i < n) & (j < n)
+        r, graph, i, j, ok = _tile_rows(t, n, GB, B, R)
         h = tl.arange(0, BH)
         hm = h < H
         _, _, _, msg, _ = _edges(s_ptr, d_ptr, geo_ptr, wg_ptr, w2_ptr, b2_ptr, m, graph, i, j, ok, h, B, n, H, G,
                                  BG, ACT, SLOPE, PREC)
-        total = tl.sum(tl.reshape(msg, (GB * NP, NP, BH)), axis=1)  # rows (graph, i)
-        gi = tl.arange(0, GB * NP)
-        graph_i, node_i = t * GB + gi // NP, gi % NP
-        row = (m.to(tl.int64) * B + graph_i) * n + node_i
-        tl.store(msum_ptr + row[:, None] * H + h[None, :], total.to(dt),
-                 mask=((graph_i < B) & (node_i < n))[:, None] & hm[None, :])
+        k = tl.arange(0, KP)  # the tile's nodes, (graph, i)
+        total = _node_sums(msg, r // n, k, dt, PREC)
+        row = (m.to(tl.int64) * B + t * GB) * n + k
+        k_ok = (k < GB * n) & (t * GB + k // n < B)
+        tl.store(msum_ptr + row[:, None] * H + h[None, :], total.to(dt), mask=k_ok[:, None] & hm[None, :])
         if COORD:
             wct = _weight(wc_ptr, m, h, h, H, H, 1, H)
             bc = tl.load(bc_ptr + m.to(tl.int64) * H + h, mask=hm, other=0.0).to(tl.float32)
@@ -99,18 +113,17 @@ if triton is not None:
     @triton.jit
     def _backward_kernel(s_ptr, d_ptr, geo_ptr, wg_ptr, w2_ptr, b2_ptr, wc_ptr, bc_ptr, wo_ptr, gm_ptr, gc_ptr,
                          ds_ptr, dd_ptr, dgeo_ptr, dwg_ptr, dw2_ptr, db2_ptr, dwc_ptr, dbc_ptr, dwo_ptr,
-                         B, n, H, G, EACH, PROGRAMS, COORD: tl.constexpr, NP: tl.constexpr, GB: tl.constexpr,
+                         B, n, H, G, GB, EACH, PROGRAMS, COORD: tl.constexpr, R: tl.constexpr, KP: tl.constexpr,
                          BH: tl.constexpr, BG: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr,
                          PREC: tl.constexpr):
         """Tiles prog * EACH .. of model m: the edges recomputed, the gradients of s, d and geo stored, the weights'
         summed into float32 partials [models, PROGRAMS, ...]."""
         prog, m = tl.program_id(0), tl.program_id(1)
         dt = s_ptr.dtype.element_ty
-        r = tl.arange(0, GB * NP * NP)
         h = tl.arange(0, BH)
         hm = h < H
         q = tl.arange(0, BG)
-        gi = tl.arange(0, GB * NP)
+        k = tl.arange(0, KP)
         w2 = _weight(w2_ptr, m, h, h, H, H, H, 1).to(dt)  # [out, in]
         wg = _weight(wg_ptr, m, h, q, H, G, G, 1).to(dt)  # [H, BG]
         acc_w2 = tl.zeros((BH, BH), dtype=tl.float32)
@@ -120,8 +133,7 @@ if triton is not None:
         acc_bc = tl.zeros((BH,), dtype=tl.float32)
         acc_wo = tl.zeros((BH,), dtype=tl.float32)
         for t in range(prog * EACH, tl.minimum(prog * EACH + EACH, tl.cdiv(B, GB))):
-            graph, i, j = t * GB + r // (NP * NP), (r // NP) % NP, r % NP
-            ok = (graph < B) & (i < n) & (j < n)
+            r, graph, i, j, ok = _tile_rows(t, n, GB, B, R)
             pre, a, e, msg, geo = _edges(s_ptr, d_ptr, geo_ptr, wg_ptr, w2_ptr, b2_ptr, m, graph, i, j, ok, h, B, n,
                                          H, G, BG, ACT, SLOPE, PREC)
             node = (m.to(tl.int64) * B + graph) * n
@@ -148,12 +160,11 @@ if triton is not None:
             edge = (node + i) * n + j
             tl.store(dgeo_ptr + edge[:, None] * G + q[None, :], dgeo.to(dgeo_ptr.dtype.element_ty),
                      mask=ok[:, None] & (q < G)[None, :])
-            graph_k, k = t * GB + gi // NP, gi % NP
-            row = (m.to(tl.int64) * B + graph_k) * n + k
-            k_ok = ((graph_k < B) & (k < n))[:, None] & hm[None, :]
-            ds = tl.sum(tl.reshape(dpre, (GB * NP, NP, BH)), axis=1)  # over j: rows (graph, i)
+            row = (m.to(tl.int64) * B + t * GB) * n + k
+            k_ok = ((k < GB * n) & (t * GB + k // n < B))[:, None] & hm[None, :]
+            ds = _node_sums(dpre, r // n, k, dt, PREC)  # over j: the tile's nodes (graph, i)
             tl.store(ds_ptr + row[:, None] * H + h[None, :], ds.to(dt), mask=k_ok)
-            dd = tl.reshape(tl.sum(tl.reshape(dpre, (GB, NP, NP, BH)), axis=1), (GB * NP, BH))  # over i: (graph, j)
+            dd = _node_sums(dpre, (r // (n * n)) * n + j, k, dt, PREC)  # over i: (graph, j)
             tl.store(dd_ptr + row[:, None] * H + h[None, :], dd.to(dt), mask=k_ok)
         part = m.to(tl.int64) * PROGRAMS + prog
         hh = h[:, None] * H + h[None, :]
@@ -173,18 +184,19 @@ def fits(nodes: int, hidden: int, edge_features: int, activation: str) -> bool:
             and activation in INPUT_ACTIVATIONS)
 
 
-def _sizes(nodes: int, hidden: int, edge_features: int) -> dict:
-    """The kernels' block constexprs: NP (nodes padded), GB (whole graphs a tile: 128 rows, or one graph's more),
-    BH and BG (widths padded to tl.dot's least, 16)."""
-    np_ = triton.next_power_of_2(nodes)
-    return {"NP": np_, "GB": max(1, 128 // (np_ * np_)), "BH": max(16, triton.next_power_of_2(hidden)),
-            "BG": max(16, triton.next_power_of_2(edge_features))}
+def _sizes(nodes: int, hidden: int, edge_features: int) -> tuple[int, dict]:
+    """(GB, the kernels' block constexprs): a tile's rows R (128, or one graph's edges padded to a power of two) hold
+    GB whole graphs; KP their nodes padded, BH and BG the widths, each at least tl.dot's 16."""
+    rows = max(128, triton.next_power_of_2(nodes * nodes))
+    graphs = rows // (nodes * nodes)
+    return graphs, {"R": rows, "KP": max(16, triton.next_power_of_2(graphs * nodes)),
+                    "BH": max(16, triton.next_power_of_2(hidden)), "BG": max(16, triton.next_power_of_2(edge_features))}
 
 
 def _warps(sizes: dict, backward: bool = False) -> int:
     """Warps a program: 8 where its [rows, BH] float32 tiles would not fit 4 warps' registers (the backward holds
     twice the forward's)."""
-    return 8 if sizes["GB"] * sizes["NP"] ** 2 * sizes["BH"] > (64 if backward else 128) * 32 else 4
+    return 8 if sizes["R"] * sizes["BH"] > (64 if backward else 128) * 32 else 4
 
 
 @population_op("edge_messages")
@@ -193,15 +205,15 @@ def _messages(s: Tensor, d: Tensor, geo: Tensor, wg: Tensor, w2: Tensor, b2: Ten
     models, hidden, edge_features = wg.shape
     nodes = s.shape[-2]
     graphs = s.numel() // (hidden * nodes * models)
-    sizes = _sizes(nodes, hidden, edge_features)
+    per_tile, sizes = _sizes(nodes, hidden, edge_features)
     s, d, geo = s.contiguous(), d.contiguous(), geo.contiguous()
     msum = torch.empty_like(s)
     c = s.new_empty(*s.shape[:-1], nodes, 1)
     coord = wc is not None
     w = [t.contiguous() if t is not None else wg for t in (wg, w2, b2, wc, bc, wo)]
     if msum.numel():
-        _forward_kernel[(triton.cdiv(graphs, sizes["GB"]), models)](
-            s, d, geo, *w, msum, c, graphs, nodes, hidden, edge_features, COORD=coord, ACT=act, SLOPE=slope,
+        _forward_kernel[(triton.cdiv(graphs, per_tile), models)](
+            s, d, geo, *w, msum, c, graphs, nodes, hidden, edge_features, per_tile, COORD=coord, ACT=act, SLOPE=slope,
             PREC=dot_precision(s.dtype), num_warps=_warps(sizes), **sizes)
     return [msum, c]
 
@@ -220,9 +232,9 @@ def _messages_backward(s: Tensor, d: Tensor, geo: Tensor, wg: Tensor, w2: Tensor
     models, hidden, edge_features = wg.shape
     nodes = s.shape[-2]
     graphs = s.numel() // (hidden * nodes * models)
-    sizes = _sizes(nodes, hidden, edge_features)
+    per_tile, sizes = _sizes(nodes, hidden, edge_features)
     s, d, geo, gm, gc = (t.contiguous() for t in (s, d, geo, gm, gc))
-    programs, each = _programs(triton.cdiv(graphs, sizes["GB"]), models, s.device, least=8)
+    programs, each = _programs(triton.cdiv(graphs, per_tile), models, s.device, least=8)
     ds, dd, dgeo = torch.empty_like(s), torch.empty_like(d), torch.empty_like(geo)
     f32 = dict(dtype=torch.float32, device=s.device)
     dwg = torch.zeros(models, programs, hidden, edge_features, **f32)
@@ -236,7 +248,7 @@ def _messages_backward(s: Tensor, d: Tensor, geo: Tensor, wg: Tensor, w2: Tensor
     if s.numel():
         _backward_kernel[(programs, models)](
             s, d, geo, *w, gm, gc, ds, dd, dgeo, dwg, dw2, db2, dwc, dbc, dwo, graphs, nodes, hidden, edge_features,
-            each, programs, COORD=coord, ACT=act, SLOPE=slope, PREC=dot_precision(s.dtype),
+            per_tile, each, programs, COORD=coord, ACT=act, SLOPE=slope, PREC=dot_precision(s.dtype),
             num_warps=_warps(sizes, backward=True),
             **sizes)
     else:
