@@ -48,35 +48,44 @@ if triton is not None:
         return tl.load(ptr + at, mask=(r < R)[:, None] & (c < C)[None, :], other=0.0)
 
     @triton.jit
-    def _tile_rows(t, n, GB, B, R: tl.constexpr):
-        """Tile t's rows: (r, graph, i, j, ok), row r the edge (graph, i, j) of the tile's GB whole graphs, j
-        innermost; `ok` the rows of real graphs (self-pairs included)."""
+    def _tile(m, t, n, GB, B, R: tl.constexpr):
+        """Tile t of model m: (node0, r, i, j, ok): its rows r the edges (graph, i, j) of its GB whole graphs, j
+        innermost, the first graph's first node at row node0 of the node tensors (its first edge at node0 * n of the
+        edge tensors: row r is edge node0 * n + r); `ok` the rows of real graphs (self-pairs included). Offsets
+        within a tile are int32, the tile's base int64."""
         r = tl.arange(0, R)
         nn = n * n
-        graph, i, j = t * GB + r // nn, (r // n) % n, r % n
-        return r, graph, i, j, (r < GB * nn) & (graph < B)
+        graphs = tl.minimum(GB, B - t * GB)
+        return (m.to(tl.int64) * B + t * GB) * n, r, (r // n) % n, r % n, r < graphs * nn
 
     @triton.jit
-    def _edges(s_ptr, d_ptr, geo_ptr, wg_ptr, w2_ptr, b2_ptr, m, graph, i, j, ok, h, B, n, H, G,
-               BG: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr, PREC: tl.constexpr):
-        """A tile's edges: (pre, act(pre), e = act(pre) @ w2^T + b2, m = act(e) masked, geo [rows, BG]) in float32
-        (geo in its dtype)."""
-        dt = s_ptr.dtype.element_ty
-        node = (m.to(tl.int64) * B + graph) * n
-        hm = h < H
-        s = tl.load(s_ptr + (node + i)[:, None] * H + h[None, :], mask=ok[:, None] & hm[None, :], other=0.0)
-        d = tl.load(d_ptr + (node + j)[:, None] * H + h[None, :], mask=ok[:, None] & hm[None, :], other=0.0)
+    def _rows_of(ptr, at, ok, h, H):
+        """The [rows, BH] tile of rows `at` of a [.., H] tensor (ptr at the tile's first row), zero past H and where
+        not ok."""
+        return tl.load(ptr + at[:, None] * H + h[None, :], mask=ok[:, None] & (h < H)[None, :], other=0.0)
+
+    @triton.jit
+    def _geo(geo_ptr, edge0, r, ok, G, BG: tl.constexpr):
+        """The tile's edge features [rows, BG] (zero past G), in their dtype."""
         q = tl.arange(0, BG)
-        edge = (node + i) * n + j
-        geo = tl.load(geo_ptr + edge[:, None] * G + q[None, :], mask=ok[:, None] & (q < G)[None, :], other=0.0)
-        wgt = _weight(wg_ptr, m, q, h, G, H, 1, G)  # [BG, BH]: wg^T
+        return tl.load(geo_ptr + edge0 * G + r[:, None] * G + q[None, :], mask=ok[:, None] & (q < G)[None, :],
+                       other=0.0)
+
+    @triton.jit
+    def _edges(s_ptr, d_ptr, geo_ptr, wg_ptr, w2_ptr, b2_ptr, m, node0, r, i, j, ok, h, n, H, G,
+               BG: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr, PREC: tl.constexpr):
+        """A tile's edges: (pre, e = act(pre) @ w2^T + b2, m = act(e) masked) in float32."""
+        dt = s_ptr.dtype.element_ty
+        s = _rows_of(s_ptr + node0 * H, r // n, ok, h, H)
+        d = _rows_of(d_ptr + node0 * H, (r // (n * n)) * n + j, ok, h, H)
+        geo = _geo(geo_ptr, node0 * n, r, ok, G, BG)
+        wgt = _weight(wg_ptr, m, tl.arange(0, BG), h, G, H, 1, G)  # [BG, BH]: wg^T
         pre = s.to(tl.float32) + d.to(tl.float32) + tl.dot(geo.to(dt), wgt.to(dt), input_precision=PREC)
-        a = _activate_any(pre, ACT, SLOPE)
         w2t = _weight(w2_ptr, m, h, h, H, H, 1, H)  # [in, out]: w2^T
-        b2 = tl.load(b2_ptr + m.to(tl.int64) * H + h, mask=hm, other=0.0).to(tl.float32)
-        e = tl.dot(a.to(dt), w2t.to(dt), input_precision=PREC) + b2[None, :]
+        b2 = tl.load(b2_ptr + m.to(tl.int64) * H + h, mask=h < H, other=0.0).to(tl.float32)
+        e = tl.dot(_activate_any(pre, ACT, SLOPE).to(dt), w2t.to(dt), input_precision=PREC) + b2[None, :]
         msg = _activate_any(e, ACT, SLOPE) * (ok & (i != j)).to(tl.float32)[:, None]
-        return pre, a, e, msg, geo
+        return pre, e, msg
 
     @triton.jit
     def _node_sums(x, group, k, dt: tl.constexpr, PREC: tl.constexpr):
@@ -91,24 +100,22 @@ if triton is not None:
                         BG: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr, PREC: tl.constexpr):
         t, m = tl.program_id(0), tl.program_id(1)
         dt = s_ptr.dtype.element_ty
-        r, graph, i, j, ok = _tile_rows(t, n, GB, B, R)
+        node0, r, i, j, ok = _tile(m, t, n, GB, B, R)
         h = tl.arange(0, BH)
         hm = h < H
-        _, _, _, msg, _ = _edges(s_ptr, d_ptr, geo_ptr, wg_ptr, w2_ptr, b2_ptr, m, graph, i, j, ok, h, B, n, H, G,
-                                 BG, ACT, SLOPE, PREC)
+        _, _, msg = _edges(s_ptr, d_ptr, geo_ptr, wg_ptr, w2_ptr, b2_ptr, m, node0, r, i, j, ok, h, n, H, G, BG, ACT,
+                           SLOPE, PREC)
         k = tl.arange(0, KP)  # the tile's nodes, (graph, i)
         total = _node_sums(msg, r // n, k, dt, PREC)
-        row = (m.to(tl.int64) * B + t * GB) * n + k
-        k_ok = (k < GB * n) & (t * GB + k // n < B)
-        tl.store(msum_ptr + row[:, None] * H + h[None, :], total.to(dt), mask=k_ok[:, None] & hm[None, :])
+        k_ok = (k < tl.minimum(GB, B - t * GB) * n)[:, None] & hm[None, :]
+        tl.store(msum_ptr + node0 * H + k[:, None] * H + h[None, :], total.to(dt), mask=k_ok)
         if COORD:
             wct = _weight(wc_ptr, m, h, h, H, H, 1, H)
             bc = tl.load(bc_ptr + m.to(tl.int64) * H + h, mask=hm, other=0.0).to(tl.float32)
             wo = tl.load(wo_ptr + m.to(tl.int64) * H + h, mask=hm, other=0.0).to(tl.float32)
             u = tl.dot(msg.to(dt), wct.to(dt), input_precision=PREC) + bc[None, :]
             c = tl.sum(_activate_any(u, ACT, SLOPE) * wo[None, :], axis=1)
-            edge = ((m.to(tl.int64) * B + graph) * n + i) * n + j
-            tl.store(c_ptr + edge, c.to(dt), mask=ok)
+            tl.store(c_ptr + node0 * n + r, c.to(dt), mask=ok)
 
     @triton.jit
     def _backward_kernel(s_ptr, d_ptr, geo_ptr, wg_ptr, w2_ptr, b2_ptr, wc_ptr, bc_ptr, wo_ptr, gm_ptr, gc_ptr,
@@ -133,17 +140,15 @@ if triton is not None:
         acc_bc = tl.zeros((BH,), dtype=tl.float32)
         acc_wo = tl.zeros((BH,), dtype=tl.float32)
         for t in range(prog * EACH, tl.minimum(prog * EACH + EACH, tl.cdiv(B, GB))):
-            r, graph, i, j, ok = _tile_rows(t, n, GB, B, R)
-            pre, a, e, msg, geo = _edges(s_ptr, d_ptr, geo_ptr, wg_ptr, w2_ptr, b2_ptr, m, graph, i, j, ok, h, B, n,
-                                         H, G, BG, ACT, SLOPE, PREC)
-            node = (m.to(tl.int64) * B + graph) * n
-            dm = tl.load(gm_ptr + (node + i)[:, None] * H + h[None, :], mask=ok[:, None] & hm[None, :],
-                         other=0.0).to(tl.float32)
+            node0, r, i, j, ok = _tile(m, t, n, GB, B, R)
+            pre, e, msg = _edges(s_ptr, d_ptr, geo_ptr, wg_ptr, w2_ptr, b2_ptr, m, node0, r, i, j, ok, h, n, H, G, BG,
+                                 ACT, SLOPE, PREC)
+            dm = _rows_of(gm_ptr + node0 * H, r // n, ok, h, H).to(tl.float32)
             if COORD:
                 wc = _weight(wc_ptr, m, h, h, H, H, H, 1).to(dt)  # [out, in]
                 bc = tl.load(bc_ptr + m.to(tl.int64) * H + h, mask=hm, other=0.0).to(tl.float32)
                 wo = tl.load(wo_ptr + m.to(tl.int64) * H + h, mask=hm, other=0.0).to(tl.float32)
-                gc = tl.load(gc_ptr + (node + i) * n + j, mask=ok, other=0.0).to(tl.float32)
+                gc = tl.load(gc_ptr + node0 * n + r, mask=ok, other=0.0).to(tl.float32)
                 u = tl.dot(msg.to(dt), tl.trans(wc), input_precision=PREC) + bc[None, :]
                 acc_wo += tl.sum(gc[:, None] * _activate_any(u, ACT, SLOPE), axis=0)
                 du = gc[:, None] * wo[None, :] * _act_grad_from_input(u, ACT, SLOPE)
@@ -152,20 +157,18 @@ if triton is not None:
                 dm += tl.dot(du.to(dt), wc, input_precision=PREC)
             de = dm * (ok & (i != j)).to(tl.float32)[:, None] * _act_grad_from_input(e, ACT, SLOPE)
             acc_b2 += tl.sum(de, axis=0)
-            acc_w2 += tl.dot(tl.trans(de.to(dt)), a.to(dt), input_precision=PREC)
+            acc_w2 += tl.dot(tl.trans(de.to(dt)), _activate_any(pre, ACT, SLOPE).to(dt), input_precision=PREC)
             dpre = tl.dot(de.to(dt), w2, input_precision=PREC) * _act_grad_from_input(pre, ACT, SLOPE)
             dpre = dpre * ok.to(tl.float32)[:, None]  # a padded row's act'(pre) times nothing, kept out of the sums
-            acc_wg += tl.dot(tl.trans(dpre.to(dt)), geo.to(dt), input_precision=PREC)
+            acc_wg += tl.dot(tl.trans(dpre.to(dt)), _geo(geo_ptr, node0 * n, r, ok, G, BG).to(dt), input_precision=PREC)
             dgeo = tl.dot(dpre.to(dt), wg, input_precision=PREC)
-            edge = (node + i) * n + j
-            tl.store(dgeo_ptr + edge[:, None] * G + q[None, :], dgeo.to(dgeo_ptr.dtype.element_ty),
+            tl.store(dgeo_ptr + node0 * n * G + r[:, None] * G + q[None, :], dgeo.to(dgeo_ptr.dtype.element_ty),
                      mask=ok[:, None] & (q < G)[None, :])
-            row = (m.to(tl.int64) * B + t * GB) * n + k
-            k_ok = ((k < GB * n) & (t * GB + k // n < B))[:, None] & hm[None, :]
+            k_ok = (k < tl.minimum(GB, B - t * GB) * n)[:, None] & hm[None, :]
             ds = _node_sums(dpre, r // n, k, dt, PREC)  # over j: the tile's nodes (graph, i)
-            tl.store(ds_ptr + row[:, None] * H + h[None, :], ds.to(dt), mask=k_ok)
+            tl.store(ds_ptr + node0 * H + k[:, None] * H + h[None, :], ds.to(dt), mask=k_ok)
             dd = _node_sums(dpre, (r // (n * n)) * n + j, k, dt, PREC)  # over i: (graph, j)
-            tl.store(dd_ptr + row[:, None] * H + h[None, :], dd.to(dt), mask=k_ok)
+            tl.store(dd_ptr + node0 * H + k[:, None] * H + h[None, :], dd.to(dt), mask=k_ok)
         part = m.to(tl.int64) * PROGRAMS + prog
         hh = h[:, None] * H + h[None, :]
         both = hm[:, None] & hm[None, :]
@@ -193,10 +196,9 @@ def _sizes(nodes: int, hidden: int, edge_features: int) -> tuple[int, dict]:
                     "BH": max(16, triton.next_power_of_2(hidden)), "BG": max(16, triton.next_power_of_2(edge_features))}
 
 
-def _warps(sizes: dict, backward: bool = False) -> int:
-    """Warps a program: 8 where its [rows, BH] float32 tiles would not fit 4 warps' registers (the backward holds
-    twice the forward's)."""
-    return 8 if sizes["R"] * sizes["BH"] > (64 if backward else 128) * 32 else 4
+def _warps(sizes: dict) -> int:
+    """Warps a program: 8 for a tile of 128 rows of 32 (4 would spill the forward's registers for sm_90), 4 below."""
+    return 8 if sizes["R"] * sizes["BH"] >= 128 * 32 else 4
 
 
 @population_op("edge_messages")
@@ -249,7 +251,7 @@ def _messages_backward(s: Tensor, d: Tensor, geo: Tensor, wg: Tensor, w2: Tensor
         _backward_kernel[(programs, models)](
             s, d, geo, *w, gm, gc, ds, dd, dgeo, dwg, dw2, db2, dwc, dbc, dwo, graphs, nodes, hidden, edge_features,
             per_tile, each, programs, COORD=coord, ACT=act, SLOPE=slope, PREC=dot_precision(s.dtype),
-            num_warps=_warps(sizes, backward=True),
+            num_warps=_warps(sizes),
             **sizes)
     else:
         ds.zero_(), dd.zero_(), dgeo.zero_()
