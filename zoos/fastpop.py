@@ -69,7 +69,7 @@ from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from zoos import popconv, popgather, poplinear, popnorm
-from zoos.archs.base import ACTIVATIONS, PopDropout
+from zoos.archs.base import ACTIVATIONS, POPULATION_FORMS, PopDropout
 from zoos.archs.layers import FlatLinear, linalg_eigh
 
 _COMPILED: dict[tuple, Callable] = {}  # one compiled program per (code, modules, dtype), shared by later populations
@@ -1338,7 +1338,8 @@ class _Emitter:
         return self.g.call_function(pop_conv2d, (x, w, b, stride, padding))
 
     def _mixed(self, node: fx.Node) -> fx.Node:
-        """An op of data and weights: a population conv for F.conv2d, a batched matmul for F.linear, else vmap."""
+        """An op of data and weights: a population conv for F.conv2d, a batched matmul for F.linear, an
+        architecture's population form for its function (`archs.base.POPULATION_FORMS`), else vmap."""
         g, pop, value = self.g, self.pop, self.value
         if node.op == "call_function" and node.target in (F.conv2d, torch.conv2d, F.linear):
             kw = _bind(node)
@@ -1370,6 +1371,12 @@ class _Emitter:
                 if node.target is F.group_norm:
                     return g.call_function(pop_group_norm, (value(x), kw["num_groups"], value(w), value(b), eps))
                 return g.call_function(pop_layer_norm, (value(x), kw["normalized_shape"], value(w), value(b), eps))
+        form = POPULATION_FORMS.get(node.target) if node.op == "call_function" else None
+        if form is not None:  # an architecture's function with a population form of its own
+            probes = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["probe"])
+            run, program, why = form(pop.kernels, pop.dtype, *probes)
+            self.choose(node, program, why)
+            return g.call_function(_named_op(f"{program}_{node.name}", run), value(node.args), value(node.kwargs))
         broadcast = self._broadcast(node)
         if broadcast is not None:
             fn, data_first = broadcast

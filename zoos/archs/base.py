@@ -115,6 +115,29 @@ ACTIVATIONS: dict[str, Activation] = {
 }
 
 
+def activation_slope(name: str) -> float:
+    """The negative slope of activation `name` (leaky_relu's), else 0: what a kernel applying it by name needs."""
+    return float(ACTIVATIONS[name].kwargs.get("negative_slope", 0.0))
+
+
+# A function an architecture's forward calls on its weights and data (a leaf of torch.fx traces: `torch.fx.wrap`)
+# -> its population form, `form(kernels, dtype, args, kwargs) -> (run, program, why)`: given whether the population
+# kernels run, the compute dtype and the call's arguments as one model's probes (shapes; plain values as they are),
+# `run` takes the same arguments with the weights stacked [N, ...] and the data [N*B, ...] (`zoos.fastpop`), and
+# `program` and `why` are what the population's program choice records for the call.
+POPULATION_FORMS: dict[Callable, Callable] = {}
+
+
+def population_form(fn: Callable) -> Callable[[Callable], Callable]:
+    """Decorator: register the decorated function as `fn`'s population form (POPULATION_FORMS)."""
+
+    def register(form: Callable) -> Callable:
+        POPULATION_FORMS[fn] = form
+        return form
+
+    return register
+
+
 def make_activation(name: str) -> nn.Module:
     """A pointwise activation by name."""
     if name not in ACTIVATIONS:

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tasks.base import Task
-from zoos.archs.base import ArchError, PopDropout, SymModule, make_activation, register_arch
+from zoos import popmessage
+from zoos.archs.base import (ArchError, PopDropout, SymModule, activation_slope, make_activation, population_form,
+                             register_arch)
 from zoos.archs.layers import MLPStack, check_choice, check_positive, linalg_eigh
 from zoos.archs.layout import PointLayout, point_layout
 from zoos.permspec import PermSpec
@@ -412,27 +414,62 @@ class FrameAvg(SymModule):
         return PermSpec(self.net.perm_pairs("net."))
 
 
+def edge_messages(s: Tensor, d: Tensor, geo: Tensor, wg: Tensor, w2: Tensor, b2: Tensor, wc: Tensor | None,
+                  bc: Tensor | None, wo: Tensor | None, act: str, slope: float) -> tuple[Tensor, Tensor | None]:
+    """An EGNN layer's edge MLP on its fully connected graphs, summed at each node, and its edges' coordinate weights
+    (`zoos.popmessage.reference`: msum [..., n, H], c [..., n, n, 1] or None). A leaf of torch.fx traces, so a
+    population program runs it as one op (`_edge_messages_population`) and never writes the edge tensors."""
+    return popmessage.reference(s, d, geo, wg, w2, b2, wc, bc, wo, act, slope)
+
+
+torch.fx.wrap("edge_messages")
+
+
+@population_form(edge_messages)
+def _edge_messages_population(kernels: bool, dtype: torch.dtype, args: tuple, kwargs: dict):
+    """`edge_messages` for a population: popmessage's kernels where its sizes fit, else its torch ops with batched
+    matmuls; the data in the compute dtype (autocast's linears')."""
+    s, _, _, wg, *_, act, _ = args
+    nodes, (hidden, features) = s.shape[-2], wg.shape[-2:]
+    fits = kernels and popmessage.fits(nodes, hidden, features, act)
+
+    def run(s, d, geo, wg, w2, b2, wc, bc, wo, act, slope):
+        s, d, geo = s.to(dtype), d.to(dtype), geo.to(dtype)
+        if fits:
+            return popmessage.messages(s, d, geo, wg, w2, b2, wc, bc, wo, act, slope)
+        from zoos.fastpop import pop_linear
+
+        return popmessage.reference(s, d, geo, wg, w2, b2, wc, bc, wo, act, slope, linear=pop_linear)
+
+    if fits:
+        return run, "popmessage", "the edge MLP and its sums in one pass: no edge tensor written"
+    why = ("popmessage kernels off here (no CUDA, or not asked for)" if not kernels else
+           f"{nodes} nodes, {hidden} hidden, {features} edge features, {act}: popmessage holds up to "
+           f"{popmessage.MAX_NODES} nodes, {popmessage.MAX_HIDDEN} hidden and {popmessage.MAX_EDGE_FEATURES} edge features")
+    return run, "bmm", why
+
+
 class EGNNLayer(nn.Module):
     """One E(n)-equivariant message-passing layer (Satorras et al. 2021, eqs. 3-6, with the velocity variant 7).
 
     The first edge linear is split into separate weights for h_i, h_j and the geometric edge
     features (the same map as one linear on their concatenation), so that the hidden-feature
-    permutation of h is one axis of each weight.
+    permutation of h is one axis of each weight. The edge MLP (edge_geo, edge_out and the coordinate
+    MLP coord_in, coord_out) runs as `edge_messages`, on the weights of those linears.
     """
 
     def __init__(self, hidden: int, n_edge: int, activation: str, update_x: bool, update_h: bool, velocity: bool):
         super().__init__()
         self.update_x, self.update_h, self.velocity = update_x, update_h, velocity
+        self.activation, self.slope = activation, activation_slope(activation)
         act = lambda: make_activation(activation)  # noqa: E731
         self.edge_src = nn.Linear(hidden, hidden)
         self.edge_dst = nn.Linear(hidden, hidden, bias=False)
         self.edge_geo = nn.Linear(n_edge, hidden, bias=False)
         self.edge_out = nn.Linear(hidden, hidden)
-        self.act_e1, self.act_e2 = act(), act()
         if update_x:
             self.coord_in = nn.Linear(hidden, hidden)
             self.coord_out = nn.Linear(hidden, 1, bias=False)
-            self.act_c = act()
             self._shrink_coord_out()
         if update_x and velocity:
             self.vel_in = nn.Linear(hidden, hidden)
@@ -461,19 +498,19 @@ class EGNNLayer(nn.Module):
         diff = x[..., :, None, :] - x[..., None, :, :]  # [B, n, n, d]: x_i - x_j
         d2 = (diff * diff).sum(-1, keepdim=True)
         geo = torch.cat([d2, edge_attr], -1)
-        pre = self.edge_src(h)[..., :, None, :] + self.edge_dst(h)[..., None, :, :] + self.edge_geo(geo)
-        m = self.act_e2(self.edge_out(self.act_e1(pre)))
-        off = 1.0 - torch.eye(n, dtype=h.dtype, device=h.device)[..., None]  # no self-messages
-        m = m * off
+        coord = (self.coord_in.weight, self.coord_in.bias, self.coord_out.weight) if self.update_x else (None,) * 3
+        msum, w = edge_messages(self.edge_src(h), self.edge_dst(h), geo, self.edge_geo.weight, self.edge_out.weight,
+                                self.edge_out.bias, *coord, self.activation, self.slope)
         if self.update_x:
-            w = self.coord_out(self.act_c(self.coord_in(m))) * off
+            off = 1.0 - torch.eye(n, dtype=h.dtype, device=h.device)[..., None]  # no self-messages
+            w = w * off
             dist = (d2 + (1.0 - off)).sqrt()  # 1 on the diagonal: sqrt(0) would make the gradient NaN
             step = (diff / (dist + 1.0) * w).sum(-2) / (n - 1)
             if self.velocity:
                 step = step + self.vel_out(self.act_v(self.vel_in(h))) * v
             x = x + step
         if self.update_h:
-            h = h + self.node_out(self.act_n(self.node_h(h) + self.node_m(m.sum(-2) / (n - 1))))
+            h = h + self.node_out(self.act_n(self.node_h(h) + self.node_m(msum / (n - 1))))
         return h, x
 
 
