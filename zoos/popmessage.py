@@ -95,6 +95,17 @@ if triton is not None:
         return tl.dot(onehot, x.to(dt), input_precision=PREC)
 
     @triton.jit
+    def _side_by_side(x, y):
+        """[rows, 2 * C]: x's columns, then y's."""
+        return tl.reshape(tl.permute(tl.join(x, y), (0, 2, 1)), (x.shape[0], 2 * x.shape[1]))
+
+    @triton.jit
+    def _store_block(ptr, acc, at, H):
+        """acc's rows and columns `at` (where 0 <= at < H) as an [H, H] float32 tensor at ptr."""
+        inside = (at >= 0) & (at < H)
+        tl.store(ptr + at[:, None] * H + at[None, :], acc, mask=inside[:, None] & inside[None, :])
+
+    @triton.jit
     def _forward_kernel(s_ptr, d_ptr, geo_ptr, wg_ptr, w2_ptr, b2_ptr, wc_ptr, bc_ptr, wo_ptr, msum_ptr, c_ptr,
                         B, n, H, G, GB, COORD: tl.constexpr, R: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr,
                         BG: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr, PREC: tl.constexpr):
@@ -124,59 +135,75 @@ if triton is not None:
                          BH: tl.constexpr, BG: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr,
                          PREC: tl.constexpr):
         """Tiles prog * EACH .. of model m: the edges recomputed, the gradients of s, d and geo stored, the weights'
-        summed into float32 partials [models, PROGRAMS, ...]."""
+        summed into float32 partials [models, PROGRAMS, ...]. Products over a tile's rows run with 64 result rows or
+        more (tensor cores' warp-group products; with 32 rows every warp would hold the whole [rows, H] operand):
+        the node sums over j and over i as one product, and below 64 hidden units the two hidden weights' gradients
+        as one twice as wide, its off-diagonal blocks unused. The edges are held in the products' dtype."""
         prog, m = tl.program_id(0), tl.program_id(1)
         dt = s_ptr.dtype.element_ty
         h = tl.arange(0, BH)
         hm = h < H
         q = tl.arange(0, BG)
-        k = tl.arange(0, KP)
+        k2 = tl.arange(0, 2 * KP)  # the tile's nodes twice: (graph, i) for the sums over j, then (graph, j) over i
+        k = tl.where(k2 < KP, k2, k2 - KP)
         w2 = _weight(w2_ptr, m, h, h, H, H, H, 1).to(dt)  # [out, in]
         wg = _weight(wg_ptr, m, h, q, H, G, G, 1).to(dt)  # [H, BG]
         acc_w2 = tl.zeros((BH, BH), dtype=tl.float32)
         acc_b2 = tl.zeros((BH,), dtype=tl.float32)
         acc_wg = tl.zeros((BH, BG), dtype=tl.float32)
         acc_wc = tl.zeros((BH, BH), dtype=tl.float32)
+        acc_2 = tl.zeros((2 * BH, 2 * BH), dtype=tl.float32)  # [w2 | wc] while BH < 64
         acc_bc = tl.zeros((BH,), dtype=tl.float32)
         acc_wo = tl.zeros((BH,), dtype=tl.float32)
         for t in range(prog * EACH, tl.minimum(prog * EACH + EACH, tl.cdiv(B, GB))):
             node0, r, i, j, ok = _tile(m, t, n, GB, B, R)
             pre, e, msg = _edges(s_ptr, d_ptr, geo_ptr, wg_ptr, w2_ptr, b2_ptr, m, node0, r, i, j, ok, h, n, H, G, BG,
                                  ACT, SLOPE, PREC)
+            pre, e, msg = pre.to(dt), e.to(dt), msg.to(dt)
             dm = _rows_of(gm_ptr + node0 * H, r // n, ok, h, H).to(tl.float32)
             if COORD:
                 wc = _weight(wc_ptr, m, h, h, H, H, H, 1).to(dt)  # [out, in]
                 bc = tl.load(bc_ptr + m.to(tl.int64) * H + h, mask=hm, other=0.0).to(tl.float32)
                 wo = tl.load(wo_ptr + m.to(tl.int64) * H + h, mask=hm, other=0.0).to(tl.float32)
                 gc = tl.load(gc_ptr + node0 * n + r, mask=ok, other=0.0).to(tl.float32)
-                u = tl.dot(msg.to(dt), tl.trans(wc), input_precision=PREC) + bc[None, :]
+                u = tl.dot(msg, tl.trans(wc), input_precision=PREC) + bc[None, :]
                 acc_wo += tl.sum(gc[:, None] * _activate_any(u, ACT, SLOPE), axis=0)
                 du = gc[:, None] * wo[None, :] * _act_grad_from_input(u, ACT, SLOPE)
                 acc_bc += tl.sum(du, axis=0)
-                acc_wc += tl.dot(tl.trans(du.to(dt)), msg.to(dt), input_precision=PREC)
                 dm += tl.dot(du.to(dt), wc, input_precision=PREC)
-            de = dm * (ok & (i != j)).to(tl.float32)[:, None] * _act_grad_from_input(e, ACT, SLOPE)
+            de = dm * (ok & (i != j)).to(tl.float32)[:, None] * _act_grad_from_input(e.to(tl.float32), ACT, SLOPE)
             acc_b2 += tl.sum(de, axis=0)
-            acc_w2 += tl.dot(tl.trans(de.to(dt)), _activate_any(pre, ACT, SLOPE).to(dt), input_precision=PREC)
-            dpre = tl.dot(de.to(dt), w2, input_precision=PREC) * _act_grad_from_input(pre, ACT, SLOPE)
+            a = _activate_any(pre.to(tl.float32), ACT, SLOPE).to(dt)
+            if COORD and BH < 64:
+                acc_2 += tl.dot(tl.trans(_side_by_side(de.to(dt), du.to(dt))), _side_by_side(a, msg),
+                                input_precision=PREC)
+            else:
+                acc_w2 += tl.dot(tl.trans(de.to(dt)), a, input_precision=PREC)
+                if COORD:
+                    acc_wc += tl.dot(tl.trans(du.to(dt)), msg, input_precision=PREC)
+            dpre = tl.dot(de.to(dt), w2, input_precision=PREC) * _act_grad_from_input(pre.to(tl.float32), ACT, SLOPE)
             dpre = dpre * ok.to(tl.float32)[:, None]  # a padded row's act'(pre) times nothing, kept out of the sums
             acc_wg += tl.dot(tl.trans(dpre.to(dt)), _geo(geo_ptr, node0 * n, r, ok, G, BG).to(dt), input_precision=PREC)
             dgeo = tl.dot(dpre.to(dt), wg, input_precision=PREC)
             tl.store(dgeo_ptr + node0 * n * G + r[:, None] * G + q[None, :], dgeo.to(dgeo_ptr.dtype.element_ty),
                      mask=ok[:, None] & (q < G)[None, :])
+            node = tl.where(k2[:, None] < KP, (r // n)[None, :], ((r // (n * n)) * n + j)[None, :])
+            sums = tl.dot((node == k[:, None]).to(dt), dpre.to(dt), input_precision=PREC)  # [ds; dd]
             k_ok = (k < tl.minimum(GB, B - t * GB) * n)[:, None] & hm[None, :]
-            ds = _node_sums(dpre, r // n, k, dt, PREC)  # over j: the tile's nodes (graph, i)
-            tl.store(ds_ptr + node0 * H + k[:, None] * H + h[None, :], ds.to(dt), mask=k_ok)
-            dd = _node_sums(dpre, (r // (n * n)) * n + j, k, dt, PREC)  # over i: (graph, j)
-            tl.store(dd_ptr + node0 * H + k[:, None] * H + h[None, :], dd.to(dt), mask=k_ok)
+            tl.store(tl.where(k2 < KP, ds_ptr, dd_ptr)[:, None] + node0 * H + k[:, None] * H + h[None, :],
+                     sums.to(dt), mask=k_ok)
         part = m.to(tl.int64) * PROGRAMS + prog
-        hh = h[:, None] * H + h[None, :]
-        both = hm[:, None] & hm[None, :]
-        tl.store(dw2_ptr + part * H * H + hh, acc_w2, mask=both)
+        h2 = tl.arange(0, 2 * BH)
+        if COORD and BH < 64:
+            _store_block(dw2_ptr + part * H * H, acc_2, h2, H)
+            _store_block(dwc_ptr + part * H * H, acc_2, h2 - BH, H)
+        else:
+            _store_block(dw2_ptr + part * H * H, acc_w2, h, H)
+            if COORD:
+                _store_block(dwc_ptr + part * H * H, acc_wc, h, H)
         tl.store(db2_ptr + part * H + h, acc_b2, mask=hm)
         tl.store(dwg_ptr + part * H * G + h[:, None] * G + q[None, :], acc_wg, mask=hm[:, None] & (q < G)[None, :])
         if COORD:
-            tl.store(dwc_ptr + part * H * H + hh, acc_wc, mask=both)
             tl.store(dbc_ptr + part * H + h, acc_bc, mask=hm)
             tl.store(dwo_ptr + part * H + h, acc_wo, mask=hm)
 
