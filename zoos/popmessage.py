@@ -33,6 +33,9 @@ from zoos.poplinear import _programs
 
 MAX_NODES = 16  # the most nodes a graph may have here: a program holds a graph's padded n x n edges
 MAX_HIDDEN = 64  # the widest hidden layer: [rows, H] float32 tiles in registers
+# float32 products (exact, on FMA units) stage their operands in shared memory: 64-wide tiles would need more than an
+# H100's 227 KB a program
+MAX_HIDDEN_FLOAT32 = 32
 MAX_EDGE_FEATURES = 16
 
 if triton is not None:
@@ -208,9 +211,14 @@ if triton is not None:
             tl.store(dwo_ptr + part * H + h, acc_wo, mask=hm)
 
 
-def fits(nodes: int, hidden: int, edge_features: int, activation: str) -> bool:
-    """Whether layers of these sizes run here."""
-    return (2 <= nodes <= MAX_NODES and 1 <= hidden <= MAX_HIDDEN and 1 <= edge_features <= MAX_EDGE_FEATURES
+def max_hidden(dtype: torch.dtype) -> int:
+    """The widest hidden layer that runs here with data of `dtype`."""
+    return MAX_HIDDEN_FLOAT32 if dtype == torch.float32 else MAX_HIDDEN
+
+
+def fits(nodes: int, hidden: int, edge_features: int, activation: str, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether layers of these sizes run here with data of `dtype`."""
+    return (2 <= nodes <= MAX_NODES and 1 <= hidden <= max_hidden(dtype) and 1 <= edge_features <= MAX_EDGE_FEATURES
             and activation in INPUT_ACTIVATIONS)
 
 
@@ -354,14 +362,16 @@ def messages(s: Tensor, d: Tensor, geo: Tensor, wg: Tensor, w2: Tensor, b2: Tens
     if (wc is None) != (bc is None) or (wc is None) != (wo is None) or (
             wc is not None and (wc.shape != w2.shape or bc.shape != b2.shape or wo.shape != (models, 1, hidden))):
         raise ValueError("the coordinate weights wc [N, H, H], bc [N, H], wo [N, 1, H] come together or not at all")
-    if not fits(n, hidden, features, act):
-        raise ValueError(f"messages here take 2 to {MAX_NODES} nodes, up to {MAX_HIDDEN} hidden and "
-                         f"{MAX_EDGE_FEATURES} edge features, an activation of {', '.join(INPUT_ACTIVATIONS)}: got "
-                         f"{n} nodes, {hidden} hidden, {features} edge features, {act!r}")
+    if not fits(n, hidden, features, act, s.dtype):
+        raise ValueError(f"messages here take 2 to {MAX_NODES} nodes, up to {max_hidden(s.dtype)} hidden (in "
+                         f"{s.dtype}) and {MAX_EDGE_FEATURES} edge features, an activation of "
+                         f"{', '.join(INPUT_ACTIVATIONS)}: got {n} nodes, {hidden} hidden, {features} edge features, "
+                         f"{act!r}")
     if s.numel() % (models * n * hidden):
         raise ValueError(f"s has {s.numel() // (n * hidden)} graphs, not a multiple of the population size {models}")
     msum, c = _messages(s, d.to(s.dtype), geo, wg, w2, b2, wc, bc, wo, act, float(slope))
     return msum, (c if wc is not None else None)
 
 
-__all__ = ["MAX_EDGE_FEATURES", "MAX_HIDDEN", "MAX_NODES", "available", "fits", "messages", "reference"]
+__all__ = ["MAX_EDGE_FEATURES", "MAX_HIDDEN", "MAX_HIDDEN_FLOAT32", "MAX_NODES", "available", "fits", "max_hidden",
+           "messages", "reference"]

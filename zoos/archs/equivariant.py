@@ -431,7 +431,7 @@ def _edge_messages_population(kernels: bool, dtype: torch.dtype, args: tuple, kw
     matmuls; the data in the compute dtype (autocast's linears')."""
     s, _, _, wg, *_, act, _ = args
     nodes, (hidden, features) = s.shape[-2], wg.shape[-2:]
-    fits = kernels and popmessage.fits(nodes, hidden, features, act)
+    fits = kernels and popmessage.fits(nodes, hidden, features, act, dtype)
 
     def run(s, d, geo, wg, w2, b2, wc, bc, wo, act, slope):
         s, d, geo = s.to(dtype), d.to(dtype), geo.to(dtype)
@@ -445,7 +445,8 @@ def _edge_messages_population(kernels: bool, dtype: torch.dtype, args: tuple, kw
         return run, "popmessage", "the edge MLP and its sums in one pass: no edge tensor written"
     why = ("popmessage kernels off here (no CUDA, or not asked for)" if not kernels else
            f"{nodes} nodes, {hidden} hidden, {features} edge features, {act}: popmessage holds up to "
-           f"{popmessage.MAX_NODES} nodes, {popmessage.MAX_HIDDEN} hidden and {popmessage.MAX_EDGE_FEATURES} edge features")
+           f"{popmessage.MAX_NODES} nodes, {popmessage.max_hidden(dtype)} hidden (in {dtype}) and "
+           f"{popmessage.MAX_EDGE_FEATURES} edge features")
     return run, "bmm", why
 
 
