@@ -15,8 +15,9 @@ holds a tile of whole graphs' edges in registers (128 rows (graph, i, j), j inne
 on tensor cores, sums the rows at their nodes as a product with a one-hot [nodes, rows] matrix (the segments are n
 rows, which no reshape of a power-of-two tile cuts), and writes only msum and c; the backward recomputes the edges
 from s, d and geo and writes the gradients of s and d (their sums over j and over i, the same products), of geo,
-and each model's weight gradients as float32 partials a program. Products take s's dtype (bf16 on tensor cores; float32 exactly),
-everything else float32; msum and c are stored in s's dtype.
+and each model's weight gradients as float32 partials a program. Products take s's dtype (bf16 on tensor cores;
+float32 exactly), everything else float32 but the backward's recomputed edges, held in s's dtype; msum and c are
+stored in s's dtype.
 """
 
 from __future__ import annotations
