@@ -187,7 +187,8 @@ if triton is not None:
                     acc_wc += tl.dot(tl.trans(du.to(dt)), msg, input_precision=PREC)
             dpre = tl.dot(de.to(dt), w2, input_precision=PREC) * _act_grad_from_input(pre.to(tl.float32), ACT, SLOPE)
             dpre = dpre * ok.to(tl.float32)[:, None]  # a padded row's act'(pre) times nothing, kept out of the sums
-            acc_wg += tl.dot(tl.trans(dpre.to(dt)), _geo(geo_ptr, node0 * n, r, ok, G, BG).to(dt), input_precision=PREC)
+            geo = _geo(geo_ptr, node0 * n, r, ok, G, BG)  # read again (a cache hit) rather than held in registers
+            acc_wg += tl.dot(tl.trans(dpre.to(dt)), geo.to(dt), input_precision=PREC)
             dgeo = tl.dot(dpre.to(dt), wg, input_precision=PREC)
             tl.store(dgeo_ptr + node0 * n * G + r[:, None] * G + q[None, :], dgeo.to(dgeo_ptr.dtype.element_ty),
                      mask=ok[:, None] & (q < G)[None, :])
