@@ -1,5 +1,6 @@
 """Shared test set-up: deterministic, single-threaded torch (CI has 2 cores and runs 2 workers)."""
 
+import importlib.util
 import os
 import secrets
 import shutil
@@ -20,6 +21,15 @@ import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 torch.set_num_threads(1)
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+    # the interpreter checks every int32 add and product for overflow, which compiled kernels do only in debug
+    # builds: off, as on a GPU (the tests' sizes are far from 2**31; it took ~40% of an interpreted kernel's time)
+    import dataclasses
+
+    from triton.runtime import interpreter
+
+    interpreter.interpreter_builder.options = dataclasses.replace(interpreter.interpreter_builder.options,
+                                                                  sanitize_overflow=False)
 # CI (HYPOTHESIS_PROFILE=ci, set by .ci/run) draws the same examples every run, so a landing is judged on the code;
 # a local run draws new ones each time and keeps searching
 settings.register_profile("ci", derandomize=True)

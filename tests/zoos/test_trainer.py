@@ -531,7 +531,7 @@ import torch
 from tests.zoos.test_trainer import one_population, zoo_models
 from zoos.trainer import train_population
 models = zoo_models({"seed": [0, 1], "batch_size": [16]}, arch={"name": "cnn", "config": {"width": 4, "depth": 2}},
-                    epochs=1)
+                    epochs=1, task_options={"n_train": 32, "n_val": 16, "n_test": 16})
 result = train_population(one_population(models), device="cuda" if torch.cuda.is_available() else "cpu",
                           kernels=True)
 assert result.program["fast"] and result.program["optimizer"] == "popoptim", result.program
