@@ -23,7 +23,7 @@ from hypothesis import settings  # noqa: E402
 torch.set_num_threads(1)
 if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
     # the interpreter checks every int32 add and product for overflow, which compiled kernels do only in debug
-    # builds: off, as on a GPU (the tests' sizes are far from 2**31; it took ~40% of an interpreted kernel's time)
+    # builds: off, as on a GPU (the tests' sizes are far from 2**31, and the check dominates an interpreted kernel)
     import dataclasses
 
     from triton.runtime import interpreter

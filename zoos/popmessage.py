@@ -57,8 +57,8 @@ if triton is not None:
         innermost, the first graph's first node at row node0 of the node tensors (its first edge at node0 * n of the
         edge tensors: row r is edge node0 * n + r); `ok` the rows of real graphs (self-pairs included). Offsets
         within a tile are int32, the tile's base int64."""
-        # r + t >> 30 (zero: t < 2**30) makes the rows' offsets depend on t, so that a loop over tiles recomputes them
-        # each iteration rather than holding tile-sized offsets and masks in registers across it
+        # adding t >> 30 (zero: t < 2**30) makes the rows' offsets depend on t, so that a loop over tiles recomputes
+        # them each iteration rather than holding tile-sized offsets and masks in registers across it
         r = tl.arange(0, R) + (t >> 30)
         nn = n * n
         graphs = tl.minimum(GB, B - t * GB)

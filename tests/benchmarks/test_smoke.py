@@ -50,7 +50,7 @@ def test_step_kernels_refuses_an_unknown_tuning_entry(tmp_path):
     assert not (tmp_path / "step_kernels_bench.json").exists()
 
 
-def test_cpu_bench_times_both_programs_of_each_family(tmp_path):
+def test_cpu_bench_times_both_programs_of_a_family(tmp_path):
     """cpu_bench.py at tiny sizes: a family trained by vmap and by the population program, in fresh processes, with
     the CPU's program choice recorded (the cnn's convs grouped but its one-channel first conv)."""
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_bench.py"), "--archs", "cnn", "--models", "2",
