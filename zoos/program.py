@@ -17,8 +17,9 @@ The programs, fastest first:
                 (relu+poplinear, silu+poplinear, ...): a pointwise activation that only linears read, applied
                 as they load their input, its derivative in their input gradient
   bmm           any wider Linear / FlatLinear / F.linear: one batched matmul over the models
-  popmessage    an EGNN layer's edge MLP on its fully connected graphs, summed at each node, and its edges'
-                coordinate weights as Triton kernels (`zoos.popmessage`): no [graphs, n, n, H] edge tensor written
+  popmessage    an EGNN layer's edges on its fully connected graphs as Triton kernels: the pair features from the
+                points (`zoos.popgeometry`), the edge MLP summed at each node and the edges' coordinate weights
+                (`zoos.popmessage`), the points' step (`zoos.popgeometry`): no [graphs, n, n, H] edge tensor written
   population norm  GroupNorm / LayerNorm: per-sample statistics of the whole batch, per-model affine
   prologue      the ops on weights alone (a group CNN's kernel expansion): vmapped once a step
   vmap op       any other op that mixes data and weights, vmapped over the models on its own

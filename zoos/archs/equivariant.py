@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tasks.base import Task
-from zoos import popmessage
+from zoos import popgeometry, popmessage
 from zoos.archs.base import (ArchError, PopDropout, SymModule, activation_slope, make_activation, population_form,
                              register_arch)
 from zoos.archs.layers import MLPStack, check_choice, check_positive, linalg_eigh
@@ -414,12 +414,16 @@ class FrameAvg(SymModule):
         return PermSpec(self.net.perm_pairs("net."))
 
 
-def edge_messages(s: Tensor, d: Tensor, geo: Tensor, wg: Tensor, w2: Tensor, b2: Tensor, wc: Tensor | None,
+def edge_messages(s: Tensor, d: Tensor, x: Tensor, attr: Tensor, wg: Tensor, w2: Tensor, b2: Tensor, wc: Tensor | None,
                   bc: Tensor | None, wo: Tensor | None, act: str, slope: float) -> tuple[Tensor, Tensor | None]:
-    """An EGNN layer's edge MLP on its fully connected graphs, summed at each node, and its edges' coordinate weights
-    (`zoos.popmessage.reference`: msum [..., n, H], c [..., n, n, 1] or None). A leaf of torch.fx traces, so a
-    population program runs it as one op (`_edge_messages_population`) and never writes the edge tensors."""
-    return popmessage.reference(s, d, geo, wg, w2, b2, wc, bc, wo, act, slope)
+    """An EGNN layer's edges on its fully connected graphs of points x [..., n, D]: the edge features [|x_i - x_j|^2,
+    attr_ij] (`zoos.popgeometry.pair_reference`), the edge MLP summed at each node (`zoos.popmessage.reference`:
+    msum [..., n, H]) and the coordinate step its edges' weights make (`zoos.popgeometry.step_reference`: [..., n, D];
+    None without the coordinate MLP). A leaf of torch.fx traces, so a population program runs it as three ops
+    (`_edge_messages_population`) and never writes the edge tensors."""
+    geo = popgeometry.pair_reference(x, attr)
+    msum, c = popmessage.reference(s, d, geo, wg, w2, b2, wc, bc, wo, act, slope)
+    return msum, (popgeometry.step_reference(x, c) if c is not None else None)
 
 
 torch.fx.wrap("edge_messages")
@@ -427,22 +431,28 @@ torch.fx.wrap("edge_messages")
 
 @population_form(edge_messages)
 def _edge_messages_population(kernels: bool, dtype: torch.dtype, args: tuple, kwargs: dict):
-    """`edge_messages` for a population: popmessage's kernels where its sizes fit, else its torch ops with batched
-    matmuls; the data in the compute dtype (autocast's linears')."""
-    s, _, _, wg, *_, act, _ = args
+    """`edge_messages` for a population: the pair geometry and popmessage's kernels where their sizes fit, else the
+    torch ops with batched matmuls; the edge MLP's data in the compute dtype (autocast's linears'), the coordinates
+    in theirs."""
+    s, _, x, attr, wg, *_, act, _ = args
     nodes, (hidden, features) = s.shape[-2], wg.shape[-2:]
-    fits = kernels and popmessage.fits(nodes, hidden, features, act, dtype)
+    fits = (kernels and popmessage.fits(nodes, hidden, features, act, dtype)
+            and popgeometry.fits(nodes, x.shape[-1], attr.shape[-1]))
 
-    def run(s, d, geo, wg, w2, b2, wc, bc, wo, act, slope):
-        s, d, geo = s.to(dtype), d.to(dtype), geo.to(dtype)
+    def run(s, d, x, attr, wg, w2, b2, wc, bc, wo, act, slope):
+        s, d = s.to(dtype), d.to(dtype)
         if fits:
-            return popmessage.messages(s, d, geo, wg, w2, b2, wc, bc, wo, act, slope)
+            geo = popgeometry.pair_features(x, attr, dtype)
+            msum, c = popmessage.messages(s, d, geo, wg, w2, b2, wc, bc, wo, act, slope)
+            return msum, (popgeometry.coordinate_step(x, c) if c is not None else None)
         from zoos.fastpop import pop_linear
 
-        return popmessage.reference(s, d, geo, wg, w2, b2, wc, bc, wo, act, slope, linear=pop_linear)
+        geo = popgeometry.pair_reference(x, attr).to(dtype)
+        msum, c = popmessage.reference(s, d, geo, wg, w2, b2, wc, bc, wo, act, slope, linear=pop_linear)
+        return msum, (popgeometry.step_reference(x, c) if c is not None else None)
 
     if fits:
-        return run, "popmessage", "the edge MLP and its sums in one pass: no edge tensor written"
+        return run, "popmessage", "the pair geometry, the edge MLP and its sums in three passes: no edge tensor written"
     why = ("popmessage kernels off here (no CUDA, or not asked for)" if not kernels else
            f"{nodes} nodes, {hidden} hidden, {features} edge features, {act}: popmessage holds up to "
            f"{popmessage.MAX_NODES} nodes, {popmessage.max_hidden(dtype)} hidden (in {dtype}) and "
@@ -455,8 +465,9 @@ class EGNNLayer(nn.Module):
 
     The first edge linear is split into separate weights for h_i, h_j and the geometric edge
     features (the same map as one linear on their concatenation), so that the hidden-feature
-    permutation of h is one axis of each weight. The edge MLP (edge_geo, edge_out and the coordinate
-    MLP coord_in, coord_out) runs as `edge_messages`, on the weights of those linears.
+    permutation of h is one axis of each weight. The pair geometry, the edge MLP (edge_geo, edge_out and
+    the coordinate MLP coord_in, coord_out) and the coordinate step run as `edge_messages`, on the weights of
+    those linears.
     """
 
     def __init__(self, hidden: int, n_edge: int, activation: str, update_x: bool, update_h: bool, velocity: bool):
@@ -496,17 +507,10 @@ class EGNNLayer(nn.Module):
 
     def forward(self, h: Tensor, x: Tensor, v: Tensor | None, edge_attr: Tensor) -> tuple[Tensor, Tensor]:
         n = h.shape[-2]
-        diff = x[..., :, None, :] - x[..., None, :, :]  # [B, n, n, d]: x_i - x_j
-        d2 = (diff * diff).sum(-1, keepdim=True)
-        geo = torch.cat([d2, edge_attr], -1)
         coord = (self.coord_in.weight, self.coord_in.bias, self.coord_out.weight) if self.update_x else (None,) * 3
-        msum, w = edge_messages(self.edge_src(h), self.edge_dst(h), geo, self.edge_geo.weight, self.edge_out.weight,
-                                self.edge_out.bias, *coord, self.activation, self.slope)
+        msum, step = edge_messages(self.edge_src(h), self.edge_dst(h), x, edge_attr, self.edge_geo.weight,
+                                   self.edge_out.weight, self.edge_out.bias, *coord, self.activation, self.slope)
         if self.update_x:
-            off = 1.0 - torch.eye(n, dtype=h.dtype, device=h.device)[..., None]  # no self-messages
-            w = w * off
-            dist = (d2 + (1.0 - off)).sqrt()  # 1 on the diagonal: sqrt(0) would make the gradient NaN
-            step = (diff / (dist + 1.0) * w).sum(-2) / (n - 1)
             if self.velocity:
                 step = step + self.vel_out(self.act_v(self.vel_in(h))) * v
             x = x + step
