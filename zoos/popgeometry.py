@@ -131,6 +131,15 @@ def _grid(rows: int) -> tuple[int]:
     return (triton.cdiv(rows, BLOCK),)
 
 
+def _per_point(kernel, x: Tensor, *tensors: Tensor, extra: tuple = ()) -> None:
+    """Runs a kernel of a point a row over x [..., n, D]'s points: kernel(x, *tensors, points, n, D, *extra)."""
+    nodes, dims = x.shape[-2:]
+    points = x.numel() // dims
+    if points:
+        kernel[_grid(points)](x, *tensors, points, nodes, dims, *extra, BD=triton.next_power_of_2(dims), BLOCK=BLOCK,
+                              num_warps=8)
+
+
 @population_op("pair_features")
 def _pair(x: Tensor, attr: Tensor, dtype: torch.dtype) -> Tensor:
     nodes, dims = x.shape[-2:]
@@ -151,13 +160,9 @@ def _(x, attr, dtype):
 
 @population_op("pair_features_backward")
 def _pair_backward(x: Tensor, ggeo: Tensor) -> Tensor:
-    nodes, dims = x.shape[-2:]
     x, ggeo = x.contiguous(), ggeo.contiguous()
     dx = torch.empty_like(x)
-    points = x.numel() // dims
-    if points:
-        _pair_backward_kernel[_grid(points)](x, ggeo, dx, points, nodes, dims, ggeo.shape[-1] - 1,
-                                             BD=triton.next_power_of_2(dims), BLOCK=BLOCK, num_warps=8)
+    _per_point(_pair_backward_kernel, x, ggeo, dx, extra=(ggeo.shape[-1] - 1,))
     return dx
 
 
@@ -184,13 +189,9 @@ _pair.register_autograd(_pair_grad, setup_context=_pair_setup)
 
 @population_op("coordinate_step")
 def _step(x: Tensor, c: Tensor) -> Tensor:
-    nodes, dims = x.shape[-2:]
     x, c = x.contiguous(), c.contiguous()
     step = torch.empty_like(x)
-    points = x.numel() // dims
-    if points:
-        _step_kernel[_grid(points)](x, c, step, points, nodes, dims, BD=triton.next_power_of_2(dims), BLOCK=BLOCK,
-                                    num_warps=8)
+    _per_point(_step_kernel, x, c, step)
     return step
 
 
@@ -201,13 +202,9 @@ def _(x, c):
 
 @population_op("coordinate_step_backward")
 def _step_backward(x: Tensor, c: Tensor, gs: Tensor) -> list[Tensor]:
-    nodes, dims = x.shape[-2:]
     x, c, gs = x.contiguous(), c.contiguous(), gs.contiguous()
     dx, dc = torch.empty_like(x), torch.empty_like(c)
-    points = x.numel() // dims
-    if points:
-        _step_backward_kernel[_grid(points)](x, c, gs, dx, dc, points, nodes, dims,
-                                             BD=triton.next_power_of_2(dims), BLOCK=BLOCK, num_warps=8)
+    _per_point(_step_backward_kernel, x, c, gs, dx, dc)
     return [dx, dc]
 
 
