@@ -9,10 +9,10 @@ For each graph of n points x [n, D] (every ordered pair i != j an edge):
 Written as torch ops (`pair_reference`, `step_reference`: the architecture's own forward) each is a chain of
 broadcasting ops on [graphs, n, n, D] edge tensors (the differences, their squares and sums, the concatenation, the
 distances, the quotient, the products and the sums over j), about twenty launches a layer forward and twice as many
-backward, each a pass over an edge tensor. Here each thread holds one row, an edge (geo) or a point (the step and
-the points' gradients, looping over the point's n edges out and in), so that a warp's loads and stores are of
-adjacent rows; everything is computed in float32 and only what the op returns is written: geo in the caller's
-dtype, the step in x's, the gradients in their inputs' dtypes.
+backward, each a pass over an edge tensor. Here a program holds a block of whole graphs as [graphs, n, n] tiles
+(points padded to a power of two), one coordinate at a time, computes in float32 and writes only what the op
+returns: geo in the caller's dtype, the step in x's; the backwards recompute the differences and write the points'
+gradient (each edge's sum over j, less its sum over i) and c's.
 """
 
 from __future__ import annotations
@@ -22,134 +22,135 @@ from torch import Tensor
 
 from zoos.popconv.common import available, population_op, triton
 
-MAX_DIMS = 16  # coordinates a point: [rows, D] tiles
-MAX_ATTRS = 15  # edge attributes besides the squared distance: geo's [rows, 1 + A] tiles
+MAX_NODES = 64  # a program holds at least one graph's padded n x n edges
+MAX_DIMS = 16  # coordinates a point, unrolled in the kernels
+MAX_ATTRS = 15  # edge attributes besides the squared distance
 
 if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _rows(ptr, rows, ok, WIDTH, BW: tl.constexpr):
-        """The [len(rows), BW] float32 tile of rows `rows` of a [.., WIDTH] tensor (zero past WIDTH and where not ok)."""
-        col = tl.arange(0, BW)[None, :]
-        return tl.load(ptr + rows[:, None] * WIDTH + col, mask=ok[:, None] & (col < WIDTH), other=0.0).to(tl.float32)
+    def _block(G, n, NP: tl.constexpr, BLOCK: tl.constexpr):
+        """This program's graphs g [BLOCK, 1, 1] (their first point at g * n), points i [1, NP, 1] and j [1, 1, NP]:
+        (node0, i, j, rows_i, rows_j, edges) with the masks of real points i, j and of real edges."""
+        g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)[:, None, None]
+        i = tl.arange(0, NP)[None, :, None]
+        j = tl.arange(0, NP)[None, None, :]
+        node0 = g.to(tl.int64) * n
+        return node0, i, j, (g < G) & (i < n), (g < G) & (j < n), (g < G) & (i < n) & (j < n)
 
     @triton.jit
-    def _pair_kernel(x_ptr, a_ptr, geo_ptr, edges, n, D, A, BD: tl.constexpr, BA: tl.constexpr,
+    def _points(G, n, NP: tl.constexpr, BLOCK: tl.constexpr):
+        """This program's points as [BLOCK, NP]: (their rows in x, the real ones)."""
+        g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)[:, None]
+        i = tl.arange(0, NP)[None, :]
+        return g.to(tl.int64) * n + i, (g < G) & (i < n)
+
+    @triton.jit
+    def _diff(x_ptr, node0, i, j, ok_i, ok_j, k, D: tl.constexpr):
+        """x_i - x_j of coordinate k, [BLOCK, NP, NP] float32 (zero at padding)."""
+        xi = tl.load(x_ptr + (node0 + i) * D + k, mask=ok_i, other=0.0).to(tl.float32)
+        xj = tl.load(x_ptr + (node0 + j) * D + k, mask=ok_j, other=0.0).to(tl.float32)
+        return xi - xj
+
+    @triton.jit
+    def _squared(x_ptr, node0, i, j, ok_i, ok_j, D: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr):
+        d2 = tl.zeros((BLOCK, NP, NP), dtype=tl.float32)
+        for k in tl.static_range(D):
+            diff = _diff(x_ptr, node0, i, j, ok_i, ok_j, k, D)
+            d2 += diff * diff
+        return d2
+
+    @triton.jit
+    def _pair_kernel(x_ptr, a_ptr, geo_ptr, G, n, D: tl.constexpr, A: tl.constexpr, NP: tl.constexpr,
                      BLOCK: tl.constexpr):
-        """Edges e = (graph, i, j) of a block, one a row: geo's row e [d2, attr's row e], stored whole."""
-        e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        ok = e < edges
-        node_i = e // n
-        node_j = node_i - node_i % n + e % n
-        diff = _rows(x_ptr, node_i, ok, D, BD) - _rows(x_ptr, node_j, ok, D, BD)
-        d2 = tl.sum(diff * diff, axis=1)
-        col = tl.arange(0, BA)[None, :]  # geo's columns: d2, then the attributes
-        a = tl.load(a_ptr + e[:, None] * A + col - 1, mask=ok[:, None] & (col >= 1) & (col <= A), other=0.0)
-        geo = tl.where(col == 0, d2[:, None], a.to(tl.float32))
-        tl.store(geo_ptr + e[:, None] * (A + 1) + col, geo.to(geo_ptr.dtype.element_ty),
-                 mask=ok[:, None] & (col <= A))
+        node0, i, j, ok_i, ok_j, ok = _block(G, n, NP, BLOCK)
+        edge = (node0 + i) * n + j
+        d2 = _squared(x_ptr, node0, i, j, ok_i, ok_j, D, NP, BLOCK)
+        out = geo_ptr.dtype.element_ty
+        tl.store(geo_ptr + edge * (A + 1), d2.to(out), mask=ok)
+        for k in tl.static_range(A):
+            a = tl.load(a_ptr + edge * A + k, mask=ok, other=0.0)
+            tl.store(geo_ptr + edge * (A + 1) + 1 + k, a.to(out), mask=ok)
 
     @triton.jit
-    def _points(nodes, n, BLOCK: tl.constexpr):
-        """A block's points m, one a row: (m, its index i in its graph, its graph's first point, the real ones)."""
-        m = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        i = m % n
-        return m, i, m - i, m < nodes
-
-    @triton.jit
-    def _pair_backward_kernel(x_ptr, gg_ptr, dx_ptr, nodes, n, D, A, BD: tl.constexpr, BLOCK: tl.constexpr):
-        """dx_m = 2 sum_j (g_mj + g_jm) (x_m - x_j), g the squared distances' gradient (geo's column 0)."""
-        m, i, first, ok = _points(nodes, n, BLOCK)
-        xm = _rows(x_ptr, m, ok, D, BD)
-        dx = tl.zeros_like(xm)
-        for j in range(n):
-            g = tl.load(gg_ptr + (m * n + j) * (A + 1), mask=ok, other=0.0).to(tl.float32)
-            g += tl.load(gg_ptr + ((first + j) * n + i) * (A + 1), mask=ok, other=0.0).to(tl.float32)
-            dx += (2.0 * g)[:, None] * (xm - _rows(x_ptr, first + j, ok, D, BD))
-        col = tl.arange(0, BD)[None, :]
-        tl.store(dx_ptr + m[:, None] * D + col, dx.to(dx_ptr.dtype.element_ty), mask=ok[:, None] & (col < D))
-
-    @triton.jit
-    def _pair_weight(x_ptr, c_ptr, xm, m, i, first, ok, j, n, D, BD: tl.constexpr):
-        """For the edges (m, j) of a block's points: (x_m - x_j, c_mj and c_jm (zero on the diagonal),
-        1 / (|x_m - x_j| + 1) / (n - 1), |x_m - x_j| (1 on the diagonal), whether an edge)."""
-        xj = _rows(x_ptr, first + j, ok, D, BD)
-        diff = xm - xj
-        edge = ok & (i != j)
-        c_mj = tl.load(c_ptr + m * n + j, mask=edge, other=0.0).to(tl.float32)
-        c_jm = tl.load(c_ptr + (first + j) * n + i, mask=edge, other=0.0).to(tl.float32)
-        dist = tl.where(edge, tl.sqrt(tl.sum(diff * diff, axis=1)), 1.0)
-        return xj, diff, c_mj, c_jm, 1.0 / ((dist + 1.0) * (n - 1)), dist, edge
-
-    @triton.jit
-    def _step_kernel(x_ptr, c_ptr, step_ptr, nodes, n, D, BD: tl.constexpr, BLOCK: tl.constexpr):
-        """step_m = sum_j c_mj (x_m - x_j) / (|x_m - x_j| + 1) / (n - 1), a point a row."""
-        m, i, first, ok = _points(nodes, n, BLOCK)
-        xm = _rows(x_ptr, m, ok, D, BD)
-        step = tl.zeros_like(xm)
-        for j in range(n):
-            _, diff, c_mj, _, inv, _, _ = _pair_weight(x_ptr, c_ptr, xm, m, i, first, ok, j, n, D, BD)
-            step += (c_mj * inv)[:, None] * diff
-        col = tl.arange(0, BD)[None, :]
-        tl.store(step_ptr + m[:, None] * D + col, step.to(step_ptr.dtype.element_ty), mask=ok[:, None] & (col < D))
-
-    @triton.jit
-    def _step_backward_kernel(x_ptr, c_ptr, gs_ptr, dx_ptr, dc_ptr, nodes, n, D, BD: tl.constexpr,
+    def _pair_backward_kernel(x_ptr, gg_ptr, dx_ptr, G, n, D: tl.constexpr, A: tl.constexpr, NP: tl.constexpr,
                               BLOCK: tl.constexpr):
-        """A point m a row, over its edges (m, j) and (j, m): dc_mj = e_mj / (|x_m - x_j| + 1) / (n - 1) with
-        e_mj = <gs_m, x_m - x_j> (zero on the diagonal), and dx_m = sum_j (G_mj - G_jm), where G_ab = coef_ab gs_a +
-        2 dd2_ab (x_a - x_b) and dd2_ab = -e_ab c_ab / (|x_a - x_b| + 1)^2 / (n - 1) / (2 |x_a - x_b|) is the gradient
-        of the squared distance through the denominator."""
-        m, i, first, ok = _points(nodes, n, BLOCK)
-        xm = _rows(x_ptr, m, ok, D, BD)
-        gm = _rows(gs_ptr, m, ok, D, BD)
-        dx = tl.zeros_like(xm)
-        for j in range(n):
-            _, diff, c_mj, c_jm, inv, dist, edge = _pair_weight(x_ptr, c_ptr, xm, m, i, first, ok, j, n, D, BD)
-            gj = _rows(gs_ptr, first + j, ok, D, BD)
-            e_mj = tl.sum(gm * diff, axis=1)
-            e_jm = -tl.sum(gj * diff, axis=1)
-            tl.store(dc_ptr + m * n + j, (e_mj * inv).to(dc_ptr.dtype.element_ty), mask=ok)  # zero on the diagonal
-            shrink = inv * (n - 1) * inv / (2.0 * dist)  # d(1 / ((dist + 1)(n - 1))) / d(dist^2), negated
-            grad_mj = (c_mj * inv)[:, None] * gm - (2.0 * e_mj * c_mj * shrink)[:, None] * diff
-            grad_jm = (c_jm * inv)[:, None] * gj + (2.0 * e_jm * c_jm * shrink)[:, None] * diff
-            dx += tl.where(edge[:, None], grad_mj - grad_jm, 0.0)
-        col = tl.arange(0, BD)[None, :]
-        tl.store(dx_ptr + m[:, None] * D + col, dx.to(dx_ptr.dtype.element_ty), mask=ok[:, None] & (col < D))
+        """dx_i = 2 sum_j (g_ij + g_ji) (x_i - x_j), g the squared distances' gradient (geo's column 0)."""
+        node0, i, j, ok_i, ok_j, ok = _block(G, n, NP, BLOCK)
+        g = tl.load(gg_ptr + ((node0 + i) * n + j) * (A + 1), mask=ok, other=0.0).to(tl.float32)
+        g += tl.load(gg_ptr + ((node0 + j) * n + i) * (A + 1), mask=ok, other=0.0).to(tl.float32)
+        node_i, ok_node = _points(G, n, NP, BLOCK)
+        for k in tl.static_range(D):
+            dx = 2.0 * tl.sum(g * _diff(x_ptr, node0, i, j, ok_i, ok_j, k, D), axis=2)
+            tl.store(dx_ptr + node_i * D + k, dx.to(dx_ptr.dtype.element_ty), mask=ok_node)
+
+    @triton.jit
+    def _weights(x_ptr, c_ptr, node0, i, j, ok_i, ok_j, ok, n, D: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr):
+        """(c masked off the diagonal, 1 / (|x_i - x_j| + 1) / (n - 1), |x_i - x_j|) in float32; the distance is 1 on
+        the diagonal (as the torch ops make it)."""
+        c = tl.load(c_ptr + (node0 + i) * n + j, mask=ok & (i != j), other=0.0).to(tl.float32)
+        dist = tl.sqrt(_squared(x_ptr, node0, i, j, ok_i, ok_j, D, NP, BLOCK) + (i == j).to(tl.float32))
+        return c, 1.0 / ((dist + 1.0) * (n - 1)), dist
+
+    @triton.jit
+    def _step_kernel(x_ptr, c_ptr, step_ptr, G, n, D: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr):
+        node0, i, j, ok_i, ok_j, ok = _block(G, n, NP, BLOCK)
+        c, inv, _ = _weights(x_ptr, c_ptr, node0, i, j, ok_i, ok_j, ok, n, D, NP, BLOCK)
+        coef = c * inv
+        node_i, ok_node = _points(G, n, NP, BLOCK)
+        for k in tl.static_range(D):
+            step = tl.sum(coef * _diff(x_ptr, node0, i, j, ok_i, ok_j, k, D), axis=2)
+            tl.store(step_ptr + node_i * D + k, step.to(step_ptr.dtype.element_ty), mask=ok_node)
+
+    @triton.jit
+    def _step_backward_kernel(x_ptr, c_ptr, gs_ptr, dx_ptr, dc_ptr, G, n, D: tl.constexpr, NP: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        """With e_ij = <gs_i, x_i - x_j>: dc_ij = e_ij / (|x_i - x_j| + 1) / (n - 1) off the diagonal, and x's gradient
+        dx_m = sum_j G_mj - sum_i G_im of G_ij = coef_ij gs_i + 2 dd2_ij (x_i - x_j), dd2 the gradient of the squared
+        distance through the denominator: -e c / (|x_i - x_j| + 1)^2 / (n - 1) / (2 |x_i - x_j|)."""
+        node0, i, j, ok_i, ok_j, ok = _block(G, n, NP, BLOCK)
+        c, inv, dist = _weights(x_ptr, c_ptr, node0, i, j, ok_i, ok_j, ok, n, D, NP, BLOCK)
+        e = tl.zeros((BLOCK, NP, NP), dtype=tl.float32)
+        for k in tl.static_range(D):
+            gs = tl.load(gs_ptr + (node0 + i) * D + k, mask=ok_i, other=0.0).to(tl.float32)
+            e += gs * _diff(x_ptr, node0, i, j, ok_i, ok_j, k, D)
+        off = ok & (i != j)
+        tl.store(dc_ptr + (node0 + i) * n + j, (e * inv).to(dc_ptr.dtype.element_ty), mask=off)
+        # off the edges (the diagonal, the padding) the term is zero, without dividing by their distance
+        dd2 = tl.where(off, -e * c * inv * (n - 1) * inv / (2.0 * tl.where(off, dist, 1.0)), 0.0)
+        coef = c * inv
+        node_i, ok_node = _points(G, n, NP, BLOCK)
+        for k in tl.static_range(D):
+            gs = tl.load(gs_ptr + (node0 + i) * D + k, mask=ok_i, other=0.0).to(tl.float32)
+            grad = coef * gs + 2.0 * dd2 * _diff(x_ptr, node0, i, j, ok_i, ok_j, k, D)
+            dx = tl.sum(grad, axis=2) - tl.sum(grad, axis=1)
+            tl.store(dx_ptr + node_i * D + k, dx.to(dx_ptr.dtype.element_ty), mask=ok_node)
 
 
 def fits(nodes: int, dims: int, attrs: int = 0) -> bool:
     """Whether graphs of `nodes` points of `dims` coordinates and `attrs` edge attributes run here."""
-    return 2 <= nodes and 1 <= dims <= MAX_DIMS and 0 <= attrs <= MAX_ATTRS
+    return 2 <= nodes <= MAX_NODES and 1 <= dims <= MAX_DIMS and 0 <= attrs <= MAX_ATTRS
 
 
-BLOCK = 256  # rows (edges, or points) a program: one a thread at 8 warps, the loads of a warp's rows adjacent
-
-
-def _grid(rows: int) -> tuple[int]:
-    return (triton.cdiv(rows, BLOCK),)
-
-
-def _per_point(kernel, x: Tensor, *tensors: Tensor, extra: tuple = ()) -> None:
-    """Runs a kernel of a point a row over x [..., n, D]'s points: kernel(x, *tensors, points, n, D, *extra)."""
+def _launch(kernel, x: Tensor, *args, **constexprs) -> None:
+    """Runs a kernel over x [..., n, D]'s graphs, BLOCK whole graphs a program as [BLOCK, NP, NP] tiles of about
+    2,048 edges: kernel(x, *args, graphs, n, D=D, NP=NP, BLOCK=BLOCK, **constexprs)."""
     nodes, dims = x.shape[-2:]
-    points = x.numel() // dims
-    if points:
-        kernel[_grid(points)](x, *tensors, points, nodes, dims, *extra, BD=triton.next_power_of_2(dims), BLOCK=BLOCK,
-                              num_warps=8)
+    graphs = x.numel() // (nodes * dims)
+    if graphs:
+        np2 = triton.next_power_of_2(nodes)
+        block = max(1, 2048 // (np2 * np2))
+        kernel[(triton.cdiv(graphs, block),)](x, *args, graphs, nodes, D=dims, NP=np2, BLOCK=block, num_warps=4,
+                                              **constexprs)
 
 
 @population_op("pair_features")
 def _pair(x: Tensor, attr: Tensor, dtype: torch.dtype) -> Tensor:
-    nodes, dims = x.shape[-2:]
-    attrs = attr.shape[-1]
+    nodes, attrs = x.shape[-2], attr.shape[-1]
     x, attr = x.contiguous(), attr.contiguous()
     geo = x.new_empty(*x.shape[:-1], nodes, attrs + 1, dtype=dtype)
-    edges = geo.numel() // (attrs + 1)
-    if edges:
-        _pair_kernel[_grid(edges)](x, attr, geo, edges, nodes, dims, attrs, BD=triton.next_power_of_2(dims),
-                                   BA=triton.next_power_of_2(attrs + 1), BLOCK=BLOCK, num_warps=8)
+    _launch(_pair_kernel, x, attr, geo, A=attrs)
     return geo
 
 
@@ -162,7 +163,7 @@ def _(x, attr, dtype):
 def _pair_backward(x: Tensor, ggeo: Tensor) -> Tensor:
     x, ggeo = x.contiguous(), ggeo.contiguous()
     dx = torch.empty_like(x)
-    _per_point(_pair_backward_kernel, x, ggeo, dx, extra=(ggeo.shape[-1] - 1,))
+    _launch(_pair_backward_kernel, x, ggeo, dx, A=ggeo.shape[-1] - 1)
     return dx
 
 
@@ -191,7 +192,7 @@ _pair.register_autograd(_pair_grad, setup_context=_pair_setup)
 def _step(x: Tensor, c: Tensor) -> Tensor:
     x, c = x.contiguous(), c.contiguous()
     step = torch.empty_like(x)
-    _per_point(_step_kernel, x, c, step)
+    _launch(_step_kernel, x, c, step)
     return step
 
 
@@ -203,8 +204,8 @@ def _(x, c):
 @population_op("coordinate_step_backward")
 def _step_backward(x: Tensor, c: Tensor, gs: Tensor) -> list[Tensor]:
     x, c, gs = x.contiguous(), c.contiguous(), gs.contiguous()
-    dx, dc = torch.empty_like(x), torch.empty_like(c)
-    _per_point(_step_backward_kernel, x, c, gs, dx, dc)
+    dx, dc = torch.empty_like(x), torch.zeros_like(c)  # dc's diagonal stays zero
+    _launch(_step_backward_kernel, x, c, gs, dx, dc)
     return [dx, dc]
 
 
@@ -248,7 +249,7 @@ def _check(x: Tensor, edge: Tensor, name: str, width: int | None) -> None:
         form = f"{name} [..., n, n, {width or 'A'}]"
         raise ValueError(f"x [..., n, D] and {form} disagree: x {tuple(x.shape)}, {name} {tuple(edge.shape)}")
     if not fits(n, x.shape[-1], edge.shape[-1] if width is None else 0):
-        raise ValueError(f"pair geometry here takes 2 points or more of 1 to {MAX_DIMS} coordinates and up to "
+        raise ValueError(f"pair geometry here takes 2 to {MAX_NODES} points of 1 to {MAX_DIMS} coordinates and up to "
                          f"{MAX_ATTRS} edge attributes: got {n} points of {x.shape[-1]}"
                          + (f", {edge.shape[-1]} attributes" if width is None else ""))
 
@@ -267,5 +268,5 @@ def coordinate_step(x: Tensor, c: Tensor) -> Tensor:
     return _step(x, c)
 
 
-__all__ = ["MAX_ATTRS", "MAX_DIMS", "available", "coordinate_step", "fits", "pair_features",
+__all__ = ["MAX_ATTRS", "MAX_DIMS", "MAX_NODES", "available", "coordinate_step", "fits", "pair_features",
            "pair_reference", "step_reference"]

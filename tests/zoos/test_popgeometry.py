@@ -26,14 +26,14 @@ def _leaves(*ts, dtype=torch.float32):
 
 @settings(max_examples=12, deadline=None)
 @example(graphs=6, n=5, dims=3, attrs=1, seed=0)  # EGNN on n-body
-@example(graphs=1, n=70, dims=2, attrs=0, seed=1)  # a graph over blocks, no attributes
+@example(graphs=1, n=popgeometry.MAX_NODES, dims=2, attrs=0, seed=1)  # one graph a program, no attributes
 @example(graphs=0, n=4, dims=3, attrs=2, seed=2)  # no graphs
 @example(graphs=3, n=2, dims=popgeometry.MAX_DIMS, attrs=popgeometry.MAX_ATTRS, seed=3)
 @given(graphs=st.integers(0, 9), n=st.integers(2, 20), dims=st.integers(1, 5), attrs=st.integers(0, 3),
        seed=st.integers(0, 99))
 def test_pair_features_and_step_equal_the_torch_ops(graphs, n, dims, attrs, seed):
     """geo and the step and the gradients of x, attr and c (float32 kernels against float64 torch ops; any point
-    count, dimension and attribute count within the limits, a graph's rows over two programs, no graphs)."""
+    count, dimension and attribute count within the limits, graphs blocked many or one a program, none)."""
     x, attr, c = _inputs(graphs, n, dims, attrs, seed)
     xk, ak, ck = _leaves(x, attr, c)
     xr, ar, cr = (t.clone().requires_grad_() for t in (x, attr, c))
@@ -95,7 +95,7 @@ def test_bad_shapes_and_sizes_are_named():
         popgeometry.pair_features(x, attr[:, :, :4])
     with pytest.raises(ValueError, match=r"and c \[\.\.\., n, n, 1\] disagree: x \(2, 5, 3\), c \(2, 5, 5, 2\)"):
         popgeometry.coordinate_step(x, c.expand(2, 5, 5, 2))
-    with pytest.raises(ValueError, match=r"2 points or more of 1 to 16 coordinates .* got 5 points of 17"):
-        popgeometry.coordinate_step(torch.zeros(1, 5, 17), torch.zeros(1, 5, 5, 1))
+    with pytest.raises(ValueError, match=r"2 to 64 points of 1 to 16 coordinates .* got 65 points of 3"):
+        popgeometry.coordinate_step(torch.zeros(1, 65, 3), torch.zeros(1, 65, 65, 1))
     with pytest.raises(ValueError, match=r"got 5 points of 3, 16 attributes"):
         popgeometry.pair_features(x, torch.zeros(2, 5, 5, 16))
