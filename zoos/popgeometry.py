@@ -8,8 +8,8 @@ For each graph of n points x [n, D] (every ordered pair i != j an edge):
 
 Written as torch ops (`pair_reference`, `step_reference`: the architecture's own forward) each is a chain of
 broadcasting ops on [graphs, n, n, D] edge tensors (the differences, their squares and sums, the concatenation, the
-distances, the quotient, the products and the sums over j), about twenty launches a layer forward and twice as many
-backward, each a pass over an edge tensor. Here a program holds a block of whole graphs as [graphs, n, n] tiles
+distances, the quotient, the products and the sums over j), about a dozen launches a layer forward and twice as
+many backward, each a pass over an edge tensor. Here a program holds a block of whole graphs as [graphs, n, n] tiles
 (points padded to a power of two), one coordinate at a time, computes in float32 and writes only what the op
 returns: geo in the caller's dtype, the step in x's; the backwards recompute the differences and write the points'
 gradient (each edge's sum over j, less its sum over i) and c's.
