@@ -20,8 +20,9 @@ def _inputs(graphs, n, dims, attrs, seed):
         torch.randn(graphs, n, n, 1, generator=g, dtype=torch.float64)
 
 
-def _leaves(*ts, dtype=torch.float32):
-    return [t.to(DEVICE, dtype).requires_grad_() for t in ts]
+def _leaves(*ts):
+    """float32 copies on the device, requiring grad."""
+    return [t.to(DEVICE, torch.float32).requires_grad_() for t in ts]
 
 
 @settings(max_examples=12, deadline=None)
