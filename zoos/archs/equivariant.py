@@ -14,6 +14,7 @@ separate weights), so each hidden permutation is a list of single (key, axis) pa
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -443,13 +444,15 @@ def _edge_messages_population(kernels: bool, dtype: torch.dtype, args: tuple, kw
         s, d = s.to(dtype), d.to(dtype)
         if fits:
             geo = popgeometry.pair_features(x, attr, dtype)
-            msum, c = popmessage.messages(s, d, geo, wg, w2, b2, wc, bc, wo, act, slope)
-            return msum, (popgeometry.coordinate_step(x, c) if c is not None else None)
-        from zoos.fastpop import pop_linear
+            messages, step = popmessage.messages, popgeometry.coordinate_step
+        else:
+            from zoos.fastpop import pop_linear
 
-        geo = popgeometry.pair_reference(x, attr).to(dtype)
-        msum, c = popmessage.reference(s, d, geo, wg, w2, b2, wc, bc, wo, act, slope, linear=pop_linear)
-        return msum, (popgeometry.step_reference(x, c) if c is not None else None)
+            geo = popgeometry.pair_reference(x, attr).to(dtype)
+            messages = functools.partial(popmessage.reference, linear=pop_linear)
+            step = popgeometry.step_reference
+        msum, c = messages(s, d, geo, wg, w2, b2, wc, bc, wo, act, slope)
+        return msum, (step(x, c) if c is not None else None)
 
     if fits:
         return run, "popmessage", "the pair geometry, the edge MLP and its sums in three passes: no edge tensor written"
