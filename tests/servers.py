@@ -1,6 +1,7 @@
 """Real servers for the tests, on 127.0.0.1: free ports, waiting for a server's own health answer, stopping
-a process group."""
+a server and its process group."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -45,13 +46,17 @@ def mlflow_answers(port: int) -> bool:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process group: `ray start --block` and `mlflow server` take their children down."""
+    """SIGTERM to the process (`ray start --block` and `mlflow server` take their children down), then SIGKILL to
+    what is left of its group. Not SIGTERM to the group: a Ray head's GCS then dies first, and the head's drain
+    waits out its 30 s for it."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            pass
+    with contextlib.suppress(ProcessLookupError):  # none left
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @contextmanager
