@@ -45,11 +45,11 @@ def mlflow_answers(port: int) -> bool:
         return False
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process (`ray start --block` and `mlflow server` take their children down), then SIGKILL to
-    what is left of its group. Not SIGTERM to the group: a Ray head's GCS then dies first, and the head's drain
-    waits out its 30 s for it."""
-    if proc.poll() is None:
+def stop(proc: subprocess.Popen, graceful: bool = True) -> None:
+    """SIGTERM to the process (`ray start --block` takes its children down), then SIGKILL to what is left of its
+    group; not graceful: SIGKILL to the group alone. Not SIGTERM to the group: a Ray head's GCS then dies first, and
+    the head's drain waits out its 30 s for it."""
+    if graceful and proc.poll() is None:
         proc.terminate()
         try:
             proc.wait(timeout=30)
@@ -83,6 +83,6 @@ def mlflow_server_at(tmp_path: Path) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        stop(proc)
+        stop(proc, graceful=False)  # its sqlite file holds what it committed; its graceful stop takes seconds
 
 

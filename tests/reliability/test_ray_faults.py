@@ -127,7 +127,8 @@ def test_a_stopped_run_says_so_ends_its_runs_killed_and_the_next_run_finishes_th
                                                                                       code, says):
     """Ctrl-C (once, or again while it stops) or SIGTERM during training: one line saying so and how to go on (no
     traceback, no Ray crash dump), exit 130 / 143, no MLflow run left RUNNING; the same command again trains what is
-    missing and ends every zoo run FINISHED, with a run for the analysis stage."""
+    missing and ends every zoo run FINISHED, with a run for the analysis stage. (Each signal ends in the same
+    interrupt, so the next run is checked once: after the double Ctrl-C, the stop most disturbed.)"""
     from mlflow.tracking import MlflowClient
 
     path, study = write_study(tmp_path, "stopped", [
@@ -161,6 +162,8 @@ def test_a_stopped_run_says_so_ends_its_runs_killed_and_the_next_run_finishes_th
     statuses = {r.data.tags["symzoo.kind"] + ":" + r.info.status for r in client.search_runs([exp.experiment_id])}
     assert "study:KILLED" in statuses and not any(s.endswith(":RUNNING") for s in statuses), statuses
     assert not outlivers(started), "Ray processes outlived the stopped run"
+    if times == 1:
+        return
 
     r = CliRunner().invoke(app, ["run", str(path), "--plain"])
     assert r.exit_code == 0, r.output
